@@ -1,0 +1,168 @@
+//! The one public error type of the library: a small, stable [`ErrorKind`] plus context
+//! (the file, the offset, what was wrong) and the underlying I/O error where there is one.
+//!
+//! Library code never panics on image content: every check on a value read from a file turns
+//! into an [`Error`] of kind [`ErrorKind::Corrupt`] (or [`ErrorKind::Unsupported`] for a valid
+//! feature vimg does not implement), and the command-line layer prints it on one line.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// What went wrong, in a form callers can match on. Kept small and stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The operating system refused an operation (open, read, write, ...).
+    Io,
+    /// The image's content breaks the format (bad magic, an offset outside the file, a table
+    /// larger than the format's limits, ...). Also used for hostile input.
+    Corrupt,
+    /// The image uses a feature vimg does not support (yet), such as encryption or an unknown
+    /// incompatible feature bit.
+    Unsupported,
+    /// The caller asked for something that cannot be done (bad option, offset past the end).
+    InvalidInput,
+    /// A write was attempted on an image opened read-only, or on a format whose write path is
+    /// not available.
+    ReadOnly,
+    /// A backing chain refers back to one of its own members, or is deeper than allowed.
+    BackingChain,
+}
+
+impl ErrorKind {
+    /// A short lower-case name for the kind, used in JSON output and debugging.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Io => "io",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::ReadOnly => "read-only",
+            ErrorKind::BackingChain => "backing chain",
+        }
+    }
+}
+
+/// A library error: kind, the file it concerns, the byte offset where it was found (host
+/// offset in that file, or guest offset where stated in the message) and a sentence saying what
+/// is wrong.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    path: Option<PathBuf>,
+    offset: Option<u64>,
+    what: String,
+    source: Option<std::io::Error>,
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A new error of `kind` saying `what`, without file or offset context yet.
+    pub fn new(kind: ErrorKind, what: impl Into<String>) -> Self {
+        Error {
+            kind,
+            path: None,
+            offset: None,
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// An image-content error (see [`ErrorKind::Corrupt`]).
+    pub fn corrupt(what: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Corrupt, what)
+    }
+
+    /// An unsupported-feature error (see [`ErrorKind::Unsupported`]).
+    pub fn unsupported(what: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unsupported, what)
+    }
+
+    /// A bad-argument error (see [`ErrorKind::InvalidInput`]).
+    pub fn invalid_input(what: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidInput, what)
+    }
+
+    /// An I/O error while doing `what`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error {
+            kind: ErrorKind::Io,
+            path: None,
+            offset: None,
+            what: what.into(),
+            source: Some(source),
+        }
+    }
+
+    /// Attaches the file this error concerns, unless one is already attached (the innermost
+    /// file is the most precise, e.g. a backing file rather than the overlay).
+    pub fn with_path(mut self, path: &Path) -> Self {
+        if self.path.is_none() {
+            self.path = Some(path.to_path_buf());
+        }
+        self
+    }
+
+    /// Attaches the byte offset where the problem was found, unless one is already attached.
+    pub fn at(mut self, offset: u64) -> Self {
+        if self.offset.is_none() {
+            self.offset = Some(offset);
+        }
+        self
+    }
+
+    /// What went wrong, as a kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The file this error concerns, if known.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The offset where the problem was found, if known.
+    pub fn offset(&self) -> Option<u64> {
+        self.offset
+    }
+
+    /// The sentence describing the problem, without file or offset.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(p) = &self.path {
+            write!(f, "{}: ", p.display())?;
+        }
+        f.write_str(&self.what)?;
+        if let Some(o) = self.offset {
+            write!(f, " (at offset {o:#x})")?;
+        }
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
+/// Adds file context to results, so that call sites read `op().in_file(path)?`.
+pub trait ResultExt<T> {
+    /// Attaches `path` to the error, if any (see [`Error::with_path`]).
+    fn in_file(self, path: &Path) -> Result<T>;
+}
+
+impl<T> ResultExt<T> for Result<T> {
+    fn in_file(self, path: &Path) -> Result<T> {
+        self.map_err(|e| e.with_path(path))
+    }
+}

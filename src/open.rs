@@ -1,0 +1,133 @@
+//! Opening images by path: format selection (given, recorded, or probed), and backing chains.
+//!
+//! Names read from an image are untrusted: a backing file name is resolved relative to the
+//! directory of the image that names it, the format recorded in the image is used as is
+//! (probing happens only where none is recorded, and the layer reports that it did), chains
+//! that loop are refused, and a chain's depth is bounded by [`MAX_CHAIN_DEPTH`].
+
+use crate::block::{BlockImage, ImageFormat};
+use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::Qcow2Image;
+use crate::raw::RawImage;
+use crate::storage::Storage;
+use std::path::{Path, PathBuf};
+
+/// The deepest backing chain vimg opens (the image itself counts as one layer).
+pub const MAX_CHAIN_DEPTH: usize = 256;
+
+/// How to open an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The image's format; `None` probes it.
+    pub format: Option<ImageFormat>,
+    /// Open the top layer for writing (backing layers are always read-only).
+    pub writable: bool,
+    /// Do not open backing files (qemu-img's `-u` style operations, and `info` without a chain
+    /// when the backing file is missing).
+    pub no_backing: bool,
+}
+
+/// The layers opened so far while walking a chain, to refuse loops and bound the depth.
+#[derive(Debug, Default)]
+pub struct ChainGuard {
+    seen: Vec<PathBuf>,
+}
+
+impl ChainGuard {
+    /// Registers `path` as the next layer; fails if it is already in the chain or the chain is
+    /// too deep.
+    pub fn enter(&mut self, path: &Path) -> Result<()> {
+        let canon = std::fs::canonicalize(path)
+            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        if let Some(first) = self.seen.iter().position(|p| *p == canon) {
+            return Err(Error::new(
+                ErrorKind::BackingChain,
+                format!(
+                    "backing chain loops: this file is already layer {} of the chain",
+                    first
+                ),
+            )
+            .with_path(path));
+        }
+        if self.seen.len() >= MAX_CHAIN_DEPTH {
+            return Err(Error::new(
+                ErrorKind::BackingChain,
+                format!("backing chain is deeper than {MAX_CHAIN_DEPTH} layers"),
+            )
+            .with_path(path));
+        }
+        self.seen.push(canon);
+        Ok(())
+    }
+
+    /// How many layers are open.
+    pub fn depth(&self) -> usize {
+        self.seen.len()
+    }
+}
+
+/// Opens the image at `path` with its whole backing chain.
+pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockImage>> {
+    let mut guard = ChainGuard::default();
+    open_layer(
+        path,
+        opts.format,
+        opts.writable,
+        opts.no_backing,
+        &mut guard,
+    )
+}
+
+/// Opens one layer (and, unless `no_backing`, the layers below it), registering it in `guard`.
+pub fn open_layer(
+    path: &Path,
+    format: Option<ImageFormat>,
+    writable: bool,
+    no_backing: bool,
+    guard: &mut ChainGuard,
+) -> Result<Box<dyn BlockImage>> {
+    guard.enter(path)?;
+    let format = match format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    Ok(match format {
+        ImageFormat::Raw => Box::new(RawImage::open(path, writable)?),
+        ImageFormat::Qcow2 => Box::new(Qcow2Image::open(path, writable, no_backing, guard)?),
+    })
+}
+
+/// Guesses the format of the file at `path` from its first bytes: qcow2 by its magic,
+/// anything else raw.
+pub fn probe_format(path: &Path) -> Result<ImageFormat> {
+    let storage = crate::storage::FileStorage::open(path, false)
+        .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+    let mut magic = [0u8; 4];
+    storage
+        .read_at(&mut magic, 0)
+        .map_err(|e| Error::io("cannot read image", e).with_path(path))?;
+    Ok(if magic == crate::qcow2::header::QCOW2_MAGIC {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    })
+}
+
+/// Resolves a file name recorded in the image at `image` (a backing or data file name) against
+/// that image's directory, as qemu does. Protocol names (`nbd://`, `json:{...}`) are refused.
+pub fn resolve_relative(image: &Path, name: &str) -> Result<PathBuf> {
+    if name.starts_with("json:") || name.contains("://") {
+        return Err(Error::unsupported(format!(
+            "file name '{name}' uses a protocol or JSON syntax vimg does not support"
+        ))
+        .with_path(image));
+    }
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(match image.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+        _ => p.to_path_buf(),
+    })
+}

@@ -1,0 +1,1 @@
+//! Commands built on [`crate::block::BlockImage`]: info, map, compare, check, convert.

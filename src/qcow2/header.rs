@@ -1,0 +1,642 @@
+//! The qcow2 header and header extensions (qcow2.rst "Header" and "Header extensions").
+//!
+//! [`Header::parse`] reads cluster 0 and checks every field against the format's rules and
+//! qemu's open-time limits before anything else uses them: a hostile header yields an
+//! [`Error`] of kind `Corrupt` or `Unsupported`, never an oversized allocation.
+
+use crate::error::{Error, Result};
+use byteorder::{BigEndian, ByteOrder};
+
+/// The four bytes every qcow2 image starts with: `QFI\xfb`.
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// Smallest cluster size qcow2 allows, as a power of two (512 bytes).
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest cluster size qcow2 allows, as a power of two (2 MiB).
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// Largest L1 table qemu opens, in bytes.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table qemu opens, in bytes.
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Longest backing file name qemu accepts.
+pub const MAX_BACKING_NAME: u32 = 1023;
+/// Most snapshots qemu accepts.
+pub const MAX_SNAPSHOTS: u32 = 65536;
+
+/// Header extension types (qcow2.rst "Header extensions").
+pub mod ext {
+    /// End of the extension area.
+    pub const END: u32 = 0;
+    /// Backing file format name.
+    pub const BACKING_FORMAT: u32 = 0xe279_2aca;
+    /// Feature name table.
+    pub const FEATURE_TABLE: u32 = 0x6803_f857;
+    /// Bitmaps extension.
+    pub const BITMAPS: u32 = 0x2385_2875;
+    /// Full disk encryption header pointer (LUKS).
+    pub const CRYPTO: u32 = 0x0537_be77;
+    /// External data file name.
+    pub const DATA_FILE: u32 = 0x4441_5441;
+}
+
+/// Incompatible feature bits (header bytes 72-79).
+pub mod incompat {
+    /// Dirty bit: refcounts may be inconsistent (lazy refcounts).
+    pub const DIRTY: u64 = 1 << 0;
+    /// Corrupt bit: the image must only be opened read-only.
+    pub const CORRUPT: u64 = 1 << 1;
+    /// An external data file holds the guest data.
+    pub const DATA_FILE: u64 = 1 << 2;
+    /// The compression type field (byte 104) is not zlib.
+    pub const COMPRESSION: u64 = 1 << 3;
+    /// L2 entries are 16 bytes with subcluster bitmaps.
+    pub const EXTENDED_L2: u64 = 1 << 4;
+    /// All incompatible bits vimg understands.
+    pub const KNOWN: u64 = DIRTY | CORRUPT | DATA_FILE | COMPRESSION | EXTENDED_L2;
+}
+
+/// Compatible feature bits (header bytes 80-87).
+pub mod compat {
+    /// Lazy refcounts: refcount updates may be deferred; the dirty bit records it.
+    pub const LAZY_REFCOUNTS: u64 = 1 << 0;
+}
+
+/// Autoclear feature bits (header bytes 88-95).
+pub mod autoclear {
+    /// The bitmaps extension is consistent with the image.
+    pub const BITMAPS: u64 = 1 << 0;
+    /// The external data file is a valid raw image by itself.
+    pub const DATA_FILE_RAW: u64 = 1 << 1;
+}
+
+/// How compressed clusters are compressed (header byte 104).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressionType {
+    /// Raw deflate with a 4 KiB window (qemu calls it zlib).
+    Zlib,
+    /// Zstandard frames.
+    Zstd,
+}
+
+impl CompressionType {
+    /// The name qemu-img uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompressionType::Zlib => "zlib",
+            CompressionType::Zstd => "zstd",
+        }
+    }
+}
+
+/// One entry of the feature name table (qcow2.rst "Feature name table").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    /// Bit number.
+    pub bit: u8,
+    /// Name, up to 46 bytes.
+    pub name: String,
+}
+
+/// The bitmaps header extension (qcow2.rst "Bitmaps extension").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExt {
+    /// Number of bitmaps in the directory.
+    pub nb_bitmaps: u32,
+    /// Size of the bitmap directory in bytes.
+    pub directory_size: u64,
+    /// Host offset of the bitmap directory.
+    pub directory_offset: u64,
+}
+
+/// A header extension vimg does not interpret, kept so that a header rewrite preserves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownExt {
+    /// Extension type.
+    pub kind: u32,
+    /// Extension data (unpadded).
+    pub data: Vec<u8>,
+}
+
+/// A parsed and validated qcow2 header (qcow2.rst "Header").
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// Offset of the backing file name (0: none). Bytes 8-15.
+    pub backing_file_offset: u64,
+    /// Length of the backing file name. Bytes 16-19.
+    pub backing_file_size: u32,
+    /// log2 of the cluster size. Bytes 20-23.
+    pub cluster_bits: u32,
+    /// Virtual disk size. Bytes 24-31.
+    pub size: u64,
+    /// 0 none, 1 AES, 2 LUKS. Bytes 32-35.
+    pub crypt_method: u32,
+    /// Entries in the active L1 table. Bytes 36-39.
+    pub l1_size: u32,
+    /// Host offset of the active L1 table. Bytes 40-47.
+    pub l1_table_offset: u64,
+    /// Host offset of the refcount table. Bytes 48-55.
+    pub refcount_table_offset: u64,
+    /// Clusters the refcount table occupies. Bytes 56-59.
+    pub refcount_table_clusters: u32,
+    /// Number of internal snapshots. Bytes 60-63.
+    pub nb_snapshots: u32,
+    /// Host offset of the snapshot table. Bytes 64-71.
+    pub snapshots_offset: u64,
+    /// Incompatible feature bits (v3). Bytes 72-79.
+    pub incompatible_features: u64,
+    /// Compatible feature bits (v3). Bytes 80-87.
+    pub compatible_features: u64,
+    /// Autoclear feature bits (v3). Bytes 88-95.
+    pub autoclear_features: u64,
+    /// refcount_bits = 1 << refcount_order. Bytes 96-99.
+    pub refcount_order: u32,
+    /// Length of the header structure. Bytes 100-103.
+    pub header_length: u32,
+    /// Compression type. Byte 104.
+    pub compression_type: CompressionType,
+    /// Header bytes between the known fields and `header_length`, kept verbatim.
+    pub extra_header_bytes: Vec<u8>,
+    /// Backing file name, as recorded.
+    pub backing_file: Option<String>,
+    /// Backing format name, from the extension.
+    pub backing_format: Option<String>,
+    /// External data file name, from the extension.
+    pub data_file: Option<String>,
+    /// Feature name table.
+    pub feature_names: Vec<FeatureName>,
+    /// Bitmaps extension.
+    pub bitmaps: Option<BitmapsExt>,
+    /// LUKS header location (offset, length).
+    pub crypto_header: Option<(u64, u64)>,
+    /// Extensions vimg does not interpret.
+    pub unknown_extensions: Vec<UnknownExt>,
+}
+
+impl Header {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Width of a refcount in bits.
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    /// Whether L2 entries are extended (16 bytes, with subclusters).
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & incompat::EXTENDED_L2 != 0
+    }
+
+    /// Whether an external data file holds the guest data.
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & incompat::DATA_FILE != 0
+    }
+
+    /// Whether the external data file is a raw image by itself (`data_file_raw`).
+    pub fn data_file_raw(&self) -> bool {
+        self.has_data_file() && self.autoclear_features & autoclear::DATA_FILE_RAW != 0
+    }
+
+    /// Whether the dirty bit is set.
+    pub fn is_dirty(&self) -> bool {
+        self.incompatible_features & incompat::DIRTY != 0
+    }
+
+    /// Whether the corrupt bit is set.
+    pub fn is_corrupt(&self) -> bool {
+        self.incompatible_features & incompat::CORRUPT != 0
+    }
+
+    /// Whether lazy refcounts are enabled.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.compatible_features & compat::LAZY_REFCOUNTS != 0
+    }
+
+    /// Bytes per L2 entry: 8, or 16 with extended L2.
+    pub fn l2_entry_size(&self) -> u64 {
+        if self.extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// log2 of the number of entries in an L2 table.
+    pub fn l2_bits(&self) -> u32 {
+        self.cluster_bits - if self.extended_l2() { 4 } else { 3 }
+    }
+
+    /// Bytes of guest disk one L2 table covers, as a power of two.
+    pub fn l1_shift(&self) -> u32 {
+        self.cluster_bits + self.l2_bits()
+    }
+
+    /// L1 entries needed to cover the virtual disk.
+    pub fn l1_entries_needed(&self) -> u64 {
+        let shift = self.l1_shift();
+        (self.size >> shift) + u64::from(self.size & ((1 << shift) - 1) != 0)
+    }
+
+    /// Name of a feature bit from the image's feature name table, if it names it.
+    pub fn feature_name(&self, kind: u8, bit: u8) -> Option<&str> {
+        self.feature_names
+            .iter()
+            .find(|f| f.kind == kind && f.bit == bit)
+            .map(|f| f.name.as_str())
+    }
+
+    /// Parses and validates the header in `cluster0` (the first bytes of the file, at least one
+    /// cluster or the whole file if shorter), for a file of `file_len` bytes.
+    pub fn parse(cluster0: &[u8], file_len: u64) -> Result<Header> {
+        if cluster0.len() < 72 {
+            return Err(Error::corrupt("file is too short to be a qcow2 image"));
+        }
+        if cluster0[0..4] != QCOW2_MAGIC {
+            return Err(Error::corrupt("not a qcow2 image (bad magic)"));
+        }
+        let be32 = |o: usize| BigEndian::read_u32(&cluster0[o..o + 4]);
+        let be64 = |o: usize| BigEndian::read_u64(&cluster0[o..o + 8]);
+        let version = be32(4);
+        if version != 2 && version != 3 {
+            return Err(Error::unsupported(format!(
+                "qcow2 version {version} is not supported (only 2 and 3)"
+            )));
+        }
+        let cluster_bits = be32(20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(Error::corrupt(format!(
+                "cluster size 2^{cluster_bits} is outside qcow2's range (512 B to 2 MiB)"
+            ))
+            .at(20));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        let mut h = Header {
+            version,
+            backing_file_offset: be64(8),
+            backing_file_size: be32(16),
+            cluster_bits,
+            size: be64(24),
+            crypt_method: be32(32),
+            l1_size: be32(36),
+            l1_table_offset: be64(40),
+            refcount_table_offset: be64(48),
+            refcount_table_clusters: be32(56),
+            nb_snapshots: be32(60),
+            snapshots_offset: be64(64),
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: 72,
+            compression_type: CompressionType::Zlib,
+            extra_header_bytes: Vec::new(),
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            feature_names: Vec::new(),
+            bitmaps: None,
+            crypto_header: None,
+            unknown_extensions: Vec::new(),
+        };
+        if version == 3 {
+            if cluster0.len() < 104 {
+                return Err(Error::corrupt(
+                    "file is too short for a qcow2 version 3 header",
+                ));
+            }
+            h.incompatible_features = be64(72);
+            h.compatible_features = be64(80);
+            h.autoclear_features = be64(88);
+            h.refcount_order = be32(96);
+            h.header_length = be32(100);
+            if h.header_length < 104 {
+                return Err(Error::corrupt(format!(
+                    "header_length {} is below 104",
+                    h.header_length
+                ))
+                .at(100));
+            }
+            if u64::from(h.header_length) > cluster_size {
+                return Err(Error::corrupt(format!(
+                    "header_length {} is larger than the cluster size {cluster_size}",
+                    h.header_length
+                ))
+                .at(100));
+            }
+            if h.header_length % 8 != 0 {
+                return Err(Error::corrupt(format!(
+                    "header_length {} is not a multiple of 8",
+                    h.header_length
+                ))
+                .at(100));
+            }
+            if cluster0.len() < h.header_length as usize {
+                return Err(Error::corrupt("file ends inside the qcow2 header"));
+            }
+            if h.header_length > 104 {
+                h.compression_type = match cluster0[104] {
+                    0 => CompressionType::Zlib,
+                    1 => CompressionType::Zstd,
+                    t => {
+                        return Err(
+                            Error::unsupported(format!("unknown compression type {t}")).at(104)
+                        )
+                    }
+                };
+                h.extra_header_bytes = cluster0[105..h.header_length as usize].to_vec();
+            }
+            let has_type_bit = h.incompatible_features & incompat::COMPRESSION != 0;
+            if has_type_bit != (h.compression_type != CompressionType::Zlib) {
+                return Err(Error::corrupt(
+                    "compression type and the compression-type incompatible bit disagree",
+                )
+                .at(72));
+            }
+        }
+        if h.refcount_order > 6 {
+            return Err(Error::corrupt(format!(
+                "refcount_order {} is above 6 (64-bit refcounts)",
+                h.refcount_order
+            ))
+            .at(96));
+        }
+
+        h.parse_extensions(cluster0)?;
+
+        // Unknown incompatible features: refuse, by name where the image names them.
+        let unknown = h.incompatible_features & !incompat::KNOWN;
+        if unknown != 0 {
+            let names: Vec<String> = (0..64u8)
+                .filter(|b| unknown & (1u64 << b) != 0)
+                .map(|b| match h.feature_name(0, b) {
+                    Some(n) => format!("'{n}' (bit {b})"),
+                    None => format!("unknown feature bit {b}"),
+                })
+                .collect();
+            return Err(Error::unsupported(format!(
+                "image uses incompatible features vimg does not support: {}",
+                names.join(", ")
+            )));
+        }
+        if h.crypt_method != 0 {
+            let what = match h.crypt_method {
+                1 => "legacy AES encryption",
+                2 => "LUKS encryption",
+                _ => "an unknown encryption method",
+            };
+            return Err(Error::unsupported(format!(
+                "image uses {what}; encrypted qcow2 images are not supported yet"
+            ))
+            .at(32));
+        }
+        if h.extended_l2() && cluster_bits < 14 {
+            return Err(Error::corrupt(
+                "extended L2 entries need clusters of at least 16 KiB",
+            ));
+        }
+        if h.has_data_file() && h.data_file.is_none() {
+            return Err(Error::corrupt(
+                "image needs an external data file but does not name one",
+            ));
+        }
+        if !h.has_data_file() {
+            // A data file name without the feature bit is meaningless; qemu ignores it too.
+            h.data_file = None;
+        }
+
+        h.validate_tables(file_len)?;
+        h.read_backing_name(cluster0)?;
+        Ok(h)
+    }
+
+    fn validate_tables(&self, file_len: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        // The L1 table must cover the disk and stay within qemu's limit.
+        if self.size > (1u64 << 62) {
+            return Err(
+                Error::corrupt(format!("virtual size {} is absurdly large", self.size)).at(24),
+            );
+        }
+        let needed = self.l1_entries_needed();
+        if u64::from(self.l1_size) < needed {
+            return Err(Error::corrupt(format!(
+                "L1 table has {} entries but the disk needs {needed}",
+                self.l1_size
+            ))
+            .at(36));
+        }
+        let l1_bytes = u64::from(self.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(Error::corrupt(format!(
+                "L1 table of {l1_bytes} bytes exceeds the 32 MiB limit"
+            ))
+            .at(36));
+        }
+        check_table("L1 table", self.l1_table_offset, l1_bytes, cs, file_len, 40)?;
+        let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
+        if rt_bytes > MAX_REFTABLE_BYTES {
+            return Err(Error::corrupt(format!(
+                "refcount table of {rt_bytes} bytes exceeds the 8 MiB limit"
+            ))
+            .at(56));
+        }
+        if self.refcount_table_clusters == 0 {
+            return Err(Error::corrupt("refcount table is empty").at(56));
+        }
+        check_table(
+            "refcount table",
+            self.refcount_table_offset,
+            rt_bytes,
+            cs,
+            file_len,
+            48,
+        )?;
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(Error::corrupt(format!(
+                "{} snapshots exceed the limit of {MAX_SNAPSHOTS}",
+                self.nb_snapshots
+            ))
+            .at(60));
+        }
+        if self.nb_snapshots > 0 {
+            // Each entry is at least 40 bytes; the table's full size is checked when it is read.
+            check_table(
+                "snapshot table",
+                self.snapshots_offset,
+                u64::from(self.nb_snapshots) * 40,
+                cs,
+                file_len,
+                64,
+            )?;
+        }
+        if let Some(b) = &self.bitmaps {
+            check_table(
+                "bitmap directory",
+                b.directory_offset,
+                b.directory_size,
+                cs,
+                file_len,
+                0,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn read_backing_name(&mut self, cluster0: &[u8]) -> Result<()> {
+        if self.backing_file_offset == 0 {
+            if self.backing_file_size != 0 {
+                return Err(Error::corrupt("backing file name has a size but no offset").at(16));
+            }
+            return Ok(());
+        }
+        if self.backing_file_size > MAX_BACKING_NAME {
+            return Err(Error::corrupt(format!(
+                "backing file name of {} bytes is longer than {MAX_BACKING_NAME}",
+                self.backing_file_size
+            ))
+            .at(16));
+        }
+        let end = self
+            .backing_file_offset
+            .checked_add(u64::from(self.backing_file_size));
+        match end {
+            Some(e) if e <= self.cluster_size() && e <= cluster0.len() as u64 => {
+                let s = self.backing_file_offset as usize;
+                let bytes = &cluster0[s..e as usize];
+                let name = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    Error::corrupt("backing file name is not valid UTF-8").at(s as u64)
+                })?;
+                if name.contains('\0') {
+                    return Err(
+                        Error::corrupt("backing file name contains a NUL byte").at(s as u64)
+                    );
+                }
+                self.backing_file = Some(name);
+                Ok(())
+            }
+            _ => Err(Error::corrupt("backing file name lies outside the first cluster").at(8)),
+        }
+    }
+
+    fn parse_extensions(&mut self, cluster0: &[u8]) -> Result<()> {
+        let limit = (self.cluster_size() as usize).min(cluster0.len());
+        let mut off = self.header_length as usize;
+        // Extensions end at type 0, or when the backing name (stored after them) begins.
+        let stop = if self.backing_file_offset != 0 {
+            (self.backing_file_offset as usize).min(limit)
+        } else {
+            limit
+        };
+        let mut seen = std::collections::HashSet::new();
+        while off + 8 <= stop {
+            let kind = BigEndian::read_u32(&cluster0[off..off + 4]);
+            let len = BigEndian::read_u32(&cluster0[off + 4..off + 8]) as usize;
+            if kind == ext::END {
+                break;
+            }
+            let data_start = off + 8;
+            let Some(data_end) = data_start.checked_add(len).filter(|&e| e <= limit) else {
+                return Err(Error::corrupt(format!(
+                    "header extension {kind:#x} of {len} bytes runs past the first cluster"
+                ))
+                .at(off as u64));
+            };
+            let data = &cluster0[data_start..data_end];
+            if !seen.insert(kind) && kind != ext::FEATURE_TABLE {
+                return Err(
+                    Error::corrupt(format!("header extension {kind:#x} appears twice"))
+                        .at(off as u64),
+                );
+            }
+            match kind {
+                ext::BACKING_FORMAT => {
+                    let s = String::from_utf8(data.to_vec()).map_err(|_| {
+                        Error::corrupt("backing format name is not UTF-8").at(off as u64)
+                    })?;
+                    self.backing_format = Some(s.trim_end_matches('\0').to_string());
+                }
+                ext::DATA_FILE => {
+                    let s = String::from_utf8(data.to_vec()).map_err(|_| {
+                        Error::corrupt("data file name is not UTF-8").at(off as u64)
+                    })?;
+                    self.data_file = Some(s.trim_end_matches('\0').to_string());
+                }
+                ext::FEATURE_TABLE => {
+                    for e in data.chunks_exact(48) {
+                        let raw = &e[2..48];
+                        let n = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+                        self.feature_names.push(FeatureName {
+                            kind: e[0],
+                            bit: e[1],
+                            name: String::from_utf8_lossy(&raw[..n]).into_owned(),
+                        });
+                    }
+                }
+                ext::BITMAPS => {
+                    if data.len() < 24 {
+                        return Err(Error::corrupt("bitmaps extension is shorter than 24 bytes")
+                            .at(off as u64));
+                    }
+                    // Only meaningful while the autoclear bit says it is consistent.
+                    if self.autoclear_features & autoclear::BITMAPS != 0 {
+                        self.bitmaps = Some(BitmapsExt {
+                            nb_bitmaps: BigEndian::read_u32(&data[0..4]),
+                            directory_size: BigEndian::read_u64(&data[8..16]),
+                            directory_offset: BigEndian::read_u64(&data[16..24]),
+                        });
+                    }
+                }
+                ext::CRYPTO => {
+                    if data.len() < 16 {
+                        return Err(Error::corrupt(
+                            "encryption header extension is shorter than 16 bytes",
+                        )
+                        .at(off as u64));
+                    }
+                    self.crypto_header = Some((
+                        BigEndian::read_u64(&data[0..8]),
+                        BigEndian::read_u64(&data[8..16]),
+                    ));
+                }
+                _ => self.unknown_extensions.push(UnknownExt {
+                    kind,
+                    data: data.to_vec(),
+                }),
+            }
+            off = data_start + len.div_ceil(8) * 8;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that a table at `offset` of `bytes` bytes is cluster-aligned and inside the file.
+/// `field` is the header offset of the field naming it, for the message.
+pub fn check_table(
+    what: &str,
+    offset: u64,
+    bytes: u64,
+    cluster_size: u64,
+    file_len: u64,
+    field: u64,
+) -> Result<()> {
+    if offset % cluster_size != 0 {
+        return Err(
+            Error::corrupt(format!("{what} offset {offset:#x} is not cluster-aligned")).at(field),
+        );
+    }
+    if offset == 0 && bytes > 0 {
+        return Err(Error::corrupt(format!("{what} overlaps the header at offset 0")).at(field));
+    }
+    match offset.checked_add(bytes) {
+        Some(end) if end <= file_len => Ok(()),
+        _ => Err(Error::corrupt(format!(
+            "{what} at {offset:#x} ({bytes} bytes) lies beyond the end of the file ({file_len} bytes)"
+        ))
+        .at(field)),
+    }
+}

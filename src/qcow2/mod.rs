@@ -1,0 +1,517 @@
+//! The qcow2 format (qemu docs/interop/qcow2.rst), split by concern:
+//!
+//! - [`header`]: the header and its extensions, validated on open;
+//! - [`l2`]: decoding L1/L2 entries and subcluster bitmaps;
+//! - [`cache`]: the bounded metadata table cache;
+//! - [`compress`]: compressed cluster descriptors, deflate and zstd;
+//! - [`refcount`]: reading refcount tables and blocks;
+//! - [`snapshot`]: the internal snapshot table;
+//! - [`bitmaps`]: the persistent dirty bitmap directory;
+//! - [`check`]: the consistency check.
+//!
+//! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
+
+pub mod bitmaps;
+pub mod cache;
+pub mod check;
+pub mod compress;
+pub mod header;
+pub mod l2;
+pub mod refcount;
+pub mod snapshot;
+
+use crate::block::{check_request, BlockImage, BlockStatus, ImageFormat};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::info::{FormatSpecific, LayerInfo, Qcow2Info};
+use crate::offsets::{GuestOffset, HostOffset};
+use crate::open::{open_layer, probe_format, resolve_relative, ChainGuard};
+use crate::storage::{FileStorage, Storage};
+use byteorder::{BigEndian, ByteOrder};
+use compress::CompressedDesc;
+use header::Header;
+use l2::Slot;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Memory the L2 cache may use, in bytes (at least a few tables are always kept).
+const L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// An open qcow2 image (one layer, with its backing chain attached).
+pub struct Qcow2Image {
+    path: PathBuf,
+    storage: Box<dyn Storage>,
+    /// The external data file, when the image has one.
+    data_file: Option<(Box<dyn Storage>, PathBuf)>,
+    header: Header,
+    l1: Vec<u64>,
+    l2_cache: cache::TableCache,
+    file_len: u64,
+    backing: Option<Box<dyn BlockImage>>,
+    backing_path: Option<PathBuf>,
+    backing_probed: bool,
+    writable: bool,
+    /// The last decompressed cluster, keyed by its descriptor's host offset.
+    last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+}
+
+impl Qcow2Image {
+    /// Opens the qcow2 image at `path`; unless `no_backing`, opens its backing chain too,
+    /// registering each layer in `guard`.
+    pub fn open(
+        path: &Path,
+        writable: bool,
+        no_backing: bool,
+        guard: &mut ChainGuard,
+    ) -> Result<Self> {
+        let storage = FileStorage::open(path, false)
+            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        Self::open_storage(Box::new(storage), path, writable, no_backing, guard)
+    }
+
+    /// Opens a qcow2 image held in `storage`; `path` names it in messages and anchors relative
+    /// backing and data file names.
+    pub fn open_storage(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        writable: bool,
+        no_backing: bool,
+        guard: &mut ChainGuard,
+    ) -> Result<Self> {
+        Self::open_inner(storage, path, writable, no_backing, guard).in_file(path)
+    }
+
+    fn open_inner(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        writable: bool,
+        no_backing: bool,
+        guard: &mut ChainGuard,
+    ) -> Result<Self> {
+        if writable {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "writing to qcow2 images is not supported yet (open it read-only)",
+            ));
+        }
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io("cannot get file size", e))?;
+        // Cluster 0 is at most 2 MiB; the header says how much of it matters.
+        let mut cluster0 = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
+        storage
+            .read_at(&mut cluster0, 0)
+            .map_err(|e| Error::io("cannot read header", e))?;
+        let header = Header::parse(&cluster0, file_len)?;
+
+        let mut l1 = vec![0u8; header.l1_size as usize * 8];
+        storage
+            .read_at(&mut l1, header.l1_table_offset)
+            .map_err(|e| Error::io("cannot read L1 table", e).at(header.l1_table_offset))?;
+        let l1: Vec<u64> = l1.chunks_exact(8).map(BigEndian::read_u64).collect();
+
+        let data_file = match (&header.data_file, header.has_data_file()) {
+            (Some(name), true) => {
+                let p = resolve_relative(path, name)?;
+                let s = FileStorage::open(&p, false).map_err(|e| {
+                    Error::io(format!("cannot open data file '{}'", p.display()), e)
+                })?;
+                Some((Box::new(s) as Box<dyn Storage>, p))
+            }
+            _ => None,
+        };
+
+        let tables = (L2_CACHE_BYTES >> header.cluster_bits).max(4) as usize;
+        let mut img = Qcow2Image {
+            path: path.to_path_buf(),
+            storage,
+            data_file,
+            l1,
+            l2_cache: cache::TableCache::new(tables),
+            file_len,
+            backing: None,
+            backing_path: None,
+            backing_probed: false,
+            writable,
+            last_compressed: Mutex::new(None),
+            header,
+        };
+        if let Some(name) = img.header.backing_file.clone() {
+            let bpath = resolve_relative(path, &name)?;
+            img.backing_path = Some(bpath.clone());
+            if !no_backing {
+                let format = match &img.header.backing_format {
+                    Some(f) => Some(crate::block::ImageFormat::from_name(f)?),
+                    None => {
+                        img.backing_probed = true;
+                        Some(probe_format(&bpath).map_err(|e| {
+                            Error::new(
+                                e.kind(),
+                                format!("cannot open backing file '{name}': {}", e.what()),
+                            )
+                        })?)
+                    }
+                };
+                let b = open_layer(&bpath, format, false, false, guard)?;
+                img.backing = Some(b);
+            }
+        }
+        Ok(img)
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The image file's storage.
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
+
+    /// The storage guest data lives in: the external data file if there is one, else the image.
+    pub fn data_storage(&self) -> &dyn Storage {
+        match &self.data_file {
+            Some((s, _)) => s.as_ref(),
+            None => self.storage.as_ref(),
+        }
+    }
+
+    /// The active L1 table.
+    pub fn l1(&self) -> &[u64] {
+        &self.l1
+    }
+
+    /// Length of the image file when it was opened.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Whether the backing format was not recorded and had to be probed.
+    pub fn backing_format_probed(&self) -> bool {
+        self.backing_probed
+    }
+
+    /// Reads the table of `cluster_size / 8` big-endian words at host offset `offset` (an L2
+    /// table or refcount block), checking that it lies inside the image file.
+    pub fn read_table(&self, offset: u64) -> Result<Vec<u64>> {
+        let cs = self.header.cluster_size();
+        if offset % cs != 0 {
+            return Err(
+                Error::corrupt(format!("table offset {offset:#x} is not cluster-aligned"))
+                    .at(offset),
+            );
+        }
+        if offset.checked_add(cs).is_none_or(|e| e > self.file_len) {
+            return Err(Error::corrupt(format!(
+                "table at {offset:#x} lies beyond the end of the file ({} bytes)",
+                self.file_len
+            ))
+            .at(offset));
+        }
+        let mut raw = vec![0u8; cs as usize];
+        self.storage
+            .read_at(&mut raw, offset)
+            .map_err(|e| Error::io("cannot read table", e).at(offset))?;
+        Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
+    }
+
+    /// The L2 table at host offset `offset`, through the cache.
+    pub fn l2_table(&self, offset: u64) -> Result<Arc<[u64]>> {
+        self.l2_cache
+            .get_or_load(offset, || self.read_table(offset))
+    }
+
+    fn sc_bits(&self) -> u32 {
+        if self.header.extended_l2() {
+            self.header.cluster_bits - 5
+        } else {
+            self.header.cluster_bits
+        }
+    }
+
+    /// The slot of the (sub)cluster holding `guest`, and how far from `guest` the same slot
+    /// continues (host offsets contiguous), up to `max_len` and never past one L2 table.
+    fn map_slot(&self, guest: u64, max_len: u64) -> Result<(Slot, u64)> {
+        let h = &self.header;
+        let l1_shift = h.l1_shift();
+        let l1_idx = (guest >> l1_shift) as usize;
+        let table_end = ((guest >> l1_shift) + 1) << l1_shift;
+        let limit = max_len.min(table_end - guest);
+        let Some(&l1e) = self.l1.get(l1_idx) else {
+            return Err(Error::corrupt(format!(
+                "guest offset {guest:#x} is beyond the L1 table"
+            )));
+        };
+        let Some(l2_off) = l2::l1_entry_target(l1e, h.cluster_size())
+            .map_err(|e| e.at(h.l1_table_offset + 8 * l1_idx as u64))?
+        else {
+            return Ok((Slot::Unallocated, limit));
+        };
+        let table = self.l2_table(l2_off)?;
+        let sc_bits = self.sc_bits();
+        let unit = 1u64 << sc_bits;
+        let words = if h.extended_l2() { 2 } else { 1 };
+        let l2_mask = (1u64 << h.l2_bits()) - 1;
+        let slot_at = |g: u64| -> Result<Slot> {
+            let idx = ((g >> h.cluster_bits) & l2_mask) as usize * words;
+            let entry = table[idx];
+            let bitmap = h.extended_l2().then(|| table[idx + 1]);
+            let desc =
+                l2::decode_descriptor(entry, h).map_err(|e| e.at(l2_off + idx as u64 * 8))?;
+            let sc = ((g >> sc_bits) & 31) as u32;
+            l2::slot(desc, bitmap, if bitmap.is_some() { sc } else { 0 }, sc_bits)
+                .map(|s| match s {
+                    // A data slot points at the start of its unit; move to `g` within it.
+                    Slot::Data { host } if bitmap.is_none() => Slot::Data {
+                        host: host + (g & (h.cluster_size() - 1)),
+                    },
+                    Slot::Data { host } => Slot::Data {
+                        host: host + (g & (unit - 1)),
+                    },
+                    Slot::Zero { host: Some(host) } if bitmap.is_none() => Slot::Zero {
+                        host: Some(host + (g & (h.cluster_size() - 1))),
+                    },
+                    Slot::Zero { host: Some(host) } => Slot::Zero {
+                        host: Some(host + (g & (unit - 1))),
+                    },
+                    other => other,
+                })
+                .map_err(|e| e.at(l2_off + idx as u64 * 8))
+        };
+        let first = slot_at(guest)?;
+        let mut len = (unit - (guest & (unit - 1))).min(limit);
+        if matches!(first, Slot::Compressed(_)) {
+            return Ok((first, len));
+        }
+        while len < limit {
+            let next = slot_at(guest + len)?;
+            let follows = match (first, next) {
+                (Slot::Unallocated, Slot::Unallocated) => true,
+                (Slot::Zero { host: None }, Slot::Zero { host: None }) => true,
+                (Slot::Zero { host: Some(a) }, Slot::Zero { host: Some(b) }) => a + len == b,
+                (Slot::Data { host: a }, Slot::Data { host: b }) => a + len == b,
+                _ => false,
+            };
+            if !follows {
+                break;
+            }
+            len = (len + unit).min(limit);
+        }
+        Ok((first, len))
+    }
+
+    /// The whole decompressed cluster described by `desc`.
+    fn decompressed(&self, desc: CompressedDesc) -> Result<Arc<Vec<u8>>> {
+        if let Some((key, data)) = &*self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            if *key == desc.host {
+                return Ok(data.clone());
+            }
+        }
+        if desc.host >= self.file_len {
+            return Err(Error::corrupt(format!(
+                "compressed cluster at {:#x} lies beyond the end of the file ({} bytes)",
+                desc.host, self.file_len
+            ))
+            .at(desc.host));
+        }
+        // The last compressed cluster's sector count may run past the end of the file.
+        let n = desc.len.min(self.file_len - desc.host) as usize;
+        let mut input = vec![0u8; n];
+        self.storage
+            .read_at(&mut input, desc.host)
+            .map_err(|e| Error::io("cannot read compressed cluster", e).at(desc.host))?;
+        let mut out = vec![0u8; self.header.cluster_size() as usize];
+        compress::decompress(self.header.compression_type, &input, &mut out)
+            .map_err(|e| e.at(desc.host))?;
+        let out = Arc::new(out);
+        *self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((desc.host, out.clone()));
+        Ok(out)
+    }
+
+    fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = b.virtual_size();
+        let inside = bsize.saturating_sub(guest).min(buf.len() as u64) as usize;
+        if inside > 0 {
+            b.read_at(&mut buf[..inside], GuestOffset(guest))?;
+        }
+        buf[inside..].fill(0);
+        Ok(())
+    }
+
+    fn read_inner(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let g = guest + pos as u64;
+            let (slot, len) = self.map_slot(g, (buf.len() - pos) as u64)?;
+            let chunk = &mut buf[pos..pos + len as usize];
+            match slot {
+                Slot::Unallocated => self.read_backing(chunk, g)?,
+                Slot::Zero { .. } => chunk.fill(0),
+                Slot::Data { host } => {
+                    if self.data_file.is_none() && host >= self.file_len {
+                        return Err(Error::corrupt(format!(
+                            "data cluster at {host:#x} (guest offset {g:#x}) lies beyond the end of the file"
+                        ))
+                        .at(host));
+                    }
+                    self.data_storage()
+                        .read_at(chunk, host)
+                        .map_err(|e| Error::io("read failed", e).at(host))?;
+                }
+                Slot::Compressed(desc) => {
+                    let data = self.decompressed(desc)?;
+                    let start = (g & (self.header.cluster_size() - 1)) as usize;
+                    chunk.copy_from_slice(&data[start..start + chunk.len()]);
+                }
+            }
+            pos += len as usize;
+        }
+        Ok(())
+    }
+
+    fn status_inner(&self, guest: u64, max_len: u64) -> Result<BlockStatus> {
+        let (slot, len) = self.map_slot(guest, max_len)?;
+        Ok(match slot {
+            Slot::Unallocated => match &self.backing {
+                Some(b) if guest < b.virtual_size() => {
+                    let n = len.min(b.virtual_size() - guest);
+                    let mut s = b.block_status(GuestOffset(guest), n)?;
+                    s.depth += 1;
+                    s
+                }
+                _ => BlockStatus::unallocated(len, 0),
+            },
+            Slot::Zero { host } => BlockStatus::zero(len, 0, host.map(HostOffset)),
+            Slot::Compressed(_) => BlockStatus::compressed(len, 0),
+            Slot::Data { host } => {
+                // As qemu does, ask the host file whether the cluster is a hole (an untouched
+                // preallocated cluster reads as zeros).
+                let (is_data, n) = self
+                    .data_storage()
+                    .extent_at(host)
+                    .map_err(|e| Error::io("block status query failed", e).at(host))?;
+                let mut s = BlockStatus::data(len.min(n).max(1), 0, HostOffset(host));
+                s.zero = !is_data;
+                s
+            }
+        })
+    }
+}
+
+impl BlockImage for Qcow2Image {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
+    fn filename(&self) -> &Path {
+        &self.path
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+        check_request(self.header.size, offset, buf.len() as u64).in_file(&self.path)?;
+        self.read_inner(buf, offset.0).in_file(&self.path)
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: GuestOffset) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::ReadOnly,
+            "writing to qcow2 images is not supported yet",
+        )
+        .with_path(&self.path))
+    }
+
+    fn write_zeroes(&self, _offset: GuestOffset, _len: u64, _unmap: bool) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::ReadOnly,
+            "writing to qcow2 images is not supported yet",
+        )
+        .with_path(&self.path))
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn block_status(&self, offset: GuestOffset, max_len: u64) -> Result<BlockStatus> {
+        check_request(self.header.size, offset, max_len.max(1)).in_file(&self.path)?;
+        self.status_inner(offset.0, max_len.max(1))
+            .in_file(&self.path)
+    }
+
+    fn backing(&self) -> Option<&dyn BlockImage> {
+        self.backing.as_deref()
+    }
+
+    fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    fn actual_size(&self) -> Option<u64> {
+        self.storage.allocated_bytes()
+    }
+
+    fn layer_info(&self) -> Result<LayerInfo> {
+        let h = &self.header;
+        let v3 = h.version >= 3;
+        let snapshots = snapshot::read_table(self)
+            .in_file(&self.path)?
+            .iter()
+            .map(|s| s.info())
+            .collect();
+        let bitmaps = if v3 && h.bitmaps.is_some() {
+            Some(
+                bitmaps::read_directory(self)
+                    .in_file(&self.path)?
+                    .iter()
+                    .map(|b| b.info())
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        Ok(LayerInfo {
+            filename: self.path.display().to_string(),
+            format: ImageFormat::Qcow2,
+            virtual_size: h.size,
+            actual_size: self.actual_size(),
+            cluster_size: Some(h.cluster_size()),
+            encrypted: None,
+            backing_filename: h.backing_file.clone(),
+            full_backing_filename: self.backing_path.as_ref().map(|p| p.display().to_string()),
+            backing_filename_format: h.backing_format.clone(),
+            backing_format_probed: self.backing_probed,
+            snapshots,
+            dirty_flag: h.is_dirty(),
+            format_specific: Some(FormatSpecific::Qcow2(Qcow2Info {
+                compat: if v3 { "1.1" } else { "0.10" }.to_string(),
+                compression_type: h.compression_type.as_str().to_string(),
+                lazy_refcounts: v3.then(|| h.lazy_refcounts()),
+                bitmaps,
+                refcount_bits: h.refcount_bits(),
+                corrupt: v3.then(|| h.is_corrupt()),
+                extended_l2: v3.then(|| h.extended_l2()),
+                data_file: h.data_file.clone(),
+                data_file_raw: h.has_data_file().then(|| h.data_file_raw()),
+            })),
+        })
+    }
+
+    fn as_check(&self) -> Option<&dyn crate::check::Check> {
+        Some(self)
+    }
+}

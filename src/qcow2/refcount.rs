@@ -1,0 +1,1 @@
+//! Refcount tables and blocks (qcow2.rst "Cluster refcounts"): reading a cluster's refcount.

@@ -1,0 +1,142 @@
+//! The internal snapshot table (qcow2.rst "Snapshots"): read and validated.
+
+use super::header::{check_table, MAX_L1_BYTES};
+use super::Qcow2Image;
+use crate::error::{Error, Result};
+use crate::info::SnapshotInfo;
+use byteorder::{BigEndian, ByteOrder};
+
+/// Largest snapshot table qemu accepts, in bytes.
+pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// Largest per-entry extra data qemu accepts, in bytes.
+pub const MAX_EXTRA: u32 = 1024;
+
+/// One snapshot table entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Host offset of the snapshot's L1 table.
+    pub l1_table_offset: u64,
+    /// Entries in the snapshot's L1 table.
+    pub l1_size: u32,
+    /// Unique id string.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Creation time, seconds.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds.
+    pub date_nsec: u32,
+    /// Guest clock, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// VM state size (the 64-bit extra field when present, else the 32-bit one).
+    pub vm_state_size: u64,
+    /// Virtual disk size at creation, when recorded in the extra data.
+    pub disk_size: Option<u64>,
+    /// Instruction count, when recorded (u64::MAX means none).
+    pub icount: Option<u64>,
+    /// Extra data bytes, kept verbatim.
+    pub extra: Vec<u8>,
+}
+
+impl Snapshot {
+    /// The entry as `info` shows it.
+    pub fn info(&self) -> SnapshotInfo {
+        SnapshotInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            vm_state_size: self.vm_state_size,
+            date_sec: u64::from(self.date_sec),
+            date_nsec: u64::from(self.date_nsec),
+            vm_clock_sec: self.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: self.vm_clock_nsec % 1_000_000_000,
+            icount: self.icount,
+        }
+    }
+}
+
+/// Reads the snapshot table of `img`, checking every entry's bounds.
+pub fn read_table(img: &Qcow2Image) -> Result<Vec<Snapshot>> {
+    let h = img.header();
+    let n = h.nb_snapshots;
+    let mut out = Vec::with_capacity(n.min(1024) as usize);
+    let mut off = h.snapshots_offset;
+    let end_limit = h
+        .snapshots_offset
+        .saturating_add(MAX_TABLE_BYTES)
+        .min(img.file_len());
+    for i in 0..n {
+        let mut fixed = [0u8; 40];
+        if off.checked_add(40).is_none_or(|e| e > end_limit) {
+            return Err(Error::corrupt(format!(
+                "snapshot table entry {i} lies beyond the end of the table or file"
+            ))
+            .at(off));
+        }
+        img.storage()
+            .read_at(&mut fixed, off)
+            .map_err(|e| Error::io("cannot read snapshot table", e).at(off))?;
+        let l1_table_offset = BigEndian::read_u64(&fixed[0..8]);
+        let l1_size = BigEndian::read_u32(&fixed[8..12]);
+        let id_len = u64::from(BigEndian::read_u16(&fixed[12..14]));
+        let name_len = u64::from(BigEndian::read_u16(&fixed[14..16]));
+        let extra_size = BigEndian::read_u32(&fixed[36..40]);
+        if extra_size > MAX_EXTRA {
+            return Err(Error::corrupt(format!(
+                "snapshot {i} has {extra_size} bytes of extra data (limit {MAX_EXTRA})"
+            ))
+            .at(off));
+        }
+        let var = u64::from(extra_size) + id_len + name_len;
+        let entry_len = (40 + var).div_ceil(8) * 8;
+        if off.checked_add(entry_len).is_none_or(|e| e > end_limit) {
+            return Err(Error::corrupt(format!(
+                "snapshot table entry {i} lies beyond the end of the table or file"
+            ))
+            .at(off));
+        }
+        let mut rest = vec![0u8; var as usize];
+        img.storage()
+            .read_at(&mut rest, off + 40)
+            .map_err(|e| Error::io("cannot read snapshot table", e).at(off))?;
+        let extra = rest[..extra_size as usize].to_vec();
+        let id = String::from_utf8_lossy(
+            &rest[extra_size as usize..(u64::from(extra_size) + id_len) as usize],
+        )
+        .into_owned();
+        let name = String::from_utf8_lossy(&rest[(u64::from(extra_size) + id_len) as usize..])
+            .into_owned();
+        let l1_bytes = u64::from(l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(Error::corrupt(format!(
+                "snapshot '{name}' has an L1 table of {l1_bytes} bytes (limit 32 MiB)"
+            ))
+            .at(off));
+        }
+        check_table(
+            &format!("L1 table of snapshot '{name}'"),
+            l1_table_offset,
+            l1_bytes,
+            h.cluster_size(),
+            img.file_len(),
+            off,
+        )?;
+        let vm_state_32 = u64::from(BigEndian::read_u32(&fixed[32..36]));
+        let extra_u64 =
+            |o: usize| (extra.len() >= o + 8).then(|| BigEndian::read_u64(&extra[o..o + 8]));
+        out.push(Snapshot {
+            l1_table_offset,
+            l1_size,
+            id,
+            name,
+            date_sec: BigEndian::read_u32(&fixed[16..20]),
+            date_nsec: BigEndian::read_u32(&fixed[20..24]),
+            vm_clock_nsec: BigEndian::read_u64(&fixed[24..32]),
+            vm_state_size: extra_u64(0).unwrap_or(vm_state_32),
+            disk_size: extra_u64(8),
+            icount: extra_u64(16).filter(|&c| c != u64::MAX),
+            extra,
+        });
+        off += entry_len;
+    }
+    Ok(out)
+}

@@ -1,0 +1,257 @@
+//! Host storage under an image: a file, or memory in tests.
+//!
+//! Formats do all their I/O through [`Storage`], so that tests can substitute an in-memory
+//! store (and, later, one that fails or drops writes to prove crash safety).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+/// Positioned I/O on a host file. All methods take `&self` and may be called from several
+/// threads at once.
+pub trait Storage: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset`. Bytes past the end of the storage read as zero (as
+    /// they do in qemu), so a caller that needs data to be inside the file must check
+    /// [`Storage::len`] itself.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// The current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Sets the length, truncating or extending with zeros (a hole where possible).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes written data durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Makes `[offset, offset+len)` read as zero, freeing the space where the storage can
+    /// (punching a hole), without changing the length.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Where `offset` lies relative to stored data: `Ok((true, n))` if the `n` bytes from
+    /// `offset` (n >= 1) may hold data, `Ok((false, n))` if they are a hole that reads as zero.
+    /// Storage that cannot tell reports everything up to its end as data. Offsets at or past the
+    /// end report a hole running to `u64::MAX`.
+    fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)>;
+    /// Bytes actually allocated on the host, if known (qemu's `actual-size`).
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// The path, for messages; `None` for anonymous storage.
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// A host file, read and written with `pread`/`pwrite`.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+}
+
+impl FileStorage {
+    /// Opens `path` read-only, or read-write when `writable`.
+    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Creates (or truncates) `path` for writing.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        if len == 0 {
+            return Ok(());
+        }
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match fallocate(&self.file, punch, offset, len) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                // The file system cannot punch holes: write zeros instead.
+                let end = offset.saturating_add(len);
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut off = offset;
+                while off < end {
+                    let n = (end - off).min(zeros.len() as u64) as usize;
+                    self.file.write_all_at(&zeros[..n], off)?;
+                    off += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)> {
+        use rustix::fs::{seek, SeekFrom};
+        let len = self.len()?;
+        if offset >= len {
+            return Ok((false, u64::MAX - offset));
+        }
+        // SEEK_DATA from `offset`: if it stays at `offset`, we are in data and SEEK_HOLE tells
+        // where it ends; otherwise we are in a hole that ends where the next data begins.
+        match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(d) if d == offset => {
+                let h = seek(&self.file, SeekFrom::Hole(offset)).map_err(io::Error::from)?;
+                Ok((true, h.max(offset + 1) - offset))
+            }
+            Ok(d) if d > offset => Ok((false, d - offset)),
+            Ok(_) => Ok((true, len - offset)),
+            // ENXIO: no data after offset, the rest of the file is a hole.
+            Err(e) if e == rustix::io::Errno::NXIO => Ok((false, len - offset)),
+            // The file system does not support SEEK_DATA: everything is data.
+            Err(_) => Ok((true, len - offset)),
+        }
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+}
+
+/// Storage held in memory, for tests. Reports everything as data.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemStorage {
+    /// A store holding `data`.
+    pub fn new(data: Vec<u8>) -> Self {
+        MemStorage {
+            data: RwLock::new(data),
+        }
+    }
+
+    /// A copy of the current contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.data.read().unwrap_or_else(|e| e.into_inner());
+        buf.fill(0);
+        if offset < d.len() as u64 {
+            let start = offset as usize;
+            let n = buf.len().min(d.len() - start);
+            buf[..n].copy_from_slice(&d[start..start + n]);
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut d = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .and_then(|e| usize::try_from(e).ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        if d.len() < end {
+            d.resize(end, 0);
+        }
+        d[offset as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+        self.data
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(len, 0);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut d = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let dlen = d.len() as u64;
+        let start = offset.min(dlen) as usize;
+        let end = offset.saturating_add(len).min(dlen) as usize;
+        d[start..end].fill(0);
+        Ok(())
+    }
+
+    fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)> {
+        let len = self.len()?;
+        if offset >= len {
+            Ok((false, u64::MAX - offset))
+        } else {
+            Ok((true, len - offset))
+        }
+    }
+}
