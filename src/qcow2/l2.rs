@@ -46,8 +46,12 @@ pub fn l1_entry_target(entry: u64, cluster_size: u64) -> Result<Option<u64>> {
 /// What a (sub)cluster of the guest disk is, according to one L2 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
-    /// Not allocated in this layer: read from the backing file (or zeros).
-    Unallocated,
+    /// Not allocated in this layer: read from the backing file (or zeros). With extended L2, an
+    /// unallocated subcluster of an allocated cluster still has a `host` offset reserved.
+    Unallocated {
+        /// Reserved host offset of this subcluster, if any.
+        host: Option<u64>,
+    },
     /// Reads as zeros; `host` is a preallocated host offset, if any.
     Zero {
         /// Preallocated host offset of this (sub)cluster.
@@ -123,7 +127,7 @@ pub fn decode_descriptor(entry: u64, h: &Header) -> Result<Descriptor> {
 pub fn slot(desc: Descriptor, bitmap: Option<u64>, sc: u32, sc_bits: u32) -> Result<Slot> {
     let Some(bitmap) = bitmap else {
         return Ok(match desc {
-            Descriptor::Unallocated => Slot::Unallocated,
+            Descriptor::Unallocated => Slot::Unallocated { host: None },
             Descriptor::Zero(host) => Slot::Zero { host },
             Descriptor::Normal(host) => Slot::Data { host },
             Descriptor::Compressed(c) => Slot::Compressed(c),
@@ -161,6 +165,6 @@ pub fn slot(desc: Descriptor, bitmap: Option<u64>, sc: u32, sc_bits: u32) -> Res
             }
         }
     } else {
-        Slot::Unallocated
+        Slot::Unallocated { host: sc_host }
     })
 }

@@ -245,7 +245,7 @@ impl Qcow2Image {
         let Some(l2_off) = l2::l1_entry_target(l1e, h.cluster_size())
             .map_err(|e| e.at(h.l1_table_offset + 8 * l1_idx as u64))?
         else {
-            return Ok((Slot::Unallocated, limit));
+            return Ok((Slot::Unallocated { host: None }, limit));
         };
         let table = self.l2_table(l2_off)?;
         let sc_bits = self.sc_bits();
@@ -286,7 +286,10 @@ impl Qcow2Image {
         while len < limit {
             let next = slot_at(guest + len)?;
             let follows = match (first, next) {
-                (Slot::Unallocated, Slot::Unallocated) => true,
+                (Slot::Unallocated { host: None }, Slot::Unallocated { host: None }) => true,
+                (Slot::Unallocated { host: Some(a) }, Slot::Unallocated { host: Some(b) }) => {
+                    a + len == b
+                }
                 (Slot::Zero { host: None }, Slot::Zero { host: None }) => true,
                 (Slot::Zero { host: Some(a) }, Slot::Zero { host: Some(b) }) => a + len == b,
                 (Slot::Data { host: a }, Slot::Data { host: b }) => a + len == b,
@@ -356,7 +359,7 @@ impl Qcow2Image {
             let (slot, len) = self.map_slot(g, (buf.len() - pos) as u64)?;
             let chunk = &mut buf[pos..pos + len as usize];
             match slot {
-                Slot::Unallocated => self.read_backing(chunk, g)?,
+                Slot::Unallocated { .. } => self.read_backing(chunk, g)?,
                 Slot::Zero { .. } => chunk.fill(0),
                 Slot::Data { host } => {
                     if self.data_file.is_none() && host >= self.file_len {
@@ -383,14 +386,17 @@ impl Qcow2Image {
     fn status_inner(&self, guest: u64, max_len: u64) -> Result<BlockStatus> {
         let (slot, len) = self.map_slot(guest, max_len)?;
         Ok(match slot {
-            Slot::Unallocated => match &self.backing {
+            Slot::Unallocated { host } => match &self.backing {
                 Some(b) if guest < b.virtual_size() => {
                     let n = len.min(b.virtual_size() - guest);
                     let mut s = b.block_status(GuestOffset(guest), n)?;
                     s.depth += 1;
                     s
                 }
-                _ => BlockStatus::unallocated(len, 0),
+                _ => BlockStatus {
+                    offset: host.map(HostOffset),
+                    ..BlockStatus::unallocated(len, 0)
+                },
             },
             Slot::Zero { host } => BlockStatus::zero(len, 0, host.map(HostOffset)),
             Slot::Compressed(_) => BlockStatus::compressed(len, 0),
@@ -513,5 +519,34 @@ impl BlockImage for Qcow2Image {
 
     fn as_check(&self) -> Option<&dyn crate::check::Check> {
         Some(self)
+    }
+}
+
+/// Opens `bytes` as an in-memory qcow2 image without backing files and exercises every read-only
+/// path on it: block status over (up to 64 MiB of) the disk, reads of what it reports, info and
+/// check. Errors are expected on hostile input; this returns normally unless the code panics.
+/// Used by the fuzz targets and the hostile-input tests, so both exercise the same paths.
+pub fn exercise(bytes: &[u8]) {
+    let storage = Box::new(crate::storage::MemStorage::new(bytes.to_vec()));
+    let mut guard = ChainGuard::default();
+    let Ok(img) =
+        Qcow2Image::open_storage(storage, Path::new("fuzz.qcow2"), false, true, &mut guard)
+    else {
+        return;
+    };
+    let _ = img.layer_info();
+    let _ = crate::check::Check::check(&img);
+    let size = img.virtual_size().min(64 << 20);
+    let mut off = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    while off < size {
+        let Ok(s) = img.block_status(GuestOffset(off), size - off) else {
+            return;
+        };
+        let n = s.len.min(buf.len() as u64) as usize;
+        if img.read_at(&mut buf[..n], GuestOffset(off)).is_err() {
+            return;
+        }
+        off += s.len;
     }
 }

@@ -1,0 +1,119 @@
+//! Shared helpers for the integration tests: finding the qemu oracles, running them, and a
+//! small seeded random generator so that failures reproduce.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+/// Whether qemu-img and qemu-io can be run. When they cannot: under `VIMG_REQUIRE_QEMU=1`
+/// (as in CI) this panics, so a missing oracle fails loudly; otherwise the caller skips, and
+/// this says so on stderr.
+pub fn qemu_available(test: &str) -> bool {
+    let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    if !ok {
+        if std::env::var("VIMG_REQUIRE_QEMU").as_deref() == Ok("1") {
+            panic!("{test}: qemu-img/qemu-io not found but VIMG_REQUIRE_QEMU=1");
+        }
+        eprintln!("{test}: skipping: qemu-img/qemu-io not found");
+    }
+    ok
+}
+
+/// Runs a command, panicking with its stderr if it fails; returns stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd} {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img create -q -f FMT [-o OPTS] [-b BACKING -F BFMT] PATH SIZE`.
+pub fn qemu_create(path: &Path, fmt: &str, opts: &str, backing: Option<(&Path, &str)>, size: u64) {
+    let p = path.to_str().unwrap();
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    let b;
+    if let Some((bp, bf)) = backing {
+        b = bp.to_str().unwrap().to_string();
+        args.extend(["-b", &b, "-F", bf]);
+    }
+    args.extend([p, &size]);
+    run("qemu-img", &args);
+}
+
+/// Runs qemu-io commands (`-c CMD` each) on `path` of format `fmt`.
+pub fn qemu_io(path: &Path, fmt: &str, cmds: &[String]) {
+    if cmds.is_empty() {
+        return;
+    }
+    let mut args = vec!["-f".to_string(), fmt.to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(path.to_str().unwrap().to_string());
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let out = run("qemu-io", &a);
+    assert!(
+        !out.contains("error") && !out.contains("failed"),
+        "qemu-io on {}: {out}",
+        path.display()
+    );
+}
+
+/// The guest contents of an image as qemu reads them (`qemu-img convert -O raw`).
+pub fn qemu_contents(path: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!(
+        "{}.ref.raw",
+        path.file_name().unwrap().to_str().unwrap()
+    ));
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            path.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).ok();
+    data
+}
+
+/// xorshift64*: a tiny deterministic generator for reproducible random layouts.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
