@@ -131,3 +131,64 @@ pub fn resolve_relative(image: &Path, name: &str) -> Result<PathBuf> {
         _ => p.to_path_buf(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_names_resolve_against_the_image_directory() {
+        let img = Path::new("/images/vm/top.qcow2");
+        assert_eq!(
+            resolve_relative(img, "base.qcow2").unwrap(),
+            PathBuf::from("/images/vm/base.qcow2")
+        );
+        assert_eq!(
+            resolve_relative(img, "../b/base.raw").unwrap(),
+            PathBuf::from("/images/vm/../b/base.raw")
+        );
+        assert_eq!(
+            resolve_relative(img, "/abs/x.raw").unwrap(),
+            PathBuf::from("/abs/x.raw")
+        );
+        assert_eq!(
+            resolve_relative(Path::new("top.qcow2"), "b.raw").unwrap(),
+            PathBuf::from("b.raw")
+        );
+        for bad in ["json:{\"driver\":\"raw\"}", "nbd://host/x", "http://x/y"] {
+            assert_eq!(
+                resolve_relative(img, bad).unwrap_err().kind(),
+                ErrorKind::Unsupported
+            );
+        }
+    }
+
+    #[test]
+    fn chain_guard_refuses_loops_through_other_spellings_of_a_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.raw");
+        std::fs::write(&a, b"x").unwrap();
+        let mut g = ChainGuard::default();
+        g.enter(&a).unwrap();
+        let again = dir.path().join(".").join("a.raw");
+        let e = g.enter(&again).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::BackingChain);
+        assert!(e.to_string().contains("loops"), "{e}");
+        assert_eq!(g.depth(), 1);
+    }
+
+    #[test]
+    fn probing_tells_qcow2_from_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("q");
+        std::fs::write(&q, b"QFI\xfb\0\0\0\x03").unwrap();
+        let r = dir.path().join("r");
+        std::fs::write(&r, b"QFI").unwrap();
+        assert_eq!(probe_format(&q).unwrap(), ImageFormat::Qcow2);
+        assert_eq!(probe_format(&r).unwrap(), ImageFormat::Raw);
+        assert_eq!(
+            probe_format(&dir.path().join("none")).unwrap_err().kind(),
+            ErrorKind::Io
+        );
+    }
+}

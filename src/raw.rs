@@ -154,3 +154,50 @@ impl BlockImage for RawImage {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_report_zero_and_zero_writes_punch_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.raw");
+        let img = RawImage::create(&p, 4 << 20).unwrap();
+        let data = vec![0xabu8; 1 << 20];
+        img.write_at(&data, GuestOffset(1 << 20)).unwrap();
+        img.flush().unwrap();
+        let s0 = img.block_status(GuestOffset(0), 4 << 20).unwrap();
+        assert!(s0.zero && !s0.data && s0.present, "{s0:?}");
+        assert_eq!(s0.len, 1 << 20);
+        let s1 = img.block_status(GuestOffset(1 << 20), 3 << 20).unwrap();
+        assert!(s1.data && !s1.zero, "{s1:?}");
+        assert_eq!(s1.offset, Some(HostOffset(1 << 20)));
+        img.write_zeroes(GuestOffset(1 << 20), 1 << 20, true)
+            .unwrap();
+        let mut back = vec![1u8; 1 << 20];
+        img.read_at(&mut back, GuestOffset(1 << 20)).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        let s2 = img.block_status(GuestOffset(1 << 20), 3 << 20).unwrap();
+        assert!(s2.zero, "zero write left data: {s2:?}");
+    }
+
+    #[test]
+    fn out_of_range_and_read_only_requests_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.raw");
+        RawImage::create(&p, 4096).unwrap();
+        let ro = RawImage::open(&p, false).unwrap();
+        let mut b = [0u8; 512];
+        assert_eq!(
+            ro.read_at(&mut b, GuestOffset(4000)).unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            ro.write_at(&b, GuestOffset(0)).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
+        let e = ro.block_status(GuestOffset(4096), 1).unwrap_err();
+        assert!(e.to_string().contains("d.raw"), "{e}");
+    }
+}

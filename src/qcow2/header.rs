@@ -640,3 +640,137 @@ pub fn check_table(
         .at(field)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    /// A minimal valid v3 header: 64 KiB clusters, 1 GiB disk, L1 at 0x30000 (2 entries),
+    /// refcount table at 0x10000 (1 cluster), in a 0x40000-byte file.
+    fn base() -> Vec<u8> {
+        let mut h = vec![0u8; 65536];
+        h[0..4].copy_from_slice(&QCOW2_MAGIC);
+        BigEndian::write_u32(&mut h[4..], 3);
+        BigEndian::write_u32(&mut h[20..], 16);
+        BigEndian::write_u64(&mut h[24..], 1 << 30);
+        BigEndian::write_u32(&mut h[36..], 2);
+        BigEndian::write_u64(&mut h[40..], 0x30000);
+        BigEndian::write_u64(&mut h[48..], 0x10000);
+        BigEndian::write_u32(&mut h[56..], 1);
+        BigEndian::write_u32(&mut h[96..], 4);
+        BigEndian::write_u32(&mut h[100..], 112);
+        h
+    }
+    const LEN: u64 = 0x40000;
+
+    fn err(h: &[u8]) -> Error {
+        Header::parse(h, LEN).unwrap_err()
+    }
+
+    #[test]
+    fn minimal_header_parses() {
+        let h = Header::parse(&base(), LEN).unwrap();
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.refcount_bits(), 16);
+        assert_eq!(h.l1_entries_needed(), 2);
+        assert_eq!(h.compression_type, CompressionType::Zlib);
+    }
+
+    #[test]
+    fn unknown_incompatible_features_are_refused_by_name() {
+        let mut h = base();
+        BigEndian::write_u64(&mut h[72..], 1 << 10 | 1 << 11);
+        // Feature name table naming bit 11.
+        BigEndian::write_u32(&mut h[112..], ext::FEATURE_TABLE);
+        BigEndian::write_u32(&mut h[116..], 48);
+        h[120] = 0;
+        h[121] = 11;
+        h[122..122 + 9].copy_from_slice(b"quantum-x");
+        let e = err(&h);
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        let m = e.to_string();
+        assert!(
+            m.contains("'quantum-x' (bit 11)") && m.contains("unknown feature bit 10"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn encryption_is_refused_not_read() {
+        for (method, word) in [(1, "AES"), (2, "LUKS")] {
+            let mut h = base();
+            BigEndian::write_u32(&mut h[32..], method);
+            let e = err(&h);
+            assert_eq!(e.kind(), ErrorKind::Unsupported);
+            assert!(e.to_string().contains(word), "{e}");
+        }
+    }
+
+    #[test]
+    fn limits_and_bounds_are_enforced() {
+        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+            (
+                Box::new(|h| BigEndian::write_u32(&mut h[36..], 1)),
+                "needs 2",
+            ),
+            (
+                Box::new(|h| BigEndian::write_u32(&mut h[36..], 0x0800_0000)),
+                "32 MiB",
+            ),
+            (
+                Box::new(|h| BigEndian::write_u64(&mut h[40..], 0x30200)),
+                "not cluster-aligned",
+            ),
+            (
+                Box::new(|h| BigEndian::write_u64(&mut h[40..], 0x50000)),
+                "beyond the end",
+            ),
+            (
+                Box::new(|h| BigEndian::write_u32(&mut h[56..], 200)),
+                "8 MiB",
+            ),
+            (
+                Box::new(|h| BigEndian::write_u32(&mut h[20..], 30)),
+                "outside qcow2's range",
+            ),
+            (
+                Box::new(|h| BigEndian::write_u32(&mut h[100..], 0x20000)),
+                "larger than the cluster size",
+            ),
+            (
+                Box::new(|h| BigEndian::write_u32(&mut h[96..], 7)),
+                "refcount_order",
+            ),
+            (
+                Box::new(|h| BigEndian::write_u32(&mut h[4..], 4)),
+                "version 4",
+            ),
+            (Box::new(|h| h[104] = 1), "disagree"),
+            (
+                Box::new(|h| {
+                    BigEndian::write_u64(&mut h[8..], 65530);
+                    BigEndian::write_u32(&mut h[16..], 10)
+                }),
+                "outside the first cluster",
+            ),
+            (
+                Box::new(|h| {
+                    BigEndian::write_u32(&mut h[112..], 0x1234);
+                    BigEndian::write_u32(&mut h[116..], 70000)
+                }),
+                "runs past",
+            ),
+            (
+                Box::new(|h| BigEndian::write_u64(&mut h[72..], incompat::DATA_FILE)),
+                "does not name",
+            ),
+        ];
+        for (poke, want) in cases {
+            let mut h = base();
+            poke(&mut h);
+            let m = err(&h).to_string();
+            assert!(m.contains(want), "expected '{want}' in '{m}'");
+        }
+    }
+}
