@@ -44,10 +44,14 @@ impl RawImage {
         }
     }
 
+    /// The virtual size: the file's length rounded up to whole 512-byte sectors, as qemu sees
+    /// it (the bytes past the end of the file read as zeros).
     fn size(&self) -> Result<u64> {
-        self.storage
+        let len = self
+            .storage
             .len()
-            .map_err(|e| Error::io("cannot get image size", e).with_path(&self.path))
+            .map_err(|e| Error::io("cannot get image size", e).with_path(&self.path))?;
+        Ok(len.div_ceil(512) * 512)
     }
 
     fn writable_check(&self) -> Result<()> {

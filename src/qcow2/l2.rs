@@ -8,8 +8,8 @@ use crate::error::{Error, Result};
 
 /// L1 entry bits 9-55: host offset of the L2 table.
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// L1 entry bits that must be zero (1-8, 56-62).
-pub const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01fe;
+/// L1 entry bits that must be zero (0-8, 56-62).
+pub const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
 /// L2 entry bits 9-55: host cluster offset of a standard cluster.
 pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Standard L2 entry bits that must be zero (1-8, 56-61).

@@ -31,7 +31,7 @@ use compress::CompressedDesc;
 use header::Header;
 use l2::Slot;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Memory the L2 cache may use, in bytes (at least a few tables are always kept).
 const L2_CACHE_BYTES: u64 = 32 << 20;
@@ -52,6 +52,8 @@ pub struct Qcow2Image {
     writable: bool,
     /// The last decompressed cluster, keyed by its descriptor's host offset.
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Whether the image looks metadata-preallocated (computed on first use).
+    metadata_prealloc: OnceLock<bool>,
 }
 
 impl Qcow2Image {
@@ -133,6 +135,7 @@ impl Qcow2Image {
             backing_probed: false,
             writable,
             last_compressed: Mutex::new(None),
+            metadata_prealloc: OnceLock::new(),
             header,
         };
         if let Some(name) = img.header.backing_file.clone() {
@@ -191,19 +194,16 @@ impl Qcow2Image {
         self.backing_probed
     }
 
-    /// Reads the table of `cluster_size / 8` big-endian words at host offset `offset` (an L2
-    /// table or refcount block), checking that it lies inside the image file.
-    pub fn read_table(&self, offset: u64) -> Result<Vec<u64>> {
+    /// Reads the one-cluster table of big-endian words at host offset `offset` (`what` names it
+    /// in messages: "L2 table", "refcount block"), checking that it lies inside the image file.
+    pub fn read_table(&self, offset: u64, what: &str) -> Result<Vec<u64>> {
         let cs = self.header.cluster_size();
         if offset % cs != 0 {
-            return Err(
-                Error::corrupt(format!("table offset {offset:#x} is not cluster-aligned"))
-                    .at(offset),
-            );
+            return Err(Error::corrupt(format!("{what} offset {offset:#x} is not cluster-aligned")).at(offset));
         }
         if offset.checked_add(cs).is_none_or(|e| e > self.file_len) {
             return Err(Error::corrupt(format!(
-                "table at {offset:#x} lies beyond the end of the file ({} bytes)",
+                "{what} at {offset:#x} lies beyond the end of the file ({} bytes)",
                 self.file_len
             ))
             .at(offset));
@@ -211,14 +211,40 @@ impl Qcow2Image {
         let mut raw = vec![0u8; cs as usize];
         self.storage
             .read_at(&mut raw, offset)
-            .map_err(|e| Error::io("cannot read table", e).at(offset))?;
+            .map_err(|e| Error::io(format!("cannot read {what}"), e).at(offset))?;
         Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
     }
 
     /// The L2 table at host offset `offset`, through the cache.
     pub fn l2_table(&self, offset: u64) -> Result<Arc<[u64]>> {
-        self.l2_cache
-            .get_or_load(offset, || self.read_table(offset))
+        self.l2_cache.get_or_load(offset, || self.read_table(offset, "L2 table"))
+    }
+
+    /// Whether the image looks metadata-preallocated: its refcounts claim clearly more clusters
+    /// than the host file has allocated (more than a ninth more, and at least two more). Only
+    /// then does block status ask the host file about holes under data clusters; qemu applies
+    /// the same heuristic, so `map` reports what qemu-img map reports.
+    pub fn looks_metadata_preallocated(&self) -> bool {
+        *self.metadata_prealloc.get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false))
+    }
+
+    fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let Some(real) = self.storage.allocated_bytes() else {
+            return Ok(false);
+        };
+        let real_clusters = real >> self.header.cluster_bits;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let table = refcount::RefcountTable::read(self)?;
+        let mut reader = refcount::RefcountReader::new(self, &table, refcount::Strictness::Lenient);
+        let file_clusters = self.file_len.div_ceil(self.header.cluster_size());
+        let mut counted = 0;
+        for cluster in 0..file_clusters {
+            if counted >= threshold {
+                break;
+            }
+            counted += u64::from(reader.refcount(cluster)? > 0);
+        }
+        Ok(counted >= threshold)
     }
 
     fn sc_bits(&self) -> u32 {
@@ -400,9 +426,10 @@ impl Qcow2Image {
             },
             Slot::Zero { host } => BlockStatus::zero(len, 0, host.map(HostOffset)),
             Slot::Compressed(_) => BlockStatus::compressed(len, 0),
+            Slot::Data { host } if !self.looks_metadata_preallocated() => BlockStatus::data(len, 0, HostOffset(host)),
             Slot::Data { host } => {
-                // As qemu does, ask the host file whether the cluster is a hole (an untouched
-                // preallocated cluster reads as zeros).
+                // In a metadata-preallocated image, ask the host file whether the cluster is a
+                // hole: an untouched preallocated cluster reads as zeros.
                 let (is_data, n) = self
                     .data_storage()
                     .extent_at(host)

@@ -14,6 +14,8 @@ pub const MAX_EXTRA: u32 = 1024;
 /// One snapshot table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// Host offset of this entry in the snapshot table.
+    pub entry_offset: u64,
     /// Host offset of the snapshot's L1 table.
     pub l1_table_offset: u64,
     /// Entries in the snapshot's L1 table.
@@ -39,6 +41,21 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Checks that the snapshot's L1 table is within qemu's size limit, cluster-aligned and
+    /// inside the file. Listing snapshots does not need this (qemu lists such snapshots too);
+    /// anything that reads the L1 table does.
+    pub fn validate_l1(&self, img: &Qcow2Image) -> Result<()> {
+        let l1_bytes = u64::from(self.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(Error::corrupt(format!(
+                "snapshot '{}' has an L1 table of {l1_bytes} bytes (limit 32 MiB)",
+                self.name
+            )));
+        }
+        let what = format!("L1 table of snapshot '{}'", self.name);
+        check_table(&what, self.l1_table_offset, l1_bytes, img.header().cluster_size(), img.file_len(), self.entry_offset)
+    }
+
     /// The entry as `info` shows it.
     pub fn info(&self) -> SnapshotInfo {
         SnapshotInfo {
@@ -87,13 +104,14 @@ pub fn read_table(img: &Qcow2Image) -> Result<Vec<Snapshot>> {
             .at(off));
         }
         let var = u64::from(extra_size) + id_len + name_len;
-        let entry_len = (40 + var).div_ceil(8) * 8;
-        if off.checked_add(entry_len).is_none_or(|e| e > end_limit) {
+        // The padding after the last entry may be missing from the file: bound the entry itself.
+        if off.checked_add(40 + var).is_none_or(|e| e > end_limit) {
             return Err(Error::corrupt(format!(
                 "snapshot table entry {i} lies beyond the end of the table or file"
             ))
             .at(off));
         }
+        let entry_len = (40 + var).div_ceil(8) * 8;
         let mut rest = vec![0u8; var as usize];
         img.storage()
             .read_at(&mut rest, off + 40)
@@ -105,25 +123,11 @@ pub fn read_table(img: &Qcow2Image) -> Result<Vec<Snapshot>> {
         .into_owned();
         let name = String::from_utf8_lossy(&rest[(u64::from(extra_size) + id_len) as usize..])
             .into_owned();
-        let l1_bytes = u64::from(l1_size) * 8;
-        if l1_bytes > MAX_L1_BYTES {
-            return Err(Error::corrupt(format!(
-                "snapshot '{name}' has an L1 table of {l1_bytes} bytes (limit 32 MiB)"
-            ))
-            .at(off));
-        }
-        check_table(
-            &format!("L1 table of snapshot '{name}'"),
-            l1_table_offset,
-            l1_bytes,
-            h.cluster_size(),
-            img.file_len(),
-            off,
-        )?;
         let vm_state_32 = u64::from(BigEndian::read_u32(&fixed[32..36]));
         let extra_u64 =
             |o: usize| (extra.len() >= o + 8).then(|| BigEndian::read_u64(&extra[o..o + 8]));
         out.push(Snapshot {
+            entry_offset: off,
             l1_table_offset,
             l1_size,
             id,
