@@ -477,60 +477,23 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Reads the snapshot table leniently (an L1 table outside the file is reported by the
-    /// walk, not here). Returns the entries and the table's size in bytes, or `None` (after
-    /// recording a check error) if the table cannot be read.
+    /// Reads the snapshot table (an L1 table outside the file is reported by the walk, not
+    /// here). Returns the entries and the table's size in bytes, or `None` (after recording a
+    /// check error) if the table cannot be read.
     fn read_snapshots(&mut self) -> Option<(Vec<SnapshotRef>, u64)> {
-        let h = self.h;
-        let mut out = Vec::new();
-        let start = h.snapshots_offset;
-        let limit = start
-            .saturating_add(snapshot::MAX_TABLE_BYTES)
-            .min(self.file_len);
-        let mut off = start;
-        let mut end = start;
-        for i in 0..h.nb_snapshots {
-            let mut fixed = [0u8; 40];
-            let fits = |o: u64, len: u64| o.checked_add(len).is_some_and(|e| e <= limit);
-            if !fits(off, 40) || read_padded(self.img, &mut fixed, off).is_err() {
-                self.check_error(format!(
-                    "ERROR snapshot table entry {i} at {off:#x} cannot be read"
-                ));
-                return None;
+        match snapshot::read_table_with_size(self.img) {
+            Ok((entries, bytes)) => Some((
+                entries
+                    .into_iter()
+                    .map(|s| SnapshotRef { id: s.id, name: s.name, l1_offset: s.l1_table_offset, l1_size: s.l1_size })
+                    .collect(),
+                bytes,
+            )),
+            Err(e) => {
+                self.check_error(format!("ERROR snapshot table cannot be read: {}", e.what()));
+                None
             }
-            let l1_offset = BigEndian::read_u64(&fixed[0..8]);
-            let l1_size = BigEndian::read_u32(&fixed[8..12]);
-            let id_len = u64::from(BigEndian::read_u16(&fixed[12..14]));
-            let name_len = u64::from(BigEndian::read_u16(&fixed[14..16]));
-            let extra = u64::from(BigEndian::read_u32(&fixed[36..40]));
-            if extra > u64::from(snapshot::MAX_EXTRA) {
-                self.check_error(format!(
-                    "ERROR snapshot table entry {i} has {extra} bytes of extra data (limit {})",
-                    snapshot::MAX_EXTRA
-                ));
-                return None;
-            }
-            let var = extra + id_len + name_len;
-            // The padding after the last entry may lie past the end of the file.
-            let mut rest = vec![0u8; var as usize];
-            if !fits(off, 40 + var) || read_padded(self.img, &mut rest, off + 40).is_err() {
-                self.check_error(format!(
-                    "ERROR snapshot table entry {i} at {off:#x} cannot be read"
-                ));
-                return None;
-            }
-            end = off + 40 + var;
-            let e = extra as usize;
-            let idl = id_len as usize;
-            out.push(SnapshotRef {
-                id: String::from_utf8_lossy(&rest[e..e + idl]).into_owned(),
-                name: String::from_utf8_lossy(&rest[e + idl..]).into_owned(),
-                l1_offset,
-                l1_size,
-            });
-            off = end.div_ceil(8) * 8;
         }
-        Some((out, end - start))
     }
 
     /// Counts the bitmap directory, each bitmap table and each bitmap data cluster.

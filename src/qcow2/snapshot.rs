@@ -73,10 +73,17 @@ impl Snapshot {
 
 /// Reads the snapshot table of `img`, checking every entry's bounds.
 pub fn read_table(img: &Qcow2Image) -> Result<Vec<Snapshot>> {
+    read_table_with_size(img).map(|(entries, _)| entries)
+}
+
+/// Reads the snapshot table of `img` like [`read_table`], also returning the table's length
+/// in bytes (up to the end of the last entry, without its padding).
+pub fn read_table_with_size(img: &Qcow2Image) -> Result<(Vec<Snapshot>, u64)> {
     let h = img.header();
     let n = h.nb_snapshots;
     let mut out = Vec::with_capacity(n.min(1024) as usize);
     let mut off = h.snapshots_offset;
+    let mut end = off;
     let end_limit = h
         .snapshots_offset
         .saturating_add(MAX_TABLE_BYTES)
@@ -140,7 +147,8 @@ pub fn read_table(img: &Qcow2Image) -> Result<Vec<Snapshot>> {
             icount: extra_u64(16).filter(|&c| c != u64::MAX),
             extra,
         });
+        end = off + 40 + var;
         off += entry_len;
     }
-    Ok(out)
+    Ok((out, end - h.snapshots_offset))
 }
