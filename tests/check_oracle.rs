@@ -17,57 +17,9 @@ use std::process::Command;
 use vimg::check::CheckReport;
 use vimg::open::{open_image, OpenOptions};
 
-/// Whether `qemu-img` (and `qemu-io`) run. If not: panics under `VIMG_REQUIRE_QEMU=1`,
-/// otherwise says it skips.
-fn qemu_available() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    if !ok {
-        if std::env::var("VIMG_REQUIRE_QEMU").as_deref() == Ok("1") {
-            panic!("qemu-img/qemu-io not found, but VIMG_REQUIRE_QEMU=1 requires them");
-        }
-        eprintln!("skipping: qemu-img not found");
-    }
-    ok
-}
+mod common;
 
-/// A small seeded generator (xorshift64*), so that failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{qemu_available, run, Rng};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -849,7 +801,7 @@ fn special_damages() -> Vec<(&'static str, Damage)> {
 
 #[test]
 fn check_matches_qemu_img() {
-    if !qemu_available() {
+    if !qemu_available("check_oracle") {
         return;
     }
     let seed: u64 = std::env::var("VIMG_CHECK_SEED")
@@ -861,7 +813,7 @@ fn check_matches_qemu_img() {
     let mut cleans: Vec<(String, PathBuf)> = Vec::new();
 
     for (i, var) in variants().iter().enumerate() {
-        let mut rng = Rng::new(seed ^ ((i as u64 + 1) * 0x1000_0001));
+        let mut rng = Rng::seeded(seed ^ ((i as u64 + 1) * 0x1000_0001));
         let img = make_variant(dir.path(), var, &mut rng);
         cleans.push((var.name.to_string(), img));
     }
@@ -869,7 +821,7 @@ fn check_matches_qemu_img() {
         .into_iter()
         .enumerate()
     {
-        let mut rng = Rng::new(seed ^ (0xc0_0000 + i as u64));
+        let mut rng = Rng::seeded(seed ^ (0xc0_0000 + i as u64));
         let img = make_converted(dir.path(), &mut rng, zstd, cl);
         cleans.push((format!("conv-{zstd}-{cl}"), img));
     }

@@ -105,6 +105,10 @@ pub fn qemu_contents(path: &Path, dir: &Path) -> Vec<u8> {
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// A generator for `seed` (any value; zero is fine).
+    pub fn seeded(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
     /// The next 64 random bits.
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
