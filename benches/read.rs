@@ -2,6 +2,9 @@
 //! zlib-compressed, zstd-compressed) that qemu-img builds from a 64 MiB pseudo-random raw disk
 //! (half data, half holes). Skipped with a message when qemu-img is absent.
 
+// criterion_group! generates an undocumented function.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::path::Path;
 use std::process::Command;

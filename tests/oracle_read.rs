@@ -180,7 +180,7 @@ fn reads_match_qemu_for_every_variant_and_random_layout() {
     let mut failures = Vec::new();
     for (vi, v) in VARIANTS.iter().enumerate() {
         for seed in 0..3u64 {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((vi as u64) << 8 | seed) + 1);
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (((vi as u64) << 8 | seed) + 1));
             let size = v.cluster.max(65536) * (8 + rng.below(40)) + 512 * rng.below(3);
             let p = dir.path().join(format!("{}-{seed}.qcow2", v.name));
             qemu_create(&p, "qcow2", v.opts, None, size);
@@ -230,7 +230,7 @@ fn chains_read_like_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     for seed in 0..6u64 {
-        let mut rng = Rng(0xdead_beef ^ (seed + 1) * 7919);
+        let mut rng = Rng(0xdead_beef ^ ((seed + 1) * 7919));
         let base = dir.path().join(format!("base{seed}.raw"));
         let base_size = 65536 * (4 + rng.below(20));
         qemu_create(&base, "raw", "", None, base_size);

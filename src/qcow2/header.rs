@@ -328,7 +328,7 @@ impl Header {
                 ))
                 .at(100));
             }
-            if h.header_length % 8 != 0 {
+            if !h.header_length.is_multiple_of(8) {
                 return Err(Error::corrupt(format!(
                     "header_length {} is not a multiple of 8",
                     h.header_length
@@ -624,7 +624,7 @@ pub fn check_table(
     file_len: u64,
     field: u64,
 ) -> Result<()> {
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(
             Error::corrupt(format!("{what} offset {offset:#x} is not cluster-aligned")).at(field),
         );
@@ -709,7 +709,8 @@ mod tests {
 
     #[test]
     fn limits_and_bounds_are_enforced() {
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+        type Poke = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(Poke, &str)> = vec![
             (
                 Box::new(|h| BigEndian::write_u32(&mut h[36..], 1)),
                 "needs 2",

@@ -35,7 +35,7 @@ pub fn l1_entry_target(entry: u64, cluster_size: u64) -> Result<Option<u64>> {
     if off == 0 {
         return Ok(None);
     }
-    if off % cluster_size != 0 {
+    if !off.is_multiple_of(cluster_size) {
         return Err(Error::corrupt(format!(
             "L2 table offset {off:#x} is not cluster-aligned"
         )));
@@ -98,7 +98,7 @@ pub fn decode_descriptor(entry: u64, h: &Header) -> Result<Descriptor> {
         )));
     }
     let off = entry & L2E_OFFSET_MASK;
-    if off % h.cluster_size() != 0 {
+    if !off.is_multiple_of(h.cluster_size()) {
         return Err(Error::corrupt(format!(
             "cluster offset {off:#x} is not cluster-aligned"
         )));

@@ -198,7 +198,7 @@ impl Qcow2Image {
     /// in messages: "L2 table", "refcount block"), checking that it lies inside the image file.
     pub fn read_table(&self, offset: u64, what: &str) -> Result<Vec<u64>> {
         let cs = self.header.cluster_size();
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Err(Error::corrupt(format!("{what} offset {offset:#x} is not cluster-aligned")).at(offset));
         }
         if offset.checked_add(cs).is_none_or(|e| e > self.file_len) {
