@@ -1,1 +1,410 @@
-fn main() {}
+//! `vimg`, the command-line tool: parses arguments, calls the library ([`vimg::ops`]) and prints.
+//!
+//! Errors become one line, `vimg: <error>`, on standard error, and an exit code in qemu-img's
+//! conventions: 1 for failures in general, 2 for errors in `compare`, and `check`'s own codes.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vimg::ops::{self, OutputFormat};
+use vimg::{open::OpenOptions, Error, ImageFormat};
+
+/// Virtual disk image tool for raw and qcow2 images, an alternative to qemu-img.
+#[derive(Parser, Debug)]
+#[command(name = "vimg", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show what an image is: format, sizes, backing file, snapshots, format details.
+    Info(InfoArgs),
+    /// Show where each range of the virtual disk is stored.
+    Map(MapArgs),
+    /// Compare the guest data of two images (exit 0 same, 1 different, 2 error).
+    Compare(CompareArgs),
+    /// Check an image's consistency (exit 0 clean, 1 incomplete, 2 corrupt, 3 leaks, 63 no check).
+    Check(CheckArgs),
+    /// Convert an image to a sparse raw image.
+    Convert(ConvertArgs),
+}
+
+/// Options every command that opens an image shares.
+#[derive(Args, Debug)]
+struct ImageArgs {
+    /// Image format (raw, qcow2); probed when not given.
+    #[arg(short = 'f', long = "format", value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Open without taking image locks (accepted; vimg takes none yet).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+}
+
+#[derive(Args, Debug)]
+struct InfoArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// Describe every layer of the backing chain, top first.
+    #[arg(long)]
+    backing_chain: bool,
+    /// The image.
+    filename: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct MapArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// Guest offset to start at (bytes, or with a k/M/G/T suffix).
+    #[arg(long, value_name = "OFFSET", value_parser = parse_size, default_value = "0",
+          allow_negative_numbers = true)]
+    start_offset: u64,
+    /// Map at most this many bytes.
+    #[arg(long, value_name = "LENGTH", value_parser = parse_size, allow_negative_numbers = true)]
+    max_length: Option<u64>,
+    /// The image.
+    filename: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// Format of the first image; probed when not given.
+    #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
+    format_a: Option<ImageFormat>,
+    /// Format of the second image; probed when not given.
+    #[arg(short = 'F', value_name = "FMT", value_parser = parse_format)]
+    format_b: Option<ImageFormat>,
+    /// Strict mode: different sizes or allocation status are mismatches too.
+    #[arg(short = 's', long)]
+    strict: bool,
+    /// Print nothing; only the exit code tells.
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// Open without taking image locks (accepted; vimg takes none yet).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The first image.
+    a: PathBuf,
+    /// The second image.
+    b: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// Print less.
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// The image.
+    filename: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct ConvertArgs {
+    /// Source format; probed when not given.
+    #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Output format (only raw so far).
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw", value_parser = parse_format)]
+    output_format: ImageFormat,
+    /// Zero blocks of this size are left as holes (multiple of 512, at most 16M; 0 allocates
+    /// everything).
+    #[arg(short = 'S', value_name = "SIZE", value_parser = parse_sparse, default_value = "4k",
+          allow_negative_numbers = true)]
+    sparse_size: u64,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Do not create the target: write into the existing one.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Worker threads copying data.
+    #[arg(short = 'm', value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
+    /// Open the source without taking image locks (accepted; vimg takes none yet).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The source image.
+    source: PathBuf,
+    /// The raw file to write.
+    target: PathBuf,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Human,
+    Json,
+}
+
+impl From<Output> for OutputFormat {
+    fn from(o: Output) -> Self {
+        match o {
+            Output::Human => OutputFormat::Human,
+            Output::Json => OutputFormat::Json,
+        }
+    }
+}
+
+fn parse_format(s: &str) -> Result<ImageFormat, String> {
+    ImageFormat::from_name(s).map_err(|e| e.what().to_string())
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    ops::size::parse_size(s).map_err(|e| e.what().to_string())
+}
+
+fn parse_sparse(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    ops::convert::validate_sparse_size(n).map_err(|e| e.what().to_string())
+}
+
+/// A failure: the message (already one line) and the exit code.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    fn new(err: Error, code: u8) -> Self {
+        Failure {
+            message: err.to_string(),
+            code,
+        }
+    }
+}
+
+type CmdResult = Result<u8, Failure>;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind as K;
+            if matches!(e.kind(), K::DisplayHelp | K::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == K::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(1);
+            }
+            eprintln!("vimg: {} (see 'vimg --help')", one_line(&e.to_string()));
+            return ExitCode::from(1);
+        }
+    };
+    let result = match cli.command {
+        Command::Info(a) => info(a),
+        Command::Map(a) => map(a),
+        Command::Compare(a) => compare(a),
+        Command::Check(a) => check(a),
+        Command::Convert(a) => convert(a),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("vimg: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// clap's error text on one line: the message and its details, without the usage block.
+fn one_line(text: &str) -> String {
+    let mut parts = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if !line.is_empty() {
+            parts.push(line.strip_prefix("error: ").unwrap_or(line));
+        }
+    }
+    if parts.is_empty() {
+        "invalid arguments".to_string()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn open(
+    path: &std::path::Path,
+    format: Option<ImageFormat>,
+) -> Result<Box<dyn vimg::BlockImage>, Error> {
+    vimg::open::open_image(
+        path,
+        &OpenOptions {
+            format,
+            writable: false,
+            no_backing: false,
+        },
+    )
+}
+
+fn print(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(|e| Failure::new(Error::io("cannot write output", e), 1))
+}
+
+fn info(a: InfoArgs) -> CmdResult {
+    let _ = a.image.force_share;
+    let opts = ops::info::InfoOptions {
+        format: a.image.format,
+        backing_chain: a.backing_chain,
+    };
+    let layers = ops::info::collect(&a.filename, &opts).map_err(|e| Failure::new(e, 1))?;
+    for w in layers.iter().flat_map(|l| &l.warnings) {
+        eprintln!("vimg: warning: {w}");
+    }
+    match OutputFormat::from(a.output) {
+        OutputFormat::Json => print(&ops::info::render_json(&layers, a.backing_chain))?,
+        OutputFormat::Human => print(&ops::info::render_human(&layers))?,
+    }
+    Ok(0)
+}
+
+fn map(a: MapArgs) -> CmdResult {
+    let _ = a.image.force_share;
+    let image = open(&a.filename, a.image.format).map_err(|e| Failure::new(e, 1))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let r = match OutputFormat::from(a.output) {
+        OutputFormat::Json => {
+            ops::map::write_json(image.as_ref(), a.start_offset, a.max_length, &mut out)
+        }
+        OutputFormat::Human => {
+            ops::map::write_human(image.as_ref(), a.start_offset, a.max_length, &mut out)
+        }
+    };
+    let flushed = out.flush();
+    r.map_err(|e| Failure::new(e, 1))?;
+    flushed.map_err(|e| Failure::new(Error::io("cannot write output", e), 1))?;
+    Ok(0)
+}
+
+fn compare(a: CompareArgs) -> CmdResult {
+    let _ = a.force_share;
+    let fail = |e| Failure::new(e, 2);
+    let img_a = open(&a.a, a.format_a).map_err(fail)?;
+    let img_b = open(&a.b, a.format_b).map_err(fail)?;
+    let outcome = ops::compare::compare(
+        img_a.as_ref(),
+        img_b.as_ref(),
+        &ops::compare::CompareOptions { strict: a.strict },
+    )
+    .map_err(fail)?;
+    if !a.quiet {
+        let mut text = outcome.messages().join("\n");
+        text.push('\n');
+        print(&text).map_err(|f| Failure { code: 2, ..f })?;
+    }
+    Ok(outcome.exit_code() as u8)
+}
+
+fn check(a: CheckArgs) -> CmdResult {
+    let _ = a.image.force_share;
+    let image = open(&a.filename, a.image.format).map_err(|e| Failure::new(e, 1))?;
+    let Some(report) = ops::check::check(image.as_ref()).map_err(|e| Failure::new(e, 1))? else {
+        return Err(Failure {
+            message: format!("{}: {}", a.filename.display(), ops::check::NOT_SUPPORTED),
+            code: ops::check::EXIT_NOT_SUPPORTED as u8,
+        });
+    };
+    for m in &report.messages {
+        eprintln!("{m}");
+    }
+    match OutputFormat::from(a.output) {
+        OutputFormat::Json => print(&ops::check::render_json(
+            &report,
+            &a.filename.display().to_string(),
+            image.format().as_str(),
+        ))?,
+        OutputFormat::Human if !a.quiet => print(&ops::check::render_human(&report))?,
+        OutputFormat::Human => {}
+    }
+    Ok(ops::check::exit_code(&report) as u8)
+}
+
+fn convert(a: ConvertArgs) -> CmdResult {
+    let _ = a.force_share;
+    let fail = |e| Failure::new(e, 1);
+    if a.output_format != ImageFormat::Raw {
+        return Err(Failure {
+            message: format!(
+                "{}: output format '{}' is not supported yet (only raw)",
+                a.target.display(),
+                a.output_format
+            ),
+            code: 1,
+        });
+    }
+    let src = open(&a.source, a.format).map_err(fail)?;
+    let opts = ops::convert::ConvertOptions {
+        output_format: a.output_format,
+        sparse_size: a.sparse_size,
+        no_create: a.no_create,
+        threads: usize::from(a.threads),
+    };
+    let show = a.progress && !a.quiet;
+    let result = if show && std::io::stdout().is_terminal() {
+        let bar = indicatif::ProgressBar::new(src.virtual_size());
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        ) {
+            bar.set_style(style);
+        }
+        let r = ops::convert::convert(
+            src.as_ref(),
+            &a.target,
+            &opts,
+            Some(&|done, _total| bar.set_position(done)),
+        );
+        if r.is_ok() {
+            bar.finish();
+        } else {
+            bar.abandon();
+        }
+        r
+    } else if show {
+        let text = ops::convert::TextProgress::new();
+        let r = ops::convert::convert(
+            src.as_ref(),
+            &a.target,
+            &opts,
+            Some(&|done, total| {
+                if let Some(line) = text.update(done, total) {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(line.as_bytes());
+                    let _ = out.flush();
+                }
+            }),
+        );
+        if r.is_ok() {
+            print("\n")?;
+        }
+        r
+    } else {
+        ops::convert::convert(src.as_ref(), &a.target, &opts, None)
+    };
+    result.map_err(fail)?;
+    Ok(0)
+}

@@ -15,6 +15,10 @@ pub struct RawImage {
     storage: Box<dyn Storage>,
     path: PathBuf,
     writable: bool,
+    /// The virtual size: the file's length at open rounded up to whole 512-byte sectors, as qemu
+    /// sees it (bytes past the end of the file read as zeros). Read once, as qemu does: asking
+    /// the file system on every request would cost a system call each.
+    size: u64,
 }
 
 impl RawImage {
@@ -22,7 +26,7 @@ impl RawImage {
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
         let storage = FileStorage::open(path, writable)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        Ok(Self::from_storage(Box::new(storage), path, writable))
+        Self::from_storage(Box::new(storage), path, writable)
     }
 
     /// Creates (or truncates) a raw file at `path` of `size` bytes, all holes.
@@ -32,26 +36,20 @@ impl RawImage {
         storage
             .set_len(size)
             .map_err(|e| Error::io("cannot set image size", e).with_path(path))?;
-        Ok(Self::from_storage(Box::new(storage), path, true))
+        Self::from_storage(Box::new(storage), path, true)
     }
 
     /// A raw image over existing storage; `path` is used in messages.
-    pub fn from_storage(storage: Box<dyn Storage>, path: &Path, writable: bool) -> Self {
-        RawImage {
+    pub fn from_storage(storage: Box<dyn Storage>, path: &Path, writable: bool) -> Result<Self> {
+        let len = storage
+            .len()
+            .map_err(|e| Error::io("cannot get image size", e).with_path(path))?;
+        Ok(RawImage {
             storage,
             path: path.to_path_buf(),
             writable,
-        }
-    }
-
-    /// The virtual size: the file's length rounded up to whole 512-byte sectors, as qemu sees
-    /// it (the bytes past the end of the file read as zeros).
-    fn size(&self) -> Result<u64> {
-        let len = self
-            .storage
-            .len()
-            .map_err(|e| Error::io("cannot get image size", e).with_path(&self.path))?;
-        Ok(len.div_ceil(512) * 512)
+            size: len.div_ceil(512) * 512,
+        })
     }
 
     fn writable_check(&self) -> Result<()> {
@@ -73,11 +71,11 @@ impl BlockImage for RawImage {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.size().unwrap_or(0)
+        self.size
     }
 
     fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
-        check_request(self.size()?, offset, buf.len() as u64).in_file(&self.path)?;
+        check_request(self.size, offset, buf.len() as u64).in_file(&self.path)?;
         self.storage.read_at(buf, offset.0).map_err(|e| {
             Error::io("read failed", e)
                 .with_path(&self.path)
@@ -87,7 +85,7 @@ impl BlockImage for RawImage {
 
     fn write_at(&self, buf: &[u8], offset: GuestOffset) -> Result<()> {
         self.writable_check()?;
-        check_request(self.size()?, offset, buf.len() as u64).in_file(&self.path)?;
+        check_request(self.size, offset, buf.len() as u64).in_file(&self.path)?;
         self.storage.write_at(buf, offset.0).map_err(|e| {
             Error::io("write failed", e)
                 .with_path(&self.path)
@@ -97,7 +95,7 @@ impl BlockImage for RawImage {
 
     fn write_zeroes(&self, offset: GuestOffset, len: u64, unmap: bool) -> Result<()> {
         self.writable_check()?;
-        check_request(self.size()?, offset, len).in_file(&self.path)?;
+        check_request(self.size, offset, len).in_file(&self.path)?;
         // A raw file can only record zeros by holding them; punching a hole is how it does so
         // cheaply. Without unmap, qemu still punches where the file system keeps the zeros
         // readable, which every hole does; so both modes punch.
@@ -116,7 +114,7 @@ impl BlockImage for RawImage {
     }
 
     fn block_status(&self, offset: GuestOffset, max_len: u64) -> Result<BlockStatus> {
-        let size = self.size()?;
+        let size = self.size;
         check_request(size, offset, max_len.max(1)).in_file(&self.path)?;
         let (is_data, n) = self
             .storage
@@ -144,7 +142,7 @@ impl BlockImage for RawImage {
         Ok(LayerInfo {
             filename: self.path.display().to_string(),
             format: ImageFormat::Raw,
-            virtual_size: self.size()?,
+            virtual_size: self.size,
             actual_size: self.actual_size(),
             cluster_size: None,
             encrypted: None,

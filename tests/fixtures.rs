@@ -91,7 +91,10 @@ fn materialise() -> Fixtures {
     let manifest_text = std::fs::read_to_string(src.join("manifest.json"))
         .expect("test-images/manifest.json is missing: run test-images/make-fixtures.sh");
     let manifest: Value = serde_json::from_str(&manifest_text).expect("manifest.json is not JSON");
-    let dir = tempfile::Builder::new().prefix("vimg-fixtures").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("vimg-fixtures")
+        .tempdir()
+        .unwrap();
     let mut files = Vec::new();
     collect_files(&src, &src, &mut files);
     let mut names = Vec::new();
@@ -122,12 +125,19 @@ fn materialise() -> Fixtures {
             dir.path().display()
         );
     }
-    Fixtures { dir, manifest, names, sparse }
+    Fixtures {
+        dir,
+        manifest,
+        names,
+        sparse,
+    }
 }
 
 fn images<'a>(fx: &'a Fixtures, kind: &str) -> Vec<&'a Value> {
     let filter = std::env::var("VIMG_FIXTURE").ok();
-    let all = fx.manifest["images"].as_array().expect("manifest has no images list");
+    let all = fx.manifest["images"]
+        .as_array()
+        .expect("manifest has no images list");
     assert!(!all.is_empty(), "manifest lists no images");
     all.iter()
         .filter(|e| e["kind"] == kind)
@@ -147,7 +157,13 @@ fn format_of(e: &Value) -> ImageFormat {
 }
 
 fn open(path: &Path, format: Option<ImageFormat>) -> vimg::Result<Box<dyn BlockImage>> {
-    open_image(path, &OpenOptions { format, ..Default::default() })
+    open_image(
+        path,
+        &OpenOptions {
+            format,
+            ..Default::default()
+        },
+    )
 }
 
 /// Runs `f` on its own thread, turning a panic or a hang into a failure message.
@@ -169,7 +185,9 @@ where
             r
         }
         Err(mpsc::RecvTimeoutError::Timeout) => {
-            vec![format!("{name}: did not finish within {IMAGE_TIMEOUT:?} (hang?)")]
+            vec![format!(
+                "{name}: did not finish within {IMAGE_TIMEOUT:?} (hang?)"
+            )]
         }
         Err(mpsc::RecvTimeoutError::Disconnected) => {
             let msg = match handle.join() {
@@ -318,7 +336,9 @@ fn compare_maps(name: &str, vm: &[(u64, BlockStatus)], qm: &[QemuRange], end: u6
     }
     flush(&mut last, &mut problems);
     if pos < end {
-        problems.push(format!("{name}: map comparison stopped at {pos:#x} of {end:#x}"));
+        problems.push(format!(
+            "{name}: map comparison stopped at {pos:#x} of {end:#x}"
+        ));
     }
     if count > problems.len() {
         problems.push(format!("{name}: ... {} map mismatches in all", count));
@@ -337,7 +357,9 @@ fn check_good(e: &Value, dir: &Path, sparse: bool) -> Vec<String> {
     let want_size = e["virtual_size"].as_u64().unwrap();
     let size = img.virtual_size();
     if size != want_size {
-        fails.push(format!("{name}: virtual size {size}, qemu says {want_size}"));
+        fails.push(format!(
+            "{name}: virtual size {size}, qemu says {want_size}"
+        ));
     }
 
     // contents
@@ -346,8 +368,13 @@ fn check_good(e: &Value, dir: &Path, sparse: bool) -> Vec<String> {
     let mut off = 0u64;
     while off < size {
         let n = CHUNK.min(size - off);
-        if let Err(err) = img.read_at(&mut data[off as usize..(off + n) as usize], GuestOffset(off)) {
-            fails.push(format!("{name}: read of {n:#x} bytes at {off:#x} failed: {err}"));
+        if let Err(err) = img.read_at(
+            &mut data[off as usize..(off + n) as usize],
+            GuestOffset(off),
+        ) {
+            fails.push(format!(
+                "{name}: read of {n:#x} bytes at {off:#x} failed: {err}"
+            ));
             read_ok = false;
             break;
         }
@@ -368,7 +395,9 @@ fn check_good(e: &Value, dir: &Path, sparse: bool) -> Vec<String> {
             } else {
                 String::new()
             };
-            fails.push(format!("{name}: contents differ from qemu's (sha256 {got}){detail}"));
+            fails.push(format!(
+                "{name}: contents differ from qemu's (sha256 {got}){detail}"
+            ));
         }
     }
 
@@ -520,9 +549,15 @@ fn fixtures_manifest_complete() {
             fails.push(format!("{name}: file {file:?} is missing"));
         }
         let needed: &[&str] = match e["kind"].as_str() {
-            Some("good") if e["format"] == "qcow2" => {
-                &["sha256", "virtual_size", "map", "info", "check", "check_exit", "features"]
-            }
+            Some("good") if e["format"] == "qcow2" => &[
+                "sha256",
+                "virtual_size",
+                "map",
+                "info",
+                "check",
+                "check_exit",
+                "features",
+            ],
             Some("good") => &["sha256", "virtual_size", "map", "info", "features"],
             Some("bad") => &["error_contains", "qemu_info_exit", "features"],
             _ => {
@@ -536,5 +571,9 @@ fn fixtures_manifest_complete() {
             }
         }
     }
-    assert!(fails.is_empty(), "manifest problems:\n  {}", fails.join("\n  "));
+    assert!(
+        fails.is_empty(),
+        "manifest problems:\n  {}",
+        fails.join("\n  ")
+    );
 }

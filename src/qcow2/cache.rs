@@ -1,75 +1,133 @@
-//! A bounded cache of metadata tables (L2 tables now; refcount blocks with the write path).
+//! A bounded cache of metadata tables: L2 tables (`u64` entries) and refcount blocks (bytes).
 //!
-//! Tables are keyed by their host offset and shared as `Arc<[u64]>`, so a reader keeps using a
-//! table after it is evicted. Memory is bounded by the entry count fixed at creation; loading
-//! happens outside the lock, so a slow read does not stall other threads.
+//! Tables are keyed by their host offset and shared as `Arc<[T]>`, so a reader keeps using a
+//! table after it is evicted. Loading happens outside the lock, so a slow read does not stall
+//! other threads. A table changed by a write is *dirty*: it stays cached (it is the only up to
+//! date copy) until the write path's flush has written it and calls [`TableCache::mark_clean`].
+//! Memory is bounded by the entry count fixed at creation plus the dirty tables, which the write
+//! path bounds by flushing when [`TableCache::dirty_count`] grows too large.
 
 use crate::error::Result;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// An LRU cache of decoded tables (big-endian u64 entries).
+/// An LRU cache of decoded tables.
 #[derive(Debug)]
-pub struct TableCache {
+pub struct TableCache<T = u64> {
     capacity: usize,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<T>>,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    tables: HashMap<u64, (Arc<[u64]>, u64)>,
+#[derive(Debug)]
+struct Inner<T> {
+    /// Table, last use, dirty.
+    tables: HashMap<u64, (Arc<[T]>, u64, bool)>,
     clock: u64,
 }
 
-impl TableCache {
-    /// A cache holding at most `capacity` tables (at least 1).
+impl<T> TableCache<T> {
+    /// A cache holding at most `capacity` clean tables (at least 1).
     pub fn new(capacity: usize) -> Self {
         TableCache {
             capacity: capacity.max(1),
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                tables: HashMap::new(),
+                clock: 0,
+            }),
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The table at host offset `offset`, loaded with `load` on a miss.
     pub fn get_or_load(
         &self,
         offset: u64,
-        load: impl FnOnce() -> Result<Vec<u64>>,
-    ) -> Result<Arc<[u64]>> {
+        load: impl FnOnce() -> Result<Vec<T>>,
+    ) -> Result<Arc<[T]>> {
         {
-            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = self.lock();
             g.clock += 1;
             let now = g.clock;
-            if let Some((t, stamp)) = g.tables.get_mut(&offset) {
+            if let Some((t, stamp, _)) = g.tables.get_mut(&offset) {
                 *stamp = now;
                 return Ok(t.clone());
             }
         }
-        let table: Arc<[u64]> = load()?.into();
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let table: Arc<[T]> = load()?.into();
+        let mut g = self.lock();
         g.clock += 1;
         let now = g.clock;
-        if g.tables.len() >= self.capacity && !g.tables.contains_key(&offset) {
-            if let Some(oldest) = g
-                .tables
-                .iter()
-                .min_by_key(|(_, (_, s))| *s)
-                .map(|(k, _)| *k)
-            {
-                g.tables.remove(&oldest);
-            }
+        // Another thread may have loaded it meanwhile, or a writer changed it: keep that copy.
+        if let Some((t, stamp, _)) = g.tables.get_mut(&offset) {
+            *stamp = now;
+            return Ok(t.clone());
         }
-        g.tables.insert(offset, (table.clone(), now));
+        g.tables.insert(offset, (table.clone(), now, false));
+        Self::evict(&mut g, self.capacity);
         Ok(table)
     }
 
-    /// Drops every cached table.
-    pub fn clear(&self) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// Stores a changed table: it becomes the cached copy and is dirty until written.
+    pub fn put_dirty(&self, offset: u64, table: Arc<[T]>) {
+        let mut g = self.lock();
+        g.clock += 1;
+        let now = g.clock;
+        g.tables.insert(offset, (table, now, true));
+        Self::evict(&mut g, self.capacity);
+    }
+
+    /// The dirty tables with their offsets, sorted by offset (for sequential writing).
+    pub fn dirty(&self) -> Vec<(u64, Arc<[T]>)> {
+        let g = self.lock();
+        let mut v: Vec<_> = g
             .tables
-            .clear();
+            .iter()
+            .filter(|(_, e)| e.2)
+            .map(|(k, e)| (*k, e.0.clone()))
+            .collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    /// How many tables are dirty.
+    pub fn dirty_count(&self) -> usize {
+        self.lock().tables.values().filter(|e| e.2).count()
+    }
+
+    /// Marks the table at `offset` written, if `table` is still the cached copy (a table
+    /// changed again since then stays dirty).
+    pub fn mark_clean(&self, offset: u64, table: &Arc<[T]>) {
+        let mut g = self.lock();
+        if let Some(e) = g.tables.get_mut(&offset) {
+            if Arc::ptr_eq(&e.0, table) {
+                e.2 = false;
+            }
+        }
+        Self::evict(&mut g, self.capacity);
+    }
+
+    /// Drops the table at `offset`, dirty or not (its cluster was freed).
+    pub fn forget(&self, offset: u64) {
+        self.lock().tables.remove(&offset);
+    }
+
+    /// Evicts least recently used clean tables while over capacity.
+    fn evict(g: &mut Inner<T>, capacity: usize) {
+        while g.tables.len() > capacity {
+            let oldest = g
+                .tables
+                .iter()
+                .filter(|(_, e)| !e.2)
+                .min_by_key(|(_, e)| e.1)
+                .map(|(k, _)| *k);
+            match oldest {
+                Some(k) => g.tables.remove(&k),
+                None => return,
+            };
+        }
     }
 }
 
@@ -93,6 +151,29 @@ mod tests {
         assert_eq!(c.get_or_load(1, || load(99)).unwrap()[0], 1);
         assert_eq!(c.get_or_load(2, || load(2)).unwrap()[0], 2);
         assert_eq!(loads.get(), 4);
-        assert!(c.inner.lock().unwrap().tables.len() <= 2);
+        assert!(c.lock().tables.len() <= 2);
+    }
+
+    #[test]
+    fn dirty_tables_are_never_evicted_until_marked_clean() {
+        let c = TableCache::new(1);
+        let t: Arc<[u64]> = vec![7].into();
+        c.put_dirty(10, t.clone());
+        c.get_or_load(20, || Ok(vec![2])).unwrap();
+        c.get_or_load(30, || Ok(vec![3])).unwrap();
+        assert_eq!(
+            c.get_or_load(10, || Ok(vec![99])).unwrap()[0],
+            7,
+            "dirty table was evicted"
+        );
+        assert_eq!(c.dirty().len(), 1);
+        let newer: Arc<[u64]> = vec![8].into();
+        c.put_dirty(10, newer.clone());
+        c.mark_clean(10, &t); // the old copy was written: the newer one stays dirty
+        assert_eq!(c.dirty_count(), 1);
+        c.mark_clean(10, &newer);
+        assert_eq!(c.dirty_count(), 0);
+        c.get_or_load(40, || Ok(vec![4])).unwrap();
+        assert!(c.lock().tables.len() <= 1);
     }
 }

@@ -345,7 +345,7 @@ impl<'a> Checker<'a> {
         self.count(offset, bytes);
         if active {
             let img = self.img;
-            for &entry in img.l1() {
+            for &entry in img.l1().iter() {
                 self.check_l1_entry(entry, true);
             }
             return;
@@ -485,7 +485,12 @@ impl<'a> Checker<'a> {
             Ok((entries, bytes)) => Some((
                 entries
                     .into_iter()
-                    .map(|s| SnapshotRef { id: s.id, name: s.name, l1_offset: s.l1_table_offset, l1_size: s.l1_size })
+                    .map(|s| SnapshotRef {
+                        id: s.id,
+                        name: s.name,
+                        l1_offset: s.l1_table_offset,
+                        l1_size: s.l1_size,
+                    })
                     .collect(),
                 bytes,
             )),
@@ -624,7 +629,7 @@ impl<'a> Checker<'a> {
         let img = self.img;
         let cb = h.cluster_bits;
         let step = if h.extended_l2() { 2 } else { 1 };
-        for (i, &l1e) in img.l1().iter().enumerate() {
+        for (i, &l1e) in img.l1().clone().iter().enumerate() {
             let l2_off = l1e & L1E_OFFSET;
             if l2_off == 0 {
                 continue;

@@ -19,6 +19,7 @@ pub mod header;
 pub mod l2;
 pub mod refcount;
 pub mod snapshot;
+pub mod write;
 
 use crate::block::{check_request, BlockImage, BlockStatus, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
@@ -31,7 +32,8 @@ use compress::CompressedDesc;
 use header::Header;
 use l2::Slot;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 /// Memory the L2 cache may use, in bytes (at least a few tables are always kept).
 const L2_CACHE_BYTES: u64 = 32 << 20;
@@ -43,9 +45,11 @@ pub struct Qcow2Image {
     /// The external data file, when the image has one.
     data_file: Option<(Box<dyn Storage>, PathBuf)>,
     header: Header,
-    l1: Vec<u64>,
+    /// The active L1 table (changed by allocating writes).
+    l1: RwLock<Vec<u64>>,
     l2_cache: cache::TableCache,
-    file_len: u64,
+    /// Length of the image file (grows as clusters are allocated).
+    file_len: AtomicU64,
     backing: Option<Box<dyn BlockImage>>,
     backing_path: Option<PathBuf>,
     backing_probed: bool,
@@ -54,6 +58,8 @@ pub struct Qcow2Image {
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// Whether the image looks metadata-preallocated (computed on first use).
     metadata_prealloc: OnceLock<bool>,
+    /// Allocation and flush state, for images opened read-write.
+    write: Option<Mutex<write::WriteState>>,
 }
 
 impl Qcow2Image {
@@ -65,7 +71,7 @@ impl Qcow2Image {
         no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Self> {
-        let storage = FileStorage::open(path, false)
+        let storage = FileStorage::open(path, writable)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
         Self::open_storage(Box::new(storage), path, writable, no_backing, guard)
     }
@@ -89,12 +95,6 @@ impl Qcow2Image {
         no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Self> {
-        if writable {
-            return Err(Error::new(
-                ErrorKind::ReadOnly,
-                "writing to qcow2 images is not supported yet (open it read-only)",
-            ));
-        }
         let file_len = storage
             .len()
             .map_err(|e| Error::io("cannot get file size", e))?;
@@ -114,7 +114,7 @@ impl Qcow2Image {
         let data_file = match (&header.data_file, header.has_data_file()) {
             (Some(name), true) => {
                 let p = resolve_relative(path, name)?;
-                let s = FileStorage::open(&p, false).map_err(|e| {
+                let s = FileStorage::open(&p, writable).map_err(|e| {
                     Error::io(format!("cannot open data file '{}'", p.display()), e)
                 })?;
                 Some((Box::new(s) as Box<dyn Storage>, p))
@@ -127,17 +127,21 @@ impl Qcow2Image {
             path: path.to_path_buf(),
             storage,
             data_file,
-            l1,
+            l1: RwLock::new(l1),
             l2_cache: cache::TableCache::new(tables),
-            file_len,
+            file_len: AtomicU64::new(file_len),
             backing: None,
             backing_path: None,
             backing_probed: false,
             writable,
             last_compressed: Mutex::new(None),
             metadata_prealloc: OnceLock::new(),
+            write: None,
             header,
         };
+        if writable {
+            img.prepare_for_writing()?;
+        }
         if let Some(name) = img.header.backing_file.clone() {
             let bpath = resolve_relative(path, &name)?;
             img.backing_path = Some(bpath.clone());
@@ -161,6 +165,37 @@ impl Qcow2Image {
         Ok(img)
     }
 
+    /// Readies a read-write open: refuses images qemu would not write (corrupt, or dirty with
+    /// lazy refcounts that need a repair), clears the autoclear feature bits whose structures
+    /// vimg does not keep up to date (so qemu ignores possibly stale bitmaps rather than trust
+    /// them), and builds the allocation state.
+    fn prepare_for_writing(&mut self) -> Result<()> {
+        let h = &self.header;
+        if h.is_corrupt() {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "image is marked corrupt: it can only be opened read-only (repair it with check -r)",
+            ));
+        }
+        if h.is_dirty() {
+            return Err(Error::unsupported(
+                "image is dirty (lazy refcounts were not written back); repairing it is not supported yet",
+            ));
+        }
+        let keep = header::autoclear::DATA_FILE_RAW;
+        if h.version >= 3 && h.autoclear_features & !keep != 0 {
+            let v = h.autoclear_features & keep;
+            self.storage
+                .write_at(&v.to_be_bytes(), 88)
+                .and_then(|_| self.storage.flush())
+                .map_err(|e| Error::io("cannot update the header", e).at(88))?;
+            self.header.autoclear_features = v;
+            self.header.bitmaps = None;
+        }
+        self.write = Some(Mutex::new(write::WriteState::new(self)?));
+        Ok(())
+    }
+
     /// The parsed header.
     pub fn header(&self) -> &Header {
         &self.header
@@ -180,13 +215,13 @@ impl Qcow2Image {
     }
 
     /// The active L1 table.
-    pub fn l1(&self) -> &[u64] {
-        &self.l1
+    pub fn l1(&self) -> RwLockReadGuard<'_, Vec<u64>> {
+        self.l1.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Length of the image file when it was opened.
+    /// Length of the image file (as of the last allocation).
     pub fn file_len(&self) -> u64 {
-        self.file_len
+        self.file_len.load(Ordering::Acquire)
     }
 
     /// Whether the backing format was not recorded and had to be probed.
@@ -199,12 +234,15 @@ impl Qcow2Image {
     pub fn read_table(&self, offset: u64, what: &str) -> Result<Vec<u64>> {
         let cs = self.header.cluster_size();
         if !offset.is_multiple_of(cs) {
-            return Err(Error::corrupt(format!("{what} offset {offset:#x} is not cluster-aligned")).at(offset));
+            return Err(Error::corrupt(format!(
+                "{what} offset {offset:#x} is not cluster-aligned"
+            ))
+            .at(offset));
         }
-        if offset.checked_add(cs).is_none_or(|e| e > self.file_len) {
+        if offset.checked_add(cs).is_none_or(|e| e > self.file_len()) {
             return Err(Error::corrupt(format!(
                 "{what} at {offset:#x} lies beyond the end of the file ({} bytes)",
-                self.file_len
+                self.file_len()
             ))
             .at(offset));
         }
@@ -217,7 +255,8 @@ impl Qcow2Image {
 
     /// The L2 table at host offset `offset`, through the cache.
     pub fn l2_table(&self, offset: u64) -> Result<Arc<[u64]>> {
-        self.l2_cache.get_or_load(offset, || self.read_table(offset, "L2 table"))
+        self.l2_cache
+            .get_or_load(offset, || self.read_table(offset, "L2 table"))
     }
 
     /// Whether the image looks metadata-preallocated: its refcounts claim clearly more clusters
@@ -225,7 +264,9 @@ impl Qcow2Image {
     /// then does block status ask the host file about holes under data clusters; qemu applies
     /// the same heuristic, so `map` reports what qemu-img map reports.
     pub fn looks_metadata_preallocated(&self) -> bool {
-        *self.metadata_prealloc.get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false))
+        *self
+            .metadata_prealloc
+            .get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false))
     }
 
     fn detect_metadata_preallocation(&self) -> Result<bool> {
@@ -236,7 +277,7 @@ impl Qcow2Image {
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         let table = refcount::RefcountTable::read(self)?;
         let mut reader = refcount::RefcountReader::new(self, &table, refcount::Strictness::Lenient);
-        let file_clusters = self.file_len.div_ceil(self.header.cluster_size());
+        let file_clusters = self.file_len().div_ceil(self.header.cluster_size());
         let mut counted = 0;
         for cluster in 0..file_clusters {
             if counted >= threshold {
@@ -263,7 +304,7 @@ impl Qcow2Image {
         let l1_idx = (guest >> l1_shift) as usize;
         let table_end = ((guest >> l1_shift) + 1) << l1_shift;
         let limit = max_len.min(table_end - guest);
-        let Some(&l1e) = self.l1.get(l1_idx) else {
+        let Some(l1e) = self.l1().get(l1_idx).copied() else {
             return Err(Error::corrupt(format!(
                 "guest offset {guest:#x} is beyond the L1 table"
             )));
@@ -340,15 +381,16 @@ impl Qcow2Image {
                 return Ok(data.clone());
             }
         }
-        if desc.host >= self.file_len {
+        let file_len = self.file_len();
+        if desc.host >= file_len {
             return Err(Error::corrupt(format!(
                 "compressed cluster at {:#x} lies beyond the end of the file ({} bytes)",
-                desc.host, self.file_len
+                desc.host, file_len
             ))
             .at(desc.host));
         }
         // The last compressed cluster's sector count may run past the end of the file.
-        let n = desc.len.min(self.file_len - desc.host) as usize;
+        let n = desc.len.min(file_len - desc.host) as usize;
         let mut input = vec![0u8; n];
         self.storage
             .read_at(&mut input, desc.host)
@@ -388,7 +430,7 @@ impl Qcow2Image {
                 Slot::Unallocated { .. } => self.read_backing(chunk, g)?,
                 Slot::Zero { .. } => chunk.fill(0),
                 Slot::Data { host } => {
-                    if self.data_file.is_none() && host >= self.file_len {
+                    if self.data_file.is_none() && host >= self.file_len() {
                         return Err(Error::corrupt(format!(
                             "data cluster at {host:#x} (guest offset {g:#x}) lies beyond the end of the file"
                         ))
@@ -426,7 +468,9 @@ impl Qcow2Image {
             },
             Slot::Zero { host } => BlockStatus::zero(len, 0, host.map(HostOffset)),
             Slot::Compressed(_) => BlockStatus::compressed(len, 0),
-            Slot::Data { host } if !self.looks_metadata_preallocated() => BlockStatus::data(len, 0, HostOffset(host)),
+            Slot::Data { host } if !self.looks_metadata_preallocated() => {
+                BlockStatus::data(len, 0, HostOffset(host))
+            }
             Slot::Data { host } => {
                 // In a metadata-preallocated image, ask the host file whether the cluster is a
                 // hole: an untouched preallocated cluster reads as zeros.
@@ -460,24 +504,22 @@ impl BlockImage for Qcow2Image {
         self.read_inner(buf, offset.0).in_file(&self.path)
     }
 
-    fn write_at(&self, _buf: &[u8], _offset: GuestOffset) -> Result<()> {
-        Err(Error::new(
-            ErrorKind::ReadOnly,
-            "writing to qcow2 images is not supported yet",
-        )
-        .with_path(&self.path))
+    fn write_at(&self, buf: &[u8], offset: GuestOffset) -> Result<()> {
+        check_request(self.header.size, offset, buf.len() as u64).in_file(&self.path)?;
+        self.write_inner(buf, offset.0).in_file(&self.path)
     }
 
-    fn write_zeroes(&self, _offset: GuestOffset, _len: u64, _unmap: bool) -> Result<()> {
-        Err(Error::new(
-            ErrorKind::ReadOnly,
-            "writing to qcow2 images is not supported yet",
-        )
-        .with_path(&self.path))
+    fn write_zeroes(&self, offset: GuestOffset, len: u64, unmap: bool) -> Result<()> {
+        check_request(self.header.size, offset, len).in_file(&self.path)?;
+        self.write_zeroes_inner(offset.0, len, unmap)
+            .in_file(&self.path)
     }
 
     fn flush(&self) -> Result<()> {
-        Ok(())
+        if self.write.is_none() {
+            return Ok(());
+        }
+        self.flush_inner().in_file(&self.path)
     }
 
     fn block_status(&self, offset: GuestOffset, max_len: u64) -> Result<BlockStatus> {
@@ -575,5 +617,15 @@ pub fn exercise(bytes: &[u8]) {
             return;
         }
         off += s.len;
+    }
+}
+
+impl Drop for Qcow2Image {
+    /// Flushes an image opened for writing. Errors cannot be reported from here: callers that
+    /// care call [`BlockImage::flush`] first, after which this has nothing left to do.
+    fn drop(&mut self) {
+        if self.write.is_some() {
+            let _ = self.flush_inner();
+        }
     }
 }

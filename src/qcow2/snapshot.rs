@@ -53,7 +53,14 @@ impl Snapshot {
             )));
         }
         let what = format!("L1 table of snapshot '{}'", self.name);
-        check_table(&what, self.l1_table_offset, l1_bytes, img.header().cluster_size(), img.file_len(), self.entry_offset)
+        check_table(
+            &what,
+            self.l1_table_offset,
+            l1_bytes,
+            img.header().cluster_size(),
+            img.file_len(),
+            self.entry_offset,
+        )
     }
 
     /// The entry as `info` shows it.

@@ -1,0 +1,309 @@
+//! `vimg info`: what an image is (format, sizes, backing file, snapshots, format details), as
+//! qemu-img's `info` shows it, in JSON or as text.
+//!
+//! [`collect`] opens the image (and, for `--backing-chain`, every layer below it) and gathers one
+//! [`LayerReport`] per layer; [`render_json`] and [`render_human`] print them. The JSON carries
+//! qemu-img's keys, including the `children` entry describing the host file under each layer.
+
+use crate::block::{BlockImage, ImageFormat};
+use crate::error::{Error, Result};
+use crate::info::LayerInfo;
+use crate::open::{open_image, probe_format, OpenOptions};
+use crate::ops::json::{ordered, to_qemu_json};
+use crate::ops::size::human_size;
+use serde_json::{json, Value};
+use std::fmt::Write;
+use std::path::Path;
+
+/// What to report.
+#[derive(Debug, Clone, Default)]
+pub struct InfoOptions {
+    /// The image's format; `None` probes it.
+    pub format: Option<ImageFormat>,
+    /// Report every layer of the backing chain, top first (and require the chain to open).
+    pub backing_chain: bool,
+}
+
+/// Everything reported about one layer.
+#[derive(Debug, Clone)]
+pub struct LayerReport {
+    /// The layer's own description.
+    pub info: LayerInfo,
+    /// Length of the host file holding the layer (the `file` child's virtual size), rounded up
+    /// to a multiple of 512 bytes as qemu-img reports it.
+    pub file_length: u64,
+    /// Things the user should know that are not errors, one sentence each (printed to stderr).
+    pub warnings: Vec<String>,
+}
+
+/// Opens the image at `path` and describes it (with `backing_chain`, every layer of its chain,
+/// top first).
+///
+/// Without `backing_chain` the backing file is not opened, so an image whose backing file is
+/// missing can still be inspected, as with qemu-img.
+pub fn collect(path: &Path, opts: &InfoOptions) -> Result<Vec<LayerReport>> {
+    let image = open_image(
+        path,
+        &OpenOptions {
+            format: opts.format,
+            writable: false,
+            no_backing: !opts.backing_chain,
+        },
+    )?;
+    let mut layers = Vec::new();
+    let mut layer: Option<&dyn BlockImage> = Some(image.as_ref());
+    while let Some(l) = layer {
+        layers.push(describe(l)?);
+        if !opts.backing_chain {
+            break;
+        }
+        layer = l.backing();
+    }
+    Ok(layers)
+}
+
+/// Describes one opened layer.
+pub fn describe(layer: &dyn BlockImage) -> Result<LayerReport> {
+    let info = layer.layer_info()?;
+    let file_length = std::fs::metadata(layer.filename())
+        .map_err(|e| Error::io("cannot get file size", e).with_path(layer.filename()))?
+        .len()
+        .div_ceil(512)
+        .saturating_mul(512);
+    let mut warnings = Vec::new();
+    if let (Some(name), None) = (&info.backing_filename, &info.backing_filename_format) {
+        let probed = match layer.backing() {
+            Some(b) if info.backing_format_probed => Some(b.format()),
+            _ => info
+                .full_backing_filename
+                .as_ref()
+                .and_then(|full| probe_format(Path::new(full)).ok()),
+        };
+        warnings.push(match probed {
+            Some(f) => format!(
+                "{}: the format of backing file '{name}' is not recorded in the image; \
+                 probed as {f} (record it with a rebase, giving the format)",
+                layer.filename().display()
+            ),
+            None => format!(
+                "{}: the format of backing file '{name}' is not recorded in the image",
+                layer.filename().display()
+            ),
+        });
+    }
+    Ok(LayerReport {
+        info,
+        file_length,
+        warnings,
+    })
+}
+
+/// The JSON object qemu-img prints for one layer (with its `children` entry).
+pub fn layer_json(layer: &LayerReport) -> Value {
+    let mut v = serde_json::to_value(&layer.info).unwrap_or(Value::Null);
+    let mut file = json!({
+        "children": [],
+        "virtual-size": layer.file_length,
+        "filename": layer.info.filename,
+        "format": "file",
+        "format-specific": {"type": "file", "data": {}},
+        "dirty-flag": false,
+    });
+    if let (Some(size), Some(obj)) = (layer.info.actual_size, file.as_object_mut()) {
+        obj.insert("actual-size".into(), json!(size));
+    }
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("children".into(), json!([{"name": "file", "info": file}]));
+    }
+    v
+}
+
+/// qemu-img's JSON for `layers`: one object, or with `chain` a list of objects (top first).
+/// Ends with a newline.
+pub fn render_json(layers: &[LayerReport], chain: bool) -> String {
+    let value = if chain {
+        Value::Array(layers.iter().map(layer_json).collect())
+    } else {
+        layers.first().map(layer_json).unwrap_or(Value::Null)
+    };
+    let mut out = to_qemu_json(&value);
+    out.push('\n');
+    out
+}
+
+/// qemu-img's text output for `layers`, separated by blank lines.
+pub fn render_human(layers: &[LayerReport]) -> String {
+    layers
+        .iter()
+        .map(human_layer)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn human_layer(layer: &LayerReport) -> String {
+    let i = &layer.info;
+    let mut o = String::new();
+    let _ = writeln!(o, "image: {}", i.filename);
+    let _ = writeln!(o, "file format: {}", i.format);
+    let _ = writeln!(
+        o,
+        "virtual size: {} ({} bytes)",
+        human_size(i.virtual_size),
+        i.virtual_size
+    );
+    let disk = i
+        .actual_size
+        .map_or_else(|| "unavailable".to_string(), human_size);
+    let _ = writeln!(o, "disk size: {disk}");
+    if i.encrypted == Some(true) {
+        let _ = writeln!(o, "encrypted: yes");
+    }
+    if let Some(cs) = i.cluster_size {
+        let _ = writeln!(o, "cluster_size: {cs}");
+    }
+    if i.dirty_flag {
+        let _ = writeln!(o, "cleanly shut down: no");
+    }
+    if let Some(b) = &i.backing_filename {
+        match &i.full_backing_filename {
+            Some(full) if full != b => {
+                let _ = writeln!(o, "backing file: {b} (actual path: {full})");
+            }
+            _ => {
+                let _ = writeln!(o, "backing file: {b}");
+            }
+        }
+    }
+    if let Some(f) = &i.backing_filename_format {
+        let _ = writeln!(o, "backing file format: {f}");
+    }
+    if !i.snapshots.is_empty() {
+        o.push_str("Snapshot list:\n");
+        let _ = writeln!(
+            o,
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        );
+        for s in &i.snapshots {
+            let clock_ms = s.vm_clock_nsec / 1_000_000;
+            let clock = format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                s.vm_clock_sec / 3600,
+                (s.vm_clock_sec / 60) % 60,
+                s.vm_clock_sec % 60,
+                clock_ms
+            );
+            let icount = s.icount.map(|n| n.to_string()).unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+                s.id,
+                s.name,
+                human_size(s.vm_state_size),
+                format_date(s.date_sec),
+                clock,
+                icount
+            );
+        }
+    }
+    if let Some(data) = serde_json::to_value(&i.format_specific)
+        .ok()
+        .as_ref()
+        .and_then(|v| v.get("data"))
+    {
+        o.push_str("Format specific information:\n");
+        dump_human(&mut o, data, 1);
+    }
+    let _ = writeln!(o, "Child node '/file':");
+    let _ = writeln!(o, "    filename: {}", i.filename);
+    let _ = writeln!(o, "    protocol type: file");
+    let _ = writeln!(
+        o,
+        "    file length: {} ({} bytes)",
+        human_size(layer.file_length),
+        layer.file_length
+    );
+    let _ = writeln!(o, "    disk size: {disk}");
+    o
+}
+
+/// Prints the members of a JSON object as qemu-img prints format-specific information: one
+/// `key: value` line each (dashes in keys become spaces), nested objects and lists indented by
+/// four spaces, list items numbered `[i]:`.
+fn dump_human(o: &mut String, v: &Value, level: usize) {
+    let pad = "    ".repeat(level);
+    match v {
+        Value::Object(map) => {
+            for (k, val) in ordered(map) {
+                let key = k.replace('-', " ");
+                if is_container(val) {
+                    let _ = writeln!(o, "{pad}{key}:");
+                    dump_human(o, val, level + 1);
+                } else {
+                    let _ = writeln!(o, "{pad}{key}: {}", scalar(val));
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (n, val) in items.iter().enumerate() {
+                if is_container(val) {
+                    let _ = writeln!(o, "{pad}[{n}]:");
+                    dump_human(o, val, level + 1);
+                } else {
+                    let _ = writeln!(o, "{pad}[{n}]: {}", scalar(val));
+                }
+            }
+        }
+        other => {
+            let _ = writeln!(o, "{pad}{}", scalar(other));
+        }
+    }
+}
+
+fn is_container(v: &Value) -> bool {
+    matches!(v, Value::Object(_) | Value::Array(_))
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` for `secs` since the epoch, in UTC.
+///
+/// qemu-img prints snapshot dates in the local time zone; vimg has no time zone database and
+/// prints UTC (identical on hosts whose local time is UTC).
+pub fn format_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(format_date(0), "1970-01-01 00:00:00");
+        assert_eq!(format_date(1_795_303_610), "2026-11-21 23:26:50");
+        assert_eq!(format_date(951_782_400), "2000-02-29 00:00:00");
+    }
+}

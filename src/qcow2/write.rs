@@ -1,0 +1,681 @@
+//! The qcow2 write path (qcow2.rst "Cluster mapping" and "Cluster refcounts"): allocating
+//! writes with copy-on-write, zero writes, and a flush whose order keeps the image consistent
+//! whenever it is interrupted.
+//!
+//! # Crash safety
+//!
+//! Metadata changes (refcount blocks, the refcount table, L2 tables, the L1 table) are made in
+//! memory (the dirty tables of [`TableCache`](super::cache::TableCache)) and written by
+//! [`Qcow2Image::flush`] in this order, with a sync after each step:
+//!
+//! 1. refcount blocks and the refcount table (new clusters now have refcount 1 on disk);
+//! 2. the header's refcount table pointer, if the table moved;
+//! 3. L2 tables, then the L1 table (they now point at clusters whose refcounts are on disk);
+//! 4. refcount *decrements*: a cluster a write stopped using (copy-on-write of a shared or
+//!    compressed cluster, an unmapping zero write) is only released here, after no table on
+//!    disk points at it any more; until then it is not reused.
+//!
+//! Guest data is written to its cluster before the table entry pointing at it changes, so a
+//! crash at any moment leaves at worst clusters whose refcount is too high (leaks, which
+//! `qemu-img check -r leaks` repairs), never a table pointing at a free or foreign cluster.
+
+use super::cache::TableCache;
+use super::header::{incompat, Header};
+use super::l2::{self, Descriptor, L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use super::refcount::{self, get_refcount, set_refcount, REFT_OFFSET_MASK};
+use super::Qcow2Image;
+use crate::error::{Error, ErrorKind, Result};
+use byteorder::{BigEndian, ByteOrder};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Dirty tables at which a write flushes by itself, bounding memory.
+const MAX_DIRTY_TABLES: usize = 512;
+/// Subcluster bitmap with every subcluster allocated (extended L2).
+const ALL_ALLOCATED: u64 = 0x0000_0000_ffff_ffff;
+/// Subcluster bitmap with every subcluster reading as zero (extended L2).
+const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
+
+/// The mutable state of an image opened for writing, behind the image's write lock.
+#[derive(Debug)]
+pub(crate) struct WriteState {
+    /// The refcount table as it will be written (entries: refcount block offsets).
+    reftable: Vec<u64>,
+    /// Where the refcount table lives (moves when it grows).
+    reftable_offset: u64,
+    reftable_dirty: bool,
+    /// The table moved: the header must point at it, and the old one is freed afterwards.
+    old_reftable: Option<(u64, u64)>,
+    /// Host clusters whose refcount drops once the tables no longer pointing at them are on disk.
+    pending_free: Vec<u64>,
+    /// Where the search for a free cluster starts.
+    free_hint: u64,
+    l1_dirty: bool,
+    /// Host clusters holding metadata, which data writes must never touch.
+    metadata: HashSet<u64>,
+    /// Refcount blocks, cached; the dirty ones are written at flush.
+    refblocks: TableCache<u8>,
+}
+
+impl WriteState {
+    /// Builds the write state of `img` (just opened read-write): its refcount table and the set
+    /// of metadata clusters.
+    pub(crate) fn new(img: &Qcow2Image) -> Result<Self> {
+        let h = img.header();
+        let table = refcount::RefcountTable::read(img)?;
+        let cs = h.cluster_size();
+        let mut metadata = HashSet::new();
+        let mut add = |off: u64, bytes: u64| {
+            for c in (off / cs)..(off + bytes).div_ceil(cs) {
+                metadata.insert(c);
+            }
+        };
+        add(0, cs);
+        add(h.l1_table_offset, u64::from(h.l1_size) * 8);
+        add(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        );
+        for &e in table.entries() {
+            if e & REFT_OFFSET_MASK != 0 {
+                add(e & REFT_OFFSET_MASK, cs);
+            }
+        }
+        for &e in img.l1().iter() {
+            if e & L1E_OFFSET_MASK != 0 {
+                add(e & L1E_OFFSET_MASK, cs);
+            }
+        }
+        if h.nb_snapshots > 0 {
+            let (snaps, bytes) = super::snapshot::read_table_with_size(img)?;
+            add(h.snapshots_offset, bytes);
+            for s in snaps {
+                add(s.l1_table_offset, u64::from(s.l1_size) * 8);
+            }
+        }
+        if let Some(b) = h.bitmaps {
+            add(b.directory_offset, b.directory_size);
+        }
+        if let Some((off, len)) = h.crypto_header {
+            add(off, len);
+        }
+        Ok(WriteState {
+            reftable: table.entries().to_vec(),
+            reftable_offset: h.refcount_table_offset,
+            reftable_dirty: false,
+            old_reftable: None,
+            pending_free: Vec::new(),
+            free_hint: 0,
+            l1_dirty: false,
+            metadata,
+            refblocks: TableCache::new(64),
+        })
+    }
+}
+
+impl Qcow2Image {
+    fn io_err(what: &str, off: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |e| Error::io(what.to_string(), e).at(off)
+    }
+
+    /// log2 of the refcounts per refcount block.
+    fn refblock_bits(&self) -> u32 {
+        self.header.cluster_bits + 3 - self.header.refcount_order
+    }
+
+    /// The refcount block at `off`, through the cache.
+    fn refblock(&self, st: &WriteState, off: u64) -> Result<Arc<[u8]>> {
+        st.refblocks.get_or_load(off, || {
+            let mut raw = vec![0u8; self.header.cluster_size() as usize];
+            refcount::read_padded(self, &mut raw, off)?;
+            Ok(raw)
+        })
+    }
+
+    /// The refcount of host cluster `cluster`, as it will be after the next flush.
+    fn refcount_of(&self, st: &WriteState, cluster: u64) -> Result<u64> {
+        let bits = self.refblock_bits();
+        let idx = (cluster >> bits) as usize;
+        let off = st.reftable.get(idx).map_or(0, |e| e & REFT_OFFSET_MASK);
+        if off == 0 {
+            return Ok(0);
+        }
+        let block = self.refblock(st, off)?;
+        Ok(get_refcount(
+            &block,
+            cluster & ((1 << bits) - 1),
+            self.header.refcount_order,
+        ))
+    }
+
+    /// Sets the refcount of host cluster `cluster`, creating its refcount block if needed.
+    fn set_refcount_of(&self, st: &mut WriteState, cluster: u64, value: u64) -> Result<()> {
+        if value > refcount::max_refcount(self.header.refcount_order) {
+            return Err(Error::unsupported(format!(
+                "refcount of cluster {cluster} would exceed the {}-bit refcount width",
+                self.header.refcount_bits()
+            )));
+        }
+        let bits = self.refblock_bits();
+        let off = self.ensure_refblock(st, cluster >> bits, 0)?;
+        let mut block = self.refblock(st, off)?.to_vec();
+        set_refcount(
+            &mut block,
+            cluster & ((1 << bits) - 1),
+            self.header.refcount_order,
+            value,
+        );
+        st.refblocks.put_dirty(off, block.into());
+        Ok(())
+    }
+
+    /// The offset of refcount block `idx`, allocating it (and growing the refcount table) if it
+    /// does not exist. `depth` bounds the recursion a new block's own refcount can cause.
+    fn ensure_refblock(&self, st: &mut WriteState, idx: u64, depth: u32) -> Result<u64> {
+        if depth > 8 {
+            return Err(Error::corrupt("cannot place a new refcount block"));
+        }
+        if idx as usize >= st.reftable.len() {
+            self.grow_reftable(st, idx + 1)?;
+        }
+        let existing = st.reftable[idx as usize] & REFT_OFFSET_MASK;
+        if existing != 0 {
+            return Ok(existing);
+        }
+        let cs = self.header.cluster_size();
+        let c = self.find_free(st, 1)?;
+        let off = c * cs;
+        st.reftable[idx as usize] = off;
+        st.reftable_dirty = true;
+        st.metadata.insert(c);
+        st.refblocks.put_dirty(off, vec![0u8; cs as usize].into());
+        self.note_end(c + 1);
+        // The new block's own refcount lives in whichever block covers its cluster.
+        let bits = self.refblock_bits();
+        let own = self.ensure_refblock(st, c >> bits, depth + 1)?;
+        let mut block = self.refblock(st, own)?.to_vec();
+        set_refcount(
+            &mut block,
+            c & ((1 << bits) - 1),
+            self.header.refcount_order,
+            1,
+        );
+        st.refblocks.put_dirty(own, block.into());
+        Ok(off)
+    }
+
+    /// Grows the in-memory refcount table to at least `min_entries` entries (with room to
+    /// spare) and moves it to newly allocated clusters; the header is updated at flush.
+    fn grow_reftable(&self, st: &mut WriteState, min_entries: u64) -> Result<()> {
+        let cs = self.header.cluster_size();
+        let old_entries = st.reftable.len() as u64;
+        let want = min_entries
+            .max(old_entries * 3 / 2)
+            .max(old_entries + cs / 8)
+            + 2;
+        let clusters = (want * 8).div_ceil(cs);
+        if clusters * cs > super::header::MAX_REFTABLE_BYTES {
+            return Err(Error::unsupported(
+                "the refcount table would exceed qemu's 8 MiB limit",
+            ));
+        }
+        let old = (st.reftable_offset, old_entries * 8);
+        st.reftable.resize((clusters * cs / 8) as usize, 0);
+        let first = self.find_free(st, clusters)?;
+        for c in first..first + clusters {
+            st.metadata.insert(c);
+            self.set_refcount_of(st, c, 1)?;
+        }
+        self.note_end(first + clusters);
+        // A table that moved twice before a flush: the intermediate copy was never written
+        // nor pointed at, so only the on-disk one is freed later.
+        if st.old_reftable.is_none() {
+            st.old_reftable = Some(old);
+        } else {
+            for c in (st.reftable_offset / cs)..(st.reftable_offset / cs + (old.1).div_ceil(cs)) {
+                st.pending_free.push(c);
+            }
+        }
+        st.reftable_offset = first * cs;
+        st.reftable_dirty = true;
+        Ok(())
+    }
+
+    /// The first run of `n` free host clusters at or after the free hint (not marked used).
+    fn find_free(&self, st: &mut WriteState, n: u64) -> Result<u64> {
+        let mut start = st.free_hint;
+        let limit = (1u64 << 56) >> self.header.cluster_bits;
+        loop {
+            if start + n > limit {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    "no free cluster left in the image",
+                ));
+            }
+            let mut busy = None;
+            for c in start..start + n {
+                if self.refcount_of(st, c)? != 0 || st.metadata.contains(&c) {
+                    busy = Some(c);
+                    break;
+                }
+            }
+            match busy {
+                Some(c) => start = c + 1,
+                None => {
+                    if n == 1 {
+                        st.free_hint = start + 1;
+                    }
+                    return Ok(start);
+                }
+            }
+        }
+    }
+
+    /// Allocates one host cluster for guest data or an L2 table (refcount 1).
+    fn alloc_cluster(&self, st: &mut WriteState) -> Result<u64> {
+        loop {
+            let c = self.find_free(st, 1)?;
+            self.set_refcount_of(st, c, 1)?;
+            // Creating the refcount block may have taken this very cluster.
+            if !st.metadata.contains(&c) {
+                self.note_end(c + 1);
+                return Ok(c);
+            }
+        }
+    }
+
+    /// Records that the file now extends to at least cluster `end`.
+    fn note_end(&self, end: u64) {
+        self.file_len
+            .fetch_max(end << self.header.cluster_bits, Ordering::AcqRel);
+    }
+
+    /// Queues the host clusters `desc` refers to for release at the next flush.
+    fn release(&self, st: &mut WriteState, desc: Descriptor) {
+        if self.data_file.is_some() {
+            return; // data file clusters are not refcounted
+        }
+        let bits = self.header.cluster_bits;
+        match desc {
+            Descriptor::Normal(h) | Descriptor::Zero(Some(h)) => st.pending_free.push(h >> bits),
+            Descriptor::Compressed(d) => {
+                let (a, b) = d.host_clusters(bits);
+                st.pending_free.extend(a..=b);
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes a reference on every host cluster `desc` refers to (an L2 table was copied).
+    fn retain(&self, st: &mut WriteState, desc: Descriptor) -> Result<()> {
+        if self.data_file.is_some() {
+            return Ok(());
+        }
+        let bits = self.header.cluster_bits;
+        let clusters = match desc {
+            Descriptor::Normal(h) | Descriptor::Zero(Some(h)) => (h >> bits)..=(h >> bits),
+            Descriptor::Compressed(d) => {
+                let (a, b) = d.host_clusters(bits);
+                a..=b
+            }
+            _ => return Ok(()),
+        };
+        for c in clusters {
+            let r = self.refcount_of(st, c)?;
+            self.set_refcount_of(st, c, r + 1)?;
+        }
+        Ok(())
+    }
+
+    /// The L2 table for L1 index `l1_idx`, made private to the active L1 (allocated if missing,
+    /// copied if shared with a snapshot). Returns its host offset.
+    fn writable_l2(&self, st: &mut WriteState, l1_idx: usize) -> Result<u64> {
+        let cs = self.header.cluster_size();
+        let entry = self.l1()[l1_idx];
+        let off = l2::l1_entry_target(entry, cs)?;
+        if let (Some(off), true) = (off, entry & OFLAG_COPIED != 0) {
+            return Ok(off);
+        }
+        let c = self.alloc_cluster(st)?;
+        st.metadata.insert(c);
+        let new_off = c * cs;
+        let table: Vec<u64> = match off {
+            None => vec![0; (cs / 8) as usize],
+            Some(old) => {
+                // Shared with a snapshot: every cluster the table points at gains a reference
+                // and so loses its COPIED flag; the old table loses the active L1's reference.
+                let mut t = self.l2_table(old)?.to_vec();
+                let words = if self.header.extended_l2() { 2 } else { 1 };
+                for i in (0..t.len()).step_by(words) {
+                    let desc = l2::decode_descriptor(t[i], &self.header)?;
+                    self.retain(st, desc)?;
+                    if !matches!(desc, Descriptor::Normal(_)) || self.data_file.is_none() {
+                        t[i] &= !OFLAG_COPIED;
+                    }
+                }
+                st.pending_free.push(old / cs);
+                t
+            }
+        };
+        self.l2_cache.put_dirty(new_off, table.into());
+        self.l1.write().unwrap_or_else(|e| e.into_inner())[l1_idx] = new_off | OFLAG_COPIED;
+        st.l1_dirty = true;
+        Ok(new_off)
+    }
+
+    /// Refuses a data write to host offset `host` that would overwrite metadata, marking the
+    /// image corrupt as qemu does.
+    fn guard_data_write(&self, st: &WriteState, host: u64, len: u64) -> Result<()> {
+        if self.data_file.is_some() {
+            return Ok(());
+        }
+        let cs = self.header.cluster_size();
+        if (host / cs..(host + len).div_ceil(cs)).any(|c| st.metadata.contains(&c)) {
+            let _ = self.set_incompat_bit(incompat::CORRUPT);
+            return Err(Error::corrupt(format!(
+                "refusing a data write at {host:#x}: it would overwrite metadata (the image is now marked corrupt)"
+            ))
+            .at(host));
+        }
+        Ok(())
+    }
+
+    /// Sets an incompatible feature bit in the header on disk (v3 images).
+    fn set_incompat_bit(&self, bit: u64) -> Result<()> {
+        if self.header.version < 3 {
+            return Ok(());
+        }
+        let mut b = [0u8; 8];
+        self.storage
+            .read_at(&mut b, 72)
+            .map_err(Self::io_err("cannot read header", 72))?;
+        let v = BigEndian::read_u64(&b) | bit;
+        BigEndian::write_u64(&mut b, v);
+        self.storage
+            .write_at(&b, 72)
+            .map_err(Self::io_err("cannot write header", 72))?;
+        self.storage
+            .flush()
+            .map_err(Self::io_err("cannot sync header", 72))
+    }
+
+    /// The guest contents of the cluster starting at guest offset `gc`, zero past the disk end.
+    fn cluster_contents(&self, gc: u64) -> Result<Vec<u8>> {
+        let cs = self.header.cluster_size();
+        let mut buf = vec![0u8; cs as usize];
+        let n = cs.min(self.header.size - gc) as usize;
+        self.read_inner(&mut buf[..n], gc)?;
+        Ok(buf)
+    }
+
+    /// Writes `data` at offset `within` of the guest cluster starting at `gc`.
+    fn write_in_cluster(
+        &self,
+        st: &mut WriteState,
+        gc: u64,
+        within: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let h: &Header = &self.header;
+        let cs = h.cluster_size();
+        let l1_idx = (gc >> h.l1_shift()) as usize;
+        let l2_off = self.writable_l2(st, l1_idx)?;
+        let table = self.l2_table(l2_off)?;
+        let words = if h.extended_l2() { 2 } else { 1 };
+        let idx = ((gc >> h.cluster_bits) & ((1 << h.l2_bits()) - 1)) as usize * words;
+        let entry = table[idx];
+        let bitmap = h.extended_l2().then(|| table[idx + 1]);
+        let desc = l2::decode_descriptor(entry, h)?;
+        let copied = entry & OFLAG_COPIED != 0;
+
+        // A cluster this image owns alone, fully allocated: overwrite in place.
+        if let (Descriptor::Normal(host), true) = (desc, copied) {
+            let touched_allocated = match bitmap {
+                None => true,
+                Some(b) => {
+                    let sc_bits = h.cluster_bits - 5;
+                    let first = within >> sc_bits;
+                    let last = (within + data.len() as u64 - 1) >> sc_bits;
+                    (first..=last).all(|sc| b & (1 << sc) != 0)
+                }
+            };
+            if touched_allocated {
+                self.guard_data_write(st, host + within, data.len() as u64)?;
+                return self
+                    .data_storage()
+                    .write_at(data, host + within)
+                    .map_err(Self::io_err("write failed", host + within));
+            }
+        }
+
+        // Otherwise the whole cluster gets new contents: what the guest sees now (copy-on-write
+        // from a shared, compressed, zero or backing cluster), with `data` laid over it.
+        let content = if within == 0 && data.len() as u64 == cs {
+            data.to_vec()
+        } else {
+            let mut c = self.cluster_contents(gc)?;
+            c[within as usize..within as usize + data.len()].copy_from_slice(data);
+            c
+        };
+        let host = match desc {
+            _ if self.data_file.is_some() => gc,
+            Descriptor::Normal(host) | Descriptor::Zero(Some(host)) if copied => host,
+            _ => self.alloc_cluster(st)? * cs,
+        };
+        self.guard_data_write(st, host, cs)?;
+        self.data_storage()
+            .write_at(&content, host)
+            .map_err(Self::io_err("write failed", host))?;
+        if !(copied
+            && matches!(desc, Descriptor::Normal(x) | Descriptor::Zero(Some(x)) if x == host))
+        {
+            self.release(st, desc);
+        }
+        let mut t = table.to_vec();
+        t[idx] = host | OFLAG_COPIED;
+        if let Some(b) = t.get_mut(idx + 1).filter(|_| words == 2) {
+            *b = ALL_ALLOCATED;
+        }
+        self.l2_cache.put_dirty(l2_off, t.into());
+        Ok(())
+    }
+
+    /// Makes the whole guest cluster at `gc` read as zeros, freeing its storage when `unmap`.
+    /// Returns `false` if the format cannot express that here (version 2 with a backing file),
+    /// in which case the caller writes zeros.
+    fn zero_cluster(&self, st: &mut WriteState, gc: u64, unmap: bool) -> Result<bool> {
+        let h: &Header = &self.header;
+        let l1_idx = (gc >> h.l1_shift()) as usize;
+        let l1e = self.l1()[l1_idx];
+        let has_backing = self.backing.is_some();
+        if h.version < 3 && has_backing {
+            return Ok(false);
+        }
+        if l1e & L1E_OFFSET_MASK == 0 && !has_backing {
+            return Ok(true); // unallocated without a backing file reads as zeros already
+        }
+        let l2_off = self.writable_l2(st, l1_idx)?;
+        let table = self.l2_table(l2_off)?;
+        let words = if h.extended_l2() { 2 } else { 1 };
+        let idx = ((gc >> h.cluster_bits) & ((1 << h.l2_bits()) - 1)) as usize * words;
+        let entry = table[idx];
+        let desc = l2::decode_descriptor(entry, h)?;
+        let copied = entry & OFLAG_COPIED != 0;
+        let keep = match desc {
+            Descriptor::Normal(x) | Descriptor::Zero(Some(x))
+                if copied && !unmap && self.data_file.is_none() =>
+            {
+                Some(x)
+            }
+            _ => None,
+        };
+        if keep.is_none() {
+            self.release(st, desc);
+        }
+        let mut t = table.to_vec();
+        if words == 2 {
+            t[idx] = keep.map_or(0, |x| x | OFLAG_COPIED);
+            t[idx + 1] = ALL_ZERO;
+        } else if h.version >= 3 {
+            t[idx] = keep.map_or(OFLAG_ZERO, |x| x | OFLAG_COPIED | OFLAG_ZERO);
+        } else {
+            // Version 2 without a backing file: an unallocated cluster reads as zeros.
+            t[idx] = 0;
+        }
+        self.l2_cache.put_dirty(l2_off, t.into());
+        Ok(true)
+    }
+
+    fn write_state(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
+        match &self.write {
+            Some(m) => Ok(m.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only")),
+        }
+    }
+
+    /// Writes `buf` at guest offset `guest` (inside the disk, checked by the caller).
+    pub(crate) fn write_inner(&self, buf: &[u8], guest: u64) -> Result<()> {
+        let mut st = self.write_state()?;
+        let cs = self.header.cluster_size();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let g = guest + pos as u64;
+            let within = g & (cs - 1);
+            let n = ((cs - within) as usize).min(buf.len() - pos);
+            self.write_in_cluster(&mut st, g - within, within, &buf[pos..pos + n])?;
+            pos += n;
+            self.flush_if_full(&mut st)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `[guest, guest + len)` read as zeros.
+    pub(crate) fn write_zeroes_inner(&self, guest: u64, len: u64, unmap: bool) -> Result<()> {
+        let mut st = self.write_state()?;
+        let cs = self.header.cluster_size();
+        let end = guest + len;
+        let mut g = guest;
+        while g < end {
+            let within = g & (cs - 1);
+            let n = (cs - within).min(end - g);
+            // A whole cluster, or the tail of the last cluster of the disk.
+            let whole = within == 0 && (n == cs || g + n == self.header.size);
+            if !(whole && self.zero_cluster(&mut st, g, unmap)?) {
+                let zeros = vec![0u8; n as usize];
+                self.write_in_cluster(&mut st, g - within, within, &zeros)?;
+            }
+            g += n;
+            self.flush_if_full(&mut st)?;
+        }
+        Ok(())
+    }
+
+    fn flush_if_full(&self, st: &mut WriteState) -> Result<()> {
+        if self.l2_cache.dirty_count() + st.refblocks.dirty_count() > MAX_DIRTY_TABLES {
+            self.flush_locked(st)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything written so far (see the module documentation for the order).
+    pub(crate) fn flush_inner(&self) -> Result<()> {
+        let mut st = self.write_state()?;
+        self.flush_locked(&mut st)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.storage
+            .flush()
+            .map_err(|e| Error::io("sync failed", e))?;
+        if let Some((d, _)) = &self.data_file {
+            d.flush()
+                .map_err(|e| Error::io("sync of the data file failed", e))?;
+        }
+        Ok(())
+    }
+
+    fn write_refblocks(&self, st: &WriteState) -> Result<()> {
+        for (off, block) in st.refblocks.dirty() {
+            self.storage
+                .write_at(&block, off)
+                .map_err(Self::io_err("cannot write refcount block", off))?;
+            st.refblocks.mark_clean(off, &block);
+        }
+        Ok(())
+    }
+
+    fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
+        let cs = self.header.cluster_size();
+        // 1. Refcount increases.
+        self.write_refblocks(st)?;
+        if st.reftable_dirty {
+            let mut raw = vec![0u8; st.reftable.len() * 8];
+            for (i, e) in st.reftable.iter().enumerate() {
+                BigEndian::write_u64(&mut raw[i * 8..], *e);
+            }
+            let off = st.reftable_offset;
+            self.storage
+                .write_at(&raw, off)
+                .map_err(Self::io_err("cannot write refcount table", off))?;
+            st.reftable_dirty = false;
+        }
+        self.sync()?;
+        // 2. The header points at a moved refcount table.
+        if let Some((old_off, old_bytes)) = st.old_reftable.take() {
+            let mut f = [0u8; 12];
+            BigEndian::write_u64(&mut f[0..8], st.reftable_offset);
+            BigEndian::write_u32(&mut f[8..12], (st.reftable.len() as u64 * 8 / cs) as u32);
+            self.storage
+                .write_at(&f, 48)
+                .map_err(Self::io_err("cannot write header", 48))?;
+            self.sync()?;
+            st.pending_free
+                .extend((old_off / cs)..(old_off + old_bytes).div_ceil(cs));
+        }
+        // 3. L2 tables, then the L1 table.
+        for (off, table) in self.l2_cache.dirty() {
+            let mut raw = vec![0u8; table.len() * 8];
+            for (i, e) in table.iter().enumerate() {
+                BigEndian::write_u64(&mut raw[i * 8..], *e);
+            }
+            self.storage
+                .write_at(&raw, off)
+                .map_err(Self::io_err("cannot write L2 table", off))?;
+            self.l2_cache.mark_clean(off, &table);
+        }
+        if st.l1_dirty {
+            let l1 = self.l1().clone();
+            let mut raw = vec![0u8; l1.len() * 8];
+            for (i, e) in l1.iter().enumerate() {
+                BigEndian::write_u64(&mut raw[i * 8..], *e);
+            }
+            let off = self.header.l1_table_offset;
+            self.storage
+                .write_at(&raw, off)
+                .map_err(Self::io_err("cannot write L1 table", off))?;
+            st.l1_dirty = false;
+        }
+        self.sync()?;
+        // 4. Refcount decreases, now that nothing on disk points at the released clusters.
+        if !st.pending_free.is_empty() {
+            for c in std::mem::take(&mut st.pending_free) {
+                let r = self.refcount_of(st, c)?;
+                if r == 0 {
+                    return Err(Error::corrupt(format!(
+                        "releasing cluster {c}, whose refcount is already 0"
+                    )));
+                }
+                self.set_refcount_of(st, c, r - 1)?;
+                if r == 1 {
+                    st.metadata.remove(&c);
+                    self.l2_cache.forget(c * cs);
+                    st.free_hint = st.free_hint.min(c);
+                }
+            }
+            self.write_refblocks(st)?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+}
