@@ -307,27 +307,6 @@ impl Qcow2Image {
         }
     }
 
-    /// Takes a reference on every host cluster `desc` refers to (an L2 table was copied).
-    fn retain(&self, st: &mut WriteState, desc: Descriptor) -> Result<()> {
-        if self.data_file.is_some() {
-            return Ok(());
-        }
-        let bits = self.header.cluster_bits;
-        let clusters = match desc {
-            Descriptor::Normal(h) | Descriptor::Zero(Some(h)) => (h >> bits)..=(h >> bits),
-            Descriptor::Compressed(d) => {
-                let (a, b) = d.host_clusters(bits);
-                a..=b
-            }
-            _ => return Ok(()),
-        };
-        for c in clusters {
-            let r = self.refcount_of(st, c)?;
-            self.set_refcount_of(st, c, r + 1)?;
-        }
-        Ok(())
-    }
-
     /// The L2 table for L1 index `l1_idx`, made private to the active L1 (allocated if missing,
     /// copied if shared with a snapshot). Returns its host offset.
     fn writable_l2(&self, st: &mut WriteState, l1_idx: usize) -> Result<u64> {
@@ -343,17 +322,11 @@ impl Qcow2Image {
         let table: Vec<u64> = match off {
             None => vec![0; (cs / 8) as usize],
             Some(old) => {
-                // Shared with a snapshot: every cluster the table points at gains a reference
-                // and so loses its COPIED flag; the old table loses the active L1's reference.
-                let mut t = self.l2_table(old)?.to_vec();
-                let words = if self.header.extended_l2() { 2 } else { 1 };
-                for i in (0..t.len()).step_by(words) {
-                    let desc = l2::decode_descriptor(t[i], &self.header)?;
-                    self.retain(st, desc)?;
-                    if !matches!(desc, Descriptor::Normal(_)) || self.data_file.is_none() {
-                        t[i] &= !OFLAG_COPIED;
-                    }
-                }
+                // Shared with a snapshot. A cluster's refcount counts the L1 tables it is
+                // reachable through, so the clusters this table points at keep theirs (the
+                // active L1 reaches them through the copy now); their COPIED flags stay clear.
+                // Only the old table loses the active L1's reference.
+                let t = self.l2_table(old)?.to_vec();
                 st.pending_free.push(old / cs);
                 t
             }
@@ -502,9 +475,10 @@ impl Qcow2Image {
         let entry = table[idx];
         let desc = l2::decode_descriptor(entry, h)?;
         let copied = entry & OFLAG_COPIED != 0;
+        // Version 2 cannot keep a preallocated zero cluster: it unallocates.
         let keep = match desc {
             Descriptor::Normal(x) | Descriptor::Zero(Some(x))
-                if copied && !unmap && self.data_file.is_none() =>
+                if copied && !unmap && self.data_file.is_none() && h.version >= 3 =>
             {
                 Some(x)
             }
