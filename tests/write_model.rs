@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use std::path::Path;
 use std::process::Command;
 use vimg::open::{open_image, OpenOptions};
-use vimg::{BlockImage, GuestOffset};
+use vimg::GuestOffset;
 
 const OPTIONS: &[&str] = &[
     "",
