@@ -11,8 +11,10 @@ use common::{qemu_available, qemu_contents, qemu_create, qemu_io, run};
 use proptest::prelude::*;
 use std::path::Path;
 use std::process::Command;
-use vimg::open::{open_image, OpenOptions};
-use vimg::GuestOffset;
+use vimg::open::ChainGuard;
+use vimg::qcow2::compress::compress_cluster;
+use vimg::qcow2::Qcow2Image;
+use vimg::{BlockImage, GuestOffset};
 
 const OPTIONS: &[&str] = &[
     "",
@@ -30,8 +32,21 @@ const OPTIONS: &[&str] = &[
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: u64, len: u64, byte: u8 },
-    Zero { off: u64, len: u64, unmap: bool },
+    Write {
+        off: u64,
+        len: u64,
+        byte: u8,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+        unmap: bool,
+    },
+    /// A whole cluster stored compressed (the cluster holding `off`).
+    Compressed {
+        off: u64,
+        seed: u8,
+    },
     Flush,
 }
 
@@ -42,7 +57,8 @@ fn op(size: u64) -> impl Strategy<Value = Op> {
         .prop_map(|(l, align)| if align { (l + 511) & !511 } else { l });
     prop_oneof![
         5 => (pos.clone(), len.clone(), 1u8..255).prop_map(|(off, len, byte)| Op::Write { off, len, byte }),
-        2 => (pos, len, any::<bool>()).prop_map(|(off, len, unmap)| Op::Zero { off, len, unmap }),
+        2 => (pos.clone(), len, any::<bool>()).prop_map(|(off, len, unmap)| Op::Zero { off, len, unmap }),
+        2 => (pos, any::<u8>()).prop_map(|(off, seed)| Op::Compressed { off, seed }),
         1 => Just(Op::Flush),
     ]
 }
@@ -141,14 +157,10 @@ fn run_case(c: &Case, dir: &Path) -> Result<(), String> {
     }
 
     {
-        let image = open_image(
-            &img,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .map_err(|e| format!("open: {e}"))?;
+        let image = Qcow2Image::open(&img, true, false, &mut ChainGuard::default())
+            .map_err(|e| format!("open: {e}"))?;
+        let cs = image.header().cluster_size();
+        let kind = image.header().compression_type;
         for o in &c.ops {
             match *o {
                 Op::Write { off, len, byte } => {
@@ -164,6 +176,23 @@ fn run_case(c: &Case, dir: &Path) -> Result<(), String> {
                         .write_zeroes(GuestOffset(off), len, unmap)
                         .map_err(|e| format!("{o:?}: {e}"))?;
                     model[off as usize..(off + len) as usize].fill(0);
+                }
+                Op::Compressed { off, seed } => {
+                    let gc = off.min(c.size - 1) / cs * cs;
+                    // Compressible but not trivial: a ramp with the seed mixed in.
+                    let data: Vec<u8> = (0..cs)
+                        .map(|i| (i / 16) as u8 ^ seed ^ (i % 3) as u8)
+                        .collect();
+                    match compress_cluster(kind, &data).map_err(|e| e.to_string())? {
+                        Some(z) => image
+                            .write_compressed(gc, &z)
+                            .map_err(|e| format!("{o:?}: {e}"))?,
+                        None => image
+                            .write_at(&data, GuestOffset(gc))
+                            .map_err(|e| format!("{o:?}: {e}"))?,
+                    }
+                    let n = cs.min(c.size - gc) as usize;
+                    model[gc as usize..gc as usize + n].copy_from_slice(&data[..n]);
                 }
                 Op::Flush => image.flush().map_err(|e| format!("flush: {e}"))?,
             }

@@ -35,6 +35,34 @@ impl CompressedDesc {
     }
 }
 
+/// Compresses one cluster for storage, or returns `None` when compression would not save at
+/// least one 512-byte sector (qemu then stores the cluster uncompressed too). Deflate uses a
+/// 4 KiB window and no header, because qemu inflates with exactly that.
+pub fn compress_cluster(kind: CompressionType, data: &[u8]) -> Result<Option<Vec<u8>>> {
+    let limit = data.len().saturating_sub(512);
+    let out = match kind {
+        CompressionType::Zlib => {
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = vec![0u8; limit];
+            match c.compress(data, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => {
+                    out.truncate(c.total_out() as usize);
+                    out
+                }
+                // Output buffer full: it does not shrink enough.
+                Ok(_) => return Ok(None),
+                Err(e) => return Err(Error::corrupt(format!("deflate failed: {e}"))),
+            }
+        }
+        CompressionType::Zstd => match zstd::bulk::compress(data, 3) {
+            Ok(v) => v,
+            Err(e) => return Err(Error::corrupt(format!("zstd compression failed: {e}"))),
+        },
+    };
+    Ok((out.len() <= limit).then_some(out))
+}
+
 /// Decompresses `input` into `out`, which must be filled exactly (one whole cluster); trailing
 /// input is ignored, as qemu ignores it.
 pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<()> {
@@ -91,6 +119,38 @@ mod tests {
         let d = CompressedDesc::decode(0x428e000000a00000 & !(1 << 62), 21);
         assert_eq!(d.host, 0xa00000);
         assert_eq!(d.len, 328 * 512);
+    }
+
+    #[test]
+    fn compress_cluster_round_trips_and_refuses_incompressible_data() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 7 % 13) as u8).collect();
+        let mut noise = vec![0u8; 65536];
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let z = compress_cluster(kind, &data)
+                .unwrap()
+                .expect("compressible");
+            assert!(z.len() < data.len() / 4);
+            let mut out = vec![0u8; data.len()];
+            decompress(kind, &z, &mut out).unwrap();
+            assert_eq!(out, data);
+            assert!(compress_cluster(kind, &noise).unwrap().is_none());
+        }
+        // The deflate stream must decode with a 4 KiB window, as qemu decodes it.
+        let z = compress_cluster(CompressionType::Zlib, &data)
+            .unwrap()
+            .unwrap();
+        let mut d = flate2::Decompress::new_with_window_bits(false, 12);
+        let mut out = vec![0u8; data.len()];
+        d.decompress(&z, &mut out, flate2::FlushDecompress::Finish)
+            .unwrap();
+        assert_eq!(out, data);
     }
 
     #[test]

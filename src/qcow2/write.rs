@@ -56,6 +56,9 @@ pub(crate) struct WriteState {
     metadata: HashSet<u64>,
     /// Refcount blocks, cached; the dirty ones are written at flush.
     refblocks: TableCache<u8>,
+    /// Where the next compressed cluster goes: the first free byte after the last one, so that
+    /// compressed clusters are packed densely.
+    compressed_tail: Option<u64>,
 }
 
 impl WriteState {
@@ -110,6 +113,7 @@ impl WriteState {
             l1_dirty: false,
             metadata,
             refblocks: TableCache::new(64),
+            compressed_tail: None,
         })
     }
 }
@@ -184,7 +188,7 @@ impl Qcow2Image {
             return Ok(existing);
         }
         let cs = self.header.cluster_size();
-        let c = self.find_free(st, 1)?;
+        let c = self.find_free(st, 1, false)?;
         let off = c * cs;
         st.reftable[idx as usize] = off;
         st.reftable_dirty = true;
@@ -222,7 +226,7 @@ impl Qcow2Image {
         }
         let old = (st.reftable_offset, old_entries * 8);
         st.reftable.resize((clusters * cs / 8) as usize, 0);
-        let first = self.find_free(st, clusters)?;
+        let first = self.find_free(st, clusters, true)?;
         for c in first..first + clusters {
             st.metadata.insert(c);
             self.set_refcount_of(st, c, 1)?;
@@ -242,10 +246,14 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// The first run of `n` free host clusters at or after the free hint (not marked used).
-    fn find_free(&self, st: &mut WriteState, n: u64) -> Result<u64> {
+    /// The first run of `n` free host clusters at or after the free hint. With `with_blocks`,
+    /// the refcount blocks covering the run exist when it returns (creating one may take a
+    /// cluster of the candidate run, in which case the search goes on), so that setting the
+    /// run's refcounts allocates nothing more. Placing a refcount block itself passes `false`.
+    fn find_free(&self, st: &mut WriteState, n: u64, with_blocks: bool) -> Result<u64> {
         let mut start = st.free_hint;
         let limit = (1u64 << 56) >> self.header.cluster_bits;
+        let bits = self.refblock_bits();
         loop {
             if start + n > limit {
                 return Err(Error::new(
@@ -260,22 +268,37 @@ impl Qcow2Image {
                     break;
                 }
             }
-            match busy {
-                Some(c) => start = c + 1,
-                None => {
-                    if n == 1 {
-                        st.free_hint = start + 1;
+            if let Some(c) = busy {
+                start = c + 1;
+                continue;
+            }
+            if with_blocks {
+                let mut created = false;
+                for idx in (start >> bits)..=((start + n - 1) >> bits) {
+                    let missing = st
+                        .reftable
+                        .get(idx as usize)
+                        .is_none_or(|e| e & REFT_OFFSET_MASK == 0);
+                    if missing {
+                        self.ensure_refblock(st, idx, 0)?;
+                        created = true;
                     }
-                    return Ok(start);
+                }
+                if created {
+                    continue; // look at the same candidate again
                 }
             }
+            if n == 1 {
+                st.free_hint = start + 1;
+            }
+            return Ok(start);
         }
     }
 
     /// Allocates one host cluster for guest data or an L2 table (refcount 1).
     fn alloc_cluster(&self, st: &mut WriteState) -> Result<u64> {
         loop {
-            let c = self.find_free(st, 1)?;
+            let c = self.find_free(st, 1, true)?;
             self.set_refcount_of(st, c, 1)?;
             // Creating the refcount block may have taken this very cluster.
             if !st.metadata.contains(&c) {
@@ -452,6 +475,87 @@ impl Qcow2Image {
         }
         self.l2_cache.put_dirty(l2_off, t.into());
         Ok(())
+    }
+
+    /// Stores `z`, the compressed contents of the whole guest cluster at guest offset `gc`
+    /// (see [`super::compress::compress_cluster`]), packed right after the previous compressed
+    /// cluster (qcow2.rst "Compressed Clusters Descriptor").
+    pub fn write_compressed(&self, gc: u64, z: &[u8]) -> Result<()> {
+        let h: &Header = &self.header;
+        let cs = h.cluster_size();
+        if h.has_data_file() {
+            return Err(Error::unsupported(
+                "compressed clusters cannot be written to an image with an external data file",
+            ));
+        }
+        if gc % cs != 0 || gc >= h.size || z.is_empty() || z.len() as u64 >= cs {
+            return Err(Error::invalid_input(format!(
+                "bad compressed write of {} bytes at {gc:#x}",
+                z.len()
+            )));
+        }
+        let mut st = self.write_state()?;
+        let len = z.len() as u64;
+        // Continue in the partly filled host cluster if the data fits or the clusters after it
+        // are free; otherwise start on fresh contiguous clusters.
+        let mut start = None;
+        if let Some(tail) = st.compressed_tail.filter(|t| t % cs != 0) {
+            let (first, last) = (tail / cs, (tail + len - 1) / cs);
+            let mut free = true;
+            for c in first + 1..=last {
+                // A cluster whose refcount block does not exist yet is not used here: creating the
+                // block could take that very cluster.
+                let idx = (c >> self.refblock_bits()) as usize;
+                let has_block = st
+                    .reftable
+                    .get(idx)
+                    .is_some_and(|e| e & REFT_OFFSET_MASK != 0);
+                free &= has_block && self.refcount_of(&st, c)? == 0 && !st.metadata.contains(&c);
+            }
+            // Sharing the cluster takes one more reference than narrow refcounts may hold.
+            let r = self.refcount_of(&st, first)?;
+            if free && r < refcount::max_refcount(h.refcount_order) {
+                self.set_refcount_of(&mut st, first, r + 1)?;
+                for c in first + 1..=last {
+                    self.set_refcount_of(&mut st, c, 1)?;
+                }
+                start = Some(tail);
+            }
+        }
+        let start = match start {
+            Some(s) => s,
+            None => {
+                let n = len.div_ceil(cs);
+                let first = self.find_free(&mut st, n, true)?;
+                for c in first..first + n {
+                    self.set_refcount_of(&mut st, c, 1)?;
+                }
+                first * cs
+            }
+        };
+        let end = start + len;
+        self.note_end(end.div_ceil(cs));
+        self.storage
+            .write_at(z, start)
+            .map_err(Self::io_err("write failed", start))?;
+        st.compressed_tail = Some(end);
+
+        let l1_idx = (gc >> h.l1_shift()) as usize;
+        let l2_off = self.writable_l2(&mut st, l1_idx)?;
+        let table = self.l2_table(l2_off)?;
+        let words = if h.extended_l2() { 2 } else { 1 };
+        let idx = ((gc >> h.cluster_bits) & ((1 << h.l2_bits()) - 1)) as usize * words;
+        let old = l2::decode_descriptor(table[idx], h)?;
+        self.release(&mut st, old);
+        let x = 62 - (h.cluster_bits - 8);
+        let sectors = ((end + 511) >> 9) - (start >> 9);
+        let mut t = table.to_vec();
+        t[idx] = l2::OFLAG_COMPRESSED | ((sectors - 1) << x) | start;
+        if words == 2 {
+            t[idx + 1] = 0;
+        }
+        self.l2_cache.put_dirty(l2_off, t.into());
+        self.flush_if_full(&mut st)
     }
 
     /// Makes the whole guest cluster at `gc` read as zeros, freeing its storage when `unmap`.
@@ -642,6 +746,11 @@ impl Qcow2Image {
                 }
                 self.set_refcount_of(st, c, r - 1)?;
                 if r == 1 {
+                    // A freed cluster may be reused for anything: compressed data no longer
+                    // continues in it.
+                    if st.compressed_tail.is_some_and(|t| t / cs == c) {
+                        st.compressed_tail = None;
+                    }
                     st.metadata.remove(&c);
                     self.l2_cache.forget(c * cs);
                     st.free_hint = st.free_hint.min(c);
