@@ -488,7 +488,7 @@ impl Qcow2Image {
                 "compressed clusters cannot be written to an image with an external data file",
             ));
         }
-        if gc % cs != 0 || gc >= h.size || z.is_empty() || z.len() as u64 >= cs {
+        if !gc.is_multiple_of(cs) || gc >= h.size || z.is_empty() || z.len() as u64 >= cs {
             return Err(Error::invalid_input(format!(
                 "bad compressed write of {} bytes at {gc:#x}",
                 z.len()
