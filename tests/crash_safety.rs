@@ -1,0 +1,282 @@
+//! Crash safety of the qcow2 write path. A storage wrapper fails (or silently drops) every
+//! write after the Nth; for every N over a sequence of writes, zero writes, compressed writes
+//! and flushes, the image left behind must open, `qemu-img check` must find no corruption
+//! (leaked clusters are allowed: the protocol trades them for safety), and every byte written
+//! before the last flush that completed must read back as written, unless a later write
+//! touched it.
+
+mod common;
+
+use common::{qemu_available, qemu_create, qemu_io, run};
+use std::io;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use vimg::open::ChainGuard;
+use vimg::qcow2::compress::compress_cluster;
+use vimg::qcow2::Qcow2Image;
+use vimg::storage::{FileStorage, Storage};
+use vimg::{BlockImage, GuestOffset};
+
+/// How writes after the limit behave.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// They fail with an I/O error (a dying disk).
+    Fail,
+    /// They report success but never reach the file (a power cut before the cache drained).
+    Drop,
+}
+
+/// Counts writes; after `limit` of them, fails or drops every write, sync and resize.
+struct Crashing {
+    inner: FileStorage,
+    limit: u64,
+    mode: Mode,
+    writes: Arc<AtomicU64>,
+    crashed: Arc<AtomicBool>,
+}
+
+impl Crashing {
+    fn gate(&self) -> io::Result<bool> {
+        if self.writes.fetch_add(1, Ordering::SeqCst) < self.limit {
+            return Ok(true);
+        }
+        self.crashed.store(true, Ordering::SeqCst);
+        match self.mode {
+            Mode::Fail => Err(io::Error::other("injected failure")),
+            Mode::Drop => Ok(false),
+        }
+    }
+}
+
+impl Storage for Crashing {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.gate()? {
+            self.inner.write_at(buf, offset)?;
+        }
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.gate()? {
+            self.inner.set_len(len)?;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        if self.crashed.load(Ordering::SeqCst) {
+            if let Mode::Fail = self.mode {
+                return Err(io::Error::other("injected failure"));
+            }
+        }
+        Ok(()) // durability of the real file does not matter within one test process
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.gate()? {
+            self.inner.zero_range(offset, len)?;
+        }
+        Ok(())
+    }
+    fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)> {
+        self.inner.extent_at(offset)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write(u64, u64, u8),
+    Zero(u64, u64, bool),
+    Compressed(u64, u8),
+    Flush,
+}
+
+/// A fixed, varied sequence: allocations in new L2 ranges, copy-on-write over qemu's data and
+/// compressed clusters, zero writes that unmap, compressed writes, flushes in between.
+fn ops(cs: u64) -> Vec<Op> {
+    vec![
+        Op::Write(1000, 70_000, 0x11),
+        Op::Compressed(4 * cs, 0x21),
+        Op::Flush,
+        Op::Write(3 * cs + 17, 5000, 0x12),
+        Op::Zero(0, 2 * cs, true),
+        Op::Compressed(5 * cs, 0x22),
+        Op::Write(12 << 20, 3 * cs, 0x13), // a new L2 table for small clusters
+        Op::Flush,
+        Op::Write(4 * cs + 100, 300, 0x14), // copy-on-write of a compressed cluster
+        Op::Zero(6 * cs, cs, false),
+        Op::Write(28 << 20, 2 * cs, 0x15),
+        Op::Flush,
+        Op::Write(7 * cs, 4 * cs, 0x16),
+    ]
+}
+
+/// Applies `ops` until one fails; returns the model as of the last completed flush, the set of
+/// bytes written after it (not checked), and whether every op succeeded.
+fn apply(
+    img: &Qcow2Image,
+    ops: &[Op],
+    size: u64,
+    base: &[u8],
+    crashed: &AtomicBool,
+) -> (Vec<u8>, Vec<bool>) {
+    let cs = img.header().cluster_size();
+    let mut model = base.to_vec();
+    let mut durable = base.to_vec();
+    let mut touched = vec![false; size as usize];
+    for o in ops {
+        let r = match *o {
+            Op::Write(off, len, b) => {
+                model[off as usize..(off + len) as usize].fill(b);
+                touched[off as usize..(off + len) as usize].fill(true);
+                img.write_at(&vec![b; len as usize], GuestOffset(off))
+            }
+            Op::Zero(off, len, unmap) => {
+                model[off as usize..(off + len) as usize].fill(0);
+                touched[off as usize..(off + len) as usize].fill(true);
+                img.write_zeroes(GuestOffset(off), len, unmap)
+            }
+            Op::Compressed(gc, b) => {
+                let data: Vec<u8> = (0..cs).map(|i| (i / 32) as u8 ^ b).collect();
+                model[gc as usize..(gc + cs) as usize].copy_from_slice(&data);
+                touched[gc as usize..(gc + cs) as usize].fill(true);
+                let z = compress_cluster(img.header().compression_type, &data)
+                    .unwrap()
+                    .unwrap();
+                img.write_compressed(gc, &z)
+            }
+            Op::Flush => {
+                let r = img.flush();
+                // In drop mode a flush "succeeds" after the crash too; only one that completed
+                // before any write was lost made the data durable.
+                if r.is_ok() && !crashed.load(Ordering::SeqCst) {
+                    durable.clone_from(&model);
+                    touched.fill(false);
+                }
+                r
+            }
+        };
+        if r.is_err() {
+            break;
+        }
+    }
+    (durable, touched)
+}
+
+fn check_one(
+    dir: &Path,
+    pristine: &Path,
+    base: &[u8],
+    size: u64,
+    limit: u64,
+    mode: Mode,
+) -> Result<u64, String> {
+    let img_path = dir.join(format!("crash-{limit}.qcow2"));
+    std::fs::copy(pristine, &img_path).unwrap();
+    let writes = Arc::new(AtomicU64::new(0));
+    let crashed = Arc::new(AtomicBool::new(false));
+    let (durable, touched) = {
+        let storage = Crashing {
+            inner: FileStorage::open(&img_path, true).unwrap(),
+            limit,
+            mode,
+            writes: writes.clone(),
+            crashed: crashed.clone(),
+        };
+        let img = Qcow2Image::open_storage(
+            Box::new(storage),
+            &img_path,
+            true,
+            false,
+            &mut ChainGuard::default(),
+        )
+        .map_err(|e| format!("open for writing: {e}"))?;
+        let cs = img.header().cluster_size();
+        apply(&img, &ops(cs), size, base, &crashed)
+        // dropped here: the drop's flush meets the crashed storage too
+    };
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json", img_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    if code != 0 && code != 3 {
+        return Err(format!(
+            "N={limit} {mode:?}: qemu-img check exit {code}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let img = vimg::open::open_image(&img_path, &Default::default())
+        .map_err(|e| format!("N={limit}: reopen: {e}"))?;
+    let mut got = vec![0u8; size as usize];
+    img.read_at(&mut got, GuestOffset(0))
+        .map_err(|e| format!("N={limit}: read: {e}"))?;
+    if let Some(i) = (0..size as usize).find(|&i| !touched[i] && got[i] != durable[i]) {
+        return Err(format!(
+            "N={limit} {mode:?}: flushed byte at {i} reads {:#x}, expected {:#x}",
+            got[i], durable[i]
+        ));
+    }
+    std::fs::remove_file(&img_path).ok();
+    Ok(writes.load(Ordering::SeqCst))
+}
+
+#[test]
+fn interrupted_writes_never_corrupt_and_flushed_data_survives() {
+    if !qemu_available("crash_safety") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for opts in [
+        "cluster_size=65536",
+        "cluster_size=4096,refcount_bits=2",
+        "compat=0.10",
+        "extended_l2=on,compression_type=zstd",
+    ] {
+        let pristine = dir.path().join("pristine.qcow2");
+        let size = 32u64 << 20;
+        qemu_create(&pristine, "qcow2", opts, None, size);
+        let cs = if opts.contains("4096") { 4096 } else { 65536 };
+        qemu_io(
+            &pristine,
+            "qcow2",
+            &[
+                format!("write -c -P 0x61 {} {cs}", 8 * cs),
+                "write -P 0x62 0 200k".into(),
+            ],
+        );
+        let mut base = vec![0u8; size as usize];
+        base[..200 << 10].fill(0x62);
+        base[(8 * cs) as usize..(9 * cs) as usize].fill(0x61);
+        // The number of writes the whole sequence makes, then every crash point in it.
+        let total = match check_one(dir.path(), &pristine, &base, size, u64::MAX, Mode::Fail) {
+            Ok(n) => n,
+            Err(e) => {
+                failures.push(format!("{opts}: without a crash: {e}"));
+                continue;
+            }
+        };
+        assert!(total > 10, "{opts}: only {total} writes");
+        for limit in 0..total {
+            for mode in [Mode::Fail, Mode::Drop] {
+                if let Err(e) = check_one(dir.path(), &pristine, &base, size, limit, mode) {
+                    failures.push(format!("{opts}: {e}"));
+                }
+            }
+        }
+        run("rm", &["-f", pristine.to_str().unwrap()]);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
