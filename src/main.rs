@@ -28,8 +28,36 @@ enum Command {
     Compare(CompareArgs),
     /// Check an image's consistency (exit 0 clean, 1 incomplete, 2 corrupt, 3 leaks, 63 no check).
     Check(CheckArgs),
-    /// Convert an image to a sparse raw image.
+    /// Convert an image to a sparse raw file or a new qcow2 image (-c compresses).
     Convert(ConvertArgs),
+    /// Create a new raw or qcow2 image (qemu-img's options; `-o help` lists them).
+    Create(CreateCmdArgs),
+}
+
+#[derive(Args, Debug)]
+struct CreateCmdArgs {
+    /// Format of the new image: raw or qcow2.
+    #[arg(short = 'f', value_name = "FMT", default_value = "raw", value_parser = parse_format)]
+    format: ImageFormat,
+    /// Format options, comma-separated (repeatable; `-o help` lists them).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Backing file (recorded as given; relative names are relative to IMAGE).
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the backing file (required with -b, as in qemu-img).
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_format: Option<String>,
+    /// Do not open the backing file (it need not exist; SIZE is then required).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image to create.
+    filename: Option<PathBuf>,
+    /// Size (k, M, G, T suffixes); taken from the backing file when omitted.
+    size: Option<String>,
 }
 
 /// Options every command that opens an image shares.
@@ -117,9 +145,20 @@ struct ConvertArgs {
     /// Source format; probed when not given.
     #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
     format: Option<ImageFormat>,
-    /// Output format (only raw so far).
+    /// Output format: raw or qcow2.
     #[arg(short = 'O', value_name = "FMT", default_value = "raw", value_parser = parse_format)]
     output_format: ImageFormat,
+    /// Options for a new qcow2 target, as `vimg create -o` takes them (repeatable).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Store qcow2 clusters compressed, with the target's compression type (parallel).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Cache mode of the target: unsafe (default, as qemu-img convert: no waiting for the
+    /// disk), or writeback, writethrough, none, directsync (wait for the disk at the end).
+    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe",
+          value_parser = ["unsafe", "writeback", "writethrough", "none", "directsync"])]
+    cache: String,
     /// Zero blocks of this size are left as holes (multiple of 512, at most 16M; 0 allocates
     /// everything).
     #[arg(short = 'S', value_name = "SIZE", value_parser = parse_sparse, default_value = "4k",
@@ -143,7 +182,7 @@ struct ConvertArgs {
     force_share: bool,
     /// The source image.
     source: PathBuf,
-    /// The raw file to write.
+    /// The image to write.
     target: PathBuf,
 }
 
@@ -215,6 +254,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => compare(a),
         Command::Check(a) => check(a),
         Command::Convert(a) => convert(a),
+        Command::Create(a) => create(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -344,25 +384,46 @@ fn check(a: CheckArgs) -> CmdResult {
     Ok(ops::check::exit_code(&report) as u8)
 }
 
+fn create(a: CreateCmdArgs) -> CmdResult {
+    if ops::create::wants_help(&a.options) {
+        print(&ops::create::options_help(a.format))?;
+        return Ok(0);
+    }
+    let Some(filename) = a.filename else {
+        return Err(Failure {
+            message: "create: expecting the name of the image to create".into(),
+            code: 1,
+        });
+    };
+    let args = ops::create::CreateArgs {
+        format: a.format,
+        filename,
+        options: a.options,
+        backing_file: a.backing,
+        backing_format: a.backing_format,
+        unsafe_backing: a.unsafe_backing,
+        size: a.size,
+    };
+    let plan = ops::create::prepare(&args).map_err(|e| Failure::new(e, 1))?;
+    if !a.quiet {
+        print(&format!("{}\n", plan.formatting_line()))?;
+    }
+    plan.execute().map_err(|e| Failure::new(e, 1))?;
+    Ok(0)
+}
+
 fn convert(a: ConvertArgs) -> CmdResult {
     let _ = a.force_share;
     let fail = |e| Failure::new(e, 1);
-    if a.output_format != ImageFormat::Raw {
-        return Err(Failure {
-            message: format!(
-                "{}: output format '{}' is not supported yet (only raw)",
-                a.target.display(),
-                a.output_format
-            ),
-            code: 1,
-        });
-    }
     let src = open(&a.source, a.format).map_err(fail)?;
     let opts = ops::convert::ConvertOptions {
         output_format: a.output_format,
         sparse_size: a.sparse_size,
         no_create: a.no_create,
         threads: usize::from(a.threads),
+        compress: a.compress,
+        target_options: a.options.clone(),
+        sync: a.cache != "unsafe",
     };
     let show = a.progress && !a.quiet;
     let result = if show && std::io::stdout().is_terminal() {

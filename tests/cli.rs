@@ -1077,16 +1077,32 @@ fn convert_progress_and_refusals() {
         assert!(v.parse::<f64>().is_ok(), "{step:?}");
     }
 
-    // qcow2 output is not there yet: a clear refusal, no output file.
-    let q = tmp.path().join("out.qcow2");
-    let o = vimg(&["convert", "-O", "qcow2", p(&src), p(&q)]);
+    // qcow2 output, plain and compressed: qemu accepts it and reads the same data.
+    for extra in [
+        &[][..],
+        &["-c"][..],
+        &["-c", "-o", "compression_type=zstd,cluster_size=4k"][..],
+    ] {
+        let q = tmp.path().join("out.qcow2");
+        let mut args = vec!["convert", "-O", "qcow2"];
+        args.extend_from_slice(extra);
+        args.extend([p(&src), p(&q)]);
+        let o = vimg(&args);
+        assert_eq!(code(&o), 0, "{extra:?}: {}", text(&o.stderr));
+        qemu_img_ok(&["check", "-q", p(&q)]);
+        qemu_img_ok(&["compare", "-q", p(&src), p(&q)]);
+        std::fs::remove_file(&q).unwrap();
+    }
+    // Compression needs a qcow2 target: a clear refusal, no output file.
+    let r = tmp.path().join("out.raw");
+    let o = vimg(&["convert", "-c", "-O", "raw", p(&src), p(&r)]);
     assert_eq!(code(&o), 1);
     assert!(
-        text(&o.stderr).contains("not supported yet"),
+        text(&o.stderr).contains("needs a qcow2 target"),
         "{}",
         text(&o.stderr)
     );
-    assert!(!q.exists());
+    assert!(!r.exists());
 
     // Bad -S values are refused as qemu-img refuses them.
     for s in ["1000", "1x", "32M"] {

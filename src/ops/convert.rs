@@ -1,4 +1,4 @@
-//! `vimg convert -O raw`: copies an image's guest data into a sparse raw file.
+//! `vimg convert`: copies an image's guest data into a sparse raw file or a new qcow2 image.
 //!
 //! The source is walked with its block-status query: ranges known to read as zero are not read
 //! and become holes in the output; the rest is read in chunks of up to [`CHUNK`] bytes by
@@ -15,6 +15,9 @@
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::offsets::GuestOffset;
+use crate::open::ChainGuard;
+use crate::qcow2::compress::compress_cluster;
+use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,6 +46,14 @@ pub struct ConvertOptions {
     pub no_create: bool,
     /// Worker threads reading and writing (at least 1).
     pub threads: usize,
+    /// Store qcow2 clusters compressed (`-c`), with the target's compression type; clusters
+    /// that do not shrink are stored plain. Compression runs on the worker threads.
+    pub compress: bool,
+    /// `-o` options for a new qcow2 target, as `vimg create` takes them.
+    pub target_options: Vec<String>,
+    /// Wait for the target to reach the disk before finishing (`-t` other than `unsafe`).
+    /// qemu-img's default for convert is `unsafe`, which does not.
+    pub sync: bool,
 }
 
 impl Default for ConvertOptions {
@@ -52,6 +63,9 @@ impl Default for ConvertOptions {
             sparse_size: DEFAULT_SPARSE_SIZE,
             no_create: false,
             threads: 4,
+            compress: false,
+            target_options: Vec::new(),
+            sync: false,
         }
     }
 }
@@ -71,19 +85,23 @@ pub fn validate_sparse_size(size: u64) -> Result<u64> {
 /// threads.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
-/// Copies the guest data of `src` into a raw image at `dst`.
+/// Copies the guest data of `src` into a raw or qcow2 image at `dst`.
 pub fn convert(
     src: &dyn BlockImage,
     dst: &Path,
     opts: &ConvertOptions,
     progress: Option<Progress<'_>>,
 ) -> Result<()> {
-    if opts.output_format != ImageFormat::Raw {
-        return Err(Error::unsupported(format!(
-            "output format '{}' is not supported yet (only raw)",
-            opts.output_format
-        ))
-        .with_path(dst));
+    let qcow2 = opts.output_format == ImageFormat::Qcow2;
+    if opts.compress && !qcow2 {
+        return Err(
+            Error::invalid_input("compression (-c) needs a qcow2 target (-O qcow2)").with_path(dst),
+        );
+    }
+    if !qcow2 && !opts.target_options.is_empty() {
+        return Err(
+            Error::unsupported("-o options are not supported for raw targets yet").with_path(dst),
+        );
     }
     if opts.sparse_size != 0 {
         validate_sparse_size(opts.sparse_size)?;
@@ -93,7 +111,7 @@ pub fn convert(
         .map(|m| !m.file_type().is_file() && !m.file_type().is_dir())
         .unwrap_or(false);
     if opts.no_create || existing_device {
-        let target = RawImage::open(dst, true)?;
+        let target = open_target(dst, opts.output_format)?;
         let target_size = target.virtual_size();
         if target_size < size {
             return Err(Error::invalid_input(format!(
@@ -101,7 +119,7 @@ pub fn convert(
             ))
             .with_path(dst));
         }
-        copy(src, &target, true, opts, progress)?;
+        copy(src, target.as_ref(), None, true, opts, progress)?;
         return target.flush();
     }
 
@@ -113,16 +131,49 @@ pub fn convert(
     };
     let keep_permissions = std::fs::metadata(&dst).ok().map(|m| m.permissions());
     let tmp = TempFile::create_near(&dst)?;
-    let target = RawImage::create(&tmp.path, size)?;
-    copy(src, &target, false, opts, progress)?;
-    target.flush()?;
-    drop(target);
+    if qcow2 {
+        crate::ops::create::create(&crate::ops::create::CreateArgs {
+            format: ImageFormat::Qcow2,
+            filename: tmp.path.clone(),
+            options: opts.target_options.clone(),
+            backing_file: None,
+            backing_format: None,
+            unsafe_backing: false,
+            size: Some(size.to_string()),
+        })
+        .in_file(&dst)?;
+        let target = Qcow2Image::open(&tmp.path, true, true, &mut ChainGuard::default())?;
+        target.set_unsafe_cache(!opts.sync);
+        let compress = opts.compress.then_some(&target);
+        copy(src, &target, compress, false, opts, progress)?;
+        // Writes the metadata (and, unless the cache is unsafe, waits for the disk).
+        target.flush()?;
+    } else {
+        let target = RawImage::create(&tmp.path, size)?;
+        copy(src, &target, None, false, opts, progress)?;
+        if opts.sync {
+            target.flush()?;
+        }
+    }
     if let Some(perm) = keep_permissions {
         std::fs::set_permissions(&tmp.path, perm)
             .map_err(|e| Error::io("cannot set the output file's permissions", e))
             .in_file(&dst)?;
     }
     tmp.persist(&dst)
+}
+
+/// Opens an existing target for writing in place (`-n`).
+fn open_target(dst: &Path, format: ImageFormat) -> Result<Box<dyn BlockImage>> {
+    Ok(match format {
+        ImageFormat::Raw => Box::new(RawImage::open(dst, true)?),
+        ImageFormat::Qcow2 => Box::new(Qcow2Image::open(
+            dst,
+            true,
+            true,
+            &mut ChainGuard::default(),
+        )?),
+    })
 }
 
 /// A file under a temporary name, removed on drop unless persisted.
@@ -200,10 +251,12 @@ enum Job {
 }
 
 /// Copies all of `src` into `dst` (at least as large). `in_place`: `dst` may hold old data, so
-/// zeros must be written, not skipped.
+/// zeros must be written, not skipped. With `compress` (the same image as `dst`, fresh), data
+/// is copied in whole clusters, each stored compressed where that saves space.
 fn copy(
     src: &dyn BlockImage,
-    dst: &RawImage,
+    dst: &dyn BlockImage,
+    compress: Option<&Qcow2Image>,
     in_place: bool,
     opts: &ConvertOptions,
     progress: Option<Progress<'_>>,
@@ -251,7 +304,10 @@ fn copy(
                     }
                     let (r, n) = match job {
                         Job::Data { off, len } => (
-                            copy_data(src, dst, off, len, sparse, in_place, &mut buf),
+                            match compress {
+                                Some(q) => compress_data(src, q, off, len, &mut buf),
+                                None => copy_data(src, dst, off, len, sparse, in_place, &mut buf),
+                            },
                             len,
                         ),
                         Job::Zero { off, len } => (
@@ -267,7 +323,12 @@ fn copy(
             });
         }
         // Produce jobs from the block status walk; the channel bounds how far ahead we get.
-        let produce = || -> Result<()> {
+        // Compressed copies work in whole clusters: a data range is widened to cluster
+        // boundaries, and `emitted` remembers how far clusters were already queued so that no
+        // cluster is handed to two workers.
+        let ccs = compress.map(|q| q.header().cluster_size());
+        let mut emitted = 0u64;
+        let mut produce = || -> Result<()> {
             let mut off = 0;
             while off < size && !stop.load(Ordering::SeqCst) {
                 let st = src.block_status(GuestOffset(off), size - off)?;
@@ -282,6 +343,36 @@ fn copy(
                     .with_path(src.filename()));
                 }
                 let end = off + st.len;
+                if let Some(cs) = ccs {
+                    let step = CHUNK.max(cs);
+                    let (mut o, stop_at, zero) = if st.zero {
+                        (off.max(emitted), end, true)
+                    } else {
+                        (
+                            off / cs * cs,
+                            end.div_ceil(cs).saturating_mul(cs).min(size),
+                            false,
+                        )
+                    };
+                    o = o.max(emitted);
+                    while o < stop_at {
+                        let n = (step - o % step).min(stop_at - o);
+                        let job = if zero {
+                            Job::Zero { off: o, len: n }
+                        } else {
+                            Job::Data { off: o, len: n }
+                        };
+                        if tx.send(job).is_err() {
+                            return Ok(());
+                        }
+                        o += n;
+                    }
+                    if !zero {
+                        emitted = emitted.max(stop_at);
+                    }
+                    off = end;
+                    continue;
+                }
                 if st.zero {
                     // Zero ranges are cheap whatever their size; still split them so progress
                     // moves smoothly.
@@ -324,7 +415,7 @@ fn copy(
 /// zeroing) the aligned blocks of `sparse` bytes that are all zeros.
 fn copy_data(
     src: &dyn BlockImage,
-    dst: &RawImage,
+    dst: &dyn BlockImage,
     off: u64,
     len: u64,
     sparse: u64,
@@ -362,10 +453,41 @@ fn copy_data(
     Ok(())
 }
 
+/// Reads the whole clusters `[off, off + len)` of `src` and stores each in the fresh qcow2
+/// image `dst` compressed, or plain where compression does not save space; all-zero clusters
+/// are left unallocated.
+fn compress_data(
+    src: &dyn BlockImage,
+    dst: &Qcow2Image,
+    off: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    let cs = dst.header().cluster_size();
+    buf.resize(len as usize, 0);
+    src.read_at(buf, GuestOffset(off))?;
+    let mut cluster = vec![0u8; cs as usize];
+    for (i, piece) in buf.chunks(cs as usize).enumerate() {
+        if is_zero(piece) {
+            continue;
+        }
+        let gc = off + i as u64 * cs;
+        // The last cluster of a disk whose size is not a multiple of the cluster size is
+        // compressed whole, padded with zeros, as qemu does.
+        cluster[..piece.len()].copy_from_slice(piece);
+        cluster[piece.len()..].fill(0);
+        match compress_cluster(dst.header().compression_type, &cluster)? {
+            Some(z) => dst.write_compressed(gc, &z)?,
+            None => dst.write_at(piece, GuestOffset(gc))?,
+        }
+    }
+    Ok(())
+}
+
 /// Makes `[off, off + len)` of `dst` read as zero: nothing to do in a fresh sparse file, a
 /// hole punched in an existing one, zeros written when sparseness is off.
 fn write_zero_range(
-    dst: &RawImage,
+    dst: &dyn BlockImage,
     off: u64,
     len: u64,
     sparse: u64,

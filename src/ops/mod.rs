@@ -7,6 +7,7 @@
 pub mod check;
 pub mod compare;
 pub mod convert;
+pub mod create;
 pub mod info;
 pub mod json;
 pub mod map;

@@ -15,6 +15,7 @@ pub mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod compress;
+pub mod create;
 pub mod header;
 pub mod l2;
 pub mod refcount;
@@ -60,6 +61,8 @@ pub struct Qcow2Image {
     metadata_prealloc: OnceLock<bool>,
     /// Allocation and flush state, for images opened read-write.
     write: Option<Mutex<write::WriteState>>,
+    /// Flushes order their writes but skip the syncs (qemu's `cache=unsafe`).
+    unsafe_cache: std::sync::atomic::AtomicBool,
 }
 
 impl Qcow2Image {
@@ -137,6 +140,7 @@ impl Qcow2Image {
             last_compressed: Mutex::new(None),
             metadata_prealloc: OnceLock::new(),
             write: None,
+            unsafe_cache: std::sync::atomic::AtomicBool::new(false),
             header,
         };
         if writable {
@@ -194,6 +198,13 @@ impl Qcow2Image {
         }
         self.write = Some(Mutex::new(write::WriteState::new(self)?));
         Ok(())
+    }
+
+    /// With `on`, flushes still write metadata in their safe order but do not wait for the
+    /// disk (qemu's `cache=unsafe`, the default of `qemu-img convert` for its target): a crash
+    /// of the machine, not of the program, may then lose or tear what was written.
+    pub fn set_unsafe_cache(&self, on: bool) {
+        self.unsafe_cache.store(on, Ordering::Relaxed);
     }
 
     /// The parsed header.

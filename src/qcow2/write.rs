@@ -663,6 +663,9 @@ impl Qcow2Image {
     }
 
     fn sync(&self) -> Result<()> {
+        if self.unsafe_cache.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.storage
             .flush()
             .map_err(|e| Error::io("sync failed", e))?;

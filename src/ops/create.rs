@@ -1,0 +1,488 @@
+//! `vimg create`: the library side of `vimg create -f qcow2|raw [-o OPTIONS] [-b BACKING -F FMT]
+//! [-u] IMAGE [SIZE]`.
+//!
+//! [`prepare`] turns the command line's pieces into a [`CreatePlan`] without touching any file
+//! but the backing file (opened read-only to check it and, when SIZE is omitted, to take its
+//! virtual size); [`CreatePlan::formatting_line`] is the line qemu-img prints before creating;
+//! [`CreatePlan::execute`] writes the image. [`options_help`] is the `-o help` text. Nothing
+//! here prints.
+//!
+//! qcow2 images are written by [`crate::qcow2::create`] (qcow2.rst "Header", "Host cluster
+//! management", "Cluster mapping"); raw images by [`create_raw`].
+
+use crate::block::ImageFormat;
+use crate::error::{Error, Result};
+use crate::open::{open_image, resolve_relative, OpenOptions};
+use crate::ops::size::parse_size;
+use crate::qcow2::create::{
+    create_file, grow_file, parse_options, round_size, CreateOptions, OptionUpdates, Preallocation,
+    OPTION_HELP,
+};
+use crate::qcow2::header::CompressionType;
+use std::path::{Path, PathBuf};
+
+/// The pieces of a `vimg create` command line.
+#[derive(Debug, Clone)]
+pub struct CreateArgs {
+    /// `-f`: the format of the new image.
+    pub format: ImageFormat,
+    /// IMAGE: the file to create (an existing file is truncated, as qemu-img does).
+    pub filename: PathBuf,
+    /// Each `-o` argument, in command-line order (later options win).
+    pub options: Vec<String>,
+    /// `-b`: the backing file name, recorded as given (relative names are relative to IMAGE).
+    pub backing_file: Option<String>,
+    /// `-F`: the backing file's format.
+    pub backing_format: Option<String>,
+    /// `-u`: do not open the backing file (it need not exist; SIZE is then required).
+    pub unsafe_backing: bool,
+    /// SIZE as typed (`64M`, `1.5G`, `65536`); `None` takes the backing file's size.
+    pub size: Option<String>,
+}
+
+/// A validated create request, ready to run.
+#[derive(Debug, Clone)]
+pub enum CreatePlan {
+    /// A raw image.
+    Raw {
+        /// The file to create.
+        path: PathBuf,
+        /// Size in bytes as requested (rounded up to 512 bytes when written).
+        size: u64,
+        /// Preallocation mode.
+        preallocation: Preallocation,
+        /// Whether `preallocation` was given explicitly (it is then shown in the
+        /// formatting line).
+        preallocation_given: bool,
+    },
+    /// A qcow2 image.
+    Qcow2 {
+        /// The file to create.
+        path: PathBuf,
+        /// The complete options.
+        options: Box<CreateOptions>,
+        /// The `-o` options as given (the formatting line shows some only when given).
+        given: Box<OptionUpdates>,
+    },
+}
+
+/// Formats qemu-img knows as backing formats; with `-u` any of them may be recorded, since the
+/// backing file is not opened. Without `-u` vimg must open it, so only raw and qcow2 work.
+const KNOWN_FORMATS: &[&str] = &[
+    "raw",
+    "qcow2",
+    "qcow",
+    "qed",
+    "vmdk",
+    "vdi",
+    "vhdx",
+    "vpc",
+    "parallels",
+    "luks",
+    "dmg",
+    "bochs",
+    "cloop",
+    "vvfat",
+    "file",
+    "host_device",
+    "nbd",
+];
+
+/// Whether any `-o` argument asks for the option list (`help` or `?`).
+pub fn wants_help(options: &[String]) -> bool {
+    options.iter().any(|o| {
+        crate::qcow2::create::split_option_list(o)
+            .map(|items| items.iter().any(|i| i == "help" || i == "?"))
+            .unwrap_or(false)
+    })
+}
+
+/// The `-o help` text for `format`: the options `vimg create` accepts, one per line with a
+/// short description.
+pub fn options_help(format: ImageFormat) -> String {
+    let rows: Vec<(&str, &str)> = match format {
+        ImageFormat::Qcow2 => OPTION_HELP.to_vec(),
+        ImageFormat::Raw => vec![
+            (
+                "preallocation=<str>",
+                "off (default, sparse), falloc or full",
+            ),
+            ("size=<size>", "virtual disk size"),
+        ],
+    };
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut s = format!("Options for creating {} images:\n", format.as_str());
+    for (k, d) in rows {
+        s.push_str(&format!("  {k:<width$}  {d}\n"));
+    }
+    s
+}
+
+fn parse_all(options: &[String]) -> Result<OptionUpdates> {
+    let mut u = OptionUpdates::default();
+    for o in options {
+        u.merge(parse_options(o)?);
+    }
+    Ok(u)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Checks the command line and works out what to create: parses and merges the `-o` options,
+/// applies `-b`/`-F` (which win over `-o backing_file`/`backing_fmt`), takes the size from
+/// SIZE, `-o size` or the backing file, and validates the result. Unless `-u` is given, the
+/// backing file is opened with the given format (relative to the image's directory), which
+/// also proves that the format is right.
+pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
+    let mut given = parse_all(&args.options)?;
+    if given.help {
+        return Err(Error::invalid_input(
+            "-o help asks for the option list, not an image (see options_help)",
+        ));
+    }
+    if let Some(b) = &args.backing_file {
+        given.backing_file = Some(b.clone());
+    }
+    if let Some(f) = &args.backing_format {
+        given.backing_fmt = Some(f.clone());
+    }
+    let positional = match &args.size {
+        Some(t) => Some(parse_size(t)?),
+        None => None,
+    };
+    if positional.is_some() && given.size.is_some() {
+        return Err(Error::invalid_input(
+            "the image size must be given only once (SIZE or -o size)",
+        ));
+    }
+    let mut size = positional.or(given.size);
+
+    match args.format {
+        ImageFormat::Raw => {
+            let extra: Vec<&str> = given
+                .given_keys()
+                .into_iter()
+                .filter(|k| *k != "size" && *k != "preallocation")
+                .collect();
+            if let Some(k) = extra.first() {
+                let what = if k.starts_with("backing") {
+                    "raw images cannot have a backing file".to_string()
+                } else {
+                    format!("option '{k}' is not supported for raw images")
+                };
+                return Err(Error::invalid_input(what));
+            }
+            let preallocation = given.preallocation.unwrap_or_default();
+            if preallocation == Preallocation::Metadata {
+                return Err(Error::invalid_input(
+                    "preallocation=metadata is not supported for raw images (use falloc or full)",
+                ));
+            }
+            let size = size.ok_or_else(|| Error::invalid_input("image creation needs a size"))?;
+            Ok(CreatePlan::Raw {
+                path: args.filename.clone(),
+                size,
+                preallocation,
+                preallocation_given: given.preallocation.is_some(),
+            })
+        }
+        ImageFormat::Qcow2 => {
+            let mut opts = CreateOptions::default();
+            opts.apply(&given);
+            if let (Some(name), Some(fmt)) = (&opts.backing_file, &opts.backing_fmt) {
+                if !KNOWN_FORMATS.contains(&fmt.as_str()) {
+                    return Err(Error::invalid_input(format!(
+                        "unknown backing format '{fmt}'"
+                    )));
+                }
+                let bpath = resolve_relative(&args.filename, name)?;
+                if same_file(&bpath, &args.filename) {
+                    return Err(Error::invalid_input(
+                        "the image cannot be its own backing file",
+                    ));
+                }
+                if args.unsafe_backing {
+                    if size.is_none() {
+                        return Err(Error::invalid_input(
+                            "image creation needs a size when the backing file is not opened (-u)",
+                        ));
+                    }
+                } else {
+                    let format = ImageFormat::from_name(fmt)?;
+                    let img = open_image(
+                        &bpath,
+                        &OpenOptions {
+                            format: Some(format),
+                            writable: false,
+                            no_backing: false,
+                        },
+                    )
+                    .map_err(|e| {
+                        Error::new(
+                            e.kind(),
+                            format!("could not open backing file '{name}': {e}"),
+                        )
+                    })?;
+                    size = size.or(Some(img.virtual_size()));
+                }
+            }
+            if size.is_none() {
+                // Report what is wrong with the options (a backing file without its format,
+                // say) before the missing size that follows from it.
+                opts.validate()?;
+            }
+            opts.size = size.ok_or_else(|| Error::invalid_input("image creation needs a size"))?;
+            opts.validate()?;
+            Ok(CreatePlan::Qcow2 {
+                path: args.filename.clone(),
+                options: Box::new(opts),
+                given: Box::new(given),
+            })
+        }
+    }
+}
+
+impl CreatePlan {
+    /// The line qemu-img prints before creating, e.g. `Formatting 'disk.qcow2', fmt=qcow2
+    /// cluster_size=65536 extended_l2=off compression_type=zlib size=1073741824
+    /// lazy_refcounts=off refcount_bits=16`: the format's main options in qemu-img's order,
+    /// with `preallocation`, `compat` and `data_file_raw` only when given. Values are shown
+    /// normalised (`compat=1.1` for `v3`, `on`/`off` for booleans).
+    pub fn formatting_line(&self) -> String {
+        let onoff = |b: bool| if b { "on" } else { "off" };
+        match self {
+            CreatePlan::Raw {
+                path,
+                size,
+                preallocation,
+                preallocation_given,
+            } => {
+                let mut s = format!("Formatting '{}', fmt=raw size={size}", path.display());
+                if *preallocation_given {
+                    s.push_str(&format!(" preallocation={}", preallocation.as_str()));
+                }
+                s
+            }
+            CreatePlan::Qcow2 {
+                path,
+                options: o,
+                given,
+            } => {
+                let mut s = format!(
+                    "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={}",
+                    path.display(),
+                    o.cluster_size,
+                    onoff(o.extended_l2)
+                );
+                if given.preallocation.is_some() {
+                    s.push_str(&format!(" preallocation={}", o.preallocation.as_str()));
+                }
+                let ct = match o.compression_type {
+                    CompressionType::Zlib => "zlib",
+                    CompressionType::Zstd => "zstd",
+                };
+                s.push_str(&format!(" compression_type={ct} size={}", o.size));
+                if given.compat.is_some() {
+                    s.push_str(&format!(" compat={}", o.compat.as_str()));
+                }
+                if let Some(b) = &o.backing_file {
+                    s.push_str(&format!(" backing_file={b}"));
+                }
+                if let Some(f) = &o.backing_fmt {
+                    s.push_str(&format!(" backing_fmt={f}"));
+                }
+                if let Some(d) = &o.data_file {
+                    s.push_str(&format!(" data_file={d}"));
+                }
+                if given.data_file_raw.is_some() {
+                    s.push_str(&format!(" data_file_raw={}", onoff(o.data_file_raw)));
+                }
+                s.push_str(&format!(
+                    " lazy_refcounts={} refcount_bits={}",
+                    onoff(o.lazy_refcounts),
+                    o.refcount_bits
+                ));
+                s
+            }
+        }
+    }
+
+    /// Creates the image (truncating an existing file, as qemu-img does). A failed create
+    /// removes the files it made.
+    pub fn execute(&self) -> Result<()> {
+        match self {
+            CreatePlan::Raw {
+                path,
+                size,
+                preallocation,
+                ..
+            } => create_raw(path, *size, *preallocation),
+            CreatePlan::Qcow2 { path, options, .. } => crate::qcow2::create::create(path, options),
+        }
+    }
+}
+
+/// Prepares and runs a create request; returns the formatting line to print on success.
+pub fn create(args: &CreateArgs) -> Result<String> {
+    let plan = prepare(args)?;
+    plan.execute()?;
+    Ok(plan.formatting_line())
+}
+
+/// Creates (or truncates) the raw image at `path` with `size` bytes, rounded up to whole
+/// 512-byte sectors as qemu does, preallocated as `mode` says: `Off` sparse, `Falloc`
+/// fallocated, `Full` written with zeros (`Metadata` has no meaning for raw files and is
+/// refused). Like qemu-img, the first 4 KiB are written so that the file's block size can be
+/// probed. A failed create removes the file.
+pub fn create_raw(path: &Path, size: u64, mode: Preallocation) -> Result<()> {
+    if mode == Preallocation::Metadata {
+        return Err(Error::invalid_input(
+            "preallocation=metadata is not supported for raw images (use falloc or full)",
+        ));
+    }
+    let file = create_file(path)?;
+    let r = grow_file(&file, path, round_size(size), mode).and_then(|()| {
+        file.sync_all()
+            .map_err(|e| Error::io("flush failed", e).with_path(path))
+    });
+    if r.is_err() {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(format: ImageFormat, file: &Path, opts: &[&str], size: Option<&str>) -> CreateArgs {
+        CreateArgs {
+            format,
+            filename: file.to_path_buf(),
+            options: opts.iter().map(|s| s.to_string()).collect(),
+            backing_file: None,
+            backing_format: None,
+            unsafe_backing: false,
+            size: size.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn formatting_lines_follow_qemu() {
+        let p = Path::new("a.qcow2");
+        let plan = prepare(&args(ImageFormat::Qcow2, p, &[], Some("1G"))).unwrap();
+        assert_eq!(
+            plan.formatting_line(),
+            "Formatting 'a.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off \
+             compression_type=zlib size=1073741824 lazy_refcounts=off refcount_bits=16"
+        );
+        let plan = prepare(&args(
+            ImageFormat::Qcow2,
+            p,
+            &[
+                "data_file=d.raw,data_file_raw=on",
+                "preallocation=falloc,compat=v3",
+            ],
+            Some("1M"),
+        ))
+        .unwrap();
+        assert_eq!(
+            plan.formatting_line(),
+            "Formatting 'a.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off \
+             preallocation=falloc compression_type=zlib size=1048576 compat=1.1 \
+             data_file=d.raw data_file_raw=on lazy_refcounts=off refcount_bits=16"
+        );
+        let plan = prepare(&args(
+            ImageFormat::Raw,
+            Path::new("a.raw"),
+            &["preallocation=full"],
+            Some("1000"),
+        ))
+        .unwrap();
+        assert_eq!(
+            plan.formatting_line(),
+            "Formatting 'a.raw', fmt=raw size=1000 preallocation=full"
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        let p = Path::new("/nonexistent-dir/a.qcow2");
+        let q = ImageFormat::Qcow2;
+        for (a, want) in [
+            (args(q, p, &[], None), "needs a size"),
+            (args(q, p, &["size=1M"], Some("1M")), "only once"),
+            (
+                args(ImageFormat::Raw, p, &["cluster_size=4k"], Some("1M")),
+                "not supported for raw",
+            ),
+            (
+                args(ImageFormat::Raw, p, &["preallocation=metadata"], Some("1M")),
+                "metadata",
+            ),
+            (
+                args(q, p, &["backing_file=b"], Some("1M")),
+                "without backing format",
+            ),
+        ] {
+            let e = prepare(&a).unwrap_err();
+            assert!(e.to_string().contains(want), "{a:?}: {e}");
+        }
+        let mut a = args(q, p, &[], None);
+        a.backing_file = Some("b.raw".into());
+        a.backing_format = Some("raw".into());
+        a.unsafe_backing = true;
+        assert!(prepare(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("needs a size"));
+        a.size = Some("1M".into());
+        assert!(prepare(&a).is_ok());
+        a.backing_format = Some("foo".into());
+        assert!(prepare(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown backing format"));
+        assert!(wants_help(&["cluster_size=4k,help".to_string()]));
+        assert!(options_help(q).contains("refcount_bits"));
+    }
+
+    #[test]
+    fn size_comes_from_the_backing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        create_raw(&base, 3 << 20, Preallocation::Off).unwrap();
+        let top = dir.path().join("top.qcow2");
+        let mut a = args(ImageFormat::Qcow2, &top, &[], None);
+        a.backing_file = Some("base.raw".into());
+        a.backing_format = Some("raw".into());
+        let line = create(&a).unwrap();
+        assert!(
+            line.contains("size=3145728 backing_file=base.raw backing_fmt=raw"),
+            "{line}"
+        );
+        let img = open_image(&top, &OpenOptions::default()).unwrap();
+        assert_eq!(img.virtual_size(), 3 << 20);
+        // The wrong format for the backing file is an error, and nothing is created.
+        let other = dir.path().join("other.qcow2");
+        let mut a = args(ImageFormat::Qcow2, &other, &[], None);
+        a.backing_file = Some("base.raw".into());
+        a.backing_format = Some("qcow2".into());
+        assert!(create(&a).is_err());
+        assert!(!other.exists());
+        // An image cannot back itself.
+        let mut a = args(ImageFormat::Qcow2, &top, &[], Some("1M"));
+        a.backing_file = Some("top.qcow2".into());
+        a.backing_format = Some("qcow2".into());
+        assert!(create(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("its own backing file"));
+    }
+}
