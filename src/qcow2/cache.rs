@@ -23,6 +23,8 @@ struct Inner<T> {
     /// Table, last use, dirty.
     tables: HashMap<u64, (Arc<[T]>, u64, bool)>,
     clock: u64,
+    /// How many of `tables` are dirty (kept so that asking costs nothing).
+    dirty: usize,
 }
 
 impl<T> TableCache<T> {
@@ -33,6 +35,7 @@ impl<T> TableCache<T> {
             inner: Mutex::new(Inner {
                 tables: HashMap::new(),
                 clock: 0,
+                dirty: 0,
             }),
         }
     }
@@ -75,7 +78,13 @@ impl<T> TableCache<T> {
         let mut g = self.lock();
         g.clock += 1;
         let now = g.clock;
-        g.tables.insert(offset, (table, now, true));
+        if !g
+            .tables
+            .insert(offset, (table, now, true))
+            .is_some_and(|e| e.2)
+        {
+            g.dirty += 1;
+        }
         Self::evict(&mut g, self.capacity);
     }
 
@@ -94,24 +103,32 @@ impl<T> TableCache<T> {
 
     /// How many tables are dirty.
     pub fn dirty_count(&self) -> usize {
-        self.lock().tables.values().filter(|e| e.2).count()
+        self.lock().dirty
     }
 
     /// Marks the table at `offset` written, if `table` is still the cached copy (a table
     /// changed again since then stays dirty).
     pub fn mark_clean(&self, offset: u64, table: &Arc<[T]>) {
         let mut g = self.lock();
-        if let Some(e) = g.tables.get_mut(&offset) {
-            if Arc::ptr_eq(&e.0, table) {
+        let cleaned = match g.tables.get_mut(&offset) {
+            Some(e) if e.2 && Arc::ptr_eq(&e.0, table) => {
                 e.2 = false;
+                true
             }
+            _ => false,
+        };
+        if cleaned {
+            g.dirty -= 1;
         }
         Self::evict(&mut g, self.capacity);
     }
 
     /// Drops the table at `offset`, dirty or not (its cluster was freed).
     pub fn forget(&self, offset: u64) {
-        self.lock().tables.remove(&offset);
+        let mut g = self.lock();
+        if g.tables.remove(&offset).is_some_and(|e| e.2) {
+            g.dirty -= 1;
+        }
     }
 
     /// Evicts least recently used clean tables while over capacity.
