@@ -20,7 +20,7 @@ VIMG=$here/target/release/vimg
 measure() {
   local best="" rss=0 t r
   for _ in $(seq "$REPS"); do
-    rm -f "$W/out.raw"
+    rm -f "$W/out.raw" "$W/out.qcow2"
     sync
     /usr/bin/time -f '%e %M' -o "$W/time.txt" "$@" >/dev/null
     read -r t r < "$W/time.txt"
@@ -30,14 +30,29 @@ measure() {
   echo "$best $rss"
 }
 
-printf '%-28s %10s %10s %8s %12s %12s\n' case qemu-img vimg ratio qemu-rss-KiB vimg-rss-KiB
-for src in test.raw test.qcow2 test-z.qcow2 test-zstd.qcow2; do
-  read -r qt qr < <(measure qemu-img convert -O raw "$W/$src" "$W/out.raw")
-  qemu_sum=$(md5sum < "$W/out.raw")
-  read -r vt vr < <(measure "$VIMG" convert -O raw "$W/$src" "$W/out.raw")
-  vimg_sum=$(md5sum < "$W/out.raw")
-  [ "$qemu_sum" = "$vimg_sum" ] || { echo "OUTPUT DIFFERS for $src" >&2; exit 1; }
+# One case: the same convert arguments for both tools; outputs must be equivalent.
+case_() {
+  local label=$1 out=$2; shift 2
+  read -r qt qr < <(measure qemu-img convert "$@" "$W/$out")
+  local qsize; qsize=$(du -k "$W/$out" | cut -f1)
+  cp --sparse=always "$W/$out" "$W/qemu-$out"
+  read -r vt vr < <(measure "$VIMG" convert "$@" "$W/$out")
+  local vsize; vsize=$(du -k "$W/$out" | cut -f1)
+  if [[ $out == *.qcow2 ]]; then
+    qemu-img check -q "$W/$out" || { echo "CHECK FAILED for $label" >&2; exit 1; }
+  fi
+  qemu-img compare -q "$W/qemu-$out" "$W/$out" || { echo "OUTPUT DIFFERS for $label" >&2; exit 1; }
+  rm -f "$W/qemu-$out"
   ratio=$(awk "BEGIN{printf \"%.2fx\", $qt / ($vt > 0 ? $vt : 0.001)}")
-  printf '%-28s %9ss %9ss %8s %12s %12s\n' "convert $src -> raw" "$qt" "$vt" "$ratio" "$qr" "$vr"
+  printf '%-30s %9ss %9ss %7s %10s %10s %10s %10s\n' "$label" "$qt" "$vt" "$ratio" "$qr" "$vr" "$qsize" "$vsize"
+}
+
+printf '%-30s %10s %10s %7s %10s %10s %10s %10s\n' case qemu-img vimg speedup qemu-KiB vimg-KiB qemu-out vimg-out
+for src in test.raw test.qcow2 test-z.qcow2 test-zstd.qcow2; do
+  case_ "$src -> raw" out.raw -O raw "$W/$src"
 done
-echo "(ratio = qemu-img time / vimg time; above 1 means vimg is faster)"
+case_ "test.raw -> qcow2" out.qcow2 -O qcow2 "$W/test.raw"
+case_ "test.qcow2 -> qcow2" out.qcow2 -O qcow2 "$W/test.qcow2"
+case_ "test.raw -> qcow2 -c zlib" out.qcow2 -c -O qcow2 "$W/test.raw"
+case_ "test.raw -> qcow2 -c zstd" out.qcow2 -c -O qcow2 -o compression_type=zstd "$W/test.raw"
+echo "(speedup = qemu-img time / vimg time, best of $REPS; KiB columns: peak RSS, then output size on disk)"

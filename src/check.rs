@@ -37,13 +37,14 @@ pub struct CheckReport {
 
 impl CheckReport {
     /// qemu-img's exit code for this result: 0 clean, 2 corruptions, 3 leaks only, 1 if the
-    /// check could not complete.
+    /// check could not complete. After a repair, `corruptions` and `leaks` count what is still
+    /// wrong, so the code says whether the repaired image is clean.
     pub fn exit_code(&self) -> i32 {
         if self.check_errors > 0 {
             1
-        } else if self.corruptions > self.corruptions_fixed {
+        } else if self.corruptions > 0 {
             2
-        } else if self.leaks > self.leaks_fixed {
+        } else if self.leaks > 0 {
             3
         } else {
             0

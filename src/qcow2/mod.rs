@@ -19,6 +19,7 @@ pub mod create;
 pub mod header;
 pub mod l2;
 pub mod refcount;
+pub mod repair;
 pub mod snapshot;
 pub mod write;
 

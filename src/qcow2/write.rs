@@ -138,7 +138,7 @@ impl Qcow2Image {
     }
 
     /// The refcount of host cluster `cluster`, as it will be after the next flush.
-    fn refcount_of(&self, st: &WriteState, cluster: u64) -> Result<u64> {
+    pub(super) fn refcount_of(&self, st: &WriteState, cluster: u64) -> Result<u64> {
         let bits = self.refblock_bits();
         let idx = (cluster >> bits) as usize;
         let off = st.reftable.get(idx).map_or(0, |e| e & REFT_OFFSET_MASK);
@@ -154,7 +154,12 @@ impl Qcow2Image {
     }
 
     /// Sets the refcount of host cluster `cluster`, creating its refcount block if needed.
-    fn set_refcount_of(&self, st: &mut WriteState, cluster: u64, value: u64) -> Result<()> {
+    pub(super) fn set_refcount_of(
+        &self,
+        st: &mut WriteState,
+        cluster: u64,
+        value: u64,
+    ) -> Result<()> {
         if value > refcount::max_refcount(self.header.refcount_order) {
             return Err(Error::unsupported(format!(
                 "refcount of cluster {cluster} would exceed the {}-bit refcount width",
@@ -250,7 +255,7 @@ impl Qcow2Image {
     /// the refcount blocks covering the run exist when it returns (creating one may take a
     /// cluster of the candidate run, in which case the search goes on), so that setting the
     /// run's refcounts allocates nothing more. Placing a refcount block itself passes `false`.
-    fn find_free(&self, st: &mut WriteState, n: u64, with_blocks: bool) -> Result<u64> {
+    pub(super) fn find_free(&self, st: &mut WriteState, n: u64, with_blocks: bool) -> Result<u64> {
         let mut start = st.free_hint;
         let limit = (1u64 << 56) >> self.header.cluster_bits;
         let bits = self.refblock_bits();
@@ -309,13 +314,13 @@ impl Qcow2Image {
     }
 
     /// Records that the file now extends to at least cluster `end`.
-    fn note_end(&self, end: u64) {
+    pub(super) fn note_end(&self, end: u64) {
         self.file_len
             .fetch_max(end << self.header.cluster_bits, Ordering::AcqRel);
     }
 
     /// Queues the host clusters `desc` refers to for release at the next flush.
-    fn release(&self, st: &mut WriteState, desc: Descriptor) {
+    pub(super) fn release(&self, st: &mut WriteState, desc: Descriptor) {
         if self.data_file.is_some() {
             return; // data file clusters are not refcounted
         }
@@ -605,7 +610,7 @@ impl Qcow2Image {
         Ok(true)
     }
 
-    fn write_state(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
+    pub(super) fn write_state(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
         match &self.write {
             Some(m) => Ok(m.lock().unwrap_or_else(|e| e.into_inner())),
             None => Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only")),
@@ -662,7 +667,7 @@ impl Qcow2Image {
         self.flush_locked(&mut st)
     }
 
-    fn sync(&self) -> Result<()> {
+    pub(super) fn sync(&self) -> Result<()> {
         if self.unsafe_cache.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -686,7 +691,7 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
+    pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
         let cs = self.header.cluster_size();
         // 1. Refcount increases.
         self.write_refblocks(st)?;
