@@ -32,6 +32,26 @@ enum Command {
     Convert(ConvertArgs),
     /// Create a new raw or qcow2 image (qemu-img's options; `-o help` lists them).
     Create(CreateCmdArgs),
+    /// Change the virtual size of an image (shrinking needs --shrink).
+    Resize(ResizeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ResizeArgs {
+    /// Image format (raw, qcow2); probed when not given.
+    #[arg(short = 'f', long = "format", value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Allow making the image smaller (data past the new end is lost).
+    #[arg(long)]
+    shrink: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image.
+    filename: PathBuf,
+    /// The new size, or +SIZE / -SIZE relative to the current one (k, M, G, T suffixes).
+    #[arg(allow_hyphen_values = true)]
+    size: String,
 }
 
 #[derive(Args, Debug)]
@@ -259,6 +279,7 @@ fn main() -> ExitCode {
         Command::Check(a) => check(a),
         Command::Convert(a) => convert(a),
         Command::Create(a) => create(a),
+        Command::Resize(a) => resize(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -434,6 +455,15 @@ fn check_repair(a: &CheckArgs, all: bool) -> CmdResult {
         OutputFormat::Human => {}
     }
     Ok(ops::check::exit_code(&report) as u8)
+}
+
+fn resize(a: ResizeArgs) -> CmdResult {
+    let msg = ops::resize::resize(&a.filename, a.format, &a.size, a.shrink)
+        .map_err(|e| Failure::new(e, 1))?;
+    if !a.quiet {
+        print(&format!("{msg}\n"))?;
+    }
+    Ok(0)
 }
 
 fn create(a: CreateCmdArgs) -> CmdResult {

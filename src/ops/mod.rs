@@ -11,6 +11,7 @@ pub mod create;
 pub mod info;
 pub mod json;
 pub mod map;
+pub mod resize;
 pub mod size;
 
 /// The output styles of `info`, `map` and `check` (qemu-img's `--output`).

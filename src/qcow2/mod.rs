@@ -20,6 +20,7 @@ pub mod header;
 pub mod l2;
 pub mod refcount;
 pub mod repair;
+pub mod resize;
 pub mod snapshot;
 pub mod write;
 
