@@ -387,53 +387,40 @@ fn compare(a: CompareArgs) -> CmdResult {
 
 fn check(a: CheckArgs) -> CmdResult {
     let _ = a.image.force_share;
-    if let Some(mode) = &a.repair {
-        return check_repair(&a, mode == "all");
-    }
-    let image = open(&a.filename, a.image.format).map_err(|e| Failure::new(e, 1))?;
-    let Some(report) = ops::check::check(image.as_ref()).map_err(|e| Failure::new(e, 1))? else {
-        return Err(Failure {
-            message: format!("{}: {}", a.filename.display(), ops::check::NOT_SUPPORTED),
-            code: ops::check::EXIT_NOT_SUPPORTED as u8,
-        });
-    };
-    for m in &report.messages {
-        eprintln!("{m}");
-    }
-    match OutputFormat::from(a.output) {
-        OutputFormat::Json => print(&ops::check::render_json(
-            &report,
-            &a.filename.display().to_string(),
-            image.format().as_str(),
-        ))?,
-        OutputFormat::Human if !a.quiet => print(&ops::check::render_human(&report))?,
-        OutputFormat::Human => {}
-    }
-    Ok(ops::check::exit_code(&report) as u8)
-}
-
-/// `check -r`: repairs a qcow2 image in place, then reports as `check` does, preceded (in
-/// human output) by what was repaired.
-fn check_repair(a: &CheckArgs, all: bool) -> CmdResult {
     let fail = |e| Failure::new(e, 1);
-    let format = match a.image.format {
-        Some(f) => f,
-        None => vimg::open::probe_format(&a.filename).map_err(fail)?,
+    let not_supported = || Failure {
+        message: format!("{}: {}", a.filename.display(), ops::check::NOT_SUPPORTED),
+        code: ops::check::EXIT_NOT_SUPPORTED as u8,
     };
-    if format != ImageFormat::Qcow2 {
-        return Err(Failure {
-            message: format!("{}: {}", a.filename.display(), ops::check::NOT_SUPPORTED),
-            code: ops::check::EXIT_NOT_SUPPORTED as u8,
-        });
-    }
-    let img = vimg::qcow2::Qcow2Image::open_for_repair(&a.filename).map_err(fail)?;
-    let mode = if all {
-        vimg::qcow2::repair::RepairMode::All
-    } else {
-        vimg::qcow2::repair::RepairMode::Leaks
+    let (report, format) = match a.repair.as_deref() {
+        // -r: repair a qcow2 image in place; the report is the check that follows.
+        Some(mode) => {
+            let format = match a.image.format {
+                Some(f) => f,
+                None => vimg::open::probe_format(&a.filename).map_err(fail)?,
+            };
+            if format != ImageFormat::Qcow2 {
+                return Err(not_supported());
+            }
+            let img = vimg::qcow2::Qcow2Image::open_for_repair(&a.filename).map_err(fail)?;
+            let mode = if mode == "all" {
+                vimg::qcow2::repair::RepairMode::All
+            } else {
+                vimg::qcow2::repair::RepairMode::Leaks
+            };
+            (
+                vimg::qcow2::repair::repair(&img, mode).map_err(fail)?,
+                format,
+            )
+        }
+        None => {
+            let image = open(&a.filename, a.image.format).map_err(fail)?;
+            let report = ops::check::check(image.as_ref())
+                .map_err(fail)?
+                .ok_or_else(not_supported)?;
+            (report, image.format())
+        }
     };
-    let report = vimg::qcow2::repair::repair(&img, mode).map_err(fail)?;
-    drop(img);
     for m in &report.messages {
         eprintln!("{m}");
     }
@@ -441,7 +428,7 @@ fn check_repair(a: &CheckArgs, all: bool) -> CmdResult {
         OutputFormat::Json => print(&ops::check::render_json(
             &report,
             &a.filename.display().to_string(),
-            "qcow2",
+            format.as_str(),
         ))?,
         OutputFormat::Human if !a.quiet => {
             if report.leaks_fixed + report.corruptions_fixed > 0 {
