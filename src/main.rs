@@ -314,14 +314,27 @@ fn open(
     path: &std::path::Path,
     format: Option<ImageFormat>,
 ) -> Result<Box<dyn vimg::BlockImage>, Error> {
-    vimg::open::open_image(
+    let image = vimg::open::open_image(
         path,
         &OpenOptions {
             format,
             writable: false,
             no_backing: false,
         },
-    )
+    )?;
+    // A backing format the image does not record had to be guessed: say so, as info does.
+    let mut layer: &dyn vimg::BlockImage = image.as_ref();
+    while let Some(below) = layer.backing() {
+        if let Some(w) = layer
+            .layer_info()
+            .ok()
+            .and_then(|i| ops::info::backing_format_warning(layer, &i))
+        {
+            eprintln!("vimg: warning: {w}");
+        }
+        layer = below;
+    }
+    Ok(image)
 }
 
 fn print(text: &str) -> Result<(), Failure> {

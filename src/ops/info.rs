@@ -62,6 +62,32 @@ pub fn collect(path: &Path, opts: &InfoOptions) -> Result<Vec<LayerReport>> {
     Ok(layers)
 }
 
+/// The warning for a layer whose backing format is not recorded (and was probed, or would be),
+/// if that is the case.
+pub fn backing_format_warning(layer: &dyn BlockImage, info: &LayerInfo) -> Option<String> {
+    let (Some(name), None) = (&info.backing_filename, &info.backing_filename_format) else {
+        return None;
+    };
+    let probed = match layer.backing() {
+        Some(b) if info.backing_format_probed => Some(b.format()),
+        _ => info
+            .full_backing_filename
+            .as_ref()
+            .and_then(|full| probe_format(Path::new(full)).ok()),
+    };
+    Some(match probed {
+        Some(f) => format!(
+            "{}: the format of backing file '{name}' is not recorded in the image; \
+             probed as {f} (record it with a rebase, giving the format)",
+            layer.filename().display()
+        ),
+        None => format!(
+            "{}: the format of backing file '{name}' is not recorded in the image",
+            layer.filename().display()
+        ),
+    })
+}
+
 /// Describes one opened layer.
 pub fn describe(layer: &dyn BlockImage) -> Result<LayerReport> {
     let info = layer.layer_info()?;
@@ -70,27 +96,7 @@ pub fn describe(layer: &dyn BlockImage) -> Result<LayerReport> {
         .len()
         .div_ceil(512)
         .saturating_mul(512);
-    let mut warnings = Vec::new();
-    if let (Some(name), None) = (&info.backing_filename, &info.backing_filename_format) {
-        let probed = match layer.backing() {
-            Some(b) if info.backing_format_probed => Some(b.format()),
-            _ => info
-                .full_backing_filename
-                .as_ref()
-                .and_then(|full| probe_format(Path::new(full)).ok()),
-        };
-        warnings.push(match probed {
-            Some(f) => format!(
-                "{}: the format of backing file '{name}' is not recorded in the image; \
-                 probed as {f} (record it with a rebase, giving the format)",
-                layer.filename().display()
-            ),
-            None => format!(
-                "{}: the format of backing file '{name}' is not recorded in the image",
-                layer.filename().display()
-            ),
-        });
-    }
+    let warnings = backing_format_warning(layer, &info).into_iter().collect();
     Ok(LayerReport {
         info,
         file_length,
