@@ -27,6 +27,9 @@ use std::sync::{mpsc, Mutex};
 /// sparse block size, or raised to it).
 pub const CHUNK: u64 = 2 << 20;
 
+/// Guest bytes one compressing worker reads at once (at least one cluster).
+pub const COMPRESS_CHUNK: u64 = 256 << 10;
+
 /// qemu-img's default `-S`: zero blocks of this many bytes are left as holes.
 pub const DEFAULT_SPARSE_SIZE: u64 = 4096;
 
@@ -344,7 +347,8 @@ fn copy(
                 }
                 let end = off + st.len;
                 if let Some(cs) = ccs {
-                    let step = CHUNK.max(cs);
+                    // Small jobs: compression works cluster by cluster, so big buffers only cost memory.
+                    let step = COMPRESS_CHUNK.max(cs);
                     let (mut o, stop_at, zero) = if st.zero {
                         (off.max(emitted), end, true)
                     } else {

@@ -543,6 +543,11 @@ impl Qcow2Image {
         self.storage
             .write_at(z, start)
             .map_err(Self::io_err("write failed", start))?;
+        // The decompressed-cluster cache is keyed by host offset, which this may reuse.
+        *self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         st.compressed_tail = Some(end);
 
         let l1_idx = (gc >> h.l1_shift()) as usize;
