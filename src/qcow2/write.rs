@@ -452,12 +452,13 @@ impl Qcow2Image {
 
         // Otherwise the whole cluster gets new contents: what the guest sees now (copy-on-write
         // from a shared, compressed, zero or backing cluster), with `data` laid over it.
-        let content = if within == 0 && data.len() as u64 == cs {
-            data.to_vec()
+        // A whole-cluster write is written straight from the caller's buffer.
+        let content: std::borrow::Cow<'_, [u8]> = if within == 0 && data.len() as u64 == cs {
+            std::borrow::Cow::Borrowed(data)
         } else {
             let mut c = self.cluster_contents(gc)?;
             c[within as usize..within as usize + data.len()].copy_from_slice(data);
-            c
+            std::borrow::Cow::Owned(c)
         };
         let host = match desc {
             _ if self.data_file.is_some() => gc,
