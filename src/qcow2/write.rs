@@ -21,7 +21,7 @@
 
 use super::cache::TableCache;
 use super::header::{incompat, Header};
-use super::l2::{self, Descriptor, L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use super::l2::{self, Descriptor, Slot, L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use super::refcount::{self, get_refcount, set_refcount, REFT_OFFSET_MASK};
 use super::Qcow2Image;
 use crate::error::{Error, ErrorKind, Result};
@@ -36,6 +36,21 @@ const MAX_DIRTY_TABLES: usize = 512;
 const ALL_ALLOCATED: u64 = 0x0000_0000_ffff_ffff;
 /// Subcluster bitmap with every subcluster reading as zero (extended L2).
 const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
+
+/// An L2 entry about to change: where it is and what it says now.
+#[derive(Debug, Clone, Copy)]
+struct L2Slot {
+    /// Host offset of the (writable) L2 table.
+    l2_off: u64,
+    /// Index of the entry's first word in the table.
+    idx: usize,
+    /// The entry's standard word.
+    entry: u64,
+    /// The subcluster bitmap (extended L2).
+    bitmap: u64,
+    /// `entry` decoded.
+    desc: Descriptor,
+}
 
 /// The mutable state of an image opened for writing, behind the image's write lock.
 #[derive(Debug)]
@@ -430,24 +445,24 @@ impl Qcow2Image {
         let desc = l2::decode_descriptor(entry, h)?;
         let copied = entry & OFLAG_COPIED != 0;
 
-        // A cluster this image owns alone, fully allocated: overwrite in place.
-        if let (Descriptor::Normal(host), true) = (desc, copied) {
-            let touched_allocated = match bitmap {
-                None => true,
-                Some(b) => {
-                    let sc_bits = h.cluster_bits - 5;
-                    let first = within >> sc_bits;
-                    let last = (within + data.len() as u64 - 1) >> sc_bits;
-                    (first..=last).all(|sc| b & (1 << sc) != 0)
-                }
+        if let Some(bitmap) = bitmap.filter(|_| !matches!(desc, Descriptor::Compressed(_))) {
+            let at = L2Slot {
+                l2_off,
+                idx,
+                entry,
+                bitmap,
+                desc,
             };
-            if touched_allocated {
-                self.guard_data_write(st, host + within, data.len() as u64)?;
-                return self
-                    .data_storage()
-                    .write_at(data, host + within)
-                    .map_err(Self::io_err("write failed", host + within));
-            }
+            return self.write_subclusters(st, gc, within, data, &table, at);
+        }
+
+        // A cluster this image owns alone: overwrite in place.
+        if let (Descriptor::Normal(host), true) = (desc, copied) {
+            self.guard_data_write(st, host + within, data.len() as u64)?;
+            return self
+                .data_storage()
+                .write_at(data, host + within)
+                .map_err(Self::io_err("write failed", host + within));
         }
 
         // Otherwise the whole cluster gets new contents: what the guest sees now (copy-on-write
@@ -481,6 +496,139 @@ impl Qcow2Image {
         }
         self.l2_cache.put_dirty(l2_off, t.into());
         Ok(())
+    }
+
+    /// Extended L2 (qcow2.rst "Extended L2 Entries"): writes `data` at offset `within` of the
+    /// guest cluster `gc` touching only the subclusters it covers, as qemu does. The data goes
+    /// in place into a host cluster this image owns alone, otherwise into a new host cluster
+    /// (into which the subclusters still allocated in the old, shared one are copied). The parts
+    /// of partly written subclusters that were not allocated are filled with what the guest saw
+    /// there (zeros or the backing file); subclusters the write does not touch keep their state,
+    /// so unallocated ones still read from the backing file.
+    fn write_subclusters(
+        &self,
+        st: &mut WriteState,
+        gc: u64,
+        within: u64,
+        data: &[u8],
+        table: &[u64],
+        at: L2Slot,
+    ) -> Result<()> {
+        let h: &Header = &self.header;
+        let cs = h.cluster_size();
+        let sc_bits = h.cluster_bits - 5;
+        let sc = 1u64 << sc_bits;
+        let end = within + data.len() as u64;
+        let (first, last) = (within >> sc_bits, (end - 1) >> sc_bits);
+        let touched = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
+        let alloc = at.bitmap & ALL_ALLOCATED;
+        let copied = at.entry & OFLAG_COPIED != 0;
+        let host = match at.desc {
+            Descriptor::Normal(x) if copied || self.data_file.is_some() => x,
+            _ if self.data_file.is_some() => gc,
+            _ => self.alloc_cluster(st)? * cs,
+        };
+        // Moving to a new host cluster: keep the subclusters allocated in the old one that this
+        // write does not wholly replace.
+        if let Some(old) = match at.desc {
+            Descriptor::Normal(old) if old != host => Some(old),
+            _ => None,
+        } {
+            let whole = |i: u64| i * sc >= within && (i + 1) * sc <= end;
+            let mut i = 0;
+            while i < 32 {
+                if alloc & (1 << i) == 0 || whole(i) {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < 32 && alloc & (1 << j) != 0 && !whole(j) {
+                    j += 1;
+                }
+                let mut buf = vec![0u8; ((j - i) * sc) as usize];
+                self.data_storage()
+                    .read_at(&mut buf, old + i * sc)
+                    .map_err(Self::io_err("read failed", old + i * sc))?;
+                self.guard_data_write(st, host + i * sc, buf.len() as u64)?;
+                self.data_storage()
+                    .write_at(&buf, host + i * sc)
+                    .map_err(Self::io_err("write failed", host + i * sc))?;
+                i = j;
+            }
+        }
+        // Fill the unwritten parts of partly written subclusters that hold no data yet.
+        let disk_end = h.size - gc;
+        let head = if alloc & (1 << first) == 0 {
+            within - first * sc
+        } else {
+            0
+        };
+        let tail = if alloc & (1 << last) == 0 {
+            ((last + 1) * sc).min(disk_end).saturating_sub(end)
+        } else {
+            0
+        };
+        let start = within - head;
+        if head == 0 && tail == 0 {
+            self.guard_data_write(st, host + start, data.len() as u64)?;
+            self.data_storage()
+                .write_at(data, host + start)
+                .map_err(Self::io_err("write failed", host + start))?;
+        } else {
+            let mut buf = vec![0u8; (head + data.len() as u64 + tail) as usize];
+            self.read_inner(&mut buf[..head as usize], gc + start)?;
+            buf[head as usize..head as usize + data.len()].copy_from_slice(data);
+            self.read_inner(&mut buf[head as usize + data.len()..], gc + end)?;
+            self.guard_data_write(st, host + start, buf.len() as u64)?;
+            self.data_storage()
+                .write_at(&buf, host + start)
+                .map_err(Self::io_err("write failed", host + start))?;
+        }
+        let entry = host | OFLAG_COPIED;
+        let bitmap = (at.bitmap | touched) & !(touched << 32);
+        if entry == at.entry && bitmap == at.bitmap {
+            return Ok(());
+        }
+        if !matches!(at.desc, Descriptor::Normal(x) if x == host) {
+            self.release(st, at.desc);
+        }
+        let mut t = table.to_vec();
+        t[at.idx] = entry;
+        t[at.idx + 1] = bitmap;
+        self.l2_cache.put_dirty(at.l2_off, t.into());
+        Ok(())
+    }
+
+    /// Extended L2: makes the subclusters `first..=last` of the guest cluster at `gc` read as
+    /// zeros by setting their zero bits (qcow2.rst "Extended L2 Entries"); the host cluster, if
+    /// any, stays. Returns `false` for a compressed cluster, whose subclusters cannot be told
+    /// apart (the caller writes zeros instead).
+    fn zero_subclusters(
+        &self,
+        st: &mut WriteState,
+        gc: u64,
+        first: u64,
+        last: u64,
+    ) -> Result<bool> {
+        let h: &Header = &self.header;
+        let l1_idx = (gc >> h.l1_shift()) as usize;
+        if self.l1()[l1_idx] & L1E_OFFSET_MASK == 0 && self.backing.is_none() {
+            return Ok(true); // unallocated without a backing file reads as zeros already
+        }
+        let l2_off = self.writable_l2(st, l1_idx)?;
+        let table = self.l2_table(l2_off)?;
+        let idx = ((gc >> h.cluster_bits) & ((1 << h.l2_bits()) - 1)) as usize * 2;
+        if let Descriptor::Compressed(_) = l2::decode_descriptor(table[idx], h)? {
+            return Ok(false);
+        }
+        let range = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
+        let bitmap = (table[idx + 1] & !range) | (range << 32);
+        if bitmap != table[idx + 1] {
+            let mut t = table.to_vec();
+            t[idx + 1] = bitmap;
+            self.l2_cache.put_dirty(l2_off, t.into());
+        }
+        Ok(true)
     }
 
     /// Stores `z`, the compressed contents of the whole guest cluster at guest offset `gc`
@@ -651,13 +799,72 @@ impl Qcow2Image {
             // A whole cluster, or the tail of the last cluster of the disk.
             let whole = within == 0 && (n == cs || g + n == self.header.size);
             if !(whole && self.zero_cluster(&mut st, g, unmap)?) {
-                let zeros = vec![0u8; n as usize];
-                self.write_in_cluster(&mut st, g - within, within, &zeros)?;
+                self.zero_in_cluster(&mut st, g - within, within, n)?;
             }
             g += n;
             self.flush_if_full(&mut st)?;
         }
         Ok(())
+    }
+
+    /// Makes `[within, within + n)` of the guest cluster at `gc` read as zeros when it is not a
+    /// whole cluster the format can mark zero, as qemu's `qcow2_co_pwrite_zeroes` does, unit by
+    /// unit (subclusters with extended L2, else the cluster): a unit wholly covered gets its zero
+    /// bit (extended L2); a partly covered unit is marked zero as a whole if it holds no data in
+    /// this layer and its uncovered parts already read as zeros (block status, as qemu's
+    /// `is_zero`); otherwise zeros are written as data.
+    fn zero_in_cluster(&self, st: &mut WriteState, gc: u64, within: u64, n: u64) -> Result<()> {
+        let h: &Header = &self.header;
+        let ext = h.extended_l2();
+        let unit_bits = if ext {
+            h.cluster_bits - 5
+        } else {
+            h.cluster_bits
+        };
+        let disk_end = h.size - gc;
+        let end = within + n;
+        let mut u = within >> unit_bits;
+        while u << unit_bits < end {
+            let (us, ue) = (u << unit_bits, ((u + 1) << unit_bits).min(disk_end));
+            let (a, b) = (within.max(us), end.min(ue));
+            let mut zeroed = false;
+            if h.version >= 3 {
+                let whole = a == us && b == ue;
+                let may_mark = whole && ext
+                    || (matches!(
+                        self.map_slot(gc + us, 1)?.0,
+                        Slot::Unallocated { .. } | Slot::Zero { .. }
+                    ) && self.known_zero(gc + us, a - us)?
+                        && self.known_zero(gc + b, ue - b)?);
+                if may_mark {
+                    zeroed = if ext {
+                        self.zero_subclusters(st, gc, u, u)?
+                    } else {
+                        self.zero_cluster(st, gc, false)?
+                    };
+                }
+            }
+            if !zeroed {
+                let zeros = vec![0u8; (b - a) as usize];
+                self.write_in_cluster(st, gc, a, &zeros)?;
+            }
+            u += 1;
+        }
+        Ok(())
+    }
+
+    /// Whether the guest range `[off, off + len)` is known to read as zeros from its block
+    /// status (without reading data).
+    fn known_zero(&self, off: u64, len: u64) -> Result<bool> {
+        let mut pos = off;
+        while pos < off + len {
+            let st = self.status_inner(pos, off + len - pos)?;
+            if !st.zero || st.len == 0 {
+                return Ok(false);
+            }
+            pos += st.len;
+        }
+        Ok(true)
     }
 
     fn flush_if_full(&self, st: &mut WriteState) -> Result<()> {
