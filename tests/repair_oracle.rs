@@ -442,6 +442,9 @@ fn random_damage_matches_qemu() {
     assert!(total_fixed >= 24, "too little damage: {total_fixed} fixes");
 }
 
+/// A way to damage an image file.
+type Damage = Box<dyn Fn(&Path)>;
+
 /// Damage that needs the refcount structures rebuilt (qemu's `rebuild_refcount_structure`):
 /// qemu-img and vimg repair separate copies with `-r all`; both copies must then check clean
 /// and read as the undamaged image, and vimg's fixed counts must equal qemu-img's.
@@ -469,7 +472,7 @@ fn rebuild_matches_qemu() {
         run("qemu-img", &["snapshot", "-c", "s1", s(&orig)]);
         qemu_io(&orig, "qcow2", &["write -P 0x33 64k 64k".into()]);
         let cs = 1u64 << (rd64(&orig, 16) & 0xffff_ffff); // cluster_bits: bytes 20..24
-        let damages: [(&str, Box<dyn Fn(&Path)>); 4] = [
+        let damages: [(&str, Damage); 4] = [
             (
                 "reftable entry zeroed",
                 Box::new(|p: &Path| wr64(p, rd64(p, 48), 0)),
