@@ -16,8 +16,13 @@
 //! Refcount changes go through the write path's refcount cache and its crash-safe flush: all
 //! increases are written and synced before any decrease, so a crash in between leaves leaks at
 //! worst, never a cluster in use with too low a refcount. COPIED flags are fixed after the
-//! refcounts are on disk. A refcount whose refcount block does not exist is not fixed (that
-//! needs a rebuild of the refcount structures, which is not supported): it stays a corruption.
+//! refcounts are on disk.
+//!
+//! With `All`, damage that per-cluster fixes cannot repair (a cluster in use with refcount 0,
+//! e.g. because its refcount block is missing; a refcount block overlapping other metadata;
+//! an unreadable refcount table) makes [`rebuild_refcounts`] write complete new refcount
+//! structures after the end of the file and switch the header to them, as qemu's
+//! `rebuild_refcount_structure` does; with `Leaks` such damage stays a corruption.
 //!
 //! Images with the dirty bit (lazy refcounts not written back) are repaired the same way: with
 //! `All`, every refcount is brought to its computed value. When the final check finds neither
