@@ -8,6 +8,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vimg::ops::{self, OutputFormat};
+use vimg::qcow2::create::Preallocation;
 use vimg::{open::OpenOptions, Error, ImageFormat};
 
 /// Virtual disk image tool for raw and qcow2 images, an alternative to qemu-img.
@@ -44,6 +45,9 @@ struct ResizeArgs {
     /// Allow making the image smaller (data past the new end is lost).
     #[arg(long)]
     shrink: bool,
+    /// Preallocation of the grown area: off, metadata (qcow2 only), falloc or full.
+    #[arg(long = "preallocation", value_name = "MODE", value_parser = parse_prealloc, default_value = "off")]
+    preallocation: Preallocation,
     /// Print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
@@ -457,9 +461,15 @@ fn check(a: CheckArgs) -> CmdResult {
     Ok(ops::check::exit_code(&report) as u8)
 }
 
+/// Parses a `--preallocation` mode for `resize`.
+fn parse_prealloc(s: &str) -> Result<Preallocation, String> {
+    Preallocation::from_name(s).map_err(|e| e.to_string())
+}
+
 fn resize(a: ResizeArgs) -> CmdResult {
-    let msg = ops::resize::resize(&a.filename, a.format, &a.size, a.shrink)
-        .map_err(|e| Failure::new(e, 1))?;
+    let msg =
+        ops::resize::resize_prealloc(&a.filename, a.format, &a.size, a.shrink, a.preallocation)
+            .map_err(|e| Failure::new(e, 1))?;
     if !a.quiet {
         print(&format!("{msg}\n"))?;
     }

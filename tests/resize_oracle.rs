@@ -9,7 +9,9 @@ use common::{qemu_available, qemu_create, qemu_io, run};
 use std::path::Path;
 use std::process::Command;
 use vimg::block::ImageFormat;
-use vimg::ops::resize::{resize, RESIZED};
+use vimg::ops::resize::{resize, resize_prealloc, RESIZED};
+use vimg::qcow2::create::Preallocation;
+use vimg::qcow2::resize::{PREALLOC_SHRINK, V2_SNAPSHOTS};
 
 fn tmpdir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("vimg-resize-{name}-{}", std::process::id()));
@@ -168,21 +170,151 @@ fn qcow2_unaligned_size_is_refused_untouched() {
 }
 
 #[test]
-fn qcow2_shrink_with_snapshots_is_refused() {
-    if !qemu_available("qcow2_shrink_with_snapshots_is_refused") {
+fn snapshots_v2_refused_v3_resized() {
+    if !qemu_available("snapshots_v2_refused_v3_resized") {
         return;
     }
     let dir = tmpdir("snap");
-    let base = dir.join("s.qcow2");
-    qemu_create(&base, "qcow2", "", None, 1 << 20);
-    fill(&base, "qcow2", 1 << 20);
+    for compat in ["0.10", "1.1"] {
+        let base = dir.join(format!("s-{compat}.qcow2"));
+        qemu_create(&base, "qcow2", &format!("compat={compat}"), None, 1 << 20);
+        fill(&base, "qcow2", 1 << 20);
+        run(
+            "qemu-img",
+            &["snapshot", "-c", "s1", base.to_str().unwrap()],
+        );
+        fill(&base, "qcow2", 1 << 20);
+        if compat == "0.10" {
+            // qemu refuses any resize of a v2 image with snapshots, with this message.
+            let before = std::fs::read(&base).unwrap();
+            for (arg, shrink) in [("512K", true), ("3G", false)] {
+                let e = resize(&base, None, arg, shrink).unwrap_err();
+                assert!(e.to_string().contains(V2_SNAPSHOTS), "{e}");
+            }
+            assert_eq!(std::fs::read(&base).unwrap(), before);
+        } else {
+            // v3: both ways, the snapshot stays readable and the image consistent.
+            case(&dir, &base, "qcow2", "3G", false, 3 << 30);
+            case(&dir, &base, "qcow2", "300K", true, 300 << 10);
+            case(&dir, &base, "qcow2", "64K", true, 64 << 10);
+            let ours = dir.join("ours-qcow2_64K_true");
+            let out = run("qemu-img", &["snapshot", "-l", ours.to_str().unwrap()]);
+            assert!(out.contains("s1"), "{out}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `qemu-img map --output=json` as (present, zero, data) runs, merged where adjacent (host
+/// offsets differ between the two layouts); `zero` left out when `with_zero` is false.
+fn map_runs(path: &Path, fmt: &str, with_zero: bool) -> Vec<(bool, bool, bool, u64, u64)> {
+    let out = run(
+        "qemu-img",
+        &["map", "-f", fmt, "--output=json", path.to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut runs: Vec<(bool, bool, bool, u64, u64)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        let b = |k: &str| e[k].as_bool().unwrap_or(false);
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let key = (b("present"), b("zero") && with_zero, b("data"));
+        match runs.last_mut() {
+            Some(r) if (r.0, r.1, r.2) == key && r.4 == start => r.4 = start + len,
+            _ => runs.push((key.0, key.1, key.2, start, start + len)),
+        }
+    }
+    runs
+}
+
+/// Grows copies of `base` with vimg and qemu-img, both with `--preallocation=mode`; the results
+/// must read the same, check clean, map the same and have about the same file size.
+fn prealloc_case(dir: &Path, base: &Path, fmt: &str, mode: &str, arg: &str, exact_map: bool) {
+    let tag = format!("p-{fmt}-{mode}-{arg}").replace('+', "_");
+    let ours = dir.join(format!("{tag}-ours"));
+    let theirs = dir.join(format!("{tag}-theirs"));
+    std::fs::copy(base, &ours).unwrap();
+    std::fs::copy(base, &theirs).unwrap();
+    let format = if fmt == "raw" {
+        ImageFormat::Raw
+    } else {
+        ImageFormat::Qcow2
+    };
+    let pm = Preallocation::from_name(mode).unwrap();
+    resize_prealloc(&ours, Some(format), arg, false, pm)
+        .unwrap_or_else(|e| panic!("{tag}: vimg resize: {e}"));
+    let p = format!("--preallocation={mode}");
     run(
         "qemu-img",
-        &["snapshot", "-c", "s1", base.to_str().unwrap()],
+        &["resize", "-q", "-f", fmt, &p, theirs.to_str().unwrap(), arg],
     );
-    assert!(resize(&base, None, "512K", true).is_err());
-    // Growing keeps the snapshot and stays consistent.
-    case(&dir, &base, "qcow2", "3G", false, 3 << 30);
+    let (o, t) = (ours.to_str().unwrap(), theirs.to_str().unwrap());
+    if fmt == "qcow2" {
+        let st = Command::new("qemu-img")
+            .args(["check", o])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{tag}: qemu-img check failed");
+    }
+    let out = run("qemu-img", &["compare", "-f", fmt, "-F", fmt, o, t]);
+    assert!(out.contains("identical"), "{tag}: {out}");
+    assert_eq!(
+        map_runs(&ours, fmt, exact_map),
+        map_runs(&theirs, fmt, exact_map),
+        "{tag}: map differs"
+    );
+    let (lo, lt) = (
+        std::fs::metadata(&ours).unwrap().len(),
+        std::fs::metadata(&theirs).unwrap().len(),
+    );
+    let slack = if fmt == "raw" { 0 } else { 4 << 20 };
+    assert!(
+        lo.abs_diff(lt) <= slack,
+        "{tag}: file size {lo} vs qemu's {lt}"
+    );
+}
+
+#[test]
+fn preallocation_matches_qemu() {
+    if !qemu_available("preallocation_matches_qemu") {
+        return;
+    }
+    let dir = tmpdir("prealloc");
+    for (name, opts) in [
+        ("512", "cluster_size=512"),
+        ("64k", "cluster_size=65536"),
+        ("2m", "cluster_size=2097152"),
+        ("64k-v2", "cluster_size=65536,compat=0.10"),
+        ("ext", "cluster_size=65536,extended_l2=on"),
+    ] {
+        let base = dir.join(format!("b-{name}.qcow2"));
+        qemu_create(&base, "qcow2", opts, None, 1 << 20);
+        fill(&base, "qcow2", 1 << 20);
+        for mode in ["metadata", "falloc", "full"] {
+            // 512-byte clusters: qemu interleaves tables with data differently inside 4 KiB
+            // host blocks, so only present/data are compared.
+            prealloc_case(&dir, &base, "qcow2", mode, "+3M", name != "512");
+        }
+        // Shrinking with preallocation is refused, untouched.
+        let before = std::fs::read(&base).unwrap();
+        let e = resize_prealloc(&base, None, "512K", true, Preallocation::Full).unwrap_err();
+        assert!(e.to_string().contains(PREALLOC_SHRINK), "{e}");
+        assert_eq!(std::fs::read(&base).unwrap(), before);
+    }
+    let raw = dir.join("b.raw");
+    qemu_create(&raw, "raw", "", None, 1 << 20);
+    fill(&raw, "raw", 1 << 20);
+    for mode in ["falloc", "full"] {
+        prealloc_case(&dir, &raw, "raw", mode, "+3M", true);
+    }
+    let before = std::fs::read(&raw).unwrap();
+    let e = resize_prealloc(&raw, None, "+1M", false, Preallocation::Metadata).unwrap_err();
+    assert!(e.to_string().contains("metadata"), "{e}");
+    let e = resize_prealloc(&raw, None, "512K", true, Preallocation::Falloc).unwrap_err();
+    assert!(e.to_string().contains(PREALLOC_SHRINK), "{e}");
+    assert_eq!(std::fs::read(&raw).unwrap(), before);
+    // Shrinking without preallocation still works after a preallocated grow.
+    let grown = dir.join("p-qcow2-full-_3M-ours");
+    case(&dir, &grown, "qcow2", "1M", true, 1 << 20);
     std::fs::remove_dir_all(&dir).ok();
 }
 

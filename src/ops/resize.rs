@@ -1,14 +1,20 @@
-//! `vimg resize [--shrink] IMAGE [+|-]SIZE`: changes an image's virtual size.
+//! `vimg resize [--shrink] [--preallocation MODE] IMAGE [+|-]SIZE`: changes an image's
+//! virtual size.
 //!
-//! Raw images are truncated or extended (sparsely) to exactly the new size. qcow2 images need a
-//! multiple of 512 bytes; growing may move the L1 table, shrinking discards the clusters past
-//! the new end (see [`crate::qcow2::resize`]). Shrinking destroys data, so it is only done when
-//! asked for explicitly; otherwise the image is not touched.
+//! Raw images are truncated or extended to exactly the new size; the grown part is sparse
+//! (`off`), allocated with fallocate (`falloc`) or written with zeros (`full`); `metadata` has
+//! no meaning for raw files and is refused, as by qemu. qcow2 images need a multiple of 512
+//! bytes; growing may move the L1 table and preallocate the new area, shrinking discards the
+//! clusters past the new end (see [`crate::qcow2::resize`]). Shrinking destroys data, so it is
+//! only done when asked for explicitly, and never with a preallocation mode; a refused resize
+//! leaves the image untouched.
 
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};
 use crate::open::{probe_format, ChainGuard};
 use crate::ops::size::parse_size;
+use crate::qcow2::create::{grow_file, Preallocation};
+use crate::qcow2::resize::PREALLOC_SHRINK;
 use crate::qcow2::Qcow2Image;
 use crate::storage::{FileStorage, Storage};
 use std::path::Path;
@@ -57,13 +63,26 @@ impl SizeArg {
 }
 
 /// Resizes the image at `path` (format probed when `format` is `None`) as `size_arg` says
-/// (`SIZE`, `+SIZE`, `-SIZE`). Shrinking needs `shrink`; without it the image is left
-/// untouched and an error explains why. Returns the line to print on success.
+/// (`SIZE`, `+SIZE`, `-SIZE`), without preallocation. See [`resize_prealloc`].
 pub fn resize(
     path: &Path,
     format: Option<ImageFormat>,
     size_arg: &str,
     shrink: bool,
+) -> Result<String> {
+    resize_prealloc(path, format, size_arg, shrink, Preallocation::Off)
+}
+
+/// Resizes the image at `path` (format probed when `format` is `None`) as `size_arg` says
+/// (`SIZE`, `+SIZE`, `-SIZE`), preallocating a grown area as `prealloc` says. Shrinking needs
+/// `shrink` and no preallocation; otherwise the image is left untouched and an error explains
+/// why. Returns the line to print on success.
+pub fn resize_prealloc(
+    path: &Path,
+    format: Option<ImageFormat>,
+    size_arg: &str,
+    shrink: bool,
+    prealloc: Preallocation,
 ) -> Result<String> {
     let arg = SizeArg::parse(size_arg)?;
     let format = match format {
@@ -71,6 +90,9 @@ pub fn resize(
         None => probe_format(path)?,
     };
     let refuse_shrink = |new: u64, cur: u64| -> Result<()> {
+        if new < cur && prealloc != Preallocation::Off {
+            return Err(Error::invalid_input(PREALLOC_SHRINK).with_path(path));
+        }
         if new < cur && !shrink {
             return Err(Error::invalid_input(format!(
                 "the new size {new} is smaller than the current size {cur}: shrinking discards \
@@ -89,6 +111,15 @@ pub fn resize(
                 .map_err(|e| Error::io("cannot get image size", e).with_path(path))?;
             let new = arg.apply(cur)?;
             refuse_shrink(new, cur)?;
+            if new > cur && prealloc == Preallocation::Metadata {
+                return Err(
+                    Error::invalid_input("Unsupported preallocation mode: metadata")
+                        .with_path(path),
+                );
+            }
+            if new > cur && prealloc != Preallocation::Off {
+                grow_file(storage.file(), path, new, prealloc)?;
+            }
             storage
                 .set_len(new)
                 .and_then(|_| storage.flush())
@@ -96,10 +127,18 @@ pub fn resize(
         }
         ImageFormat::Qcow2 => {
             // Look first, read-only: a refused resize must not change the image at all.
-            let cur = {
+            let (cur, bitmaps) = {
                 let img = Qcow2Image::open(path, false, true, &mut ChainGuard::default())?;
-                img.header().size
+                (img.header().size, img.header().bitmaps.is_some())
             };
+            if bitmaps {
+                // qemu 10 resizes the bitmaps with the image; vimg cannot yet, and opening the
+                // image for writing would make them inconsistent.
+                return Err(Error::unsupported(
+                    "resizing qcow2 images with persistent dirty bitmaps is not supported yet",
+                )
+                .with_path(path));
+            }
             let new = arg.apply(cur)?;
             if !new.is_multiple_of(512) {
                 return Err(Error::invalid_input(format!(
@@ -111,13 +150,8 @@ pub fn resize(
             // Growing needs the backing chain: a longer backing file must not show through.
             let no_backing = new <= cur;
             let mut img = Qcow2Image::open(path, true, no_backing, &mut ChainGuard::default())?;
-            if new < cur && img.header().nb_snapshots > 0 {
-                return Err(Error::unsupported(
-                    "cannot shrink an image that has internal snapshots",
-                )
-                .with_path(path));
-            }
-            img.resize_to(new).map_err(|e| e.with_path(path))?;
+            img.resize_with(new, prealloc)
+                .map_err(|e| e.with_path(path))?;
             crate::block::BlockImage::flush(&img)?;
         }
     }

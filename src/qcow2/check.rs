@@ -96,6 +96,17 @@ impl Check for Qcow2Image {
     }
 }
 
+/// Checks `img` and also returns the number of references the check counted for each host
+/// cluster of the file (index: cluster number), for rebuilding the refcount structures
+/// ([`super::repair`]). References are counted even when the refcount table is unreadable.
+pub(crate) fn check_with_references(img: &Qcow2Image) -> (CheckReport, Vec<u32>) {
+    let mut c = Checker::new(img);
+    c.walk(true);
+    let n = c.nb_clusters.min(MAX_CHECK_CLUSTERS);
+    let refs = (0..n).map(|i| c.counts.get(i) as u32).collect();
+    (c.finish(), refs)
+}
+
 /// Computed refcounts, one `u32` per host cluster, allocated in chunks on first reference.
 #[derive(Default)]
 struct Counts {
@@ -209,6 +220,13 @@ impl<'a> Checker<'a> {
     }
 
     fn run(mut self) -> CheckReport {
+        self.walk(false);
+        self.finish()
+    }
+
+    /// Fills the report. With `counts_anyway`, references are counted even when the refcount
+    /// table cannot be read (as if it were empty), so that they can be rebuilt.
+    fn walk(&mut self, counts_anyway: bool) {
         let h = self.h;
         // qemu's guest size is a whole number of 512-byte sectors.
         let size = h.size & !511;
@@ -218,13 +236,22 @@ impl<'a> Checker<'a> {
                 "ERROR the image file has {} clusters, more than the check handles ({MAX_CHECK_CLUSTERS})",
                 self.nb_clusters
             ));
-            return self.finish();
+            return;
         }
         let table = match RefcountTable::read(self.img) {
             Ok(t) => t,
             Err(e) => {
                 self.check_error(format!("ERROR cannot read the refcount table: {e}"));
-                return self.finish();
+                if counts_anyway {
+                    let empty = RefcountTable::from_entries(
+                        Vec::new(),
+                        h.cluster_bits,
+                        h.refcount_order,
+                        self.file_len,
+                    );
+                    self.count_references(&empty);
+                }
+                return;
             }
         };
 
@@ -233,7 +260,6 @@ impl<'a> Checker<'a> {
         let highest = self.compare(&mut reader);
         self.check_copied(&mut reader);
         self.report.image_end_offset = Some((highest + 1).saturating_mul(self.cs));
-        self.finish()
     }
 
     fn finish(mut self) -> CheckReport {

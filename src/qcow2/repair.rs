@@ -16,8 +16,13 @@
 //! Refcount changes go through the write path's refcount cache and its crash-safe flush: all
 //! increases are written and synced before any decrease, so a crash in between leaves leaks at
 //! worst, never a cluster in use with too low a refcount. COPIED flags are fixed after the
-//! refcounts are on disk. A refcount whose refcount block does not exist is not fixed (that
-//! needs a rebuild of the refcount structures, which is not supported): it stays a corruption.
+//! refcounts are on disk.
+//!
+//! With `All`, damage that per-cluster fixes cannot repair (a cluster in use with refcount 0,
+//! e.g. because its refcount block is missing; a refcount block overlapping other metadata;
+//! an unreadable refcount table) makes [`rebuild_refcounts`] write complete new refcount
+//! structures after the end of the file and switch the header to them, as qemu's
+//! `rebuild_refcount_structure` does; with `Leaks` such damage stays a corruption.
 //!
 //! Images with the dirty bit (lazy refcounts not written back) are repaired the same way: with
 //! `All`, every refcount is brought to its computed value. When the final check finds neither
@@ -34,7 +39,7 @@ use super::Qcow2Image;
 use crate::check::{Check, CheckReport};
 use crate::error::{Error, Result, ResultExt};
 use crate::open::ChainGuard;
-use crate::storage::FileStorage;
+use crate::storage::{FileStorage, Storage};
 use byteorder::{BigEndian, ByteOrder};
 use std::path::Path;
 use std::sync::Mutex;
@@ -56,20 +61,90 @@ impl Qcow2Image {
     /// Opens the qcow2 image at `path` read-write for [`repair`], without its backing chain.
     /// Unlike a normal read-write open, images with the corrupt or dirty bit are accepted and
     /// the header is left as it is (autoclear bits included).
+    ///
+    /// A refcount table that lies (partly) past the end of the file is read as zeros, as qemu
+    /// reads it, so that the repair can rebuild it: such an image is opened through a view of
+    /// the file that pretends it is long enough (writes still go to the file).
     pub fn open_for_repair(path: &Path) -> Result<Self> {
-        let storage = FileStorage::open(path, true)
-            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        let mut img = Self::open_inner(
-            Box::new(storage),
-            path,
-            false,
-            true,
-            &mut ChainGuard::default(),
-        )
-        .in_file(path)?;
+        let open = |storage: Box<dyn Storage>| {
+            Self::open_inner(storage, path, false, true, &mut ChainGuard::default()).in_file(path)
+        };
+        let file = || {
+            FileStorage::open(path, true)
+                .map_err(|e| Error::io("cannot open image", e).with_path(path))
+        };
+        let mut img = match open(Box::new(file()?)) {
+            Ok(img) => img,
+            Err(e) => {
+                let storage = file()?;
+                match reftable_end_past_eof(&storage) {
+                    Some(end) => open(Box::new(PaddedStorage {
+                        inner: storage,
+                        min_len: end,
+                    }))?,
+                    None => return Err(e),
+                }
+            }
+        };
         img.writable = true;
-        img.write = Some(Mutex::new(WriteState::new(&img).in_file(path)?));
+        // A refcount table that cannot be read leaves the image without a write state: only
+        // a rebuild of the refcount structures ([`repair`] with `All`) can fix it.
+        img.write = WriteState::new(&img).ok().map(Mutex::new);
         Ok(img)
+    }
+}
+
+/// The end of the refcount table named by the header of `storage`, when it lies past the
+/// end of the file but is otherwise plausible (aligned, at most 8 MiB).
+fn reftable_end_past_eof(storage: &FileStorage) -> Option<u64> {
+    let mut h = [0u8; 60];
+    storage.read_at(&mut h, 0).ok()?;
+    let bits = BigEndian::read_u32(&h[20..24]);
+    if !(9..=21).contains(&bits) {
+        return None;
+    }
+    let off = BigEndian::read_u64(&h[48..56]);
+    let bytes = u64::from(BigEndian::read_u32(&h[56..60])) << bits;
+    let end = off.checked_add(bytes)?;
+    let len = storage.len().ok()?;
+    (off.is_multiple_of(1 << bits)
+        && bytes > 0
+        && bytes <= super::header::MAX_REFTABLE_BYTES
+        && end > len)
+        .then_some(end)
+}
+
+/// A file that reads as at least `min_len` bytes long (zeros past its real end); everything
+/// else goes to the file.
+struct PaddedStorage {
+    inner: FileStorage,
+    min_len: u64,
+}
+
+impl Storage for PaddedStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.inner.len()?.max(self.min_len))
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.zero_range(offset, len)
+    }
+    fn extent_at(&self, offset: u64) -> std::io::Result<(bool, u64)> {
+        self.inner.extent_at(offset)
+    }
+    fn path(&self) -> Option<&Path> {
+        self.inner.path()
     }
 }
 
@@ -103,7 +178,186 @@ fn parse_mismatch(line: &str) -> Option<Mismatch> {
 
 /// Repairs `img` (opened with [`Qcow2Image::open_for_repair`]) as `qemu-img check -r` does
 /// with `mode`; returns the check of the repaired image with the fixed counts filled in.
+///
+/// With `All`, damage that per-cluster fixes cannot repair (see [`needs_rebuild`]) makes the
+/// refcount structures be rebuilt from scratch ([`rebuild_refcounts`]); the image is then
+/// reopened and repaired as usual (the old structures' clusters are leaks by then, fixed
+/// quietly). As with qemu, the fixed counts are then the corruptions and leaks the first check
+/// found minus those left at the end, and the report's messages are the first check's,
+/// followed by `Rebuilding refcount structure`.
 pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
+    if mode == RepairMode::All {
+        let (before, refs) = super::check::check_with_references(img);
+        if img.write.is_none() || needs_rebuild(&before) {
+            rebuild_refcounts(img, &refs)?;
+            let fresh = Qcow2Image::open_for_repair(&img.path)?;
+            if fresh.write.is_none() {
+                return Err(Error::corrupt("the rebuilt refcount table cannot be read")
+                    .with_path(&img.path));
+            }
+            let mut report = repair_in_place(&fresh, mode)?;
+            // qemu fixes COPIED flags after the rebuild, counting only the refcount damage.
+            let copied = before
+                .messages
+                .iter()
+                .filter(|m| m.starts_with("ERROR OFLAG_COPIED "))
+                .count() as u64;
+            report.corruptions_fixed = before
+                .corruptions
+                .saturating_sub(copied)
+                .saturating_sub(report.corruptions);
+            report.leaks_fixed = before.leaks.saturating_sub(report.leaks);
+            let mut messages = before.messages;
+            messages.push("Rebuilding refcount structure".to_string());
+            messages.append(&mut report.messages);
+            report.messages = messages;
+            return Ok(report);
+        }
+    }
+    if img.write.is_none() {
+        // Only a rebuild could fix this; say why, as a normal read-write open would.
+        WriteState::new(img).in_file(&img.path)?;
+    }
+    repair_in_place(img, mode)
+}
+
+/// Whether a check report shows damage that needs the refcount structures rebuilt, as qemu
+/// decides: a cluster in use whose stored refcount is 0 (its refcount block may be missing),
+/// a refcount block that is referenced more than once (it overlaps other metadata), not
+/// cluster-aligned, outside the file or has reserved bits set, a refcount that cannot be
+/// read, or a refcount table that cannot be read.
+pub fn needs_rebuild(report: &CheckReport) -> bool {
+    report.messages.iter().any(|m| {
+        parse_mismatch(m).is_some_and(|x| x.stored == 0 && x.computed > 0)
+            || (m.starts_with("ERROR refcount block ")
+                && (m.contains(" is referenced ")
+                    || m.contains("not cluster-aligned")
+                    || m.contains("outside the image file")))
+            || (m.starts_with("ERROR refcount table entry ") && m.ends_with("reserved bits set"))
+            || m.starts_with("ERROR cannot get the refcount of cluster")
+            || m.starts_with("ERROR cannot read the refcount table")
+    })
+}
+
+/// Writes new refcount blocks and a new refcount table after the end of the file, holding the
+/// references `refs` the check counted (minus those of the old refcount structures, which are
+/// dropped), plus the new structures' own; then switches the header to them.
+///
+/// Crash safety: nothing in use is overwritten (the new clusters lie past everything the
+/// image references), and the new structures are written and synced before the header's
+/// refcount table offset and size change in one 12-byte write, which is synced too. A crash
+/// before that leaves the old (damaged) structures in charge, and the new clusters unused.
+pub fn rebuild_refcounts(img: &Qcow2Image, refs: &[u32]) -> Result<()> {
+    let h = &img.header;
+    let cs = h.cluster_size();
+    let cb = h.cluster_bits;
+    let mut counts: Vec<u64> = refs.iter().map(|&r| u64::from(r)).collect();
+    // Drop the old refcount structures' own references, as the check counted them.
+    let drop_ref = |counts: &mut Vec<u64>, cluster: u64| {
+        if let Some(c) = counts.get_mut(cluster as usize) {
+            *c = c.saturating_sub(1);
+        }
+    };
+    let old_table_bytes = u64::from(h.refcount_table_clusters) * cs;
+    let file_len = img.file_len();
+    let table_ok = h.refcount_table_offset.is_multiple_of(cs)
+        && h.refcount_table_offset
+            .checked_add(old_table_bytes)
+            .is_some_and(|e| e <= file_len);
+    if table_ok {
+        if let Ok(table) = RefcountTable::read(img) {
+            for &e in table.entries() {
+                let off = e & super::refcount::REFT_OFFSET_MASK;
+                if e & super::refcount::REFT_RESERVED_MASK == 0
+                    && off != 0
+                    && off.is_multiple_of(cs)
+                    && off < file_len
+                {
+                    drop_ref(&mut counts, off >> cb);
+                }
+            }
+        }
+        let first = h.refcount_table_offset >> cb;
+        for c in first..first + u64::from(h.refcount_table_clusters) {
+            drop_ref(&mut counts, c);
+        }
+    }
+    let max = super::refcount::max_refcount(h.refcount_order);
+    if let Some(i) = counts.iter().position(|&c| c > max) {
+        return Err(Error::unsupported(format!(
+            "cluster {i} has {} references, more than {}-bit refcounts can hold",
+            counts[i],
+            h.refcount_bits()
+        ))
+        .with_path(&img.path));
+    }
+
+    // Place the new structures after everything: refcount blocks, then the table, sized so
+    // that they cover themselves.
+    let per_block = 1u64 << (cb + 3 - h.refcount_order.min(6));
+    // The real end of the file (the image may see a padded view of it) and everything in use.
+    let real_len = std::fs::metadata(&img.path).map_or(file_len, |m| m.len());
+    let in_use = counts
+        .iter()
+        .rposition(|&c| c != 0)
+        .map_or(0, |i| i as u64 + 1);
+    let start = in_use.max(real_len.div_ceil(cs));
+    let (mut n_blocks, mut n_table) = (0u64, 0u64);
+    loop {
+        let total = start + n_blocks + n_table;
+        let nb = total.div_ceil(per_block);
+        let nt = (nb * 8).div_ceil(cs).max(1);
+        if nb == n_blocks && nt == n_table {
+            break;
+        }
+        (n_blocks, n_table) = (nb, nt);
+    }
+    if n_table * cs > super::header::MAX_REFTABLE_BYTES {
+        return Err(Error::unsupported(
+            "the rebuilt refcount table would exceed qemu's 8 MiB limit",
+        )
+        .with_path(&img.path));
+    }
+    let end = start + n_blocks + n_table;
+    counts.resize(end as usize, 0);
+    for c in start..end {
+        counts[c as usize] = 1;
+    }
+    // Refcount blocks, then the table.
+    let mut table = vec![0u8; (n_table * cs) as usize];
+    let mut block = vec![0u8; cs as usize];
+    for b in 0..n_blocks {
+        block.fill(0);
+        let first = b * per_block;
+        for i in 0..per_block {
+            let v = counts.get((first + i) as usize).copied().unwrap_or(0);
+            if v != 0 {
+                super::refcount::set_refcount(&mut block, i, h.refcount_order, v);
+            }
+        }
+        let off = (start + b) * cs;
+        img.storage
+            .write_at(&block, off)
+            .map_err(|e| Error::io("cannot write a refcount block", e).at(off))?;
+        BigEndian::write_u64(&mut table[(b * 8) as usize..], off);
+    }
+    let table_off = (start + n_blocks) * cs;
+    img.storage
+        .write_at(&table, table_off)
+        .map_err(|e| Error::io("cannot write the refcount table", e).at(table_off))?;
+    img.sync()?;
+    // The switch: refcount table offset (48..56) and clusters (56..60) in one write.
+    let mut f = [0u8; 12];
+    BigEndian::write_u64(&mut f[0..8], table_off);
+    BigEndian::write_u32(&mut f[8..12], n_table as u32);
+    img.storage
+        .write_at(&f, 48)
+        .map_err(|e| Error::io("cannot write the header", e).at(48))?;
+    img.sync()
+}
+
+/// The per-cluster repair: refcounts set one by one, then COPIED flags.
+fn repair_in_place(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
     let mut leaks_fixed = 0u64;
     let mut corruptions_fixed = 0u64;
     let cb = img.header.cluster_bits;
