@@ -582,8 +582,9 @@ fn convert(a: ConvertArgs) -> CmdResult {
             target,
             &opts,
             Some(&|done, total| {
+                // Holding the output while deciding keeps lines from several threads in order.
+                let mut out = std::io::stdout().lock();
                 if let Some(line) = text.update(done, total) {
-                    let mut out = std::io::stdout().lock();
                     let _ = out.write_all(line.as_bytes());
                     let _ = out.flush();
                 }

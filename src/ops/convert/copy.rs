@@ -356,16 +356,22 @@ fn classify(
     let mut pos = c;
     while pos < cend {
         let (s, mut end) = src.at(pos)?;
-        let inherit = plan.inherit_depth.is_some_and(|k| s.depth >= k);
-        let mut backing_zero = false;
+        // Answered at or below the layer that is the new backing file; or unallocated all the
+        // way down to just above it, past its end (where the new backing reads zeros too).
+        let inherit = plan
+            .inherit_depth
+            .is_some_and(|k| s.depth >= k || (!s.present && s.depth + 1 == k));
+        // Zeros over zeros need no writing; with `-S 0` (everything written) only past the
+        // backing file's end, as qemu-img does it.
+        let mut zero_over_zero = false;
         if !inherit && s.zero {
             let (b, bend) = bk.at(pos)?;
-            backing_zero = b.zero;
+            zero_over_zero = b.zero && (plan.sparse != 0 || pos >= bk.img.virtual_size());
             end = end.min(bend);
         }
         first_end.get_or_insert(end);
         all_inherit &= inherit;
-        skip &= inherit || (s.zero && backing_zero && plan.sparse != 0);
+        skip &= inherit || zero_over_zero;
         all_zero &= !inherit && s.zero;
         pos = end.min(cend);
     }
