@@ -480,6 +480,150 @@ mod tests {
         assert_eq!(p.update(400, 400).as_deref(), Some("    (100.00/100%)\r"));
     }
 
+    /// Delegates to an image, recording the guest ranges read.
+    struct Counting<'a> {
+        inner: &'a dyn BlockImage,
+        reads: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl BlockImage for Counting<'_> {
+        fn format(&self) -> ImageFormat {
+            self.inner.format()
+        }
+        fn filename(&self) -> &Path {
+            self.inner.filename()
+        }
+        fn virtual_size(&self) -> u64 {
+            self.inner.virtual_size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: crate::offsets::GuestOffset) -> Result<()> {
+            self.reads
+                .lock()
+                .unwrap()
+                .push((offset.0, buf.len() as u64));
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: crate::offsets::GuestOffset) -> Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(
+            &self,
+            offset: crate::offsets::GuestOffset,
+            len: u64,
+            unmap: bool,
+        ) -> Result<()> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn block_status(
+            &self,
+            offset: crate::offsets::GuestOffset,
+            max_len: u64,
+        ) -> Result<crate::block::BlockStatus> {
+            self.inner.block_status(offset, max_len)
+        }
+        fn backing(&self) -> Option<&dyn BlockImage> {
+            self.inner.backing()
+        }
+        fn is_writable(&self) -> bool {
+            false
+        }
+        fn actual_size(&self) -> Option<u64> {
+            None
+        }
+        fn layer_info(&self) -> Result<crate::info::LayerInfo> {
+            self.inner.layer_info()
+        }
+    }
+
+    fn qcow2(path: &Path, size: u64, backing: Option<&str>) {
+        crate::ops::create::create(&crate::ops::create::CreateArgs {
+            format: ImageFormat::Qcow2,
+            filename: path.to_path_buf(),
+            options: vec![],
+            backing_file: backing.map(str::to_string),
+            backing_format: backing.map(|_| "qcow2".to_string()),
+            unsafe_backing: false,
+            size: Some(size.to_string()),
+        })
+        .unwrap();
+    }
+
+    fn whole(img: &dyn BlockImage) -> Vec<u8> {
+        let mut v = vec![0u8; img.virtual_size() as usize];
+        img.read_at(&mut v, crate::offsets::GuestOffset(0)).unwrap();
+        v
+    }
+
+    /// With -B naming the source's own backing file, only what the overlay allocates is read;
+    /// where source and backing file are both known to be zero, nothing is read either.
+    #[test]
+    fn backing_conversion_reads_only_what_it_must() {
+        use crate::offsets::GuestOffset as G;
+        let dir = tempfile::tempdir().unwrap();
+        let cs = 65536u64;
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        qcow2(&base, 32 * cs, None);
+        {
+            let b = Qcow2Image::open(&base, true, true, &mut ChainGuard::default()).unwrap();
+            b.write_at(&vec![0x11; 16 * cs as usize], G(0)).unwrap();
+            b.flush().unwrap();
+        }
+        qcow2(&top, 32 * cs, Some("base.qcow2"));
+        {
+            let t = Qcow2Image::open(&top, true, false, &mut ChainGuard::default()).unwrap();
+            t.write_at(&vec![0x22; cs as usize], G(3 * cs)).unwrap();
+            t.write_zeroes(G(5 * cs), cs, false).unwrap();
+            t.flush().unwrap();
+        }
+        let opts = ConvertOptions {
+            output_format: ImageFormat::Qcow2,
+            backing_file: Some("base.qcow2".into()),
+            backing_format: Some("qcow2".into()),
+            ..ConvertOptions::default()
+        };
+        let src = Qcow2Image::open(&top, false, false, &mut ChainGuard::default()).unwrap();
+        let counting = Counting {
+            inner: &src,
+            reads: Mutex::new(vec![]),
+        };
+        let out = dir.path().join("out.qcow2");
+        convert(&[&counting], &out, &opts, None).unwrap();
+        let reads = counting.reads.lock().unwrap().clone();
+        assert!(
+            reads.iter().all(|&(o, l)| o >= 3 * cs && o + l <= 4 * cs),
+            "read outside the overlay's data: {reads:?}"
+        );
+        let converted = crate::open::open_image(&out, &Default::default()).unwrap();
+        assert!(whole(converted.as_ref()) == whole(&src));
+
+        // A sparse raw source over an empty backing file: only its data block is read.
+        let empty = dir.path().join("empty.qcow2");
+        qcow2(&empty, 32 * cs, None);
+        let raw = dir.path().join("src.raw");
+        let r = RawImage::create(&raw, 32 * cs).unwrap();
+        r.write_at(&[7u8; 4096], G(20 * cs)).unwrap();
+        let counting = Counting {
+            inner: &r,
+            reads: Mutex::new(vec![]),
+        };
+        let opts = ConvertOptions {
+            backing_file: Some("empty.qcow2".into()),
+            ..opts
+        };
+        convert(&[&counting], &out, &opts, None).unwrap();
+        let reads = counting.reads.lock().unwrap().clone();
+        assert!(
+            reads.iter().all(|&(o, l)| o >= 20 * cs && o + l <= 21 * cs),
+            "read outside the data block: {reads:?}"
+        );
+        let converted = crate::open::open_image(&out, &Default::default()).unwrap();
+        assert!(whole(converted.as_ref()) == whole(&r));
+    }
+
     #[test]
     fn sparse_sizes() {
         assert!(validate_sparse_size(4096).is_ok());
