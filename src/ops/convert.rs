@@ -71,7 +71,8 @@ pub struct ConvertOptions {
     /// `-o` options for a new qcow2 target, as `vimg create` takes them.
     pub target_options: Vec<String>,
     /// Backing file of a new qcow2 target (`-B`), recorded as given; relative names are
-    /// relative to the target's directory.
+    /// relative to the target's directory. `-o backing_file=` does the same. With `no_create`
+    /// it is accepted but not relied on: the existing target is written in full.
     pub backing_file: Option<String>,
     /// Format of the backing file (`-F`); required with a backing file, as in qemu-img.
     pub backing_format: Option<String>,

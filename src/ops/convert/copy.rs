@@ -87,38 +87,87 @@ struct Scratch {
     actions: Vec<Action>,
 }
 
-/// Whose turn it is to write, in ordered mode.
-struct Turns {
-    next: Mutex<u64>,
+/// The reorder window of ordered mode: prepared jobs wait here, keyed by their sequence number,
+/// until every job before them is written. Whichever worker parks the next job to write
+/// becomes the committer and writes the consecutive run that is ready, while the others go on
+/// preparing jobs (up to `limit` parked ones, which bounds memory).
+struct Reorder {
+    state: Mutex<ReorderState>,
     changed: Condvar,
+    limit: usize,
 }
 
-impl Turns {
-    /// Waits until job `seq` may write; `false` if the copy is being abandoned.
-    fn wait(&self, seq: u64, stop: &AtomicBool) -> bool {
-        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        while *next != seq {
+#[derive(Default)]
+struct ReorderState {
+    /// The next job to write.
+    next: u64,
+    /// Prepared jobs waiting for their turn, with their guest length.
+    parked: std::collections::BTreeMap<u64, (u64, Scratch)>,
+    /// A worker is writing parked jobs.
+    committing: bool,
+    /// Scratch memory of written jobs, for reuse.
+    free: Vec<Scratch>,
+}
+
+impl Reorder {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReorderState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Parks the prepared job `seq` and, unless another worker is at it, writes every job
+    /// that is ready in order. Returns scratch memory for the worker's next job.
+    fn submit(
+        &self,
+        seq: u64,
+        len: u64,
+        scratch: Scratch,
+        stop: &AtomicBool,
+        write: &dyn Fn(&mut Scratch, u64) -> Result<()>,
+    ) -> Result<Scratch> {
+        let mut st = self.lock();
+        // Wait for room, unless this is the job everyone waits for.
+        while st.parked.len() >= self.limit && seq != st.next {
             if stop.load(Ordering::SeqCst) {
-                return false;
+                return Ok(scratch);
             }
-            next = self
+            st = self
                 .changed
-                .wait_timeout(next, Duration::from_millis(100))
+                .wait_timeout(st, Duration::from_millis(100))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        true
-    }
-
-    /// Lets the next job write.
-    fn done(&self) {
-        *self.next.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        st.parked.insert(seq, (len, scratch));
+        let result = if st.committing {
+            Ok(())
+        } else {
+            st.committing = true;
+            let mut result = Ok(());
+            while let Some((len, mut job)) = {
+                let next = st.next;
+                st.parked.remove(&next)
+            } {
+                drop(st);
+                result = write(&mut job, len);
+                st = self.lock();
+                st.next += 1;
+                st.free.push(job);
+                self.changed.notify_all();
+                if result.is_err() || stop.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            st.committing = false;
+            result
+        };
+        let fresh = st.free.pop().unwrap_or_default();
+        drop(st);
         self.changed.notify_all();
+        result.map(|()| fresh)
     }
 
     /// Wakes every waiter (after a failure).
     fn wake_all(&self) {
-        let _guard = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.lock();
         self.changed.notify_all();
     }
 }
@@ -128,9 +177,11 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
     let size = plan.src.virtual_size();
     let done = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
-    let turns = Turns {
-        next: Mutex::new(0),
+    let threads = plan.threads.max(1);
+    let reorder = Reorder {
+        state: Mutex::new(ReorderState::default()),
         changed: Condvar::new(),
+        limit: 2 * threads,
     };
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let fail = |e: Error| {
@@ -141,7 +192,7 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
                 *slot = Some(e);
             }
         }
-        turns.wake_all();
+        reorder.wake_all();
     };
     let report = |n: u64| {
         let d = done.fetch_add(n, Ordering::SeqCst) + n;
@@ -152,13 +203,17 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
     if let Some(p) = progress {
         p(0, size);
     }
-    let threads = plan.threads.max(1);
     let (tx, rx) = mpsc::sync_channel::<(u64, Job)>(threads * 2);
     let rx = Mutex::new(rx);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
                 let mut scratch = Scratch::default();
+                let write = |s: &mut Scratch, len: u64| {
+                    commit(plan, s)?;
+                    report(len);
+                    Ok(())
+                };
                 loop {
                     let (seq, job) = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
                         Ok(j) => j,
@@ -168,18 +223,16 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
                         continue;
                     }
                     let r = prepare(plan, job, &mut scratch).and_then(|()| {
-                        if plan.ordered && !turns.wait(seq, &stop) {
-                            return Ok(());
-                        }
-                        let r = commit(plan, &mut scratch);
                         if plan.ordered {
-                            turns.done();
+                            let s = std::mem::take(&mut scratch);
+                            scratch = reorder.submit(seq, job.len(), s, &stop, &write)?;
+                            Ok(())
+                        } else {
+                            write(&mut scratch, job.len())
                         }
-                        r
                     });
-                    match r {
-                        Ok(()) => report(job.len()),
-                        Err(e) => fail(e),
+                    if let Err(e) = r {
+                        fail(e);
                     }
                 }
             });
