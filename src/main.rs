@@ -29,7 +29,8 @@ enum Command {
     Compare(CompareArgs),
     /// Check an image's consistency (exit 0 clean, 1 incomplete, 2 corrupt, 3 leaks, 63 no check).
     Check(CheckArgs),
-    /// Convert an image to a sparse raw file or a new qcow2 image (-c compresses).
+    /// Convert images (several are concatenated) to a sparse raw file or a new qcow2 image
+    /// (-c compresses, -B leaves what a backing file holds unallocated).
     Convert(ConvertArgs),
     /// Create a new raw or qcow2 image (qemu-img's options; `-o help` lists them).
     Create(CreateCmdArgs),
@@ -170,7 +171,7 @@ struct CheckArgs {
 
 #[derive(Args, Debug)]
 struct ConvertArgs {
-    /// Source format; probed when not given.
+    /// Format of the sources (all of them); probed when not given.
     #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
     format: Option<ImageFormat>,
     /// Output format: raw or qcow2.
@@ -182,6 +183,13 @@ struct ConvertArgs {
     /// Store qcow2 clusters compressed, with the target's compression type (parallel).
     #[arg(short = 'c')]
     compress: bool,
+    /// Backing file of the new qcow2 image (recorded as given, relative to the target):
+    /// clusters that read the same in it are left unallocated.
+    #[arg(short = 'B', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the backing file (required with -B).
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_format: Option<String>,
     /// Cache mode of the target: unsafe (default, as qemu-img convert: no waiting for the
     /// disk), or writeback, writethrough, none, directsync (wait for the disk at the end).
     #[arg(short = 't', value_name = "CACHE", default_value = "unsafe",
@@ -201,17 +209,22 @@ struct ConvertArgs {
     /// Do not create the target: write into the existing one.
     #[arg(short = 'n')]
     no_create: bool,
-    /// Worker threads copying data.
-    #[arg(short = 'm', value_name = "N", default_value_t = 4,
-          value_parser = clap::value_parser!(u16).range(1..=64))]
-    threads: u16,
+    /// With -n: the target reads as zeros already, so zero ranges are not written.
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+    /// Worker threads copying data (1 to 16).
+    #[arg(short = 'm', value_name = "N", default_value_t = 4, value_parser = parse_threads)]
+    threads: usize,
+    /// Allow out-of-order writes: qcow2 clusters are allocated as workers finish, not in
+    /// guest order.
+    #[arg(short = 'W')]
+    out_of_order: bool,
     /// Open the source without taking image locks (accepted; vimg takes none yet).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// The source image.
-    source: PathBuf,
-    /// The image to write.
-    target: PathBuf,
+    /// The source images (concatenated, in order), then the image to write.
+    #[arg(value_name = "SRC... DST")]
+    files: Vec<PathBuf>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -235,6 +248,17 @@ fn parse_format(s: &str) -> Result<ImageFormat, String> {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     ops::size::parse_size(s).map_err(|e| e.what().to_string())
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let e = |_| {
+        ops::convert::validate_threads(0)
+            .unwrap_err()
+            .what()
+            .to_string()
+    };
+    let n: usize = s.trim().parse().map_err(e)?;
+    ops::convert::validate_threads(n).map_err(|e| e.what().to_string())
 }
 
 fn parse_sparse(s: &str) -> Result<u64, String> {
@@ -504,30 +528,54 @@ fn create(a: CreateCmdArgs) -> CmdResult {
     Ok(0)
 }
 
-fn convert(a: ConvertArgs) -> CmdResult {
-    let _ = a.force_share;
-    let fail = |e| Failure::new(e, 1);
-    let src = open(&a.source, a.format).map_err(fail)?;
-    let opts = ops::convert::ConvertOptions {
+/// The library's convert options from the command line.
+fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
+    ops::convert::ConvertOptions {
         output_format: a.output_format,
         sparse_size: a.sparse_size,
         no_create: a.no_create,
-        threads: usize::from(a.threads),
+        target_is_zero: a.target_is_zero,
+        threads: a.threads,
         compress: a.compress,
         target_options: a.options.clone(),
+        backing_file: a.backing.clone(),
+        backing_format: a.backing_format.clone(),
+        out_of_order: a.out_of_order,
         sync: a.cache != "unsafe",
+    }
+}
+
+fn convert(a: ConvertArgs) -> CmdResult {
+    let _ = a.force_share;
+    let fail = |e| Failure::new(e, 1);
+    let Some((target, sources)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
+        return Err(Failure {
+            message: "Must specify image file name".into(),
+            code: 1,
+        });
     };
+    let opts = convert_options(&a);
+    ops::convert::validate(sources.len(), target, &opts).map_err(fail)?;
+    let opened = sources
+        .iter()
+        .map(|s| open(s, a.format))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(fail)?;
+    let sources: Vec<&dyn vimg::BlockImage> = opened.iter().map(|b| b.as_ref()).collect();
+    let total = sources
+        .iter()
+        .fold(0u64, |t, s| t.saturating_add(s.virtual_size()));
     let show = a.progress && !a.quiet;
     let result = if show && std::io::stdout().is_terminal() {
-        let bar = indicatif::ProgressBar::new(src.virtual_size());
+        let bar = indicatif::ProgressBar::new(total);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
             "{bar:40} {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
         ) {
             bar.set_style(style);
         }
         let r = ops::convert::convert(
-            src.as_ref(),
-            &a.target,
+            &sources,
+            target,
             &opts,
             Some(&|done, _total| bar.set_position(done)),
         );
@@ -540,12 +588,13 @@ fn convert(a: ConvertArgs) -> CmdResult {
     } else if show {
         let text = ops::convert::TextProgress::new();
         let r = ops::convert::convert(
-            src.as_ref(),
-            &a.target,
+            &sources,
+            target,
             &opts,
             Some(&|done, total| {
+                // Holding the output while deciding keeps lines from several threads in order.
+                let mut out = std::io::stdout().lock();
                 if let Some(line) = text.update(done, total) {
-                    let mut out = std::io::stdout().lock();
                     let _ = out.write_all(line.as_bytes());
                     let _ = out.flush();
                 }
@@ -556,7 +605,7 @@ fn convert(a: ConvertArgs) -> CmdResult {
         }
         r
     } else {
-        ops::convert::convert(src.as_ref(), &a.target, &opts, None)
+        ops::convert::convert(&sources, target, &opts, None)
     };
     result.map_err(fail)?;
     Ok(0)

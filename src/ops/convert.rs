@@ -1,27 +1,37 @@
-//! `vimg convert`: copies an image's guest data into a sparse raw file or a new qcow2 image.
+//! `vimg convert`: copies the guest data of one or more images (concatenated) into a sparse raw
+//! file or a qcow2 image.
 //!
 //! The source is walked with its block-status query: ranges known to read as zero are not read
 //! and become holes in the output; the rest is read in chunks of up to [`CHUNK`] bytes by
 //! several worker threads, and each chunk is written except for the blocks of
-//! [`ConvertOptions::sparse_size`] bytes that turn out to be all zeros (qemu-img's `-S`).
+//! [`ConvertOptions::sparse_size`] bytes that turn out to be all zeros (qemu-img's `-S`). The
+//! engine is in [`copy`]; several sources are joined by [`concat::Concat`].
+//!
+//! With a backing file for the new image (`-B`), target clusters that read the same in the
+//! backing file are left unallocated, zero ranges over non-zero backing data become zero
+//! clusters, and the rest is copied; ranges the source inherits from that very backing file are
+//! not even read.
+//!
+//! qcow2 targets get their clusters allocated in guest order (qemu-img's default) unless
+//! out-of-order writes are allowed (`-W`).
 //!
 //! A new output is written under a temporary name in the destination's directory and renamed
 //! into place only once complete and flushed, so a failed conversion leaves no partial file under
 //! the final name (and the destination may even be the source). With `no_create` (qemu-img's
 //! `-n`), or when the destination is a device, the existing target is written in place, and
 //! zero ranges are written as zeros there (holes punched where possible) since it may hold old
-//! data.
+//! data, unless `target_is_zero` says it reads as zeros already.
+
+pub mod concat;
+mod copy;
 
 use crate::block::{BlockImage, ImageFormat};
-use crate::error::{Error, ErrorKind, Result, ResultExt};
-use crate::offsets::GuestOffset;
-use crate::open::ChainGuard;
-use crate::qcow2::compress::compress_cluster;
+use crate::error::{Error, Result, ResultExt};
+use crate::open::{resolve_relative, ChainGuard};
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::Mutex;
 
 /// Largest piece of guest data read and written at once (rounded down to a multiple of the
 /// sparse block size, or raised to it).
@@ -36,10 +46,13 @@ pub const DEFAULT_SPARSE_SIZE: u64 = 4096;
 /// Largest `-S` qemu-img accepts.
 pub const MAX_SPARSE_SIZE: u64 = 16 << 20;
 
+/// Most worker threads (`-m`) qemu-img accepts.
+pub const MAX_THREADS: usize = 16;
+
 /// How to convert.
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
-    /// The output format; only [`ImageFormat::Raw`] is supported so far.
+    /// The output format (`-O`).
     pub output_format: ImageFormat,
     /// Zero detection granularity (`-S`): aligned blocks of this many bytes that read as zero
     /// are not written. 0 turns sparseness off entirely: the output is fully allocated, zero
@@ -47,6 +60,9 @@ pub struct ConvertOptions {
     pub sparse_size: u64,
     /// Write into the existing target instead of creating it (`-n`).
     pub no_create: bool,
+    /// With `no_create`: the target already reads as zeros, so zero ranges are not written
+    /// (`--target-is-zero`).
+    pub target_is_zero: bool,
     /// Worker threads reading and writing (at least 1).
     pub threads: usize,
     /// Store qcow2 clusters compressed (`-c`), with the target's compression type; clusters
@@ -54,6 +70,15 @@ pub struct ConvertOptions {
     pub compress: bool,
     /// `-o` options for a new qcow2 target, as `vimg create` takes them.
     pub target_options: Vec<String>,
+    /// Backing file of a new qcow2 target (`-B`), recorded as given; relative names are
+    /// relative to the target's directory. `-o backing_file=` does the same. With `no_create`
+    /// it is accepted but not relied on: the existing target is written in full.
+    pub backing_file: Option<String>,
+    /// Format of the backing file (`-F`); required with a backing file, as in qemu-img.
+    pub backing_format: Option<String>,
+    /// Allow writes in any order (`-W`): qcow2 clusters are then allocated as workers finish,
+    /// not in guest order.
+    pub out_of_order: bool,
     /// Wait for the target to reach the disk before finishing (`-t` other than `unsafe`).
     /// qemu-img's default for convert is `unsafe`, which does not.
     pub sync: bool,
@@ -65,9 +90,13 @@ impl Default for ConvertOptions {
             output_format: ImageFormat::Raw,
             sparse_size: DEFAULT_SPARSE_SIZE,
             no_create: false,
+            target_is_zero: false,
             threads: 4,
             compress: false,
             target_options: Vec::new(),
+            backing_file: None,
+            backing_format: None,
+            out_of_order: false,
             sync: false,
         }
     }
@@ -84,36 +113,126 @@ pub fn validate_sparse_size(size: u64) -> Result<u64> {
     Ok(size)
 }
 
+/// Checks a `-m` value as qemu-img does: 1 to [`MAX_THREADS`].
+pub fn validate_threads(n: usize) -> Result<usize> {
+    if n == 0 || n > MAX_THREADS {
+        return Err(Error::invalid_input(format!(
+            "Invalid number of coroutines specified. Must be between 1 and {MAX_THREADS}."
+        )));
+    }
+    Ok(n)
+}
+
 /// Told how far the conversion has got: `(bytes done, bytes in total)`. Called from worker
 /// threads.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
-/// Copies the guest data of `src` into a raw or qcow2 image at `dst`.
-pub fn convert(
-    src: &dyn BlockImage,
-    dst: &Path,
-    opts: &ConvertOptions,
-    progress: Option<Progress<'_>>,
-) -> Result<()> {
+/// The backing file and format the new target gets: from `-B`/`-F`, else from `-o`.
+fn target_backing(opts: &ConvertOptions) -> (Option<String>, Option<String>) {
+    let mut file = None;
+    let mut format = None;
+    for o in &opts.target_options {
+        // Malformed options are reported by create; here only the backing matters.
+        if let Ok(u) = crate::qcow2::create::parse_options(o) {
+            file = u.backing_file.or(file);
+            format = u.backing_fmt.or(format);
+        }
+    }
+    (
+        opts.backing_file.clone().or(file),
+        opts.backing_format.clone().or(format),
+    )
+}
+
+/// Refuses the option combinations qemu-img refuses, with its messages, for `sources` source
+/// images written to `dst` ([`convert`] checks this first too).
+pub fn validate(sources: usize, dst: &Path, opts: &ConvertOptions) -> Result<()> {
+    let bad = |m: &str| Err(Error::invalid_input(m.to_string()));
+    if sources == 0 {
+        return bad("Must specify image file name");
+    }
     let qcow2 = opts.output_format == ImageFormat::Qcow2;
+    if opts.target_is_zero && !opts.no_create {
+        return bad("--target-is-zero requires use of -n flag");
+    }
     if opts.compress && !qcow2 {
         return Err(
             Error::invalid_input("compression (-c) needs a qcow2 target (-O qcow2)").with_path(dst),
         );
+    }
+    if !qcow2 && opts.backing_file.is_some() {
+        return bad("Backing file not supported for file format 'raw'");
     }
     if !qcow2 && !opts.target_options.is_empty() {
         return Err(
             Error::unsupported("-o options are not supported for raw targets yet").with_path(dst),
         );
     }
+    let (file, format) = target_backing(opts);
+    if file.is_some() && sources > 1 {
+        return bad(
+            "Having a backing file for the target makes no sense when concatenating multiple \
+             input images",
+        );
+    }
+    if opts.backing_file.is_some() && opts.target_is_zero {
+        return bad("Cannot use --target-is-zero when the destination image has a backing file");
+    }
+    if !opts.no_create {
+        if file.is_some() && format.is_none() {
+            return bad("Use of backing file requires explicit backing format");
+        }
+        if file.is_none() && format.is_some() {
+            return Err(
+                Error::invalid_input("Backing format cannot be used without backing file")
+                    .with_path(dst),
+            );
+        }
+    }
     if opts.sparse_size != 0 {
         validate_sparse_size(opts.sparse_size)?;
     }
+    validate_threads(opts.threads)?;
+    Ok(())
+}
+
+/// Copies the guest data of `sources`, one after the other, into a raw or qcow2 image at
+/// `dst`.
+pub fn convert(
+    sources: &[&dyn BlockImage],
+    dst: &Path,
+    opts: &ConvertOptions,
+    progress: Option<Progress<'_>>,
+) -> Result<()> {
+    validate(sources.len(), dst, opts)?;
+    let joined;
+    let src: &dyn BlockImage = match sources {
+        [one] => *one,
+        many => {
+            joined = concat::Concat::new(many.to_vec())?;
+            &joined
+        }
+    };
+    let qcow2 = opts.output_format == ImageFormat::Qcow2;
     let size = src.virtual_size();
+    let mut plan = copy::Plan {
+        src,
+        dst: src,
+        compress: None,
+        backing: None,
+        inherit_depth: None,
+        zero_needed: false,
+        sparse: opts.sparse_size,
+        cluster: 512,
+        ordered: false,
+        threads: opts.threads.max(1),
+    };
     let existing_device = std::fs::metadata(dst)
         .map(|m| !m.file_type().is_file() && !m.file_type().is_dir())
         .unwrap_or(false);
     if opts.no_create || existing_device {
+        // The existing target may hold old data: everything is written, zeros included
+        // (unless it is known to read as zeros), and a backing file it has is not relied on.
         let target = open_target(dst, opts.output_format)?;
         let target_size = target.virtual_size();
         if target_size < size {
@@ -122,7 +241,10 @@ pub fn convert(
             ))
             .with_path(dst));
         }
-        copy(src, target.as_ref(), None, true, opts, progress)?;
+        plan.dst = target.as_ref();
+        plan.zero_needed = !opts.target_is_zero;
+        plan.ordered = qcow2 && !opts.out_of_order;
+        copy::run(&plan, progress)?;
         return target.flush();
     }
 
@@ -132,6 +254,15 @@ pub fn convert(
         Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(dst).unwrap_or(dst.into()),
         _ => dst.to_path_buf(),
     };
+    if let (Some(name), _) = target_backing(opts) {
+        // The target replaces the destination: it cannot be its own backing file.
+        let bpath = resolve_relative(&dst, &name)?;
+        if same_file(&bpath, &dst) {
+            return Err(
+                Error::invalid_input("the image cannot be its own backing file").with_path(&dst),
+            );
+        }
+    }
     let keep_permissions = std::fs::metadata(&dst).ok().map(|m| m.permissions());
     let tmp = TempFile::create_near(&dst)?;
     if qcow2 {
@@ -139,21 +270,32 @@ pub fn convert(
             format: ImageFormat::Qcow2,
             filename: tmp.path.clone(),
             options: opts.target_options.clone(),
-            backing_file: None,
-            backing_format: None,
+            backing_file: opts.backing_file.clone(),
+            backing_format: opts.backing_format.clone(),
             unsafe_backing: false,
             size: Some(size.to_string()),
         })
         .in_file(&dst)?;
-        let target = Qcow2Image::open(&tmp.path, true, true, &mut ChainGuard::default())?;
+        // Opened with its backing chain, so that zero writes know what lies below.
+        let target = Qcow2Image::open(&tmp.path, true, false, &mut ChainGuard::default())
+            .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         target.set_unsafe_cache(!opts.sync);
-        let compress = opts.compress.then_some(&target);
-        copy(src, &target, compress, false, opts, progress)?;
+        plan.dst = &target;
+        plan.cluster = target.header().cluster_size();
+        plan.compress = opts.compress.then_some(&target);
+        plan.ordered = !opts.out_of_order;
+        plan.backing = target.backing();
+        if let Some(b) = plan.backing {
+            plan.inherit_depth = inherited_layer(src, b);
+        }
+        copy::run(&plan, progress).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         // Writes the metadata (and, unless the cache is unsafe, waits for the disk).
-        target.flush()?;
+        target.flush().map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
     } else {
-        let target = RawImage::create(&tmp.path, size)?;
-        copy(src, &target, None, false, opts, progress)?;
+        let target =
+            RawImage::create(&tmp.path, size).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
+        plan.dst = &target;
+        copy::run(&plan, progress).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         if opts.sync {
             target.flush()?;
         }
@@ -166,14 +308,54 @@ pub fn convert(
     tmp.persist(&dst)
 }
 
-/// Opens an existing target for writing in place (`-n`).
+/// An error about the temporary output names the destination instead (the temporary name means
+/// nothing to the user, and the file is gone once the error is reported).
+fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
+    if e.path() == Some(tmp) {
+        let mut fresh = Error::new(e.kind(), e.what().to_string()).with_path(dst);
+        if let Some(o) = e.offset() {
+            fresh = fresh.at(o);
+        }
+        fresh
+    } else {
+        e
+    }
+}
+
+/// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// The depth (1 = the source's backing file) of the first layer below the source's top that
+/// is `backing` itself: the same file opened with the same format. Ranges the layers above it
+/// leave unallocated read the same in the new target without being copied.
+fn inherited_layer(src: &dyn BlockImage, backing: &dyn BlockImage) -> Option<u32> {
+    let mut layer = src.backing();
+    let mut depth = 1u32;
+    while let Some(l) = layer {
+        if l.format() == backing.format() && same_file(l.filename(), backing.filename()) {
+            return Some(depth);
+        }
+        layer = l.backing();
+        depth += 1;
+    }
+    None
+}
+
+/// Opens an existing target for writing in place (`-n`), with its backing chain so that zero
+/// writes know what lies below.
 fn open_target(dst: &Path, format: ImageFormat) -> Result<Box<dyn BlockImage>> {
     Ok(match format {
         ImageFormat::Raw => Box::new(RawImage::open(dst, true)?),
         ImageFormat::Qcow2 => Box::new(Qcow2Image::open(
             dst,
             true,
-            true,
+            false,
             &mut ChainGuard::default(),
         )?),
     })
@@ -244,278 +426,6 @@ impl Drop for TempFile {
     }
 }
 
-/// A piece of work for the copy threads.
-#[derive(Debug, Clone, Copy)]
-enum Job {
-    /// Guest data to read and write.
-    Data { off: u64, len: u64 },
-    /// A range known to read as zeros.
-    Zero { off: u64, len: u64 },
-}
-
-/// Copies all of `src` into `dst` (at least as large). `in_place`: `dst` may hold old data, so
-/// zeros must be written, not skipped. With `compress` (the same image as `dst`, fresh), data
-/// is copied in whole clusters, each stored compressed where that saves space.
-fn copy(
-    src: &dyn BlockImage,
-    dst: &dyn BlockImage,
-    compress: Option<&Qcow2Image>,
-    in_place: bool,
-    opts: &ConvertOptions,
-    progress: Option<Progress<'_>>,
-) -> Result<()> {
-    let size = src.virtual_size();
-    let sparse = opts.sparse_size;
-    let chunk = match CHUNK.checked_div(sparse) {
-        Some(n) => n.max(1) * sparse,
-        None => CHUNK,
-    };
-    let done = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
-    let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let fail = |e: Error| {
-        stop.store(true, Ordering::SeqCst);
-        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(e);
-        }
-    };
-    let report = |n: u64| {
-        let d = done.fetch_add(n, Ordering::SeqCst) + n;
-        if let Some(p) = progress {
-            p(d, size);
-        }
-    };
-    if let Some(p) = progress {
-        p(0, size);
-    }
-    let threads = opts.threads.max(1);
-    let (tx, rx) = mpsc::sync_channel::<Job>(threads * 2);
-    let rx = Mutex::new(rx);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                let mut buf = Vec::new();
-                let mut zeros = Vec::new();
-                loop {
-                    let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                        Ok(j) => j,
-                        Err(_) => return,
-                    };
-                    if stop.load(Ordering::SeqCst) {
-                        continue;
-                    }
-                    let (r, n) = match job {
-                        Job::Data { off, len } => (
-                            match compress {
-                                Some(q) => compress_data(src, q, off, len, &mut buf),
-                                None => copy_data(src, dst, off, len, sparse, in_place, &mut buf),
-                            },
-                            len,
-                        ),
-                        Job::Zero { off, len } => (
-                            write_zero_range(dst, off, len, sparse, in_place, &mut zeros),
-                            len,
-                        ),
-                    };
-                    match r {
-                        Ok(()) => report(n),
-                        Err(e) => fail(e),
-                    }
-                }
-            });
-        }
-        // Produce jobs from the block status walk; the channel bounds how far ahead we get.
-        // Compressed copies work in whole clusters: a data range is widened to cluster
-        // boundaries, and `emitted` remembers how far clusters were already queued so that no
-        // cluster is handed to two workers.
-        let ccs = compress.map(|q| q.header().cluster_size());
-        let mut emitted = 0u64;
-        let mut produce = || -> Result<()> {
-            let mut off = 0;
-            while off < size && !stop.load(Ordering::SeqCst) {
-                let st = src.block_status(GuestOffset(off), size - off)?;
-                if st.len == 0 || st.len > size - off {
-                    return Err(Error::new(
-                        ErrorKind::Corrupt,
-                        format!(
-                            "block status at guest offset {off:#x} returned an invalid length {}",
-                            st.len
-                        ),
-                    )
-                    .with_path(src.filename()));
-                }
-                let end = off + st.len;
-                if let Some(cs) = ccs {
-                    // Small jobs: compression works cluster by cluster, so big buffers only cost memory.
-                    let step = COMPRESS_CHUNK.max(cs);
-                    let (mut o, stop_at, zero) = if st.zero {
-                        (off.max(emitted), end, true)
-                    } else {
-                        (
-                            off / cs * cs,
-                            end.div_ceil(cs).saturating_mul(cs).min(size),
-                            false,
-                        )
-                    };
-                    o = o.max(emitted);
-                    while o < stop_at {
-                        let n = (step - o % step).min(stop_at - o);
-                        let job = if zero {
-                            Job::Zero { off: o, len: n }
-                        } else {
-                            Job::Data { off: o, len: n }
-                        };
-                        if tx.send(job).is_err() {
-                            return Ok(());
-                        }
-                        o += n;
-                    }
-                    if !zero {
-                        emitted = emitted.max(stop_at);
-                    }
-                    off = end;
-                    continue;
-                }
-                if st.zero {
-                    // Zero ranges are cheap whatever their size; still split them so progress
-                    // moves smoothly.
-                    let mut o = off;
-                    while o < end {
-                        let n = (end - o).min(64 * chunk);
-                        if tx.send(Job::Zero { off: o, len: n }).is_err() {
-                            return Ok(());
-                        }
-                        o += n;
-                    }
-                } else {
-                    // Chunks aligned to multiples of `chunk` in guest space, so that sparse
-                    // blocks stay aligned.
-                    let mut o = off;
-                    while o < end {
-                        let n = (chunk - o % chunk).min(end - o);
-                        if tx.send(Job::Data { off: o, len: n }).is_err() {
-                            return Ok(());
-                        }
-                        o += n;
-                    }
-                }
-                off = end;
-            }
-            Ok(())
-        };
-        if let Err(e) = produce() {
-            fail(e);
-        }
-        drop(tx);
-    });
-    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-/// Reads `[off, off + len)` from `src` and writes it to `dst`, leaving out (or, `in_place`,
-/// zeroing) the aligned blocks of `sparse` bytes that are all zeros.
-fn copy_data(
-    src: &dyn BlockImage,
-    dst: &dyn BlockImage,
-    off: u64,
-    len: u64,
-    sparse: u64,
-    in_place: bool,
-    buf: &mut Vec<u8>,
-) -> Result<()> {
-    buf.resize(len as usize, 0);
-    src.read_at(buf, GuestOffset(off))?;
-    if sparse == 0 {
-        return dst.write_at(buf, GuestOffset(off));
-    }
-    // Walk the blocks, writing maximal runs of non-zero blocks and skipping (or zeroing) runs
-    // of zero blocks.
-    let end = off + len;
-    let mut pos = off;
-    while pos < end {
-        let block_end = ((pos / sparse + 1) * sparse).min(end);
-        let is_zero = is_zero(&buf[(pos - off) as usize..(block_end - off) as usize]);
-        let mut run_end = block_end;
-        while run_end < end {
-            let next_end = (run_end + sparse).min(end);
-            if is_zero != self::is_zero(&buf[(run_end - off) as usize..(next_end - off) as usize]) {
-                break;
-            }
-            run_end = next_end;
-        }
-        let bytes = &buf[(pos - off) as usize..(run_end - off) as usize];
-        if !is_zero {
-            dst.write_at(bytes, GuestOffset(pos))?;
-        } else if in_place {
-            dst.write_zeroes(GuestOffset(pos), run_end - pos, true)?;
-        }
-        pos = run_end;
-    }
-    Ok(())
-}
-
-/// Reads the whole clusters `[off, off + len)` of `src` and stores each in the fresh qcow2
-/// image `dst` compressed, or plain where compression does not save space; all-zero clusters
-/// are left unallocated.
-fn compress_data(
-    src: &dyn BlockImage,
-    dst: &Qcow2Image,
-    off: u64,
-    len: u64,
-    buf: &mut Vec<u8>,
-) -> Result<()> {
-    let cs = dst.header().cluster_size();
-    buf.resize(len as usize, 0);
-    src.read_at(buf, GuestOffset(off))?;
-    let mut cluster = vec![0u8; cs as usize];
-    for (i, piece) in buf.chunks(cs as usize).enumerate() {
-        if is_zero(piece) {
-            continue;
-        }
-        let gc = off + i as u64 * cs;
-        // The last cluster of a disk whose size is not a multiple of the cluster size is
-        // compressed whole, padded with zeros, as qemu does.
-        cluster[..piece.len()].copy_from_slice(piece);
-        cluster[piece.len()..].fill(0);
-        match compress_cluster(dst.header().compression_type, &cluster)? {
-            Some(z) => dst.write_compressed(gc, &z)?,
-            None => dst.write_at(piece, GuestOffset(gc))?,
-        }
-    }
-    Ok(())
-}
-
-/// Makes `[off, off + len)` of `dst` read as zero: nothing to do in a fresh sparse file, a
-/// hole punched in an existing one, zeros written when sparseness is off.
-fn write_zero_range(
-    dst: &dyn BlockImage,
-    off: u64,
-    len: u64,
-    sparse: u64,
-    in_place: bool,
-    zeros: &mut Vec<u8>,
-) -> Result<()> {
-    if sparse != 0 {
-        if in_place {
-            dst.write_zeroes(GuestOffset(off), len, true)?;
-        }
-        return Ok(());
-    }
-    if zeros.is_empty() {
-        zeros.resize(CHUNK as usize, 0);
-    }
-    let mut pos = off;
-    while pos < off + len {
-        let n = (off + len - pos).min(CHUNK);
-        dst.write_at(&zeros[..n as usize], GuestOffset(pos))?;
-        pos += n;
-    }
-    Ok(())
-}
-
 /// Whether `b` is all zeros (in 64-byte steps the compiler can vectorise).
 fn is_zero(b: &[u8]) -> bool {
     let mut blocks = b.chunks_exact(64);
@@ -569,6 +479,150 @@ mod tests {
         assert_eq!(p.update(100, 400).as_deref(), Some("    (25.00/100%)\r"));
         assert_eq!(p.update(50, 400), None);
         assert_eq!(p.update(400, 400).as_deref(), Some("    (100.00/100%)\r"));
+    }
+
+    /// Delegates to an image, recording the guest ranges read.
+    struct Counting<'a> {
+        inner: &'a dyn BlockImage,
+        reads: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl BlockImage for Counting<'_> {
+        fn format(&self) -> ImageFormat {
+            self.inner.format()
+        }
+        fn filename(&self) -> &Path {
+            self.inner.filename()
+        }
+        fn virtual_size(&self) -> u64 {
+            self.inner.virtual_size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: crate::offsets::GuestOffset) -> Result<()> {
+            self.reads
+                .lock()
+                .unwrap()
+                .push((offset.0, buf.len() as u64));
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: crate::offsets::GuestOffset) -> Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(
+            &self,
+            offset: crate::offsets::GuestOffset,
+            len: u64,
+            unmap: bool,
+        ) -> Result<()> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn block_status(
+            &self,
+            offset: crate::offsets::GuestOffset,
+            max_len: u64,
+        ) -> Result<crate::block::BlockStatus> {
+            self.inner.block_status(offset, max_len)
+        }
+        fn backing(&self) -> Option<&dyn BlockImage> {
+            self.inner.backing()
+        }
+        fn is_writable(&self) -> bool {
+            false
+        }
+        fn actual_size(&self) -> Option<u64> {
+            None
+        }
+        fn layer_info(&self) -> Result<crate::info::LayerInfo> {
+            self.inner.layer_info()
+        }
+    }
+
+    fn qcow2(path: &Path, size: u64, backing: Option<&str>) {
+        crate::ops::create::create(&crate::ops::create::CreateArgs {
+            format: ImageFormat::Qcow2,
+            filename: path.to_path_buf(),
+            options: vec![],
+            backing_file: backing.map(str::to_string),
+            backing_format: backing.map(|_| "qcow2".to_string()),
+            unsafe_backing: false,
+            size: Some(size.to_string()),
+        })
+        .unwrap();
+    }
+
+    fn whole(img: &dyn BlockImage) -> Vec<u8> {
+        let mut v = vec![0u8; img.virtual_size() as usize];
+        img.read_at(&mut v, crate::offsets::GuestOffset(0)).unwrap();
+        v
+    }
+
+    /// With -B naming the source's own backing file, only what the overlay allocates is read;
+    /// where source and backing file are both known to be zero, nothing is read either.
+    #[test]
+    fn backing_conversion_reads_only_what_it_must() {
+        use crate::offsets::GuestOffset as G;
+        let dir = tempfile::tempdir().unwrap();
+        let cs = 65536u64;
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        qcow2(&base, 32 * cs, None);
+        {
+            let b = Qcow2Image::open(&base, true, true, &mut ChainGuard::default()).unwrap();
+            b.write_at(&vec![0x11; 16 * cs as usize], G(0)).unwrap();
+            b.flush().unwrap();
+        }
+        qcow2(&top, 32 * cs, Some("base.qcow2"));
+        {
+            let t = Qcow2Image::open(&top, true, false, &mut ChainGuard::default()).unwrap();
+            t.write_at(&vec![0x22; cs as usize], G(3 * cs)).unwrap();
+            t.write_zeroes(G(5 * cs), cs, false).unwrap();
+            t.flush().unwrap();
+        }
+        let opts = ConvertOptions {
+            output_format: ImageFormat::Qcow2,
+            backing_file: Some("base.qcow2".into()),
+            backing_format: Some("qcow2".into()),
+            ..ConvertOptions::default()
+        };
+        let src = Qcow2Image::open(&top, false, false, &mut ChainGuard::default()).unwrap();
+        let counting = Counting {
+            inner: &src,
+            reads: Mutex::new(vec![]),
+        };
+        let out = dir.path().join("out.qcow2");
+        convert(&[&counting], &out, &opts, None).unwrap();
+        let reads = counting.reads.lock().unwrap().clone();
+        assert!(
+            reads.iter().all(|&(o, l)| o >= 3 * cs && o + l <= 4 * cs),
+            "read outside the overlay's data: {reads:?}"
+        );
+        let converted = crate::open::open_image(&out, &Default::default()).unwrap();
+        assert!(whole(converted.as_ref()) == whole(&src));
+
+        // A sparse raw source over an empty backing file: only its data block is read.
+        let empty = dir.path().join("empty.qcow2");
+        qcow2(&empty, 32 * cs, None);
+        let raw = dir.path().join("src.raw");
+        let r = RawImage::create(&raw, 32 * cs).unwrap();
+        r.write_at(&[7u8; 4096], G(20 * cs)).unwrap();
+        let counting = Counting {
+            inner: &r,
+            reads: Mutex::new(vec![]),
+        };
+        let opts = ConvertOptions {
+            backing_file: Some("empty.qcow2".into()),
+            ..opts
+        };
+        convert(&[&counting], &out, &opts, None).unwrap();
+        let reads = counting.reads.lock().unwrap().clone();
+        assert!(
+            reads.iter().all(|&(o, l)| o >= 20 * cs && o + l <= 21 * cs),
+            "read outside the data block: {reads:?}"
+        );
+        let converted = crate::open::open_image(&out, &Default::default()).unwrap();
+        assert!(whole(converted.as_ref()) == whole(&r));
     }
 
     #[test]

@@ -1,0 +1,723 @@
+//! The copy engine of `vimg convert`: a producer walks the source's block status and queues
+//! jobs; worker threads read (and compress, or compare with the new backing file) in parallel
+//! and turn each job into a list of [`Action`]s on the target, which they then carry out.
+//!
+//! Ordered mode (the default for qcow2 targets, like qemu-img without `-W`): actions are
+//! carried out in job order, so the target's clusters are allocated in guest order while reads
+//! and compression still overlap. Each worker holds at most one job's buffers, so memory stays
+//! bounded by the thread count times the job size. Free-running mode (`-W`, and raw targets,
+//! whose layout does not depend on write order) carries actions out as soon as they are ready.
+
+use super::{is_zero, Progress, CHUNK, COMPRESS_CHUNK};
+use crate::block::{BlockImage, BlockStatus};
+use crate::error::{Error, ErrorKind, Result};
+use crate::offsets::GuestOffset;
+use crate::qcow2::compress::compress_cluster;
+use crate::qcow2::Qcow2Image;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Where and how to copy.
+pub(super) struct Plan<'a> {
+    /// The source (possibly several images concatenated).
+    pub src: &'a dyn BlockImage,
+    /// The target, at least as large as the source.
+    pub dst: &'a dyn BlockImage,
+    /// The target again, when clusters are to be stored compressed (a fresh qcow2 image).
+    pub compress: Option<&'a Qcow2Image>,
+    /// The target's backing file, when the target has one (`-B`): clusters reading the same in
+    /// it are left unallocated.
+    pub backing: Option<&'a dyn BlockImage>,
+    /// The layer of the source's chain that is the target's backing file (same file, same
+    /// format), if any: ranges the source's upper layers leave unallocated down to it need no
+    /// reading.
+    pub inherit_depth: Option<u32>,
+    /// Ranges reading as zero must be written (an existing target that may hold old data).
+    pub zero_needed: bool,
+    /// `-S`: zero detection granularity, 0 for none (everything written).
+    pub sparse: u64,
+    /// The target's cluster size (decisions against a backing file, and compression, work in
+    /// whole clusters); 512 for raw targets.
+    pub cluster: u64,
+    /// Carry out writes in guest order (see the module documentation).
+    pub ordered: bool,
+    /// Worker threads (at least 1).
+    pub threads: usize,
+}
+
+/// A piece of work for the workers.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    /// Guest data to read and write.
+    Data { off: u64, len: u64 },
+    /// A range known to read as zeros.
+    Zero { off: u64, len: u64 },
+    /// Whole target clusters to compare with the backing file: equal ones are left out.
+    Compare { off: u64, len: u64 },
+}
+
+impl Job {
+    fn len(&self) -> u64 {
+        match *self {
+            Job::Data { len, .. } | Job::Zero { len, .. } | Job::Compare { len, .. } => len,
+        }
+    }
+}
+
+/// One change to the target, prepared by a worker.
+#[derive(Debug)]
+enum Action {
+    /// Write `len` bytes of the worker's buffer, from `at`, at guest offset `off`.
+    Write { off: u64, at: usize, len: usize },
+    /// Make the range read as zeros (a zero cluster, or a hole).
+    Zero { off: u64, len: u64 },
+    /// Write zeros as data (`-S 0`).
+    Fill { off: u64, len: u64 },
+    /// Store a compressed cluster.
+    Compressed { gc: u64, z: Vec<u8> },
+}
+
+/// A worker's reusable memory.
+#[derive(Default)]
+struct Scratch {
+    buf: Vec<u8>,
+    backing: Vec<u8>,
+    zeros: Vec<u8>,
+    actions: Vec<Action>,
+}
+
+/// The reorder window of ordered mode: prepared jobs wait here, keyed by their sequence number,
+/// until every job before them is written. Whichever worker parks the next job to write
+/// becomes the committer and writes the consecutive run that is ready, while the others go on
+/// preparing jobs (up to `limit` parked ones, which bounds memory).
+struct Reorder {
+    state: Mutex<ReorderState>,
+    changed: Condvar,
+    limit: usize,
+}
+
+#[derive(Default)]
+struct ReorderState {
+    /// The next job to write.
+    next: u64,
+    /// Prepared jobs waiting for their turn, with their guest length.
+    parked: std::collections::BTreeMap<u64, (u64, Scratch)>,
+    /// A worker is writing parked jobs.
+    committing: bool,
+    /// Scratch memory of written jobs, for reuse.
+    free: Vec<Scratch>,
+}
+
+impl Reorder {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReorderState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Parks the prepared job `seq` and, unless another worker is at it, writes every job
+    /// that is ready in order. Returns scratch memory for the worker's next job.
+    fn submit(
+        &self,
+        seq: u64,
+        len: u64,
+        scratch: Scratch,
+        stop: &AtomicBool,
+        write: &dyn Fn(&mut Scratch, u64) -> Result<()>,
+    ) -> Result<Scratch> {
+        let mut st = self.lock();
+        // Wait for room, unless this is the job everyone waits for.
+        while st.parked.len() >= self.limit && seq != st.next {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(scratch);
+            }
+            st = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        st.parked.insert(seq, (len, scratch));
+        let result = if st.committing {
+            Ok(())
+        } else {
+            st.committing = true;
+            let mut result = Ok(());
+            while let Some((len, mut job)) = {
+                let next = st.next;
+                st.parked.remove(&next)
+            } {
+                drop(st);
+                result = write(&mut job, len);
+                st = self.lock();
+                st.next += 1;
+                st.free.push(job);
+                self.changed.notify_all();
+                if result.is_err() || stop.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            st.committing = false;
+            result
+        };
+        let fresh = st.free.pop().unwrap_or_default();
+        drop(st);
+        self.changed.notify_all();
+        result.map(|()| fresh)
+    }
+
+    /// Wakes every waiter (after a failure).
+    fn wake_all(&self) {
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+}
+
+/// Copies all of `plan.src` into `plan.dst`.
+pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()> {
+    let size = plan.src.virtual_size();
+    let done = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let threads = plan.threads.max(1);
+    let reorder = Reorder {
+        state: Mutex::new(ReorderState::default()),
+        changed: Condvar::new(),
+        limit: 2 * threads,
+    };
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        stop.store(true, Ordering::SeqCst);
+        {
+            let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(e);
+            }
+        }
+        reorder.wake_all();
+    };
+    let report = |n: u64| {
+        let d = done.fetch_add(n, Ordering::SeqCst) + n;
+        if let Some(p) = progress {
+            p(d, size);
+        }
+    };
+    if let Some(p) = progress {
+        p(0, size);
+    }
+    let (tx, rx) = mpsc::sync_channel::<(u64, Job)>(threads * 2);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut scratch = Scratch::default();
+                let write = |s: &mut Scratch, len: u64| {
+                    commit(plan, s)?;
+                    report(len);
+                    Ok(())
+                };
+                loop {
+                    let (seq, job) = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    if stop.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let r = prepare(plan, job, &mut scratch).and_then(|()| {
+                        if plan.ordered {
+                            let s = std::mem::take(&mut scratch);
+                            scratch = reorder.submit(seq, job.len(), s, &stop, &write)?;
+                            Ok(())
+                        } else {
+                            write(&mut scratch, job.len())
+                        }
+                    });
+                    if let Err(e) = r {
+                        fail(e);
+                    }
+                }
+            });
+        }
+        let mut seq = 0u64;
+        let mut send = |job: Job| -> bool {
+            let ok = tx.send((seq, job)).is_ok();
+            seq += 1;
+            ok
+        };
+        let r = if plan.backing.is_some() {
+            produce_against_backing(plan, &stop, &mut send, &report)
+        } else {
+            produce(plan, &stop, &mut send)
+        };
+        if let Err(e) = r {
+            fail(e);
+        }
+        drop(tx);
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The source's block status at `off`, checked: at least one byte, inside the disk.
+fn status(img: &dyn BlockImage, off: u64, end: u64) -> Result<BlockStatus> {
+    let st = img.block_status(GuestOffset(off), end - off)?;
+    if st.len == 0 || st.len > end - off {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "block status at guest offset {off:#x} returned an invalid length {}",
+                st.len
+            ),
+        )
+        .with_path(img.filename()));
+    }
+    Ok(st)
+}
+
+/// Queues the jobs for a target without a backing file: data ranges in chunks, zero ranges as
+/// zero jobs. Compressed copies work in whole clusters: a data range is widened to cluster
+/// boundaries, and `emitted` remembers how far clusters were already queued so that no
+/// cluster is handed to two workers.
+fn produce(plan: &Plan<'_>, stop: &AtomicBool, send: &mut dyn FnMut(Job) -> bool) -> Result<()> {
+    let src = plan.src;
+    let size = src.virtual_size();
+    let sparse = plan.sparse;
+    let chunk = match CHUNK.checked_div(sparse) {
+        Some(n) => n.max(1) * sparse,
+        None => CHUNK,
+    };
+    let ccs = plan.compress.map(|_| plan.cluster);
+    let mut emitted = 0u64;
+    let mut off = 0;
+    while off < size && !stop.load(Ordering::SeqCst) {
+        let st = status(src, off, size)?;
+        let end = off + st.len;
+        if let Some(cs) = ccs {
+            // Small jobs: compression works cluster by cluster, so big buffers only cost memory.
+            let step = COMPRESS_CHUNK.max(cs);
+            let (o, stop_at, zero) = if st.zero {
+                (off, end, true)
+            } else {
+                (
+                    off / cs * cs,
+                    end.div_ceil(cs).saturating_mul(cs).min(size),
+                    false,
+                )
+            };
+            let mut o = o.max(emitted);
+            while o < stop_at {
+                let n = (step - o % step).min(stop_at - o);
+                let job = if zero {
+                    Job::Zero { off: o, len: n }
+                } else {
+                    Job::Data { off: o, len: n }
+                };
+                if !send(job) {
+                    return Ok(());
+                }
+                o += n;
+            }
+            if !zero {
+                emitted = emitted.max(stop_at);
+            }
+        } else if st.zero {
+            // Zero ranges are cheap whatever their size; still split them so progress moves
+            // smoothly.
+            let mut o = off;
+            while o < end {
+                let n = (end - o).min(64 * chunk);
+                if !send(Job::Zero { off: o, len: n }) {
+                    return Ok(());
+                }
+                o += n;
+            }
+        } else {
+            // Chunks aligned to multiples of `chunk` in guest space, so that sparse blocks stay
+            // aligned.
+            let mut o = off;
+            while o < end {
+                let n = (chunk - o % chunk).min(end - o);
+                if !send(Job::Data { off: o, len: n }) {
+                    return Ok(());
+                }
+                o += n;
+            }
+        }
+        off = end;
+    }
+    Ok(())
+}
+
+/// A block-status walker that remembers the last answer, for questions asked at increasing
+/// offsets. Offsets at or past the image's end read as zeros (a backing file smaller than the
+/// target).
+struct Cursor<'a> {
+    img: &'a dyn BlockImage,
+    last: Option<(u64, BlockStatus)>,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(img: &'a dyn BlockImage) -> Self {
+        Cursor { img, last: None }
+    }
+
+    /// The status at `off` and where the range it describes ends.
+    fn at(&mut self, off: u64) -> Result<(BlockStatus, u64)> {
+        if let Some((start, st)) = self.last {
+            if start <= off && off < start + st.len {
+                return Ok((st, start + st.len));
+            }
+        }
+        let size = self.img.virtual_size();
+        if off >= size {
+            return Ok((BlockStatus::unallocated(u64::MAX - off, 0), u64::MAX));
+        }
+        let st = status(self.img, off, size)?;
+        self.last = Some((off, st));
+        Ok((st, off + st.len))
+    }
+}
+
+/// What to do with a run of target clusters when the target has a backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// Leave unallocated: the backing file already reads the same.
+    Skip,
+    /// The source reads zeros, the backing file may not: zero clusters.
+    Zero,
+    /// Copy (with `-S 0`, where nothing is compared).
+    Data,
+    /// Read both and compare cluster by cluster.
+    Compare,
+}
+
+/// Classifies the target cluster at `c` (aligned) from block status alone; returns the
+/// decision and how far it holds (at least to the end of the cluster; further when one status
+/// range covers several whole clusters).
+fn classify(
+    plan: &Plan<'_>,
+    src: &mut Cursor<'_>,
+    bk: &mut Cursor<'_>,
+    c: u64,
+    size: u64,
+) -> Result<(Decision, u64)> {
+    let cs = plan.cluster;
+    let cend = (c + cs).min(size);
+    let (mut all_inherit, mut skip, mut all_zero) = (true, true, true);
+    let mut first_end = None;
+    let mut pos = c;
+    while pos < cend {
+        let (s, mut end) = src.at(pos)?;
+        // Answered at or below the layer that is the new backing file; or unallocated all the
+        // way down to just above it, past its end (where the new backing reads zeros too).
+        let inherit = plan
+            .inherit_depth
+            .is_some_and(|k| s.depth >= k || (!s.present && s.depth + 1 == k));
+        // Zeros over zeros need no writing; with `-S 0` (everything written) only past the
+        // backing file's end, as qemu-img does it.
+        let mut zero_over_zero = false;
+        if !inherit && s.zero {
+            let (b, bend) = bk.at(pos)?;
+            zero_over_zero = b.zero && (plan.sparse != 0 || pos >= bk.img.virtual_size());
+            end = end.min(bend);
+        }
+        first_end.get_or_insert(end);
+        all_inherit &= inherit;
+        skip &= inherit || zero_over_zero;
+        all_zero &= !inherit && s.zero;
+        pos = end.min(cend);
+    }
+    let decision = if all_inherit || skip {
+        Decision::Skip
+    } else if all_zero {
+        Decision::Zero
+    } else if plan.sparse == 0 {
+        Decision::Data
+    } else {
+        Decision::Compare
+    };
+    let first_end = first_end.unwrap_or(cend).min(size);
+    let run_end = if first_end >= size {
+        size
+    } else if first_end >= cend {
+        (first_end / cs * cs).max(cend)
+    } else {
+        cend
+    };
+    Ok((decision, run_end))
+}
+
+/// Queues the jobs for a target with a backing file: runs of target clusters are classified by
+/// block status (see [`classify`]); skipped runs only advance the progress.
+fn produce_against_backing(
+    plan: &Plan<'_>,
+    stop: &AtomicBool,
+    send: &mut dyn FnMut(Job) -> bool,
+    report: &dyn Fn(u64),
+) -> Result<()> {
+    let Some(backing) = plan.backing else {
+        return Ok(());
+    };
+    let size = plan.src.virtual_size();
+    let cs = plan.cluster;
+    let step = if plan.compress.is_some() {
+        COMPRESS_CHUNK.max(cs)
+    } else {
+        CHUNK.max(cs)
+    };
+    let mut src = Cursor::new(plan.src);
+    let mut bk = Cursor::new(backing);
+    let mut c = 0u64;
+    // The run being gathered: decision, start, end.
+    let mut run: Option<(Decision, u64, u64)> = None;
+    let flush = |run: (Decision, u64, u64), send: &mut dyn FnMut(Job) -> bool| -> bool {
+        let (d, start, end) = run;
+        if d == Decision::Skip {
+            report(end - start);
+            return true;
+        }
+        let mut o = start;
+        while o < end {
+            let n = (step - o % step).min(end - o);
+            let job = match d {
+                Decision::Zero => Job::Zero { off: o, len: n },
+                Decision::Data => Job::Data { off: o, len: n },
+                _ => Job::Compare { off: o, len: n },
+            };
+            if !send(job) {
+                return false;
+            }
+            o += n;
+        }
+        true
+    };
+    while c < size && !stop.load(Ordering::SeqCst) {
+        let (d, end) = classify(plan, &mut src, &mut bk, c, size)?;
+        run = match run {
+            Some((rd, rs, _)) if rd == d && end - rs <= 64 * step => Some((rd, rs, end)),
+            Some(r) => {
+                if !flush(r, send) {
+                    return Ok(());
+                }
+                Some((d, c, end))
+            }
+            None => Some((d, c, end)),
+        };
+        c = end;
+    }
+    if let Some(r) = run {
+        if !stop.load(Ordering::SeqCst) {
+            flush(r, send);
+        }
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `off` from `img`, zeros past its end.
+fn read_clamped(img: &dyn BlockImage, buf: &mut [u8], off: u64) -> Result<()> {
+    let inside = img.virtual_size().saturating_sub(off).min(buf.len() as u64) as usize;
+    if inside > 0 {
+        img.read_at(&mut buf[..inside], GuestOffset(off))?;
+    }
+    buf[inside..].fill(0);
+    Ok(())
+}
+
+/// Turns `job` into actions in `s.actions` (reading into `s.buf`).
+fn prepare(plan: &Plan<'_>, job: Job, s: &mut Scratch) -> Result<()> {
+    s.actions.clear();
+    match job {
+        Job::Zero { off, len } => {
+            if plan.sparse == 0 {
+                s.actions.push(Action::Fill { off, len });
+            } else if plan.zero_needed || plan.backing.is_some() {
+                s.actions.push(Action::Zero { off, len });
+            }
+            Ok(())
+        }
+        Job::Data { off, len } => {
+            s.buf.resize(len as usize, 0);
+            plan.src.read_at(&mut s.buf, GuestOffset(off))?;
+            match plan.compress {
+                Some(q) => store_clusters(plan, q, off, 0, len as usize, s),
+                None => {
+                    plan_sparse_writes(plan, off, len, &s.buf, &mut s.actions);
+                    Ok(())
+                }
+            }
+        }
+        Job::Compare { off, len } => {
+            let Some(backing) = plan.backing else {
+                return Ok(());
+            };
+            s.buf.resize(len as usize, 0);
+            s.backing.resize(len as usize, 0);
+            plan.src.read_at(&mut s.buf, GuestOffset(off))?;
+            read_clamped(backing, &mut s.backing, off)?;
+            let cs = plan.cluster as usize;
+            // Runs of clusters that differ from the backing file and are not all zeros.
+            let mut data_run: Option<usize> = None;
+            let mut i = 0usize;
+            while i < len as usize {
+                let n = cs.min(len as usize - i);
+                let piece = &s.buf[i..i + n];
+                let differs = piece != &s.backing[i..i + n];
+                let zero = differs && is_zero(piece);
+                if differs && !zero {
+                    data_run.get_or_insert(i);
+                } else {
+                    if let Some(start) = data_run.take() {
+                        store_run(plan, off, start, i, s)?;
+                    }
+                    if zero {
+                        s.actions.push(Action::Zero {
+                            off: off + i as u64,
+                            len: n as u64,
+                        });
+                    }
+                }
+                i += n;
+            }
+            if let Some(start) = data_run {
+                store_run(plan, off, start, len as usize, s)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Queues the storing of `s.buf[start..end]` (whole clusters at guest offset `off + start`).
+fn store_run(plan: &Plan<'_>, off: u64, start: usize, end: usize, s: &mut Scratch) -> Result<()> {
+    match plan.compress {
+        Some(q) => store_clusters(plan, q, off, start, end, s),
+        None => {
+            s.actions.push(Action::Write {
+                off: off + start as u64,
+                at: start,
+                len: end - start,
+            });
+            Ok(())
+        }
+    }
+}
+
+/// Queues `s.buf[start..end]`, whole clusters at guest offset `off + start`, compressed where
+/// that saves space; all-zero clusters are left out (or, with a backing file, made zero
+/// clusters).
+fn store_clusters(
+    plan: &Plan<'_>,
+    q: &Qcow2Image,
+    off: u64,
+    start: usize,
+    end: usize,
+    s: &mut Scratch,
+) -> Result<()> {
+    let cs = plan.cluster as usize;
+    let mut cluster = vec![0u8; cs];
+    let mut i = start;
+    while i < end {
+        let n = cs.min(end - i);
+        let piece = &s.buf[i..i + n];
+        let gc = off + i as u64;
+        if is_zero(piece) {
+            if plan.backing.is_some() {
+                s.actions.push(Action::Zero {
+                    off: gc,
+                    len: n as u64,
+                });
+            }
+        } else {
+            // The last cluster of a disk whose size is not a multiple of the cluster size is
+            // compressed whole, padded with zeros, as qemu does.
+            cluster[..n].copy_from_slice(piece);
+            cluster[n..].fill(0);
+            match compress_cluster(q.header().compression_type, &cluster)? {
+                Some(z) => s.actions.push(Action::Compressed { gc, z }),
+                None => s.actions.push(Action::Write {
+                    off: gc,
+                    at: i,
+                    len: n,
+                }),
+            }
+        }
+        i += n;
+    }
+    Ok(())
+}
+
+/// Queues writes of `buf` (guest data at `off`), leaving out (or, when zeros must be written,
+/// zeroing) the aligned blocks of `plan.sparse` bytes that are all zeros.
+fn plan_sparse_writes(plan: &Plan<'_>, off: u64, len: u64, buf: &[u8], out: &mut Vec<Action>) {
+    let sparse = plan.sparse;
+    if sparse == 0 {
+        out.push(Action::Write {
+            off,
+            at: 0,
+            len: len as usize,
+        });
+        return;
+    }
+    // Walk the blocks, grouping maximal runs of non-zero blocks and of zero blocks.
+    let end = off + len;
+    let mut pos = off;
+    let slice = |a: u64, b: u64| &buf[(a - off) as usize..(b - off) as usize];
+    while pos < end {
+        let block_end = ((pos / sparse + 1) * sparse).min(end);
+        let zero = is_zero(slice(pos, block_end));
+        let mut run_end = block_end;
+        while run_end < end {
+            let next_end = (run_end + sparse).min(end);
+            if zero != is_zero(slice(run_end, next_end)) {
+                break;
+            }
+            run_end = next_end;
+        }
+        if !zero {
+            out.push(Action::Write {
+                off: pos,
+                at: (pos - off) as usize,
+                len: (run_end - pos) as usize,
+            });
+        } else if plan.zero_needed {
+            out.push(Action::Zero {
+                off: pos,
+                len: run_end - pos,
+            });
+        }
+        pos = run_end;
+    }
+}
+
+/// Carries out the actions `prepare` queued.
+fn commit(plan: &Plan<'_>, s: &mut Scratch) -> Result<()> {
+    let dst = plan.dst;
+    for a in &s.actions {
+        match a {
+            Action::Write { off, at, len } => {
+                dst.write_at(&s.buf[*at..at + len], GuestOffset(*off))?
+            }
+            Action::Zero { off, len } => dst.write_zeroes(GuestOffset(*off), *len, true)?,
+            Action::Fill { off, len } => {
+                if s.zeros.is_empty() {
+                    s.zeros.resize(CHUNK as usize, 0);
+                }
+                let mut pos = *off;
+                while pos < off + len {
+                    let n = (off + len - pos).min(CHUNK);
+                    dst.write_at(&s.zeros[..n as usize], GuestOffset(pos))?;
+                    pos += n;
+                }
+            }
+            Action::Compressed { gc, z } => match plan.compress {
+                Some(q) => q.write_compressed(*gc, z)?,
+                None => {
+                    return Err(Error::invalid_input(
+                        "compressed write without a compressing target",
+                    ))
+                }
+            },
+        }
+    }
+    Ok(())
+}
