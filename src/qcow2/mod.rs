@@ -7,7 +7,9 @@
 //! - [`refcount`]: reading refcount tables and blocks;
 //! - [`snapshot`]: the internal snapshot table;
 //! - [`bitmaps`]: the persistent dirty bitmap directory;
-//! - [`check`]: the consistency check.
+//! - [`check`]: the consistency check;
+//! - [`write`]: the write path, its crash-safe flush and lazy refcounts;
+//! - [`discard`]: guest discard requests.
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
 
@@ -16,6 +18,7 @@ pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod discard;
 pub mod header;
 pub mod l2;
 pub mod refcount;
@@ -171,23 +174,22 @@ impl Qcow2Image {
         Ok(img)
     }
 
-    /// Readies a read-write open: refuses images qemu would not write (corrupt, or dirty with
-    /// lazy refcounts that need a repair), clears the autoclear feature bits whose structures
-    /// vimg does not keep up to date (so qemu ignores possibly stale bitmaps rather than trust
-    /// them), and builds the allocation state.
+    /// Readies a read-write open: refuses images qemu would not write (marked corrupt),
+    /// repairs a dirty one (lazy refcounts not written back: qemu's open runs `check -r all`
+    /// and marks the image clean), clears the autoclear feature bits whose structures vimg does
+    /// not keep up to date (so qemu ignores possibly stale bitmaps rather than trust them), and
+    /// builds the allocation state, with lazy refcounts if the image enables them.
     fn prepare_for_writing(&mut self) -> Result<()> {
-        let h = &self.header;
-        if h.is_corrupt() {
+        if self.header.is_corrupt() {
             return Err(Error::new(
                 ErrorKind::ReadOnly,
                 "image is marked corrupt: it can only be opened read-only (repair it with check -r)",
             ));
         }
-        if h.is_dirty() {
-            return Err(Error::unsupported(
-                "image is dirty (lazy refcounts were not written back); repairing it is not supported yet",
-            ));
+        if self.header.is_dirty() {
+            self.repair_dirty()?;
         }
+        let h = &self.header;
         let keep = header::autoclear::DATA_FILE_RAW;
         if h.version >= 3 && h.autoclear_features & !keep != 0 {
             let v = h.autoclear_features & keep;
@@ -198,8 +200,47 @@ impl Qcow2Image {
             self.header.autoclear_features = v;
             self.header.bitmaps = None;
         }
-        self.write = Some(Mutex::new(write::WriteState::new(self)?));
+        let mut st = write::WriteState::new(self)?;
+        st.lazy = self.header.version >= 3 && self.header.lazy_refcounts();
+        self.write = Some(Mutex::new(st));
         Ok(())
+    }
+
+    /// Repairs a dirty image being opened read-write, as qemu's open does: every refcount is
+    /// brought to the number of references and the COPIED flags follow; the repair clears the
+    /// dirty bit. Fails, leaving the image dirty, if the repair cannot make it consistent.
+    fn repair_dirty(&mut self) -> Result<()> {
+        self.write = Some(Mutex::new(write::WriteState::new(self)?));
+        let report = repair::repair(self, repair::RepairMode::All);
+        self.write = None;
+        let report = report.map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!("image is dirty and repairing it failed: {}", e.what()),
+            )
+        })?;
+        if report.corruptions > 0 || report.check_errors > 0 {
+            return Err(Error::corrupt(format!(
+                "image is dirty and its repair left {} corruptions and {} check errors (try check -r all)",
+                report.corruptions, report.check_errors
+            )));
+        }
+        self.header.incompatible_features &= !header::incompat::DIRTY;
+        Ok(())
+    }
+
+    /// Closes an image opened for writing cleanly: writes all metadata (with lazy refcounts,
+    /// every refcount too) and clears the dirty bit. Dropping the image does the same but
+    /// cannot report errors.
+    pub fn close(self) -> Result<()> {
+        if self.write.is_none() {
+            return Ok(());
+        }
+        let mut this = self;
+        let r = this.close_inner().in_file(&this.path);
+        // Nothing is left for the drop to do, or it would fail the same way.
+        this.write = None;
+        r
     }
 
     /// With `on`, flushes still write metadata in their safe order but do not wait for the
@@ -528,6 +569,14 @@ impl BlockImage for Qcow2Image {
             .in_file(&self.path)
     }
 
+    /// See [`discard`]: whole clusters inside the range are freed and read as zeros (version 2
+    /// images without a backing file: as unallocated, which reads as zeros; version 2 with a
+    /// backing file: nothing is discarded, as in qemu).
+    fn discard(&self, offset: GuestOffset, len: u64) -> Result<()> {
+        check_request(self.header.size, offset, len).in_file(&self.path)?;
+        self.discard_inner(offset.0, len).in_file(&self.path)
+    }
+
     fn flush(&self) -> Result<()> {
         if self.write.is_none() {
             return Ok(());
@@ -634,11 +683,12 @@ pub fn exercise(bytes: &[u8]) {
 }
 
 impl Drop for Qcow2Image {
-    /// Flushes an image opened for writing. Errors cannot be reported from here: callers that
-    /// care call [`BlockImage::flush`] first, after which this has nothing left to do.
+    /// Closes an image opened for writing cleanly (see [`Qcow2Image::close`]). Errors cannot
+    /// be reported from here: callers that care call [`Qcow2Image::close`] (or, without lazy
+    /// refcounts, [`BlockImage::flush`]) first.
     fn drop(&mut self) {
         if self.write.is_some() {
-            let _ = self.flush_inner();
+            let _ = self.close_inner();
         }
     }
 }
