@@ -301,7 +301,7 @@ proptest! {
         if !qemu_available("write_model") {
             return Ok(());
         }
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch_dir();
         let r = run_case(&c, dir.path());
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
     }
@@ -315,7 +315,7 @@ fn compressed_cluster_reusing_a_freed_host_offset_reads_back() {
     if !qemu_available("write_model") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch_dir();
     let c = Case {
         options: 5,
         backing: true,
@@ -375,7 +375,7 @@ fn discard_matches_qemu_io() {
         ("cluster_size=4096", false, true),
         ("cluster_size=512,lazy_refcounts=on", true, false),
     ] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch_dir();
         let size: u64 = (6 << 20) + 4096; // the last cluster is partial
         let base = dir.path().join("base.qcow2");
         let theirs = dir.path().join("theirs.qcow2");
@@ -439,4 +439,16 @@ fn discard_matches_qemu_io() {
             &["compare", theirs.to_str().unwrap(), ours.to_str().unwrap()],
         );
     }
+}
+
+/// A scratch directory, on tmpfs where there is one: syncs cost nothing there, and the model
+/// does not need the disk.
+fn scratch_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().unwrap()
 }

@@ -8,7 +8,7 @@
 //! - [`snapshot`]: the internal snapshot table;
 //! - [`bitmaps`]: the persistent dirty bitmap directory;
 //! - [`check`]: the consistency check;
-//! - [`write`]: the write path, its crash-safe flush and lazy refcounts;
+//! - [`mod@write`]: the write path, its crash-safe flush and lazy refcounts;
 //! - [`discard`]: guest discard requests.
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.

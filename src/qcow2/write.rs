@@ -5,8 +5,8 @@
 //! # Crash safety
 //!
 //! Metadata changes (refcount blocks, the refcount table, L2 tables, the L1 table) are made in
-//! memory (the dirty tables of [`TableCache`](super::cache::TableCache)) and written by
-//! [`Qcow2Image::flush`] in this order, with a sync after each step:
+//! memory (the dirty tables of [`TableCache`]) and written by
+//! `BlockImage::flush` in this order, with a sync after each step:
 //!
 //! 1. refcount blocks and the refcount table (new clusters now have refcount 1 on disk);
 //! 2. the header's refcount table pointer, if the table moved;
@@ -18,6 +18,23 @@
 //! Guest data is written to its cluster before the table entry pointing at it changes, so a
 //! crash at any moment leaves at worst clusters whose refcount is too high (leaks, which
 //! `qemu-img check -r leaks` repairs), never a table pointing at a free or foreign cluster.
+//! A freed cluster that a discard released is also handed back to the host file system (a hole
+//! is punched) once its refcount reaches 0 in step 4.
+//!
+//! # Lazy refcounts
+//!
+//! When the image enables lazy refcounts (qcow2.rst, compatible feature bit 0), the first
+//! flush that has metadata to write sets the dirty bit (incompatible feature bit 0) and syncs
+//! before anything else. From then on steps 1 and 4 keep refcount blocks in memory: they are
+//! written only when the refcount structure changes (a new refcount block or a moved table,
+//! written at once so that a repair after a crash finds every block it needs), when too many
+//! are dirty (more than 256, or than 16 MiB of them), and at a clean close ([`Qcow2Image::close`] or the
+//! drop), which writes them all, syncs, clears the dirty bit and syncs. L2 and L1 tables are
+//! still written at every flush, after the data they point at, and the deferred release still
+//! waits for them, so the refcounts on disk of a dirty image are only ever too low for clusters
+//! allocated since they were last written, or too high for freed ones: a crash leaves an image
+//! that reads correctly and that a read-write open (by vimg or qemu) repairs. COPIED flags are
+//! always set from the refcounts in memory, which are exact.
 
 use super::cache::TableCache;
 use super::header::{incompat, Header};
@@ -32,9 +49,11 @@ use std::sync::Arc;
 
 /// Dirty tables at which a write flushes by itself, bounding memory.
 const MAX_DIRTY_TABLES: usize = 512;
-/// With lazy refcounts, dirty refcount blocks at which a flush writes them anyway, bounding
-/// memory (well below [`MAX_DIRTY_TABLES`], so that flushing keeps up).
+/// With lazy refcounts, dirty refcount blocks at which a flush writes them anyway (well below
+/// [`MAX_DIRTY_TABLES`], so that flushing keeps up) ...
 const LAZY_MAX_DIRTY_REFBLOCKS: usize = 256;
+/// ... or fewer, so that they hold at most this many bytes (at least 4 blocks).
+const LAZY_MAX_DIRTY_REFBLOCK_BYTES: u64 = 16 << 20;
 /// Subcluster bitmap with every subcluster allocated (extended L2).
 const ALL_ALLOCATED: u64 = 0x0000_0000_ffff_ffff;
 /// Subcluster bitmap with every subcluster reading as zero (extended L2).
@@ -725,6 +744,12 @@ impl Qcow2Image {
         self.flush_with(st, false)
     }
 
+    /// How many dirty refcount blocks lazy refcounts keep in memory at most.
+    fn lazy_refblock_limit(&self) -> usize {
+        let by_bytes = (LAZY_MAX_DIRTY_REFBLOCK_BYTES >> self.header.cluster_bits).max(4);
+        (by_bytes as usize).min(LAZY_MAX_DIRTY_REFBLOCKS)
+    }
+
     /// Whether a flush would write any metadata.
     fn metadata_pending(&self, st: &WriteState) -> bool {
         self.l2_cache.dirty_count() > 0
@@ -743,7 +768,7 @@ impl Qcow2Image {
             || all_refcounts
             || st.reftable_dirty
             || st.old_reftable.is_some()
-            || st.refblocks.dirty_count() > LAZY_MAX_DIRTY_REFBLOCKS;
+            || st.refblocks.dirty_count() > self.lazy_refblock_limit();
         if st.lazy && !st.marked_dirty && self.metadata_pending(st) {
             // 0. Lazy refcounts: from now on the refcounts on disk may be stale.
             self.set_incompat_bit(incompat::DIRTY)?;
