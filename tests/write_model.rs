@@ -358,7 +358,8 @@ fn map_and_allocated(path: &Path) -> (String, u64) {
 /// leave the same mapping (`qemu-img map --output=json`, byte for byte) and the same number of
 /// allocated clusters: the same clusters freed, the same L2 entries rewritten, the same L2
 /// tables made private, on v2 and v3 images, with and without backing files, extended L2,
-/// compressed clusters, preallocated zero clusters and a snapshot sharing clusters.
+/// compressed clusters, preallocated zero clusters, a snapshot sharing clusters and external
+/// data files (whose contents must match too: both pass the discard down to them).
 #[test]
 fn discard_matches_qemu_io() {
     if !qemu_available("write_model") {
@@ -374,6 +375,8 @@ fn discard_matches_qemu_io() {
         ("extended_l2=on", true, true),
         ("cluster_size=4096", false, true),
         ("cluster_size=512,lazy_refcounts=on", true, false),
+        ("data_file", false, false),
+        ("data_file,data_file_raw=on,extended_l2=on", false, false),
     ] {
         let dir = scratch_dir();
         let size: u64 = (6 << 20) + 4096; // the last cluster is partial
@@ -384,28 +387,39 @@ fn discard_matches_qemu_io() {
         if backing {
             qemu_create(&base, "qcow2", "", None, size);
             qemu_io(&base, "qcow2", &["write -P 0x22 0 6M".into()]);
-            qemu_create(&theirs, "qcow2", opts, Some((&base, "qcow2")), size);
-        } else {
-            qemu_create(&theirs, "qcow2", opts, None, size);
         }
-        let mut pre = vec![
-            "write -P 0x11 0 2M".to_string(),
-            format!("write -P 0x12 {} 4096", size - 4096),
-            "write -z 256k 128k".into(),
-            "write -P 0x13 4M 1M".into(),
-        ];
-        if !opts.contains("512") {
-            pre.push("write -c -P 0x14 3M 64k".into());
-        }
-        qemu_io(&theirs, "qcow2", &pre);
-        if snapshot {
-            run(
-                "qemu-img",
-                &["snapshot", "-c", "s", theirs.to_str().unwrap()],
-            );
-            qemu_io(&theirs, "qcow2", &["write -P 0x15 1M 64k".into()]);
-        }
-        std::fs::copy(&theirs, &ours).unwrap();
+        // Both images are made by the same qemu commands (qemu allocates deterministically),
+        // each with its own external data file where there is one.
+        let make = |path: &Path| {
+            let data_file = opts.starts_with("data_file");
+            let opts = if data_file {
+                opts.replacen(
+                    "data_file",
+                    &format!("data_file={}", path.with_extension("data").display()),
+                    1,
+                )
+            } else {
+                opts.to_string()
+            };
+            let b = backing.then_some((base.as_path(), "qcow2"));
+            qemu_create(path, "qcow2", &opts, b, size);
+            let mut pre = vec![
+                "write -P 0x11 0 2M".to_string(),
+                format!("write -P 0x12 {} 4096", size - 4096),
+                "write -z 256k 128k".into(),
+                "write -P 0x13 4M 1M".into(),
+            ];
+            if !opts.contains("512") && !data_file {
+                pre.push("write -c -P 0x14 3M 64k".into());
+            }
+            qemu_io(path, "qcow2", &pre);
+            if snapshot {
+                run("qemu-img", &["snapshot", "-c", "s", path.to_str().unwrap()]);
+                qemu_io(path, "qcow2", &["write -P 0x15 1M 64k".into()]);
+            }
+        };
+        make(&theirs);
+        make(&ours);
         let mut reqs: Vec<(u64, u64)> = vec![(size - 4096, 4096), (5 << 20, size - (5 << 20))];
         for _ in 0..12 {
             let off = rng.below(size);
@@ -438,6 +452,12 @@ fn discard_matches_qemu_io() {
             "qemu-img",
             &["compare", theirs.to_str().unwrap(), ours.to_str().unwrap()],
         );
+        if opts.starts_with("data_file") {
+            // qemu passes the discard down to the data file; so does vimg.
+            let t = std::fs::read(theirs.with_extension("data")).unwrap();
+            let o = std::fs::read(ours.with_extension("data")).unwrap();
+            assert!(t == o, "{what}: the data files differ");
+        }
     }
 }
 
