@@ -169,6 +169,18 @@ pub trait BlockImage: Send + Sync {
     /// storage behind the range.
     fn write_zeroes(&self, offset: GuestOffset, len: u64, unmap: bool) -> Result<()>;
 
+    /// Discards `[offset, offset + len)`, as a guest's discard (TRIM/UNMAP) request: the
+    /// driver may free the storage behind the range, and afterwards the range's contents are
+    /// unspecified: each byte reads as before, as zero, or (where the format can record no
+    /// zeros there) as the backing layers hold it, never as data of another guest range nor as
+    /// stale host data. Drivers follow qemu: a qcow2 image frees only whole clusters inside the
+    /// range (see [`crate::qcow2::Qcow2Image`]), a raw file punches a hole where the file system
+    /// can. Discarding is best effort, so the default implementation does nothing.
+    fn discard(&self, offset: GuestOffset, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
 

@@ -107,6 +107,27 @@ impl BlockImage for RawImage {
         })
     }
 
+    /// Punches a hole over the range (it then reads as zeros) where the file system supports
+    /// it; elsewhere the range keeps its contents, as qemu's raw discard does.
+    fn discard(&self, offset: GuestOffset, len: u64) -> Result<()> {
+        self.writable_check()?;
+        check_request(self.size, offset, len).in_file(&self.path)?;
+        // Bytes of the last partial sector lie past the end of the file: punch up to the end.
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| Error::io("cannot get image size", e).with_path(&self.path))?;
+        let len = len.min(file_len.saturating_sub(offset.0));
+        self.storage
+            .punch_hole(offset.0, len)
+            .map(|_| ())
+            .map_err(|e| {
+                Error::io("discard failed", e)
+                    .with_path(&self.path)
+                    .at(offset.0)
+            })
+    }
+
     fn flush(&self) -> Result<()> {
         self.storage
             .flush()
@@ -182,6 +203,25 @@ mod tests {
         assert!(back.iter().all(|&b| b == 0));
         let s2 = img.block_status(GuestOffset(1 << 20), 3 << 20).unwrap();
         assert!(s2.zero, "zero write left data: {s2:?}");
+    }
+
+    #[test]
+    fn discard_punches_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.raw");
+        let img = RawImage::create(&p, 4 << 20).unwrap();
+        img.write_at(&vec![0x5au8; 2 << 20], GuestOffset(1 << 20))
+            .unwrap();
+        img.discard(GuestOffset(1 << 20), 1 << 20).unwrap();
+        let mut back = vec![1u8; 2 << 20];
+        img.read_at(&mut back, GuestOffset(1 << 20)).unwrap();
+        // tmpfs and every common Linux file system punch holes; a file system that cannot
+        // would keep the data, which discard allows.
+        assert!(back[..1 << 20].iter().all(|&b| b == 0));
+        assert!(back[1 << 20..].iter().all(|&b| b == 0x5a));
+        let s = img.block_status(GuestOffset(1 << 20), 1 << 20).unwrap();
+        assert!(s.zero && !s.data, "{s:?}");
+        assert!(img.discard(GuestOffset(4 << 20), 1).is_err());
     }
 
     #[test]

@@ -31,6 +31,14 @@ pub trait Storage: Send + Sync {
     /// Makes `[offset, offset+len)` read as zero, freeing the space where the storage can
     /// (punching a hole), without changing the length.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Frees the space behind `[offset, offset+len)` if the storage can (punching a hole that
+    /// reads as zero), without changing the length. Best effort, as a discard is: returns
+    /// `Ok(false)`, with the contents unchanged, where the storage cannot free space. The
+    /// default does nothing.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
     /// Where `offset` lies relative to stored data: `Ok((true, n))` if the `n` bytes from
     /// `offset` (n >= 1) may hold data, `Ok((false, n))` if they are a hole that reads as zero.
     /// Storage that cannot tell reports everything up to its end as data. Offsets at or past the
@@ -142,6 +150,21 @@ impl Storage for FileStorage {
         }
     }
 
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        if len == 0 {
+            return Ok(true);
+        }
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match fallocate(&self.file, punch, offset, len) {
+            Ok(()) => Ok(true),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)> {
         use rustix::fs::{seek, SeekFrom};
         let len = self.len()?;
@@ -244,6 +267,11 @@ impl Storage for MemStorage {
         let end = offset.saturating_add(len).min(dlen) as usize;
         d[start..end].fill(0);
         Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.zero_range(offset, len)?;
+        Ok(true)
     }
 
     fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)> {

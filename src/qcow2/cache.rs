@@ -28,6 +28,11 @@ struct Inner<T> {
 }
 
 impl<T> TableCache<T> {
+    /// How many clean tables the cache holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// A cache holding at most `capacity` clean tables (at least 1).
     pub fn new(capacity: usize) -> Self {
         TableCache {

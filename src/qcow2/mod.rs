@@ -7,7 +7,9 @@
 //! - [`refcount`]: reading refcount tables and blocks;
 //! - [`snapshot`]: the internal snapshot table;
 //! - [`bitmaps`]: the persistent dirty bitmap directory;
-//! - [`check`]: the consistency check.
+//! - [`check`]: the consistency check;
+//! - [`mod@write`]: the write path, its crash-safe flush and lazy refcounts;
+//! - [`discard`]: guest discard requests.
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
 
@@ -16,6 +18,7 @@ pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod discard;
 pub mod header;
 pub mod l2;
 pub mod refcount;
@@ -100,21 +103,7 @@ impl Qcow2Image {
         no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Self> {
-        let file_len = storage
-            .len()
-            .map_err(|e| Error::io("cannot get file size", e))?;
-        // Cluster 0 is at most 2 MiB; the header says how much of it matters.
-        let mut cluster0 = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
-        storage
-            .read_at(&mut cluster0, 0)
-            .map_err(|e| Error::io("cannot read header", e))?;
-        let header = Header::parse(&cluster0, file_len)?;
-
-        let mut l1 = vec![0u8; header.l1_size as usize * 8];
-        storage
-            .read_at(&mut l1, header.l1_table_offset)
-            .map_err(|e| Error::io("cannot read L1 table", e).at(header.l1_table_offset))?;
-        let l1: Vec<u64> = l1.chunks_exact(8).map(BigEndian::read_u64).collect();
+        let (header, l1, file_len) = read_header_and_l1(storage.as_ref())?;
 
         let data_file = match (&header.data_file, header.has_data_file()) {
             (Some(name), true) => {
@@ -171,23 +160,22 @@ impl Qcow2Image {
         Ok(img)
     }
 
-    /// Readies a read-write open: refuses images qemu would not write (corrupt, or dirty with
-    /// lazy refcounts that need a repair), clears the autoclear feature bits whose structures
-    /// vimg does not keep up to date (so qemu ignores possibly stale bitmaps rather than trust
-    /// them), and builds the allocation state.
+    /// Readies a read-write open: refuses images qemu would not write (marked corrupt),
+    /// repairs a dirty one (lazy refcounts not written back: qemu's open runs `check -r all`
+    /// and marks the image clean), clears the autoclear feature bits whose structures vimg does
+    /// not keep up to date (so qemu ignores possibly stale bitmaps rather than trust them), and
+    /// builds the allocation state, with lazy refcounts if the image enables them.
     fn prepare_for_writing(&mut self) -> Result<()> {
-        let h = &self.header;
-        if h.is_corrupt() {
+        if self.header.is_corrupt() {
             return Err(Error::new(
                 ErrorKind::ReadOnly,
                 "image is marked corrupt: it can only be opened read-only (repair it with check -r)",
             ));
         }
-        if h.is_dirty() {
-            return Err(Error::unsupported(
-                "image is dirty (lazy refcounts were not written back); repairing it is not supported yet",
-            ));
+        if self.header.is_dirty() {
+            self.repair_dirty()?;
         }
+        let h = &self.header;
         let keep = header::autoclear::DATA_FILE_RAW;
         if h.version >= 3 && h.autoclear_features & !keep != 0 {
             let v = h.autoclear_features & keep;
@@ -198,8 +186,63 @@ impl Qcow2Image {
             self.header.autoclear_features = v;
             self.header.bitmaps = None;
         }
-        self.write = Some(Mutex::new(write::WriteState::new(self)?));
+        let mut st = write::WriteState::new(self)?;
+        st.lazy = self.header.version >= 3 && self.header.lazy_refcounts();
+        self.write = Some(Mutex::new(st));
         Ok(())
+    }
+
+    /// Repairs a dirty image being opened read-write, as qemu's open does: every refcount is
+    /// brought to the number of references and the COPIED flags follow; the repair clears the
+    /// dirty bit. Fails, leaving the image dirty, if the repair cannot make it consistent.
+    fn repair_dirty(&mut self) -> Result<()> {
+        self.write = Some(Mutex::new(write::WriteState::new(self)?));
+        let report = repair::repair(self, repair::RepairMode::All);
+        self.write = None;
+        let report = report.map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!("image is dirty and repairing it failed: {}", e.what()),
+            )
+        })?;
+        if report.corruptions > 0 || report.check_errors > 0 {
+            return Err(Error::corrupt(format!(
+                "image is dirty and its repair left {} corruptions and {} check errors (try check -r all)",
+                report.corruptions, report.check_errors
+            )));
+        }
+        // The repair may have rebuilt the refcount structures (moving the table and growing
+        // the file) and changed COPIED flags in L1 and L2 tables: start again from the disk.
+        let (header, l1, file_len) = read_header_and_l1(self.storage.as_ref())?;
+        if header.is_dirty() {
+            return Err(Error::corrupt(
+                "image is still marked dirty after its repair (try check -r all)",
+            ));
+        }
+        self.header = header;
+        *self.l1.get_mut().unwrap_or_else(|e| e.into_inner()) = l1;
+        self.file_len.store(file_len, Ordering::Release);
+        self.l2_cache = cache::TableCache::new(self.l2_cache.capacity());
+        *self
+            .last_compressed
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.metadata_prealloc = OnceLock::new();
+        Ok(())
+    }
+
+    /// Closes an image opened for writing cleanly: writes all metadata (with lazy refcounts,
+    /// every refcount too) and clears the dirty bit. Dropping the image does the same but
+    /// cannot report errors.
+    pub fn close(self) -> Result<()> {
+        if self.write.is_none() {
+            return Ok(());
+        }
+        let mut this = self;
+        let r = this.close_inner().in_file(&this.path);
+        // Nothing is left for the drop to do, or it would fail the same way.
+        this.write = None;
+        r
     }
 
     /// With `on`, flushes still write metadata in their safe order but do not wait for the
@@ -499,6 +542,25 @@ impl Qcow2Image {
     }
 }
 
+/// Reads the header and the active L1 table from `storage`; also returns the file length.
+fn read_header_and_l1(storage: &dyn Storage) -> Result<(Header, Vec<u64>, u64)> {
+    let file_len = storage
+        .len()
+        .map_err(|e| Error::io("cannot get file size", e))?;
+    // Cluster 0 is at most 2 MiB; the header says how much of it matters.
+    let mut cluster0 = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
+    storage
+        .read_at(&mut cluster0, 0)
+        .map_err(|e| Error::io("cannot read header", e))?;
+    let header = Header::parse(&cluster0, file_len)?;
+    let mut l1 = vec![0u8; header.l1_size as usize * 8];
+    storage
+        .read_at(&mut l1, header.l1_table_offset)
+        .map_err(|e| Error::io("cannot read L1 table", e).at(header.l1_table_offset))?;
+    let l1: Vec<u64> = l1.chunks_exact(8).map(BigEndian::read_u64).collect();
+    Ok((header, l1, file_len))
+}
+
 impl BlockImage for Qcow2Image {
     fn format(&self) -> ImageFormat {
         ImageFormat::Qcow2
@@ -526,6 +588,14 @@ impl BlockImage for Qcow2Image {
         check_request(self.header.size, offset, len).in_file(&self.path)?;
         self.write_zeroes_inner(offset.0, len, unmap)
             .in_file(&self.path)
+    }
+
+    /// See [`discard`]: whole clusters inside the range are freed and read as zeros (version 2
+    /// images without a backing file: as unallocated, which reads as zeros; version 2 with a
+    /// backing file: nothing is discarded, as in qemu).
+    fn discard(&self, offset: GuestOffset, len: u64) -> Result<()> {
+        check_request(self.header.size, offset, len).in_file(&self.path)?;
+        self.discard_inner(offset.0, len).in_file(&self.path)
     }
 
     fn flush(&self) -> Result<()> {
@@ -634,11 +704,12 @@ pub fn exercise(bytes: &[u8]) {
 }
 
 impl Drop for Qcow2Image {
-    /// Flushes an image opened for writing. Errors cannot be reported from here: callers that
-    /// care call [`BlockImage::flush`] first, after which this has nothing left to do.
+    /// Closes an image opened for writing cleanly (see [`Qcow2Image::close`]). Errors cannot
+    /// be reported from here: callers that care call [`Qcow2Image::close`] (or, without lazy
+    /// refcounts, [`BlockImage::flush`]) first.
     fn drop(&mut self) {
         if self.write.is_some() {
-            let _ = self.flush_inner();
+            let _ = self.close_inner();
         }
     }
 }

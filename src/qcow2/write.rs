@@ -5,8 +5,8 @@
 //! # Crash safety
 //!
 //! Metadata changes (refcount blocks, the refcount table, L2 tables, the L1 table) are made in
-//! memory (the dirty tables of [`TableCache`](super::cache::TableCache)) and written by
-//! [`Qcow2Image::flush`] in this order, with a sync after each step:
+//! memory (the dirty tables of [`TableCache`]) and written by
+//! `BlockImage::flush` in this order, with a sync after each step:
 //!
 //! 1. refcount blocks and the refcount table (new clusters now have refcount 1 on disk);
 //! 2. the header's refcount table pointer, if the table moved;
@@ -18,6 +18,23 @@
 //! Guest data is written to its cluster before the table entry pointing at it changes, so a
 //! crash at any moment leaves at worst clusters whose refcount is too high (leaks, which
 //! `qemu-img check -r leaks` repairs), never a table pointing at a free or foreign cluster.
+//! A freed cluster that a discard released is also handed back to the host file system (a hole
+//! is punched) once its refcount reaches 0 in step 4.
+//!
+//! # Lazy refcounts
+//!
+//! When the image enables lazy refcounts (qcow2.rst, compatible feature bit 0), the first
+//! flush that has metadata to write sets the dirty bit (incompatible feature bit 0) and syncs
+//! before anything else. From then on steps 1 and 4 keep refcount blocks in memory: they are
+//! written only when the refcount structure changes (a new refcount block or a moved table,
+//! written at once so that a repair after a crash finds every block it needs), when too many
+//! are dirty (more than 256, or than 16 MiB of them), and at a clean close ([`Qcow2Image::close`] or the
+//! drop), which writes them all, syncs, clears the dirty bit and syncs. L2 and L1 tables are
+//! still written at every flush, after the data they point at, and the deferred release still
+//! waits for them, so the refcounts on disk of a dirty image are only ever too low for clusters
+//! allocated since they were last written, or too high for freed ones: a crash leaves an image
+//! that reads correctly and that a read-write open (by vimg or qemu) repairs. COPIED flags are
+//! always set from the refcounts in memory, which are exact.
 
 use super::cache::TableCache;
 use super::header::{incompat, Header};
@@ -32,10 +49,15 @@ use std::sync::Arc;
 
 /// Dirty tables at which a write flushes by itself, bounding memory.
 const MAX_DIRTY_TABLES: usize = 512;
+/// With lazy refcounts, dirty refcount blocks at which a flush writes them anyway (well below
+/// [`MAX_DIRTY_TABLES`], so that flushing keeps up) ...
+const LAZY_MAX_DIRTY_REFBLOCKS: usize = 256;
+/// ... or fewer, so that they hold at most this many bytes (at least 4 blocks).
+const LAZY_MAX_DIRTY_REFBLOCK_BYTES: u64 = 16 << 20;
 /// Subcluster bitmap with every subcluster allocated (extended L2).
 const ALL_ALLOCATED: u64 = 0x0000_0000_ffff_ffff;
 /// Subcluster bitmap with every subcluster reading as zero (extended L2).
-const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
+pub(super) const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 
 /// An L2 entry about to change: where it is and what it says now.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +96,14 @@ pub(crate) struct WriteState {
     /// Where the next compressed cluster goes: the first free byte after the last one, so that
     /// compressed clusters are packed densely.
     compressed_tail: Option<u64>,
+    /// Lazy refcounts (qcow2.rst, compatible feature bit 0) are in use: refcount blocks are
+    /// written only when the refcount structure changes, when too many are dirty, and at close.
+    pub(super) lazy: bool,
+    /// This session set the dirty bit (incompatible feature bit 0) on disk.
+    marked_dirty: bool,
+    /// Host clusters released by a discard, whose space is handed back to the host file
+    /// system (a hole is punched) once their refcount reaches 0.
+    pub(super) punch: HashSet<u64>,
 }
 
 impl WriteState {
@@ -129,6 +159,9 @@ impl WriteState {
             metadata,
             refblocks: TableCache::new(64),
             compressed_tail: None,
+            lazy: false,
+            marked_dirty: false,
+            punch: HashSet::new(),
         })
     }
 }
@@ -352,7 +385,7 @@ impl Qcow2Image {
 
     /// The L2 table for L1 index `l1_idx`, made private to the active L1 (allocated if missing,
     /// copied if shared with a snapshot). Returns its host offset.
-    fn writable_l2(&self, st: &mut WriteState, l1_idx: usize) -> Result<u64> {
+    pub(super) fn writable_l2(&self, st: &mut WriteState, l1_idx: usize) -> Result<u64> {
         let cs = self.header.cluster_size();
         let entry = self.l1()[l1_idx];
         let off = l2::l1_entry_target(entry, cs)?;
@@ -397,8 +430,14 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Sets an incompatible feature bit in the header on disk (v3 images).
+    /// Sets an incompatible feature bit in the header on disk (v3 images), and syncs.
     fn set_incompat_bit(&self, bit: u64) -> Result<()> {
+        self.update_incompat_bits(bit, 0)
+    }
+
+    /// Sets the incompatible feature bits `set` and clears those in `clear` in the header on
+    /// disk (v3 images), and syncs (even with `cache=unsafe`: the bits order everything else).
+    fn update_incompat_bits(&self, set: u64, clear: u64) -> Result<()> {
         if self.header.version < 3 {
             return Ok(());
         }
@@ -406,7 +445,7 @@ impl Qcow2Image {
         self.storage
             .read_at(&mut b, 72)
             .map_err(Self::io_err("cannot read header", 72))?;
-        let v = BigEndian::read_u64(&b) | bit;
+        let v = (BigEndian::read_u64(&b) | set) & !clear;
         BigEndian::write_u64(&mut b, v);
         self.storage
             .write_at(&b, 72)
@@ -867,7 +906,7 @@ impl Qcow2Image {
         Ok(true)
     }
 
-    fn flush_if_full(&self, st: &mut WriteState) -> Result<()> {
+    pub(super) fn flush_if_full(&self, st: &mut WriteState) -> Result<()> {
         if self.l2_cache.dirty_count() + st.refblocks.dirty_count() > MAX_DIRTY_TABLES {
             self.flush_locked(st)?;
         }
@@ -904,10 +943,48 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Flushes metadata (see the module documentation for the order). With lazy refcounts,
+    /// refcount blocks stay in memory unless the refcount structure changed (a new block or a
+    /// moved table: written at once, so that a repair after a crash finds every block it needs)
+    /// or too many are dirty; the dirty bit is set before the first metadata write.
     pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
+        self.flush_with(st, false)
+    }
+
+    /// How many dirty refcount blocks lazy refcounts keep in memory at most.
+    fn lazy_refblock_limit(&self) -> usize {
+        let by_bytes = (LAZY_MAX_DIRTY_REFBLOCK_BYTES >> self.header.cluster_bits).max(4);
+        (by_bytes as usize).min(LAZY_MAX_DIRTY_REFBLOCKS)
+    }
+
+    /// Whether a flush would write any metadata.
+    fn metadata_pending(&self, st: &WriteState) -> bool {
+        self.l2_cache.dirty_count() > 0
+            || st.l1_dirty
+            || st.refblocks.dirty_count() > 0
+            || st.reftable_dirty
+            || st.old_reftable.is_some()
+            || !st.pending_free.is_empty()
+    }
+
+    /// [`Self::flush_locked`]; with `all_refcounts`, refcount blocks are written even with lazy
+    /// refcounts (as at close).
+    fn flush_with(&self, st: &mut WriteState, all_refcounts: bool) -> Result<()> {
         let cs = self.header.cluster_size();
+        let write_refcounts = !st.lazy
+            || all_refcounts
+            || st.reftable_dirty
+            || st.old_reftable.is_some()
+            || st.refblocks.dirty_count() > self.lazy_refblock_limit();
+        if st.lazy && !st.marked_dirty && self.metadata_pending(st) {
+            // 0. Lazy refcounts: from now on the refcounts on disk may be stale.
+            self.set_incompat_bit(incompat::DIRTY)?;
+            st.marked_dirty = true;
+        }
         // 1. Refcount increases.
-        self.write_refblocks(st)?;
+        if write_refcounts {
+            self.write_refblocks(st)?;
+        }
         if st.reftable_dirty {
             let mut raw = vec![0u8; st.reftable.len() * 8];
             for (i, e) in st.reftable.iter().enumerate() {
@@ -919,7 +996,9 @@ impl Qcow2Image {
                 .map_err(Self::io_err("cannot write refcount table", off))?;
             st.reftable_dirty = false;
         }
-        self.sync()?;
+        if write_refcounts {
+            self.sync()?;
+        }
         // 2. The header points at a moved refcount table.
         if let Some((old_off, old_bytes)) = st.old_reftable.take() {
             let mut f = [0u8; 12];
@@ -957,6 +1036,7 @@ impl Qcow2Image {
         }
         self.sync()?;
         // 4. Refcount decreases, now that nothing on disk points at the released clusters.
+        // With lazy refcounts they stay in memory like the increases.
         if !st.pending_free.is_empty() {
             for c in std::mem::take(&mut st.pending_free) {
                 let r = self.refcount_of(st, c)?;
@@ -975,10 +1055,32 @@ impl Qcow2Image {
                     st.metadata.remove(&c);
                     self.l2_cache.forget(c * cs);
                     st.free_hint = st.free_hint.min(c);
+                    if st.punch.remove(&c) {
+                        // Best effort, as qemu passes a guest's discard on to the host file.
+                        self.storage
+                            .punch_hole(c * cs, cs)
+                            .map_err(Self::io_err("cannot discard a freed cluster", c * cs))?;
+                    }
                 }
             }
-            self.write_refblocks(st)?;
-            self.sync()?;
+            st.punch.clear();
+            if !st.lazy || all_refcounts {
+                self.write_refblocks(st)?;
+                self.sync()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes everything back for a clean close: all metadata including every refcount block,
+    /// then clears the dirty bit this session set (qcow2.rst "lazy refcounts"), syncing before
+    /// and after.
+    pub(crate) fn close_inner(&self) -> Result<()> {
+        let mut st = self.write_state()?;
+        self.flush_with(&mut st, true)?;
+        if st.marked_dirty {
+            self.update_incompat_bits(0, incompat::DIRTY)?;
+            st.marked_dirty = false;
         }
         Ok(())
     }
