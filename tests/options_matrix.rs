@@ -17,13 +17,14 @@
 //!   backing data), zero writes with and without unmap, compressed clusters (`compress_cluster`
 //!   then `write_compressed`, where the image allows compression: not with a data file) and
 //!   flushes, while a byte model records what the disk must hold;
-//! - **c. qemu reads it**: `qemu-img check --output=json` exits 0 and reports no corruption,
-//!   leak or check error; `qemu-img compare` of the image against the model written as a raw
-//!   file says identical; with `data_file_raw=on`, the data file alone holds the model;
+//! - **c. qemu reads it**: the header's dirty and corrupt bits are clear; `qemu-img check
+//!   --output=json` exits 0 and reports no corruption, leak or check error; `qemu-img compare`
+//!   of the image against the model written as a raw file says identical; with
+//!   `data_file_raw=on`, the data file alone holds the model;
 //! - **d. vimg reads qemu's writes**: qemu-io writes patterns (`write -P`, compressed
 //!   `write -c` where allowed, `write -z`, `write -z -u`, `discard` of whole clusters) into
-//!   the same image; vimg's reader returns the updated model byte for byte and vimg's own check
-//!   (`Check::check`) finds the image clean.
+//!   the same image; the header bits are clear again, vimg's reader returns the updated model
+//!   byte for byte and vimg's own check (`Check::check`) finds the image clean.
 //!
 //! Failures name the combination (as the `-o` options that make it), the step and the seed; they
 //! are collected over all combinations and reported together. `VIMG_MATRIX_SEED` (decimal or
@@ -510,6 +511,22 @@ fn step_vimg_writes(c: &Combo, img: &Path, rng: &mut Rng, model: &mut [u8]) -> R
     Ok(())
 }
 
+/// The header's dirty and corrupt bits (qcow2.rst "Header", incompatible feature bits 0 and 1)
+/// are clear: a closed image is neither left dirty nor marked corrupt.
+fn header_clean(img: &Path) -> Result<(), String> {
+    let mut h = [0u8; 80];
+    let f = std::fs::File::open(img).map_err(|e| e.to_string())?;
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut h, 0).map_err(|e| e.to_string())?;
+    let version = u32::from_be_bytes(h[4..8].try_into().unwrap());
+    let incompat = u64::from_be_bytes(h[72..80].try_into().unwrap());
+    if version >= 3 && incompat & 0b11 != 0 {
+        return Err(format!(
+            "incompatible feature bits {incompat:#x}: the image is left dirty or marked corrupt"
+        ));
+    }
+    Ok(())
+}
+
 /// Step c, first half: `qemu-img check --output=json` exits 0 with nothing wrong reported.
 fn step_qemu_check(img: &Path) -> Result<(), String> {
     let (code, out, err) = exec(
@@ -660,6 +677,7 @@ fn step_qemu_writes(
 
 /// Step d, reading: vimg reads the whole image as the model says, and its own check is clean.
 fn step_vimg_read_check(img: &Path, model: &[u8], scratch: &Path) -> Result<(), String> {
+    header_clean(img).map_err(|e| format!("after qemu-io closed the image: {e}"))?;
     let image = open_image(img, &OpenOptions::default()).map_err(|e| format!("open: {e}"))?;
     let mut got = vec![0u8; image.virtual_size() as usize];
     image
@@ -723,6 +741,7 @@ fn run_case(
     })
     .map_err(|e| format!("b. vimg writes: {e}"))?;
 
+    header_clean(&img).map_err(|e| format!("c. after vimg closed the image: {e}"))?;
     timed(&t.qemu_check, || step_qemu_check(&img))
         .map_err(|e| format!("c. qemu-img check of vimg's image: {e}"))?;
     std::fs::write(&model_raw, &model).map_err(|e| e.to_string())?;
@@ -739,8 +758,12 @@ fn run_case(
         head.resize(IMG_SIZE as usize, 0);
         if let Some(d) = first_difference(&head, &model) {
             // Not fatal: step d still runs, so that this does not hide other failures.
+            // Known vimg bug (for the lead to fix, not hidden): a whole-cluster zero write sets
+            // the zero flag without writing zeros to a raw data file; the smallest form is
+            // data_file_raw_zero_writes_reach_the_data_file.
             soft = Some(format!(
-                "c. data_file_raw: the data file alone is not the guest disk: {d}"
+                "c. data_file_raw: the data file alone is not the guest disk: {d} (known bug: \
+                 whole-cluster zero writes do not reach the data file)"
             ));
         }
     }
