@@ -638,6 +638,19 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// With a raw external data file (qcow2.rst "data_file_raw"), which must hold the guest
+    /// data by itself, makes `[guest, guest + len)` of it read as zeros too (clipped to the disk
+    /// size), before the L2 entry says so. Nothing to do otherwise.
+    fn zero_raw_data_file(&self, guest: u64, len: u64) -> Result<()> {
+        if !self.header.data_file_raw() {
+            return Ok(());
+        }
+        let len = len.min(self.header.size.saturating_sub(guest));
+        self.data_storage()
+            .zero_range(guest, len)
+            .map_err(Self::io_err("cannot zero the raw data file", guest))
+    }
+
     /// Extended L2: makes the subclusters `first..=last` of the guest cluster at `gc` read as
     /// zeros by setting their zero bits (qcow2.rst "Extended L2 Entries"); the host cluster, if
     /// any, stays. Returns `false` for a compressed cluster, whose subclusters cannot be told
@@ -650,6 +663,8 @@ impl Qcow2Image {
         last: u64,
     ) -> Result<bool> {
         let h: &Header = &self.header;
+        let sc_bits = h.cluster_bits - 5;
+        self.zero_raw_data_file(gc + (first << sc_bits), (last + 1 - first) << sc_bits)?;
         let l1_idx = (gc >> h.l1_shift()) as usize;
         if self.l1()[l1_idx] & L1E_OFFSET_MASK == 0 && self.backing.is_none() {
             return Ok(true); // unallocated without a backing file reads as zeros already
@@ -761,6 +776,7 @@ impl Qcow2Image {
     /// in which case the caller writes zeros.
     fn zero_cluster(&self, st: &mut WriteState, gc: u64, unmap: bool) -> Result<bool> {
         let h: &Header = &self.header;
+        self.zero_raw_data_file(gc, h.cluster_size())?;
         let l1_idx = (gc >> h.l1_shift()) as usize;
         let l1e = self.l1()[l1_idx];
         let has_backing = self.backing.is_some();
