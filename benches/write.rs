@@ -46,7 +46,7 @@ fn opts(format: ImageFormat, compress: bool, target: &[&str]) -> ConvertOptions 
 
 fn run_convert(src: &Path, dst: &Path, o: &ConvertOptions) {
     let img = open_image(src, &OpenOptions::default()).unwrap();
-    convert(img.as_ref(), dst, o, None).unwrap();
+    convert(&[img.as_ref()], dst, o, None).unwrap();
 }
 
 fn bench(c: &mut Criterion) {

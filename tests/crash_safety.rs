@@ -16,7 +16,6 @@ mod common;
 use common::{qemu_available, qemu_create, qemu_io, run};
 use std::io;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use vimg::open::ChainGuard;
@@ -212,17 +211,9 @@ fn read_all(path: &Path, size: u64, what: &str) -> Result<Vec<u8>, String> {
 }
 
 fn qemu_check(path: &Path) -> (i32, String) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+    common::run_status(
+        "qemu-img",
+        &["check", "--output=json", path.to_str().unwrap()],
     )
 }
 

@@ -21,18 +21,7 @@ fn incompat(path: &Path) -> u64 {
 }
 
 fn check_code(path: &Path) -> (i32, String) {
-    let out = Command::new("qemu-img")
-        .args(["check", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    common::run_status("qemu-img", &["check", path.to_str().unwrap()])
 }
 
 fn open_rw(path: &Path) -> Qcow2Image {

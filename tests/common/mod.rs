@@ -43,6 +43,23 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs a command that may fail; returns its exit code (-1 if killed) and its stdout followed
+/// by its stderr.
+pub fn run_status(cmd: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// `qemu-img create -q -f FMT [-o OPTS] [-b BACKING -F BFMT] PATH SIZE`.
 pub fn qemu_create(path: &Path, fmt: &str, opts: &str, backing: Option<(&Path, &str)>, size: u64) {
     let p = path.to_str().unwrap();
