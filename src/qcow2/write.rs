@@ -665,10 +665,9 @@ impl Qcow2Image {
         let h: &Header = &self.header;
         let sc_bits = h.cluster_bits - 5;
         self.zero_raw_data_file(gc + (first << sc_bits), (last + 1 - first) << sc_bits)?;
+        // Even where nothing is allocated yet, the zero bits are recorded (allocating the L2
+        // table), as qemu records them.
         let l1_idx = (gc >> h.l1_shift()) as usize;
-        if self.l1()[l1_idx] & L1E_OFFSET_MASK == 0 && self.backing.is_none() {
-            return Ok(true); // unallocated without a backing file reads as zeros already
-        }
         let l2_off = self.writable_l2(st, l1_idx)?;
         let table = self.l2_table(l2_off)?;
         let idx = ((gc >> h.cluster_bits) & ((1 << h.l2_bits()) - 1)) as usize * 2;
@@ -783,8 +782,10 @@ impl Qcow2Image {
         if h.version < 3 && has_backing {
             return Ok(false);
         }
-        if l1e & L1E_OFFSET_MASK == 0 && !has_backing {
-            return Ok(true); // unallocated without a backing file reads as zeros already
+        if l1e & L1E_OFFSET_MASK == 0 && !has_backing && h.version < 3 {
+            // Unallocated without a backing file reads as zeros already. (Version 3 records
+            // the zero flag even here, allocating the L2 table, as qemu does.)
+            return Ok(true);
         }
         let l2_off = self.writable_l2(st, l1_idx)?;
         let table = self.l2_table(l2_off)?;
