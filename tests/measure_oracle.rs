@@ -79,7 +79,7 @@ fn size_matrix() {
                 for ext in ["off", "on"] {
                     for compat in ["0.10", "1.1"] {
                         let pre = preallocs[n % preallocs.len()];
-                        let output = if n % 2 == 0 { "human" } else { "json" };
+                        let output = if n.is_multiple_of(2) { "human" } else { "json" };
                         n += 1;
                         let o = format!(
                             "cluster_size={cs},refcount_bits={rb},extended_l2={ext},compat={compat},preallocation={pre}"
