@@ -385,6 +385,46 @@ fn images_match() {
     qemu_create(&over, "qcow2", "", Some((&rawbase, "raw")), 4 << 20);
     measure_image(&over, "qcow2");
 
+    // A raw backing file shorter than the overlay.
+    let short = dir.join("short.raw");
+    std::fs::File::create(&short)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    qemu_io(&short, "raw", &strs(&["write -P 2 0 1M"]));
+    let longer = dir.join("longer.qcow2");
+    qemu_create(&longer, "qcow2", "", Some((&short, "raw")), 4 << 20);
+    measure_image(&longer, "qcow2");
+
+    // External data files (block status comes from the qcow2 metadata), with and without
+    // data_file_raw, and internal snapshots (only the active state counts).
+    for (i, opts) in ["data_file=DF", "data_file=DF,data_file_raw=on"]
+        .iter()
+        .enumerate()
+    {
+        let img = dir.join(format!("df{i}.qcow2"));
+        let df = dir.join(format!("df{i}.data"));
+        let opts = opts.replace("DF", df.to_str().unwrap());
+        qemu_create(&img, "qcow2", &opts, None, 5 << 20);
+        qemu_io(
+            &img,
+            "qcow2",
+            &strs(&["write -P 1 1M 70k", "write -z 3M 64k"]),
+        );
+        measure_image(&img, "qcow2");
+    }
+    let snap = dir.join("snap.qcow2");
+    qemu_create(&snap, "qcow2", "", None, 4 << 20);
+    qemu_io(&snap, "qcow2", &strs(&["write -P 1 0 1M"]));
+    let sp = snap.to_str().unwrap();
+    common::run("qemu-img", &["snapshot", "-c", "s1", sp]);
+    qemu_io(
+        &snap,
+        "qcow2",
+        &strs(&["write -z 0 512k", "write -P 3 2M 128k"]),
+    );
+    measure_image(&snap, "qcow2");
+
     // Persistent bitmaps (version 3 only; a v2 target or raw source shows none).
     let bm = dir.join("bitmaps.qcow2");
     qemu_create(&bm, "qcow2", "", None, 10 << 20);
