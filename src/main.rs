@@ -36,6 +36,33 @@ enum Command {
     Create(CreateCmdArgs),
     /// Change the virtual size of an image (shrinking needs --shrink).
     Resize(ResizeArgs),
+    /// Show how much host space a new raw or qcow2 image needs (--size SIZE or IMAGE).
+    Measure(MeasureArgs),
+}
+
+#[derive(Args, Debug)]
+struct MeasureArgs {
+    /// Format of IMAGE (raw, qcow2); probed when not given.
+    #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Format of the image to measure for: raw (default) or qcow2.
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
+    output_format: String,
+    /// Options of the new image, as `create -o` takes them (repeatable).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Measure an empty image of this size instead of IMAGE (k, M, G, T suffixes).
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    size: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// Open without taking image locks (accepted; vimg takes none yet).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image whose data the new image would hold.
+    #[arg(value_name = "IMAGE")]
+    files: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -308,6 +335,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert(a),
         Command::Create(a) => create(a),
         Command::Resize(a) => resize(a),
+        Command::Measure(a) => measure(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -608,5 +636,64 @@ fn convert(a: ConvertArgs) -> CmdResult {
         ops::convert::convert(&sources, target, &opts, None)
     };
     result.map_err(fail)?;
+    Ok(0)
+}
+
+/// Formats qemu-img knows but vimg cannot measure for (qemu measures only some of them).
+const OTHER_FORMATS: &[&str] = &[
+    "qcow",
+    "qed",
+    "vmdk",
+    "vdi",
+    "vhdx",
+    "vpc",
+    "parallels",
+    "luks",
+    "dmg",
+    "bochs",
+    "cloop",
+    "vvfat",
+    "file",
+    "host_device",
+    "nbd",
+];
+
+fn measure(a: MeasureArgs) -> CmdResult {
+    let _ = a.force_share;
+    let fail = |e| Failure::new(e, 1);
+    let say = |m: &str| Failure {
+        message: m.to_string(),
+        code: 1,
+    };
+    let size = match &a.size {
+        Some(t) => Some(ops::measure::parse_measure_size(t).map_err(fail)?),
+        None => None,
+    };
+    if a.files.len() > 1 {
+        return Err(say("At most one filename argument is allowed."));
+    }
+    let file = a.files.first();
+    if file.is_some() && size.is_some() {
+        return Err(say("--size N cannot be used together with a filename."));
+    }
+    if file.is_none() && size.is_none() {
+        return Err(say("Either --size N or one filename must be specified."));
+    }
+    let source = match file {
+        Some(f) => Some(open(f, a.format).map_err(fail)?),
+        None => None,
+    };
+    let target = match ImageFormat::from_name(&a.output_format) {
+        Ok(f) => f,
+        Err(_) if OTHER_FORMATS.contains(&a.output_format.as_str()) => {
+            return Err(say(&format!(
+                "Block driver '{}' does not support size measurement",
+                a.output_format
+            )))
+        }
+        Err(_) => return Err(say(&format!("Unknown file format '{}'", a.output_format))),
+    };
+    let m = ops::measure::measure(target, &a.options, size, source.as_deref()).map_err(fail)?;
+    print(&m.render(a.output.into()))?;
     Ok(0)
 }

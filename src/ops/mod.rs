@@ -11,6 +11,7 @@ pub mod create;
 pub mod info;
 pub mod json;
 pub mod map;
+pub mod measure;
 pub mod resize;
 pub mod size;
 
