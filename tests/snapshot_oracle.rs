@@ -148,6 +148,8 @@ fn sequence(opts: &str, seed: u64, steps: usize) {
     };
     let mut rng = Rng::seeded(seed);
     let mut next_name = 0;
+    // Snapshot operations vimg did: create, apply, delete; and grows.
+    let mut done = [0usize; 4];
     for step in 0..steps {
         let by_vimg = rng.below(2) == 0;
         let tool = if by_vimg { "vimg" } else { "qemu-img" };
@@ -189,12 +191,14 @@ fn sequence(opts: &str, seed: u64, steps: usize) {
                 let new = len + (1 + rng.below(4)) * cs;
                 run("qemu-img", &["resize", "-q", &p, &new.to_string()]);
                 m.active.resize(new as usize, 0);
+                done[3] += 1;
             }
             5 | 6 => {
                 let name = format!("s{next_name}");
                 next_name += 1;
                 if by_vimg {
                     vimg_ok(&["snapshot", "-c", &name, &p]);
+                    done[0] += 1;
                 } else {
                     run("qemu-img", &["snapshot", "-c", &name, &p]);
                 }
@@ -206,6 +210,7 @@ fn sequence(opts: &str, seed: u64, steps: usize) {
                 let name = m.snaps[i].0.clone();
                 if by_vimg {
                     vimg_ok(&["snapshot", "-a", &name, &p]);
+                    done[1] += 1;
                 } else {
                     run("qemu-img", &["snapshot", "-a", &name, &p]);
                 }
@@ -219,6 +224,7 @@ fn sequence(opts: &str, seed: u64, steps: usize) {
                 let name = m.snaps.remove(i).0;
                 if by_vimg {
                     vimg_ok(&["snapshot", "-d", &name, &p]);
+                    done[2] += 1;
                 } else {
                     run("qemu-img", &["snapshot", "-d", &name, &p]);
                 }
@@ -227,6 +233,15 @@ fn sequence(opts: &str, seed: u64, steps: usize) {
             _ => {}
         }
     }
+    eprintln!(
+        "{opts} seed {seed}: vimg -c/-a/-d {:?}, grows {}",
+        &done[..3],
+        done[3]
+    );
+    assert!(
+        done[..3].iter().all(|&n| n > 0),
+        "the sequence ({opts}, seed {seed}) left a vimg operation out: {done:?}"
+    );
     verify(
         &img,
         &dir,
@@ -247,8 +262,8 @@ fn sequences_default_clusters() {
     if !qemu_available("sequences_default_clusters") {
         return;
     }
-    sequence("cluster_size=65536", 1, 40);
-    sequence("cluster_size=65536,lazy_refcounts=on", 2, 30);
+    sequence("cluster_size=65536", 1, 80);
+    sequence("cluster_size=65536,lazy_refcounts=on", 2, 60);
 }
 
 #[test]
@@ -257,8 +272,8 @@ fn sequences_small_clusters() {
         return;
     }
     // 4 KiB clusters: two L2 tables for 4 MiB, and more as the disk grows.
-    sequence("cluster_size=4096", 3, 40);
-    sequence("cluster_size=4096,refcount_bits=4", 4, 30);
+    sequence("cluster_size=4096", 3, 80);
+    sequence("cluster_size=4096,refcount_bits=4", 4, 60);
 }
 
 #[test]
@@ -266,8 +281,8 @@ fn sequences_extended_l2_and_v2() {
     if !qemu_available("sequences_extended_l2_and_v2") {
         return;
     }
-    sequence("cluster_size=16384,extended_l2=on", 5, 35);
-    sequence("compat=0.10,cluster_size=4096", 6, 35);
+    sequence("cluster_size=16384,extended_l2=on", 5, 70);
+    sequence("compat=0.10,cluster_size=4096", 6, 70);
 }
 
 #[test]

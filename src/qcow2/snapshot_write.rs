@@ -26,6 +26,8 @@ use byteorder::{BigEndian, ByteOrder};
 
 /// Most snapshots an image may have (qemu's `QCOW_MAX_SNAPSHOTS`).
 pub const MAX_SNAPSHOTS: u32 = 65536;
+/// Longest name qemu-img records, in bytes (longer ones are cut).
+pub const MAX_NAME_BYTES: usize = 255;
 /// Extra data qemu writes per entry: VM state size (64 bits), disk size, instruction count.
 const EXTRA_BYTES: usize = 24;
 
@@ -262,9 +264,12 @@ impl Qcow2Image {
     /// are allowed, as by qemu-img; ids are unique.
     pub fn snapshot_create(&mut self, name: &str, info: NewSnapshot) -> Result<()> {
         self.snapshot_preconditions()?;
-        if name.len() > usize::from(u16::MAX) {
-            return Err(Error::invalid_input("snapshot name is too long"));
+        // qemu-img keeps at most 255 bytes of a name.
+        let mut end = name.len().min(MAX_NAME_BYTES);
+        while !name.is_char_boundary(end) {
+            end -= 1;
         }
+        let name = &name[..end];
         let snaps = read_table(self)?;
         if snaps.len() as u64 >= u64::from(MAX_SNAPSHOTS) {
             return Err(Error::unsupported(format!(
@@ -476,11 +481,66 @@ fn encode_entry(s: &Snapshot) -> Vec<u8> {
     BigEndian::write_u32(&mut e[16..20], s.date_sec);
     BigEndian::write_u32(&mut e[20..24], s.date_nsec);
     BigEndian::write_u64(&mut e[24..32], s.vm_clock_nsec);
-    BigEndian::write_u32(&mut e[32..36], u32::try_from(s.vm_state_size).unwrap_or(0));
+    // The 32-bit field holds the low half, as qemu writes it (the extra data has all of it).
+    BigEndian::write_u32(&mut e[32..36], s.vm_state_size as u32);
     BigEndian::write_u32(&mut e[36..40], s.extra.len() as u32);
     e.extend_from_slice(&s.extra);
     e.extend_from_slice(s.id.as_bytes());
     e.extend_from_slice(s.name.as_bytes());
     e.resize(e.len().div_ceil(8) * 8, 0);
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_padded_and_keep_their_fields() {
+        let s = Snapshot {
+            entry_offset: 0,
+            l1_table_offset: 0x30000,
+            l1_size: 3,
+            id: "12".into(),
+            name: "abc".into(),
+            date_sec: 7,
+            date_nsec: 8,
+            vm_clock_nsec: 9,
+            vm_state_size: 0x1_0000_0005,
+            disk_size: None,
+            icount: None,
+            extra: vec![0xaa; 24],
+        };
+        let e = encode_entry(&s);
+        assert_eq!(e.len(), 40 + 24 + 8); // 69 bytes padded to 72
+        assert_eq!(BigEndian::read_u64(&e[0..8]), 0x30000);
+        assert_eq!(BigEndian::read_u32(&e[8..12]), 3);
+        assert_eq!(BigEndian::read_u16(&e[12..14]), 2);
+        assert_eq!(BigEndian::read_u16(&e[14..16]), 3);
+        assert_eq!(BigEndian::read_u32(&e[32..36]), 5);
+        assert_eq!(BigEndian::read_u32(&e[36..40]), 24);
+        assert_eq!(&e[64..69], b"12abc");
+        assert!(e[69..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn next_id_is_one_more_than_the_largest_number() {
+        let mk = |id: &str| Snapshot {
+            entry_offset: 0,
+            l1_table_offset: 0,
+            l1_size: 0,
+            id: id.into(),
+            name: String::new(),
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: None,
+            icount: None,
+            extra: Vec::new(),
+        };
+        assert_eq!(Qcow2Image::next_snapshot_id(&[]), "1");
+        let snaps = [mk("2"), mk("x9"), mk("10"), mk("3")];
+        assert_eq!(Qcow2Image::next_snapshot_id(&snaps), "11");
+    }
 }
