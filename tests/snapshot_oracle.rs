@@ -322,6 +322,9 @@ fn entries_as_qemu_writes_them() {
         .map(|l| l.split_whitespace().next().unwrap())
         .collect();
     assert_eq!(ids, ["2", "3", "4"]);
+    // Applying takes an id as well as a name (qemu-img's -a does too).
+    vimg_ok(&["snapshot", "-a", "3", p]);
+    run("qemu-img", &["snapshot", "-a", "2", p]);
     // vimg's entries are what qemu-img writes: 24 bytes of extra data (VM state size 0, the
     // disk size, instruction count 0).
     let info = run("qemu-img", &["info", "--output=json", p]);
