@@ -38,6 +38,8 @@ enum Command {
     Resize(ResizeArgs),
     /// Show how much host space a new raw or qcow2 image needs (--size SIZE or IMAGE).
     Measure(MeasureArgs),
+    /// List (-l), create (-c), apply (-a) or delete (-d) internal snapshots of a qcow2 image.
+    Snapshot(SnapshotArgs),
 }
 
 #[derive(Args, Debug)]
@@ -63,6 +65,30 @@ struct MeasureArgs {
     /// The image whose data the new image would hold.
     #[arg(value_name = "IMAGE")]
     files: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("op").required(true).args(["list", "create", "apply", "delete"])))]
+struct SnapshotArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// List the snapshots.
+    #[arg(short = 'l')]
+    list: bool,
+    /// Create a snapshot of the current state named NAME.
+    #[arg(short = 'c', value_name = "NAME")]
+    create: Option<String>,
+    /// Revert the disk to snapshot NAME (or id).
+    #[arg(short = 'a', value_name = "NAME")]
+    apply: Option<String>,
+    /// Delete snapshot NAME.
+    #[arg(short = 'd', value_name = "NAME")]
+    delete: Option<String>,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image.
+    filename: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -336,6 +362,7 @@ fn main() -> ExitCode {
         Command::Create(a) => create(a),
         Command::Resize(a) => resize(a),
         Command::Measure(a) => measure(a),
+        Command::Snapshot(a) => snapshot(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -524,6 +551,28 @@ fn resize(a: ResizeArgs) -> CmdResult {
             .map_err(|e| Failure::new(e, 1))?;
     if !a.quiet {
         print(&format!("{msg}\n"))?;
+    }
+    Ok(0)
+}
+
+fn snapshot(a: SnapshotArgs) -> CmdResult {
+    let _ = a.image.force_share;
+    let op = match (a.list, a.create, a.apply, a.delete) {
+        (true, None, None, None) => ops::snapshot::SnapshotOp::List,
+        (false, Some(n), None, None) => ops::snapshot::SnapshotOp::Create(n),
+        (false, None, Some(n), None) => ops::snapshot::SnapshotOp::Apply(n),
+        (false, None, None, Some(n)) => ops::snapshot::SnapshotOp::Delete(n),
+        _ => {
+            return Err(Failure {
+                message: "Cannot mix '-l', '-a', '-c', '-d'".into(),
+                code: 1,
+            })
+        }
+    };
+    let out =
+        ops::snapshot::run(&a.filename, a.image.format, &op).map_err(|e| Failure::new(e, 1))?;
+    if !a.quiet {
+        print(&out)?;
     }
     Ok(0)
 }

@@ -14,6 +14,7 @@ pub mod map;
 pub mod measure;
 pub mod resize;
 pub mod size;
+pub mod snapshot;
 
 /// The output styles of `info`, `map` and `check` (qemu-img's `--output`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -25,6 +25,7 @@ pub mod refcount;
 pub mod repair;
 pub mod resize;
 pub mod snapshot;
+pub mod snapshot_write;
 pub mod write;
 
 use crate::block::{check_request, BlockImage, BlockStatus, ImageFormat};

@@ -85,12 +85,12 @@ pub(crate) struct WriteState {
     /// The table moved: the header must point at it, and the old one is freed afterwards.
     old_reftable: Option<(u64, u64)>,
     /// Host clusters whose refcount drops once the tables no longer pointing at them are on disk.
-    pending_free: Vec<u64>,
+    pub(super) pending_free: Vec<u64>,
     /// Where the search for a free cluster starts.
     free_hint: u64,
-    l1_dirty: bool,
+    pub(super) l1_dirty: bool,
     /// Host clusters holding metadata, which data writes must never touch.
-    metadata: HashSet<u64>,
+    pub(super) metadata: HashSet<u64>,
     /// Refcount blocks, cached; the dirty ones are written at flush.
     refblocks: TableCache<u8>,
     /// Where the next compressed cluster goes: the first free byte after the last one, so that
