@@ -16,38 +16,43 @@ VIMG=$here/target/release/vimg
 [ -f "$W/test-z.qcow2" ] || qemu-img convert -c -O qcow2 "$W/test.raw" "$W/test-z.qcow2"
 [ -f "$W/test-zstd.qcow2" ] || qemu-img convert -c -O qcow2 -o compression_type=zstd "$W/test.raw" "$W/test-zstd.qcow2"
 
-# best-of-REPS wall seconds and max RSS KiB of a command
-measure() {
-  local best="" rss=0 t r
-  for _ in $(seq "$REPS"); do
-    rm -f "$W/out.raw" "$W/out.qcow2"
-    sync
-    /usr/bin/time -f '%e %M' -o "$W/time.txt" "$@" >/dev/null
-    read -r t r < "$W/time.txt"
-    if [ -z "$best" ] || awk "BEGIN{exit !($t < $best)}"; then best=$t; fi
-    [ "$r" -gt "$rss" ] && rss=$r
-  done
-  echo "$best $rss"
+# One timed run: wall seconds and max RSS KiB of a command, its output removed first.
+once() {
+  rm -f "${@: -1}"
+  sync
+  /usr/bin/time -f '%e %M' -o "$W/time.txt" "$@" >/dev/null
+  cat "$W/time.txt"
 }
 
-# One case: the same convert arguments for both tools; outputs must be equivalent.
+# best and median of a list of numbers
+best() { printf '%s\n' "$@" | sort -g | head -1; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+# One case: the same convert arguments for both tools, run alternately REPS times each (so
+# that the machine's state, page cache and host memory, drifts the same way for both); the
+# outputs must be equivalent.
 case_() {
   local label=$1 out=$2; shift 2
-  read -r qt qr < <(measure qemu-img convert "$@" "$W/$out")
-  local qsize; qsize=$(du -k "$W/$out" | cut -f1)
-  cp --sparse=always "$W/$out" "$W/qemu-$out"
-  read -r vt vr < <(measure "$VIMG" convert "$@" "$W/$out")
-  local vsize; vsize=$(du -k "$W/$out" | cut -f1)
+  local qts=() vts=() qr=0 vr=0 t r
+  for _ in $(seq "$REPS"); do
+    read -r t r < <(once qemu-img convert "$@" "$W/$out"); qts+=("$t"); [ "$r" -gt "$qr" ] && qr=$r
+    read -r t r < <(once "$VIMG" convert "$@" "$W/vimg-$out"); vts+=("$t"); [ "$r" -gt "$vr" ] && vr=$r
+  done
+  local vsize; vsize=$(du -k "$W/vimg-$out" | cut -f1)
   if [[ $out == *.qcow2 ]]; then
-    qemu-img check -q "$W/$out" || { echo "CHECK FAILED for $label" >&2; exit 1; }
+    qemu-img check -q "$W/vimg-$out" || { echo "CHECK FAILED for $label" >&2; exit 1; }
   fi
-  qemu-img compare -q "$W/qemu-$out" "$W/$out" || { echo "OUTPUT DIFFERS for $label" >&2; exit 1; }
-  rm -f "$W/qemu-$out"
-  ratio=$(awk "BEGIN{printf \"%.2fx\", $qt / ($vt > 0 ? $vt : 0.001)}")
-  printf '%-30s %9ss %9ss %7s %10s %10s %10s %10s\n' "$label" "$qt" "$vt" "$ratio" "$qr" "$vr" "$qsize" "$vsize"
+  local qsize; qsize=$(du -k "$W/$out" | cut -f1)
+  qemu-img compare -q "$W/$out" "$W/vimg-$out" || { echo "OUTPUT DIFFERS for $label" >&2; exit 1; }
+  rm -f "$W/vimg-$out" "$W/$out"
+  local qb vb qm vm
+  qb=$(best "${qts[@]}"); vb=$(best "${vts[@]}"); qm=$(median "${qts[@]}"); vm=$(median "${vts[@]}")
+  printf '%-28s %7ss %7ss %6s %7ss %7ss %6s %9s %9s %9s %9s\n' "$label" "$qb" "$vb" \
+    "$(awk "BEGIN{printf \"%.2fx\", $qb / ($vb > 0 ? $vb : 0.001)}")" "$qm" "$vm" \
+    "$(awk "BEGIN{printf \"%.2fx\", $qm / ($vm > 0 ? $vm : 0.001)}")" "$qr" "$vr" "$qsize" "$vsize"
 }
 
-printf '%-30s %10s %10s %7s %10s %10s %10s %10s\n' case qemu-img vimg speedup qemu-KiB vimg-KiB qemu-out vimg-out
+printf '%-28s %8s %8s %6s %8s %8s %6s %9s %9s %9s %9s\n' case qemu-best vimg-best ratio qemu-med vimg-med ratio qemu-RSS vimg-RSS qemu-out vimg-out
 for src in test.raw test.qcow2 test-z.qcow2 test-zstd.qcow2; do
   case_ "$src -> raw" out.raw -O raw "$W/$src"
 done
@@ -55,4 +60,4 @@ case_ "test.raw -> qcow2" out.qcow2 -O qcow2 "$W/test.raw"
 case_ "test.qcow2 -> qcow2" out.qcow2 -O qcow2 "$W/test.qcow2"
 case_ "test.raw -> qcow2 -c zlib" out.qcow2 -c -O qcow2 "$W/test.raw"
 case_ "test.raw -> qcow2 -c zstd" out.qcow2 -c -O qcow2 -o compression_type=zstd "$W/test.raw"
-echo "(speedup = qemu-img time / vimg time, best of $REPS; KiB columns: peak RSS, then output size on disk)"
+echo "(ratio = qemu-img time / vimg time, best and median of $REPS runs each, the tools alternating; RSS: peak KiB; out: output KiB on disk)"
