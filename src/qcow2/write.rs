@@ -883,6 +883,19 @@ impl Qcow2Image {
         while u << unit_bits < end {
             let (us, ue) = (u << unit_bits, ((u + 1) << unit_bits).min(disk_end));
             let (a, b) = (within.max(us), end.min(ue));
+            if ext && a == us && b == ue {
+                // A run of whole subclusters: their zero bits in one table update.
+                let mut last = u;
+                while ((last + 2) << unit_bits).min(disk_end) <= end
+                    && (last + 1) << unit_bits < disk_end
+                {
+                    last += 1;
+                }
+                if self.zero_subclusters(st, gc, u, last)? {
+                    u = last + 1;
+                    continue;
+                }
+            }
             let mut zeroed = false;
             if h.version >= 3 {
                 let whole = a == us && b == ue;
