@@ -688,25 +688,6 @@ fn convert(a: ConvertArgs) -> CmdResult {
     Ok(0)
 }
 
-/// Formats qemu-img knows but vimg cannot measure for (qemu measures only some of them).
-const OTHER_FORMATS: &[&str] = &[
-    "qcow",
-    "qed",
-    "vmdk",
-    "vdi",
-    "vhdx",
-    "vpc",
-    "parallels",
-    "luks",
-    "dmg",
-    "bochs",
-    "cloop",
-    "vvfat",
-    "file",
-    "host_device",
-    "nbd",
-];
-
 fn measure(a: MeasureArgs) -> CmdResult {
     let _ = a.force_share;
     let fail = |e| Failure::new(e, 1);
@@ -734,7 +715,7 @@ fn measure(a: MeasureArgs) -> CmdResult {
     };
     let target = match ImageFormat::from_name(&a.output_format) {
         Ok(f) => f,
-        Err(_) if OTHER_FORMATS.contains(&a.output_format.as_str()) => {
+        Err(_) if ops::create::KNOWN_FORMATS.contains(&a.output_format.as_str()) => {
             return Err(say(&format!(
                 "Block driver '{}' does not support size measurement",
                 a.output_format

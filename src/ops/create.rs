@@ -68,7 +68,7 @@ pub enum CreatePlan {
 
 /// Formats qemu-img knows as backing formats; with `-u` any of them may be recorded, since the
 /// backing file is not opened. Without `-u` vimg must open it, so only raw and qcow2 work.
-const KNOWN_FORMATS: &[&str] = &[
+pub const KNOWN_FORMATS: &[&str] = &[
     "raw",
     "qcow2",
     "qcow",

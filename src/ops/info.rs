@@ -183,35 +183,7 @@ fn human_layer(layer: &LayerReport) -> String {
     if let Some(f) = &i.backing_filename_format {
         let _ = writeln!(o, "backing file format: {f}");
     }
-    if !i.snapshots.is_empty() {
-        o.push_str("Snapshot list:\n");
-        let _ = writeln!(
-            o,
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        );
-        for s in &i.snapshots {
-            let clock_ms = s.vm_clock_nsec / 1_000_000;
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                s.vm_clock_sec / 3600,
-                (s.vm_clock_sec / 60) % 60,
-                s.vm_clock_sec % 60,
-                clock_ms
-            );
-            let icount = s.icount.map(|n| n.to_string()).unwrap_or_default();
-            let _ = writeln!(
-                o,
-                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-                s.id,
-                s.name,
-                human_size(s.vm_state_size),
-                format_date(s.date_sec),
-                clock,
-                icount
-            );
-        }
-    }
+    o.push_str(&crate::ops::snapshot::render_list(&i.snapshots));
     if let Some(data) = serde_json::to_value(&i.format_specific)
         .ok()
         .as_ref()
