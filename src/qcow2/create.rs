@@ -22,7 +22,7 @@
 //! clusters. The whole layout is computed in memory before anything is written.
 
 use super::header::MIN_CLUSTER_BITS;
-use super::header::{autoclear, compat, ext, incompat, CompressionType, QCOW2_MAGIC};
+use super::header::{autoclear, compat, incompat, CompressionType, Header};
 use super::header::{MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use super::l2::OFLAG_COPIED;
 use super::refcount::set_refcount;
@@ -1017,111 +1017,61 @@ fn plan(o: &CreateOptions) -> Plan {
 }
 
 /// The bytes of cluster 0: header, extensions, backing file name (qcow2.rst "Header" and
-/// "Header extensions").
+/// "Header extensions"), laid out by [`Header::encode`].
 fn header_cluster(o: &CreateOptions, p: &Plan) -> Result<Vec<u8>> {
-    let cs = p.geo.cs() as usize;
-    let mut h = vec![0u8; cs];
-    h[0..4].copy_from_slice(&QCOW2_MAGIC);
-    BigEndian::write_u32(&mut h[4..], o.compat.version());
-    BigEndian::write_u32(&mut h[20..], p.geo.cluster_bits);
-    BigEndian::write_u64(&mut h[24..], p.size);
-    BigEndian::write_u32(&mut h[36..], p.l1_size as u32);
-    BigEndian::write_u64(&mut h[40..], p.l1_at << p.geo.cluster_bits);
-    BigEndian::write_u64(&mut h[48..], p.layout.table_at << p.geo.cluster_bits);
-    BigEndian::write_u32(&mut h[56..], p.layout.table_clusters as u32);
-    let mut off = 72;
-    if o.compat == Compat::V3 {
-        let mut inc = 0;
-        if o.data_file.is_some() {
-            inc |= incompat::DATA_FILE;
-        }
-        if o.compression_type != CompressionType::Zlib {
-            inc |= incompat::COMPRESSION;
-        }
-        if o.extended_l2 {
-            inc |= incompat::EXTENDED_L2;
-        }
-        BigEndian::write_u64(&mut h[72..], inc);
-        let comp = if o.lazy_refcounts {
+    let v3 = o.compat == Compat::V3;
+    let mut incompatible_features = 0;
+    if o.data_file.is_some() {
+        incompatible_features |= incompat::DATA_FILE;
+    }
+    if o.compression_type != CompressionType::Zlib {
+        incompatible_features |= incompat::COMPRESSION;
+    }
+    if o.extended_l2 {
+        incompatible_features |= incompat::EXTENDED_L2;
+    }
+    let h = Header {
+        version: o.compat.version(),
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits: p.geo.cluster_bits,
+        size: p.size,
+        crypt_method: 0,
+        l1_size: p.l1_size as u32,
+        l1_table_offset: p.l1_at << p.geo.cluster_bits,
+        refcount_table_offset: p.layout.table_at << p.geo.cluster_bits,
+        refcount_table_clusters: p.layout.table_clusters as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: if v3 { incompatible_features } else { 0 },
+        compatible_features: if v3 && o.lazy_refcounts {
             compat::LAZY_REFCOUNTS
         } else {
             0
-        };
-        BigEndian::write_u64(&mut h[80..], comp);
-        let ac = if o.data_file_raw {
+        },
+        autoclear_features: if v3 && o.data_file_raw {
             autoclear::DATA_FILE_RAW
         } else {
             0
-        };
-        BigEndian::write_u64(&mut h[88..], ac);
-        BigEndian::write_u32(&mut h[96..], p.geo.refcount_order);
-        BigEndian::write_u32(&mut h[100..], 112);
-        h[104] = match o.compression_type {
-            CompressionType::Zlib => 0,
-            CompressionType::Zstd => 1,
-        };
-        off = 112;
-    }
-    let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
-    if let Some(f) = &o.backing_fmt {
-        exts.push((ext::BACKING_FORMAT, f.as_bytes().to_vec()));
-    }
-    if let Some(d) = &o.data_file {
-        exts.push((ext::DATA_FILE, d.as_bytes().to_vec()));
-    }
-    // qemu writes the feature name table only where cluster 0 has room to spare.
-    if o.compat == Compat::V3 && cs >= 8192 {
-        exts.push((ext::FEATURE_TABLE, feature_table()));
-    }
-    let too_long = || {
+        },
+        refcount_order: p.geo.refcount_order,
+        header_length: if v3 { 112 } else { 72 },
+        compression_type: o.compression_type,
+        extra_header_bytes: if v3 { vec![0; 7] } else { Vec::new() },
+        backing_file: o.backing_file.clone(),
+        backing_format: o.backing_fmt.clone(),
+        data_file: o.data_file.clone(),
+        feature_names: Vec::new(),
+        bitmaps: None,
+        crypto_header: None,
+        unknown_extensions: Vec::new(),
+    };
+    h.encode().map_err(|_| {
         Error::invalid_input(
             "the backing and data file names do not fit in the first cluster (use a larger \
              cluster size or shorter names)",
         )
-    };
-    for (kind, data) in exts {
-        let padded = data.len().div_ceil(8) * 8;
-        if off + 8 + padded + 8 > cs {
-            return Err(too_long());
-        }
-        BigEndian::write_u32(&mut h[off..], kind);
-        BigEndian::write_u32(&mut h[off + 4..], data.len() as u32);
-        h[off + 8..off + 8 + data.len()].copy_from_slice(&data);
-        off += 8 + padded;
-    }
-    off += 8; // end marker (type 0, length 0)
-    if let Some(b) = &o.backing_file {
-        if off + b.len() > cs {
-            return Err(too_long());
-        }
-        h[off..off + b.len()].copy_from_slice(b.as_bytes());
-        BigEndian::write_u64(&mut h[8..], off as u64);
-        BigEndian::write_u32(&mut h[16..], b.len() as u32);
-    }
-    Ok(h)
-}
-
-/// The feature name table qemu writes into version 3 images (qcow2.rst "Feature name table"):
-/// every feature bit qcow2 defines, whether or not the image uses it.
-fn feature_table() -> Vec<u8> {
-    const FEATURES: &[(u8, u8, &str)] = &[
-        (0, 0, "dirty bit"),
-        (0, 1, "corrupt bit"),
-        (0, 2, "external data file"),
-        (0, 3, "compression type"),
-        (0, 4, "extended L2 entries"),
-        (1, 0, "lazy refcounts"),
-        (2, 0, "bitmaps"),
-        (2, 1, "raw external data"),
-    ];
-    let mut t = vec![0u8; FEATURES.len() * 48];
-    for (i, (kind, bit, name)) in FEATURES.iter().enumerate() {
-        let e = &mut t[i * 48..(i + 1) * 48];
-        e[0] = *kind;
-        e[1] = *bit;
-        e[2..2 + name.len()].copy_from_slice(name.as_bytes());
-    }
-    t
+    })
 }
 
 fn table_bytes(entries: &[u64], clusters: u64, cs: u64) -> Vec<u8> {
@@ -1407,6 +1357,7 @@ fn write_l2_tables(out: &Out<'_>, p: &Plan) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::header::ext;
 
     fn opts(f: impl FnOnce(&mut CreateOptions)) -> CreateOptions {
         let mut o = CreateOptions::default();

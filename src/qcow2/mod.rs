@@ -20,6 +20,7 @@ pub mod compress;
 pub mod create;
 pub mod discard;
 pub mod header;
+pub mod header_write;
 pub mod l2;
 pub mod refcount;
 pub mod repair;
@@ -230,6 +231,14 @@ impl Qcow2Image {
             .unwrap_or_else(|e| e.into_inner()) = None;
         self.metadata_prealloc = OnceLock::new();
         Ok(())
+    }
+
+    /// Writes back every metadata change the write path holds (a no-op for read-only images).
+    pub fn flush_metadata(&self) -> Result<()> {
+        match &self.write {
+            Some(_) => self.flush_inner().in_file(&self.path),
+            None => Ok(()),
+        }
     }
 
     /// Closes an image opened for writing cleanly: writes all metadata (with lazy refcounts,
