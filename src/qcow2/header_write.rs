@@ -198,7 +198,8 @@ mod tests {
 
     #[test]
     fn encoding_a_created_header_gives_back_its_bytes() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut CreateOptions)>)> = vec![
+        type Edit = Box<dyn FnOnce(&mut CreateOptions)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("v3", Box::new(|_| {})),
             ("v2", Box::new(|o| o.compat = Compat::V2)),
             ("512", Box::new(|o| o.cluster_size = 512)),
