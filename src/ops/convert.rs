@@ -264,6 +264,9 @@ pub fn convert(
         }
     }
     let keep_permissions = std::fs::metadata(&dst).ok().map(|m| m.permissions());
+    // The file being replaced is locked as qemu-img locks a target it truncates: an image in
+    // use elsewhere is refused, and stays untouched until the new one is renamed over it.
+    let _replaced = lock_replaced(&dst, sources)?;
     let tmp = TempFile::create_near(&dst)?;
     if qcow2 {
         crate::ops::create::create(&crate::ops::create::CreateArgs {
@@ -320,6 +323,30 @@ fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
     } else {
         e
     }
+}
+
+/// Takes a writer's image locks on the existing file `dst` that a new output replaces, unless
+/// it is one of the files `sources` read (the source's own locks already keep writers out, and
+/// the output is written beside it). Returns the open file holding the locks.
+fn lock_replaced(dst: &Path, sources: &[&dyn BlockImage]) -> Result<Option<std::fs::File>> {
+    let is_file = std::fs::metadata(dst).is_ok_and(|m| m.is_file());
+    let read = |mut layer: Option<&dyn BlockImage>| {
+        while let Some(l) = layer {
+            if same_file(l.filename(), dst) {
+                return true;
+            }
+            layer = l.backing();
+        }
+        false
+    };
+    if !is_file || sources.iter().any(|s| read(Some(*s))) {
+        return Ok(None);
+    }
+    let file = std::fs::File::open(dst)
+        .map_err(|e| Error::io("cannot open the output file", e).with_path(dst))?;
+    crate::lock::lock(&file, crate::lock::LockRequest::exclusive(true))
+        .map_err(|e| Error::io("cannot replace the output file", e).with_path(dst))?;
+    Ok(Some(file))
 }
 
 /// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.

@@ -81,7 +81,10 @@ impl Qcow2Image {
         no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Self> {
-        let storage = FileStorage::open(path, writable)
+        let locks = guard
+            .locks(ImageFormat::Qcow2, writable, guard.depth() <= 1)
+            .map_err(|e| e.with_path(path))?;
+        let storage = FileStorage::open_with(path, writable, locks)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
         Self::open_storage(Box::new(storage), path, writable, no_backing, guard)
     }
@@ -110,9 +113,10 @@ impl Qcow2Image {
         let data_file = match (&header.data_file, header.has_data_file()) {
             (Some(name), true) => {
                 let p = resolve_relative(path, name)?;
-                let s = FileStorage::open(&p, writable).map_err(|e| {
-                    Error::io(format!("cannot open data file '{}'", p.display()), e)
-                })?;
+                let s = FileStorage::open_with(&p, writable, guard.data_file_locks(writable)?)
+                    .map_err(|e| {
+                        Error::io(format!("cannot open data file '{}'", p.display()), e)
+                    })?;
                 Some((Box::new(s) as Box<dyn Storage>, p))
             }
             _ => None,

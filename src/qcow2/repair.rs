@@ -66,18 +66,27 @@ impl Qcow2Image {
     /// reads it, so that the repair can rebuild it: such an image is opened through a view of
     /// the file that pretends it is long enough (writes still go to the file).
     pub fn open_for_repair(path: &Path) -> Result<Self> {
+        let storage = FileStorage::open(path, true)
+            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        Self::open_storage_for_repair(Box::new(storage), path)
+    }
+
+    /// [`Qcow2Image::open_for_repair`] on an image held in `storage` (`path` names it in
+    /// messages; it is not opened). In-memory images are repaired this way by the fuzz
+    /// targets.
+    pub fn open_storage_for_repair(storage: Box<dyn Storage>, path: &Path) -> Result<Self> {
         let open = |storage: Box<dyn Storage>| {
             Self::open_inner(storage, path, false, true, &mut ChainGuard::default()).in_file(path)
         };
-        let file = || {
-            FileStorage::open(path, true)
-                .map_err(|e| Error::io("cannot open image", e).with_path(path))
-        };
-        let mut img = match open(Box::new(file()?)) {
+        // A second handle, in case the first open fails and a padded view is needed.
+        let spare = storage.duplicate();
+        let mut img = match open(storage) {
             Ok(img) => img,
             Err(e) => {
-                let storage = file()?;
-                match reftable_end_past_eof(&storage) {
+                let Some(storage) = spare else {
+                    return Err(e);
+                };
+                match reftable_end_past_eof(storage.as_ref()) {
                     Some(end) => open(Box::new(PaddedStorage {
                         inner: storage,
                         min_len: end,
@@ -92,11 +101,20 @@ impl Qcow2Image {
         img.write = WriteState::new(&img).ok().map(Mutex::new);
         Ok(img)
     }
+
+    /// Opens the image again for repair through another handle on its storage (the same open
+    /// file, so its image locks do not get in the way).
+    fn reopen_for_repair(&self) -> Result<Self> {
+        let storage = self.storage.duplicate().ok_or_else(|| {
+            Error::unsupported("the image's storage cannot be reopened").with_path(&self.path)
+        })?;
+        Self::open_storage_for_repair(storage, &self.path)
+    }
 }
 
 /// The end of the refcount table named by the header of `storage`, when it lies past the
 /// end of the file but is otherwise plausible (aligned, at most 8 MiB).
-fn reftable_end_past_eof(storage: &FileStorage) -> Option<u64> {
+fn reftable_end_past_eof(storage: &dyn Storage) -> Option<u64> {
     let mut h = [0u8; 60];
     storage.read_at(&mut h, 0).ok()?;
     let bits = BigEndian::read_u32(&h[20..24]);
@@ -117,7 +135,7 @@ fn reftable_end_past_eof(storage: &FileStorage) -> Option<u64> {
 /// A file that reads as at least `min_len` bytes long (zeros past its real end); everything
 /// else goes to the file.
 struct PaddedStorage {
-    inner: FileStorage,
+    inner: Box<dyn Storage>,
     min_len: u64,
 }
 
@@ -145,6 +163,10 @@ impl Storage for PaddedStorage {
     }
     fn path(&self) -> Option<&Path> {
         self.inner.path()
+    }
+    fn duplicate(&self) -> Option<Box<dyn Storage>> {
+        // The reopened image decides again whether it needs the padding.
+        self.inner.duplicate()
     }
 }
 
@@ -190,7 +212,7 @@ pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
         let (before, refs) = super::check::check_with_references(img);
         if img.write.is_none() || needs_rebuild(&before) {
             rebuild_refcounts(img, &refs)?;
-            let fresh = Qcow2Image::open_for_repair(&img.path)?;
+            let fresh = img.reopen_for_repair()?;
             if fresh.write.is_none() {
                 return Err(Error::corrupt("the rebuilt refcount table cannot be read")
                     .with_path(&img.path));
@@ -296,7 +318,11 @@ pub fn rebuild_refcounts(img: &Qcow2Image, refs: &[u32]) -> Result<()> {
     // that they cover themselves.
     let per_block = 1u64 << (cb + 3 - h.refcount_order.min(6));
     // The real end of the file (the image may see a padded view of it) and everything in use.
-    let real_len = std::fs::metadata(&img.path).map_or(file_len, |m| m.len());
+    let real_len = img
+        .storage
+        .path()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map_or(file_len, |m| m.len());
     let in_use = counts
         .iter()
         .rposition(|&c| c != 0)
