@@ -189,6 +189,34 @@ pub fn lock(file: &File, req: LockRequest) -> io::Result<()> {
     }
 }
 
+/// A file holding image locks, which are released when it is dropped (explicitly, so that a
+/// child process that inherited the descriptor for a moment cannot keep them alive).
+#[derive(Debug)]
+pub struct LockedFile {
+    file: File,
+}
+
+impl LockedFile {
+    /// Takes the locks `req` names on `file` (see [`lock`]).
+    pub fn new(file: File, req: LockRequest) -> io::Result<Self> {
+        lock(&file, req)?;
+        Ok(LockedFile { file })
+    }
+}
+
+impl std::ops::Deref for LockedFile {
+    type Target = File;
+    fn deref(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Drop for LockedFile {
+    fn drop(&mut self) {
+        let _ = unlock(&self.file);
+    }
+}
+
 /// Releases every lock byte vimg or qemu may hold through `file`'s file description.
 pub fn unlock(file: &File) -> io::Result<()> {
     for base in [PERM_BASE, SHARED_BASE] {

@@ -78,20 +78,37 @@ pub struct FileStorage {
     path: PathBuf,
     /// Whether changes count towards `VIMG_TEST_KILL_AFTER_WRITES` (see the module docs).
     counted: bool,
+    /// Whether this handle took image locks, released when it is dropped.
+    locked: bool,
+}
+
+impl Drop for FileStorage {
+    /// Releases the image locks explicitly rather than with the last descriptor: a child
+    /// process forked by another thread may hold the descriptor until it executes, and must
+    /// not keep the image locked meanwhile.
+    fn drop(&mut self) {
+        if self.locked {
+            let _ = lock::unlock(&self.file);
+        }
+    }
 }
 
 /// Creates `path` (or opens the file there), takes a writer's image locks on it, and only then
 /// empties it, so that an image in use elsewhere is refused without being truncated.
-pub fn create_locked(path: &Path) -> io::Result<File> {
-    let file = std::fs::OpenOptions::new()
+pub fn create_locked(path: &Path) -> io::Result<lock::LockedFile> {
+    let file = lock::LockedFile::new(open_for_create(path)?, LockRequest::exclusive(true))?;
+    file.set_len(0)?;
+    Ok(file)
+}
+
+/// Opens `path` for reading and writing, creating it if needed but not truncating it yet.
+fn open_for_create(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)?;
-    lock::lock(&file, LockRequest::exclusive(true))?;
-    file.set_len(0)?;
-    Ok(file)
+        .open(path)
 }
 
 /// The `VIMG_TEST_KILL_AFTER_WRITES` hook (see the module documentation).
@@ -146,21 +163,25 @@ impl FileStorage {
             .write(writable)
             .open(path)?;
         lock::lock(&file, locks)?;
-        Ok(Self::from_file(file, path))
+        Ok(Self::from_file(file, path, locks != LockRequest::NONE))
     }
 
     /// Creates `path`, or empties the file there, for writing, with the image locks of a
     /// writer: a file another process has open is refused, and left as it is.
     pub fn create(path: &Path) -> io::Result<Self> {
-        let file = create_locked(path)?;
-        Ok(Self::from_file(file, path))
+        let file = open_for_create(path)?;
+        lock::lock(&file, LockRequest::exclusive(true))?;
+        let storage = Self::from_file(file, path, true);
+        storage.file.set_len(0)?;
+        Ok(storage)
     }
 
-    fn from_file(file: File, path: &Path) -> Self {
+    fn from_file(file: File, path: &Path, locked: bool) -> Self {
         FileStorage {
             file,
             path: path.to_path_buf(),
             counted: kill_hook::armed(),
+            locked,
         }
     }
 
@@ -278,10 +299,12 @@ impl Storage for FileStorage {
 
     fn duplicate(&self) -> Option<Box<dyn Storage>> {
         let file = self.file.try_clone().ok()?;
+        // The locks stay with this handle: the duplicate shares them while both are open.
         Some(Box::new(FileStorage {
             file,
             path: self.path.clone(),
             counted: self.counted,
+            locked: false,
         }))
     }
 }

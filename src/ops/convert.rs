@@ -328,7 +328,10 @@ fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
 /// Takes a writer's image locks on the existing file `dst` that a new output replaces, unless
 /// it is one of the files `sources` read (the source's own locks already keep writers out, and
 /// the output is written beside it). Returns the open file holding the locks.
-fn lock_replaced(dst: &Path, sources: &[&dyn BlockImage]) -> Result<Option<std::fs::File>> {
+fn lock_replaced(
+    dst: &Path,
+    sources: &[&dyn BlockImage],
+) -> Result<Option<crate::lock::LockedFile>> {
     let is_file = std::fs::metadata(dst).is_ok_and(|m| m.is_file());
     let read = |mut layer: Option<&dyn BlockImage>| {
         while let Some(l) = layer {
@@ -344,9 +347,9 @@ fn lock_replaced(dst: &Path, sources: &[&dyn BlockImage]) -> Result<Option<std::
     }
     let file = std::fs::File::open(dst)
         .map_err(|e| Error::io("cannot open the output file", e).with_path(dst))?;
-    crate::lock::lock(&file, crate::lock::LockRequest::exclusive(true))
-        .map_err(|e| Error::io("cannot replace the output file", e).with_path(dst))?;
-    Ok(Some(file))
+    crate::lock::LockedFile::new(file, crate::lock::LockRequest::exclusive(true))
+        .map(Some)
+        .map_err(|e| Error::io("cannot replace the output file", e).with_path(dst))
 }
 
 /// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
@@ -627,6 +630,8 @@ mod tests {
         );
         let converted = crate::open::open_image(&out, &Default::default()).unwrap();
         assert!(whole(converted.as_ref()) == whole(&src));
+        // Closed before it is replaced: an image open (here, in this process) is locked.
+        drop(converted);
 
         // A sparse raw source over an empty backing file: only its data block is read.
         let empty = dir.path().join("empty.qcow2");

@@ -31,11 +31,12 @@
 //! The report is that of the check after the repair, with `corruptions_fixed` and `leaks_fixed`
 //! counting what was repaired: one per refcount set and one per COPIED flag changed.
 
+use super::check::References;
 use super::header::incompat;
 use super::l2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use super::refcount::{RefcountTable, Strictness};
 use super::write::WriteState;
-use super::Qcow2Image;
+use super::{DataFile, Qcow2Image};
 use crate::check::{Check, CheckReport};
 use crate::error::{Error, Result, ResultExt};
 use crate::open::ChainGuard;
@@ -68,15 +69,21 @@ impl Qcow2Image {
     pub fn open_for_repair(path: &Path) -> Result<Self> {
         let storage = FileStorage::open(path, true)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        Self::open_storage_for_repair(Box::new(storage), path)
+        Self::open_storage_for_repair(Box::new(storage), path, &DataFile::Named)
     }
 
     /// [`Qcow2Image::open_for_repair`] on an image held in `storage` (`path` names it in
-    /// messages; it is not opened). In-memory images are repaired this way by the fuzz
-    /// targets.
-    pub fn open_storage_for_repair(storage: Box<dyn Storage>, path: &Path) -> Result<Self> {
+    /// messages and, with [`DataFile::Named`], anchors the data file's name). In-memory images
+    /// are repaired this way by the fuzz targets, with [`DataFile::Given`] so that no host file
+    /// is opened.
+    pub fn open_storage_for_repair(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        data: &DataFile,
+    ) -> Result<Self> {
         let open = |storage: Box<dyn Storage>| {
-            Self::open_inner(storage, path, false, true, &mut ChainGuard::default()).in_file(path)
+            Self::open_inner(storage, path, false, true, &mut ChainGuard::default(), data)
+                .in_file(path)
         };
         // A second handle, in case the first open fails and a padded view is needed.
         let spare = storage.duplicate();
@@ -108,7 +115,11 @@ impl Qcow2Image {
         let storage = self.storage.duplicate().ok_or_else(|| {
             Error::unsupported("the image's storage cannot be reopened").with_path(&self.path)
         })?;
-        Self::open_storage_for_repair(storage, &self.path)
+        let data = match &self.data_file {
+            Some((d, _)) => DataFile::Given(d.duplicate()),
+            None => DataFile::Named,
+        };
+        Self::open_storage_for_repair(storage, &self.path, &data)
     }
 }
 
@@ -208,10 +219,25 @@ fn parse_mismatch(line: &str) -> Option<Mismatch> {
 /// found minus those left at the end, and the report's messages are the first check's,
 /// followed by `Rebuilding refcount structure`.
 pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
+    // Damage outside the refcount structures (overlapping tables, an unreadable snapshot
+    // table) is beyond what a refcount repair or rebuild can fix: refuse before changing
+    // anything.
+    super::layout::MetadataMap::build(img, None)
+        .map_err(|e| Error::new(e.kind(), format!("cannot repair this image: {}", e.what())))
+        .map(drop)
+        .in_file(&img.path)?;
     if mode == RepairMode::All {
         let (before, refs) = super::check::check_with_references(img);
         if img.write.is_none() || needs_rebuild(&before) {
-            rebuild_refcounts(img, &refs)?;
+            let Some(refs) = refs else {
+                // Rebuilding from references nobody counted would free everything.
+                return Err(Error::corrupt(format!(
+                    "cannot rebuild the refcounts: the check could not count the references ({})",
+                    before.messages.first().map_or("", |m| m.as_str())
+                ))
+                .with_path(&img.path));
+            };
+            rebuild_refcounts(img, refs)?;
             let fresh = img.reopen_for_repair()?;
             if fresh.write.is_none() {
                 return Err(Error::corrupt("the rebuilt refcount table cannot be read")
@@ -269,17 +295,13 @@ pub fn needs_rebuild(report: &CheckReport) -> bool {
 /// image references), and the new structures are written and synced before the header's
 /// refcount table offset and size change in one 12-byte write, which is synced too. A crash
 /// before that leaves the old (damaged) structures in charge, and the new clusters unused.
-pub fn rebuild_refcounts(img: &Qcow2Image, refs: &[u32]) -> Result<()> {
+pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<()> {
     let h = &img.header;
     let cs = h.cluster_size();
     let cb = h.cluster_bits;
-    let mut counts: Vec<u64> = refs.iter().map(|&r| u64::from(r)).collect();
+    let mut counts = refs;
     // Drop the old refcount structures' own references, as the check counted them.
-    let drop_ref = |counts: &mut Vec<u64>, cluster: u64| {
-        if let Some(c) = counts.get_mut(cluster as usize) {
-            *c = c.saturating_sub(1);
-        }
-    };
+    let drop_ref = |counts: &mut References, cluster: u64| counts.drop_one(cluster);
     let old_table_bytes = u64::from(h.refcount_table_clusters) * cs;
     let file_len = img.file_len();
     let table_ok = h.refcount_table_offset.is_multiple_of(cs)
@@ -305,10 +327,9 @@ pub fn rebuild_refcounts(img: &Qcow2Image, refs: &[u32]) -> Result<()> {
         }
     }
     let max = super::refcount::max_refcount(h.refcount_order);
-    if let Some(i) = counts.iter().position(|&c| c > max) {
+    if let Some((i, n)) = counts.iter().filter(|&(_, n)| n > max).min() {
         return Err(Error::unsupported(format!(
-            "cluster {i} has {} references, more than {}-bit refcounts can hold",
-            counts[i],
+            "cluster {i} has {n} references, more than {}-bit refcounts can hold",
             h.refcount_bits()
         ))
         .with_path(&img.path));
@@ -323,10 +344,7 @@ pub fn rebuild_refcounts(img: &Qcow2Image, refs: &[u32]) -> Result<()> {
         .path()
         .and_then(|p| std::fs::metadata(p).ok())
         .map_or(file_len, |m| m.len());
-    let in_use = counts
-        .iter()
-        .rposition(|&c| c != 0)
-        .map_or(0, |i| i as u64 + 1);
+    let in_use = counts.iter().map(|(c, _)| c + 1).max().unwrap_or(0);
     let start = in_use.max(real_len.div_ceil(cs));
     let (mut n_blocks, mut n_table) = (0u64, 0u64);
     loop {
@@ -345,21 +363,20 @@ pub fn rebuild_refcounts(img: &Qcow2Image, refs: &[u32]) -> Result<()> {
         .with_path(&img.path));
     }
     let end = start + n_blocks + n_table;
-    counts.resize(end as usize, 0);
-    for c in start..end {
-        counts[c as usize] = 1;
-    }
+    // Every referenced cluster in order, then the new structures themselves (refcount 1).
+    let mut refcounts: Vec<(u64, u64)> = counts.iter().collect();
+    refcounts.sort_unstable();
+    refcounts.extend((start..end).map(|c| (c, 1)));
+    let mut next = refcounts.iter().peekable();
     // Refcount blocks, then the table.
     let mut table = vec![0u8; (n_table * cs) as usize];
     let mut block = vec![0u8; cs as usize];
     for b in 0..n_blocks {
         block.fill(0);
         let first = b * per_block;
-        for i in 0..per_block {
-            let v = counts.get((first + i) as usize).copied().unwrap_or(0);
-            if v != 0 {
-                super::refcount::set_refcount(&mut block, i, h.refcount_order, v);
-            }
+        while let Some(&&(c, v)) = next.peek().filter(|(c, _)| *c < first + per_block) {
+            super::refcount::set_refcount(&mut block, c - first, h.refcount_order, v);
+            next.next();
         }
         let off = (start + b) * cs;
         img.storage

@@ -60,7 +60,7 @@ impl Qcow2Image {
     }
 
     /// The L1 table of snapshot `s`, read after checking its bounds.
-    fn snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>> {
+    pub(crate) fn snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>> {
         s.validate_l1(self)?;
         let mut raw = vec![0u8; s.l1_size as usize * 8];
         self.storage
@@ -71,7 +71,7 @@ impl Qcow2Image {
 
     /// Every host cluster the tree of `l1` references, once per reference: its L2 tables and
     /// what their entries point at (every host cluster a compressed cluster touches).
-    fn tree_clusters(&self, l1: &[u64]) -> Result<Vec<u64>> {
+    pub(crate) fn tree_clusters(&self, l1: &[u64]) -> Result<Vec<u64>> {
         let cs = self.header.cluster_size();
         let bits = self.header.cluster_bits;
         let words = if self.header.extended_l2() { 2 } else { 1 };
