@@ -96,6 +96,12 @@ impl Check for Qcow2Image {
     }
 }
 
+/// Whether `img`'s file has more clusters than the check handles (it then reports that it
+/// could not check, and nothing may be repaired from its findings).
+pub(crate) fn too_large_to_check(img: &Qcow2Image) -> bool {
+    img.file_len().div_ceil(img.header().cluster_size()) > MAX_CHECK_CLUSTERS
+}
+
 /// Checks `img` and also returns the number of references the check counted for each host
 /// cluster of the file, for rebuilding the refcount structures ([`super::repair`]).
 /// References are counted even when the refcount table is unreadable; `None` when the check
@@ -542,6 +548,18 @@ impl<'a> Checker<'a> {
         match snapshot::read_table_with_size(self.img) {
             Ok((entries, bytes)) => Some((
                 entries
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        // qcow2.rst: version 3 entries carry at least 16 bytes of extra data.
+                        if self.h.version >= 3 && s.extra.len() < 16 {
+                            self.corruption(format!(
+                                "ERROR snapshot table entry {i} is incomplete"
+                            ));
+                        }
+                        s
+                    })
+                    .collect::<Vec<_>>()
                     .into_iter()
                     .map(|s| SnapshotRef {
                         id: s.id,

@@ -16,7 +16,7 @@
 
 use super::header::Header;
 use super::l2::L1E_OFFSET_MASK;
-use super::refcount::REFT_OFFSET_MASK;
+use super::refcount::{REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 use super::{snapshot, Qcow2Image};
 use crate::error::{Error, Result};
 use byteorder::{BigEndian, ByteOrder};
@@ -101,7 +101,13 @@ impl MetadataMap {
                 u64::from(h.refcount_table_clusters) * cs,
                 Owner::RefcountTable,
             )?;
-            for &e in entries {
+            for (i, &e) in entries.iter().enumerate() {
+                if e & REFT_RESERVED_MASK != 0 {
+                    return Err(Error::corrupt(format!(
+                        "refcount table entry {i} ({e:#x}) has reserved bits set"
+                    ))
+                    .at(h.refcount_table_offset + 8 * i as u64));
+                }
                 if e & REFT_OFFSET_MASK != 0 {
                     m.add(h, e & REFT_OFFSET_MASK, cs, Owner::RefcountBlock)?;
                 }

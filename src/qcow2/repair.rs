@@ -226,7 +226,31 @@ pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
         .map_err(|e| Error::new(e.kind(), format!("cannot repair this image: {}", e.what())))
         .map(drop)
         .in_file(&img.path)?;
+    if super::check::too_large_to_check(img) {
+        return Err(Error::unsupported(
+            "cannot repair this image: its file has more clusters than the check handles",
+        )
+        .with_path(&img.path));
+    }
     if mode == RepairMode::All {
+        // Incomplete snapshot table entries first, as qemu does: the table is rewritten, then
+        // the refcounts are repaired on the image as it is now.
+        let mut fresh = img.reopen_for_repair()?;
+        let completed = fresh.complete_snapshot_entries().in_file(&img.path)?;
+        if !completed.is_empty() {
+            drop(fresh);
+            let fresh = img.reopen_for_repair()?;
+            let mut report = repair(&fresh, mode)?;
+            report.corruptions_fixed += completed.len() as u64;
+            let mut messages: Vec<String> = completed
+                .iter()
+                .map(|i| format!("Repairing snapshot table entry {i} is incomplete"))
+                .collect();
+            messages.append(&mut report.messages);
+            report.messages = messages;
+            return Ok(report);
+        }
+        drop(fresh);
         let (before, refs) = super::check::check_with_references(img);
         if img.write.is_none() || needs_rebuild(&before) {
             let Some(refs) = refs else {

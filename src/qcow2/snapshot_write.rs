@@ -471,6 +471,34 @@ fn not_found_delete(name: &str) -> Error {
     )
 }
 
+impl Qcow2Image {
+    /// Completes the extra data of version 3 snapshot table entries that have less than the
+    /// 16 bytes qcow2.rst requires (the 64-bit VM state size and the disk size; qemu's check
+    /// calls such entries incomplete): each gets the 24 bytes qemu writes, with the disk size
+    /// of the image and no instruction count, and the table is rewritten. For `check -r all`,
+    /// on an image opened with [`Qcow2Image::open_for_repair`]. Returns the indexes of the
+    /// entries completed.
+    pub fn complete_snapshot_entries(&mut self) -> Result<Vec<u32>> {
+        let mut snaps = super::snapshot::read_table(self)?;
+        let incomplete = |s: &Snapshot| s.extra.len() < 16;
+        if self.header.version < 3 || !snaps.iter().any(incomplete) {
+            return Ok(Vec::new());
+        }
+        let mut fixed = Vec::new();
+        for (i, s) in snaps.iter_mut().enumerate().filter(|(_, s)| incomplete(s)) {
+            let mut extra = vec![0u8; 24];
+            BigEndian::write_u64(&mut extra[0..8], s.vm_state_size);
+            BigEndian::write_u64(&mut extra[8..16], self.header.size);
+            BigEndian::write_u64(&mut extra[16..24], u64::MAX);
+            s.extra = extra;
+            fixed.push(i as u32);
+        }
+        let entries: Vec<Vec<u8>> = snaps.iter().map(encode_entry).collect();
+        self.with_write_state(|img, st| img.replace_snapshot_table(st, &entries))?;
+        Ok(fixed)
+    }
+}
+
 /// The bytes of snapshot table entry `s` (qcow2.rst "Snapshots"), padded to a multiple of 8.
 fn encode_entry(s: &Snapshot) -> Vec<u8> {
     let mut e = vec![0u8; 40];

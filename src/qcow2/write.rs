@@ -382,15 +382,17 @@ impl Qcow2Image {
 
     /// Refuses a data write to host offset `host` that would overwrite metadata, marking the
     /// image corrupt as qemu does; also one into a cluster that starts past the end of the file
-    /// (an L2 entry pointing there is corrupt, and writing would grow the file to it).
+    /// (an L2 entry pointing there is corrupt, and writing would grow the file to it), which
+    /// marks the image corrupt too.
     fn guard_data_write(&self, st: &WriteState, host: u64, len: u64) -> Result<()> {
         if self.data_file.is_some() {
             return Ok(());
         }
         let cs = self.header.cluster_size();
         if host / cs >= self.file_len().div_ceil(cs) {
+            let _ = self.set_incompat_bit(incompat::CORRUPT);
             return Err(Error::corrupt(format!(
-                "refusing a data write at {host:#x}: the data cluster lies beyond the end of the file ({} bytes)",
+                "refusing a data write at {host:#x}: the data cluster lies beyond the end of the file ({} bytes; the image is now marked corrupt)",
                 self.file_len()
             ))
             .at(host));
