@@ -30,6 +30,11 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// The current length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// The length of what is really stored, where [`Storage::len`] reports a padded view (the
+    /// repair's view of a file whose refcount table lies past its end). The default is `len`.
+    fn stored_len(&self) -> io::Result<u64> {
+        self.len()
+    }
     /// Whether the storage is empty.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)

@@ -123,8 +123,14 @@ impl Qcow2Image {
     }
 }
 
+/// How far past the end of the file a refcount table may start and still be read as zeros
+/// for a repair: further out, the offset is taken for garbage (a rebuild would otherwise place
+/// the new structures that far out, growing the file to match).
+const MAX_REFTABLE_GAP: u64 = 64 << 20;
+
 /// The end of the refcount table named by the header of `storage`, when it lies past the
-/// end of the file but is otherwise plausible (aligned, at most 8 MiB).
+/// end of the file but is otherwise plausible (aligned, at most 8 MiB, starting at most
+/// [`MAX_REFTABLE_GAP`] past the end).
 fn reftable_end_past_eof(storage: &dyn Storage) -> Option<u64> {
     let mut h = [0u8; 60];
     storage.read_at(&mut h, 0).ok()?;
@@ -139,7 +145,8 @@ fn reftable_end_past_eof(storage: &dyn Storage) -> Option<u64> {
     (off.is_multiple_of(1 << bits)
         && bytes > 0
         && bytes <= super::header::MAX_REFTABLE_BYTES
-        && end > len)
+        && end > len
+        && off <= len.saturating_add(MAX_REFTABLE_GAP))
         .then_some(end)
 }
 
@@ -159,6 +166,9 @@ impl Storage for PaddedStorage {
     }
     fn len(&self) -> std::io::Result<u64> {
         Ok(self.inner.len()?.max(self.min_len))
+    }
+    fn stored_len(&self) -> std::io::Result<u64> {
+        self.inner.len()
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.inner.set_len(len)
@@ -363,11 +373,7 @@ pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<()
     // that they cover themselves.
     let per_block = 1u64 << (cb + 3 - h.refcount_order.min(6));
     // The real end of the file (the image may see a padded view of it) and everything in use.
-    let real_len = img
-        .storage
-        .path()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map_or(file_len, |m| m.len());
+    let real_len = img.storage.stored_len().unwrap_or(file_len);
     let in_use = counts.iter().map(|(c, _)| c + 1).max().unwrap_or(0);
     let start = in_use.max(real_len.div_ceil(cs));
     let (mut n_blocks, mut n_table) = (0u64, 0u64);
