@@ -189,6 +189,15 @@ pub fn probe_format(path: &Path) -> Result<ImageFormat> {
     })
 }
 
+/// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 /// Resolves a file name recorded in the image at `image` (a backing or data file name) against
 /// that image's directory, as qemu does. Protocol names (`nbd://`, `json:{...}`) are refused.
 pub fn resolve_relative(image: &Path, name: &str) -> Result<PathBuf> {

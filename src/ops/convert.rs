@@ -27,7 +27,7 @@ mod copy;
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
-use crate::open::{resolve_relative, ChainGuard};
+use crate::open::{resolve_relative, same_file, ChainGuard};
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use std::path::{Path, PathBuf};
@@ -350,15 +350,6 @@ fn lock_replaced(
     crate::lock::LockedFile::new(file, crate::lock::LockRequest::exclusive(true))
         .map(Some)
         .map_err(|e| Error::io("cannot replace the output file", e).with_path(dst))
-}
-
-/// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
 }
 
 /// The depth (1 = the source's backing file) of the first layer below the source's top that

@@ -136,6 +136,11 @@ impl Qcow2Image {
         let data_file = match (&header.data_file, header.has_data_file(), data) {
             (Some(name), true, DataFile::Named) => {
                 let p = resolve_relative(path, name)?;
+                if crate::open::same_file(&p, path) {
+                    return Err(Error::corrupt(format!(
+                        "the external data file '{name}' is the image file itself"
+                    )));
+                }
                 let s = FileStorage::open_with(&p, writable, guard.data_file_locks(writable)?)
                     .map_err(|e| {
                         Error::io(format!("cannot open data file '{}'", p.display()), e)

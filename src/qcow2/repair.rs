@@ -147,7 +147,7 @@ fn reftable_end_past_eof(storage: &dyn Storage) -> Option<u64> {
         && bytes <= super::header::MAX_REFTABLE_BYTES
         && end > len
         && off <= len.saturating_add(MAX_REFTABLE_GAP))
-        .then_some(end)
+    .then_some(end)
 }
 
 /// A file that reads as at least `min_len` bytes long (zeros past its real end); everything
