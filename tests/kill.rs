@@ -388,6 +388,7 @@ fn only_stale_copied_flags(report: &str) -> bool {
             .and_then(|h| u64::from_str_radix(h, 16).ok());
         let stale = l.starts_with("ERROR OFLAG_COPIED")
             && l.ends_with("refcount=2")
+            // Every image here has 64 KiB clusters: the cluster index is the offset >> 16.
             && entry.is_some_and(|e| leaked.contains(&((e & 0x00ff_ffff_ffff_fe00) >> 16)));
         if !stale {
             return false;
