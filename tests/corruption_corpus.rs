@@ -44,7 +44,8 @@ struct Run {
 }
 
 /// Runs vimg with `args` in `dir` under [`ADDRESS_SPACE`] and [`TIMEOUT`], measuring its peak
-/// resident memory.
+/// resident memory. The child is reaped with wait4 (for its resource usage), not `Child::wait`.
+#[allow(clippy::zombie_processes)]
 fn run_bounded(dir: &Path, args: &[&str]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vimg"));
     cmd.args(args)

@@ -14,10 +14,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// What a fuzz target runs on one input.
+type Entry = fn(&[u8]);
+
 /// Each fuzz target (the name of its file in fuzz/fuzz_targets/ and of its corpus directories)
 /// and the library function it runs. A new target adds one line here, e.g. the VMA reader's:
 /// `("vma_read", vimg::vma::hostile::read)` (or whatever the VMA module calls its entry point).
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Entry)] = &[
     ("qcow2_open_read", vimg::qcow2::hostile::open_and_read),
     ("qcow2_header", vimg::qcow2::hostile::parse_header),
     ("qcow2_check", vimg::qcow2::hostile::check),
@@ -80,7 +83,7 @@ fn fixtures() -> &'static [(String, Vec<u8>)] {
 }
 
 /// Runs `f` on `bytes`, failing with `what` on a panic or when it takes too long.
-fn run_one(f: fn(&[u8]), bytes: &[u8], what: &str) {
+fn run_one(f: Entry, bytes: &[u8], what: &str) {
     let start = Instant::now();
     let r = std::panic::catch_unwind(|| f(bytes));
     assert!(r.is_ok(), "panic on {what}");
