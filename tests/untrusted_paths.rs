@@ -31,6 +31,41 @@ fn patch(path: &Path, from: &[u8], to: &[u8]) {
     std::fs::write(path, b).unwrap();
 }
 
+/// `qemu-img create -f qcow2 -u -b BACKING -F FMT IMG 1M`: the backing file is only recorded.
+fn create_over(img: &Path, backing: &str, fmt: &str) {
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            fmt,
+            s(img),
+            "1M",
+        ],
+    );
+}
+
+/// Runs a qemu tool in `dir`: qemu resolves relative data file names against its working
+/// directory (unlike backing file names), vimg against the image.
+fn qemu_in(dir: &Path, tool: &str, args: &[&str]) {
+    let o = std::process::Command::new(tool)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn read_all(path: &Path) -> vimg::Result<Vec<u8>> {
     let img = open_image(path, &OpenOptions::default())?;
     let mut buf = vec![0u8; img.virtual_size() as usize];
@@ -69,9 +104,10 @@ fn relative_names_resolve_against_the_image_not_the_working_directory() {
         ],
     );
     let df = images.join("df.qcow2");
-    // qemu-img resolves a new data file against its working directory: make it there.
-    let o = std::process::Command::new("qemu-img")
-        .args([
+    qemu_in(
+        &images,
+        "qemu-img",
+        &[
             "create",
             "-q",
             "-f",
@@ -80,20 +116,15 @@ fn relative_names_resolve_against_the_image_not_the_working_directory() {
             "data_file=df.data",
             "df.qcow2",
             "1M",
-        ])
-        .current_dir(&images)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // qemu 10 opens a relative data file name against its working directory too (unlike a
-    // backing file name); vimg resolves both against the image, which is what a name recorded
-    // in an image can only mean safely.
-    let o = std::process::Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x42 0 1M", "df.qcow2"])
-        .current_dir(&images)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ],
+    );
+    // vimg resolves data file names against the image, which is what a name recorded in an
+    // image can only mean safely; qemu 10 resolves them against its working directory.
+    qemu_in(
+        &images,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x42 0 1M", "df.qcow2"],
+    );
     for img in [&top, &df] {
         let out = elsewhere.join("out.raw");
         let o = std::process::Command::new(vimg())
@@ -134,22 +165,7 @@ fn a_recorded_backing_format_is_used_as_recorded() {
     let liar = dir.path().join("liar.qcow2");
     let plain = dir.path().join("plain.raw");
     std::fs::write(&plain, vec![7u8; 1 << 20]).unwrap();
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            s(&plain),
-            "-F",
-            "qcow2",
-            s(&liar),
-            "1M",
-        ],
-    );
+    create_over(&liar, s(&plain), "qcow2");
     let e = read_all(&liar).unwrap_err();
     assert!(e.to_string().contains("plain.raw"), "{e}");
 }
@@ -167,31 +183,14 @@ fn protocol_and_json_names_are_refused() {
         let img = dir.path().join(format!("{kind}.qcow2"));
         let placeholder = "p".repeat(name.len());
         if kind == "backing" {
-            run(
-                "qemu-img",
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-u",
-                    "-b",
-                    &placeholder,
-                    "-F",
-                    "raw",
-                    s(&img),
-                    "1M",
-                ],
-            );
+            create_over(&img, &placeholder, "raw");
         } else {
-            let o = std::process::Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-o"])
-                .arg(format!("data_file={placeholder}"))
-                .args([s(&img), "1M"])
-                .current_dir(dir.path())
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let opt = format!("data_file={placeholder}");
+            qemu_in(
+                dir.path(),
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-o", &opt, s(&img), "1M"],
+            );
         }
         patch(&img, placeholder.as_bytes(), name.as_bytes());
         let e = read_all(&img).unwrap_err();
@@ -243,22 +242,7 @@ fn an_empty_backing_name_is_no_backing_file_as_in_qemu() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("e.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "xx",
-            "-F",
-            "raw",
-            s(&img),
-            "1M",
-        ],
-    );
+    create_over(&img, "xx", "raw");
     // backing_file_size (header bytes 16-19) to 0, the offset left as it is.
     let mut b = std::fs::read(&img).unwrap();
     b[16..20].copy_from_slice(&[0, 0, 0, 0]);
