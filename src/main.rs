@@ -265,9 +265,9 @@ struct ConvertArgs {
     /// With -n: the target reads as zeros already, so zero ranges are not written.
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
-    /// Worker threads copying data (1 to 16).
-    #[arg(short = 'm', value_name = "N", default_value_t = 4, value_parser = parse_threads)]
-    threads: usize,
+    /// Worker threads copying data (1 to 16; default 4, and for -c one per CPU up to 4).
+    #[arg(short = 'm', value_name = "N", value_parser = parse_threads)]
+    threads: Option<usize>,
     /// Allow out-of-order writes: qcow2 clusters are allocated as workers finish, not in
     /// guest order.
     #[arg(short = 'W')]
@@ -612,7 +612,9 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
         sparse_size: a.sparse_size,
         no_create: a.no_create,
         target_is_zero: a.target_is_zero,
-        threads: a.threads,
+        threads: a
+            .threads
+            .unwrap_or_else(|| ops::convert::default_threads(a.compress)),
         compress: a.compress,
         target_options: a.options.clone(),
         backing_file: a.backing.clone(),

@@ -49,6 +49,17 @@ pub const MAX_SPARSE_SIZE: u64 = 16 << 20;
 /// Most worker threads (`-m`) qemu-img accepts.
 pub const MAX_THREADS: usize = 16;
 
+/// The worker threads `convert` uses when `-m` is not given: 4 for plain copies, whose
+/// workers mostly wait for I/O, and one per CPU (at most 4) when compressing, where a thread
+/// more than there are CPUs only adds the memory of another compressor and buffer.
+pub fn default_threads(compress: bool) -> usize {
+    const PLAIN: usize = 4;
+    if !compress {
+        return PLAIN;
+    }
+    std::thread::available_parallelism().map_or(PLAIN, |n| n.get().min(PLAIN))
+}
+
 /// How to convert.
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
