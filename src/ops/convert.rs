@@ -243,8 +243,16 @@ pub fn convert(
         .unwrap_or(false);
     if opts.no_create || existing_device {
         // The existing target may hold old data: everything is written, zeros included
-        // (unless it is known to read as zeros), and a backing file it has is not relied on.
+        // (unless it is known to read as zeros). Its backing file is relied on only with -B,
+        // as qemu-img does, and then only where the target holds nothing of its own.
         let target = open_target(dst, opts.output_format)?;
+        if opts.backing_file.is_some() {
+            if let Some(b) = target.backing() {
+                plan.backing = Some(b);
+                plan.inherit_depth = inherited_layer(src, b);
+                plan.cluster = target.layer_info()?.cluster_size.unwrap_or(512);
+            }
+        }
         let target_size = target.virtual_size();
         if target_size < size {
             return Err(Error::invalid_input(format!(
