@@ -19,6 +19,7 @@
 mod common;
 
 use common::{qemu_available, qemu_create, qemu_io, run, run_status, Rng};
+use proptest::strategy::Strategy;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -341,4 +342,521 @@ fn bitmaps_vimg_writes_are_read_by_qemu() {
             }
         }
     }
+}
+
+/// A random `vimg bitmap` operation on the bitmaps of `models`, applied to the model too;
+/// returns the arguments.
+fn random_op(r: &mut Rng, models: &mut [Model], size: u64) -> Vec<String> {
+    let i = r.below(models.len() as u64) as usize;
+    let name = models[i].name.clone();
+    let op = match r.below(4) {
+        0 => {
+            models[i].chunks.clear();
+            vec!["--clear".to_string()]
+        }
+        1 => {
+            models[i].enabled = !models[i].enabled;
+            vec![if models[i].enabled {
+                "--enable"
+            } else {
+                "--disable"
+            }
+            .to_string()]
+        }
+        _ => {
+            let j = r.below(models.len() as u64) as usize;
+            let src = models[j].clone();
+            for (a, b) in src.ranges(size) {
+                let was = models[i].enabled;
+                models[i].enabled = true;
+                models[i].write(a, b - a);
+                models[i].enabled = was;
+            }
+            vec!["--merge".to_string(), src.name]
+        }
+    };
+    let mut args = vec!["bitmap".to_string()];
+    args.extend(op);
+    args.push(name);
+    args
+}
+
+#[test]
+fn bitmaps_qemu_made_are_changed_by_vimg() {
+    if !tools_available("bitmaps_qemu_made_are_changed_by_vimg") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for seed in 0..3u64 {
+        let mut r = Rng::seeded(0x9e + seed);
+        let cs = [65536u64, 4096, 1 << 20][seed as usize];
+        let size = (16 + r.below(64)) << 20;
+        let img = dir.path().join(format!("q{seed}.qcow2"));
+        qemu_create(&img, "qcow2", &format!("cluster_size={cs}"), None, size);
+        let mut models = Vec::new();
+        for i in 0..2 + r.below(2) {
+            let gbits = 9 + r.below(12) as u32;
+            let enabled = i == 0 || r.below(3) != 0;
+            let name = format!("q{i}");
+            let g = (1u64 << gbits).to_string();
+            let mut args = vec!["bitmap", "--add", "-g", &g];
+            if !enabled {
+                args.push("--disable");
+            }
+            args.extend([s(&img), &name]);
+            run("qemu-img", &args);
+            models.push(Model::new(&name, gbits, enabled));
+        }
+        let qemu_writes = |r: &mut Rng, models: &mut Vec<Model>| {
+            let mut cmds = Vec::new();
+            for _ in 0..1 + r.below(10) {
+                let req = random_req(r, size);
+                let (o, l) = req.range();
+                models.iter_mut().for_each(|m| m.write(o, l));
+                cmds.push(req.qemu_io());
+            }
+            qemu_io(&img, "qcow2", &cmds);
+        };
+        qemu_writes(&mut r, &mut models);
+        let what = format!("seed {seed}");
+        // vimg reads what qemu wrote.
+        {
+            let ro = Qcow2Image::open(&img, false, true, &mut ChainGuard::default()).unwrap();
+            for m in &models {
+                let got = ro.read_bitmap(&m.name).unwrap().dirty_ranges();
+                assert_eq!(got, m.ranges(size), "{what}: vimg reads qemu's {}", m.name);
+            }
+        }
+        // vimg writes, then changes the bitmaps, twice.
+        for _ in 0..2 {
+            let q = open_rw(&img);
+            for _ in 0..1 + r.below(10) {
+                let req = random_req(&mut r, size);
+                req.apply(&q);
+                let (o, l) = req.range();
+                models.iter_mut().for_each(|m| m.write(o, l));
+            }
+            q.close().unwrap();
+            for _ in 0..1 + r.below(3) {
+                let mut args = random_op(&mut r, &mut models, size);
+                args.push(s(&img).to_string());
+                let n = args.len();
+                args.swap(n - 1, n - 2); // ... IMAGE NAME
+                let a: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
+                let (code, out) = vimg(&a);
+                assert_eq!(code, 0, "{what}: {a:?}: {out}");
+            }
+            assert_qemu_sees(&img, &models, size, &format!("{what}, after vimg"));
+        }
+        // qemu writes again, and removes one that vimg leaves.
+        qemu_writes(&mut r, &mut models);
+        let gone = models.remove(0);
+        run("qemu-img", &["bitmap", "--remove", s(&img), &gone.name]);
+        let (clean, out) = qemu_check_clean(&img);
+        assert!(clean, "{what}: {out}");
+        assert_eq!(
+            info_bitmaps("qemu-img", &img),
+            info_bitmaps(VIMG, &img),
+            "{what}"
+        );
+        assert_qemu_sees(&img, &models, size, &format!("{what}, at the end"));
+    }
+}
+
+/// One step of the dirty tracking property test.
+#[derive(Clone, Debug)]
+enum Step {
+    Req(Req),
+    Compressed(u64),
+    Flush,
+    Clear(usize),
+    Toggle(usize),
+    Reopen,
+    Compare,
+}
+
+fn step_strategy(size: u64) -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let blocks = size / 512;
+    let req =
+        (0..blocks, 1..blocks.min(8192), 0u8..3, any::<u8>()).prop_map(move |(b, n, kind, p)| {
+            let (o, l) = (b * 512, (n * 512).min(size - b * 512));
+            Step::Req(match kind {
+                0 => Req::Write(o, l, p),
+                1 => Req::Zero(o, l, p % 2 == 0),
+                _ => Req::Discard(o, l),
+            })
+        });
+    prop_oneof![
+        6 => req,
+        1 => (0..blocks).prop_map(move |b| Step::Compressed(b * 512)),
+        1 => Just(Step::Flush),
+        1 => (0usize..3).prop_map(Step::Clear),
+        1 => (0usize..3).prop_map(Step::Toggle),
+        1 => Just(Step::Reopen),
+        1 => Just(Step::Compare),
+    ]
+}
+
+/// Image options for the property test: cluster bits, size in MiB, extended L2, lazy
+/// refcounts, refcount order, the bitmaps' granularity bits and whether they start enabled.
+type Setup = (u32, u64, bool, bool, u32, Vec<(u32, bool)>);
+
+fn setup_strategy() -> impl proptest::strategy::Strategy<Value = Setup> {
+    use proptest::prelude::*;
+    (
+        9u32..22,
+        1u64..48,
+        any::<bool>(),
+        any::<bool>(),
+        0u32..7,
+        proptest::collection::vec((9u32..24, any::<bool>()), 1..4),
+    )
+}
+
+/// Compares what vimg reads from every bitmap with the model.
+fn assert_vimg_reads(img: &Qcow2Image, models: &[Model], size: u64) -> Result<(), String> {
+    for m in models {
+        let got = img
+            .read_bitmap(&m.name)
+            .map_err(|e| e.to_string())?
+            .dirty_ranges();
+        if got != m.ranges(size) {
+            return Err(format!(
+                "bitmap {}: {got:?} != {:?}",
+                m.name,
+                m.ranges(size)
+            ));
+        }
+    }
+    Ok(())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 48, ..Default::default() })]
+
+    /// Random writes, zero writes, discards, compressed writes, flushes, clears, enables and
+    /// disables and reopenings on images with 1-3 bitmaps: the dirty chunks are exactly those
+    /// written (whole requests, rounded out to the granularity) since each bitmap was last
+    /// cleared while it was enabled, and the image stays consistent.
+    #[test]
+    fn dirty_bits_follow_every_write(
+        (setup, steps) in setup_strategy().prop_flat_map(|setup| {
+            let size = (setup.1 << 20) + 512 * (setup.1 % 3);
+            (proptest::strategy::Just(setup), proptest::collection::vec(step_strategy(size), 1..40))
+        })
+    ) {
+        use vimg::qcow2::create::{create, CreateOptions};
+        let (cbits, mib, ext, lazy, rorder, bitmaps) = setup;
+        let size = (mib << 20) + 512 * (mib % 3);
+        let cs = 1u64 << cbits;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.qcow2");
+        create(&p, &CreateOptions {
+            size,
+            cluster_size: cs,
+            extended_l2: ext && cbits >= 14,
+            lazy_refcounts: lazy,
+            refcount_bits: 1 << rorder,
+            ..Default::default()
+        }).unwrap();
+        let mut img = open_rw(&p);
+        let mut models = Vec::new();
+        for (i, (gbits, enabled)) in bitmaps.iter().enumerate() {
+            let name = format!("bm{i}");
+            img.add_bitmap(&name, Some(1 << gbits), *enabled).unwrap();
+            models.push(Model::new(&name, *gbits, *enabled));
+        }
+        for step in steps {
+            match step {
+                Step::Req(req) => {
+                    req.apply(&img);
+                    let (o, l) = req.range();
+                    models.iter_mut().for_each(|m| m.write(o, l));
+                }
+                Step::Compressed(off) => {
+                    let gc = off / cs * cs;
+                    let data = vec![0x5a; cs as usize];
+                    let z = vimg::qcow2::compress::compress_cluster(
+                        img.header().compression_type, &data).unwrap();
+                    if let Some(z) = z {
+                        img.write_compressed(gc, &z).unwrap();
+                        let l = cs.min(size - gc);
+                        models.iter_mut().for_each(|m| m.write(gc, l));
+                    }
+                }
+                Step::Flush => img.flush().unwrap(),
+                Step::Clear(i) => {
+                    let i = i % models.len();
+                    img.clear_bitmap(&models[i].name).unwrap();
+                    models[i].chunks.clear();
+                }
+                Step::Toggle(i) => {
+                    let i = i % models.len();
+                    models[i].enabled = !models[i].enabled;
+                    img.enable_bitmap(&models[i].name, models[i].enabled).unwrap();
+                }
+                Step::Reopen => {
+                    img.close().unwrap();
+                    img = open_rw(&p);
+                }
+                Step::Compare => {
+                    let r = assert_vimg_reads(&img, &models, size);
+                    proptest::prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+                }
+            }
+        }
+        img.close().unwrap();
+        let ro = Qcow2Image::open(&p, false, true, &mut ChainGuard::default()).unwrap();
+        let r = assert_vimg_reads(&ro, &models, size);
+        proptest::prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+        for (b, m) in ro.list_bitmaps().unwrap().iter().zip(&models) {
+            proptest::prop_assert!(!b.in_use && b.enabled == m.enabled, "{:?}", b);
+        }
+        let report = vimg::check::Check::check(&ro).unwrap();
+        proptest::prop_assert!(
+            report.corruptions == 0 && report.leaks == 0 && report.check_errors == 0,
+            "{:?}", report
+        );
+    }
+}
+
+/// How writes past the limit behave.
+#[derive(Clone, Copy, Debug)]
+enum CrashMode {
+    /// They fail (a dying disk).
+    Fail,
+    /// They seem to succeed but never land (a power cut).
+    Drop,
+}
+
+/// A file whose writes (and resizes) fail or vanish after the first `limit`.
+struct Crashing {
+    inner: vimg::storage::FileStorage,
+    limit: u64,
+    mode: CrashMode,
+    writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Crashing {
+    fn pass(&self) -> std::io::Result<bool> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.writes.fetch_add(1, SeqCst) < self.limit {
+            return Ok(true);
+        }
+        match self.mode {
+            CrashMode::Fail => Err(std::io::Error::other("injected failure")),
+            CrashMode::Drop => Ok(false),
+        }
+    }
+}
+
+impl vimg::storage::Storage for Crashing {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.pass()? {
+            self.inner.write_at(buf, offset)?;
+        }
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if self.pass()? {
+            self.inner.set_len(len)?;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if self.pass()? {
+            self.inner.zero_range(offset, len)?;
+        }
+        Ok(())
+    }
+    fn extent_at(&self, offset: u64) -> std::io::Result<(bool, u64)> {
+        self.inner.extent_at(offset)
+    }
+}
+
+/// After an interruption: no corruption, disabled bitmaps untouched, and every enabled bitmap
+/// either flagged in use or dirty wherever the contents now differ from `before`. Returns how
+/// many bitmaps were in use.
+fn assert_honest_bitmaps(img: &Path, before: &[u8], models: &[Model], what: &str) -> usize {
+    let (code, out) = run_status("qemu-img", &["check", s(img)]);
+    assert!(code == 0 || code == 3, "{what}: qemu-img check: {out}");
+    let after = common::qemu_contents(img, img.parent().unwrap());
+    let info = info_bitmaps("qemu-img", img);
+    let mut in_use = 0;
+    for m in models {
+        let entry = info
+            .as_array()
+            .and_then(|a| a.iter().find(|b| b["name"] == m.name.as_str()))
+            .unwrap_or_else(|| panic!("{what}: bitmap {} is gone: {info}", m.name));
+        let flags: Vec<&str> = entry["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        if flags.contains(&"in-use") {
+            assert!(
+                m.enabled,
+                "{what}: disabled bitmap {} flagged in use",
+                m.name
+            );
+            in_use += 1;
+            continue;
+        }
+        let dirty = qemu_dirty(img, &m.name).unwrap_or_else(|e| panic!("{what}: {e}"));
+        if !m.enabled {
+            assert!(
+                dirty.is_empty(),
+                "{what}: disabled bitmap {} changed",
+                m.name
+            );
+            continue;
+        }
+        let g = 1usize << m.gbits;
+        for (c, (x, y)) in before.chunks(g).zip(after.chunks(g)).enumerate() {
+            let start = (c * g) as u64;
+            if x != y {
+                assert!(
+                    dirty.iter().any(|&(a, b)| a <= start && start < b),
+                    "{what}: bitmap {} is clean but chunk {c} changed",
+                    m.name
+                );
+            }
+        }
+    }
+    in_use
+}
+
+#[test]
+fn bitmaps_interrupted_writes_leave_them_flagged_or_right() {
+    if !tools_available("bitmaps_interrupted_writes_leave_them_flagged_or_right") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16u64 << 20;
+    let base = dir.path().join("base.qcow2");
+    qemu_create(&base, "qcow2", "cluster_size=4096", None, size);
+    qemu_io(
+        &base,
+        "qcow2",
+        &["write -P 7 0 6M".into(), "write -P 9 10M 1M".into()],
+    );
+    let models = [
+        Model::new("g64k", 16, true),
+        Model::new("g4k", 12, true),
+        Model::new("off", 9, false),
+    ];
+    for m in &models {
+        let g = (1u64 << m.gbits).to_string();
+        let mut args = vec!["bitmap", "--add", "-g", &g, s(&base), &m.name];
+        if !m.enabled {
+            args.insert(2, "--disable");
+        }
+        run("qemu-img", &args);
+    }
+    let before = common::qemu_contents(&base, dir.path());
+    let mut r = Rng::seeded(0xc4a5);
+    let reqs: Vec<Req> = (0..14).map(|_| random_req(&mut r, size)).collect();
+    let work = dir.path().join("work.qcow2");
+    // One session: requests with flushes between them, then a close.
+    let session = |limit: u64, mode: CrashMode| -> u64 {
+        std::fs::copy(&base, &work).unwrap();
+        let writes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let storage = Crashing {
+            inner: vimg::storage::FileStorage::open(&work, true).unwrap(),
+            limit,
+            mode,
+            writes: writes.clone(),
+        };
+        let mut guard = ChainGuard::default();
+        if let Ok(img) = Qcow2Image::open_storage(Box::new(storage), &work, true, true, &mut guard)
+        {
+            let run = || -> vimg::Result<()> {
+                for (i, req) in reqs.iter().enumerate() {
+                    match *req {
+                        Req::Write(o, l, p) => {
+                            img.write_at(&vec![p; l as usize], GuestOffset(o))?
+                        }
+                        Req::Zero(o, l, u) => img.write_zeroes(GuestOffset(o), l, u)?,
+                        Req::Discard(o, l) => img.discard(GuestOffset(o), l)?,
+                    }
+                    if i % 4 == 3 {
+                        img.flush()?;
+                    }
+                }
+                img.close()
+            };
+            let _ = run();
+        }
+        writes.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let total = session(u64::MAX, CrashMode::Fail);
+    let (mut in_use, mut clean) = (0, 0);
+    let points: Vec<u64> = (0..total).step_by((total as usize / 40).max(1)).collect();
+    for mode in [CrashMode::Fail, CrashMode::Drop] {
+        for &n in &points {
+            session(n, mode);
+            let what = format!("{mode:?} after {n} of {total} writes");
+            let flagged = assert_honest_bitmaps(&work, &before, &models, &what);
+            in_use += flagged;
+            clean += 2 - flagged;
+        }
+    }
+    // Both outcomes occur: the test looked at bitmaps in use and at stored ones.
+    assert!(in_use > 0 && clean > 0, "in use {in_use}, clean {clean}");
+}
+
+#[test]
+fn bitmaps_kill_9_of_convert_leaves_them_flagged_or_right() {
+    if !tools_available("bitmaps_kill_9_of_convert_leaves_them_flagged_or_right") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64u64 << 20;
+    let src = dir.path().join("src.raw");
+    qemu_create(&src, "raw", "", None, size);
+    qemu_io(&src, "raw", &["write -P 0x3c 0 64M".into()]);
+    let target = dir.path().join("target.qcow2");
+    let blank = dir.path().join("blank.qcow2");
+    qemu_create(&blank, "qcow2", "", None, size);
+    let models = [Model::new("b0", 16, true)];
+    run("qemu-img", &["bitmap", "--add", s(&blank), "b0"]);
+    let before = vec![0u8; size as usize];
+    let mut flagged = 0;
+    for (i, delay) in [5u64, 40, 150, 400].into_iter().enumerate() {
+        std::fs::copy(&blank, &target).unwrap();
+        let mut child = Command::new(VIMG)
+            .args([
+                "convert",
+                "-n",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-t",
+                "writeback",
+            ])
+            .args([&src, &target])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().unwrap();
+        let what = format!("kill after {delay} ms (run {i}, {status})");
+        let n = assert_honest_bitmaps(&target, &before, &models, &what);
+        eprintln!("{what}: {n} bitmap(s) in use");
+        flagged += n;
+    }
+    // Some kill came while the bitmap was being tracked.
+    assert!(flagged > 0, "no kill interrupted the conversion");
 }
