@@ -860,3 +860,521 @@ fn bitmaps_kill_9_of_convert_leaves_them_flagged_or_right() {
     // Some kill came while the bitmap was being tracked.
     assert!(flagged > 0, "no kill interrupted the conversion");
 }
+
+/// The first line of a tool's error output, without the tool's prefix, with `paths` and
+/// qemu's node names (`#block123`) replaced by `X`.
+fn normalize(out: &str, paths: &[&Path]) -> String {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("qemu-img: ") || l.starts_with("vimg: "))
+        .unwrap_or("");
+    let mut t = line
+        .trim_start_matches("qemu-img: ")
+        .trim_start_matches("vimg: ")
+        .trim_start_matches("warning: ")
+        .to_string();
+    for p in paths {
+        t = t.replace(s(p), "X");
+    }
+    // vimg names the file where qemu-img does not.
+    if let Some(rest) = t.strip_prefix("X: ") {
+        t = rest.to_string();
+    }
+    while let Some(i) = t.find("#block") {
+        let end = t[i + 6..]
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(t.len(), |j| i + 6 + j);
+        t.replace_range(i..end, "X");
+    }
+    t
+}
+
+/// What an image's bitmaps look like to qemu: info's list and each one's dirty ranges (or why
+/// qemu-nbd would not export it).
+type BitmapState = (Value, Vec<Result<Vec<(u64, u64)>, String>>);
+
+/// The [`BitmapState`] of `img` (nothing if it does not exist).
+fn bitmap_state(img: &Path) -> BitmapState {
+    if !img.exists() {
+        return (Value::Null, Vec::new());
+    }
+    let info = info_bitmaps("qemu-img", img);
+    let names: Vec<String> = info
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| b["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let dirty = names
+        .iter()
+        .map(|n| qemu_dirty(img, n).map_err(|e| normalize(&e, &[img])))
+        .collect();
+    (info, dirty)
+}
+
+/// Runs `args` (with `{img}`, `{src}` and `{dst}` standing for copies of the fixtures) with
+/// qemu-img and with vimg and asserts the same outcome: exit code, message (vimg's may say
+/// more after qemu-img's), bitmaps and dirty bits of the image and the destination.
+fn same_as_qemu(dir: &Path, img: &Path, src: Option<&Path>, args: &[&str]) {
+    let mut outcomes = Vec::new();
+    for tool in ["qemu-img", VIMG] {
+        let tag = if tool == VIMG { "v" } else { "q" };
+        let copy = dir.join(format!("{tag}-img.qcow2"));
+        std::fs::copy(img, &copy).unwrap();
+        let src_copy = dir.join(format!("{tag}-src.qcow2"));
+        if let Some(sp) = src {
+            std::fs::copy(sp, &src_copy).unwrap();
+        }
+        let dst = dir.join(format!("{tag}-dst.qcow2"));
+        let _ = std::fs::remove_file(&dst);
+        let a: Vec<String> = args
+            .iter()
+            .map(|x| {
+                x.replace("{img}", s(&copy))
+                    .replace("{src}", s(&src_copy))
+                    .replace("{dst}", s(&dst))
+            })
+            .collect();
+        let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+        let (code, out) = run_status(tool, &a);
+        let msg = normalize(&out, &[&copy, &src_copy, &dst]);
+        let (code_check, check) = run_status("qemu-img", &["check", s(&copy)]);
+        // 63: a raw image, which has nothing to check.
+        assert!(
+            code_check == 0 || code_check == 63,
+            "{tool} {args:?} left the image damaged: {check}"
+        );
+        outcomes.push((code, msg, bitmap_state(&copy), bitmap_state(&dst)));
+    }
+    let (q, v) = (&outcomes[0], &outcomes[1]);
+    assert_eq!(
+        q.0, v.0,
+        "exit code of {args:?}: qemu-img '{}', vimg '{}'",
+        q.1, v.1
+    );
+    assert!(
+        v.1.starts_with(&q.1) && (q.1.is_empty() == v.1.is_empty()),
+        "message of {args:?}: qemu-img '{}', vimg '{}'",
+        q.1,
+        v.1
+    );
+    assert_eq!(q.2, v.2, "image bitmaps after {args:?}");
+    if q.0 == 0 {
+        assert_eq!(q.3, v.3, "destination after {args:?}");
+    }
+}
+
+/// An image with bitmaps qemu wrote to: `b0` (64 KiB, enabled), `b1` (4 KiB, disabled, with
+/// what b0 had when it was disabled), `b2` (1 MiB, enabled); of `size` bytes.
+fn fixture(path: &Path, size: u64, compat: &str) {
+    qemu_create(path, "qcow2", compat, None, size);
+    if compat.contains("0.10") {
+        return;
+    }
+    let p = s(path);
+    run("qemu-img", &["bitmap", "--add", p, "b0"]);
+    run("qemu-img", &["bitmap", "--add", "-g", "4k", p, "b1"]);
+    qemu_io(
+        path,
+        "qcow2",
+        &["write -P 1 100k 70k".into(), "discard 3M 64k".into()],
+    );
+    run("qemu-img", &["bitmap", "--disable", p, "b1"]);
+    run("qemu-img", &["bitmap", "--add", "-g", "1M", p, "b2"]);
+    qemu_io(
+        path,
+        "qcow2",
+        &["write -z 5M 4k".into(), "write -P 2 9M 1k".into()],
+    );
+}
+
+#[test]
+fn bitmap_command_does_what_qemu_img_does() {
+    if !tools_available("bitmap_command_does_what_qemu_img_does") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("fixture.qcow2");
+    fixture(&img, 32 << 20, "");
+    let other = d.join("other.qcow2");
+    fixture(&other, 32 << 20, "cluster_size=4096");
+    qemu_io(&other, "qcow2", &["write -P 3 20M 3M".into()]);
+    let small = d.join("small.qcow2");
+    fixture(&small, 16 << 20, "");
+    let v2 = d.join("v2.qcow2");
+    fixture(&v2, 32 << 20, "compat=0.10");
+    // b0 and b2 left in use by a qemu that died.
+    let broken = d.join("broken.qcow2");
+    std::fs::copy(&img, &broken).unwrap();
+    let _ = run_status(
+        "qemu-io",
+        &["-c", "write 0 4k", "-c", "sigraise 9", s(&broken)],
+    );
+    let cases: &[(&Path, Option<&Path>, &[&str])] = &[
+        (&img, None, &["bitmap", "--add", "{img}", "new"]),
+        (
+            &img,
+            None,
+            &["bitmap", "--add", "-g", "512", "--disable", "{img}", "new"],
+        ),
+        (&img, None, &["bitmap", "--add", "-g", "2G", "{img}", "new"]),
+        (&img, None, &["bitmap", "--add", "-g", "0", "{img}", "new"]),
+        (&img, None, &["bitmap", "--add", "{img}", "b0"]),
+        (&img, None, &["bitmap", "--add", "--add", "{img}", "new"]),
+        (
+            &img,
+            None,
+            &["bitmap", "--add", "--remove", "--add", "{img}", "new"],
+        ),
+        (
+            &img,
+            None,
+            &["bitmap", "--add", "-g", "1000", "{img}", "new"],
+        ),
+        (
+            &img,
+            None,
+            &["bitmap", "--add", "-g", "256", "{img}", "new"],
+        ),
+        (&img, None, &["bitmap", "--add", "-g", "4G", "{img}", "new"]),
+        (
+            &img,
+            None,
+            &["bitmap", "--add", "-g", "abc", "{img}", "new"],
+        ),
+        (&img, None, &["bitmap", "--add", "{img}", ""]),
+        (&img, None, &["bitmap", "--add", "{img}", &"n".repeat(1023)]),
+        (&img, None, &["bitmap", "--add", "{img}", &"n".repeat(1024)]),
+        (&v2, None, &["bitmap", "--add", "{img}", "new"]),
+        (&v2, None, &["bitmap", "--remove", "{img}", "new"]),
+        (&img, None, &["bitmap", "--remove", "{img}", "b1"]),
+        (&img, None, &["bitmap", "--remove", "{img}", "nope"]),
+        (&img, None, &["bitmap", "--clear", "{img}", "b0"]),
+        (
+            &img,
+            None,
+            &["bitmap", "--clear", "--clear", "{img}", "nope"],
+        ),
+        (&img, None, &["bitmap", "--enable", "{img}", "b1"]),
+        (&img, None, &["bitmap", "--disable", "{img}", "b0"]),
+        (
+            &img,
+            None,
+            &["bitmap", "--enable", "--disable", "--enable", "{img}", "b0"],
+        ),
+        (&img, None, &["bitmap", "--merge", "b0", "{img}", "b1"]),
+        (
+            &img,
+            None,
+            &["bitmap", "--merge", "b1", "--merge", "b2", "{img}", "b0"],
+        ),
+        (
+            &img,
+            None,
+            &["bitmap", "--merge", "b0", "--clear", "{img}", "b2"],
+        ),
+        (&img, None, &["bitmap", "--merge", "nope", "{img}", "b0"]),
+        (&img, None, &["bitmap", "--merge", "b0", "{img}", "nope"]),
+        (
+            &img,
+            Some(&other),
+            &["bitmap", "--merge", "b0", "-b", "{src}", "{img}", "b2"],
+        ),
+        (
+            &img,
+            Some(&other),
+            &[
+                "bitmap", "--merge", "b1", "-b", "{src}", "-F", "qcow2", "{img}", "b0",
+            ],
+        ),
+        (
+            &img,
+            Some(&small),
+            &["bitmap", "--merge", "b0", "-b", "{src}", "{img}", "b2"],
+        ),
+        (
+            &img,
+            Some(&broken),
+            &["bitmap", "--merge", "b0", "-b", "{src}", "{img}", "b2"],
+        ),
+        (&broken, None, &["bitmap", "--clear", "{img}", "b0"]),
+        (&broken, None, &["bitmap", "--enable", "{img}", "b2"]),
+        (&broken, None, &["bitmap", "--disable", "{img}", "b0"]),
+        (&broken, None, &["bitmap", "--merge", "b1", "{img}", "b0"]),
+        (&broken, None, &["bitmap", "--merge", "b0", "{img}", "b1"]),
+        (&broken, None, &["bitmap", "--remove", "{img}", "b0"]),
+        (&broken, None, &["bitmap", "--add", "{img}", "new"]),
+        (&img, None, &["bitmap", "{img}", "b0"]),
+        (
+            &img,
+            None,
+            &["bitmap", "-g", "4k", "--remove", "{img}", "b0"],
+        ),
+        (
+            &img,
+            None,
+            &["bitmap", "-F", "qcow2", "--remove", "{img}", "b0"],
+        ),
+        (
+            &img,
+            Some(&other),
+            &["bitmap", "-b", "{src}", "--remove", "{img}", "b0"],
+        ),
+        (&img, None, &["bitmap", "--remove", "{img}"]),
+    ];
+    for (image, src, args) in cases {
+        same_as_qemu(d, image, *src, args);
+    }
+    // Too big for the bitmap size limits (512 MiB of bits).
+    let big = d.join("big.qcow2");
+    qemu_create(&big, "qcow2", "", None, 2049 << 30);
+    same_as_qemu(
+        d,
+        &big,
+        None,
+        &["bitmap", "--add", "-g", "512", "{img}", "b"],
+    );
+    same_as_qemu(
+        d,
+        &big,
+        None,
+        &["bitmap", "--add", "-g", "1k", "{img}", "b"],
+    );
+}
+
+#[test]
+fn resize_snapshot_convert_and_measure_treat_bitmaps_as_qemu_img_does() {
+    if !tools_available("resize_snapshot_convert_and_measure_treat_bitmaps_as_qemu_img_does") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("fixture.qcow2");
+    fixture(&img, 32 << 20, "");
+    let v2 = d.join("v2.qcow2");
+    fixture(&v2, 32 << 20, "compat=0.10");
+    let raw = d.join("raw.img");
+    qemu_create(&raw, "raw", "", None, 32 << 20);
+    let fresh = d.join("fresh.qcow2");
+    qemu_create(&fresh, "qcow2", "", None, 32 << 20);
+    let with_snapshot = d.join("snap.qcow2");
+    std::fs::copy(&img, &with_snapshot).unwrap();
+    run("qemu-img", &["snapshot", "-c", "s1", s(&with_snapshot)]);
+    // Every bitmap left in use by qemu, or only the enabled ones by vimg.
+    let broken = d.join("broken.qcow2");
+    std::fs::copy(&img, &broken).unwrap();
+    let _ = run_status(
+        "qemu-io",
+        &["-c", "write 0 4k", "-c", "sigraise 9", s(&broken)],
+    );
+    let broken2 = d.join("broken2.qcow2");
+    std::fs::copy(&img, &broken2).unwrap();
+    {
+        let q = open_rw(&broken2);
+        q.write_at(&[1; 512], GuestOffset(0)).unwrap();
+        std::mem::forget(q); // as if the process died
+    }
+    assert!(info_bitmaps("qemu-img", &broken2)
+        .to_string()
+        .contains("in-use"));
+    // An overlay shorter than its backing file, whose grown area is zeroed.
+    let base = d.join("base.qcow2");
+    qemu_create(&base, "qcow2", "", None, 64 << 20);
+    qemu_io(&base, "qcow2", &["write -P 5 0 64M".into()]);
+    let overlay = d.join("overlay.qcow2");
+    qemu_create(&overlay, "qcow2", "", Some((&base, "qcow2")), 32 << 20);
+    run("qemu-img", &["bitmap", "--add", s(&overlay), "b0"]);
+    qemu_io(&overlay, "qcow2", &["write -P 6 1M 1M".into()]);
+    let cases: &[(&Path, Option<&Path>, &[&str])] = &[
+        (&img, None, &["resize", "{img}", "+1M"]),
+        (&img, None, &["resize", "{img}", "+3G"]),
+        (&img, None, &["resize", "{img}", "33554944"]),
+        (&img, None, &["resize", "--shrink", "{img}", "9437696"]),
+        (&img, None, &["resize", "--shrink", "{img}", "1M"]),
+        (&broken, None, &["resize", "{img}", "+1M"]),
+        (&broken2, None, &["resize", "{img}", "+1M"]),
+        (&overlay, None, &["resize", "{img}", "64M"]),
+        (&img, None, &["snapshot", "-c", "s1", "{img}"]),
+        (&with_snapshot, None, &["snapshot", "-d", "s1", "{img}"]),
+        (&with_snapshot, None, &["snapshot", "-a", "s1", "{img}"]),
+        (&img, None, &["snapshot", "-a", "nope", "{img}"]),
+        (
+            &img,
+            None,
+            &["convert", "--bitmaps", "-O", "qcow2", "{img}", "{dst}"],
+        ),
+        (
+            &img,
+            None,
+            &[
+                "convert",
+                "--bitmaps",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=4k",
+                "{img}",
+                "{dst}",
+            ],
+        ),
+        (
+            &img,
+            None,
+            &["convert", "--bitmaps", "-O", "raw", "{img}", "{dst}"],
+        ),
+        (
+            &img,
+            None,
+            &[
+                "convert",
+                "--bitmaps",
+                "-O",
+                "qcow2",
+                "{img}",
+                "{img}",
+                "{dst}",
+            ],
+        ),
+        (
+            &img,
+            None,
+            &[
+                "convert",
+                "--skip-broken-bitmaps",
+                "-O",
+                "qcow2",
+                "{img}",
+                "{dst}",
+            ],
+        ),
+        (
+            &img,
+            None,
+            &[
+                "convert",
+                "--bitmaps",
+                "-O",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "{img}",
+                "{dst}",
+            ],
+        ),
+        (
+            &v2,
+            None,
+            &["convert", "--bitmaps", "-O", "qcow2", "{img}", "{dst}"],
+        ),
+        (
+            &raw,
+            None,
+            &[
+                "convert",
+                "--bitmaps",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "{img}",
+                "{dst}",
+            ],
+        ),
+        (
+            &broken,
+            None,
+            &["convert", "--bitmaps", "-O", "qcow2", "{img}", "{dst}"],
+        ),
+        (
+            &broken2,
+            None,
+            &["convert", "--bitmaps", "-O", "qcow2", "{img}", "{dst}"],
+        ),
+        (
+            &broken2,
+            None,
+            &[
+                "convert",
+                "--bitmaps",
+                "--skip-broken-bitmaps",
+                "-O",
+                "qcow2",
+                "{img}",
+                "{dst}",
+            ],
+        ),
+        (
+            &fresh,
+            Some(&img),
+            &[
+                "convert",
+                "-n",
+                "--bitmaps",
+                "-O",
+                "qcow2",
+                "{src}",
+                "{img}",
+            ],
+        ),
+    ];
+    for (image, src, args) in cases {
+        same_as_qemu(d, image, *src, args);
+    }
+    // Resizing down and up again drops the bits past the smaller end.
+    for (tool, tag) in [("qemu-img", "q"), (VIMG, "v")] {
+        let copy = d.join(format!("{tag}-updown.qcow2"));
+        std::fs::copy(&img, &copy).unwrap();
+        run(tool, &["resize", "--shrink", s(&copy), "9437696"]);
+        run(tool, &["resize", s(&copy), "64M"]);
+    }
+    assert_eq!(
+        bitmap_state(&d.join("q-updown.qcow2")),
+        bitmap_state(&d.join("v-updown.qcow2"))
+    );
+    // A name the -n target already has: both refuse (vimg before writing anything).
+    let (qc, qout) = {
+        std::fs::copy(&img, d.join("q-target.qcow2")).unwrap();
+        run_status(
+            "qemu-img",
+            &[
+                "convert",
+                "-n",
+                "--bitmaps",
+                "-O",
+                "qcow2",
+                s(&img),
+                s(&d.join("q-target.qcow2")),
+            ],
+        )
+    };
+    std::fs::copy(&img, d.join("v-target.qcow2")).unwrap();
+    let before = std::fs::read(d.join("v-target.qcow2")).unwrap();
+    let (vc, vout) = vimg(&[
+        "convert",
+        "-n",
+        "--bitmaps",
+        "-O",
+        "qcow2",
+        s(&img),
+        s(&d.join("v-target.qcow2")),
+    ]);
+    assert_eq!((qc, normalize(&qout, &[])), (vc, normalize(&vout, &[])));
+    assert!(std::fs::read(d.join("v-target.qcow2")).unwrap() == before);
+    // measure counts the bitmaps of images vimg wrote as qemu-img does.
+    let measured = d.join("measured.qcow2");
+    std::fs::copy(&img, &measured).unwrap();
+    vimg(&["bitmap", "--add", "-g", "512", s(&measured), "fine"]);
+    for target in [
+        &["-O", "qcow2"][..],
+        &["-O", "qcow2", "-o", "cluster_size=512"],
+        &["-O", "raw"],
+    ] {
+        let mut args = vec!["measure", "--output", "json"];
+        args.extend(target);
+        args.push(s(&measured));
+        assert_eq!(run("qemu-img", &args), run(VIMG, &args), "{args:?}");
+    }
+}

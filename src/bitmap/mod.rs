@@ -9,8 +9,27 @@
 
 pub mod bits;
 
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 pub use bits::SparseBits;
+
+/// qemu's error for a bitmap `name` that does not exist.
+pub fn not_found(name: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!("Dirty bitmap '{name}' not found"),
+    )
+}
+
+/// qemu's error for using a bitmap flagged in use (one line: qemu adds a hint on a second).
+pub fn inconsistent(name: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "Bitmap '{name}' is inconsistent and cannot be used (it can only be removed: \
+             bitmap --remove)"
+        ),
+    )
+}
 
 /// One persistent bitmap as the directory describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]

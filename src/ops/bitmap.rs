@@ -6,7 +6,7 @@
 //! The work is the format's ([`crate::bitmap::PersistentBitmaps`]); this module checks the
 //! arguments as qemu-img does and runs the operations.
 
-use crate::bitmap::{DirtyBitmap, PersistentBitmaps};
+use crate::bitmap::{inconsistent, not_found, DirtyBitmap, PersistentBitmaps};
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result};
 use crate::open::{open_image, OpenOptions};
@@ -136,7 +136,6 @@ fn run_one(
     a: &BitmapArgs,
     action: &BitmapAction,
 ) -> Result<()> {
-    let not_found = |name: &str| Error::invalid_input(format!("Dirty bitmap '{name}' not found"));
     let Some(bm): Option<&dyn PersistentBitmaps> = image.as_bitmaps() else {
         return Err(match action {
             BitmapAction::Add => Error::unsupported(format!(
@@ -154,9 +153,11 @@ fn run_one(
         BitmapAction::Enable => bm.enable_bitmap(name, true),
         BitmapAction::Disable => bm.enable_bitmap(name, false),
         BitmapAction::Merge(src) => {
-            // The destination is looked up first, as by qemu.
-            if !bm.list_bitmaps()?.iter().any(|b| b.name == name) {
-                return Err(not_found(name));
+            // The destination is checked first, as by qemu.
+            match bm.list_bitmaps()?.iter().find(|b| b.name == name) {
+                None => return Err(not_found(name)),
+                Some(b) if b.in_use => return Err(inconsistent(name)),
+                Some(_) => {}
             }
             let contents: DirtyBitmap = match source.as_bitmaps() {
                 Some(s) => s.read_bitmap(src)?,

@@ -5,8 +5,9 @@
 
 use super::header::BitmapsExt;
 use super::Qcow2Image;
+pub use crate::bitmap::{inconsistent, not_found};
 use crate::bitmap::{BitmapDesc, DirtyBitmap, SparseBits};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::info::BitmapInfo;
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
@@ -348,25 +349,6 @@ pub fn read_contents(img: &Qcow2Image, b: &Bitmap, disk_size: u64) -> Result<Dir
         disk_size,
         bits,
     })
-}
-
-/// qemu's error for a bitmap `name` that does not exist.
-pub fn not_found(name: &str) -> Error {
-    Error::new(
-        ErrorKind::InvalidInput,
-        format!("Dirty bitmap '{name}' not found"),
-    )
-}
-
-/// qemu's error for using a bitmap flagged in use (one line: qemu adds a hint on a second).
-pub fn inconsistent(name: &str) -> Error {
-    Error::new(
-        ErrorKind::InvalidInput,
-        format!(
-            "Bitmap '{name}' is inconsistent and cannot be used (it can only be removed: \
-             bitmap --remove)"
-        ),
-    )
 }
 
 #[cfg(test)]
