@@ -233,8 +233,10 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
         #[test]
-        fn behaves_like_a_set(ops in proptest::collection::vec((0u64..200_000, 0u64..70_000, 0u8..4), 1..40)) {
+        fn behaves_like_a_set(ops in proptest::collection::vec((0u64..200_000, 0u64..70_000, 0u8..4), 1..24)) {
             let mut s = SparseBits::new();
             let mut m = BTreeSet::new();
             for (a, n, kind) in ops {
@@ -263,7 +265,7 @@ mod tests {
             prop_assert_eq!(&t, &s);
             let mut copy = SparseBits::new();
             let start = 0;
-            let mut w = vec![0u64; 4000];
+            let mut w = vec![0u64; 5000];
             s.words_into(start, &mut w);
             copy.or_words(start, &w);
             prop_assert_eq!(&copy, &s);

@@ -44,7 +44,7 @@ impl Qcow2Image {
         }
         self.commit_bitmaps(&mut st, &dir, plans)?;
         let dir = read_directory_at(self, self.bitmaps_ext())?;
-        st.bitmaps = Tracker::for_directory(self, &dir);
+        st.bitmaps = Tracker::for_directory(&dir);
         Ok(())
     }
 

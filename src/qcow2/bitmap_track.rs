@@ -4,8 +4,9 @@
 //!
 //! - When the image is opened read-write, the enabled bitmaps that are not in use become
 //!   *tracked*: an empty [`SparseBits`] each, holding the bits set since their last store (the
-//!   stored contents are not read). Enabled bitmaps vimg cannot keep (unknown flags or extra
-//!   data, or a table too small for the disk) are *kept in use*. Bitmaps already in use (left
+//!   stored contents are not read). Enabled bitmaps vimg cannot keep (unknown flags, or extra
+//!   data not marked compatible) are *kept in use*. A damaged directory (a table outside the
+//!   file or too small for the disk, duplicate names) makes the read-write open fail, as in qemu. Bitmaps already in use (left
 //!   inconsistent by whoever had them open) and disabled bitmaps are not touched.
 //! - Before the first write after the open or after a store, the tracked and kept bitmaps are
 //!   flagged in use in the directory on disk, synced ([`Qcow2Image::set_in_use_in_place`]):
@@ -47,13 +48,12 @@ pub(crate) struct Tracker {
 }
 
 impl Tracker {
-    /// The tracker for directory `dir` of `img` (validated): see the module documentation.
-    pub(crate) fn for_directory(img: &Qcow2Image, dir: &[Bitmap]) -> Tracker {
-        let cs = img.header().cluster_size();
+    /// The tracker for a directory (validated: tables cover the disk): see the module
+    /// documentation.
+    pub(crate) fn for_directory(dir: &[Bitmap]) -> Tracker {
         let mut t = Tracker::default();
         for b in dir.iter().filter(|b| b.enabled() && !b.in_use()) {
-            let needed = bitmaps::table_entries_for(img.header().size, b.granularity_bits, cs);
-            if b.understood() && u64::from(b.table_size) >= needed {
+            if b.understood() {
                 t.tracked.push(Tracked {
                     raw_name: b.raw_name.clone(),
                     granularity_bits: u32::from(b.granularity_bits),
@@ -92,7 +92,7 @@ impl Qcow2Image {
     pub(super) fn start_tracking(&self, st: &mut WriteState) -> Result<()> {
         let dir = read_directory_at(self, self.bitmaps_ext())?;
         bitmaps::validate(self, &dir)?;
-        st.bitmaps = Tracker::for_directory(self, &dir);
+        st.bitmaps = Tracker::for_directory(&dir);
         Ok(())
     }
 
@@ -215,7 +215,7 @@ impl Qcow2Image {
             .collect();
         self.commit_bitmaps(&mut st, &dir, plans)?;
         let dir = read_directory_at(self, self.bitmaps_ext())?;
-        st.bitmaps = Tracker::for_directory(self, &dir);
+        st.bitmaps = Tracker::for_directory(&dir);
         Ok(())
     }
 }

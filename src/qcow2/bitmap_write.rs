@@ -311,3 +311,110 @@ impl Qcow2Image {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitmap::PersistentBitmaps;
+    use crate::block::BlockImage;
+    use crate::check::Check;
+    use crate::offsets::GuestOffset;
+    use crate::open::ChainGuard;
+    use crate::qcow2::create::{create, CreateOptions};
+
+    /// The data cluster offsets of bitmap `name`'s table.
+    fn data_clusters(img: &Qcow2Image, name: &str) -> Vec<u64> {
+        let dir = bitmaps::read_directory(img).unwrap();
+        let b = dir.iter().find(|b| b.name == name).unwrap();
+        read_table(img, b).unwrap()
+    }
+
+    #[test]
+    fn a_store_rewrites_only_the_data_clusters_that_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.qcow2");
+        // 512-byte clusters, 512 bytes per bit: one data cluster covers 2 MiB of disk.
+        let o = CreateOptions {
+            size: 8 << 20,
+            cluster_size: 512,
+            ..Default::default()
+        };
+        create(&p, &o).unwrap();
+        let open = || Qcow2Image::open(&p, true, true, &mut ChainGuard::default()).unwrap();
+        let img = open();
+        img.add_bitmap("b", Some(512), true).unwrap();
+        assert_eq!(data_clusters(&img, "b"), vec![0; 4]);
+        img.write_at(&[1; 512], GuestOffset(0)).unwrap();
+        img.write_at(&[1; 512], GuestOffset(5 << 20)).unwrap();
+        img.close().unwrap();
+        let img = open();
+        let first = data_clusters(&img, "b");
+        assert!(first[0] != 0 && first[1] == 0 && first[2] != 0 && first[3] == 0);
+        img.write_at(&[2; 512], GuestOffset(4 << 20)).unwrap();
+        img.close().unwrap();
+        let img = open();
+        let second = data_clusters(&img, "b");
+        assert_eq!(second[0], first[0], "an unchanged data cluster is shared");
+        assert_ne!(second[2], first[2], "a changed one is written anew");
+        let ranges = img.read_bitmap("b").unwrap().dirty_ranges();
+        assert_eq!(
+            ranges,
+            vec![
+                (0, 512),
+                (4 << 20, (4 << 20) + 512),
+                (5 << 20, (5 << 20) + 512)
+            ]
+        );
+        // Nothing leaked, nothing referenced twice.
+        let r = img.check().unwrap();
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+        // Removing the last bitmap removes the extension and frees everything.
+        img.remove_bitmap("b").unwrap();
+        assert!(img.bitmaps_ext().is_none());
+        let r = img.check().unwrap();
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+        drop(img);
+        let bytes = std::fs::read(&p).unwrap();
+        let h = Header::parse(&bytes, bytes.len() as u64).unwrap();
+        assert_eq!(h.autoclear_features & autoclear::BITMAPS, 0);
+    }
+
+    #[test]
+    fn flags_in_use_only_while_writes_are_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.qcow2");
+        let o = CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        };
+        create(&p, &o).unwrap();
+        let img = Qcow2Image::open(&p, true, true, &mut ChainGuard::default()).unwrap();
+        img.add_bitmap("on", None, true).unwrap();
+        img.add_bitmap("off", None, false).unwrap();
+        let on_disk = |img: &Qcow2Image| -> Vec<bool> {
+            bitmaps::read_directory(img)
+                .unwrap()
+                .iter()
+                .map(|b| b.in_use())
+                .collect()
+        };
+        assert_eq!(on_disk(&img), [false, false]);
+        img.write_zeroes(GuestOffset(0), 4096, false).unwrap();
+        assert_eq!(
+            on_disk(&img),
+            [true, false],
+            "flagged before the first write"
+        );
+        // The tracker's own flag does not make the bitmap look inconsistent.
+        assert!(img.list_bitmaps().unwrap().iter().all(|b| !b.in_use));
+        img.flush().unwrap();
+        assert_eq!(on_disk(&img), [false, false]);
+        img.discard(GuestOffset(0), 65536).unwrap();
+        assert_eq!(on_disk(&img), [true, false]);
+        std::mem::forget(img); // a crash: the flag stays
+        let img = Qcow2Image::open(&p, false, true, &mut ChainGuard::default()).unwrap();
+        assert_eq!(on_disk(&img), [true, false]);
+        assert!(img.read_bitmap("on").is_err());
+        assert_eq!(img.read_bitmap("off").unwrap().dirty_ranges(), vec![]);
+    }
+}

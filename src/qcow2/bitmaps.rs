@@ -376,6 +376,7 @@ mod tests {
         assert_eq!(table_entries_for(64 << 20, 16, 65536), 1);
         // 1 TiB at 512 B per bit: 2^31 bits, 256 MiB: 4096 clusters of 64 KiB.
         assert_eq!(table_entries_for(1 << 40, 9, 65536), 4096);
-        assert_eq!(table_entries_for(512 * 4096 * 8 + 1, 9, 512), 2);
+        // 512-byte clusters hold 4096 bits: 2 MiB of disk at 512 bytes per bit.
+        assert_eq!(table_entries_for(512 * 4096 + 1, 9, 512), 2);
     }
 }
