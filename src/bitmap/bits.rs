@@ -164,9 +164,10 @@ impl SparseBits {
         }
     }
 
-    /// The maximal runs `[start, end)` of set bits, in order.
-    pub fn runs(&self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
+    /// Calls `f` with each maximal run `[start, end)` of set bits, in order (without
+    /// collecting them: a bitmap of alternating bits has as many runs as half its bits).
+    pub fn for_each_run(&self, mut f: impl FnMut(u64, u64)) {
+        let mut open: Option<(u64, u64)> = None;
         for (&page, words) in &self.pages {
             for (j, &w) in words.iter().enumerate() {
                 let base = (page << PAGE_BITS) + j as u64 * 64;
@@ -178,15 +179,28 @@ impl SparseBits {
                     shift += zeros;
                     let ones = u64::from((!w).trailing_zeros());
                     let (s, e) = (base + shift, base + shift + ones);
-                    match out.last_mut() {
-                        Some(last) if last.1 == s => last.1 = e,
-                        _ => out.push((s, e)),
+                    match &mut open {
+                        Some(run) if run.1 == s => run.1 = e,
+                        _ => {
+                            if let Some((a, b)) = open.replace((s, e)) {
+                                f(a, b);
+                            }
+                        }
                     }
                     shift += ones;
                     w = if ones == 64 { 0 } else { w >> ones };
                 }
             }
         }
+        if let Some((a, b)) = open {
+            f(a, b);
+        }
+    }
+
+    /// The maximal runs `[start, end)` of set bits, in order.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        self.for_each_run(|a, b| out.push((a, b)));
         out
     }
 
@@ -198,13 +212,13 @@ impl SparseBits {
             return self.clone();
         }
         let mut out = SparseBits::new();
-        for (a, b) in self.runs() {
+        self.for_each_run(|a, b| {
             let start = a << from_bits;
             let end = (b << from_bits).min(disk_size);
             if start < end {
                 out.set_range(start >> to_bits, (end - 1) / (1 << to_bits) + 1);
             }
-        }
+        });
         out
     }
 }

@@ -57,19 +57,18 @@ pub struct DirtyBitmap {
 }
 
 impl DirtyBitmap {
-    /// The dirty byte ranges `[start, end)` of the disk, in order and merged.
+    /// The dirty byte ranges `[start, end)` of the disk, in order and merged (one per run of
+    /// set bits: [`SparseBits::for_each_run`] visits them without collecting them).
     pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
-        self.bits
-            .runs()
-            .into_iter()
-            .map(|(a, b)| {
-                (
-                    a << self.granularity_bits,
-                    (b << self.granularity_bits).min(self.disk_size),
-                )
-            })
-            .filter(|(a, b)| a < b)
-            .collect()
+        let g = self.granularity_bits;
+        let mut out = Vec::new();
+        self.bits.for_each_run(|a, b| {
+            let (start, end) = (a << g, (b << g).min(self.disk_size));
+            if start < end {
+                out.push((start, end));
+            }
+        });
+        out
     }
 }
 

@@ -146,12 +146,6 @@ impl WriteState {
         }
         if let Some(b) = img.bitmaps_ext() {
             add(b.directory_offset, b.directory_size);
-            // The tables too (their data clusters are refcounted like any other).
-            if let Ok(dir) = super::bitmaps::read_directory_at(img, Some(b)) {
-                for bm in dir {
-                    add(bm.table_offset, u64::from(bm.table_size) * 8);
-                }
-            }
         }
         if let Some((off, len)) = h.crypto_header {
             add(off, len);
