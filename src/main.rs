@@ -40,6 +40,46 @@ enum Command {
     Measure(MeasureArgs),
     /// List (-l), create (-c), apply (-a) or delete (-d) internal snapshots of a qcow2 image.
     Snapshot(SnapshotArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (in the order
+    /// given).
+    Bitmap(BitmapCmdArgs),
+}
+
+#[derive(Args, Debug)]
+struct BitmapCmdArgs {
+    /// Image format (raw, qcow2); probed when not given.
+    #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Create the bitmap (enabled unless --disable is given too).
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    add: Vec<bool>,
+    /// Delete the bitmap.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    remove: Vec<bool>,
+    /// Clear all bits of the bitmap.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    clear: Vec<bool>,
+    /// Track writes in the bitmap.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    enable: Vec<bool>,
+    /// Stop tracking writes in the bitmap.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    disable: Vec<bool>,
+    /// Set every bit set in bitmap SOURCE (of the image, or of -b FILE).
+    #[arg(long, value_name = "SOURCE")]
+    merge: Vec<String>,
+    /// Granularity of a new bitmap, bytes per bit (k, M, G suffixes).
+    #[arg(short = 'g', value_name = "GRANULARITY")]
+    granularity: Option<String>,
+    /// Image holding the --merge sources.
+    #[arg(short = 'b', value_name = "SOURCE_FILE")]
+    source_file: Option<PathBuf>,
+    /// Format of SOURCE_FILE.
+    #[arg(short = 'F', value_name = "SOURCE_FMT", value_parser = parse_format)]
+    source_format: Option<ImageFormat>,
+    /// The image, then the bitmap's name.
+    #[arg(value_name = "FILENAME BITMAP")]
+    args: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -272,6 +312,12 @@ struct ConvertArgs {
     /// guest order.
     #[arg(short = 'W')]
     out_of_order: bool,
+    /// Copy the source's persistent dirty bitmaps to the (qcow2) target.
+    #[arg(long)]
+    bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps (with a warning) instead of failing.
+    #[arg(long)]
+    skip_broken_bitmaps: bool,
     /// Open the source without taking image locks (accepted; vimg takes none yet).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -363,6 +409,7 @@ fn main() -> ExitCode {
         Command::Resize(a) => resize(a),
         Command::Measure(a) => measure(a),
         Command::Snapshot(a) => snapshot(a),
+        Command::Bitmap(a) => bitmap(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -577,6 +624,74 @@ fn snapshot(a: SnapshotArgs) -> CmdResult {
     Ok(0)
 }
 
+/// The operations of `vimg bitmap` in command-line order (clap keeps each flag's positions).
+fn bitmap_actions(a: &BitmapCmdArgs) -> Vec<ops::bitmap::BitmapAction> {
+    use clap::CommandFactory;
+    use ops::bitmap::BitmapAction as A;
+    let matches = Cli::command()
+        .try_get_matches_from(std::env::args_os())
+        .ok();
+    let Some(m) = matches
+        .as_ref()
+        .and_then(|m| m.subcommand_matches("bitmap"))
+    else {
+        return Vec::new();
+    };
+    let mut found: Vec<(usize, A)> = Vec::new();
+    let flags = [
+        ("add", A::Add),
+        ("remove", A::Remove),
+        ("clear", A::Clear),
+        ("enable", A::Enable),
+        ("disable", A::Disable),
+    ];
+    let given = |id| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    for (id, action) in flags.into_iter().filter(|(id, _)| given(id)) {
+        for i in m.indices_of(id).into_iter().flatten() {
+            found.push((i, action.clone()));
+        }
+    }
+    let merges = m.indices_of("merge").into_iter().flatten();
+    for (i, src) in merges.zip(&a.merge) {
+        found.push((i, A::Merge(src.clone())));
+    }
+    found.sort_by_key(|(i, _)| *i);
+    found.into_iter().map(|(_, x)| x).collect()
+}
+
+fn bitmap(a: BitmapCmdArgs) -> CmdResult {
+    let fail = |e| Failure::new(e, 1);
+    let say = |m: String| Failure {
+        message: m,
+        code: 1,
+    };
+    let granularity = match &a.granularity {
+        // 0 means the default, as for qemu-img.
+        Some(g) => match ops::size::parse_size(g) {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(_) => return Err(say(format!("Invalid granularity specified: '{g}'."))),
+        },
+        None => None,
+    };
+    let mut args = ops::bitmap::BitmapArgs {
+        format: a.format,
+        actions: bitmap_actions(&a),
+        granularity,
+        source_file: a.source_file.clone(),
+        source_format: a.source_format,
+        ..Default::default()
+    };
+    ops::bitmap::validate(&args).map_err(fail)?;
+    let [file, name] = a.args.as_slice() else {
+        return Err(say("Expecting filename and bitmap name".into()));
+    };
+    args.filename = PathBuf::from(file);
+    args.name = name.clone();
+    ops::bitmap::run(&args).map_err(fail)?;
+    Ok(0)
+}
+
 fn create(a: CreateCmdArgs) -> CmdResult {
     if ops::create::wants_help(&a.options) {
         print(&ops::create::options_help(a.format))?;
@@ -621,6 +736,8 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
         backing_format: a.backing_format.clone(),
         out_of_order: a.out_of_order,
         sync: a.cache != "unsafe",
+        bitmaps: a.bitmaps,
+        skip_broken_bitmaps: a.skip_broken_bitmaps,
     }
 }
 
@@ -641,6 +758,12 @@ fn convert(a: ConvertArgs) -> CmdResult {
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
     let sources: Vec<&dyn vimg::BlockImage> = opened.iter().map(|b| b.as_ref()).collect();
+    if let (true, [src]) = (opts.bitmaps, sources.as_slice()) {
+        let (_, warnings) = ops::convert::source_bitmaps(*src, &opts).map_err(fail)?;
+        for w in warnings {
+            eprintln!("vimg: warning: {w}");
+        }
+    }
     let total = sources
         .iter()
         .fold(0u64, |t, s| t.saturating_add(s.virtual_size()));

@@ -22,8 +22,11 @@
 //! zero ranges are written as zeros there (holes punched where possible) since it may hold old
 //! data, unless `target_is_zero` says it reads as zeros already.
 
+mod bitmaps;
 pub mod concat;
 mod copy;
+
+pub use bitmaps::source_bitmaps;
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
@@ -93,6 +96,10 @@ pub struct ConvertOptions {
     /// Wait for the target to reach the disk before finishing (`-t` other than `unsafe`).
     /// qemu-img's default for convert is `unsafe`, which does not.
     pub sync: bool,
+    /// Copy the source's persistent dirty bitmaps to the qcow2 target (`--bitmaps`).
+    pub bitmaps: bool,
+    /// With `bitmaps`: skip inconsistent bitmaps instead of failing (`--skip-broken-bitmaps`).
+    pub skip_broken_bitmaps: bool,
 }
 
 impl Default for ConvertOptions {
@@ -109,6 +116,8 @@ impl Default for ConvertOptions {
             backing_format: None,
             out_of_order: false,
             sync: false,
+            bitmaps: false,
+            skip_broken_bitmaps: false,
         }
     }
 }
@@ -204,7 +213,7 @@ pub fn validate(sources: usize, dst: &Path, opts: &ConvertOptions) -> Result<()>
         validate_sparse_size(opts.sparse_size)?;
     }
     validate_threads(opts.threads)?;
-    Ok(())
+    bitmaps::validate(sources, opts)
 }
 
 /// Copies the guest data of `sources`, one after the other, into a raw or qcow2 image at
@@ -226,6 +235,10 @@ pub fn convert(
     };
     let qcow2 = opts.output_format == ImageFormat::Qcow2;
     let size = src.virtual_size();
+    let bitmaps = match opts.bitmaps {
+        true => Some(source_bitmaps(src, opts)?.0),
+        false => None,
+    };
     let mut plan = copy::Plan {
         src,
         dst: src,
@@ -260,10 +273,17 @@ pub fn convert(
             ))
             .with_path(dst));
         }
+        let bitmap_target = match &bitmaps {
+            Some(list) => Some((bitmaps::check_target(target.as_ref(), list)?, list)),
+            None => None,
+        };
         plan.dst = target.as_ref();
         plan.zero_needed = !opts.target_is_zero;
         plan.ordered = qcow2 && !opts.out_of_order;
         copy::run(&plan, progress)?;
+        if let Some((to, list)) = bitmap_target {
+            bitmaps::copy(src, to, list)?;
+        }
         return target.flush();
     }
 
@@ -299,6 +319,13 @@ pub fn convert(
         let target = Qcow2Image::open(&tmp.path, true, false, &mut ChainGuard::default())
             .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         target.set_unsafe_cache(!opts.sync);
+        let bitmap_target = match &bitmaps {
+            Some(list) => Some((
+                bitmaps::check_target(&target, list).map_err(|e| rename_tmp(e, &tmp.path, &dst))?,
+                list,
+            )),
+            None => None,
+        };
         plan.dst = &target;
         plan.cluster = target.header().cluster_size();
         plan.compress = opts.compress.then_some(&target);
@@ -308,6 +335,9 @@ pub fn convert(
             plan.inherit_depth = inherited_layer(src, b);
         }
         copy::run(&plan, progress).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
+        if let Some((to, list)) = bitmap_target {
+            bitmaps::copy(src, to, list).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
+        }
         // Writes the metadata (and, unless the cache is unsafe, waits for the disk).
         target.flush().map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
     } else {
