@@ -32,7 +32,7 @@ use vimg::open::ChainGuard;
 use vimg::qcow2::amend::AmendOptions;
 use vimg::qcow2::Qcow2Image;
 use vimg::storage::FileStorage;
-use vimg::{BlockImage, GuestOffset};
+use vimg::GuestOffset;
 
 const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
 
@@ -517,6 +517,44 @@ fn size_changes_as_qemu_img() {
         } else {
             p.amend(&format!("size={size}"), true);
         }
+    }
+}
+
+#[test]
+fn dirty_images_get_their_refcounts_first() {
+    if !qemu_available("amend_oracle dirty") {
+        return;
+    }
+    let dir = scratch();
+    for (i, opts) in ["lazy_refcounts=off", "refcount_bits=4", "compat=0.10"]
+        .iter()
+        .enumerate()
+    {
+        let path = dir.path().join(format!("dirty{i}.qcow2"));
+        qemu_create(
+            &path,
+            "qcow2",
+            "lazy_refcounts=on,cluster_size=4096",
+            None,
+            8 << 20,
+        );
+        io(
+            &path,
+            &["write -P 0x91 0 1M".into(), "write -z 8k 64k".into()],
+        );
+        run("qemu-img", &["snapshot", "-c", "s", s(&path)]);
+        // Killed with refcounts not written back: the image is left dirty.
+        let _ = run_status(
+            "qemu-io",
+            &["-c", "write -P 0x92 2M 1M", "-c", "sigraise 9", s(&path)],
+        );
+        let b = std::fs::read(&path).unwrap();
+        assert_eq!(b[79] & 1, 1, "not dirty");
+        let mut p = Pair::new(&Image {
+            path,
+            snaps: vec!["s".into()],
+        });
+        p.amend(opts, true);
     }
 }
 

@@ -672,6 +672,60 @@ mod tests {
         }
     }
 
+    /// A version 2 image whose snapshot entries have no extra data (as old qemu versions
+    /// wrote them): the upgrade gives them the VM state and disk size fields version 3 needs.
+    #[test]
+    fn upgrading_fills_in_snapshot_extra_data() {
+        use crate::check::Check;
+        use crate::open::ChainGuard;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.qcow2");
+        let o = crate::qcow2::create::CreateOptions {
+            size: 4 << 20,
+            compat: Compat::V2,
+            ..Default::default()
+        };
+        crate::qcow2::create::create(&p, &o).unwrap();
+        let open = || Qcow2Image::open(&p, true, true, &mut ChainGuard::default()).unwrap();
+        let mut img = open();
+        crate::BlockImage::write_at(&img, &[7u8; 70000], crate::GuestOffset(5000)).unwrap();
+        img.snapshot_create("a", Default::default()).unwrap();
+        img.snapshot_create("b", Default::default()).unwrap();
+        let bare: Vec<Vec<u8>> = read_table(&img)
+            .unwrap()
+            .into_iter()
+            .map(|mut s| {
+                s.extra.clear();
+                super::super::snapshot_write::encode_entry(&s)
+            })
+            .collect();
+        img.with_write_state(|i, st| i.replace_snapshot_table(st, &bare))
+            .unwrap();
+        img.close().unwrap();
+
+        let mut img = open();
+        assert!(read_table(&img).unwrap().iter().all(|s| s.extra.is_empty()));
+        let opts = AmendOptions::parse("compat=1.1").unwrap();
+        let mut reports = Vec::new();
+        img.amend(&opts, &mut |d, t| reports.push((d, t))).unwrap();
+        img.close().unwrap();
+        assert_eq!(reports.last().map(|&(d, t)| d == t), Some(true));
+        let img = Qcow2Image::open(&p, false, true, &mut ChainGuard::default()).unwrap();
+        assert_eq!(img.header().version, 3);
+        let snaps = read_table(&img).unwrap();
+        assert_eq!(snaps.len(), 2);
+        for s in &snaps {
+            assert_eq!(s.extra.len(), 16, "{}", s.name);
+            assert_eq!(s.disk_size, Some(4 << 20));
+            assert_eq!(s.vm_state_size, 0);
+        }
+        let report = img.check().unwrap();
+        assert_eq!(report.exit_code(), 0, "{:?}", report.messages);
+        let mut buf = vec![0u8; 70000];
+        crate::BlockImage::read_at(&img, &mut buf, crate::GuestOffset(5000)).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+    }
+
     #[test]
     fn version_changes_keep_what_both_versions_hold() {
         let dir = tempfile::tempdir().unwrap();

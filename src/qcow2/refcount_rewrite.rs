@@ -24,13 +24,13 @@
 use super::amend::Progress;
 use super::header::MAX_REFTABLE_BYTES;
 use super::refcount::{
-    get_refcount, max_refcount, read_padded, set_refcount, RefcountReader, RefcountTable,
-    Strictness,
+    get_refcount, max_refcount, read_padded, set_refcount, RefcountTable, Strictness,
 };
 use super::write::WriteState;
 use super::Qcow2Image;
 use crate::error::{Error, Result};
 use byteorder::{BigEndian, ByteOrder};
+use std::collections::HashSet;
 use std::sync::Mutex;
 
 /// Rounds of allocation after which the new structures must have settled (each round only
@@ -43,8 +43,6 @@ struct Scan {
     /// Indices of the new refcount blocks covering some cluster with a non-zero refcount,
     /// ascending.
     blocks: Vec<u64>,
-    /// One past the last cluster with a non-zero refcount.
-    end: u64,
     /// The first cluster whose refcount the new width cannot hold, and that refcount.
     too_large: Option<(u64, u64)>,
 }
@@ -85,10 +83,7 @@ impl Qcow2Image {
         loop {
             let need_table = scan.table_clusters(cs);
             if need_table * cs > MAX_REFTABLE_BYTES {
-                return Err(Error::unsupported(format!(
-                    "with {}-bit refcounts the refcount table would exceed qemu's 8 MiB limit",
-                    1u32 << new_order
-                )));
+                return Err(table_too_large(new_order));
             }
             let missing = scan.blocks.len().saturating_sub(block_clusters.len()) as u64;
             if missing == 0 && table_run.1 >= need_table {
@@ -120,27 +115,45 @@ impl Qcow2Image {
         unused.extend(block_clusters.drain(scan.blocks.len()..));
 
         // 2. The new blocks, then the new table, synced.
-        let old_table = RefcountTable::read(self)?;
-        let mut reader = RefcountReader::new(self, &old_table, Strictness::Strict);
         let new_bits = self.header.cluster_bits + 3 - new_order;
         let mut table = vec![0u64; (table_run.1 * cs / 8) as usize];
         let mut block = vec![0u8; cs as usize];
-        for (k, (&index, &cluster)) in scan.blocks.iter().zip(&block_clusters).enumerate() {
-            block.fill(0);
-            let first = index << new_bits;
-            let end = ((index + 1) << new_bits).min(scan.end);
-            for c in first..end {
-                let r = reader.refcount(c)?;
-                if r != 0 {
-                    set_refcount(&mut block, c - first, new_order, r);
-                }
-            }
+        let mut slots = scan.blocks.iter().zip(&block_clusters);
+        let mut current: Option<(u64, u64)> = None; // (new block index, its cluster)
+        let total = scan.blocks.len() as u64 + 1;
+        let mut done = 0;
+        let mut put = |img: &Self, block: &[u8], (index, cluster): (u64, u64)| -> Result<()> {
             let off = cluster * cs;
-            self.storage
-                .write_at(&block, off)
+            img.storage
+                .write_at(block, off)
                 .map_err(|e| Error::io("cannot write a refcount block", e).at(off))?;
             table[index as usize] = off;
-            progress.within(k as u64, scan.blocks.len() as u64 + 1);
+            done += 1;
+            progress.within(done, total);
+            Ok(())
+        };
+        let old_table = self.for_each_refcount(|img, c, r| {
+            let index = c >> new_bits;
+            if current.is_none_or(|(i, _)| i != index) {
+                if let Some(cur) = current.take() {
+                    put(img, &block, cur)?;
+                    block.fill(0);
+                }
+                // The blocks come in the order the scan found them.
+                match slots.next() {
+                    Some((&i, &cluster)) if i == index => current = Some((index, cluster)),
+                    _ => {
+                        return Err(Error::corrupt(
+                            "the refcounts changed while their new blocks were written",
+                        ))
+                    }
+                }
+            }
+            set_refcount(&mut block, c & ((1 << new_bits) - 1), new_order, r);
+            Ok(())
+        })?;
+        if let Some(cur) = current.take() {
+            put(self, &block, cur)?;
         }
         let mut raw = vec![0u8; table.len() * 8];
         for (i, e) in table.iter().enumerate() {
@@ -203,54 +216,133 @@ impl Qcow2Image {
     /// Reads every stored refcount (from the disk: the image must be settled) and works out
     /// which refcount blocks of width `1 << new_order` are needed.
     fn scan_refcounts(&self, new_order: u32) -> Result<Scan> {
-        let table = RefcountTable::read(self)?;
-        let cs = self.header.cluster_size();
-        let old_order = self.header.refcount_order;
-        let old_bits = table.block_bits();
         let new_bits = self.header.cluster_bits + 3 - new_order;
         let max = max_refcount(new_order);
-        let max_blocks = MAX_REFTABLE_BYTES / 8;
-        let per_word = 64u64 >> old_order; // refcounts in 8 bytes of a block
         let mut scan = Scan {
             blocks: Vec::new(),
-            end: 0,
             too_large: None,
         };
-        let mut raw = vec![0u8; cs as usize];
+        self.for_each_refcount(|_, c, r| {
+            if r > max && scan.too_large.is_none() {
+                scan.too_large = Some((c, r));
+            }
+            let b = c >> new_bits;
+            if b >= MAX_REFTABLE_BYTES / 8 {
+                return Err(table_too_large(new_order));
+            }
+            if scan.blocks.last() != Some(&b) {
+                scan.blocks.push(b);
+            }
+            Ok(())
+        })?;
+        Ok(scan)
+    }
+
+    /// Calls `f` with (cluster, refcount) for every host cluster whose stored refcount is not
+    /// zero, in cluster order, reading each refcount block once (from the disk: the image must
+    /// be settled). Two table entries naming the same block are refused, so that the work is
+    /// bounded by the file's size. Returns the table read.
+    fn for_each_refcount(
+        &self,
+        mut f: impl FnMut(&Self, u64, u64) -> Result<()>,
+    ) -> Result<RefcountTable> {
+        let table = RefcountTable::read(self)?;
+        let order = self.header.refcount_order;
+        let per_word = 64u64 >> order; // refcounts in 8 bytes of a block
+        let mut seen = HashSet::new();
+        let mut raw = vec![0u8; self.header.cluster_size() as usize];
         for index in 0..table.len() as u64 {
             let Some(off) = table.block_offset(index, Strictness::Strict)? else {
                 continue;
             };
+            if !seen.insert(off) {
+                return Err(Error::corrupt(format!(
+                    "refcount table entry {index} names the refcount block at {off:#x} again"
+                ))
+                .at(off));
+            }
             read_padded(self, &mut raw, off)?;
-            let base = index << old_bits;
+            let base = index << table.block_bits();
             for (w, word) in raw.chunks_exact(8).enumerate() {
                 if word.iter().all(|&b| b == 0) {
                     continue;
                 }
                 for j in w as u64 * per_word..(w as u64 + 1) * per_word {
-                    let r = get_refcount(&raw, j, old_order);
-                    if r == 0 {
-                        continue;
+                    let r = get_refcount(&raw, j, order);
+                    if r != 0 {
+                        f(self, base + j, r)?;
                     }
-                    let c = base + j;
-                    if r > max && scan.too_large.is_none() {
-                        scan.too_large = Some((c, r));
-                    }
-                    let b = c >> new_bits;
-                    if b >= max_blocks {
-                        return Err(Error::unsupported(format!(
-                            "with {}-bit refcounts the refcount table would exceed qemu's 8 MiB \
-                             limit",
-                            1u32 << new_order
-                        )));
-                    }
-                    if scan.blocks.last() != Some(&b) {
-                        scan.blocks.push(b);
-                    }
-                    scan.end = c + 1;
                 }
             }
         }
-        Ok(scan)
+        Ok(table)
+    }
+}
+
+/// The error for a refcount table at `1 << order` bits that qemu would not open.
+fn table_too_large(order: u32) -> Error {
+    Error::unsupported(format!(
+        "with {}-bit refcounts the refcount table would exceed qemu's 8 MiB limit",
+        1u32 << order
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::open::ChainGuard;
+    use crate::qcow2::amend::AmendOptions;
+
+    fn image(dir: &std::path::Path, cluster_size: u64) -> std::path::PathBuf {
+        let p = dir.join("t.qcow2");
+        let o = crate::qcow2::create::CreateOptions {
+            size: 8 << 20,
+            cluster_size,
+            ..Default::default()
+        };
+        crate::qcow2::create::create(&p, &o).unwrap();
+        let img = Qcow2Image::open(&p, true, true, &mut ChainGuard::default()).unwrap();
+        crate::BlockImage::write_at(&img, &vec![9u8; 3 << 20], crate::GuestOffset(1 << 20))
+            .unwrap();
+        img.close().unwrap();
+        p
+    }
+
+    fn amend(p: &std::path::Path, opts: &str) -> Result<()> {
+        let mut img = Qcow2Image::open(p, true, true, &mut ChainGuard::default())?;
+        img.amend(&AmendOptions::parse(opts).unwrap(), &mut |_, _| {})?;
+        img.close()
+    }
+
+    #[test]
+    fn every_width_keeps_every_refcount() {
+        use crate::check::Check;
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 512);
+        for bits in [64, 1, 32, 2, 8, 4, 16] {
+            amend(&p, &format!("refcount_bits={bits}")).unwrap();
+            let img = Qcow2Image::open(&p, false, true, &mut ChainGuard::default()).unwrap();
+            assert_eq!(img.header().refcount_bits(), bits);
+            let report = img.check().unwrap();
+            assert_eq!(report.exit_code(), 0, "{bits}: {:?}", report.messages);
+            let mut buf = vec![0u8; 3 << 20];
+            crate::BlockImage::read_at(&img, &mut buf, crate::GuestOffset(1 << 20)).unwrap();
+            assert!(buf.iter().all(|&b| b == 9), "{bits}");
+        }
+    }
+
+    #[test]
+    fn a_refcount_block_named_twice_is_refused_before_anything_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 65536);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let h = super::super::header::Header::parse(&bytes, bytes.len() as u64).unwrap();
+        let rt = h.refcount_table_offset as usize;
+        let first: [u8; 8] = bytes[rt..rt + 8].try_into().unwrap();
+        bytes[rt + 8..rt + 16].copy_from_slice(&first);
+        std::fs::write(&p, &bytes).unwrap();
+        let e = amend(&p, "refcount_bits=8").unwrap_err();
+        assert!(e.to_string().contains("again"), "{e}");
+        assert!(std::fs::read(&p).unwrap() == bytes);
     }
 }
