@@ -19,7 +19,8 @@
 //! The crash test interrupts amends (refcount width changes, downgrades, an upgrade) at every
 //! write, failing or dropping the writes after it: the image left behind must pass
 //! `qemu-img check` (leaked clusters allowed), read as before, have the old or the new
-//! header, keep its snapshots, and accept the same amend again.
+//! header, keep its snapshots, and accept the same amend again. The kill test does the same
+//! with `kill -9` of the real vimg process at spread-out moments.
 
 mod common;
 
@@ -636,6 +637,14 @@ fn refusals_match_qemu_img() {
             "size=32M",
             true,
         ),
+        // Version 2 cannot make the grown area read as zeros over a longer backing file.
+        (
+            "",
+            "qemu-img create -q -f qcow2 b.qcow2 64M && rm t.qcow2 && \
+             qemu-img create -q -f qcow2 -o compat=0.10 -b b.qcow2 -F qcow2 t.qcow2 16M",
+            "size=32M",
+            false,
+        ),
     ];
     for &(create, setup, opts, same_message) in cases {
         let img = make(d, "t.qcow2", create, setup);
@@ -1008,5 +1017,54 @@ fn interrupted_amends_leave_at_worst_leaks() {
             img.path.display(),
             t0.elapsed()
         );
+    }
+}
+
+#[test]
+fn killed_amends_leave_at_worst_leaks() {
+    if !qemu_available("amend_oracle kill -9") {
+        return;
+    }
+    let dir = scratch();
+    let d = dir.path();
+    // Hundreds of refcount blocks to write (64 refcounts each), hundreds of zero clusters.
+    let pristine = d.join("big.qcow2");
+    qemu_create(&pristine, "qcow2", "cluster_size=512", None, 16 << 20);
+    io(
+        &pristine,
+        &["write -P 0x21 0 12M".into(), "write -z 4M 3M".into()],
+    );
+    run("qemu-img", &["snapshot", "-c", "s", s(&pristine)]);
+    let active = contents(&pristine, None);
+    let copy = d.join("killed.qcow2");
+    for opts in ["refcount_bits=64", "compat=0.10"] {
+        std::fs::copy(&pristine, &copy).unwrap();
+        let t0 = std::time::Instant::now();
+        let (code, _, err) = vimg(&["amend", "-o", opts, s(&copy)]);
+        assert_eq!(code, 0, "{err}");
+        let full = t0.elapsed();
+        let mut interrupted = 0;
+        for i in 0..12u32 {
+            std::fs::copy(&pristine, &copy).unwrap();
+            let mut child = Command::new(VIMG)
+                .args(["amend", "-o", opts, s(&copy)])
+                .spawn()
+                .unwrap();
+            std::thread::sleep(full * i / 10);
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            interrupted += u32::from(!status.success());
+            let what = format!("-o {opts}, killed after {:?}", full * i / 10);
+            let (code, out) = check_code(&copy);
+            assert!(
+                code == 0 || code == 3,
+                "{what}: qemu-img check exit {code}: {out}"
+            );
+            assert!(
+                contents(&copy, None) == active,
+                "{what}: guest data changed"
+            );
+        }
+        eprintln!("-o {opts}: {full:?} uninterrupted, {interrupted} of 12 runs killed");
     }
 }

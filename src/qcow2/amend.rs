@@ -726,6 +726,53 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 7));
     }
 
+    /// Header bytes and extensions vimg does not know survive every header rewrite of an
+    /// amend (the extensions a downgrade too; version 2 has no room for the bytes).
+    #[test]
+    fn unknown_header_parts_survive() {
+        use crate::open::ChainGuard;
+        use crate::storage::Storage;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.qcow2");
+        let o = crate::qcow2::create::CreateOptions {
+            size: 4 << 20,
+            ..Default::default()
+        };
+        crate::qcow2::create::create(&p, &o).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let mut h = Header::parse(&bytes, bytes.len() as u64).unwrap();
+        let ext = super::super::header::UnknownExt {
+            kind: 0x7777_0001,
+            data: b"future".to_vec(),
+        };
+        h.unknown_extensions.push(ext.clone());
+        h.extra_header_bytes = vec![0, 0, 0, 0xab, 0xcd, 0, 0, 0, 0, 0, 0, 0xef, 0, 0, 0];
+        h.header_length = 120;
+        let storage = crate::storage::FileStorage::open(&p, true).unwrap();
+        storage.write_at(&h.encode().unwrap(), 0).unwrap();
+        drop(storage);
+        for (opts, v3) in [
+            ("lazy_refcounts=on", true),
+            ("refcount_bits=8", true),
+            ("size=8M,lazy_refcounts=off", true),
+            ("compat=0.10,refcount_bits=16", false),
+        ] {
+            let mut img = Qcow2Image::open(&p, true, true, &mut ChainGuard::default()).unwrap();
+            img.amend(&AmendOptions::parse(opts).unwrap(), &mut |_, _| {})
+                .unwrap();
+            img.close().unwrap();
+            let bytes = std::fs::read(&p).unwrap();
+            let now = Header::parse(&bytes, bytes.len() as u64).unwrap();
+            assert_eq!(now.unknown_extensions, vec![ext.clone()], "{opts}");
+            if v3 {
+                assert_eq!(now.header_length, 120, "{opts}");
+                assert_eq!(now.extra_header_bytes, h.extra_header_bytes, "{opts}");
+            } else {
+                assert_eq!(now.version, 2);
+            }
+        }
+    }
+
     #[test]
     fn version_changes_keep_what_both_versions_hold() {
         let dir = tempfile::tempdir().unwrap();
