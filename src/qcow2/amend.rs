@@ -638,6 +638,21 @@ fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::create::CreateOptions;
+
+    /// A new image `t.qcow2` in `dir`, made with `o` (4 MiB unless it says otherwise), and its
+    /// parsed header.
+    fn new_image(dir: &std::path::Path, o: CreateOptions) -> (std::path::PathBuf, Header) {
+        let p = dir.join("t.qcow2");
+        let o = CreateOptions {
+            size: if o.size == 0 { 4 << 20 } else { o.size },
+            ..o
+        };
+        crate::qcow2::create::create(&p, &o).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let h = Header::parse(&bytes, bytes.len() as u64).unwrap();
+        (p, h)
+    }
 
     #[test]
     fn options_parse_like_qemu_img_amend() {
@@ -679,13 +694,13 @@ mod tests {
         use crate::check::Check;
         use crate::open::ChainGuard;
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("old.qcow2");
-        let o = crate::qcow2::create::CreateOptions {
-            size: 4 << 20,
-            compat: Compat::V2,
-            ..Default::default()
-        };
-        crate::qcow2::create::create(&p, &o).unwrap();
+        let (p, _) = new_image(
+            dir.path(),
+            CreateOptions {
+                compat: Compat::V2,
+                ..Default::default()
+            },
+        );
         let open = || Qcow2Image::open(&p, true, true, &mut ChainGuard::default()).unwrap();
         let mut img = open();
         crate::BlockImage::write_at(&img, &[7u8; 70000], crate::GuestOffset(5000)).unwrap();
@@ -733,14 +748,7 @@ mod tests {
         use crate::open::ChainGuard;
         use crate::storage::Storage;
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("t.qcow2");
-        let o = crate::qcow2::create::CreateOptions {
-            size: 4 << 20,
-            ..Default::default()
-        };
-        crate::qcow2::create::create(&p, &o).unwrap();
-        let bytes = std::fs::read(&p).unwrap();
-        let mut h = Header::parse(&bytes, bytes.len() as u64).unwrap();
+        let (p, mut h) = new_image(dir.path(), CreateOptions::default());
         let ext = super::super::header::UnknownExt {
             kind: 0x7777_0001,
             data: b"future".to_vec(),
@@ -776,16 +784,14 @@ mod tests {
     #[test]
     fn version_changes_keep_what_both_versions_hold() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("t.qcow2");
-        let o = crate::qcow2::create::CreateOptions {
-            size: 1 << 20,
-            backing_file: Some("b.raw".into()),
-            backing_fmt: Some("raw".into()),
-            ..Default::default()
-        };
-        crate::qcow2::create::create(&p, &o).unwrap();
-        let bytes = std::fs::read(&p).unwrap();
-        let mut h = Header::parse(&bytes, bytes.len() as u64).unwrap();
+        let (_, mut h) = new_image(
+            dir.path(),
+            CreateOptions {
+                backing_file: Some("b.raw".into()),
+                backing_fmt: Some("raw".into()),
+                ..Default::default()
+            },
+        );
         h.compatible_features = compat::LAZY_REFCOUNTS;
         h.unknown_extensions.push(super::super::header::UnknownExt {
             kind: 0x1234_5678,
