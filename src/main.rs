@@ -43,6 +43,9 @@ enum Command {
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (in the order
     /// given).
     Bitmap(BitmapCmdArgs),
+    /// Change format options of a qcow2 image in place (compat, refcount_bits, lazy_refcounts,
+    /// size, backing_file; `-o help` lists them).
+    Amend(AmendCmdArgs),
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +83,31 @@ struct BitmapCmdArgs {
     /// The image, then the bitmap's name.
     #[arg(value_name = "FILENAME BITMAP")]
     args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct AmendCmdArgs {
+    /// Image format (only qcow2 can be amended); probed when not given.
+    #[arg(short = 'f', long = "format", value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Cache mode: writeback (default), writethrough, none, directsync, or unsafe (no
+    /// waiting for the disk).
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
+    cache: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility (it only matters for encryption key slots).
+    #[arg(long)]
+    force: bool,
+    /// Options to change, comma-separated (repeatable; `-o help` lists them).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// The image.
+    filename: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -410,6 +438,7 @@ fn main() -> ExitCode {
         Command::Measure(a) => measure(a),
         Command::Snapshot(a) => snapshot(a),
         Command::Bitmap(a) => bitmap(a),
+        Command::Amend(a) => amend(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -689,6 +718,35 @@ fn bitmap(a: BitmapCmdArgs) -> CmdResult {
     args.filename = PathBuf::from(file);
     args.name = name.clone();
     ops::bitmap::run(&args).map_err(fail)?;
+    Ok(0)
+}
+
+fn amend(a: AmendCmdArgs) -> CmdResult {
+    let _ = a.force;
+    let fail = |e| Failure::new(e, 1);
+    if ops::amend::wants_help(&a.options) {
+        print(&ops::amend::help(a.format, a.filename.as_deref()).map_err(fail)?)?;
+        return Ok(0);
+    }
+    let Some(filename) = a.filename else {
+        return Err(fail(Error::invalid_input(ops::amend::NO_IMAGE)));
+    };
+    let args = ops::amend::AmendArgs {
+        format: a.format,
+        options: &a.options,
+        cache: a.cache.as_deref(),
+    };
+    let show = a.progress && !a.quiet;
+    let text = ops::convert::TextProgress::new();
+    ops::amend::amend(&filename, &args, &mut |done, total| {
+        if let Some(line) = text.update(done, total).filter(|_| show) {
+            let _ = print(&line);
+        }
+    })
+    .map_err(fail)?;
+    if show {
+        print("\n")?;
+    }
     Ok(0)
 }
 

@@ -1378,3 +1378,64 @@ fn resize_snapshot_convert_and_measure_treat_bitmaps_as_qemu_img_does() {
         assert_eq!(run("qemu-img", &args), run(VIMG, &args), "{args:?}");
     }
 }
+
+/// `amend` of an image with persistent bitmaps, done by vimg and by qemu-img on copies: the
+/// bitmaps survive refcount rewrites, lazy refcounts and resizes with the dirty bits qemu's
+/// result has, and a downgrade to version 2 is refused (qemu-img 10 leaves a broken image).
+#[test]
+fn amend_keeps_bitmaps_as_qemu_img_does() {
+    if !tools_available("amend_keeps_bitmaps_as_qemu_img_does") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("a.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    run("qemu-img", &["bitmap", "--add", s(&base), "b0"]);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512k", s(&base), "b1"],
+    );
+    let io = |p: &Path, cmd: &str| run("qemu-io", &["-f", "qcow2", "-c", cmd, s(p)]);
+    io(&base, "write -P 1 0 100k");
+    run("qemu-img", &["bitmap", "--disable", s(&base), "b1"]);
+    io(&base, "write -P 2 3M 64k");
+    let (v, q) = (dir.path().join("v.qcow2"), dir.path().join("q.qcow2"));
+    std::fs::copy(&base, &v).unwrap();
+    std::fs::copy(&base, &q).unwrap();
+    for opts in [
+        "lazy_refcounts=on",
+        "refcount_bits=8",
+        "size=12M",
+        "refcount_bits=64",
+        "lazy_refcounts=off",
+        "size=6M",
+    ] {
+        let mut args = vec!["amend", "-o", opts];
+        if opts == "size=6M" {
+            args.push("--force");
+        }
+        let (cv, out) = vimg(&[&args[..], &[s(&v)]].concat());
+        let (cq, qout) = run_status("qemu-img", &[&args[..], &[s(&q)]].concat());
+        assert_eq!((cv, cq), (0, 0), "{opts}: vimg: {out} qemu-img: {qout}");
+        let (clean, report) = qemu_check_clean(&v);
+        assert!(clean, "{opts}: {report}");
+        assert_eq!(
+            info_bitmaps("qemu-img", &v),
+            info_bitmaps("qemu-img", &q),
+            "{opts}"
+        );
+        for name in ["b0", "b1"] {
+            assert_eq!(qemu_dirty(&v, name), qemu_dirty(&q, name), "{opts}: {name}");
+        }
+        // Writes after the amend are still tracked.
+        io(&v, "write -P 3 1M 4k");
+        io(&q, "write -P 3 1M 4k");
+    }
+    let before = std::fs::read(&v).unwrap();
+    let (cv, out) = vimg(&["amend", "-o", "compat=0.10", s(&v)]);
+    assert!(cv == 1 && out.contains("bitmaps"), "{out}");
+    assert!(
+        std::fs::read(&v).unwrap() == before,
+        "a refused amend changed the image"
+    );
+}

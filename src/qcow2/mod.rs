@@ -12,9 +12,11 @@
 //! - [`check`]: the consistency check;
 //! - [`mod@write`]: the write path, its crash-safe flush and lazy refcounts;
 //! - [`discard`]: guest discard requests.
+//! - [`amend`]: changing format options in place ([`refcount_rewrite`], [`downgrade`]).
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
 
+pub mod amend;
 pub mod bitmap_edit;
 pub mod bitmap_track;
 pub mod bitmap_write;
@@ -24,10 +26,12 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod discard;
+pub mod downgrade;
 pub mod header;
 pub mod header_write;
 pub mod l2;
 pub mod refcount;
+pub mod refcount_rewrite;
 pub mod repair;
 pub mod resize;
 pub mod snapshot;

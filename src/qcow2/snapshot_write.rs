@@ -54,7 +54,7 @@ impl Qcow2Image {
     }
 
     /// The L1 table of snapshot `s`, read after checking its bounds.
-    fn snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>> {
+    pub(super) fn snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>> {
         s.validate_l1(self)?;
         let mut raw = vec![0u8; s.l1_size as usize * 8];
         self.storage
@@ -206,7 +206,11 @@ impl Qcow2Image {
 
     /// Writes `entries` as the new snapshot table to new clusters, switches the header to it
     /// and releases the old table (at the flush this ends with).
-    fn replace_snapshot_table(&mut self, st: &mut WriteState, entries: &[Vec<u8>]) -> Result<()> {
+    pub(super) fn replace_snapshot_table(
+        &mut self,
+        st: &mut WriteState,
+        entries: &[Vec<u8>],
+    ) -> Result<()> {
         let old = (self.header.snapshots_offset, self.snapshot_table_bytes()?);
         let bytes: Vec<u8> = entries.concat();
         if bytes.len() as u64 > MAX_TABLE_BYTES {
@@ -351,7 +355,7 @@ impl Qcow2Image {
     }
 
     /// Runs `f` with the write state taken out of its lock, so that `f` may change the image.
-    fn with_write_state<T>(
+    pub(super) fn with_write_state<T>(
         &mut self,
         f: impl FnOnce(&mut Self, &mut WriteState) -> Result<T>,
     ) -> Result<T> {
@@ -474,7 +478,7 @@ fn not_found_delete(name: &str) -> Error {
 }
 
 /// The bytes of snapshot table entry `s` (qcow2.rst "Snapshots"), padded to a multiple of 8.
-fn encode_entry(s: &Snapshot) -> Vec<u8> {
+pub(super) fn encode_entry(s: &Snapshot) -> Vec<u8> {
     let mut e = vec![0u8; 40];
     BigEndian::write_u64(&mut e[0..8], s.l1_table_offset);
     BigEndian::write_u32(&mut e[8..12], s.l1_size);
