@@ -1,5 +1,5 @@
 //! Crash tests with real processes: vimg is killed with SIGKILL in the middle of convert,
-//! resize, snapshot create and delete, and check -r, at every point where it changes a file
+//! resize, snapshot create and delete, check -r and amend, at every point where it changes a file
 //! (and, in a second test, after random delays from outside), and afterwards:
 //!
 //! - `qemu-img check` finds no corruption in any image the command touched (leaks are
@@ -18,10 +18,10 @@
 //! finishes without reaching it.
 //!
 //! A scenario is one line in [`scenarios`]: a setup that makes the images with qemu's tools and
-//! the vimg command line. Commit, rebase and amend are added the same way once vimg has them,
-//! e.g. `sc("commit", setup_chain, &["commit", "{top}"])`, `sc("rebase", setup_chain,
-//! &["rebase", "-b", "{base}", "-F", "qcow2", "{top}"])` (with a second base in the setup) and
-//! `sc("amend", setup_image, &["amend", "-o", "refcount_bits=8", "{img}"])`.
+//! the vimg command line (amend is there already). Commit and rebase are added the same way once
+//! vimg has them, e.g. `sc("commit", setup_chain, &["commit", "{top}"])` and
+//! `sc("rebase", setup_chain, &["rebase", "-b", "{base}", "-F", "qcow2", "{top}"])` (with a
+//! second base in the setup for a rebase that changes the chain).
 
 mod common;
 
@@ -54,40 +54,19 @@ fn sc(name: &'static str, setup: fn(&Path) -> Setup, args: &'static [&'static st
     Scenario { name, setup, args }
 }
 
-/// Every crash scenario. Add commit, rebase and amend here (see the module documentation).
+/// Every crash scenario, one line each. Commit and rebase are added here (see the module
+/// documentation).
+#[rustfmt::skip]
 fn scenarios() -> Vec<Scenario> {
     vec![
-        sc(
-            "convert",
-            setup_chain,
-            &["convert", "-O", "qcow2", "{top}", "{out}"],
-        ),
-        sc(
-            "convert -n",
-            setup_target,
-            &["convert", "-n", "-O", "qcow2", "{img}", "{target}"],
-        ),
+        sc("convert", setup_chain, &["convert", "-O", "qcow2", "{top}", "{out}"]),
+        sc("convert -n", setup_target, &["convert", "-n", "-O", "qcow2", "{img}", "{target}"]),
         sc("resize grow", setup_image, &["resize", "{img}", "+3M"]),
-        sc(
-            "resize shrink",
-            setup_image,
-            &["resize", "--shrink", "{img}", "2M"],
-        ),
-        sc(
-            "snapshot create",
-            setup_image,
-            &["snapshot", "-c", "s1", "{img}"],
-        ),
-        sc(
-            "snapshot delete",
-            setup_snapshots,
-            &["snapshot", "-d", "s0", "{img}"],
-        ),
-        sc(
-            "check -r all",
-            setup_dirty,
-            &["check", "-r", "all", "{img}"],
-        ),
+        sc("resize shrink", setup_image, &["resize", "--shrink", "{img}", "2M"]),
+        sc("snapshot create", setup_image, &["snapshot", "-c", "s1", "{img}"]),
+        sc("snapshot delete", setup_snapshots, &["snapshot", "-d", "s0", "{img}"]),
+        sc("check -r all", setup_dirty, &["check", "-r", "all", "{img}"]),
+        sc("amend", setup_snapshots, &["amend", "-o", "refcount_bits=8", "{img}"]),
     ]
 }
 

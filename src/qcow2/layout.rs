@@ -138,7 +138,7 @@ impl MetadataMap {
                 }
             }
         }
-        if let Some(b) = h.bitmaps {
+        if let Some(b) = img.bitmaps_ext() {
             m.add(
                 h,
                 b.directory_offset,
