@@ -5,6 +5,7 @@
 //! qemu-img's formats. The binary (`src/main.rs`) only parses arguments and prints.
 
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -12,6 +13,7 @@ pub mod info;
 pub mod json;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod resize;
 pub mod size;
 pub mod snapshot;

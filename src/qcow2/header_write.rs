@@ -157,6 +157,7 @@ impl Qcow2Image {
             return Err(Error::invalid_input("image is not open for writing")).in_file(&self.path);
         }
         self.flush_metadata()?;
+        let new = self.with_on_disk_state(new).in_file(&self.path)?;
         let bytes = new.encode().in_file(&self.path)?;
         let file_len = self.file_len();
         let parsed = Header::parse(&bytes, file_len.max(bytes.len() as u64))
@@ -172,6 +173,33 @@ impl Qcow2Image {
             .in_file(&self.path)?;
         self.header = parsed;
         Ok(())
+    }
+
+    /// `new` with the header fields the write path changes on disk without updating the parsed
+    /// header (the refcount table's location when it moved, the dirty and corrupt bits) taken
+    /// from the disk, wherever the caller left them as the parsed header has them. Without
+    /// this, a header built from [`Qcow2Image::header`] after writes that moved the refcount
+    /// table would point back at the freed old table.
+    fn with_on_disk_state(&self, mut new: Header) -> Result<Header> {
+        let cs = self.header.cluster_size() as usize;
+        let mut cluster0 = vec![0u8; cs];
+        self.storage
+            .read_at(&mut cluster0, 0)
+            .map_err(|e| Error::io("cannot read the qcow2 header", e))?;
+        let disk = Header::parse(&cluster0, self.file_len().max(cs as u64))?;
+        let old = &self.header;
+        if new.refcount_table_offset == old.refcount_table_offset
+            && new.refcount_table_clusters == old.refcount_table_clusters
+        {
+            new.refcount_table_offset = disk.refcount_table_offset;
+            new.refcount_table_clusters = disk.refcount_table_clusters;
+        }
+        let bits = super::header::incompat::DIRTY | super::header::incompat::CORRUPT;
+        if new.incompatible_features & bits == old.incompatible_features & bits {
+            new.incompatible_features =
+                (new.incompatible_features & !bits) | (disk.incompatible_features & bits);
+        }
+        Ok(new)
     }
 }
 

@@ -9,16 +9,21 @@
 //! - [`bitmaps`]: the persistent dirty bitmap directory;
 //! - [`check`]: the consistency check;
 //! - [`mod@write`]: the write path, its crash-safe flush and lazy refcounts;
-//! - [`discard`]: guest discard requests.
+//! - [`discard`]: guest discard requests;
+//! - [`empty`]: emptying the active state (commit);
+//! - [`backing`]: changing the recorded backing file (rebase);
+//! - [`snapshot_view`]: reading an internal snapshot (convert -l).
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
 
+pub mod backing;
 pub mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
 pub mod discard;
+pub mod empty;
 pub mod header;
 pub mod header_write;
 pub mod l2;
@@ -26,6 +31,7 @@ pub mod refcount;
 pub mod repair;
 pub mod resize;
 pub mod snapshot;
+pub mod snapshot_view;
 pub mod snapshot_write;
 pub mod write;
 

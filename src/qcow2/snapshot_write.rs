@@ -357,7 +357,7 @@ impl Qcow2Image {
     }
 
     /// Runs `f` with the write state taken out of its lock, so that `f` may change the image.
-    fn with_write_state<T>(
+    pub(super) fn with_write_state<T>(
         &mut self,
         f: impl FnOnce(&mut Self, &mut WriteState) -> Result<T>,
     ) -> Result<T> {
