@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod chain;
+pub mod crash;
+
 use std::path::Path;
 use std::process::Command;
 
