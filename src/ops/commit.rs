@@ -357,22 +357,56 @@ pub fn commit(path: &Path, opts: &CommitOptions, progress: Option<Progress<'_>>)
     // Looked at read-only first: a refused commit leaves every image untouched.
     let top = Qcow2Image::open(path, false, false, &mut ChainGuard::default())?;
     let (depth, base_layer) = find_base(&top, opts.base.as_deref())?;
-    let mut base = CommitTarget::open(base_layer, opts.cache)?;
+    let base = CommitTarget::open(base_layer, opts.cache)?;
     let empty = opts.base.is_none() && !opts.drop;
-    if !empty {
-        commit_into(&top, depth, &mut base, opts.rate_limit, progress)?;
-        base.close(opts.cache.syncs())?;
-        return Ok(COMMITTED.to_string());
-    }
-    drop(top);
-    let mut top = Qcow2Image::open(path, true, false, &mut ChainGuard::default())?;
-    top.set_unsafe_cache(!opts.cache.syncs());
-    commit_into(&top, 1, &mut base, opts.rate_limit, progress)?;
-    // The base is durable before the overlay lets go of anything.
-    base.close(opts.cache.syncs())?;
-    top.make_empty()?;
-    top.close()?;
+    let top = if empty {
+        drop(top);
+        let top = Qcow2Image::open(path, true, false, &mut ChainGuard::default())?;
+        top.set_unsafe_cache(!opts.cache.syncs());
+        top
+    } else {
+        top
+    };
+    let job = CommitJob {
+        depth,
+        empty,
+        rate_limit: opts.rate_limit,
+        syncs: opts.cache.syncs(),
+    };
+    commit_images(top, base, &job, progress)?;
     Ok(COMMITTED.to_string())
+}
+
+/// What [`commit_images`] does with the images it is given.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitJob {
+    /// Depth of the base in the top's chain (see [`find_base`]).
+    pub depth: u32,
+    /// Empty the top afterwards (the top must then be open for writing).
+    pub empty: bool,
+    /// Bytes per second to write at most; 0 for no limit.
+    pub rate_limit: u64,
+    /// Wait for the disk at the end (not with `-t unsafe`).
+    pub syncs: bool,
+}
+
+/// The whole commit on opened images, in its crash-safe order: [`commit_into`], the base
+/// closed (everything durable), then, with `job.empty`, the top emptied and closed.
+pub fn commit_images(
+    top: Qcow2Image,
+    mut base: CommitTarget,
+    job: &CommitJob,
+    progress: Option<Progress<'_>>,
+) -> Result<()> {
+    commit_into(&top, job.depth, &mut base, job.rate_limit, progress)?;
+    // The base is durable before the overlay lets go of anything.
+    base.close(job.syncs)?;
+    if job.empty {
+        let mut top = top;
+        top.make_empty()?;
+        top.close()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

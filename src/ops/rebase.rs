@@ -123,9 +123,36 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     };
     let img = Qcow2Image::open(path, true, false, &mut ChainGuard::default())?;
     img.set_unsafe_cache(!opts.cache.syncs());
-    rebase_copy(&img, new_backing.as_deref(), opts.compress, progress)?;
+    let to = NewBacking {
+        image: new_backing.as_deref(),
+        name: new_name,
+        format: new_format,
+    };
+    rebase_image(img, &to, opts.compress, progress)
+}
+
+/// The backing file an image is rebased onto.
+#[derive(Clone, Copy)]
+pub struct NewBacking<'a> {
+    /// The new backing file, opened with its chain (`None`: no backing file).
+    pub image: Option<&'a dyn BlockImage>,
+    /// The name to record (`None`: no backing file).
+    pub name: Option<&'a str>,
+    /// The format to record with it.
+    pub format: Option<&'a str>,
+}
+
+/// Safe mode on an opened image (read-write, with its old backing chain), in its crash-safe
+/// order: [`rebase_copy`] (which ends with a flush), then the header switch, then the close.
+pub fn rebase_image(
+    img: Qcow2Image,
+    to: &NewBacking<'_>,
+    compress: bool,
+    progress: Option<Progress<'_>>,
+) -> Result<()> {
+    rebase_copy(&img, to.image, compress, progress)?;
     let mut img = img;
-    img.set_backing_file(new_name, new_format)?;
+    img.set_backing_file(to.name, to.format)?;
     img.close()
 }
 
