@@ -717,6 +717,12 @@ fn convert(a: ConvertArgs) -> CmdResult {
         .map(vimg::qcow2::snapshot_view::SnapshotSelector::parse)
         .transpose()
         .map_err(fail)?;
+    if snapshot.is_some() && sources.len() > 1 {
+        return Err(Failure {
+            message: "No support for concatenating multiple snapshot".into(),
+            code: 1,
+        });
+    }
     let opened = sources
         .iter()
         .map(|s| match &snapshot {

@@ -361,3 +361,39 @@ fn refused_rebases_exit_as_qemu_img_and_change_nothing() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A copy large enough to move the image's refcount table (512-byte clusters: one table
+/// cluster covers 8 MiB of file) before the header is rewritten: the new header must point at
+/// the moved table.
+#[test]
+fn a_copy_that_moves_the_refcount_table() {
+    if !qemu_available("rebase_oracle") {
+        return;
+    }
+    let dir = chain::fresh_dir("rebase-reftable");
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    common::qemu_create(&base, "qcow2", "", None, 12 << 20);
+    common::qemu_io(&base, "qcow2", &["write -P 0x6d 0 12M".into()]);
+    common::qemu_create(
+        &top,
+        "qcow2",
+        "cluster_size=512",
+        Some((Path::new("base.qcow2"), "qcow2")),
+        12 << 20,
+    );
+    let table_before = std::fs::read(&top).unwrap()[48..56].to_vec();
+    let (code, out) = vimg(&dir, &["rebase", "-b", "", "top.qcow2"]);
+    assert_eq!(code, 0, "{out}");
+    assert_ne!(
+        std::fs::read(&top).unwrap()[48..56],
+        table_before[..],
+        "the table did not move"
+    );
+    let (code, out) = chain::check(&top);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = chain::compare(&base, "qcow2", &top, "qcow2");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(chain::backing_info(&top, "qcow2").1, None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
