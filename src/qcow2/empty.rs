@@ -13,7 +13,7 @@
 
 use super::l2::{self, Descriptor};
 use super::Qcow2Image;
-use crate::error::{Result, ResultExt};
+use crate::error::{Error, Result, ResultExt};
 
 impl Qcow2Image {
     /// Drops every cluster of the active L1 tree (the image must be open for writing): the
@@ -54,23 +54,47 @@ impl Qcow2Image {
             }
             *img.l1.write().unwrap_or_else(|e| e.into_inner()) = vec![0; old_l1.len()];
             st.l1_dirty = true;
-            let before = st.pending_free.len();
             for &off in &tables {
                 st.pending_free.push(off / cs);
             }
             for &d in &descriptors {
                 img.release(st, d);
             }
-            // The freed space goes back to the host file system (clusters still shared with a
-            // snapshot keep a reference and are not punched).
-            let freed: Vec<u64> = st.pending_free[before..].to_vec();
-            st.punch.extend(freed);
             // 1. the cleared L1 table (synced), 2. the refcount decrements.
             img.flush_locked(st)?;
             Ok(st.lazy)
         })?;
+        if tables.is_empty() {
+            return Ok(());
+        }
         if !lazy {
             self.truncate_after_last_cluster()?;
+        }
+        self.punch_free_runs()
+    }
+
+    /// Hands the space of every free cluster inside the file back to the host file system, a
+    /// run of neighbours at a time (one request per run, not per cluster). Free clusters are
+    /// referenced by nothing, so this is safe at any moment.
+    fn punch_free_runs(&self) -> Result<()> {
+        let cs = self.header.cluster_size();
+        let st = self.write_state()?;
+        let end = self.file_len().div_ceil(cs);
+        let mut run: Option<u64> = None;
+        for c in 0..=end {
+            let free = c < end && self.refcount_of(&st, c)? == 0 && !st.metadata.contains(&c);
+            match (free, run) {
+                (true, None) => run = Some(c),
+                (false, Some(start)) => {
+                    run = None;
+                    self.storage
+                        .punch_hole(start * cs, (c - start) * cs)
+                        .map_err(|e| {
+                            Error::io("cannot discard freed clusters", e).at(start * cs)
+                        })?;
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
