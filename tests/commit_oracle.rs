@@ -46,6 +46,7 @@ fn commit_gives_what_qemu_img_commit_gives() {
     let root = chain::fresh_dir("commit-oracle");
     let mut failures = Vec::new();
     let mut variants = [0usize; 4];
+    let mut snapshots = 0;
     for seed in 0..36u64 {
         let mut rng = Rng::seeded(seed);
         let layers = random_chain(&mut rng);
@@ -53,6 +54,14 @@ fn commit_gives_what_qemu_img_commit_gives() {
         std::fs::create_dir_all(&built).unwrap();
         chain::build(&built, &layers, &mut rng);
         let top = layers.last().unwrap().name.clone();
+        // Sometimes the top has an internal snapshot (which emptying must keep) and more data.
+        let with_snapshot = rng.below(4) == 0;
+        if with_snapshot {
+            let t = built.join(&top);
+            common::run("qemu-img", &["snapshot", "-c", "s", t.to_str().unwrap()]);
+            let more = chain::random_writes(&mut rng, layers.last().unwrap());
+            common::qemu_io(&t, "qcow2", &more);
+        }
         // The operation: plain, -d, -b the backing file, or -b a deeper layer.
         let variant = rng.below(4) as usize;
         let base_name;
@@ -93,13 +102,34 @@ fn commit_gives_what_qemu_img_commit_gives() {
         if code != 0 {
             failures.push(format!("{what}: the top reads differently: {out}"));
         }
+        if with_snapshot {
+            snapshots += 1;
+            let read = |dir: &Path| {
+                let out = dir.join("snap.raw");
+                let (c, m) = chain::run_in(
+                    dir,
+                    "qemu-img",
+                    &["convert", "-l", "s", "-O", "raw", &top, "snap.raw"],
+                );
+                assert_eq!(c, 0, "{m}");
+                std::fs::read(out).unwrap()
+            };
+            if read(&ours) != read(&theirs) {
+                failures.push(format!("{what}: the top's snapshot reads differently"));
+            }
+        }
         for d in [&built, &ours, &theirs] {
             let _ = std::fs::remove_dir_all(d);
         }
     }
     let _ = std::fs::remove_dir_all(&root);
-    eprintln!("commit variants (plain, -d, -b backing, -b deeper): {variants:?}");
-    assert!(variants.iter().all(|&n| n > 0), "{variants:?}");
+    eprintln!(
+        "commit variants (plain, -d, -b backing, -b deeper): {variants:?}, {snapshots} tops with a snapshot"
+    );
+    assert!(
+        variants.iter().all(|&n| n > 0) && snapshots > 0,
+        "{variants:?}"
+    );
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",

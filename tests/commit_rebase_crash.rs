@@ -25,7 +25,7 @@ use vimg::ops::rebase::{rebase_image, NewBacking};
 use vimg::qcow2::Qcow2Image;
 use vimg::raw::RawImage;
 use vimg::storage::FileStorage;
-use vimg::{BlockImage, GuestOffset, ImageFormat};
+use vimg::{GuestOffset, ImageFormat};
 
 /// A scratch directory in memory where possible (syncs cost nothing there).
 fn scratch(name: &str) -> PathBuf {
@@ -123,7 +123,7 @@ fn crashed_commit(dir: &Path, case: &CommitCase, limit: u64, mode: Mode) -> Resu
         ImageFormat::Raw => CommitTarget::Raw(
             RawImage::from_storage(storage, &base_path, true).map_err(|e| e.to_string())?,
         ),
-        ImageFormat::Qcow2 => CommitTarget::Qcow2(
+        ImageFormat::Qcow2 => CommitTarget::Qcow2(Box::new(
             Qcow2Image::open_storage(
                 storage,
                 &base_path,
@@ -132,7 +132,7 @@ fn crashed_commit(dir: &Path, case: &CommitCase, limit: u64, mode: Mode) -> Resu
                 &mut vimg::open::ChainGuard::default(),
             )
             .map_err(|e| e.to_string())?,
-        ),
+        )),
     };
     let job = CommitJob {
         depth,
@@ -434,7 +434,7 @@ fn interrupted_rebases_never_corrupt() {
         cluster,
         opts: format!("cluster_size={cluster}{extra}"),
     };
-    let cases = vec![
+    let cases = [
         RebaseCase {
             name: "onto an unrelated shorter raw chain",
             old: vec![

@@ -162,7 +162,7 @@ pub enum CommitTarget {
     Raw(RawImage),
     /// A qcow2 image (opened with its own backing chain, so that zero writes know what lies
     /// below it).
-    Qcow2(Qcow2Image),
+    Qcow2(Box<Qcow2Image>),
 }
 
 impl CommitTarget {
@@ -174,7 +174,7 @@ impl CommitTarget {
             ImageFormat::Qcow2 => {
                 let img = Qcow2Image::open(path, true, false, &mut ChainGuard::default())?;
                 img.set_unsafe_cache(!cache.syncs());
-                CommitTarget::Qcow2(img)
+                CommitTarget::Qcow2(Box::new(img))
             }
         })
     }
@@ -183,7 +183,7 @@ impl CommitTarget {
     pub fn image(&self) -> &dyn BlockImage {
         match self {
             CommitTarget::Raw(r) => r,
-            CommitTarget::Qcow2(q) => q,
+            CommitTarget::Qcow2(q) => q.as_ref(),
         }
     }
 
