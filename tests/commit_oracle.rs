@@ -16,11 +16,11 @@ use std::path::Path;
 const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
 
 fn vimg(dir: &Path, args: &[&str]) -> (i32, String) {
-    chain::run_in(dir, VIMG, args)
+    common::run_in(dir, VIMG, args)
 }
 
 fn qemu_img(dir: &Path, args: &[&str]) -> (i32, String) {
-    chain::run_in(dir, "qemu-img", args)
+    common::run_in(dir, "qemu-img", args)
 }
 
 /// A random chain: a raw or qcow2 base and 1 to 3 qcow2 overlays.
@@ -106,7 +106,7 @@ fn commit_gives_what_qemu_img_commit_gives() {
             snapshots += 1;
             let read = |dir: &Path| {
                 let out = dir.join("snap.raw");
-                let (c, m) = chain::run_in(
+                let (c, m) = common::run_in(
                     dir,
                     "qemu-img",
                     &["convert", "-l", "s", "-O", "raw", &top, "snap.raw"],
@@ -130,12 +130,7 @@ fn commit_gives_what_qemu_img_commit_gives() {
         variants.iter().all(|&n| n > 0) && snapshots > 0,
         "{variants:?}"
     );
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    common::assert_no_failures(&failures);
 }
 
 /// Overlay data over a base that is smaller (it grows, raw and qcow2) and over a zeroed range

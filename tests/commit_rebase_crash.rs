@@ -75,21 +75,54 @@ fn check_written(path: &Path, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens `path` for writing over crashing storage.
-fn crashing(
-    path: &Path,
+/// One crash experiment: the write counter all its storage shares, and whether it crashed.
+struct Crash {
     limit: u64,
     mode: Mode,
-    writes: &Arc<AtomicU64>,
-    crashed: &Arc<AtomicBool>,
-) -> Box<Crashing> {
-    Box::new(Crashing::new(
-        FileStorage::open(path, true).unwrap(),
-        limit,
-        mode,
-        writes,
-        crashed,
-    ))
+    writes: Arc<AtomicU64>,
+    crashed: Arc<AtomicBool>,
+}
+
+impl Crash {
+    fn new(limit: u64, mode: Mode) -> Self {
+        Crash {
+            limit,
+            mode,
+            writes: Arc::new(AtomicU64::new(0)),
+            crashed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Crashing storage over the file at `path`.
+    fn storage(&self, path: &Path) -> Box<Crashing> {
+        Box::new(Crashing::new(
+            FileStorage::open(path, true).unwrap(),
+            self.limit,
+            self.mode,
+            &self.writes,
+            &self.crashed,
+        ))
+    }
+
+    /// The qcow2 image at `path` over crashing storage, with its backing chain.
+    fn qcow2(&self, path: &Path, writable: bool) -> Result<Qcow2Image, String> {
+        Qcow2Image::open_storage(
+            self.storage(path),
+            path,
+            writable,
+            false,
+            &mut vimg::open::ChainGuard::default(),
+        )
+        .map_err(|e| format!("open {}: {e}", path.display()))
+    }
+
+    /// The writes made, after checking that an operation did not succeed despite failed writes.
+    fn finish(&self, ok: bool) -> Result<u64, String> {
+        if ok && self.crashed.load(Ordering::SeqCst) && matches!(self.mode, Mode::Fail) {
+            return Err("the operation succeeded although writes failed".into());
+        }
+        Ok(self.writes.load(Ordering::SeqCst))
+    }
 }
 
 /// A commit scenario: a chain in `pristine`, the top's name, and `-b` (None: into the backing
@@ -103,36 +136,19 @@ struct CommitCase {
 /// Runs the commit of `case` in `dir` (a copy of the pristine chain) with writes failing or
 /// dropped after `limit`; returns the number of writes it made.
 fn crashed_commit(dir: &Path, case: &CommitCase, limit: u64, mode: Mode) -> Result<u64, String> {
-    let writes = Arc::new(AtomicU64::new(0));
-    let crashed = Arc::new(AtomicBool::new(false));
+    let crash = Crash::new(limit, mode);
     let top_path = dir.join(&case.layers.last().unwrap().name);
     let empty = case.base.is_none();
-    let top = Qcow2Image::open_storage(
-        crashing(&top_path, limit, mode, &writes, &crashed),
-        &top_path,
-        empty,
-        false,
-        &mut vimg::open::ChainGuard::default(),
-    )
-    .map_err(|e| format!("open top: {e}"))?;
+    let top = crash.qcow2(&top_path, empty)?;
     let base_name = case.base.map(|i| case.layers[i].name.clone());
     let (depth, layer) = find_base(&top, base_name.as_deref()).map_err(|e| e.to_string())?;
     let (base_path, format) = (layer.filename().to_path_buf(), layer.format());
-    let storage = crashing(&base_path, limit, mode, &writes, &crashed);
     let base = match format {
         ImageFormat::Raw => CommitTarget::Raw(
-            RawImage::from_storage(storage, &base_path, true).map_err(|e| e.to_string())?,
+            RawImage::from_storage(crash.storage(&base_path), &base_path, true)
+                .map_err(|e| e.to_string())?,
         ),
-        ImageFormat::Qcow2 => CommitTarget::Qcow2(Box::new(
-            Qcow2Image::open_storage(
-                storage,
-                &base_path,
-                true,
-                false,
-                &mut vimg::open::ChainGuard::default(),
-            )
-            .map_err(|e| e.to_string())?,
-        )),
+        ImageFormat::Qcow2 => CommitTarget::Qcow2(Box::new(crash.qcow2(&base_path, true)?)),
     };
     let job = CommitJob {
         depth,
@@ -140,11 +156,7 @@ fn crashed_commit(dir: &Path, case: &CommitCase, limit: u64, mode: Mode) -> Resu
         rate_limit: 0,
         syncs: true,
     };
-    let r = commit_images(top, base, &job, None);
-    if r.is_ok() && crashed.load(Ordering::SeqCst) && matches!(mode, Mode::Fail) {
-        return Err("the commit succeeded although writes failed".into());
-    }
-    Ok(writes.load(Ordering::SeqCst))
+    crash.finish(commit_images(top, base, &job, None).is_ok())
 }
 
 /// Checks the files a crashed commit left behind (see the module documentation).
@@ -338,12 +350,7 @@ fn interrupted_commits_never_corrupt() {
         eprintln!("{}: {total} writes, {:?}", case.name, t0.elapsed());
     }
     let _ = std::fs::remove_dir_all(&root);
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    common::assert_no_failures(&failures);
 }
 
 /// A rebase scenario: the files of both chains, the image, its new backing file (None: -b ""),
@@ -359,17 +366,8 @@ struct RebaseCase {
 }
 
 fn crashed_rebase(dir: &Path, case: &RebaseCase, limit: u64, mode: Mode) -> Result<u64, String> {
-    let writes = Arc::new(AtomicU64::new(0));
-    let crashed = Arc::new(AtomicBool::new(false));
-    let top_path = dir.join(&case.old.last().unwrap().name);
-    let img = Qcow2Image::open_storage(
-        crashing(&top_path, limit, mode, &writes, &crashed),
-        &top_path,
-        true,
-        false,
-        &mut vimg::open::ChainGuard::default(),
-    )
-    .map_err(|e| format!("open: {e}"))?;
+    let crash = Crash::new(limit, mode);
+    let img = crash.qcow2(&dir.join(&case.old.last().unwrap().name), true)?;
     let target = new_target(case);
     let new = match &target {
         Some(l) => Some(
@@ -383,11 +381,7 @@ fn crashed_rebase(dir: &Path, case: &RebaseCase, limit: u64, mode: Mode) -> Resu
         name: target.as_ref().map(|l| l.name.as_str()),
         format: target.as_ref().map(|l| l.format),
     };
-    let r = rebase_image(img, &to, case.compress, None);
-    if r.is_ok() && crashed.load(Ordering::SeqCst) && matches!(mode, Mode::Fail) {
-        return Err("the rebase succeeded although writes failed".into());
-    }
-    Ok(writes.load(Ordering::SeqCst))
+    crash.finish(rebase_image(img, &to, case.compress, None).is_ok())
 }
 
 fn new_target(case: &RebaseCase) -> Option<Layer> {
@@ -537,10 +531,5 @@ fn interrupted_rebases_never_corrupt() {
         eprintln!("{}: {total} writes, {:?}", case.name, t0.elapsed());
     }
     let _ = std::fs::remove_dir_all(&root);
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    common::assert_no_failures(&failures);
 }

@@ -9,7 +9,8 @@
 
 mod common;
 
-use common::chain::{self, run_in};
+use common::chain;
+use common::run_in;
 use common::{qemu_available, qemu_create, qemu_io, run};
 use std::path::Path;
 

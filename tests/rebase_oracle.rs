@@ -17,11 +17,11 @@ use std::path::Path;
 const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
 
 fn vimg(dir: &Path, args: &[&str]) -> (i32, String) {
-    chain::run_in(dir, VIMG, args)
+    common::run_in(dir, VIMG, args)
 }
 
 fn qemu_img(dir: &Path, args: &[&str]) -> (i32, String) {
-    chain::run_in(dir, "qemu-img", args)
+    common::run_in(dir, "qemu-img", args)
 }
 
 /// A random layer: raw only where `bottom`.
@@ -164,12 +164,7 @@ fn rebase_gives_what_qemu_img_rebase_gives() {
     );
     assert!(seen.iter().all(|&n| n > 0), "{seen:?}");
     assert!(compressed > 0 && unsafe_runs > 0);
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    common::assert_no_failures(&failures);
 }
 
 /// Rebasing onto a chain whose layers are shorter and longer than the image, with other

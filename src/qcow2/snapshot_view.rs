@@ -181,26 +181,13 @@ impl Qcow2Image {
 mod tests {
     use super::*;
 
-    fn snap(id: &str, name: &str) -> Snapshot {
-        Snapshot {
-            entry_offset: 0,
-            l1_table_offset: 0,
-            l1_size: 0,
-            id: id.into(),
-            name: name.into(),
-            date_sec: 0,
-            date_nsec: 0,
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
-            disk_size: None,
-            icount: None,
-            extra: Vec::new(),
-        }
-    }
-
     #[test]
     fn selectors_match_as_qemu_img_does() {
-        let snaps = [snap("1", "s1"), snap("2", "1"), snap("3", "s1")];
+        let snaps = [
+            Snapshot::named("1", "s1"),
+            Snapshot::named("2", "1"),
+            Snapshot::named("3", "s1"),
+        ];
         let pick = |arg: &str| {
             SnapshotSelector::parse(arg)
                 .unwrap()

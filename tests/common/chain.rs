@@ -240,23 +240,6 @@ pub fn fresh_dir(name: &str) -> PathBuf {
     d
 }
 
-/// Runs `cmd args` in `dir`: exit code and stdout followed by stderr.
-pub fn run_in(dir: &Path, cmd: &str, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(cmd)
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// The bytes of every regular file in `dir`, by name (to prove a refused command changed
 /// nothing).
 pub fn dir_bytes(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
