@@ -68,7 +68,8 @@ fresh() {
 
 report() {
   local label=$1; shift
-  local n=$(($# / 2)) qts=("${@:1:$n}") vts=("${@:$((n + 1))}")
+  local n=$(($# / 2))
+  local qts=("${@:1:$n}") vts=("${@:$((n + 1))}")
   local qb vb qm vm
   qb=$(best "${qts[@]}"); vb=$(best "${vts[@]}"); qm=$(median "${qts[@]}"); vm=$(median "${vts[@]}")
   printf '%-34s %8ss %8ss %6s %8ss %8ss %6s\n' "$label" "$qb" "$vb" \
