@@ -15,7 +15,7 @@
 mod common;
 
 use common::chain::{self, Layer};
-use common::crash::{Crashing, Mode};
+use common::crashing::{Crashing, Mode};
 use common::{qemu_available, qemu_io, Rng};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -95,7 +95,7 @@ impl Crash {
 
     /// Crashing storage over the file at `path`.
     fn storage(&self, path: &Path) -> Box<Crashing> {
-        Box::new(Crashing::new(
+        Box::new(Crashing::shared(
             FileStorage::open(path, true).unwrap(),
             self.limit,
             self.mode,

@@ -13,11 +13,10 @@
 
 mod common;
 
-use common::crash::{Crashing, Mode};
+use common::crashing::{Crashing, Mode};
 use common::{qemu_available, qemu_create, qemu_io, run};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use vimg::open::ChainGuard;
 use vimg::qcow2::compress::compress_cluster;
 use vimg::qcow2::Qcow2Image;
@@ -202,16 +201,9 @@ fn check_one(
 ) -> Result<u64, String> {
     let img_path = dir.join(format!("crash-{limit}.qcow2"));
     std::fs::copy(pristine, &img_path).unwrap();
-    let writes = Arc::new(AtomicU64::new(0));
-    let crashed = Arc::new(AtomicBool::new(false));
+    let storage = Crashing::new(FileStorage::open(&img_path, true).unwrap(), limit, mode);
+    let (writes, crashed) = (storage.writes.clone(), storage.crashed.clone());
     let (durable, touched) = {
-        let storage = Crashing {
-            inner: FileStorage::open(&img_path, true).unwrap(),
-            limit,
-            mode,
-            writes: writes.clone(),
-            crashed: crashed.clone(),
-        };
         let img = Qcow2Image::open_storage(
             Box::new(storage),
             &img_path,

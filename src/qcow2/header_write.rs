@@ -151,13 +151,26 @@ impl Qcow2Image {
     /// at tables that are not on disk yet.
     ///
     /// The caller keeps the invariants the header states (tables where it says, feature bits
-    /// that match the image); this only guarantees the bytes are a well-formed header.
+    /// that match the image); this only guarantees the bytes are a well-formed header. The
+    /// bitmaps extension and its autoclear bit are always the image's current ones.
     pub fn rewrite_header(&mut self, new: Header) -> Result<()> {
         if !self.writable {
             return Err(Error::invalid_input("image is not open for writing")).in_file(&self.path);
         }
         self.flush_metadata()?;
-        let new = self.with_on_disk_state(new).in_file(&self.path)?;
+        let mut new = self.with_on_disk_state(new).in_file(&self.path)?;
+        // The bitmaps extension is the bitmap code's (the flush may just have moved it).
+        let live = self.bitmaps_ext();
+        if new.version < 3 && live.is_some() {
+            return Err(Error::unsupported(
+                "a version 2 header cannot keep the image's persistent dirty bitmaps",
+            ))
+            .in_file(&self.path);
+        }
+        new.bitmaps = live;
+        if live.is_some() {
+            new.autoclear_features |= super::header::autoclear::BITMAPS;
+        }
         let bytes = new.encode().in_file(&self.path)?;
         let file_len = self.file_len();
         let parsed = Header::parse(&bytes, file_len.max(bytes.len() as u64))
@@ -171,6 +184,7 @@ impl Qcow2Image {
             .flush()
             .map_err(|e| Error::io("cannot sync the qcow2 header", e))
             .in_file(&self.path)?;
+        self.set_bitmaps_ext(parsed.bitmaps);
         self.header = parsed;
         Ok(())
     }
@@ -181,12 +195,7 @@ impl Qcow2Image {
     /// this, a header built from [`Qcow2Image::header`] after writes that moved the refcount
     /// table would point back at the freed old table.
     fn with_on_disk_state(&self, mut new: Header) -> Result<Header> {
-        let cs = self.header.cluster_size() as usize;
-        let mut cluster0 = vec![0u8; cs];
-        self.storage
-            .read_at(&mut cluster0, 0)
-            .map_err(|e| Error::io("cannot read the qcow2 header", e))?;
-        let disk = Header::parse(&cluster0, self.file_len().max(cs as u64))?;
+        let disk = self.disk_header()?;
         let old = &self.header;
         if new.refcount_table_offset == old.refcount_table_offset
             && new.refcount_table_clusters == old.refcount_table_clusters

@@ -50,17 +50,11 @@ impl Qcow2Image {
                 "internal snapshots are not supported with an external data file",
             ));
         }
-        if self.header.bitmaps.is_some() {
-            return Err(Error::unsupported(
-                "changing internal snapshots of images with persistent dirty bitmaps is not \
-                 supported yet",
-            ));
-        }
         Ok(())
     }
 
     /// The L1 table of snapshot `s`, read after checking its bounds.
-    fn snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>> {
+    pub(super) fn snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>> {
         s.validate_l1(self)?;
         let mut raw = vec![0u8; s.l1_size as usize * 8];
         self.storage
@@ -112,7 +106,7 @@ impl Qcow2Image {
 
     /// Allocates `bytes` rounded up to whole new clusters (refcount 1, in memory) and returns
     /// the offset of the first.
-    fn alloc_run(&self, st: &mut WriteState, bytes: u64) -> Result<u64> {
+    pub(super) fn alloc_run(&self, st: &mut WriteState, bytes: u64) -> Result<u64> {
         let cs = self.header.cluster_size();
         let n = bytes.div_ceil(cs).max(1);
         let first = self.find_free(st, n, true)?;
@@ -212,7 +206,11 @@ impl Qcow2Image {
 
     /// Writes `entries` as the new snapshot table to new clusters, switches the header to it
     /// and releases the old table (at the flush this ends with).
-    fn replace_snapshot_table(&mut self, st: &mut WriteState, entries: &[Vec<u8>]) -> Result<()> {
+    pub(super) fn replace_snapshot_table(
+        &mut self,
+        st: &mut WriteState,
+        entries: &[Vec<u8>],
+    ) -> Result<()> {
         let old = (self.header.snapshots_offset, self.snapshot_table_bytes()?);
         let bytes: Vec<u8> = entries.concat();
         if bytes.len() as u64 > MAX_TABLE_BYTES {
@@ -374,11 +372,19 @@ impl Qcow2Image {
     }
 
     /// Reverts the active state to snapshot `name_or_id` (`qemu-img snapshot -a`; an id is
-    /// matched first, then a name): the virtual size becomes the one the snapshot recorded,
+    /// matched first, then a name), refused while the image has persistent dirty bitmaps, as
+    /// by qemu (they would not record the change): the virtual size becomes the one the snapshot recorded,
     /// the active L1 table gets the snapshot's entries, and the old active tree loses its
     /// reference.
     pub fn snapshot_apply(&mut self, name_or_id: &str) -> Result<()> {
         self.snapshot_preconditions()?;
+        // The disk would change under the bitmaps without a write to mark: qemu refuses too.
+        if self.bitmaps_ext().is_some_and(|b| b.nb_bitmaps > 0) {
+            return Err(Error::new(
+                crate::error::ErrorKind::Unsupported,
+                format!("Could not apply snapshot '{name_or_id}': Device has active dirty bitmaps"),
+            ));
+        }
         let snaps = read_table(self)?;
         let idx = snaps
             .iter()
@@ -472,7 +478,7 @@ fn not_found_delete(name: &str) -> Error {
 }
 
 /// The bytes of snapshot table entry `s` (qcow2.rst "Snapshots"), padded to a multiple of 8.
-fn encode_entry(s: &Snapshot) -> Vec<u8> {
+pub(super) fn encode_entry(s: &Snapshot) -> Vec<u8> {
     let mut e = vec![0u8; 40];
     BigEndian::write_u64(&mut e[0..8], s.l1_table_offset);
     BigEndian::write_u32(&mut e[8..12], s.l1_size);

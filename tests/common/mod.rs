@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 pub mod chain;
-pub mod crash;
+pub mod crashing;
 
 use std::path::Path;
 use std::process::Command;

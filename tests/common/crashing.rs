@@ -1,6 +1,6 @@
-//! A storage wrapper that fails (or silently drops) every write after the Nth, to prove that
-//! an operation interrupted at any write leaves a consistent image. Several wrappers may share
-//! one counter, so that "the Nth write" counts across the files an operation changes.
+//! A storage wrapper that crashes: after the Nth write it fails (or silently drops) every
+//! write, resize and sync, so that a test can interrupt an operation at every write and look at
+//! what is left on disk.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,16 +18,33 @@ pub enum Mode {
 
 /// Counts writes; after `limit` of them, fails or drops every write, sync and resize.
 pub struct Crashing {
+    /// The file written through.
     pub inner: FileStorage,
+    /// Writes that reach the file.
     pub limit: u64,
+    /// What happens to the others.
     pub mode: Mode,
+    /// Writes attempted so far (shared with the test, which reads it afterwards).
     pub writes: Arc<AtomicU64>,
+    /// Set once a write was failed or dropped.
     pub crashed: Arc<AtomicBool>,
 }
 
 impl Crashing {
-    /// A wrapper around `inner` sharing the counter `writes` and the flag `crashed`.
-    pub fn new(
+    /// Wraps `inner`, letting `limit` writes through.
+    pub fn new(inner: FileStorage, limit: u64, mode: Mode) -> Self {
+        Crashing {
+            inner,
+            limit,
+            mode,
+            writes: Arc::new(AtomicU64::new(0)),
+            crashed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Wraps `inner`, letting `limit` writes through, counted together with every other
+    /// wrapper sharing `writes` and `crashed` (an operation that changes several files).
+    pub fn shared(
         inner: FileStorage,
         limit: u64,
         mode: Mode,
@@ -87,12 +104,6 @@ impl Storage for Crashing {
             self.inner.zero_range(offset, len)?;
         }
         Ok(())
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
-        if self.gate()? {
-            return self.inner.punch_hole(offset, len);
-        }
-        Ok(true)
     }
     fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)> {
         self.inner.extent_at(offset)

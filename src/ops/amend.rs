@@ -1,0 +1,140 @@
+//! `vimg amend [-f FMT] [-t CACHE] [-p] [-q] [--force] -o OPTIONS IMAGE`: changes the format
+//! options of an existing qcow2 image in place, as `qemu-img amend` does (`-o help` lists
+//! them). The work is in [`crate::qcow2::amend`].
+//!
+//! The request is checked on a read-only open first, so that a refused amend (with qemu-img's
+//! message and exit code 1) leaves the image untouched, dirty bit included; only then is the
+//! image opened for writing (with its backing chain only when the disk grows, so that a longer
+//! backing file does not show through the new area).
+
+use crate::block::ImageFormat;
+use crate::error::{Error, Result};
+use crate::open::{probe_format, ChainGuard};
+use crate::qcow2::amend::{AmendOptions, AMEND_OPTION_HELP};
+use crate::qcow2::Qcow2Image;
+use std::path::Path;
+
+/// qemu-img's message when no `-o` is given.
+pub const NO_OPTIONS: &str = "Must specify options (-o)";
+/// qemu-img's message when the image argument is missing.
+pub const NO_IMAGE: &str = "Expecting one image file name";
+
+/// The pieces of a `vimg amend` command line.
+#[derive(Debug, Clone, Default)]
+pub struct AmendArgs<'a> {
+    /// `-f`: the image's format; probed when `None`.
+    pub format: Option<ImageFormat>,
+    /// Each `-o` argument, in order (later options win).
+    pub options: &'a [String],
+    /// `-t`: the cache mode (`None`: writeback).
+    pub cache: Option<&'a str>,
+}
+
+/// Whether a cache mode (`-t`) skips syncs: `unsafe` does; `writeback` (the default),
+/// `writethrough`, `none` and `directsync` wait for the disk. Other names are refused with
+/// qemu-img's message.
+pub fn cache_is_unsafe(mode: &str) -> Result<bool> {
+    match mode {
+        "unsafe" => Ok(true),
+        "writeback" | "writethrough" | "none" | "directsync" => Ok(false),
+        _ => Err(Error::invalid_input(format!(
+            "Invalid cache option: {mode}"
+        ))),
+    }
+}
+
+/// Whether the `-o` arguments ask for the option list.
+pub fn wants_help(options: &[String]) -> bool {
+    crate::ops::create::wants_help(options)
+}
+
+/// The `-o help` text for the image at `path` (format `format`, probed when `None`); without
+/// an image, `format` must be given.
+pub fn help(format: Option<ImageFormat>, path: Option<&Path>) -> Result<String> {
+    let format = match (format, path) {
+        (Some(f), _) => f,
+        (None, Some(p)) => probe_format(p)?,
+        (None, None) => return Err(Error::invalid_input(NO_IMAGE)),
+    };
+    refuse_non_qcow2(format)?;
+    let width = AMEND_OPTION_HELP
+        .iter()
+        .map(|(k, _)| k.len())
+        .max()
+        .unwrap_or(0);
+    let mut s = String::from("Amend options for 'qcow2':\n");
+    for (k, d) in AMEND_OPTION_HELP {
+        s.push_str(&format!("  {k:<width$} - {d}\n"));
+    }
+    Ok(s)
+}
+
+fn refuse_non_qcow2(format: ImageFormat) -> Result<()> {
+    if format != ImageFormat::Qcow2 {
+        return Err(Error::unsupported(format!(
+            "Format driver '{}' does not support option amendment",
+            format.as_str()
+        )));
+    }
+    Ok(())
+}
+
+/// Amends the image at `path` as `args` says, reporting progress as (done, total) to
+/// `progress`.
+pub fn amend(path: &Path, args: &AmendArgs<'_>, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    if args.options.is_empty() {
+        return Err(Error::invalid_input(NO_OPTIONS));
+    }
+    let unsafe_cache = cache_is_unsafe(args.cache.unwrap_or("writeback"))?;
+    let opts = AmendOptions::parse_all(args.options)?;
+    let format = match args.format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    refuse_non_qcow2(format)?;
+    // Look first, read-only: a refused amend must not change the image at all.
+    let (plan, has_backing, size) = {
+        let img = Qcow2Image::open(path, false, true, &mut ChainGuard::default())?;
+        let plan = img.plan_amend(&opts)?;
+        let h = img.header();
+        (plan, h.backing_file.is_some(), h.size)
+    };
+    if plan.is_empty() {
+        progress(1, 1);
+        return Ok(());
+    }
+    let grows = plan.size.is_some_and(|s| s > size);
+    let mut img = Qcow2Image::open(
+        path,
+        true,
+        !(grows && has_backing),
+        &mut ChainGuard::default(),
+    )?;
+    img.set_unsafe_cache(unsafe_cache);
+    img.amend(&opts, progress)?;
+    img.close()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_modes_and_help() {
+        assert!(cache_is_unsafe("unsafe").unwrap());
+        assert!(!cache_is_unsafe("none").unwrap());
+        assert_eq!(
+            cache_is_unsafe("foo").unwrap_err().what(),
+            "Invalid cache option: foo"
+        );
+        let h = help(Some(ImageFormat::Qcow2), None).unwrap();
+        assert!(h.starts_with("Amend options for 'qcow2':\n"), "{h}");
+        assert!(h.contains("refcount_bits=<num>") && h.contains("size=<size>"));
+        assert!(!h.contains("cluster_size"));
+        assert_eq!(help(None, None).unwrap_err().what(), NO_IMAGE);
+        assert!(help(Some(ImageFormat::Raw), None)
+            .unwrap_err()
+            .what()
+            .contains("does not support option amendment"));
+    }
+}
