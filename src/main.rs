@@ -40,12 +40,84 @@ enum Command {
     Measure(MeasureArgs),
     /// List (-l), create (-c), apply (-a) or delete (-d) internal snapshots of a qcow2 image.
     Snapshot(SnapshotArgs),
+    /// Write an overlay's data into its backing file (or into -b BASE further down the chain),
+    /// then empty the overlay (unless -d or -b).
+    Commit(CommitArgs),
+    /// Change the backing file of a qcow2 image, copying what differs (-u: only the header;
+    /// -b "": no backing file).
+    Rebase(RebaseArgs),
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (in the order
     /// given).
     Bitmap(BitmapCmdArgs),
     /// Change format options of a qcow2 image in place (compat, refcount_bits, lazy_refcounts,
     /// size, backing_file; `-o help` lists them).
     Amend(AmendCmdArgs),
+}
+
+#[derive(Args, Debug)]
+struct CommitArgs {
+    /// Format of IMAGE (qcow2); probed when not given.
+    #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Cache mode of the images written: writeback (default), writethrough, none, directsync,
+    /// or unsafe (no waiting for the disk).
+    #[arg(short = 't', value_name = "CACHE", default_value = "writeback")]
+    cache: String,
+    /// The layer of the backing chain to commit into, instead of the backing file (implies
+    /// -d, as in qemu-img).
+    #[arg(short = 'b', value_name = "BASE")]
+    base: Option<String>,
+    /// Do not empty IMAGE afterwards.
+    #[arg(short = 'd')]
+    drop: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Write at most RATE bytes per second (k, M, G suffixes; 0: no limit).
+    #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
+    rate: Option<String>,
+    /// The overlay.
+    filename: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct RebaseArgs {
+    /// Format of IMAGE (qcow2); probed when not given.
+    #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Only change the header: no data is copied, and the new backing file need not exist.
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    /// The new backing file (recorded as given; relative names are relative to IMAGE), or ""
+    /// for none.
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the new backing file (required with -b, as in qemu-img).
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_format: Option<String>,
+    /// Write the copied clusters compressed.
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode of IMAGE: writeback (default), writethrough, none, directsync, or unsafe.
+    #[arg(short = 't', value_name = "CACHE", default_value = "writeback")]
+    cache: String,
+    /// Cache mode of the backing files (accepted; they are only read).
+    #[arg(short = 'T', value_name = "CACHE")]
+    backing_cache: Option<String>,
+    /// Open without taking image locks (accepted; vimg takes none yet).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image.
+    filename: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -349,6 +421,10 @@ struct ConvertArgs {
     /// Open the source without taking image locks (accepted; vimg takes none yet).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Read the sources as internal snapshot SNAPSHOT was: snapshot.id=ID,
+    /// snapshot.name=NAME, or an id or name alone (an id matches first).
+    #[arg(short = 'l', long = "source-snapshot", value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
     /// The source images (concatenated, in order), then the image to write.
     #[arg(value_name = "SRC... DST")]
     files: Vec<PathBuf>,
@@ -437,6 +513,8 @@ fn main() -> ExitCode {
         Command::Resize(a) => resize(a),
         Command::Measure(a) => measure(a),
         Command::Snapshot(a) => snapshot(a),
+        Command::Commit(a) => commit(a),
+        Command::Rebase(a) => rebase(a),
         Command::Bitmap(a) => bitmap(a),
         Command::Amend(a) => amend(a),
     };
@@ -810,9 +888,24 @@ fn convert(a: ConvertArgs) -> CmdResult {
     };
     let opts = convert_options(&a);
     ops::convert::validate(sources.len(), target, &opts).map_err(fail)?;
+    let snapshot = a
+        .snapshot
+        .as_deref()
+        .map(vimg::qcow2::snapshot_view::SnapshotSelector::parse)
+        .transpose()
+        .map_err(fail)?;
+    if snapshot.is_some() && sources.len() > 1 {
+        return Err(Failure {
+            message: "No support for concatenating multiple snapshot".into(),
+            code: 1,
+        });
+    }
     let opened = sources
         .iter()
-        .map(|s| open(s, a.format))
+        .map(|s| match &snapshot {
+            Some(sel) => vimg::qcow2::snapshot_view::open_image_snapshot(s, a.format, sel),
+            None => open(s, a.format),
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
     let sources: Vec<&dyn vimg::BlockImage> = opened.iter().map(|b| b.as_ref()).collect();
@@ -908,5 +1001,76 @@ fn measure(a: MeasureArgs) -> CmdResult {
     };
     let m = ops::measure::measure(target, &a.options, size, source.as_deref()).map_err(fail)?;
     print(&m.render(a.output.into()))?;
+    Ok(0)
+}
+
+/// Runs `f` with qemu-img's text progress (`    (NN.NN/100%)` and carriage returns) on
+/// standard output when `show`, ending the progress line after a success.
+fn with_text_progress<T>(
+    show: bool,
+    f: impl FnOnce(Option<ops::convert::Progress<'_>>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    if !show {
+        return f(None);
+    }
+    let text = ops::convert::TextProgress::new();
+    let report = |done: u64, total: u64| {
+        let mut out = std::io::stdout().lock();
+        if let Some(line) = text.update(done, total) {
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.flush();
+        }
+    };
+    let r = f(Some(&report));
+    if r.is_ok() {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(b"\n").and_then(|_| out.flush());
+    }
+    r
+}
+
+fn commit(a: CommitArgs) -> CmdResult {
+    let fail = |e| Failure::new(e, 1);
+    let cache = ops::commit::CacheMode::parse(&a.cache).map_err(fail)?;
+    let rate_limit = match &a.rate {
+        Some(r) => ops::commit::parse_rate_limit(r).map_err(fail)?,
+        None => 0,
+    };
+    let opts = ops::commit::CommitOptions {
+        format: a.format,
+        base: a.base.clone(),
+        drop: a.drop,
+        rate_limit,
+        cache,
+    };
+    let msg = with_text_progress(a.progress && !a.quiet, |p| {
+        ops::commit::commit(&a.filename, &opts, p)
+    })
+    .map_err(fail)?;
+    if !a.quiet {
+        print(&format!("{msg}\n"))?;
+    }
+    Ok(0)
+}
+
+fn rebase(a: RebaseArgs) -> CmdResult {
+    let _ = a.force_share;
+    let fail = |e| Failure::new(e, 1);
+    let cache = ops::commit::CacheMode::parse(&a.cache).map_err(fail)?;
+    if let Some(t) = &a.backing_cache {
+        ops::commit::CacheMode::parse(t).map_err(fail)?;
+    }
+    let opts = ops::rebase::RebaseOptions {
+        format: a.format,
+        backing: a.backing.clone(),
+        backing_format: a.backing_format.clone(),
+        unsafe_mode: a.unsafe_mode,
+        compress: a.compress,
+        cache,
+    };
+    with_text_progress(a.progress && !a.quiet, |p| {
+        ops::rebase::rebase(&a.filename, &opts, p)
+    })
+    .map_err(fail)?;
     Ok(0)
 }

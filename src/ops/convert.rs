@@ -24,7 +24,7 @@
 
 mod bitmaps;
 pub mod concat;
-mod copy;
+pub(crate) mod copy;
 
 pub use bitmaps::source_bitmaps;
 
@@ -372,7 +372,7 @@ fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
 }
 
 /// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
-fn same_file(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
@@ -485,7 +485,7 @@ impl Drop for TempFile {
 }
 
 /// Whether `b` is all zeros (in 64-byte steps the compiler can vectorise).
-fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     let mut blocks = b.chunks_exact(64);
     blocks
         .by_ref()

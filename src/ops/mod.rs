@@ -7,6 +7,7 @@
 pub mod amend;
 pub mod bitmap;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -14,6 +15,7 @@ pub mod info;
 pub mod json;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod resize;
 pub mod size;
 pub mod snapshot;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod chain;
 pub mod crashing;
 
 use std::path::Path;
@@ -48,8 +49,16 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 /// Runs a command that may fail; returns its exit code (-1 if killed) and its stdout followed
 /// by its stderr.
 pub fn run_status(cmd: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(cmd)
-        .args(args)
+    status_of(Command::new(cmd).args(args), cmd)
+}
+
+/// [`run_status`] with `dir` as the working directory (for relative image names).
+pub fn run_in(dir: &Path, cmd: &str, args: &[&str]) -> (i32, String) {
+    status_of(Command::new(cmd).current_dir(dir).args(args), cmd)
+}
+
+fn status_of(c: &mut Command, cmd: &str) -> (i32, String) {
+    let out = c
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     (
@@ -60,6 +69,16 @@ pub fn run_status(cmd: &str, args: &[&str]) -> (i32, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// Fails the test listing `failures`, if there are any.
+pub fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// `qemu-img create -q -f FMT [-o OPTS] [-b BACKING -F BFMT] PATH SIZE`.
