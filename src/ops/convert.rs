@@ -310,7 +310,7 @@ pub fn convert(
 
 /// An error about the temporary output names the destination instead (the temporary name means
 /// nothing to the user, and the file is gone once the error is reported).
-fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
+pub(crate) fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
     if e.path() == Some(tmp) {
         let mut fresh = Error::new(e.kind(), e.what().to_string()).with_path(dst);
         if let Some(o) = e.offset() {
@@ -362,14 +362,14 @@ fn open_target(dst: &Path, format: ImageFormat) -> Result<Box<dyn BlockImage>> {
 }
 
 /// A file under a temporary name, removed on drop unless persisted.
-struct TempFile {
-    path: PathBuf,
+pub(crate) struct TempFile {
+    pub(crate) path: PathBuf,
     keep: bool,
 }
 
 impl TempFile {
     /// Creates a new, empty, uniquely named file in the directory of `dst`.
-    fn create_near(dst: &Path) -> Result<TempFile> {
+    pub(crate) fn create_near(dst: &Path) -> Result<TempFile> {
         let dir = match dst.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -409,7 +409,7 @@ impl TempFile {
     }
 
     /// Renames the file to `dst`.
-    fn persist(mut self, dst: &Path) -> Result<()> {
+    pub(crate) fn persist(mut self, dst: &Path) -> Result<()> {
         std::fs::rename(&self.path, dst)
             .map_err(|e| Error::io("cannot rename the finished output into place", e))
             .in_file(dst)?;
@@ -427,7 +427,7 @@ impl Drop for TempFile {
 }
 
 /// Whether `b` is all zeros (in 64-byte steps the compiler can vectorise).
-fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     let mut blocks = b.chunks_exact(64);
     blocks
         .by_ref()
