@@ -4,6 +4,7 @@
 //! given where it can, returns [`crate::Error`]s instead of printing them, and renders output in
 //! qemu-img's formats. The binary (`src/main.rs`) only parses arguments and prints.
 
+pub mod backup;
 pub mod check;
 pub mod compare;
 pub mod convert;
