@@ -365,19 +365,24 @@ pub fn prepare_extract(
     }
     // Every output name, checked before anything is written.
     let mut names: Vec<String> = Vec::new();
-    let mut claim = |name: String, what: &str| -> Result<String> {
-        if !plain_file_name(&name) || names.contains(&name) {
+    let mut claim = |file: String, what: &str, name: &str| -> Result<String> {
+        if !plain_file_name(name) || !plain_file_name(&file) || names.contains(&file) {
             return Err(Error::corrupt(format!(
-                "{what} '{}' cannot be restored as a file name in the target directory",
-                name.escape_debug()
+                "{what} '{}' cannot be restored as a file name in the target directory{}",
+                name.escape_debug(),
+                if names.contains(&file) {
+                    format!(" ('{}' is taken)", file.escape_debug())
+                } else {
+                    String::new()
+                }
             ))
             .with_path(&shown));
         }
-        names.push(name.clone());
-        Ok(name)
+        names.push(file.clone());
+        Ok(file)
     };
     for c in &header.configs {
-        claim(c.name.clone(), "config name")?;
+        claim(c.name.clone(), "config name", &c.name)?;
     }
     let mut devices = Vec::new();
     let mut tmp_names = Vec::new();
@@ -400,8 +405,8 @@ pub fn prepare_extract(
                 opts.format,
             )
         };
-        let file = claim(file, "device name")?;
-        let tmp = claim(tmp, "device name")?;
+        let file = claim(file, "device name", &d.name)?;
+        let tmp = claim(tmp, "device name", &d.name)?;
         devices.push(PlannedDevice {
             id: d.id,
             name: d.name.clone(),

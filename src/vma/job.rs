@@ -88,9 +88,21 @@ pub struct BackupJob<'a, W: Write + Send + 'static> {
     bytes_read: AtomicU64,
 }
 
-/// A copy of `e` (errors hold an I/O error and are not `Clone`): same kind, same text.
+/// A copy of `e` (errors hold an I/O error and are not `Clone`): same kind, file, offset and
+/// text.
 fn replicate(e: &Error) -> Error {
-    Error::new(e.kind(), e.to_string())
+    let what = match std::error::Error::source(e) {
+        Some(s) => format!("{}: {s}", e.what()),
+        None => e.what().to_string(),
+    };
+    let mut copy = Error::new(e.kind(), what);
+    if let Some(p) = e.path() {
+        copy = copy.with_path(p);
+    }
+    if let Some(o) = e.offset() {
+        copy = copy.at(o);
+    }
+    copy
 }
 
 impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
