@@ -104,10 +104,26 @@ fn cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let mut v: Vec<(&'static str, Vec<u8>, &'static str)> = Vec::new();
     v.push(("empty", Vec::new(), "too short"));
     v.push(("truncated-fixed-header", g[..5000].to_vec(), "too short"));
-    v.push(("truncated-blobs", g[..12288 + 100].to_vec(), "ends inside its header"));
-    v.push(("truncated-extent-header", g[..hs + 100].to_vec(), "ends inside an extent header"));
-    v.push(("truncated-extent-data", g[..hs + 512 + 5000].to_vec(), "ends inside the extent's data"));
-    v.push(("truncated-at-extent-boundary", join(&[h.clone(), a.bytes()]), "incomplete"));
+    v.push((
+        "truncated-blobs",
+        g[..12288 + 100].to_vec(),
+        "ends inside its header",
+    ));
+    v.push((
+        "truncated-extent-header",
+        g[..hs + 100].to_vec(),
+        "ends inside an extent header",
+    ));
+    v.push((
+        "truncated-extent-data",
+        g[..hs + 512 + 5000].to_vec(),
+        "ends inside the extent's data",
+    ));
+    v.push((
+        "truncated-at-extent-boundary",
+        join(&[h.clone(), a.bytes()]),
+        "incomplete",
+    ));
     let mut x = g.clone();
     x.truncate(g.len() - 1);
     v.push(("truncated-last-byte", x, "ends inside the extent's data"));
@@ -123,13 +139,25 @@ fn cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     v.push(("version-2", x, "version 2"));
     let mut x = g.clone();
     x[2100] ^= 0x10;
-    v.push(("flipped-bit-main-header", x, "md5 checksum mismatch in the main header"));
+    v.push((
+        "flipped-bit-main-header",
+        x,
+        "md5 checksum mismatch in the main header",
+    ));
     let mut x = g.clone();
     x[12300] ^= 1;
-    v.push(("flipped-bit-blob", x, "md5 checksum mismatch in the main header"));
+    v.push((
+        "flipped-bit-blob",
+        x,
+        "md5 checksum mismatch in the main header",
+    ));
     let mut x = g.clone();
     x[hs + 45] ^= 0x04;
-    v.push(("flipped-bit-extent-entry", x, "md5 checksum mismatch in extent header"));
+    v.push((
+        "flipped-bit-extent-entry",
+        x,
+        "md5 checksum mismatch in extent header",
+    ));
     let mut x = g.clone();
     x[hs + 1] ^= 0x01;
     v.push(("flipped-bit-extent-magic", x, "bad extent magic"));
@@ -140,7 +168,11 @@ fn cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
 
     let mut w = Ext::new(&b.entries);
     w.uuid[3] ^= 0xff;
-    v.push(("wrong-uuid", join(&[h.clone(), a.bytes(), w.bytes()]), "uuid differs"));
+    v.push((
+        "wrong-uuid",
+        join(&[h.clone(), a.bytes(), w.bytes()]),
+        "uuid differs",
+    ));
     let mut x = g.clone();
     x[b_at + 4] = 1;
     fix_extent_md5(&mut x, b_at);
@@ -159,20 +191,48 @@ fn cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     v.push(("unused-entry-nonzero", x, "not all zero"));
 
     let dup = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, 0, 0)]);
-    v.push(("duplicate-cluster", join(&[h.clone(), a.bytes(), dup.bytes()]), "second time"));
+    v.push((
+        "duplicate-cluster",
+        join(&[h.clone(), a.bytes(), dup.bytes()]),
+        "second time",
+    ));
     let dup_same = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, 1, 0)]);
-    v.push(("duplicate-in-one-extent", join(&[h.clone(), a.bytes(), dup_same.bytes()]), "second time"));
+    v.push((
+        "duplicate-in-one-extent",
+        join(&[h.clone(), a.bytes(), dup_same.bytes()]),
+        "second time",
+    ));
     let missing = Ext::new(&[(2, 0, 0x8001)]);
-    v.push(("missing-cluster", join(&[h.clone(), a.bytes(), missing.bytes()]), "lacks 1 of its 3 clusters"));
+    v.push((
+        "missing-cluster",
+        join(&[h.clone(), a.bytes(), missing.bytes()]),
+        "lacks 1 of its 3 clusters",
+    ));
     let past = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, 3, 0)]);
-    v.push(("cluster-past-device-end", join(&[h.clone(), a.bytes(), past.bytes()]), "past the end of device 1"));
+    v.push((
+        "cluster-past-device-end",
+        join(&[h.clone(), a.bytes(), past.bytes()]),
+        "past the end of device 1",
+    ));
     let huge = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, u32::MAX, 0)]);
-    v.push(("cluster-number-absurd", join(&[h.clone(), a.bytes(), huge.bytes()]), "past the end"));
+    v.push((
+        "cluster-number-absurd",
+        join(&[h.clone(), a.bytes(), huge.bytes()]),
+        "past the end",
+    ));
     let block = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f)]);
     let a_bad = Ext::new(&[(1, 2, 0xffff), (2, 1, 0x03ff), (1, 0, 0)]);
-    v.push(("data-block-past-device-end", join(&[h.clone(), a_bad.bytes(), block.bytes()]), "data block 9"));
+    v.push((
+        "data-block-past-device-end",
+        join(&[h.clone(), a_bad.bytes(), block.bytes()]),
+        "data block 9",
+    ));
     let unknown = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f), (3, 0, 0)]);
-    v.push(("unknown-device", join(&[h.clone(), a.bytes(), unknown.bytes()]), "unknown device id 3"));
+    v.push((
+        "unknown-device",
+        join(&[h.clone(), a.bytes(), unknown.bytes()]),
+        "unknown device id 3",
+    ));
 
     let mut x = g.clone();
     x[56..60].copy_from_slice(&0xffff_fe00u32.to_be_bytes());
@@ -199,17 +259,28 @@ fn cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     v.push(("device-slot-255", x, "device slot 255"));
 
     // Well-formed archives whose names must not become file names.
-    for (label, name) in [("config-name-traversal", "../evil.conf"), ("config-name-dot", "..")] {
+    for (label, name) in [
+        ("config-name-traversal", "../evil.conf"),
+        ("config-name-dot", ".."),
+    ] {
         let mut hh = ArchiveHeader::new(*b"0123456789abcdef", 0);
         hh.add_config(name, b"x".to_vec()).unwrap();
         hh.add_device("drive-scsi0", 3 * CLUSTER_SIZE).unwrap();
         hh.add_device("drive-scsi1", 100_000).unwrap();
-        v.push((label, join(&[hh.encode().unwrap(), a.bytes(), b.bytes()]), "cannot be restored as a file name"));
+        v.push((
+            label,
+            join(&[hh.encode().unwrap(), a.bytes(), b.bytes()]),
+            "cannot be restored as a file name",
+        ));
     }
     let mut hh = ArchiveHeader::new(*b"0123456789abcdef", 0);
     hh.add_device("a/../../b", 3 * CLUSTER_SIZE).unwrap();
     hh.add_device("drive-scsi1", 100_000).unwrap();
-    v.push(("device-name-slash", join(&[hh.encode().unwrap(), a.bytes(), b.bytes()]), "cannot be restored as a file name"));
+    v.push((
+        "device-name-slash",
+        join(&[hh.encode().unwrap(), a.bytes(), b.bytes()]),
+        "cannot be restored as a file name",
+    ));
     v
 }
 
@@ -228,7 +299,12 @@ fn the_valid_archive_is_valid() {
     let o = vimg(&["backup", "verify", p.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = dir.path().join("out");
-    let o = vimg(&["backup", "extract", p.to_str().unwrap(), out.to_str().unwrap()]);
+    let o = vimg(&[
+        "backup",
+        "extract",
+        p.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let d1 = std::fs::read(out.join("disk-drive-scsi0.raw")).unwrap();
     // Cluster 2 of device 1 is entry 0 of the first extent: all blocks of byte 1.
@@ -236,7 +312,9 @@ fn the_valid_archive_is_valid() {
     assert!(d1[..65536].iter().all(|&b| b == 0));
     // Cluster 1 (mask 0x0f0f, entry 1 of the second extent): blocks 0-3 and 8-11.
     let c1 = &d1[65536..2 * 65536];
-    assert!(c1[..4 * 4096].iter().all(|&b| b == 2) && c1[4 * 4096..8 * 4096].iter().all(|&b| b == 0));
+    assert!(
+        c1[..4 * 4096].iter().all(|&b| b == 2) && c1[4 * 4096..8 * 4096].iter().all(|&b| b == 0)
+    );
     let d2 = std::fs::read(out.join("disk-drive-scsi1.raw")).unwrap();
     assert_eq!(d2.len(), 100_000);
     // Device 2's cluster 1 holds blocks 0-7 (mask 0x00ff) and then zeros to the end.
@@ -247,7 +325,11 @@ fn the_valid_archive_is_valid() {
     h.add_device("d", 59 * CLUSTER_SIZE).unwrap();
     let entries: Vec<(u8, u32, u16)> = (0..59).map(|c| (1, c, (c % 3) as u16)).collect();
     let p59 = dir.path().join("59.vma");
-    std::fs::write(&p59, join(&[h.encode().unwrap(), Ext::new(&entries).bytes()])).unwrap();
+    std::fs::write(
+        &p59,
+        join(&[h.encode().unwrap(), Ext::new(&entries).bytes()]),
+    )
+    .unwrap();
     let o = vimg(&["backup", "verify", p59.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
@@ -261,7 +343,15 @@ fn damaged_archives_fail_with_one_clear_line_and_leave_nothing() {
         std::fs::write(&p, &bytes).unwrap();
         let out = dir.path().join(format!("{name}.out"));
         let path_cases = what.contains("file name");
-        let mut runs = vec![("extract", vimg(&["backup", "extract", p.to_str().unwrap(), out.to_str().unwrap()]))];
+        let mut runs = vec![(
+            "extract",
+            vimg(&[
+                "backup",
+                "extract",
+                p.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ]),
+        )];
         if !path_cases {
             runs.push(("verify", vimg(&["backup", "verify", p.to_str().unwrap()])));
         }
@@ -310,7 +400,10 @@ fn damage_on_standard_input_is_refused_too() {
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.starts_with("vimg: <stdin>: ") && err.contains("ends inside"), "{err}");
+    assert!(
+        err.starts_with("vimg: <stdin>: ") && err.contains("ends inside"),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 
@@ -318,7 +411,8 @@ fn damage_on_standard_input_is_refused_too() {
 #[test]
 fn a_failed_backup_leaves_no_archive() {
     let dir = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("test-images/bad-l2-entry-past-eof.qcow2.gz");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("test-images/bad-l2-entry-past-eof.qcow2.gz");
     let mut img = Vec::new();
     use std::io::Read;
     flate2::read::GzDecoder::new(std::fs::File::open(fixture).unwrap())
@@ -327,10 +421,19 @@ fn a_failed_backup_leaves_no_archive() {
     let src = dir.path().join("bad.qcow2");
     std::fs::write(&src, img).unwrap();
     let archive = dir.path().join("a.vma");
-    let o = vimg(&["backup", "create", "-d", &format!("d={}", src.display()), archive.to_str().unwrap()]);
+    let o = vimg(&[
+        "backup",
+        "create",
+        "-d",
+        &format!("d={}", src.display()),
+        archive.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("bad.qcow2") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("bad.qcow2") && err.lines().count() == 1,
+        "{err}"
+    );
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
