@@ -97,6 +97,7 @@ fn fix_extent_md5(b: &mut [u8], at: usize) {
 }
 
 /// The damaged archives: name, bytes, and words the error must hold.
+#[allow(clippy::vec_init_then_push)] // one push per case reads best
 fn cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let (h, a, b) = good_parts();
     let hs = h.len();
