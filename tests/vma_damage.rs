@@ -191,36 +191,43 @@ fn cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     fix_extent_md5(&mut x, b_at);
     v.push(("unused-entry-nonzero", x, "not all zero"));
 
-    let dup = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, 0, 0)]);
-    v.push((
-        "duplicate-cluster",
-        join(&[h.clone(), a.bytes(), dup.bytes()]),
-        "second time",
-    ));
-    let dup_same = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, 1, 0)]);
-    v.push((
-        "duplicate-in-one-extent",
-        join(&[h.clone(), a.bytes(), dup_same.bytes()]),
-        "second time",
-    ));
-    let missing = Ext::new(&[(2, 0, 0x8001)]);
-    v.push((
-        "missing-cluster",
-        join(&[h.clone(), a.bytes(), missing.bytes()]),
-        "lacks 1 of its 3 clusters",
-    ));
-    let past = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, 3, 0)]);
-    v.push((
-        "cluster-past-device-end",
-        join(&[h.clone(), a.bytes(), past.bytes()]),
-        "past the end of device 1",
-    ));
-    let huge = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, u32::MAX, 0)]);
-    v.push((
-        "cluster-number-absurd",
-        join(&[h.clone(), a.bytes(), huge.bytes()]),
-        "past the end",
-    ));
+    // The second extent replaced by one with these entries.
+    let second =
+        |entries: &[(u8, u32, u16)]| join(&[h.clone(), a.bytes(), Ext::new(entries).bytes()]);
+    for (label, entries, what) in [
+        (
+            "duplicate-cluster",
+            &[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, 0, 0)][..],
+            "second time",
+        ),
+        (
+            "duplicate-in-one-extent",
+            &[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, 1, 0)][..],
+            "second time",
+        ),
+        (
+            "missing-cluster",
+            &[(2, 0, 0x8001)][..],
+            "lacks 1 of its 3 clusters",
+        ),
+        (
+            "cluster-past-device-end",
+            &[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, 3, 0)][..],
+            "past the end of device 1",
+        ),
+        (
+            "cluster-number-absurd",
+            &[(2, 0, 0x8001), (1, 1, 0x0f0f), (1, u32::MAX, 0)][..],
+            "past the end",
+        ),
+        (
+            "unknown-device",
+            &[(2, 0, 0x8001), (1, 1, 0x0f0f), (3, 0, 0)][..],
+            "unknown device id 3",
+        ),
+    ] {
+        v.push((label, second(entries), what));
+    }
     let block = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f)]);
     let a_bad = Ext::new(&[(1, 2, 0xffff), (2, 1, 0x03ff), (1, 0, 0)]);
     v.push((
@@ -228,13 +235,6 @@ fn cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         join(&[h.clone(), a_bad.bytes(), block.bytes()]),
         "data block 9",
     ));
-    let unknown = Ext::new(&[(2, 0, 0x8001), (1, 1, 0x0f0f), (3, 0, 0)]);
-    v.push((
-        "unknown-device",
-        join(&[h.clone(), a.bytes(), unknown.bytes()]),
-        "unknown device id 3",
-    ));
-
     let mut x = g.clone();
     x[56..60].copy_from_slice(&0xffff_fe00u32.to_be_bytes());
     v.push(("absurd-header-size", x, "header_size"));

@@ -295,6 +295,19 @@ fn shuffled_archive(
     w.finish().unwrap();
 }
 
+/// Verifies `archive`, extracts it into `dir/out` as raw files and checks every device's
+/// bytes; returns the output directory.
+fn verify_and_extract(archive: &Path, dir: &Path, devices: &[(String, Vec<u8>)]) -> PathBuf {
+    vimg_ok(&["backup", "verify", s(archive)]);
+    let out = dir.join("out");
+    vimg_ok(&["backup", "extract", s(archive), s(&out)]);
+    for (name, data) in devices {
+        let got = std::fs::read(out.join(format!("disk-{name}.raw"))).unwrap();
+        assert!(got == *data, "{}: {name} differs", archive.display());
+    }
+    out
+}
+
 #[test]
 fn shuffled_archives_restore_exactly() {
     let with_dissect = dissect_available("shuffled_archives_restore_exactly");
@@ -308,13 +321,7 @@ fn shuffled_archives_restore_exactly() {
         let configs = vec![("qemu-server.conf".to_string(), b"cores: 4\n".to_vec())];
         let archive = d.join("shuffled.vma");
         shuffled_archive(&archive, &devices, &configs, &mut rng);
-        vimg_ok(&["backup", "verify", s(&archive)]);
-        let out = d.join("out");
-        vimg_ok(&["backup", "extract", s(&archive), s(&out)]);
-        for (name, data) in &devices {
-            let got = std::fs::read(out.join(format!("disk-{name}.raw"))).unwrap();
-            assert!(got == *data, "seed {seed}: {name} differs");
-        }
+        let out = verify_and_extract(&archive, d, &devices);
         if qemu_available("shuffled_archives_restore_exactly") {
             let outq = d.join("outq");
             vimg_ok(&["backup", "extract", "-O", "qcow2", s(&archive), s(&outq)]);
@@ -358,13 +365,7 @@ fn two_hundred_fifty_four_devices_in_one_archive() {
     let list = vimg_ok(&["backup", "list", s(&archive)]);
     assert_eq!(list.lines().filter(|l| l.starts_with("DEV: ")).count(), 254);
     assert!(list.contains("DEV: dev_id=254 size: "), "{list}");
-    vimg_ok(&["backup", "verify", s(&archive)]);
-    let out = d.join("out");
-    vimg_ok(&["backup", "extract", s(&archive), s(&out)]);
-    for (name, data) in &devices {
-        let got = std::fs::read(out.join(format!("disk-{name}.raw"))).unwrap();
-        assert!(got == *data, "{name} differs");
-    }
+    verify_and_extract(&archive, d, &devices);
     if dissect_available("two_hundred_fifty_four_devices_in_one_archive") {
         dissect_agrees(&archive, d, &[], &devices);
     }

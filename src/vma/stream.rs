@@ -128,15 +128,8 @@ pub fn open_input<R: Read + Send + 'static>(
     mut input: R,
 ) -> Result<(Box<dyn Read + Send>, Compression)> {
     let mut first = [0u8; 4];
-    let mut n = 0;
-    while n < first.len() {
-        match input.read(&mut first[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io("cannot read the archive", e)),
-        }
-    }
+    let n = super::reader::read_full(&mut input, &mut first)
+        .map_err(|e| Error::io("cannot read the archive", e))?;
     let compression = Compression::detect(&first[..n])?;
     let whole = io::Cursor::new(first[..n].to_vec()).chain(input);
     let reader: Box<dyn Read + Send> = match compression {
