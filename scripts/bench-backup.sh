@@ -10,7 +10,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 W=${1:-/tmp/vimg-bench}
 REPS=${REPS:-3}
 mkdir -p "$W"
-[ -f "$W/test.raw" ] || bash "$here/../shared/bench/make-image.sh" "$W"
+# shared/ lies beside the clone (../shared); from a worktree under wt/, one level further up.
+make_image=${MAKE_IMAGE:-$here/../shared/bench/make-image.sh}
+[ -f "$make_image" ] || make_image=$here/../../shared/bench/make-image.sh
+[ -f "$W/test.raw" ] || bash "$make_image" "$W"
 cargo build --release --quiet --manifest-path "$here/Cargo.toml"
 VIMG=$here/target/release/vimg
 [ -f "$W/test.qcow2" ] || qemu-img convert -O qcow2 "$W/test.raw" "$W/test.qcow2"
