@@ -2,9 +2,9 @@
 //! copying, comparing, mapping and backing up are built on.
 //!
 //! A driver answers "where is this guest range?" with a [`BlockStatus`]; shared code (see
-//! [`crate::ops`]) does the copying. Optional capabilities (consistency checks, later snapshots
-//! and resizing) are separate traits reached through accessor methods, so that a caller holding
-//! a `dyn BlockImage` can ask whether the format offers them.
+//! [`crate::ops`]) does the copying. Optional capabilities (consistency checks, persistent
+//! dirty bitmaps, later snapshots and resizing) are separate traits reached through accessor
+//! methods, so that a caller holding a `dyn BlockImage` can ask whether the format offers them.
 
 use crate::check::Check;
 use crate::error::{Error, Result};
@@ -205,6 +205,11 @@ pub trait BlockImage: Send + Sync {
 
     /// The consistency check this format offers, if any.
     fn as_check(&self) -> Option<&dyn Check> {
+        None
+    }
+
+    /// The persistent dirty bitmaps this format offers, if any.
+    fn as_bitmaps(&self) -> Option<&dyn crate::bitmap::PersistentBitmaps> {
         None
     }
 }

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bitmap;
 pub mod block;
 pub mod check;
 pub mod error;

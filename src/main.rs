@@ -40,6 +40,9 @@ enum Command {
     Measure(MeasureArgs),
     /// List (-l), create (-c), apply (-a) or delete (-d) internal snapshots of a qcow2 image.
     Snapshot(SnapshotArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (in the order
+    /// given).
+    Bitmap(BitmapCmdArgs),
     /// VM backups in Proxmox's VMA format: create, extract, verify, list, config.
     Backup(BackupArgs),
 }
@@ -131,6 +134,43 @@ struct BackupConfigArgs {
     config: String,
     /// The archive, or - for standard input.
     archive: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BitmapCmdArgs {
+    /// Image format (raw, qcow2); probed when not given.
+    #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Create the bitmap (enabled unless --disable is given too).
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    add: Vec<bool>,
+    /// Delete the bitmap.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    remove: Vec<bool>,
+    /// Clear all bits of the bitmap.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    clear: Vec<bool>,
+    /// Track writes in the bitmap.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    enable: Vec<bool>,
+    /// Stop tracking writes in the bitmap.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    disable: Vec<bool>,
+    /// Set every bit set in bitmap SOURCE (of the image, or of -b FILE).
+    #[arg(long, value_name = "SOURCE")]
+    merge: Vec<String>,
+    /// Granularity of a new bitmap, bytes per bit (k, M, G suffixes).
+    #[arg(short = 'g', value_name = "GRANULARITY")]
+    granularity: Option<String>,
+    /// Image holding the --merge sources.
+    #[arg(short = 'b', value_name = "SOURCE_FILE")]
+    source_file: Option<PathBuf>,
+    /// Format of SOURCE_FILE.
+    #[arg(short = 'F', value_name = "SOURCE_FMT", value_parser = parse_format)]
+    source_format: Option<ImageFormat>,
+    /// The image, then the bitmap's name.
+    #[arg(value_name = "FILENAME BITMAP")]
+    args: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -356,13 +396,19 @@ struct ConvertArgs {
     /// With -n: the target reads as zeros already, so zero ranges are not written.
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
-    /// Worker threads copying data (1 to 16).
-    #[arg(short = 'm', value_name = "N", default_value_t = 4, value_parser = parse_threads)]
-    threads: usize,
+    /// Worker threads copying data (1 to 16; default 4, and for -c one per CPU up to 4).
+    #[arg(short = 'm', value_name = "N", value_parser = parse_threads)]
+    threads: Option<usize>,
     /// Allow out-of-order writes: qcow2 clusters are allocated as workers finish, not in
     /// guest order.
     #[arg(short = 'W')]
     out_of_order: bool,
+    /// Copy the source's persistent dirty bitmaps to the (qcow2) target.
+    #[arg(long)]
+    bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps (with a warning) instead of failing.
+    #[arg(long)]
+    skip_broken_bitmaps: bool,
     /// Open the source without taking image locks (accepted; vimg takes none yet).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -454,6 +500,7 @@ fn main() -> ExitCode {
         Command::Resize(a) => resize(a),
         Command::Measure(a) => measure(a),
         Command::Snapshot(a) => snapshot(a),
+        Command::Bitmap(a) => bitmap(a),
         Command::Backup(a) => backup(a),
     };
     match result {
@@ -669,6 +716,74 @@ fn snapshot(a: SnapshotArgs) -> CmdResult {
     Ok(0)
 }
 
+/// The operations of `vimg bitmap` in command-line order (clap keeps each flag's positions).
+fn bitmap_actions(a: &BitmapCmdArgs) -> Vec<ops::bitmap::BitmapAction> {
+    use clap::CommandFactory;
+    use ops::bitmap::BitmapAction as A;
+    let matches = Cli::command()
+        .try_get_matches_from(std::env::args_os())
+        .ok();
+    let Some(m) = matches
+        .as_ref()
+        .and_then(|m| m.subcommand_matches("bitmap"))
+    else {
+        return Vec::new();
+    };
+    let mut found: Vec<(usize, A)> = Vec::new();
+    let flags = [
+        ("add", A::Add),
+        ("remove", A::Remove),
+        ("clear", A::Clear),
+        ("enable", A::Enable),
+        ("disable", A::Disable),
+    ];
+    let given = |id| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    for (id, action) in flags.into_iter().filter(|(id, _)| given(id)) {
+        for i in m.indices_of(id).into_iter().flatten() {
+            found.push((i, action.clone()));
+        }
+    }
+    let merges = m.indices_of("merge").into_iter().flatten();
+    for (i, src) in merges.zip(&a.merge) {
+        found.push((i, A::Merge(src.clone())));
+    }
+    found.sort_by_key(|(i, _)| *i);
+    found.into_iter().map(|(_, x)| x).collect()
+}
+
+fn bitmap(a: BitmapCmdArgs) -> CmdResult {
+    let fail = |e| Failure::new(e, 1);
+    let say = |m: String| Failure {
+        message: m,
+        code: 1,
+    };
+    let granularity = match &a.granularity {
+        // 0 means the default, as for qemu-img.
+        Some(g) => match ops::size::parse_size(g) {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(_) => return Err(say(format!("Invalid granularity specified: '{g}'."))),
+        },
+        None => None,
+    };
+    let mut args = ops::bitmap::BitmapArgs {
+        format: a.format,
+        actions: bitmap_actions(&a),
+        granularity,
+        source_file: a.source_file.clone(),
+        source_format: a.source_format,
+        ..Default::default()
+    };
+    ops::bitmap::validate(&args).map_err(fail)?;
+    let [file, name] = a.args.as_slice() else {
+        return Err(say("Expecting filename and bitmap name".into()));
+    };
+    args.filename = PathBuf::from(file);
+    args.name = name.clone();
+    ops::bitmap::run(&args).map_err(fail)?;
+    Ok(0)
+}
+
 fn create(a: CreateCmdArgs) -> CmdResult {
     if ops::create::wants_help(&a.options) {
         print(&ops::create::options_help(a.format))?;
@@ -704,13 +819,17 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
         sparse_size: a.sparse_size,
         no_create: a.no_create,
         target_is_zero: a.target_is_zero,
-        threads: a.threads,
+        threads: a
+            .threads
+            .unwrap_or_else(|| ops::convert::default_threads(a.compress)),
         compress: a.compress,
         target_options: a.options.clone(),
         backing_file: a.backing.clone(),
         backing_format: a.backing_format.clone(),
         out_of_order: a.out_of_order,
         sync: a.cache != "unsafe",
+        bitmaps: a.bitmaps,
+        skip_broken_bitmaps: a.skip_broken_bitmaps,
     }
 }
 
@@ -731,6 +850,12 @@ fn convert(a: ConvertArgs) -> CmdResult {
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
     let sources: Vec<&dyn vimg::BlockImage> = opened.iter().map(|b| b.as_ref()).collect();
+    if let (true, [src]) = (opts.bitmaps, sources.as_slice()) {
+        let (_, warnings) = ops::convert::source_bitmaps(*src, &opts).map_err(fail)?;
+        for w in warnings {
+            eprintln!("vimg: warning: {w}");
+        }
+    }
     let total = sources
         .iter()
         .fold(0u64, |t, s| t.saturating_add(s.virtual_size()));

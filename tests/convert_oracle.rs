@@ -325,6 +325,55 @@ fn backing_file_output_matches_qemu() {
     );
 }
 
+/// `-n -B`: an existing overlay of the base is written in place. Clusters the source shares
+/// with the base stay unallocated where the target holds nothing of its own (as qemu-img leaves
+/// them), and are overwritten where it holds old data (which qemu-img leaves behind).
+#[test]
+fn existing_target_with_backing_file() {
+    if !qemu_available("existing_target_with_backing_file") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = Rng::seeded(0x4e0b);
+    let size = 40 * CS;
+    let (base, top, ops) = layered(dir, "n", "qcow2", 40, size, &mut rng);
+    let bname = base.file_name().unwrap().to_str().unwrap();
+    for (round, old_data) in [false, true].into_iter().enumerate() {
+        let dst = dir.join(format!("dst{round}.qcow2"));
+        qemu_create(&dst, "qcow2", "", Some((&base, "qcow2")), size);
+        let mut old = Vec::new();
+        if old_data {
+            // Old data in a third of the clusters, some only partly.
+            let mut cmds = Vec::new();
+            for c in 0..40u64 {
+                if rng.below(3) == 0 {
+                    old.push(c);
+                    cmds.push(format!("write -P 99 {} 4096", c * CS + rng.below(4) * 4096));
+                }
+            }
+            qemu_io(&dst, "qcow2", &cmds);
+        }
+        let what = format!("-n -B, old data: {old_data}");
+        let args = ["convert", "-n", "-B", bname, "-F", "qcow2", "-O", "qcow2"];
+        let mut a = args.to_vec();
+        a.extend([p(&top), p(&dst)]);
+        vimg_ok(&a);
+        assert_same(&top, &dst, &what);
+        assert_clean(&dst, &what);
+        let m = map(&dst);
+        for (c, (op, _)) in ops.iter().enumerate() {
+            let (in_top, _, _) = status_at(&m, c as u64 * CS);
+            if *op == Op::Nothing && !old.contains(&(c as u64)) {
+                assert!(
+                    !in_top,
+                    "{what}: cluster {c} copied although the base holds it"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn target_is_zero() {
     if !qemu_available("target_is_zero") {

@@ -190,7 +190,7 @@ pub fn create(
             let stats = write_archive(file, header, sources, opts, progress)
                 .map_err(|e| rename_tmp(e, &tmp.path, path))
                 .in_file(path)?;
-            tmp.persist(path)?;
+            tmp.persist(path, false)?;
             Ok(stats)
         }
     }

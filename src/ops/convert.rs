@@ -22,8 +22,11 @@
 //! zero ranges are written as zeros there (holes punched where possible) since it may hold old
 //! data, unless `target_is_zero` says it reads as zeros already.
 
+mod bitmaps;
 pub mod concat;
 mod copy;
+
+pub use bitmaps::source_bitmaps;
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
@@ -48,6 +51,17 @@ pub const MAX_SPARSE_SIZE: u64 = 16 << 20;
 
 /// Most worker threads (`-m`) qemu-img accepts.
 pub const MAX_THREADS: usize = 16;
+
+/// The worker threads `convert` uses when `-m` is not given: 4 for plain copies, whose
+/// workers mostly wait for I/O, and one per CPU (at most 4) when compressing, where a thread
+/// more than there are CPUs only adds the memory of another compressor and buffer.
+pub fn default_threads(compress: bool) -> usize {
+    const PLAIN: usize = 4;
+    if !compress {
+        return PLAIN;
+    }
+    std::thread::available_parallelism().map_or(PLAIN, |n| n.get().min(PLAIN))
+}
 
 /// How to convert.
 #[derive(Debug, Clone)]
@@ -82,6 +96,10 @@ pub struct ConvertOptions {
     /// Wait for the target to reach the disk before finishing (`-t` other than `unsafe`).
     /// qemu-img's default for convert is `unsafe`, which does not.
     pub sync: bool,
+    /// Copy the source's persistent dirty bitmaps to the qcow2 target (`--bitmaps`).
+    pub bitmaps: bool,
+    /// With `bitmaps`: skip inconsistent bitmaps instead of failing (`--skip-broken-bitmaps`).
+    pub skip_broken_bitmaps: bool,
 }
 
 impl Default for ConvertOptions {
@@ -98,6 +116,8 @@ impl Default for ConvertOptions {
             backing_format: None,
             out_of_order: false,
             sync: false,
+            bitmaps: false,
+            skip_broken_bitmaps: false,
         }
     }
 }
@@ -193,7 +213,7 @@ pub fn validate(sources: usize, dst: &Path, opts: &ConvertOptions) -> Result<()>
         validate_sparse_size(opts.sparse_size)?;
     }
     validate_threads(opts.threads)?;
-    Ok(())
+    bitmaps::validate(sources, opts)
 }
 
 /// Copies the guest data of `sources`, one after the other, into a raw or qcow2 image at
@@ -215,6 +235,10 @@ pub fn convert(
     };
     let qcow2 = opts.output_format == ImageFormat::Qcow2;
     let size = src.virtual_size();
+    let bitmaps = match opts.bitmaps {
+        true => Some(source_bitmaps(src, opts)?.0),
+        false => None,
+    };
     let mut plan = copy::Plan {
         src,
         dst: src,
@@ -232,8 +256,16 @@ pub fn convert(
         .unwrap_or(false);
     if opts.no_create || existing_device {
         // The existing target may hold old data: everything is written, zeros included
-        // (unless it is known to read as zeros), and a backing file it has is not relied on.
+        // (unless it is known to read as zeros). Its backing file is relied on only with -B,
+        // as qemu-img does, and then only where the target holds nothing of its own.
         let target = open_target(dst, opts.output_format)?;
+        if opts.backing_file.is_some() {
+            if let Some(b) = target.backing() {
+                plan.backing = Some(b);
+                plan.inherit_depth = inherited_layer(src, b);
+                plan.cluster = target.layer_info()?.cluster_size.unwrap_or(512);
+            }
+        }
         let target_size = target.virtual_size();
         if target_size < size {
             return Err(Error::invalid_input(format!(
@@ -241,10 +273,17 @@ pub fn convert(
             ))
             .with_path(dst));
         }
+        let bitmap_target = match &bitmaps {
+            Some(list) => Some((bitmaps::check_target(target.as_ref(), list)?, list)),
+            None => None,
+        };
         plan.dst = target.as_ref();
         plan.zero_needed = !opts.target_is_zero;
         plan.ordered = qcow2 && !opts.out_of_order;
         copy::run(&plan, progress)?;
+        if let Some((to, list)) = bitmap_target {
+            bitmaps::copy(src, to, list)?;
+        }
         return target.flush();
     }
 
@@ -280,6 +319,13 @@ pub fn convert(
         let target = Qcow2Image::open(&tmp.path, true, false, &mut ChainGuard::default())
             .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         target.set_unsafe_cache(!opts.sync);
+        let bitmap_target = match &bitmaps {
+            Some(list) => Some((
+                bitmaps::check_target(&target, list).map_err(|e| rename_tmp(e, &tmp.path, &dst))?,
+                list,
+            )),
+            None => None,
+        };
         plan.dst = &target;
         plan.cluster = target.header().cluster_size();
         plan.compress = opts.compress.then_some(&target);
@@ -289,6 +335,9 @@ pub fn convert(
             plan.inherit_depth = inherited_layer(src, b);
         }
         copy::run(&plan, progress).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
+        if let Some((to, list)) = bitmap_target {
+            bitmaps::copy(src, to, list).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
+        }
         // Writes the metadata (and, unless the cache is unsafe, waits for the disk).
         target.flush().map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
     } else {
@@ -305,7 +354,7 @@ pub fn convert(
             .map_err(|e| Error::io("cannot set the output file's permissions", e))
             .in_file(&dst)?;
     }
-    tmp.persist(&dst)
+    tmp.persist(&dst, opts.sync)
 }
 
 /// An error about the temporary output names the destination instead (the temporary name means
@@ -408,8 +457,17 @@ impl TempFile {
         .with_path(dst))
     }
 
-    /// Renames the file to `dst`.
-    pub(crate) fn persist(mut self, dst: &Path) -> Result<()> {
+    /// Renames the file to `dst`. Unless `synced`, a file already at `dst` is removed first:
+    /// ext4 (with its default `auto_da_alloc`) makes a rename over an existing file start
+    /// writeback of the new one and wait for the blocks to be allocated, half a second per GiB
+    /// here, which is the durability `cache=unsafe` does not ask for. A synced output is on
+    /// the disk already, so the rename over is atomic and cheap.
+    pub(crate) fn persist(mut self, dst: &Path, synced: bool) -> Result<()> {
+        if !synced && std::fs::symlink_metadata(dst).is_ok_and(|m| m.file_type().is_file()) {
+            std::fs::remove_file(dst)
+                .map_err(|e| Error::io("cannot replace the existing output file", e))
+                .in_file(dst)?;
+        }
         std::fs::rename(&self.path, dst)
             .map_err(|e| Error::io("cannot rename the finished output into place", e))
             .in_file(dst)?;
@@ -623,6 +681,42 @@ mod tests {
         );
         let converted = crate::open::open_image(&out, &Default::default()).unwrap();
         assert!(whole(converted.as_ref()) == whole(&r));
+    }
+
+    #[test]
+    fn an_existing_output_is_replaced_also_through_a_symlink() {
+        use crate::offsets::GuestOffset as G;
+        let dir = tempfile::tempdir().unwrap();
+        let make = |name: &str, byte: u8| {
+            let p = dir.path().join(name);
+            let r = RawImage::create(&p, 1 << 20).unwrap();
+            r.write_at(&[byte; 4096], G(8192)).unwrap();
+            p
+        };
+        let (a, b) = (make("a.raw", 0xaa), make("b.raw", 0xbb));
+        let dst = dir.path().join("out.raw");
+        let link = dir.path().join("link.raw");
+        std::os::unix::fs::symlink(&dst, &link).unwrap();
+        for (src, byte, sync) in [(&a, 0xaa, false), (&b, 0xbb, false), (&a, 0xaa, true)] {
+            let img = RawImage::open(src, false).unwrap();
+            let opts = ConvertOptions {
+                sync,
+                ..Default::default()
+            };
+            convert(&[&img], &dst, &opts, None).unwrap();
+            let out = std::fs::read(&dst).unwrap();
+            assert_eq!(out.len(), 1 << 20);
+            assert!(out[8192..12288].iter().all(|&x| x == byte));
+            assert!(out[..8192].iter().all(|&x| x == 0));
+        }
+        // Converting onto a link writes the file it points at, as qemu-img does.
+        let img = RawImage::open(&b, false).unwrap();
+        convert(&[&img], &link, &ConvertOptions::default(), None).unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&dst).unwrap()[8192], 0xbb);
     }
 
     #[test]

@@ -127,18 +127,10 @@ pub fn resize_prealloc(
         }
         ImageFormat::Qcow2 => {
             // Look first, read-only: a refused resize must not change the image at all.
-            let (cur, bitmaps) = {
+            let cur = {
                 let img = Qcow2Image::open(path, false, true, &mut ChainGuard::default())?;
-                (img.header().size, img.header().bitmaps.is_some())
+                img.header().size
             };
-            if bitmaps {
-                // qemu 10 resizes the bitmaps with the image; vimg cannot yet, and opening the
-                // image for writing would make them inconsistent.
-                return Err(Error::unsupported(
-                    "resizing qcow2 images with persistent dirty bitmaps is not supported yet",
-                )
-                .with_path(path));
-            }
             let new = arg.apply(cur)?;
             if !new.is_multiple_of(512) {
                 return Err(Error::invalid_input(format!(

@@ -48,7 +48,9 @@
 //! partially referenced cluster after it) are compared, so memory stays proportional to the
 //! file. The message list is capped at [`MAX_MESSAGES`].
 
-use super::bitmaps;
+use super::bitmaps::{
+    self, BME_ALL_ONES, BME_OFFSET_MASK as BME_OFFSET, BME_RESERVED_MASK as BME_RESERVED,
+};
 use super::compress::CompressedDesc;
 use super::header::{Header, MAX_L1_BYTES};
 use super::l2::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
@@ -75,12 +77,6 @@ const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 const L2E_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// L1 entry bits 9-55: the L2 table offset.
 const L1E_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
-/// Bitmap table entry bits that must be zero: 1-8 and 56-63 (qcow2.rst "Bitmap table").
-const BME_RESERVED: u64 = 0xff00_0000_0000_01fe;
-/// Bitmap table entry bits 9-55: the data cluster offset.
-const BME_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
-/// Bitmap table entry bit 0: with offset 0, the cluster reads as all ones.
-const BME_ALL_ONES: u64 = 1;
 /// qemu's bound on the number of host clusters a check handles (`INT_MAX`).
 const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
 /// Words read at a time when streaming a long table.
@@ -529,7 +525,7 @@ impl<'a> Checker<'a> {
 
     /// Counts the bitmap directory, each bitmap table and each bitmap data cluster.
     fn count_bitmaps(&mut self) {
-        let Some(ext) = self.h.bitmaps else {
+        let Some(ext) = self.img.bitmaps_ext() else {
             return;
         };
         if ext.nb_bitmaps == 0 {

@@ -40,27 +40,51 @@ impl CompressedDesc {
 /// 4 KiB window and no header, because qemu inflates with exactly that.
 pub fn compress_cluster(kind: CompressionType, data: &[u8]) -> Result<Option<Vec<u8>>> {
     let limit = data.len().saturating_sub(512);
-    let out = match kind {
-        CompressionType::Zlib => {
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-            let mut out = vec![0u8; limit];
+    let mut out = vec![0u8; limit];
+    let written = match kind {
+        CompressionType::Zlib => DEFLATE.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let c = slot.get_or_insert_with(|| {
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12)
+            });
+            c.reset();
             match c.compress(data, &mut out, flate2::FlushCompress::Finish) {
-                Ok(flate2::Status::StreamEnd) => {
-                    out.truncate(c.total_out() as usize);
-                    out
-                }
+                Ok(flate2::Status::StreamEnd) => Ok(Some(c.total_out() as usize)),
                 // Output buffer full: it does not shrink enough.
-                Ok(_) => return Ok(None),
-                Err(e) => return Err(Error::corrupt(format!("deflate failed: {e}"))),
+                Ok(_) => Ok(None),
+                Err(e) => Err(Error::corrupt(format!("deflate failed: {e}"))),
             }
-        }
-        CompressionType::Zstd => match zstd::bulk::compress(data, 3) {
-            Ok(v) => v,
-            Err(e) => return Err(Error::corrupt(format!("zstd compression failed: {e}"))),
-        },
+        })?,
+        CompressionType::Zstd => ZSTD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let c = match slot.as_mut() {
+                Some(c) => c,
+                None => slot.insert(
+                    zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                        .map_err(|e| Error::corrupt(format!("zstd compressor: {e}")))?,
+                ),
+            };
+            // A destination too small for the frame is zstd's way of saying "does not shrink".
+            Ok(c.compress_to_buffer(data, &mut out[..]).ok())
+        })?,
     };
-    Ok((out.len() <= limit).then_some(out))
+    Ok(written.map(|n| {
+        out.truncate(n);
+        out
+    }))
+}
+
+/// The zstd level qemu compresses with (its default).
+const ZSTD_LEVEL: i32 = 3;
+
+thread_local! {
+    /// Each thread's deflate state, reset for every cluster: building one costs more than
+    /// compressing a cluster, and keeping one per thread bounds memory by the thread count.
+    static DEFLATE: std::cell::RefCell<Option<flate2::Compress>> =
+        const { std::cell::RefCell::new(None) };
+    /// Each thread's zstd context, reused the same way.
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Decompresses `input` into `out`, which must be filled exactly (one whole cluster); trailing

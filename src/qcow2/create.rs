@@ -1164,12 +1164,7 @@ impl Out<'_> {
 
 /// Creates `path`, or truncates the file there, for reading and writing.
 pub(crate) fn create_file(path: &Path) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
+    crate::storage::create_file(path)
         .map_err(|e| Error::io("cannot create image", e).with_path(path))
 }
 

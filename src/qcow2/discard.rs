@@ -47,6 +47,7 @@ impl Qcow2Image {
     /// Discards `[guest, guest + len)` (inside the disk, checked by the caller).
     pub(crate) fn discard_inner(&self, guest: u64, len: u64) -> Result<()> {
         let mut st = self.write_state()?;
+        self.track_write(&mut st, guest, len)?;
         let h = &self.header;
         let has_backing = h.backing_file.is_some();
         if h.version < 3 && has_backing {

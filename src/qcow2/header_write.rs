@@ -151,12 +151,25 @@ impl Qcow2Image {
     /// at tables that are not on disk yet.
     ///
     /// The caller keeps the invariants the header states (tables where it says, feature bits
-    /// that match the image); this only guarantees the bytes are a well-formed header.
-    pub fn rewrite_header(&mut self, new: Header) -> Result<()> {
+    /// that match the image); this only guarantees the bytes are a well-formed header. The
+    /// bitmaps extension and its autoclear bit are always the image's current ones.
+    pub fn rewrite_header(&mut self, mut new: Header) -> Result<()> {
         if !self.writable {
             return Err(Error::invalid_input("image is not open for writing")).in_file(&self.path);
         }
         self.flush_metadata()?;
+        // The bitmaps extension is the bitmap code's (the flush may just have moved it).
+        let live = self.bitmaps_ext();
+        if new.version < 3 && live.is_some() {
+            return Err(Error::unsupported(
+                "a version 2 header cannot keep the image's persistent dirty bitmaps",
+            ))
+            .in_file(&self.path);
+        }
+        new.bitmaps = live;
+        if live.is_some() {
+            new.autoclear_features |= super::header::autoclear::BITMAPS;
+        }
         let bytes = new.encode().in_file(&self.path)?;
         let file_len = self.file_len();
         let parsed = Header::parse(&bytes, file_len.max(bytes.len() as u64))
@@ -170,6 +183,7 @@ impl Qcow2Image {
             .flush()
             .map_err(|e| Error::io("cannot sync the qcow2 header", e))
             .in_file(&self.path)?;
+        self.set_bitmaps_ext(parsed.bitmaps);
         self.header = parsed;
         Ok(())
     }

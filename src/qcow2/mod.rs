@@ -6,13 +6,18 @@
 //! - [`compress`]: compressed cluster descriptors, deflate and zstd;
 //! - [`refcount`]: reading refcount tables and blocks;
 //! - [`snapshot`]: the internal snapshot table;
-//! - [`bitmaps`]: the persistent dirty bitmap directory;
+//! - [`bitmaps`]: the persistent dirty bitmap directory and tables; [`bitmap_write`] writes
+//!   them, [`bitmap_track`] marks guest writes in them, [`bitmap_edit`] adds, removes, clears,
+//!   enables, disables and merges them;
 //! - [`check`]: the consistency check;
 //! - [`mod@write`]: the write path, its crash-safe flush and lazy refcounts;
 //! - [`discard`]: guest discard requests.
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
 
+pub mod bitmap_edit;
+pub mod bitmap_track;
+pub mod bitmap_write;
 pub mod bitmaps;
 pub mod cache;
 pub mod check;
@@ -70,6 +75,8 @@ pub struct Qcow2Image {
     write: Option<Mutex<write::WriteState>>,
     /// Flushes order their writes but skip the syncs (qemu's `cache=unsafe`).
     unsafe_cache: std::sync::atomic::AtomicBool,
+    /// The bitmaps extension as it is on disk now (the header's, until bitmaps are stored).
+    live_bitmaps: Mutex<Option<header::BitmapsExt>>,
 }
 
 impl Qcow2Image {
@@ -134,6 +141,7 @@ impl Qcow2Image {
             metadata_prealloc: OnceLock::new(),
             write: None,
             unsafe_cache: std::sync::atomic::AtomicBool::new(false),
+            live_bitmaps: Mutex::new(header.bitmaps),
             header,
         };
         if writable {
@@ -164,9 +172,10 @@ impl Qcow2Image {
 
     /// Readies a read-write open: refuses images qemu would not write (marked corrupt),
     /// repairs a dirty one (lazy refcounts not written back: qemu's open runs `check -r all`
-    /// and marks the image clean), clears the autoclear feature bits whose structures vimg does
-    /// not keep up to date (so qemu ignores possibly stale bitmaps rather than trust them), and
-    /// builds the allocation state, with lazy refcounts if the image enables them.
+    /// and marks the image clean), clears the autoclear feature bits vimg does not know (their
+    /// structures would not be kept up to date), builds the allocation state, with lazy
+    /// refcounts if the image enables them, and starts the dirty tracking of the enabled
+    /// persistent bitmaps ([`bitmap_track`]).
     fn prepare_for_writing(&mut self) -> Result<()> {
         if self.header.is_corrupt() {
             return Err(Error::new(
@@ -178,7 +187,7 @@ impl Qcow2Image {
             self.repair_dirty()?;
         }
         let h = &self.header;
-        let keep = header::autoclear::DATA_FILE_RAW;
+        let keep = header::autoclear::DATA_FILE_RAW | header::autoclear::BITMAPS;
         if h.version >= 3 && h.autoclear_features & !keep != 0 {
             let v = h.autoclear_features & keep;
             self.storage
@@ -186,12 +195,23 @@ impl Qcow2Image {
                 .and_then(|_| self.storage.flush())
                 .map_err(|e| Error::io("cannot update the header", e).at(88))?;
             self.header.autoclear_features = v;
-            self.header.bitmaps = None;
         }
         let mut st = write::WriteState::new(self)?;
         st.lazy = self.header.version >= 3 && self.header.lazy_refcounts();
+        self.start_tracking(&mut st)?;
         self.write = Some(Mutex::new(st));
         Ok(())
+    }
+
+    /// The bitmaps extension as it is on disk now: the header's, or the one the last change
+    /// of the bitmaps wrote.
+    pub fn bitmaps_ext(&self) -> Option<header::BitmapsExt> {
+        *self.live_bitmaps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the bitmaps extension just written to disk.
+    fn set_bitmaps_ext(&self, ext: Option<header::BitmapsExt>) {
+        *self.live_bitmaps.lock().unwrap_or_else(|e| e.into_inner()) = ext;
     }
 
     /// Repairs a dirty image being opened read-write, as qemu's open does: every refcount is
@@ -221,6 +241,7 @@ impl Qcow2Image {
                 "image is still marked dirty after its repair (try check -r all)",
             ));
         }
+        self.set_bitmaps_ext(header.bitmaps);
         self.header = header;
         *self.l1.get_mut().unwrap_or_else(|e| e.into_inner()) = l1;
         self.file_len.store(file_len, Ordering::Release);
@@ -641,7 +662,7 @@ impl BlockImage for Qcow2Image {
             .iter()
             .map(|s| s.info())
             .collect();
-        let bitmaps = if v3 && h.bitmaps.is_some() {
+        let bitmaps = if v3 && self.bitmaps_ext().is_some() {
             Some(
                 bitmaps::read_directory(self)
                     .in_file(&self.path)?
@@ -680,6 +701,10 @@ impl BlockImage for Qcow2Image {
     }
 
     fn as_check(&self) -> Option<&dyn crate::check::Check> {
+        Some(self)
+    }
+
+    fn as_bitmaps(&self) -> Option<&dyn crate::bitmap::PersistentBitmaps> {
         Some(self)
     }
 }

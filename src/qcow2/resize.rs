@@ -12,6 +12,10 @@
 //!   tables wholly past the end are dropped from the L1 table, which keeps its size; a partly
 //!   kept table shared with a snapshot is copied first), writes the new size and truncates the
 //!   file after the last cluster still in use.
+//! - Persistent dirty bitmaps follow the new size, as in qemu 10: the grown area is clear in
+//!   them (also where it is zeroed to hide a longer backing file), the bits past a new, smaller
+//!   end are dropped. They are flagged in use from before the size changes until they are
+//!   stored at the new size; an image with an inconsistent bitmap is not resized (qemu's rule).
 //! - Version 2 images with internal snapshots cannot be resized at all (qemu's rule: their
 //!   snapshot table has no per-snapshot disk size); version 3 ones can, and the snapshots keep
 //!   their own size and data.
@@ -84,6 +88,8 @@ impl Qcow2Image {
                  could not be made to read as zeros (upgrade the image to compat=1.1 first)",
             ));
         }
+        // The bitmaps are flagged in use until they are stored at the new size.
+        let bitmaps = self.begin_bitmaps_resize(new_size)?;
         if new_size < old_size {
             self.discard_tail(new_size)?;
             self.write_size(new_size)?;
@@ -99,12 +105,15 @@ impl Qcow2Image {
             // as qemu does.
             let end = backing_end.min(new_size);
             if end > old_size {
-                self.write_zeroes_inner(old_size, end - old_size, false)?;
+                self.write_zeroes_untracked(old_size, end - old_size, false)?;
                 self.flush_inner()?;
             }
             if prealloc != Preallocation::Off {
                 self.preallocate(old_size, new_size, prealloc)?;
             }
+        }
+        if bitmaps {
+            self.finish_bitmaps_resize()?;
         }
         Ok(())
     }

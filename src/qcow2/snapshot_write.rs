@@ -50,12 +50,6 @@ impl Qcow2Image {
                 "internal snapshots are not supported with an external data file",
             ));
         }
-        if self.header.bitmaps.is_some() {
-            return Err(Error::unsupported(
-                "changing internal snapshots of images with persistent dirty bitmaps is not \
-                 supported yet",
-            ));
-        }
         Ok(())
     }
 
@@ -112,7 +106,7 @@ impl Qcow2Image {
 
     /// Allocates `bytes` rounded up to whole new clusters (refcount 1, in memory) and returns
     /// the offset of the first.
-    fn alloc_run(&self, st: &mut WriteState, bytes: u64) -> Result<u64> {
+    pub(super) fn alloc_run(&self, st: &mut WriteState, bytes: u64) -> Result<u64> {
         let cs = self.header.cluster_size();
         let n = bytes.div_ceil(cs).max(1);
         let first = self.find_free(st, n, true)?;
@@ -374,11 +368,19 @@ impl Qcow2Image {
     }
 
     /// Reverts the active state to snapshot `name_or_id` (`qemu-img snapshot -a`; an id is
-    /// matched first, then a name): the virtual size becomes the one the snapshot recorded,
+    /// matched first, then a name), refused while the image has persistent dirty bitmaps, as
+    /// by qemu (they would not record the change): the virtual size becomes the one the snapshot recorded,
     /// the active L1 table gets the snapshot's entries, and the old active tree loses its
     /// reference.
     pub fn snapshot_apply(&mut self, name_or_id: &str) -> Result<()> {
         self.snapshot_preconditions()?;
+        // The disk would change under the bitmaps without a write to mark: qemu refuses too.
+        if self.bitmaps_ext().is_some_and(|b| b.nb_bitmaps > 0) {
+            return Err(Error::new(
+                crate::error::ErrorKind::Unsupported,
+                format!("Could not apply snapshot '{name_or_id}': Device has active dirty bitmaps"),
+            ));
+        }
         let snaps = read_table(self)?;
         let idx = snaps
             .iter()

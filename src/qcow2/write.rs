@@ -104,6 +104,8 @@ pub(crate) struct WriteState {
     /// Host clusters released by a discard, whose space is handed back to the host file
     /// system (a hole is punched) once their refcount reaches 0.
     pub(super) punch: HashSet<u64>,
+    /// Dirty tracking of the persistent bitmaps (inactive until the open starts it).
+    pub(super) bitmaps: super::bitmap_track::Tracker,
 }
 
 impl WriteState {
@@ -142,7 +144,7 @@ impl WriteState {
                 add(s.l1_table_offset, u64::from(s.l1_size) * 8);
             }
         }
-        if let Some(b) = h.bitmaps {
+        if let Some(b) = img.bitmaps_ext() {
             add(b.directory_offset, b.directory_size);
         }
         if let Some((off, len)) = h.crypto_header {
@@ -162,6 +164,7 @@ impl WriteState {
             lazy: false,
             marked_dirty: false,
             punch: HashSet::new(),
+            bitmaps: Default::default(),
         })
     }
 }
@@ -702,6 +705,7 @@ impl Qcow2Image {
             )));
         }
         let mut st = self.write_state()?;
+        self.track_write(&mut st, gc, cs.min(h.size - gc))?;
         let len = z.len() as u64;
         // Continue in the partly filled host cluster if the data fits or the clusters after it
         // are free; otherwise start on fresh contiguous clusters.
@@ -830,6 +834,7 @@ impl Qcow2Image {
     /// Writes `buf` at guest offset `guest` (inside the disk, checked by the caller).
     pub(crate) fn write_inner(&self, buf: &[u8], guest: u64) -> Result<()> {
         let mut st = self.write_state()?;
+        self.track_write(&mut st, guest, buf.len() as u64)?;
         let cs = self.header.cluster_size();
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -846,6 +851,18 @@ impl Qcow2Image {
     /// Makes `[guest, guest + len)` read as zeros.
     pub(crate) fn write_zeroes_inner(&self, guest: u64, len: u64, unmap: bool) -> Result<()> {
         let mut st = self.write_state()?;
+        self.track_write(&mut st, guest, len)?;
+        self.zeroes_locked(&mut st, guest, len, unmap)
+    }
+
+    /// [`Self::write_zeroes_inner`] without marking the range in the persistent bitmaps: the
+    /// area a resize adds is not a guest write (qemu does not mark it either).
+    pub(super) fn write_zeroes_untracked(&self, guest: u64, len: u64, unmap: bool) -> Result<()> {
+        let mut st = self.write_state()?;
+        self.zeroes_locked(&mut st, guest, len, unmap)
+    }
+
+    fn zeroes_locked(&self, st: &mut WriteState, guest: u64, len: u64, unmap: bool) -> Result<()> {
         let cs = self.header.cluster_size();
         let end = guest + len;
         let mut g = guest;
@@ -854,11 +871,11 @@ impl Qcow2Image {
             let n = (cs - within).min(end - g);
             // A whole cluster, or the tail of the last cluster of the disk.
             let whole = within == 0 && (n == cs || g + n == self.header.size);
-            if !(whole && self.zero_cluster(&mut st, g, unmap)?) {
-                self.zero_in_cluster(&mut st, g - within, within, n)?;
+            if !(whole && self.zero_cluster(st, g, unmap)?) {
+                self.zero_in_cluster(st, g - within, within, n)?;
             }
             g += n;
-            self.flush_if_full(&mut st)?;
+            self.flush_if_full(st)?;
         }
         Ok(())
     }
@@ -944,9 +961,11 @@ impl Qcow2Image {
     }
 
     /// Flushes everything written so far (see the module documentation for the order).
+    /// Then the persistent bitmaps that writes changed are stored ([`super::bitmap_track`]).
     pub(crate) fn flush_inner(&self) -> Result<()> {
         let mut st = self.write_state()?;
-        self.flush_locked(&mut st)
+        self.flush_locked(&mut st)?;
+        self.store_tracked(&mut st)
     }
 
     pub(super) fn sync(&self) -> Result<()> {
@@ -1102,11 +1121,12 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Writes everything back for a clean close: all metadata including every refcount block,
-    /// then clears the dirty bit this session set (qcow2.rst "lazy refcounts"), syncing before
+    /// Writes everything back for a clean close: the persistent bitmaps writes changed, all
+    /// metadata including every refcount block, then clears the dirty bit this session set (qcow2.rst "lazy refcounts"), syncing before
     /// and after.
     pub(crate) fn close_inner(&self) -> Result<()> {
         let mut st = self.write_state()?;
+        self.store_tracked(&mut st)?;
         self.flush_with(&mut st, true)?;
         if st.marked_dirty {
             self.update_incompat_bits(0, incompat::DIRTY)?;

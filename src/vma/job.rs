@@ -462,4 +462,10 @@ impl<W: Write + Send + 'static> BlockImage for GuardedImage<'_, '_, W> {
     fn layer_info(&self) -> Result<crate::info::LayerInfo> {
         self.inner().layer_info()
     }
+    fn as_check(&self) -> Option<&dyn crate::check::Check> {
+        self.inner().as_check()
+    }
+    fn as_bitmaps(&self) -> Option<&dyn crate::bitmap::PersistentBitmaps> {
+        self.inner().as_bitmaps()
+    }
 }

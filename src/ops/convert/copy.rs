@@ -470,6 +470,9 @@ fn produce_against_backing(
     };
     let mut src = Cursor::new(plan.src);
     let mut bk = Cursor::new(backing);
+    // An existing target (`-n`) may hold data of its own over the backing file: there, what
+    // the backing file holds does not show through, so the source is copied.
+    let mut own = plan.zero_needed.then(|| Cursor::new(plan.dst));
     let mut c = 0u64;
     // The run being gathered: decision, start, end.
     let mut run: Option<(Decision, u64, u64)> = None;
@@ -495,7 +498,17 @@ fn produce_against_backing(
         true
     };
     while c < size && !stop.load(Ordering::SeqCst) {
-        let (d, end) = classify(plan, &mut src, &mut bk, c, size)?;
+        let (mut d, mut end) = classify(plan, &mut src, &mut bk, c, size)?;
+        if let Some(t) = own
+            .as_mut()
+            .filter(|_| matches!(d, Decision::Skip | Decision::Compare))
+        {
+            let (owned, owned_end) = target_owns(t, c, cs, size)?;
+            end = end.min(owned_end);
+            if owned {
+                d = Decision::Data;
+            }
+        }
         run = match run {
             Some((rd, rs, _)) if rd == d && end - rs <= 64 * step => Some((rd, rs, end)),
             Some(r) => {
@@ -514,6 +527,29 @@ fn produce_against_backing(
         }
     }
     Ok(())
+}
+
+/// Whether the target cluster at `c` (aligned) holds anything in the target's own layer, and
+/// how far (in whole clusters, at least to the end of this one) that answer holds.
+fn target_owns(t: &mut Cursor<'_>, c: u64, cs: u64, size: u64) -> Result<(bool, u64)> {
+    let cend = (c + cs).min(size);
+    let own = |s: &BlockStatus| s.present && s.depth == 0;
+    let (first, first_end) = t.at(c)?;
+    let mut owned = own(&first);
+    let mut pos = first_end;
+    while !owned && pos < cend {
+        let (s, e) = t.at(pos)?;
+        owned = own(&s);
+        pos = e;
+    }
+    let run_end = if own(&first) {
+        first_end.div_ceil(cs).saturating_mul(cs)
+    } else if !owned {
+        (first_end / cs * cs).max(cend)
+    } else {
+        cend
+    };
+    Ok((owned, run_end.clamp(cend, size)))
 }
 
 /// Reads `buf.len()` bytes at `off` from `img`, zeros past its end.
