@@ -499,7 +499,11 @@ impl ExtractPlan {
             })?;
         drop(targets);
         for (d, (img, tmp)) in self.devices.iter().zip(self.images.drain(..)) {
-            img.flush().map_err(|e| rename_tmp(e, &tmp, &d.path))?;
+            // A qcow2 image writes its metadata here (its cache is unsafe: no waiting for the
+            // disk). Raw files are not synced, as `convert` does not sync by default.
+            if d.format == ImageFormat::Qcow2 {
+                img.flush().map_err(|e| rename_tmp(e, &tmp, &d.path))?;
+            }
             drop(img);
             std::fs::rename(&tmp, &d.path)
                 .map_err(|e| Error::io("cannot rename the restored image into place", e))
