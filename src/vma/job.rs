@@ -32,10 +32,23 @@ use crate::offsets::GuestOffset;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
 
 /// Most clusters the job reads at once (2 MiB).
 pub const RUN_CLUSTERS: u64 = 32;
+
+/// Read buffers the job keeps: one being read, one queued, one being written.
+const PIPELINE_BUFFERS: usize = 3;
+
+/// A claimed run of clusters on its way from the job's reader to the archive.
+struct Run {
+    dev: usize,
+    start: u64,
+    len: u64,
+    /// Known zeros, not read.
+    zero: bool,
+    buf: Vec<u8>,
+}
 
 /// Told how far the job has got: `(device bytes saved, device bytes in total)`.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -223,34 +236,55 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
         out
     }
 
-    /// Saves the claimed run `[start, start + n)` of `dev`: as zero clusters without reading
-    /// when `zero`, else read into `buf` and written to the archive.
-    fn save(&self, dev: usize, start: u64, n: u64, zero: bool, buf: &mut Vec<u8>) -> Result<()> {
+    /// Reads the claimed run `[start, start + n)` of `dev` into `buf` (nothing when `zero`:
+    /// the clusters are known to read as zeros).
+    fn read_run(
+        &self,
+        dev: usize,
+        start: u64,
+        n: u64,
+        zero: bool,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
         let d = &self.devices[dev];
-        let result = (|| {
-            let off = start * CLUSTER_SIZE;
-            let len = if zero {
-                0
-            } else {
-                ((start + n) * CLUSTER_SIZE).min(d.image_size) - off
-            };
-            buf.resize(len as usize, 0);
-            if len > 0 {
-                d.image.read_at(buf, GuestOffset(off))?;
-                self.bytes_read.fetch_add(len, Ordering::Relaxed);
-            }
-            let mut w = self.lock_writer();
-            let w = w
-                .as_mut()
-                .ok_or_else(|| Error::invalid_input("the backup job is finished"))?;
-            for k in 0..n {
-                let from = ((k * CLUSTER_SIZE) as usize).min(buf.len());
-                let to = (((k + 1) * CLUSTER_SIZE) as usize).min(buf.len());
-                w.write_cluster(d.id, (start + k) as u32, &buf[from..to])?;
-            }
-            Ok(())
-        })()
-        .map_err(|e: Error| e.with_path(d.image.filename()));
+        let off = start * CLUSTER_SIZE;
+        let len = if zero {
+            0
+        } else {
+            ((start + n) * CLUSTER_SIZE).min(d.image_size) - off
+        };
+        buf.resize(len as usize, 0);
+        if len > 0 {
+            d.image
+                .read_at(buf, GuestOffset(off))
+                .map_err(|e| e.with_path(d.image.filename()))?;
+            self.bytes_read.fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Writes the run `[start, start + n)` of `dev`, read into `buf` (shorter than the run
+    /// where the rest reads as zeros), to the archive.
+    fn store_run(&self, dev: usize, start: u64, n: u64, buf: &[u8]) -> Result<()> {
+        let d = &self.devices[dev];
+        let mut w = self.lock_writer();
+        let w = w
+            .as_mut()
+            .ok_or_else(|| Error::invalid_input("the backup job is finished"))?;
+        for k in 0..n {
+            let from = ((k * CLUSTER_SIZE) as usize).min(buf.len());
+            let to = (((k + 1) * CLUSTER_SIZE) as usize).min(buf.len());
+            w.write_cluster(d.id, (start + k) as u32, &buf[from..to])?;
+        }
+        Ok(())
+    }
+
+    /// Saves the claimed run `[start, start + n)` of `dev`: reads it (unless `zero`), writes
+    /// it to the archive, and marks it saved.
+    fn save(&self, dev: usize, start: u64, n: u64, zero: bool, buf: &mut Vec<u8>) -> Result<()> {
+        let result = self
+            .read_run(dev, start, n, zero, buf)
+            .and_then(|()| self.store_run(dev, start, n, buf));
         self.settle(dev, start, n, result)
     }
 
@@ -321,18 +355,16 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
         Ok(st)
     }
 
-    /// Copies everything not saved yet, device after device, then waits until clusters that
-    /// writers are saving are saved too. Returns the first error of the job.
-    pub fn run(&self, progress: Option<Progress<'_>>) -> Result<()> {
-        let total: u64 = self.devices.iter().map(|d| d.image_size).sum();
-        let all: u64 = self.devices.iter().map(|d| d.clusters).sum();
-        let report = |remaining: u64| {
-            if let Some(p) = progress {
-                p(((all - remaining) * CLUSTER_SIZE).min(total), total);
-            }
-        };
-        report(all);
-        let mut buf = Vec::with_capacity((RUN_CLUSTERS * CLUSTER_SIZE) as usize);
+    /// Walks every device's block status in order, claiming and reading what is not saved
+    /// yet, and hands each run to `send` (which writes it to the archive); read buffers come
+    /// back through `bufs`. A run `send` refuses is marked settled without being saved (the
+    /// job has failed then), so that no writer waits for it.
+    fn walk(
+        &self,
+        send: &dyn Fn(Run) -> std::result::Result<(), Run>,
+        bufs: &mpsc::Receiver<Vec<u8>>,
+    ) -> Result<()> {
+        let mut made = 0usize;
         for (dev, d) in self.devices.iter().enumerate() {
             let mut c = 0u64;
             while c < d.clusters {
@@ -355,12 +387,82 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
                     let n = (end - off).div_ceil(CLUSTER_SIZE).clamp(1, RUN_CLUSTERS);
                     (n.min(d.clusters - c), false)
                 };
-                let counter = if zero { &self.unread } else { &self.by_job };
-                self.save_range(dev, c, c + n, zero, &mut buf, counter)?;
+                let mut at = c;
+                while let Some((start, len)) = self.claim(dev, at, c + n, RUN_CLUSTERS) {
+                    // Zero runs need no buffer; data runs take one of at most
+                    // PIPELINE_BUFFERS, which come back once written.
+                    let mut buf = if zero {
+                        Vec::new()
+                    } else {
+                        match bufs.try_recv() {
+                            Ok(b) => b,
+                            Err(_) if made < PIPELINE_BUFFERS => {
+                                made += 1;
+                                Vec::with_capacity((RUN_CLUSTERS * CLUSTER_SIZE) as usize)
+                            }
+                            Err(_) => bufs.recv().unwrap_or_default(),
+                        }
+                    };
+                    if let Err(e) = self.read_run(dev, start, len, zero, &mut buf) {
+                        return self.settle(dev, start, len, Err(e));
+                    }
+                    let run = Run {
+                        dev,
+                        start,
+                        len,
+                        zero,
+                        buf,
+                    };
+                    if let Err(r) = send(run) {
+                        return self.settle(r.dev, r.start, r.len, Ok(()));
+                    }
+                    at = start + len;
+                }
                 c += n;
-                report(self.lock_state().remaining);
             }
         }
+        Ok(())
+    }
+
+    /// Copies everything not saved yet, device after device in guest order, then waits until
+    /// clusters that writers are saving are saved too. Reading (one thread) overlaps with
+    /// writing to the archive (this thread, and the writer's own thread behind it). Returns
+    /// the first error of the job.
+    pub fn run(&self, progress: Option<Progress<'_>>) -> Result<()> {
+        let total: u64 = self.devices.iter().map(|d| d.image_size).sum();
+        let all: u64 = self.devices.iter().map(|d| d.clusters).sum();
+        let report = |remaining: u64| {
+            if let Some(p) = progress {
+                p(((all - remaining) * CLUSTER_SIZE).min(total), total);
+            }
+        };
+        report(all);
+        let (tx, rx) = mpsc::sync_channel::<Run>(1);
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        let walked = std::thread::scope(|s| {
+            let walker = s.spawn(move || {
+                let send = |r: Run| tx.send(r).map_err(|e| e.0);
+                self.walk(&send, &free_rx)
+            });
+            for run in rx.iter() {
+                let stored = self.store_run(run.dev, run.start, run.len, &run.buf);
+                let counter = if run.zero { &self.unread } else { &self.by_job };
+                counter.fetch_add(run.len, Ordering::Relaxed);
+                let failed = self.settle(run.dev, run.start, run.len, stored).is_err();
+                if !run.zero {
+                    let _ = free_tx.send(run.buf);
+                }
+                report(self.lock_state().remaining);
+                if failed {
+                    break;
+                }
+            }
+            // Whatever the walker still sends is refused (and marked) once this is gone.
+            drop(rx);
+            walker
+                .join()
+                .unwrap_or_else(|_| Err(Error::corrupt("the backup reader thread panicked")))
+        });
         let mut st = self.lock_state();
         while st.remaining > 0 && st.error.is_none() {
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -369,6 +471,7 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
         let error = st.error.as_ref().map(replicate);
         drop(st);
         report(remaining);
+        walked?;
         match error {
             Some(e) => Err(e),
             None => Ok(()),
