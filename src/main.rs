@@ -52,6 +52,8 @@ enum Command {
     /// Change format options of a qcow2 image in place (compat, refcount_bits, lazy_refcounts,
     /// size, backing_file; `-o help` lists them).
     Amend(AmendCmdArgs),
+    /// VM backups in Proxmox's VMA format: create, extract, verify, list, config.
+    Backup(BackupArgs),
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +120,95 @@ struct RebaseArgs {
     force_share: bool,
     /// The image.
     filename: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BackupArgs {
+    #[command(subcommand)]
+    command: BackupCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BackupCommand {
+    /// Back up images (raw, qcow2, chains) into a VMA archive, or - for standard output.
+    Create(BackupCreateArgs),
+    /// Restore an archive (or - for standard input; zstd/gzip detected) into a new directory.
+    Extract(BackupExtractArgs),
+    /// Check a whole archive: headers, digests, uuids, structure, device bounds, duplicates
+    /// and completeness.
+    Verify(BackupVerifyArgs),
+    /// List an archive's configs and devices, as Proxmox's `vma list` does.
+    List(BackupListArgs),
+    /// Print a config file stored in an archive, as Proxmox's `vma config` does.
+    Config(BackupConfigArgs),
+}
+
+#[derive(Args, Debug)]
+struct BackupCreateArgs {
+    /// A config file to store, by its base name (repeatable).
+    #[arg(short = 'c', value_name = "CONFIG")]
+    configs: Vec<PathBuf>,
+    /// A device to back up: [format=FMT:]DEVNAME=PATH (repeatable, up to 254).
+    #[arg(short = 'd', value_name = "[format=FMT:]DEVNAME=PATH")]
+    devices: Vec<String>,
+    /// Compress the whole archive stream (as vzdump's .vma.zst / .vma.gz).
+    #[arg(long, value_name = "zstd|gzip", value_parser = ["zstd", "gzip"])]
+    compress: Option<String>,
+    /// Show progress (on standard error).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Print what was stored per device (on standard error).
+    #[arg(short = 'v')]
+    verbose: bool,
+    /// The archive to write (must not exist), or - for standard output.
+    archive: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BackupExtractArgs {
+    /// Restore only these devices (comma-separated names).
+    #[arg(short = 'd', value_name = "DEV,DEV")]
+    devices: Option<String>,
+    /// Format of the restored images: raw (sparse) or qcow2 (zero clusters unallocated).
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw", value_parser = parse_format)]
+    output_format: ImageFormat,
+    /// Options of the qcow2 images, as `vimg create -o` takes them (repeatable).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Show progress (on standard error).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// The archive, or - for standard input.
+    archive: PathBuf,
+    /// The directory to restore into (must not exist).
+    target_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BackupVerifyArgs {
+    /// Also list the archive's contents and what each device holds.
+    #[arg(short = 'v')]
+    verbose: bool,
+    /// Show progress (on standard error).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// The archive, or - for standard input.
+    archive: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BackupListArgs {
+    /// The archive, or - for standard input.
+    archive: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BackupConfigArgs {
+    /// The config file to print.
+    #[arg(short = 'c', value_name = "NAME", default_value = "qemu-server.conf")]
+    config: String,
+    /// The archive, or - for standard input.
+    archive: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -517,6 +608,7 @@ fn main() -> ExitCode {
         Command::Rebase(a) => rebase(a),
         Command::Bitmap(a) => bitmap(a),
         Command::Amend(a) => amend(a),
+        Command::Backup(a) => backup(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -1073,4 +1165,163 @@ fn rebase(a: RebaseArgs) -> CmdResult {
     })
     .map_err(fail)?;
     Ok(0)
+}
+
+/// Runs `f` with a progress callback drawing on standard error when `show` (a bar on a
+/// terminal, `    (NN.NN/100%)` lines otherwise), and with none otherwise.
+fn with_stderr_progress<T>(
+    show: bool,
+    f: impl FnOnce(Option<&(dyn Fn(u64, u64) + Sync)>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    if !show {
+        return f(None);
+    }
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        ) {
+            bar.set_style(style);
+        }
+        let r = f(Some(&|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        }));
+        if r.is_ok() {
+            bar.finish();
+        } else {
+            bar.abandon();
+        }
+        r
+    } else {
+        let text = ops::convert::TextProgress::new();
+        let r = f(Some(&|done, total| {
+            let mut err = std::io::stderr().lock();
+            if let Some(line) = text.update(done, total) {
+                let _ = err.write_all(line.as_bytes());
+            }
+        }));
+        if r.is_ok() {
+            eprintln!();
+        }
+        r
+    }
+}
+
+fn backup(a: BackupArgs) -> CmdResult {
+    use ops::backup::{self as b, ArchivePath};
+    use vimg::vma::stream::Compression;
+    let fail = |e| Failure::new(e, 1);
+    match a.command {
+        BackupCommand::Create(c) => {
+            let specs = c
+                .devices
+                .iter()
+                .map(|d| b::parse_device_spec(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail)?;
+            let opened = specs
+                .iter()
+                .map(|s| open(&s.path, s.format))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail)?;
+            let sources: Vec<(&str, &dyn vimg::BlockImage)> = specs
+                .iter()
+                .zip(&opened)
+                .map(|(s, i)| (s.name.as_str(), i.as_ref()))
+                .collect();
+            let opts = b::CreateOptions {
+                configs: c.configs,
+                compression: match c.compress.as_deref() {
+                    Some(name) => Compression::from_name(name).map_err(fail)?,
+                    None => Compression::None,
+                },
+            };
+            let archive = ArchivePath::from_arg(&c.archive);
+            let stats =
+                with_stderr_progress(c.progress, |p| b::create(&archive, &sources, &opts, p))
+                    .map_err(fail)?;
+            if c.verbose {
+                eprintln!(
+                    "archive: {} clusters ({} zero), {} data bytes, {} extents, {} bytes; \
+                     {} bytes read, {} clusters not read (zero)",
+                    stats.archive.clusters,
+                    stats.archive.zero_clusters,
+                    stats.archive.data_blocks * 4096,
+                    stats.archive.extents,
+                    stats.archive.bytes,
+                    stats.bytes_read,
+                    stats.clusters_unread
+                );
+            }
+            Ok(0)
+        }
+        BackupCommand::Extract(x) => {
+            let opts = b::ExtractOptions {
+                devices: x.devices.map(|l| {
+                    l.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                }),
+                format: x.output_format,
+                options: x.options,
+            };
+            let archive = ArchivePath::from_arg(&x.archive);
+            let plan = b::prepare_extract(&archive, &x.target_dir, &opts).map_err(fail)?;
+            let mut lines = String::new();
+            for d in plan.devices() {
+                lines.push_str(&format!("DEVINFO {} {}\n", d.path.display(), d.size));
+            }
+            print(&lines)?;
+            with_stderr_progress(x.progress, |p| plan.run(p)).map_err(fail)?;
+            Ok(0)
+        }
+        BackupCommand::Verify(v) => {
+            let archive = ArchivePath::from_arg(&v.archive);
+            let (header, tally) =
+                with_stderr_progress(v.progress, |p| b::verify(&archive, p)).map_err(fail)?;
+            if v.verbose {
+                let mut s = vimg::vma::listing::render_list(&header);
+                for d in &header.devices {
+                    let t = &tally.devices[d.id as usize];
+                    s.push_str(&format!(
+                        "device {} ({}): {} clusters, {} zero, {} data bytes\n",
+                        d.id,
+                        d.name,
+                        t.clusters,
+                        t.zero_clusters,
+                        t.data_blocks * 4096
+                    ));
+                }
+                s.push_str(&format!(
+                    "verified: {} extents, {} bytes, uuid {}\n",
+                    tally.extents,
+                    tally.bytes,
+                    vimg::vma::uuid_string(&header.uuid)
+                ));
+                print(&s)?;
+            }
+            Ok(0)
+        }
+        BackupCommand::List(l) => {
+            let r = b::open_archive(&ArchivePath::from_arg(&l.archive)).map_err(fail)?;
+            print(&vimg::vma::listing::render_list(r.header()))?;
+            Ok(0)
+        }
+        BackupCommand::Config(c) => {
+            let archive = ArchivePath::from_arg(&c.archive);
+            let r = b::open_archive(&archive).map_err(fail)?;
+            let data = b::find_config(r.header(), &c.config)
+                .map_err(|e| fail(e.with_path(archive.display_path(true))))?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(data)
+                .and_then(|_| out.flush())
+                .map_err(|e| Failure::new(Error::io("cannot write output", e), 1))?;
+            Ok(0)
+        }
+    }
 }

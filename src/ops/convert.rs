@@ -359,7 +359,7 @@ pub fn convert(
 
 /// An error about the temporary output names the destination instead (the temporary name means
 /// nothing to the user, and the file is gone once the error is reported).
-fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
+pub(crate) fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
     if e.path() == Some(tmp) {
         let mut fresh = Error::new(e.kind(), e.what().to_string()).with_path(dst);
         if let Some(o) = e.offset() {
@@ -411,14 +411,14 @@ fn open_target(dst: &Path, format: ImageFormat) -> Result<Box<dyn BlockImage>> {
 }
 
 /// A file under a temporary name, removed on drop unless persisted.
-struct TempFile {
-    path: PathBuf,
+pub(crate) struct TempFile {
+    pub(crate) path: PathBuf,
     keep: bool,
 }
 
 impl TempFile {
     /// Creates a new, empty, uniquely named file in the directory of `dst`.
-    fn create_near(dst: &Path) -> Result<TempFile> {
+    pub(crate) fn create_near(dst: &Path) -> Result<TempFile> {
         let dir = match dst.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -462,7 +462,7 @@ impl TempFile {
     /// writeback of the new one and wait for the blocks to be allocated, half a second per GiB
     /// here, which is the durability `cache=unsafe` does not ask for. A synced output is on
     /// the disk already, so the rename over is atomic and cheap.
-    fn persist(mut self, dst: &Path, synced: bool) -> Result<()> {
+    pub(crate) fn persist(mut self, dst: &Path, synced: bool) -> Result<()> {
         if !synced && std::fs::symlink_metadata(dst).is_ok_and(|m| m.file_type().is_file()) {
             std::fs::remove_file(dst)
                 .map_err(|e| Error::io("cannot replace the existing output file", e))

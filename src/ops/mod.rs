@@ -5,6 +5,7 @@
 //! qemu-img's formats. The binary (`src/main.rs`) only parses arguments and prints.
 
 pub mod amend;
+pub mod backup;
 pub mod bitmap;
 pub mod check;
 pub mod commit;
