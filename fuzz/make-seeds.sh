@@ -3,7 +3,7 @@
 #
 # Seeds are the qcow2 files of test-images/ (gzip-compressed ones unpacked) of at most 64 KiB,
 # and every image of the corruption corpus test-images/corrupt/. The header target gets only
-# their first 4 KiB. Files are named seed-<source name>, so that a seed says where it came from
+# their first 4 KiB. The VMA reader (vma_read) gets the VMA archives of test-images/. Files are named seed-<source name>, so that a seed says where it came from
 # (libFuzzer names the inputs it finds by their SHA-1; those are not committed: fuzz into a
 # scratch directory, see README.md). Crash files live apart, in fuzz/artifacts/<target>/.
 set -euo pipefail
@@ -40,6 +40,15 @@ for f in "$IMAGES"/*.qcow2 "$IMAGES"/*.qcow2.gz "$IMAGES"/corrupt/*.qcow2; do
         add "$name" "$f"
     fi
 done
-for t in "${TARGETS[@]}"; do
+# The VMA reader's seeds: the VMA fixtures (whole, and their first 16 KiB: the headers).
+rm -rf "$HERE/corpus/vma_read"
+mkdir -p "$HERE/corpus/vma_read"
+for f in "$IMAGES"/*.vma; do
+    [ -e "$f" ] || continue
+    name=$(basename "$f")
+    cp "$f" "$HERE/corpus/vma_read/seed-$name"
+    head -c 16384 "$f" > "$HERE/corpus/vma_read/seed-head-$name"
+done
+for t in "${TARGETS[@]}" vma_read; do
     echo "$t: $(ls "$HERE/corpus/$t" | wc -l) seeds, $(du -sk "$HERE/corpus/$t" | cut -f1) KiB"
 done

@@ -19,6 +19,7 @@ pub mod ops;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+pub mod vma;
 
 pub use block::{BlockImage, BlockStatus, ImageFormat};
 pub use error::{Error, ErrorKind, Result};

@@ -30,13 +30,22 @@
 //! {write, resize} either, so that two writers of one raw file (vimg and qemu-io, or two vimg
 //! processes) refuse each other.
 //!
+//! Within one process, qemu keeps one set of locks per image (one block node, whose permissions
+//! grow and shrink with its users). vimg does the same: the locks of all the handles a process
+//! has on one file (a commit has its base open read-only in the top's chain and read-write as
+//! its target) are held together, on one open file description per file, and only other
+//! processes' locks can conflict with them ([`lock`] returns a [`LockGuard`]; a byte is
+//! released when the last guard that needs it goes).
+//!
 //! A conflict is an [`std::io::Error`] carrying a [`Conflict`] (see [`conflict_of`]); the
 //! library's error type turns it into [`crate::ErrorKind::Locked`]. File systems without
 //! open-file-description locks are used unlocked, as qemu's `locking=auto` does.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io;
+use std::sync::{Mutex, OnceLock};
 
 /// A set of qemu block-layer permissions (bit `i` is permission `i`, see the module table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -169,38 +178,128 @@ pub fn conflict_of(e: &io::Error) -> Option<Conflict> {
         .copied()
 }
 
-/// Takes the locks `req` names on `file` and checks that no other open file description holds
-/// a conflicting one (see the module documentation). On a conflict, the locks just taken are
-/// released again and the error carries a [`Conflict`]. The locks last as long as the open
-/// file description (`file` and its clones).
-pub fn lock(file: &File, req: LockRequest) -> io::Result<()> {
-    if req == LockRequest::NONE {
-        return Ok(());
+/// The lock bytes of a request, each as an index into [`Held::counts`] (0-3: bytes 100-103,
+/// 4-7: bytes 200-203).
+fn slots(req: LockRequest) -> impl Iterator<Item = usize> {
+    req.hold
+        .bits()
+        .map(|b| b as usize)
+        .chain(req.unshare.bits().map(|b| 4 + b as usize))
+}
+
+/// The byte of slot `i`.
+fn slot_byte(i: usize) -> u64 {
+    if i < 4 {
+        PERM_BASE + i as u64
+    } else {
+        SHARED_BASE + (i - 4) as u64
     }
-    match take_and_test(file, req) {
-        Ok(()) => Ok(()),
+}
+
+/// The locks this process holds on one file: the open file description they are on, and how
+/// many guards need each byte.
+struct Held {
+    file: File,
+    counts: [u32; 8],
+}
+
+/// Every file this process holds locks on, by (device, inode).
+fn registry() -> std::sync::MutexGuard<'static, HashMap<(u64, u64), Held>> {
+    static R: OnceLock<Mutex<HashMap<(u64, u64), Held>>> = OnceLock::new();
+    R.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// This process's need for some image locks on one file. The bytes no other guard needs are
+/// released when it is dropped, explicitly: a child process that inherited the descriptor for
+/// a moment (forked by another thread, not yet executing) cannot keep them.
+#[derive(Debug)]
+#[must_use = "the locks are released when the guard is dropped"]
+pub struct LockGuard {
+    key: (u64, u64),
+    req: LockRequest,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let mut reg = registry();
+        let Some(held) = reg.get_mut(&self.key) else {
+            return;
+        };
+        for i in slots(self.req) {
+            held.counts[i] = held.counts[i].saturating_sub(1);
+            if held.counts[i] == 0 {
+                let _ = ofd::set(&held.file, slot_byte(i), ofd::Kind::Unlock);
+            }
+        }
+        if held.counts.iter().all(|&c| c == 0) {
+            reg.remove(&self.key);
+        }
+    }
+}
+
+/// Takes the locks `req` names on the file `file` is open on and checks that no other process
+/// holds a conflicting one (see the module documentation); they last as long as the returned
+/// guard. `None` for [`LockRequest::NONE`], and where the file system cannot lock. On a
+/// conflict nothing stays locked for this request, and the error carries a [`Conflict`].
+pub fn lock(file: &File, req: LockRequest) -> io::Result<Option<LockGuard>> {
+    use std::os::unix::fs::MetadataExt;
+    if req == LockRequest::NONE {
+        return Ok(None);
+    }
+    let m = file.metadata()?;
+    let key = (m.dev(), m.ino());
+    let mut reg = registry();
+    if !reg.contains_key(&key) {
+        // The process's own description of the file for its locks: a clone, so that it lives
+        // on when `file` is closed.
+        let held = Held {
+            file: file.try_clone()?,
+            counts: [0; 8],
+        };
+        reg.insert(key, held);
+    }
+    let held = reg.get_mut(&key).expect("just inserted");
+    let fresh: Vec<usize> = slots(req).filter(|&i| held.counts[i] == 0).collect();
+    match take_and_test(&held.file, req, &fresh) {
+        Ok(()) => {
+            for i in slots(req) {
+                held.counts[i] += 1;
+            }
+            Ok(Some(LockGuard { key, req }))
+        }
         Err(e) => {
-            let _ = unlock(file);
+            for &i in &fresh {
+                let _ = ofd::set(&held.file, slot_byte(i), ofd::Kind::Unlock);
+            }
+            if held.counts.iter().all(|&c| c == 0) {
+                reg.remove(&key);
+            }
             if conflict_of(&e).is_none() && locking_unsupported(&e) {
-                return Ok(());
+                return Ok(None);
             }
             Err(e)
         }
     }
 }
 
-/// A file holding image locks, which are released when it is dropped (explicitly, so that a
-/// child process that inherited the descriptor for a moment cannot keep them alive).
+/// A file holding image locks, released (as far as no other handle needs them) when it is
+/// dropped.
 #[derive(Debug)]
 pub struct LockedFile {
     file: File,
+    _guard: Option<LockGuard>,
 }
 
 impl LockedFile {
     /// Takes the locks `req` names on `file` (see [`lock`]).
     pub fn new(file: File, req: LockRequest) -> io::Result<Self> {
-        lock(&file, req)?;
-        Ok(LockedFile { file })
+        let guard = lock(&file, req)?;
+        Ok(LockedFile {
+            file,
+            _guard: guard,
+        })
     }
 }
 
@@ -211,28 +310,11 @@ impl std::ops::Deref for LockedFile {
     }
 }
 
-impl Drop for LockedFile {
-    fn drop(&mut self) {
-        let _ = unlock(&self.file);
-    }
-}
-
-/// Releases every lock byte vimg or qemu may hold through `file`'s file description.
-pub fn unlock(file: &File) -> io::Result<()> {
-    for base in [PERM_BASE, SHARED_BASE] {
-        for bit in Perms::ALL.bits() {
-            ofd::set(file, base + u64::from(bit), ofd::Kind::Unlock)?;
-        }
-    }
-    Ok(())
-}
-
-fn take_and_test(file: &File, req: LockRequest) -> io::Result<()> {
-    for bit in req.hold.bits() {
-        ofd::set(file, PERM_BASE + u64::from(bit), ofd::Kind::Shared)?;
-    }
-    for bit in req.unshare.bits() {
-        ofd::set(file, SHARED_BASE + u64::from(bit), ofd::Kind::Shared)?;
+/// Sets the bytes of `fresh` (the slots of `req` not locked yet) on `file`, then tests every
+/// byte of `req` against the locks of other open file descriptions.
+fn take_and_test(file: &File, req: LockRequest, fresh: &[usize]) -> io::Result<()> {
+    for &i in fresh {
+        ofd::set(file, slot_byte(i), ofd::Kind::Shared)?;
     }
     let conflict = |bit: u32, shared| {
         io::Error::new(
@@ -382,16 +464,28 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn writers_exclude_each_other_and_readers_of_qcow2_images() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Another process's locks, simulated: bytes locked on a description of the file that
+    /// the registry does not know.
+    fn foreign(path: &std::path::Path, req: LockRequest) -> File {
+        let f = open(path);
+        for i in slots(req) {
+            ofd::set(&f, slot_byte(i), ofd::Kind::Shared).unwrap();
+        }
+        f
+    }
+
+    fn file(dir: &tempfile::TempDir) -> std::path::PathBuf {
         let p = dir.path().join("img");
         std::fs::write(&p, [0u8; 512]).unwrap();
-        // Two open file descriptions in one process conflict just as two processes do.
-        let a = open(&p);
-        lock(&a, LockRequest::exclusive(true)).unwrap();
-        let b = open(&p);
-        let e = lock(&b, LockRequest::exclusive(true)).unwrap_err();
+        p
+    }
+
+    #[test]
+    fn another_writer_keeps_writers_and_readers_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(&dir);
+        let other = foreign(&p, LockRequest::exclusive(true));
+        let e = lock(&open(&p), LockRequest::exclusive(true)).unwrap_err();
         assert_eq!(
             conflict_of(&e),
             Some(Conflict {
@@ -403,7 +497,7 @@ mod tests {
             e.to_string().contains("Failed to get \"write\" lock"),
             "{e}"
         );
-        let e = lock(&b, LockRequest::exclusive(false)).unwrap_err();
+        let e = lock(&open(&p), LockRequest::exclusive(false)).unwrap_err();
         assert_eq!(
             conflict_of(&e),
             Some(Conflict {
@@ -411,41 +505,63 @@ mod tests {
                 shared: true
             })
         );
-        // Force-share readers and raw readers get through; so does the data-file view's reader.
-        lock(&b, LockRequest::force_share()).unwrap();
-        drop(b);
-        // Once the writer is gone, its locks are too.
-        drop(a);
-        let c = open(&p);
-        lock(&c, LockRequest::exclusive(true)).unwrap();
+        // Force-share readers get through.
+        let g = lock(&open(&p), LockRequest::force_share()).unwrap();
+        assert!(g.is_some());
+        drop(g);
+        // Once the other process is gone, so are its locks.
+        drop(other);
+        assert!(lock(&open(&p), LockRequest::exclusive(true))
+            .unwrap()
+            .is_some());
     }
 
     #[test]
-    fn readers_share_and_keep_writers_out() {
+    fn our_locks_are_held_together_and_released_with_the_last_guard() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("img");
-        std::fs::write(&p, [0u8; 512]).unwrap();
-        let r1 = open(&p);
-        lock(&r1, LockRequest::exclusive(false)).unwrap();
-        let r2 = open(&p);
-        lock(&r2, LockRequest::exclusive(false)).unwrap();
-        let w = open(&p);
-        let e = lock(&w, LockRequest::exclusive(true)).unwrap_err();
-        assert_eq!(conflict_of(&e).unwrap().perm, "write");
-        // A failed attempt leaves no lock behind: after the readers close, a writer gets in.
-        drop((r1, r2));
-        lock(&w, LockRequest::exclusive(true)).unwrap();
+        let p = file(&dir);
+        // A read-only user and a writer of one file in this process do not conflict.
+        let reader = lock(&open(&p), LockRequest::exclusive(false)).unwrap();
+        let writer = lock(&open(&p), LockRequest::exclusive(true)).unwrap();
+        // Another process sees the union: it may not write, nor read without -U.
+        let probe = open(&p);
+        assert!(ofd::taken_by_others(&probe, PERM_BASE + 1).unwrap());
+        assert!(ofd::taken_by_others(&probe, SHARED_BASE + 1).unwrap());
+        drop(writer);
+        // The reader still keeps writers out, but no longer writes.
+        assert!(!ofd::taken_by_others(&probe, PERM_BASE + 1).unwrap());
+        assert!(ofd::taken_by_others(&probe, SHARED_BASE + 1).unwrap());
+        drop(reader);
+        for i in 0..8 {
+            assert!(
+                !ofd::taken_by_others(&probe, slot_byte(i)).unwrap(),
+                "byte {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refused_request_leaves_nothing_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(&dir);
+        let other = foreign(&p, LockRequest::exclusive(false));
+        assert!(lock(&open(&p), LockRequest::exclusive(true)).is_err());
+        drop(other);
+        let probe = open(&p);
+        for i in 0..8 {
+            assert!(
+                !ofd::taken_by_others(&probe, slot_byte(i)).unwrap(),
+                "byte {i}"
+            );
+        }
     }
 
     #[test]
     fn data_files_share_write_but_not_resize() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("data");
-        std::fs::write(&p, [0u8; 512]).unwrap();
-        let r = open(&p);
-        lock(&r, LockRequest::data_file(false)).unwrap();
-        let w = open(&p);
-        let e = lock(&w, LockRequest::data_file(true)).unwrap_err();
+        let p = file(&dir);
+        let _reader = foreign(&p, LockRequest::data_file(false));
+        let e = lock(&open(&p), LockRequest::data_file(true)).unwrap_err();
         assert_eq!(
             conflict_of(&e),
             Some(Conflict {
@@ -461,5 +577,8 @@ mod tests {
         assert_eq!(conflict_of(&e), None);
         assert_eq!(lock_byte_name(203), "resize");
         assert_eq!(lock_byte_name(100), "consistent read");
+        assert!(lock(&tempfile::tempfile().unwrap(), LockRequest::NONE)
+            .unwrap()
+            .is_none());
     }
 }

@@ -41,12 +41,176 @@ enum Command {
     Measure(MeasureArgs),
     /// List (-l), create (-c), apply (-a) or delete (-d) internal snapshots of a qcow2 image.
     Snapshot(SnapshotArgs),
+    /// Write an overlay's data into its backing file (or into -b BASE further down the chain),
+    /// then empty the overlay (unless -d or -b).
+    Commit(CommitArgs),
+    /// Change the backing file of a qcow2 image, copying what differs (-u: only the header;
+    /// -b "": no backing file).
+    Rebase(RebaseArgs),
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (in the order
     /// given).
     Bitmap(BitmapCmdArgs),
     /// Change format options of a qcow2 image in place (compat, refcount_bits, lazy_refcounts,
     /// size, backing_file; `-o help` lists them).
     Amend(AmendCmdArgs),
+    /// VM backups in Proxmox's VMA format: create, extract, verify, list, config.
+    Backup(BackupArgs),
+}
+
+#[derive(Args, Debug)]
+struct CommitArgs {
+    /// Format of IMAGE (qcow2); probed when not given.
+    #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Cache mode of the images written: writeback (default), writethrough, none, directsync,
+    /// or unsafe (no waiting for the disk).
+    #[arg(short = 't', value_name = "CACHE", default_value = "writeback")]
+    cache: String,
+    /// The layer of the backing chain to commit into, instead of the backing file (implies
+    /// -d, as in qemu-img).
+    #[arg(short = 'b', value_name = "BASE")]
+    base: Option<String>,
+    /// Do not empty IMAGE afterwards.
+    #[arg(short = 'd')]
+    drop: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Write at most RATE bytes per second (k, M, G suffixes; 0: no limit).
+    #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
+    rate: Option<String>,
+    /// The overlay.
+    filename: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct RebaseArgs {
+    /// Format of IMAGE (qcow2); probed when not given.
+    #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Only change the header: no data is copied, and the new backing file need not exist.
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    /// The new backing file (recorded as given; relative names are relative to IMAGE), or ""
+    /// for none.
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the new backing file (required with -b, as in qemu-img).
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_format: Option<String>,
+    /// Write the copied clusters compressed.
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode of IMAGE: writeback (default), writethrough, none, directsync, or unsafe.
+    #[arg(short = 't', value_name = "CACHE", default_value = "writeback")]
+    cache: String,
+    /// Cache mode of the backing files (accepted; they are only read).
+    #[arg(short = 'T', value_name = "CACHE")]
+    backing_cache: Option<String>,
+    /// Accepted for qemu-img compatibility: as with qemu-img, the image and its backing files
+    /// are locked as usual (the image is written).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image.
+    filename: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BackupArgs {
+    #[command(subcommand)]
+    command: BackupCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BackupCommand {
+    /// Back up images (raw, qcow2, chains) into a VMA archive, or - for standard output.
+    Create(BackupCreateArgs),
+    /// Restore an archive (or - for standard input; zstd/gzip detected) into a new directory.
+    Extract(BackupExtractArgs),
+    /// Check a whole archive: headers, digests, uuids, structure, device bounds, duplicates
+    /// and completeness.
+    Verify(BackupVerifyArgs),
+    /// List an archive's configs and devices, as Proxmox's `vma list` does.
+    List(BackupListArgs),
+    /// Print a config file stored in an archive, as Proxmox's `vma config` does.
+    Config(BackupConfigArgs),
+}
+
+#[derive(Args, Debug)]
+struct BackupCreateArgs {
+    /// A config file to store, by its base name (repeatable).
+    #[arg(short = 'c', value_name = "CONFIG")]
+    configs: Vec<PathBuf>,
+    /// A device to back up: [format=FMT:]DEVNAME=PATH (repeatable, up to 254).
+    #[arg(short = 'd', value_name = "[format=FMT:]DEVNAME=PATH")]
+    devices: Vec<String>,
+    /// Compress the whole archive stream (as vzdump's .vma.zst / .vma.gz).
+    #[arg(long, value_name = "zstd|gzip", value_parser = ["zstd", "gzip"])]
+    compress: Option<String>,
+    /// Show progress (on standard error).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Print what was stored per device (on standard error).
+    #[arg(short = 'v')]
+    verbose: bool,
+    /// The archive to write (must not exist), or - for standard output.
+    archive: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BackupExtractArgs {
+    /// Restore only these devices (comma-separated names).
+    #[arg(short = 'd', value_name = "DEV,DEV")]
+    devices: Option<String>,
+    /// Format of the restored images: raw (sparse) or qcow2 (zero clusters unallocated).
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw", value_parser = parse_format)]
+    output_format: ImageFormat,
+    /// Options of the qcow2 images, as `vimg create -o` takes them (repeatable).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Show progress (on standard error).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// The archive, or - for standard input.
+    archive: PathBuf,
+    /// The directory to restore into (must not exist).
+    target_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BackupVerifyArgs {
+    /// Also list the archive's contents and what each device holds.
+    #[arg(short = 'v')]
+    verbose: bool,
+    /// Show progress (on standard error).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// The archive, or - for standard input.
+    archive: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BackupListArgs {
+    /// The archive, or - for standard input.
+    archive: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct BackupConfigArgs {
+    /// The config file to print.
+    #[arg(short = 'c', value_name = "NAME", default_value = "qemu-server.conf")]
+    config: String,
+    /// The archive, or - for standard input.
+    archive: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -353,6 +517,10 @@ struct ConvertArgs {
     /// writers out of them; the target is locked as always).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Read the sources as internal snapshot SNAPSHOT was: snapshot.id=ID,
+    /// snapshot.name=NAME, or an id or name alone (an id matches first).
+    #[arg(short = 'l', long = "source-snapshot", value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
     /// The source images (concatenated, in order), then the image to write.
     #[arg(value_name = "SRC... DST")]
     files: Vec<PathBuf>,
@@ -441,8 +609,11 @@ fn main() -> ExitCode {
         Command::Resize(a) => resize(a),
         Command::Measure(a) => measure(a),
         Command::Snapshot(a) => snapshot(a),
+        Command::Commit(a) => commit(a),
+        Command::Rebase(a) => rebase(a),
         Command::Bitmap(a) => bitmap(a),
         Command::Amend(a) => amend(a),
+        Command::Backup(a) => backup(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -829,15 +1000,30 @@ fn convert(a: ConvertArgs) -> CmdResult {
     };
     let opts = convert_options(&a);
     ops::convert::validate(sources.len(), target, &opts).map_err(fail)?;
+    let snapshot = a
+        .snapshot
+        .as_deref()
+        .map(vimg::qcow2::snapshot_view::SnapshotSelector::parse)
+        .transpose()
+        .map_err(fail)?;
+    if snapshot.is_some() && sources.len() > 1 {
+        return Err(Failure {
+            message: "No support for concatenating multiple snapshot".into(),
+            code: 1,
+        });
+    }
     let opened = sources
         .iter()
         // qemu-img convert keeps writers out of its sources (raw ones too) unless -U.
-        .map(|s| {
-            let sh = match a.force_share {
-                true => Sharing::ForceShare,
-                false => Sharing::NoWriters,
-            };
-            open(s, a.format, sh)
+        .map(|s| match &snapshot {
+            Some(sel) => vimg::qcow2::snapshot_view::open_image_snapshot(s, a.format, sel),
+            None => {
+                let sh = match a.force_share {
+                    true => Sharing::ForceShare,
+                    false => Sharing::NoWriters,
+                };
+                open(s, a.format, sh)
+            }
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
@@ -934,4 +1120,234 @@ fn measure(a: MeasureArgs) -> CmdResult {
     let m = ops::measure::measure(target, &a.options, size, source.as_deref()).map_err(fail)?;
     print(&m.render(a.output.into()))?;
     Ok(0)
+}
+
+/// Runs `f` with qemu-img's text progress (`    (NN.NN/100%)` and carriage returns) on
+/// standard output when `show`, ending the progress line after a success.
+fn with_text_progress<T>(
+    show: bool,
+    f: impl FnOnce(Option<ops::convert::Progress<'_>>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    if !show {
+        return f(None);
+    }
+    let text = ops::convert::TextProgress::new();
+    let report = |done: u64, total: u64| {
+        let mut out = std::io::stdout().lock();
+        if let Some(line) = text.update(done, total) {
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.flush();
+        }
+    };
+    let r = f(Some(&report));
+    if r.is_ok() {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(b"\n").and_then(|_| out.flush());
+    }
+    r
+}
+
+fn commit(a: CommitArgs) -> CmdResult {
+    let fail = |e| Failure::new(e, 1);
+    let cache = ops::commit::CacheMode::parse(&a.cache).map_err(fail)?;
+    let rate_limit = match &a.rate {
+        Some(r) => ops::commit::parse_rate_limit(r).map_err(fail)?,
+        None => 0,
+    };
+    let opts = ops::commit::CommitOptions {
+        format: a.format,
+        base: a.base.clone(),
+        drop: a.drop,
+        rate_limit,
+        cache,
+    };
+    let msg = with_text_progress(a.progress && !a.quiet, |p| {
+        ops::commit::commit(&a.filename, &opts, p)
+    })
+    .map_err(fail)?;
+    if !a.quiet {
+        print(&format!("{msg}\n"))?;
+    }
+    Ok(0)
+}
+
+fn rebase(a: RebaseArgs) -> CmdResult {
+    let _ = a.force_share;
+    let fail = |e| Failure::new(e, 1);
+    let cache = ops::commit::CacheMode::parse(&a.cache).map_err(fail)?;
+    if let Some(t) = &a.backing_cache {
+        ops::commit::CacheMode::parse(t).map_err(fail)?;
+    }
+    let opts = ops::rebase::RebaseOptions {
+        format: a.format,
+        backing: a.backing.clone(),
+        backing_format: a.backing_format.clone(),
+        unsafe_mode: a.unsafe_mode,
+        compress: a.compress,
+        cache,
+    };
+    with_text_progress(a.progress && !a.quiet, |p| {
+        ops::rebase::rebase(&a.filename, &opts, p)
+    })
+    .map_err(fail)?;
+    Ok(0)
+}
+
+/// Runs `f` with a progress callback drawing on standard error when `show` (a bar on a
+/// terminal, `    (NN.NN/100%)` lines otherwise), and with none otherwise.
+fn with_stderr_progress<T>(
+    show: bool,
+    f: impl FnOnce(Option<&(dyn Fn(u64, u64) + Sync)>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    if !show {
+        return f(None);
+    }
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        ) {
+            bar.set_style(style);
+        }
+        let r = f(Some(&|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        }));
+        if r.is_ok() {
+            bar.finish();
+        } else {
+            bar.abandon();
+        }
+        r
+    } else {
+        let text = ops::convert::TextProgress::new();
+        let r = f(Some(&|done, total| {
+            let mut err = std::io::stderr().lock();
+            if let Some(line) = text.update(done, total) {
+                let _ = err.write_all(line.as_bytes());
+            }
+        }));
+        if r.is_ok() {
+            eprintln!();
+        }
+        r
+    }
+}
+
+fn backup(a: BackupArgs) -> CmdResult {
+    use ops::backup::{self as b, ArchivePath};
+    use vimg::vma::stream::Compression;
+    let fail = |e| Failure::new(e, 1);
+    match a.command {
+        BackupCommand::Create(c) => {
+            let specs = c
+                .devices
+                .iter()
+                .map(|d| b::parse_device_spec(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail)?;
+            let opened = specs
+                .iter()
+                .map(|s| open(&s.path, s.format, Sharing::Normal))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail)?;
+            let sources: Vec<(&str, &dyn vimg::BlockImage)> = specs
+                .iter()
+                .zip(&opened)
+                .map(|(s, i)| (s.name.as_str(), i.as_ref()))
+                .collect();
+            let opts = b::CreateOptions {
+                configs: c.configs,
+                compression: match c.compress.as_deref() {
+                    Some(name) => Compression::from_name(name).map_err(fail)?,
+                    None => Compression::None,
+                },
+            };
+            let archive = ArchivePath::from_arg(&c.archive);
+            let stats =
+                with_stderr_progress(c.progress, |p| b::create(&archive, &sources, &opts, p))
+                    .map_err(fail)?;
+            if c.verbose {
+                eprintln!(
+                    "archive: {} clusters ({} zero), {} data bytes, {} extents, {} bytes; \
+                     {} bytes read, {} clusters not read (zero)",
+                    stats.archive.clusters,
+                    stats.archive.zero_clusters,
+                    stats.archive.data_blocks * 4096,
+                    stats.archive.extents,
+                    stats.archive.bytes,
+                    stats.bytes_read,
+                    stats.clusters_unread
+                );
+            }
+            Ok(0)
+        }
+        BackupCommand::Extract(x) => {
+            let opts = b::ExtractOptions {
+                devices: x.devices.map(|l| {
+                    l.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                }),
+                format: x.output_format,
+                options: x.options,
+            };
+            let archive = ArchivePath::from_arg(&x.archive);
+            let plan = b::prepare_extract(&archive, &x.target_dir, &opts).map_err(fail)?;
+            let mut lines = String::new();
+            for d in plan.devices() {
+                lines.push_str(&format!("DEVINFO {} {}\n", d.path.display(), d.size));
+            }
+            print(&lines)?;
+            with_stderr_progress(x.progress, |p| plan.run(p)).map_err(fail)?;
+            Ok(0)
+        }
+        BackupCommand::Verify(v) => {
+            let archive = ArchivePath::from_arg(&v.archive);
+            let (header, tally) =
+                with_stderr_progress(v.progress, |p| b::verify(&archive, p)).map_err(fail)?;
+            if v.verbose {
+                let mut s = vimg::vma::listing::render_list(&header);
+                for d in &header.devices {
+                    let t = &tally.devices[d.id as usize];
+                    s.push_str(&format!(
+                        "device {} ({}): {} clusters, {} zero, {} data bytes\n",
+                        d.id,
+                        d.name,
+                        t.clusters,
+                        t.zero_clusters,
+                        t.data_blocks * 4096
+                    ));
+                }
+                s.push_str(&format!(
+                    "verified: {} extents, {} bytes, uuid {}\n",
+                    tally.extents,
+                    tally.bytes,
+                    vimg::vma::uuid_string(&header.uuid)
+                ));
+                print(&s)?;
+            }
+            Ok(0)
+        }
+        BackupCommand::List(l) => {
+            let r = b::open_archive(&ArchivePath::from_arg(&l.archive)).map_err(fail)?;
+            print(&vimg::vma::listing::render_list(r.header()))?;
+            Ok(0)
+        }
+        BackupCommand::Config(c) => {
+            let archive = ArchivePath::from_arg(&c.archive);
+            let r = b::open_archive(&archive).map_err(fail)?;
+            let data = b::find_config(r.header(), &c.config)
+                .map_err(|e| fail(e.with_path(archive.display_path(true))))?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(data)
+                .and_then(|_| out.flush())
+                .map_err(|e| Failure::new(Error::io("cannot write output", e), 1))?;
+            Ok(0)
+        }
+    }
 }

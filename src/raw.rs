@@ -64,6 +64,22 @@ impl RawImage {
         })
     }
 
+    /// Grows the file to `size` bytes (the new part a hole that reads as zeros) and syncs, for
+    /// a commit into a base smaller than the overlay. A size not larger than the current one
+    /// changes nothing.
+    pub fn grow(&mut self, size: u64) -> Result<()> {
+        self.writable_check()?;
+        if size <= self.size {
+            return Ok(());
+        }
+        self.storage
+            .set_len(size)
+            .and_then(|_| self.storage.flush())
+            .map_err(|e| Error::io("cannot grow image", e).with_path(&self.path))?;
+        self.size = size.div_ceil(512) * 512;
+        Ok(())
+    }
+
     fn writable_check(&self) -> Result<()> {
         if self.writable {
             Ok(())

@@ -115,19 +115,8 @@ pub struct FileStorage {
     path: PathBuf,
     /// Whether changes count towards `VIMG_TEST_KILL_AFTER_WRITES` (see the module docs).
     counted: bool,
-    /// Whether this handle took image locks, released when it is dropped.
-    locked: bool,
-}
-
-impl Drop for FileStorage {
-    /// Releases the image locks explicitly rather than with the last descriptor: a child
-    /// process forked by another thread may hold the descriptor until it executes, and must
-    /// not keep the image locked meanwhile.
-    fn drop(&mut self) {
-        if self.locked {
-            let _ = lock::unlock(&self.file);
-        }
-    }
+    /// The image locks this handle needs, released when it is dropped.
+    _locks: Option<lock::LockGuard>,
 }
 
 /// The `VIMG_TEST_KILL_AFTER_WRITES` hook (see the module documentation).
@@ -181,26 +170,26 @@ impl FileStorage {
             .read(true)
             .write(writable)
             .open(path)?;
-        lock::lock(&file, locks)?;
-        Ok(Self::from_file(file, path, locks != LockRequest::NONE))
+        let guard = lock::lock(&file, locks)?;
+        Ok(Self::from_file(file, path, guard))
     }
 
     /// Creates `path`, or empties the file there, for writing, with the image locks of a
     /// writer: a file another process has open is refused, and left as it is.
     pub fn create(path: &Path) -> io::Result<Self> {
         let file = open_for_create(path)?;
-        lock::lock(&file, LockRequest::exclusive(true))?;
-        let storage = Self::from_file(file, path, true);
+        let guard = lock::lock(&file, LockRequest::exclusive(true))?;
+        let storage = Self::from_file(file, path, guard);
         empty(&storage.file)?;
         Ok(storage)
     }
 
-    fn from_file(file: File, path: &Path, locked: bool) -> Self {
+    fn from_file(file: File, path: &Path, locks: Option<lock::LockGuard>) -> Self {
         FileStorage {
             file,
             path: path.to_path_buf(),
             counted: kill_hook::armed(),
-            locked,
+            _locks: locks,
         }
     }
 
@@ -323,7 +312,7 @@ impl Storage for FileStorage {
             file,
             path: self.path.clone(),
             counted: self.counted,
-            locked: false,
+            _locks: None,
         }))
     }
 }

@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 type Entry = fn(&[u8]);
 
 /// Each fuzz target (the name of its file in fuzz/fuzz_targets/ and of its corpus directories)
-/// and the library function it runs. A new target adds one line here, e.g. the VMA reader's:
-/// `("vma_read", vimg::vma::hostile::read)` (or whatever the VMA module calls its entry point).
+/// and the library function it runs. A new target adds one line here.
 const TARGETS: &[(&str, Entry)] = &[
     ("qcow2_open_read", vimg::qcow2::hostile::open_and_read),
     ("qcow2_header", vimg::qcow2::hostile::parse_header),
     ("qcow2_check", vimg::qcow2::hostile::check),
     ("qcow2_repair", vimg::qcow2::hostile::repair),
+    ("vma_read", vimg::vma::exercise),
 ];
 
 /// Longest one input may take (they take milliseconds; a hang shows up as this).

@@ -1,5 +1,5 @@
 //! Crash tests with real processes: vimg is killed with SIGKILL in the middle of convert,
-//! resize, snapshot create and delete, check -r and amend, at every point where it changes a file
+//! resize, snapshot create and delete, check -r, amend, commit and rebase, at every point where it changes a file
 //! (and, in a second test, after random delays from outside), and afterwards:
 //!
 //! - `qemu-img check` finds no corruption in any image the command touched (leaks are
@@ -18,10 +18,8 @@
 //! finishes without reaching it.
 //!
 //! A scenario is one line in [`scenarios`]: a setup that makes the images with qemu's tools and
-//! the vimg command line (amend is there already). Commit and rebase are added the same way once
-//! vimg has them, e.g. `sc("commit", setup_chain, &["commit", "{top}"])` and
-//! `sc("rebase", setup_chain, &["rebase", "-b", "{base}", "-F", "qcow2", "{top}"])` (with a
-//! second base in the setup for a rebase that changes the chain).
+//! the vimg command line, `{name}` standing for a file of the setup. Another command is one more
+//! line, e.g. `sc("commit -d", setup_chain, &["commit", "-d", "{top}"])`.
 
 mod common;
 
@@ -67,6 +65,8 @@ fn scenarios() -> Vec<Scenario> {
         sc("snapshot delete", setup_snapshots, &["snapshot", "-d", "s0", "{img}"]),
         sc("check -r all", setup_dirty, &["check", "-r", "all", "{img}"]),
         sc("amend", setup_snapshots, &["amend", "-o", "refcount_bits=8", "{img}"]),
+        sc("commit", setup_chain, &["commit", "{top}"]),
+        sc("rebase", setup_rebase, &["rebase", "-b", "base2.qcow2", "-F", "qcow2", "{top}"]),
     ]
 }
 
@@ -122,12 +122,38 @@ fn setup_chain(dir: &Path) -> Setup {
     let base = dir.join("base.qcow2");
     data_image(&base);
     let top = dir.join("top.qcow2");
-    common::qemu_create(&top, "qcow2", "", Some((&base, "qcow2")), 4 << 20);
+    // A relative backing name, so that each kill point's copy of the directory is self-contained.
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+            "4M",
+        ],
+    );
     io(&top, &["write -P 0x99 128k 256k", "write -z 3584k 64k"]);
     Setup {
         files: BTreeMap::from([("base", base), ("top", top), ("out", dir.join("out.qcow2"))]),
         checked: vec!["out", "base", "top"],
     }
+}
+
+/// [`setup_chain`] and base2.qcow2, other data: the new backing file of a rebase.
+fn setup_rebase(dir: &Path) -> Setup {
+    let mut st = setup_chain(dir);
+    let base2 = dir.join("base2.qcow2");
+    common::qemu_create(&base2, "qcow2", "", None, 4 << 20);
+    io(&base2, &["write -P 0xb2 0 1M", "write -P 0xb3 2M 1M"]);
+    st.files.insert("base2", base2);
+    st.checked = vec!["top", "base", "base2"];
+    st
 }
 
 /// img.qcow2 (data) and target.qcow2, an existing image with other data, written in place.

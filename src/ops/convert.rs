@@ -24,7 +24,7 @@
 
 mod bitmaps;
 pub mod concat;
-mod copy;
+pub(crate) mod copy;
 
 pub use bitmaps::source_bitmaps;
 
@@ -255,6 +255,14 @@ pub fn convert(
         .map(|m| !m.file_type().is_file() && !m.file_type().is_dir())
         .unwrap_or(false);
     if opts.no_create || existing_device {
+        // Written in place while being read: refused, as qemu-img refuses it (its two opens
+        // of the file conflict; vimg's locks only keep other processes out).
+        if reads(sources, dst) {
+            return Err(Error::invalid_input(
+                "the target is one of the source images (or a backing file of one)",
+            )
+            .with_path(dst));
+        }
         // The existing target may hold old data: everything is written, zeros included
         // (unless it is known to read as zeros). Its backing file is relied on only with -B,
         // as qemu-img does, and then only where the target holds nothing of its own.
@@ -362,7 +370,7 @@ pub fn convert(
 
 /// An error about the temporary output names the destination instead (the temporary name means
 /// nothing to the user, and the file is gone once the error is reported).
-fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
+pub(crate) fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
     if e.path() == Some(tmp) {
         let mut fresh = Error::new(e.kind(), e.what().to_string()).with_path(dst);
         if let Some(o) = e.offset() {
@@ -374,6 +382,20 @@ fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
     }
 }
 
+/// Whether `path` is one of the files `sources` read (a layer of one of their chains).
+fn reads(sources: &[&dyn BlockImage], path: &Path) -> bool {
+    sources.iter().any(|s| {
+        let mut layer = Some(*s);
+        while let Some(l) = layer {
+            if same_file(l.filename(), path) {
+                return true;
+            }
+            layer = l.backing();
+        }
+        false
+    })
+}
+
 /// Takes a writer's image locks on the existing file `dst` that a new output replaces, unless
 /// it is one of the files `sources` read (the source's own locks already keep writers out, and
 /// the output is written beside it). Returns the open file holding the locks.
@@ -382,16 +404,7 @@ fn lock_replaced(
     sources: &[&dyn BlockImage],
 ) -> Result<Option<crate::lock::LockedFile>> {
     let is_file = std::fs::metadata(dst).is_ok_and(|m| m.is_file());
-    let read = |mut layer: Option<&dyn BlockImage>| {
-        while let Some(l) = layer {
-            if same_file(l.filename(), dst) {
-                return true;
-            }
-            layer = l.backing();
-        }
-        false
-    };
-    if !is_file || sources.iter().any(|s| read(Some(*s))) {
+    if !is_file || reads(sources, dst) {
         return Ok(None);
     }
     let file = std::fs::File::open(dst)
@@ -432,14 +445,14 @@ fn open_target(dst: &Path, format: ImageFormat) -> Result<Box<dyn BlockImage>> {
 }
 
 /// A file under a temporary name, removed on drop unless persisted.
-struct TempFile {
-    path: PathBuf,
+pub(crate) struct TempFile {
+    pub(crate) path: PathBuf,
     keep: bool,
 }
 
 impl TempFile {
     /// Creates a new, empty, uniquely named file in the directory of `dst`.
-    fn create_near(dst: &Path) -> Result<TempFile> {
+    pub(crate) fn create_near(dst: &Path) -> Result<TempFile> {
         let dir = match dst.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -483,7 +496,7 @@ impl TempFile {
     /// writeback of the new one and wait for the blocks to be allocated, half a second per GiB
     /// here, which is the durability `cache=unsafe` does not ask for. A synced output is on
     /// the disk already, so the rename over is atomic and cheap.
-    fn persist(mut self, dst: &Path, synced: bool) -> Result<()> {
+    pub(crate) fn persist(mut self, dst: &Path, synced: bool) -> Result<()> {
         if !synced && std::fs::symlink_metadata(dst).is_ok_and(|m| m.file_type().is_file()) {
             std::fs::remove_file(dst)
                 .map_err(|e| Error::io("cannot replace the existing output file", e))
@@ -506,7 +519,7 @@ impl Drop for TempFile {
 }
 
 /// Whether `b` is all zeros (in 64-byte steps the compiler can vectorise).
-fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     let mut blocks = b.chunks_exact(64);
     blocks
         .by_ref()

@@ -5,8 +5,10 @@
 //! qemu-img's formats. The binary (`src/main.rs`) only parses arguments and prints.
 
 pub mod amend;
+pub mod backup;
 pub mod bitmap;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -14,6 +16,7 @@ pub mod info;
 pub mod json;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod resize;
 pub mod size;
 pub mod snapshot;

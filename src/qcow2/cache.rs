@@ -93,6 +93,41 @@ impl<T> TableCache<T> {
         Self::evict(&mut g, self.capacity);
     }
 
+    /// Changes the table at `offset` (loaded with `load` on a miss) with `change` and marks it
+    /// dirty, as [`TableCache::put_dirty`] of a changed copy would; the change is made in place
+    /// when no reader holds the cached copy (no copy of the whole table per changed entry).
+    pub fn modify(
+        &self,
+        offset: u64,
+        load: impl FnOnce() -> Result<Vec<T>>,
+        change: impl FnOnce(&mut [T]),
+    ) -> Result<()>
+    where
+        T: Clone,
+    {
+        let loaded = self.get_or_load(offset, load)?;
+        let mut g = self.lock();
+        g.clock += 1;
+        let now = g.clock;
+        let g = &mut *g;
+        let entry = g.tables.entry(offset).or_insert((loaded, now, false));
+        entry.1 = now;
+        match Arc::get_mut(&mut entry.0) {
+            Some(table) => change(table),
+            None => {
+                let mut copy = entry.0.to_vec();
+                change(&mut copy);
+                entry.0 = copy.into();
+            }
+        }
+        if !entry.2 {
+            entry.2 = true;
+            g.dirty += 1;
+        }
+        Self::evict(g, self.capacity);
+        Ok(())
+    }
+
     /// The dirty tables with their offsets, sorted by offset (for sequential writing).
     pub fn dirty(&self) -> Vec<(u64, Arc<[T]>)> {
         let g = self.lock();
@@ -174,6 +209,25 @@ mod tests {
         assert_eq!(c.get_or_load(2, || load(2)).unwrap()[0], 2);
         assert_eq!(loads.get(), 4);
         assert!(c.lock().tables.len() <= 2);
+    }
+
+    #[test]
+    fn modify_changes_in_place_unless_a_reader_holds_the_table() {
+        let c: TableCache<u64> = TableCache::new(4);
+        c.modify(1, || Ok(vec![0, 0]), |t| t[0] = 5).unwrap();
+        assert_eq!(c.dirty_count(), 1);
+        let held = c.get_or_load(1, || Ok(vec![99])).unwrap();
+        assert_eq!(held[..], [5, 0]);
+        // A reader holds the table: it keeps its copy, the cache gets a changed one.
+        c.modify(1, || Ok(vec![99]), |t| t[1] = 6).unwrap();
+        assert_eq!(held[..], [5, 0]);
+        let now = c.get_or_load(1, || Ok(vec![99])).unwrap();
+        assert_eq!(now[..], [5, 6]);
+        // A flush that wrote the older copy leaves the table dirty.
+        c.mark_clean(1, &held);
+        assert_eq!(c.dirty_count(), 1);
+        c.mark_clean(1, &now);
+        assert_eq!(c.dirty_count(), 0);
     }
 
     #[test]

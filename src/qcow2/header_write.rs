@@ -153,11 +153,12 @@ impl Qcow2Image {
     /// The caller keeps the invariants the header states (tables where it says, feature bits
     /// that match the image); this only guarantees the bytes are a well-formed header. The
     /// bitmaps extension and its autoclear bit are always the image's current ones.
-    pub fn rewrite_header(&mut self, mut new: Header) -> Result<()> {
+    pub fn rewrite_header(&mut self, new: Header) -> Result<()> {
         if !self.writable {
             return Err(Error::invalid_input("image is not open for writing")).in_file(&self.path);
         }
         self.flush_metadata()?;
+        let mut new = self.with_on_disk_state(new).in_file(&self.path)?;
         // The bitmaps extension is the bitmap code's (the flush may just have moved it).
         let live = self.bitmaps_ext();
         if new.version < 3 && live.is_some() {
@@ -186,6 +187,28 @@ impl Qcow2Image {
         self.set_bitmaps_ext(parsed.bitmaps);
         self.header = parsed;
         Ok(())
+    }
+
+    /// `new` with the header fields the write path changes on disk without updating the parsed
+    /// header (the refcount table's location when it moved, the dirty and corrupt bits) taken
+    /// from the disk, wherever the caller left them as the parsed header has them. Without
+    /// this, a header built from [`Qcow2Image::header`] after writes that moved the refcount
+    /// table would point back at the freed old table.
+    fn with_on_disk_state(&self, mut new: Header) -> Result<Header> {
+        let disk = self.disk_header()?;
+        let old = &self.header;
+        if new.refcount_table_offset == old.refcount_table_offset
+            && new.refcount_table_clusters == old.refcount_table_clusters
+        {
+            new.refcount_table_offset = disk.refcount_table_offset;
+            new.refcount_table_clusters = disk.refcount_table_clusters;
+        }
+        let bits = super::header::incompat::DIRTY | super::header::incompat::CORRUPT;
+        if new.incompatible_features & bits == old.incompatible_features & bits {
+            new.incompatible_features =
+                (new.incompatible_features & !bits) | (disk.incompatible_features & bits);
+        }
+        Ok(new)
     }
 }
 

@@ -14,11 +14,15 @@
 //! - [`mod@write`]: the write path, its crash-safe flush and lazy refcounts;
 //! - [`discard`]: guest discard requests;
 //! - [`amend`]: changing format options in place ([`refcount_rewrite`], [`downgrade`]);
+//! - [`empty`]: emptying the active state (commit);
+//! - [`backing`]: changing the recorded backing file (rebase);
+//! - [`snapshot_view`]: reading an internal snapshot (convert -l);
 //! - [`hostile`]: untrusted bytes through all of the above, for fuzzing.
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
 
 pub mod amend;
+pub mod backing;
 pub mod bitmap_edit;
 pub mod bitmap_track;
 pub mod bitmap_write;
@@ -29,6 +33,7 @@ pub mod compress;
 pub mod create;
 pub mod discard;
 pub mod downgrade;
+pub mod empty;
 pub mod header;
 pub mod header_write;
 pub mod hostile;
@@ -39,6 +44,7 @@ pub mod refcount_rewrite;
 pub mod repair;
 pub mod resize;
 pub mod snapshot;
+pub mod snapshot_view;
 pub mod snapshot_write;
 pub mod write;
 

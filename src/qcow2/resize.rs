@@ -276,7 +276,7 @@ impl Qcow2Image {
 
     /// Truncates the image file after the last cluster whose refcount is not zero, as qemu
     /// does after shrinking.
-    fn truncate_after_last_cluster(&mut self) -> Result<()> {
+    pub(super) fn truncate_after_last_cluster(&mut self) -> Result<()> {
         let cs = self.header.cluster_size();
         let len = self
             .storage

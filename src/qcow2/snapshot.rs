@@ -78,6 +78,27 @@ impl Snapshot {
     }
 }
 
+#[cfg(test)]
+impl Snapshot {
+    /// An entry with this id and name and nothing else, for tests.
+    pub(crate) fn named(id: &str, name: &str) -> Self {
+        Snapshot {
+            entry_offset: 0,
+            l1_table_offset: 0,
+            l1_size: 0,
+            id: id.into(),
+            name: name.into(),
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: None,
+            icount: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
 /// Reads the snapshot table of `img`, checking every entry's bounds.
 pub fn read_table(img: &Qcow2Image) -> Result<Vec<Snapshot>> {
     read_table_with_size(img).map(|(entries, _)| entries)

@@ -559,20 +559,7 @@ mod tests {
 
     #[test]
     fn next_id_is_one_more_than_the_largest_number() {
-        let mk = |id: &str| Snapshot {
-            entry_offset: 0,
-            l1_table_offset: 0,
-            l1_size: 0,
-            id: id.into(),
-            name: String::new(),
-            date_sec: 0,
-            date_nsec: 0,
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
-            disk_size: None,
-            icount: None,
-            extra: Vec::new(),
-        };
+        let mk = |id: &str| Snapshot::named(id, "");
         assert_eq!(Qcow2Image::next_snapshot_id(&[]), "1");
         let snaps = [mk("2"), mk("x9"), mk("10"), mk("3")];
         assert_eq!(Qcow2Image::next_snapshot_id(&snaps), "11");

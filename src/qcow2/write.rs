@@ -148,11 +148,14 @@ impl Qcow2Image {
 
     /// The refcount block at `off`, through the cache.
     fn refblock(&self, st: &WriteState, off: u64) -> Result<Arc<[u8]>> {
-        st.refblocks.get_or_load(off, || {
-            let mut raw = vec![0u8; self.header.cluster_size() as usize];
-            refcount::read_padded(self, &mut raw, off)?;
-            Ok(raw)
-        })
+        st.refblocks.get_or_load(off, || self.load_refblock(off))
+    }
+
+    /// Reads the refcount block at `off` from the file.
+    fn load_refblock(&self, off: u64) -> Result<Vec<u8>> {
+        let mut raw = vec![0u8; self.header.cluster_size() as usize];
+        refcount::read_padded(self, &mut raw, off)?;
+        Ok(raw)
     }
 
     /// The refcount of host cluster `cluster`, as it will be after the next flush.
@@ -186,15 +189,12 @@ impl Qcow2Image {
         }
         let bits = self.refblock_bits();
         let off = self.ensure_refblock(st, cluster >> bits, 0)?;
-        let mut block = self.refblock(st, off)?.to_vec();
-        set_refcount(
-            &mut block,
-            cluster & ((1 << bits) - 1),
-            self.header.refcount_order,
-            value,
-        );
-        st.refblocks.put_dirty(off, block.into());
-        Ok(())
+        let order = self.header.refcount_order;
+        st.refblocks.modify(
+            off,
+            || self.load_refblock(off),
+            |block| set_refcount(block, cluster & ((1 << bits) - 1), order, value),
+        )
     }
 
     /// The offset of refcount block `idx`, allocating it (and growing the refcount table) if it

@@ -42,6 +42,24 @@ impl Crashing {
         }
     }
 
+    /// Wraps `inner`, letting `limit` writes through, counted together with every other
+    /// wrapper sharing `writes` and `crashed` (an operation that changes several files).
+    pub fn shared(
+        inner: FileStorage,
+        limit: u64,
+        mode: Mode,
+        writes: &Arc<AtomicU64>,
+        crashed: &Arc<AtomicBool>,
+    ) -> Self {
+        Crashing {
+            inner,
+            limit,
+            mode,
+            writes: writes.clone(),
+            crashed: crashed.clone(),
+        }
+    }
+
     fn gate(&self) -> io::Result<bool> {
         if self.writes.fetch_add(1, Ordering::SeqCst) < self.limit {
             return Ok(true);

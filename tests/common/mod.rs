@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod chain;
 pub mod crashing;
 
 use std::path::Path;
@@ -48,8 +49,16 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 /// Runs a command that may fail; returns its exit code (-1 if killed) and its stdout followed
 /// by its stderr.
 pub fn run_status(cmd: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(cmd)
-        .args(args)
+    status_of(Command::new(cmd).args(args), cmd)
+}
+
+/// [`run_status`] with `dir` as the working directory (for relative image names).
+pub fn run_in(dir: &Path, cmd: &str, args: &[&str]) -> (i32, String) {
+    status_of(Command::new(cmd).current_dir(dir).args(args), cmd)
+}
+
+fn status_of(c: &mut Command, cmd: &str) -> (i32, String) {
+    let out = c
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     (
@@ -60,6 +69,16 @@ pub fn run_status(cmd: &str, args: &[&str]) -> (i32, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// Fails the test listing `failures`, if there are any.
+pub fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// `qemu-img create -q -f FMT [-o OPTS] [-b BACKING -F BFMT] PATH SIZE`.
@@ -139,4 +158,87 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
+}
+
+/// Whether PyPI's `dissect.archive` (an independent VMA reader) can be imported by python3.
+/// Like [`qemu_available`]: under `VIMG_REQUIRE_QEMU=1` a missing module fails the test,
+/// otherwise the caller skips and this says so.
+pub fn dissect_available(test: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import dissect.archive.vma"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var("VIMG_REQUIRE_QEMU").as_deref() == Ok("1") {
+            panic!("{test}: python3 module dissect.archive not found but VIMG_REQUIRE_QEMU=1");
+        }
+        eprintln!("{test}: skipping: python3 module dissect.archive not found");
+    }
+    ok
+}
+
+/// What `dissect.archive` reads from a VMA archive: its configs (name, data) and its devices
+/// (id, name, contents), through its Python API.
+pub struct DissectView {
+    /// Config files, sorted by name.
+    pub configs: Vec<(String, Vec<u8>)>,
+    /// Devices, by id.
+    pub devices: Vec<(u8, String, Vec<u8>)>,
+}
+
+/// Reads `archive` with `dissect.archive`'s `VMA` class (configs, and each device's
+/// `open().read(size)`), in a scratch directory under `dir`.
+pub fn dissect_read(archive: &Path, dir: &Path) -> DissectView {
+    let out = dir.join("dissect-out");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let script = r#"
+import sys, os
+from dissect.archive.vma import VMA
+arch, out = sys.argv[1], sys.argv[2]
+with open(arch, "rb") as fh:
+    v = VMA(fh)
+    names = open(os.path.join(out, "index"), "w")
+    for i, (name, data) in enumerate(sorted(v.configs().items())):
+        open(os.path.join(out, "cfg-%d" % i), "wb").write(data)
+        names.write("cfg %d %s\n" % (i, name))
+    for d in v.devices():
+        data = d.open().read(d.size)
+        if len(data) != d.size:
+            sys.exit("short read of device %s: %d of %d" % (d.name, len(data), d.size))
+        open(os.path.join(out, "dev-%d" % d.id), "wb").write(data)
+        names.write("dev %d %s\n" % (d.id, d.name))
+"#;
+    run(
+        "python3",
+        &[
+            "-c",
+            script,
+            archive.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    let index = std::fs::read_to_string(out.join("index")).unwrap();
+    let mut view = DissectView {
+        configs: Vec::new(),
+        devices: Vec::new(),
+    };
+    for line in index.lines() {
+        let mut parts = line.splitn(3, ' ');
+        let (kind, n, name) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap_or("").to_string(),
+        );
+        if kind == "cfg" {
+            let data = std::fs::read(out.join(format!("cfg-{n}"))).unwrap();
+            view.configs.push((name, data));
+        } else {
+            let data = std::fs::read(out.join(format!("dev-{n}"))).unwrap();
+            view.devices.push((n.parse().unwrap(), name, data));
+        }
+    }
+    std::fs::remove_dir_all(&out).ok();
+    view
 }

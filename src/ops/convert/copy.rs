@@ -262,7 +262,7 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
 }
 
 /// The source's block status at `off`, checked: at least one byte, inside the disk.
-fn status(img: &dyn BlockImage, off: u64, end: u64) -> Result<BlockStatus> {
+pub(crate) fn status(img: &dyn BlockImage, off: u64, end: u64) -> Result<BlockStatus> {
     let st = img.block_status(GuestOffset(off), end - off)?;
     if st.len == 0 || st.len > end - off {
         return Err(Error::new(
@@ -354,18 +354,18 @@ fn produce(plan: &Plan<'_>, stop: &AtomicBool, send: &mut dyn FnMut(Job) -> bool
 /// A block-status walker that remembers the last answer, for questions asked at increasing
 /// offsets. Offsets at or past the image's end read as zeros (a backing file smaller than the
 /// target).
-struct Cursor<'a> {
+pub(crate) struct Cursor<'a> {
     img: &'a dyn BlockImage,
     last: Option<(u64, BlockStatus)>,
 }
 
 impl<'a> Cursor<'a> {
-    fn new(img: &'a dyn BlockImage) -> Self {
+    pub(crate) fn new(img: &'a dyn BlockImage) -> Self {
         Cursor { img, last: None }
     }
 
     /// The status at `off` and where the range it describes ends.
-    fn at(&mut self, off: u64) -> Result<(BlockStatus, u64)> {
+    pub(crate) fn at(&mut self, off: u64) -> Result<(BlockStatus, u64)> {
         if let Some((start, st)) = self.last {
             if start <= off && off < start + st.len {
                 return Ok((st, start + st.len));
@@ -553,7 +553,7 @@ fn target_owns(t: &mut Cursor<'_>, c: u64, cs: u64, size: u64) -> Result<(bool, 
 }
 
 /// Reads `buf.len()` bytes at `off` from `img`, zeros past its end.
-fn read_clamped(img: &dyn BlockImage, buf: &mut [u8], off: u64) -> Result<()> {
+pub(crate) fn read_clamped(img: &dyn BlockImage, buf: &mut [u8], off: u64) -> Result<()> {
     let inside = img.virtual_size().saturating_sub(off).min(buf.len() as u64) as usize;
     if inside > 0 {
         img.read_at(&mut buf[..inside], GuestOffset(off))?;

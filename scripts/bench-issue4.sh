@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Times vimg against qemu-img on the commands of issue 4, on the same images in one run, and
+# prints ratios (qemu-img time / vimg time: above 1 means vimg is faster):
+#   - commit of 256 MiB of changes (256 scattered MiB) into a fully allocated 2 GiB qcow2 base;
+#   - safe rebase of that overlay onto another 2 GiB qcow2 image that differs from the old
+#     base in 256 MiB (every cluster the overlay leaves unallocated is read in both chains);
+#   - snapshot create and delete on a fully allocated 2 GiB qcow2 image.
+# Usage: scripts/bench-issue4.sh [WORKDIR]   (default /tmp/vimg-bench4; needs ~12 GiB free)
+# Every case starts from fresh copies of the same files for both tools (copying is not timed);
+# the tools alternate, REPS times each (default 3); best and median wall times are reported,
+# and the results are checked (qemu-img check, qemu-img compare against qemu-img's result).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+W=${1:-/tmp/vimg-bench4}
+REPS=${REPS:-3}
+mkdir -p "$W"
+cargo build --release --quiet --manifest-path "$here/Cargo.toml"
+VIMG=$here/target/release/vimg
+G=$((1 << 30))
+M=$((1 << 20))
+
+# qemu-io commands writing pattern $2 over [0, $1) in 128 MiB pieces.
+fill() {
+  local size=$1 p=$2 off=0 args=()
+  while [ "$off" -lt "$size" ]; do
+    args+=(-c "write -P $p $off $((128 * M))")
+    off=$((off + 128 * M))
+  done
+  printf '%s\n' "${args[@]}"
+}
+
+if [ ! -f "$W/base.qcow2" ]; then
+  qemu-img create -q -f qcow2 "$W/base.qcow2" 2G
+  mapfile -t a < <(fill $((2 * G)) 0x11)
+  qemu-io "${a[@]}" "$W/base.qcow2" >/dev/null
+fi
+if [ ! -f "$W/top.qcow2" ]; then
+  # 256 scattered MiB: 1 MiB every 8 MiB.
+  qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$W/top.qcow2"
+  args=()
+  for i in $(seq 0 255); do args+=(-c "write -P 0x22 $((i * 8 * M)) $M"); done
+  qemu-io "${args[@]}" "$W/top.qcow2" >/dev/null
+fi
+if [ ! -f "$W/other.qcow2" ]; then
+  # Another 2 GiB image: the old base's data, except 256 MiB (1 MiB every 8 MiB, offset 4 MiB).
+  cp "$W/base.qcow2" "$W/other.qcow2"
+  args=()
+  for i in $(seq 0 255); do args+=(-c "write -P 0x33 $((i * 8 * M + 4 * M)) $M"); done
+  qemu-io "${args[@]}" "$W/other.qcow2" >/dev/null
+fi
+
+# One timed run of a command in directory $1: wall seconds.
+timed() {
+  local dir=$1; shift
+  sync
+  (cd "$dir" && /usr/bin/time -f '%e' -o "$W/time.txt" "$@" >/dev/null)
+  cat "$W/time.txt"
+}
+best() { printf '%s\n' "$@" | sort -g | head -1; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+# Fresh copies of FILES... in $W/q and $W/v.
+fresh() {
+  rm -rf "$W/q" "$W/v"
+  mkdir -p "$W/q" "$W/v"
+  for f in "$@"; do cp "$W/$f" "$W/q/$f"; cp "$W/$f" "$W/v/$f"; done
+}
+
+report() {
+  local label=$1; shift
+  local n=$(($# / 2))
+  local qts=("${@:1:$n}") vts=("${@:$((n + 1))}")
+  local qb vb qm vm
+  qb=$(best "${qts[@]}"); vb=$(best "${vts[@]}"); qm=$(median "${qts[@]}"); vm=$(median "${vts[@]}")
+  printf '%-34s %8ss %8ss %6s %8ss %8ss %6s\n' "$label" "$qb" "$vb" \
+    "$(awk "BEGIN{printf \"%.2fx\", $qb / ($vb > 0 ? $vb : 0.001)}")" "$qm" "$vm" \
+    "$(awk "BEGIN{printf \"%.2fx\", $qm / ($vm > 0 ? $vm : 0.001)}")"
+}
+
+same() {
+  qemu-img compare -q "$W/q/$1" "$W/v/$1" || { echo "RESULTS DIFFER: $1" >&2; exit 1; }
+  qemu-img check -q "$W/v/$1" || { echo "CHECK FAILED: $1" >&2; exit 1; }
+}
+
+printf '%-34s %9s %9s %6s %9s %9s %6s\n' case qemu-best vimg-best ratio qemu-med vimg-med ratio
+
+# commit: 256 MiB of changes into the 2 GiB base, the overlay emptied.
+qts=(); vts=()
+for _ in $(seq "$REPS"); do
+  fresh base.qcow2 top.qcow2
+  qts+=("$(timed "$W/q" qemu-img commit top.qcow2)")
+  vts+=("$(timed "$W/v" "$VIMG" commit top.qcow2)")
+  same base.qcow2; same top.qcow2
+done
+report "commit 256 MiB into 2 GiB" "${qts[@]}" "${vts[@]}"
+
+# safe rebase onto the other 2 GiB image.
+qts=(); vts=()
+for _ in $(seq "$REPS"); do
+  fresh base.qcow2 top.qcow2 other.qcow2
+  qts+=("$(timed "$W/q" qemu-img rebase -b other.qcow2 -F qcow2 top.qcow2)")
+  vts+=("$(timed "$W/v" "$VIMG" rebase -b other.qcow2 -F qcow2 top.qcow2)")
+  same top.qcow2
+done
+report "safe rebase onto other 2 GiB" "${qts[@]}" "${vts[@]}"
+
+# snapshot create, then delete, on the fully allocated 2 GiB image.
+cq=(); cv=(); dq=(); dv=()
+for _ in $(seq "$REPS"); do
+  fresh base.qcow2
+  cq+=("$(timed "$W/q" qemu-img snapshot -c s1 base.qcow2)")
+  cv+=("$(timed "$W/v" "$VIMG" snapshot -c s1 base.qcow2)")
+  qemu-img check -q "$W/v/base.qcow2" || { echo "CHECK FAILED after snapshot -c" >&2; exit 1; }
+  dq+=("$(timed "$W/q" qemu-img snapshot -d s1 base.qcow2)")
+  dv+=("$(timed "$W/v" "$VIMG" snapshot -d s1 base.qcow2)")
+  same base.qcow2
+done
+report "snapshot -c on 2 GiB allocated" "${cq[@]}" "${cv[@]}"
+report "snapshot -d on 2 GiB allocated" "${dq[@]}" "${dv[@]}"
+rm -rf "$W/q" "$W/v"
+echo "(ratio = qemu-img time / vimg time, best and median of $REPS runs each, the tools alternating)"

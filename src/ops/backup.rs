@@ -1,0 +1,516 @@
+//! `vimg backup create|extract|verify|list|config`: VMA archives of images (see
+//! [`crate::vma`]), as Proxmox's `vma` tool makes and reads them.
+//!
+//! - [`create`] backs up opened images (raw, qcow2, chains) with a [`BackupJob`] into a file
+//!   or standard output, optionally compressed as a whole stream. A file is written under a
+//!   temporary name and renamed into place only when complete, so a failed backup leaves no
+//!   partial archive under the final name.
+//! - [`prepare_extract`] and [`ExtractPlan::run`] restore an archive (a file or standard
+//!   input, compressed or not) into a new directory: each device as a sparse raw file
+//!   (`disk-NAME.raw`) or straight into a qcow2 image (`disk-NAME.qcow2`, zero clusters left
+//!   unallocated), the config files beside them. Images are written under temporary names and
+//!   renamed at the end; on failure everything made is removed, the directory too.
+//! - [`verify`] reads a whole archive, checking every structure and its completeness.
+//! - [`open_archive`] reads the header for `list` ([`crate::vma::listing::render_list`]) and
+//!   `config` ([`find_config`]).
+//!
+//! Names read from an archive are untrusted: a device or config name becomes a file name only
+//! if it is a plain name (no `/`, not `.` or `..`), and no two outputs may share a name.
+
+use crate::block::{BlockImage, ImageFormat};
+use crate::error::{Error, Result, ResultExt};
+use crate::ops::convert::{rename_tmp, TempFile};
+use crate::qcow2::Qcow2Image;
+use crate::raw::RawImage;
+use crate::vma::format::{ArchiveHeader, ConfigFile, MAX_BLOB_LEN};
+use crate::vma::job::{BackupJob, BackupStats, Progress};
+use crate::vma::reader::VmaReader;
+use crate::vma::restore::{self, ArchiveTally, RestoreOptions};
+use crate::vma::stream::{open_input, ArchiveOutput, Compression};
+use std::fs::File;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+
+/// Where an archive is read from or written to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchivePath {
+    /// Standard input or output (`-` on the command line).
+    Stdio,
+    /// A file.
+    File(PathBuf),
+}
+
+impl ArchivePath {
+    /// `-` is standard input or output; anything else a file.
+    pub fn from_arg(arg: &Path) -> Self {
+        if arg == Path::new("-") {
+            ArchivePath::Stdio
+        } else {
+            ArchivePath::File(arg.to_path_buf())
+        }
+    }
+
+    /// The name errors use.
+    pub fn display_path(&self, reading: bool) -> &Path {
+        match self {
+            ArchivePath::File(p) => p,
+            ArchivePath::Stdio if reading => Path::new("<stdin>"),
+            ArchivePath::Stdio => Path::new("<stdout>"),
+        }
+    }
+}
+
+/// A device of `backup create -d [format=FMT:]DEVNAME=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// The image's format; probed when `None`.
+    pub format: Option<ImageFormat>,
+    /// The device name stored in the archive.
+    pub name: String,
+    /// The image.
+    pub path: PathBuf,
+}
+
+/// Parses `[format=FMT:]DEVNAME=PATH`, as Proxmox's `vma create -d` takes it.
+pub fn parse_device_spec(spec: &str) -> Result<DeviceSpec> {
+    let (format, rest) = match spec.strip_prefix("format=") {
+        Some(r) => {
+            let (f, rest) = r.split_once(':').ok_or_else(|| {
+                Error::invalid_input(format!(
+                    "device '{spec}': 'format=FMT' must be followed by ':DEVNAME=PATH'"
+                ))
+            })?;
+            (Some(ImageFormat::from_name(f)?), rest)
+        }
+        None => (None, spec),
+    };
+    let (name, path) = rest.split_once('=').ok_or_else(|| {
+        Error::invalid_input(format!(
+            "device '{spec}': expected [format=FMT:]DEVNAME=PATH"
+        ))
+    })?;
+    if name.is_empty() || path.is_empty() {
+        return Err(Error::invalid_input(format!(
+            "device '{spec}': both DEVNAME and PATH must be given"
+        )));
+    }
+    if name == crate::vma::format::VMSTATE_NAME {
+        return Err(Error::invalid_input(
+            "device name 'vmstate' is reserved for the VM's RAM state",
+        ));
+    }
+    Ok(DeviceSpec {
+        format,
+        name: name.to_string(),
+        path: PathBuf::from(path),
+    })
+}
+
+/// How to create an archive.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Config files to store, by their base name (`-c`).
+    pub configs: Vec<PathBuf>,
+    /// Whole-stream compression (`--compress`).
+    pub compression: Compression,
+}
+
+/// Reads a config file to store, by its base name.
+fn read_config(path: &Path) -> Result<ConfigFile> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            Error::invalid_input("config file has no base name usable in an archive")
+                .with_path(path)
+        })?
+        .to_string();
+    let file =
+        File::open(path).map_err(|e| Error::io("cannot open config file", e).with_path(path))?;
+    let mut data = Vec::new();
+    // One byte more than a blob holds, to tell a file that is too large.
+    file.take(MAX_BLOB_LEN as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| Error::io("cannot read config file", e).with_path(path))?;
+    if data.len() > MAX_BLOB_LEN {
+        return Err(Error::invalid_input(format!(
+            "config file is larger than the {MAX_BLOB_LEN} bytes an archive stores"
+        ))
+        .with_path(path));
+    }
+    Ok(ConfigFile { name, data })
+}
+
+/// A duplicate of standard output or input as a file, so that large writes and reads go
+/// straight to the descriptor.
+fn stdio_file(output: bool) -> Result<File> {
+    use std::os::fd::AsFd;
+    let fd = if output {
+        std::io::stdout().as_fd().try_clone_to_owned()
+    } else {
+        std::io::stdin().as_fd().try_clone_to_owned()
+    };
+    fd.map(File::from)
+        .map_err(|e| Error::io("cannot use standard input/output", e))
+}
+
+/// Backs up `sources` (device name, opened image) into `archive`, with `opts`. Device sizes
+/// are the images' sizes rounded up to 512 bytes. A file archive must not exist yet.
+pub fn create(
+    archive: &ArchivePath,
+    sources: &[(&str, &dyn BlockImage)],
+    opts: &CreateOptions,
+    progress: Option<Progress<'_>>,
+) -> Result<BackupStats> {
+    let shown = archive.display_path(false).to_path_buf();
+    let mut header = crate::vma::new_header()?;
+    for c in &opts.configs {
+        let cfg = read_config(c)?;
+        header.add_config(&cfg.name, cfg.data).in_file(c)?;
+    }
+    match archive {
+        ArchivePath::Stdio => {
+            if std::io::stdout().is_terminal() {
+                return Err(Error::invalid_input(
+                    "refusing to write an archive to a terminal (redirect standard output)",
+                ));
+            }
+            write_archive(stdio_file(true)?, header, sources, opts, progress).in_file(&shown)
+        }
+        ArchivePath::File(path) => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(Error::invalid_input("archive already exists").with_path(path));
+            }
+            let tmp = TempFile::create_near(path)?;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&tmp.path)
+                .map_err(|e| Error::io("cannot open the archive for writing", e))
+                .in_file(path)?;
+            let stats = write_archive(file, header, sources, opts, progress)
+                .map_err(|e| rename_tmp(e, &tmp.path, path))
+                .in_file(path)?;
+            tmp.persist(path, false)?;
+            Ok(stats)
+        }
+    }
+}
+
+/// Runs the backup job into `file` (compressed as `opts` says) and ends the stream.
+fn write_archive(
+    file: File,
+    header: ArchiveHeader,
+    sources: &[(&str, &dyn BlockImage)],
+    opts: &CreateOptions,
+    progress: Option<Progress<'_>>,
+) -> Result<BackupStats> {
+    let out = ArchiveOutput::new(file, opts.compression)?;
+    let job = BackupJob::new(out, header, sources, true)?;
+    job.run(progress)?;
+    let (out, stats) = job.finish()?;
+    out.finish()
+        .map_err(|e| Error::io("cannot write to the archive", e))?;
+    Ok(stats)
+}
+
+/// Opens an archive for reading (decompressing it if its magic says so) and reads its header.
+/// Errors name the archive.
+pub fn open_archive(archive: &ArchivePath) -> Result<VmaReader<Box<dyn Read + Send>>> {
+    let shown = archive.display_path(true);
+    let input = match archive {
+        ArchivePath::Stdio => stdio_file(false)?,
+        ArchivePath::File(p) => {
+            File::open(p).map_err(|e| Error::io("cannot open archive", e).with_path(p))?
+        }
+    };
+    let (reader, _) = open_input(input).in_file(shown)?;
+    VmaReader::new(reader).in_file(shown)
+}
+
+/// The config file `name` of an archive, or the reference tool's error when it has none.
+pub fn find_config<'h>(header: &'h ArchiveHeader, name: &str) -> Result<&'h [u8]> {
+    header
+        .config(name)
+        .map(|c| c.data.as_slice())
+        .ok_or_else(|| Error::invalid_input(format!("unable to find configuration data '{name}'")))
+}
+
+/// Reads the whole archive, checking every structure and that every cluster of every device
+/// is there exactly once. Returns the header and what the archive held.
+pub fn verify(
+    archive: &ArchivePath,
+    progress: Option<Progress<'_>>,
+) -> Result<(ArchiveHeader, ArchiveTally)> {
+    let reader = open_archive(archive)?;
+    let header = reader.header().clone();
+    let tally = restore::verify(reader, progress).in_file(archive.display_path(true))?;
+    Ok((header, tally))
+}
+
+/// How to extract.
+#[derive(Debug, Clone)]
+pub struct ExtractOptions {
+    /// Restore only these devices (`-d dev1,dev2`); all when `None`.
+    pub devices: Option<Vec<String>>,
+    /// Format of the restored images (`-O`): raw or qcow2. The VM state is always raw.
+    pub format: ImageFormat,
+    /// Options of new qcow2 images (`-o`), as `vimg create -o` takes them.
+    pub options: Vec<String>,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        ExtractOptions {
+            devices: None,
+            format: ImageFormat::Raw,
+            options: Vec::new(),
+        }
+    }
+}
+
+/// A device an extract restores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedDevice {
+    /// Its id in the archive.
+    pub id: u8,
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The image it is restored to.
+    pub path: PathBuf,
+    /// The format of that image.
+    pub format: ImageFormat,
+}
+
+/// Files and the directory an extract made, removed on drop unless kept.
+#[derive(Debug, Default)]
+struct Made {
+    files: Vec<PathBuf>,
+    dir: Option<PathBuf>,
+    keep: bool,
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for f in self.files.iter().rev() {
+            let _ = std::fs::remove_file(f);
+        }
+        if let Some(d) = &self.dir {
+            // Only if empty: nothing but what this extract made is removed.
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// A prepared extract: the archive's header read and checked, the target directory and config
+/// files made, the devices' temporary images created. Dropping it without running removes all
+/// of that.
+pub struct ExtractPlan {
+    reader: VmaReader<Box<dyn Read + Send>>,
+    shown: PathBuf,
+    devices: Vec<PlannedDevice>,
+    /// Per planned device: the image under its temporary name.
+    images: Vec<(Box<dyn BlockImage>, PathBuf)>,
+    made: Made,
+}
+
+/// Whether `name` can be used as one file name in the target directory.
+fn plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/')
+}
+
+/// Reads the header of `archive` and prepares restoring it into `dir`, which must not exist
+/// (it is created). Nothing is written before the header has been checked, and nothing is
+/// left behind if preparing fails.
+pub fn prepare_extract(
+    archive: &ArchivePath,
+    dir: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractPlan> {
+    let shown = archive.display_path(true).to_path_buf();
+    if !matches!(opts.format, ImageFormat::Raw | ImageFormat::Qcow2) {
+        return Err(Error::unsupported("extract writes raw or qcow2 images"));
+    }
+    if opts.format == ImageFormat::Raw && !opts.options.is_empty() {
+        return Err(Error::invalid_input(
+            "-o options are for qcow2 images (-O qcow2)",
+        ));
+    }
+    for o in &opts.options {
+        let u = crate::qcow2::create::parse_options(o)?;
+        if u.backing_file.is_some() {
+            return Err(Error::invalid_input(
+                "restored images cannot have a backing file (zero clusters would show its data)",
+            ));
+        }
+    }
+    if std::fs::symlink_metadata(dir).is_ok() {
+        return Err(Error::invalid_input("target directory already exists").with_path(dir));
+    }
+    let reader = open_archive(archive)?;
+    let header = reader.header().clone();
+    if let Some(wanted) = &opts.devices {
+        for w in wanted {
+            if !header.devices.iter().any(|d| &d.name == w) {
+                return Err(
+                    Error::invalid_input(format!("the archive has no device named '{w}'"))
+                        .with_path(&shown),
+                );
+            }
+        }
+    }
+    // Every output name, checked before anything is written.
+    let mut names: Vec<String> = Vec::new();
+    let mut claim = |file: String, what: &str, name: &str| -> Result<String> {
+        if !plain_file_name(name) || !plain_file_name(&file) || names.contains(&file) {
+            return Err(Error::corrupt(format!(
+                "{what} '{}' cannot be restored as a file name in the target directory{}",
+                name.escape_debug(),
+                if names.contains(&file) {
+                    format!(" ('{}' is taken)", file.escape_debug())
+                } else {
+                    String::new()
+                }
+            ))
+            .with_path(&shown));
+        }
+        names.push(file.clone());
+        Ok(file)
+    };
+    for c in &header.configs {
+        claim(c.name.clone(), "config name", &c.name)?;
+    }
+    let mut devices = Vec::new();
+    let mut tmp_names = Vec::new();
+    for d in &header.devices {
+        let selected = opts.devices.as_ref().is_none_or(|w| w.contains(&d.name));
+        if !selected {
+            continue;
+        }
+        let (file, tmp, format) = if d.is_vmstate() {
+            (
+                "vmstate.bin".to_string(),
+                "tmp-vmstate.bin".to_string(),
+                ImageFormat::Raw,
+            )
+        } else {
+            let ext = opts.format.as_str();
+            (
+                format!("disk-{}.{ext}", d.name),
+                format!("tmp-disk-{}.{ext}", d.name),
+                opts.format,
+            )
+        };
+        let file = claim(file, "device name", &d.name)?;
+        let tmp = claim(tmp, "device name", &d.name)?;
+        devices.push(PlannedDevice {
+            id: d.id,
+            name: d.name.clone(),
+            size: d.size,
+            path: dir.join(file),
+            format,
+        });
+        tmp_names.push(dir.join(tmp));
+    }
+    // qcow2 options are checked before the directory is made.
+    let qcow2_args = |path: &Path, size: u64| crate::ops::create::CreateArgs {
+        format: ImageFormat::Qcow2,
+        filename: path.to_path_buf(),
+        options: opts.options.clone(),
+        backing_file: None,
+        backing_format: None,
+        unsafe_backing: false,
+        size: Some(size.to_string()),
+    };
+    for (d, tmp) in devices.iter().zip(&tmp_names) {
+        if d.format == ImageFormat::Qcow2 {
+            crate::ops::create::prepare(&qcow2_args(tmp, d.size)).in_file(&d.path)?;
+        }
+    }
+
+    let mut made = Made::default();
+    std::fs::create_dir(dir)
+        .map_err(|e| Error::io("cannot create target directory", e).with_path(dir))?;
+    made.dir = Some(dir.to_path_buf());
+    for c in &header.configs {
+        let p = dir.join(&c.name);
+        made.files.push(p.clone());
+        std::fs::write(&p, &c.data)
+            .map_err(|e| Error::io("cannot write config file", e).with_path(&p))?;
+    }
+    let mut images: Vec<(Box<dyn BlockImage>, PathBuf)> = Vec::new();
+    for (d, tmp) in devices.iter().zip(tmp_names) {
+        made.files.push(tmp.clone());
+        let image: Box<dyn BlockImage> = match d.format {
+            ImageFormat::Raw => Box::new(RawImage::create(&tmp, d.size).in_file(&d.path)?),
+            ImageFormat::Qcow2 => {
+                crate::ops::create::create(&qcow2_args(&tmp, d.size))
+                    .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
+                let q = Qcow2Image::open(&tmp, true, true, &mut Default::default())
+                    .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
+                // Metadata is written once, at the end; a failed restore removes the image.
+                q.set_unsafe_cache(true);
+                Box::new(q)
+            }
+        };
+        images.push((image, tmp));
+    }
+    Ok(ExtractPlan {
+        reader,
+        shown,
+        devices,
+        images,
+        made,
+    })
+}
+
+impl ExtractPlan {
+    /// The devices to be restored, and where.
+    pub fn devices(&self) -> &[PlannedDevice] {
+        &self.devices
+    }
+
+    /// The archive's header.
+    pub fn header(&self) -> &ArchiveHeader {
+        self.reader.header()
+    }
+
+    /// Restores the archive. Only when every cluster of every device was read, checked and
+    /// written are the images flushed and renamed to their final names; otherwise everything
+    /// the extract made is removed.
+    pub fn run(mut self, progress: Option<Progress<'_>>) -> Result<ArchiveTally> {
+        let mut targets: Vec<Option<&dyn BlockImage>> = vec![None; 256];
+        for (d, (img, _)) in self.devices.iter().zip(&self.images) {
+            targets[d.id as usize] = Some(img.as_ref());
+        }
+        let shown = self.shown.clone();
+        let tally = restore::restore(self.reader, &targets, RestoreOptions::default(), progress)
+            .map_err(|e| {
+                // A write error names the temporary image; the user knows the final name.
+                let mut e = e;
+                for (d, (_, tmp)) in self.devices.iter().zip(&self.images) {
+                    e = rename_tmp(e, tmp, &d.path);
+                }
+                e.with_path(&shown)
+            })?;
+        drop(targets);
+        for (d, (img, tmp)) in self.devices.iter().zip(self.images.drain(..)) {
+            // A qcow2 image writes its metadata here (its cache is unsafe: no waiting for the
+            // disk). Raw files are not synced, as `convert` does not sync by default.
+            if d.format == ImageFormat::Qcow2 {
+                img.flush().map_err(|e| rename_tmp(e, &tmp, &d.path))?;
+            }
+            drop(img);
+            std::fs::rename(&tmp, &d.path)
+                .map_err(|e| Error::io("cannot rename the restored image into place", e))
+                .in_file(&d.path)?;
+            self.made.files.push(d.path.clone());
+        }
+        self.made.keep = true;
+        Ok(tally)
+    }
+}

@@ -1,0 +1,427 @@
+//! `vimg rebase [-u] [-b BACKING|""] [-F FMT] [-c] IMAGE`: changes the backing file of a
+//! qcow2 image, as `qemu-img rebase` does.
+//!
+//! With `-u` only the header changes (the backing file name and the backing format
+//! extension, which appears or disappears with it). In safe mode the image's guest contents
+//! stay the same: every range the image itself leaves unallocated, and where the old backing
+//! chain and the new one read differently, gets the old chain's data written into the image
+//! first (compressed with `-c`); `-b ""` (or `-u` without `-b`) removes the backing file, so
+//! safe mode then copies everything the old chain provides.
+//!
+//! The comparison is driven by block status on both chains: ranges the image allocates are
+//! skipped, ranges both chains know to read as zeros are skipped, and so are ranges both
+//! chains answer from the same layer (when the new backing file is in the old chain, or the
+//! old one in the new chain). Only the rest is read from both chains and compared, in units of
+//! the image's clusters; a cluster the image leaves wholly unallocated is written whole (as a
+//! zero cluster where the old data is zeros), while in a partly allocated cluster (subclusters)
+//! only the differing unallocated parts are. Layers of any cluster size and virtual size
+//! combine: a shorter layer reads as zeros past its end.
+//!
+//! # Crash safety
+//!
+//! Everything written into the image is the data it already read through its old backing
+//! chain, so the image reads the same throughout the copy; the copy is flushed (and synced)
+//! before the header switches to the new backing file in one write of cluster 0. An
+//! interruption leaves the old backing file with some clusters copied (reading as before), or
+//! the new one with all of them (reading as after), and at worst leaked clusters.
+
+use crate::block::{BlockImage, BlockStatus, ImageFormat};
+use crate::error::{Error, Result};
+use crate::offsets::GuestOffset;
+use crate::open::same_file;
+use crate::open::{open_layer, probe_format, resolve_relative, ChainGuard};
+use crate::ops::commit::CacheMode;
+use crate::ops::convert::copy::{read_clamped, Cursor};
+use crate::ops::convert::{is_zero, Progress, CHUNK};
+use crate::ops::create::KNOWN_FORMATS;
+use crate::qcow2::compress::compress_cluster;
+use crate::qcow2::Qcow2Image;
+use std::path::Path;
+
+/// qemu-img's message when neither `-b` nor `-u` is given.
+pub const NEED_BACKING: &str = "Must specify backing file (-b) or use unsafe mode (-u)";
+
+/// How to rebase.
+#[derive(Debug, Clone, Default)]
+pub struct RebaseOptions {
+    /// The image's format (`-f`); probed when `None`.
+    pub format: Option<ImageFormat>,
+    /// The new backing file (`-b`), recorded as given (relative names are relative to the
+    /// image); `Some("")` removes the backing file; `None` (only with `unsafe_mode`) too.
+    pub backing: Option<String>,
+    /// The new backing file's format (`-F`): required with a new backing file.
+    pub backing_format: Option<String>,
+    /// Only rewrite the header (`-u`): the new backing file need not exist.
+    pub unsafe_mode: bool,
+    /// Write the copied clusters compressed (`-c`).
+    pub compress: bool,
+    /// Cache mode of the image (`-t`).
+    pub cache: CacheMode,
+}
+
+/// Rebases the image at `path` as `opts` say (see the module documentation). `progress` is
+/// told how much of the disk safe mode has compared.
+pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>) -> Result<()> {
+    if opts.backing.is_none() && !opts.unsafe_mode {
+        return Err(Error::invalid_input(NEED_BACKING));
+    }
+    let new_name = opts.backing.as_deref().filter(|s| !s.is_empty());
+    if let Some(f) = &opts.backing_format {
+        if !KNOWN_FORMATS.contains(&f.as_str()) {
+            return Err(Error::invalid_input(format!("Invalid format name: '{f}'")));
+        }
+    }
+    let cannot_change = |why: &str| {
+        Error::invalid_input(format!(
+            "Could not change the backing file to '{}': {why}",
+            new_name.unwrap_or("")
+        ))
+        .with_path(path)
+    };
+    let format = match opts.format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    if format != ImageFormat::Qcow2 {
+        return Err(if opts.compress {
+            Error::unsupported("Compression not supported for this file format").with_path(path)
+        } else {
+            cannot_change("Operation not supported (only qcow2 images have a backing file)")
+        });
+    }
+    let new_format = match (new_name, opts.backing_format.as_deref()) {
+        (Some(_), Some(f)) => Some(f),
+        (Some(name), None) => {
+            if !opts.unsafe_mode {
+                // As qemu-img: a new backing file that cannot be opened is the first complaint.
+                let p = resolve_relative(path, name)?;
+                std::fs::metadata(&p).map_err(|e| {
+                    Error::io(format!("Could not open new backing file '{name}'"), e)
+                })?;
+            }
+            return Err(cannot_change("backing format must be specified"));
+        }
+        (None, _) => None,
+    };
+
+    if opts.unsafe_mode {
+        let mut img = Qcow2Image::open(path, true, true, &mut ChainGuard::default())?;
+        img.set_unsafe_cache(!opts.cache.syncs());
+        img.set_backing_file(new_name, new_format)?;
+        return img.close();
+    }
+
+    // Safe mode: both chains must open before anything is written.
+    drop(Qcow2Image::open(
+        path,
+        false,
+        false,
+        &mut ChainGuard::default(),
+    )?);
+    let new_backing = match (new_name, new_format) {
+        (Some(name), Some(fmt)) => Some(open_new_backing(path, name, fmt)?),
+        _ => None,
+    };
+    let img = Qcow2Image::open(path, true, false, &mut ChainGuard::default())?;
+    img.set_unsafe_cache(!opts.cache.syncs());
+    let to = NewBacking {
+        image: new_backing.as_deref(),
+        name: new_name,
+        format: new_format,
+    };
+    rebase_image(img, &to, opts.compress, progress)
+}
+
+/// The backing file an image is rebased onto.
+#[derive(Clone, Copy)]
+pub struct NewBacking<'a> {
+    /// The new backing file, opened with its chain (`None`: no backing file).
+    pub image: Option<&'a dyn BlockImage>,
+    /// The name to record (`None`: no backing file).
+    pub name: Option<&'a str>,
+    /// The format to record with it.
+    pub format: Option<&'a str>,
+}
+
+/// Safe mode on an opened image (read-write, with its old backing chain), in its crash-safe
+/// order: [`rebase_copy`] (which ends with a flush), then the header switch, then the close.
+pub fn rebase_image(
+    img: Qcow2Image,
+    to: &NewBacking<'_>,
+    compress: bool,
+    progress: Option<Progress<'_>>,
+) -> Result<()> {
+    rebase_copy(&img, to.image, compress, progress)?;
+    let mut img = img;
+    img.set_backing_file(to.name, to.format)?;
+    img.close()
+}
+
+/// Opens the new backing file `name` (relative to the image at `path`) read-only with its
+/// chain, refusing a chain that leads back to the image.
+fn open_new_backing(path: &Path, name: &str, format: &str) -> Result<Box<dyn BlockImage>> {
+    let fail = |e: Error| {
+        Error::new(
+            e.kind(),
+            format!("Could not open new backing file '{name}': {e}"),
+        )
+    };
+    let format = ImageFormat::from_name(format).map_err(fail)?;
+    let bpath = resolve_relative(path, name)?;
+    let mut guard = ChainGuard::default();
+    guard.enter(path)?;
+    open_layer(&bpath, Some(format), false, false, &mut guard).map_err(fail)
+}
+
+/// The topmost layer the image's old chain (depth 1 = its backing file) and `new`'s chain
+/// (depth 0 = `new`) share, as (old depth, new depth): the same file opened in the same
+/// format. Ranges both chains answer from it or below read the same in both.
+fn common_layer(img: &dyn BlockImage, new: Option<&dyn BlockImage>) -> Option<(u32, u32)> {
+    let new = new?;
+    let mut old = img.backing();
+    let mut d = 1u32;
+    while let Some(o) = old {
+        let mut n = Some(new);
+        let mut j = 0u32;
+        while let Some(l) = n {
+            if l.format() == o.format() && same_file(l.filename(), o.filename()) {
+                return Some((d, j));
+            }
+            n = l.backing();
+            j += 1;
+        }
+        old = o.backing();
+        d += 1;
+    }
+    None
+}
+
+/// Whether a chain's status `s` is answered by layer `idx` of that chain or below: at that
+/// depth or deeper, or unallocated down to the layer just above it because layer `idx` is
+/// shorter than the offset (where everything from it down reads zeros).
+fn reaches(s: &BlockStatus, idx: u32) -> bool {
+    s.depth >= idx || (!s.present && s.depth + 1 == idx)
+}
+
+/// One cluster of the image to compare: its guest range, and the parts of it the image does
+/// not allocate itself.
+#[derive(Debug)]
+struct ClusterPlan {
+    start: u64,
+    end: u64,
+    /// The whole cluster is unallocated in the image.
+    whole: bool,
+    /// Unallocated pieces that may read differently through the two chains.
+    pieces: Vec<(u64, u64)>,
+}
+
+/// The two chains being compared, walked in increasing guest order.
+struct Walk<'a> {
+    img: Cursor<'a>,
+    new: Option<Cursor<'a>>,
+    new_size: u64,
+    common: Option<(u32, u32)>,
+}
+
+impl Walk<'_> {
+    /// Looks at the cluster `[c, cend)`: the plan for it if some unallocated part of it may
+    /// differ, and how far the verdict "nothing to do" holds at least (for skipping runs of
+    /// clusters at once).
+    fn classify(&mut self, c: u64, cend: u64, cs: u64) -> Result<(Option<ClusterPlan>, u64)> {
+        let mut plan = ClusterPlan {
+            start: c,
+            end: cend,
+            whole: true,
+            pieces: Vec::new(),
+        };
+        let mut pos = c;
+        let mut first_end = None;
+        while pos < cend {
+            let (ts, tend) = self.img.at(pos)?;
+            let mut end = tend;
+            if ts.depth == 0 && ts.present {
+                plan.whole = false; // the image allocates this part itself
+            } else {
+                let same = match &mut self.new {
+                    _ if pos >= self.new_size => ts.zero,
+                    None => ts.zero,
+                    Some(nc) => {
+                        let (ns, nend) = nc.at(pos)?;
+                        end = end.min(nend);
+                        (ts.zero && ns.zero)
+                            || self
+                                .common
+                                .is_some_and(|(d, j)| reaches(&ts, d) && reaches(&ns, j))
+                    }
+                };
+                if pos < self.new_size {
+                    end = end.min(self.new_size);
+                }
+                if !same {
+                    let e = end.min(cend);
+                    match plan.pieces.last_mut() {
+                        Some(last) if last.1 == pos => last.1 = e,
+                        _ => plan.pieces.push((pos, e)),
+                    }
+                }
+            }
+            first_end.get_or_insert(end);
+            pos = end.min(cend);
+        }
+        if !plan.pieces.is_empty() {
+            return Ok((Some(plan), cend));
+        }
+        // Nothing here: when one status answer covered the whole cluster and more, the
+        // clusters it covers entirely need nothing either.
+        let first_end = first_end.unwrap_or(cend);
+        let skip_to = if first_end > cend {
+            (first_end / cs * cs).max(cend)
+        } else {
+            cend
+        };
+        Ok((None, skip_to))
+    }
+}
+
+/// Safe mode's copy: writes into `img` (open for writing, with its old backing chain) the
+/// old chain's data wherever `img` leaves a range unallocated and the old chain and `new`'s
+/// chain (`None`: no backing file, all zeros) read differently (see the module
+/// documentation), then flushes. With `compress`, wholly unallocated clusters are written
+/// compressed where that saves space.
+pub fn rebase_copy(
+    img: &Qcow2Image,
+    new: Option<&dyn BlockImage>,
+    compress: bool,
+    progress: Option<Progress<'_>>,
+) -> Result<()> {
+    let size = img.virtual_size();
+    let cs = img.header().cluster_size();
+    let mut walk = Walk {
+        img: Cursor::new(img),
+        new: new.map(Cursor::new),
+        new_size: new.map_or(0, |n| n.virtual_size()),
+        common: common_layer(img, new),
+    };
+    let batch = CHUNK.max(cs);
+    let mut run: Vec<ClusterPlan> = Vec::new();
+    let mut bufs = (Vec::new(), Vec::new());
+    if let Some(p) = progress {
+        p(0, size);
+    }
+    let mut c = 0u64;
+    while c < size {
+        let cend = (c + cs).min(size);
+        let (plan, next) = walk.classify(c, cend, cs)?;
+        let contiguous = run.last().is_none_or(|l| l.end == c);
+        let full = run.first().is_some_and(|f| cend - f.start > batch);
+        if !run.is_empty() && (plan.is_none() || !contiguous || full) {
+            copy_run(img, new, compress, &run, &mut bufs)?;
+            run.clear();
+        }
+        if let Some(p) = plan {
+            run.push(p);
+        }
+        c = next;
+        if let Some(p) = progress {
+            p(c.min(size), size);
+        }
+    }
+    if !run.is_empty() {
+        copy_run(img, new, compress, &run, &mut bufs)?;
+    }
+    img.flush()
+}
+
+/// Reads the clusters of `run` (contiguous) through both chains and writes into `img` the old
+/// chain's data where it differs.
+fn copy_run(
+    img: &Qcow2Image,
+    new: Option<&dyn BlockImage>,
+    compress: bool,
+    run: &[ClusterPlan],
+    (old_buf, new_buf): &mut (Vec<u8>, Vec<u8>),
+) -> Result<()> {
+    let (start, end) = match (run.first(), run.last()) {
+        (Some(f), Some(l)) => (f.start, l.end),
+        _ => return Ok(()),
+    };
+    let len = (end - start) as usize;
+    old_buf.resize(len, 0);
+    new_buf.resize(len, 0);
+    img.read_at(old_buf, GuestOffset(start))?;
+    match new {
+        Some(n) => read_clamped(n, new_buf, start)?,
+        None => new_buf.fill(0),
+    }
+    let at = |a: u64, b: u64| (a - start) as usize..(b - start) as usize;
+    // A run of whole clusters of plain data, written in one request.
+    let mut pending: Option<(u64, u64)> = None;
+    let write_pending = |p: &mut Option<(u64, u64)>| -> Result<()> {
+        if let Some((a, b)) = p.take() {
+            img.write_at(&old_buf[at(a, b)], GuestOffset(a))?;
+        }
+        Ok(())
+    };
+    for cl in run {
+        let differs = cl
+            .pieces
+            .iter()
+            .any(|&(a, b)| old_buf[at(a, b)] != new_buf[at(a, b)]);
+        if !differs {
+            write_pending(&mut pending)?;
+            continue;
+        }
+        if !cl.whole {
+            write_pending(&mut pending)?;
+            for &(a, b) in &cl.pieces {
+                if old_buf[at(a, b)] != new_buf[at(a, b)] {
+                    img.write_at(&old_buf[at(a, b)], GuestOffset(a))?;
+                }
+            }
+            continue;
+        }
+        let data = &old_buf[at(cl.start, cl.end)];
+        if is_zero(data) {
+            write_pending(&mut pending)?;
+            img.write_zeroes(GuestOffset(cl.start), cl.end - cl.start, false)?;
+        } else if compress {
+            write_pending(&mut pending)?;
+            let cs = img.header().cluster_size() as usize;
+            let mut cluster = vec![0u8; cs];
+            cluster[..data.len()].copy_from_slice(data);
+            match compress_cluster(img.header().compression_type, &cluster)? {
+                Some(z) => img.write_compressed(cl.start, &z)?,
+                None => img.write_at(data, GuestOffset(cl.start))?,
+            }
+        } else {
+            pending = match pending {
+                Some((a, b)) if b == cl.start => Some((a, cl.end)),
+                other => {
+                    let mut o = other;
+                    write_pending(&mut o)?;
+                    Some((cl.start, cl.end))
+                }
+            };
+        }
+    }
+    write_pending(&mut pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reaching_a_layer() {
+        let at = |depth, present| BlockStatus {
+            present,
+            ..BlockStatus::unallocated(512, depth)
+        };
+        assert!(reaches(&at(2, true), 2));
+        assert!(reaches(&at(3, false), 2));
+        assert!(!reaches(&at(1, true), 2));
+        // Unallocated down to layer 1 because layer 2 is shorter: layer 2 and below read zeros.
+        assert!(reaches(&at(1, false), 2));
+        assert!(!reaches(&at(0, false), 2));
+    }
+}
