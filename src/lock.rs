@@ -251,16 +251,15 @@ pub fn lock(file: &File, req: LockRequest) -> io::Result<Option<LockGuard>> {
     let m = file.metadata()?;
     let key = (m.dev(), m.ino());
     let mut reg = registry();
-    if !reg.contains_key(&key) {
+    let held = match reg.entry(key) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         // The process's own description of the file for its locks: a clone, so that it lives
         // on when `file` is closed.
-        let held = Held {
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(Held {
             file: file.try_clone()?,
             counts: [0; 8],
-        };
-        reg.insert(key, held);
-    }
-    let held = reg.get_mut(&key).expect("just inserted");
+        }),
+    };
     let fresh: Vec<usize> = slots(req).filter(|&i| held.counts[i] == 0).collect();
     match take_and_test(&held.file, req, &fresh) {
         Ok(()) => {
