@@ -26,6 +26,9 @@ pub enum ErrorKind {
     ReadOnly,
     /// A backing chain refers back to one of its own members, or is deeper than allowed.
     BackingChain,
+    /// Another process (qemu, qemu-io, another vimg) has the file open in a way that conflicts
+    /// with this open: its image locks say so (see [`crate::lock`]).
+    Locked,
 }
 
 impl ErrorKind {
@@ -38,6 +41,7 @@ impl ErrorKind {
             ErrorKind::InvalidInput => "invalid input",
             ErrorKind::ReadOnly => "read-only",
             ErrorKind::BackingChain => "backing chain",
+            ErrorKind::Locked => "locked",
         }
     }
 }
@@ -84,10 +88,16 @@ impl Error {
         Self::new(ErrorKind::InvalidInput, what)
     }
 
-    /// An I/O error while doing `what`.
+    /// An I/O error while doing `what`; of kind [`ErrorKind::Locked`] when the source is an
+    /// image lock conflict ([`crate::lock::Conflict`]).
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        let locked = crate::lock::conflict_of(&source).is_some();
         Error {
-            kind: ErrorKind::Io,
+            kind: if locked {
+                ErrorKind::Locked
+            } else {
+                ErrorKind::Io
+            },
             path: None,
             offset: None,
             what: what.into(),

@@ -12,6 +12,7 @@ pub mod block;
 pub mod check;
 pub mod error;
 pub mod info;
+pub mod lock;
 pub mod offsets;
 pub mod open;
 pub mod ops;

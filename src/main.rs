@@ -7,9 +7,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use vimg::open::{OpenOptions, Sharing};
 use vimg::ops::{self, OutputFormat};
 use vimg::qcow2::create::Preallocation;
-use vimg::{open::OpenOptions, Error, ImageFormat};
+use vimg::{Error, ImageFormat};
 
 /// Virtual disk image tool for raw and qcow2 images, an alternative to qemu-img.
 #[derive(Parser, Debug)]
@@ -115,7 +116,8 @@ struct RebaseArgs {
     /// Cache mode of the backing files (accepted; they are only read).
     #[arg(short = 'T', value_name = "CACHE")]
     backing_cache: Option<String>,
-    /// Open without taking image locks (accepted; vimg takes none yet).
+    /// Accepted for qemu-img compatibility: as with qemu-img, the image and its backing files
+    /// are locked as usual (the image is written).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -290,7 +292,7 @@ struct MeasureArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
-    /// Open without taking image locks (accepted; vimg takes none yet).
+    /// Read IMAGE even if another process is writing it (take no lock that keeps writers out).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image whose data the new image would hold.
@@ -375,7 +377,8 @@ struct ImageArgs {
     /// Image format (raw, qcow2); probed when not given.
     #[arg(short = 'f', long = "format", value_name = "FMT", value_parser = parse_format)]
     format: Option<ImageFormat>,
-    /// Open without taking image locks (accepted; vimg takes none yet).
+    /// Read the image even if another process is writing it (take no lock that keeps writers
+    /// out); only for read-only use.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
 }
@@ -426,7 +429,8 @@ struct CompareArgs {
     /// Print nothing; only the exit code tells.
     #[arg(short = 'q', long)]
     quiet: bool,
-    /// Open without taking image locks (accepted; vimg takes none yet).
+    /// Read the images even if another process is writing them (take no lock that keeps
+    /// writers out).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The first image.
@@ -509,7 +513,8 @@ struct ConvertArgs {
     /// With --bitmaps: skip inconsistent bitmaps (with a warning) instead of failing.
     #[arg(long)]
     skip_broken_bitmaps: bool,
-    /// Open the source without taking image locks (accepted; vimg takes none yet).
+    /// Read the sources even if another process is writing them (take no lock that keeps
+    /// writers out of them; the target is locked as always).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Read the sources as internal snapshot SNAPSHOT was: snapshot.id=ID,
@@ -639,9 +644,19 @@ fn one_line(text: &str) -> String {
     }
 }
 
+/// The sharing of read-only opens: `-U` forces sharing, else qemu-img's default.
+fn sharing(force_share: bool) -> Sharing {
+    if force_share {
+        Sharing::ForceShare
+    } else {
+        Sharing::Normal
+    }
+}
+
 fn open(
     path: &std::path::Path,
     format: Option<ImageFormat>,
+    sharing: Sharing,
 ) -> Result<Box<dyn vimg::BlockImage>, Error> {
     let image = vimg::open::open_image(
         path,
@@ -649,6 +664,7 @@ fn open(
             format,
             writable: false,
             no_backing: false,
+            sharing,
         },
     )?;
     // A backing format the image does not record had to be guessed: say so, as info does.
@@ -674,10 +690,10 @@ fn print(text: &str) -> Result<(), Failure> {
 }
 
 fn info(a: InfoArgs) -> CmdResult {
-    let _ = a.image.force_share;
     let opts = ops::info::InfoOptions {
         format: a.image.format,
         backing_chain: a.backing_chain,
+        sharing: sharing(a.image.force_share),
     };
     let layers = ops::info::collect(&a.filename, &opts).map_err(|e| Failure::new(e, 1))?;
     for w in layers.iter().flat_map(|l| &l.warnings) {
@@ -691,8 +707,8 @@ fn info(a: InfoArgs) -> CmdResult {
 }
 
 fn map(a: MapArgs) -> CmdResult {
-    let _ = a.image.force_share;
-    let image = open(&a.filename, a.image.format).map_err(|e| Failure::new(e, 1))?;
+    let image = open(&a.filename, a.image.format, sharing(a.image.force_share))
+        .map_err(|e| Failure::new(e, 1))?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let r = match OutputFormat::from(a.output) {
         OutputFormat::Json => {
@@ -709,10 +725,9 @@ fn map(a: MapArgs) -> CmdResult {
 }
 
 fn compare(a: CompareArgs) -> CmdResult {
-    let _ = a.force_share;
     let fail = |e| Failure::new(e, 2);
-    let img_a = open(&a.a, a.format_a).map_err(fail)?;
-    let img_b = open(&a.b, a.format_b).map_err(fail)?;
+    let img_a = open(&a.a, a.format_a, sharing(a.force_share)).map_err(fail)?;
+    let img_b = open(&a.b, a.format_b, sharing(a.force_share)).map_err(fail)?;
     let outcome = ops::compare::compare(
         img_a.as_ref(),
         img_b.as_ref(),
@@ -728,7 +743,6 @@ fn compare(a: CompareArgs) -> CmdResult {
 }
 
 fn check(a: CheckArgs) -> CmdResult {
-    let _ = a.image.force_share;
     let fail = |e| Failure::new(e, 1);
     let not_supported = || Failure {
         message: format!("{}: {}", a.filename.display(), ops::check::NOT_SUPPORTED),
@@ -737,6 +751,8 @@ fn check(a: CheckArgs) -> CmdResult {
     let (report, format) = match a.repair.as_deref() {
         // -r: repair a qcow2 image in place; the report is the check that follows.
         Some(mode) => {
+            vimg::open::refuse_forced_write(sharing(a.image.force_share), true)
+                .map_err(|e| Failure::new(e.with_path(&a.filename), 1))?;
             let format = match a.image.format {
                 Some(f) => f,
                 None => vimg::open::probe_format(&a.filename).map_err(fail)?,
@@ -756,7 +772,8 @@ fn check(a: CheckArgs) -> CmdResult {
             )
         }
         None => {
-            let image = open(&a.filename, a.image.format).map_err(fail)?;
+            let image =
+                open(&a.filename, a.image.format, sharing(a.image.force_share)).map_err(fail)?;
             let report = ops::check::check(image.as_ref())
                 .map_err(fail)?
                 .ok_or_else(not_supported)?;
@@ -802,7 +819,6 @@ fn resize(a: ResizeArgs) -> CmdResult {
 }
 
 fn snapshot(a: SnapshotArgs) -> CmdResult {
-    let _ = a.image.force_share;
     let op = match (a.list, a.create, a.apply, a.delete) {
         (true, None, None, None) => ops::snapshot::SnapshotOp::List,
         (false, Some(n), None, None) => ops::snapshot::SnapshotOp::Create(n),
@@ -815,8 +831,13 @@ fn snapshot(a: SnapshotArgs) -> CmdResult {
             })
         }
     };
-    let out =
-        ops::snapshot::run(&a.filename, a.image.format, &op).map_err(|e| Failure::new(e, 1))?;
+    let out = ops::snapshot::run(
+        &a.filename,
+        a.image.format,
+        &op,
+        sharing(a.image.force_share),
+    )
+    .map_err(|e| Failure::new(e, 1))?;
     if !a.quiet {
         print(&out)?;
     }
@@ -970,7 +991,6 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
 }
 
 fn convert(a: ConvertArgs) -> CmdResult {
-    let _ = a.force_share;
     let fail = |e| Failure::new(e, 1);
     let Some((target, sources)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
         return Err(Failure {
@@ -994,9 +1014,16 @@ fn convert(a: ConvertArgs) -> CmdResult {
     }
     let opened = sources
         .iter()
+        // qemu-img convert keeps writers out of its sources (raw ones too) unless -U.
         .map(|s| match &snapshot {
             Some(sel) => vimg::qcow2::snapshot_view::open_image_snapshot(s, a.format, sel),
-            None => open(s, a.format),
+            None => {
+                let sh = match a.force_share {
+                    true => Sharing::ForceShare,
+                    false => Sharing::NoWriters,
+                };
+                open(s, a.format, sh)
+            }
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(fail)?;
@@ -1057,7 +1084,6 @@ fn convert(a: ConvertArgs) -> CmdResult {
 }
 
 fn measure(a: MeasureArgs) -> CmdResult {
-    let _ = a.force_share;
     let fail = |e| Failure::new(e, 1);
     let say = |m: &str| Failure {
         message: m.to_string(),
@@ -1078,7 +1104,7 @@ fn measure(a: MeasureArgs) -> CmdResult {
         return Err(say("Either --size N or one filename must be specified."));
     }
     let source = match file {
-        Some(f) => Some(open(f, a.format).map_err(fail)?),
+        Some(f) => Some(open(f, a.format, sharing(a.force_share)).map_err(fail)?),
         None => None,
     };
     let target = match ImageFormat::from_name(&a.output_format) {
@@ -1225,7 +1251,7 @@ fn backup(a: BackupArgs) -> CmdResult {
                 .map_err(fail)?;
             let opened = specs
                 .iter()
-                .map(|s| open(&s.path, s.format))
+                .map(|s| open(&s.path, s.format, Sharing::Normal))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(fail)?;
             let sources: Vec<(&str, &dyn vimg::BlockImage)> = specs

@@ -4,9 +4,14 @@
 //! directory of the image that names it, the format recorded in the image is used as is
 //! (probing happens only where none is recorded, and the layer reports that it did), chains
 //! that loop are refused, and a chain's depth is bounded by [`MAX_CHAIN_DEPTH`].
+//!
+//! Every file of a chain is opened with qemu's image locks ([`crate::lock`]): what each layer
+//! takes follows from its format, whether it is written, and the [`Sharing`] of the open,
+//! which the [`ChainGuard`] carries down the chain.
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result};
+use crate::lock::LockRequest;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use crate::storage::Storage;
@@ -25,15 +30,80 @@ pub struct OpenOptions {
     /// Do not open backing files (qemu-img's `-u` style operations, and `info` without a chain
     /// when the backing file is missing).
     pub no_backing: bool,
+    /// How the files are shared with other programs (`-U` is [`Sharing::ForceShare`]).
+    pub sharing: Sharing,
 }
 
-/// The layers opened so far while walking a chain, to refuse loops and bound the depth.
+/// How an open shares its files with other programs, through qemu's image locks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Sharing {
+    /// What qemu-img takes by default: nobody else may write (or resize) a qcow2 file of the
+    /// chain while it is open, raw files are shared, and a file opened for writing may not be
+    /// used by anybody else at all.
+    #[default]
+    Normal,
+    /// As `Normal`, and nobody else may write a raw top image either (qemu-img convert's
+    /// sources).
+    NoWriters,
+    /// `-U` / `--force-share`: only reading is announced, on every layer, so images in use by
+    /// others can be inspected. Refused for images opened for writing, as in qemu-img.
+    ForceShare,
+}
+
+/// Refuses to open an image for writing with [`Sharing::ForceShare`], as qemu-img does.
+pub fn refuse_forced_write(sharing: Sharing, writable: bool) -> Result<()> {
+    if sharing == Sharing::ForceShare && writable {
+        return Err(Error::invalid_input(
+            "force-share (-U) can only be used with read-only images",
+        ));
+    }
+    Ok(())
+}
+
+/// The layers opened so far while walking a chain, to refuse loops and bound the depth, and
+/// how the chain's files are shared ([`Sharing`]).
 #[derive(Debug, Default)]
 pub struct ChainGuard {
     seen: Vec<PathBuf>,
+    sharing: Sharing,
 }
 
 impl ChainGuard {
+    /// An empty guard for a chain opened with `sharing`.
+    pub fn new(sharing: Sharing) -> Self {
+        ChainGuard {
+            seen: Vec::new(),
+            sharing,
+        }
+    }
+
+    /// How the chain's files are shared.
+    pub fn sharing(&self) -> Sharing {
+        self.sharing
+    }
+
+    /// The image locks for a layer of `format` opened for writing or not; `top` says whether it
+    /// is the image named by the user rather than one of its backing files. Fails for a
+    /// writable layer under [`Sharing::ForceShare`].
+    pub fn locks(&self, format: ImageFormat, writable: bool, top: bool) -> Result<LockRequest> {
+        refuse_forced_write(self.sharing, writable)?;
+        Ok(match (self.sharing, format) {
+            (Sharing::ForceShare, _) => LockRequest::force_share(),
+            (_, ImageFormat::Qcow2) => LockRequest::exclusive(writable),
+            (_, ImageFormat::Raw) if writable => LockRequest::exclusive(true),
+            (Sharing::NoWriters, ImageFormat::Raw) if top => LockRequest::exclusive(false),
+            (_, ImageFormat::Raw) => LockRequest::shared_read(),
+        })
+    }
+
+    /// The image locks for the external data file of a layer (see [`LockRequest::data_file`]).
+    pub fn data_file_locks(&self, writable: bool) -> Result<LockRequest> {
+        match self.locks(ImageFormat::Qcow2, writable, false)? {
+            l if l == LockRequest::force_share() => Ok(l),
+            _ => Ok(LockRequest::data_file(writable)),
+        }
+    }
+
     /// Registers `path` as the next layer; fails if it is already in the chain or the chain is
     /// too deep.
     pub fn enter(&mut self, path: &Path) -> Result<()> {
@@ -68,7 +138,7 @@ impl ChainGuard {
 
 /// Opens the image at `path` with its whole backing chain.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockImage>> {
-    let mut guard = ChainGuard::default();
+    let mut guard = ChainGuard::new(opts.sharing);
     open_layer(
         path,
         opts.format,
@@ -92,16 +162,22 @@ pub fn open_layer(
         None => probe_format(path)?,
     };
     Ok(match format {
-        ImageFormat::Raw => Box::new(RawImage::open(path, writable)?),
+        ImageFormat::Raw => {
+            let locks = guard
+                .locks(ImageFormat::Raw, writable, guard.depth() == 1)
+                .map_err(|e| e.with_path(path))?;
+            Box::new(RawImage::open_with(path, writable, locks)?)
+        }
         ImageFormat::Qcow2 => Box::new(Qcow2Image::open(path, writable, no_backing, guard)?),
     })
 }
 
 /// Guesses the format of the file at `path` from its first bytes: qcow2 by its magic,
-/// anything else raw.
+/// anything else raw. Takes no image locks (the file is only looked at).
 pub fn probe_format(path: &Path) -> Result<ImageFormat> {
-    let storage = crate::storage::FileStorage::open(path, false)
-        .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+    let storage =
+        crate::storage::FileStorage::open_with(path, false, crate::lock::LockRequest::NONE)
+            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
     let mut magic = [0u8; 4];
     storage
         .read_at(&mut magic, 0)
@@ -111,6 +187,15 @@ pub fn probe_format(path: &Path) -> Result<ImageFormat> {
     } else {
         ImageFormat::Raw
     })
+}
+
+/// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// Resolves a file name recorded in the image at `image` (a backing or data file name) against

@@ -6,6 +6,7 @@
 use crate::block::{check_request, BlockImage, BlockStatus, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::info::LayerInfo;
+use crate::lock::LockRequest;
 use crate::offsets::{GuestOffset, HostOffset};
 use crate::storage::{FileStorage, Storage};
 use std::path::{Path, PathBuf};
@@ -22,9 +23,20 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Opens the raw file at `path`.
+    /// Opens the raw file at `path`, with the image locks vimg takes on raw images by default:
+    /// read-only shared with everybody, read-write exclusive (see [`crate::lock`]).
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
-        let storage = FileStorage::open(path, writable)
+        let locks = if writable {
+            LockRequest::exclusive(true)
+        } else {
+            LockRequest::shared_read()
+        };
+        Self::open_with(path, writable, locks)
+    }
+
+    /// Opens the raw file at `path` taking the image locks `locks`.
+    pub fn open_with(path: &Path, writable: bool, locks: LockRequest) -> Result<Self> {
+        let storage = FileStorage::open_with(path, writable, locks)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
         Self::from_storage(Box::new(storage), path, writable)
     }

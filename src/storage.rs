@@ -2,12 +2,22 @@
 //!
 //! Formats do all their I/O through [`Storage`], so that tests can substitute an in-memory
 //! store (and, later, one that fails or drops writes to prove crash safety).
+//!
+//! A [`FileStorage`] holds qemu's image locks on its file ([`crate::lock`]) for as long as it
+//! is open: [`FileStorage::open`] and [`FileStorage::create`] take those of a qcow2 image file,
+//! [`FileStorage::open_with`] any others.
+//!
+//! For the kill tests (tests/kill.rs), a process started with `VIMG_TEST_KILL_AFTER_WRITES=N`
+//! kills itself with SIGKILL just before the N-th change any of its [`FileStorage`]s would make
+//! (write, length change, zeroing, hole punch), counted from 1 across the process. The variable
+//! is read once; without it a write costs one relaxed atomic load more.
 
+use crate::lock::{self, LockRequest};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 /// Positioned I/O on a host file. All methods take `&self` and may be called from several
 /// threads at once.
@@ -20,6 +30,11 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// The current length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// The length of what is really stored, where [`Storage::len`] reports a padded view (the
+    /// repair's view of a file whose refcount table lies past its end). The default is `len`.
+    fn stored_len(&self) -> io::Result<u64> {
+        self.len()
+    }
     /// Whether the storage is empty.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -52,25 +67,45 @@ pub trait Storage: Send + Sync {
     fn path(&self) -> Option<&Path> {
         None
     }
+    /// Another handle on the same storage, if it can give one: for a file, the same open file
+    /// description (so the same image locks, no conflict with this handle); for memory, the same
+    /// bytes. Used to reopen an image that is still open (a repair reading back what it
+    /// rebuilt). The default gives none.
+    fn duplicate(&self) -> Option<Box<dyn Storage>> {
+        None
+    }
 }
 
-/// Creates `path` for reading and writing, or empties the file there.
+/// Creates `path` for reading and writing, or empties the file there, holding a writer's image
+/// locks: the locks are taken before anything is emptied, so a file another process has open is
+/// refused and left as it is. The locks go with the returned file.
 ///
 /// An empty file is not truncated again: on ext4 (with its default `auto_da_alloc`), truncating
 /// a file to zero makes its last close start writeback of everything written since, so a
 /// conversion into a freshly made file would wait at the end for the whole output to be
 /// submitted to the disk (half a second per GiB here), which `cache=unsafe` is meant to avoid.
-pub fn create_file(path: &Path) -> io::Result<File> {
-    let file = std::fs::OpenOptions::new()
+pub fn create_file(path: &Path) -> io::Result<lock::LockedFile> {
+    let file = lock::LockedFile::new(open_for_create(path)?, LockRequest::exclusive(true))?;
+    empty(&file)?;
+    Ok(file)
+}
+
+/// Empties `file` unless it is empty already (see [`create_file`]).
+fn empty(file: &File) -> io::Result<()> {
+    if file.metadata()?.len() > 0 {
+        file.set_len(0)?;
+    }
+    Ok(())
+}
+
+/// Opens `path` for reading and writing, creating it if needed but not truncating it yet.
+fn open_for_create(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)?;
-    if file.metadata()?.len() > 0 {
-        file.set_len(0)?;
-    }
-    Ok(file)
+        .open(path)
 }
 
 /// A host file, read and written with `pread`/`pwrite`.
@@ -78,28 +113,84 @@ pub fn create_file(path: &Path) -> io::Result<File> {
 pub struct FileStorage {
     file: File,
     path: PathBuf,
+    /// Whether changes count towards `VIMG_TEST_KILL_AFTER_WRITES` (see the module docs).
+    counted: bool,
+    /// The image locks this handle needs, released when it is dropped.
+    _locks: Option<lock::LockGuard>,
+}
+
+/// The `VIMG_TEST_KILL_AFTER_WRITES` hook (see the module documentation).
+mod kill_hook {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    static DONE: AtomicU64 = AtomicU64::new(0);
+
+    /// Whether the hook is set for this process (read from the environment once).
+    pub(super) fn armed() -> bool {
+        LIMIT
+            .get_or_init(|| {
+                std::env::var("VIMG_TEST_KILL_AFTER_WRITES")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .filter(|&n| n > 0)
+            })
+            .is_some()
+    }
+
+    /// Called before each change: kills the process when this is the N-th.
+    pub(super) fn before_change() {
+        let Some(Some(limit)) = LIMIT.get() else {
+            return;
+        };
+        if DONE.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
+            // SAFETY: kill(2) with our own pid has no memory-safety preconditions; SIGKILL
+            // ends the process here, as `kill -9` from outside would.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            // Not reached; should the signal be delayed, do not let the change happen.
+            std::process::abort();
+        }
+    }
 }
 
 impl FileStorage {
-    /// Opens `path` read-only, or read-write when `writable`.
+    /// Opens `path` read-only, or read-write when `writable`, with the image locks of a qcow2
+    /// image file ([`LockRequest::exclusive`]): fails with a lock [`lock::Conflict`] if another
+    /// process is writing the file (or, for `writable`, using it at all without `-U`).
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        Self::open_with(path, writable, LockRequest::exclusive(writable))
+    }
+
+    /// Opens `path` read-only, or read-write when `writable`, taking the image locks `locks`.
+    pub fn open_with(path: &Path, writable: bool, locks: LockRequest) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
             .open(path)?;
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-        })
+        let guard = lock::lock(&file, locks)?;
+        Ok(Self::from_file(file, path, guard))
     }
 
-    /// Creates (or truncates) `path` for writing (see [`create_file`]).
+    /// Creates `path`, or empties the file there, for writing, with the image locks of a
+    /// writer: a file another process has open is refused, and left as it is.
     pub fn create(path: &Path) -> io::Result<Self> {
-        let file = create_file(path)?;
-        Ok(FileStorage {
+        let file = open_for_create(path)?;
+        let guard = lock::lock(&file, LockRequest::exclusive(true))?;
+        let storage = Self::from_file(file, path, guard);
+        empty(&storage.file)?;
+        Ok(storage)
+    }
+
+    fn from_file(file: File, path: &Path, locks: Option<lock::LockGuard>) -> Self {
+        FileStorage {
             file,
             path: path.to_path_buf(),
-        })
+            counted: kill_hook::armed(),
+            _locks: locks,
+        }
     }
 
     /// The underlying file.
@@ -126,6 +217,7 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.before_change();
         self.file.write_all_at(buf, offset)
     }
 
@@ -134,6 +226,7 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.before_change();
         self.file.set_len(len)
     }
 
@@ -146,6 +239,7 @@ impl Storage for FileStorage {
         if len == 0 {
             return Ok(());
         }
+        self.before_change();
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         match fallocate(&self.file, punch, offset, len) {
             Ok(()) => Ok(()),
@@ -169,6 +263,7 @@ impl Storage for FileStorage {
         if len == 0 {
             return Ok(true);
         }
+        self.before_change();
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         match fallocate(&self.file, punch, offset, len) {
             Ok(()) => Ok(true),
@@ -209,19 +304,39 @@ impl Storage for FileStorage {
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
     }
+
+    fn duplicate(&self) -> Option<Box<dyn Storage>> {
+        let file = self.file.try_clone().ok()?;
+        // The locks stay with this handle: the duplicate shares them while both are open.
+        Some(Box::new(FileStorage {
+            file,
+            path: self.path.clone(),
+            counted: self.counted,
+            _locks: None,
+        }))
+    }
 }
 
-/// Storage held in memory, for tests. Reports everything as data.
+impl FileStorage {
+    fn before_change(&self) {
+        if self.counted {
+            kill_hook::before_change();
+        }
+    }
+}
+
+/// Storage held in memory, for tests and fuzzing. Reports everything as data. Its
+/// [`Storage::duplicate`] handles share the bytes.
 #[derive(Debug, Default)]
 pub struct MemStorage {
-    data: RwLock<Vec<u8>>,
+    data: Arc<RwLock<Vec<u8>>>,
 }
 
 impl MemStorage {
     /// A store holding `data`.
     pub fn new(data: Vec<u8>) -> Self {
         MemStorage {
-            data: RwLock::new(data),
+            data: Arc::new(RwLock::new(data)),
         }
     }
 
@@ -295,5 +410,11 @@ impl Storage for MemStorage {
         } else {
             Ok((true, len - offset))
         }
+    }
+
+    fn duplicate(&self) -> Option<Box<dyn Storage>> {
+        Some(Box::new(MemStorage {
+            data: self.data.clone(),
+        }))
     }
 }

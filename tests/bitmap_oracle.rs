@@ -1173,7 +1173,18 @@ fn resize_snapshot_convert_and_measure_treat_bitmaps_as_qemu_img_does() {
     let broken2 = d.join("broken2.qcow2");
     std::fs::copy(&img, &broken2).unwrap();
     {
-        let q = open_rw(&broken2);
+        // Without image locks, which a dead process would not hold either.
+        let storage =
+            vimg::storage::FileStorage::open_with(&broken2, true, vimg::lock::LockRequest::NONE)
+                .unwrap();
+        let q = Qcow2Image::open_storage(
+            Box::new(storage),
+            &broken2,
+            true,
+            true,
+            &mut ChainGuard::default(),
+        )
+        .unwrap();
         q.write_at(&[1; 512], GuestOffset(0)).unwrap();
         std::mem::forget(q); // as if the process died
     }

@@ -277,7 +277,8 @@ fn writes_during_a_backup_do_not_reach_the_archive() {
         if common::qemu_available("writes_during_a_backup_do_not_reach_the_archive") {
             common::run(
                 "qemu-img",
-                &["check", "-q", d.join("live.qcow2").to_str().unwrap()],
+                // -U: the image is still open (for writing) here, and locked.
+                &["check", "-q", "-U", d.join("live.qcow2").to_str().unwrap()],
             );
         }
     }

@@ -102,6 +102,7 @@ pub fn run(a: &BitmapArgs) -> Result<()> {
                 format,
                 writable,
                 no_backing: true,
+                ..OpenOptions::default()
             },
         )
     };

@@ -26,9 +26,10 @@
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::offsets::GuestOffset;
+use crate::open::same_file;
 use crate::open::{probe_format, resolve_relative, ChainGuard};
 use crate::ops::convert::copy::status;
-use crate::ops::convert::{same_file, Progress, CHUNK};
+use crate::ops::convert::{Progress, CHUNK};
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use std::path::Path;

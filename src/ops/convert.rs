@@ -30,7 +30,7 @@ pub use bitmaps::source_bitmaps;
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
-use crate::open::{resolve_relative, ChainGuard};
+use crate::open::{resolve_relative, same_file, ChainGuard};
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use std::path::{Path, PathBuf};
@@ -255,6 +255,14 @@ pub fn convert(
         .map(|m| !m.file_type().is_file() && !m.file_type().is_dir())
         .unwrap_or(false);
     if opts.no_create || existing_device {
+        // Written in place while being read: refused, as qemu-img refuses it (its two opens
+        // of the file conflict; vimg's locks only keep other processes out).
+        if reads(sources, dst) {
+            return Err(Error::invalid_input(
+                "the target is one of the source images (or a backing file of one)",
+            )
+            .with_path(dst));
+        }
         // The existing target may hold old data: everything is written, zeros included
         // (unless it is known to read as zeros). Its backing file is relied on only with -B,
         // as qemu-img does, and then only where the target holds nothing of its own.
@@ -303,6 +311,9 @@ pub fn convert(
         }
     }
     let keep_permissions = std::fs::metadata(&dst).ok().map(|m| m.permissions());
+    // The file being replaced is locked as qemu-img locks a target it truncates: an image in
+    // use elsewhere is refused, and stays untouched until the new one is renamed over it.
+    let _replaced = lock_replaced(&dst, sources)?;
     let tmp = TempFile::create_near(&dst)?;
     if qcow2 {
         crate::ops::create::create(&crate::ops::create::CreateArgs {
@@ -371,13 +382,36 @@ pub(crate) fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
     }
 }
 
-/// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
-pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
+/// Whether `path` is one of the files `sources` read (a layer of one of their chains).
+fn reads(sources: &[&dyn BlockImage], path: &Path) -> bool {
+    sources.iter().any(|s| {
+        let mut layer = Some(*s);
+        while let Some(l) = layer {
+            if same_file(l.filename(), path) {
+                return true;
+            }
+            layer = l.backing();
+        }
+        false
+    })
+}
+
+/// Takes a writer's image locks on the existing file `dst` that a new output replaces, unless
+/// it is one of the files `sources` read (the source's own locks already keep writers out, and
+/// the output is written beside it). Returns the open file holding the locks.
+fn lock_replaced(
+    dst: &Path,
+    sources: &[&dyn BlockImage],
+) -> Result<Option<crate::lock::LockedFile>> {
+    let is_file = std::fs::metadata(dst).is_ok_and(|m| m.is_file());
+    if !is_file || reads(sources, dst) {
+        return Ok(None);
     }
+    let file = std::fs::File::open(dst)
+        .map_err(|e| Error::io("cannot open the output file", e).with_path(dst))?;
+    crate::lock::LockedFile::new(file, crate::lock::LockRequest::exclusive(true))
+        .map(Some)
+        .map_err(|e| Error::io("cannot replace the output file", e).with_path(dst))
 }
 
 /// The depth (1 = the source's backing file) of the first layer below the source's top that
@@ -658,6 +692,8 @@ mod tests {
         );
         let converted = crate::open::open_image(&out, &Default::default()).unwrap();
         assert!(whole(converted.as_ref()) == whole(&src));
+        // Closed before it is replaced: an image open (here, in this process) is locked.
+        drop(converted);
 
         // A sparse raw source over an empty backing file: only its data block is read.
         let empty = dir.path().join("empty.qcow2");

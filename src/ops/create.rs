@@ -220,6 +220,7 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
                             format: Some(format),
                             writable: false,
                             no_backing: false,
+                            ..OpenOptions::default()
                         },
                     )
                     .map_err(|e| {

@@ -8,7 +8,7 @@
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result};
 use crate::info::LayerInfo;
-use crate::open::{open_image, probe_format, OpenOptions};
+use crate::open::{open_image, probe_format, OpenOptions, Sharing};
 use crate::ops::json::{ordered, to_qemu_json};
 use crate::ops::size::human_size;
 use serde_json::{json, Value};
@@ -22,6 +22,8 @@ pub struct InfoOptions {
     pub format: Option<ImageFormat>,
     /// Report every layer of the backing chain, top first (and require the chain to open).
     pub backing_chain: bool,
+    /// How the image's files are shared with other programs (`-U`: [`Sharing::ForceShare`]).
+    pub sharing: Sharing,
 }
 
 /// Everything reported about one layer.
@@ -48,6 +50,7 @@ pub fn collect(path: &Path, opts: &InfoOptions) -> Result<Vec<LayerReport>> {
             format: opts.format,
             writable: false,
             no_backing: !opts.backing_chain,
+            sharing: opts.sharing,
         },
     )?;
     let mut layers = Vec::new();

@@ -28,10 +28,11 @@
 use crate::block::{BlockImage, BlockStatus, ImageFormat};
 use crate::error::{Error, Result};
 use crate::offsets::GuestOffset;
+use crate::open::same_file;
 use crate::open::{open_layer, probe_format, resolve_relative, ChainGuard};
 use crate::ops::commit::CacheMode;
 use crate::ops::convert::copy::{read_clamped, Cursor};
-use crate::ops::convert::{is_zero, same_file, Progress, CHUNK};
+use crate::ops::convert::{is_zero, Progress, CHUNK};
 use crate::ops::create::KNOWN_FORMATS;
 use crate::qcow2::compress::compress_cluster;
 use crate::qcow2::Qcow2Image;

@@ -6,7 +6,7 @@
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};
 use crate::info::SnapshotInfo;
-use crate::open::{probe_format, ChainGuard};
+use crate::open::{probe_format, refuse_forced_write, ChainGuard, Sharing};
 use crate::ops::info::format_date;
 use crate::ops::size::human_size;
 use crate::qcow2::snapshot::read_table;
@@ -66,8 +66,15 @@ pub fn render_list(snaps: &[SnapshotInfo]) -> String {
 }
 
 /// Runs `op` on the image at `path` (format probed when `format` is `None`; only qcow2 has
-/// internal snapshots). Returns what to print.
-pub fn run(path: &Path, format: Option<ImageFormat>, op: &SnapshotOp) -> Result<String> {
+/// internal snapshots), sharing the image with other programs as `sharing` says (only a list
+/// may force sharing). Returns what to print.
+pub fn run(
+    path: &Path,
+    format: Option<ImageFormat>,
+    op: &SnapshotOp,
+    sharing: Sharing,
+) -> Result<String> {
+    refuse_forced_write(sharing, *op != SnapshotOp::List).map_err(|e| e.with_path(path))?;
     let format = match format {
         Some(f) => f,
         None => probe_format(path)?,
@@ -86,7 +93,7 @@ pub fn run(path: &Path, format: Option<ImageFormat>, op: &SnapshotOp) -> Result<
         .with_path(path));
     }
     if *op == SnapshotOp::List {
-        let img = Qcow2Image::open(path, false, true, &mut ChainGuard::default())?;
+        let img = Qcow2Image::open(path, false, true, &mut ChainGuard::new(sharing))?;
         let snaps = read_table(&img).map_err(|e| e.with_path(path))?;
         let infos: Vec<SnapshotInfo> = snaps.iter().map(|s| s.info()).collect();
         return Ok(render_list(&infos));

@@ -411,8 +411,9 @@ mod tests {
         assert_eq!(on_disk(&img), [false, false]);
         img.discard(GuestOffset(0), 65536).unwrap();
         assert_eq!(on_disk(&img), [true, false]);
-        std::mem::forget(img); // a crash: the flag stays
-        let img = Qcow2Image::open(&p, false, true, &mut ChainGuard::default()).unwrap();
+        std::mem::forget(img); // a crash: the flag stays (the leaked handle keeps its locks)
+        let mut shared = ChainGuard::new(crate::open::Sharing::ForceShare);
+        let img = Qcow2Image::open(&p, false, true, &mut shared).unwrap();
         assert_eq!(on_disk(&img), [true, false]);
         assert!(img.read_bitmap("on").is_err());
         assert_eq!(img.read_bitmap("off").unwrap().dirty_ranges(), vec![]);

@@ -92,15 +92,49 @@ impl Check for Qcow2Image {
     }
 }
 
+/// Whether `img`'s file has more clusters than the check handles (it then reports that it
+/// could not check, and nothing may be repaired from its findings).
+pub(crate) fn too_large_to_check(img: &Qcow2Image) -> bool {
+    img.file_len().div_ceil(img.header().cluster_size()) > MAX_CHECK_CLUSTERS
+}
+
 /// Checks `img` and also returns the number of references the check counted for each host
-/// cluster of the file (index: cluster number), for rebuilding the refcount structures
-/// ([`super::repair`]). References are counted even when the refcount table is unreadable.
-pub(crate) fn check_with_references(img: &Qcow2Image) -> (CheckReport, Vec<u32>) {
+/// cluster of the file, for rebuilding the refcount structures ([`super::repair`]).
+/// References are counted even when the refcount table is unreadable; `None` when the check
+/// could not count them at all (a file with more clusters than the check handles).
+pub(crate) fn check_with_references(img: &Qcow2Image) -> (CheckReport, Option<References>) {
     let mut c = Checker::new(img);
     c.walk(true);
-    let n = c.nb_clusters.min(MAX_CHECK_CLUSTERS);
-    let refs = (0..n).map(|i| c.counts.get(i) as u32).collect();
+    let refs = c.counted.then(|| References {
+        counts: std::mem::take(&mut c.counts),
+    });
     (c.finish(), refs)
+}
+
+/// The references a check counted, per host cluster, kept sparse (only chunks of clusters
+/// that are referenced take memory).
+pub(crate) struct References {
+    counts: Counts,
+}
+
+impl References {
+    /// Removes one reference to `cluster`, if it has any.
+    pub(crate) fn drop_one(&mut self, cluster: u64) {
+        let c = self.counts.get(cluster);
+        if c > 0 {
+            self.counts.set(cluster, (c - 1) as u32);
+        }
+    }
+
+    /// Every referenced cluster and its count, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.counts.chunks.iter().flat_map(|(&chunk, v)| {
+            v.iter()
+                .enumerate()
+                .filter(|(_, &n)| n != 0)
+                .map(move |(i, &n)| ((chunk << COUNT_CHUNK_BITS) + i as u64, u64::from(n)))
+        })
+    }
 }
 
 /// Computed refcounts, one `u32` per host cluster, allocated in chunks on first reference.
@@ -176,6 +210,8 @@ struct Checker<'a> {
     /// Largest computed refcount before an overflow is reported.
     max: u64,
     counts: Counts,
+    /// Whether the walk counted references at all.
+    counted: bool,
     report: CheckReport,
     dropped_messages: u64,
 }
@@ -192,6 +228,7 @@ impl<'a> Checker<'a> {
             nb_clusters: img.file_len().div_ceil(cs),
             max: max_refcount(h.refcount_order).min(u64::from(u32::MAX)),
             counts: Counts::default(),
+            counted: false,
             report: CheckReport::default(),
             dropped_messages: 0,
         }
@@ -270,6 +307,7 @@ impl<'a> Checker<'a> {
 
     /// Walks every structure that references host clusters and counts the references.
     fn count_references(&mut self, table: &RefcountTable) {
+        self.counted = true;
         let h = self.h;
         self.count(0, self.cs);
 
@@ -506,6 +544,18 @@ impl<'a> Checker<'a> {
         match snapshot::read_table_with_size(self.img) {
             Ok((entries, bytes)) => Some((
                 entries
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        // qcow2.rst: version 3 entries carry at least 16 bytes of extra data.
+                        if self.h.version >= 3 && s.extra.len() < 16 {
+                            self.corruption(format!(
+                                "ERROR snapshot table entry {i} is incomplete"
+                            ));
+                        }
+                        s
+                    })
+                    .collect::<Vec<_>>()
                     .into_iter()
                     .map(|s| SnapshotRef {
                         id: s.id,

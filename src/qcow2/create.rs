@@ -1162,8 +1162,9 @@ impl Out<'_> {
     }
 }
 
-/// Creates `path`, or truncates the file there, for reading and writing.
-pub(crate) fn create_file(path: &Path) -> Result<File> {
+/// Creates `path`, or truncates the file there, for reading and writing, holding a writer's
+/// image locks (a file another process has open is refused and left as it is).
+pub(crate) fn create_file(path: &Path) -> Result<crate::lock::LockedFile> {
     crate::storage::create_file(path)
         .map_err(|e| Error::io("cannot create image", e).with_path(path))
 }

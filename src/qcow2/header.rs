@@ -516,7 +516,8 @@ impl Header {
                         Error::corrupt("backing file name contains a NUL byte").at(s as u64)
                     );
                 }
-                self.backing_file = Some(name);
+                // An empty name is no backing file, as qemu reads it.
+                self.backing_file = (!name.is_empty()).then_some(name);
                 Ok(())
             }
             _ => Err(Error::corrupt("backing file name lies outside the first cluster").at(8)),
@@ -564,7 +565,14 @@ impl Header {
                     let s = String::from_utf8(data.to_vec()).map_err(|_| {
                         Error::corrupt("data file name is not UTF-8").at(off as u64)
                     })?;
-                    self.data_file = Some(s.trim_end_matches('\0').to_string());
+                    let name = s.trim_end_matches('\0');
+                    if name.contains('\0') {
+                        return Err(
+                            Error::corrupt("data file name contains a NUL byte").at(off as u64)
+                        );
+                    }
+                    // An empty name names nothing (an image needing a data file then fails).
+                    self.data_file = (!name.is_empty()).then(|| name.to_string());
                 }
                 ext::FEATURE_TABLE => {
                     for e in data.chunks_exact(48) {

@@ -2,6 +2,7 @@
 //!
 //! - [`header`]: the header and its extensions, validated on open;
 //! - [`l2`]: decoding L1/L2 entries and subcluster bitmaps;
+//! - [`layout`]: which clusters hold metadata, refusing overlaps;
 //! - [`cache`]: the bounded metadata table cache;
 //! - [`compress`]: compressed cluster descriptors, deflate and zstd;
 //! - [`refcount`]: reading refcount tables and blocks;
@@ -15,7 +16,8 @@
 //! - [`amend`]: changing format options in place ([`refcount_rewrite`], [`downgrade`]);
 //! - [`empty`]: emptying the active state (commit);
 //! - [`backing`]: changing the recorded backing file (rebase);
-//! - [`snapshot_view`]: reading an internal snapshot (convert -l).
+//! - [`snapshot_view`]: reading an internal snapshot (convert -l);
+//! - [`hostile`]: untrusted bytes through all of the above, for fuzzing.
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
 
@@ -34,7 +36,9 @@ pub mod downgrade;
 pub mod empty;
 pub mod header;
 pub mod header_write;
+pub mod hostile;
 pub mod l2;
+pub mod layout;
 pub mod refcount;
 pub mod refcount_rewrite;
 pub mod repair;
@@ -57,6 +61,9 @@ use l2::Slot;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+
+/// Refcount blocks the metadata-preallocation heuristic reads at most, in bytes.
+const PREALLOC_SCAN_BYTES: u64 = 256 << 20;
 
 /// Memory the L2 cache may use, in bytes (at least a few tables are always kept).
 const L2_CACHE_BYTES: u64 = 32 << 20;
@@ -98,7 +105,10 @@ impl Qcow2Image {
         no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Self> {
-        let storage = FileStorage::open(path, writable)
+        let locks = guard
+            .locks(ImageFormat::Qcow2, writable, guard.depth() <= 1)
+            .map_err(|e| e.with_path(path))?;
+        let storage = FileStorage::open_with(path, writable, locks)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
         Self::open_storage(Box::new(storage), path, writable, no_backing, guard)
     }
@@ -112,7 +122,22 @@ impl Qcow2Image {
         no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Self> {
-        Self::open_inner(storage, path, writable, no_backing, guard).in_file(path)
+        Self::open_inner(storage, path, writable, no_backing, guard, &DataFile::Named).in_file(path)
+    }
+
+    /// Opens a qcow2 image held in `storage` without touching any host file: no backing file
+    /// is opened, and an external data file, if the image has one, is `data_file` instead of
+    /// the file the image names. For in-memory images (the fuzz targets, tests), whose names
+    /// come from untrusted bytes.
+    pub fn open_detached(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        writable: bool,
+        data_file: Option<Box<dyn Storage>>,
+    ) -> Result<Self> {
+        let mut guard = ChainGuard::default();
+        let data = DataFile::Given(data_file);
+        Self::open_inner(storage, path, writable, true, &mut guard, &data).in_file(path)
     }
 
     fn open_inner(
@@ -121,16 +146,29 @@ impl Qcow2Image {
         writable: bool,
         no_backing: bool,
         guard: &mut ChainGuard,
+        data: &DataFile,
     ) -> Result<Self> {
         let (header, l1, file_len) = read_header_and_l1(storage.as_ref())?;
 
-        let data_file = match (&header.data_file, header.has_data_file()) {
-            (Some(name), true) => {
+        let data_file = match (&header.data_file, header.has_data_file(), data) {
+            (Some(name), true, DataFile::Named) => {
                 let p = resolve_relative(path, name)?;
-                let s = FileStorage::open(&p, writable).map_err(|e| {
-                    Error::io(format!("cannot open data file '{}'", p.display()), e)
-                })?;
+                if crate::open::same_file(&p, path) {
+                    return Err(Error::corrupt(format!(
+                        "the external data file '{name}' is the image file itself"
+                    )));
+                }
+                let s = FileStorage::open_with(&p, writable, guard.data_file_locks(writable)?)
+                    .map_err(|e| {
+                        Error::io(format!("cannot open data file '{}'", p.display()), e)
+                    })?;
                 Some((Box::new(s) as Box<dyn Storage>, p))
+            }
+            (Some(name), true, DataFile::Given(given)) => {
+                let s = given.as_ref().and_then(|s| s.duplicate()).ok_or_else(|| {
+                    Error::unsupported("image has an external data file, and none was given")
+                })?;
+                Some((s, PathBuf::from(name)))
             }
             _ => None,
         };
@@ -196,6 +234,9 @@ impl Qcow2Image {
         if self.header.is_dirty() {
             self.repair_dirty()?;
         }
+        // Damaged metadata is refused before anything is written.
+        let mut st = write::WriteState::new(self)?;
+        layout::check_metadata_refcounts(self)?;
         let h = &self.header;
         let keep = header::autoclear::DATA_FILE_RAW | header::autoclear::BITMAPS;
         if h.version >= 3 && h.autoclear_features & !keep != 0 {
@@ -206,7 +247,6 @@ impl Qcow2Image {
                 .map_err(|e| Error::io("cannot update the header", e).at(88))?;
             self.header.autoclear_features = v;
         }
-        let mut st = write::WriteState::new(self)?;
         st.lazy = self.header.version >= 3 && self.header.lazy_refcounts();
         self.start_tracking(&mut st)?;
         self.write = Some(Mutex::new(st));
@@ -373,14 +413,41 @@ impl Qcow2Image {
         let real_clusters = real >> self.header.cluster_bits;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         let table = refcount::RefcountTable::read(self)?;
-        let mut reader = refcount::RefcountReader::new(self, &table, refcount::Strictness::Lenient);
-        let file_clusters = self.file_len().div_ceil(self.header.cluster_size());
-        let mut counted = 0;
-        for cluster in 0..file_clusters {
-            if counted >= threshold {
+        let cs = self.header.cluster_size();
+        let file_clusters = self.file_len().div_ceil(cs);
+        let per_block = table.entries_per_block();
+        // Clusters without a refcount block have refcount 0: only existing blocks are read,
+        // each once however many table entries name it, and at most PREALLOC_SCAN_BYTES of
+        // them (a heuristic need not read a hostile image's whole file).
+        let mut per_offset: std::collections::HashMap<u64, u64> = Default::default();
+        let mut counted = 0u64;
+        let mut block = vec![0u8; cs as usize];
+        for idx in 0..table.len() as u64 {
+            let first = idx * per_block;
+            if first >= file_clusters || counted >= threshold {
                 break;
             }
-            counted += u64::from(reader.refcount(cluster)? > 0);
+            let Ok(Some(off)) = table.block_offset(idx, refcount::Strictness::Lenient) else {
+                continue;
+            };
+            let n = match per_offset.get(&off) {
+                Some(&n) => n,
+                None => {
+                    if per_offset.len() as u64 * cs >= PREALLOC_SCAN_BYTES {
+                        break;
+                    }
+                    refcount::read_padded(self, &mut block, off)?;
+                    let in_file = per_block.min(file_clusters - first);
+                    let n = (0..in_file)
+                        .filter(|&i| {
+                            refcount::get_refcount(&block, i, self.header.refcount_order) > 0
+                        })
+                        .count() as u64;
+                    per_offset.insert(off, n);
+                    n
+                }
+            };
+            counted += n;
         }
         Ok(counted >= threshold)
     }
@@ -583,6 +650,15 @@ impl Qcow2Image {
     }
 }
 
+/// Where an opened image's external data file comes from.
+pub enum DataFile {
+    /// The file the image names, resolved against the image's directory.
+    Named,
+    /// This storage, through a [`Storage::duplicate`] handle on it for each open (none: an image
+    /// that needs a data file fails to open). No host file is touched.
+    Given(Option<Box<dyn Storage>>),
+}
+
 /// Reads the header and the active L1 table from `storage`; also returns the file length.
 fn read_header_and_l1(storage: &dyn Storage) -> Result<(Header, Vec<u64>, u64)> {
     let file_len = storage
@@ -719,33 +795,11 @@ impl BlockImage for Qcow2Image {
     }
 }
 
-/// Opens `bytes` as an in-memory qcow2 image without backing files and exercises every read-only
-/// path on it: block status over (up to 64 MiB of) the disk, reads of what it reports, info and
-/// check. Errors are expected on hostile input; this returns normally unless the code panics.
-/// Used by the fuzz targets and the hostile-input tests, so both exercise the same paths.
+/// Opens `bytes` as an in-memory qcow2 image and exercises every read-only path on it (see
+/// [`hostile::open_and_read`]). Errors are expected on hostile input; this returns normally
+/// unless the code panics.
 pub fn exercise(bytes: &[u8]) {
-    let storage = Box::new(crate::storage::MemStorage::new(bytes.to_vec()));
-    let mut guard = ChainGuard::default();
-    let Ok(img) =
-        Qcow2Image::open_storage(storage, Path::new("fuzz.qcow2"), false, true, &mut guard)
-    else {
-        return;
-    };
-    let _ = img.layer_info();
-    let _ = crate::check::Check::check(&img);
-    let size = img.virtual_size().min(64 << 20);
-    let mut off = 0;
-    let mut buf = vec![0u8; 1 << 16];
-    while off < size {
-        let Ok(s) = img.block_status(GuestOffset(off), size - off) else {
-            return;
-        };
-        let n = s.len.min(buf.len() as u64) as usize;
-        if img.read_at(&mut buf[..n], GuestOffset(off)).is_err() {
-            return;
-        }
-        off += s.len;
-    }
+    hostile::open_and_read(bytes);
 }
 
 impl Drop for Qcow2Image {

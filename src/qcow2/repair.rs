@@ -31,11 +31,12 @@
 //! The report is that of the check after the repair, with `corruptions_fixed` and `leaks_fixed`
 //! counting what was repaired: one per refcount set and one per COPIED flag changed.
 
+use super::check::References;
 use super::header::incompat;
 use super::l2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use super::refcount::{RefcountTable, Strictness};
 use super::write::WriteState;
-use super::Qcow2Image;
+use super::{DataFile, Qcow2Image};
 use crate::check::{Check, CheckReport};
 use crate::error::{Error, Result, ResultExt};
 use crate::open::ChainGuard;
@@ -66,18 +67,33 @@ impl Qcow2Image {
     /// reads it, so that the repair can rebuild it: such an image is opened through a view of
     /// the file that pretends it is long enough (writes still go to the file).
     pub fn open_for_repair(path: &Path) -> Result<Self> {
+        let storage = FileStorage::open(path, true)
+            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        Self::open_storage_for_repair(Box::new(storage), path, &DataFile::Named)
+    }
+
+    /// [`Qcow2Image::open_for_repair`] on an image held in `storage` (`path` names it in
+    /// messages and, with [`DataFile::Named`], anchors the data file's name). In-memory images
+    /// are repaired this way by the fuzz targets, with [`DataFile::Given`] so that no host file
+    /// is opened.
+    pub fn open_storage_for_repair(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        data: &DataFile,
+    ) -> Result<Self> {
         let open = |storage: Box<dyn Storage>| {
-            Self::open_inner(storage, path, false, true, &mut ChainGuard::default()).in_file(path)
+            Self::open_inner(storage, path, false, true, &mut ChainGuard::default(), data)
+                .in_file(path)
         };
-        let file = || {
-            FileStorage::open(path, true)
-                .map_err(|e| Error::io("cannot open image", e).with_path(path))
-        };
-        let mut img = match open(Box::new(file()?)) {
+        // A second handle, in case the first open fails and a padded view is needed.
+        let spare = storage.duplicate();
+        let mut img = match open(storage) {
             Ok(img) => img,
             Err(e) => {
-                let storage = file()?;
-                match reftable_end_past_eof(&storage) {
+                let Some(storage) = spare else {
+                    return Err(e);
+                };
+                match reftable_end_past_eof(storage.as_ref()) {
                     Some(end) => open(Box::new(PaddedStorage {
                         inner: storage,
                         min_len: end,
@@ -92,11 +108,30 @@ impl Qcow2Image {
         img.write = WriteState::new(&img).ok().map(Mutex::new);
         Ok(img)
     }
+
+    /// Opens the image again for repair through another handle on its storage (the same open
+    /// file, so its image locks do not get in the way).
+    fn reopen_for_repair(&self) -> Result<Self> {
+        let storage = self.storage.duplicate().ok_or_else(|| {
+            Error::unsupported("the image's storage cannot be reopened").with_path(&self.path)
+        })?;
+        let data = match &self.data_file {
+            Some((d, _)) => DataFile::Given(d.duplicate()),
+            None => DataFile::Named,
+        };
+        Self::open_storage_for_repair(storage, &self.path, &data)
+    }
 }
 
+/// How far past the end of the file a refcount table may start and still be read as zeros
+/// for a repair: further out, the offset is taken for garbage (a rebuild would otherwise place
+/// the new structures that far out, growing the file to match).
+const MAX_REFTABLE_GAP: u64 = 64 << 20;
+
 /// The end of the refcount table named by the header of `storage`, when it lies past the
-/// end of the file but is otherwise plausible (aligned, at most 8 MiB).
-fn reftable_end_past_eof(storage: &FileStorage) -> Option<u64> {
+/// end of the file but is otherwise plausible (aligned, at most 8 MiB, starting at most
+/// [`MAX_REFTABLE_GAP`] past the end).
+fn reftable_end_past_eof(storage: &dyn Storage) -> Option<u64> {
     let mut h = [0u8; 60];
     storage.read_at(&mut h, 0).ok()?;
     let bits = BigEndian::read_u32(&h[20..24]);
@@ -110,14 +145,15 @@ fn reftable_end_past_eof(storage: &FileStorage) -> Option<u64> {
     (off.is_multiple_of(1 << bits)
         && bytes > 0
         && bytes <= super::header::MAX_REFTABLE_BYTES
-        && end > len)
-        .then_some(end)
+        && end > len
+        && off <= len.saturating_add(MAX_REFTABLE_GAP))
+    .then_some(end)
 }
 
 /// A file that reads as at least `min_len` bytes long (zeros past its real end); everything
 /// else goes to the file.
 struct PaddedStorage {
-    inner: FileStorage,
+    inner: Box<dyn Storage>,
     min_len: u64,
 }
 
@@ -130,6 +166,9 @@ impl Storage for PaddedStorage {
     }
     fn len(&self) -> std::io::Result<u64> {
         Ok(self.inner.len()?.max(self.min_len))
+    }
+    fn stored_len(&self) -> std::io::Result<u64> {
+        self.inner.len()
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.inner.set_len(len)
@@ -145,6 +184,10 @@ impl Storage for PaddedStorage {
     }
     fn path(&self) -> Option<&Path> {
         self.inner.path()
+    }
+    fn duplicate(&self) -> Option<Box<dyn Storage>> {
+        // The reopened image decides again whether it needs the padding.
+        self.inner.duplicate()
     }
 }
 
@@ -186,11 +229,50 @@ fn parse_mismatch(line: &str) -> Option<Mismatch> {
 /// found minus those left at the end, and the report's messages are the first check's,
 /// followed by `Rebuilding refcount structure`.
 pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
+    // Damage outside the refcount structures (overlapping tables, an unreadable snapshot
+    // table) is beyond what a refcount repair or rebuild can fix: refuse before changing
+    // anything.
+    super::layout::MetadataMap::build(img, None)
+        .map_err(|e| Error::new(e.kind(), format!("cannot repair this image: {}", e.what())))
+        .map(drop)
+        .in_file(&img.path)?;
+    if super::check::too_large_to_check(img) {
+        return Err(Error::unsupported(
+            "cannot repair this image: its file has more clusters than the check handles",
+        )
+        .with_path(&img.path));
+    }
     if mode == RepairMode::All {
+        // Incomplete snapshot table entries first, as qemu does: the table is rewritten, then
+        // the refcounts are repaired on the image as it is now.
+        let mut fresh = img.reopen_for_repair()?;
+        let completed = fresh.complete_snapshot_entries().in_file(&img.path)?;
+        if !completed.is_empty() {
+            drop(fresh);
+            let fresh = img.reopen_for_repair()?;
+            let mut report = repair(&fresh, mode)?;
+            report.corruptions_fixed += completed.len() as u64;
+            let mut messages: Vec<String> = completed
+                .iter()
+                .map(|i| format!("Repairing snapshot table entry {i} is incomplete"))
+                .collect();
+            messages.append(&mut report.messages);
+            report.messages = messages;
+            return Ok(report);
+        }
+        drop(fresh);
         let (before, refs) = super::check::check_with_references(img);
         if img.write.is_none() || needs_rebuild(&before) {
-            rebuild_refcounts(img, &refs)?;
-            let fresh = Qcow2Image::open_for_repair(&img.path)?;
+            let Some(refs) = refs else {
+                // Rebuilding from references nobody counted would free everything.
+                return Err(Error::corrupt(format!(
+                    "cannot rebuild the refcounts: the check could not count the references ({})",
+                    before.messages.first().map_or("", |m| m.as_str())
+                ))
+                .with_path(&img.path));
+            };
+            rebuild_refcounts(img, refs)?;
+            let fresh = img.reopen_for_repair()?;
             if fresh.write.is_none() {
                 return Err(Error::corrupt("the rebuilt refcount table cannot be read")
                     .with_path(&img.path));
@@ -247,17 +329,13 @@ pub fn needs_rebuild(report: &CheckReport) -> bool {
 /// image references), and the new structures are written and synced before the header's
 /// refcount table offset and size change in one 12-byte write, which is synced too. A crash
 /// before that leaves the old (damaged) structures in charge, and the new clusters unused.
-pub fn rebuild_refcounts(img: &Qcow2Image, refs: &[u32]) -> Result<()> {
+pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<()> {
     let h = &img.header;
     let cs = h.cluster_size();
     let cb = h.cluster_bits;
-    let mut counts: Vec<u64> = refs.iter().map(|&r| u64::from(r)).collect();
+    let mut counts = refs;
     // Drop the old refcount structures' own references, as the check counted them.
-    let drop_ref = |counts: &mut Vec<u64>, cluster: u64| {
-        if let Some(c) = counts.get_mut(cluster as usize) {
-            *c = c.saturating_sub(1);
-        }
-    };
+    let drop_ref = |counts: &mut References, cluster: u64| counts.drop_one(cluster);
     let old_table_bytes = u64::from(h.refcount_table_clusters) * cs;
     let file_len = img.file_len();
     let table_ok = h.refcount_table_offset.is_multiple_of(cs)
@@ -283,10 +361,9 @@ pub fn rebuild_refcounts(img: &Qcow2Image, refs: &[u32]) -> Result<()> {
         }
     }
     let max = super::refcount::max_refcount(h.refcount_order);
-    if let Some(i) = counts.iter().position(|&c| c > max) {
+    if let Some((i, n)) = counts.iter().filter(|&(_, n)| n > max).min() {
         return Err(Error::unsupported(format!(
-            "cluster {i} has {} references, more than {}-bit refcounts can hold",
-            counts[i],
+            "cluster {i} has {n} references, more than {}-bit refcounts can hold",
             h.refcount_bits()
         ))
         .with_path(&img.path));
@@ -296,11 +373,8 @@ pub fn rebuild_refcounts(img: &Qcow2Image, refs: &[u32]) -> Result<()> {
     // that they cover themselves.
     let per_block = 1u64 << (cb + 3 - h.refcount_order.min(6));
     // The real end of the file (the image may see a padded view of it) and everything in use.
-    let real_len = std::fs::metadata(&img.path).map_or(file_len, |m| m.len());
-    let in_use = counts
-        .iter()
-        .rposition(|&c| c != 0)
-        .map_or(0, |i| i as u64 + 1);
+    let real_len = img.storage.stored_len().unwrap_or(file_len);
+    let in_use = counts.iter().map(|(c, _)| c + 1).max().unwrap_or(0);
     let start = in_use.max(real_len.div_ceil(cs));
     let (mut n_blocks, mut n_table) = (0u64, 0u64);
     loop {
@@ -319,21 +393,20 @@ pub fn rebuild_refcounts(img: &Qcow2Image, refs: &[u32]) -> Result<()> {
         .with_path(&img.path));
     }
     let end = start + n_blocks + n_table;
-    counts.resize(end as usize, 0);
-    for c in start..end {
-        counts[c as usize] = 1;
-    }
+    // Every referenced cluster in order, then the new structures themselves (refcount 1).
+    let mut refcounts: Vec<(u64, u64)> = counts.iter().collect();
+    refcounts.sort_unstable();
+    refcounts.extend((start..end).map(|c| (c, 1)));
+    let mut next = refcounts.iter().peekable();
     // Refcount blocks, then the table.
     let mut table = vec![0u8; (n_table * cs) as usize];
     let mut block = vec![0u8; cs as usize];
     for b in 0..n_blocks {
         block.fill(0);
         let first = b * per_block;
-        for i in 0..per_block {
-            let v = counts.get((first + i) as usize).copied().unwrap_or(0);
-            if v != 0 {
-                super::refcount::set_refcount(&mut block, i, h.refcount_order, v);
-            }
+        while let Some(&&(c, v)) = next.peek().filter(|(c, _)| *c < first + per_block) {
+            super::refcount::set_refcount(&mut block, c - first, h.refcount_order, v);
+            next.next();
         }
         let off = (start + b) * cs;
         img.storage

@@ -54,7 +54,7 @@ impl Qcow2Image {
     }
 
     /// The L1 table of snapshot `s`, read after checking its bounds.
-    pub(super) fn snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>> {
+    pub(crate) fn snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>> {
         s.validate_l1(self)?;
         let mut raw = vec![0u8; s.l1_size as usize * 8];
         self.storage
@@ -65,7 +65,7 @@ impl Qcow2Image {
 
     /// Every host cluster the tree of `l1` references, once per reference: its L2 tables and
     /// what their entries point at (every host cluster a compressed cluster touches).
-    fn tree_clusters(&self, l1: &[u64]) -> Result<Vec<u64>> {
+    pub(crate) fn tree_clusters(&self, l1: &[u64]) -> Result<Vec<u64>> {
         let cs = self.header.cluster_size();
         let bits = self.header.cluster_bits;
         let words = if self.header.extended_l2() { 2 } else { 1 };
@@ -475,6 +475,34 @@ fn not_found_delete(name: &str) -> Error {
         crate::error::ErrorKind::InvalidInput,
         format!("Could not delete snapshot '{name}': snapshot not found"),
     )
+}
+
+impl Qcow2Image {
+    /// Completes the extra data of version 3 snapshot table entries that have less than the
+    /// 16 bytes qcow2.rst requires (the 64-bit VM state size and the disk size; qemu's check
+    /// calls such entries incomplete): each gets the 24 bytes qemu writes, with the disk size
+    /// of the image and no instruction count, and the table is rewritten. For `check -r all`,
+    /// on an image opened with [`Qcow2Image::open_for_repair`]. Returns the indexes of the
+    /// entries completed.
+    pub fn complete_snapshot_entries(&mut self) -> Result<Vec<u32>> {
+        let mut snaps = super::snapshot::read_table(self)?;
+        let incomplete = |s: &Snapshot| s.extra.len() < 16;
+        if self.header.version < 3 || !snaps.iter().any(incomplete) {
+            return Ok(Vec::new());
+        }
+        let mut fixed = Vec::new();
+        for (i, s) in snaps.iter_mut().enumerate().filter(|(_, s)| incomplete(s)) {
+            let mut extra = vec![0u8; 24];
+            BigEndian::write_u64(&mut extra[0..8], s.vm_state_size);
+            BigEndian::write_u64(&mut extra[8..16], self.header.size);
+            BigEndian::write_u64(&mut extra[16..24], u64::MAX);
+            s.extra = extra;
+            fixed.push(i as u32);
+        }
+        let entries: Vec<Vec<u8>> = snaps.iter().map(encode_entry).collect();
+        self.with_write_state(|img, st| img.replace_snapshot_table(st, &entries))?;
+        Ok(fixed)
+    }
 }
 
 /// The bytes of snapshot table entry `s` (qcow2.rst "Snapshots"), padded to a multiple of 8.

@@ -114,42 +114,9 @@ impl WriteState {
     pub(crate) fn new(img: &Qcow2Image) -> Result<Self> {
         let h = img.header();
         let table = refcount::RefcountTable::read(img)?;
-        let cs = h.cluster_size();
-        let mut metadata = HashSet::new();
-        let mut add = |off: u64, bytes: u64| {
-            for c in (off / cs)..(off + bytes).div_ceil(cs) {
-                metadata.insert(c);
-            }
-        };
-        add(0, cs);
-        add(h.l1_table_offset, u64::from(h.l1_size) * 8);
-        add(
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters) * cs,
-        );
-        for &e in table.entries() {
-            if e & REFT_OFFSET_MASK != 0 {
-                add(e & REFT_OFFSET_MASK, cs);
-            }
-        }
-        for &e in img.l1().iter() {
-            if e & L1E_OFFSET_MASK != 0 {
-                add(e & L1E_OFFSET_MASK, cs);
-            }
-        }
-        if h.nb_snapshots > 0 {
-            let (snaps, bytes) = super::snapshot::read_table_with_size(img)?;
-            add(h.snapshots_offset, bytes);
-            for s in snaps {
-                add(s.l1_table_offset, u64::from(s.l1_size) * 8);
-            }
-        }
-        if let Some(b) = img.bitmaps_ext() {
-            add(b.directory_offset, b.directory_size);
-        }
-        if let Some((off, len)) = h.crypto_header {
-            add(off, len);
-        }
+        // Every metadata cluster, refusing images whose structures overlap (see
+        // [`super::layout`]).
+        let metadata = super::layout::MetadataMap::build(img, Some(table.entries()))?.clusters();
         Ok(WriteState {
             reftable: table.entries().to_vec(),
             reftable_offset: h.refcount_table_offset,
@@ -417,12 +384,22 @@ impl Qcow2Image {
     }
 
     /// Refuses a data write to host offset `host` that would overwrite metadata, marking the
-    /// image corrupt as qemu does.
+    /// image corrupt as qemu does; also one into a cluster that starts past the end of the file
+    /// (an L2 entry pointing there is corrupt, and writing would grow the file to it), which
+    /// marks the image corrupt too.
     fn guard_data_write(&self, st: &WriteState, host: u64, len: u64) -> Result<()> {
         if self.data_file.is_some() {
             return Ok(());
         }
         let cs = self.header.cluster_size();
+        if host / cs >= self.file_len().div_ceil(cs) {
+            let _ = self.set_incompat_bit(incompat::CORRUPT);
+            return Err(Error::corrupt(format!(
+                "refusing a data write at {host:#x}: the data cluster lies beyond the end of the file ({} bytes; the image is now marked corrupt)",
+                self.file_len()
+            ))
+            .at(host));
+        }
         if (host / cs..(host + len).div_ceil(cs)).any(|c| st.metadata.contains(&c)) {
             let _ = self.set_incompat_bit(incompat::CORRUPT);
             return Err(Error::corrupt(format!(
@@ -1090,9 +1067,10 @@ impl Qcow2Image {
             for c in std::mem::take(&mut st.pending_free) {
                 let r = self.refcount_of(st, c)?;
                 if r == 0 {
-                    return Err(Error::corrupt(format!(
-                        "releasing cluster {c}, whose refcount is already 0"
-                    )));
+                    // The reference just dropped was itself the corruption (a cluster in use
+                    // with refcount 0, or outside the file): nothing is left to free. qemu
+                    // treats this as a non-fatal corruption too.
+                    continue;
                 }
                 self.set_refcount_of(st, c, r - 1)?;
                 if r == 1 {

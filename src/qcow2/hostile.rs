@@ -1,0 +1,120 @@
+//! Entry points that run untrusted bytes through the qcow2 code, for the fuzz targets
+//! (fuzz/fuzz_targets/) and the hostile-input tests (tests/hostile.rs), so that both exercise
+//! exactly the same paths.
+//!
+//! Every function takes the bytes of a would-be image file, works on an in-memory copy
+//! ([`MemStorage`]) and touches no host file: backing files are not opened and an external data
+//! file is an in-memory copy of the same bytes. Errors are the expected outcome for damaged
+//! images; these functions return normally unless the code panics, and they must finish quickly
+//! and within bounded memory whatever the bytes say.
+//!
+//! | function | fuzz target | what it runs |
+//! |---|---|---|
+//! | [`parse_header`] | `qcow2_header` | [`Header::parse`]: the header and every extension |
+//! | [`open_and_read`] | `qcow2_open_read` | open, info (snapshot table, bitmap directory), every snapshot's L1 and L2 tables, block status and reads over the disk |
+//! | [`check`] | `qcow2_check` | open and the read-only consistency check |
+//! | [`repair`] | `qcow2_repair` | `check -r leaks` or `-r all` on the copy, then a check and reads of the result |
+
+use super::header::Header;
+use super::{bitmaps, snapshot, Qcow2Image};
+use crate::block::BlockImage;
+use crate::check::Check;
+use crate::offsets::GuestOffset;
+use crate::storage::MemStorage;
+use std::path::Path;
+
+/// Guest bytes read at most by [`open_and_read`] (block status walks this far).
+const READ_LIMIT: u64 = 64 << 20;
+/// Snapshot trees walked at most by [`open_and_read`].
+const TABLE_LIMIT: usize = 64;
+
+fn name() -> &'static Path {
+    Path::new("fuzz.qcow2")
+}
+
+/// Opens `bytes` read-only as a detached image (see the module documentation).
+fn open(bytes: &[u8]) -> Option<Qcow2Image> {
+    let storage = Box::new(MemStorage::new(bytes.to_vec()));
+    let data = Box::new(MemStorage::new(bytes.to_vec()));
+    Qcow2Image::open_detached(storage, name(), false, Some(data)).ok()
+}
+
+/// Parses `bytes` as the start of a qcow2 file, once as the whole file and once as the start
+/// of a much longer one (so that the checks against the file length pass and the rest of the
+/// validation runs).
+pub fn parse_header(bytes: &[u8]) {
+    let _ = Header::parse(bytes, bytes.len() as u64);
+    let _ = Header::parse(bytes, 1 << 40);
+}
+
+/// Opens `bytes` and walks every read-only path: info, the tree of each snapshot (its L1 table
+/// and what it references, as snapshot create and delete walk it), block status over (up to
+/// 64 MiB of) the disk and reads of what it reports.
+pub fn open_and_read(bytes: &[u8]) {
+    let Some(img) = open(bytes) else {
+        return;
+    };
+    let _ = img.layer_info();
+    if let Ok(snaps) = snapshot::read_table(&img) {
+        // What snapshot create, apply and delete walk.
+        for s in snaps.iter().take(TABLE_LIMIT) {
+            if let Ok(l1) = img.snapshot_l1(s) {
+                let _ = img.tree_clusters(&l1);
+            }
+        }
+    }
+    let _ = bitmaps::read_directory(&img);
+    read_all(&img);
+}
+
+/// Block status over the disk and reads of every range it reports.
+fn read_all(img: &Qcow2Image) {
+    let size = img.virtual_size().min(READ_LIMIT);
+    let mut off = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    while off < size {
+        let Ok(s) = img.block_status(GuestOffset(off), size - off) else {
+            return;
+        };
+        let n = s.len.min(buf.len() as u64) as usize;
+        if n == 0 || img.read_at(&mut buf[..n], GuestOffset(off)).is_err() {
+            return;
+        }
+        off += s.len;
+    }
+}
+
+/// Opens `bytes` and runs the read-only consistency check.
+pub fn check(bytes: &[u8]) {
+    if let Some(img) = open(bytes) {
+        let _ = img.check();
+    }
+}
+
+/// Repairs an in-memory copy of `bytes` as `check -r` does (`-r all` unless the first byte
+/// after the magic is odd, then `-r leaks`), then checks the result and reads it back.
+pub fn repair(bytes: &[u8]) {
+    use super::repair::{repair, RepairMode};
+    let mode = match bytes.get(4) {
+        Some(b) if b & 1 == 1 => RepairMode::Leaks,
+        _ => RepairMode::All,
+    };
+    let storage = MemStorage::new(bytes.to_vec());
+    let Some(handle) = crate::storage::Storage::duplicate(&storage) else {
+        return;
+    };
+    let data = super::DataFile::Given(Some(Box::new(MemStorage::new(bytes.to_vec()))));
+    let Ok(img) = Qcow2Image::open_storage_for_repair(Box::new(storage), name(), &data) else {
+        return;
+    };
+    if repair(&img, mode).is_err() {
+        return;
+    }
+    drop(img);
+    // What the repair left, opened as any read-only command would open it.
+    let Ok(again) = Qcow2Image::open_detached(handle, name(), false, None) else {
+        return;
+    };
+    let _ = again.check();
+    read_all(&again);
+}
