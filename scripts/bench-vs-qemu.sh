@@ -2,12 +2,12 @@
 # Times vimg against qemu-img on the same images in one run, and prints ratios.
 # Usage: scripts/bench-vs-qemu.sh [WORKDIR]   (default /tmp/vimg-bench; needs ~8 GiB free)
 # The source image is built by ../shared/bench/make-image.sh (a 2 GiB ext4 disk image) when
-# WORKDIR/test.raw does not exist yet. Each command runs REPS times (default 3); the best wall
+# WORKDIR/test.raw does not exist yet. Each command runs REPS times (default 6); the best wall
 # time and the peak RSS (from /usr/bin/time) are reported.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 W=${1:-/tmp/vimg-bench}
-REPS=${REPS:-3}
+REPS=${REPS:-6}
 mkdir -p "$W"
 [ -f "$W/test.raw" ] || bash "$here/../shared/bench/make-image.sh" "$W"
 cargo build --release --quiet --manifest-path "$here/Cargo.toml"
@@ -20,6 +20,7 @@ VIMG=$here/target/release/vimg
 once() {
   rm -f "${@: -1}"
   sync
+  sleep 1
   /usr/bin/time -f '%e %M' -o "$W/time.txt" "$@" >/dev/null
   cat "$W/time.txt"
 }
@@ -28,15 +29,21 @@ once() {
 best() { printf '%s\n' "$@" | sort -g | head -1; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
-# One case: the same convert arguments for both tools, run alternately REPS times each (so
-# that the machine's state, page cache and host memory, drifts the same way for both); the
-# outputs must be equivalent.
+# One case: the same convert arguments for both tools, REPS times each, alternating and in
+# both orders (qemu-img first in odd rounds, vimg first in even ones), so that the machine's
+# drifting state (page cache, host memory, the previous run's writeback) falls on both alike;
+# the outputs must be equivalent.
 case_() {
   local label=$1 out=$2; shift 2
-  local qts=() vts=() qr=0 vr=0 t r
-  for _ in $(seq "$REPS"); do
-    read -r t r < <(once qemu-img convert "$@" "$W/$out"); qts+=("$t"); [ "$r" -gt "$qr" ] && qr=$r
-    read -r t r < <(once "$VIMG" convert "$@" "$W/vimg-$out"); vts+=("$t"); [ "$r" -gt "$vr" ] && vr=$r
+  local qts=() vts=() qr=0 vr=0 t r i
+  for i in $(seq "$REPS"); do
+    if ((i % 2)); then
+      read -r t r < <(once qemu-img convert "$@" "$W/$out"); qts+=("$t"); [ "$r" -gt "$qr" ] && qr=$r
+      read -r t r < <(once "$VIMG" convert "$@" "$W/vimg-$out"); vts+=("$t"); [ "$r" -gt "$vr" ] && vr=$r
+    else
+      read -r t r < <(once "$VIMG" convert "$@" "$W/vimg-$out"); vts+=("$t"); [ "$r" -gt "$vr" ] && vr=$r
+      read -r t r < <(once qemu-img convert "$@" "$W/$out"); qts+=("$t"); [ "$r" -gt "$qr" ] && qr=$r
+    fi
   done
   local vsize; vsize=$(du -k "$W/vimg-$out" | cut -f1)
   if [[ $out == *.qcow2 ]]; then
@@ -60,4 +67,4 @@ case_ "test.raw -> qcow2" out.qcow2 -O qcow2 "$W/test.raw"
 case_ "test.qcow2 -> qcow2" out.qcow2 -O qcow2 "$W/test.qcow2"
 case_ "test.raw -> qcow2 -c zlib" out.qcow2 -c -O qcow2 "$W/test.raw"
 case_ "test.raw -> qcow2 -c zstd" out.qcow2 -c -O qcow2 -o compression_type=zstd "$W/test.raw"
-echo "(ratio = qemu-img time / vimg time, best and median of $REPS runs each, the tools alternating; RSS: peak KiB; out: output KiB on disk)"
+echo "(ratio = qemu-img time / vimg time, best and median of $REPS runs each, the tools alternating in both orders; RSS: peak KiB; out: output KiB on disk)"
