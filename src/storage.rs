@@ -203,13 +203,15 @@ impl FileStorage {
     }
 }
 
-/// The largest piece one `pwrite` hands the kernel. Buffered writes of 2 MiB at 2 MiB-aligned
-/// offsets make recent kernels (ext4 with large folios) allocate PMD-sized page-cache folios,
-/// which on virtual machines whose memory the host backs lazily cost several times more than the
-/// copy itself: measured here, 1.2 GiB written in 2 MiB aligned pieces took 4.1 s, in 1 MiB
-/// pieces 0.4 s (scripts/bench-vs-qemu.sh shows the effect on `convert`). A syscall per MiB costs
-/// nothing measurable.
-const WRITE_PIECE: usize = 1 << 20;
+/// The largest piece one `pwrite` hands the kernel. A buffered write of N bytes at an N-aligned
+/// offset lets recent kernels (ext4 with large folios, Linux 6.x) put it in one page-cache folio
+/// of that size, and folios of 1 MiB and more come from the high-order free blocks that a
+/// virtual machine's free page reporting has handed back to its host: each of their pages then
+/// faults in on the host on first touch. On this project's machines, writing 1.2 GiB after the
+/// freed memory had been reported took 6.1-6.6 s in aligned 1 MiB pieces and 4.1 s in 2 MiB
+/// ones, against 0.24 s in 256 or 512 KiB pieces (qemu-img's writes, 4 KiB off 2 MiB alignment,
+/// escape it by accident). A syscall per 256 KiB costs nothing measurable elsewhere.
+const WRITE_PIECE: usize = 256 << 10;
 
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
