@@ -2,12 +2,12 @@
 # Times vimg against qemu-img on the same images in one run, and prints ratios.
 # Usage: scripts/bench-vs-qemu.sh [WORKDIR]   (default /tmp/vimg-bench; needs ~8 GiB free)
 # The source image is built by ../shared/bench/make-image.sh (a 2 GiB ext4 disk image) when
-# WORKDIR/test.raw does not exist yet. Each command runs REPS times (default 6); the best wall
+# WORKDIR/test.raw does not exist yet. Each command runs REPS times (default 10); the best wall
 # time and the peak RSS (from /usr/bin/time) are reported.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 W=${1:-/tmp/vimg-bench}
-REPS=${REPS:-6}
+REPS=${REPS:-10}
 mkdir -p "$W"
 [ -f "$W/test.raw" ] || bash "$here/../shared/bench/make-image.sh" "$W"
 cargo build --release --quiet --manifest-path "$here/Cargo.toml"
@@ -52,6 +52,7 @@ case_() {
   local qsize; qsize=$(du -k "$W/$out" | cut -f1)
   qemu-img compare -q "$W/$out" "$W/vimg-$out" || { echo "OUTPUT DIFFERS for $label" >&2; exit 1; }
   rm -f "$W/vimg-$out" "$W/$out"
+  echo "  $label: qemu-img runs ${qts[*]}; vimg runs ${vts[*]}" >>"$W/runs.txt"
   local qb vb qm vm
   qb=$(best "${qts[@]}"); vb=$(best "${vts[@]}"); qm=$(median "${qts[@]}"); vm=$(median "${vts[@]}")
   printf '%-28s %7ss %7ss %6s %7ss %7ss %6s %9s %9s %9s %9s\n' "$label" "$qb" "$vb" \
@@ -59,6 +60,7 @@ case_() {
     "$(awk "BEGIN{printf \"%.2fx\", $qm / ($vm > 0 ? $vm : 0.001)}")" "$qr" "$vr" "$qsize" "$vsize"
 }
 
+: >"$W/runs.txt"
 printf '%-28s %8s %8s %6s %8s %8s %6s %9s %9s %9s %9s\n' case qemu-best vimg-best ratio qemu-med vimg-med ratio qemu-RSS vimg-RSS qemu-out vimg-out
 for src in test.raw test.qcow2 test-z.qcow2 test-zstd.qcow2; do
   case_ "$src -> raw" out.raw -O raw "$W/$src"
@@ -68,3 +70,5 @@ case_ "test.qcow2 -> qcow2" out.qcow2 -O qcow2 "$W/test.qcow2"
 case_ "test.raw -> qcow2 -c zlib" out.qcow2 -c -O qcow2 "$W/test.raw"
 case_ "test.raw -> qcow2 -c zstd" out.qcow2 -c -O qcow2 -o compression_type=zstd "$W/test.raw"
 echo "(ratio = qemu-img time / vimg time, best and median of $REPS runs each, the tools alternating in both orders; RSS: peak KiB; out: output KiB on disk)"
+echo "each tool's runs, in the order run (odd rounds qemu-img first):"
+cat "$W/runs.txt"

@@ -184,6 +184,15 @@ pub trait BlockImage: Send + Sync {
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
 
+    /// Ends a session of writes: as [`BlockImage::flush`], and leaves the image clean where the
+    /// format keeps state for later (a qcow2 image with lazy refcounts writes every refcount
+    /// and clears its dirty bit). Dropping an image does the same but cannot report an error,
+    /// so a command that wrote calls this last. The image stays usable; further writes start a
+    /// new session.
+    fn finish(&self) -> Result<()> {
+        self.flush()
+    }
+
     /// The status of the guest range starting at `offset`, at most `max_len` bytes long
     /// (`max_len >= 1`, and the range must lie inside the virtual disk). The answer may cover
     /// less than asked; callers loop.

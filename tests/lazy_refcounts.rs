@@ -7,11 +7,13 @@
 
 mod common;
 
+use common::crashing::{Crashing, Mode};
 use common::{qemu_available, qemu_contents, qemu_create, qemu_io, run};
 use std::path::Path;
 use std::process::Command;
 use vimg::open::ChainGuard;
 use vimg::qcow2::Qcow2Image;
+use vimg::storage::FileStorage;
 use vimg::{BlockImage, GuestOffset};
 
 /// Incompatible feature bits of the header on disk (bytes 72..80).
@@ -88,6 +90,56 @@ fn a_clean_close_writes_refcounts_and_clears_the_dirty_bit() {
         assert_eq!(code, 0, "{opts}: {out}");
         assert!(qemu_contents(&p, dir.path()) == model, "{opts}: contents");
     }
+}
+
+/// Opens `p` for writing through a storage that fails every write after the first `limit`,
+/// writes the scribble and flushes, then ends the session through `dyn BlockImage::finish`:
+/// returns how many writes were made before the finish, and what the finish returned.
+fn finish_through(p: &Path, limit: u64) -> (u64, vimg::Result<()>) {
+    let storage = Crashing::new(FileStorage::open(p, true).unwrap(), limit, Mode::Fail);
+    let writes = storage.writes.clone();
+    let img = Qcow2Image::open_storage(
+        Box::new(storage),
+        p,
+        true,
+        false,
+        &mut ChainGuard::default(),
+    )
+    .unwrap();
+    let mut model = vec![0u8; img.virtual_size() as usize];
+    scribble(&img, &mut model);
+    img.flush().unwrap();
+    let before = writes.load(std::sync::atomic::Ordering::SeqCst);
+    let image: &dyn BlockImage = &img;
+    (before, image.finish())
+}
+
+#[test]
+fn finish_through_the_trait_writes_refcounts_and_reports_a_failure() {
+    if !qemu_available("lazy_refcounts") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = base_image(dir.path(), "lazy_refcounts=on");
+    let pristine = dir.path().join("pristine.qcow2");
+    std::fs::copy(&p, &pristine).unwrap();
+    // A storage that never fails: finish leaves the image clean, as a close does.
+    let (before, r) = finish_through(&p, u64::MAX);
+    r.unwrap();
+    assert_eq!(incompat(&p) & 1, 0, "still dirty after finish");
+    let (code, out) = check_code(&p);
+    assert_eq!(code, 0, "{out}");
+    // The same session on a storage that fails from the finish's first write on: the error
+    // reaches the caller (a drop would have swallowed it), naming the file.
+    std::fs::copy(&pristine, &p).unwrap();
+    let (again, r) = finish_through(&p, before);
+    assert_eq!(
+        again, before,
+        "the session before finish is not deterministic"
+    );
+    let e = r.expect_err("a failed finish reported success");
+    assert!(e.to_string().contains("lazy.qcow2"), "{e}");
+    assert_eq!(incompat(&p) & 1, 1, "a failed finish cleared the dirty bit");
 }
 
 #[test]

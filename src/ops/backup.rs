@@ -502,7 +502,7 @@ impl ExtractPlan {
             // A qcow2 image writes its metadata here (its cache is unsafe: no waiting for the
             // disk). Raw files are not synced, as `convert` does not sync by default.
             if d.format == ImageFormat::Qcow2 {
-                img.flush().map_err(|e| rename_tmp(e, &tmp, &d.path))?;
+                img.finish().map_err(|e| rename_tmp(e, &tmp, &d.path))?;
             }
             drop(img);
             std::fs::rename(&tmp, &d.path)

@@ -128,7 +128,7 @@ pub fn run(a: &BitmapArgs) -> Result<()> {
             )
         })?;
     }
-    image.flush()
+    image.finish()
 }
 
 fn run_one(

@@ -292,7 +292,7 @@ pub fn convert(
         if let Some((to, list)) = bitmap_target {
             bitmaps::copy(src, to, list)?;
         }
-        return target.flush();
+        return target.finish();
     }
 
     // Replace what a symbolic link points to, not the link; keep an existing file's
@@ -349,8 +349,11 @@ pub fn convert(
         if let Some((to, list)) = bitmap_target {
             bitmaps::copy(src, to, list).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         }
-        // Writes the metadata (and, unless the cache is unsafe, waits for the disk).
-        target.flush().map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
+        // Writes the metadata, all of it with lazy refcounts (and, unless the cache is unsafe,
+        // waits for the disk).
+        target
+            .finish()
+            .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
     } else {
         let target =
             RawImage::create(&tmp.path, size).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
@@ -609,6 +612,9 @@ mod tests {
         }
         fn flush(&self) -> Result<()> {
             self.inner.flush()
+        }
+        fn finish(&self) -> Result<()> {
+            self.inner.finish()
         }
         fn block_status(
             &self,

@@ -144,7 +144,7 @@ pub fn resize_prealloc(
             let mut img = Qcow2Image::open(path, true, no_backing, &mut ChainGuard::default())?;
             img.resize_with(new, prealloc)
                 .map_err(|e| e.with_path(path))?;
-            crate::block::BlockImage::flush(&img)?;
+            crate::block::BlockImage::finish(&img)?;
         }
     }
     Ok(RESIZED.to_string())

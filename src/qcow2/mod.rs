@@ -722,6 +722,13 @@ impl BlockImage for Qcow2Image {
         self.flush_inner().in_file(&self.path)
     }
 
+    fn finish(&self) -> Result<()> {
+        if self.write.is_none() {
+            return Ok(());
+        }
+        self.close_inner().in_file(&self.path)
+    }
+
     fn block_status(&self, offset: GuestOffset, max_len: u64) -> Result<BlockStatus> {
         check_request(self.header.size, offset, max_len.max(1)).in_file(&self.path)?;
         self.status_inner(offset.0, max_len.max(1))
