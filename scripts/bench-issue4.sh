@@ -7,12 +7,14 @@
 #   - snapshot create and delete on a fully allocated 2 GiB qcow2 image.
 # Usage: scripts/bench-issue4.sh [WORKDIR]   (default /tmp/vimg-bench4; needs ~12 GiB free)
 # Every case starts from fresh copies of the same files for both tools (copying is not timed);
-# the tools alternate, REPS times each (default 3); best and median wall times are reported,
+# the tools alternate, REPS times each (default 6), qemu-img first in odd rounds and vimg first in
+# even ones (the machine's drifting state then falls on both alike); best and median wall times
+# are reported,
 # and the results are checked (qemu-img check, qemu-img compare against qemu-img's result).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 W=${1:-/tmp/vimg-bench4}
-REPS=${REPS:-3}
+REPS=${REPS:-6}
 mkdir -p "$W"
 cargo build --release --quiet --manifest-path "$here/Cargo.toml"
 VIMG=$here/target/release/vimg
@@ -49,12 +51,15 @@ if [ ! -f "$W/other.qcow2" ]; then
   qemu-io "${args[@]}" "$W/other.qcow2" >/dev/null
 fi
 
-# One timed run of a command in directory $1: wall seconds.
+# One timed run of a command in directory $1: wall seconds, to the millisecond (bash's
+# EPOCHREALTIME: snapshot create and delete take a few milliseconds).
 timed() {
-  local dir=$1; shift
+  local dir=$1 t0 t1; shift
   sync
-  (cd "$dir" && /usr/bin/time -f '%e' -o "$W/time.txt" "$@" >/dev/null)
-  cat "$W/time.txt"
+  t0=$EPOCHREALTIME
+  (cd "$dir" && "$@" >/dev/null)
+  t1=$EPOCHREALTIME
+  awk "BEGIN{printf \"%.3f\", $t1 - $t0}"
 }
 best() { printf '%s\n' "$@" | sort -g | head -1; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
@@ -75,6 +80,7 @@ report() {
   printf '%-34s %8ss %8ss %6s %8ss %8ss %6s\n' "$label" "$qb" "$vb" \
     "$(awk "BEGIN{printf \"%.2fx\", $qb / ($vb > 0 ? $vb : 0.001)}")" "$qm" "$vm" \
     "$(awk "BEGIN{printf \"%.2fx\", $qm / ($vm > 0 ? $vm : 0.001)}")"
+  printf '    runs: qemu-img %s; vimg %s\n' "${qts[*]}" "${vts[*]}"
 }
 
 same() {
@@ -86,36 +92,40 @@ printf '%-34s %9s %9s %6s %9s %9s %6s\n' case qemu-best vimg-best ratio qemu-med
 
 # commit: 256 MiB of changes into the 2 GiB base, the overlay emptied.
 qts=(); vts=()
-for _ in $(seq "$REPS"); do
+q_commit() { qts+=("$(timed "$W/q" qemu-img commit top.qcow2)"); }
+v_commit() { vts+=("$(timed "$W/v" "$VIMG" commit top.qcow2)"); }
+for i in $(seq "$REPS"); do
   fresh base.qcow2 top.qcow2
-  qts+=("$(timed "$W/q" qemu-img commit top.qcow2)")
-  vts+=("$(timed "$W/v" "$VIMG" commit top.qcow2)")
+  both q_commit v_commit "$i"
   same base.qcow2; same top.qcow2
 done
 report "commit 256 MiB into 2 GiB" "${qts[@]}" "${vts[@]}"
 
 # safe rebase onto the other 2 GiB image.
 qts=(); vts=()
-for _ in $(seq "$REPS"); do
+q_rebase() { qts+=("$(timed "$W/q" qemu-img rebase -b other.qcow2 -F qcow2 top.qcow2)"); }
+v_rebase() { vts+=("$(timed "$W/v" "$VIMG" rebase -b other.qcow2 -F qcow2 top.qcow2)"); }
+for i in $(seq "$REPS"); do
   fresh base.qcow2 top.qcow2 other.qcow2
-  qts+=("$(timed "$W/q" qemu-img rebase -b other.qcow2 -F qcow2 top.qcow2)")
-  vts+=("$(timed "$W/v" "$VIMG" rebase -b other.qcow2 -F qcow2 top.qcow2)")
+  both q_rebase v_rebase "$i"
   same top.qcow2
 done
 report "safe rebase onto other 2 GiB" "${qts[@]}" "${vts[@]}"
 
 # snapshot create, then delete, on the fully allocated 2 GiB image.
 cq=(); cv=(); dq=(); dv=()
-for _ in $(seq "$REPS"); do
+q_create() { cq+=("$(timed "$W/q" qemu-img snapshot -c s1 base.qcow2)"); }
+v_create() { cv+=("$(timed "$W/v" "$VIMG" snapshot -c s1 base.qcow2)"); }
+q_delete() { dq+=("$(timed "$W/q" qemu-img snapshot -d s1 base.qcow2)"); }
+v_delete() { dv+=("$(timed "$W/v" "$VIMG" snapshot -d s1 base.qcow2)"); }
+for i in $(seq "$REPS"); do
   fresh base.qcow2
-  cq+=("$(timed "$W/q" qemu-img snapshot -c s1 base.qcow2)")
-  cv+=("$(timed "$W/v" "$VIMG" snapshot -c s1 base.qcow2)")
+  both q_create v_create "$i"
   qemu-img check -q "$W/v/base.qcow2" || { echo "CHECK FAILED after snapshot -c" >&2; exit 1; }
-  dq+=("$(timed "$W/q" qemu-img snapshot -d s1 base.qcow2)")
-  dv+=("$(timed "$W/v" "$VIMG" snapshot -d s1 base.qcow2)")
+  both q_delete v_delete "$i"
   same base.qcow2
 done
 report "snapshot -c on 2 GiB allocated" "${cq[@]}" "${cv[@]}"
 report "snapshot -d on 2 GiB allocated" "${dq[@]}" "${dv[@]}"
 rm -rf "$W/q" "$W/v"
-echo "(ratio = qemu-img time / vimg time, best and median of $REPS runs each, the tools alternating)"
+echo "(ratio = qemu-img time / vimg time, best and median of $REPS runs each, the tools alternating in both orders)"

@@ -16,9 +16,12 @@ VIMG=$here/target/release/vimg
 [ -f "$W/test-z.qcow2" ] || qemu-img convert -c -O qcow2 "$W/test.raw" "$W/test-z.qcow2"
 [ -f "$W/test-zstd.qcow2" ] || qemu-img convert -c -O qcow2 -o compression_type=zstd "$W/test.raw" "$W/test-zstd.qcow2"
 
-# One timed run: wall seconds and max RSS KiB of a command, its output removed first.
+# One timed run: wall seconds and max RSS KiB of a command. Both tools' outputs of the case
+# (OUTS) are removed first, so that every run starts from the same state whichever tool ran
+# before: on this machine a run that follows the other tool's, with that output still cached
+# and its own older one just deleted, was up to 10x slower than one that follows its own.
 once() {
-  rm -f "${@: -1}"
+  rm -f "${OUTS[@]}"
   sync
   sleep 1
   /usr/bin/time -f '%e %M' -o "$W/time.txt" "$@" >/dev/null
@@ -36,6 +39,7 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2 ? a[(N
 case_() {
   local label=$1 out=$2; shift 2
   local qts=() vts=() qr=0 vr=0 t r i
+  OUTS=("$W/$out" "$W/vimg-$out")
   for i in $(seq "$REPS"); do
     if ((i % 2)); then
       read -r t r < <(once qemu-img convert "$@" "$W/$out"); qts+=("$t"); [ "$r" -gt "$qr" ] && qr=$r
@@ -45,6 +49,9 @@ case_() {
       read -r t r < <(once qemu-img convert "$@" "$W/$out"); qts+=("$t"); [ "$r" -gt "$qr" ] && qr=$r
     fi
   done
+  # The last run left one output: make the other (untimed) to check and compare them.
+  [ -f "$W/$out" ] || qemu-img convert "$@" "$W/$out"
+  [ -f "$W/vimg-$out" ] || "$VIMG" convert "$@" "$W/vimg-$out"
   local vsize; vsize=$(du -k "$W/vimg-$out" | cut -f1)
   if [[ $out == *.qcow2 ]]; then
     qemu-img check -q "$W/vimg-$out" || { echo "CHECK FAILED for $label" >&2; exit 1; }
@@ -53,6 +60,15 @@ case_() {
   qemu-img compare -q "$W/$out" "$W/vimg-$out" || { echo "OUTPUT DIFFERS for $label" >&2; exit 1; }
   rm -f "$W/vimg-$out" "$W/$out"
   echo "  $label: qemu-img runs ${qts[*]}; vimg runs ${vts[*]}" >>"$W/runs.txt"
+  # Medians by what ran just before: the same tool (first in a round: qemu-img's odd rounds,
+  # vimg's even ones) or the other one.
+  local qs=() qo=() vs=() vo=()
+  for i in "${!qts[@]}"; do
+    if ((i % 2 == 0)); then qs+=("${qts[$i]}"); vo+=("${vts[$i]}"); else qo+=("${qts[$i]}"); vs+=("${vts[$i]}"); fi
+  done
+  if ((${#qo[@]})); then
+    echo "    after itself: qemu-img $(median "${qs[@]}") s, vimg $(median "${vs[@]}") s ($(awk "BEGIN{printf \"%.2fx\", $(median "${qs[@]}") / $(median "${vs[@]}")}")); after the other: qemu-img $(median "${qo[@]}") s, vimg $(median "${vo[@]}") s ($(awk "BEGIN{printf \"%.2fx\", $(median "${qo[@]}") / $(median "${vo[@]}")}"))" >>"$W/runs.txt"
+  fi
   local qb vb qm vm
   qb=$(best "${qts[@]}"); vb=$(best "${vts[@]}"); qm=$(median "${qts[@]}"); vm=$(median "${vts[@]}")
   printf '%-28s %7ss %7ss %6s %7ss %7ss %6s %9s %9s %9s %9s\n' "$label" "$qb" "$vb" \

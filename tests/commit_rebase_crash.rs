@@ -516,7 +516,9 @@ fn interrupted_rebases_never_corrupt() {
         };
         let (_, backing, _) = chain::backing_info(&work.join(&top.name), "qcow2");
         assert_eq!(backing, new_target(case).map(|l| l.name), "{}", case.name);
-        assert!(total > 10, "{}: only {total} writes", case.name);
+        // At the least the copied data, a refcount block, an L2 table and the L1 table (data
+        // runs of consecutive clusters go in one write), so that crashes fall between them.
+        assert!(total >= 4, "{}: only {total} writes", case.name);
         for limit in 0..total {
             for mode in [Mode::Fail, Mode::Drop] {
                 fresh(&work);

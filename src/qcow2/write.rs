@@ -74,6 +74,31 @@ struct L2Slot {
     desc: Descriptor,
 }
 
+/// What [`Qcow2Image::write_in_cluster`] left to its caller.
+enum Deferred {
+    /// Nothing: the write is done.
+    Nothing,
+    /// The data is to be written at host offset `host` (in place, in a cluster the image owns
+    /// alone: no table changes).
+    Data { host: u64 },
+    /// The data (a whole cluster) is to be written at `host`, then `mapping` applied.
+    Mapped { host: u64, mapping: Remap },
+}
+
+/// An L2 entry to point at a new cluster once its data is written.
+struct Remap {
+    /// The L2 table's host offset.
+    l2_off: u64,
+    /// The entry's index in the table (in words).
+    idx: usize,
+    /// The new entry.
+    entry: u64,
+    /// The new subcluster bitmap (extended L2 only).
+    bitmap: Option<u64>,
+    /// What the entry pointed at before, released at the next flush.
+    release: Option<Descriptor>,
+}
+
 /// The mutable state of an image opened for writing, behind the image's write lock.
 #[derive(Debug)]
 pub(crate) struct WriteState {
@@ -444,14 +469,16 @@ impl Qcow2Image {
         Ok(buf)
     }
 
-    /// Writes `data` at offset `within` of the guest cluster starting at `gc`.
+    /// Writes `data` at offset `within` of the guest cluster starting at `gc`, or, for the two
+    /// cases that [`Self::write_inner`] batches with the clusters next to it, decides where it
+    /// goes and returns that without writing (see [`Deferred`]).
     fn write_in_cluster(
         &self,
         st: &mut WriteState,
         gc: u64,
         within: u64,
         data: &[u8],
-    ) -> Result<()> {
+    ) -> Result<Deferred> {
         let h: &Header = &self.header;
         let cs = h.cluster_size();
         let l1_idx = (gc >> h.l1_shift()) as usize;
@@ -472,48 +499,93 @@ impl Qcow2Image {
                 bitmap,
                 desc,
             };
-            return self.write_subclusters(st, gc, within, data, &table, at);
+            self.write_subclusters(st, gc, within, data, &table, at)?;
+            return Ok(Deferred::Nothing);
         }
 
         // A cluster this image owns alone: overwrite in place.
         if let (Descriptor::Normal(host), true) = (desc, copied) {
             self.guard_data_write(st, host + within, data.len() as u64)?;
-            return self
-                .data_storage()
-                .write_at(data, host + within)
-                .map_err(Self::io_err("write failed", host + within));
+            return Ok(Deferred::Data {
+                host: host + within,
+            });
         }
 
         // Otherwise the whole cluster gets new contents: what the guest sees now (copy-on-write
         // from a shared, compressed, zero or backing cluster), with `data` laid over it.
-        // A whole-cluster write is written straight from the caller's buffer.
-        let content: std::borrow::Cow<'_, [u8]> = if within == 0 && data.len() as u64 == cs {
-            std::borrow::Cow::Borrowed(data)
-        } else {
-            let mut c = self.cluster_contents(gc)?;
-            c[within as usize..within as usize + data.len()].copy_from_slice(data);
-            std::borrow::Cow::Owned(c)
-        };
+        let whole = within == 0 && data.len() as u64 == cs;
         let host = match desc {
             _ if self.data_file.is_some() => gc,
             Descriptor::Normal(host) | Descriptor::Zero(Some(host)) if copied => host,
             _ => self.alloc_cluster(st)? * cs,
         };
         self.guard_data_write(st, host, cs)?;
+        let mapping = Remap {
+            l2_off,
+            idx,
+            entry: host | OFLAG_COPIED,
+            bitmap: (words == 2).then_some(ALL_ALLOCATED),
+            release: (!(copied
+                && matches!(desc, Descriptor::Normal(x) | Descriptor::Zero(Some(x)) if x == host)))
+            .then_some(desc),
+        };
+        if whole {
+            // Written straight from the caller's buffer, with its neighbours.
+            return Ok(Deferred::Mapped { host, mapping });
+        }
+        let mut content = self.cluster_contents(gc)?;
+        content[within as usize..within as usize + data.len()].copy_from_slice(data);
         self.data_storage()
             .write_at(&content, host)
             .map_err(Self::io_err("write failed", host))?;
-        if !(copied
-            && matches!(desc, Descriptor::Normal(x) | Descriptor::Zero(Some(x)) if x == host))
-        {
-            self.release(st, desc);
+        drop(table);
+        self.apply_remaps(st, &[mapping])?;
+        Ok(Deferred::Nothing)
+    }
+
+    /// [`Self::write_in_cluster`], finishing what it defers at once.
+    fn write_in_cluster_now(
+        &self,
+        st: &mut WriteState,
+        gc: u64,
+        within: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let mut remaps = Vec::new();
+        match self.write_in_cluster(st, gc, within, data)? {
+            Deferred::Nothing => Ok(()),
+            Deferred::Data { host } => self.write_run(st, data, host, &mut remaps),
+            Deferred::Mapped { host, mapping } => {
+                remaps.push(mapping);
+                self.write_run(st, data, host, &mut remaps)
+            }
         }
-        let mut t = table.to_vec();
-        t[idx] = host | OFLAG_COPIED;
-        if let Some(b) = t.get_mut(idx + 1).filter(|_| words == 2) {
-            *b = ALL_ALLOCATED;
+    }
+
+    /// Points L2 entries at their new clusters (after the data is on its way to them: see the
+    /// module documentation) and queues what they pointed at before for release. Consecutive
+    /// entries of one table are changed together, in place when no reader holds the table.
+    fn apply_remaps(&self, st: &mut WriteState, remaps: &[Remap]) -> Result<()> {
+        for group in remaps.chunk_by(|a, b| a.l2_off == b.l2_off) {
+            let l2_off = group[0].l2_off;
+            self.l2_cache.modify(
+                l2_off,
+                || self.read_table(l2_off, "L2 table"),
+                |t| {
+                    for r in group {
+                        t[r.idx] = r.entry;
+                        if let Some(b) = r.bitmap {
+                            t[r.idx + 1] = b;
+                        }
+                    }
+                },
+            )?;
+            for r in group {
+                if let Some(desc) = r.release {
+                    self.release(st, desc);
+                }
+            }
         }
-        self.l2_cache.put_dirty(l2_off, t.into());
         Ok(())
     }
 
@@ -814,15 +886,54 @@ impl Qcow2Image {
         self.track_write(&mut st, guest, buf.len() as u64)?;
         let cs = self.header.cluster_size();
         let mut pos = 0usize;
+        // Clusters whose data goes to consecutive host offsets are written with one call: the
+        // run of `buf` from `run_start`, to host offset `run_host`, and the L2 entries that
+        // then point at it.
+        let (mut run_start, mut run_host, mut remaps) = (0usize, 0u64, Vec::new());
         while pos < buf.len() {
             let g = guest + pos as u64;
             let within = g & (cs - 1);
             let n = ((cs - within) as usize).min(buf.len() - pos);
-            self.write_in_cluster(&mut st, g - within, within, &buf[pos..pos + n])?;
+            let (host, mapping) =
+                match self.write_in_cluster(&mut st, g - within, within, &buf[pos..pos + n])? {
+                    Deferred::Nothing => (None, None),
+                    Deferred::Data { host } => (Some(host), None),
+                    Deferred::Mapped { host, mapping } => (Some(host), Some(mapping)),
+                };
+            let extends = run_start < pos && host == Some(run_host + (pos - run_start) as u64);
+            if !extends {
+                self.write_run(&mut st, &buf[run_start..pos], run_host, &mut remaps)?;
+                run_start = if host.is_some() { pos } else { pos + n };
+                run_host = host.unwrap_or(0);
+            }
+            remaps.extend(mapping);
             pos += n;
-            self.flush_if_full(&mut st)?;
+            if self.flush_needed(&st) {
+                self.write_run(&mut st, &buf[run_start..pos], run_host, &mut remaps)?;
+                run_start = pos;
+                self.flush_locked(&mut st)?;
+            }
         }
-        Ok(())
+        self.write_run(&mut st, &buf[run_start..], run_host, &mut remaps)
+    }
+
+    /// Writes `data` (a run of [`Self::write_inner`], maybe empty) at host offset `host`, then
+    /// makes the L2 entries in `remaps` point at it.
+    fn write_run(
+        &self,
+        st: &mut WriteState,
+        data: &[u8],
+        host: u64,
+        remaps: &mut Vec<Remap>,
+    ) -> Result<()> {
+        if !data.is_empty() {
+            self.data_storage()
+                .write_at(data, host)
+                .map_err(Self::io_err("write failed", host))?;
+        }
+        let r = self.apply_remaps(st, remaps);
+        remaps.clear();
+        r
     }
 
     /// Makes `[guest, guest + len)` read as zeros.
@@ -909,7 +1020,7 @@ impl Qcow2Image {
             }
             if !zeroed {
                 let zeros = vec![0u8; (b - a) as usize];
-                self.write_in_cluster(st, gc, a, &zeros)?;
+                self.write_in_cluster_now(st, gc, a, &zeros)?;
             }
             u += 1;
         }
@@ -931,10 +1042,15 @@ impl Qcow2Image {
     }
 
     pub(super) fn flush_if_full(&self, st: &mut WriteState) -> Result<()> {
-        if self.l2_cache.dirty_count() + st.refblocks.dirty_count() > MAX_DIRTY_TABLES {
+        if self.flush_needed(st) {
             self.flush_locked(st)?;
         }
         Ok(())
+    }
+
+    /// Whether so many tables are dirty that they are to be written now.
+    fn flush_needed(&self, st: &WriteState) -> bool {
+        self.l2_cache.dirty_count() + st.refblocks.dirty_count() > MAX_DIRTY_TABLES
     }
 
     /// Flushes everything written so far (see the module documentation for the order).
