@@ -61,6 +61,10 @@ timed() {
   t1=$EPOCHREALTIME
   awk "BEGIN{printf \"%.3f\", $t1 - $t0}"
 }
+# Runs "$1" then "$2" (each a function name) in odd rounds $3, the other way round in even ones.
+both() {
+  if (($3 % 2)); then "$1"; "$2"; else "$2"; "$1"; fi
+}
 best() { printf '%s\n' "$@" | sort -g | head -1; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
