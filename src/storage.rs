@@ -352,17 +352,46 @@ impl FileStorage {
 
 /// Storage held in memory, for tests and fuzzing. Reports everything as data. Its
 /// [`Storage::duplicate`] handles share the bytes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemStorage {
     data: Arc<RwLock<Vec<u8>>>,
+    /// The largest length writes may grow the store to (a file system's largest file: a file
+    /// grows sparse, memory does not).
+    limit: u64,
+}
+
+impl Default for MemStorage {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl MemStorage {
     /// A store holding `data`.
     pub fn new(data: Vec<u8>) -> Self {
+        Self::with_limit(data, u64::MAX)
+    }
+
+    /// A store holding `data` that writes and resizes may grow to `limit` bytes at most; past
+    /// it they fail as on a file system whose largest file is that long (`EFBIG`).
+    pub fn with_limit(data: Vec<u8>, limit: u64) -> Self {
         MemStorage {
             data: Arc::new(RwLock::new(data)),
+            limit,
         }
+    }
+
+    fn too_large(&self, len: u64) -> io::Result<()> {
+        if len > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!(
+                    "the in-memory image may grow to {} bytes at most",
+                    self.limit
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// A copy of the current contents.
@@ -389,6 +418,7 @@ impl Storage for MemStorage {
             .checked_add(buf.len() as u64)
             .and_then(|e| usize::try_from(e).ok())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        self.too_large(end as u64)?;
         if d.len() < end {
             d.resize(end, 0);
         }
@@ -401,6 +431,7 @@ impl Storage for MemStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.too_large(len)?;
         let len = usize::try_from(len)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
         self.data
@@ -440,6 +471,7 @@ impl Storage for MemStorage {
     fn duplicate(&self) -> Option<Box<dyn Storage>> {
         Some(Box::new(MemStorage {
             data: self.data.clone(),
+            limit: self.limit,
         }))
     }
 }

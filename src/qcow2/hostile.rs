@@ -27,6 +27,15 @@ use std::path::Path;
 const READ_LIMIT: u64 = 64 << 20;
 /// Snapshot trees walked at most by [`open_and_read`].
 const TABLE_LIMIT: usize = 64;
+/// The length the in-memory copies may grow to. A hostile image can make a repair allocate far
+/// past its end (a file then grows sparse: vimg and qemu-img both do it); in memory that would
+/// be unbounded, so writes past this fail as on a file system whose largest file it is.
+const GROWTH_LIMIT: u64 = 256 << 20;
+
+/// An in-memory copy of `bytes` (see [`GROWTH_LIMIT`]).
+fn copy(bytes: &[u8]) -> MemStorage {
+    MemStorage::with_limit(bytes.to_vec(), GROWTH_LIMIT)
+}
 
 fn name() -> &'static Path {
     Path::new("fuzz.qcow2")
@@ -34,8 +43,8 @@ fn name() -> &'static Path {
 
 /// Opens `bytes` read-only as a detached image (see the module documentation).
 fn open(bytes: &[u8]) -> Option<Qcow2Image> {
-    let storage = Box::new(MemStorage::new(bytes.to_vec()));
-    let data = Box::new(MemStorage::new(bytes.to_vec()));
+    let storage = Box::new(copy(bytes));
+    let data = Box::new(copy(bytes));
     Qcow2Image::open_detached(storage, name(), false, Some(data)).ok()
 }
 
@@ -99,11 +108,11 @@ pub fn repair(bytes: &[u8]) {
         Some(b) if b & 1 == 1 => RepairMode::Leaks,
         _ => RepairMode::All,
     };
-    let storage = MemStorage::new(bytes.to_vec());
+    let storage = copy(bytes);
     let Some(handle) = crate::storage::Storage::duplicate(&storage) else {
         return;
     };
-    let data = super::DataFile::Given(Some(Box::new(MemStorage::new(bytes.to_vec()))));
+    let data = super::DataFile::Given(Some(Box::new(copy(bytes))));
     let Ok(img) = Qcow2Image::open_storage_for_repair(Box::new(storage), name(), &data) else {
         return;
     };
