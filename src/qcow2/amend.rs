@@ -614,17 +614,12 @@ fn set_version_3(h: &mut Header) {
     h.extra_header_bytes.clear();
 }
 
-/// Sets `h` to version 2: the 72-byte header, with the version 3 fields and the bitmaps
-/// extension gone.
+/// Sets `h` to version 2: the 72-byte header, with the version 3 fields (at their fresh values,
+/// as [`set_version_3`] leaves them) and the bitmaps extension gone.
 pub(super) fn set_version_2(h: &mut Header) {
+    set_version_3(h);
     h.version = 2;
     h.header_length = super::header_write::V2_HEADER_LEN;
-    h.incompatible_features = 0;
-    h.compatible_features = 0;
-    h.autoclear_features = 0;
-    h.refcount_order = 4;
-    h.compression_type = CompressionType::Zlib;
-    h.extra_header_bytes.clear();
     h.bitmaps = None;
     h.feature_names.clear();
 }
