@@ -11,6 +11,7 @@ pub mod bitmap;
 pub mod block;
 pub mod check;
 pub mod error;
+pub mod image_spec;
 pub mod info;
 pub mod lock;
 pub mod offsets;
@@ -18,6 +19,7 @@ pub mod open;
 pub mod ops;
 pub mod qcow2;
 pub mod raw;
+pub mod secret;
 pub mod storage;
 pub mod vma;
 

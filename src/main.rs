@@ -18,6 +18,15 @@ use vimg::{Error, ImageFormat};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// A qemu object: only `secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]` (kept by id
+    /// for encrypted images; other object types are refused).
+    #[arg(long = "object", global = true, value_name = "OBJECTDEF")]
+    object: Vec<String>,
+    /// Image names are qemu option lists: `driver=qcow2,file.filename=NAME,file.locking=off`
+    /// (drivers raw and qcow2 over file or host_device). Without it, `json:{...}` and
+    /// `file:NAME` names are understood too.
+    #[arg(long = "image-opts", global = true)]
+    image_opts: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -55,6 +64,25 @@ enum Command {
     Amend(AmendCmdArgs),
     /// VM backups in Proxmox's VMA format: create, extract, verify, list, config.
     Backup(BackupArgs),
+    /// Copy part of an image into a new image, as dd(1) (operands if=, of=, bs=, count=,
+    /// skip=; count counts from the start of the input, as in qemu-img).
+    Dd(DdArgs),
+}
+
+#[derive(Args, Debug)]
+struct DdArgs {
+    /// Format of the input (raw, qcow2); probed when not given.
+    #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Format of the output: raw (default) or qcow2.
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw", value_parser = parse_format)]
+    output_format: ImageFormat,
+    /// Read the input even if another process is writing it.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// if=INPUT of=OUTPUT [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS]
+    #[arg(value_name = "OPERAND")]
+    operands: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -237,7 +265,7 @@ struct BitmapCmdArgs {
     #[arg(long, value_name = "SOURCE")]
     merge: Vec<String>,
     /// Granularity of a new bitmap, bytes per bit (k, M, G suffixes).
-    #[arg(short = 'g', value_name = "GRANULARITY")]
+    #[arg(short = 'g', long = "granularity", value_name = "GRANULARITY")]
     granularity: Option<String>,
     /// Image holding the --merge sources.
     #[arg(short = 'b', value_name = "SOURCE_FILE")]
@@ -433,6 +461,12 @@ struct CompareArgs {
     /// writers out).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Cache mode of the images (checked and accepted: vimg reads through the page cache).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Accepted for qemu-img compatibility (compare shows no progress).
+    #[arg(short = 'p')]
+    progress: bool,
     /// The first image.
     a: PathBuf,
     /// The second image.
@@ -453,6 +487,9 @@ struct CheckArgs {
     /// COPIED flags, and the dirty and corrupt bits (qcow2).
     #[arg(short = 'r', value_name = "leaks|all", value_parser = ["leaks", "all"])]
     repair: Option<String>,
+    /// Cache mode of the image (checked and accepted: vimg reads through the page cache).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
     /// The image.
     filename: PathBuf,
 }
@@ -485,9 +522,26 @@ struct ConvertArgs {
     cache: String,
     /// Zero blocks of this size are left as holes (multiple of 512, at most 16M; 0 allocates
     /// everything).
-    #[arg(short = 'S', value_name = "SIZE", value_parser = parse_sparse, default_value = "4k",
+    #[arg(short = 'S', value_name = "SIZE", value_parser = parse_sparse,
           allow_negative_numbers = true)]
-    sparse_size: u64,
+    sparse_size: Option<u64>,
+    /// Cache mode of the sources (checked and accepted: vimg reads through the page cache).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Copy at most RATE bytes of the disk per second (k, M, G suffixes; 0: no limit).
+    #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
+    rate: Option<String>,
+    /// Copy offloading, as qemu-img's -C: not with -c, -S or --salvage. vimg copies with its
+    /// own reads and writes either way (the output is the same; qemu also falls back to them
+    /// where the file system cannot offload).
+    #[arg(short = 'C')]
+    copy_offload: bool,
+    /// Ranges of the sources that cannot be read are written as zeros, with a warning.
+    #[arg(long)]
+    salvage: bool,
+    /// The target is a qemu option list, as --image-opts (needs -n).
+    #[arg(long = "target-image-opts")]
+    target_image_opts: bool,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
@@ -599,6 +653,16 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    IMAGE_OPTS.store(cli.image_opts, std::sync::atomic::Ordering::Relaxed);
+    match vimg::secret::Secrets::from_objects(&cli.object) {
+        Ok(secrets) => {
+            let _ = SECRETS.set(secrets);
+        }
+        Err(e) => {
+            eprintln!("vimg: {e}");
+            return ExitCode::from(1);
+        }
+    }
     let result = match cli.command {
         Command::Info(a) => info(a),
         Command::Map(a) => map(a),
@@ -614,6 +678,7 @@ fn main() -> ExitCode {
         Command::Bitmap(a) => bitmap(a),
         Command::Amend(a) => amend(a),
         Command::Backup(a) => backup(a),
+        Command::Dd(a) => dd(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -623,6 +688,81 @@ fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// `--image-opts` was given: image names are qemu option lists.
+static IMAGE_OPTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The secrets of `--object secret,...`, by id (for encrypted images).
+static SECRETS: std::sync::OnceLock<vimg::secret::Secrets> = std::sync::OnceLock::new();
+
+/// An image named on the command line in one of qemu's spellings, resolved.
+struct Named {
+    /// The file holding the image.
+    path: PathBuf,
+    /// `-f`, or the format the spec names.
+    format: Option<ImageFormat>,
+    /// `-U`, or a spec saying `force-share=on` or `locking=off` (for read-only opens).
+    force_share: bool,
+}
+
+/// Resolves an image name: a plain file name, `json:{...}`, `file:NAME`, or with
+/// `--image-opts` an option list (see [`vimg::image_spec`]).
+fn resolve(
+    name: &std::path::Path,
+    format: Option<ImageFormat>,
+    force_share: bool,
+) -> Result<Named, Failure> {
+    resolve_as(
+        name,
+        format,
+        force_share,
+        IMAGE_OPTS.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+fn resolve_as(
+    name: &std::path::Path,
+    format: Option<ImageFormat>,
+    force_share: bool,
+    image_opts: bool,
+) -> Result<Named, Failure> {
+    let say = |m: String| Failure {
+        message: m,
+        code: 1,
+    };
+    if image_opts && format.is_some() {
+        return Err(say(
+            "--image-opts and --format are mutually exclusive".into()
+        ));
+    }
+    let text = name.to_string_lossy();
+    if !image_opts && !text.contains(':') {
+        return Ok(Named {
+            path: name.to_path_buf(),
+            format,
+            force_share,
+        });
+    }
+    let spec = if image_opts {
+        vimg::image_spec::parse_image_opts(&text)
+    } else {
+        vimg::image_spec::parse_filename(&text)
+    }
+    .map_err(|e| say(e.to_string()))?;
+    Ok(Named {
+        path: spec.path,
+        format: spec.format.or(format),
+        force_share: force_share || spec.force_share || spec.locking == Some(false),
+    })
+}
+
+/// Checks a `-T` cache mode (vimg reads through the page cache whatever it says).
+fn check_src_cache(mode: &Option<String>) -> Result<(), Failure> {
+    if let Some(t) = mode {
+        ops::commit::CacheMode::parse(t).map_err(|e| Failure::new(e, 1))?;
+    }
+    Ok(())
 }
 
 /// clap's error text on one line: the message and its details, without the usage block.
@@ -690,12 +830,13 @@ fn print(text: &str) -> Result<(), Failure> {
 }
 
 fn info(a: InfoArgs) -> CmdResult {
+    let n = resolve(&a.filename, a.image.format, a.image.force_share)?;
     let opts = ops::info::InfoOptions {
-        format: a.image.format,
+        format: n.format,
         backing_chain: a.backing_chain,
-        sharing: sharing(a.image.force_share),
+        sharing: sharing(n.force_share),
     };
-    let layers = ops::info::collect(&a.filename, &opts).map_err(|e| Failure::new(e, 1))?;
+    let layers = ops::info::collect(&n.path, &opts).map_err(|e| Failure::new(e, 1))?;
     for w in layers.iter().flat_map(|l| &l.warnings) {
         eprintln!("vimg: warning: {w}");
     }
@@ -707,8 +848,8 @@ fn info(a: InfoArgs) -> CmdResult {
 }
 
 fn map(a: MapArgs) -> CmdResult {
-    let image = open(&a.filename, a.image.format, sharing(a.image.force_share))
-        .map_err(|e| Failure::new(e, 1))?;
+    let n = resolve(&a.filename, a.image.format, a.image.force_share)?;
+    let image = open(&n.path, n.format, sharing(n.force_share)).map_err(|e| Failure::new(e, 1))?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let r = match OutputFormat::from(a.output) {
         OutputFormat::Json => {
@@ -726,8 +867,13 @@ fn map(a: MapArgs) -> CmdResult {
 
 fn compare(a: CompareArgs) -> CmdResult {
     let fail = |e| Failure::new(e, 2);
-    let img_a = open(&a.a, a.format_a, sharing(a.force_share)).map_err(fail)?;
-    let img_b = open(&a.b, a.format_b, sharing(a.force_share)).map_err(fail)?;
+    let code2 = |f: Failure| Failure { code: 2, ..f };
+    check_src_cache(&a.src_cache).map_err(code2)?;
+    let _ = a.progress;
+    let na = resolve(&a.a, a.format_a, a.force_share).map_err(code2)?;
+    let nb = resolve(&a.b, a.format_b, a.force_share).map_err(code2)?;
+    let img_a = open(&na.path, na.format, sharing(na.force_share)).map_err(fail)?;
+    let img_b = open(&nb.path, nb.format, sharing(nb.force_share)).map_err(fail)?;
     let outcome = ops::compare::compare(
         img_a.as_ref(),
         img_b.as_ref(),
@@ -742,8 +888,12 @@ fn compare(a: CompareArgs) -> CmdResult {
     Ok(outcome.exit_code() as u8)
 }
 
-fn check(a: CheckArgs) -> CmdResult {
+fn check(mut a: CheckArgs) -> CmdResult {
     let fail = |e| Failure::new(e, 1);
+    check_src_cache(&a.src_cache)?;
+    let n = resolve(&a.filename, a.image.format, a.image.force_share)?;
+    (a.filename, a.image.format) = (n.path, n.format);
+    a.image.force_share = n.force_share && a.repair.is_none() || a.image.force_share;
     let not_supported = || Failure {
         message: format!("{}: {}", a.filename.display(), ops::check::NOT_SUPPORTED),
         code: ops::check::EXIT_NOT_SUPPORTED as u8,
@@ -808,7 +958,9 @@ fn parse_prealloc(s: &str) -> Result<Preallocation, String> {
     Preallocation::from_name(s).map_err(|e| e.to_string())
 }
 
-fn resize(a: ResizeArgs) -> CmdResult {
+fn resize(mut a: ResizeArgs) -> CmdResult {
+    let n = resolve(&a.filename, a.format, false)?;
+    (a.filename, a.format) = (n.path, n.format);
     let msg =
         ops::resize::resize_prealloc(&a.filename, a.format, &a.size, a.shrink, a.preallocation)
             .map_err(|e| Failure::new(e, 1))?;
@@ -818,7 +970,10 @@ fn resize(a: ResizeArgs) -> CmdResult {
     Ok(0)
 }
 
-fn snapshot(a: SnapshotArgs) -> CmdResult {
+fn snapshot(mut a: SnapshotArgs) -> CmdResult {
+    let n = resolve(&a.filename, a.image.format, a.image.force_share)?;
+    (a.filename, a.image.format) = (n.path, n.format);
+    a.image.force_share |= n.force_share && a.list;
     let op = match (a.list, a.create, a.apply, a.delete) {
         (true, None, None, None) => ops::snapshot::SnapshotOp::List,
         (false, Some(n), None, None) => ops::snapshot::SnapshotOp::Create(n),
@@ -906,7 +1061,8 @@ fn bitmap(a: BitmapCmdArgs) -> CmdResult {
     let [file, name] = a.args.as_slice() else {
         return Err(say("Expecting filename and bitmap name".into()));
     };
-    args.filename = PathBuf::from(file);
+    let n = resolve(std::path::Path::new(file), args.format, false)?;
+    (args.filename, args.format) = (n.path, n.format);
     args.name = name.clone();
     ops::bitmap::run(&args).map_err(fail)?;
     Ok(0)
@@ -922,8 +1078,10 @@ fn amend(a: AmendCmdArgs) -> CmdResult {
     let Some(filename) = a.filename else {
         return Err(fail(Error::invalid_input(ops::amend::NO_IMAGE)));
     };
+    let n = resolve(&filename, a.format, false)?;
+    let (filename, format) = (n.path, n.format);
     let args = ops::amend::AmendArgs {
-        format: a.format,
+        format,
         options: &a.options,
         cache: a.cache.as_deref(),
     };
@@ -973,7 +1131,9 @@ fn create(a: CreateCmdArgs) -> CmdResult {
 fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
     ops::convert::ConvertOptions {
         output_format: a.output_format,
-        sparse_size: a.sparse_size,
+        sparse_size: a
+            .sparse_size
+            .unwrap_or(ops::convert::ConvertOptions::default().sparse_size),
         no_create: a.no_create,
         target_is_zero: a.target_is_zero,
         threads: a
@@ -987,6 +1147,9 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
         sync: a.cache != "unsafe",
         bitmaps: a.bitmaps,
         skip_broken_bitmaps: a.skip_broken_bitmaps,
+        salvage: a.salvage,
+        quiet: a.quiet,
+        rate_limit: 0,
     }
 }
 
@@ -998,7 +1161,38 @@ fn convert(a: ConvertArgs) -> CmdResult {
             code: 1,
         });
     };
-    let opts = convert_options(&a);
+    let say = |m: &str| Failure {
+        message: m.into(),
+        code: 1,
+    };
+    if a.compress && a.copy_offload {
+        return Err(say("Cannot enable copy offloading when -c is used"));
+    }
+    if a.sparse_size.is_some() && a.copy_offload {
+        return Err(say("Cannot enable copy offloading when -S is used"));
+    }
+    if a.copy_offload && a.salvage {
+        return Err(say("Cannot use copy offloading in salvaging mode"));
+    }
+    if a.target_image_opts && !a.no_create {
+        return Err(say("--target-image-opts requires use of -n flag"));
+    }
+    check_src_cache(&a.src_cache)?;
+    let mut opts = convert_options(&a);
+    if let Some(r) = &a.rate {
+        opts.rate_limit = ops::commit::parse_rate_limit(r).map_err(fail)?;
+    }
+    let named = sources
+        .iter()
+        .map(|s| resolve(s, a.format, a.force_share))
+        .collect::<Result<Vec<_>, _>>()?;
+    let target_named;
+    let target = if a.target_image_opts {
+        target_named = resolve_as(target, None, false, true)?.path;
+        &target_named
+    } else {
+        target
+    };
     ops::convert::validate(sources.len(), target, &opts).map_err(fail)?;
     let snapshot = a
         .snapshot
@@ -1012,17 +1206,17 @@ fn convert(a: ConvertArgs) -> CmdResult {
             code: 1,
         });
     }
-    let opened = sources
+    let opened = named
         .iter()
         // qemu-img convert keeps writers out of its sources (raw ones too) unless -U.
-        .map(|s| match &snapshot {
-            Some(sel) => vimg::qcow2::snapshot_view::open_image_snapshot(s, a.format, sel),
+        .map(|n| match &snapshot {
+            Some(sel) => vimg::qcow2::snapshot_view::open_image_snapshot(&n.path, n.format, sel),
             None => {
-                let sh = match a.force_share {
+                let sh = match n.force_share {
                     true => Sharing::ForceShare,
                     false => Sharing::NoWriters,
                 };
-                open(s, a.format, sh)
+                open(&n.path, n.format, sh)
             }
         })
         .collect::<Result<Vec<_>, _>>()
@@ -1083,6 +1277,22 @@ fn convert(a: ConvertArgs) -> CmdResult {
     Ok(0)
 }
 
+fn dd(a: DdArgs) -> CmdResult {
+    let fail = |e| Failure::new(e, 1);
+    let operands = ops::dd::parse_operands(&a.operands).map_err(fail)?;
+    let n = resolve(
+        std::path::Path::new(&operands.input),
+        a.format,
+        a.force_share,
+    )?;
+    let src = open(&n.path, n.format, sharing(n.force_share)).map_err(fail)?;
+    let outcome = ops::dd::dd(src.as_ref(), &operands, a.output_format).map_err(fail)?;
+    if let Some(w) = outcome.warning {
+        eprintln!("vimg: {w}");
+    }
+    Ok(0)
+}
+
 fn measure(a: MeasureArgs) -> CmdResult {
     let fail = |e| Failure::new(e, 1);
     let say = |m: &str| Failure {
@@ -1104,7 +1314,10 @@ fn measure(a: MeasureArgs) -> CmdResult {
         return Err(say("Either --size N or one filename must be specified."));
     }
     let source = match file {
-        Some(f) => Some(open(f, a.format, sharing(a.force_share)).map_err(fail)?),
+        Some(f) => {
+            let n = resolve(f, a.format, a.force_share)?;
+            Some(open(&n.path, n.format, sharing(n.force_share)).map_err(fail)?)
+        }
         None => None,
     };
     let target = match ImageFormat::from_name(&a.output_format) {
@@ -1147,8 +1360,10 @@ fn with_text_progress<T>(
     r
 }
 
-fn commit(a: CommitArgs) -> CmdResult {
+fn commit(mut a: CommitArgs) -> CmdResult {
     let fail = |e| Failure::new(e, 1);
+    let n = resolve(&a.filename, a.format, false)?;
+    (a.filename, a.format) = (n.path, n.format);
     let cache = ops::commit::CacheMode::parse(&a.cache).map_err(fail)?;
     let rate_limit = match &a.rate {
         Some(r) => ops::commit::parse_rate_limit(r).map_err(fail)?,
@@ -1171,9 +1386,11 @@ fn commit(a: CommitArgs) -> CmdResult {
     Ok(0)
 }
 
-fn rebase(a: RebaseArgs) -> CmdResult {
+fn rebase(mut a: RebaseArgs) -> CmdResult {
     let _ = a.force_share;
     let fail = |e| Failure::new(e, 1);
+    let n = resolve(&a.filename, a.format, false)?;
+    (a.filename, a.format) = (n.path, n.format);
     let cache = ops::commit::CacheMode::parse(&a.cache).map_err(fail)?;
     if let Some(t) = &a.backing_cache {
         ops::commit::CacheMode::parse(t).map_err(fail)?;

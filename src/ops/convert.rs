@@ -100,6 +100,12 @@ pub struct ConvertOptions {
     pub bitmaps: bool,
     /// With `bitmaps`: skip inconsistent bitmaps instead of failing (`--skip-broken-bitmaps`).
     pub skip_broken_bitmaps: bool,
+    /// Source ranges that cannot be read become zeros, with a warning (`--salvage`).
+    pub salvage: bool,
+    /// No warnings on standard error (`-q`; for `salvage`).
+    pub quiet: bool,
+    /// Copy at most this many bytes of the disk per second (`-r`); 0 for no limit.
+    pub rate_limit: u64,
 }
 
 impl Default for ConvertOptions {
@@ -118,6 +124,9 @@ impl Default for ConvertOptions {
             sync: false,
             bitmaps: false,
             skip_broken_bitmaps: false,
+            salvage: false,
+            quiet: false,
+            rate_limit: 0,
         }
     }
 }
@@ -175,6 +184,9 @@ pub fn validate(sources: usize, dst: &Path, opts: &ConvertOptions) -> Result<()>
     if opts.target_is_zero && !opts.no_create {
         return bad("--target-is-zero requires use of -n flag");
     }
+    if opts.no_create && !opts.target_options.is_empty() {
+        return bad("-o has no effect when skipping image creation");
+    }
     if opts.compress && !qcow2 {
         return Err(
             Error::invalid_input("compression (-c) needs a qcow2 target (-O qcow2)").with_path(dst),
@@ -183,7 +195,11 @@ pub fn validate(sources: usize, dst: &Path, opts: &ConvertOptions) -> Result<()>
     if !qcow2 && opts.backing_file.is_some() {
         return bad("Backing file not supported for file format 'raw'");
     }
-    if !qcow2 && !opts.target_options.is_empty() {
+    // Raw targets take the options that change nothing for vimg (extent_size_hint).
+    let raw_ok = |o: &String| {
+        crate::qcow2::create::parse_options(o).is_ok_and(|u| u.given_keys().is_empty())
+    };
+    if !qcow2 && !opts.target_options.iter().all(raw_ok) {
         return Err(
             Error::unsupported("-o options are not supported for raw targets yet").with_path(dst),
         );
@@ -250,6 +266,9 @@ pub fn convert(
         cluster: 512,
         ordered: false,
         threads: opts.threads.max(1),
+        salvage: opts.salvage,
+        quiet: opts.quiet,
+        rate: opts.rate_limit,
     };
     let existing_device = std::fs::metadata(dst)
         .map(|m| !m.file_type().is_file() && !m.file_type().is_dir())

@@ -104,6 +104,10 @@ pub fn options_help(format: ImageFormat) -> String {
         ImageFormat::Qcow2 => OPTION_HELP.to_vec(),
         ImageFormat::Raw => vec![
             (
+                "extent_size_hint=<size>",
+                "accepted for qemu-img compatibility (an xfs extent size hint; not set)",
+            ),
+            (
                 "preallocation=<str>",
                 "off (default, sparse), falloc or full",
             ),

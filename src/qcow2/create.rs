@@ -275,6 +275,10 @@ pub const OPTION_HELP: &[(&str, &str)] = &[
         "subcluster allocation with 16-byte L2 entries (on/off)",
     ),
     (
+        "extent_size_hint=<size>",
+        "accepted for qemu-img compatibility (an xfs extent size hint; not set)",
+    ),
+    (
         "lazy_refcounts=<bool>",
         "defer refcount updates, marking the image dirty (on/off)",
     ),
@@ -405,7 +409,19 @@ pub fn parse_options(s: &str) -> Result<OptionUpdates> {
                     "option '{k}': creating encrypted images is not supported"
                 )))
             }
-            "nocow" | "extent_size_hint" => {
+            // qemu sets it as the xfs extent size hint of the image file (FS_IOC_FSSETXATTR)
+            // and ignores it on other file systems; vimg accepts and checks it, and leaves the
+            // file system's default (it only affects how the host file's space is grouped).
+            "extent_size_hint" => {
+                let text = need("a size")?;
+                let hint = parse_size(text).map_err(|e| {
+                    Error::invalid_input(format!("option 'extent_size_hint': {}", e.what()))
+                })?;
+                if hint > u64::from(u32::MAX) {
+                    return Err(Error::invalid_input("Extent size hint is too large"));
+                }
+            }
+            "nocow" => {
                 return Err(Error::unsupported(format!(
                     "option '{key}' (a host file system hint) is not supported"
                 )))

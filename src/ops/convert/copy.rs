@@ -44,6 +44,61 @@ pub(super) struct Plan<'a> {
     pub ordered: bool,
     /// Worker threads (at least 1).
     pub threads: usize,
+    /// `--salvage`: a source range that cannot be read is retried 512 bytes at a time, and
+    /// the pieces that still fail are written as zeros, with a warning on standard error
+    /// (unless `quiet`), as qemu-img does.
+    pub salvage: bool,
+    /// No salvage warnings.
+    pub quiet: bool,
+    /// `-r`: bytes of the disk per second to copy at most; 0 for no limit.
+    pub rate: u64,
+}
+
+/// Reads `buf.len()` source bytes at `off`; with `--salvage`, a failed read is retried sector by
+/// sector and the sectors that cannot be read come back as zeros, each with qemu-img's warning.
+fn read_source(plan: &Plan<'_>, buf: &mut [u8], off: u64) -> Result<()> {
+    let Err(e) = plan.src.read_at(buf, GuestOffset(off)) else {
+        return Ok(());
+    };
+    if !plan.salvage {
+        return Err(e);
+    }
+    for (i, sector) in buf.chunks_mut(512).enumerate() {
+        let at = off + i as u64 * 512;
+        if let Err(e) = plan.src.read_at(sector, GuestOffset(at)) {
+            if !plan.quiet {
+                eprintln!("vimg: warning: error while reading offset {at}: {e}");
+            }
+            sector.fill(0);
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the copy at or below `rate` bytes per second (shared by the workers).
+struct Pace {
+    rate: u64,
+    start: std::time::Instant,
+    bytes: Mutex<u64>,
+}
+
+impl Pace {
+    /// Counts `n` bytes copied and sleeps until they are due.
+    fn account(&self, n: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let total = {
+            let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+            *b += n;
+            *b
+        };
+        let due = Duration::from_secs_f64(total as f64 / self.rate as f64);
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
 }
 
 /// A piece of work for the workers.
@@ -185,6 +240,11 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
         // window of 2x the workers was no faster and raised peak memory by a third).
         limit: threads,
     };
+    let pace = Pace {
+        rate: plan.rate,
+        start: std::time::Instant::now(),
+        bytes: Mutex::new(0),
+    };
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let fail = |e: Error| {
         stop.store(true, Ordering::SeqCst);
@@ -213,6 +273,7 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
                 let mut scratch = Scratch::default();
                 let write = |s: &mut Scratch, len: u64| {
                     commit(plan, s)?;
+                    pace.account(len);
                     report(len);
                     Ok(())
                 };
@@ -298,7 +359,9 @@ fn produce(plan: &Plan<'_>, stop: &AtomicBool, send: &mut dyn FnMut(Job) -> bool
         if let Some(cs) = ccs {
             // Small jobs: compression works cluster by cluster, so big buffers only cost memory.
             let step = COMPRESS_CHUNK.max(cs);
-            let (o, stop_at, zero) = if st.zero {
+            // With `-S 0` zero ranges are written too, compressed like data (as qemu-img
+            // does: they read as zeros and are stored as tiny compressed clusters).
+            let (o, stop_at, zero) = if st.zero && sparse != 0 {
                 (off, end, true)
             } else {
                 (
@@ -576,7 +639,7 @@ fn prepare(plan: &Plan<'_>, job: Job, s: &mut Scratch) -> Result<()> {
         }
         Job::Data { off, len } => {
             s.buf.resize(len as usize, 0);
-            plan.src.read_at(&mut s.buf, GuestOffset(off))?;
+            read_source(plan, &mut s.buf, off)?;
             match plan.compress {
                 Some(q) => store_clusters(plan, q, off, 0, len as usize, s),
                 None => {
@@ -591,7 +654,7 @@ fn prepare(plan: &Plan<'_>, job: Job, s: &mut Scratch) -> Result<()> {
             };
             s.buf.resize(len as usize, 0);
             s.backing.resize(len as usize, 0);
-            plan.src.read_at(&mut s.buf, GuestOffset(off))?;
+            read_source(plan, &mut s.buf, off)?;
             read_clamped(backing, &mut s.backing, off)?;
             let cs = plan.cluster as usize;
             // Runs of clusters that differ from the backing file and are not all zeros.
@@ -658,7 +721,8 @@ fn store_clusters(
         let n = cs.min(end - i);
         let piece = &s.buf[i..i + n];
         let gc = off + i as u64;
-        if is_zero(piece) {
+        // `-S 0` writes every cluster, zeros included (compressed, as qemu-img does).
+        if is_zero(piece) && plan.sparse != 0 {
             if plan.backing.is_some() {
                 s.actions.push(Action::Zero {
                     off: gc,

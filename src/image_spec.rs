@@ -1,0 +1,382 @@
+//! Image names as qemu-img takes them: plain file names, `file:NAME`, `json:{...}` and, with
+//! `--image-opts`, `key=value,...` option lists (`driver=qcow2,file.filename=x.qcow2`).
+//!
+//! vimg opens raw and qcow2 images on local files and block devices, so a spec may name the
+//! drivers `raw` and `qcow2` as the format and `file` or `host_device` as the protocol. Other
+//! drivers and protocols are refused with one line saying so. The block-layer options qemu
+//! takes that change nothing for vimg (cache modes, `aio`, `discard`, `node-name`, qcow2
+//! cache sizes...) are accepted and kept; `locking`, `force-share`, `read-only` and
+//! `backing: null` are interpreted.
+
+use crate::block::ImageFormat;
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// An image named by a qemu image spec, resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// The file (or block device) holding the image.
+    pub path: PathBuf,
+    /// The format the spec names (`driver=raw|qcow2`, or raw for a bare `file` driver);
+    /// `None` when it is to be probed.
+    pub format: Option<ImageFormat>,
+    /// `file.locking` (or `locking`): `Some(false)` for `off`, `None` for `auto`/not given.
+    pub locking: Option<bool>,
+    /// `force-share=on`.
+    pub force_share: bool,
+    /// `read-only=on`.
+    pub read_only: bool,
+    /// `backing: null` (json) or `backing=` with no value: do not open a backing file.
+    pub no_backing: bool,
+    /// Every option of the spec, with dotted keys (`file.filename`), as given.
+    pub options: BTreeMap<String, String>,
+}
+
+/// Protocols qemu knows that vimg does not open (a name `PROTO:...` using one is refused).
+const FOREIGN_PROTOCOLS: &[&str] = &[
+    "nbd",
+    "nbd+unix",
+    "http",
+    "https",
+    "ftp",
+    "ftps",
+    "ssh",
+    "iscsi",
+    "iser",
+    "rbd",
+    "gluster",
+    "nfs",
+    "vvfat",
+    "null-co",
+    "null-aio",
+    "blkdebug",
+    "blkverify",
+    "throttle",
+    "quorum",
+    "fat",
+];
+
+/// Image formats qemu has that vimg does not read.
+const FOREIGN_FORMATS: &[&str] = &[
+    "vmdk",
+    "vhdx",
+    "vpc",
+    "vdi",
+    "qed",
+    "qcow",
+    "parallels",
+    "dmg",
+    "bochs",
+    "cloop",
+    "luks",
+    "vvfat",
+    "copy-before-write",
+    "preallocate",
+    "compress",
+    "snapshot-access",
+    "blkdebug",
+    "blkverify",
+    "blklogwrites",
+    "throttle",
+    "quorum",
+    "replication",
+    "null-co",
+    "null-aio",
+];
+
+/// Options accepted and kept without changing what vimg does (qemu block-layer and qcow2
+/// runtime options), at the top level of a spec or under `file.`.
+const IGNORED: &[&str] = &[
+    "node-name",
+    "auto-read-only",
+    "cache.direct",
+    "cache.no-flush",
+    "discard",
+    "detect-zeroes",
+    "aio",
+    "aio-max-batch",
+    "drop-cache",
+    "x-check-cache-dropped",
+    "pr-manager",
+    "lazy-refcounts",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+    "discard-no-unref",
+    "overlap-check",
+    "cache-size",
+    "l2-cache-size",
+    "l2-cache-entry-size",
+    "refcount-cache-size",
+    "cache-clean-interval",
+    "encrypt.key-secret",
+    "encrypt.format",
+    "offset",
+    "size",
+];
+
+/// Parses an image name as qemu-img does without `--image-opts`: `json:{...}`, `file:NAME`,
+/// or a plain file name.
+pub fn parse_filename(name: &str) -> Result<ImageSpec> {
+    if let Some(json) = name.strip_prefix("json:") {
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| Error::invalid_input(format!("Could not parse the JSON options: {e}")))?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(Error::invalid_input("Invalid JSON object given"));
+        };
+        let mut flat = BTreeMap::new();
+        flatten("", &map, &mut flat)?;
+        return interpret(flat);
+    }
+    if let Some(rest) = name.strip_prefix("file:") {
+        return Ok(ImageSpec {
+            path: PathBuf::from(rest),
+            ..Default::default()
+        });
+    }
+    if let Some(rest) = name.strip_prefix("host_device:") {
+        return Ok(ImageSpec {
+            path: PathBuf::from(rest),
+            ..Default::default()
+        });
+    }
+    if let Some((proto, _)) = name.split_once(':') {
+        if FOREIGN_PROTOCOLS.contains(&proto) {
+            return Err(unsupported_protocol(proto));
+        }
+    }
+    Ok(ImageSpec {
+        path: PathBuf::from(name),
+        ..Default::default()
+    })
+}
+
+/// Parses an `--image-opts` argument: `key=value` items separated by commas, `,,` standing
+/// for a comma inside a value, dotted keys for nested options.
+pub fn parse_image_opts(text: &str) -> Result<ImageSpec> {
+    let mut flat = BTreeMap::new();
+    for item in split_opts(text) {
+        if item.is_empty() {
+            continue;
+        }
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(Error::invalid_input(format!(
+                "Invalid parameter '{item}' (expected key=value)"
+            )));
+        };
+        if k.is_empty() {
+            return Err(Error::invalid_input(format!("Invalid parameter '{item}'")));
+        }
+        flat.insert(k.to_string(), v.to_string());
+    }
+    interpret(flat)
+}
+
+/// Splits `text` at single commas; `,,` is a comma.
+fn split_opts(text: &str) -> Vec<String> {
+    let mut items = vec![String::new()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                items.last_mut().expect("never empty").push(',');
+            } else {
+                items.push(String::new());
+            }
+        } else {
+            items.last_mut().expect("never empty").push(c);
+        }
+    }
+    items
+}
+
+/// Flattens a JSON object into dotted keys (`{"file":{"filename":"x"}}` is `file.filename=x`).
+fn flatten(
+    prefix: &str,
+    map: &serde_json::Map<String, serde_json::Value>,
+    out: &mut BTreeMap<String, String>,
+) -> Result<()> {
+    use serde_json::Value as V;
+    for (k, v) in map {
+        let key = format!("{prefix}{k}");
+        match v {
+            V::Object(inner) => flatten(&format!("{key}."), inner, out)?,
+            V::String(s) => {
+                out.insert(key, s.clone());
+            }
+            V::Bool(b) => {
+                out.insert(key, if *b { "on" } else { "off" }.to_string());
+            }
+            V::Number(n) => {
+                out.insert(key, n.to_string());
+            }
+            V::Null => {
+                out.insert(key, String::new());
+            }
+            V::Array(_) => {
+                return Err(Error::unsupported(format!(
+                    "option '{key}': lists are not supported"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unsupported_protocol(p: &str) -> Error {
+    Error::unsupported(format!(
+        "Unknown protocol '{p}' (vimg opens local files and block devices only)"
+    ))
+}
+
+/// A boolean option as qemu spells it.
+fn boolean(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(Error::invalid_input(format!(
+            "Parameter '{key}' expects 'on' or 'off'"
+        ))),
+    }
+}
+
+/// Works out the file, format and interpreted options from flattened options.
+fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
+    let mut spec = ImageSpec::default();
+    let driver = flat.get("driver").map(String::as_str);
+    // The protocol layer's options live under `file.` when a format driver is named, at the
+    // top level when the driver is the protocol itself (or not named at all).
+    let (protocol_prefix, format) = match driver {
+        Some("raw") => ("file.", Some(ImageFormat::Raw)),
+        Some("qcow2") => ("file.", Some(ImageFormat::Qcow2)),
+        // Without a format driver the file's bytes are the disk, as in qemu.
+        Some("file") | Some("host_device") => ("", Some(ImageFormat::Raw)),
+        None => ("file.", None),
+        Some(d) if FOREIGN_FORMATS.contains(&d) => {
+            return Err(Error::unsupported(format!(
+                "{d} images are not supported yet (driver '{d}')"
+            )))
+        }
+        Some(d) if FOREIGN_PROTOCOLS.contains(&d) => return Err(unsupported_protocol(d)),
+        Some(d) => return Err(Error::invalid_input(format!("Unknown driver '{d}'"))),
+    };
+    spec.format = format;
+    let inner = |k: &str| flat.get(&format!("{protocol_prefix}{k}"));
+    if !protocol_prefix.is_empty() {
+        if let Some(d) = flat.get("file.driver") {
+            if d != "file" && d != "host_device" {
+                return Err(if FOREIGN_PROTOCOLS.contains(&d.as_str()) {
+                    unsupported_protocol(d)
+                } else {
+                    Error::unsupported(format!(
+                        "driver '{d}' for the file layer is not supported (use file or \
+                         host_device)"
+                    ))
+                });
+            }
+        }
+    }
+    // `file` as a string (json: "file": "x.qcow2", or --image-opts file=x.qcow2) names the
+    // file; `filename` does at the top level, with or without a format driver.
+    let path = inner("filename")
+        .or_else(|| flat.get("file").filter(|_| !protocol_prefix.is_empty()))
+        .or_else(|| flat.get("filename"));
+    let Some(path) = path else {
+        return Err(Error::invalid_input(match driver {
+            Some("file") | Some("host_device") => {
+                "The 'file' block driver requires a file name".to_string()
+            }
+            _ => "A block device must be specified for \"file\"".to_string(),
+        }));
+    };
+    spec.path = PathBuf::from(path);
+    for (k, v) in &flat {
+        let bare = k.strip_prefix("file.").unwrap_or(k);
+        match bare {
+            "driver" | "filename" | "file" => {}
+            "locking" => {
+                spec.locking = match v.as_str() {
+                    "auto" => None,
+                    _ => Some(boolean(k, v)?),
+                }
+            }
+            "force-share" => spec.force_share = boolean(k, v)?,
+            "read-only" => spec.read_only = boolean(k, v)?,
+            "backing" if k == "backing" && v.is_empty() => spec.no_backing = true,
+            b if IGNORED.contains(&b) || b.starts_with("overlap-check.") => {}
+            _ => {
+                let fmt = driver.unwrap_or("file");
+                return Err(Error::invalid_input(format!(
+                    "Block format '{fmt}' does not support the option '{k}'"
+                )));
+            }
+        }
+    }
+    spec.options = flat;
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_with_nested_file() {
+        let s = parse_filename(
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"a,b.qcow2","locking":"off"}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.path, PathBuf::from("a,b.qcow2"));
+        assert_eq!(s.format, Some(ImageFormat::Qcow2));
+        assert_eq!(s.locking, Some(false));
+    }
+
+    #[test]
+    fn json_dotted_keys_and_bare_file_driver() {
+        let s = parse_filename(r#"json:{"driver":"qcow2","file.filename":"x"}"#).unwrap();
+        assert_eq!(s.path, PathBuf::from("x"));
+        let s = parse_filename(r#"json:{"driver":"file","filename":"y"}"#).unwrap();
+        assert_eq!(
+            (s.path, s.format),
+            (PathBuf::from("y"), Some(ImageFormat::Raw))
+        );
+        let s = parse_filename(r#"json:{"file":{"filename":"z"}}"#).unwrap();
+        assert_eq!((s.path, s.format), (PathBuf::from("z"), None));
+    }
+
+    #[test]
+    fn image_opts_with_escaped_comma() {
+        let s = parse_image_opts("driver=raw,file.filename=a,,b.img,file.locking=auto").unwrap();
+        assert_eq!(s.path, PathBuf::from("a,b.img"));
+        assert_eq!(s.format, Some(ImageFormat::Raw));
+        assert_eq!(s.locking, None);
+        let s = parse_image_opts("driver=qcow2,file=x.qcow2,backing=").unwrap();
+        assert!(s.no_backing);
+    }
+
+    #[test]
+    fn refusals() {
+        for bad in [
+            r#"json:{"driver":"vmdk","file":{"filename":"x"}}"#,
+            r#"json:{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#,
+            r#"json:{"driver":"qcow2"}"#,
+            r#"json:{"driver":"qcow2","file.filename":"x","bogus":1}"#,
+            r#"json:[1]"#,
+            "json:{",
+            "nbd://host/x",
+        ] {
+            assert!(parse_filename(bad).is_err(), "{bad}");
+        }
+        assert!(parse_image_opts("driver=qcow2,x.qcow2").is_err());
+        assert_eq!(
+            parse_filename("file:a:b").unwrap().path,
+            PathBuf::from("a:b")
+        );
+        assert_eq!(
+            parse_filename("plain").unwrap().path,
+            PathBuf::from("plain")
+        );
+    }
+}
