@@ -1150,6 +1150,7 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
         salvage: a.salvage,
         quiet: a.quiet,
         rate_limit: 0,
+        copy_offload: a.copy_offload,
     }
 }
 

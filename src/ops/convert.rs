@@ -106,6 +106,9 @@ pub struct ConvertOptions {
     pub quiet: bool,
     /// Copy at most this many bytes of the disk per second (`-r`); 0 for no limit.
     pub rate_limit: u64,
+    /// Copy offloading (`-C`): data ranges are copied whole, zero blocks in them included, as
+    /// qemu-img's offloaded copy does (vimg copies them with its own reads and writes).
+    pub copy_offload: bool,
 }
 
 impl Default for ConvertOptions {
@@ -127,6 +130,7 @@ impl Default for ConvertOptions {
             salvage: false,
             quiet: false,
             rate_limit: 0,
+            copy_offload: false,
         }
     }
 }
@@ -269,6 +273,7 @@ pub fn convert(
         salvage: opts.salvage,
         quiet: opts.quiet,
         rate: opts.rate_limit,
+        verbatim: opts.copy_offload,
     };
     let existing_device = std::fs::metadata(dst)
         .map(|m| !m.file_type().is_file() && !m.file_type().is_dir())

@@ -52,6 +52,9 @@ pub(super) struct Plan<'a> {
     pub quiet: bool,
     /// `-r`: bytes of the disk per second to copy at most; 0 for no limit.
     pub rate: u64,
+    /// `-C`: data ranges are copied as they are, zero blocks in them included (as qemu's
+    /// copy offloading copies them); ranges the source reports as zeros stay holes.
+    pub verbatim: bool,
 }
 
 /// Reads `buf.len()` source bytes at `off`; with `--salvage`, a failed read is retried sector by
@@ -67,7 +70,10 @@ fn read_source(plan: &Plan<'_>, buf: &mut [u8], off: u64) -> Result<()> {
         let at = off + i as u64 * 512;
         if let Err(e) = plan.src.read_at(sector, GuestOffset(at)) {
             if !plan.quiet {
-                eprintln!("vimg: warning: error while reading offset {at}: {e}");
+                // qemu's words first (it reports every failed read as EIO), then vimg's cause.
+                eprintln!(
+                    "vimg: warning: error while reading offset {at}: Input/output error ({e})"
+                );
             }
             sector.fill(0);
         }
@@ -318,8 +324,25 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
     });
     match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
-        None => Ok(()),
+        None => match plan.compress {
+            Some(q) => align_compressed_end(q),
+            None => Ok(()),
+        },
     }
+}
+
+/// Rounds the length of a file that compressed clusters were appended to up to whole
+/// 512-byte sectors, as qemu-img's convert does when it ends a compressed copy.
+fn align_compressed_end(q: &Qcow2Image) -> Result<()> {
+    let st = q.storage();
+    let len = st
+        .len()
+        .map_err(|e| Error::io("cannot get the output's length", e))?;
+    if len % 512 != 0 {
+        st.set_len(len.next_multiple_of(512))
+            .map_err(|e| Error::io("cannot extend the output to whole sectors", e))?;
+    }
+    Ok(())
 }
 
 /// The source's block status at `off`, checked: at least one byte, inside the disk.
@@ -752,7 +775,7 @@ fn store_clusters(
 /// zeroing) the aligned blocks of `plan.sparse` bytes that are all zeros.
 fn plan_sparse_writes(plan: &Plan<'_>, off: u64, len: u64, buf: &[u8], out: &mut Vec<Action>) {
     let sparse = plan.sparse;
-    if sparse == 0 {
+    if sparse == 0 || plan.verbatim {
         out.push(Action::Write {
             off,
             at: 0,
