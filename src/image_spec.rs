@@ -70,6 +70,10 @@ const FOREIGN_FORMATS: &[&str] = &[
     "bochs",
     "cloop",
     "luks",
+];
+
+/// Filter and test drivers of qemu (not image formats) that vimg does not have.
+const FOREIGN_DRIVERS: &[&str] = &[
     "vvfat",
     "copy-before-write",
     "preallocate",
@@ -260,6 +264,12 @@ fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
             )))
         }
         Some(d) if FOREIGN_PROTOCOLS.contains(&d) => return Err(unsupported_protocol(d)),
+        Some(d) if FOREIGN_DRIVERS.contains(&d) => {
+            return Err(Error::unsupported(format!(
+                "driver '{d}' is not supported by vimg (only raw and qcow2 over file or \
+                 host_device)"
+            )))
+        }
         Some(d) => return Err(Error::invalid_input(format!("Unknown driver '{d}'"))),
     };
     spec.format = format;

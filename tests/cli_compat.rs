@@ -473,3 +473,18 @@ fn bitmap_granularity_and_extent_size_hint_spellings() {
     );
     assert_eq!(c, 1);
 }
+
+/// `check` of a raw image prints qemu-img's exact line (iotests 159 and 170 rely on it).
+#[test]
+fn raw_check_message_is_qemus() {
+    if !qemu_available("raw_check_message_is_qemus") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("r.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let args = ["check", "-f", "raw", p(&raw)];
+    let (c1, o1) = run_status(VIMG, &args);
+    let (c2, o2) = run_status("qemu-img", &args);
+    assert_eq!((c1, unprefixed(&o1)), (c2, unprefixed(&o2)));
+}
