@@ -377,7 +377,7 @@ fn produce(plan: &Plan<'_>, stop: &AtomicBool, send: &mut dyn FnMut(Job) -> bool
     let mut emitted = 0u64;
     let mut off = 0;
     while off < size && !stop.load(Ordering::SeqCst) {
-        let st = status(src, off, size)?;
+        let st = salvaged_status(plan, off, size)?;
         let end = off + st.len;
         if let Some(cs) = ccs {
             // Small jobs: compression works cluster by cluster, so big buffers only cost memory.
@@ -435,6 +435,31 @@ fn produce(plan: &Plan<'_>, stop: &AtomicBool, send: &mut dyn FnMut(Job) -> bool
         off = end;
     }
     Ok(())
+}
+
+/// The source's block status at `off`; with `--salvage`, a failure is warned about (as qemu-img
+/// does) and the next 512 bytes are treated as data, to be read (or zero-filled) like any other.
+fn salvaged_status(plan: &Plan<'_>, off: u64, size: u64) -> Result<BlockStatus> {
+    match status(plan.src, off, size) {
+        Err(e) if plan.salvage => {
+            if !plan.quiet {
+                eprintln!(
+                    "vimg: warning: error while reading block status at offset {off}: \
+                     Input/output error ({e})"
+                );
+            }
+            Ok(BlockStatus {
+                len: 512.min(size - off),
+                depth: 0,
+                present: true,
+                zero: false,
+                data: true,
+                compressed: false,
+                offset: None,
+            })
+        }
+        r => r,
+    }
 }
 
 /// A block-status walker that remembers the last answer, for questions asked at increasing
