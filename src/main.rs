@@ -1102,6 +1102,13 @@ fn amend(a: AmendCmdArgs) -> CmdResult {
 }
 
 fn create(a: CreateCmdArgs) -> CmdResult {
+    if IMAGE_OPTS.load(std::sync::atomic::Ordering::Relaxed) {
+        // As in qemu-img, whose create does not take it: the new image is named by a file name.
+        return Err(Failure {
+            message: "create: --image-opts is not an option of create (name the new file)".into(),
+            code: 1,
+        });
+    }
     if ops::create::wants_help(&a.options) {
         print(&ops::create::options_help(a.format))?;
         return Ok(0);

@@ -112,6 +112,17 @@ fn json_and_image_opts_names_open_the_named_image() {
             "nbd",
         ),
         (vec!["info", "json:{"], "JSON"),
+        (
+            vec![
+                "create",
+                "--image-opts",
+                "-f",
+                "raw",
+                "driver=raw,file.filename=n",
+                "1M",
+            ],
+            "image-opts",
+        ),
     ] {
         let (code, out) = run_status(VIMG, &args);
         assert_eq!((code, out.lines().count()), (1, 1), "{args:?}: {out}");
