@@ -124,7 +124,8 @@ const IGNORED: &[&str] = &[
 /// or a plain file name.
 pub fn parse_filename(name: &str) -> Result<ImageSpec> {
     if let Some(json) = name.strip_prefix("json:") {
-        let value: serde_json::Value = serde_json::from_str(json)
+        let json = strict_json(json);
+        let value: serde_json::Value = serde_json::from_str(&json)
             .map_err(|e| Error::invalid_input(format!("Could not parse the JSON options: {e}")))?;
         let serde_json::Value::Object(map) = value else {
             return Err(Error::invalid_input("Invalid JSON object given"));
@@ -154,6 +155,49 @@ pub fn parse_filename(name: &str) -> Result<ImageSpec> {
         path: PathBuf::from(name),
         ..Default::default()
     })
+}
+
+/// qemu's JSON with its single-quoted strings (`{'driver': 'qcow2'}`, which its parser takes
+/// and its iotests use) rewritten as standard JSON; double-quoted strings are kept as they are.
+fn strict_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push('"');
+                while let Some(d) = chars.next() {
+                    out.push(d);
+                    match d {
+                        '\\' => out.extend(chars.next()),
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '\'' => {
+                out.push('"');
+                while let Some(d) = chars.next() {
+                    match d {
+                        '\\' => match chars.next() {
+                            Some('\'') => out.push('\''),
+                            Some(e) => {
+                                out.push('\\');
+                                out.push(e);
+                            }
+                            None => {}
+                        },
+                        '\'' => break,
+                        '"' => out.push_str("\\\""),
+                        _ => out.push(d),
+                    }
+                }
+                out.push('"');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// Parses an `--image-opts` argument: `key=value` items separated by commas, `,,` standing
@@ -341,6 +385,16 @@ mod tests {
         assert_eq!(s.path, PathBuf::from("a,b.qcow2"));
         assert_eq!(s.format, Some(ImageFormat::Qcow2));
         assert_eq!(s.locking, Some(false));
+    }
+
+    #[test]
+    fn single_quoted_json_as_qemu_takes_it() {
+        let s = parse_filename(
+            "json:{ 'driver': 'qcow2',\n 'file': {'driver':'file','filename':'it\\'s \"x\"'}}",
+        )
+        .unwrap();
+        assert_eq!(s.path, PathBuf::from("it's \"x\""));
+        assert_eq!(strict_json(r#"{"a'b": 'c'}"#), r#"{"a'b": "c"}"#);
     }
 
     #[test]

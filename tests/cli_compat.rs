@@ -55,6 +55,9 @@ fn json_and_image_opts_names_open_the_named_image() {
         format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{name}"}}}}"#);
     let opts = format!("driver=qcow2,file.filename={name},file.locking=off");
     let plain_info = run(VIMG, &["info", "--output=json", name]);
+    // qemu's JSON parser takes single-quoted strings too (its iotests use them).
+    let quoted = format!("json:{{'driver': 'qcow2', 'file': {{'filename': '{name}'}}}}");
+    assert_eq!(run(VIMG, &["info", "--output=json", &quoted]), plain_info);
     assert_eq!(run(VIMG, &["info", "--output=json", &json]), plain_info);
     assert_eq!(
         run(VIMG, &["info", "--image-opts", "--output=json", &opts]),
