@@ -368,18 +368,22 @@ impl Header {
 
         h.parse_extensions(cluster0)?;
 
-        // Unknown incompatible features: refuse, by name where the image names them.
-        let unknown = h.incompatible_features & !incompat::KNOWN;
+        // Unknown incompatible features: refuse, by name where the image names them, in
+        // qemu-img's words (the feature table's order, then the bits it does not name).
+        let mut unknown = h.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
-            let names: Vec<String> = (0..64u8)
-                .filter(|b| unknown & (1u64 << b) != 0)
-                .map(|b| match h.feature_name(0, b) {
-                    Some(n) => format!("'{n}' (bit {b})"),
-                    None => format!("unknown feature bit {b}"),
-                })
-                .collect();
+            let mut names = Vec::new();
+            for f in &h.feature_names {
+                if f.kind == 0 && f.bit < 64 && unknown & (1u64 << f.bit) != 0 {
+                    names.push(f.name.clone());
+                    unknown &= !(1u64 << f.bit);
+                }
+            }
+            if unknown != 0 {
+                names.push(format!("Unknown incompatible feature: {unknown:x}"));
+            }
             return Err(Error::unsupported(format!(
-                "image uses incompatible features vimg does not support: {}",
+                "Unsupported qcow2 feature(s): {}",
                 names.join(", ")
             )));
         }
@@ -422,13 +426,13 @@ impl Header {
                 Error::corrupt(format!("virtual size {} is absurdly large", self.size)).at(24),
             );
         }
+        // qemu-img's words (qcow2_do_open), which scripts match.
         let needed = self.l1_entries_needed();
+        if needed > i32::MAX as u64 {
+            return Err(Error::corrupt("Image is too big"));
+        }
         if u64::from(self.l1_size) < needed {
-            return Err(Error::corrupt(format!(
-                "L1 table has {} entries but the disk needs {needed}",
-                self.l1_size
-            ))
-            .at(36));
+            return Err(Error::corrupt("L1 table is too small"));
         }
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
@@ -575,9 +579,16 @@ impl Header {
                     self.data_file = (!name.is_empty()).then(|| name.to_string());
                 }
                 ext::FEATURE_TABLE => {
-                    for e in data.chunks_exact(48) {
+                    // Entries of 48 bytes; a short last entry reads as if padded with zeros,
+                    // and an entry with an empty name ends the table, as qemu reads it.
+                    for part in data.chunks(48) {
+                        let mut e = [0u8; 48];
+                        e[..part.len()].copy_from_slice(part);
                         let raw = &e[2..48];
                         let n = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+                        if n == 0 {
+                            break;
+                        }
                         self.feature_names.push(FeatureName {
                             kind: e[0],
                             bit: e[1],
@@ -699,7 +710,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         let m = e.to_string();
         assert!(
-            m.contains("'quantum-x' (bit 11)") && m.contains("unknown feature bit 10"),
+            m.contains("Unsupported qcow2 feature(s): quantum-x, Unknown incompatible feature: 400"),
             "{m}"
         );
     }
