@@ -595,7 +595,11 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::from(1);
             }
-            eprintln!("{}: {} (see 'vimg --help')", prog(), one_line(&e.to_string()));
+            eprintln!(
+                "{}: {} (see 'vimg --help')",
+                prog(),
+                one_line(&e.to_string())
+            );
             return ExitCode::from(1);
         }
     };

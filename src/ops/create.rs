@@ -179,8 +179,8 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
                 }));
             }
             let preallocation = given.preallocation.unwrap_or_default();
-            let size = size
-                .ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
+            let size =
+                size.ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
             Ok(CreatePlan::Raw {
                 path: args.filename.clone(),
                 size,
@@ -250,8 +250,8 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
                     size = size.or(Some(img.virtual_size()));
                 }
             }
-            let size = size
-                .ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
+            let size =
+                size.ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
             opts.size = size;
             Ok(CreatePlan::Qcow2 {
                 path: args.filename.clone(),
@@ -339,10 +339,10 @@ impl CreatePlan {
             } => {
                 // After the "Formatting" line, as qemu-img refuses it.
                 if *preallocation == Preallocation::Metadata {
-                    return Err(Error::invalid_input(
-                        "Unsupported preallocation mode: metadata",
-                    )
-                    .with_path(path));
+                    return Err(
+                        Error::invalid_input("Unsupported preallocation mode: metadata")
+                            .with_path(path),
+                    );
                 }
                 create_raw(path, *size, *preallocation)
             }
@@ -446,20 +446,24 @@ mod tests {
             (args(q, p, &["size=1M"], Some("1M")), "only once"),
             (
                 args(ImageFormat::Raw, p, &["cluster_size=4k"], Some("1M")),
-                "not supported for raw",
-            ),
-            (
-                args(ImageFormat::Raw, p, &["preallocation=metadata"], Some("1M")),
-                "metadata",
+                "Invalid parameter 'cluster_size'",
             ),
             (
                 args(q, p, &["backing_file=b"], Some("1M")),
-                "without backing format",
+                "Could not open backing image",
             ),
         ] {
             let e = prepare(&a).unwrap_err();
             assert!(e.to_string().contains(want), "{a:?}: {e}");
         }
+        // Refused after the "Formatting" line, as by qemu-img, before anything is created.
+        let a = args(ImageFormat::Raw, p, &["preallocation=metadata"], Some("1M"));
+        let e = prepare(&a).unwrap().execute().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Unsupported preallocation mode: metadata"),
+            "{e}"
+        );
         let mut a = args(q, p, &[], None);
         a.backing_file = Some("b.raw".into());
         a.backing_format = Some("raw".into());
@@ -474,7 +478,7 @@ mod tests {
         assert!(prepare(&a)
             .unwrap_err()
             .to_string()
-            .contains("unknown backing format"));
+            .contains("Parameter 'backing-fmt' does not accept value 'foo'"));
         assert!(wants_help(&["cluster_size=4k,help".to_string()]));
         assert!(options_help(q).contains("refcount_bits"));
     }
@@ -509,6 +513,6 @@ mod tests {
         assert!(create(&a)
             .unwrap_err()
             .to_string()
-            .contains("its own backing file"));
+            .contains("same filename as the backing file"));
     }
 }

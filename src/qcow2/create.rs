@@ -516,7 +516,9 @@ impl CreateOptions {
             }
         }
         if self.extended_l2 && cs < 16384 {
-            return bad("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+            return bad(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            );
         }
         if self.backing_file.is_some() && self.backing_fmt.is_none() {
             return bad("Backing file specified without backing format");

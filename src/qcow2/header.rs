@@ -710,7 +710,9 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         let m = e.to_string();
         assert!(
-            m.contains("Unsupported qcow2 feature(s): quantum-x, Unknown incompatible feature: 400"),
+            m.contains(
+                "Unsupported qcow2 feature(s): quantum-x, Unknown incompatible feature: 400"
+            ),
             "{m}"
         );
     }
@@ -732,7 +734,7 @@ mod tests {
         let cases: Vec<(Poke, &str)> = vec![
             (
                 Box::new(|h| BigEndian::write_u32(&mut h[36..], 1)),
-                "needs 2",
+                "L1 table is too small",
             ),
             (
                 Box::new(|h| BigEndian::write_u32(&mut h[36..], 0x0800_0000)),
