@@ -85,7 +85,9 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     };
     if format != ImageFormat::Qcow2 {
         return Err(if opts.compress {
-            Error::unsupported("Compression not supported for this file format").with_path(path)
+            Error::unsupported("Compression not supported for this file format")
+                .with_path(path)
+                .bare()
         } else {
             cannot_change("Operation not supported (only qcow2 images have a backing file)")
         });
