@@ -1100,9 +1100,7 @@ impl Out<'_> {
     }
 
     fn len(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
+        crate::storage::file_len(self.file)
             .map_err(|e| Error::io("cannot get file size", e).with_path(self.path))
     }
 
