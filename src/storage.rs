@@ -154,6 +154,15 @@ pub fn path_len(path: &Path) -> io::Result<u64> {
     file_len(&File::open(path)?)
 }
 
+/// Removes the file at `path` that a failed create made (or emptied), but only a regular file:
+/// a block device (or anything else) written in place is never unlinked, since removing its
+/// name would lose the device node, not undo the create. Errors are ignored (best effort).
+pub fn remove_failed_output(path: &Path) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Whether `path` names a block device (following symlinks); `false` if it cannot be looked at.
 pub fn is_block_device(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;

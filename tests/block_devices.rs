@@ -16,6 +16,9 @@ const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
 /// A loop device over a file, detached when dropped.
 struct Loop {
     dev: PathBuf,
+    /// The device's major and minor numbers, to put its node back should a broken vimg have
+    /// removed it (as a failed create once did).
+    rdev: (u64, u64),
 }
 
 impl Loop {
@@ -35,10 +38,11 @@ impl Loop {
                 .output()
                 .map_err(|e| format!("cannot run losetup: {e}"))?;
             if out.status.success() {
-                let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                return Ok(Loop {
-                    dev: PathBuf::from(dev),
-                });
+                let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+                use std::os::unix::fs::MetadataExt;
+                let rdev = std::fs::metadata(&dev).map_err(|e| e.to_string())?.rdev();
+                let rdev = (u64::from(libc::major(rdev)), u64::from(libc::minor(rdev)));
+                return Ok(Loop { dev, rdev });
             }
             why = format!(
                 "losetup failed: {}",
@@ -56,6 +60,22 @@ impl Loop {
 
 impl Drop for Loop {
     fn drop(&mut self) {
+        use std::os::unix::fs::FileTypeExt;
+        let node_ok =
+            std::fs::symlink_metadata(&self.dev).is_ok_and(|m| m.file_type().is_block_device());
+        if !node_ok {
+            // Whatever took the node's place goes; the node comes back (root only, as losetup).
+            let _ = std::fs::remove_file(&self.dev);
+            let _ = Command::new("mknod")
+                .args(["-m", "600"])
+                .arg(&self.dev)
+                .args(["b", &self.rdev.0.to_string(), &self.rdev.1.to_string()])
+                .status();
+            eprintln!(
+                "block_devices: {} had been removed; node restored",
+                self.dev.display()
+            );
+        }
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
@@ -195,6 +215,39 @@ fn both(sector: u32) {
         &["compare", "-f", "qcow2", "-F", "raw", p(&src), dev],
     );
     assert!(cmp.contains("identical"), "convert onto the device: {cmp}");
+
+    // create on the device: it cannot grow (refused, as by qemu-img), and a failed create
+    // leaves the device node where it is (it used to be unlinked as a failed output file).
+    let is_device = |d: &str| {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_block_device())
+    };
+    let (rc, o) = run_status(VIMG, &["create", "-f", "raw", dev, "8M"]);
+    assert_ne!(rc, 0, "create of a raw image larger than the device: {o}");
+    assert!(o.contains("Cannot grow device files"), "{o}");
+    assert!(is_device(dev), "a failed create removed {dev}");
+    let full = [
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=full",
+        dev,
+        "8M",
+    ];
+    let (rc, o) = run_status(VIMG, &full);
+    assert_ne!(
+        rc, 0,
+        "a preallocated qcow2 image larger than the device: {o}"
+    );
+    assert!(is_device(dev), "a failed create removed {dev}");
+    // A qcow2 image made on the device is what qemu-img makes there.
+    run(VIMG, &["create", "-q", "-f", "qcow2", dev, "64M"]);
+    run("qemu-img", &["check", dev]);
+    assert_eq!(
+        run(VIMG, &["info", "--output", "json", dev]),
+        run("qemu-img", &["info", "--output", "json", dev])
+    );
 }
 
 /// A qcow2 image on a device: vimg reads it as qemu-img does (info, check, map, compare,
