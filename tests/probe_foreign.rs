@@ -109,6 +109,7 @@ fn foreign_formats_are_refused_by_name() {
             (q, _, _) => failures.push(format!("{name}: qemu-img probes {q:?}, expected {fmt}")),
         }
         let out = dir.path().join(format!("{name}.out"));
+        let before = std::fs::read(&img).unwrap();
         for args in [
             vec!["info", p(&img)],
             vec!["info", "--output", "json", p(&img)],
@@ -116,6 +117,12 @@ fn foreign_formats_are_refused_by_name() {
             vec!["convert", "-O", "qcow2", p(&img), p(&out)],
             vec!["map", p(&img)],
             vec!["compare", p(&img), p(&img)],
+            vec!["check", p(&img)],
+            vec!["measure", "-O", "qcow2", p(&img)],
+            vec!["snapshot", "-c", "s1", p(&img)],
+            vec!["resize", p(&img), "+1M"],
+            vec!["amend", "-o", "compat=1.1", p(&img)],
+            vec!["commit", p(&img)],
         ] {
             let (rc, o) = run_status(VIMG, &args);
             let lines: Vec<&str> = o.lines().collect();
@@ -126,6 +133,9 @@ fn foreign_formats_are_refused_by_name() {
                 failures.push(format!("vimg {args:?} left {}", out.display()));
                 let _ = std::fs::remove_file(&out);
             }
+        }
+        if std::fs::read(&img).unwrap() != before {
+            failures.push(format!("{name} was changed"));
         }
         // Naming the format is refused the same way (not as an unknown format).
         let (rc, o) = run_status(VIMG, &["info", "-f", fmt, p(&img)]);
