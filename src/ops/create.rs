@@ -378,7 +378,7 @@ pub fn create_raw(path: &Path, size: u64, mode: Preallocation) -> Result<()> {
     });
     if r.is_err() {
         drop(file);
-        let _ = std::fs::remove_file(path);
+        crate::storage::remove_failed_output(path);
     }
     r
 }

@@ -1119,13 +1119,17 @@ impl Out<'_> {
     }
 
     fn len(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
+        crate::storage::file_len(self.file)
             .map_err(|e| Error::io("cannot get file size", e).with_path(self.path))
     }
 
+    /// Only ever grows the file (see the callers); a block device cannot grow, as qemu says.
     fn set_len(&self, len: u64) -> Result<()> {
+        let kind = crate::storage::HostKind::of(self.file)
+            .map_err(|e| Error::io("cannot get file size", e).with_path(self.path))?;
+        if kind.is_block_device() {
+            return Err(Error::invalid_input("Cannot grow device files").with_path(self.path));
+        }
         self.file
             .set_len(len)
             .map_err(|e| Error::io("cannot set file size", e).with_path(self.path))
@@ -1218,7 +1222,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let r = write_all(path, opts, &p, &header, data_path.as_deref(), &mut made);
     if r.is_err() {
         for f in made {
-            let _ = std::fs::remove_file(f);
+            crate::storage::remove_failed_output(&f);
         }
     }
     r

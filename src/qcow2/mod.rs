@@ -205,7 +205,9 @@ impl Qcow2Image {
             img.backing_path = Some(bpath.clone());
             if !no_backing {
                 let format = match &img.header.backing_format {
-                    Some(f) => Some(crate::block::ImageFormat::from_name(f)?),
+                    Some(f) => Some(
+                        crate::block::ImageFormat::from_name(f).map_err(|e| e.with_path(&bpath))?,
+                    ),
                     None => {
                         img.backing_probed = true;
                         Some(probe_format(&bpath).map_err(|e| {
