@@ -119,7 +119,13 @@ impl Qcow2Image {
             Some((d, _)) => DataFile::Given(d.duplicate()),
             None => DataFile::Named,
         };
-        Self::open_storage_for_repair(storage, &self.path, &data)
+        let mut img = Self::open_storage_for_repair(storage, &self.path, &data)?;
+        if self.snapshot_override.is_some() {
+            // The write state is made again with the table the repair holds.
+            img.snapshot_override = self.snapshot_override.clone();
+            img.write = WriteState::new(&img).ok().map(Mutex::new);
+        }
+        Ok(img)
     }
 }
 
@@ -229,6 +235,15 @@ fn parse_mismatch(line: &str) -> Option<Mismatch> {
 /// found minus those left at the end, and the report's messages are the first check's,
 /// followed by `Rebuilding refcount structure`.
 pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
+    // A snapshot table qemu's check repairs as it reads it (too much extra data, too big):
+    // the refcounts are repaired with the table as read, then the table is written anew.
+    if mode == RepairMode::All && img.snapshot_override.is_none() && img.header.nb_snapshots > 0 {
+        if let Ok(t) = super::snapshot::read_table_repairing(img) {
+            if !t.messages.is_empty() {
+                return repair_snapshot_table(img, mode, t);
+            }
+        }
+    }
     // Damage outside the refcount structures (overlapping tables, an unreadable snapshot
     // table) is beyond what a refcount repair or rebuild can fix: refuse before changing
     // anything.
@@ -376,6 +391,113 @@ fn realign_preallocated(img: &Qcow2Image) -> Result<Vec<String>> {
         img.sync()?;
     }
     Ok(messages)
+}
+
+/// Repairs the qcow2 image at `path` as `qemu-img check -r` does with `mode`: opens it with
+/// [`Qcow2Image::open_for_repair`] and calls [`repair`]. With `All`, a header that counts more
+/// snapshots than qemu's limit (65536) is first brought down to the limit in place, as qemu's
+/// check does before it reads the table; the snapshots past the limit are discarded and what
+/// only they referenced becomes leaks.
+pub fn repair_file(path: &Path, mode: RepairMode) -> Result<CheckReport> {
+    let mut messages = Vec::new();
+    let mut fixed = 0;
+    if mode == RepairMode::All {
+        if let Some(n) = discard_excess_snapshots(path).in_file(path)? {
+            messages.push(format!("Discarding {n} overhanging snapshots"));
+            fixed += n;
+        }
+    }
+    let img = Qcow2Image::open_for_repair(path)?;
+    let mut report = repair(&img, mode)?;
+    report.corruptions_fixed += fixed;
+    messages.append(&mut report.messages);
+    report.messages = messages;
+    Ok(report)
+}
+
+/// Sets the snapshot count in the header of the qcow2 image at `path` to qemu's limit when it
+/// is above it (one synced 4-byte write); returns how many snapshots that discards.
+fn discard_excess_snapshots(path: &Path) -> Result<Option<u64>> {
+    let storage = FileStorage::open(path, true)
+        .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+    let mut h = [0u8; 72];
+    if storage.read_at(&mut h, 0).is_err() || &h[0..4] != b"QFI\xfb" {
+        return Ok(None); // the open that follows says what is wrong
+    }
+    let nb = BigEndian::read_u32(&h[60..64]);
+    let max = super::snapshot_write::MAX_SNAPSHOTS;
+    let table_end = BigEndian::read_u64(&h[64..72]).saturating_add(u64::from(max) * 40);
+    // A table that could not hold the snapshots kept is left to the open to refuse.
+    let fits = storage.len().is_ok_and(|len| table_end <= len);
+    if nb <= max || !fits {
+        return Ok(None);
+    }
+    storage
+        .write_at(&max.to_be_bytes(), 60)
+        .map_err(|e| Error::io("cannot write the header", e).at(60))?;
+    storage
+        .flush()
+        .map_err(|e| Error::io("cannot sync the image", e))?;
+    Ok(Some(u64::from(nb - max)))
+}
+
+/// Repairs `img` whose snapshot table [`super::snapshot::read_table_repairing`] read as `t`,
+/// as qemu does: the refcounts are repaired with the table as read (the discarded snapshots'
+/// clusters are leaks), then the kept entries are written as a new table and the old one
+/// freed when extra data was cut, or else the header's snapshot count lowered in place; then
+/// the image is checked again. Before the table or count is written, the old table stays
+/// allocated, so a crash leaves it readable by a repair.
+fn repair_snapshot_table(
+    img: &Qcow2Image,
+    mode: RepairMode,
+    t: super::snapshot::RepairedTable,
+) -> Result<CheckReport> {
+    let mut fresh = img.reopen_for_repair()?;
+    fresh.snapshot_override = Some((t.entries.clone(), t.bytes));
+    fresh.write = WriteState::new(&fresh).ok().map(Mutex::new);
+    let mut report = repair(&fresh, mode)?;
+    // The refcount structures may have been rebuilt: the table is written through a new open.
+    let mut fresh = fresh.reopen_for_repair()?;
+    // The report ends with the check of the image as repaired so far: that part is replaced
+    // by the check after the table is written.
+    let stale = fresh.check()?.messages;
+    if t.extra_cut {
+        let size = fresh.header.size;
+        let entries: Vec<Vec<u8>> = t
+            .entries
+            .iter()
+            .map(|s| super::snapshot_write::encode_entry(s, size))
+            .collect();
+        fresh
+            .with_write_state(|i, st| i.replace_snapshot_table(st, &entries))
+            .in_file(&img.path)?;
+    } else {
+        // Only entries at the end were discarded: the table stays where it is, shorter.
+        let n = t.entries.len() as u32;
+        fresh
+            .storage
+            .write_at(&n.to_be_bytes(), 60)
+            .map_err(|e| Error::io("cannot write the header", e).at(60))
+            .in_file(&img.path)?;
+        fresh.sync()?;
+    }
+    drop(fresh);
+    let done = img.reopen_for_repair()?;
+    let after = done.check()?;
+    let mut messages = t.messages;
+    let pass = if report.messages.ends_with(&stale) {
+        report.messages.len() - stale.len()
+    } else {
+        report.messages.len()
+    };
+    messages.extend(report.messages.drain(..pass));
+    messages.extend(after.messages.iter().cloned());
+    Ok(CheckReport {
+        corruptions_fixed: report.corruptions_fixed + t.fixed,
+        leaks_fixed: report.leaks_fixed,
+        messages,
+        ..after
+    })
 }
 
 /// Whether a check report shows damage that needs the refcount structures rebuilt, as qemu
