@@ -366,8 +366,7 @@ impl<'a> Checker<'a> {
         if u128::from(offset) + u128::from(size) >= u128::from(self.file_len) + u128::from(self.cs)
         {
             self.corruption(format!(
-                "ERROR reference to {size:#x} bytes at {offset:#x} reaches past the end of the file ({:#x} bytes)",
-                self.file_len
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {size:#x}"
             ));
             return;
         }

@@ -133,9 +133,9 @@ pub struct RepairedTable {
 
 /// Reads the snapshot table as qemu's `check -r all` does: extra data past 1024 bytes is
 /// dropped (the first 1024 bytes are kept, and the entry's id and name are still read after
-/// the whole extra data), entries that end past qemu's 64 MiB table limit are discarded with
-/// every entry after them, and what lies past the end of the file reads as zeros. Names and
-/// ids end at their first NUL byte, as qemu's strings do.
+/// the whole extra data), entries that end past qemu's 64 MiB table limit (measured as qemu
+/// would write the table: extra data cut, entries padded) are discarded with every entry
+/// after them, and what lies past the end of the file reads as zeros.
 pub fn read_table_repairing(img: &Qcow2Image) -> Result<RepairedTable> {
     let mut t = RepairedTable::default();
     let (entries, bytes) = read_entries(img, Some(&mut t))?;
@@ -153,6 +153,7 @@ fn read_entries(
     let mut out = Vec::with_capacity(n.min(1024) as usize);
     let mut off = h.snapshots_offset;
     let mut end = off;
+    let mut table_len = 0u64;
     let end_limit = h
         .snapshots_offset
         .saturating_add(MAX_TABLE_BYTES)
@@ -201,8 +202,11 @@ fn read_entries(
             }
         }
         let var = u64::from(extra_size) + id_len + name_len;
+        // qemu's limit applies to the table as it would write it (extra data cut, each entry
+        // padded to 8 bytes); the table in use still spans the whole extra data.
+        table_len = table_len.div_ceil(8) * 8 + 40 + u64::from(kept_extra) + id_len + name_len;
         if let Some(t) = repair.as_deref_mut() {
-            if (off + 40 + var).saturating_sub(h.snapshots_offset) > MAX_TABLE_BYTES {
+            if table_len > MAX_TABLE_BYTES {
                 t.messages.push(format!(
                     "Discarding {} overhanging snapshots (snapshot table is too big)",
                     n - i
@@ -210,6 +214,12 @@ fn read_entries(
                 t.fixed += u64::from(n - i);
                 break;
             }
+        } else if table_len > MAX_TABLE_BYTES {
+            return Err(Error::corrupt(format!(
+                "Snapshot table is too big (check -r all can remove the {} overhanging snapshots)",
+                n - i
+            ))
+            .at(off));
         } else if off.checked_add(40 + var).is_none_or(|e| e > end_limit) {
             // The padding after the last entry may be missing from the file: bound the entry
             // itself.
@@ -223,12 +233,9 @@ fn read_entries(
         read(&mut extra, off + 40, repairing)?;
         let mut names = vec![0u8; (id_len + name_len) as usize];
         read(&mut names, off + 40 + u64::from(extra_size), repairing)?;
+        // qemu's ids and names are C strings: they end at the first NUL byte.
         let text = |b: &[u8]| {
-            let b = if repairing {
-                &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]
-            } else {
-                b
-            };
+            let b = &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())];
             String::from_utf8_lossy(b).into_owned()
         };
         let id = text(&names[..id_len as usize]);
