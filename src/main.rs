@@ -779,14 +779,13 @@ fn check(a: CheckArgs) -> CmdResult {
             if format != ImageFormat::Qcow2 {
                 return Err(not_supported());
             }
-            let img = vimg::qcow2::Qcow2Image::open_for_repair(&a.filename).map_err(fail)?;
             let mode = if mode == "all" {
                 vimg::qcow2::repair::RepairMode::All
             } else {
                 vimg::qcow2::repair::RepairMode::Leaks
             };
             (
-                vimg::qcow2::repair::repair(&img, mode).map_err(fail)?,
+                vimg::qcow2::repair::repair_file(&a.filename, mode).map_err(fail)?,
                 format,
             )
         }

@@ -94,6 +94,9 @@ pub struct Qcow2Image {
     unsafe_cache: std::sync::atomic::AtomicBool,
     /// The bitmaps extension as it is on disk now (the header's, until bitmaps are stored).
     live_bitmaps: Mutex<Option<header::BitmapsExt>>,
+    /// The snapshot table as a repair read it (entries and size in bytes), used instead of
+    /// the one on disk until the repair writes it ([`snapshot::read_table_with_size`]).
+    snapshot_override: Option<(Vec<snapshot::Snapshot>, u64)>,
 }
 
 impl Qcow2Image {
@@ -195,6 +198,7 @@ impl Qcow2Image {
             write: None,
             unsafe_cache: std::sync::atomic::AtomicBool::new(false),
             live_bitmaps: Mutex::new(header.bitmaps),
+            snapshot_override: None,
             header,
         };
         if writable {
