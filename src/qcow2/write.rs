@@ -774,8 +774,9 @@ impl Qcow2Image {
             }
             // Sharing the cluster takes one more reference than narrow refcounts may hold.
             let r = self.refcount_of(&st, first)?;
-            if free && r < refcount::max_refcount(h.refcount_order) {
-                self.set_refcount_of(&mut st, first, r + 1)?;
+            let shared = refcount::increased(first, r, 1, h.refcount_order).ok();
+            if let Some(r) = shared.filter(|_| free) {
+                self.set_refcount_of(&mut st, first, r)?;
                 for c in first + 1..=last {
                     self.set_refcount_of(&mut st, c, 1)?;
                 }
