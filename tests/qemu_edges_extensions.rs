@@ -106,8 +106,13 @@ fn a_repeated_backing_format_is_read_as_qemu_reads_it_and_rebase_u_fixes_it() {
     let key = "backing file format:";
     assert_eq!(info_value(&q, key).as_deref(), Some("foo"), "{q}");
     assert_eq!(info_value(&v, key), info_value(&q, key), "{v}");
-    // rebase -u rewrites the header: one backing format extension, the new one.
+    // As in iotests 114: without -F, both refuse with qemu-img's words.
     let b = base.to_str().unwrap();
+    let (qcode, qout) = run_status("qemu-img", &["rebase", "-u", "-b", b, t]);
+    let (code, out) = run_status(VIMG, &["rebase", "-u", "-b", b, t]);
+    assert_eq!((code != 0, qcode != 0), (true, true), "{out} / {qout}");
+    assert_eq!(out.replacen("vimg:", "qemu-img:", 1), qout);
+    // rebase -u rewrites the header: one backing format extension, the new one.
     let (code, out) = run_status(VIMG, &["rebase", "-u", "-b", b, "-F", "qcow2", t]);
     assert_eq!(code, 0, "vimg rebase -u: {out}");
     let formats: Vec<_> = extensions(&top)
