@@ -595,7 +595,7 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::from(1);
             }
-            eprintln!("vimg: {} (see 'vimg --help')", one_line(&e.to_string()));
+            eprintln!("{}: {} (see 'vimg --help')", prog(), one_line(&e.to_string()));
             return ExitCode::from(1);
         }
     };
@@ -619,10 +619,23 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             let _ = std::io::stdout().flush();
-            eprintln!("vimg: {}", f.message);
+            eprintln!("{}: {}", prog(), f.message);
             ExitCode::from(f.code)
         }
     }
+}
+
+/// The name messages start with: `qemu-img` when vimg was installed under that name (a link
+/// named `qemu-img`, so that scripts matching qemu-img's messages keep matching), else `vimg`.
+fn prog() -> &'static str {
+    static NAME: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let argv0 = std::env::args_os().next().unwrap_or_default();
+        match std::path::Path::new(&argv0).file_name() {
+            Some(n) if n == "qemu-img" => "qemu-img",
+            _ => "vimg",
+        }
+    })
 }
 
 /// clap's error text on one line: the message and its details, without the usage block.
@@ -675,7 +688,7 @@ fn open(
             .ok()
             .and_then(|i| ops::info::backing_format_warning(layer, &i))
         {
-            eprintln!("vimg: warning: {w}");
+            eprintln!("{}: warning: {w}", prog());
         }
         layer = below;
     }
@@ -697,7 +710,7 @@ fn info(a: InfoArgs) -> CmdResult {
     };
     let layers = ops::info::collect(&a.filename, &opts).map_err(|e| Failure::new(e, 1))?;
     for w in layers.iter().flat_map(|l| &l.warnings) {
-        eprintln!("vimg: warning: {w}");
+        eprintln!("{}: warning: {w}", prog());
     }
     match OutputFormat::from(a.output) {
         OutputFormat::Json => print(&ops::info::render_json(&layers, a.backing_chain))?,
@@ -744,8 +757,10 @@ fn compare(a: CompareArgs) -> CmdResult {
 
 fn check(a: CheckArgs) -> CmdResult {
     let fail = |e| Failure::new(e, 1);
+    // qemu-img's exact words, which scripts (and qemu's iotests) match; the file is the one
+    // named on the command line.
     let not_supported = || Failure {
-        message: format!("{}: {}", a.filename.display(), ops::check::NOT_SUPPORTED),
+        message: ops::check::NOT_SUPPORTED.to_string(),
         code: ops::check::EXIT_NOT_SUPPORTED as u8,
     };
     let (report, format) = match a.repair.as_deref() {
@@ -1031,7 +1046,7 @@ fn convert(a: ConvertArgs) -> CmdResult {
     if let (true, [src]) = (opts.bitmaps, sources.as_slice()) {
         let (_, warnings) = ops::convert::source_bitmaps(*src, &opts).map_err(fail)?;
         for w in warnings {
-            eprintln!("vimg: warning: {w}");
+            eprintln!("{}: warning: {w}", prog());
         }
     }
     let total = sources

@@ -109,15 +109,17 @@ impl ChainGuard {
     pub fn enter(&mut self, path: &Path) -> Result<()> {
         let canon = std::fs::canonicalize(path)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        if let Some(first) = self.seen.iter().position(|p| *p == canon) {
+        if self.seen.contains(&canon) {
+            // qemu-img's words, which scripts match.
             return Err(Error::new(
                 ErrorKind::BackingChain,
                 format!(
-                    "backing chain loops: this file is already layer {} of the chain",
-                    first
+                    "Backing file '{}' creates an infinite loop.",
+                    path.display()
                 ),
             )
-            .with_path(path));
+            .with_path(path)
+            .bare());
         }
         if self.seen.len() >= MAX_CHAIN_DEPTH {
             return Err(Error::new(
@@ -150,6 +152,16 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockImage>
 
 /// Opens one layer (and, unless `no_backing`, the layers below it), registering it in `guard`.
 pub fn open_layer(
+    path: &Path,
+    format: Option<ImageFormat>,
+    writable: bool,
+    no_backing: bool,
+    guard: &mut ChainGuard,
+) -> Result<Box<dyn BlockImage>> {
+    open_layer_inner(path, format, writable, no_backing, guard).map_err(Error::while_opening)
+}
+
+fn open_layer_inner(
     path: &Path,
     format: Option<ImageFormat>,
     writable: bool,
@@ -258,7 +270,7 @@ mod tests {
         let again = dir.path().join(".").join("a.raw");
         let e = g.enter(&again).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::BackingChain);
-        assert!(e.to_string().contains("loops"), "{e}");
+        assert!(e.to_string().contains("creates an infinite loop"), "{e}");
         assert_eq!(g.depth(), 1);
     }
 

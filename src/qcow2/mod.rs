@@ -108,8 +108,11 @@ impl Qcow2Image {
         let locks = guard
             .locks(ImageFormat::Qcow2, writable, guard.depth() <= 1)
             .map_err(|e| e.with_path(path))?;
-        let storage = FileStorage::open_with(path, writable, locks)
-            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        let storage = FileStorage::open_with(path, writable, locks).map_err(|e| {
+            Error::io("cannot open image", e)
+                .with_path(path)
+                .while_opening()
+        })?;
         Self::open_storage(Box::new(storage), path, writable, no_backing, guard)
     }
 
@@ -122,7 +125,9 @@ impl Qcow2Image {
         no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Self> {
-        Self::open_inner(storage, path, writable, no_backing, guard, &DataFile::Named).in_file(path)
+        Self::open_inner(storage, path, writable, no_backing, guard, &DataFile::Named)
+            .in_file(path)
+            .map_err(Error::while_opening)
     }
 
     /// Opens a qcow2 image held in `storage` without touching any host file: no backing file
