@@ -79,6 +79,8 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
             "Could not change the backing file to '{}': {why}",
             new_name.unwrap_or("")
         ))
+        .with_path(path)
+        .bare()
     };
     let format = match opts.format {
         Some(f) => f,

@@ -501,7 +501,8 @@ impl Qcow2Image {
 
 /// qemu-img's message for deleting a snapshot that does not exist.
 /// `e` (a refused refcount increase) as qemu-img words it: "Could not create snapshot 'foo':
-/// Invalid argument", with vimg's details after qemu's words. Other errors pass unchanged.
+/// Invalid argument", printed without the file name before it, with vimg's details after
+/// qemu's words. Other errors pass unchanged.
 fn snapshot_failed(verb: &str, name: &str, e: Error) -> Error {
     if e.kind() != crate::error::ErrorKind::InvalidInput {
         return e;
@@ -510,6 +511,7 @@ fn snapshot_failed(verb: &str, name: &str, e: Error) -> Error {
         e.kind(),
         format!("Could not {verb} snapshot '{name}': {}", e.what()),
     )
+    .bare()
 }
 
 fn not_found_delete(name: &str) -> Error {
