@@ -72,12 +72,15 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
             return Err(Error::invalid_input(format!("Invalid format name: '{f}'")));
         }
     }
+    // qemu-img's words exactly (iotests 114 matches them): the message names the new backing
+    // file, and the image is the only one on the command line.
     let cannot_change = |why: &str| {
         Error::invalid_input(format!(
             "Could not change the backing file to '{}': {why}",
             new_name.unwrap_or("")
         ))
         .with_path(path)
+        .bare()
     };
     let format = match opts.format {
         Some(f) => f,

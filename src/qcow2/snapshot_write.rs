@@ -18,6 +18,7 @@
 //! repairs.
 
 use super::l2::{self, Descriptor, OFLAG_COPIED};
+use super::refcount;
 use super::snapshot::{read_table, Snapshot, MAX_TABLE_BYTES};
 use super::write::WriteState;
 use super::Qcow2Image;
@@ -90,16 +91,36 @@ impl Qcow2Image {
         Ok(out)
     }
 
-    /// Adds one to the refcount of each of `clusters` (in memory; written at the next flush).
-    fn increment_all(&self, st: &mut WriteState, clusters: &[u64]) -> Result<()> {
+    /// The refcount each of `clusters` will have with one more reference per appearance in
+    /// the list (a host cluster a tree references twice gains two), checked against the
+    /// refcount width ([`refcount::increased`]) and against a refcount of 0 for a cluster in
+    /// use. Changes nothing: callers plan before they allocate or write anything, so that a
+    /// refusal leaves the file as it was.
+    fn plan_increments(&self, st: &WriteState, clusters: &[u64]) -> Result<Vec<(u64, u64)>> {
+        let mut counts = std::collections::BTreeMap::new();
         for &c in clusters {
-            let r = self.refcount_of(st, c)?;
-            if r == 0 {
-                return Err(Error::corrupt(format!(
-                    "cluster {c} is in use but its refcount is 0 (repair the image with check -r all)"
-                )));
-            }
-            self.set_refcount_of(st, c, r + 1)?;
+            *counts.entry(c).or_insert(0u64) += 1;
+        }
+        let order = self.header.refcount_order;
+        counts
+            .into_iter()
+            .map(|(c, more)| {
+                let r = self.refcount_of(st, c)?;
+                if r == 0 {
+                    return Err(Error::corrupt(format!(
+                        "cluster {c} is in use but its refcount is 0 (repair the image with check -r all)"
+                    )));
+                }
+                Ok((c, refcount::increased(c, r, more, order)?))
+            })
+            .collect()
+    }
+
+    /// Stores the refcounts [`Self::plan_increments`] computed (in memory; written at the
+    /// next flush).
+    fn apply_increments(&self, st: &mut WriteState, plan: &[(u64, u64)]) -> Result<()> {
+        for &(c, r) in plan {
+            self.set_refcount_of(st, c, r)?;
         }
         Ok(())
     }
@@ -285,9 +306,13 @@ impl Qcow2Image {
         let size = self.header.size;
         let mut entries: Vec<Vec<u8>> = snaps.iter().map(|s| encode_entry(s, size)).collect();
         self.with_write_state(|img, st| {
-            // 1. New clusters for the snapshot's L1 copy, and one more reference to the tree.
+            // 1. New clusters for the snapshot's L1 copy, and one more reference to the tree
+            // (refused before anything changes if a refcount would not fit its width).
+            let plan = img
+                .plan_increments(st, &tree)
+                .map_err(|e| snapshot_failed("create", name, e))?;
             let l1_off = img.alloc_run(st, l1_bytes)?;
-            img.increment_all(st, &tree)?;
+            img.apply_increments(st, &plan)?;
             img.flush_locked(st)?;
             // 2. The copy (COPIED flags mean nothing outside the active table: cleared).
             let mut raw = vec![0u8; l1_bytes as usize];
@@ -413,6 +438,10 @@ impl Qcow2Image {
             self.grow_active_l1(snap.l1_size)?;
         }
         let sn_tree = self.tree_clusters(&sn_l1)?;
+        // The snapshot's tree gains a reference: refused before the resize below changes the
+        // image if a refcount would not fit its width.
+        self.with_write_state(|img, st| img.plan_increments(st, &sn_tree))
+            .map_err(|e| snapshot_failed("apply", name_or_id, e))?;
         let cs = self.header.cluster_size();
         self.with_write_state(|img, st| {
             for &e in &sn_l1 {
@@ -421,7 +450,8 @@ impl Qcow2Image {
                 }
             }
             // 1. The snapshot's tree gains a reference (on disk before the L1 points at it).
-            img.increment_all(st, &sn_tree)?;
+            let plan = img.plan_increments(st, &sn_tree)?;
+            img.apply_increments(st, &plan)?;
             img.flush_locked(st)?;
             let old_l1 = img.l1().clone();
             let old_tree = img.tree_clusters(&old_l1)?;
@@ -473,6 +503,20 @@ impl Qcow2Image {
 }
 
 /// qemu-img's message for deleting a snapshot that does not exist.
+/// `e` (a refused refcount increase) as qemu-img words it: "Could not create snapshot 'foo':
+/// Invalid argument", printed without the file name before it, with vimg's details after
+/// qemu's words. Other errors pass unchanged.
+fn snapshot_failed(verb: &str, name: &str, e: Error) -> Error {
+    if e.kind() != crate::error::ErrorKind::InvalidInput {
+        return e;
+    }
+    Error::new(
+        e.kind(),
+        format!("Could not {verb} snapshot '{name}': {}", e.what()),
+    )
+    .bare()
+}
+
 fn not_found_delete(name: &str) -> Error {
     Error::new(
         crate::error::ErrorKind::InvalidInput,
