@@ -34,9 +34,12 @@ impl ImageFormat {
         match name {
             "raw" => Ok(ImageFormat::Raw),
             "qcow2" => Ok(ImageFormat::Qcow2),
-            other => Err(Error::unsupported(format!(
-                "unknown or unsupported image format '{other}'"
-            ))),
+            other => Err(match crate::probe::ForeignFormat::from_name(other) {
+                Some(f) => f.not_supported(),
+                None => {
+                    Error::unsupported(format!("unknown or unsupported image format '{other}'"))
+                }
+            }),
         }
     }
 }

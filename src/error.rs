@@ -46,6 +46,22 @@ impl ErrorKind {
     }
 }
 
+/// How an error's message names its file.
+///
+/// qemu-img's messages are matched by scripts (and by qemu's own iotests), so where qemu-img
+/// words a failure a certain way, vimg's message starts with the same words: a failure to open
+/// an image reads `Could not open 'FILE': REASON`, as in qemu.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// `FILE: what` (vimg's own messages).
+    Prefixed,
+    /// `Could not open 'FILE': what`: the failure happened while opening the image.
+    Opening,
+    /// `what` alone: the message is complete as it stands (qemu-img's words, which already say
+    /// which file, or concern the command rather than one file).
+    Bare,
+}
+
 /// A library error: kind, the file it concerns, the byte offset where it was found (host
 /// offset in that file, or guest offset where stated in the message) and a sentence saying what
 /// is wrong.
@@ -56,6 +72,7 @@ pub struct Error {
     offset: Option<u64>,
     what: String,
     source: Option<std::io::Error>,
+    framing: Framing,
 }
 
 /// The library's result type.
@@ -70,6 +87,7 @@ impl Error {
             offset: None,
             what: what.into(),
             source: None,
+            framing: Framing::Prefixed,
         }
     }
 
@@ -102,7 +120,25 @@ impl Error {
             offset: None,
             what: what.into(),
             source: Some(source),
+            framing: Framing::Prefixed,
         }
+    }
+
+    /// Marks the error as a failure to open its file, printed as qemu-img prints those:
+    /// `Could not open 'FILE': REASON` (an I/O error's reason is the operating system's).
+    /// Errors already framed otherwise are left as they are.
+    pub fn while_opening(mut self) -> Self {
+        if self.framing == Framing::Prefixed {
+            self.framing = Framing::Opening;
+        }
+        self
+    }
+
+    /// Marks the message as complete: it is printed as it stands, without the file (for
+    /// qemu-img's own words, which scripts match).
+    pub fn bare(mut self) -> Self {
+        self.framing = Framing::Bare;
+        self
     }
 
     /// Attaches the file this error concerns, unless one is already attached (the innermost
@@ -145,17 +181,38 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(p) = &self.path {
-            write!(f, "{}: ", p.display())?;
+        match (&self.path, self.framing) {
+            (Some(p), Framing::Opening) => {
+                write!(f, "Could not open '{}': ", p.display())?;
+                // "Could not open 'F': cannot open image: No such file" says it twice: the
+                // operating system's reason alone is qemu-img's message.
+                if let (Some(s), None) = (&self.source, self.offset) {
+                    if self.what.starts_with("cannot open") {
+                        return f.write_str(&os_reason(s));
+                    }
+                }
+            }
+            (Some(p), Framing::Prefixed) => write!(f, "{}: ", p.display())?,
+            _ => {}
         }
         f.write_str(&self.what)?;
         if let Some(o) = self.offset {
             write!(f, " (at offset {o:#x})")?;
         }
         if let Some(s) = &self.source {
-            write!(f, ": {s}")?;
+            write!(f, ": {}", os_reason(s))?;
         }
         Ok(())
+    }
+}
+
+/// An I/O error's text as the C library words it (`No space left on device`), without the
+/// `(os error 28)` Rust appends, as qemu-img prints it.
+pub fn os_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match (e.raw_os_error(), text.rfind(" (os error ")) {
+        (Some(_), Some(i)) => text[..i].to_string(),
+        _ => text,
     }
 }
 

@@ -17,6 +17,7 @@ pub mod lock;
 pub mod offsets;
 pub mod open;
 pub mod ops;
+pub mod probe;
 pub mod qcow2;
 pub mod raw;
 pub mod secret;

@@ -649,7 +649,11 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::from(1);
             }
-            eprintln!("vimg: {} (see 'vimg --help')", one_line(&e.to_string()));
+            eprintln!(
+                "{}: {} (see 'vimg --help')",
+                prog(),
+                one_line(&e.to_string())
+            );
             return ExitCode::from(1);
         }
     };
@@ -659,7 +663,7 @@ fn main() -> ExitCode {
             let _ = SECRETS.set(secrets);
         }
         Err(e) => {
-            eprintln!("vimg: {e}");
+            eprintln!("{}: {e}", prog());
             return ExitCode::from(1);
         }
     }
@@ -684,7 +688,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             let _ = std::io::stdout().flush();
-            eprintln!("vimg: {}", f.message);
+            eprintln!("{}: {}", prog(), f.message);
             ExitCode::from(f.code)
         }
     }
@@ -765,6 +769,19 @@ fn check_src_cache(mode: &Option<String>) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The name messages start with: `qemu-img` when vimg was installed under that name (a link
+/// named `qemu-img`, so that scripts matching qemu-img's messages keep matching), else `vimg`.
+fn prog() -> &'static str {
+    static NAME: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let argv0 = std::env::args_os().next().unwrap_or_default();
+        match std::path::Path::new(&argv0).file_name() {
+            Some(n) if n == "qemu-img" => "qemu-img",
+            _ => "vimg",
+        }
+    })
+}
+
 /// clap's error text on one line: the message and its details, without the usage block.
 fn one_line(text: &str) -> String {
     let mut parts = Vec::new();
@@ -815,7 +832,7 @@ fn open(
             .ok()
             .and_then(|i| ops::info::backing_format_warning(layer, &i))
         {
-            eprintln!("vimg: warning: {w}");
+            eprintln!("{}: warning: {w}", prog());
         }
         layer = below;
     }
@@ -838,7 +855,7 @@ fn info(a: InfoArgs) -> CmdResult {
     };
     let layers = ops::info::collect(&n.path, &opts).map_err(|e| Failure::new(e, 1))?;
     for w in layers.iter().flat_map(|l| &l.warnings) {
-        eprintln!("vimg: warning: {w}");
+        eprintln!("{}: warning: {w}", prog());
     }
     match OutputFormat::from(a.output) {
         OutputFormat::Json => print(&ops::info::render_json(&layers, a.backing_chain))?,
@@ -894,9 +911,9 @@ fn check(mut a: CheckArgs) -> CmdResult {
     let n = resolve(&a.filename, a.image.format, a.image.force_share)?;
     (a.filename, a.image.format) = (n.path, n.format);
     a.image.force_share = n.force_share && a.repair.is_none() || a.image.force_share;
+    // qemu-img's exact words, which scripts (and qemu's iotests) match; the file is the one
+    // named on the command line.
     let not_supported = || Failure {
-        // qemu's exact line (its iotests turn it into "No errors were found" for raw images);
-        // it says what the format lacks, not what is wrong with the file.
         message: ops::check::NOT_SUPPORTED.to_string(),
         code: ops::check::EXIT_NOT_SUPPORTED as u8,
     };
@@ -912,14 +929,13 @@ fn check(mut a: CheckArgs) -> CmdResult {
             if format != ImageFormat::Qcow2 {
                 return Err(not_supported());
             }
-            let img = vimg::qcow2::Qcow2Image::open_for_repair(&a.filename).map_err(fail)?;
             let mode = if mode == "all" {
                 vimg::qcow2::repair::RepairMode::All
             } else {
                 vimg::qcow2::repair::RepairMode::Leaks
             };
             (
-                vimg::qcow2::repair::repair(&img, mode).map_err(fail)?,
+                vimg::qcow2::repair::repair_file(&a.filename, mode).map_err(fail)?,
                 format,
             )
         }
@@ -1235,7 +1251,7 @@ fn convert(a: ConvertArgs) -> CmdResult {
     if let (true, [src]) = (opts.bitmaps, sources.as_slice()) {
         let (_, warnings) = ops::convert::source_bitmaps(*src, &opts).map_err(fail)?;
         for w in warnings {
-            eprintln!("vimg: warning: {w}");
+            eprintln!("{}: warning: {w}", prog());
         }
     }
     let total = sources
@@ -1298,7 +1314,7 @@ fn dd(a: DdArgs) -> CmdResult {
     let src = open(&n.path, n.format, sharing(n.force_share)).map_err(fail)?;
     let outcome = ops::dd::dd(src.as_ref(), &operands, a.output_format).map_err(fail)?;
     if let Some(w) = outcome.warning {
-        eprintln!("vimg: {w}");
+        eprintln!("{}: {w}", prog());
     }
     Ok(0)
 }

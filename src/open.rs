@@ -12,6 +12,7 @@
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock::LockRequest;
+use crate::probe::Probed;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use crate::storage::Storage;
@@ -109,15 +110,17 @@ impl ChainGuard {
     pub fn enter(&mut self, path: &Path) -> Result<()> {
         let canon = std::fs::canonicalize(path)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        if let Some(first) = self.seen.iter().position(|p| *p == canon) {
+        if self.seen.contains(&canon) {
+            // qemu-img's words, which scripts match.
             return Err(Error::new(
                 ErrorKind::BackingChain,
                 format!(
-                    "backing chain loops: this file is already layer {} of the chain",
-                    first
+                    "Backing file '{}' creates an infinite loop.",
+                    path.display()
                 ),
             )
-            .with_path(path));
+            .with_path(path)
+            .bare());
         }
         if self.seen.len() >= MAX_CHAIN_DEPTH {
             return Err(Error::new(
@@ -156,6 +159,16 @@ pub fn open_layer(
     no_backing: bool,
     guard: &mut ChainGuard,
 ) -> Result<Box<dyn BlockImage>> {
+    open_layer_inner(path, format, writable, no_backing, guard).map_err(Error::while_opening)
+}
+
+fn open_layer_inner(
+    path: &Path,
+    format: Option<ImageFormat>,
+    writable: bool,
+    no_backing: bool,
+    guard: &mut ChainGuard,
+) -> Result<Box<dyn BlockImage>> {
     guard.enter(path)?;
     let format = match format {
         Some(f) => f,
@@ -172,21 +185,25 @@ pub fn open_layer(
     })
 }
 
-/// Guesses the format of the file at `path` from its first bytes: qcow2 by its magic,
-/// anything else raw. Takes no image locks (the file is only looked at).
+/// Guesses the format of the file at `path` from its bytes, as qemu does ([`crate::probe`]):
+/// qcow2 by its magic, anything no format claims raw. A format qemu knows and vimg does not
+/// read (vmdk, vhdx, ...) is refused by name. Takes no image locks (the file is only looked
+/// at).
 pub fn probe_format(path: &Path) -> Result<ImageFormat> {
+    match probe_file(path)? {
+        Probed::Supported(f) => Ok(f),
+        Probed::Foreign(f) => Err(f.not_supported().with_path(path)),
+    }
+}
+
+/// What the file at `path` is, as [`crate::probe::probe`] finds it.
+pub fn probe_file(path: &Path) -> Result<Probed> {
     let storage =
         crate::storage::FileStorage::open_with(path, false, crate::lock::LockRequest::NONE)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-    let mut magic = [0u8; 4];
-    storage
-        .read_at(&mut magic, 0)
-        .map_err(|e| Error::io("cannot read image", e).with_path(path))?;
-    Ok(if magic == crate::qcow2::header::QCOW2_MAGIC {
-        ImageFormat::Qcow2
-    } else {
-        ImageFormat::Raw
-    })
+    let read_failed = |e| Error::io("Could not read image for determining its format", e);
+    let len = storage.len().map_err(|e| read_failed(e).with_path(path))?;
+    crate::probe::probe_storage(&storage, len, path).map_err(|e| read_failed(e).with_path(path))
 }
 
 /// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
@@ -258,7 +275,7 @@ mod tests {
         let again = dir.path().join(".").join("a.raw");
         let e = g.enter(&again).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::BackingChain);
-        assert!(e.to_string().contains("loops"), "{e}");
+        assert!(e.to_string().contains("creates an infinite loop"), "{e}");
         assert_eq!(g.depth(), 1);
     }
 

@@ -90,12 +90,83 @@ pub fn create_file(path: &Path) -> io::Result<lock::LockedFile> {
     Ok(file)
 }
 
-/// Empties `file` unless it is empty already (see [`create_file`]).
+/// Empties `file` unless it is empty already (see [`create_file`]). A block device is left as
+/// it is: it has the length it has (qemu's `host_device` driver does not truncate either).
 fn empty(file: &File) -> io::Result<()> {
-    if file.metadata()?.len() > 0 {
+    let m = file.metadata()?;
+    if m.file_type().is_file() && m.len() > 0 {
         file.set_len(0)?;
     }
     Ok(())
+}
+
+/// What kind of host file an image lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    /// A regular file (or anything else that is not a block device): its length is the one
+    /// `stat` reports, and it can be truncated, extended and made sparse.
+    File,
+    /// A block device (qemu's `host_device`): its length is the device's size, which `stat`
+    /// reports as 0; it cannot be resized, and it has no holes.
+    BlockDevice {
+        /// The logical sector size (`BLKSSZGET`): the smallest unit the device addresses.
+        logical_sector: u32,
+        /// The physical sector size (`BLKPBSZGET`): the unit the device writes atomically.
+        physical_sector: u32,
+    },
+}
+
+impl HostKind {
+    /// Finds out what `file` is open on.
+    pub fn of(file: &File) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        if !file.metadata()?.file_type().is_block_device() {
+            return Ok(HostKind::File);
+        }
+        Ok(HostKind::BlockDevice {
+            logical_sector: rustix::fs::ioctl_blksszget(file)?,
+            physical_sector: rustix::fs::ioctl_blkpbszget(file)?,
+        })
+    }
+
+    /// Whether this is a block device.
+    pub fn is_block_device(self) -> bool {
+        matches!(self, HostKind::BlockDevice { .. })
+    }
+}
+
+/// The length in bytes of what `file` is open on: a regular file's length, or a block device's
+/// size (found, as qemu finds it, by seeking to the device's end: `stat` says 0 for a device).
+/// Every size vimg reads from a host file goes through here (or [`FileStorage::len`]).
+pub fn file_len(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = file.metadata()?;
+    if !m.file_type().is_block_device() {
+        return Ok(m.len());
+    }
+    // The file position is not used by anything in vimg (all I/O is positioned), so moving it
+    // to the end is harmless.
+    rustix::fs::seek(file, rustix::fs::SeekFrom::End(0)).map_err(io::Error::from)
+}
+
+/// The length in bytes of the file or block device at `path` (see [`file_len`]).
+pub fn path_len(path: &Path) -> io::Result<u64> {
+    file_len(&File::open(path)?)
+}
+
+/// Removes the file at `path` that a failed create made (or emptied), but only a regular file:
+/// a block device (or anything else) written in place is never unlinked, since removing its
+/// name would lose the device node, not undo the create. Errors are ignored (best effort).
+pub fn remove_failed_output(path: &Path) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Whether `path` names a block device (following symlinks); `false` if it cannot be looked at.
+pub fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 /// Opens `path` for reading and writing, creating it if needed but not truncating it yet.
@@ -120,6 +191,8 @@ pub struct FileStorage {
     /// Taken around each buffered write, shared with [`Storage::duplicate`]s: see
     /// [`FileStorage::write_at`].
     write_gate: std::sync::Arc<std::sync::Mutex<()>>,
+    /// What the file is: a block device has a size `stat` does not report, and no holes.
+    kind: HostKind,
 }
 
 /// The `VIMG_TEST_KILL_AFTER_WRITES` hook (see the module documentation).
@@ -174,7 +247,7 @@ impl FileStorage {
             .write(writable)
             .open(path)?;
         let guard = lock::lock(&file, locks)?;
-        Ok(Self::from_file(file, path, guard))
+        Self::from_file(file, path, guard)
     }
 
     /// Creates `path`, or empties the file there, for writing, with the image locks of a
@@ -182,24 +255,31 @@ impl FileStorage {
     pub fn create(path: &Path) -> io::Result<Self> {
         let file = open_for_create(path)?;
         let guard = lock::lock(&file, LockRequest::exclusive(true))?;
-        let storage = Self::from_file(file, path, guard);
+        let storage = Self::from_file(file, path, guard)?;
         empty(&storage.file)?;
         Ok(storage)
     }
 
-    fn from_file(file: File, path: &Path, locks: Option<lock::LockGuard>) -> Self {
-        FileStorage {
+    fn from_file(file: File, path: &Path, locks: Option<lock::LockGuard>) -> io::Result<Self> {
+        let kind = HostKind::of(&file)?;
+        Ok(FileStorage {
             file,
             path: path.to_path_buf(),
             counted: kill_hook::armed(),
             _locks: locks,
             write_gate: Default::default(),
-        }
+            kind,
+        })
     }
 
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// What the file is (a regular file, or a block device with its sector sizes).
+    pub fn kind(&self) -> HostKind {
+        self.kind
     }
 }
 
@@ -246,10 +326,21 @@ impl Storage for FileStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        file_len(&self.file)
     }
 
+    /// For a block device, only its own size is accepted (nothing changes), as qemu's
+    /// `host_device` driver does: a device cannot be resized.
     fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.kind.is_block_device() {
+            if len == self.len()? {
+                return Ok(());
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "Cannot resize device files",
+            ));
+        }
         self.before_change();
         self.file.set_len(len)
     }
@@ -287,6 +378,11 @@ impl Storage for FileStorage {
         if len == 0 {
             return Ok(true);
         }
+        if self.kind.is_block_device() {
+            // A discard on a device is not guaranteed to leave zeros: keep the contents, as a
+            // best-effort discard may.
+            return Ok(false);
+        }
         self.before_change();
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         match fallocate(&self.file, punch, offset, len) {
@@ -303,6 +399,10 @@ impl Storage for FileStorage {
         let len = self.len()?;
         if offset >= len {
             return Ok((false, u64::MAX - offset));
+        }
+        if self.kind.is_block_device() {
+            // Devices do not report holes through SEEK_DATA/SEEK_HOLE: all of one is data.
+            return Ok((true, len - offset));
         }
         // SEEK_DATA from `offset`: if it stays at `offset`, we are in data and SEEK_HOLE tells
         // where it ends; otherwise we are in a hole that ends where the next data begins.
@@ -338,6 +438,7 @@ impl Storage for FileStorage {
             counted: self.counted,
             _locks: None,
             write_gate: self.write_gate.clone(),
+            kind: self.kind,
         }))
     }
 }

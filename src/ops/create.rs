@@ -168,26 +168,23 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
 
     match args.format {
         ImageFormat::Raw => {
+            // qemu-img's checks before its "Formatting" line, in its words.
+            let file_err = |what: String| Error::invalid_input(what).with_path(&args.filename);
             let extra: Vec<&str> = given
                 .given_keys()
                 .into_iter()
                 .filter(|k| *k != "size" && *k != "preallocation")
                 .collect();
             if let Some(k) = extra.first() {
-                let what = if k.starts_with("backing") {
-                    "raw images cannot have a backing file".to_string()
+                return Err(file_err(if k.starts_with("backing") {
+                    "Backing file not supported for file format 'raw'".to_string()
                 } else {
-                    format!("option '{k}' is not supported for raw images")
-                };
-                return Err(Error::invalid_input(what));
+                    format!("Invalid parameter '{k}'")
+                }));
             }
             let preallocation = given.preallocation.unwrap_or_default();
-            if preallocation == Preallocation::Metadata {
-                return Err(Error::invalid_input(
-                    "preallocation=metadata is not supported for raw images (use falloc or full)",
-                ));
-            }
-            let size = size.ok_or_else(|| Error::invalid_input("image creation needs a size"))?;
+            let size =
+                size.ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
             Ok(CreatePlan::Raw {
                 path: args.filename.clone(),
                 size,
@@ -198,30 +195,43 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
         ImageFormat::Qcow2 => {
             let mut opts = CreateOptions::default();
             opts.apply(&given);
-            if let (Some(name), Some(fmt)) = (&opts.backing_file, &opts.backing_fmt) {
-                if !KNOWN_FORMATS.contains(&fmt.as_str()) {
-                    return Err(Error::invalid_input(format!(
-                        "unknown backing format '{fmt}'"
-                    )));
-                }
-                let bpath = resolve_relative(&args.filename, name)?;
-                if same_file(&bpath, &args.filename) {
-                    return Err(Error::invalid_input(
-                        "the image cannot be its own backing file",
+            // The checks qemu-img makes before it prints its "Formatting" line, in its order
+            // and words (bdrv_img_create); the format's own checks (CreateOptions::validate)
+            // follow when the plan is executed, after that line, as in qemu-img.
+            let file_err = |what: String| Error::invalid_input(what).with_path(&args.filename);
+            if let Some(name) = &opts.backing_file {
+                if name.is_empty() {
+                    return Err(file_err(
+                        "Expected backing file name, got empty string".into(),
                     ));
                 }
-                if args.unsafe_backing {
-                    if size.is_none() {
-                        return Err(Error::invalid_input(
-                            "image creation needs a size when the backing file is not opened (-u)",
-                        ));
+                let bpath = resolve_relative(&args.filename, name)?;
+                if same_file(&bpath, &args.filename) || Path::new(name) == args.filename {
+                    return Err(file_err(
+                        "Error: Trying to create an image with the same filename as the \
+                         backing file"
+                            .into(),
+                    ));
+                }
+                if let Some(fmt) = &opts.backing_fmt {
+                    if !KNOWN_FORMATS.contains(&fmt.as_str()) {
+                        return Err(file_err(if args.unsafe_backing {
+                            format!("Parameter 'backing-fmt' does not accept value '{fmt}'")
+                        } else {
+                            format!("Unknown driver '{fmt}'\nCould not open backing image.")
+                        }));
                     }
-                } else {
-                    let format = ImageFormat::from_name(fmt)?;
+                }
+                if !args.unsafe_backing {
+                    let format = opts
+                        .backing_fmt
+                        .as_deref()
+                        .map(ImageFormat::from_name)
+                        .transpose()?;
                     let img = open_image(
                         &bpath,
                         &OpenOptions {
-                            format: Some(format),
+                            format,
                             writable: false,
                             no_backing: false,
                             ..OpenOptions::default()
@@ -230,19 +240,23 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
                     .map_err(|e| {
                         Error::new(
                             e.kind(),
-                            format!("could not open backing file '{name}': {e}"),
+                            format!("{}\nCould not open backing image.", e.while_opening()),
                         )
+                        .with_path(&args.filename)
                     })?;
+                    if opts.backing_fmt.is_none() {
+                        return Err(file_err(format!(
+                            "Backing file specified without backing format\nDetected format of \
+                             {}.",
+                            img.format()
+                        )));
+                    }
                     size = size.or(Some(img.virtual_size()));
                 }
             }
-            if size.is_none() {
-                // Report what is wrong with the options (a backing file without its format,
-                // say) before the missing size that follows from it.
-                opts.validate()?;
-            }
-            opts.size = size.ok_or_else(|| Error::invalid_input("image creation needs a size"))?;
-            opts.validate()?;
+            let size =
+                size.ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
+            opts.size = size;
             Ok(CreatePlan::Qcow2 {
                 path: args.filename.clone(),
                 options: Box::new(opts),
@@ -326,8 +340,19 @@ impl CreatePlan {
                 size,
                 preallocation,
                 ..
-            } => create_raw(path, *size, *preallocation),
-            CreatePlan::Qcow2 { path, options, .. } => crate::qcow2::create::create(path, options),
+            } => {
+                // After the "Formatting" line, as qemu-img refuses it.
+                if *preallocation == Preallocation::Metadata {
+                    return Err(
+                        Error::invalid_input("Unsupported preallocation mode: metadata")
+                            .with_path(path),
+                    );
+                }
+                create_raw(path, *size, *preallocation)
+            }
+            CreatePlan::Qcow2 { path, options, .. } => {
+                crate::qcow2::create::create(path, options).map_err(|e| e.with_path(path))
+            }
         }
     }
 }
@@ -357,7 +382,7 @@ pub fn create_raw(path: &Path, size: u64, mode: Preallocation) -> Result<()> {
     });
     if r.is_err() {
         drop(file);
-        let _ = std::fs::remove_file(path);
+        crate::storage::remove_failed_output(path);
     }
     r
 }
@@ -425,20 +450,24 @@ mod tests {
             (args(q, p, &["size=1M"], Some("1M")), "only once"),
             (
                 args(ImageFormat::Raw, p, &["cluster_size=4k"], Some("1M")),
-                "not supported for raw",
-            ),
-            (
-                args(ImageFormat::Raw, p, &["preallocation=metadata"], Some("1M")),
-                "metadata",
+                "Invalid parameter 'cluster_size'",
             ),
             (
                 args(q, p, &["backing_file=b"], Some("1M")),
-                "without backing format",
+                "Could not open backing image",
             ),
         ] {
             let e = prepare(&a).unwrap_err();
             assert!(e.to_string().contains(want), "{a:?}: {e}");
         }
+        // Refused after the "Formatting" line, as by qemu-img, before anything is created.
+        let a = args(ImageFormat::Raw, p, &["preallocation=metadata"], Some("1M"));
+        let e = prepare(&a).unwrap().execute().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Unsupported preallocation mode: metadata"),
+            "{e}"
+        );
         let mut a = args(q, p, &[], None);
         a.backing_file = Some("b.raw".into());
         a.backing_format = Some("raw".into());
@@ -453,7 +482,7 @@ mod tests {
         assert!(prepare(&a)
             .unwrap_err()
             .to_string()
-            .contains("unknown backing format"));
+            .contains("Parameter 'backing-fmt' does not accept value 'foo'"));
         assert!(wants_help(&["cluster_size=4k,help".to_string()]));
         assert!(options_help(q).contains("refcount_bits"));
     }
@@ -488,6 +517,6 @@ mod tests {
         assert!(create(&a)
             .unwrap_err()
             .to_string()
-            .contains("its own backing file"));
+            .contains("same filename as the backing file"));
     }
 }

@@ -32,8 +32,11 @@ pub struct LayerReport {
     /// The layer's own description.
     pub info: LayerInfo,
     /// Length of the host file holding the layer (the `file` child's virtual size), rounded up
-    /// to a multiple of 512 bytes as qemu-img reports it.
+    /// to a multiple of 512 bytes as qemu-img reports it. For a block device, its size.
     pub file_length: u64,
+    /// qemu's name for the protocol driver of the host file: `file`, or `host_device` for a
+    /// block device.
+    pub protocol: &'static str,
     /// Things the user should know that are not errors, one sentence each (printed to stderr).
     pub warnings: Vec<String>,
 }
@@ -94,15 +97,20 @@ pub fn backing_format_warning(layer: &dyn BlockImage, info: &LayerInfo) -> Optio
 /// Describes one opened layer.
 pub fn describe(layer: &dyn BlockImage) -> Result<LayerReport> {
     let info = layer.layer_info()?;
-    let file_length = std::fs::metadata(layer.filename())
+    let file_length = crate::storage::path_len(layer.filename())
         .map_err(|e| Error::io("cannot get file size", e).with_path(layer.filename()))?
-        .len()
         .div_ceil(512)
         .saturating_mul(512);
+    let protocol = if crate::storage::is_block_device(layer.filename()) {
+        "host_device"
+    } else {
+        "file"
+    };
     let warnings = backing_format_warning(layer, &info).into_iter().collect();
     Ok(LayerReport {
         info,
         file_length,
+        protocol,
         warnings,
     })
 }
@@ -114,7 +122,7 @@ pub fn layer_json(layer: &LayerReport) -> Value {
         "children": [],
         "virtual-size": layer.file_length,
         "filename": layer.info.filename,
-        "format": "file",
+        "format": layer.protocol,
         "format-specific": {"type": "file", "data": {}},
         "dirty-flag": false,
     });
@@ -197,7 +205,7 @@ fn human_layer(layer: &LayerReport) -> String {
     }
     let _ = writeln!(o, "Child node '/file':");
     let _ = writeln!(o, "    filename: {}", i.filename);
-    let _ = writeln!(o, "    protocol type: file");
+    let _ = writeln!(o, "    protocol type: {}", layer.protocol);
     let _ = writeln!(
         o,
         "    file length: {} ({} bytes)",

@@ -149,8 +149,9 @@ pub fn write_human(
         let file = files.file(s.depth)?;
         let Some(host) = s.offset else {
             return Err(Error::unsupported(format!(
-                "guest range {:#x}+{:#x} is stored compressed in {file}, which has no host \
-                 offset to show; use --output json to map it",
+                "File contains external, encrypted or compressed clusters: guest range \
+                 {:#x}+{:#x} is stored compressed in {file}, which has no host offset to show; \
+                 use --output json to map it",
                 e.start, s.len
             ))
             .with_path(image.filename()));

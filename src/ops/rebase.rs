@@ -12,8 +12,9 @@
 //! skipped, ranges both chains know to read as zeros are skipped, and so are ranges both
 //! chains answer from the same layer (when the new backing file is in the old chain, or the
 //! old one in the new chain). Only the rest is read from both chains and compared, in units of
-//! the image's clusters; a cluster the image leaves wholly unallocated is written whole (as a
-//! zero cluster where the old data is zeros), while in a partly allocated cluster (subclusters)
+//! the image's clusters; a cluster the image leaves wholly unallocated is written whole (as
+//! data even where the old data is zeros, as qemu-img writes it), while in a partly allocated
+//! cluster (subclusters)
 //! only the differing unallocated parts are. Layers of any cluster size and virtual size
 //! combine: a shorter layer reads as zeros past its end.
 //!
@@ -32,7 +33,7 @@ use crate::open::same_file;
 use crate::open::{open_layer, probe_format, resolve_relative, ChainGuard};
 use crate::ops::commit::CacheMode;
 use crate::ops::convert::copy::{read_clamped, Cursor};
-use crate::ops::convert::{is_zero, Progress, CHUNK};
+use crate::ops::convert::{Progress, CHUNK};
 use crate::ops::create::KNOWN_FORMATS;
 use crate::qcow2::compress::compress_cluster;
 use crate::qcow2::Qcow2Image;
@@ -71,12 +72,15 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
             return Err(Error::invalid_input(format!("Invalid format name: '{f}'")));
         }
     }
+    // qemu-img's words exactly (iotests 114 matches them): the message names the new backing
+    // file, and the image is the only one on the command line.
     let cannot_change = |why: &str| {
         Error::invalid_input(format!(
             "Could not change the backing file to '{}': {why}",
             new_name.unwrap_or("")
         ))
         .with_path(path)
+        .bare()
     };
     let format = match opts.format {
         Some(f) => f,
@@ -84,7 +88,9 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     };
     if format != ImageFormat::Qcow2 {
         return Err(if opts.compress {
-            Error::unsupported("Compression not supported for this file format").with_path(path)
+            Error::unsupported("Compression not supported for this file format")
+                .with_path(path)
+                .bare()
         } else {
             cannot_change("Operation not supported (only qcow2 images have a backing file)")
         });
@@ -380,11 +386,10 @@ fn copy_run(
             }
             continue;
         }
+        // Zeros are written as data, as qemu-img 10 writes them (its rebase has no zero
+        // detection: `qemu-img map` shows such a cluster as data in the image).
         let data = &old_buf[at(cl.start, cl.end)];
-        if is_zero(data) {
-            write_pending(&mut pending)?;
-            img.write_zeroes(GuestOffset(cl.start), cl.end - cl.start, false)?;
-        } else if compress {
+        if compress {
             write_pending(&mut pending)?;
             let cs = img.header().cluster_size() as usize;
             let mut cluster = vec![0u8; cs];

@@ -2,7 +2,7 @@
 //! `amend`): qcow2.rst "Header" fields that can change after creation.
 //!
 //! - `compat=1.1` upgrades a version 2 image (the header grows to version 3's layout; snapshot
-//!   table entries get the 16 bytes of extra data version 3 requires), `compat=0.10`
+//!   table entries get the extra data version 3 requires, 24 bytes as qemu writes them), `compat=0.10`
 //!   downgrades a version 3 one ([`super::downgrade`]: zero clusters are expanded in the active
 //!   tree and in every snapshot's, then the header shrinks to version 2's);
 //! - `refcount_bits` rewrites the refcount table and blocks at the new width
@@ -573,8 +573,9 @@ impl Qcow2Image {
 
     /// Gives every snapshot table entry with less than 16 bytes of extra data the 64-bit VM
     /// state size and the disk size (taken to be the image's, as qemu does for such entries),
-    /// writing the table anew and switching the header to it (qcow2.rst "Snapshots": version
-    /// 3 requires both fields).
+    /// writing the table anew as qemu writes it (every entry with at least the 24 bytes of
+    /// extra data qemu knows) and switching the header to it (qcow2.rst "Snapshots": version
+    /// 3 requires the first two fields).
     fn extend_snapshot_extra(&mut self) -> Result<()> {
         let snaps = read_table(self)?;
         if snaps.iter().all(|s| s.extra.len() >= 16) {
@@ -582,19 +583,8 @@ impl Qcow2Image {
         }
         let size = self.header.size;
         let entries: Vec<Vec<u8>> = snaps
-            .into_iter()
-            .map(|mut s| {
-                if s.extra.len() < 16 {
-                    let mut e = vec![0u8; 16];
-                    e[..s.extra.len()].copy_from_slice(&s.extra);
-                    if s.extra.len() < 8 {
-                        e[0..8].copy_from_slice(&s.vm_state_size.to_be_bytes());
-                    }
-                    e[8..16].copy_from_slice(&size.to_be_bytes());
-                    s.extra = e;
-                }
-                super::snapshot_write::encode_entry(&s)
-            })
+            .iter()
+            .map(|s| super::snapshot_write::encode_entry(s, size))
             .collect();
         self.with_write_state(|img, st| img.replace_snapshot_table(st, &entries))?;
         self.settle()
@@ -707,7 +697,7 @@ mod tests {
             .into_iter()
             .map(|mut s| {
                 s.extra.clear();
-                super::super::snapshot_write::encode_entry(&s)
+                super::super::snapshot_write::encode_verbatim(&s)
             })
             .collect();
         img.with_write_state(|i, st| i.replace_snapshot_table(st, &bare))
@@ -726,7 +716,8 @@ mod tests {
         let snaps = read_table(&img).unwrap();
         assert_eq!(snaps.len(), 2);
         for s in &snaps {
-            assert_eq!(s.extra.len(), 16, "{}", s.name);
+            assert_eq!(s.extra.len(), 24, "{}", s.name);
+            assert_eq!(s.icount, None);
             assert_eq!(s.disk_size, Some(4 << 20));
             assert_eq!(s.vm_state_size, 0);
         }

@@ -118,6 +118,11 @@ pub(crate) struct References {
 }
 
 impl References {
+    /// The references counted for `cluster`.
+    pub(crate) fn get(&self, cluster: u64) -> u64 {
+        self.counts.get(cluster)
+    }
+
     /// Removes one reference to `cluster`, if it has any.
     pub(crate) fn drop_one(&mut self, cluster: u64) {
         let c = self.counts.get(cluster);
@@ -361,8 +366,7 @@ impl<'a> Checker<'a> {
         if u128::from(offset) + u128::from(size) >= u128::from(self.file_len) + u128::from(self.cs)
         {
             self.corruption(format!(
-                "ERROR reference to {size:#x} bytes at {offset:#x} reaches past the end of the file ({:#x} bytes)",
-                self.file_len
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {size:#x}"
             ));
             return;
         }
@@ -516,9 +520,9 @@ impl<'a> Checker<'a> {
                         } else {
                             matches!(kind, Kind::Normal(_))
                         };
-                        let what = if data { "data" } else { "preallocated zero" };
+                        let what = if data { "Data" } else { "Preallocated" };
                         self.corruption(format!(
-                            "ERROR {what} cluster offset {off:#x} is not cluster-aligned; L2 entry corrupted"
+                            "ERROR offset={off:x}: {what} cluster is not properly aligned; L2 entry corrupted."
                         ));
                     }
                     if !h.has_data_file() {

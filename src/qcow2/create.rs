@@ -488,46 +488,63 @@ impl CreateOptions {
         if !cs.is_power_of_two()
             || !((1 << MIN_CLUSTER_BITS)..=(1 << MAX_CLUSTER_BITS)).contains(&cs)
         {
-            return bad("cluster size must be a power of two between 512 and 2048k");
+            return bad("Cluster size must be a power of two between 512 and 2048k");
         }
         let rb = self.refcount_bits;
         if !rb.is_power_of_two() || rb > 64 {
-            return bad("refcount width must be a power of two and may not exceed 64 bits");
+            return bad("Refcount width must be a power of two and may not exceed 64 bits");
         }
         if self.compat == Compat::V2 {
+            // qemu-img's words (qcow2_co_create), which scripts match.
             let v3_only = |what: &str| {
                 Err(Error::invalid_input(format!(
-                    "{what} require compatibility level 1.1 or above (use compat=1.1)"
+                    "{what} (use version=v3 or greater)"
                 )))
             };
             if rb != 16 {
-                return v3_only("refcount widths other than 16 bits");
+                return v3_only(
+                    "Different refcount widths than 16 bits require compatibility level 1.1 \
+                     or above",
+                );
             }
             if self.lazy_refcounts {
-                return v3_only("lazy refcounts");
+                return v3_only(
+                    "Lazy refcounts only supported with compatibility level 1.1 and above",
+                );
             }
             if self.compression_type != CompressionType::Zlib {
-                return v3_only("compression types other than zlib");
+                return v3_only(
+                    "Non-zlib compression type is only supported with compatibility level 1.1 \
+                     and above",
+                );
             }
             if self.extended_l2 {
-                return v3_only("extended L2 entries");
+                return v3_only(
+                    "Extended L2 entries are only supported with compatibility level 1.1 and \
+                     above",
+                );
             }
             if self.data_file.is_some() {
-                return v3_only("external data files");
+                return v3_only(
+                    "External data files are only supported with compatibility level 1.1 and \
+                     above",
+                );
             }
         }
         if self.extended_l2 && cs < 16384 {
-            return bad("extended L2 entries need a cluster size of at least 16k");
+            return bad(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            );
         }
         if self.backing_file.is_some() && self.backing_fmt.is_none() {
-            return bad("backing file specified without backing format (use -F or backing_fmt)");
+            return bad("Backing file specified without backing format");
         }
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
-            return bad("backing format specified without a backing file");
+            return bad("Backing format cannot be used without backing file");
         }
         if let Some(b) = &self.backing_file {
             if b.is_empty() {
-                return bad("backing file name is empty");
+                return bad("Expected backing file name, got empty string");
             }
             if b.len() > MAX_BACKING_NAME as usize {
                 return bad("backing file name is longer than 1023 bytes");
@@ -539,17 +556,18 @@ impl CreateOptions {
             }
         }
         if self.data_file_raw && self.data_file.is_none() {
-            return bad("data_file_raw requires data_file");
+            return bad("data-file-raw requires data-file");
         }
         if self.data_file_raw && self.backing_file.is_some() {
-            return bad("a backing file and data_file_raw cannot be used together");
+            return bad("Backing file and data-file-raw cannot be used at the same time");
         }
         if self.backing_file.is_some()
             && self.preallocation != Preallocation::Off
             && !self.extended_l2
         {
             return bad(
-                "a backing file and preallocation can only be used together with extended_l2=on",
+                "Backing file and preallocation can only be used at the same time if \
+                 extended_l2 is on",
             );
         }
         if self.size > i64::MAX as u64 - 511 {
@@ -558,7 +576,8 @@ impl CreateOptions {
         let g = Geometry::new(self);
         if g.l1_size(round_size(self.size)) * 8 > MAX_L1_BYTES {
             return bad(
-                "image size is too large for this cluster size (try a larger cluster size)",
+                "The image size is too large for file format 'qcow2' (try using a larger \
+                 cluster size)",
             );
         }
         Ok(())
@@ -1116,13 +1135,17 @@ impl Out<'_> {
     }
 
     fn len(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
+        crate::storage::file_len(self.file)
             .map_err(|e| Error::io("cannot get file size", e).with_path(self.path))
     }
 
+    /// Only ever grows the file (see the callers); a block device cannot grow, as qemu says.
     fn set_len(&self, len: u64) -> Result<()> {
+        let kind = crate::storage::HostKind::of(self.file)
+            .map_err(|e| Error::io("cannot get file size", e).with_path(self.path))?;
+        if kind.is_block_device() {
+            return Err(Error::invalid_input("Cannot grow device files").with_path(self.path));
+        }
         self.file
             .set_len(len)
             .map_err(|e| Error::io("cannot set file size", e).with_path(self.path))
@@ -1215,7 +1238,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let r = write_all(path, opts, &p, &header, data_path.as_deref(), &mut made);
     if r.is_err() {
         for f in made {
-            let _ = std::fs::remove_file(f);
+            crate::storage::remove_failed_output(&f);
         }
     }
     r
@@ -1429,9 +1452,9 @@ mod tests {
             (opts(|o| o.cluster_size = 1000), "power of two"),
             (opts(|o| o.cluster_size = 256), "power of two"),
             (opts(|o| o.cluster_size = 4 << 20), "power of two"),
-            (opts(|o| o.refcount_bits = 3), "refcount width"),
-            (opts(|o| o.refcount_bits = 128), "refcount width"),
-            (opts(|o| o.refcount_bits = 0), "refcount width"),
+            (opts(|o| o.refcount_bits = 3), "Refcount width"),
+            (opts(|o| o.refcount_bits = 128), "Refcount width"),
+            (opts(|o| o.refcount_bits = 0), "Refcount width"),
             (
                 opts(|o| {
                     o.compat = Compat::V2;
@@ -1472,7 +1495,7 @@ mod tests {
                     o.cluster_size = 8192;
                     o.extended_l2 = true
                 }),
-                "16k",
+                "16384 bytes",
             ),
             (
                 opts(|o| o.backing_file = Some("b".into())),
@@ -1480,16 +1503,16 @@ mod tests {
             ),
             (
                 opts(|o| o.backing_fmt = Some("raw".into())),
-                "without a backing file",
+                "without backing file",
             ),
-            (opts(|o| o.data_file_raw = true), "requires data_file"),
+            (opts(|o| o.data_file_raw = true), "requires data-file"),
             (
                 opts(|o| {
                     o.backing_file = Some("b".into());
                     o.backing_fmt = Some("raw".into());
                     o.preallocation = Preallocation::Metadata;
                 }),
-                "extended_l2",
+                "extended_l2 is on",
             ),
             (
                 opts(|o| {
@@ -1498,7 +1521,7 @@ mod tests {
                     o.data_file = Some("d".into());
                     o.data_file_raw = true;
                 }),
-                "data_file_raw",
+                "data-file-raw",
             ),
             (
                 opts(|o| {

@@ -116,7 +116,7 @@ impl Qcow2Image {
 
     /// Drops this image's reference to the host storage `desc` names: refcounted clusters are
     /// released at the next flush (and punched once free); a data file range is punched now.
-    fn release_discarded(&self, st: &mut WriteState, desc: Descriptor) -> Result<()> {
+    pub(super) fn release_discarded(&self, st: &mut WriteState, desc: Descriptor) -> Result<()> {
         let cs = self.header.cluster_size();
         let bits = self.header.cluster_bits;
         match desc {

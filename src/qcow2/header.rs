@@ -368,18 +368,22 @@ impl Header {
 
         h.parse_extensions(cluster0)?;
 
-        // Unknown incompatible features: refuse, by name where the image names them.
-        let unknown = h.incompatible_features & !incompat::KNOWN;
+        // Unknown incompatible features: refuse, by name where the image names them, in
+        // qemu-img's words (the feature table's order, then the bits it does not name).
+        let mut unknown = h.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
-            let names: Vec<String> = (0..64u8)
-                .filter(|b| unknown & (1u64 << b) != 0)
-                .map(|b| match h.feature_name(0, b) {
-                    Some(n) => format!("'{n}' (bit {b})"),
-                    None => format!("unknown feature bit {b}"),
-                })
-                .collect();
+            let mut names = Vec::new();
+            for f in &h.feature_names {
+                if f.kind == 0 && f.bit < 64 && unknown & (1u64 << f.bit) != 0 {
+                    names.push(f.name.clone());
+                    unknown &= !(1u64 << f.bit);
+                }
+            }
+            if unknown != 0 {
+                names.push(format!("Unknown incompatible feature: {unknown:x}"));
+            }
             return Err(Error::unsupported(format!(
-                "image uses incompatible features vimg does not support: {}",
+                "Unsupported qcow2 feature(s): {}",
                 names.join(", ")
             )));
         }
@@ -422,13 +426,13 @@ impl Header {
                 Error::corrupt(format!("virtual size {} is absurdly large", self.size)).at(24),
             );
         }
+        // qemu-img's words (qcow2_do_open), which scripts match.
         let needed = self.l1_entries_needed();
+        if needed > i32::MAX as u64 {
+            return Err(Error::corrupt("Image is too big"));
+        }
         if u64::from(self.l1_size) < needed {
-            return Err(Error::corrupt(format!(
-                "L1 table has {} entries but the disk needs {needed}",
-                self.l1_size
-            ))
-            .at(36));
+            return Err(Error::corrupt("L1 table is too small"));
         }
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
@@ -533,7 +537,12 @@ impl Header {
         } else {
             limit
         };
-        let mut seen = std::collections::HashSet::new();
+        // An extension that appears more than once is not an error: as qemu reads them
+        // (block/qcow2.c, qcow2_read_extensions), each occurrence replaces what the one
+        // before it said, so the last one wins (backing format, data file name, feature
+        // table, bitmaps, encryption header); unknown extensions are all kept. A header
+        // rewrite then stores each known extension once, which is how `rebase -u` repairs
+        // such an image.
         while off + 8 <= stop {
             let kind = BigEndian::read_u32(&cluster0[off..off + 4]);
             let len = BigEndian::read_u32(&cluster0[off + 4..off + 8]) as usize;
@@ -548,12 +557,6 @@ impl Header {
                 .at(off as u64));
             };
             let data = &cluster0[data_start..data_end];
-            if !seen.insert(kind) && kind != ext::FEATURE_TABLE {
-                return Err(
-                    Error::corrupt(format!("header extension {kind:#x} appears twice"))
-                        .at(off as u64),
-                );
-            }
             match kind {
                 ext::BACKING_FORMAT => {
                     let s = String::from_utf8(data.to_vec()).map_err(|_| {
@@ -575,9 +578,18 @@ impl Header {
                     self.data_file = (!name.is_empty()).then(|| name.to_string());
                 }
                 ext::FEATURE_TABLE => {
-                    for e in data.chunks_exact(48) {
+                    // A later table replaces an earlier one, as in qemu.
+                    self.feature_names.clear();
+                    // Entries of 48 bytes; a short last entry reads as if padded with zeros,
+                    // and an entry with an empty name ends the table, as qemu reads it.
+                    for part in data.chunks(48) {
+                        let mut e = [0u8; 48];
+                        e[..part.len()].copy_from_slice(part);
                         let raw = &e[2..48];
                         let n = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+                        if n == 0 {
+                            break;
+                        }
                         self.feature_names.push(FeatureName {
                             kind: e[0],
                             bit: e[1],
@@ -699,9 +711,58 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         let m = e.to_string();
         assert!(
-            m.contains("'quantum-x' (bit 11)") && m.contains("unknown feature bit 10"),
+            m.contains(
+                "Unsupported qcow2 feature(s): quantum-x, Unknown incompatible feature: 400"
+            ),
             "{m}"
         );
+    }
+
+    /// Writes extension `kind` with `data` at `off` of `h`; returns where the next one goes.
+    fn put_ext(h: &mut [u8], off: usize, kind: u32, data: &[u8]) -> usize {
+        BigEndian::write_u32(&mut h[off..], kind);
+        BigEndian::write_u32(&mut h[off + 4..], data.len() as u32);
+        h[off + 8..off + 8 + data.len()].copy_from_slice(data);
+        off + 8 + data.len().div_ceil(8) * 8
+    }
+
+    #[test]
+    fn a_repeated_extension_is_read_as_qemu_does_the_last_one_wins() {
+        let mut h = base();
+        BigEndian::write_u64(&mut h[72..], 1 << 10 | incompat::DATA_FILE);
+        BigEndian::write_u64(&mut h[88..], autoclear::BITMAPS);
+        let mut off = 112;
+        off = put_ext(&mut h, off, ext::BACKING_FORMAT, b"raw");
+        off = put_ext(&mut h, off, ext::DATA_FILE, b"first.img");
+        let mut feature = [0u8; 48];
+        feature[1] = 10;
+        feature[2..7].copy_from_slice(b"old-x");
+        off = put_ext(&mut h, off, ext::FEATURE_TABLE, &feature);
+        let mut bitmaps = [0u8; 24];
+        BigEndian::write_u32(&mut bitmaps[0..], 1);
+        BigEndian::write_u64(&mut bitmaps[8..], 64);
+        BigEndian::write_u64(&mut bitmaps[16..], 0x20000);
+        off = put_ext(&mut h, off, ext::BITMAPS, &bitmaps);
+        off = put_ext(&mut h, off, 0x1234_5678, b"a");
+        off = put_ext(&mut h, off, ext::BACKING_FORMAT, b"qcow2");
+        off = put_ext(&mut h, off, ext::DATA_FILE, b"second.img");
+        feature[2..7].copy_from_slice(b"new-x");
+        off = put_ext(&mut h, off, ext::FEATURE_TABLE, &feature);
+        BigEndian::write_u32(&mut bitmaps[0..], 2);
+        off = put_ext(&mut h, off, ext::BITMAPS, &bitmaps);
+        put_ext(&mut h, off, 0x1234_5678, b"b");
+        // Unknown incompatible bit 10 is named by the last feature table only.
+        let m = err(&h).to_string();
+        assert!(m.contains("new-x") && !m.contains("old-x"), "{m}");
+        BigEndian::write_u64(&mut h[72..], incompat::DATA_FILE);
+        let p = Header::parse(&h, LEN).unwrap();
+        assert_eq!(p.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(p.data_file.as_deref(), Some("second.img"));
+        assert_eq!(p.feature_names.len(), 1);
+        assert_eq!(p.bitmaps.as_ref().map(|b| b.nb_bitmaps), Some(2));
+        // Unknown extensions are all kept, in order.
+        let unknown: Vec<_> = p.unknown_extensions.iter().map(|u| &u.data[..]).collect();
+        assert_eq!(unknown, [&b"a"[..], &b"b"[..]]);
     }
 
     #[test]
@@ -721,7 +782,7 @@ mod tests {
         let cases: Vec<(Poke, &str)> = vec![
             (
                 Box::new(|h| BigEndian::write_u32(&mut h[36..], 1)),
-                "needs 2",
+                "L1 table is too small",
             ),
             (
                 Box::new(|h| BigEndian::write_u32(&mut h[36..], 0x0800_0000)),

@@ -94,6 +94,9 @@ pub struct Qcow2Image {
     unsafe_cache: std::sync::atomic::AtomicBool,
     /// The bitmaps extension as it is on disk now (the header's, until bitmaps are stored).
     live_bitmaps: Mutex<Option<header::BitmapsExt>>,
+    /// The snapshot table as a repair read it (entries and size in bytes), used instead of
+    /// the one on disk until the repair writes it ([`snapshot::read_table_with_size`]).
+    snapshot_override: Option<(Vec<snapshot::Snapshot>, u64)>,
 }
 
 impl Qcow2Image {
@@ -108,8 +111,11 @@ impl Qcow2Image {
         let locks = guard
             .locks(ImageFormat::Qcow2, writable, guard.depth() <= 1)
             .map_err(|e| e.with_path(path))?;
-        let storage = FileStorage::open_with(path, writable, locks)
-            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        let storage = FileStorage::open_with(path, writable, locks).map_err(|e| {
+            Error::io("cannot open image", e)
+                .with_path(path)
+                .while_opening()
+        })?;
         Self::open_storage(Box::new(storage), path, writable, no_backing, guard)
     }
 
@@ -122,7 +128,9 @@ impl Qcow2Image {
         no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Self> {
-        Self::open_inner(storage, path, writable, no_backing, guard, &DataFile::Named).in_file(path)
+        Self::open_inner(storage, path, writable, no_backing, guard, &DataFile::Named)
+            .in_file(path)
+            .map_err(Error::while_opening)
     }
 
     /// Opens a qcow2 image held in `storage` without touching any host file: no backing file
@@ -190,6 +198,7 @@ impl Qcow2Image {
             write: None,
             unsafe_cache: std::sync::atomic::AtomicBool::new(false),
             live_bitmaps: Mutex::new(header.bitmaps),
+            snapshot_override: None,
             header,
         };
         if writable {
@@ -200,7 +209,9 @@ impl Qcow2Image {
             img.backing_path = Some(bpath.clone());
             if !no_backing {
                 let format = match &img.header.backing_format {
-                    Some(f) => Some(crate::block::ImageFormat::from_name(f)?),
+                    Some(f) => Some(
+                        crate::block::ImageFormat::from_name(f).map_err(|e| e.with_path(&bpath))?,
+                    ),
                     None => {
                         img.backing_probed = true;
                         Some(probe_format(&bpath).map_err(|e| {

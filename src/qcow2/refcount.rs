@@ -212,6 +212,27 @@ pub fn max_refcount(refcount_order: u32) -> u64 {
     }
 }
 
+/// The refcount of host cluster `cluster` after `more` references are added to its
+/// `current` refcount, or an error when the result does not fit an entry of
+/// `1 << refcount_order` bits. Every refcount increase goes through here, so that a refcount
+/// at the width's maximum (2^64-1 included) never wraps: qemu refuses such an update with
+/// EINVAL ("Invalid argument"), and callers refuse before they change anything.
+pub fn increased(cluster: u64, current: u64, more: u64, refcount_order: u32) -> Result<u64> {
+    let max = max_refcount(refcount_order);
+    match current.checked_add(more) {
+        Some(r) if r <= max => Ok(r),
+        _ => Err(Error::new(
+            crate::error::ErrorKind::InvalidInput,
+            format!(
+                "Invalid argument: the refcount of host cluster {cluster} ({current}) cannot \
+                 take {more} more reference{}: {max} is the largest {}-bit refcount",
+                if more == 1 { "" } else { "s" },
+                1u32 << refcount_order.min(MAX_REFCOUNT_ORDER)
+            ),
+        )),
+    }
+}
+
 /// Entry `index` of a refcount block `block` whose entries are `1 << refcount_order` bits wide
 /// (qcow2.rst "Cluster refcounts": entries narrower than a byte are packed starting at the
 /// least significant bit of each byte; entries of a byte or more are big-endian).
@@ -427,6 +448,20 @@ mod tests {
         let b = [0xffu8, 0, 0, 0, 0, 0, 0, 1];
         assert_eq!(get_refcount(&b, 0, 6), 0xff00_0000_0000_0001);
         assert_eq!(max_refcount(6), u64::MAX);
+    }
+
+    #[test]
+    fn increases_past_the_width_are_refused_for_every_width() {
+        for order in 0..=MAX_REFCOUNT_ORDER {
+            let max = max_refcount(order);
+            assert_eq!(increased(5, max - 1, 1, order).unwrap(), max);
+            assert_eq!(increased(5, 0, max, order).unwrap(), max);
+            let e = increased(5, max, 1, order).unwrap_err();
+            assert!(e.to_string().starts_with("Invalid argument"), "{e}");
+            assert!(e.to_string().contains(&max.to_string()), "{e}");
+            assert!(increased(5, 1, max, order).is_err());
+            assert!(increased(5, max, u64::MAX, order).is_err());
+        }
     }
 
     #[test]

@@ -119,7 +119,13 @@ impl Qcow2Image {
             Some((d, _)) => DataFile::Given(d.duplicate()),
             None => DataFile::Named,
         };
-        Self::open_storage_for_repair(storage, &self.path, &data)
+        let mut img = Self::open_storage_for_repair(storage, &self.path, &data)?;
+        if self.snapshot_override.is_some() {
+            // The write state is made again with the table the repair holds.
+            img.snapshot_override = self.snapshot_override.clone();
+            img.write = WriteState::new(&img).ok().map(Mutex::new);
+        }
+        Ok(img)
     }
 }
 
@@ -229,6 +235,15 @@ fn parse_mismatch(line: &str) -> Option<Mismatch> {
 /// found minus those left at the end, and the report's messages are the first check's,
 /// followed by `Rebuilding refcount structure`.
 pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
+    // A snapshot table qemu's check repairs as it reads it (too much extra data, too big):
+    // the refcounts are repaired with the table as read, then the table is written anew.
+    if mode == RepairMode::All && img.snapshot_override.is_none() && img.header.nb_snapshots > 0 {
+        if let Ok(t) = super::snapshot::read_table_repairing(img) {
+            if !t.messages.is_empty() {
+                return repair_snapshot_table(img, mode, t);
+            }
+        }
+    }
     // Damage outside the refcount structures (overlapping tables, an unreadable snapshot
     // table) is beyond what a refcount repair or rebuild can fix: refuse before changing
     // anything.
@@ -245,17 +260,22 @@ pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
     if mode == RepairMode::All {
         // Incomplete snapshot table entries first, as qemu does: the table is rewritten, then
         // the refcounts are repaired on the image as it is now.
+        // Then preallocated clusters at unaligned offsets lose their offset, as qemu's check
+        // repairs them while it walks the L2 tables.
         let mut fresh = img.reopen_for_repair()?;
         let completed = fresh.complete_snapshot_entries().in_file(&img.path)?;
-        if !completed.is_empty() {
+        let mut messages: Vec<String> = completed
+            .iter()
+            .map(|i| format!("Repairing snapshot table entry {i} is incomplete"))
+            .collect();
+        if completed.is_empty() {
+            messages = realign_preallocated(&fresh).in_file(&img.path)?;
+        }
+        if !messages.is_empty() {
             drop(fresh);
             let fresh = img.reopen_for_repair()?;
             let mut report = repair(&fresh, mode)?;
-            report.corruptions_fixed += completed.len() as u64;
-            let mut messages: Vec<String> = completed
-                .iter()
-                .map(|i| format!("Repairing snapshot table entry {i} is incomplete"))
-                .collect();
+            report.corruptions_fixed += messages.len() as u64;
             messages.append(&mut report.messages);
             report.messages = messages;
             return Ok(report);
@@ -271,13 +291,13 @@ pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
                 ))
                 .with_path(&img.path));
             };
-            rebuild_refcounts(img, refs)?;
+            let freed = rebuild_refcounts(img, refs)?;
             let fresh = img.reopen_for_repair()?;
             if fresh.write.is_none() {
                 return Err(Error::corrupt("the rebuilt refcount table cannot be read")
                     .with_path(&img.path));
             }
-            let mut report = repair_in_place(&fresh, mode)?;
+            let mut report = repair_in_place(&fresh, mode, Some(freed))?;
             // qemu fixes COPIED flags after the rebuild, counting only the refcount damage.
             let copied = before
                 .messages
@@ -289,7 +309,12 @@ pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
                 .saturating_sub(copied)
                 .saturating_sub(report.corruptions);
             report.leaks_fixed = before.leaks.saturating_sub(report.leaks);
-            let mut messages = before.messages;
+            // qemu looks at COPIED flags only after the rebuild.
+            let mut messages: Vec<String> = before
+                .messages
+                .into_iter()
+                .filter(|m| !m.starts_with("ERROR OFLAG_COPIED "))
+                .collect();
             messages.push("Rebuilding refcount structure".to_string());
             messages.append(&mut report.messages);
             report.messages = messages;
@@ -300,7 +325,179 @@ pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
         // Only a rebuild could fix this; say why, as a normal read-write open would.
         WriteState::new(img).in_file(&img.path)?;
     }
-    repair_in_place(img, mode)
+    repair_in_place(img, mode, None)
+}
+
+/// Clears the offset of every preallocated cluster whose offset is not cluster-aligned, in the
+/// active L2 tables and the snapshots', as qemu's check does when repairing: such an entry
+/// holds no data (a standard zero cluster, or with extended L2 entries no allocated
+/// subcluster), so it becomes an unallocated one: a zero cluster without an offset, or with
+/// extended L2 entries an entry without an offset that keeps its subcluster bitmap. Each
+/// entry changes with one 8-byte write (either value is valid), synced at the end; the
+/// cluster the bad offset pointed at is then a leak. Returns qemu's message for each entry.
+fn realign_preallocated(img: &Qcow2Image) -> Result<Vec<String>> {
+    let h = &img.header;
+    let cs = h.cluster_size();
+    let ext = h.extended_l2();
+    let step = if ext { 2 } else { 1 };
+    let file_len = img.file_len();
+    let mut l1s = vec![img.l1().clone()];
+    // Snapshots whose tables cannot be read are the check's to report.
+    for s in super::snapshot::read_table(img).unwrap_or_default() {
+        if let Ok(l1) = img.snapshot_l1(&s) {
+            l1s.push(l1);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut messages = Vec::new();
+    for l2_off in l1s.iter().flatten().map(|e| e & L1E_OFFSET_MASK) {
+        if l2_off == 0
+            || !l2_off.is_multiple_of(cs)
+            || l2_off.saturating_add(cs) > file_len
+            || !seen.insert(l2_off)
+        {
+            continue;
+        }
+        let mut raw = vec![0u8; cs as usize];
+        img.storage
+            .read_at(&mut raw, l2_off)
+            .map_err(|e| Error::io("cannot read an L2 table", e).at(l2_off))?;
+        let words: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
+        for (k, pair) in words.chunks_exact(step).enumerate() {
+            let entry = pair[0];
+            let off = entry & L2E_OFFSET_MASK;
+            if entry & OFLAG_COMPRESSED != 0 || off == 0 || off.is_multiple_of(cs) {
+                continue;
+            }
+            let holds_data = if ext {
+                pair[1] & 0xffff_ffff != 0
+            } else {
+                entry & OFLAG_ZERO == 0
+            };
+            if holds_data {
+                continue;
+            }
+            let new = if ext { 0 } else { OFLAG_ZERO };
+            let at = l2_off + (k * step * 8) as u64;
+            img.storage
+                .write_at(&new.to_be_bytes(), at)
+                .map_err(|e| Error::io("cannot write an L2 table entry", e).at(at))?;
+            messages.push(format!(
+                "Repairing offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+            ));
+        }
+    }
+    if !messages.is_empty() {
+        img.sync()?;
+    }
+    Ok(messages)
+}
+
+/// Repairs the qcow2 image at `path` as `qemu-img check -r` does with `mode`: opens it with
+/// [`Qcow2Image::open_for_repair`] and calls [`repair`]. With `All`, a header that counts more
+/// snapshots than qemu's limit (65536) is first brought down to the limit in place, as qemu's
+/// check does before it reads the table; the snapshots past the limit are discarded and what
+/// only they referenced becomes leaks.
+pub fn repair_file(path: &Path, mode: RepairMode) -> Result<CheckReport> {
+    let mut messages = Vec::new();
+    let mut fixed = 0;
+    if mode == RepairMode::All {
+        if let Some(n) = discard_excess_snapshots(path).in_file(path)? {
+            messages.push(format!("Discarding {n} overhanging snapshots"));
+            fixed += n;
+        }
+    }
+    let img = Qcow2Image::open_for_repair(path)?;
+    let mut report = repair(&img, mode)?;
+    report.corruptions_fixed += fixed;
+    messages.append(&mut report.messages);
+    report.messages = messages;
+    Ok(report)
+}
+
+/// Sets the snapshot count in the header of the qcow2 image at `path` to qemu's limit when it
+/// is above it (one synced 4-byte write); returns how many snapshots that discards.
+fn discard_excess_snapshots(path: &Path) -> Result<Option<u64>> {
+    let storage = FileStorage::open(path, true)
+        .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+    let mut h = [0u8; 72];
+    if storage.read_at(&mut h, 0).is_err() || &h[0..4] != b"QFI\xfb" {
+        return Ok(None); // the open that follows says what is wrong
+    }
+    let nb = BigEndian::read_u32(&h[60..64]);
+    let max = super::snapshot_write::MAX_SNAPSHOTS;
+    let table_end = BigEndian::read_u64(&h[64..72]).saturating_add(u64::from(max) * 40);
+    // A table that could not hold the snapshots kept is left to the open to refuse.
+    let fits = storage.len().is_ok_and(|len| table_end <= len);
+    if nb <= max || !fits {
+        return Ok(None);
+    }
+    storage
+        .write_at(&max.to_be_bytes(), 60)
+        .map_err(|e| Error::io("cannot write the header", e).at(60))?;
+    storage
+        .flush()
+        .map_err(|e| Error::io("cannot sync the image", e))?;
+    Ok(Some(u64::from(nb - max)))
+}
+
+/// Repairs `img` whose snapshot table [`super::snapshot::read_table_repairing`] read as `t`,
+/// as qemu does: the refcounts are repaired with the table as read (the discarded snapshots'
+/// clusters are leaks), then the kept entries are written as a new table and the old one
+/// freed when extra data was cut, or else the header's snapshot count lowered in place; then
+/// the image is checked again. Before the table or count is written, the old table stays
+/// allocated, so a crash leaves it readable by a repair.
+fn repair_snapshot_table(
+    img: &Qcow2Image,
+    mode: RepairMode,
+    t: super::snapshot::RepairedTable,
+) -> Result<CheckReport> {
+    let mut fresh = img.reopen_for_repair()?;
+    fresh.snapshot_override = Some((t.entries.clone(), t.bytes));
+    fresh.write = WriteState::new(&fresh).ok().map(Mutex::new);
+    let mut report = repair(&fresh, mode)?;
+    // The refcount structures may have been rebuilt: the table is written through a new open.
+    let mut fresh = fresh.reopen_for_repair()?;
+    // The report ends with the check of the image as repaired so far: that part is replaced
+    // by the check after the table is written.
+    let stale = fresh.check()?.messages;
+    if t.extra_cut {
+        let size = fresh.header.size;
+        let entries: Vec<Vec<u8>> = t
+            .entries
+            .iter()
+            .map(|s| super::snapshot_write::encode_entry(s, size))
+            .collect();
+        fresh
+            .with_write_state(|i, st| i.replace_snapshot_table(st, &entries))
+            .in_file(&img.path)?;
+    } else {
+        // Only entries at the end were discarded: the table stays where it is, shorter.
+        let n = t.entries.len() as u32;
+        fresh
+            .storage
+            .write_at(&n.to_be_bytes(), 60)
+            .map_err(|e| Error::io("cannot write the header", e).at(60))
+            .in_file(&img.path)?;
+        fresh.sync()?;
+    }
+    drop(fresh);
+    let done = img.reopen_for_repair()?;
+    let after = done.check()?;
+    let mut messages = t.messages;
+    let pass = if report.messages.ends_with(&stale) {
+        report.messages.len() - stale.len()
+    } else {
+        report.messages.len()
+    };
+    messages.extend(report.messages.drain(..pass));
+    messages.extend(after.messages.iter().cloned());
+    Ok(CheckReport {
+        corruptions_fixed: report.corruptions_fixed + t.fixed,
+        leaks_fixed: report.leaks_fixed,
+        messages,
+        ..after
+    })
 }
 
 /// Whether a check report shows damage that needs the refcount structures rebuilt, as qemu
@@ -329,13 +526,23 @@ pub fn needs_rebuild(report: &CheckReport) -> bool {
 /// image references), and the new structures are written and synced before the header's
 /// refcount table offset and size change in one 12-byte write, which is synced too. A crash
 /// before that leaves the old (damaged) structures in charge, and the new clusters unused.
-pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<()> {
+///
+/// Returns the lines qemu prints for the old structures' clusters: its rebuild counts them as
+/// in use and then repairs them as leaks (`Repairing cluster N refcount=A reference=B`).
+pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<Vec<String>> {
     let h = &img.header;
     let cs = h.cluster_size();
     let cb = h.cluster_bits;
     let mut counts = refs;
     // Drop the old refcount structures' own references, as the check counted them.
-    let drop_ref = |counts: &mut References, cluster: u64| counts.drop_one(cluster);
+    let mut dropped: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
+    let mut drop_ref = |counts: &mut References, cluster: u64| {
+        let before = counts.get(cluster);
+        if before > 0 {
+            counts.drop_one(cluster);
+            dropped.entry(cluster).or_insert((before, before)).1 = before - 1;
+        }
+    };
     let old_table_bytes = u64::from(h.refcount_table_clusters) * cs;
     let file_len = img.file_len();
     let table_ok = h.refcount_table_offset.is_multiple_of(cs)
@@ -426,15 +633,34 @@ pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<()
     img.storage
         .write_at(&f, 48)
         .map_err(|e| Error::io("cannot write the header", e).at(48))?;
-    img.sync()
+    img.sync()?;
+    Ok(dropped
+        .into_iter()
+        .map(|(c, (a, b))| format!("Repairing cluster {c} refcount={a} reference={b}"))
+        .collect())
 }
 
 /// The per-cluster repair: refcounts set one by one, then COPIED flags.
-fn repair_in_place(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
+///
+/// The report's messages are those `qemu-img check -r` prints: what the check found
+/// (mismatched refcounts as `ERROR cluster ...` or `Leaked cluster ...`), then each mismatch
+/// again as it is repaired (`Repairing cluster ...`) or left (the same line), then each COPIED
+/// flag changed (`Repairing OFLAG_COPIED ...`), then what the check of the repaired image
+/// finds. `after_rebuild` is for the repair that follows [`rebuild_refcounts`], with the lines
+/// it returned: qemu then lists the mismatches only once, as it repairs them, after those
+/// lines.
+fn repair_in_place(
+    img: &Qcow2Image,
+    mode: RepairMode,
+    after_rebuild: Option<Vec<String>>,
+) -> Result<CheckReport> {
+    let rebuilt = after_rebuild.is_some();
     let mut leaks_fixed = 0u64;
     let mut corruptions_fixed = 0u64;
     let cb = img.header.cluster_bits;
     let mut report = img.check()?;
+    let first = report.messages.clone();
+    let mut repaired: Vec<String> = Vec::new();
     for _ in 0..MAX_ROUNDS {
         let capped = report
             .messages
@@ -447,7 +673,13 @@ fn repair_in_place(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
         };
         let mut ups = Vec::new();
         let mut downs = Vec::new();
-        for m in report.messages.iter().filter_map(|l| parse_mismatch(l)) {
+        let mut lines = Vec::new();
+        for (line, m) in report
+            .messages
+            .iter()
+            .filter_map(|l| parse_mismatch(l).map(|m| (l, m)))
+        {
+            lines.push((line.clone(), m));
             if m.stored < m.computed && mode == RepairMode::All && has_block(m.cluster) {
                 ups.push(m);
             } else if m.stored > m.computed {
@@ -455,14 +687,17 @@ fn repair_in_place(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
             }
         }
         if ups.is_empty() && downs.is_empty() {
+            repaired.extend(lines.into_iter().map(|(l, _)| l));
             break;
         }
+        let mut fixed = std::collections::HashSet::new();
         let mut st = img.write_state()?;
         // Increases first, on disk before any decrease.
         for m in &ups {
             if img.refcount_of(&st, m.cluster)? == m.stored {
                 img.set_refcount_of(&mut st, m.cluster, m.computed)?;
                 corruptions_fixed += 1;
+                fixed.insert(m.cluster);
             }
         }
         img.flush_locked(&mut st)?;
@@ -470,10 +705,21 @@ fn repair_in_place(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
             if img.refcount_of(&st, m.cluster)? == m.stored {
                 img.set_refcount_of(&mut st, m.cluster, m.computed)?;
                 leaks_fixed += 1;
+                fixed.insert(m.cluster);
             }
         }
         img.flush_locked(&mut st)?;
         drop(st);
+        repaired.extend(lines.into_iter().map(|(l, m)| {
+            if fixed.contains(&m.cluster) {
+                format!(
+                    "Repairing cluster {} refcount={} reference={}",
+                    m.cluster, m.stored, m.computed
+                )
+            } else {
+                l
+            }
+        }));
         report = img.check()?;
         if !capped {
             break;
@@ -493,10 +739,12 @@ fn repair_in_place(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
             .count() as u64;
         !capped && report.check_errors == 0 && report.leaks == 0 && report.corruptions == copied
     };
-    if mode == RepairMode::All || copied_only() {
-        let n = fix_copied(img, cb)?;
-        if n > 0 {
-            corruptions_fixed += n;
+    let fix_flags = mode == RepairMode::All || copied_only();
+    let mut copied_msgs = Vec::new();
+    if fix_flags {
+        copied_msgs = fix_copied(img, cb)?;
+        if !copied_msgs.is_empty() {
+            corruptions_fixed += copied_msgs.len() as u64;
             report = img.check()?;
         }
     }
@@ -514,19 +762,34 @@ fn repair_in_place(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
             .map_err(|e| Error::io("cannot write header", e).at(72))?;
         img.sync()?;
     }
+    // What the repair pass says, in qemu's order, then the check of the repaired image.
+    let mut messages: Vec<String> = first
+        .into_iter()
+        .filter(|m| {
+            let copied = fix_flags && m.starts_with("ERROR OFLAG_COPIED ");
+            let listed_later = rebuilt && parse_mismatch(m).is_some();
+            !copied && !listed_later
+        })
+        .collect();
+    messages.extend(after_rebuild.into_iter().flatten());
+    messages.append(&mut repaired);
+    messages.append(&mut copied_msgs);
+    messages.append(&mut report.messages);
+    report.messages = messages;
     report.leaks_fixed = leaks_fixed;
     report.corruptions_fixed = corruptions_fixed;
     Ok(report)
 }
 
 /// Sets the COPIED flag of every active L1 and L2 entry exactly when the refcount of the
-/// cluster it points to is 1; returns how many entries changed.
-fn fix_copied(img: &Qcow2Image, cb: u32) -> Result<u64> {
+/// cluster it points to is 1; returns qemu's message for each entry changed
+/// (`Repairing OFLAG_COPIED ...`).
+fn fix_copied(img: &Qcow2Image, cb: u32) -> Result<Vec<String>> {
     let h = &img.header;
     let cs = h.cluster_size();
     let file_len = img.file_len();
     let step = if h.extended_l2() { 2 } else { 1 };
-    let mut fixed = 0;
+    let mut fixed = Vec::new();
     let mut st = img.write_state()?;
     let l1 = img.l1().clone();
     let mut l1_fixes = Vec::new();
@@ -538,6 +801,9 @@ fn fix_copied(img: &Qcow2Image, cb: u32) -> Result<u64> {
         let rc = img.refcount_of(&st, l2_off >> cb)?;
         if (rc == 1) != (l1e & OFLAG_COPIED != 0) {
             l1_fixes.push((i, l1e ^ OFLAG_COPIED));
+            fixed.push(format!(
+                "Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"
+            ));
         }
         if !l2_off.is_multiple_of(cs) || l2_off + cs > file_len {
             continue;
@@ -564,7 +830,9 @@ fn fix_copied(img: &Qcow2Image, cb: u32) -> Result<u64> {
             if (rc == 1) != (e & OFLAG_COPIED != 0) {
                 t[k] = e ^ OFLAG_COPIED;
                 changed = true;
-                fixed += 1;
+                fixed.push(format!(
+                    "Repairing OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
+                ));
             }
         }
         if changed {
@@ -580,7 +848,6 @@ fn fix_copied(img: &Qcow2Image, cb: u32) -> Result<u64> {
                 .write_at(&e.to_be_bytes(), off)
                 .map_err(|err| Error::io("cannot write L1 table", err).at(off))?;
             l1w[i] = e;
-            fixed += 1;
         }
         drop(l1w);
         img.sync()?;

@@ -11,7 +11,8 @@
 //! - **Shrinking** discards every cluster past the new end (their L2 entries are cleared, L2
 //!   tables wholly past the end are dropped from the L1 table, which keeps its size; a partly
 //!   kept table shared with a snapshot is copied first), writes the new size and truncates the
-//!   file after the last cluster still in use.
+//!   file after the last cluster still in use. Every cluster that becomes free has its host
+//!   space given back (a hole punched), also in the middle of the file, as qemu does.
 //! - Persistent dirty bitmaps follow the new size, as in qemu 10: the grown area is clear in
 //!   them (also where it is zeroed to hide a longer backing file), the bits past a new, smaller
 //!   end are dropped. They are flagged in use from before the size changes until they are
@@ -252,9 +253,12 @@ impl Qcow2Image {
         if new_l1 != l1 {
             self.write_l1(&new_l1)?;
         }
-        // 3. Only now is anything released.
+        // 3. Only now is anything released. What becomes free goes back to the host file
+        // system (a hole is punched where it can be), as qemu's shrink discards the dropped
+        // clusters with QCOW2_DISCARD_ALWAYS: freed clusters before the last one still in use
+        // would otherwise keep their space, as the truncation only frees the file's tail.
         for d in releases {
-            self.release(&mut st, d);
+            self.release_discarded(&mut st, d)?;
         }
         self.flush_locked(&mut st)
     }

@@ -105,59 +105,141 @@ pub fn read_table(img: &Qcow2Image) -> Result<Vec<Snapshot>> {
 }
 
 /// Reads the snapshot table of `img` like [`read_table`], also returning the table's length
-/// in bytes (up to the end of the last entry, without its padding).
+/// in bytes (up to the end of the last entry, without its padding). While a repair holds a
+/// table it read with [`read_table_repairing`], that table is returned.
 pub fn read_table_with_size(img: &Qcow2Image) -> Result<(Vec<Snapshot>, u64)> {
+    if let Some((entries, bytes)) = &img.snapshot_override {
+        return Ok((entries.clone(), *bytes));
+    }
+    read_entries(img, None)
+}
+
+/// A snapshot table as `check -r all` reads it ([`read_table_repairing`]).
+#[derive(Debug, Default)]
+pub struct RepairedTable {
+    /// The entries kept.
+    pub entries: Vec<Snapshot>,
+    /// The table's size in bytes as read (up to the end of the last entry kept, with the
+    /// whole extra data of entries whose extra data was cut).
+    pub bytes: u64,
+    /// What was discarded, in qemu's words.
+    pub messages: Vec<String>,
+    /// Corruptions fixed, as qemu counts them.
+    pub fixed: u64,
+    /// Whether some entry's extra data was cut (the table must then be written anew; when
+    /// entries were only discarded, the header's count is lowered in place, as qemu does).
+    pub extra_cut: bool,
+}
+
+/// Reads the snapshot table as qemu's `check -r all` does: extra data past 1024 bytes is
+/// dropped (the first 1024 bytes are kept, and the entry's id and name are still read after
+/// the whole extra data), entries that end past qemu's 64 MiB table limit (measured as qemu
+/// would write the table: extra data cut, entries padded) are discarded with every entry
+/// after them, and what lies past the end of the file reads as zeros.
+pub fn read_table_repairing(img: &Qcow2Image) -> Result<RepairedTable> {
+    let mut t = RepairedTable::default();
+    let (entries, bytes) = read_entries(img, Some(&mut t))?;
+    t.entries = entries;
+    t.bytes = bytes;
+    Ok(t)
+}
+
+fn read_entries(
+    img: &Qcow2Image,
+    mut repair: Option<&mut RepairedTable>,
+) -> Result<(Vec<Snapshot>, u64)> {
     let h = img.header();
     let n = h.nb_snapshots;
     let mut out = Vec::with_capacity(n.min(1024) as usize);
     let mut off = h.snapshots_offset;
     let mut end = off;
+    let mut table_len = 0u64;
     let end_limit = h
         .snapshots_offset
         .saturating_add(MAX_TABLE_BYTES)
         .min(img.file_len());
+    let read = |buf: &mut [u8], at: u64, repairing: bool| -> Result<()> {
+        if repairing {
+            super::refcount::read_padded(img, buf, at)
+        } else {
+            img.storage()
+                .read_at(buf, at)
+                .map_err(|e| Error::io("cannot read snapshot table", e).at(at))
+        }
+    };
     for i in 0..n {
+        let repairing = repair.is_some();
         let mut fixed = [0u8; 40];
-        if off.checked_add(40).is_none_or(|e| e > end_limit) {
+        if !repairing && off.checked_add(40).is_none_or(|e| e > end_limit) {
             return Err(Error::corrupt(format!(
                 "snapshot table entry {i} lies beyond the end of the table or file"
             ))
             .at(off));
         }
-        img.storage()
-            .read_at(&mut fixed, off)
-            .map_err(|e| Error::io("cannot read snapshot table", e).at(off))?;
+        read(&mut fixed, off, repairing)?;
         let l1_table_offset = BigEndian::read_u64(&fixed[0..8]);
         let l1_size = BigEndian::read_u32(&fixed[8..12]);
         let id_len = u64::from(BigEndian::read_u16(&fixed[12..14]));
         let name_len = u64::from(BigEndian::read_u16(&fixed[14..16]));
         let extra_size = BigEndian::read_u32(&fixed[36..40]);
+        let mut kept_extra = extra_size;
         if extra_size > MAX_EXTRA {
-            return Err(Error::corrupt(format!(
-                "snapshot {i} has {extra_size} bytes of extra data (limit {MAX_EXTRA})"
-            ))
-            .at(off));
+            match repair.as_deref_mut() {
+                Some(t) => {
+                    t.messages.push(format!(
+                        "Discarding too much extra metadata in snapshot table entry {i} ({extra_size} > {MAX_EXTRA})"
+                    ));
+                    t.fixed += 1;
+                    t.extra_cut = true;
+                    kept_extra = MAX_EXTRA;
+                }
+                None => {
+                    return Err(Error::corrupt(format!(
+                        "Too much extra metadata in snapshot table entry {i} ({extra_size} bytes of extra data, limit {MAX_EXTRA}); check -r all can remove it"
+                    ))
+                    .at(off))
+                }
+            }
         }
         let var = u64::from(extra_size) + id_len + name_len;
-        // The padding after the last entry may be missing from the file: bound the entry itself.
-        if off.checked_add(40 + var).is_none_or(|e| e > end_limit) {
+        // qemu's limit applies to the table as it would write it (extra data cut, each entry
+        // padded to 8 bytes); the table in use still spans the whole extra data.
+        table_len = table_len.div_ceil(8) * 8 + 40 + u64::from(kept_extra) + id_len + name_len;
+        if let Some(t) = repair.as_deref_mut() {
+            if table_len > MAX_TABLE_BYTES {
+                t.messages.push(format!(
+                    "Discarding {} overhanging snapshots (snapshot table is too big)",
+                    n - i
+                ));
+                t.fixed += u64::from(n - i);
+                break;
+            }
+        } else if table_len > MAX_TABLE_BYTES {
+            return Err(Error::corrupt(format!(
+                "Snapshot table is too big (check -r all can remove the {} overhanging snapshots)",
+                n - i
+            ))
+            .at(off));
+        } else if off.checked_add(40 + var).is_none_or(|e| e > end_limit) {
+            // The padding after the last entry may be missing from the file: bound the entry
+            // itself.
             return Err(Error::corrupt(format!(
                 "snapshot table entry {i} lies beyond the end of the table or file"
             ))
             .at(off));
         }
         let entry_len = (40 + var).div_ceil(8) * 8;
-        let mut rest = vec![0u8; var as usize];
-        img.storage()
-            .read_at(&mut rest, off + 40)
-            .map_err(|e| Error::io("cannot read snapshot table", e).at(off))?;
-        let extra = rest[..extra_size as usize].to_vec();
-        let id = String::from_utf8_lossy(
-            &rest[extra_size as usize..(u64::from(extra_size) + id_len) as usize],
-        )
-        .into_owned();
-        let name = String::from_utf8_lossy(&rest[(u64::from(extra_size) + id_len) as usize..])
-            .into_owned();
+        let mut extra = vec![0u8; kept_extra as usize];
+        read(&mut extra, off + 40, repairing)?;
+        let mut names = vec![0u8; (id_len + name_len) as usize];
+        read(&mut names, off + 40 + u64::from(extra_size), repairing)?;
+        // qemu's ids and names are C strings: they end at the first NUL byte.
+        let text = |b: &[u8]| {
+            let b = &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())];
+            String::from_utf8_lossy(b).into_owned()
+        };
+        let id = text(&names[..id_len as usize]);
+        let name = text(&names[id_len as usize..]);
         let vm_state_32 = u64::from(BigEndian::read_u32(&fixed[32..36]));
         let extra_u64 =
             |o: usize| (extra.len() >= o + 8).then(|| BigEndian::read_u64(&extra[o..o + 8]));

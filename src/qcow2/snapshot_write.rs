@@ -18,6 +18,7 @@
 //! repairs.
 
 use super::l2::{self, Descriptor, OFLAG_COPIED};
+use super::refcount;
 use super::snapshot::{read_table, Snapshot, MAX_TABLE_BYTES};
 use super::write::WriteState;
 use super::Qcow2Image;
@@ -90,16 +91,36 @@ impl Qcow2Image {
         Ok(out)
     }
 
-    /// Adds one to the refcount of each of `clusters` (in memory; written at the next flush).
-    fn increment_all(&self, st: &mut WriteState, clusters: &[u64]) -> Result<()> {
+    /// The refcount each of `clusters` will have with one more reference per appearance in
+    /// the list (a host cluster a tree references twice gains two), checked against the
+    /// refcount width ([`refcount::increased`]) and against a refcount of 0 for a cluster in
+    /// use. Changes nothing: callers plan before they allocate or write anything, so that a
+    /// refusal leaves the file as it was.
+    fn plan_increments(&self, st: &WriteState, clusters: &[u64]) -> Result<Vec<(u64, u64)>> {
+        let mut counts = std::collections::BTreeMap::new();
         for &c in clusters {
-            let r = self.refcount_of(st, c)?;
-            if r == 0 {
-                return Err(Error::corrupt(format!(
-                    "cluster {c} is in use but its refcount is 0 (repair the image with check -r all)"
-                )));
-            }
-            self.set_refcount_of(st, c, r + 1)?;
+            *counts.entry(c).or_insert(0u64) += 1;
+        }
+        let order = self.header.refcount_order;
+        counts
+            .into_iter()
+            .map(|(c, more)| {
+                let r = self.refcount_of(st, c)?;
+                if r == 0 {
+                    return Err(Error::corrupt(format!(
+                        "cluster {c} is in use but its refcount is 0 (repair the image with check -r all)"
+                    )));
+                }
+                Ok((c, refcount::increased(c, r, more, order)?))
+            })
+            .collect()
+    }
+
+    /// Stores the refcounts [`Self::plan_increments`] computed (in memory; written at the
+    /// next flush).
+    fn apply_increments(&self, st: &mut WriteState, plan: &[(u64, u64)]) -> Result<()> {
+        for &(c, r) in plan {
+            self.set_refcount_of(st, c, r)?;
         }
         Ok(())
     }
@@ -282,12 +303,16 @@ impl Qcow2Image {
         let l1 = self.l1().clone();
         let l1_bytes = l1.len() as u64 * 8;
         let tree = self.tree_clusters(&l1)?;
-        let mut entries: Vec<Vec<u8>> = snaps.iter().map(encode_entry).collect();
         let size = self.header.size;
+        let mut entries: Vec<Vec<u8>> = snaps.iter().map(|s| encode_entry(s, size)).collect();
         self.with_write_state(|img, st| {
-            // 1. New clusters for the snapshot's L1 copy, and one more reference to the tree.
+            // 1. New clusters for the snapshot's L1 copy, and one more reference to the tree
+            // (refused before anything changes if a refcount would not fit its width).
+            let plan = img
+                .plan_increments(st, &tree)
+                .map_err(|e| snapshot_failed("create", name, e))?;
             let l1_off = img.alloc_run(st, l1_bytes)?;
-            img.increment_all(st, &tree)?;
+            img.apply_increments(st, &plan)?;
             img.flush_locked(st)?;
             // 2. The copy (COPIED flags mean nothing outside the active table: cleared).
             let mut raw = vec![0u8; l1_bytes as usize];
@@ -302,20 +327,23 @@ impl Qcow2Image {
             // 4. The new table, then the header.
             let mut extra = vec![0u8; EXTRA_BYTES];
             BigEndian::write_u64(&mut extra[8..16], size);
-            entries.push(encode_entry(&Snapshot {
-                entry_offset: 0,
-                l1_table_offset: l1_off,
-                l1_size: l1.len() as u32,
-                id,
-                name: name.to_string(),
-                date_sec: info.date_sec,
-                date_nsec: info.date_nsec,
-                vm_clock_nsec: 0,
-                vm_state_size: 0,
-                disk_size: Some(size),
-                icount: Some(0),
-                extra,
-            }));
+            entries.push(encode_entry(
+                &Snapshot {
+                    entry_offset: 0,
+                    l1_table_offset: l1_off,
+                    l1_size: l1.len() as u32,
+                    id,
+                    name: name.to_string(),
+                    date_sec: info.date_sec,
+                    date_nsec: info.date_nsec,
+                    vm_clock_nsec: 0,
+                    vm_state_size: 0,
+                    disk_size: Some(size),
+                    icount: Some(0),
+                    extra,
+                },
+                size,
+            ));
             img.replace_snapshot_table(st, &entries)
         })
     }
@@ -339,7 +367,7 @@ impl Qcow2Image {
             .iter()
             .enumerate()
             .filter(|&(i, _)| i != idx)
-            .map(|(_, s)| encode_entry(s))
+            .map(|(_, s)| encode_entry(s, self.header.size))
             .collect();
         self.with_write_state(|img, st| {
             img.replace_snapshot_table(st, &entries)?;
@@ -410,6 +438,10 @@ impl Qcow2Image {
             self.grow_active_l1(snap.l1_size)?;
         }
         let sn_tree = self.tree_clusters(&sn_l1)?;
+        // The snapshot's tree gains a reference: refused before the resize below changes the
+        // image if a refcount would not fit its width.
+        self.with_write_state(|img, st| img.plan_increments(st, &sn_tree))
+            .map_err(|e| snapshot_failed("apply", name_or_id, e))?;
         let cs = self.header.cluster_size();
         self.with_write_state(|img, st| {
             for &e in &sn_l1 {
@@ -418,7 +450,8 @@ impl Qcow2Image {
                 }
             }
             // 1. The snapshot's tree gains a reference (on disk before the L1 points at it).
-            img.increment_all(st, &sn_tree)?;
+            let plan = img.plan_increments(st, &sn_tree)?;
+            img.apply_increments(st, &plan)?;
             img.flush_locked(st)?;
             let old_l1 = img.l1().clone();
             let old_tree = img.tree_clusters(&old_l1)?;
@@ -470,6 +503,20 @@ impl Qcow2Image {
 }
 
 /// qemu-img's message for deleting a snapshot that does not exist.
+/// `e` (a refused refcount increase) as qemu-img words it: "Could not create snapshot 'foo':
+/// Invalid argument", printed without the file name before it, with vimg's details after
+/// qemu's words. Other errors pass unchanged.
+fn snapshot_failed(verb: &str, name: &str, e: Error) -> Error {
+    if e.kind() != crate::error::ErrorKind::InvalidInput {
+        return e;
+    }
+    Error::new(
+        e.kind(),
+        format!("Could not {verb} snapshot '{name}': {}", e.what()),
+    )
+    .bare()
+}
+
 fn not_found_delete(name: &str) -> Error {
     Error::new(
         crate::error::ErrorKind::InvalidInput,
@@ -485,6 +532,10 @@ impl Qcow2Image {
     /// on an image opened with [`Qcow2Image::open_for_repair`]. Returns the indexes of the
     /// entries completed.
     pub fn complete_snapshot_entries(&mut self) -> Result<Vec<u32>> {
+        // A table a repair holds in memory is written, completed, at the end of the repair.
+        if self.snapshot_override.is_some() {
+            return Ok(Vec::new());
+        }
         let mut snaps = super::snapshot::read_table(self)?;
         let incomplete = |s: &Snapshot| s.extra.len() < 16;
         if self.header.version < 3 || !snaps.iter().any(incomplete) {
@@ -499,14 +550,37 @@ impl Qcow2Image {
             s.extra = extra;
             fixed.push(i as u32);
         }
-        let entries: Vec<Vec<u8>> = snaps.iter().map(encode_entry).collect();
+        let size = self.header.size;
+        let entries: Vec<Vec<u8>> = snaps.iter().map(|s| encode_entry(s, size)).collect();
         self.with_write_state(|img, st| img.replace_snapshot_table(st, &entries))?;
         Ok(fixed)
     }
 }
 
-/// The bytes of snapshot table entry `s` (qcow2.rst "Snapshots"), padded to a multiple of 8.
-pub(super) fn encode_entry(s: &Snapshot) -> Vec<u8> {
+/// The bytes of snapshot table entry `s` as qemu writes it (`qcow2_write_snapshots`): the
+/// extra data is at least the 24 bytes qemu knows (64-bit VM state size, disk size,
+/// instruction count); an entry with less gets the missing fields, as qemu fills them in when
+/// it reads such an entry: the VM state size from the 32-bit field, the disk size of the image
+/// (`image_size`) and no instruction count (all ones). Longer extra data is kept verbatim.
+pub(super) fn encode_entry(s: &Snapshot, image_size: u64) -> Vec<u8> {
+    if s.extra.len() >= EXTRA_BYTES {
+        return encode_verbatim(s);
+    }
+    let mut extra = vec![0u8; EXTRA_BYTES];
+    extra[..s.extra.len()].copy_from_slice(&s.extra);
+    if s.extra.len() < 8 {
+        BigEndian::write_u64(&mut extra[0..8], s.vm_state_size);
+    }
+    if s.extra.len() < 16 {
+        BigEndian::write_u64(&mut extra[8..16], image_size);
+    }
+    BigEndian::write_u64(&mut extra[16..24], u64::MAX);
+    encode_verbatim(&Snapshot { extra, ..s.clone() })
+}
+
+/// The bytes of snapshot table entry `s` (qcow2.rst "Snapshots") with its extra data as it
+/// is, padded to a multiple of 8.
+pub(super) fn encode_verbatim(s: &Snapshot) -> Vec<u8> {
     let mut e = vec![0u8; 40];
     BigEndian::write_u64(&mut e[0..8], s.l1_table_offset);
     BigEndian::write_u32(&mut e[8..12], s.l1_size);
@@ -545,7 +619,7 @@ mod tests {
             icount: None,
             extra: vec![0xaa; 24],
         };
-        let e = encode_entry(&s);
+        let e = encode_entry(&s, 1 << 20);
         assert_eq!(e.len(), 40 + 24 + 8); // 69 bytes padded to 72
         assert_eq!(BigEndian::read_u64(&e[0..8]), 0x30000);
         assert_eq!(BigEndian::read_u32(&e[8..12]), 3);

@@ -778,8 +778,9 @@ impl Qcow2Image {
             }
             // Sharing the cluster takes one more reference than narrow refcounts may hold.
             let r = self.refcount_of(&st, first)?;
-            if free && r < refcount::max_refcount(h.refcount_order) {
-                self.set_refcount_of(&mut st, first, r + 1)?;
+            let shared = refcount::increased(first, r, 1, h.refcount_order).ok();
+            if let Some(r) = shared.filter(|_| free) {
+                self.set_refcount_of(&mut st, first, r)?;
                 for c in first + 1..=last {
                     self.set_refcount_of(&mut st, c, 1)?;
                 }
@@ -1182,6 +1183,7 @@ impl Qcow2Image {
         // 4. Refcount decreases, now that nothing on disk points at the released clusters.
         // With lazy refcounts they stay in memory like the increases.
         if !st.pending_free.is_empty() {
+            let mut freed = Vec::new();
             for c in std::mem::take(&mut st.pending_free) {
                 let r = self.refcount_of(st, c)?;
                 if r == 0 {
@@ -1201,14 +1203,27 @@ impl Qcow2Image {
                     self.l2_cache.forget(c * cs);
                     st.free_hint = st.free_hint.min(c);
                     if st.punch.remove(&c) {
-                        // Best effort, as qemu passes a guest's discard on to the host file.
-                        self.storage
-                            .punch_hole(c * cs, cs)
-                            .map_err(Self::io_err("cannot discard a freed cluster", c * cs))?;
+                        freed.push(c);
                     }
                 }
             }
             st.punch.clear();
+            // Best effort, as qemu passes a guest's discard on to the host file: one hole per
+            // run of adjacent freed clusters, in file order (fewer calls, and the file system
+            // splits its extents no more than the final layout needs).
+            freed.sort_unstable();
+            let mut i = 0;
+            while i < freed.len() {
+                let mut j = i + 1;
+                while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+                    j += 1;
+                }
+                let (off, len) = (freed[i] * cs, (j - i) as u64 * cs);
+                self.storage
+                    .punch_hole(off, len)
+                    .map_err(Self::io_err("cannot discard a freed cluster", off))?;
+                i = j;
+            }
             if !st.lazy || all_refcounts {
                 self.write_refblocks(st)?;
                 self.sync()?;

@@ -487,7 +487,7 @@ def build(c):
     img = c.data_base("unknown-incompat")
     img.put64(72, img.u64(72) | (1 << 27))
     c.add("unknown-incompat", img, "issue 6", "incompatible feature bit 27, unnamed",
-          info="error:incompatible features", check=1, repair=1, convert="error", write="error")
+          info="error:Unsupported qcow2 feature", check=1, repair=1, convert="error", write="error")
 
     img = c.data_base("corrupt-bit")
     img.put64(72, img.u64(72) | 2)
@@ -504,13 +504,13 @@ def build(c):
     img = c.base("loop-a", opts="cluster_size=512", size="1M", backing=("loop-b.qcow2", "qcow2"))
     c.base("loop-b", opts="cluster_size=512", size="1M", backing=("loop-a.qcow2", "qcow2"))
     c.add("loop-a", img, "issue 6", "backing chain a -> b -> a",
-          info="ok", check="error:loops", repair=0, convert="error:loops", write="error:loops",
+          info="ok", check="error:infinite loop", repair=0, convert="error:infinite loop", write="error:infinite loop",
           extra=["loop-b.qcow2"])
 
     img = c.base("self-backing", opts="cluster_size=512", size="1M",
                  backing=("self-backing.qcow2", "qcow2"))
     c.add("self-backing", img, "issue 6", "the image is its own backing file",
-          info="ok", check="error:loops", repair=0, convert="error:loops", write="error:loops")
+          info="ok", check="error:infinite loop", repair=0, convert="error:infinite loop", write="error:infinite loop")
 
     img = c.data_base("bitmap-dir-past-end", opts="cluster_size=512", bitmaps=["b0"])
     for off, t, n in img.extensions():
