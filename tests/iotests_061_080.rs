@@ -188,3 +188,58 @@ fn downgrade_refused_after_resize_as_qemu_img() {
         common::run_status("qemu-img", &["check", s.path("a.qcow2").to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// Writes `bytes` at `offset` of `img` (qemu's poke_file).
+fn poke(img: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+/// A 64 MiB image with data at 0 and one snapshot `test` whose table entry gets `field`
+/// (offset within the entry) overwritten with `bytes`, as in iotest 080.
+fn corrupt_snapshot(img: &Path, field: u64, bytes: &[u8]) {
+    qemu_create(img, "qcow2", "", None, 64 << 20);
+    qemu_io(img, "qcow2", &["write 0 512".into()]);
+    common::run(
+        "qemu-img",
+        &["snapshot", "-c", "test", img.to_str().unwrap()],
+    );
+    let header = std::fs::read(img).unwrap();
+    let table = u64::from_be_bytes(header[64..72].try_into().unwrap());
+    poke(img, table + field, bytes);
+}
+
+#[test]
+fn corrupt_snapshot_l1_refused_per_operation_as_qemu_img() {
+    if !qemu_available("iotests_061_080 snapshot L1") {
+        return;
+    }
+    let s = Scratch::new();
+    // An L1 offset not cluster-aligned; an L1 table over 32 MiB.
+    let cases: [(u64, &[u8]); 2] = [
+        (0, &0x400200u64.to_be_bytes()),
+        (8, &0x1000_0000u32.to_be_bytes()),
+    ];
+    for (field, bytes) in cases {
+        let setup = |p: &Path| corrupt_snapshot(p, field, bytes);
+        let convert = ["convert", "-l", "test", "IMG", "o.raw"];
+        same_as_qemu(&s, "a.qcow2", setup, &convert);
+        same_as_qemu(&s, "a.qcow2", setup, &["amend", "-o", "compat=0.10", "IMG"]);
+        same_as_qemu(&s, "a.qcow2", setup, &["snapshot", "-a", "test", "IMG"]);
+        same_as_qemu(&s, "a.qcow2", setup, &["snapshot", "-d", "test", "IMG"]);
+        // check names the entry as qemu-img does.
+        let img = s.path("c.qcow2");
+        setup(&img);
+        let i = img.to_str().unwrap();
+        let (cq, oq) = common::run_status("qemu-img", &["check", i]);
+        let out = Command::new(&s.vimg).args(["check", i]).output().unwrap();
+        let ov = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(cq));
+        let line = oq
+            .lines()
+            .find(|l| l.starts_with("ERROR snapshot"))
+            .unwrap();
+        assert!(ov.lines().any(|l| l == line), "{ov}\nqemu-img: {line}");
+    }
+}
