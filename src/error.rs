@@ -62,6 +62,11 @@ enum Framing {
     Bare,
 }
 
+/// Separates two reports in one error message: qemu-img reports some inner failures on a line
+/// of their own before the outer one, and vimg's command line prints each part as its own
+/// message line (starting with the program's name).
+pub const REPORT_BREAK: &str = "\n\u{1e}";
+
 /// A library error: kind, the file it concerns, the byte offset where it was found (host
 /// offset in that file, or guest offset where stated in the message) and a sentence saying what
 /// is wrong.

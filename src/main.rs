@@ -623,7 +623,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             let _ = std::io::stdout().flush();
-            eprintln!("{}: {}", prog(), f.message);
+            for part in f.message.split(vimg::error::REPORT_BREAK) {
+                eprintln!("{}: {}", prog(), part);
+            }
             ExitCode::from(f.code)
         }
     }
