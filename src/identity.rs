@@ -45,9 +45,9 @@ pub enum Role {
 impl Role {
     fn describe(self) -> &'static str {
         match self {
-            Role::Image => "the source image",
-            Role::Backing => "a backing file of the source image",
-            Role::DataFile => "the external data file of the source image",
+            Role::Image => "the image being read",
+            Role::Backing => "a backing file of the image being read",
+            Role::DataFile => "the external data file of an image being read",
         }
     }
 }

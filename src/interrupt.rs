@@ -21,9 +21,8 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 /// not recorded (their files are still removed by the command on its own failures).
 const SLOTS: usize = 64;
 
-const EMPTY: AtomicPtr<c_char> = AtomicPtr::new(std::ptr::null_mut());
-static FILES: [AtomicPtr<c_char>; SLOTS] = [EMPTY; SLOTS];
-static DIRS: [AtomicPtr<c_char>; SLOTS] = [EMPTY; SLOTS];
+static FILES: [AtomicPtr<c_char>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
+static DIRS: [AtomicPtr<c_char>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
 
 /// The signals that stop a command and remove its partial output.
 const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];

@@ -565,15 +565,12 @@ fn copy_into(from: &Path, to: &Path, sync: bool) -> Result<()> {
             ) {
                 Ok(n) if n > 0 => at += n as u64,
                 Ok(_) => break,
-                Err(e)
-                    if matches!(
-                        e,
-                        rustix::io::Errno::XDEV
-                            | rustix::io::Errno::INVAL
-                            | rustix::io::Errno::NOSYS
-                            | rustix::io::Errno::OPNOTSUPP
-                    ) =>
-                {
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP,
+                ) => {
                     // Copied by hand where the kernel does not copy between these files.
                     buf.resize(want.min(CHUNK as usize), 0);
                     src.seek(SeekFrom::Start(at))

@@ -10,7 +10,7 @@
 //! qcow2 images are written by [`crate::qcow2::create`] (qcow2.rst "Header", "Host cluster
 //! management", "Cluster mapping"); raw images by [`create_raw`].
 
-use crate::block::ImageFormat;
+use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result};
 use crate::open::{open_image, resolve_relative, OpenOptions};
 use crate::ops::size::parse_size;
@@ -126,11 +126,38 @@ fn parse_all(options: &[String]) -> Result<OptionUpdates> {
     Ok(u)
 }
 
+/// Whether `a` and `b` are the same file: by device and inode (so that links are caught), or
+/// by name where either does not exist.
 fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
+    use crate::identity::FileId;
+    match (FileId::of(a), FileId::of(b)) {
+        (Some(x), Some(y)) => x == y,
         _ => a == b,
     }
+}
+
+/// Refuses to create `path` (or its external data file `data`) over a file the new image's
+/// backing chain `backing` reads: creating it would destroy that chain.
+fn refuse_over_chain(path: &Path, data: Option<&Path>, backing: &dyn BlockImage) -> Result<()> {
+    for (target, what) in [(Some(path), "image"), (data, "external data file")] {
+        let Some(target) = target else { continue };
+        if let Some(f) = crate::identity::read_by(target, &[backing]) {
+            return Err(Error::new(
+                crate::error::ErrorKind::Locked,
+                format!(
+                    "Error: Trying to create an {what} over a file of its own backing chain: \
+                     it is {} ({})",
+                    match f.role {
+                        crate::identity::Role::DataFile => "an external data file",
+                        _ => "a backing file",
+                    },
+                    f.path.display()
+                ),
+            )
+            .with_path(target));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the command line and works out what to create: parses and merges the `-o` options,
@@ -201,9 +228,19 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
                     )));
                 }
                 let bpath = resolve_relative(&args.filename, name)?;
+                let data = match &opts.data_file {
+                    Some(d) => Some(resolve_relative(&args.filename, d)?),
+                    None => None,
+                };
                 if same_file(&bpath, &args.filename) {
                     return Err(Error::invalid_input(
-                        "the image cannot be its own backing file",
+                        "Error: Trying to create an image with the same filename as the \
+                         backing file (the image cannot be its own backing file)",
+                    ));
+                }
+                if data.as_deref().is_some_and(|d| same_file(&bpath, d)) {
+                    return Err(Error::invalid_input(
+                        "the external data file cannot be the backing file",
                     ));
                 }
                 if args.unsafe_backing {
@@ -229,6 +266,7 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
                             format!("could not open backing file '{name}': {e}"),
                         )
                     })?;
+                    refuse_over_chain(&args.filename, data.as_deref(), img.as_ref())?;
                     size = size.or(Some(img.virtual_size()));
                 }
             }
