@@ -117,12 +117,15 @@ pub fn read_by(target: &Path, sources: &[&dyn BlockImage]) -> Option<ChainFile> 
 pub fn refuse_target(target: &Path, sources: &[&dyn BlockImage], context: &str) -> Result<()> {
     match read_by(target, sources) {
         None => Ok(()),
-        Some(f) => Err(conflict(target, &f, context)),
+        Some(f) => Err(conflict(target, &f, context, false)),
     }
 }
 
-/// The error for writing `target`, which is `file` of a source.
-pub fn conflict(target: &Path, file: &ChainFile, context: &str) -> Error {
+/// The error for writing `target`, which is `file` of a source. `shared` words it as qemu does
+/// when the file would be read after being opened for writing (`Failed to get shared "write"
+/// lock`).
+pub fn conflict(target: &Path, file: &ChainFile, context: &str, shared: bool) -> Error {
+    let shared = if shared { "shared " } else { "" };
     let prefix = if context.is_empty() {
         String::new()
     } else {
@@ -136,7 +139,7 @@ pub fn conflict(target: &Path, file: &ChainFile, context: &str) -> Error {
     Error::new(
         ErrorKind::Locked,
         format!(
-            "{prefix}Failed to get \"write\" lock: Is another process using the image [{}]? \
+            "{prefix}Failed to get {shared}\"write\" lock: Is another process using the image [{}]? \
              No: {which}, which would be overwritten while it is read",
             target.display()
         ),

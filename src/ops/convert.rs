@@ -228,7 +228,10 @@ pub fn convert(
     validate(sources.len(), dst, opts)?;
     // Never written while being read, whatever name it is given under: qemu-img's two opens
     // of the file conflict; vimg's temporary output would not.
-    let context = format!("error while converting {}", opts.output_format.as_str());
+    let context = match opts.no_create {
+        true => format!("Could not open '{}'", dst.display()),
+        false => format!("error while converting {}", opts.output_format.as_str()),
+    };
     crate::identity::refuse_target(dst, sources, &context)?;
     for name in target_data_files(opts) {
         if let Ok(p) = resolve_relative(dst, &name) {

@@ -138,6 +138,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
                     path,
                     &r,
                     &format!("Could not open new backing file '{name}'"),
+                    true,
                 ));
             }
         }
