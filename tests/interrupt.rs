@@ -207,3 +207,32 @@ fn a_block_device_target_is_written_in_place() {
     assert!(std::fs::read(&backing).unwrap() == now);
     assert_eq!(leftovers(d), Vec::<String>::new());
 }
+
+/// A write that fails names its OS cause, as qemu-img's message does: here EFBIG ("File too
+/// large") from a file size limit (with SIGXFSZ ignored), for new raw and qcow2 targets and an
+/// existing one written in place (`-n`); no partial output is left.
+#[test]
+fn write_errors_name_their_os_cause() {
+    if !common::qemu_available("write_errors_name_their_os_cause") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    random_file(&d.join("src.raw"), 8 << 20, 13);
+    let (rc, o) = common::run_in(d, "qemu-img", &["create", "-q", "-f", "raw", "n.raw", "8M"]);
+    assert_eq!(rc, 0, "{o}");
+    for args in [
+        "convert -O raw src.raw out.raw",
+        "convert -O qcow2 src.raw out.qcow2",
+        "convert -n -O raw src.raw n.raw",
+    ] {
+        for tool in [vimg(), "qemu-img"] {
+            // 4096 blocks of 512 bytes: 2 MiB.
+            let script = format!("trap '' XFSZ; ulimit -f 4096; exec {tool} {args}");
+            let (rc, o) = common::run_in(d, "sh", &["-c", &script]);
+            assert_eq!(rc, 1, "{tool} {args}: {o}");
+            assert!(o.contains("File too large"), "{tool} {args}: {o}");
+            assert_eq!(leftovers(d), Vec::<String>::new(), "{tool} {args}");
+        }
+    }
+}
