@@ -236,3 +236,29 @@ fn write_errors_name_their_os_cause() {
         }
     }
 }
+
+/// `create` stopped by a signal while it preallocates leaves no half-made image.
+#[test]
+fn signals_remove_a_half_created_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let img = d.join("new.raw");
+        let got = interrupt(
+            d,
+            &[
+                "create",
+                "-f",
+                "raw",
+                "-o",
+                "preallocation=full",
+                "new.raw",
+                "8G",
+            ],
+            sig,
+            &|| img.exists(),
+        );
+        assert_eq!(got, Some(sig), "create was not ended by signal {sig}");
+        assert!(!img.exists(), "signal {sig}: the half-made image is left");
+    }
+}

@@ -354,6 +354,15 @@ impl CreatePlan {
     /// Creates the image (truncating an existing file, as qemu-img does). A failed create
     /// removes the files it made.
     pub fn execute(&self) -> Result<()> {
+        // A file this makes is removed if a signal stops it half-made; an existing one (already
+        // truncated by then) is left.
+        let path = match self {
+            CreatePlan::Raw { path, .. } | CreatePlan::Qcow2 { path, .. } => path,
+        };
+        let _partial = match std::fs::symlink_metadata(path) {
+            Err(_) => crate::interrupt::remove_on_signal(path),
+            Ok(_) => crate::interrupt::Registered::none(),
+        };
         match self {
             CreatePlan::Raw {
                 path,
