@@ -155,6 +155,21 @@ impl Error {
         self
     }
 
+    /// The same error about `new` instead of `old` when it concerns `old` (e.g. a temporary
+    /// file the user never named); everything else, the OS cause included, is kept.
+    pub fn moved_to(mut self, old: &Path, new: &Path) -> Self {
+        if self.path.as_deref() == Some(old) {
+            self.path = Some(new.to_path_buf());
+        }
+        self
+    }
+
+    /// The same error with `what` in place of its sentence; file, offset and OS cause are kept.
+    pub fn reworded(mut self, what: impl Into<String>) -> Self {
+        self.what = what.into();
+        self
+    }
+
     /// Attaches the byte offset where the problem was found, unless one is already attached.
     pub fn at(mut self, offset: u64) -> Self {
         if self.offset.is_none() {

@@ -583,6 +583,8 @@ impl Failure {
 type CmdResult = Result<u8, Failure>;
 
 fn main() -> ExitCode {
+    // Partial outputs are removed if SIGINT, SIGTERM or SIGHUP stops a command.
+    vimg::interrupt::install();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

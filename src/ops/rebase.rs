@@ -111,6 +111,15 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     };
 
     if opts.unsafe_mode {
+        if let Some(name) = new_name {
+            // An image that is its own backing file (under any name) cannot be opened.
+            let id = crate::identity::FileId::of(&resolve_relative(path, name)?);
+            if id.is_some() && id == crate::identity::FileId::of(path) {
+                return Err(cannot_change(&format!(
+                    "Could not use new backing file '{name}': it is the image itself"
+                )));
+            }
+        }
         let mut img = Qcow2Image::open(path, true, true, &mut ChainGuard::default())?;
         img.set_unsafe_cache(!opts.cache.syncs());
         img.set_backing_file(new_name, new_format)?;
@@ -118,16 +127,29 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     }
 
     // Safe mode: both chains must open before anything is written.
-    drop(Qcow2Image::open(
-        path,
-        false,
-        false,
-        &mut ChainGuard::default(),
-    )?);
+    let before = Qcow2Image::open(path, false, false, &mut ChainGuard::default())?;
     let new_backing = match (new_name, new_format) {
         (Some(name), Some(fmt)) => Some(open_new_backing(path, name, fmt)?),
         _ => None,
     };
+    if let (Some(b), Some(name)) = (&new_backing, new_name) {
+        // The files rebase writes (the image, its data file) must not be read through the new
+        // chain: compared by device and inode, so links are caught.
+        for f in crate::identity::chain_files(&before) {
+            if f.role == crate::identity::Role::Backing {
+                continue;
+            }
+            if let Some(r) = crate::identity::read_by(&f.path, &[b.as_ref()]) {
+                return Err(crate::identity::conflict(
+                    path,
+                    &r,
+                    &format!("Could not open new backing file '{name}'"),
+                    true,
+                ));
+            }
+        }
+    }
+    drop(before);
     let img = Qcow2Image::open(path, true, false, &mut ChainGuard::default())?;
     img.set_unsafe_cache(!opts.cache.syncs());
     let to = NewBacking {

@@ -442,6 +442,18 @@ impl Qcow2Image {
             return Err(refuse("the data file name must not be empty"));
         }
         let p = crate::open::resolve_relative(&self.path, name)?;
+        // Guest data written there would overwrite the image's own metadata or its backing
+        // file (compared by device and inode, so links are caught).
+        if same_file(&p, &self.path) {
+            return Err(refuse("the image cannot be its own data file"));
+        }
+        if let Some(b) = &self.header.backing_file {
+            if same_file(&p, &crate::open::resolve_relative(&self.path, b)?) {
+                return Err(refuse(format!(
+                    "the data file cannot be the image's backing file '{b}'"
+                )));
+            }
+        }
         crate::storage::FileStorage::open(&p, false)
             .map(|_| ())
             .map_err(|e| Error::io(format!("Could not open data file '{}'", p.display()), e))
@@ -604,6 +616,12 @@ pub(super) fn set_version_2(h: &mut Header) {
     h.header_length = super::header_write::V2_HEADER_LEN;
     h.bitmaps = None;
     h.feature_names.clear();
+}
+
+/// Whether `a` and `b` are the same file (device and inode, so that links are caught).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use crate::identity::FileId;
+    FileId::of(a).is_some_and(|x| FileId::of(b) == Some(x))
 }
 
 #[cfg(test)]
