@@ -62,6 +62,11 @@ enum Framing {
     Bare,
 }
 
+/// Separates two reports in one error message: qemu-img reports some inner failures on a line
+/// of their own before the outer one, and vimg's command line prints each part as its own
+/// message line (starting with the program's name).
+pub const REPORT_BREAK: &str = "\n\u{1e}";
+
 /// A library error: kind, the file it concerns, the byte offset where it was found (host
 /// offset in that file, or guest offset where stated in the message) and a sentence saying what
 /// is wrong.
@@ -147,6 +152,21 @@ impl Error {
         if self.path.is_none() {
             self.path = Some(path.to_path_buf());
         }
+        self
+    }
+
+    /// The same error about `new` instead of `old` when it concerns `old` (e.g. a temporary
+    /// file the user never named); everything else, the OS cause included, is kept.
+    pub fn moved_to(mut self, old: &Path, new: &Path) -> Self {
+        if self.path.as_deref() == Some(old) {
+            self.path = Some(new.to_path_buf());
+        }
+        self
+    }
+
+    /// The same error with `what` in place of its sentence; file, offset and OS cause are kept.
+    pub fn reworded(mut self, what: impl Into<String>) -> Self {
+        self.what = what.into();
         self
     }
 

@@ -637,6 +637,8 @@ impl Failure {
 type CmdResult = Result<u8, Failure>;
 
 fn main() -> ExitCode {
+    // Partial outputs are removed if SIGINT, SIGTERM or SIGHUP stops a command.
+    vimg::interrupt::install();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -688,7 +690,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             let _ = std::io::stdout().flush();
-            eprintln!("{}: {}", prog(), f.message);
+            for part in f.message.split(vimg::error::REPORT_BREAK) {
+                eprintln!("{}: {}", prog(), part);
+            }
             ExitCode::from(f.code)
         }
     }

@@ -10,8 +10,7 @@
 //! data, size, backing file and snapshots for both, every snapshot reads as before
 //! (`qemu-img convert -l`), and qemu-io writes to a copy of vimg's result read back right.
 //!
-//! Where vimg deliberately differs from qemu-img 10.0.2 (changing the backing file pointer,
-//! which qemu refuses: compared with `qemu-img rebase -u` instead; downgrading images with
+//! Where vimg deliberately differs from qemu-img 10.0.2 (downgrading images with
 //! bitmaps, or renaming the data file to one that does not exist, which qemu does and leaves
 //! leaked clusters or an image it cannot open; zeroing a preallocated zero cluster shared with
 //! a snapshot, where qemu erases the snapshot's data), the tests say what vimg does instead.
@@ -598,7 +597,7 @@ fn refusals_match_qemu_img() {
         ("", "", "encrypt.format=luks", true),
         ("", "", "encrypt.new-secret=x", true),
         ("", "", "foo=bar", true),
-        ("", "", "compat=0.9", false),
+        ("", "", "compat=0.9", true),
         ("", "", "refcount_bits=3", true),
         ("", "", "refcount_bits=128", true),
         ("", "", "lazy_refcounts=maybe", false),
@@ -672,7 +671,8 @@ fn refusals_match_qemu_img() {
                 "{what}: vimg said {ev:?}, qemu-img {msg:?}"
             );
         }
-        assert_eq!(ev.lines().count(), 1, "{what}: not one line: {ev:?}");
+        let lines = if same_message { oq.lines().count() } else { 1 };
+        assert_eq!(ev.lines().count(), lines, "{what}: {ev:?} against {oq:?}");
     }
 
     // Command-line errors.
@@ -745,44 +745,6 @@ fn where_vimg_differs_from_qemu_img() {
     }
     let dir = scratch();
     let d = dir.path();
-
-    // The backing file pointer changes as `qemu-img rebase -u` changes it (qemu-img amend
-    // refuses); removing it, and changing only the format, too.
-    let base = d.join("base.raw");
-    std::fs::write(&base, vec![0x42u8; 4 << 20]).unwrap();
-    let other = d.join("other.qcow2");
-    qemu_create(&other, "qcow2", "", None, 4 << 20);
-    io(&other, &["write -P 0x43 0 1M".into()]);
-    let img = d.join("top.qcow2");
-    qemu_create(&img, "qcow2", "", Some((&base, "raw")), 4 << 20);
-    io(&img, &["write -P 0x44 64k 64k".into()]);
-    for (amend, rebase) in [
-        (
-            "backing_file=other.qcow2,backing_fmt=qcow2",
-            &["-b", "other.qcow2", "-F", "qcow2"][..],
-        ),
-        ("backing_fmt=raw", &["-b", "other.qcow2", "-F", "raw"]),
-        ("backing_file=", &["-b", ""]),
-        (
-            "backing_file=base.raw,backing_fmt=raw",
-            &["-b", "base.raw", "-F", "raw"],
-        ),
-    ] {
-        let q = d.join("top-q.qcow2");
-        std::fs::copy(&img, &q).unwrap();
-        let (cv, _, ev) = vimg(&["amend", "-o", amend, s(&img)]);
-        assert_eq!(cv, 0, "{amend}: {ev}");
-        let mut args = vec!["rebase", "-u", "-f", "qcow2"];
-        args.extend(rebase);
-        args.push(s(&q));
-        run("qemu-img", &args);
-        assert_eq!(info(&img), info(&q), "{amend}");
-        assert_eq!(check_code(&img).0, 0, "{amend}");
-        let (code, out) = run_status("qemu-img", &["compare", s(&img), s(&q)]);
-        assert_eq!(code, 0, "{amend}: {out}");
-    }
-    let (cv, _, ev) = vimg(&["amend", "-o", "backing_file=x.qcow2", s(&img)]);
-    assert!(cv == 1 && ev.contains("backing_fmt"), "{ev}");
 
     // Downgrading an image with persistent bitmaps is refused (qemu 10 leaves a version 2
     // image with a bitmaps extension and leaked clusters).

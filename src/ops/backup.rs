@@ -289,6 +289,24 @@ struct Made {
     files: Vec<PathBuf>,
     dir: Option<PathBuf>,
     keep: bool,
+    /// The same files and directory, registered to be removed if a signal stops the process
+    /// ([`crate::interrupt`]); unregistered when dropped.
+    on_signal: Vec<crate::interrupt::Registered>,
+}
+
+impl Made {
+    /// Records a file this extract made.
+    fn file(&mut self, p: &Path) {
+        self.on_signal.push(crate::interrupt::remove_on_signal(p));
+        self.files.push(p.to_path_buf());
+    }
+
+    /// Records the directory this extract made.
+    fn dir(&mut self, d: &Path) {
+        self.on_signal
+            .push(crate::interrupt::remove_dir_on_signal(d));
+        self.dir = Some(d.to_path_buf());
+    }
 }
 
 impl Drop for Made {
@@ -435,16 +453,16 @@ pub fn prepare_extract(
     let mut made = Made::default();
     std::fs::create_dir(dir)
         .map_err(|e| Error::io("cannot create target directory", e).with_path(dir))?;
-    made.dir = Some(dir.to_path_buf());
+    made.dir(dir);
     for c in &header.configs {
         let p = dir.join(&c.name);
-        made.files.push(p.clone());
+        made.file(&p);
         std::fs::write(&p, &c.data)
             .map_err(|e| Error::io("cannot write config file", e).with_path(&p))?;
     }
     let mut images: Vec<(Box<dyn BlockImage>, PathBuf)> = Vec::new();
     for (d, tmp) in devices.iter().zip(tmp_names) {
-        made.files.push(tmp.clone());
+        made.file(&tmp);
         let image: Box<dyn BlockImage> = match d.format {
             ImageFormat::Raw => Box::new(RawImage::create(&tmp, d.size).in_file(&d.path)?),
             ImageFormat::Qcow2 => {
@@ -508,7 +526,7 @@ impl ExtractPlan {
             std::fs::rename(&tmp, &d.path)
                 .map_err(|e| Error::io("cannot rename the restored image into place", e))
                 .in_file(&d.path)?;
-            self.made.files.push(d.path.clone());
+            self.made.file(&d.path);
         }
         self.made.keep = true;
         Ok(tally)

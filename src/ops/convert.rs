@@ -33,6 +33,7 @@ use crate::error::{Error, Result, ResultExt};
 use crate::open::{resolve_relative, same_file, ChainGuard};
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -245,6 +246,18 @@ pub fn convert(
     progress: Option<Progress<'_>>,
 ) -> Result<()> {
     validate(sources.len(), dst, opts)?;
+    // Never written while being read, whatever name it is given under: qemu-img's two opens
+    // of the file conflict; vimg's temporary output would not.
+    let context = match opts.no_create {
+        true => format!("Could not open '{}'", dst.display()),
+        false => format!("error while converting {}", opts.output_format.as_str()),
+    };
+    crate::identity::refuse_target(dst, sources, &context)?;
+    for name in target_data_files(opts) {
+        if let Ok(p) = resolve_relative(dst, &name) {
+            crate::identity::refuse_target(&p, sources, &context)?;
+        }
+    }
     let joined;
     let src: &dyn BlockImage = match sources {
         [one] => *one,
@@ -279,14 +292,6 @@ pub fn convert(
         .map(|m| !m.file_type().is_file() && !m.file_type().is_dir())
         .unwrap_or(false);
     if opts.no_create || existing_device {
-        // Written in place while being read: refused, as qemu-img refuses it (its two opens
-        // of the file conflict; vimg's locks only keep other processes out).
-        if reads(sources, dst) {
-            return Err(Error::invalid_input(
-                "the target is one of the source images (or a backing file of one)",
-            )
-            .with_path(dst));
-        }
         // The existing target may hold old data: everything is written, zeros included
         // (unless it is known to read as zeros). Its backing file is relied on only with -B,
         // as qemu-img does, and then only where the target holds nothing of its own.
@@ -337,7 +342,7 @@ pub fn convert(
     let keep_permissions = std::fs::metadata(&dst).ok().map(|m| m.permissions());
     // The file being replaced is locked as qemu-img locks a target it truncates: an image in
     // use elsewhere is refused, and stays untouched until the new one is renamed over it.
-    let _replaced = lock_replaced(&dst, sources)?;
+    let _replaced = lock_replaced(&dst)?;
     let tmp = TempFile::create_near(&dst)?;
     if qcow2 {
         crate::ops::create::create(&crate::ops::create::CreateArgs {
@@ -367,6 +372,9 @@ pub fn convert(
         plan.ordered = !opts.out_of_order;
         plan.backing = target.backing();
         if let Some(b) = plan.backing {
+            // The new image replaces a file its own backing chain reads: refused.
+            crate::identity::refuse_target(&dst, &[b], &context)
+                .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
             plan.inherit_depth = inherited_layer(src, b);
         }
         copy::run(&plan, progress).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
@@ -398,40 +406,24 @@ pub fn convert(
 /// An error about the temporary output names the destination instead (the temporary name means
 /// nothing to the user, and the file is gone once the error is reported).
 pub(crate) fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
-    if e.path() == Some(tmp) {
-        let mut fresh = Error::new(e.kind(), e.what().to_string()).with_path(dst);
-        if let Some(o) = e.offset() {
-            fresh = fresh.at(o);
-        }
-        fresh
-    } else {
-        e
-    }
+    e.moved_to(tmp, dst)
 }
 
-/// Whether `path` is one of the files `sources` read (a layer of one of their chains).
-fn reads(sources: &[&dyn BlockImage], path: &Path) -> bool {
-    sources.iter().any(|s| {
-        let mut layer = Some(*s);
-        while let Some(l) = layer {
-            if same_file(l.filename(), path) {
-                return true;
-            }
-            layer = l.backing();
-        }
-        false
-    })
+/// The external data files named in a new target's `-o` options.
+fn target_data_files(opts: &ConvertOptions) -> Vec<String> {
+    opts.target_options
+        .iter()
+        .filter_map(|o| crate::qcow2::create::parse_options(o).ok())
+        .filter_map(|u| u.data_file)
+        .collect()
 }
 
-/// Takes a writer's image locks on the existing file `dst` that a new output replaces, unless
-/// it is one of the files `sources` read (the source's own locks already keep writers out, and
-/// the output is written beside it). Returns the open file holding the locks.
-fn lock_replaced(
-    dst: &Path,
-    sources: &[&dyn BlockImage],
-) -> Result<Option<crate::lock::LockedFile>> {
+/// Takes a writer's image locks on the existing file `dst` that a new output replaces (it is
+/// none of the files the sources read: [`convert`] refused that first). Returns the open file
+/// holding the locks.
+fn lock_replaced(dst: &Path) -> Result<Option<crate::lock::LockedFile>> {
     let is_file = std::fs::metadata(dst).is_ok_and(|m| m.is_file());
-    if !is_file || reads(sources, dst) {
+    if !is_file {
         return Ok(None);
     }
     let file = std::fs::File::open(dst)
@@ -471,10 +463,12 @@ fn open_target(dst: &Path, format: ImageFormat) -> Result<Box<dyn BlockImage>> {
     })
 }
 
-/// A file under a temporary name, removed on drop unless persisted.
+/// A file under a temporary name, removed on drop unless persisted, and by the signal handler
+/// of [`crate::interrupt`] if the process is stopped by SIGINT, SIGTERM or SIGHUP.
 pub(crate) struct TempFile {
     pub(crate) path: PathBuf,
     keep: bool,
+    signal: crate::interrupt::Registered,
 }
 
 impl TempFile {
@@ -504,7 +498,14 @@ impl TempFile {
                 .create_new(true)
                 .open(&path)
             {
-                Ok(_) => return Ok(TempFile { path, keep: false }),
+                Ok(_) => {
+                    let signal = crate::interrupt::remove_on_signal(&path);
+                    return Ok(TempFile {
+                        path,
+                        keep: false,
+                        signal,
+                    });
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_err = Some(e),
                 Err(e) => {
                     return Err(Error::io("cannot create output file", e).with_path(dst));
@@ -523,7 +524,18 @@ impl TempFile {
     /// writeback of the new one and wait for the blocks to be allocated, half a second per GiB
     /// here, which is the durability `cache=unsafe` does not ask for. A synced output is on
     /// the disk already, so the rename over is atomic and cheap.
+    ///
+    /// An existing `dst` with other hard links keeps its inode, so that every name of it shows
+    /// the new content: the finished file is copied into it ([`copy_into`]) and then removed.
+    ///
+    /// From here on a signal no longer removes the complete output: at worst it is left
+    /// under its temporary name, never lost with the file it replaces.
     pub(crate) fn persist(mut self, dst: &Path, synced: bool) -> Result<()> {
+        self.signal = crate::interrupt::Registered::none();
+        if std::fs::metadata(dst).is_ok_and(|m| m.file_type().is_file() && m.nlink() > 1) {
+            copy_into(&self.path, dst, synced).in_file(dst)?;
+            return Ok(());
+        }
         if !synced && std::fs::symlink_metadata(dst).is_ok_and(|m| m.file_type().is_file()) {
             std::fs::remove_file(dst)
                 .map_err(|e| Error::io("cannot replace the existing output file", e))
@@ -535,6 +547,80 @@ impl TempFile {
         self.keep = true;
         Ok(())
     }
+}
+
+/// Copies the finished file `from` into the existing file `to`, in place: `to` is emptied
+/// and refilled with `from`'s data ranges (found with SEEK_DATA/SEEK_HOLE, copied with
+/// copy_file_range), so its holes stay holes. `to` keeps its inode, permissions and links.
+/// Synced to the disk when `sync`.
+fn copy_into(from: &Path, to: &Path, sync: bool) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let io = |what: &'static str| move |e: std::io::Error| Error::io(what, e);
+    let mut src = std::fs::File::open(from).map_err(io("cannot open the finished output"))?;
+    let len = src
+        .metadata()
+        .map_err(io("cannot get the finished output's size"))?
+        .len();
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .open(to)
+        .map_err(io("cannot open the output file"))?;
+    dst.set_len(0)
+        .and_then(|()| dst.set_len(len))
+        .map_err(io("cannot set the output file's size"))?;
+    let mut pos = 0u64;
+    let mut buf = Vec::new();
+    while pos < len {
+        let start = match rustix::fs::seek(&src, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break,
+            // No SEEK_DATA here: all of it is data.
+            Err(_) => pos,
+        };
+        let end = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(start)).unwrap_or(len);
+        let (mut at, end) = (start, end.min(len));
+        while at < end {
+            let mut off_in = at;
+            let mut off_out = at;
+            let want = (end - at).min(1 << 30) as usize;
+            match rustix::fs::copy_file_range(
+                &src,
+                Some(&mut off_in),
+                &dst,
+                Some(&mut off_out),
+                want,
+            ) {
+                Ok(n) if n > 0 => at += n as u64,
+                Ok(_) => break,
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP,
+                ) => {
+                    // Copied by hand where the kernel does not copy between these files.
+                    buf.resize(want.min(CHUNK as usize), 0);
+                    src.seek(SeekFrom::Start(at))
+                        .and_then(|_| src.read_exact(&mut buf))
+                        .map_err(io("cannot read the finished output"))?;
+                    dst.seek(SeekFrom::Start(at))
+                        .and_then(|_| dst.write_all(&buf))
+                        .map_err(|e| Error::io("error while writing", e).at(at))?;
+                    at += buf.len() as u64;
+                }
+                Err(e) => {
+                    return Err(Error::io("error while writing", e.into()).at(at));
+                }
+            }
+        }
+        pos = end.max(pos + 1);
+    }
+    if sync {
+        dst.sync_all().map_err(io("flush failed"))?;
+    }
+    drop(dst);
+    std::fs::remove_file(from).map_err(io("cannot remove the temporary output"))?;
+    Ok(())
 }
 
 impl Drop for TempFile {

@@ -10,7 +10,7 @@
 //! qcow2 images are written by [`crate::qcow2::create`] (qcow2.rst "Header", "Host cluster
 //! management", "Cluster mapping"); raw images by [`create_raw`].
 
-use crate::block::ImageFormat;
+use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result};
 use crate::open::{open_image, resolve_relative, OpenOptions};
 use crate::ops::size::parse_size;
@@ -130,11 +130,38 @@ fn parse_all(options: &[String]) -> Result<OptionUpdates> {
     Ok(u)
 }
 
+/// Whether `a` and `b` are the same file: by device and inode (so that links are caught), or
+/// by name where either does not exist.
 fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
+    use crate::identity::FileId;
+    match (FileId::of(a), FileId::of(b)) {
+        (Some(x), Some(y)) => x == y,
         _ => a == b,
     }
+}
+
+/// Refuses to create `path` (or its external data file `data`) over a file the new image's
+/// backing chain `backing` reads: creating it would destroy that chain.
+fn refuse_over_chain(path: &Path, data: Option<&Path>, backing: &dyn BlockImage) -> Result<()> {
+    for (target, what) in [(Some(path), "image"), (data, "external data file")] {
+        let Some(target) = target else { continue };
+        if let Some(f) = crate::identity::read_by(target, &[backing]) {
+            return Err(Error::new(
+                crate::error::ErrorKind::Locked,
+                format!(
+                    "Error: Trying to create an {what} over a file of its own backing chain: \
+                     it is {} ({})",
+                    match f.role {
+                        crate::identity::Role::DataFile => "an external data file",
+                        _ => "a backing file",
+                    },
+                    f.path.display()
+                ),
+            )
+            .with_path(target));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the command line and works out what to create: parses and merges the `-o` options,
@@ -251,6 +278,16 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
                             img.format()
                         )));
                     }
+                    let data = match &opts.data_file {
+                        Some(d) => Some(resolve_relative(&args.filename, d)?),
+                        None => None,
+                    };
+                    if data.as_deref().is_some_and(|d| same_file(&bpath, d)) {
+                        return Err(file_err(
+                            "the external data file cannot be the backing file".into(),
+                        ));
+                    }
+                    refuse_over_chain(&args.filename, data.as_deref(), img.as_ref())?;
                     size = size.or(Some(img.virtual_size()));
                 }
             }
@@ -334,6 +371,15 @@ impl CreatePlan {
     /// Creates the image (truncating an existing file, as qemu-img does). A failed create
     /// removes the files it made.
     pub fn execute(&self) -> Result<()> {
+        // A file this makes is removed if a signal stops it half-made; an existing one (already
+        // truncated by then) is left.
+        let path = match self {
+            CreatePlan::Raw { path, .. } | CreatePlan::Qcow2 { path, .. } => path,
+        };
+        let _partial = match std::fs::symlink_metadata(path) {
+            Err(_) => crate::interrupt::remove_on_signal(path),
+            Ok(_) => crate::interrupt::Registered::none(),
+        };
         match self {
             CreatePlan::Raw {
                 path,

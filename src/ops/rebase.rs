@@ -13,8 +13,8 @@
 //! chains answer from the same layer (when the new backing file is in the old chain, or the
 //! old one in the new chain). Only the rest is read from both chains and compared, in units of
 //! the image's clusters; a cluster the image leaves wholly unallocated is written whole (as
-//! data even where the old data is zeros, as qemu-img writes it), while in a partly allocated
-//! cluster (subclusters)
+//! data even where the old data is zeros, as qemu-img writes it, but as a zero cluster when
+//! the image had no backing file), while in a partly allocated cluster (subclusters)
 //! only the differing unallocated parts are. Layers of any cluster size and virtual size
 //! combine: a shorter layer reads as zeros past its end.
 //!
@@ -33,7 +33,7 @@ use crate::open::same_file;
 use crate::open::{open_layer, probe_format, resolve_relative, ChainGuard};
 use crate::ops::commit::CacheMode;
 use crate::ops::convert::copy::{read_clamped, Cursor};
-use crate::ops::convert::{Progress, CHUNK};
+use crate::ops::convert::{is_zero, Progress, CHUNK};
 use crate::ops::create::KNOWN_FORMATS;
 use crate::qcow2::compress::compress_cluster;
 use crate::qcow2::Qcow2Image;
@@ -111,6 +111,15 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     };
 
     if opts.unsafe_mode {
+        if let Some(name) = new_name {
+            // An image that is its own backing file (under any name) cannot be opened.
+            let id = crate::identity::FileId::of(&resolve_relative(path, name)?);
+            if id.is_some() && id == crate::identity::FileId::of(path) {
+                return Err(cannot_change(&format!(
+                    "Could not use new backing file '{name}': it is the image itself"
+                )));
+            }
+        }
         let mut img = Qcow2Image::open(path, true, true, &mut ChainGuard::default())?;
         img.set_unsafe_cache(!opts.cache.syncs());
         img.set_backing_file(new_name, new_format)?;
@@ -118,16 +127,29 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     }
 
     // Safe mode: both chains must open before anything is written.
-    drop(Qcow2Image::open(
-        path,
-        false,
-        false,
-        &mut ChainGuard::default(),
-    )?);
+    let before = Qcow2Image::open(path, false, false, &mut ChainGuard::default())?;
     let new_backing = match (new_name, new_format) {
         (Some(name), Some(fmt)) => Some(open_new_backing(path, name, fmt)?),
         _ => None,
     };
+    if let (Some(b), Some(name)) = (&new_backing, new_name) {
+        // The files rebase writes (the image, its data file) must not be read through the new
+        // chain: compared by device and inode, so links are caught.
+        for f in crate::identity::chain_files(&before) {
+            if f.role == crate::identity::Role::Backing {
+                continue;
+            }
+            if let Some(r) = crate::identity::read_by(&f.path, &[b.as_ref()]) {
+                return Err(crate::identity::conflict(
+                    path,
+                    &r,
+                    &format!("Could not open new backing file '{name}'"),
+                    true,
+                ));
+            }
+        }
+    }
+    drop(before);
     let img = Qcow2Image::open(path, true, false, &mut ChainGuard::default())?;
     img.set_unsafe_cache(!opts.cache.syncs());
     let to = NewBacking {
@@ -386,10 +408,15 @@ fn copy_run(
             }
             continue;
         }
-        // Zeros are written as data, as qemu-img 10 writes them (its rebase has no zero
-        // detection: `qemu-img map` shows such a cluster as data in the image).
+        // Where the image has an old backing file, what it reads is written as data, zeros
+        // too, as qemu-img 10 writes it (`qemu-img map` shows such a cluster as data, iotest
+        // 024); without one (nothing to read), a zero cluster is written, as qemu-img writes
+        // it (iotest 252).
         let data = &old_buf[at(cl.start, cl.end)];
-        if compress {
+        if img.backing().is_none() && is_zero(data) {
+            write_pending(&mut pending)?;
+            img.write_zeroes(GuestOffset(cl.start), cl.end - cl.start, false)?;
+        } else if compress {
             write_pending(&mut pending)?;
             let cs = img.header().cluster_size() as usize;
             let mut cluster = vec![0u8; cs];

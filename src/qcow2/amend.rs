@@ -10,8 +10,8 @@
 //! - `lazy_refcounts` sets or clears compatible feature bit 0 (the image is made clean first,
 //!   so a dirty image gets its refcounts written before the bit goes);
 //! - `size` grows or shrinks the disk through [`super::resize`];
-//! - `backing_file`/`backing_fmt` change the backing file pointer only, as `rebase -u` does
-//!   (qemu-img 10 refuses this and points to `rebase`);
+//! - `backing_file`/`backing_fmt` are refused unless they name the current backing file and
+//!   format, as qemu-img 10 refuses them (pointing to `rebase`);
 //! - `data_file` renames the external data file, `data_file_raw=off` clears autoclear bit 1.
 //!
 //! Options qemu only accepts at creation (`cluster_size`, `preallocation`, `compression_type`,
@@ -26,7 +26,7 @@
 //! clusters.
 
 use super::create::{parse_options, split_option_list, Compat, OptionUpdates};
-use super::header::{autoclear, compat, incompat, CompressionType, Header, MAX_BACKING_NAME};
+use super::header::{autoclear, compat, incompat, CompressionType, Header};
 use super::resize::V2_SNAPSHOTS;
 use super::snapshot::read_table;
 use super::Qcow2Image;
@@ -36,11 +36,11 @@ use crate::error::{Error, ErrorKind, Result, ResultExt};
 pub const AMEND_OPTION_HELP: &[(&str, &str)] = &[
     (
         "backing_file=<str>",
-        "new backing file name, recorded as given (pointer only, like rebase -u)",
+        "the current backing file name only (use rebase to change it)",
     ),
     (
         "backing_fmt=<str>",
-        "format of the backing file (needed when backing_file changes)",
+        "the current backing file format only (use rebase to change it)",
     ),
     ("compat=<str>", "qcow2 version: 1.1 or v3, 0.10 or v2"),
     (
@@ -121,14 +121,20 @@ impl AmendOptions {
         let mut o = AmendOptions::default();
         for item in split_option_list(s)? {
             let key = item.split_once('=').map_or(item.as_str(), |(k, _)| k);
+            if let Some(("compat", level)) = item.split_once('=') {
+                if !["0.10", "v2", "1.1", "v3"].contains(&level) {
+                    return Err(refuse(format!("Unknown compatibility level {level}")));
+                }
+            }
             if AMENDABLE.contains(&key) || ((key == "help" || key == "?") && key == item) {
                 o.updates.merge(parse_options(&item.replace(',', ",,"))?);
             } else if ENCRYPTION_AMEND.contains(&key) {
                 o.encryption = true;
             } else if CREATION_ONLY.contains(&key) {
                 return Err(Error::invalid_input(format!(
-                    "Invalid parameter '{key}' (this option is only supported for image creation)"
-                )));
+                    "Invalid parameter '{key}'\nThis option is only supported for image creation"
+                ))
+                .bare());
             } else {
                 return Err(Error::invalid_input(format!("Invalid parameter '{key}'")));
             }
@@ -186,6 +192,9 @@ pub struct AmendPlan {
     pub data_file_raw_off: bool,
     /// Version 3 to version 2 (last step).
     pub downgrade: bool,
+    /// Why the downgrade is refused, when it is refused only after the other steps have run
+    /// (qemu-img checks a downgrade last, after resizing: the image keeps its new size).
+    pub downgrade_refused: Option<String>,
 }
 
 impl AmendPlan {
@@ -270,10 +279,15 @@ impl Progress<'_> {
     }
 }
 
-/// A qemu-style amend error (one line, kind `InvalidInput`).
+/// A qemu-style amend error (kind `InvalidInput`), printed without the file as qemu-img
+/// prints it.
 fn refuse(what: impl Into<String>) -> Error {
-    Error::invalid_input(what)
+    Error::invalid_input(what).bare()
 }
+
+/// qemu-img's message for a `backing_file`/`backing_fmt` that is not the current one.
+pub const NO_BACKING_AMEND: &str =
+    "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.";
 
 impl Qcow2Image {
     /// Works out what amending this image with `opts` does, refusing (with qemu-img's
@@ -380,7 +394,18 @@ impl Qcow2Image {
         }
 
         if plan.downgrade {
-            self.check_downgrade(order, plan.size.unwrap_or(h.size))?;
+            match self.check_downgrade(order, plan.size.unwrap_or(h.size)) {
+                Err(e)
+                    if e.kind() == ErrorKind::InvalidInput
+                        && (plan.refcount_order.is_some()
+                            || plan.size.is_some()
+                            || plan.changes_header_fields()) =>
+                {
+                    plan.downgrade = false;
+                    plan.downgrade_refused = Some(e.what().to_string());
+                }
+                r => r?,
+            }
         }
 
         // The final header must fit in cluster 0 (a long backing name in a small cluster).
@@ -396,54 +421,18 @@ impl Qcow2Image {
         Ok(plan)
     }
 
-    /// The backing pointer change `u` asks for, if any. Changing the name needs the format
-    /// too (vimg never probes a backing file's format); an empty name removes the pointer.
+    /// The backing pointer change `u` asks for: none, as in qemu-img 10, which accepts
+    /// `backing_file`/`backing_fmt` only when both are given and name the current backing
+    /// file and format, and otherwise refuses them (pointing to `rebase`).
     fn plan_backing(&self, u: &OptionUpdates) -> Result<Option<BackingChange>> {
         let h = &self.header;
-        let change = match (&u.backing_file, &u.backing_fmt) {
-            (None, None) => return Ok(None),
-            (Some(f), fmt) if f.is_empty() => {
-                if fmt.as_ref().is_some_and(|f| !f.is_empty()) {
-                    return Err(refuse("backing format specified without a backing file"));
-                }
-                BackingChange::Remove
-            }
-            (Some(f), None) => {
-                if h.backing_file.as_ref() == Some(f) {
-                    return Ok(None);
-                }
-                return Err(refuse(
-                    "backing file specified without backing format (use backing_fmt)",
-                ));
-            }
-            (file, Some(fmt)) => {
-                let Some(file) = file.clone().or_else(|| h.backing_file.clone()) else {
-                    return Err(refuse("backing format specified without a backing file"));
-                };
-                if !crate::ops::create::KNOWN_FORMATS.contains(&fmt.as_str()) {
-                    return Err(refuse(format!("unknown backing format '{fmt}'")));
-                }
-                if file.len() > MAX_BACKING_NAME as usize {
-                    return Err(refuse("backing file name is longer than 1023 bytes"));
-                }
-                let resolved = crate::open::resolve_relative(&self.path, &file)?;
-                if same_file(&resolved, &self.path) {
-                    return Err(refuse("the image cannot be its own backing file"));
-                }
-                BackingChange::Set {
-                    file,
-                    format: fmt.clone(),
-                }
-            }
-        };
-        let current = match (&h.backing_file, &h.backing_format) {
-            (None, _) => BackingChange::Remove,
-            (Some(f), fmt) => BackingChange::Set {
-                file: f.clone(),
-                format: fmt.clone().unwrap_or_default(),
-            },
-        };
-        Ok((change != current).then_some(change))
+        if u.backing_file.is_none() && u.backing_fmt.is_none() {
+            return Ok(None);
+        }
+        if u.backing_file != h.backing_file || u.backing_fmt != h.backing_format {
+            return Err(refuse(NO_BACKING_AMEND));
+        }
+        Ok(None)
     }
 
     /// Refuses a new external data file name that is empty or does not name a file vimg can
@@ -453,6 +442,18 @@ impl Qcow2Image {
             return Err(refuse("the data file name must not be empty"));
         }
         let p = crate::open::resolve_relative(&self.path, name)?;
+        // Guest data written there would overwrite the image's own metadata or its backing
+        // file (compared by device and inode, so links are caught).
+        if same_file(&p, &self.path) {
+            return Err(refuse("the image cannot be its own data file"));
+        }
+        if let Some(b) = &self.header.backing_file {
+            if same_file(&p, &crate::open::resolve_relative(&self.path, b)?) {
+                return Err(refuse(format!(
+                    "the data file cannot be the image's backing file '{b}'"
+                )));
+            }
+        }
         crate::storage::FileStorage::open(&p, false)
             .map(|_| ())
             .map_err(|e| Error::io(format!("Could not open data file '{}'", p.display()), e))
@@ -535,6 +536,9 @@ impl Qcow2Image {
             self.downgrade_to_v2(&mut progress)?;
             progress.next_step();
         }
+        if let Some(why) = &plan.downgrade_refused {
+            return Err(refuse(why.clone()));
+        }
         Ok(())
     }
 
@@ -614,11 +618,10 @@ pub(super) fn set_version_2(h: &mut Header) {
     h.feature_names.clear();
 }
 
+/// Whether `a` and `b` are the same file (device and inode, so that links are caught).
 fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
+    use crate::identity::FileId;
+    FileId::of(a).is_some_and(|x| FileId::of(b) == Some(x))
 }
 
 #[cfg(test)]

@@ -328,14 +328,16 @@ impl<'a> Checker<'a> {
             for s in &snapshots {
                 if !s.l1_offset.is_multiple_of(self.cs) {
                     self.corruption(format!(
-                        "ERROR snapshot {} ({}) L1 table offset {:#x} is not cluster-aligned",
+                        "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster \
+                         aligned; snapshot table entry corrupted",
                         s.id, s.name, s.l1_offset
                     ));
                     continue;
                 }
                 if u64::from(s.l1_size) * 8 > MAX_L1_BYTES {
                     self.corruption(format!(
-                        "ERROR snapshot {} ({}) L1 table of {} entries is too large",
+                        "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; \
+                         snapshot table entry corrupted",
                         s.id, s.name, s.l1_size
                     ));
                     continue;

@@ -26,7 +26,7 @@ use super::header::{autoclear, compat, incompat, CompressionType, Header};
 use super::header::{MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use super::l2::OFLAG_COPIED;
 use super::refcount::set_refcount;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::open::resolve_relative;
 use crate::ops::size::parse_size;
 use byteorder::{BigEndian, ByteOrder};
@@ -1259,10 +1259,8 @@ fn write_all(
     let data_file = match data_path {
         Some(dp) => {
             let f = create_file(dp).map_err(|e| {
-                Error::new(
-                    ErrorKind::Io,
-                    format!("cannot create data file '{}': {}", dp.display(), e.what()),
-                )
+                let what = format!("cannot create data file '{}': {}", dp.display(), e.what());
+                e.reworded(what)
             })?;
             made.push(dp.to_path_buf());
             Some(f)
@@ -1392,6 +1390,7 @@ fn write_l2_tables(out: &Out<'_>, p: &Plan) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
     use crate::qcow2::header::ext;
 
     fn opts(f: impl FnOnce(&mut CreateOptions)) -> CreateOptions {

@@ -77,6 +77,16 @@ impl Qcow2Image {
                 "extended L2 entries cannot be expanded for version 2",
             ));
         }
+        // qemu refuses (in its words) a snapshot L1 table it cannot load; vimg before writing.
+        for s in read_table(self)? {
+            if let Some((what, why)) = s.qemu_l1_problem(self.header.cluster_size()) {
+                let brk = crate::error::REPORT_BREAK;
+                return Err(Error::corrupt(format!(
+                    "{what}{brk}Failed to turn zero into data clusters: {why}"
+                ))
+                .bare());
+            }
+        }
         let backed = self.header.backing_file.is_some();
         self.for_each_l2_table(|off, (done, total)| {
             progress.within(done, total);

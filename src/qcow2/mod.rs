@@ -215,10 +215,8 @@ impl Qcow2Image {
                     None => {
                         img.backing_probed = true;
                         Some(probe_format(&bpath).map_err(|e| {
-                            Error::new(
-                                e.kind(),
-                                format!("cannot open backing file '{name}': {}", e.what()),
-                            )
+                            let what = format!("cannot open backing file '{name}': {}", e.what());
+                            e.reworded(what)
                         })?)
                     }
                 };
@@ -283,10 +281,8 @@ impl Qcow2Image {
         let report = repair::repair(self, repair::RepairMode::All);
         self.write = None;
         let report = report.map_err(|e| {
-            Error::new(
-                e.kind(),
-                format!("image is dirty and repairing it failed: {}", e.what()),
-            )
+            let what = format!("image is dirty and repairing it failed: {}", e.what());
+            e.reworded(what)
         })?;
         if report.corruptions > 0 || report.check_errors > 0 {
             return Err(Error::corrupt(format!(

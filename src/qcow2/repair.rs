@@ -248,7 +248,10 @@ pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
     // table) is beyond what a refcount repair or rebuild can fix: refuse before changing
     // anything.
     super::layout::MetadataMap::build(img, None)
-        .map_err(|e| Error::new(e.kind(), format!("cannot repair this image: {}", e.what())))
+        .map_err(|e| {
+            let what = format!("cannot repair this image: {}", e.what());
+            e.reworded(what)
+        })
         .map(drop)
         .in_file(&img.path)?;
     if super::check::too_large_to_check(img) {

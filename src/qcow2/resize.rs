@@ -76,7 +76,7 @@ impl Qcow2Image {
             return Ok(());
         }
         if self.header.nb_snapshots > 0 && self.header.version < 3 {
-            return Err(Error::unsupported(V2_SNAPSHOTS));
+            return Err(Error::unsupported(V2_SNAPSHOTS).bare());
         }
         if new_size < old_size && prealloc != Preallocation::Off {
             return Err(Error::invalid_input(PREALLOC_SHRINK));

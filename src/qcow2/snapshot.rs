@@ -44,13 +44,11 @@ impl Snapshot {
     /// Checks that the snapshot's L1 table is within qemu's size limit, cluster-aligned and
     /// inside the file. Listing snapshots does not need this (qemu lists such snapshots too);
     /// anything that reads the L1 table does.
+    /// The first two problems are worded as qemu words them ([`Snapshot::qemu_l1_problem`]).
     pub fn validate_l1(&self, img: &Qcow2Image) -> Result<()> {
         let l1_bytes = u64::from(self.l1_size) * 8;
-        if l1_bytes > MAX_L1_BYTES {
-            return Err(Error::corrupt(format!(
-                "snapshot '{}' has an L1 table of {l1_bytes} bytes (limit 32 MiB)",
-                self.name
-            )));
+        if let Some((what, _)) = self.qemu_l1_problem(img.header().cluster_size()) {
+            return Err(Error::corrupt(what).bare());
         }
         let what = format!("L1 table of snapshot '{}'", self.name);
         check_table(
@@ -61,6 +59,20 @@ impl Snapshot {
             img.file_len(),
             self.entry_offset,
         )
+    }
+
+    /// What qemu finds wrong with the snapshot's L1 table before reading it, in its order and
+    /// words, with the reason (errno text) its callers report: a table over 32 MiB ("too
+    /// large", `File too large`), or an offset not aligned to `cluster_size` ("offset
+    /// invalid", `Invalid argument`).
+    pub fn qemu_l1_problem(&self, cluster_size: u64) -> Option<(&'static str, &'static str)> {
+        if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
+            Some(("Snapshot L1 table too large", "File too large"))
+        } else if !self.l1_table_offset.is_multiple_of(cluster_size) {
+            Some(("Snapshot L1 table offset invalid", "Invalid argument"))
+        } else {
+            None
+        }
     }
 
     /// The entry as `info` shows it.

@@ -144,6 +144,9 @@ impl Qcow2Image {
             .find(&snaps)
             .ok_or_else(|| Error::new(ErrorKind::InvalidInput, NOT_FOUND))?
             .clone();
+        if let Some((what, _)) = snap.qemu_l1_problem(self.header.cluster_size()) {
+            return Err(Error::corrupt(format!("Failed to load snapshot: {what}")).bare());
+        }
         snap.validate_l1(self)?;
         let size = snap.disk_size.unwrap_or(self.header.size);
         let per_entry = 1u64 << self.header.l1_shift();

@@ -361,6 +361,11 @@ impl Qcow2Image {
         let snaps = read_table(self)?;
         let idx = Self::find_by_name(&snaps, name).ok_or_else(|| not_found_delete(name))?;
         let victim = snaps[idx].clone();
+        if let Some((what, _)) = victim.qemu_l1_problem(self.header.cluster_size()) {
+            return Err(
+                Error::corrupt(format!("Could not delete snapshot '{name}': {what}")).bare(),
+            );
+        }
         let l1 = self.snapshot_l1(&victim)?;
         let tree = self.tree_clusters(&l1)?;
         let entries: Vec<Vec<u8>> = snaps
@@ -428,6 +433,13 @@ impl Qcow2Image {
                 )
             })?;
         let snap = snaps[idx].clone();
+        if let Some((what, why)) = snap.qemu_l1_problem(self.header.cluster_size()) {
+            let brk = crate::error::REPORT_BREAK;
+            return Err(Error::corrupt(format!(
+                "{what}{brk}Could not apply snapshot '{name_or_id}': Failed to load snapshot: {why}"
+            ))
+            .bare());
+        }
         let sn_l1 = self.snapshot_l1(&snap)?;
         if let Some(size) = snap.disk_size {
             if size != self.header.size {

@@ -843,19 +843,46 @@ fn plan_sparse_writes(plan: &Plan<'_>, off: u64, len: u64, buf: &[u8], out: &mut
 fn commit(plan: &Plan<'_>, s: &mut Scratch) -> Result<()> {
     let dst = plan.dst;
     for a in &s.actions {
+        commit_one(plan, dst, a, &mut s.zeros, &s.buf).map_err(|e| writing(e, a))?;
+    }
+    Ok(())
+}
+
+/// A failed write to the target in qemu-img's words first (`error while writing at byte N`,
+/// N the guest offset), then vimg's (what failed, where in the file, the OS cause).
+fn writing(e: Error, a: &Action) -> Error {
+    let off = match a {
+        Action::Write { off, .. } | Action::Zero { off, .. } | Action::Fill { off, .. } => *off,
+        Action::Compressed { gc, .. } => *gc,
+    };
+    if e.kind() != ErrorKind::Io {
+        return e;
+    }
+    let what = format!("error while writing at byte {off}: {}", e.what());
+    e.reworded(what)
+}
+
+fn commit_one(
+    plan: &Plan<'_>,
+    dst: &dyn BlockImage,
+    a: &Action,
+    zeros: &mut Vec<u8>,
+    buf: &[u8],
+) -> Result<()> {
+    {
         match a {
             Action::Write { off, at, len } => {
-                dst.write_at(&s.buf[*at..at + len], GuestOffset(*off))?
+                dst.write_at(&buf[*at..at + len], GuestOffset(*off))?
             }
             Action::Zero { off, len } => dst.write_zeroes(GuestOffset(*off), *len, true)?,
             Action::Fill { off, len } => {
-                if s.zeros.is_empty() {
-                    s.zeros.resize(CHUNK as usize, 0);
+                if zeros.is_empty() {
+                    zeros.resize(CHUNK as usize, 0);
                 }
                 let mut pos = *off;
                 while pos < off + len {
                     let n = (off + len - pos).min(CHUNK);
-                    dst.write_at(&s.zeros[..n as usize], GuestOffset(pos))?;
+                    dst.write_at(&zeros[..n as usize], GuestOffset(pos))?;
                     pos += n;
                 }
             }
