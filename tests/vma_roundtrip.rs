@@ -590,7 +590,7 @@ fn extract_selects_devices_and_refuses_what_it_must() {
             s(&archive),
             s(&fresh),
         ],
-        "cluster",
+        "Cluster size must be a power of two",
     );
     assert!(!fresh.exists());
     refused(

@@ -351,10 +351,12 @@ pub fn convert(
             options: opts.target_options.clone(),
             backing_file: opts.backing_file.clone(),
             backing_format: opts.backing_format.clone(),
-            unsafe_backing: false,
+            // The backing chain is opened right below, with the target, and a failure there
+            // is reported on one line as qemu-img reports it.
+            unsafe_backing: true,
             size: Some(size.to_string()),
         })
-        .in_file(&dst)?;
+        .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         // Opened with its backing chain, so that zero writes know what lies below.
         let target = Qcow2Image::open(&tmp.path, true, false, &mut ChainGuard::default())
             .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
