@@ -306,6 +306,21 @@ pub fn probe_storage(
     }))
 }
 
+/// Runs the probe on arbitrary bytes taken as a whole file (with and without a name that
+/// ends in `.dmg`): the fuzz target `probe` and its replay in `tests/hostile.rs`. Never
+/// panics; returns nothing.
+pub fn exercise(data: &[u8]) {
+    let tail = (data.len() >= VHD_FOOTER_LEN).then(|| &data[data.len() - VHD_FOOTER_LEN..]);
+    for name in [None, Some("image.dmg")] {
+        let _ = probe(&ProbeInput {
+            head: data,
+            tail,
+            len: data.len() as u64,
+            name,
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,8 @@ const TARGETS: &[(&str, Entry)] = &[
     ("qcow2_check", vimg::qcow2::hostile::check),
     ("qcow2_repair", vimg::qcow2::hostile::repair),
     ("vma_read", vimg::vma::exercise),
+    ("probe", vimg::probe::exercise),
+    ("image_spec", vimg::image_spec::exercise),
 ];
 
 /// Longest one input may take (they take milliseconds; a hang shows up as this).
