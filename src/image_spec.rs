@@ -135,8 +135,16 @@ pub fn parse_filename(name: &str) -> Result<ImageSpec> {
         return interpret(flat);
     }
     if let Some(rest) = name.strip_prefix("file:") {
+        // A relative name with a colon before any slash is written `./NAME`, as qemu writes
+        // it, so that it can never be read back as a protocol prefix.
+        let path = match rest.find(':') {
+            Some(c) if !rest.starts_with('/') && !rest[..c].contains('/') => {
+                PathBuf::from(format!("./{rest}"))
+            }
+            _ => PathBuf::from(rest),
+        };
         return Ok(ImageSpec {
-            path: PathBuf::from(rest),
+            path,
             ..Default::default()
         });
     }
@@ -444,7 +452,7 @@ mod tests {
         assert!(parse_image_opts("driver=qcow2,x.qcow2").is_err());
         assert_eq!(
             parse_filename("file:a:b").unwrap().path,
-            PathBuf::from("a:b")
+            PathBuf::from("./a:b")
         );
         assert_eq!(
             parse_filename("plain").unwrap().path,

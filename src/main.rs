@@ -1133,15 +1133,25 @@ fn create(a: CreateCmdArgs) -> CmdResult {
         print(&ops::create::options_help(a.format))?;
         return Ok(0);
     }
-    let Some(filename) = a.filename else {
+    let Some(given) = a.filename else {
         return Err(Failure {
             message: "create: expecting the name of the image to create".into(),
             code: 1,
         });
     };
+    // `file:NAME` names the file NAME, as in qemu-img (which prints the name as given).
+    let given_text = given.to_string_lossy().into_owned();
+    let filename = match given_text.strip_prefix("file:") {
+        Some(_) => {
+            vimg::image_spec::parse_filename(&given_text)
+                .map_err(|e| Failure::new(e, 1))?
+                .path
+        }
+        None => given.clone(),
+    };
     let args = ops::create::CreateArgs {
         format: a.format,
-        filename,
+        filename: filename.clone(),
         options: a.options,
         backing_file: a.backing,
         backing_format: a.backing_format,
@@ -1150,7 +1160,12 @@ fn create(a: CreateCmdArgs) -> CmdResult {
     };
     let plan = ops::create::prepare(&args).map_err(|e| Failure::new(e, 1))?;
     if !a.quiet {
-        print(&format!("{}\n", plan.formatting_line()))?;
+        let line = plan.formatting_line().replacen(
+            &format!("'{}'", filename.display()),
+            &format!("'{given_text}'"),
+            1,
+        );
+        print(&format!("{line}\n"))?;
     }
     plan.execute().map_err(|e| Failure::new(e, 1))?;
     Ok(0)

@@ -127,11 +127,6 @@ const CASES: &[(&str, &str, bool)] = &[
         true,
     ),
     (
-        "rebase -u -b h.qcow2 -F qcow2 s.qcow2",
-        "it is the image itself",
-        false,
-    ),
-    (
         "rebase -b o.qcow2 -F qcow2 s.qcow2",
         "Could not open new backing file",
         false,

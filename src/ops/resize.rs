@@ -91,7 +91,7 @@ pub fn resize_prealloc(
     };
     let refuse_shrink = |new: u64, cur: u64| -> Result<()> {
         if new < cur && prealloc != Preallocation::Off {
-            return Err(Error::invalid_input(PREALLOC_SHRINK).with_path(path));
+            return Err(Error::invalid_input(PREALLOC_SHRINK).with_path(path).bare());
         }
         if new < cur && !shrink {
             return Err(Error::invalid_input(format!(

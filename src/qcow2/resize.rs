@@ -79,7 +79,7 @@ impl Qcow2Image {
             return Err(Error::unsupported(V2_SNAPSHOTS).bare());
         }
         if new_size < old_size && prealloc != Preallocation::Off {
-            return Err(Error::invalid_input(PREALLOC_SHRINK));
+            return Err(Error::invalid_input(PREALLOC_SHRINK).bare());
         }
         let backing_end = self.backing.as_ref().map_or(0, |b| b.virtual_size());
         if self.header.version < 3 && new_size > old_size && backing_end > old_size {
