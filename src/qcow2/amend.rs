@@ -127,7 +127,7 @@ impl AmendOptions {
                 o.encryption = true;
             } else if CREATION_ONLY.contains(&key) {
                 return Err(Error::invalid_input(format!(
-                    "Invalid parameter '{key}' (this option is only supported for image creation)"
+                    "Invalid parameter '{key}'\nThis option is only supported for image creation"
                 )));
             } else {
                 return Err(Error::invalid_input(format!("Invalid parameter '{key}'")));
@@ -660,9 +660,18 @@ mod tests {
                 .encryption
         );
         for (text, want) in [
-            ("cluster_size=4k", "only supported for image creation"),
-            ("preallocation=full", "only supported for image creation"),
-            ("encrypt.format=luks", "only supported for image creation"),
+            (
+                "cluster_size=4k",
+                "This option is only supported for image creation",
+            ),
+            (
+                "preallocation=full",
+                "This option is only supported for image creation",
+            ),
+            (
+                "encrypt.format=luks",
+                "This option is only supported for image creation",
+            ),
             ("foo=bar", "Invalid parameter 'foo'"),
             ("nocow=on", "Invalid parameter 'nocow'"),
             ("lazy_refcounts=maybe", "lazy_refcounts"),
