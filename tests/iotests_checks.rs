@@ -130,3 +130,36 @@ fn amend_refuses_creation_only_options_in_qemus_words() {
         assert_eq!(q, v, "{opt}");
     }
 }
+
+/// iotest 261: a snapshot entry with more extra data than qemu accepts, or a header counting
+/// more snapshots than qemu allows: `info` refuses to open the image, and a plain `check`
+/// gives up (`Check failed: File too large`), in qemu-img's words and with its exit code.
+#[test]
+fn snapshot_tables_over_qemus_limits_refused_as_qemu_does() {
+    if !qemu_available("snapshot_tables_over_qemus_limits_refused_as_qemu_does") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let extra = |p: &Path| {
+        run("qemu-img", &["snapshot", "-c", "sn1", p.to_str().unwrap()]);
+        let table = rd64(p, 64);
+        poke(p, table + 36, &65536u32.to_be_bytes());
+        let f = FsOpen::new().write(true).open(p).unwrap();
+        f.set_len(f.metadata().unwrap().len() + 200_000).unwrap();
+    };
+    let too_many = |p: &Path| poke(p, 60, &131_072u32.to_be_bytes());
+    type Damage<'a> = &'a dyn Fn(&Path);
+    let damages: [(&str, Damage); 2] = [("extra data", &extra), ("count", &too_many)];
+    for (what, damage) in damages {
+        for args in [
+            &["info", "{}"][..],
+            &["check", "{}"][..],
+            &["check", "--output", "json", "{}"][..],
+        ] {
+            setup(d.path(), "compat=1.1", "64M", damage);
+            let (q, v) = both(d.path(), args);
+            assert_eq!(q.0, 1, "{what} {args:?}: {}", q.1);
+            assert_eq!(q, v, "{what} {args:?}");
+        }
+    }
+}
