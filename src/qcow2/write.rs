@@ -756,6 +756,9 @@ impl Qcow2Image {
         let mut st = self.write_state()?;
         self.track_write(&mut st, gc, cs.min(h.size - gc))?;
         let len = z.len() as u64;
+        // The L2 table first, as qemu allocates it (so the layout matches qemu's).
+        let l1_idx = (gc >> h.l1_shift()) as usize;
+        let l2_off = self.writable_l2(&mut st, l1_idx)?;
         // Continue in the partly filled host cluster if the data fits or the clusters after it
         // are free; otherwise start on fresh contiguous clusters.
         let mut start = None;
@@ -805,8 +808,6 @@ impl Qcow2Image {
             .unwrap_or_else(|e| e.into_inner()) = None;
         st.compressed_tail = Some(end);
 
-        let l1_idx = (gc >> h.l1_shift()) as usize;
-        let l2_off = self.writable_l2(&mut st, l1_idx)?;
         let table = self.l2_table(l2_off)?;
         let words = if h.extended_l2() { 2 } else { 1 };
         let idx = ((gc >> h.cluster_bits) & ((1 << h.l2_bits()) - 1)) as usize * words;
