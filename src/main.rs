@@ -945,9 +945,30 @@ fn check(mut a: CheckArgs) -> CmdResult {
         }
         None => {
             let image =
-                open(&a.filename, a.image.format, sharing(a.image.force_share)).map_err(fail)?;
+                open(&a.filename, a.image.format, sharing(a.image.force_share)).map_err(|e| {
+                    match ops::check::open_failure_message(&a.filename, &e) {
+                        Some(m) => {
+                            eprintln!("{}: {m}", prog());
+                            Failure {
+                                message: "Check failed: File too large".into(),
+                                code: 1,
+                            }
+                        }
+                        None => fail(e),
+                    }
+                })?;
             let report = ops::check::check(image.as_ref())
-                .map_err(fail)?
+                .map_err(|e| match ops::check::abort_reason(&e) {
+                    // qemu-img's two messages: why, then that the check failed.
+                    Some(reason) => {
+                        eprintln!("{}: {e}", prog());
+                        Failure {
+                            message: format!("Check failed: {reason}"),
+                            code: 1,
+                        }
+                    }
+                    None => fail(e),
+                })?
                 .ok_or_else(not_supported)?;
             (report, image.format())
         }

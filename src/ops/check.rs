@@ -22,6 +22,34 @@ pub fn check(image: &dyn BlockImage) -> Result<Option<CheckReport>> {
     }
 }
 
+/// qemu-img's reason (after `Check failed: `) when a check gave up with `e`, if it is one
+/// qemu-img reports so: a snapshot table over qemu's limits (EFBIG).
+pub fn abort_reason(e: &crate::error::Error) -> Option<&'static str> {
+    e.what()
+        .starts_with(crate::qcow2::check::SNAPSHOT_READ_FAILED)
+        .then_some("File too large")
+}
+
+/// qemu-img's message when `check` cannot open the qcow2
+/// image at `path` because of `e`, but qemu's check would open it and then give up with
+/// `File too large` (see [`abort_reason`]): a header counting more snapshots than qemu allows.
+pub fn open_failure_message(path: &std::path::Path, e: &crate::error::Error) -> Option<String> {
+    use crate::qcow2::header::{MAX_SNAPSHOTS, SNAPSHOTS_TOO_MANY};
+    use std::os::unix::fs::FileExt;
+    if e.what() != SNAPSHOTS_TOO_MANY {
+        return None;
+    }
+    let mut n = [0u8; 4];
+    std::fs::File::open(path)
+        .ok()?
+        .read_exact_at(&mut n, 60)
+        .ok()?;
+    let over = u32::from_be_bytes(n).checked_sub(MAX_SNAPSHOTS)?;
+    Some(format!(
+        "ERROR snapshot table too large\nYou can force-remove all {over} overhanging snapshots with qemu-img check -r all"
+    ))
+}
+
 /// The exit code for a finished check: 0 clean, 1 incomplete, 2 corruptions, 3 leaks only.
 pub fn exit_code(report: &CheckReport) -> i32 {
     report.exit_code()

@@ -12,10 +12,11 @@
 //! skipped, ranges both chains know to read as zeros are skipped, and so are ranges both
 //! chains answer from the same layer (when the new backing file is in the old chain, or the
 //! old one in the new chain). Only the rest is read from both chains and compared, in units of
-//! the image's clusters; a cluster the image leaves wholly unallocated is written whole (as
-//! data even where the old data is zeros, as qemu-img writes it, but as a zero cluster when
-//! the image had no backing file), while in a partly allocated cluster (subclusters)
-//! only the differing unallocated parts are. Layers of any cluster size and virtual size
+//! the image's clusters; of a cluster the image leaves wholly unallocated, the subclusters
+//! (the whole cluster without extended L2 entries; with `-c`, the whole cluster) that differ
+//! are written (as data even where the old data is zeros, as qemu-img writes it, but as a zero
+//! cluster when the image had no backing file), while in a partly allocated cluster only the
+//! differing unallocated parts are. Layers of any cluster size and virtual size
 //! combine: a shorter layer reads as zeros past its end.
 //!
 //! # Crash safety
@@ -376,7 +377,9 @@ fn copy_run(
         None => new_buf.fill(0),
     }
     let at = |a: u64, b: u64| (a - start) as usize..(b - start) as usize;
-    // A run of whole clusters of plain data, written in one request.
+    let h = img.header();
+    let gran = h.cluster_size() >> if h.extended_l2() { 5 } else { 0 };
+    // A run of whole (sub)clusters of plain data, written in one request.
     let mut pending: Option<(u64, u64)> = None;
     let write_pending = |p: &mut Option<(u64, u64)>| -> Result<()> {
         if let Some((a, b)) = p.take() {
@@ -420,14 +423,25 @@ fn copy_run(
                 None => img.write_at(data, GuestOffset(cl.start))?,
             }
         } else {
-            pending = match pending {
-                Some((a, b)) if b == cl.start => Some((a, cl.end)),
-                other => {
-                    let mut o = other;
-                    write_pending(&mut o)?;
-                    Some((cl.start, cl.end))
+            // Only the (sub)clusters that differ, as qemu-img 10 writes through the image's
+            // subcluster granularity.
+            let mut a = cl.start;
+            while a < cl.end {
+                let b = (a + gran).min(cl.end);
+                if old_buf[at(a, b)] == new_buf[at(a, b)] {
+                    write_pending(&mut pending)?;
+                } else {
+                    pending = match pending {
+                        Some((p, q)) if q == a => Some((p, b)),
+                        other => {
+                            let mut o = other;
+                            write_pending(&mut o)?;
+                            Some((a, b))
+                        }
+                    };
                 }
-            };
+                a = b;
+            }
         }
     }
     write_pending(&mut pending)

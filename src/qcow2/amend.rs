@@ -663,9 +663,18 @@ mod tests {
                 .encryption
         );
         for (text, want) in [
-            ("cluster_size=4k", "only supported for image creation"),
-            ("preallocation=full", "only supported for image creation"),
-            ("encrypt.format=luks", "only supported for image creation"),
+            (
+                "cluster_size=4k",
+                "This option is only supported for image creation",
+            ),
+            (
+                "preallocation=full",
+                "This option is only supported for image creation",
+            ),
+            (
+                "encrypt.format=luks",
+                "This option is only supported for image creation",
+            ),
             ("foo=bar", "Invalid parameter 'foo'"),
             ("nocow=on", "Invalid parameter 'nocow'"),
             ("lazy_refcounts=maybe", "lazy_refcounts"),

@@ -61,7 +61,7 @@ use super::refcount::{
 use super::snapshot;
 use super::Qcow2Image;
 use crate::check::{Check, CheckReport};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use byteorder::{BigEndian, ByteOrder};
 use std::collections::HashMap;
 
@@ -88,9 +88,21 @@ impl Check for Qcow2Image {
     /// Checks the image's metadata against its refcounts without changing anything; see the
     /// module documentation for what is checked and how the report is filled.
     fn check(&self) -> Result<CheckReport> {
+        // qemu's check gives up on a snapshot table over qemu's limits (only `-r all` can
+        // read it): its report would be wrong.
+        if let Err(e) = snapshot::read_table_with_size(self) {
+            if snapshot::exceeds_qemu_limits(&e) {
+                return Err(
+                    Error::new(e.kind(), format!("{SNAPSHOT_READ_FAILED}{}", e.what())).bare(),
+                );
+            }
+        }
         Ok(Checker::new(self).run())
     }
 }
+
+/// How the message of a check that gave up on the snapshot table starts (qemu's words).
+pub const SNAPSHOT_READ_FAILED: &str = "ERROR failed to read the snapshot table: ";
 
 /// Whether `img`'s file has more clusters than the check handles (it then reports that it
 /// could not check, and nothing may be repaired from its findings).

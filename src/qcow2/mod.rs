@@ -246,6 +246,16 @@ impl Qcow2Image {
         // Damaged metadata is refused before anything is written.
         let mut st = write::WriteState::new(self)?;
         layout::check_metadata_refcounts(self)?;
+        self.clear_unknown_autoclear()?;
+        st.lazy = self.header.version >= 3 && self.header.lazy_refcounts();
+        self.start_tracking(&mut st)?;
+        self.write = Some(Mutex::new(st));
+        Ok(())
+    }
+
+    /// Clears the autoclear feature bits vimg does not know, on disk and in the header, as
+    /// qemu's read-write open does (their structures would not be kept up to date).
+    pub(crate) fn clear_unknown_autoclear(&mut self) -> Result<()> {
         let h = &self.header;
         let keep = header::autoclear::DATA_FILE_RAW | header::autoclear::BITMAPS;
         if h.version >= 3 && h.autoclear_features & !keep != 0 {
@@ -256,9 +266,6 @@ impl Qcow2Image {
                 .map_err(|e| Error::io("cannot update the header", e).at(88))?;
             self.header.autoclear_features = v;
         }
-        st.lazy = self.header.version >= 3 && self.header.lazy_refcounts();
-        self.start_tracking(&mut st)?;
-        self.write = Some(Mutex::new(st));
         Ok(())
     }
 

@@ -61,7 +61,8 @@ const MAX_ROUNDS: usize = 64;
 impl Qcow2Image {
     /// Opens the qcow2 image at `path` read-write for [`repair`], without its backing chain.
     /// Unlike a normal read-write open, images with the corrupt or dirty bit are accepted and
-    /// the header is left as it is (autoclear bits included).
+    /// the header is left as it is, but for the autoclear bits vimg does not know, which are
+    /// cleared as qemu's read-write open clears them.
     ///
     /// A refcount table that lies (partly) past the end of the file is read as zeros, as qemu
     /// reads it, so that the repair can rebuild it: such an image is opened through a view of
@@ -103,6 +104,8 @@ impl Qcow2Image {
             }
         };
         img.writable = true;
+        // qemu's read-write open (the one `check -r` makes) drops unknown autoclear bits.
+        img.clear_unknown_autoclear().in_file(path)?;
         // A refcount table that cannot be read leaves the image without a write state: only
         // a rebuild of the refcount structures ([`repair`] with `All`) can fix it.
         img.write = WriteState::new(&img).ok().map(Mutex::new);

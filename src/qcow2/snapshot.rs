@@ -111,6 +111,20 @@ impl Snapshot {
     }
 }
 
+/// qemu's words for an entry with more extra data than qemu accepts (the entry's index
+/// follows).
+const TOO_MUCH_EXTRA: &str = "Too much extra metadata in snapshot table entry";
+
+/// qemu's words for a table longer than qemu accepts.
+const TABLE_TOO_BIG: &str = "Snapshot table is too big";
+
+/// Whether `e` (from reading a snapshot table) says the table exceeds one of qemu's limits,
+/// which qemu's open refuses with EFBIG and its `check` reports as `File too large`; only
+/// `check -r all` can read such a table, by dropping what is over the limit.
+pub fn exceeds_qemu_limits(e: &Error) -> bool {
+    e.what().starts_with(TOO_MUCH_EXTRA) || e.what().starts_with(TABLE_TOO_BIG)
+}
+
 /// Reads the snapshot table of `img`, checking every entry's bounds.
 pub fn read_table(img: &Qcow2Image) -> Result<Vec<Snapshot>> {
     read_table_with_size(img).map(|(entries, _)| entries)
@@ -207,9 +221,9 @@ fn read_entries(
                 }
                 None => {
                     return Err(Error::corrupt(format!(
-                        "Too much extra metadata in snapshot table entry {i} ({extra_size} bytes of extra data, limit {MAX_EXTRA}); check -r all can remove it"
+                        "{TOO_MUCH_EXTRA} {i}\nYou can force-remove this extra metadata with qemu-img check -r all"
                     ))
-                    .at(off))
+                    .while_opening())
                 }
             }
         }
@@ -228,10 +242,10 @@ fn read_entries(
             }
         } else if table_len > MAX_TABLE_BYTES {
             return Err(Error::corrupt(format!(
-                "Snapshot table is too big (check -r all can remove the {} overhanging snapshots)",
+                "{TABLE_TOO_BIG}\nYou can force-remove all {} overhanging snapshots with qemu-img check -r all",
                 n - i
             ))
-            .at(off));
+            .while_opening());
         } else if off.checked_add(40 + var).is_none_or(|e| e > end_limit) {
             // The padding after the last entry may be missing from the file: bound the entry
             // itself.

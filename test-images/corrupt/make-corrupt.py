@@ -460,7 +460,7 @@ def build(c):
     img = c.base("snapshot-extra-too-large", io=["write -P 0x11 0 4k"], snapshots=["s0"])
     img.put32(img.snapshot_entry(0) + 36, 0x10000)
     c.add("snapshot-extra-too-large", img, "261", "snapshot entry claims 64 KiB of extra data (limit 1024)",
-          info="error:extra data", check=1, repair=1, convert="ok", write="error")
+          info="error:extra metadata", check=1, repair=1, convert="ok", write="error")
 
     img = c.base("snapshot-extra-incomplete", io=["write -P 0x11 0 4k"], snapshots=["s0"])
     img.put32(img.snapshot_entry(0) + 36, 8)
