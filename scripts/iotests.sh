@@ -12,7 +12,7 @@
 # small launcher that keeps the name qemu-img (bash's exec -a).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shared=../shared/tools/iotests
+shared=${VIMG_SHARED:-../shared}/tools/iotests
 work=${1:-${TMPDIR:-/tmp}/vimg-iotests}
 cargo build --release --quiet
 vimg=$(realpath "${CARGO_TARGET_DIR:-target}/release/vimg")
