@@ -97,11 +97,44 @@ fn signals_remove_the_partial_output_of_backup_extract() {
         &["backup", "create", "a.vma", "-d", "drive-scsi0=disk.raw"],
     );
     assert_eq!(rc, 0, "{o}");
+    // The archive comes through a pipe, of which only the first half is written: the
+    // extract has started its output and is waiting for more when the signal comes (reading
+    // the file itself can finish before any signal could reach it).
+    let archive = std::fs::read(d.join("a.vma")).unwrap();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let target = d.join("restored");
-        let got = interrupt(d, &["backup", "extract", "a.vma", "restored"], sig, &|| {
-            target.exists()
-        });
+        let mut child = Command::new(vimg())
+            .args(["backup", "extract", "-", "restored"])
+            .current_dir(d)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let half = archive.len() / 2;
+        let feeder = {
+            let part = archive[..half].to_vec();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = stdin.write_all(&part);
+                stdin // kept open until joined: the extract waits for the rest
+            })
+        };
+        let start = Instant::now();
+        while !target.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "extract never started its output"
+            );
+            assert!(child.try_wait().unwrap().is_none(), "extract ended early");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: kill with the pid of a child this test spawned and has not reaped.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let got = child.wait().unwrap().signal();
+        drop(feeder.join());
         assert_eq!(got, Some(sig), "extract was not ended by signal {sig}");
         assert!(
             !target.exists(),

@@ -593,7 +593,14 @@ fn copy_into(from: &Path, to: &Path, sync: bool) -> Result<()> {
                 want,
             ) {
                 Ok(n) if n > 0 => at += n as u64,
-                Ok(_) => break,
+                // The finished file ended early: never leave the rest of the target unwritten.
+                Ok(_) => {
+                    return Err(Error::io(
+                        "error while writing",
+                        std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                    )
+                    .at(at))
+                }
                 Err(
                     rustix::io::Errno::XDEV
                     | rustix::io::Errno::INVAL
