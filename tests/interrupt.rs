@@ -58,8 +58,8 @@ fn interrupt(dir: &Path, args: &[&str], sig: i32, ready: &dyn Fn() -> bool) -> O
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    // Let it write for a while.
-    std::thread::sleep(Duration::from_millis(100));
+    // Let it write for a moment (short: a fast run must not finish first).
+    std::thread::sleep(Duration::from_millis(20));
     // SAFETY: kill with the pid of a child this test spawned and has not reaped.
     unsafe { libc::kill(child.id() as i32, sig) };
     child.wait().unwrap().signal()
