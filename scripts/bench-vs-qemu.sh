@@ -3,7 +3,7 @@
 # Usage: scripts/bench-vs-qemu.sh [WORKDIR]   (default /tmp/vimg-bench; needs ~8 GiB free)
 # The source image is built by ../shared/bench/make-image.sh (a 2 GiB ext4 disk image) when
 # WORKDIR/test.raw does not exist yet. Each command runs REPS times (default 10); the best wall
-# time and the peak RSS (from /usr/bin/time) are reported.
+# time and the peak RSS (from /usr/bin/time) are reported. ONLY='regex' picks cases by label.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 W=${1:-/tmp/vimg-bench}
@@ -38,6 +38,8 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2 ? a[(N
 # the outputs must be equivalent.
 case_() {
   local label=$1 out=$2; shift 2
+  # ONLY='regex' runs only the cases whose label matches (e.g. ONLY='-> raw$|-> qcow2$').
+  if [ -n "${ONLY:-}" ] && ! [[ $label =~ $ONLY ]]; then return 0; fi
   local qts=() vts=() qr=0 vr=0 t r i
   OUTS=("$W/$out" "$W/vimg-$out")
   for i in $(seq "$REPS"); do
