@@ -869,32 +869,28 @@ fn commit_one(
     zeros: &mut Vec<u8>,
     buf: &[u8],
 ) -> Result<()> {
-    {
-        match a {
-            Action::Write { off, at, len } => {
-                dst.write_at(&buf[*at..at + len], GuestOffset(*off))?
+    match a {
+        Action::Write { off, at, len } => dst.write_at(&buf[*at..at + len], GuestOffset(*off))?,
+        Action::Zero { off, len } => dst.write_zeroes(GuestOffset(*off), *len, true)?,
+        Action::Fill { off, len } => {
+            if zeros.is_empty() {
+                zeros.resize(CHUNK as usize, 0);
             }
-            Action::Zero { off, len } => dst.write_zeroes(GuestOffset(*off), *len, true)?,
-            Action::Fill { off, len } => {
-                if zeros.is_empty() {
-                    zeros.resize(CHUNK as usize, 0);
-                }
-                let mut pos = *off;
-                while pos < off + len {
-                    let n = (off + len - pos).min(CHUNK);
-                    dst.write_at(&zeros[..n as usize], GuestOffset(pos))?;
-                    pos += n;
-                }
+            let mut pos = *off;
+            while pos < off + len {
+                let n = (off + len - pos).min(CHUNK);
+                dst.write_at(&zeros[..n as usize], GuestOffset(pos))?;
+                pos += n;
             }
-            Action::Compressed { gc, z } => match plan.compress {
-                Some(q) => q.write_compressed(*gc, z)?,
-                None => {
-                    return Err(Error::invalid_input(
-                        "compressed write without a compressing target",
-                    ))
-                }
-            },
         }
+        Action::Compressed { gc, z } => match plan.compress {
+            Some(q) => q.write_compressed(*gc, z)?,
+            None => {
+                return Err(Error::invalid_input(
+                    "compressed write without a compressing target",
+                ))
+            }
+        },
     }
     Ok(())
 }
