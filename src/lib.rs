@@ -4,6 +4,35 @@
 //! Every format implements [`block::BlockImage`]; commands ([`ops`]) are built on its
 //! block-status query so that unallocated and zero ranges cost nothing. Images are opened with
 //! [`open::open_image`], which also opens backing chains.
+//!
+//! # Example: create a qcow2 image, write to it, and read it back
+//!
+//! ```
+//! use vimg::open::{open_image, OpenOptions};
+//! use vimg::qcow2::create::{create, CreateOptions};
+//! use vimg::{BlockImage, GuestOffset};
+//!
+//! # fn main() -> vimg::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("disk.qcow2");
+//! create(&path, &CreateOptions { size: 1 << 20, ..Default::default() })?;
+//!
+//! let image = open_image(&path, &OpenOptions { writable: true, ..Default::default() })?;
+//! image.write_at(b"hello", GuestOffset(512 << 10))?;
+//! image.finish()?;
+//!
+//! let mut buf = [0u8; 5];
+//! image.read_at(&mut buf, GuestOffset(512 << 10))?;
+//! assert_eq!(&buf, b"hello");
+//! // Ranges never written read as zeros, and block status says so without reading them.
+//! let status = image.block_status(GuestOffset(0), 4096)?;
+//! assert!(status.zero && !status.present);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The command-line binary needs the default `cli` feature; a library user may turn it off
+//! (`default-features = false`) and depend on neither clap nor indicatif.
 
 #![warn(missing_docs)]
 

@@ -5,7 +5,7 @@
 //! and become holes in the output; the rest is read in chunks of up to [`CHUNK`] bytes by
 //! several worker threads, and each chunk is written except for the blocks of
 //! [`ConvertOptions::sparse_size`] bytes that turn out to be all zeros (qemu-img's `-S`). The
-//! engine is in [`copy`]; several sources are joined by [`concat::Concat`].
+//! engine is in `copy`; several sources are joined by [`concat::Concat`].
 //!
 //! With a backing file for the new image (`-B`), target clusters that read the same in the
 //! backing file are left unallocated, zero ranges over non-zero backing data become zero

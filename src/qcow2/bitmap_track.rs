@@ -9,7 +9,7 @@
 //!   file or too small for the disk, duplicate names) makes the read-write open fail, as in qemu. Bitmaps already in use (left
 //!   inconsistent by whoever had them open) and disabled bitmaps are not touched.
 //! - Before the first write after the open or after a store, the tracked and kept bitmaps are
-//!   flagged in use in the directory on disk, synced ([`Qcow2Image::set_in_use_in_place`]):
+//!   flagged in use in the directory on disk, synced (`Qcow2Image::set_in_use_in_place`):
 //!   from then on a crash leaves them flagged, never a clean bitmap missing the write.
 //! - Each write then only sets bits in memory: one per granularity chunk it touches.
 //! - [`BlockImage::flush`](crate::BlockImage::flush) and closing the image store the tracked

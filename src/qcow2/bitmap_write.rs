@@ -1,6 +1,6 @@
 //! Writing persistent dirty bitmaps (qcow2.rst "Bitmaps extension", "Bitmap directory",
-//! "Bitmap table", "Bitmap data"): [`Qcow2Image::commit_bitmaps`] replaces the bitmap directory
-//! with a new one, and [`Qcow2Image::set_in_use_in_place`] flags bitmaps in use.
+//! "Bitmap table", "Bitmap data"): `Qcow2Image::commit_bitmaps` replaces the bitmap directory
+//! with a new one, and `Qcow2Image::set_in_use_in_place` flags bitmaps in use.
 //!
 //! # Crash safety
 //!

@@ -20,7 +20,7 @@
 //!
 //! With `All`, damage that per-cluster fixes cannot repair (a cluster in use with refcount 0,
 //! e.g. because its refcount block is missing; a refcount block overlapping other metadata;
-//! an unreadable refcount table) makes [`rebuild_refcounts`] write complete new refcount
+//! an unreadable refcount table) makes `rebuild_refcounts` write complete new refcount
 //! structures after the end of the file and switch the header to them, as qemu's
 //! `rebuild_refcount_structure` does; with `Leaks` such damage stays a corruption.
 //!
@@ -232,7 +232,7 @@ fn parse_mismatch(line: &str) -> Option<Mismatch> {
 /// with `mode`; returns the check of the repaired image with the fixed counts filled in.
 ///
 /// With `All`, damage that per-cluster fixes cannot repair (see [`needs_rebuild`]) makes the
-/// refcount structures be rebuilt from scratch ([`rebuild_refcounts`]); the image is then
+/// refcount structures be rebuilt from scratch (`rebuild_refcounts`); the image is then
 /// reopened and repaired as usual (the old structures' clusters are leaks by then, fixed
 /// quietly). As with qemu, the fixed counts are then the corruptions and leaks the first check
 /// found minus those left at the end, and the report's messages are the first check's,
@@ -652,7 +652,7 @@ pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<Ve
 /// (mismatched refcounts as `ERROR cluster ...` or `Leaked cluster ...`), then each mismatch
 /// again as it is repaired (`Repairing cluster ...`) or left (the same line), then each COPIED
 /// flag changed (`Repairing OFLAG_COPIED ...`), then what the check of the repaired image
-/// finds. `after_rebuild` is for the repair that follows [`rebuild_refcounts`], with the lines
+/// finds. `after_rebuild` is for the repair that follows `rebuild_refcounts`, with the lines
 /// it returned: qemu then lists the mismatches only once, as it repairs them, after those
 /// lines.
 fn repair_in_place(
