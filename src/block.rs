@@ -6,41 +6,106 @@
 //! dirty bitmaps, later snapshots and resizing) are separate traits reached through accessor
 //! methods, so that a caller holding a `dyn BlockImage` can ask whether the format offers them.
 
+use crate::capability::{Amend, CompressedWrites, MakeEmpty, Resize, SetBacking, Snapshots};
+use crate::chain::{refuse_forced_write, ChainGuard, Sharing};
 use crate::check::Check;
 use crate::error::{Error, Result};
+use crate::lock::LockRequest;
 use crate::offsets::{GuestOffset, HostOffset};
 use std::path::Path;
 
-/// The image formats vimg knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ImageFormat {
-    /// A plain disk image: guest offset equals file offset.
-    Raw,
-    /// QEMU copy-on-write version 2 (qemu docs/interop/qcow2.rst).
-    Qcow2,
+/// What the probe is given of a file.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeInput<'a> {
+    /// The file's first bytes: up to [`crate::probe::PROBE_LEN`] (shorter for a short file; the rest is
+    /// taken as zeros, as qemu reads it).
+    pub head: &'a [u8],
+    /// The file's last [`crate::probe::VHD_FOOTER_LEN`] bytes, if it is at least that long.
+    pub tail: Option<&'a [u8]>,
+    /// The file's length in bytes.
+    pub len: u64,
+    /// The file's name, for the formats qemu recognises by name.
+    pub name: Option<&'a str>,
 }
 
+/// One image format.
+pub trait FormatDriver: Send + Sync + 'static {
+    /// The name qemu-img uses for the format (`-f`, `-O`, and `file format:` in `info`).
+    fn name(&self) -> &'static str;
+
+    /// How sure the driver is that the file `input` describes is of its format, as qemu's
+    /// probes score: 0 not at all, 100 certain (a magic number), 1 for raw, which takes what
+    /// nobody else claims.
+    fn probe(&self, input: &ProbeInput<'_>) -> u32;
+
+    /// The image locks a layer of this format takes when opened `writable` or not, with
+    /// `sharing`; `top` says whether it is the image named by the user rather than one of its
+    /// backing files (qemu's `bdrv_child_perm` rules for the format).
+    fn lock_request(&self, sharing: Sharing, writable: bool, top: bool) -> LockRequest;
+
+    /// Opens the image at `path` (registered in `guard` by the caller), and unless
+    /// `no_backing` the layers below it.
+    fn open(
+        &self,
+        path: &Path,
+        writable: bool,
+        no_backing: bool,
+        guard: &mut ChainGuard,
+    ) -> Result<Box<dyn crate::block::BlockImage>>;
+
+    /// The options `create -o` takes, as (`name=<type>`, description) rows for `-o help`.
+    fn create_option_help(&self) -> Vec<(&'static str, &'static str)>;
+}
+
+/// An image format: a handle on its driver in [`crate::format::DRIVERS`]. Two handles are equal when they
+/// name the same format.
+#[derive(Clone, Copy)]
+pub struct ImageFormat(&'static dyn FormatDriver);
+
 impl ImageFormat {
-    /// The name qemu-img uses for the format (`raw`, `qcow2`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageFormat::Raw => "raw",
-            ImageFormat::Qcow2 => "qcow2",
-        }
+    /// The handle on `driver` (the registry, [`crate::format`], names the formats).
+    pub const fn of(driver: &'static dyn FormatDriver) -> Self {
+        ImageFormat(driver)
     }
 
-    /// Parses a format name as given to `-f`/`-F` or recorded in an image.
-    pub fn from_name(name: &str) -> Result<Self> {
-        match name {
-            "raw" => Ok(ImageFormat::Raw),
-            "qcow2" => Ok(ImageFormat::Qcow2),
-            other => Err(match crate::probe::ForeignFormat::from_name(other) {
-                Some(f) => f.not_supported(),
-                None => {
-                    Error::unsupported(format!("unknown or unsupported image format '{other}'"))
-                }
-            }),
-        }
+    /// The driver.
+    pub fn driver(self) -> &'static dyn FormatDriver {
+        self.0
+    }
+
+    /// The name qemu-img uses for the format (`raw`, `qcow2`).
+    pub fn as_str(self) -> &'static str {
+        self.0.name()
+    }
+
+    /// The image locks for a layer of this format (see [`FormatDriver::lock_request`]); fails
+    /// for a writable layer under [`Sharing::ForceShare`], as qemu-img does.
+    pub fn locks(self, sharing: Sharing, writable: bool, top: bool) -> Result<LockRequest> {
+        refuse_forced_write(sharing, writable)?;
+        Ok(match sharing {
+            Sharing::ForceShare => LockRequest::force_share(),
+            _ => self.0.lock_request(sharing, writable, top),
+        })
+    }
+}
+
+impl PartialEq for ImageFormat {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for ImageFormat {}
+
+impl std::hash::Hash for ImageFormat {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl std::fmt::Debug for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -223,6 +288,69 @@ pub trait BlockImage: Send + Sync {
     /// The persistent dirty bitmaps this format offers, if any.
     fn as_bitmaps(&self) -> Option<&dyn crate::bitmap::PersistentBitmaps> {
         None
+    }
+
+    /// Internal snapshots, to list them, if the format has them.
+    fn as_snapshots(&self) -> Option<&dyn Snapshots> {
+        None
+    }
+
+    /// Internal snapshots, to change them (the image must be open for writing).
+    fn as_snapshots_mut(&mut self) -> Option<&mut dyn Snapshots> {
+        None
+    }
+
+    /// Checking a resize, if the format can be resized.
+    fn as_resize(&self) -> Option<&dyn Resize> {
+        None
+    }
+
+    /// Resizing, if the format can be resized (the image must be open for writing).
+    fn as_resize_mut(&mut self) -> Option<&mut dyn Resize> {
+        None
+    }
+
+    /// Checking an amend of format options, if the format can amend.
+    fn as_amend(&self) -> Option<&dyn Amend> {
+        None
+    }
+
+    /// Amending format options, if the format can (the image must be open for writing).
+    fn as_amend_mut(&mut self) -> Option<&mut dyn Amend> {
+        None
+    }
+
+    /// Recording another backing file, if the format records one.
+    fn as_set_backing_mut(&mut self) -> Option<&mut dyn SetBacking> {
+        None
+    }
+
+    /// Compressed cluster writes, if the format stores compressed data.
+    fn as_compressed_writes(&self) -> Option<&dyn CompressedWrites> {
+        None
+    }
+
+    /// Emptying the image down to its backing file, if the format can.
+    fn as_make_empty_mut(&mut self) -> Option<&mut dyn MakeEmpty> {
+        None
+    }
+
+    /// The unit the format allocates guest space in (qcow2's cluster size), if it has one.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// The unit a partial write of a cluster allocates (qcow2's subclusters with extended L2
+    /// entries), if smaller than [`BlockImage::cluster_size`] or the same.
+    fn subcluster_size(&self) -> Option<u64> {
+        self.cluster_size()
+    }
+
+    /// With `on`, flushes keep their order but do not wait for the disk (qemu's
+    /// `cache=unsafe`, the default of `qemu-img convert` for its target). Formats whose
+    /// flushes have no order to keep ignore it.
+    fn set_unsafe_cache(&self, on: bool) {
+        let _ = on;
     }
 }
 

@@ -381,7 +381,7 @@ fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
 }
 
 /// Parses arbitrary bytes (as UTF-8, lossily) both as an image name and as an `--image-opts`
-/// list: the fuzz target `image_spec` and its replay in `tests/hostile.rs`. Never panics.
+/// list: the fuzz target `image_spec` and its replay in `tests/hostile/hostile.rs`. Never panics.
 pub fn exercise(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let _ = parse_filename(&text);

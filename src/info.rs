@@ -3,7 +3,7 @@
 //! Drivers fill a [`LayerInfo`]; the command-line layer renders it as qemu-img's JSON (the
 //! field names below follow qemu's `ImageInfo` keys) or as human-readable text.
 
-use crate::block::ImageFormat;
+use crate::format::ImageFormat;
 use serde::Serialize;
 
 /// Everything `info` shows about one layer.

@@ -5,6 +5,22 @@
 //! block-status query so that unallocated and zero ranges cost nothing. Images are opened with
 //! [`open::open_image`], which also opens backing chains.
 //!
+//! # Module map
+//!
+//! The layers, lowest first; a module imports only from its own layer or the ones below.
+//!
+//! | layer | modules | what they hold |
+//! |---|---|---|
+//! | host | [`storage`], [`lock`], [`identity`], [`interrupt`], [`error`], [`offsets`] | positioned I/O on files and block devices (and memory, in tests), qemu's image locks, file identity (device and inode), cleanup on signals, the one error type, guest/host offset newtypes |
+//! | image model | [`block`], [`capability`], [`check`], [`bitmap`], [`info`], [`prealloc`] | the [`BlockImage`] trait and its block status; the optional capabilities (snapshots, resize, amend, backing change, compressed writes, emptying, checks, persistent bitmaps); what `info` reports; preallocation modes |
+//! | formats | [`format`], [`foreign`], [`raw`], [`qcow2`], [`probe`] | the formats by name; one folder (or file) per format; `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
+//! | opening | [`chain`], [`open`], [`image_spec`], [`secret`] | a chain being opened (loops, depth, sharing, names resolved against the image); choosing a format and opening a layer with its backing chain; qemu's image names (`json:`, `--image-opts`); `--object secret` |
+//! | commands | [`ops`] | one module per `vimg` command, each a library call that returns what the binary prints |
+//! | archives | [`vma`] | Proxmox's VMA backup format, read and written, used by `ops::backup` |
+//!
+//! The binary (`src/main.rs`, behind the default `cli` feature) parses arguments, calls
+//! [`ops`] and prints.
+//!
 //! # Example: create a qcow2 image, write to it, and read it back
 //!
 //! ```
@@ -38,8 +54,12 @@
 
 pub mod bitmap;
 pub mod block;
+pub mod capability;
+pub mod chain;
 pub mod check;
 pub mod error;
+pub mod foreign;
+pub mod format;
 pub mod identity;
 pub mod image_spec;
 pub mod info;
@@ -48,12 +68,15 @@ pub mod lock;
 pub mod offsets;
 pub mod open;
 pub mod ops;
+pub mod prealloc;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
 pub mod secret;
+pub mod size;
 pub mod storage;
 pub mod vma;
+pub mod zeros;
 
 pub use block::{BlockImage, BlockStatus, ImageFormat};
 pub use error::{Error, ErrorKind, Result};

@@ -10,16 +10,13 @@
 //! which the [`ChainGuard`] carries down the chain.
 
 use crate::block::{BlockImage, ImageFormat};
-use crate::error::{Error, ErrorKind, Result};
-use crate::lock::LockRequest;
+pub use crate::chain::{
+    refuse_forced_write, resolve_relative, same_file, ChainGuard, Sharing, MAX_CHAIN_DEPTH,
+};
+use crate::error::{Error, Result};
 use crate::probe::Probed;
-use crate::qcow2::Qcow2Image;
-use crate::raw::RawImage;
 use crate::storage::Storage;
-use std::path::{Path, PathBuf};
-
-/// The deepest backing chain vimg opens (the image itself counts as one layer).
-pub const MAX_CHAIN_DEPTH: usize = 256;
+use std::path::Path;
 
 /// How to open an image.
 #[derive(Debug, Clone, Default)]
@@ -33,110 +30,6 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// How the files are shared with other programs (`-U` is [`Sharing::ForceShare`]).
     pub sharing: Sharing,
-}
-
-/// How an open shares its files with other programs, through qemu's image locks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Sharing {
-    /// What qemu-img takes by default: nobody else may write (or resize) a qcow2 file of the
-    /// chain while it is open, raw files are shared, and a file opened for writing may not be
-    /// used by anybody else at all.
-    #[default]
-    Normal,
-    /// As `Normal`, and nobody else may write a raw top image either (qemu-img convert's
-    /// sources).
-    NoWriters,
-    /// `-U` / `--force-share`: only reading is announced, on every layer, so images in use by
-    /// others can be inspected. Refused for images opened for writing, as in qemu-img.
-    ForceShare,
-}
-
-/// Refuses to open an image for writing with [`Sharing::ForceShare`], as qemu-img does.
-pub fn refuse_forced_write(sharing: Sharing, writable: bool) -> Result<()> {
-    if sharing == Sharing::ForceShare && writable {
-        return Err(Error::invalid_input(
-            "force-share (-U) can only be used with read-only images",
-        ));
-    }
-    Ok(())
-}
-
-/// The layers opened so far while walking a chain, to refuse loops and bound the depth, and
-/// how the chain's files are shared ([`Sharing`]).
-#[derive(Debug, Default)]
-pub struct ChainGuard {
-    seen: Vec<PathBuf>,
-    sharing: Sharing,
-}
-
-impl ChainGuard {
-    /// An empty guard for a chain opened with `sharing`.
-    pub fn new(sharing: Sharing) -> Self {
-        ChainGuard {
-            seen: Vec::new(),
-            sharing,
-        }
-    }
-
-    /// How the chain's files are shared.
-    pub fn sharing(&self) -> Sharing {
-        self.sharing
-    }
-
-    /// The image locks for a layer of `format` opened for writing or not; `top` says whether it
-    /// is the image named by the user rather than one of its backing files. Fails for a
-    /// writable layer under [`Sharing::ForceShare`].
-    pub fn locks(&self, format: ImageFormat, writable: bool, top: bool) -> Result<LockRequest> {
-        refuse_forced_write(self.sharing, writable)?;
-        Ok(match (self.sharing, format) {
-            (Sharing::ForceShare, _) => LockRequest::force_share(),
-            (_, ImageFormat::Qcow2) => LockRequest::exclusive(writable),
-            (_, ImageFormat::Raw) if writable => LockRequest::exclusive(true),
-            (Sharing::NoWriters, ImageFormat::Raw) if top => LockRequest::exclusive(false),
-            (_, ImageFormat::Raw) => LockRequest::shared_read(),
-        })
-    }
-
-    /// The image locks for the external data file of a layer (see [`LockRequest::data_file`]).
-    pub fn data_file_locks(&self, writable: bool) -> Result<LockRequest> {
-        match self.locks(ImageFormat::Qcow2, writable, false)? {
-            l if l == LockRequest::force_share() => Ok(l),
-            _ => Ok(LockRequest::data_file(writable)),
-        }
-    }
-
-    /// Registers `path` as the next layer; fails if it is already in the chain or the chain is
-    /// too deep.
-    pub fn enter(&mut self, path: &Path) -> Result<()> {
-        let canon = std::fs::canonicalize(path)
-            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        if self.seen.contains(&canon) {
-            // qemu-img's words, which scripts match.
-            return Err(Error::new(
-                ErrorKind::BackingChain,
-                format!(
-                    "Backing file '{}' creates an infinite loop.",
-                    path.display()
-                ),
-            )
-            .with_path(path)
-            .bare());
-        }
-        if self.seen.len() >= MAX_CHAIN_DEPTH {
-            return Err(Error::new(
-                ErrorKind::BackingChain,
-                format!("backing chain is deeper than {MAX_CHAIN_DEPTH} layers"),
-            )
-            .with_path(path));
-        }
-        self.seen.push(canon);
-        Ok(())
-    }
-
-    /// How many layers are open.
-    pub fn depth(&self) -> usize {
-        self.seen.len()
-    }
 }
 
 /// Opens the image at `path` with its whole backing chain.
@@ -174,15 +67,7 @@ fn open_layer_inner(
         Some(f) => f,
         None => probe_format(path)?,
     };
-    Ok(match format {
-        ImageFormat::Raw => {
-            let locks = guard
-                .locks(ImageFormat::Raw, writable, guard.depth() == 1)
-                .map_err(|e| e.with_path(path))?;
-            Box::new(RawImage::open_with(path, writable, locks)?)
-        }
-        ImageFormat::Qcow2 => Box::new(Qcow2Image::open(path, writable, no_backing, guard)?),
-    })
+    format.driver().open(path, writable, no_backing, guard)
 }
 
 /// Guesses the format of the file at `path` from its bytes, as qemu does ([`crate::probe`]):
@@ -206,37 +91,11 @@ pub fn probe_file(path: &Path) -> Result<Probed> {
     crate::probe::probe_storage(&storage, len, path).map_err(|e| read_failed(e).with_path(path))
 }
 
-/// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
-pub fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
-
-/// Resolves a file name recorded in the image at `image` (a backing or data file name) against
-/// that image's directory, as qemu does. Protocol names (`nbd://`, `json:{...}`) are refused.
-pub fn resolve_relative(image: &Path, name: &str) -> Result<PathBuf> {
-    if name.starts_with("json:") || name.contains("://") {
-        return Err(Error::unsupported(format!(
-            "file name '{name}' uses a protocol or JSON syntax vimg does not support"
-        ))
-        .with_path(image));
-    }
-    let p = Path::new(name);
-    if p.is_absolute() {
-        return Ok(p.to_path_buf());
-    }
-    Ok(match image.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
-        _ => p.to_path_buf(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
+    use std::path::PathBuf;
 
     #[test]
     fn relative_names_resolve_against_the_image_directory() {

@@ -27,8 +27,9 @@
 //! The fixed-VHD check is vimg's own: qemu probes a fixed VHD as raw (its reads then include
 //! the 512-byte footer as the disk's last sector). An empty file is raw, as in qemu.
 
-use crate::block::ImageFormat;
-use crate::error::Error;
+pub use crate::foreign::ForeignFormat;
+use crate::format::ImageFormat;
+pub use crate::format::ProbeInput;
 use std::path::Path;
 
 /// How many bytes from the start of a file the probe looks at (qemu's `BLOCK_PROBE_BUF_SIZE`).
@@ -36,87 +37,6 @@ pub const PROBE_LEN: usize = 2048;
 
 /// The length of a VHD footer, found at the end of every VHD file.
 pub const VHD_FOOTER_LEN: usize = 512;
-
-/// A format qemu reads and vimg does not (yet).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ForeignFormat {
-    /// VMware's disk format.
-    Vmdk,
-    /// Hyper-V's VHDX.
-    Vhdx,
-    /// Virtual PC's VHD (qemu's `vpc`).
-    Vpc,
-    /// VirtualBox's VDI.
-    Vdi,
-    /// QEMU Enhanced Disk.
-    Qed,
-    /// QEMU copy-on-write version 1.
-    Qcow,
-    /// Parallels' disk format.
-    Parallels,
-    /// Apple's disk image.
-    Dmg,
-    /// Bochs' growing redolog.
-    Bochs,
-    /// Linux's compressed loopback format.
-    Cloop,
-    /// A LUKS encrypted container.
-    Luks,
-}
-
-impl ForeignFormat {
-    /// Every foreign format, in the order they are described above.
-    pub const ALL: [ForeignFormat; 11] = [
-        ForeignFormat::Vmdk,
-        ForeignFormat::Vhdx,
-        ForeignFormat::Vpc,
-        ForeignFormat::Vdi,
-        ForeignFormat::Qed,
-        ForeignFormat::Qcow,
-        ForeignFormat::Parallels,
-        ForeignFormat::Dmg,
-        ForeignFormat::Bochs,
-        ForeignFormat::Cloop,
-        ForeignFormat::Luks,
-    ];
-
-    /// qemu's name for the format (what `-f` takes).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ForeignFormat::Vmdk => "vmdk",
-            ForeignFormat::Vhdx => "vhdx",
-            ForeignFormat::Vpc => "vpc",
-            ForeignFormat::Vdi => "vdi",
-            ForeignFormat::Qed => "qed",
-            ForeignFormat::Qcow => "qcow",
-            ForeignFormat::Parallels => "parallels",
-            ForeignFormat::Dmg => "dmg",
-            ForeignFormat::Bochs => "bochs",
-            ForeignFormat::Cloop => "cloop",
-            ForeignFormat::Luks => "luks",
-        }
-    }
-
-    /// The format qemu calls `name`, if it is one of these.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|f| f.as_str() == name)
-    }
-
-    /// The refusal for an image of this format: what it is, and how to copy its bytes anyway.
-    /// The caller attaches the file.
-    pub fn not_supported(self) -> Error {
-        Error::unsupported(format!(
-            "{} images are not supported yet; use -f raw to copy the container bytes",
-            self.as_str()
-        ))
-    }
-}
-
-impl std::fmt::Display for ForeignFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// What a probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,39 +47,33 @@ pub enum Probed {
     Foreign(ForeignFormat),
 }
 
-/// What the probe is given of a file.
-#[derive(Debug, Clone, Copy)]
-pub struct ProbeInput<'a> {
-    /// The file's first bytes: up to [`PROBE_LEN`] (shorter for a short file; the rest is
-    /// taken as zeros, as qemu reads it).
-    pub head: &'a [u8],
-    /// The file's last [`VHD_FOOTER_LEN`] bytes, if it is at least that long.
-    pub tail: Option<&'a [u8]>,
-    /// The file's length in bytes.
-    pub len: u64,
-    /// The file's name, for the formats qemu recognises by name.
-    pub name: Option<&'a str>,
-}
-
 /// Finds the format of a file from `input`. Never fails: what nothing claims is raw.
 pub fn probe(input: &ProbeInput<'_>) -> Probed {
-    if input.len == 0 {
-        return Probed::Supported(ImageFormat::Raw);
-    }
     let mut buf = [0u8; PROBE_LEN];
     let n = input.head.len().min(PROBE_LEN);
     buf[..n].copy_from_slice(&input.head[..n]);
     let b = &buf[..];
-    // The formats qemu is sure of (score 100); their magics exclude each other.
-    if b.starts_with(b"QFI\xfb") {
-        // Version 1 is qcow; anything else is left to the qcow2 reader to accept or refuse.
-        return if be32(b, 4) == 1 {
-            Probed::Foreign(ForeignFormat::Qcow)
-        } else {
-            Probed::Supported(ImageFormat::Qcow2)
-        };
+    // Every registered format is asked, with the head padded with zeros as qemu reads it; the
+    // surest wins (the first listed on a tie), and raw, which claims everything with the
+    // lowest score, wins only when nobody else claims the file.
+    let padded = ProbeInput { head: b, ..*input };
+    let (score, best) = ImageFormat::all()
+        .map(|f| (f.driver().probe(&padded), f))
+        .fold(
+            (0, None),
+            |acc, (sc, f)| if sc > acc.0 { (sc, Some(f)) } else { acc },
+        );
+    let best = best.unwrap_or(ImageFormat::Raw);
+    if input.len == 0 || score >= 100 {
+        return Probed::Supported(best);
     }
+    // The foreign formats qemu is sure of (score 100); their magics exclude each other and the
+    // registered formats'.
     let sure = [
+        (
+            b.starts_with(b"QFI\xfb") && be32(b, 4) == 1,
+            ForeignFormat::Qcow,
+        ),
         (is_vmdk(b), ForeignFormat::Vmdk),
         (b.starts_with(b"vhdxfile"), ForeignFormat::Vhdx),
         (b.starts_with(b"conectix"), ForeignFormat::Vpc),
@@ -188,7 +102,7 @@ pub fn probe(input: &ProbeInput<'_>) -> Probed {
     if input.tail.is_some_and(is_fixed_vhd_footer) {
         return Probed::Foreign(ForeignFormat::Vpc);
     }
-    Probed::Supported(ImageFormat::Raw)
+    Probed::Supported(best)
 }
 
 /// The first lines of a cloop V2.0 image.
@@ -307,7 +221,7 @@ pub fn probe_storage(
 }
 
 /// Runs the probe on arbitrary bytes taken as a whole file (with and without a name that
-/// ends in `.dmg`): the fuzz target `probe` and its replay in `tests/hostile.rs`. Never
+/// ends in `.dmg`): the fuzz target `probe` and its replay in `tests/hostile/hostile.rs`. Never
 /// panics; returns nothing.
 pub fn exercise(data: &[u8]) {
     let tail = (data.len() >= VHD_FOOTER_LEN).then(|| &data[data.len() - VHD_FOOTER_LEN..]);

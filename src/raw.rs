@@ -4,12 +4,69 @@
 //! and zero writes with unmapping punch holes, so copies of mostly-empty disks cost little.
 
 use crate::block::{check_request, BlockImage, BlockStatus, ImageFormat};
+use crate::block::{FormatDriver, ProbeInput};
+use crate::chain::{ChainGuard, Sharing};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::info::LayerInfo;
 use crate::lock::LockRequest;
 use crate::offsets::{GuestOffset, HostOffset};
+use crate::prealloc::Preallocation;
 use crate::storage::{FileStorage, Storage};
 use std::path::{Path, PathBuf};
+
+/// The raw format's driver ([`crate::block::FormatDriver`]).
+pub struct RawDriver;
+
+/// This format's handle.
+const RAW: ImageFormat = ImageFormat::of(&RawDriver);
+
+impl FormatDriver for RawDriver {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    /// Raw claims every file, less surely than any other format (qemu's raw probe gives 1).
+    fn probe(&self, _input: &ProbeInput<'_>) -> u32 {
+        1
+    }
+
+    /// Read-only shared with everybody, unless the open asks that nobody write the top image
+    /// (convert's sources); read-write exclusive.
+    fn lock_request(&self, sharing: Sharing, writable: bool, top: bool) -> LockRequest {
+        match sharing {
+            _ if writable => LockRequest::exclusive(true),
+            Sharing::NoWriters if top => LockRequest::exclusive(false),
+            _ => LockRequest::shared_read(),
+        }
+    }
+
+    fn open(
+        &self,
+        path: &Path,
+        writable: bool,
+        _no_backing: bool,
+        guard: &mut ChainGuard,
+    ) -> Result<Box<dyn BlockImage>> {
+        let locks = RAW
+            .locks(guard.sharing(), writable, guard.depth() == 1)
+            .map_err(|e| e.with_path(path))?;
+        Ok(Box::new(RawImage::open_with(path, writable, locks)?))
+    }
+
+    fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            (
+                "extent_size_hint=<size>",
+                "accepted for qemu-img compatibility (an xfs extent size hint; not set)",
+            ),
+            (
+                "preallocation=<str>",
+                "off (default, sparse), falloc or full",
+            ),
+            ("size=<size>", "virtual disk size"),
+        ]
+    }
+}
 
 /// A raw image over any [`Storage`].
 pub struct RawImage {
@@ -20,6 +77,8 @@ pub struct RawImage {
     /// sees it (bytes past the end of the file read as zeros). Read once, as qemu does: asking
     /// the file system on every request would cost a system call each.
     size: u64,
+    /// Flushes do not wait for the disk (qemu's `cache=unsafe`).
+    unsafe_cache: std::sync::atomic::AtomicBool,
 }
 
 impl RawImage {
@@ -61,6 +120,7 @@ impl RawImage {
             path: path.to_path_buf(),
             writable,
             size: len.div_ceil(512) * 512,
+            unsafe_cache: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -89,9 +149,49 @@ impl RawImage {
     }
 }
 
+impl crate::capability::Resize for RawImage {
+    /// The file's exact length (not rounded to sectors as the virtual size is).
+    fn resize_base(&self) -> Result<u64> {
+        self.storage
+            .len()
+            .map_err(|e| Error::io("cannot get image size", e).with_path(&self.path))
+    }
+
+    /// `metadata` has no meaning for a raw file and is refused when growing, as by qemu.
+    fn check_resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        if new_size > self.resize_base()? && prealloc == Preallocation::Metadata {
+            return Err(
+                Error::invalid_input("Unsupported preallocation mode: metadata")
+                    .with_path(&self.path),
+            );
+        }
+        Ok(())
+    }
+
+    /// Truncates or extends the file to exactly `new_size` bytes; the grown part is sparse
+    /// (`off`), allocated with fallocate (`falloc`) or written with zeros (`full`), as qemu
+    /// grows a raw file.
+    fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        self.writable_check()?;
+        let cur = self.resize_base()?;
+        if new_size > cur && prealloc != Preallocation::Off {
+            let file = self.storage.host_file().ok_or_else(|| {
+                Error::unsupported("preallocation needs a host file").with_path(&self.path)
+            })?;
+            crate::prealloc::grow_file(file, &self.path, new_size, prealloc)?;
+        }
+        self.storage
+            .set_len(new_size)
+            .and_then(|_| self.storage.flush())
+            .map_err(|e| Error::io("cannot resize image", e).with_path(&self.path))?;
+        self.size = new_size.div_ceil(512) * 512;
+        Ok(())
+    }
+}
+
 impl BlockImage for RawImage {
     fn format(&self) -> ImageFormat {
-        ImageFormat::Raw
+        RAW
     }
 
     fn filename(&self) -> &Path {
@@ -156,7 +256,12 @@ impl BlockImage for RawImage {
             })
     }
 
+    /// Syncs the file, unless the cache mode is unsafe (a raw file keeps no metadata of its
+    /// own, so there is no order to keep either).
     fn flush(&self) -> Result<()> {
+        if self.unsafe_cache.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         self.storage
             .flush()
             .map_err(|e| Error::io("flush failed", e).with_path(&self.path))
@@ -183,6 +288,19 @@ impl BlockImage for RawImage {
         self.writable
     }
 
+    fn set_unsafe_cache(&self, on: bool) {
+        self.unsafe_cache
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn as_resize(&self) -> Option<&dyn crate::capability::Resize> {
+        Some(self)
+    }
+
+    fn as_resize_mut(&mut self) -> Option<&mut dyn crate::capability::Resize> {
+        Some(self)
+    }
+
     fn actual_size(&self) -> Option<u64> {
         self.storage.allocated_bytes()
     }
@@ -190,7 +308,7 @@ impl BlockImage for RawImage {
     fn layer_info(&self) -> Result<LayerInfo> {
         Ok(LayerInfo {
             filename: self.path.display().to_string(),
-            format: ImageFormat::Raw,
+            format: RAW,
             virtual_size: self.size,
             actual_size: self.actual_size(),
             cluster_size: None,

@@ -7,7 +7,7 @@
 //! is open: [`FileStorage::open`] and [`FileStorage::create`] take those of a qcow2 image file,
 //! [`FileStorage::open_with`] any others.
 //!
-//! For the kill tests (tests/kill.rs), a process started with `VIMG_TEST_KILL_AFTER_WRITES=N`
+//! For the kill tests (tests/crash/kill.rs), a process started with `VIMG_TEST_KILL_AFTER_WRITES=N`
 //! kills itself with SIGKILL just before the N-th change any of its [`FileStorage`]s would make
 //! (write, length change, zeroing, hole punch), counted from 1 across the process. The variable
 //! is read once; without it a write costs one relaxed atomic load more.
@@ -65,6 +65,11 @@ pub trait Storage: Send + Sync {
     }
     /// The path, for messages; `None` for anonymous storage.
     fn path(&self) -> Option<&Path> {
+        None
+    }
+    /// The host file behind the storage, if it is one (for what only a file can do:
+    /// fallocate, preallocation).
+    fn host_file(&self) -> Option<&File> {
         None
     }
     /// Another handle on the same storage, if it can give one: for a file, the same open file
@@ -294,6 +299,10 @@ impl FileStorage {
 const WRITE_PIECE: usize = 256 << 10;
 
 impl Storage for FileStorage {
+    fn host_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {

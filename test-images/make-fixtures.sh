@@ -15,7 +15,7 @@
 #
 # Auxiliary files (backing files, external data files) are committed next to the images that
 # name them; names recorded inside images are relative, so the whole directory must be
-# materialised into one place (tests/fixtures.rs decompresses everything into one TempDir).
+# materialised into one place (tests/hostile/fixtures.rs decompresses everything into one TempDir).
 #
 # Holes: qemu's block status looks at holes in the host file (a raw hole is `zero`; a qcow2
 # data cluster over a host hole is `zero` and `data`, but only when the image looks

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the VMA fixtures of tests/vma_fixtures.rs with a small VMA writer of its own,
+"""Writes the VMA fixtures of tests/vma/vma_fixtures.rs with a small VMA writer of its own,
 written from the reference notes (shared/reference/vma.md) and sharing no code with vimg:
 
   vma-python.vma      four disks and a VM state stream, two configs; clusters in a shuffled

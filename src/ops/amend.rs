@@ -9,9 +9,8 @@
 
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};
-use crate::open::{probe_format, ChainGuard};
-use crate::qcow2::amend::{AmendOptions, AMEND_OPTION_HELP};
-use crate::qcow2::Qcow2Image;
+use crate::open::{open_image, probe_format, OpenOptions};
+use crate::qcow2::amend::AMEND_OPTION_HELP;
 use std::path::Path;
 
 /// qemu-img's message when no `-o` is given.
@@ -71,12 +70,17 @@ pub fn help(format: Option<ImageFormat>, path: Option<&Path>) -> Result<String> 
 
 fn refuse_non_qcow2(format: ImageFormat) -> Result<()> {
     if format != ImageFormat::Qcow2 {
-        return Err(Error::unsupported(format!(
-            "Format driver '{}' does not support option amendment",
-            format.as_str()
-        )));
+        return Err(not_amendable(format));
     }
     Ok(())
+}
+
+/// qemu-img's refusal for a format that cannot amend its options.
+fn not_amendable(format: ImageFormat) -> Error {
+    Error::unsupported(format!(
+        "Format driver '{}' does not support option amendment",
+        format.as_str()
+    ))
 }
 
 /// Amends the image at `path` as `args` says, reporting progress as (done, total) to
@@ -86,33 +90,40 @@ pub fn amend(path: &Path, args: &AmendArgs<'_>, progress: &mut dyn FnMut(u64, u6
         return Err(Error::invalid_input(NO_OPTIONS));
     }
     let unsafe_cache = cache_is_unsafe(args.cache.unwrap_or("writeback"))?;
-    let opts = AmendOptions::parse_all(args.options)?;
-    let format = match args.format {
-        Some(f) => f,
-        None => probe_format(path)?,
-    };
-    refuse_non_qcow2(format)?;
     // Look first, read-only: a refused amend must not change the image at all.
-    let (plan, has_backing, size) = {
-        let img = Qcow2Image::open(path, false, true, &mut ChainGuard::default())?;
-        let plan = img.plan_amend(&opts)?;
-        let h = img.header();
-        (plan, h.backing_file.is_some(), h.size)
+    let img = open_image(
+        path,
+        &OpenOptions {
+            format: args.format,
+            no_backing: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    let Some(check) = img.as_amend() else {
+        return Err(not_amendable(img.format()));
     };
-    if plan.is_empty() {
+    let plan = check.check_amend(args.options)?;
+    if plan.is_empty {
         progress(1, 1);
         return Ok(());
     }
-    let grows = plan.size.is_some_and(|s| s > size);
-    let mut img = Qcow2Image::open(
+    let format = Some(img.format());
+    drop(img);
+    let mut img = open_image(
         path,
-        true,
-        !(grows && has_backing),
-        &mut ChainGuard::default(),
+        &OpenOptions {
+            format,
+            writable: true,
+            no_backing: !plan.grows,
+            ..OpenOptions::default()
+        },
     )?;
     img.set_unsafe_cache(unsafe_cache);
-    img.amend(&opts, progress)?;
-    img.close()
+    let format = img.format();
+    img.as_amend_mut()
+        .ok_or_else(|| not_amendable(format))?
+        .amend(args.options, progress)?;
+    img.finish()
 }
 
 #[cfg(test)]

@@ -19,8 +19,8 @@
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
+use crate::open::{open_image, OpenOptions};
 use crate::ops::convert::{rename_tmp, TempFile};
-use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use crate::vma::format::{ArchiveHeader, ConfigFile, MAX_BLOB_LEN};
 use crate::vma::job::{BackupJob, BackupStats, Progress};
@@ -350,7 +350,7 @@ pub fn prepare_extract(
     opts: &ExtractOptions,
 ) -> Result<ExtractPlan> {
     let shown = archive.display_path(true).to_path_buf();
-    if !matches!(opts.format, ImageFormat::Raw | ImageFormat::Qcow2) {
+    if opts.format != ImageFormat::Raw && opts.format != ImageFormat::Qcow2 {
         return Err(Error::unsupported("extract writes raw or qcow2 images"));
     }
     if opts.format == ImageFormat::Raw && !opts.options.is_empty() {
@@ -463,18 +463,26 @@ pub fn prepare_extract(
     let mut images: Vec<(Box<dyn BlockImage>, PathBuf)> = Vec::new();
     for (d, tmp) in devices.iter().zip(tmp_names) {
         made.file(&tmp);
-        let image: Box<dyn BlockImage> = match d.format {
-            ImageFormat::Raw => Box::new(RawImage::create(&tmp, d.size).in_file(&d.path)?),
-            ImageFormat::Qcow2 => {
-                crate::ops::create::create(&qcow2_args(&tmp, d.size))
-                    .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
-                let q = Qcow2Image::open(&tmp, true, true, &mut Default::default())
-                    .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
-                // Metadata is written once, at the end; a failed restore removes the image.
-                q.set_unsafe_cache(true);
-                Box::new(q)
-            }
+        let image: Box<dyn BlockImage> = if d.format == ImageFormat::Raw {
+            Box::new(RawImage::create(&tmp, d.size).in_file(&d.path)?)
+        } else {
+            crate::ops::create::create(&qcow2_args(&tmp, d.size))
+                .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
+            open_image(
+                &tmp,
+                &OpenOptions {
+                    format: Some(d.format),
+                    writable: true,
+                    no_backing: true,
+                    ..OpenOptions::default()
+                },
+            )
+            .map_err(|e| rename_tmp(e, &tmp, &d.path))?
         };
+        // Metadata is written once, at the end, and nothing waits for the disk (raw files are
+        // not synced, as `convert` does not sync by default); a failed restore removes the
+        // image.
+        image.set_unsafe_cache(true);
         images.push((image, tmp));
     }
     Ok(ExtractPlan {
@@ -517,11 +525,9 @@ impl ExtractPlan {
             })?;
         drop(targets);
         for (d, (img, tmp)) in self.devices.iter().zip(self.images.drain(..)) {
-            // A qcow2 image writes its metadata here (its cache is unsafe: no waiting for the
-            // disk). Raw files are not synced, as `convert` does not sync by default.
-            if d.format == ImageFormat::Qcow2 {
-                img.finish().map_err(|e| rename_tmp(e, &tmp, &d.path))?;
-            }
+            // An image with metadata writes it here (its cache is unsafe: no waiting for the
+            // disk).
+            img.finish().map_err(|e| rename_tmp(e, &tmp, &d.path))?;
             drop(img);
             std::fs::rename(&tmp, &d.path)
                 .map_err(|e| Error::io("cannot rename the restored image into place", e))

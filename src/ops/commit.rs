@@ -19,7 +19,7 @@
 //! # Crash safety
 //!
 //! The base is written completely and flushed (data and metadata durable) before the overlay
-//! is emptied (see [`Qcow2Image::make_empty`] for the order within that step). Only ranges the
+//! is emptied (see the format's [`crate::capability::MakeEmpty`] for the order within that step). Only ranges the
 //! layers above the base allocate are written into the base, so the overlay reads the same
 //! throughout; an interruption at any point leaves at worst leaked clusters.
 
@@ -27,11 +27,10 @@ use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::offsets::GuestOffset;
 use crate::open::same_file;
-use crate::open::{probe_format, resolve_relative, ChainGuard};
+use crate::open::{open_image, probe_format, resolve_relative, OpenOptions};
 use crate::ops::convert::copy::status;
 use crate::ops::convert::{Progress, CHUNK};
-use crate::qcow2::Qcow2Image;
-use crate::raw::RawImage;
+use crate::prealloc::Preallocation;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -157,58 +156,39 @@ pub fn find_base<'a>(
     )))
 }
 
-/// The layer a commit writes into, opened for writing.
-pub enum CommitTarget {
-    /// A raw file.
-    Raw(RawImage),
-    /// A qcow2 image (opened with its own backing chain, so that zero writes know what lies
-    /// below it).
-    Qcow2(Box<Qcow2Image>),
+/// Opens the file of chain layer `layer` for writing, in the format it was opened with and
+/// with its own backing chain (so that zero writes know what lies below it), as a commit's
+/// target.
+pub fn open_target(layer: &dyn BlockImage, cache: CacheMode) -> Result<Box<dyn BlockImage>> {
+    let img = open_image(
+        layer.filename(),
+        &OpenOptions {
+            format: Some(layer.format()),
+            writable: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    img.set_unsafe_cache(!cache.syncs());
+    Ok(img)
 }
 
-impl CommitTarget {
-    /// Opens the file of chain layer `layer` for writing, in the format it was opened with.
-    pub fn open(layer: &dyn BlockImage, cache: CacheMode) -> Result<Self> {
-        let path = layer.filename();
-        Ok(match layer.format() {
-            ImageFormat::Raw => CommitTarget::Raw(RawImage::open(path, true)?),
-            ImageFormat::Qcow2 => {
-                let img = Qcow2Image::open(path, true, false, &mut ChainGuard::default())?;
-                img.set_unsafe_cache(!cache.syncs());
-                CommitTarget::Qcow2(Box::new(img))
-            }
+/// Grows `base` to `size` bytes if it is smaller, and flushes it.
+fn grow(base: &mut dyn BlockImage, size: u64) -> Result<()> {
+    if base.virtual_size() >= size {
+        return Ok(());
+    }
+    let path = base.filename().to_path_buf();
+    let format = base.format();
+    base.as_resize_mut()
+        .ok_or_else(|| {
+            Error::unsupported(format!(
+                "the base ({format}) is smaller than the image and cannot grow"
+            ))
         })
-    }
-
-    /// The image.
-    pub fn image(&self) -> &dyn BlockImage {
-        match self {
-            CommitTarget::Raw(r) => r,
-            CommitTarget::Qcow2(q) => q.as_ref(),
-        }
-    }
-
-    /// Grows the image to `size` bytes if it is smaller.
-    fn grow(&mut self, size: u64) -> Result<()> {
-        match self {
-            CommitTarget::Raw(r) => r.grow(size),
-            CommitTarget::Qcow2(q) if q.virtual_size() < size => {
-                let path = q.filename().to_path_buf();
-                q.resize_to(size).in_file(&path)?;
-                q.flush()
-            }
-            CommitTarget::Qcow2(_) => Ok(()),
-        }
-    }
-
-    /// Writes everything back and closes the image (with `syncs`, waiting for the disk).
-    pub fn close(self, syncs: bool) -> Result<()> {
-        match self {
-            CommitTarget::Raw(r) if syncs => r.flush(),
-            CommitTarget::Raw(_) => Ok(()),
-            CommitTarget::Qcow2(q) => q.close(),
-        }
-    }
+        .in_file(&path)?
+        .resize(size, Preallocation::Off)
+        .in_file(&path)?;
+    base.flush()
 }
 
 /// Keeps writes at or below a rate (bytes per second; 0 for none) by sleeping.
@@ -257,13 +237,13 @@ impl RateLimiter {
 pub fn commit_into(
     top: &dyn BlockImage,
     base_depth: u32,
-    base: &mut CommitTarget,
+    base: &mut dyn BlockImage,
     rate_limit: u64,
     progress: Option<Progress<'_>>,
 ) -> Result<()> {
     let size = top.virtual_size();
-    base.grow(size)?;
-    let dst = base.image();
+    grow(base, size)?;
+    let dst: &dyn BlockImage = base;
     let mut limiter = RateLimiter::new(rate_limit);
     let chunk = limiter.chunk();
     if let Some(p) = progress {
@@ -352,17 +332,24 @@ pub fn commit(path: &Path, opts: &CommitOptions, progress: Option<Progress<'_>>)
         Some(f) => f,
         None => probe_format(path)?,
     };
-    if format != ImageFormat::Qcow2 {
-        return Err(Error::invalid_input(NO_BACKING).with_path(path));
-    }
     // Looked at read-only first: a refused commit leaves every image untouched.
-    let top = Qcow2Image::open(path, false, false, &mut ChainGuard::default())?;
-    let (depth, base_layer) = find_base(&top, opts.base.as_deref())?;
-    let base = CommitTarget::open(base_layer, opts.cache)?;
+    let open = |writable| {
+        open_image(
+            path,
+            &OpenOptions {
+                format: Some(format),
+                writable,
+                ..OpenOptions::default()
+            },
+        )
+    };
+    let top = open(false)?;
+    let (depth, base_layer) = find_base(top.as_ref(), opts.base.as_deref())?;
+    let base = open_target(base_layer, opts.cache)?;
     let empty = opts.base.is_none() && !opts.drop;
     let top = if empty {
         drop(top);
-        let top = Qcow2Image::open(path, true, false, &mut ChainGuard::default())?;
+        let top = open(true)?;
         top.set_unsafe_cache(!opts.cache.syncs());
         top
     } else {
@@ -392,20 +379,31 @@ pub struct CommitJob {
 }
 
 /// The whole commit on opened images, in its crash-safe order: [`commit_into`], the base
-/// closed (everything durable), then, with `job.empty`, the top emptied and closed.
+/// finished (everything durable, unless `job.syncs` is off), then, with `job.empty`, the top
+/// emptied and finished.
 pub fn commit_images(
-    top: Qcow2Image,
-    mut base: CommitTarget,
+    mut top: Box<dyn BlockImage>,
+    mut base: Box<dyn BlockImage>,
     job: &CommitJob,
     progress: Option<Progress<'_>>,
 ) -> Result<()> {
-    commit_into(&top, job.depth, &mut base, job.rate_limit, progress)?;
+    base.set_unsafe_cache(!job.syncs);
+    commit_into(
+        top.as_ref(),
+        job.depth,
+        base.as_mut(),
+        job.rate_limit,
+        progress,
+    )?;
     // The base is durable before the overlay lets go of anything.
-    base.close(job.syncs)?;
+    base.finish()?;
+    drop(base);
     if job.empty {
-        let mut top = top;
-        top.make_empty()?;
-        top.close()?;
+        let path = top.filename().to_path_buf();
+        top.as_make_empty_mut()
+            .ok_or_else(|| Error::unsupported("the image cannot be emptied").with_path(&path))?
+            .make_empty()?;
+        top.finish()?;
     }
     Ok(())
 }

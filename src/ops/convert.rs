@@ -30,8 +30,7 @@ pub use bitmaps::source_bitmaps;
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
-use crate::open::{resolve_relative, same_file, ChainGuard};
-use crate::qcow2::Qcow2Image;
+use crate::open::{open_image, resolve_relative, same_file, OpenOptions};
 use crate::raw::RawImage;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -358,19 +357,32 @@ pub fn convert(
         })
         .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         // Opened with its backing chain, so that zero writes know what lies below.
-        let target = Qcow2Image::open(&tmp.path, true, false, &mut ChainGuard::default())
-            .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
+        let target = open_image(
+            &tmp.path,
+            &OpenOptions {
+                format: Some(ImageFormat::Qcow2),
+                writable: true,
+                ..OpenOptions::default()
+            },
+        )
+        .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         target.set_unsafe_cache(!opts.sync);
         let bitmap_target = match &bitmaps {
             Some(list) => Some((
-                bitmaps::check_target(&target, list).map_err(|e| rename_tmp(e, &tmp.path, &dst))?,
+                bitmaps::check_target(target.as_ref(), list)
+                    .map_err(|e| rename_tmp(e, &tmp.path, &dst))?,
                 list,
             )),
             None => None,
         };
-        plan.dst = &target;
-        plan.cluster = target.header().cluster_size();
-        plan.compress = opts.compress.then_some(&target);
+        plan.dst = target.as_ref();
+        plan.cluster = target.cluster_size().unwrap_or(512);
+        plan.compress = match opts.compress {
+            true => Some(target.as_compressed_writes().ok_or_else(|| {
+                Error::unsupported("Compression not supported for this file format").with_path(&dst)
+            })?),
+            false => None,
+        };
         plan.ordered = !opts.out_of_order;
         plan.backing = target.backing();
         if let Some(b) = plan.backing {
@@ -454,15 +466,14 @@ fn inherited_layer(src: &dyn BlockImage, backing: &dyn BlockImage) -> Option<u32
 /// Opens an existing target for writing in place (`-n`), with its backing chain so that zero
 /// writes know what lies below.
 fn open_target(dst: &Path, format: ImageFormat) -> Result<Box<dyn BlockImage>> {
-    Ok(match format {
-        ImageFormat::Raw => Box::new(RawImage::open(dst, true)?),
-        ImageFormat::Qcow2 => Box::new(Qcow2Image::open(
-            dst,
-            true,
-            false,
-            &mut ChainGuard::default(),
-        )?),
-    })
+    open_image(
+        dst,
+        &OpenOptions {
+            format: Some(format),
+            writable: true,
+            ..OpenOptions::default()
+        },
+    )
 }
 
 /// A file under a temporary name, removed on drop unless persisted, and by the signal handler
@@ -640,14 +651,7 @@ impl Drop for TempFile {
     }
 }
 
-/// Whether `b` is all zeros (in 64-byte steps the compiler can vectorise).
-pub(crate) fn is_zero(b: &[u8]) -> bool {
-    let mut blocks = b.chunks_exact(64);
-    blocks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |acc, &x| acc | x) == 0)
-        && blocks.remainder().iter().all(|&x| x == 0)
-}
+pub(crate) use crate::zeros::is_zero;
 
 /// Renders qemu-img's textual progress, `    (NN.NN/100%)` followed by a carriage return,
 /// printing only when the whole percentage grows (so at 0, at most once per percent, and at
@@ -769,6 +773,14 @@ mod tests {
         .unwrap();
     }
 
+    fn open_rw(path: &Path) -> Box<dyn BlockImage> {
+        let o = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        open_image(path, &o).unwrap()
+    }
+
     fn whole(img: &dyn BlockImage) -> Vec<u8> {
         let mut v = vec![0u8; img.virtual_size() as usize];
         img.read_at(&mut v, crate::offsets::GuestOffset(0)).unwrap();
@@ -786,13 +798,13 @@ mod tests {
         let top = dir.path().join("top.qcow2");
         qcow2(&base, 32 * cs, None);
         {
-            let b = Qcow2Image::open(&base, true, true, &mut ChainGuard::default()).unwrap();
+            let b = open_rw(&base);
             b.write_at(&vec![0x11; 16 * cs as usize], G(0)).unwrap();
             b.flush().unwrap();
         }
         qcow2(&top, 32 * cs, Some("base.qcow2"));
         {
-            let t = Qcow2Image::open(&top, true, false, &mut ChainGuard::default()).unwrap();
+            let t = open_rw(&top);
             t.write_at(&vec![0x22; cs as usize], G(3 * cs)).unwrap();
             t.write_zeroes(G(5 * cs), cs, false).unwrap();
             t.flush().unwrap();
@@ -803,9 +815,9 @@ mod tests {
             backing_format: Some("qcow2".into()),
             ..ConvertOptions::default()
         };
-        let src = Qcow2Image::open(&top, false, false, &mut ChainGuard::default()).unwrap();
+        let src = open_image(&top, &OpenOptions::default()).unwrap();
         let counting = Counting {
-            inner: &src,
+            inner: src.as_ref(),
             reads: Mutex::new(vec![]),
         };
         let out = dir.path().join("out.qcow2");
@@ -816,7 +828,7 @@ mod tests {
             "read outside the overlay's data: {reads:?}"
         );
         let converted = crate::open::open_image(&out, &Default::default()).unwrap();
-        assert!(whole(converted.as_ref()) == whole(&src));
+        assert!(whole(converted.as_ref()) == whole(src.as_ref()));
         // Closed before it is replaced: an image open (here, in this process) is locked.
         drop(converted);
 

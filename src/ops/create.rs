@@ -16,7 +16,6 @@ use crate::open::{open_image, resolve_relative, OpenOptions};
 use crate::ops::size::parse_size;
 use crate::qcow2::create::{
     create_file, grow_file, parse_options, round_size, CreateOptions, OptionUpdates, Preallocation,
-    OPTION_HELP,
 };
 use crate::qcow2::header::CompressionType;
 use std::path::{Path, PathBuf};
@@ -100,20 +99,7 @@ pub fn wants_help(options: &[String]) -> bool {
 /// The `-o help` text for `format`: the options `vimg create` accepts, one per line with a
 /// short description.
 pub fn options_help(format: ImageFormat) -> String {
-    let rows: Vec<(&str, &str)> = match format {
-        ImageFormat::Qcow2 => OPTION_HELP.to_vec(),
-        ImageFormat::Raw => vec![
-            (
-                "extent_size_hint=<size>",
-                "accepted for qemu-img compatibility (an xfs extent size hint; not set)",
-            ),
-            (
-                "preallocation=<str>",
-                "off (default, sparse), falloc or full",
-            ),
-            ("size=<size>", "virtual disk size"),
-        ],
-    };
+    let rows = format.driver().create_option_help();
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut s = format!("Options for creating {} images:\n", format.as_str());
     for (k, d) in rows {
@@ -193,113 +179,108 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
     }
     let mut size = positional.or(given.size);
 
-    match args.format {
-        ImageFormat::Raw => {
-            // qemu-img's checks before its "Formatting" line, in its words.
-            let file_err = |what: String| Error::invalid_input(what).with_path(&args.filename);
-            let extra: Vec<&str> = given
-                .given_keys()
-                .into_iter()
-                .filter(|k| *k != "size" && *k != "preallocation")
-                .collect();
-            if let Some(k) = extra.first() {
-                return Err(file_err(if k.starts_with("backing") {
-                    "Backing file not supported for file format 'raw'".to_string()
-                } else {
-                    format!("Invalid parameter '{k}'")
-                }));
-            }
-            let preallocation = given.preallocation.unwrap_or_default();
-            let size =
-                size.ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
-            Ok(CreatePlan::Raw {
-                path: args.filename.clone(),
-                size,
-                preallocation,
-                preallocation_given: given.preallocation.is_some(),
-            })
+    if args.format == ImageFormat::Raw {
+        // qemu-img's checks before its "Formatting" line, in its words.
+        let file_err = |what: String| Error::invalid_input(what).with_path(&args.filename);
+        let extra: Vec<&str> = given
+            .given_keys()
+            .into_iter()
+            .filter(|k| *k != "size" && *k != "preallocation")
+            .collect();
+        if let Some(k) = extra.first() {
+            return Err(file_err(if k.starts_with("backing") {
+                "Backing file not supported for file format 'raw'".to_string()
+            } else {
+                format!("Invalid parameter '{k}'")
+            }));
         }
-        ImageFormat::Qcow2 => {
-            let mut opts = CreateOptions::default();
-            opts.apply(&given);
-            // The checks qemu-img makes before it prints its "Formatting" line, in its order
-            // and words (bdrv_img_create); the format's own checks (CreateOptions::validate)
-            // follow when the plan is executed, after that line, as in qemu-img.
-            let file_err = |what: String| Error::invalid_input(what).with_path(&args.filename);
-            if let Some(name) = &opts.backing_file {
-                if name.is_empty() {
-                    return Err(file_err(
-                        "Expected backing file name, got empty string".into(),
-                    ));
+        let preallocation = given.preallocation.unwrap_or_default();
+        let size = size.ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
+        Ok(CreatePlan::Raw {
+            path: args.filename.clone(),
+            size,
+            preallocation,
+            preallocation_given: given.preallocation.is_some(),
+        })
+    } else {
+        let mut opts = CreateOptions::default();
+        opts.apply(&given);
+        // The checks qemu-img makes before it prints its "Formatting" line, in its order
+        // and words (bdrv_img_create); the format's own checks (CreateOptions::validate)
+        // follow when the plan is executed, after that line, as in qemu-img.
+        let file_err = |what: String| Error::invalid_input(what).with_path(&args.filename);
+        if let Some(name) = &opts.backing_file {
+            if name.is_empty() {
+                return Err(file_err(
+                    "Expected backing file name, got empty string".into(),
+                ));
+            }
+            let bpath = resolve_relative(&args.filename, name)?;
+            if same_file(&bpath, &args.filename) || Path::new(name) == args.filename {
+                return Err(file_err(
+                    "Error: Trying to create an image with the same filename as the \
+                     backing file"
+                        .into(),
+                ));
+            }
+            if let Some(fmt) = &opts.backing_fmt {
+                if !KNOWN_FORMATS.contains(&fmt.as_str()) {
+                    return Err(file_err(if args.unsafe_backing {
+                        format!("Parameter 'backing-fmt' does not accept value '{fmt}'")
+                    } else {
+                        format!("Unknown driver '{fmt}'\nCould not open backing image.")
+                    }));
                 }
-                let bpath = resolve_relative(&args.filename, name)?;
-                if same_file(&bpath, &args.filename) || Path::new(name) == args.filename {
-                    return Err(file_err(
-                        "Error: Trying to create an image with the same filename as the \
-                         backing file"
-                            .into(),
-                    ));
-                }
-                if let Some(fmt) = &opts.backing_fmt {
-                    if !KNOWN_FORMATS.contains(&fmt.as_str()) {
-                        return Err(file_err(if args.unsafe_backing {
-                            format!("Parameter 'backing-fmt' does not accept value '{fmt}'")
-                        } else {
-                            format!("Unknown driver '{fmt}'\nCould not open backing image.")
-                        }));
-                    }
-                }
-                if !args.unsafe_backing {
-                    let format = opts
-                        .backing_fmt
-                        .as_deref()
-                        .map(ImageFormat::from_name)
-                        .transpose()?;
-                    let img = open_image(
-                        &bpath,
-                        &OpenOptions {
-                            format,
-                            writable: false,
-                            no_backing: false,
-                            ..OpenOptions::default()
-                        },
+            }
+            if !args.unsafe_backing {
+                let format = opts
+                    .backing_fmt
+                    .as_deref()
+                    .map(ImageFormat::from_name)
+                    .transpose()?;
+                let img = open_image(
+                    &bpath,
+                    &OpenOptions {
+                        format,
+                        writable: false,
+                        no_backing: false,
+                        ..OpenOptions::default()
+                    },
+                )
+                .map_err(|e| {
+                    Error::new(
+                        e.kind(),
+                        format!("{}\nCould not open backing image.", e.while_opening()),
                     )
-                    .map_err(|e| {
-                        Error::new(
-                            e.kind(),
-                            format!("{}\nCould not open backing image.", e.while_opening()),
-                        )
-                        .with_path(&args.filename)
-                    })?;
-                    if opts.backing_fmt.is_none() {
-                        return Err(file_err(format!(
-                            "Backing file specified without backing format\nDetected format of \
-                             {}.",
-                            img.format()
-                        )));
-                    }
-                    let data = match &opts.data_file {
-                        Some(d) => Some(resolve_relative(&args.filename, d)?),
-                        None => None,
-                    };
-                    if data.as_deref().is_some_and(|d| same_file(&bpath, d)) {
-                        return Err(file_err(
-                            "the external data file cannot be the backing file".into(),
-                        ));
-                    }
-                    refuse_over_chain(&args.filename, data.as_deref(), img.as_ref())?;
-                    size = size.or(Some(img.virtual_size()));
+                    .with_path(&args.filename)
+                })?;
+                if opts.backing_fmt.is_none() {
+                    return Err(file_err(format!(
+                        "Backing file specified without backing format\nDetected format of \
+                         {}.",
+                        img.format()
+                    )));
                 }
+                let data = match &opts.data_file {
+                    Some(d) => Some(resolve_relative(&args.filename, d)?),
+                    None => None,
+                };
+                if data.as_deref().is_some_and(|d| same_file(&bpath, d)) {
+                    return Err(file_err(
+                        "the external data file cannot be the backing file".into(),
+                    ));
+                }
+                refuse_over_chain(&args.filename, data.as_deref(), img.as_ref())?;
+                size = size.or(Some(img.virtual_size()));
             }
-            let size =
-                size.ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
-            opts.size = size;
-            Ok(CreatePlan::Qcow2 {
-                path: args.filename.clone(),
-                options: Box::new(opts),
-                given: Box::new(given),
-            })
         }
+        let size = size.ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
+        opts.size = size;
+        Ok(CreatePlan::Qcow2 {
+            path: args.filename.clone(),
+            options: Box::new(opts),
+            given: Box::new(given),
+        })
     }
 }
 

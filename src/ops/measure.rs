@@ -121,10 +121,8 @@ pub fn parse_measure_size(text: &str) -> Result<u64> {
 /// Checks the `-o` arguments against the target format's option names (qemu's "Invalid
 /// parameter" message) and parses the relevant ones.
 fn parse_target_options(target: ImageFormat, options: &[String]) -> Result<OptionUpdates> {
-    let keys = match target {
-        ImageFormat::Qcow2 => QCOW2_KEYS,
-        ImageFormat::Raw => RAW_KEYS,
-    };
+    let qcow2 = target == ImageFormat::Qcow2;
+    let keys = if qcow2 { QCOW2_KEYS } else { RAW_KEYS };
     let mut u = OptionUpdates::default();
     for o in options {
         let mut kept = Vec::new();
@@ -163,20 +161,18 @@ pub fn measure(
     if let Some(s) = size {
         u.size = Some(s);
     }
-    match target {
-        ImageFormat::Raw => {
-            let bytes = match source {
-                Some(src) => src.virtual_size().div_ceil(512) * 512,
-                None => u.size.unwrap_or(0).div_ceil(512) * 512,
-            };
-            Ok(Measurement {
-                required: bytes,
-                fully_allocated: bytes,
-                bitmaps: None,
-            })
-        }
-        ImageFormat::Qcow2 => measure_qcow2(&u, source),
+    if target == ImageFormat::Qcow2 {
+        return measure_qcow2(&u, source);
     }
+    let bytes = match source {
+        Some(src) => src.virtual_size().div_ceil(512) * 512,
+        None => u.size.unwrap_or(0).div_ceil(512) * 512,
+    };
+    Ok(Measurement {
+        required: bytes,
+        fully_allocated: bytes,
+        bitmaps: None,
+    })
 }
 
 /// The qcow2 side of [`measure`].

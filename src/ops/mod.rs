@@ -19,7 +19,7 @@ pub mod map;
 pub mod measure;
 pub mod rebase;
 pub mod resize;
-pub mod size;
+pub use crate::size;
 pub mod snapshot;
 
 /// The output styles of `info`, `map` and `check` (qemu-img's `--output`).

@@ -31,13 +31,11 @@ use crate::block::{BlockImage, BlockStatus, ImageFormat};
 use crate::error::{Error, Result};
 use crate::offsets::GuestOffset;
 use crate::open::same_file;
-use crate::open::{open_layer, probe_format, resolve_relative, ChainGuard};
+use crate::open::{open_image, open_layer, resolve_relative, ChainGuard, OpenOptions};
 use crate::ops::commit::CacheMode;
 use crate::ops::convert::copy::{read_clamped, Cursor};
 use crate::ops::convert::{is_zero, Progress, CHUNK};
 use crate::ops::create::KNOWN_FORMATS;
-use crate::qcow2::compress::compress_cluster;
-use crate::qcow2::Qcow2Image;
 use std::path::Path;
 
 /// qemu-img's message when neither `-b` nor `-u` is given.
@@ -83,19 +81,34 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
         .with_path(path)
         .bare()
     };
-    let format = match opts.format {
-        Some(f) => f,
-        None => probe_format(path)?,
+    let open = |writable: bool, no_backing: bool| {
+        open_image(
+            path,
+            &OpenOptions {
+                format: opts.format,
+                writable,
+                no_backing,
+                ..OpenOptions::default()
+            },
+        )
     };
-    if format != ImageFormat::Qcow2 {
-        return Err(if opts.compress {
-            Error::unsupported("Compression not supported for this file format")
-                .with_path(path)
-                .bare()
-        } else {
-            cannot_change("Operation not supported (only qcow2 images have a backing file)")
-        });
-    }
+    // A format that records no backing file is refused on the first open, before anything
+    // is written.
+    let capable = |img: &mut dyn BlockImage| -> Result<()> {
+        if opts.compress && img.as_compressed_writes().is_none() {
+            return Err(
+                Error::unsupported("Compression not supported for this file format")
+                    .with_path(path)
+                    .bare(),
+            );
+        }
+        if img.as_set_backing_mut().is_none() {
+            return Err(cannot_change(
+                "Operation not supported (only qcow2 images have a backing file)",
+            ));
+        }
+        Ok(())
+    };
     let new_format = match (new_name, opts.backing_format.as_deref()) {
         (Some(_), Some(f)) => Some(f),
         (Some(name), None) => {
@@ -115,14 +128,16 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
         // Only the pointer changes, whatever it names, as qemu-img's -u does: a name that
         // makes the chain loop (the image itself) is refused by every later open ("creates an
         // infinite loop"), and `rebase -u` again puts it right (iotest 043).
-        let mut img = Qcow2Image::open(path, true, true, &mut ChainGuard::default())?;
+        let mut img = open(true, true)?;
+        capable(img.as_mut())?;
         img.set_unsafe_cache(!opts.cache.syncs());
-        img.set_backing_file(new_name, new_format)?;
-        return img.close();
+        set_backing(img.as_mut(), new_name, new_format)?;
+        return img.finish();
     }
 
     // Safe mode: both chains must open before anything is written.
-    let before = Qcow2Image::open(path, false, false, &mut ChainGuard::default())?;
+    let mut before = open(false, false)?;
+    capable(before.as_mut())?;
     let new_backing = match (new_name, new_format) {
         (Some(name), Some(fmt)) => Some(open_new_backing(path, name, fmt)?),
         _ => None,
@@ -130,7 +145,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     if let (Some(b), Some(name)) = (&new_backing, new_name) {
         // The files rebase writes (the image, its data file) must not be read through the new
         // chain: compared by device and inode, so links are caught.
-        for f in crate::identity::chain_files(&before) {
+        for f in crate::identity::chain_files(before.as_ref()) {
             if f.role == crate::identity::Role::Backing {
                 continue;
             }
@@ -145,7 +160,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
         }
     }
     drop(before);
-    let img = Qcow2Image::open(path, true, false, &mut ChainGuard::default())?;
+    let img = open(true, false)?;
     img.set_unsafe_cache(!opts.cache.syncs());
     let to = NewBacking {
         image: new_backing.as_deref(),
@@ -169,15 +184,22 @@ pub struct NewBacking<'a> {
 /// Safe mode on an opened image (read-write, with its old backing chain), in its crash-safe
 /// order: [`rebase_copy`] (which ends with a flush), then the header switch, then the close.
 pub fn rebase_image(
-    img: Qcow2Image,
+    mut img: Box<dyn BlockImage>,
     to: &NewBacking<'_>,
     compress: bool,
     progress: Option<Progress<'_>>,
 ) -> Result<()> {
-    rebase_copy(&img, to.image, compress, progress)?;
-    let mut img = img;
-    img.set_backing_file(to.name, to.format)?;
-    img.close()
+    rebase_copy(img.as_ref(), to.image, compress, progress)?;
+    set_backing(img.as_mut(), to.name, to.format)?;
+    img.finish()
+}
+
+/// Records `name` (`None`: none) with `format` as the backing file of `img`.
+fn set_backing(img: &mut dyn BlockImage, name: Option<&str>, format: Option<&str>) -> Result<()> {
+    let path = img.filename().to_path_buf();
+    img.as_set_backing_mut()
+        .ok_or_else(|| Error::unsupported("the image records no backing file").with_path(&path))?
+        .set_backing_file(name, format)
 }
 
 /// Opens the new backing file `name` (relative to the image at `path`) read-only with its
@@ -312,13 +334,13 @@ impl Walk<'_> {
 /// documentation), then flushes. With `compress`, wholly unallocated clusters are written
 /// compressed where that saves space.
 pub fn rebase_copy(
-    img: &Qcow2Image,
+    img: &dyn BlockImage,
     new: Option<&dyn BlockImage>,
     compress: bool,
     progress: Option<Progress<'_>>,
 ) -> Result<()> {
     let size = img.virtual_size();
-    let cs = img.header().cluster_size();
+    let cs = img.cluster_size().unwrap_or(512);
     let mut walk = Walk {
         img: Cursor::new(img),
         new: new.map(Cursor::new),
@@ -358,7 +380,7 @@ pub fn rebase_copy(
 /// Reads the clusters of `run` (contiguous) through both chains and writes into `img` the old
 /// chain's data where it differs.
 fn copy_run(
-    img: &Qcow2Image,
+    img: &dyn BlockImage,
     new: Option<&dyn BlockImage>,
     compress: bool,
     run: &[ClusterPlan],
@@ -377,8 +399,8 @@ fn copy_run(
         None => new_buf.fill(0),
     }
     let at = |a: u64, b: u64| (a - start) as usize..(b - start) as usize;
-    let h = img.header();
-    let gran = h.cluster_size() >> if h.extended_l2() { 5 } else { 0 };
+    let cs = img.cluster_size().unwrap_or(512);
+    let gran = img.subcluster_size().unwrap_or(cs);
     // A run of whole (sub)clusters of plain data, written in one request.
     let mut pending: Option<(u64, u64)> = None;
     let write_pending = |p: &mut Option<(u64, u64)>| -> Result<()> {
@@ -413,13 +435,12 @@ fn copy_run(
         if img.backing().is_none() && is_zero(data) {
             write_pending(&mut pending)?;
             img.write_zeroes(GuestOffset(cl.start), cl.end - cl.start, false)?;
-        } else if compress {
+        } else if let (true, Some(cw)) = (compress, img.as_compressed_writes()) {
             write_pending(&mut pending)?;
-            let cs = img.header().cluster_size() as usize;
-            let mut cluster = vec![0u8; cs];
+            let mut cluster = vec![0u8; cw.compression_unit() as usize];
             cluster[..data.len()].copy_from_slice(data);
-            match compress_cluster(img.header().compression_type, &cluster)? {
-                Some(z) => img.write_compressed(cl.start, &z)?,
+            match cw.compress(&cluster)? {
+                Some(z) => cw.write_compressed(GuestOffset(cl.start), &z)?,
                 None => img.write_at(data, GuestOffset(cl.start))?,
             }
         } else {

@@ -11,12 +11,9 @@
 
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};
-use crate::open::{probe_format, ChainGuard};
+use crate::open::{open_image, OpenOptions};
 use crate::ops::size::parse_size;
-use crate::qcow2::create::{grow_file, Preallocation};
-use crate::qcow2::resize::PREALLOC_SHRINK;
-use crate::qcow2::Qcow2Image;
-use crate::storage::{FileStorage, Storage};
+use crate::prealloc::{Preallocation, PREALLOC_SHRINK};
 use std::path::Path;
 
 /// What `resize` prints on success, as qemu-img does.
@@ -85,68 +82,57 @@ pub fn resize_prealloc(
     prealloc: Preallocation,
 ) -> Result<String> {
     let arg = SizeArg::parse(size_arg)?;
-    let format = match format {
-        Some(f) => f,
-        None => probe_format(path)?,
+    // Looked at read-only first: a refused resize must not change the image at all.
+    let img = open_image(
+        path,
+        &OpenOptions {
+            format,
+            no_backing: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    let not_resizable = || {
+        Error::unsupported(format!(
+            "Image format driver does not support resize ({})",
+            img.format()
+        ))
+        .with_path(path)
     };
-    let refuse_shrink = |new: u64, cur: u64| -> Result<()> {
-        if new < cur && prealloc != Preallocation::Off {
-            return Err(Error::invalid_input(PREALLOC_SHRINK).with_path(path).bare());
-        }
-        if new < cur && !shrink {
-            return Err(Error::invalid_input(format!(
-                "the new size {new} is smaller than the current size {cur}: shrinking discards \
-                 the data past the new end, so it is only done with --shrink"
-            ))
-            .with_path(path));
-        }
-        Ok(())
-    };
-    match format {
-        ImageFormat::Raw => {
-            let storage = FileStorage::open(path, true)
-                .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-            let cur = storage
-                .len()
-                .map_err(|e| Error::io("cannot get image size", e).with_path(path))?;
-            let new = arg.apply(cur)?;
-            refuse_shrink(new, cur)?;
-            if new > cur && prealloc == Preallocation::Metadata {
-                return Err(
-                    Error::invalid_input("Unsupported preallocation mode: metadata")
-                        .with_path(path),
-                );
-            }
-            if new > cur && prealloc != Preallocation::Off {
-                grow_file(storage.file(), path, new, prealloc)?;
-            }
-            storage
-                .set_len(new)
-                .and_then(|_| storage.flush())
-                .map_err(|e| Error::io("cannot resize image", e).with_path(path))?;
-        }
-        ImageFormat::Qcow2 => {
-            // Look first, read-only: a refused resize must not change the image at all.
-            let cur = {
-                let img = Qcow2Image::open(path, false, true, &mut ChainGuard::default())?;
-                img.header().size
-            };
-            let new = arg.apply(cur)?;
-            if !new.is_multiple_of(512) {
-                return Err(Error::invalid_input(format!(
-                    "the new size {new} is not a multiple of 512 bytes, which qcow2 needs"
-                ))
-                .with_path(path));
-            }
-            refuse_shrink(new, cur)?;
-            // Growing needs the backing chain: a longer backing file must not show through.
-            let no_backing = new <= cur;
-            let mut img = Qcow2Image::open(path, true, no_backing, &mut ChainGuard::default())?;
-            img.resize_with(new, prealloc)
-                .map_err(|e| e.with_path(path))?;
-            crate::block::BlockImage::finish(&img)?;
-        }
+    let check = img.as_resize().ok_or_else(not_resizable)?;
+    let cur = check.resize_base()?;
+    let new = arg.apply(cur)?;
+    check
+        .check_resize(new, prealloc)
+        .map_err(|e| e.with_path(path))?;
+    if new < cur && prealloc != Preallocation::Off {
+        return Err(Error::invalid_input(PREALLOC_SHRINK).with_path(path).bare());
     }
+    if new < cur && !shrink {
+        return Err(Error::invalid_input(format!(
+            "the new size {new} is smaller than the current size {cur}: shrinking discards \
+             the data past the new end, so it is only done with --shrink"
+        ))
+        .with_path(path));
+    }
+    let format = Some(img.format());
+    drop(img);
+    // Growing needs the backing chain: a longer backing file must not show through.
+    let mut img = open_image(
+        path,
+        &OpenOptions {
+            format,
+            writable: true,
+            no_backing: new <= cur,
+            ..OpenOptions::default()
+        },
+    )?;
+    let resize = img
+        .as_resize_mut()
+        .ok_or_else(|| Error::unsupported("the image cannot be resized").with_path(path))?;
+    resize
+        .resize(new, prealloc)
+        .map_err(|e| e.with_path(path))?;
+    img.finish()?;
     Ok(RESIZED.to_string())
 }
 

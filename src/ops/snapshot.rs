@@ -1,17 +1,14 @@
 //! `vimg snapshot -l|-c NAME|-a NAME|-d NAME IMAGE`: lists, creates, applies and deletes the
 //! internal snapshots of a qcow2 image (qcow2.rst "Snapshots"), as `qemu-img snapshot` does.
 //!
-//! The table changes themselves are in [`crate::qcow2::snapshot_write`].
+//! The format does the work, through its [`crate::capability::Snapshots`].
 
 use crate::block::ImageFormat;
+use crate::capability::SnapshotTime;
 use crate::error::{Error, Result};
 use crate::info::SnapshotInfo;
-use crate::open::{probe_format, refuse_forced_write, ChainGuard, Sharing};
-use crate::ops::info::format_date;
+use crate::open::{open_image, refuse_forced_write, OpenOptions, Sharing};
 use crate::ops::size::human_size;
-use crate::qcow2::snapshot::read_table;
-use crate::qcow2::snapshot_write::NewSnapshot;
-use crate::qcow2::Qcow2Image;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -75,11 +72,20 @@ pub fn run(
     sharing: Sharing,
 ) -> Result<String> {
     refuse_forced_write(sharing, *op != SnapshotOp::List).map_err(|e| e.with_path(path))?;
-    let format = match format {
-        Some(f) => f,
-        None => probe_format(path)?,
-    };
-    if format != ImageFormat::Qcow2 {
+    // As qemu-img: a list opens the image read-only, every other operation read-write (so a
+    // writer elsewhere is refused with qemu's "write" lock message).
+    let writable = *op != SnapshotOp::List;
+    let mut img = open_image(
+        path,
+        &OpenOptions {
+            format,
+            writable,
+            no_backing: true,
+            sharing,
+        },
+    )?;
+    let format = img.format();
+    let Some(snapshots) = img.as_snapshots_mut() else {
         return Err(Error::unsupported(format!(
             "Could not {} snapshot: the {} format has no internal snapshots",
             match op {
@@ -91,32 +97,55 @@ pub fn run(
             format.as_str()
         ))
         .with_path(path));
-    }
+    };
     if *op == SnapshotOp::List {
-        let img = Qcow2Image::open(path, false, true, &mut ChainGuard::new(sharing))?;
-        let snaps = read_table(&img).map_err(|e| e.with_path(path))?;
-        let infos: Vec<SnapshotInfo> = snaps.iter().map(|s| s.info()).collect();
+        let infos = snapshots.list_snapshots().map_err(|e| e.with_path(path))?;
         return Ok(render_list(&infos));
     }
-    let mut img = Qcow2Image::open(path, true, true, &mut ChainGuard::default())?;
     let r = match op {
-        SnapshotOp::Create(name) => img.snapshot_create(name, now()),
-        SnapshotOp::Apply(name) => img.snapshot_apply(name),
-        SnapshotOp::Delete(name) => img.snapshot_delete(name),
+        SnapshotOp::Create(name) => snapshots.create_snapshot(name, SnapshotTime::now()),
+        SnapshotOp::Apply(name) => snapshots.apply_snapshot(name),
+        SnapshotOp::Delete(name) => snapshots.delete_snapshot(name),
         SnapshotOp::List => Ok(()),
     };
     r.map_err(|e| e.with_path(path))?;
-    img.close()?;
+    img.finish()?;
     Ok(String::new())
 }
 
-/// The current time as qemu-img records it in a new snapshot (microsecond resolution).
-fn now() -> NewSnapshot {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    NewSnapshot {
-        date_sec: d.as_secs() as u32,
-        date_nsec: d.subsec_micros() * 1000,
+/// `YYYY-MM-DD HH:MM:SS` for `secs` since the epoch, in UTC.
+///
+/// qemu-img prints snapshot dates in the local time zone; vimg has no time zone database and
+/// prints UTC (identical on hosts whose local time is UTC).
+pub fn format_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(format_date(0), "1970-01-01 00:00:00");
+        assert_eq!(format_date(1_795_303_610), "2026-11-21 23:26:50");
+        assert_eq!(format_date(951_782_400), "2000-02-29 00:00:00");
     }
 }

@@ -3,7 +3,7 @@
 //! ([`super::bitmap_track`]), then commits a new directory ([`super::bitmap_write`]); its
 //! checks and messages are qemu's (`block-dirty-bitmap-add` and friends).
 
-use super::bitmap_track::Tracker;
+use super::bitmap_tracker::Tracker;
 use super::bitmap_write::{Contents, Planned};
 use super::bitmaps::{
     self, inconsistent, not_found, read_contents, read_directory, read_directory_at, Bitmap,

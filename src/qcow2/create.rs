@@ -28,11 +28,9 @@ use super::l2::OFLAG_COPIED;
 use super::refcount::set_refcount;
 use crate::error::{Error, Result};
 use crate::open::resolve_relative;
-use crate::ops::size::parse_size;
+use crate::size::parse_size;
 use byteorder::{BigEndian, ByteOrder};
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The qcow2 version to write (`compat=`): qcow2.rst "Header", bytes 4-7.
@@ -63,48 +61,9 @@ impl Compat {
     }
 }
 
-/// How much of the image to allocate up front (`preallocation=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Preallocation {
-    /// Nothing: an empty L1 table.
-    #[default]
-    Off,
-    /// Every L2 table and data cluster is allocated in the metadata (qcow2.rst "Cluster
-    /// mapping": standard cluster descriptors with the COPIED flag); the file is extended
-    /// sparsely to cover them.
-    Metadata,
-    /// As `Metadata`, and the data clusters are allocated in the host file system (fallocate).
-    Falloc,
-    /// As `Metadata`, and the data clusters are written with zeros.
-    Full,
-}
-
-impl Preallocation {
-    /// The option value naming this mode.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Preallocation::Off => "off",
-            Preallocation::Metadata => "metadata",
-            Preallocation::Falloc => "falloc",
-            Preallocation::Full => "full",
-        }
-    }
-
-    /// Parses `off`, `metadata`, `falloc` or `full`.
-    pub fn from_name(name: &str) -> Result<Self> {
-        Ok(match name {
-            "off" => Preallocation::Off,
-            "metadata" => Preallocation::Metadata,
-            "falloc" => Preallocation::Falloc,
-            "full" => Preallocation::Full,
-            _ => {
-                return Err(Error::invalid_input(format!(
-                    "invalid preallocation mode '{name}' (use off, metadata, falloc or full)"
-                )))
-            }
-        })
-    }
-}
+pub(crate) use crate::prealloc::grow_file;
+use crate::prealloc::FileWriter as Out;
+pub use crate::prealloc::Preallocation;
 
 /// Everything that defines a new qcow2 image. [`Default`] gives qemu-img's defaults: version
 /// 3, 64 KiB clusters, 16-bit refcounts, zlib compression, no preallocation.
@@ -1121,97 +1080,11 @@ fn table_bytes(entries: &[u64], clusters: u64, cs: u64) -> Vec<u8> {
     buf
 }
 
-/// A file being written, with the error context of its path.
-struct Out<'a> {
-    file: &'a File,
-    path: &'a Path,
-}
-
-impl Out<'_> {
-    fn write(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, off)
-            .map_err(|e| Error::io("write failed", e).with_path(self.path).at(off))
-    }
-
-    fn len(&self) -> Result<u64> {
-        crate::storage::file_len(self.file)
-            .map_err(|e| Error::io("cannot get file size", e).with_path(self.path))
-    }
-
-    /// Only ever grows the file (see the callers); a block device cannot grow, as qemu says.
-    fn set_len(&self, len: u64) -> Result<()> {
-        let kind = crate::storage::HostKind::of(self.file)
-            .map_err(|e| Error::io("cannot get file size", e).with_path(self.path))?;
-        if kind.is_block_device() {
-            return Err(Error::invalid_input("Cannot grow device files").with_path(self.path));
-        }
-        self.file
-            .set_len(len)
-            .map_err(|e| Error::io("cannot set file size", e).with_path(self.path))
-    }
-
-    fn zeros(&self, start: u64, end: u64) -> Result<()> {
-        let chunk = vec![0u8; (end - start).min(1 << 20) as usize];
-        let mut off = start;
-        while off < end {
-            let n = (end - off).min(chunk.len() as u64) as usize;
-            self.write(&chunk[..n], off)?;
-            off += n as u64;
-        }
-        Ok(())
-    }
-
-    fn fallocate(&self, start: u64, end: u64) -> Result<()> {
-        use rustix::fs::{fallocate, FallocateFlags};
-        if end <= start {
-            return Ok(());
-        }
-        match fallocate(self.file, FallocateFlags::empty(), start, end - start) {
-            Ok(()) => Ok(()),
-            // A file system that cannot preallocate gets zeros written instead.
-            Err(rustix::io::Errno::OPNOTSUPP) => self.zeros(start, end),
-            Err(e) => Err(Error::io("cannot preallocate", e.into())
-                .with_path(self.path)
-                .at(start)),
-        }
-    }
-
-    /// Grows the file to `len` bytes the way qemu grows a raw file with preallocation `mode`
-    /// (`Metadata` counts as `Off`): sparse, fallocated or written with zeros. A file that was
-    /// empty gets its first 4 KiB written, as qemu does so that the host block size can be
-    /// probed later.
-    fn grow(&self, len: u64, mode: Preallocation) -> Result<()> {
-        let old = self.len()?;
-        if len <= old {
-            return Ok(());
-        }
-        match mode {
-            Preallocation::Off | Preallocation::Metadata => self.set_len(len)?,
-            Preallocation::Falloc => self.fallocate(old, len)?,
-            Preallocation::Full => {
-                self.set_len(len)?;
-                self.zeros(old, len)?;
-            }
-        }
-        if old == 0 && mode != Preallocation::Full {
-            self.zeros(0, len.min(4096))?;
-        }
-        Ok(())
-    }
-}
-
 /// Creates `path`, or truncates the file there, for reading and writing, holding a writer's
 /// image locks (a file another process has open is refused and left as it is).
 pub(crate) fn create_file(path: &Path) -> Result<crate::lock::LockedFile> {
     crate::storage::create_file(path)
         .map_err(|e| Error::io("cannot create image", e).with_path(path))
-}
-
-/// Grows `file` (at `path`, for messages) to `len` bytes the way qemu grows a raw file with
-/// preallocation `mode` (see [`Preallocation`]); used for raw images and external data files.
-pub(crate) fn grow_file(file: &File, path: &Path, len: u64, mode: Preallocation) -> Result<()> {
-    Out { file, path }.grow(len, mode)
 }
 
 /// Creates a qcow2 image at `path` (truncating any file there) as `opts` describes, laid out

@@ -1,5 +1,5 @@
 //! Entry points that run untrusted bytes through the qcow2 code, for the fuzz targets
-//! (fuzz/fuzz_targets/) and the hostile-input tests (tests/hostile.rs), so that both exercise
+//! (fuzz/fuzz_targets/) and the hostile-input tests (tests/hostile/hostile.rs), so that both exercise
 //! exactly the same paths.
 //!
 //! Every function takes the bytes of a would-be image file, works on an in-memory copy

@@ -25,14 +25,17 @@ pub mod amend;
 pub mod backing;
 pub mod bitmap_edit;
 pub mod bitmap_track;
+mod bitmap_tracker;
 pub mod bitmap_write;
 pub mod bitmaps;
 pub mod cache;
+mod capabilities;
 pub mod check;
 pub mod compress;
 pub mod create;
 pub mod discard;
 pub mod downgrade;
+mod driver;
 pub mod empty;
 pub mod header;
 pub mod header_write;
@@ -56,11 +59,15 @@ use crate::open::{open_layer, probe_format, resolve_relative, ChainGuard};
 use crate::storage::{FileStorage, Storage};
 use byteorder::{BigEndian, ByteOrder};
 use compress::CompressedDesc;
+pub use driver::Qcow2Driver;
 use header::Header;
 use l2::Slot;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+
+/// This format's handle.
+const QCOW2: ImageFormat = ImageFormat::of(&Qcow2Driver);
 
 /// Refcount blocks the metadata-preallocation heuristic reads at most, in bytes.
 const PREALLOC_SCAN_BYTES: u64 = 256 << 20;
@@ -108,8 +115,8 @@ impl Qcow2Image {
         no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Self> {
-        let locks = guard
-            .locks(ImageFormat::Qcow2, writable, guard.depth() <= 1)
+        let locks = QCOW2
+            .locks(guard.sharing(), writable, guard.depth() <= 1)
             .map_err(|e| e.with_path(path))?;
         let storage = FileStorage::open_with(path, writable, locks).map_err(|e| {
             Error::io("cannot open image", e)
@@ -694,7 +701,7 @@ fn read_header_and_l1(storage: &dyn Storage) -> Result<(Header, Vec<u64>, u64)> 
 
 impl BlockImage for Qcow2Image {
     fn format(&self) -> ImageFormat {
-        ImageFormat::Qcow2
+        QCOW2
     }
 
     fn filename(&self) -> &Path {
@@ -782,7 +789,7 @@ impl BlockImage for Qcow2Image {
         };
         Ok(LayerInfo {
             filename: self.path.display().to_string(),
-            format: ImageFormat::Qcow2,
+            format: QCOW2,
             virtual_size: h.size,
             actual_size: self.actual_size(),
             cluster_size: Some(h.cluster_size()),
@@ -813,6 +820,55 @@ impl BlockImage for Qcow2Image {
 
     fn as_bitmaps(&self) -> Option<&dyn crate::bitmap::PersistentBitmaps> {
         Some(self)
+    }
+
+    fn as_snapshots(&self) -> Option<&dyn crate::capability::Snapshots> {
+        Some(self)
+    }
+
+    fn as_snapshots_mut(&mut self) -> Option<&mut dyn crate::capability::Snapshots> {
+        Some(self)
+    }
+
+    fn as_resize(&self) -> Option<&dyn crate::capability::Resize> {
+        Some(self)
+    }
+
+    fn as_resize_mut(&mut self) -> Option<&mut dyn crate::capability::Resize> {
+        Some(self)
+    }
+
+    fn as_amend(&self) -> Option<&dyn crate::capability::Amend> {
+        Some(self)
+    }
+
+    fn as_amend_mut(&mut self) -> Option<&mut dyn crate::capability::Amend> {
+        Some(self)
+    }
+
+    fn as_set_backing_mut(&mut self) -> Option<&mut dyn crate::capability::SetBacking> {
+        Some(self)
+    }
+
+    fn as_compressed_writes(&self) -> Option<&dyn crate::capability::CompressedWrites> {
+        Some(self)
+    }
+
+    fn as_make_empty_mut(&mut self) -> Option<&mut dyn crate::capability::MakeEmpty> {
+        Some(self)
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.header.cluster_size())
+    }
+
+    fn subcluster_size(&self) -> Option<u64> {
+        let shift = if self.header.extended_l2() { 5 } else { 0 };
+        Some(self.header.cluster_size() >> shift)
+    }
+
+    fn set_unsafe_cache(&self, on: bool) {
+        Qcow2Image::set_unsafe_cache(self, on)
     }
 }
 

@@ -92,7 +92,7 @@ pub fn open_image_snapshot(
         Some(f) => f,
         None => probe_format(path)?,
     };
-    if format != ImageFormat::Qcow2 {
+    if format != ImageFormat::of(&super::Qcow2Driver) {
         return Err(Error::unsupported(format!(
             "Failed to load snapshot: the {format} format has no internal snapshots"
         ))

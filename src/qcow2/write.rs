@@ -130,7 +130,7 @@ pub(crate) struct WriteState {
     /// system (a hole is punched) once their refcount reaches 0.
     pub(super) punch: HashSet<u64>,
     /// Dirty tracking of the persistent bitmaps (inactive until the open starts it).
-    pub(super) bitmaps: super::bitmap_track::Tracker,
+    pub(super) bitmaps: super::bitmap_tracker::Tracker,
 }
 
 impl WriteState {

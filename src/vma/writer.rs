@@ -18,7 +18,7 @@ use super::format::{
     CLUSTER_SIZE, DEV_SLOTS, EXTENT_HEADER_SIZE, WRITER_EXTENT_ENTRIES,
 };
 use crate::error::{Error, Result};
-use crate::ops::convert::is_zero;
+use crate::zeros::is_zero;
 use std::io::{self, Write};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;

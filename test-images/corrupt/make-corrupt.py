@@ -34,7 +34,7 @@ image:
                           with the reason
 
 The expectations are written below with each case; the script only records qemu's behaviour.
-tests/corruption_corpus.rs runs every entry under a memory limit and a timeout.
+tests/corrupt_corpus/corruption_corpus.rs runs every entry under a memory limit and a timeout.
 """
 
 import json

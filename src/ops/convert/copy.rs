@@ -10,10 +10,9 @@
 
 use super::{is_zero, Progress, CHUNK, COMPRESS_CHUNK};
 use crate::block::{BlockImage, BlockStatus};
+use crate::capability::CompressedWrites;
 use crate::error::{Error, ErrorKind, Result};
 use crate::offsets::GuestOffset;
-use crate::qcow2::compress::compress_cluster;
-use crate::qcow2::Qcow2Image;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 use std::time::Duration;
@@ -24,8 +23,9 @@ pub(super) struct Plan<'a> {
     pub src: &'a dyn BlockImage,
     /// The target, at least as large as the source.
     pub dst: &'a dyn BlockImage,
-    /// The target again, when clusters are to be stored compressed (a fresh qcow2 image).
-    pub compress: Option<&'a Qcow2Image>,
+    /// The target's compressed writes, when clusters are to be stored compressed (a fresh
+    /// image of a format that compresses).
+    pub compress: Option<&'a dyn CompressedWrites>,
     /// The target's backing file, when the target has one (`-B`): clusters reading the same in
     /// it are left unallocated.
     pub backing: Option<&'a dyn BlockImage>,
@@ -325,24 +325,10 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
     match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => match plan.compress {
-            Some(q) => align_compressed_end(q),
+            Some(q) => q.finish_compressed(),
             None => Ok(()),
         },
     }
-}
-
-/// Rounds the length of a file that compressed clusters were appended to up to whole
-/// 512-byte sectors, as qemu-img's convert does when it ends a compressed copy.
-fn align_compressed_end(q: &Qcow2Image) -> Result<()> {
-    let st = q.storage();
-    let len = st
-        .len()
-        .map_err(|e| Error::io("cannot get the output's length", e))?;
-    if len % 512 != 0 {
-        st.set_len(len.next_multiple_of(512))
-            .map_err(|e| Error::io("cannot extend the output to whole sectors", e))?;
-    }
-    Ok(())
 }
 
 /// The source's block status at `off`, checked: at least one byte, inside the disk.
@@ -756,7 +742,7 @@ fn store_run(plan: &Plan<'_>, off: u64, start: usize, end: usize, s: &mut Scratc
 /// clusters).
 fn store_clusters(
     plan: &Plan<'_>,
-    q: &Qcow2Image,
+    q: &dyn CompressedWrites,
     off: u64,
     start: usize,
     end: usize,
@@ -782,7 +768,7 @@ fn store_clusters(
             // compressed whole, padded with zeros, as qemu does.
             cluster[..n].copy_from_slice(piece);
             cluster[n..].fill(0);
-            match compress_cluster(q.header().compression_type, &cluster)? {
+            match q.compress(&cluster)? {
                 Some(z) => s.actions.push(Action::Compressed { gc, z }),
                 None => s.actions.push(Action::Write {
                     off: gc,
@@ -884,7 +870,7 @@ fn commit_one(
             }
         }
         Action::Compressed { gc, z } => match plan.compress {
-            Some(q) => q.write_compressed(*gc, z)?,
+            Some(q) => q.write_compressed(GuestOffset(*gc), z)?,
             None => {
                 return Err(Error::invalid_input(
                     "compressed write without a compressing target",

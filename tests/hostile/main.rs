@@ -1,0 +1,14 @@
+//! Hostile and foreign input: fuzz corpora, damaged images, untrusted names in images, formats
+//! vimg does not read, targets that are sources, and the committed fixtures.
+//!
+//! One test binary for the area (each file a module), so that the suite links a few binaries
+//! rather than one per file; shared helpers are in tests/common.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod fixtures;
+mod hostile;
+mod probe_foreign;
+mod target_safety;
+mod untrusted_paths;

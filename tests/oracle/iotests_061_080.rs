@@ -1,0 +1,245 @@
+//! Messages, exit codes and results of the commands qemu's iotests 061 (amend) and 080
+//! (snapshots over corrupted tables) run, compared with qemu-img 10.0.2 on the same input.
+//!
+//! vimg runs under the name `qemu-img` (a link in a scratch directory), as scripts that match
+//! qemu-img's messages see it, so that both programs' standard error can be compared whole.
+
+use crate::common;
+
+use common::{qemu_available, qemu_create, qemu_io};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
+
+/// A scratch directory with a link `bin/qemu-img` to vimg.
+struct Scratch {
+    dir: tempfile::TempDir,
+    vimg: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let vimg = bin.join("qemu-img");
+        std::os::unix::fs::symlink(VIMG, &vimg).unwrap();
+        Scratch { dir, vimg }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Runs `prog` with `args` in `dir`: (exit code, standard error).
+fn stderr_of(dir: &Path, prog: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The virtual size `qemu-img info` shows.
+fn virtual_size(img: &Path) -> u64 {
+    let out = common::run(
+        "qemu-img",
+        &["info", "--output", "json", img.to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+/// Makes `name` (and its copy `q-name` for qemu-img) with `setup`, then runs `args` (with
+/// `IMG` standing for the image) with vimg on the first and qemu-img on the copy: both must
+/// print the same standard error, exit with the same code and leave the same virtual size.
+fn same_as_qemu(s: &Scratch, name: &str, setup: impl Fn(&Path), args: &[&str]) {
+    let v = s.path(name);
+    let q = s.path(&format!("q-{name}"));
+    setup(&v);
+    std::fs::copy(&v, &q).unwrap();
+    let with = |img: &Path| -> Vec<String> {
+        args.iter()
+            .map(|a| {
+                if *a == "IMG" {
+                    img.file_name().unwrap().to_str().unwrap().to_string()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect()
+    };
+    let va = with(&v);
+    let qa = with(&q);
+    let va: Vec<&str> = va.iter().map(String::as_str).collect();
+    let qa: Vec<&str> = qa.iter().map(String::as_str).collect();
+    let (cv, ev) = stderr_of(s.dir.path(), &s.vimg, &va);
+    let (cq, eq) = stderr_of(s.dir.path(), Path::new("qemu-img"), &qa);
+    let eq = eq.replace(&format!("q-{name}"), name);
+    assert_eq!((cv, ev.as_str()), (cq, eq.as_str()), "{args:?}");
+    assert_eq!(virtual_size(&v), virtual_size(&q), "{args:?}");
+}
+
+fn create(opts: &'static str, size: u64) -> impl Fn(&Path) {
+    move |p: &Path| qemu_create(p, "qcow2", opts, None, size)
+}
+
+#[test]
+fn amend_refusals_as_qemu_img() {
+    if !qemu_available("iotests_061_080 amend") {
+        return;
+    }
+    let s = Scratch::new();
+    let v2_snap = |p: &Path| {
+        qemu_create(p, "qcow2", "compat=0.10", None, 32 << 20);
+        common::run("qemu-img", &["snapshot", "-c", "foo", p.to_str().unwrap()]);
+    };
+    same_as_qemu(&s, "a.qcow2", v2_snap, &["resize", "IMG", "64M"]);
+    let v2 = create("compat=0.10", 64 << 20);
+    same_as_qemu(
+        &s,
+        "b.qcow2",
+        &v2,
+        &["amend", "-o", "lazy_refcounts=on", "IMG"],
+    );
+    same_as_qemu(
+        &s,
+        "c.qcow2",
+        create("", 64 << 20),
+        &["amend", "-o", "compat=0.10,lazy_refcounts=on", "IMG"],
+    );
+    same_as_qemu(&s, "d.qcow2", &v2, &["amend", "-o", "compat=0.42", "IMG"]);
+    for opt in ["cluster_size=1k", "encryption=on", "preallocation=full"] {
+        same_as_qemu(&s, "e.qcow2", &v2, &["amend", "-o", opt, "IMG"]);
+    }
+    let data = format!("data_file={}", s.path("f.data").display());
+    same_as_qemu(
+        &s,
+        "f.qcow2",
+        |p: &Path| qemu_create(p, "qcow2", &data, None, 64 << 20),
+        &["amend", "-o", "compat=0.10", "IMG"],
+    );
+    same_as_qemu(
+        &s,
+        "g.qcow2",
+        create("extended_l2=on", 64 << 20),
+        &["amend", "-o", "compat=0.10", "IMG"],
+    );
+}
+
+#[test]
+fn amend_refuses_backing_changes_as_qemu_img() {
+    if !qemu_available("iotests_061_080 backing") {
+        return;
+    }
+    let s = Scratch::new();
+    let base = s.path("base.qcow2");
+    qemu_create(&base, "qcow2", "", None, 64 << 20);
+    let plain = create("", 64 << 20);
+    let backed = |p: &Path| qemu_create(p, "qcow2", "", Some((&base, "qcow2")), 64 << 20);
+    let b = base.to_str().unwrap();
+    let set = format!("backing_file={b},backing_fmt=qcow2");
+    let file_only = format!("backing_file={b}");
+    for opts in [set.as_str(), "backing_file=", "backing_fmt=qcow2"] {
+        same_as_qemu(&s, "a.qcow2", &plain, &["amend", "-o", opts, "IMG"]);
+    }
+    // The current backing file and format, both given, are accepted; anything else is not.
+    for opts in [
+        set.as_str(),
+        file_only.as_str(),
+        "backing_fmt=qcow2",
+        "backing_fmt=raw",
+        "backing_file=",
+    ] {
+        same_as_qemu(&s, "b.qcow2", backed, &["amend", "-o", opts, "IMG"]);
+    }
+}
+
+#[test]
+fn downgrade_refused_after_resize_as_qemu_img() {
+    if !qemu_available("iotests_061_080 resize then downgrade") {
+        return;
+    }
+    let s = Scratch::new();
+    // Snapshots of two sizes: qemu-img shrinks the image, then refuses the downgrade (a
+    // snapshot's size differs from the new one); the image keeps its new size.
+    let setup = |p: &Path| {
+        let f = p.to_str().unwrap();
+        qemu_create(p, "qcow2", "compat=0.10", None, 32 << 20);
+        qemu_io(p, "qcow2", &["write -P 0x2a 24M 64k".into()]);
+        common::run("qemu-img", &["snapshot", "-c", "foo", f]);
+        common::run("qemu-img", &["amend", "-o", "compat=1.1,size=128M", f]);
+        common::run("qemu-img", &["snapshot", "-c", "bar", f]);
+        common::run("qemu-img", &["resize", "--shrink", f, "64M"]);
+    };
+    same_as_qemu(
+        &s,
+        "a.qcow2",
+        setup,
+        &["amend", "-o", "compat=0.10,size=32M", "IMG"],
+    );
+    let (code, out) =
+        common::run_status("qemu-img", &["check", s.path("a.qcow2").to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Writes `bytes` at `offset` of `img` (qemu's poke_file).
+fn poke(img: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+/// A 64 MiB image with data at 0 and one snapshot `test` whose table entry gets `field`
+/// (offset within the entry) overwritten with `bytes`, as in iotest 080.
+fn corrupt_snapshot(img: &Path, field: u64, bytes: &[u8]) {
+    qemu_create(img, "qcow2", "", None, 64 << 20);
+    qemu_io(img, "qcow2", &["write 0 512".into()]);
+    common::run(
+        "qemu-img",
+        &["snapshot", "-c", "test", img.to_str().unwrap()],
+    );
+    let header = std::fs::read(img).unwrap();
+    let table = u64::from_be_bytes(header[64..72].try_into().unwrap());
+    poke(img, table + field, bytes);
+}
+
+#[test]
+fn corrupt_snapshot_l1_refused_per_operation_as_qemu_img() {
+    if !qemu_available("iotests_061_080 snapshot L1") {
+        return;
+    }
+    let s = Scratch::new();
+    // An L1 offset not cluster-aligned; an L1 table over 32 MiB.
+    let cases: [(u64, &[u8]); 2] = [
+        (0, &0x400200u64.to_be_bytes()),
+        (8, &0x1000_0000u32.to_be_bytes()),
+    ];
+    for (field, bytes) in cases {
+        let setup = |p: &Path| corrupt_snapshot(p, field, bytes);
+        let convert = ["convert", "-l", "test", "IMG", "o.raw"];
+        same_as_qemu(&s, "a.qcow2", setup, &convert);
+        same_as_qemu(&s, "a.qcow2", setup, &["amend", "-o", "compat=0.10", "IMG"]);
+        same_as_qemu(&s, "a.qcow2", setup, &["snapshot", "-a", "test", "IMG"]);
+        same_as_qemu(&s, "a.qcow2", setup, &["snapshot", "-d", "test", "IMG"]);
+        // check names the entry as qemu-img does.
+        let img = s.path("c.qcow2");
+        setup(&img);
+        let i = img.to_str().unwrap();
+        let (cq, oq) = common::run_status("qemu-img", &["check", i]);
+        let out = Command::new(&s.vimg).args(["check", i]).output().unwrap();
+        let ov = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(cq));
+        let line = oq
+            .lines()
+            .find(|l| l.starts_with("ERROR snapshot"))
+            .unwrap();
+        assert!(ov.lines().any(|l| l == line), "{ov}\nqemu-img: {line}");
+    }
+}
