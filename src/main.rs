@@ -1129,7 +1129,7 @@ fn amend(a: AmendCmdArgs) -> CmdResult {
         cache: a.cache.as_deref(),
     };
     let show = a.progress && !a.quiet;
-    let text = ops::convert::TextProgress::new();
+    let mut text = ops::amend::AmendProgressText::new();
     ops::amend::amend(&filename, &args, &mut |done, total| {
         if let Some(line) = text.update(done, total).filter(|_| show) {
             let _ = print(&line);

@@ -243,3 +243,92 @@ fn corrupt_snapshot_l1_refused_per_operation_as_qemu_img() {
         assert!(ov.lines().any(|l| l == line), "{ov}\nqemu-img: {line}");
     }
 }
+
+/// A version 3 image with lazy refcounts left dirty by a killed qemu-io after a 128 KiB
+/// write (iotest 061 "dirty version downgrade"): its refcounts were never written.
+fn dirty_image(p: &Path) {
+    qemu_create(p, "qcow2", "compat=1.1,lazy_refcounts=on", None, 64 << 20);
+    let status = Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0x2a 0 128k",
+            "-c",
+            "flush",
+            "-c",
+            "sigraise 9",
+        ])
+        .arg(p)
+        .output()
+        .unwrap()
+        .status;
+    assert!(!status.success(), "qemu-io was to be killed");
+}
+
+/// qemu's read-write open of a dirty image repairs it and prints the repair's lines
+/// (`ERROR cluster ...`, `Rebuilding refcount structure`, `Repairing cluster ...`) on
+/// standard error; vimg's amend must print the same and leave a clean image.
+#[test]
+fn amend_of_dirty_image_prints_repair_as_qemu_img() {
+    if !qemu_available("iotests_061_080 dirty") {
+        return;
+    }
+    let s = Scratch::new();
+    for (name, opt) in [
+        ("a.qcow2", "compat=0.10"),
+        ("b.qcow2", "lazy_refcounts=off"),
+    ] {
+        same_as_qemu(&s, name, dirty_image, &["amend", "-o", opt, "IMG"]);
+        let check = common::run("qemu-img", &["check", s.path(name).to_str().unwrap()]);
+        assert!(check.contains("No errors were found"), "{check}");
+    }
+    // The lines really are there (the comparison above is not between two empty outputs).
+    let p = s.path("c.qcow2");
+    dirty_image(&p);
+    let (_, err) = stderr_of(
+        s.dir.path(),
+        &s.vimg,
+        &["amend", "-o", "compat=0.10", "c.qcow2"],
+    );
+    assert!(err.contains("Rebuilding refcount structure\n"), "{err}");
+}
+
+/// `amend -p` prints progress as qemu-img does: a downgrade reports each L1 entry of the
+/// active table and of every snapshot's (iotest 061 "progress report").
+#[test]
+fn amend_progress_steps_as_qemu_img() {
+    if !qemu_available("iotests_061_080 progress") {
+        return;
+    }
+    let s = Scratch::new();
+    for snapshot in [false, true] {
+        let mut outs = Vec::new();
+        for prog in [s.vimg.as_path(), Path::new("qemu-img")] {
+            let base = s.path("base.qcow2");
+            let img = s.path("p.qcow2");
+            let _ = std::fs::remove_file(&img);
+            qemu_create(&base, "qcow2", "compat=1.1", None, 4 << 30);
+            qemu_create(&img, "qcow2", "compat=1.1", Some((&base, "qcow2")), 4 << 30);
+            let writes: Vec<String> = ["0", "1G", "2G", "3G"]
+                .iter()
+                .map(|o| format!("write -z {o} 64k"))
+                .collect();
+            qemu_io(&img, "qcow2", &writes);
+            if snapshot {
+                common::run(
+                    "qemu-img",
+                    &["snapshot", "-c", "foo", img.to_str().unwrap()],
+                );
+            }
+            let out = Command::new(prog)
+                .args(["amend", "-p", "-o", "compat=0.10", "p.qcow2"])
+                .current_dir(s.dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            outs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        assert_eq!(outs[0], outs[1], "snapshot: {snapshot}");
+        let steps = if snapshot { 18 } else { 10 };
+        assert_eq!(outs[0].matches("/100%)").count(), steps, "{}", outs[0]);
+    }
+}

@@ -282,7 +282,7 @@ impl Qcow2Image {
 
     /// Repairs a dirty image being opened read-write, as qemu's open does: every refcount is
     /// brought to the number of references and the COPIED flags follow; the repair clears the
-    /// dirty bit. Fails, leaving the image dirty, if the repair cannot make it consistent.
+    /// dirty bit. The repair's lines go to standard error, as qemu prints them. Fails, leaving the image dirty, if the repair cannot make it consistent.
     fn repair_dirty(&mut self) -> Result<()> {
         self.write = Some(Mutex::new(write::WriteState::new(self)?));
         let report = repair::repair(self, repair::RepairMode::All);
@@ -291,6 +291,11 @@ impl Qcow2Image {
             let what = format!("image is dirty and repairing it failed: {}", e.what());
             e.reworded(what)
         })?;
+        // qemu's open prints what its check finds and repairs on standard error as it goes
+        // (`ERROR cluster ...`, `Rebuilding refcount structure`, `Repairing ...`).
+        for m in &report.messages {
+            eprintln!("{m}");
+        }
         if report.corruptions > 0 || report.check_errors > 0 {
             return Err(Error::corrupt(format!(
                 "image is dirty and its repair left {} corruptions and {} check errors (try check -r all)",
