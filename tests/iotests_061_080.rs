@@ -332,3 +332,115 @@ fn amend_progress_steps_as_qemu_img() {
         assert_eq!(outs[0].matches("/100%)").count(), steps, "{}", outs[0]);
     }
 }
+
+/// Standard error of `vimg` and of `qemu-img` (both named `qemu-img`) run with `args` in the
+/// scratch directory: both must match, with the same exit code. Returns vimg's stdout.
+fn both_say_the_same(s: &Scratch, args: &[&str]) -> String {
+    let (cv, ev) = stderr_of(s.dir.path(), &s.vimg, args);
+    let (cq, eq) = stderr_of(s.dir.path(), Path::new("qemu-img"), args);
+    assert_eq!((cv, ev.as_str()), (cq, eq.as_str()), "{args:?}");
+    let out = Command::new(&s.vimg)
+        .args(args)
+        .current_dir(s.dir.path())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `format-specific` part of `info --output=json` by `prog`, with `args` before the name.
+fn format_specific(s: &Scratch, prog: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(prog)
+        .args(["info", "--output=json"])
+        .args(args)
+        .current_dir(s.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{prog:?} {args:?}: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["format-specific"].clone()
+}
+
+/// Amends `t.qcow2` with vimg and a copy of it with qemu-img (`-o opts`, the image named by
+/// `name(file)`, with `--image-opts` when that is not the file name): both must print the
+/// same and exit alike. The copy is removed.
+fn amend_copies_as_qemu_img(s: &Scratch, opts: &str, name: impl Fn(&str) -> String) {
+    std::fs::copy(s.path("t.qcow2"), s.path("q.qcow2")).unwrap();
+    let run = |prog: &Path, img: &str| {
+        let spec = name(img);
+        let mut args = vec!["amend", "-o", opts];
+        if spec != img {
+            args.push("--image-opts");
+        }
+        args.push(&spec);
+        let (code, err) = stderr_of(s.dir.path(), prog, &args);
+        (code, err.replace(img, "IMG"))
+    };
+    assert_eq!(
+        run(&s.vimg, "t.qcow2"),
+        run(Path::new("qemu-img"), "q.qcow2"),
+        "{opts}"
+    );
+    std::fs::remove_file(s.path("q.qcow2")).unwrap();
+}
+
+/// iotest 061 "Try changing the external data file": a data file name that does not exist
+/// is recorded as qemu-img records it; info still describes the image (it does no I/O), other
+/// opens fail with qemu's words; `--image-opts data-file.filename=...` gives the data file
+/// instead; `data_file=` clears the name, after which the data file must be given.
+#[test]
+fn external_data_file_renamed_missing_and_given_as_qemu_img() {
+    if !qemu_available("iotests_061_080 data-file") {
+        return;
+    }
+    let s = Scratch::new();
+    let data = s.path("t.qcow2.data");
+    qemu_create(
+        &s.path("t.qcow2"),
+        "qcow2",
+        &format!("compat=1.1,data_file={}", data.display()),
+        None,
+        64 << 20,
+    );
+    qemu_io(
+        &s.path("t.qcow2"),
+        "qcow2",
+        &["write -P 0x2a 0 64k".to_string()],
+    );
+    amend_copies_as_qemu_img(&s, "data_file=foo", |img| img.to_string());
+    let info = both_say_the_same(&s, &["info", "t.qcow2"]);
+    assert!(info.contains("    data file: foo\n"), "{info}");
+    both_say_the_same(&s, &["convert", "-O", "raw", "t.qcow2", "x.raw"]);
+    let given = format!(
+        "data-file.filename={},file.filename=t.qcow2",
+        data.display()
+    );
+    for args in [&["t.qcow2"][..], &["--image-opts", &given]] {
+        assert_eq!(
+            format_specific(&s, &s.vimg, args),
+            format_specific(&s, Path::new("qemu-img"), args),
+            "{args:?}"
+        );
+    }
+    // The data file given is the one read: the guest data is there.
+    both_say_the_same(
+        &s,
+        &["convert", "-O", "raw", "--image-opts", &given, "given.raw"],
+    );
+    let raw = std::fs::read(s.path("given.raw")).unwrap();
+    assert!(raw[..65536].iter().all(|&b| b == 0x2a));
+
+    amend_copies_as_qemu_img(&s, "data_file=", |img| {
+        format!("data-file.filename={},file.filename={img}", data.display())
+    });
+    let info = both_say_the_same(&s, &["info", "t.qcow2"]);
+    assert!(
+        !info.contains("data file:") && info.contains("data file raw"),
+        "{info}"
+    );
+    both_say_the_same(&s, &["check", "t.qcow2"]);
+    both_say_the_same(&s, &["check", "--image-opts", &given]);
+    assert_eq!(
+        format_specific(&s, &s.vimg, &["--image-opts", &given]),
+        format_specific(&s, Path::new("qemu-img"), &["--image-opts", &given]),
+    );
+}

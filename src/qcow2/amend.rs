@@ -235,7 +235,7 @@ impl AmendPlan {
             None => {}
         }
         if let Some(d) = &self.data_file {
-            h.data_file = Some(d.clone());
+            h.data_file = (!d.is_empty()).then(|| d.clone());
         }
         if self.data_file_raw_off {
             h.autoclear_features &= !autoclear::DATA_FILE_RAW;
@@ -471,15 +471,16 @@ impl Qcow2Image {
         Ok(None)
     }
 
-    /// Refuses a new external data file name that is empty or does not name a file vimg can
-    /// open (qemu-img records it anyway and leaves an image it cannot open).
+    /// Refuses a new external data file name that would have guest data overwrite the
+    /// image's own metadata or its backing file. An empty name clears the name (the data file
+    /// must then be given at each open), and a file that does not exist is recorded as it is,
+    /// as qemu-img does (`--image-opts data-file.filename=...` opens the image meanwhile).
     fn check_new_data_file(&self, name: &str) -> Result<()> {
         if name.is_empty() {
-            return Err(refuse("the data file name must not be empty"));
+            return Ok(());
         }
         let p = crate::open::resolve_relative(&self.path, name)?;
-        // Guest data written there would overwrite the image's own metadata or its backing
-        // file (compared by device and inode, so links are caught).
+        // Compared by device and inode, so links are caught.
         if same_file(&p, &self.path) {
             return Err(refuse("the image cannot be its own data file"));
         }
@@ -490,9 +491,7 @@ impl Qcow2Image {
                 )));
             }
         }
-        crate::storage::FileStorage::open(&p, false)
-            .map(|_| ())
-            .map_err(|e| Error::io(format!("Could not open data file '{}'", p.display()), e))
+        Ok(())
     }
 
     /// The checks qemu makes before a downgrade to version 2, in its order, for a final

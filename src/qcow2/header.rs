@@ -406,11 +406,8 @@ impl Header {
                 "extended L2 entries need clusters of at least 16 KiB",
             ));
         }
-        if h.has_data_file() && h.data_file.is_none() {
-            return Err(Error::corrupt(
-                "image needs an external data file but does not name one",
-            ));
-        }
+        // An image that needs a data file and names none is valid: the data file must then be
+        // given when the image is opened ([`super::data_file`]).
         if !h.has_data_file() {
             // A data file name without the feature bit is meaningless; qemu ignores it too.
             h.data_file = None;
