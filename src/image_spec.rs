@@ -29,6 +29,9 @@ pub struct ImageSpec {
     pub read_only: bool,
     /// `backing: null` (json) or `backing=` with no value: do not open a backing file.
     pub no_backing: bool,
+    /// `data-file.filename` (or `data-file` as a string): the external data file to use
+    /// instead of the one the image names.
+    pub data_file: Option<PathBuf>,
     /// Every option of the spec, with dotted keys (`file.filename`), as given.
     pub options: BTreeMap<String, String>,
 }
@@ -367,6 +370,10 @@ fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
             "force-share" => spec.force_share = boolean(k, v)?,
             "read-only" => spec.read_only = boolean(k, v)?,
             "backing" if k == "backing" && v.is_empty() => spec.no_backing = true,
+            "data-file" | "data-file.filename" if k == bare => {
+                spec.data_file = Some(PathBuf::from(v))
+            }
+            "data-file.driver" if k == bare && (v == "file" || v == "host_device") => {}
             b if IGNORED.contains(&b) || b.starts_with("overlap-check.") => {}
             _ => {
                 let fmt = driver.unwrap_or("file");
@@ -434,6 +441,16 @@ mod tests {
         assert_eq!(s.locking, None);
         let s = parse_image_opts("driver=qcow2,file=x.qcow2,backing=").unwrap();
         assert!(s.no_backing);
+    }
+
+    #[test]
+    fn data_file_option() {
+        let s = parse_image_opts("data-file.filename=d.raw,file.filename=x.qcow2").unwrap();
+        assert_eq!(s.path, PathBuf::from("x.qcow2"));
+        assert_eq!(s.data_file, Some(PathBuf::from("d.raw")));
+        let s = parse_filename(r#"json:{"driver":"qcow2","data-file":"e.raw","file":"y"}"#);
+        assert_eq!(s.unwrap().data_file, Some(PathBuf::from("e.raw")));
+        assert!(parse_image_opts("data-file.driver=nbd,file.filename=x").is_err());
     }
 
     #[test]

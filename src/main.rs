@@ -758,6 +758,9 @@ fn resolve_as(
         vimg::image_spec::parse_filename(&text)
     }
     .map_err(|e| say(e.to_string()))?;
+    if let Some(data) = &spec.data_file {
+        vimg::qcow2::data_file::set_override(&spec.path, data);
+    }
     Ok(Named {
         path: spec.path,
         format: spec.format.or(format),
@@ -851,6 +854,8 @@ fn print(text: &str) -> Result<(), Failure> {
 }
 
 fn info(a: InfoArgs) -> CmdResult {
+    // qemu-img's info does no guest I/O: an external data file is not needed.
+    vimg::qcow2::data_file::open_metadata_only(true);
     let n = resolve(&a.filename, a.image.format, a.image.force_share)?;
     let opts = ops::info::InfoOptions {
         format: n.format,
@@ -1129,7 +1134,7 @@ fn amend(a: AmendCmdArgs) -> CmdResult {
         cache: a.cache.as_deref(),
     };
     let show = a.progress && !a.quiet;
-    let text = ops::convert::TextProgress::new();
+    let mut text = ops::amend::AmendProgressText::new();
     ops::amend::amend(&filename, &args, &mut |done, total| {
         if let Some(line) = text.update(done, total).filter(|_| show) {
             let _ = print(&line);

@@ -104,6 +104,7 @@ pub fn amend(path: &Path, args: &AmendArgs<'_>, progress: &mut dyn FnMut(u64, u6
     };
     let plan = check.check_amend(args.options)?;
     if plan.is_empty {
+        progress(0, 1);
         progress(1, 1);
         return Ok(());
     }
@@ -120,15 +121,67 @@ pub fn amend(path: &Path, args: &AmendArgs<'_>, progress: &mut dyn FnMut(u64, u6
     )?;
     img.set_unsafe_cache(unsafe_cache);
     let format = img.format();
+    // qemu-img prints 0% before the amend starts and 100% after it, whatever the driver
+    // reports in between.
+    progress(0, 1);
     img.as_amend_mut()
         .ok_or_else(|| not_amendable(format))?
         .amend(args.options, progress)?;
+    progress(1, 1);
     img.finish()
+}
+
+/// qemu-img's progress text for amend (`-p`): a percentage is printed when it is 0 or 100
+/// or more than one point past the last one printed, so 100% may show twice (once as the
+/// driver finishes, once as qemu-img does).
+#[derive(Debug, Default)]
+pub struct AmendProgressText {
+    last: f32,
+}
+
+impl AmendProgressText {
+    /// A renderer that has printed nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The text to print for `done` of `total`, if it is time to print.
+    pub fn update(&mut self, done: u64, total: u64) -> Option<String> {
+        let pct = if total == 0 {
+            100.0
+        } else {
+            100.0 * done as f32 / total as f32
+        };
+        if pct - self.last > 1.0 || pct == 100.0 || pct == 0.0 {
+            self.last = pct;
+            return Some(format!("    ({pct:.2}/100%)\r"));
+        }
+        None
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_text_as_qemu_img_prints_it() {
+        let mut p = AmendProgressText::new();
+        let shown: Vec<String> = [(0, 1), (1, 8), (1, 800), (2, 8), (8, 8), (1, 1)]
+            .iter()
+            .filter_map(|&(d, t)| p.update(d, t))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "    (0.00/100%)\r",
+                "    (12.50/100%)\r",
+                "    (25.00/100%)\r",
+                "    (100.00/100%)\r",
+                "    (100.00/100%)\r"
+            ]
+        );
+    }
 
     #[test]
     fn cache_modes_and_help() {

@@ -211,18 +211,9 @@ impl AmendPlan {
             || self.data_file_raw_off
     }
 
-    /// How many steps of [`Qcow2Image::amend`] run (for progress).
-    fn steps(&self) -> u64 {
-        [
-            self.upgrade,
-            self.refcount_order.is_some(),
-            self.size.is_some(),
-            self.changes_header_fields(),
-            self.downgrade,
-        ]
-        .iter()
-        .filter(|&&s| s)
-        .count() as u64
+    /// How many operations of [`Qcow2Image::amend`] report progress ([`Operation`]).
+    fn operations(&self) -> u64 {
+        u64::from(self.upgrade || self.downgrade) + u64::from(self.refcount_order.is_some())
     }
 
     /// Applies the header-field changes (backing pointer, lazy refcounts, data file) to `h`.
@@ -244,7 +235,7 @@ impl AmendPlan {
             None => {}
         }
         if let Some(d) = &self.data_file {
-            h.data_file = Some(d.clone());
+            h.data_file = (!d.is_empty()).then(|| d.clone());
         }
         if self.data_file_raw_off {
             h.autoclear_features &= !autoclear::DATA_FILE_RAW;
@@ -252,30 +243,75 @@ impl AmendPlan {
     }
 }
 
-/// Reports the progress of an amend as a fraction of all its steps.
-pub(super) struct Progress<'a> {
-    report: &'a mut dyn FnMut(u64, u64),
-    step: u64,
-    steps: u64,
+/// The operations of an amend that report progress, as qemu counts them: changing the
+/// version (an upgrade or a downgrade) and changing the refcount width. The other changes
+/// (size, header fields) report nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Operation {
+    /// Upgrading or downgrading the image.
+    Version,
+    /// Rewriting the refcount structures at another width.
+    RefcountWidth,
 }
 
-/// Progress units per step.
-const STEP_UNITS: u64 = 10_000;
+/// Reports the progress of an amend as qemu's qcow2 driver does: each operation reports
+/// (done, work) in its own units; the work of the operations finished so far is added up,
+/// and the operations not started yet are projected to be as big on average as those seen.
+pub(super) struct Progress<'a> {
+    report: &'a mut dyn FnMut(u64, u64),
+    /// Operations that report progress in this amend.
+    operations: u64,
+    /// The operation running now.
+    current: Option<Operation>,
+    /// The operation that reported last.
+    last: Option<Operation>,
+    /// Operations finished (that reported before the one reporting now).
+    completed: u64,
+    /// The work of the finished operations.
+    work_completed: u64,
+    /// The work of the operation that reported last.
+    last_work: u64,
+}
 
-impl Progress<'_> {
-    /// Reports `done` of `total` of the current step.
-    pub(super) fn within(&mut self, done: u64, total: u64) {
-        let frac = if total == 0 {
-            STEP_UNITS
-        } else {
-            (done.min(total) as u128 * STEP_UNITS as u128 / total as u128) as u64
-        };
-        (self.report)(self.step * STEP_UNITS + frac, self.steps * STEP_UNITS);
+impl<'a> Progress<'a> {
+    fn new(report: &'a mut dyn FnMut(u64, u64), operations: u64) -> Self {
+        Progress {
+            report,
+            operations,
+            current: None,
+            last: None,
+            completed: 0,
+            work_completed: 0,
+            last_work: 0,
+        }
     }
 
-    fn next_step(&mut self) {
-        self.within(1, 1);
-        self.step += 1;
+    /// Starts `op`: what [`Progress::within`] reports from now on is its progress.
+    fn start(&mut self, op: Operation) {
+        self.current = Some(op);
+    }
+
+    /// Reports `done` of `work` of the current operation.
+    pub(super) fn within(&mut self, done: u64, work: u64) {
+        let Some(op) = self.current else {
+            return;
+        };
+        if self.last != Some(op) {
+            if self.last.is_some() {
+                self.work_completed += self.last_work;
+                self.completed += 1;
+            }
+            self.last = Some(op);
+        }
+        if self.completed >= self.operations {
+            return;
+        }
+        self.last_work = work;
+        let seen = self.work_completed as u128 + work as u128;
+        let left = (self.operations - self.completed - 1) as u128;
+        let projected = seen * left / (self.completed as u128 + 1);
+        let total = u64::try_from(seen + projected).unwrap_or(u64::MAX);
+        (self.report)(self.work_completed.saturating_add(done.min(work)), total);
     }
 }
 
@@ -435,15 +471,16 @@ impl Qcow2Image {
         Ok(None)
     }
 
-    /// Refuses a new external data file name that is empty or does not name a file vimg can
-    /// open (qemu-img records it anyway and leaves an image it cannot open).
+    /// Refuses a new external data file name that would have guest data overwrite the
+    /// image's own metadata or its backing file. An empty name clears the name (the data file
+    /// must then be given at each open), and a file that does not exist is recorded as it is,
+    /// as qemu-img does (`--image-opts data-file.filename=...` opens the image meanwhile).
     fn check_new_data_file(&self, name: &str) -> Result<()> {
         if name.is_empty() {
-            return Err(refuse("the data file name must not be empty"));
+            return Ok(());
         }
         let p = crate::open::resolve_relative(&self.path, name)?;
-        // Guest data written there would overwrite the image's own metadata or its backing
-        // file (compared by device and inode, so links are caught).
+        // Compared by device and inode, so links are caught.
         if same_file(&p, &self.path) {
             return Err(refuse("the image cannot be its own data file"));
         }
@@ -454,9 +491,7 @@ impl Qcow2Image {
                 )));
             }
         }
-        crate::storage::FileStorage::open(&p, false)
-            .map(|_| ())
-            .map_err(|e| Error::io(format!("Could not open data file '{}'", p.display()), e))
+        Ok(())
     }
 
     /// The checks qemu makes before a downgrade to version 2, in its order, for a final
@@ -494,7 +529,8 @@ impl Qcow2Image {
     /// Amends the image (opened read-write) as `opts` asks: checks the request
     /// ([`Qcow2Image::plan_amend`]), then upgrades, changes the refcount width, resizes,
     /// rewrites the header fields and downgrades, in that order. `progress` is called with
-    /// (done, total) as the work advances. The image is left clean, with lazy refcounts
+    /// (done, total) as the work advances, as qemu's driver reports it (the version change
+    /// and the refcount width change report; see [`Operation`]). The image is left clean, with lazy refcounts
     /// deferred no more until it is closed.
     pub fn amend(&mut self, opts: &AmendOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         let plan = self.plan_amend(opts)?;
@@ -502,39 +538,37 @@ impl Qcow2Image {
     }
 
     fn run_plan(&mut self, plan: &AmendPlan, report: &mut dyn FnMut(u64, u64)) -> Result<()> {
-        let mut progress = Progress {
-            report,
-            step: 0,
-            steps: plan.steps().max(1),
-        };
-        progress.within(0, 1);
+        let mut progress = Progress::new(report, plan.operations());
         if plan.is_empty() {
-            progress.within(1, 1);
             return Ok(());
         }
         self.settle()?;
         if plan.upgrade {
-            self.upgrade_to_v3()?;
-            progress.next_step();
+            progress.start(Operation::Version);
+            progress.within(0, 2);
+            self.extend_snapshot_extra()?;
+            progress.within(1, 2);
+            let mut h = self.disk_header()?;
+            set_version_3(&mut h);
+            self.rewrite_header(h)?;
+            progress.within(2, 2);
         }
         if let Some(order) = plan.refcount_order {
+            progress.start(Operation::RefcountWidth);
             self.change_refcount_order(order, &mut progress)?;
-            progress.next_step();
         }
         if let Some(size) = plan.size {
             self.resize_to(size)?;
             self.settle()?;
-            progress.next_step();
         }
         if plan.changes_header_fields() {
             let mut h = self.disk_header()?;
             plan.apply_fields(&mut h);
             self.rewrite_header(h)?;
-            progress.next_step();
         }
         if plan.downgrade {
+            progress.start(Operation::Version);
             self.downgrade_to_v2(&mut progress)?;
-            progress.next_step();
         }
         if let Some(why) = &plan.downgrade_refused {
             return Err(refuse(why.clone()));
@@ -568,13 +602,6 @@ impl Qcow2Image {
 
     /// Version 2 to 3: snapshot entries get the extra data version 3 requires, then the header
     /// is rewritten in version 3's layout (no feature bits, 16-bit refcounts, zlib).
-    fn upgrade_to_v3(&mut self) -> Result<()> {
-        self.extend_snapshot_extra()?;
-        let mut h = self.disk_header()?;
-        set_version_3(&mut h);
-        self.rewrite_header(h)
-    }
-
     /// Gives every snapshot table entry with less than 16 bytes of extra data the 64-bit VM
     /// state size and the disk size (taken to be the image's, as qemu does for such entries),
     /// writing the table anew as qemu writes it (every entry with at least the 24 bytes of

@@ -88,12 +88,31 @@ impl Qcow2Image {
             }
         }
         let backed = self.header.backing_file.is_some();
-        self.for_each_l2_table(|off, (done, total)| {
-            progress.within(done, total);
-            let mut st = self.write_state()?;
-            self.expand_zeros_in(&mut st, off, backed)?;
-            self.flush_if_full(&mut st)
-        })?;
+        // Progress counts L1 entries, of the active table and then of each snapshot's, as
+        // qemu's expansion does; an L2 table shared between them is expanded once.
+        let cs = self.header.cluster_size();
+        let snaps = read_table(self)?;
+        let entries =
+            self.l1().len() as u64 + snaps.iter().map(|s| u64::from(s.l1_size)).sum::<u64>();
+        let mut visited = 0;
+        let mut seen = HashSet::new();
+        for n in 0..=snaps.len() {
+            let l1 = match n {
+                0 => self.l1().clone(),
+                _ => self.snapshot_l1(&snaps[n - 1])?,
+            };
+            for &e in &l1 {
+                if let Some(off) = l2::l1_entry_target(e, cs)? {
+                    if seen.insert(off) {
+                        let mut st = self.write_state()?;
+                        self.expand_zeros_in(&mut st, off, backed)?;
+                        self.flush_if_full(&mut st)?;
+                    }
+                }
+                visited += 1;
+                progress.within(visited, entries);
+            }
+        }
         self.settle()?;
         let mut h = self.disk_header()?;
         set_version_2(&mut h);

@@ -406,11 +406,8 @@ impl Header {
                 "extended L2 entries need clusters of at least 16 KiB",
             ));
         }
-        if h.has_data_file() && h.data_file.is_none() {
-            return Err(Error::corrupt(
-                "image needs an external data file but does not name one",
-            ));
-        }
+        // An image that needs a data file and names none is valid: the data file must then be
+        // given when the image is opened ([`super::data_file`]).
         if !h.has_data_file() {
             // A data file name without the feature bit is meaningless; qemu ignores it too.
             h.data_file = None;
@@ -831,10 +828,6 @@ mod tests {
                 }),
                 "runs past",
             ),
-            (
-                Box::new(|h| BigEndian::write_u64(&mut h[72..], incompat::DATA_FILE)),
-                "does not name",
-            ),
         ];
         for (poke, want) in cases {
             let mut h = base();
@@ -842,5 +835,15 @@ mod tests {
             let m = err(&h).to_string();
             assert!(m.contains(want), "expected '{want}' in '{m}'");
         }
+    }
+
+    #[test]
+    fn data_file_without_a_name_parses() {
+        // qemu-img amend -o data_file= leaves such an image; the data file is then given at
+        // each open.
+        let mut h = base();
+        BigEndian::write_u64(&mut h[72..], incompat::DATA_FILE);
+        let p = Header::parse(&h, LEN).unwrap();
+        assert!(p.has_data_file() && p.data_file.is_none());
     }
 }

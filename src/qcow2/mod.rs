@@ -33,6 +33,7 @@ mod capabilities;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod data_file;
 pub mod discard;
 pub mod downgrade;
 mod driver;
@@ -165,27 +166,18 @@ impl Qcow2Image {
     ) -> Result<Self> {
         let (header, l1, file_len) = read_header_and_l1(storage.as_ref())?;
 
-        let data_file = match (&header.data_file, header.has_data_file(), data) {
-            (Some(name), true, DataFile::Named) => {
-                let p = resolve_relative(path, name)?;
-                if crate::open::same_file(&p, path) {
-                    return Err(Error::corrupt(format!(
-                        "the external data file '{name}' is the image file itself"
-                    )));
-                }
-                let s = FileStorage::open_with(&p, writable, guard.data_file_locks(writable)?)
-                    .map_err(|e| {
-                        Error::io(format!("cannot open data file '{}'", p.display()), e)
-                    })?;
-                Some((Box::new(s) as Box<dyn Storage>, p))
-            }
-            (Some(name), true, DataFile::Given(given)) => {
+        let data_file = match (header.has_data_file(), data) {
+            (false, _) => None,
+            (true, DataFile::Named) => Some(open_data_file(&header, path, writable, guard)?),
+            (true, DataFile::Given(given)) => {
                 let s = given.as_ref().and_then(|s| s.duplicate()).ok_or_else(|| {
                     Error::unsupported("image has an external data file, and none was given")
                 })?;
-                Some((s, PathBuf::from(name)))
+                Some((
+                    s,
+                    PathBuf::from(header.data_file.clone().unwrap_or_default()),
+                ))
             }
-            _ => None,
         };
 
         let tables = (L2_CACHE_BYTES >> header.cluster_bits).max(4) as usize;
@@ -289,7 +281,7 @@ impl Qcow2Image {
 
     /// Repairs a dirty image being opened read-write, as qemu's open does: every refcount is
     /// brought to the number of references and the COPIED flags follow; the repair clears the
-    /// dirty bit. Fails, leaving the image dirty, if the repair cannot make it consistent.
+    /// dirty bit. The repair's lines go to standard error, as qemu prints them. Fails, leaving the image dirty, if the repair cannot make it consistent.
     fn repair_dirty(&mut self) -> Result<()> {
         self.write = Some(Mutex::new(write::WriteState::new(self)?));
         let report = repair::repair(self, repair::RepairMode::All);
@@ -298,6 +290,11 @@ impl Qcow2Image {
             let what = format!("image is dirty and repairing it failed: {}", e.what());
             e.reworded(what)
         })?;
+        // qemu's open prints what its check finds and repairs on standard error as it goes
+        // (`ERROR cluster ...`, `Rebuilding refcount structure`, `Repairing ...`).
+        for m in &report.messages {
+            eprintln!("{m}");
+        }
         if report.corruptions > 0 || report.check_errors > 0 {
             return Err(Error::corrupt(format!(
                 "image is dirty and its repair left {} corruptions and {} check errors (try check -r all)",
@@ -668,6 +665,43 @@ impl Qcow2Image {
                 s
             }
         })
+    }
+}
+
+/// Opens the external data file of the image at `path` ([`data_file`]): the one given for
+/// it with qemu's `data-file` option, else the one its header names; for a read-only open
+/// with [`data_file::open_metadata_only`], a missing one is left out (guest I/O then fails).
+fn open_data_file(
+    header: &Header,
+    path: &Path,
+    writable: bool,
+    guard: &ChainGuard,
+) -> Result<(Box<dyn Storage>, PathBuf)> {
+    let absent = |why: String| -> Result<(Box<dyn Storage>, PathBuf)> {
+        if writable || !data_file::metadata_only() {
+            return Err(Error::invalid_input(why));
+        }
+        let p = PathBuf::from(header.data_file.clone().unwrap_or_default());
+        Ok((Box::new(data_file::Absent { why }) as Box<dyn Storage>, p))
+    };
+    let (p, name) = match (data_file::override_for(path), &header.data_file) {
+        (Some(p), _) => (p.clone(), p.display().to_string()),
+        (None, Some(name)) => (resolve_relative(path, name)?, name.clone()),
+        (None, None) => return absent(data_file::REQUIRED.to_string()),
+    };
+    if crate::open::same_file(&p, path) {
+        return Err(Error::corrupt(format!(
+            "the external data file '{name}' is the image file itself"
+        )));
+    }
+    match FileStorage::open_with(&p, writable, guard.data_file_locks(writable)?) {
+        Ok(s) => Ok((Box::new(s), p)),
+        Err(e) if !writable && data_file::metadata_only() => absent(format!(
+            "Could not open '{name}': {}",
+            crate::error::os_reason(&e)
+        )),
+        // qemu's words: the name as the image (or the option) gives it.
+        Err(e) => Err(Error::io(format!("Could not open '{name}'"), e)),
     }
 }
 
