@@ -50,7 +50,8 @@ pub fn render_list(snaps: &[SnapshotInfo]) -> String {
             s.vm_clock_sec % 60,
             s.vm_clock_nsec / 1_000_000
         );
-        let icount = s.icount.map(|n| n.to_string()).unwrap_or_default();
+        // qemu prints "--" for an entry that records no instruction count.
+        let icount = s.icount.map_or_else(|| "--".to_string(), |n| n.to_string());
         let _ = writeln!(
             o,
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
@@ -98,7 +99,10 @@ pub fn run(
         let infos: Vec<SnapshotInfo> = snaps.iter().map(|s| s.info()).collect();
         return Ok(render_list(&infos));
     }
-    let mut img = Qcow2Image::open(path, true, true, &mut ChainGuard::default())?;
+    let mut img = match Qcow2Image::open(path, true, true, &mut ChainGuard::default()) {
+        Ok(img) => img,
+        Err(e) => return Err(refused_open(path, op, e)),
+    };
     let r = match op {
         SnapshotOp::Create(name) => img.snapshot_create(name, now()),
         SnapshotOp::Apply(name) => img.snapshot_apply(name),
@@ -108,6 +112,21 @@ pub fn run(
     r.map_err(|e| e.with_path(path))?;
     img.close()?;
     Ok(String::new())
+}
+
+/// The error for a read-write open of `path` for `op` that failed with `e`. qemu opens some
+/// images vimg refuses to write (damaged refcounts, such as a snapshot table past the end of
+/// the file) and then refuses to create a snapshot in a full table: that refusal, in qemu's
+/// words, is given when it applies ([`Qcow2Image::snapshot_table_full`]).
+fn refused_open(path: &Path, op: &SnapshotOp, e: Error) -> Error {
+    if let SnapshotOp::Create(name) = op {
+        if let Ok(ro) = Qcow2Image::open(path, false, true, &mut ChainGuard::default()) {
+            if ro.snapshot_table_full() {
+                return crate::qcow2::snapshot_write::too_many_snapshots(name);
+            }
+        }
+    }
+    e
 }
 
 /// The current time as qemu-img records it in a new snapshot (microsecond resolution).
