@@ -1,6 +1,6 @@
 //! The internal snapshot table (qcow2.rst "Snapshots"): read and validated.
 
-use super::header::{check_table, MAX_L1_BYTES};
+use super::header::{check_table, MAX_L1_BYTES, QEMU_MAX_OFFSET};
 use super::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::info::SnapshotInfo;
@@ -184,6 +184,12 @@ fn read_entries(
     // What lies past the end of the file reads as zeros, as in qemu (which opens an image
     // whose table lies there, and refuses only to add a snapshot to a full one).
     let read = |buf: &mut [u8], at: u64| -> Result<()> {
+        if at.saturating_add(buf.len() as u64) > QEMU_MAX_OFFSET {
+            return Err(Error::corrupt(
+                "Failed to read snapshot table: the entry lies beyond the largest offset that can be read",
+            )
+            .at(at));
+        }
         let avail = img.file_len().saturating_sub(at).min(buf.len() as u64) as usize;
         buf[avail..].fill(0);
         if avail > 0 {
