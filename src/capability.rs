@@ -41,6 +41,12 @@ impl SnapshotTime {
 pub trait Snapshots {
     /// The snapshots, in the order of the image's table.
     fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>>;
+    /// Refuses, without changing anything, a new snapshot named `name` the image has no room
+    /// for (qemu's words); an image open read-only may be asked. The default refuses nothing.
+    fn refuse_create(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
     /// Takes a snapshot of the current disk named `name`.
     fn create_snapshot(&mut self, name: &str, at: SnapshotTime) -> Result<()>;
     /// Makes the snapshot named (or numbered) `name_or_id` the current disk.

@@ -342,7 +342,8 @@ impl CreatePlan {
                 s.push_str(&format!(
                     " lazy_refcounts={} refcount_bits={}",
                     onoff(o.lazy_refcounts),
-                    o.refcount_bits
+                    // Signed, as qemu prints it (a negative width given wrapped around).
+                    o.refcount_bits as i64
                 ));
                 s
             }

@@ -47,7 +47,8 @@ pub fn render_list(snaps: &[SnapshotInfo]) -> String {
             s.vm_clock_sec % 60,
             s.vm_clock_nsec / 1_000_000
         );
-        let icount = s.icount.map(|n| n.to_string()).unwrap_or_default();
+        // qemu prints "--" for an entry that records no instruction count.
+        let icount = s.icount.map_or_else(|| "--".to_string(), |n| n.to_string());
         let _ = writeln!(
             o,
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
@@ -75,7 +76,7 @@ pub fn run(
     // As qemu-img: a list opens the image read-only, every other operation read-write (so a
     // writer elsewhere is refused with qemu's "write" lock message).
     let writable = *op != SnapshotOp::List;
-    let mut img = open_image(
+    let opened = open_image(
         path,
         &OpenOptions {
             format,
@@ -83,7 +84,11 @@ pub fn run(
             no_backing: true,
             sharing,
         },
-    )?;
+    );
+    let mut img = match opened {
+        Ok(img) => img,
+        Err(e) => return Err(refused_open(path, format, op, e)),
+    };
     let format = img.format();
     let Some(snapshots) = img.as_snapshots_mut() else {
         return Err(Error::unsupported(format!(
@@ -111,6 +116,26 @@ pub fn run(
     r.map_err(|e| e.with_path(path))?;
     img.finish()?;
     Ok(String::new())
+}
+
+/// The error for a read-write open of `path` for `op` that failed with `e`. qemu opens some
+/// images vimg refuses to write (damaged refcounts, such as a snapshot table past the end of
+/// the file) and then refuses to create a snapshot in a full table: that refusal, in qemu's
+/// words, is given when it applies ([`crate::capability::Snapshots::refuse_create`]).
+fn refused_open(path: &Path, format: Option<ImageFormat>, op: &SnapshotOp, e: Error) -> Error {
+    if let SnapshotOp::Create(name) = op {
+        let ro = OpenOptions {
+            format,
+            no_backing: true,
+            ..OpenOptions::default()
+        };
+        if let Ok(img) = open_image(path, &ro) {
+            if let Some(Err(full)) = img.as_snapshots().map(|s| s.refuse_create(name)) {
+                return full;
+            }
+        }
+    }
+    e
 }
 
 /// `YYYY-MM-DD HH:MM:SS` for `secs` since the epoch, in UTC.

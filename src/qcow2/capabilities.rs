@@ -20,6 +20,13 @@ impl Snapshots for Qcow2Image {
         Ok(table.iter().map(|s| s.info()).collect())
     }
 
+    fn refuse_create(&self, name: &str) -> Result<()> {
+        if self.snapshot_table_full() {
+            return Err(super::snapshot_write::too_many_snapshots(name));
+        }
+        Ok(())
+    }
+
     fn create_snapshot(&mut self, name: &str, at: SnapshotTime) -> Result<()> {
         self.snapshot_create(
             name,

@@ -101,6 +101,11 @@ impl Check for Qcow2Image {
     }
 }
 
+/// What qemu's check advises after a cluster with more references than its refcount width
+/// can count.
+const OVERFLOW_ADVICE: &str = "Use qemu-img amend to increase the refcount entry width or \
+     qemu-img convert to create a clean copy if the image cannot be opened for writing";
+
 /// How the message of a check that gave up on the snapshot table starts (qemu's words).
 pub const SNAPSHOT_READ_FAILED: &str = "ERROR failed to read the snapshot table: ";
 
@@ -393,10 +398,10 @@ impl<'a> Checker<'a> {
             }
             let c = self.counts.get(k);
             if c >= self.max {
+                // qemu's words: the refcount width is too narrow for this many references.
                 self.corruption(format!(
-                    "ERROR refcount overflow for the cluster at {:#x} (refcount_bits {} too narrow)",
-                    k << cb,
-                    self.h.refcount_bits()
+                    "ERROR: overflow cluster offset={:#x}\n{OVERFLOW_ADVICE}",
+                    k << cb
                 ));
                 continue;
             }

@@ -337,11 +337,22 @@ pub fn parse_options(s: &str) -> Result<OptionUpdates> {
             }
             "refcount_bits" => {
                 let text = need("a number")?;
-                u.refcount_bits = Some(text.parse::<u64>().map_err(|_| {
-                    Error::invalid_input(format!(
-                        "option 'refcount_bits' expects a number, not '{text}'"
-                    ))
-                })?);
+                // As qemu's option parser (strtoull), a negative number wraps around: it is
+                // then refused as a width, after the "Formatting" line shows it.
+                let (neg, digits) = match text.strip_prefix('-') {
+                    Some(d) => (true, d),
+                    None => (false, text),
+                };
+                let n = digits
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|_| !digits.starts_with('+'))
+                    .ok_or_else(|| {
+                        Error::invalid_input(format!(
+                            "option 'refcount_bits' expects a number, not '{text}'"
+                        ))
+                    })?;
+                u.refcount_bits = Some(if neg { n.wrapping_neg() } else { n });
             }
             "lazy_refcounts" => u.lazy_refcounts = Some(parse_bool(&key, v)?),
             "extended_l2" => u.extended_l2 = Some(parse_bool(&key, v)?),

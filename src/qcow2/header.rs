@@ -18,6 +18,9 @@ pub const MAX_CLUSTER_BITS: u32 = 21;
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// Largest refcount table qemu opens, in bytes.
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Largest offset qemu's block layer reads (`BDRV_MAX_LENGTH`: `INT64_MAX` aligned down to
+/// 1 GiB); a read that reaches past it fails with EIO.
+pub const QEMU_MAX_OFFSET: u64 = 0x7fff_ffff_c000_0000;
 /// Longest backing file name qemu accepts.
 pub const MAX_BACKING_NAME: u32 = 1023;
 /// Most snapshots qemu accepts.
@@ -466,14 +469,26 @@ impl Header {
         }
         if self.nb_snapshots > 0 {
             // Each entry is at least 40 bytes; the table's full size is checked when it is read.
+            // Like qemu, the table may lie past the end of the file (it reads as zeros there,
+            // [`super::snapshot::read_table`]): only its alignment and range are checked here.
+            let bytes = u64::from(self.nb_snapshots) * 40;
             check_table(
                 "snapshot table",
                 self.snapshots_offset,
-                u64::from(self.nb_snapshots) * 40,
+                bytes,
                 cs,
-                file_len,
+                i64::MAX as u64,
                 64,
             )?;
+            if self.snapshots_offset + bytes > QEMU_MAX_OFFSET {
+                // qemu's read of it fails (EIO), and so does its open.
+                return Err(Error::corrupt(format!(
+                    "snapshot table at {:#x} ({bytes} bytes) lies beyond the largest offset \
+                     that can be read ({QEMU_MAX_OFFSET:#x})",
+                    self.snapshots_offset
+                ))
+                .at(64));
+            }
         }
         if let Some(b) = &self.bitmaps {
             check_table(

@@ -72,7 +72,8 @@ impl Qcow2Image {
                  refcount of {refcount}",
                 1u32 << new_order,
                 cluster * cs
-            )));
+            ))
+            .bare());
         }
 
         // 1. Allocate until the new structures cover themselves.

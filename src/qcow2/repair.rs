@@ -780,7 +780,11 @@ fn repair_in_place(
     messages.extend(after_rebuild.into_iter().flatten());
     messages.append(&mut repaired);
     messages.append(&mut copied_msgs);
-    messages.append(&mut report.messages);
+    // qemu checks the image again only when something was repaired: otherwise that check
+    // would only say again what the first one said.
+    if rebuilt || leaks_fixed + corruptions_fixed > 0 {
+        messages.append(&mut report.messages);
+    }
     report.messages = messages;
     report.leaks_fixed = leaks_fixed;
     report.corruptions_fixed = corruptions_fixed;

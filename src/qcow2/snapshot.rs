@@ -1,6 +1,6 @@
 //! The internal snapshot table (qcow2.rst "Snapshots"): read and validated.
 
-use super::header::{check_table, MAX_L1_BYTES};
+use super::header::{check_table, MAX_L1_BYTES, QEMU_MAX_OFFSET};
 use super::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::info::SnapshotInfo;
@@ -180,29 +180,35 @@ fn read_entries(
     let mut off = h.snapshots_offset;
     let mut end = off;
     let mut table_len = 0u64;
-    let end_limit = h
-        .snapshots_offset
-        .saturating_add(MAX_TABLE_BYTES)
-        .min(img.file_len());
-    let read = |buf: &mut [u8], at: u64, repairing: bool| -> Result<()> {
-        if repairing {
-            super::refcount::read_padded(img, buf, at)
-        } else {
-            img.storage()
-                .read_at(buf, at)
-                .map_err(|e| Error::io("cannot read snapshot table", e).at(at))
+    let end_limit = h.snapshots_offset.saturating_add(MAX_TABLE_BYTES);
+    // What lies past the end of the file reads as zeros, as in qemu (which opens an image
+    // whose table lies there, and refuses only to add a snapshot to a full one).
+    let read = |buf: &mut [u8], at: u64| -> Result<()> {
+        if at.saturating_add(buf.len() as u64) > QEMU_MAX_OFFSET {
+            return Err(Error::corrupt(
+                "Failed to read snapshot table: the entry lies beyond the largest offset that can be read",
+            )
+            .at(at));
         }
+        let avail = img.file_len().saturating_sub(at).min(buf.len() as u64) as usize;
+        buf[avail..].fill(0);
+        if avail > 0 {
+            img.storage()
+                .read_at(&mut buf[..avail], at)
+                .map_err(|e| Error::io("cannot read snapshot table", e).at(at))?;
+        }
+        Ok(())
     };
     for i in 0..n {
         let repairing = repair.is_some();
         let mut fixed = [0u8; 40];
         if !repairing && off.checked_add(40).is_none_or(|e| e > end_limit) {
             return Err(Error::corrupt(format!(
-                "snapshot table entry {i} lies beyond the end of the table or file"
+                "snapshot table entry {i} lies beyond the end of the table"
             ))
             .at(off));
         }
-        read(&mut fixed, off, repairing)?;
+        read(&mut fixed, off)?;
         let l1_table_offset = BigEndian::read_u64(&fixed[0..8]);
         let l1_size = BigEndian::read_u32(&fixed[8..12]);
         let id_len = u64::from(BigEndian::read_u16(&fixed[12..14]));
@@ -247,18 +253,17 @@ fn read_entries(
             ))
             .while_opening());
         } else if off.checked_add(40 + var).is_none_or(|e| e > end_limit) {
-            // The padding after the last entry may be missing from the file: bound the entry
-            // itself.
+            // The padding after the last entry does not count: bound the entry itself.
             return Err(Error::corrupt(format!(
-                "snapshot table entry {i} lies beyond the end of the table or file"
+                "snapshot table entry {i} lies beyond the end of the table"
             ))
             .at(off));
         }
         let entry_len = (40 + var).div_ceil(8) * 8;
         let mut extra = vec![0u8; kept_extra as usize];
-        read(&mut extra, off + 40, repairing)?;
+        read(&mut extra, off + 40)?;
         let mut names = vec![0u8; (id_len + name_len) as usize];
-        read(&mut names, off + 40 + u64::from(extra_size), repairing)?;
+        read(&mut names, off + 40 + u64::from(extra_size))?;
         // qemu's ids and names are C strings: they end at the first NUL byte.
         let text = |b: &[u8]| {
             let b = &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())];

@@ -51,6 +51,25 @@ impl Qcow2Image {
                 "internal snapshots are not supported with an external data file",
             ));
         }
+        self.snapshot_table_in_file()
+    }
+
+    /// Refuses to change snapshots while the snapshot table lies (partly) past the end of the
+    /// file. qemu opens such an image and reads zeros there; vimg reads it the same way, but
+    /// rewriting the table would release clusters no refcount covers.
+    fn snapshot_table_in_file(&self) -> Result<()> {
+        if self.header.nb_snapshots == 0 || self.snapshot_override.is_some() {
+            return Ok(());
+        }
+        let bytes = self.snapshot_table_bytes()?;
+        let off = self.header.snapshots_offset;
+        if off.saturating_add(bytes) > self.file_len() {
+            return Err(Error::corrupt(format!(
+                "snapshot table at {off:#x} ({bytes} bytes) lies beyond the end of the file ({} bytes)",
+                self.file_len()
+            ))
+            .at(64));
+        }
         Ok(())
     }
 
@@ -67,6 +86,18 @@ impl Qcow2Image {
     /// Every host cluster the tree of `l1` references, once per reference: its L2 tables and
     /// what their entries point at (every host cluster a compressed cluster touches).
     pub(crate) fn tree_clusters(&self, l1: &[u64]) -> Result<Vec<u64>> {
+        self.tree_clusters_noting(l1, None)
+    }
+
+    /// [`Self::tree_clusters`], except that with `defect` given a standard L2 entry with
+    /// reserved bits set is not an error at once: its cluster (the entry's offset bits, as
+    /// qemu takes them) is listed and the first such error is stored in `defect`, for the
+    /// caller to return after what qemu would refuse first.
+    fn tree_clusters_noting(
+        &self,
+        l1: &[u64],
+        mut defect: Option<&mut Option<Error>>,
+    ) -> Result<Vec<u64>> {
         let cs = self.header.cluster_size();
         let bits = self.header.cluster_bits;
         let words = if self.header.extended_l2() { 2 } else { 1 };
@@ -78,7 +109,22 @@ impl Qcow2Image {
             out.push(off / cs);
             let table = self.l2_table(off)?;
             for &entry in table.iter().step_by(words) {
-                match l2::decode_descriptor(entry, &self.header)? {
+                let desc = match (l2::decode_descriptor(entry, &self.header), defect.as_mut()) {
+                    (Ok(d), _) => d,
+                    (Err(e), Some(slot))
+                        if entry & l2::OFLAG_COMPRESSED == 0
+                            && entry & l2::L2E_RESERVED_MASK != 0 =>
+                    {
+                        let off = entry & l2::L2E_OFFSET_MASK;
+                        if off != 0 && off.is_multiple_of(cs) {
+                            out.push(off / cs);
+                        }
+                        slot.get_or_insert(e);
+                        continue;
+                    }
+                    (Err(e), _) => return Err(e),
+                };
+                match desc {
                     Descriptor::Normal(h) | Descriptor::Zero(Some(h)) => out.push(h / cs),
                     Descriptor::Compressed(d) => {
                         let (a, b) = d.host_clusters(bits);
@@ -107,13 +153,34 @@ impl Qcow2Image {
             .map(|(c, more)| {
                 let r = self.refcount_of(st, c)?;
                 if r == 0 {
-                    return Err(Error::corrupt(format!(
-                        "cluster {c} is in use but its refcount is 0 (repair the image with check -r all)"
-                    )));
+                    return Err(self.zero_refcount_refusal(st, c));
                 }
                 Ok((c, refcount::increased(c, r, more, order)?))
             })
             .collect()
+    }
+
+    /// Why one more reference to cluster `c`, in use but with a refcount of 0, is refused.
+    /// Where qemu fails too, in qemu's words (its callers prefix what failed): no refcount
+    /// table qemu can make reaches `c` ("File too large"), or no refcount block covers it
+    /// (qemu makes one, then gives up with "Resource temporarily unavailable"). Where a block
+    /// covers it, qemu would count one reference of several: vimg refuses that as corruption.
+    fn zero_refcount_refusal(&self, st: &WriteState, c: u64) -> Error {
+        let idx = c >> self.refblock_bits();
+        let qemu = |what: &str| Error::new(crate::error::ErrorKind::InvalidInput, what);
+        if idx >= super::header::MAX_REFTABLE_BYTES / 8 {
+            return qemu("File too large");
+        }
+        let covered = usize::try_from(idx)
+            .ok()
+            .and_then(|i| st.reftable.get(i))
+            .is_some_and(|e| e & refcount::REFT_OFFSET_MASK != 0);
+        if !covered {
+            return qemu("Resource temporarily unavailable");
+        }
+        Error::corrupt(format!(
+            "cluster {c} is in use but its refcount is 0 (repair the image with check -r all)"
+        ))
     }
 
     /// Stores the refcounts [`Self::plan_increments`] computed (in memory; written at the
@@ -232,6 +299,7 @@ impl Qcow2Image {
         st: &mut WriteState,
         entries: &[Vec<u8>],
     ) -> Result<()> {
+        self.snapshot_table_in_file()?;
         let old = (self.header.snapshots_offset, self.snapshot_table_bytes()?);
         let bytes: Vec<u8> = entries.concat();
         if bytes.len() as u64 > MAX_TABLE_BYTES {
@@ -279,30 +347,37 @@ impl Qcow2Image {
         (max + 1).to_string()
     }
 
+    /// Whether the image has as many snapshots as qemu allows ([`MAX_SNAPSHOTS`]): qemu
+    /// refuses to create another before it looks at anything else.
+    pub fn snapshot_table_full(&self) -> bool {
+        self.header.nb_snapshots >= MAX_SNAPSHOTS
+    }
+
     /// Creates snapshot `name` of the active state (`qemu-img snapshot -c`). Duplicate names
     /// are allowed, as by qemu-img; ids are unique.
     pub fn snapshot_create(&mut self, name: &str, info: NewSnapshot) -> Result<()> {
-        self.snapshot_preconditions()?;
         // qemu-img keeps at most 255 bytes of a name.
         let mut end = name.len().min(MAX_NAME_BYTES);
         while !name.is_char_boundary(end) {
             end -= 1;
         }
         let name = &name[..end];
-        let snaps = read_table(self)?;
-        if snaps.len() as u64 >= u64::from(MAX_SNAPSHOTS) {
-            return Err(Error::unsupported(format!(
-                "the image already has {} snapshots (qemu's limit is {MAX_SNAPSHOTS})",
-                snaps.len()
-            )));
+        // qemu checks the count before anything else (EFBIG), whatever the table holds.
+        if self.snapshot_table_full() {
+            return Err(too_many_snapshots(name));
         }
+        self.snapshot_preconditions()?;
+        let snaps = read_table(self)?;
         for s in &snaps {
             s.validate_l1(self)?;
         }
         let id = Self::next_snapshot_id(&snaps);
         let l1 = self.l1().clone();
         let l1_bytes = l1.len() as u64 * 8;
-        let tree = self.tree_clusters(&l1)?;
+        // An L2 entry with reserved bits set is refused, but after what qemu refuses first:
+        // qemu ignores those bits and fails on the refcount of the cluster they leave.
+        let mut defect = None;
+        let tree = self.tree_clusters_noting(&l1, Some(&mut defect))?;
         let size = self.header.size;
         let mut entries: Vec<Vec<u8>> = snaps.iter().map(|s| encode_entry(s, size)).collect();
         self.with_write_state(|img, st| {
@@ -311,6 +386,9 @@ impl Qcow2Image {
             let plan = img
                 .plan_increments(st, &tree)
                 .map_err(|e| snapshot_failed("create", name, e))?;
+            if let Some(e) = defect {
+                return Err(e);
+            }
             let l1_off = img.alloc_run(st, l1_bytes)?;
             img.apply_increments(st, &plan)?;
             img.flush_locked(st)?;
@@ -512,6 +590,16 @@ impl Qcow2Image {
             img.flush_locked(st)
         })
     }
+}
+
+/// qemu-img's refusal to add snapshot `name` to an image that has [`MAX_SNAPSHOTS`] already
+/// ("File too large"), printed without the file name, as qemu-img prints it.
+pub fn too_many_snapshots(name: &str) -> Error {
+    Error::new(
+        crate::error::ErrorKind::InvalidInput,
+        format!("Could not create snapshot '{name}': File too large"),
+    )
+    .bare()
 }
 
 /// qemu-img's message for deleting a snapshot that does not exist.

@@ -103,7 +103,7 @@ struct Remap {
 #[derive(Debug)]
 pub(crate) struct WriteState {
     /// The refcount table as it will be written (entries: refcount block offsets).
-    reftable: Vec<u64>,
+    pub(super) reftable: Vec<u64>,
     /// Where the refcount table lives (moves when it grows).
     reftable_offset: u64,
     reftable_dirty: bool,
@@ -167,7 +167,7 @@ impl Qcow2Image {
     }
 
     /// log2 of the refcounts per refcount block.
-    fn refblock_bits(&self) -> u32 {
+    pub(super) fn refblock_bits(&self) -> u32 {
         self.header.cluster_bits + 3 - self.header.refcount_order
     }
 
