@@ -127,12 +127,20 @@ pub fn parse_filename(name: &str) -> Result<ImageSpec> {
         let json = strict_json(json);
         let value: serde_json::Value = serde_json::from_str(&json)
             .map_err(|e| Error::invalid_input(format!("Could not parse the JSON options: {e}")))?;
-        let serde_json::Value::Object(map) = value else {
+        let serde_json::Value::Object(mut map) = value else {
             return Err(Error::invalid_input("Invalid JSON object given"));
         };
+        let blkdebug = crate::blkdebug::unwrap_json(&mut map)?;
         let mut flat = BTreeMap::new();
         flatten("", &map, &mut flat)?;
-        return interpret(flat);
+        let spec = interpret(flat)?;
+        if let Some(c) = blkdebug {
+            crate::blkdebug::register(&spec.path, c);
+        }
+        return Ok(spec);
+    }
+    if let Some(rest) = name.strip_prefix("blkdebug:") {
+        return crate::blkdebug::parse_prefixed(rest);
     }
     if let Some(rest) = name.strip_prefix("file:") {
         // A relative name with a colon before any slash is written `./NAME`, as qemu writes
@@ -226,7 +234,12 @@ pub fn parse_image_opts(text: &str) -> Result<ImageSpec> {
         }
         flat.insert(k.to_string(), v.to_string());
     }
-    interpret(flat)
+    let blkdebug = crate::blkdebug::unwrap_opts(&mut flat)?;
+    let spec = interpret(flat)?;
+    if let Some(c) = blkdebug {
+        crate::blkdebug::register(&spec.path, c);
+    }
+    Ok(spec)
 }
 
 /// Splits `text` at single commas; `,,` is a comma.

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod bitmap;
+pub mod blkdebug;
 pub mod block;
 pub mod check;
 pub mod error;

@@ -74,6 +74,11 @@ pub trait Storage: Send + Sync {
     fn duplicate(&self) -> Option<Box<dyn Storage>> {
         None
     }
+    /// Tells the storage what the format driver above it is about to do (qemu's
+    /// `BLKDBG_EVENT`); only [`crate::blkdebug`]'s storage acts on it. The default ignores it.
+    fn debug_event(&self, event: crate::blkdebug::Event) {
+        let _ = event;
+    }
 }
 
 /// Creates `path` for reading and writing, or empties the file there, holding a writer's image

@@ -399,7 +399,7 @@ pub fn commit_images(
     job: &CommitJob,
     progress: Option<Progress<'_>>,
 ) -> Result<()> {
-    commit_into(&top, job.depth, &mut base, job.rate_limit, progress)?;
+    commit_into(&top, job.depth, &mut base, job.rate_limit, progress).map_err(block_job_failed)?;
     // The base is durable before the overlay lets go of anything.
     base.close(job.syncs)?;
     if job.empty {
@@ -408,6 +408,19 @@ pub fn commit_images(
         top.close()?;
     }
     Ok(())
+}
+
+/// A failure of the copy, worded as qemu-img words a failed commit job: `Block job failed:
+/// CAUSE`, the cause being the operating system's reason for an I/O error (kept as the
+/// error's source), the error's own text otherwise.
+fn block_job_failed(e: Error) -> Error {
+    let os = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error);
+    match os {
+        Some(code) => Error::io("Block job failed", std::io::Error::from_raw_os_error(code)).bare(),
+        None => Error::new(e.kind(), format!("Block job failed: {e}")).bare(),
+    }
 }
 
 #[cfg(test)]
