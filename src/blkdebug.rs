@@ -36,6 +36,8 @@
 //! * blkdebug over a format driver (`driver=blkdebug,image.driver=qcow2`) opens the image as
 //!   it is: qemu's format drivers send their events to their own file, not to a blkdebug node
 //!   above them, so such rules never fire in qemu either.
+//! * Messages name the image file, where qemu names a `blkdebug:` node by its whole name
+//!   (map's File column, for one); compare's read failure names the image as given.
 //! * Not supported: `suspend`/breakpoints, `take-child-perms`/`unshare-child-perms` other
 //!   than being accepted, and qemu's permission games.
 
@@ -179,19 +181,14 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io("Could not read blkdebug config file", e).bare())?;
         let mut config = Config::default();
-        config.add_ini(&text).map_err(|what| {
-            Error::invalid_input(format!(
-                "Could not parse blkdebug config file: {}: {what}",
-                path.display()
-            ))
-        })?;
+        config.add_ini(&text).map_err(Error::invalid_input)?;
         Ok(config)
     }
 
     /// Adds the groups of a configuration file's text.
     fn add_ini(&mut self, text: &str) -> std::result::Result<(), String> {
         let mut group: Option<(String, BTreeMap<String, String>)> = None;
-        for (n, raw) in text.lines().enumerate() {
+        for raw in text.lines() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -205,16 +202,17 @@ impl Config {
                 group = Some((name.to_string(), BTreeMap::new()));
                 continue;
             }
+            // qemu's words, without the line (its message has none either).
+            let Some((_, opts)) = group.as_mut() else {
+                return Err("no group defined".to_string());
+            };
             let parsed = line.split_once('=').and_then(|(k, v)| {
                 let v = v.trim();
                 let v = v.strip_prefix('"')?.strip_suffix('"')?;
                 Some((k.trim().to_string(), v.to_string()))
             });
             let Some((k, v)) = parsed else {
-                return Err(format!("parse error on line {}", n + 1));
-            };
-            let Some((_, opts)) = group.as_mut() else {
-                return Err(format!("no group defined on line {}", n + 1));
+                return Err("parse error".to_string());
             };
             opts.insert(k, v);
         }
@@ -567,6 +565,27 @@ impl Storage for BlkdebugStorage {
 /// Parses what follows `blkdebug:` in an image name: `CONFIG:IMAGE`, `CONFIG` possibly empty.
 /// The image is itself an image name; the rules are registered for its file.
 pub fn parse_prefixed(rest: &str) -> Result<crate::image_spec::ImageSpec> {
+    parse_prefixed_inner(rest).map_err(|e| {
+        // As qemu frames it: `Could not open 'blkdebug:...': WHY`, the OS cause kept.
+        let what = format!("Could not open 'blkdebug:{rest}'");
+        let os = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .and_then(io::Error::raw_os_error);
+        match os {
+            Some(code) if e.what().is_empty() => {
+                Error::io(what, io::Error::from_raw_os_error(code))
+            }
+            Some(code) => Error::io(
+                format!("{what}: {}", e.what()),
+                io::Error::from_raw_os_error(code),
+            ),
+            None => Error::new(e.kind(), format!("{what}: {e}")),
+        }
+        .bare()
+    })
+}
+
+fn parse_prefixed_inner(rest: &str) -> Result<crate::image_spec::ImageSpec> {
     let Some((config, image)) = rest.split_once(':') else {
         return Err(Error::invalid_input(
             "blkdebug requires both config file and image path",
