@@ -1300,6 +1300,10 @@ fn convert(a: ConvertArgs) -> CmdResult {
     let target = if a.target_image_opts {
         target_named = resolve_as(target, None, false, true)?.path;
         &target_named
+    } else if a.no_create && target.to_string_lossy().starts_with("blkdebug:") {
+        // An existing target behind qemu's fault-injection driver (see vimg::blkdebug).
+        target_named = resolve_as(target, None, false, false)?.path;
+        &target_named
     } else {
         target
     };

@@ -273,3 +273,43 @@ fn image_opts_and_json_names_open_the_image_as_qemu_does() {
         }
     }
 }
+
+#[test]
+fn convert_into_a_failing_target_reports_the_cause_and_leaves_it_consistent() {
+    if !qemu_available("convert_into_a_failing_target_reports_the_cause_and_leaves_it_consistent") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_create(&d.join("src.qcow2"), "qcow2", "", None, 4 << 20);
+    qemu_io(
+        &d.join("src.qcow2"),
+        "qcow2",
+        &["write -P 9 0 1M".to_string()],
+    );
+    std::fs::write(
+        d.join("w.conf"),
+        "[inject-error]\nevent = \"write_aio\"\nerrno = \"28\"\n",
+    )
+    .unwrap();
+    for who in ["qemu-img", VIMG] {
+        qemu_create(&d.join("dst.qcow2"), "qcow2", "", None, 4 << 20);
+        let args = [
+            "convert",
+            "-n",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "blkdebug:w.conf:dst.qcow2",
+        ];
+        let (c, out) = common::run_in(d, who, &args);
+        assert_eq!(c, 1, "{who}: {out}");
+        assert!(
+            out.contains("error while writing at byte 0")
+                && out.contains("No space left on device"),
+            "{who}: {out}"
+        );
+        let (c, out) = qemu_img(d, &["check", "dst.qcow2"]);
+        assert_eq!(c, 0, "{who}: {out}");
+    }
+}
