@@ -21,7 +21,8 @@
 //! * `[inject-error]` with `event`, `errno` (default `EIO`; 0 injects nothing), `once`,
 //!   `sector` (a 512-byte sector the request must cover; any request without it), `state`
 //!   and `immediately` (accepted: vimg's I/O is synchronous, so an error comes at once
-//!   either way), and `iotype` (accepted, not checked).
+//!   either way), and `iotype` (one of `read`, `write`, `write-zeroes`, `discard`, `flush`,
+//!   `block-status`; without it, all but `block-status`, as in qemu).
 //! * `[set-state]` with `event`, `state`, `new_state`.
 //! * As in qemu, rules of an event become the active ones when the event fires (if their
 //!   `state` is 0 or the current state; the state starts at 1); every read, write, zeroing,
@@ -148,6 +149,8 @@ struct InjectRule {
     state: u64,
     errno: i32,
     once: bool,
+    /// The kinds of request it fails, a mask of [`IoType`] bits.
+    iotypes: u8,
     /// The 512-byte sector a request must cover; any request when `None`.
     sector: Option<u64>,
 }
@@ -271,21 +274,19 @@ impl Config {
             let errno = number("errno", libc::EIO as u64)?;
             let errno = i32::try_from(errno).map_err(|_| "Parameter 'errno' is too large")?;
             flag("immediately")?;
-            if let Some(t) = opts.get("iotype") {
-                for part in t.split(',') {
-                    if !matches!(
-                        part,
-                        "read" | "write" | "write-zeroes" | "discard" | "flush" | "block-status"
-                    ) {
-                        return Err(format!("Invalid parameter '{part}'"));
-                    }
+            // One kind per rule, as in qemu.
+            let iotypes = match opts.get("iotype") {
+                None => IoType::DEFAULT,
+                Some(t) => {
+                    IoType::from_name(t).ok_or_else(|| format!("invalid parameter value: {t}"))?
                 }
-            }
+            };
             self.inject.push(InjectRule {
                 event: event.clone(),
                 state,
                 errno,
                 once: flag("once")?,
+                iotypes,
                 sector: opts
                     .get("sector")
                     .map(|_| number("sector", 0))
@@ -439,10 +440,37 @@ impl std::fmt::Debug for BlkdebugStorage {
     }
 }
 
-/// The kinds of request, for `sector` matching (flushes have no range).
+/// The kinds of request a rule can fail (qemu's `BlkdebugIOType`), as mask bits.
+struct IoType;
+
+impl IoType {
+    const READ: u8 = 1;
+    const WRITE: u8 = 2;
+    const WRITE_ZEROES: u8 = 4;
+    const DISCARD: u8 = 8;
+    const FLUSH: u8 = 16;
+    const BLOCK_STATUS: u8 = 32;
+    /// What a rule without `iotype` fails: everything but block-status queries.
+    const DEFAULT: u8 = Self::READ | Self::WRITE | Self::WRITE_ZEROES | Self::DISCARD | Self::FLUSH;
+
+    fn from_name(name: &str) -> Option<u8> {
+        Some(match name {
+            "read" => Self::READ,
+            "write" => Self::WRITE,
+            "write-zeroes" => Self::WRITE_ZEROES,
+            "discard" => Self::DISCARD,
+            "flush" => Self::FLUSH,
+            "block-status" => Self::BLOCK_STATUS,
+            _ => return None,
+        })
+    }
+}
+
+/// A request to check against the rules: its [`IoType`] bit and its byte range (flushes
+/// have none, and only fail by rules without `sector`).
 #[derive(Clone, Copy)]
 enum Request {
-    Range(u64, u64),
+    Range(u8, u64, u64),
     Flush,
 }
 
@@ -466,9 +494,16 @@ impl BlkdebugStorage {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let hit = st.active.iter().position(|&i| {
             let r = &self.config.inject[i];
+            let kind = match req {
+                Request::Range(k, _, _) => k,
+                Request::Flush => IoType::FLUSH,
+            };
+            if r.iotypes & kind == 0 {
+                return false;
+            }
             match (r.sector, req) {
                 (None, _) => true,
-                (Some(s), Request::Range(off, len)) => {
+                (Some(s), Request::Range(_, off, len)) => {
                     let b = s.saturating_mul(512);
                     b >= off && b < off.saturating_add(len.max(1))
                 }
@@ -493,11 +528,11 @@ impl BlkdebugStorage {
 
 impl Storage for BlkdebugStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check(Request::Range(offset, buf.len() as u64))?;
+        self.check(Request::Range(IoType::READ, offset, buf.len() as u64))?;
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.check(Request::Range(offset, buf.len() as u64))?;
+        self.check(Request::Range(IoType::WRITE, offset, buf.len() as u64))?;
         self.inner.write_at(buf, offset)
     }
     fn len(&self) -> io::Result<u64> {
@@ -514,14 +549,15 @@ impl Storage for BlkdebugStorage {
         self.inner.flush()
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check(Request::Range(offset, len))?;
+        self.check(Request::Range(IoType::WRITE_ZEROES, offset, len))?;
         self.inner.zero_range(offset, len)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
-        self.check(Request::Range(offset, len))?;
+        self.check(Request::Range(IoType::DISCARD, offset, len))?;
         self.inner.punch_hole(offset, len)
     }
     fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)> {
+        self.check(Request::Range(IoType::BLOCK_STATUS, offset, 1))?;
         self.inner.extent_at(offset)
     }
     fn allocated_bytes(&self) -> Option<u64> {
@@ -795,6 +831,23 @@ mod tests {
         s.read_at(&mut b, 1024).unwrap();
         s.debug_event(Event::ReadAio);
         s.read_at(&mut b, 1024).unwrap();
+    }
+
+    #[test]
+    fn iotype_limits_the_requests_a_rule_fails() {
+        let mut c = Config::default();
+        c.add_ini("[inject-error]\nevent = \"write_aio\"\niotype = \"write\"\n")
+            .unwrap();
+        let s = BlkdebugStorage::new(memory(), Arc::new(c));
+        s.debug_event(Event::WriteAio);
+        let mut b = [0u8; 16];
+        s.read_at(&mut b, 0).unwrap();
+        s.zero_range(0, 16).unwrap();
+        s.flush().unwrap();
+        assert!(s.write_at(&b, 0).is_err());
+        assert!(Config::default()
+            .add_ini("[inject-error]\nevent = \"write_aio\"\niotype = \"read,write\"\n")
+            .is_err());
     }
 
     #[test]
