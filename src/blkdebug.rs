@@ -251,7 +251,7 @@ impl Config {
             .get("event")
             .ok_or_else(|| "Missing event name for rule".to_string())?;
         if !EVENT_NAMES.contains(&event.as_str()) {
-            return Err(format!("Invalid parameter '{event}'"));
+            return Err(format!("invalid parameter value: {event}"));
         }
         let number = |k: &str, default: u64| -> std::result::Result<u64, String> {
             match opts.get(k) {
