@@ -39,6 +39,9 @@
 //!   above them, so such rules never fire in qemu either.
 //! * Messages name the image file, where qemu names a `blkdebug:` node by its whole name
 //!   (map's File column, for one); compare's read failure names the image as given.
+//! * Rules belong to the file, not to one name of it: within one command, every open of a
+//!   file named once through blkdebug gets its rules (`compare blkdebug:C:x.qcow2 x.qcow2`
+//!   fails on both sides, where qemu fails on the first only).
 //! * Not supported: `suspend`/breakpoints, `take-child-perms`/`unshare-child-perms` other
 //!   than being accepted, and qemu's permission games.
 
