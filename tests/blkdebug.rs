@@ -100,6 +100,23 @@ fn convert_fails_on_an_injected_read_error_and_leaves_no_output() {
         );
         assert!(!d.join("out").exists(), "{fmt}: output left behind");
     }
+    // The raw driver emits read_aio too.
+    qemu_create(&d.join("t.raw"), "raw", "", None, 1 << 20);
+    let (c, out) = vimg(
+        d,
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            "blkdebug:blkdebug.conf:t.raw",
+            "out",
+        ],
+    );
+    assert_eq!(c, 1, "{out}");
+    assert!(out.contains("Input/output error"), "{out}");
+    assert!(!d.join("out").exists(), "raw: output left behind");
     // An errno other than EIO comes out as itself; a rule for an event vimg never emits
     // (documented) changes nothing.
     std::fs::write(
