@@ -116,6 +116,11 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 /// Resolves a file name recorded in the image at `image` (a backing or data file name) against
 /// that image's directory, as qemu does. Protocol names (`nbd://`, `json:{...}`) are refused.
 pub fn resolve_relative(image: &Path, name: &str) -> Result<PathBuf> {
+    // A json: name with a blkdebug node (qemu's iotests record such backing files) names its
+    // file as given, relative to the working directory as in qemu.
+    if let Some(r) = crate::image_spec::resolve_json_name(name) {
+        return r.map_err(|e| e.with_path(image));
+    }
     if name.starts_with("json:") || name.contains("://") {
         return Err(Error::unsupported(format!(
             "file name '{name}' uses a protocol or JSON syntax vimg does not support"

@@ -8,9 +8,12 @@
 //! cache sizes...) are accepted and kept; `locking`, `force-share`, `read-only` and
 //! `backing: null` are interpreted.
 
+use crate::blkdebug::Config as BlkdebugConfig;
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
 use std::path::PathBuf;
 
 /// An image named by a qemu image spec, resolved.
@@ -130,12 +133,20 @@ pub fn parse_filename(name: &str) -> Result<ImageSpec> {
         let json = strict_json(json);
         let value: serde_json::Value = serde_json::from_str(&json)
             .map_err(|e| Error::invalid_input(format!("Could not parse the JSON options: {e}")))?;
-        let serde_json::Value::Object(map) = value else {
+        let serde_json::Value::Object(mut map) = value else {
             return Err(Error::invalid_input("Invalid JSON object given"));
         };
+        let blkdebug = unwrap_json(&mut map)?;
         let mut flat = BTreeMap::new();
         flatten("", &map, &mut flat)?;
-        return interpret(flat);
+        let spec = interpret(flat)?;
+        if let Some(c) = blkdebug {
+            crate::blkdebug::register(&spec.path, c);
+        }
+        return Ok(spec);
+    }
+    if let Some(rest) = name.strip_prefix("blkdebug:") {
+        return parse_prefixed(rest);
     }
     if let Some(rest) = name.strip_prefix("file:") {
         // A relative name with a colon before any slash is written `./NAME`, as qemu writes
@@ -229,7 +240,12 @@ pub fn parse_image_opts(text: &str) -> Result<ImageSpec> {
         }
         flat.insert(k.to_string(), v.to_string());
     }
-    interpret(flat)
+    let blkdebug = unwrap_opts(&mut flat)?;
+    let spec = interpret(flat)?;
+    if let Some(c) = blkdebug {
+        crate::blkdebug::register(&spec.path, c);
+    }
+    Ok(spec)
 }
 
 /// Splits `text` at single commas; `,,` is a comma.
@@ -393,6 +409,195 @@ pub fn exercise(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let _ = parse_filename(&text);
     let _ = parse_image_opts(&text);
+}
+
+// qemu's blkdebug nodes in image names ([`crate::blkdebug`]): unwrapped here, their rules
+// registered for the file they sit over.
+
+/// Parses what follows `blkdebug:` in an image name: `CONFIG:IMAGE`, `CONFIG` possibly empty.
+/// The image is itself an image name; the rules are registered for its file.
+pub fn parse_prefixed(rest: &str) -> Result<ImageSpec> {
+    parse_prefixed_inner(rest).map_err(|e| {
+        // As qemu frames it: `Could not open 'blkdebug:...': WHY`, the OS cause kept.
+        let what = format!("Could not open 'blkdebug:{rest}'");
+        let os = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .and_then(io::Error::raw_os_error);
+        match os {
+            Some(code) if e.what().is_empty() => {
+                Error::io(what, io::Error::from_raw_os_error(code))
+            }
+            Some(code) => Error::io(
+                format!("{what}: {}", e.what()),
+                io::Error::from_raw_os_error(code),
+            ),
+            None => Error::new(e.kind(), format!("{what}: {e}")),
+        }
+        .bare()
+    })
+}
+
+fn parse_prefixed_inner(rest: &str) -> Result<ImageSpec> {
+    let Some((config, image)) = rest.split_once(':') else {
+        return Err(Error::invalid_input(
+            "blkdebug requires both config file and image path",
+        ));
+    };
+    let config = if config.is_empty() {
+        BlkdebugConfig::default()
+    } else {
+        BlkdebugConfig::from_file(Path::new(config))?
+    };
+    let spec = parse_filename(image)?;
+    crate::blkdebug::register(&spec.path, config);
+    Ok(spec)
+}
+
+/// If the json: options `map` have a blkdebug node at the top or as `file`, takes it out (its
+/// `image` takes its place) and returns its rules, to be registered for the file once the
+/// rest is resolved.
+pub fn unwrap_json(
+    map: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<Option<BlkdebugConfig>> {
+    use serde_json::Value as V;
+    let is_blkdebug =
+        |m: &serde_json::Map<String, V>| m.get("driver").and_then(V::as_str) == Some("blkdebug");
+    if is_blkdebug(map) {
+        let node = std::mem::take(map);
+        let (config, image) = node_from_json(node)?;
+        *map = image;
+        return Ok(config);
+    }
+    if let Some(V::Object(file)) = map.get_mut("file") {
+        if is_blkdebug(file) {
+            let node = std::mem::take(file);
+            let (config, image) = node_from_json(node)?;
+            map.insert("file".into(), V::Object(image));
+            return Ok(config);
+        }
+    }
+    Ok(None)
+}
+
+/// A blkdebug node given as JSON: its rules (`None` when it sits over a format driver, where
+/// they could never fire) and its `image`.
+fn node_from_json(
+    node: serde_json::Map<String, serde_json::Value>,
+) -> Result<(
+    Option<BlkdebugConfig>,
+    serde_json::Map<String, serde_json::Value>,
+)> {
+    use serde_json::Value as V;
+    let mut flat = BTreeMap::new();
+    let mut image = None;
+    for (k, v) in node {
+        match (k.as_str(), v) {
+            ("image", V::Object(m)) => image = Some(m),
+            ("image", V::String(s)) => {
+                image = Some(serde_json::Map::from_iter([(
+                    "filename".to_string(),
+                    V::String(s),
+                )]))
+            }
+            ("inject-error" | "set-state", V::Array(items)) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    let V::Object(fields) = item else {
+                        return Err(Error::invalid_input(format!(
+                            "Invalid parameter type for '{k}.{i}', expected: object"
+                        )));
+                    };
+                    for (f, fv) in fields {
+                        flat.insert(format!("{k}.{i}.{f}"), scalar(&fv, &f)?);
+                    }
+                }
+            }
+            (_, v) => {
+                flat.insert(k.clone(), scalar(&v, &k)?);
+            }
+        }
+    }
+    let image = image
+        .ok_or_else(|| Error::invalid_input("A block device must be specified for \"image\""))?;
+    let config = from_node_options(&flat)?;
+    let over_format = image
+        .get("driver")
+        .and_then(V::as_str)
+        .is_some_and(|d| d != "file" && d != "host_device");
+    Ok(((!over_format).then_some(config), image))
+}
+
+/// A JSON scalar as qemu's option strings spell it.
+fn scalar(v: &serde_json::Value, key: &str) -> Result<String> {
+    use serde_json::Value as V;
+    Ok(match v {
+        V::String(s) => s.clone(),
+        V::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+        V::Number(n) => n.to_string(),
+        _ => {
+            return Err(Error::invalid_input(format!(
+                "Invalid parameter type for '{key}'"
+            )))
+        }
+    })
+}
+
+/// The configuration of a node from its options: its `config` file's rules, then those given
+/// as options.
+fn from_node_options(opts: &BTreeMap<String, String>) -> Result<BlkdebugConfig> {
+    let mut config = match opts.get("config") {
+        Some(file) => BlkdebugConfig::from_file(Path::new(file))?,
+        None => BlkdebugConfig::default(),
+    };
+    let mut rest = opts.clone();
+    rest.remove("config");
+    config.add_options(&rest)?;
+    Ok(config)
+}
+
+/// If the `--image-opts` options `flat` describe a blkdebug node at the top or as `file`,
+/// takes it out (its `image.` options take its place) and returns its rules, as
+/// [`unwrap_json`] does.
+pub fn unwrap_opts(flat: &mut BTreeMap<String, String>) -> Result<Option<BlkdebugConfig>> {
+    let prefix = if flat.get("driver").map(String::as_str) == Some("blkdebug") {
+        ""
+    } else if flat.get("file.driver").map(String::as_str) == Some("blkdebug") {
+        "file."
+    } else {
+        return Ok(None);
+    };
+    let mut node = BTreeMap::new();
+    let mut image = BTreeMap::new();
+    let mut kept = BTreeMap::new();
+    for (k, v) in std::mem::take(flat) {
+        let Some(own) = k.strip_prefix(prefix) else {
+            kept.insert(k, v);
+            continue;
+        };
+        if let Some(sub) = own.strip_prefix("image.") {
+            image.insert(format!("{prefix}{sub}"), v);
+        } else if own == "image" {
+            image.insert(format!("{prefix}filename"), v);
+        } else {
+            node.insert(own.to_string(), v);
+        }
+    }
+    let config = from_node_options(&node)?;
+    let over_format = image
+        .get(&format!("{prefix}driver"))
+        .is_some_and(|d| d != "file" && d != "host_device");
+    kept.extend(image);
+    *flat = kept;
+    Ok((!over_format).then_some(config))
+}
+
+/// Whether an image name (a backing file name recorded in an image) is a `json:` name with a
+/// blkdebug node, which vimg opens; the file it names is returned (its rules registered).
+pub fn resolve_json_name(name: &str) -> Option<Result<PathBuf>> {
+    let json = name.strip_prefix("json:")?;
+    if !json.contains("blkdebug") {
+        return None;
+    }
+    Some(parse_filename(name).map(|s| s.path))
 }
 
 #[cfg(test)]

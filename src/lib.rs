@@ -53,6 +53,7 @@
 #![warn(missing_docs)]
 
 pub mod bitmap;
+pub mod blkdebug;
 pub mod block;
 pub mod capability;
 pub mod chain;

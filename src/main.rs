@@ -900,18 +900,62 @@ fn compare(a: CompareArgs) -> CmdResult {
     let nb = resolve(&a.b, a.format_b, a.force_share).map_err(code2)?;
     let img_a = open(&na.path, na.format, sharing(na.force_share)).map_err(fail)?;
     let img_b = open(&nb.path, nb.format, sharing(nb.force_share)).map_err(fail)?;
-    let outcome = ops::compare::compare(
+    let outcome = match ops::compare::compare_detailed(
         img_a.as_ref(),
         img_b.as_ref(),
         &ops::compare::CompareOptions { strict: a.strict },
-    )
-    .map_err(fail)?;
+    ) {
+        Ok(o) => o,
+        Err(ops::compare::CompareError::Read {
+            image,
+            offset,
+            size_warning,
+            error,
+        }) => {
+            let name = if image == 0 { &a.a } else { &a.b };
+            return compare_read_failure(
+                &name.to_string_lossy(),
+                offset,
+                size_warning,
+                a.quiet,
+                &error,
+            );
+        }
+        Err(e) => return Err(fail(e.into_error())),
+    };
     if !a.quiet {
         let mut text = outcome.messages().join("\n");
         text.push('\n');
         print(&text).map_err(|f| Failure { code: 2, ..f })?;
     }
     Ok(outcome.exit_code() as u8)
+}
+
+/// qemu-img compare's report of a failed read of guest data: `Error while reading offset N of
+/// NAME: CAUSE` (the name as given), exit code 4. The size warning qemu-img printed before goes
+/// to standard output, which qemu-img buffers when it is not a terminal, so that there it comes
+/// after the error.
+fn compare_read_failure(
+    name: &str,
+    offset: u64,
+    size_warning: bool,
+    quiet: bool,
+    error: &Error,
+) -> CmdResult {
+    let cause = std::error::Error::source(error)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .map(vimg::error::os_reason)
+        .unwrap_or_else(|| error.to_string());
+    let message = format!("Error while reading offset {offset} of {name}: {cause}");
+    let warning = size_warning && !quiet;
+    if warning && std::io::stdout().is_terminal() {
+        print("Warning: Image size mismatch!\n")?;
+    } else if warning {
+        eprintln!("{}: {message}", prog());
+        print("Warning: Image size mismatch!\n")?;
+        return Ok(4);
+    }
+    Err(Failure { message, code: 4 })
 }
 
 fn check(mut a: CheckArgs) -> CmdResult {
@@ -1260,6 +1304,10 @@ fn convert(a: ConvertArgs) -> CmdResult {
     let target_named;
     let target = if a.target_image_opts {
         target_named = resolve_as(target, None, false, true)?.path;
+        &target_named
+    } else if a.no_create && target.to_string_lossy().starts_with("blkdebug:") {
+        // An existing target behind qemu's fault-injection driver (see vimg::blkdebug).
+        target_named = resolve_as(target, None, false, false)?.path;
         &target_named
     } else {
         target

@@ -97,7 +97,11 @@ impl RawImage {
     pub fn open_with(path: &Path, writable: bool, locks: LockRequest) -> Result<Self> {
         let storage = FileStorage::open_with(path, writable, locks)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        Self::from_storage(Box::new(storage), path, writable)
+        Self::from_storage(
+            crate::blkdebug::wrap(path, Box::new(storage)),
+            path,
+            writable,
+        )
     }
 
     /// Creates (or truncates) a raw file at `path` of `size` bytes, all holes.
@@ -204,6 +208,7 @@ impl BlockImage for RawImage {
 
     fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
         check_request(self.size, offset, buf.len() as u64).in_file(&self.path)?;
+        self.storage.debug_event(crate::blkdebug::Event::ReadAio);
         self.storage.read_at(buf, offset.0).map_err(|e| {
             Error::io("read failed", e)
                 .with_path(&self.path)
@@ -214,6 +219,7 @@ impl BlockImage for RawImage {
     fn write_at(&self, buf: &[u8], offset: GuestOffset) -> Result<()> {
         self.writable_check()?;
         check_request(self.size, offset, buf.len() as u64).in_file(&self.path)?;
+        self.storage.debug_event(crate::blkdebug::Event::WriteAio);
         self.storage.write_at(buf, offset.0).map_err(|e| {
             Error::io("write failed", e)
                 .with_path(&self.path)

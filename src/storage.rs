@@ -79,6 +79,31 @@ pub trait Storage: Send + Sync {
     fn duplicate(&self) -> Option<Box<dyn Storage>> {
         None
     }
+    /// Tells the storage what the format driver above it is about to do (qemu's
+    /// `BLKDBG_EVENT`); only [`crate::blkdebug`]'s storage acts on it. The default ignores it.
+    fn debug_event(&self, event: DebugEvent) {
+        let _ = event;
+    }
+}
+
+/// What a format driver is about to do, told to its storage ([`Storage::debug_event`]); a
+/// subset of qemu's `BlkdebugEvent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugEvent {
+    /// Reading guest data (qemu's `read_aio`).
+    ReadAio,
+    /// Writing guest data (qemu's `write_aio`).
+    WriteAio,
+}
+
+impl DebugEvent {
+    /// qemu's name of the event.
+    pub fn name(self) -> &'static str {
+        match self {
+            DebugEvent::ReadAio => "read_aio",
+            DebugEvent::WriteAio => "write_aio",
+        }
+    }
 }
 
 /// Creates `path` for reading and writing, or empties the file there, holding a writer's image

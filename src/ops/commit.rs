@@ -394,7 +394,8 @@ pub fn commit_images(
         base.as_mut(),
         job.rate_limit,
         progress,
-    )?;
+    )
+    .map_err(block_job_failed)?;
     // The base is durable before the overlay lets go of anything.
     base.finish()?;
     drop(base);
@@ -406,6 +407,19 @@ pub fn commit_images(
         top.finish()?;
     }
     Ok(())
+}
+
+/// A failure of the copy, worded as qemu-img words a failed commit job: `Block job failed:
+/// CAUSE`, the cause being the operating system's reason for an I/O error (kept as the
+/// error's source), the error's own text otherwise.
+fn block_job_failed(e: Error) -> Error {
+    let os = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error);
+    match os {
+        Some(code) => Error::io("Block job failed", std::io::Error::from_raw_os_error(code)).bare(),
+        None => Error::new(e.kind(), format!("Block job failed: {e}")).bare(),
+    }
 }
 
 #[cfg(test)]

@@ -80,8 +80,54 @@ impl Outcome {
     }
 }
 
+/// Why a comparison stopped without a verdict.
+#[derive(Debug)]
+pub enum CompareError {
+    /// Reading guest data failed: from image `image` (0 the first, 1 the second), in the
+    /// chunk at guest offset `offset` (qemu-img reports `Error while reading offset N of
+    /// NAME` and exits with 4). `size_warning`: the disks differ in size and the failure came
+    /// while checking the tail of the larger one, after qemu-img's size warning.
+    Read {
+        /// Which image: 0 or 1.
+        image: usize,
+        /// The guest offset of the chunk being read.
+        offset: u64,
+        /// Whether the size warning comes before the failure.
+        size_warning: bool,
+        /// The failure.
+        error: Error,
+    },
+    /// Anything else (block status, metadata).
+    Other(Error),
+}
+
+impl From<Error> for CompareError {
+    fn from(e: Error) -> Self {
+        CompareError::Other(e)
+    }
+}
+
+impl CompareError {
+    /// The underlying error.
+    pub fn into_error(self) -> Error {
+        match self {
+            CompareError::Read { error, .. } | CompareError::Other(error) => error,
+        }
+    }
+}
+
 /// Compares the guest data of `a` and `b`.
 pub fn compare(a: &dyn BlockImage, b: &dyn BlockImage, opts: &CompareOptions) -> Result<Outcome> {
+    compare_detailed(a, b, opts).map_err(CompareError::into_error)
+}
+
+/// Compares the guest data of `a` and `b`, telling a failed read of guest data apart
+/// ([`CompareError::Read`]).
+pub fn compare_detailed(
+    a: &dyn BlockImage,
+    b: &dyn BlockImage,
+    opts: &CompareOptions,
+) -> std::result::Result<Outcome, CompareError> {
     let (size_a, size_b) = (a.virtual_size(), b.virtual_size());
     let common = size_a.min(size_b);
     let outcome = |verdict| Outcome {
@@ -105,8 +151,8 @@ pub fn compare(a: &dyn BlockImage, b: &dyn BlockImage, opts: &CompareOptions) ->
         let n = la.min(lb);
         let found = match (sa.status.zero, sb.status.zero) {
             (true, true) => None,
-            (true, false) => first_nonzero(b, off, n, &mut bufs)?,
-            (false, true) => first_nonzero(a, off, n, &mut bufs)?,
+            (true, false) => first_nonzero(b, off, n, &mut bufs).map_err(read_failed(1, false))?,
+            (false, true) => first_nonzero(a, off, n, &mut bufs).map_err(read_failed(0, false))?,
             (false, false) => first_difference(a, b, off, n, &mut bufs)?,
         };
         if let Some(p) = found {
@@ -115,23 +161,36 @@ pub fn compare(a: &dyn BlockImage, b: &dyn BlockImage, opts: &CompareOptions) ->
         off += n;
     }
     // The tail of the larger image must read as zeros.
-    let (longer, longer_size) = if size_a > size_b {
-        (a, size_a)
+    let (longer, longer_size, side) = if size_a > size_b {
+        (a, size_a, 0)
     } else {
-        (b, size_b)
+        (b, size_b, 1)
     };
     let mut rl = Runs::new(longer, false);
     let mut off = common;
     while off < longer_size {
         let (s, n) = rl.run(off, longer_size - off)?;
         if !s.status.zero {
-            if let Some(p) = first_nonzero(longer, off, n, &mut bufs)? {
+            if let Some(p) = first_nonzero(longer, off, n, &mut bufs)
+                .map_err(read_failed(side, size_a != size_b))?
+            {
                 return Ok(outcome(Verdict::ContentMismatch(sector_of(p, off))));
             }
         }
         off += n;
     }
     Ok(outcome(Verdict::Identical))
+}
+
+/// Makes a failed read of image `side` (the chunk's offset attached by the reader) a
+/// [`CompareError::Read`].
+fn read_failed(side: usize, size_warning: bool) -> impl Fn((u64, Error)) -> CompareError {
+    move |(offset, error)| CompareError::Read {
+        image: side,
+        offset,
+        size_warning,
+        error,
+    }
 }
 
 /// The start of the 512-byte sector holding byte `p`, not before `floor`.
@@ -274,12 +333,14 @@ fn first_nonzero(
     off: u64,
     len: u64,
     bufs: &mut Buffers,
-) -> Result<Option<u64>> {
+) -> std::result::Result<Option<u64>, (u64, Error)> {
     let (buf, _) = bufs.get(len.min(CHUNK) as usize);
     let mut pos = off;
     while pos < off + len {
         let n = (off + len - pos).min(CHUNK) as usize;
-        image.read_at(&mut buf[..n], GuestOffset(pos))?;
+        image
+            .read_at(&mut buf[..n], GuestOffset(pos))
+            .map_err(|e| (pos, e))?;
         if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
             return Ok(Some(pos + i as u64));
         }
@@ -296,7 +357,7 @@ fn first_difference(
     off: u64,
     len: u64,
     bufs: &mut Buffers,
-) -> Result<Option<u64>> {
+) -> std::result::Result<Option<u64>, CompareError> {
     let (ba, bb) = bufs.get(len.min(CHUNK) as usize);
     let mut pos = off;
     while pos < off + len {
@@ -309,8 +370,8 @@ fn first_difference(
             });
             (ra, rb)
         });
-        ra?;
-        rb?;
+        ra.map_err(|e| read_failed(0, false)((pos, e)))?;
+        rb.map_err(|e| read_failed(1, false)((pos, e)))?;
         if ba[..n] != bb[..n] {
             let i = ba[..n]
                 .iter()

@@ -328,7 +328,8 @@ impl CreatePlan {
                     s.push_str(&format!(" compat={}", o.compat.as_str()));
                 }
                 if let Some(b) = &o.backing_file {
-                    s.push_str(&format!(" backing_file={b}"));
+                    // qemu prints option values with their commas doubled.
+                    s.push_str(&format!(" backing_file={}", b.replace(',', ",,")));
                 }
                 if let Some(f) = &o.backing_fmt {
                     s.push_str(&format!(" backing_fmt={f}"));

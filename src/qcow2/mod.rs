@@ -124,7 +124,8 @@ impl Qcow2Image {
                 .with_path(path)
                 .while_opening()
         })?;
-        Self::open_storage(Box::new(storage), path, writable, no_backing, guard)
+        let storage = crate::blkdebug::wrap(path, Box::new(storage));
+        Self::open_storage(storage, path, writable, no_backing, guard)
     }
 
     /// Opens a qcow2 image held in `storage`; `path` names it in messages and anchors relative
@@ -618,6 +619,8 @@ impl Qcow2Image {
                         ))
                         .at(host));
                     }
+                    self.data_storage()
+                        .debug_event(crate::blkdebug::Event::ReadAio);
                     self.data_storage()
                         .read_at(chunk, host)
                         .map_err(|e| Error::io("read failed", e).at(host))?;

@@ -536,6 +536,8 @@ impl Qcow2Image {
         let mut content = self.cluster_contents(gc)?;
         content[within as usize..within as usize + data.len()].copy_from_slice(data);
         self.data_storage()
+            .debug_event(crate::blkdebug::Event::WriteAio);
+        self.data_storage()
             .write_at(&content, host)
             .map_err(Self::io_err("write failed", host))?;
         drop(table);
@@ -663,6 +665,8 @@ impl Qcow2Image {
         if head == 0 && tail == 0 {
             self.guard_data_write(st, host + start, data.len() as u64)?;
             self.data_storage()
+                .debug_event(crate::blkdebug::Event::WriteAio);
+            self.data_storage()
                 .write_at(data, host + start)
                 .map_err(Self::io_err("write failed", host + start))?;
         } else {
@@ -671,6 +675,8 @@ impl Qcow2Image {
             buf[head as usize..head as usize + data.len()].copy_from_slice(data);
             self.read_inner(&mut buf[head as usize + data.len()..], gc + end)?;
             self.guard_data_write(st, host + start, buf.len() as u64)?;
+            self.data_storage()
+                .debug_event(crate::blkdebug::Event::WriteAio);
             self.data_storage()
                 .write_at(&buf, host + start)
                 .map_err(Self::io_err("write failed", host + start))?;
@@ -930,6 +936,8 @@ impl Qcow2Image {
         remaps: &mut Vec<Remap>,
     ) -> Result<()> {
         if !data.is_empty() {
+            self.data_storage()
+                .debug_event(crate::blkdebug::Event::WriteAio);
             self.data_storage()
                 .write_at(data, host)
                 .map_err(Self::io_err("write failed", host))?;

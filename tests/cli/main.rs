@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod blkdebug;
 mod block_devices;
 mod cli;
 mod cli_compat;

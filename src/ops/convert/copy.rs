@@ -64,7 +64,13 @@ fn read_source(plan: &Plan<'_>, buf: &mut [u8], off: u64) -> Result<()> {
         return Ok(());
     };
     if !plan.salvage {
-        return Err(e);
+        // qemu-img's words first (`error while reading at byte N`, N the guest offset), then
+        // vimg's (what failed, where in the file, the OS cause), as for writes.
+        if e.kind() != ErrorKind::Io {
+            return Err(e);
+        }
+        let what = format!("error while reading at byte {off}: {}", e.what());
+        return Err(e.reworded(what));
     }
     for (i, sector) in buf.chunks_mut(512).enumerate() {
         let at = off + i as u64 * 512;
