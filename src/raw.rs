@@ -41,12 +41,14 @@ impl RawImage {
         Self::from_storage(Box::new(storage), path, writable)
     }
 
-    /// Creates (or truncates) a raw file at `path` of `size` bytes, all holes.
+    /// Creates (or truncates) a raw file at `path` of `size` bytes, all holes but the first
+    /// block (see [`allocate_first_block`]), as qemu creates one.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
         let storage = FileStorage::create(path)
             .map_err(|e| Error::io("cannot create image", e).with_path(path))?;
         storage
             .set_len(size)
+            .and_then(|_| allocate_first_block(&storage, size))
             .map_err(|e| Error::io("cannot set image size", e).with_path(path))?;
         Self::from_storage(Box::new(storage), path, true)
     }
@@ -72,8 +74,13 @@ impl RawImage {
         if size <= self.size {
             return Ok(());
         }
+        let was_empty = self.size == 0;
         self.storage
             .set_len(size)
+            .and_then(|_| match was_empty {
+                true => allocate_first_block(self.storage.as_ref(), size),
+                false => Ok(()),
+            })
             .and_then(|_| self.storage.flush())
             .map_err(|e| Error::io("cannot grow image", e).with_path(&self.path))?;
         self.size = size.div_ceil(512) * 512;
@@ -87,6 +94,18 @@ impl RawImage {
             Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only").with_path(&self.path))
         }
     }
+}
+
+/// Writes zeros over the first 4 KiB of a file just grown from empty to `len` bytes (all of it
+/// when shorter), as qemu's file-posix driver does whenever it grows an empty file without
+/// preallocation, so that later opens can probe the host's block size. A raw image made by
+/// qemu therefore maps its first block as data; vimg's do the same.
+pub fn allocate_first_block(storage: &dyn Storage, len: u64) -> std::io::Result<()> {
+    let n = len.min(4096) as usize;
+    if n == 0 {
+        return Ok(());
+    }
+    storage.write_at(&vec![0u8; n], 0)
 }
 
 impl BlockImage for RawImage {
@@ -214,7 +233,9 @@ mod tests {
     fn holes_report_zero_and_zero_writes_punch_holes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.raw");
-        let img = RawImage::create(&p, 4 << 20).unwrap();
+        // A sparse file made elsewhere (vimg's own create writes the first block).
+        std::fs::File::create(&p).unwrap().set_len(4 << 20).unwrap();
+        let img = RawImage::open(&p, true).unwrap();
         let data = vec![0xabu8; 1 << 20];
         img.write_at(&data, GuestOffset(1 << 20)).unwrap();
         img.flush().unwrap();
@@ -231,6 +252,27 @@ mod tests {
         assert!(back.iter().all(|&b| b == 0));
         let s2 = img.block_status(GuestOffset(1 << 20), 3 << 20).unwrap();
         assert!(s2.zero, "zero write left data: {s2:?}");
+    }
+
+    #[test]
+    fn create_writes_the_first_block_as_qemu_does() {
+        let dir = tempfile::tempdir().unwrap();
+        for (size, first) in [(4u64 << 20, 4096u64), (1024, 1024), (0, 0)] {
+            let p = dir.path().join(format!("{size}.raw"));
+            let img = RawImage::create(&p, size).unwrap();
+            if size == 0 {
+                continue;
+            }
+            let s0 = img.block_status(GuestOffset(0), size).unwrap();
+            assert!(s0.data && s0.len == first, "{size}: {s0:?}");
+            if size > first {
+                let s1 = img.block_status(GuestOffset(first), size - first).unwrap();
+                assert!(s1.zero && !s1.data, "{size}: {s1:?}");
+            }
+            let mut buf = vec![1u8; first as usize];
+            img.read_at(&mut buf, GuestOffset(0)).unwrap();
+            assert!(buf.iter().all(|&b| b == 0));
+        }
     }
 
     #[test]

@@ -117,7 +117,9 @@ pub fn resize_prealloc(
                         .with_path(path),
                 );
             }
-            if new > cur && prealloc != Preallocation::Off {
+            // A file grown from empty gets its first block written, as qemu does, whatever
+            // the preallocation.
+            if new > cur && (prealloc != Preallocation::Off || cur == 0) {
                 grow_file(storage.file(), path, new, prealloc)?;
             }
             storage
