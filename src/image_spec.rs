@@ -37,6 +37,18 @@ pub struct ImageSpec {
     pub null: Option<NullSpec>,
 }
 
+impl ImageSpec {
+    /// `cache.direct=on` (or `file.cache.direct=on`): qemu opens the file with `O_DIRECT`,
+    /// which changes how it reports block status (see [`crate::raw::RawImage::direct`]).
+    pub fn cache_direct(&self) -> bool {
+        ["cache.direct", "file.cache.direct"].iter().any(|k| {
+            self.options
+                .get(*k)
+                .is_some_and(|v| boolean(k, v).is_ok_and(|b| b))
+        })
+    }
+}
+
 /// The protocol names of qemu's null driver.
 const NULL_DRIVERS: &[&str] = &["null-co", "null-aio"];
 

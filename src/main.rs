@@ -714,6 +714,8 @@ struct Named {
     force_share: bool,
     /// The spec names qemu's null driver rather than a file (a read-only source).
     null: Option<vimg::null::NullSpec>,
+    /// The spec says `cache.direct=on`.
+    direct: bool,
 }
 
 /// Resolves an image name: a plain file name, `json:{...}`, `file:NAME`, or with
@@ -753,6 +755,7 @@ fn resolve_as(
             format,
             force_share,
             null: None,
+            direct: false,
         });
     }
     let spec = if image_opts {
@@ -762,6 +765,7 @@ fn resolve_as(
     }
     .map_err(|e| say(e.to_string()))?;
     Ok(Named {
+        direct: spec.cache_direct(),
         path: spec.path,
         format: spec.format.or(format),
         force_share: force_share || spec.force_share || spec.locking == Some(false),
@@ -851,6 +855,22 @@ fn open(
 fn open_named(n: &Named, sharing: Sharing) -> Result<Box<dyn vimg::BlockImage>, Error> {
     match n.null {
         Some(spec) => Ok(Box::new(vimg::null::NullImage::new(spec, &n.path))),
+        // A raw image opened with O_DIRECT reports block status in whole sectors, as qemu's.
+        None if n.direct => {
+            let format = match n.format {
+                Some(f) => f,
+                None => vimg::open::probe_format(&n.path)?,
+            };
+            if format != ImageFormat::Raw {
+                return open(&n.path, Some(format), sharing);
+            }
+            let locks = vimg::open::ChainGuard::new(sharing)
+                .locks(format, false, true)
+                .map_err(|e| e.with_path(&n.path))?;
+            let raw = vimg::raw::RawImage::open_with(&n.path, false, locks)
+                .map_err(Error::while_opening)?;
+            Ok(Box::new(raw.direct()))
+        }
         None => open(&n.path, n.format, sharing),
     }
 }

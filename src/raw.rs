@@ -20,6 +20,8 @@ pub struct RawImage {
     /// sees it (bytes past the end of the file read as zeros). Read once, as qemu does: asking
     /// the file system on every request would cost a system call each.
     size: u64,
+    /// Block status in whole sectors (see [`RawImage::direct`]).
+    direct: bool,
 }
 
 impl RawImage {
@@ -63,7 +65,19 @@ impl RawImage {
             path: path.to_path_buf(),
             writable,
             size: len.div_ceil(512) * 512,
+            direct: false,
         })
+    }
+
+    /// The image as qemu sees it opened with `cache.direct=on` (`O_DIRECT`): its block-status
+    /// answers then come in whole requests of the device's alignment (at least a 512-byte
+    /// sector), so a file ending in a partial sector reports that sector as data with the
+    /// data before it, where without `O_DIRECT` the bytes past the end of the file are a zero
+    /// range of their own (qemu's file-posix rounds a data extent up to its request
+    /// alignment). Reads and writes are unchanged.
+    pub fn direct(mut self) -> Self {
+        self.direct = true;
+        self
     }
 
     /// Grows the file to `size` bytes (the new part a hole that reads as zeros) and syncs, for
@@ -188,7 +202,12 @@ impl BlockImage for RawImage {
             .storage
             .extent_at(offset.0)
             .map_err(|e| Error::io("block status query failed", e).with_path(&self.path))?;
-        let len = n.min(max_len).max(1);
+        let mut len = n.min(max_len).max(1);
+        if is_data && self.direct {
+            // Only the end of the file can end a data extent inside a sector.
+            let end = (offset.0 + len).next_multiple_of(512).min(size);
+            len = (end - offset.0).min(max_len);
+        }
         let host = HostOffset(offset.0);
         Ok(if is_data {
             BlockStatus::data(len, 0, host)

@@ -118,3 +118,54 @@ fn raw_files_grown_from_empty_have_their_first_block_written() {
         assert_eq!(qemu_map(&v, "raw"), qemu_map(&q, "raw"), "{name}");
     }
 }
+
+/// A raw file whose end is not sector-aligned, mapped through `--image-opts` with
+/// `cache.direct` on (qemu's block status then comes in whole sectors, so the partial sector at
+/// the end of the file belongs to the data before it) and off (the bytes past the end are a
+/// zero range of their own), as in iotest 253.
+#[test]
+fn unaligned_raw_end_maps_as_qemu_with_and_without_o_direct() {
+    if !qemu_available("unaligned_raw_end_maps_as_qemu_with_and_without_o_direct") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.raw");
+    let size = (1u64 << 20) - 1;
+    run(
+        "qemu-img",
+        &["create", "-f", "raw", s(&img), &size.to_string()],
+    );
+    let set_len = |n: u64| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(n)
+            .unwrap()
+    };
+    set_len(size);
+    let off = (1u64 << 20) - (64 << 10);
+    let write = format!("write -P 0x5a {off} {}", size - off);
+    run(
+        "qemu-io",
+        &["-t", "none", "-f", "raw", "-c", &write, s(&img)],
+    );
+    set_len(size);
+    let small = dir.path().join("small.raw");
+    std::fs::write(&small, vec![0x11u8; 1000]).unwrap();
+    for file in [&img, &small] {
+        for direct in ["on", "off"] {
+            let opts = format!(
+                "driver=raw,file.driver=file,file.filename={},cache.direct={direct}",
+                s(file)
+            );
+            let args = ["map", "--output=json", "--image-opts", opts.as_str()];
+            assert_eq!(
+                run(VIMG, &args),
+                run("qemu-img", &args),
+                "{} cache.direct={direct}",
+                s(file)
+            );
+        }
+    }
+}
