@@ -169,3 +169,82 @@ fn unaligned_raw_end_maps_as_qemu_with_and_without_o_direct() {
         }
     }
 }
+
+/// `qemu-img bitmap` stores every bitmap anew whenever it writes an image (and `--remove`
+/// first drops the entry on its own), writing tables and directories without padding: vimg's
+/// bitmap commands leave the same layout, so the same file length and header, and
+/// `measure -f raw` of the file (iotest 190) gives what qemu's gives.
+#[test]
+fn bitmap_commands_leave_qemus_layout() {
+    if !qemu_available("bitmap_commands_leave_qemus_layout") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let huge = dir.path().join("huge.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            s(&huge),
+            "2T",
+        ],
+    );
+    let base = dir.path().join("base.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", s(&base), "64M"]);
+    run("qemu-img", &["bitmap", "--add", s(&base), "b0"]);
+    let io = |cmds: &[&str]| {
+        let mut args = vec!["-f", "qcow2"];
+        for c in cmds {
+            args.extend(["-c", c]);
+        }
+        args.push(s(&base));
+        run("qemu-io", &args);
+    };
+    io(&["write 0 1M", "write 40M 64k"]);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512", s(&base), "b9"],
+    );
+    io(&["write 10M 3M"]);
+    let huge_steps: &[&[&str]] = &[&["--add", "-g", "512", "b1"], &["--add", "-g", "2M", "b2"]];
+    let base_steps: &[&[&str]] = &[
+        &["--add", "b1"],
+        &["--merge", "b0", "b1"],
+        &["--disable", "b9"],
+        &["--remove", "b0"],
+        &["--clear", "b1"],
+        &["--enable", "b1"],
+        &["--remove", "b9"],
+    ];
+    for (src, steps) in [(&huge, huge_steps), (&base, base_steps)] {
+        let q = dir.path().join("q.qcow2");
+        let v = dir.path().join("v.qcow2");
+        std::fs::copy(src, &q).unwrap();
+        std::fs::copy(src, &v).unwrap();
+        for step in steps {
+            let (name, opts) = step.split_last().unwrap();
+            for (tool, img) in [("qemu-img", &q), (VIMG, &v)] {
+                let mut args = vec!["bitmap", "-f", "qcow2"];
+                args.extend(opts);
+                args.extend([s(img), *name]);
+                run(tool, &args);
+            }
+            let (qb, vb) = (std::fs::read(&q).unwrap(), std::fs::read(&v).unwrap());
+            assert_eq!(vb.len(), qb.len(), "{step:?}: file length");
+            assert!(vb[..4096] == qb[..4096], "{step:?}: header differs");
+            run("qemu-img", &["check", "-f", "qcow2", s(&v)]);
+            // The required size depends on how sparse the file is (qemu's test hides it).
+            let measure = |tool, img: &Path| {
+                let out = run(tool, &["measure", "-O", "qcow2", "-f", "raw", s(img)]);
+                out.lines()
+                    .filter(|l| l.starts_with("fully"))
+                    .collect::<String>()
+            };
+            assert_eq!(measure(VIMG, &v), measure("qemu-img", &q), "{step:?}");
+        }
+    }
+}
