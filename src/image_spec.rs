@@ -2,8 +2,9 @@
 //! `--image-opts`, `key=value,...` option lists (`driver=qcow2,file.filename=x.qcow2`).
 //!
 //! vimg opens raw and qcow2 images on local files and block devices, so a spec may name the
-//! drivers `raw` and `qcow2` as the format and `file` or `host_device` as the protocol. Other
-//! drivers and protocols are refused with one line saying so. The block-layer options qemu
+//! drivers `raw` and `qcow2` as the format and `file` or `host_device` as the protocol, or
+//! qemu's null driver (`null-co://`, `driver=null-co`: a read-only source, [`crate::null`]).
+//! Other drivers and protocols are refused with one line saying so. The block-layer options qemu
 //! takes that change nothing for vimg (cache modes, `aio`, `discard`, `node-name`, qcow2
 //! cache sizes...) are accepted and kept; `locking`, `force-share`, `read-only` and
 //! `backing: null` are interpreted.
@@ -532,6 +533,33 @@ mod tests {
         assert_eq!(s.locking, None);
         let s = parse_image_opts("driver=qcow2,file=x.qcow2,backing=").unwrap();
         assert!(s.no_backing);
+    }
+
+    #[test]
+    fn null_driver_specs() {
+        let s = parse_filename("null-aio://").unwrap();
+        assert_eq!(s.null, Some(NullSpec::default()));
+        let s =
+            parse_filename(r#"json:{"driver":"null-co","size":1000,"read-zeroes":true}"#).unwrap();
+        let want = NullSpec {
+            size: 1024,
+            read_zeroes: true,
+        };
+        assert_eq!((s.null, s.format), (Some(want), Some(ImageFormat::Raw)));
+        let s = parse_image_opts("driver=raw,file.driver=null-co,file.size=64k").unwrap();
+        assert_eq!(s.null.map(|n| n.size), Some(65536));
+        assert!(!s.cache_direct());
+        for bad in [
+            "null-co://x",
+            r#"json:{"driver":"null-co","size":"-1"}"#,
+            r#"json:{"driver":"null-co","read-zeroes":"maybe"}"#,
+            r#"json:{"driver":"null-co","filename":"other"}"#,
+        ] {
+            assert!(parse_filename(bad).is_err(), "{bad}");
+        }
+        assert!(parse_image_opts("driver=raw,file.driver=null-co,bogus=1").is_err());
+        let s = parse_image_opts("driver=raw,file.filename=x,cache.direct=on").unwrap();
+        assert!(s.cache_direct() && s.null.is_none());
     }
 
     #[test]
