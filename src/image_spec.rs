@@ -2,8 +2,9 @@
 //! `--image-opts`, `key=value,...` option lists (`driver=qcow2,file.filename=x.qcow2`).
 //!
 //! vimg opens raw and qcow2 images on local files and block devices, so a spec may name the
-//! drivers `raw` and `qcow2` as the format and `file` or `host_device` as the protocol. Other
-//! drivers and protocols are refused with one line saying so. The block-layer options qemu
+//! drivers `raw` and `qcow2` as the format and `file` or `host_device` as the protocol, or
+//! qemu's null driver (`null-co://`, `driver=null-co`: a read-only source, [`crate::null`]).
+//! Other drivers and protocols are refused with one line saying so. The block-layer options qemu
 //! takes that change nothing for vimg (cache modes, `aio`, `discard`, `node-name`, qcow2
 //! cache sizes...) are accepted and kept; `locking`, `force-share`, `read-only` and
 //! `backing: null` are interpreted.
@@ -11,6 +12,7 @@
 use crate::blkdebug::Config as BlkdebugConfig;
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};
+use crate::null::NullSpec;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
@@ -37,7 +39,25 @@ pub struct ImageSpec {
     pub data_file: Option<PathBuf>,
     /// Every option of the spec, with dotted keys (`file.filename`), as given.
     pub options: BTreeMap<String, String>,
+    /// The spec names qemu's null driver (`null-co://`, `driver=null-co`): a read-only disk
+    /// of zeros rather than a file ([`crate::null`]); `path` then holds its name.
+    pub null: Option<NullSpec>,
 }
+
+impl ImageSpec {
+    /// `cache.direct=on` (or `file.cache.direct=on`): qemu opens the file with `O_DIRECT`,
+    /// which changes how it reports block status (see [`crate::raw::RawImage::direct`]).
+    pub fn cache_direct(&self) -> bool {
+        ["cache.direct", "file.cache.direct"].iter().any(|k| {
+            self.options
+                .get(*k)
+                .is_some_and(|v| boolean(k, v).is_ok_and(|b| b))
+        })
+    }
+}
+
+/// The protocol names of qemu's null driver.
+const NULL_DRIVERS: &[&str] = &["null-co", "null-aio"];
 
 /// Protocols qemu knows that vimg does not open (a name `PROTO:...` using one is refused).
 const FOREIGN_PROTOCOLS: &[&str] = &[
@@ -54,8 +74,6 @@ const FOREIGN_PROTOCOLS: &[&str] = &[
     "gluster",
     "nfs",
     "vvfat",
-    "null-co",
-    "null-aio",
     "blkdebug",
     "blkverify",
     "throttle",
@@ -91,8 +109,6 @@ const FOREIGN_DRIVERS: &[&str] = &[
     "throttle",
     "quorum",
     "replication",
-    "null-co",
-    "null-aio",
 ];
 
 /// Options accepted and kept without changing what vimg does (qemu block-layer and qcow2
@@ -159,6 +175,22 @@ pub fn parse_filename(name: &str) -> Result<ImageSpec> {
         };
         return Ok(ImageSpec {
             path,
+            ..Default::default()
+        });
+    }
+    if let Some(proto) = NULL_DRIVERS
+        .iter()
+        .find(|p| name.starts_with(&format!("{p}:")))
+    {
+        // qemu's null driver takes exactly one file name.
+        if name != format!("{proto}://") {
+            return Err(Error::invalid_input(format!(
+                "The only allowed filename for this driver is '{proto}://'"
+            )));
+        }
+        return Ok(ImageSpec {
+            path: PathBuf::from(name),
+            null: Some(NullSpec::default()),
             ..Default::default()
         });
     }
@@ -321,6 +353,13 @@ fn boolean(key: &str, v: &str) -> Result<bool> {
 fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
     let mut spec = ImageSpec::default();
     let driver = flat.get("driver").map(String::as_str);
+    if let Some(null) = null_device(&flat)? {
+        spec.path = PathBuf::from(format!("{}://", null.0));
+        spec.format = Some(ImageFormat::Raw);
+        spec.null = Some(null.1);
+        spec.options = flat;
+        return Ok(spec);
+    }
     // The protocol layer's options live under `file.` when a format driver is named, at the
     // top level when the driver is the protocol itself (or not named at all).
     let (protocol_prefix, format) = match driver {
@@ -401,6 +440,66 @@ fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
     }
     spec.options = flat;
     Ok(spec)
+}
+
+/// The null device a spec names, with its protocol name: `driver=null-co` (options at the top
+/// level) or a `raw` (or unnamed) format over `file.driver=null-co` (options under `file.`).
+/// Takes qemu's options of the driver: `size` (rounded up to whole sectors), `read-zeroes`,
+/// `latency-ns` (ignored) and `filename` (only its own `null-co://`).
+fn null_device(flat: &BTreeMap<String, String>) -> Result<Option<(&'static str, NullSpec)>> {
+    let find = |key: &str| {
+        let d = flat.get(key)?;
+        NULL_DRIVERS.iter().copied().find(|n| n == d)
+    };
+    let (proto, prefix) = match (find("driver"), find("file.driver")) {
+        (Some(p), _) => (p, ""),
+        (None, Some(p)) if matches!(flat.get("driver").map(String::as_str), None | Some("raw")) => {
+            (p, "file.")
+        }
+        _ => return Ok(None),
+    };
+    let mut spec = NullSpec::default();
+    for (k, v) in flat {
+        let Some(bare) = k.strip_prefix(prefix) else {
+            continue;
+        };
+        match bare {
+            "driver" | "latency-ns" | "read-only" | "force-share" => {}
+            "size" => {
+                let size = crate::ops::size::parse_size(v).map_err(|_| {
+                    Error::invalid_input(
+                        "Parameter 'size' expects a non-negative number below 2^64",
+                    )
+                })?;
+                spec.size = size.div_ceil(512) * 512;
+            }
+            "read-zeroes" => spec.read_zeroes = boolean(k, v)?,
+            "filename" if v == &format!("{proto}://") => {}
+            "filename" => {
+                return Err(Error::invalid_input(format!(
+                    "The only allowed filename for this driver is '{proto}://'"
+                )))
+            }
+            b if IGNORED.contains(&b) => {}
+            _ => {
+                return Err(Error::invalid_input(format!(
+                    "Block protocol '{proto}' doesn't support the option '{bare}'"
+                )))
+            }
+        }
+    }
+    // The format layer over it takes only the options that change nothing.
+    if prefix == "file." {
+        for k in flat.keys().filter(|k| !k.starts_with(prefix)) {
+            let ok = IGNORED.contains(&k.as_str()) && k != "size";
+            if !ok && !matches!(k.as_str(), "driver" | "read-only" | "force-share") {
+                return Err(Error::invalid_input(format!(
+                    "Block format 'raw' does not support the option '{k}'"
+                )));
+            }
+        }
+    }
+    Ok(Some((proto, spec)))
 }
 
 /// Parses arbitrary bytes (as UTF-8, lossily) both as an image name and as an `--image-opts`
@@ -656,6 +755,33 @@ mod tests {
         let s = parse_filename(r#"json:{"driver":"qcow2","data-file":"e.raw","file":"y"}"#);
         assert_eq!(s.unwrap().data_file, Some(PathBuf::from("e.raw")));
         assert!(parse_image_opts("data-file.driver=nbd,file.filename=x").is_err());
+    }
+
+    #[test]
+    fn null_driver_specs() {
+        let s = parse_filename("null-aio://").unwrap();
+        assert_eq!(s.null, Some(NullSpec::default()));
+        let s =
+            parse_filename(r#"json:{"driver":"null-co","size":1000,"read-zeroes":true}"#).unwrap();
+        let want = NullSpec {
+            size: 1024,
+            read_zeroes: true,
+        };
+        assert_eq!((s.null, s.format), (Some(want), Some(ImageFormat::Raw)));
+        let s = parse_image_opts("driver=raw,file.driver=null-co,file.size=64k").unwrap();
+        assert_eq!(s.null.map(|n| n.size), Some(65536));
+        assert!(!s.cache_direct());
+        for bad in [
+            "null-co://x",
+            r#"json:{"driver":"null-co","size":"-1"}"#,
+            r#"json:{"driver":"null-co","read-zeroes":"maybe"}"#,
+            r#"json:{"driver":"null-co","filename":"other"}"#,
+        ] {
+            assert!(parse_filename(bad).is_err(), "{bad}");
+        }
+        assert!(parse_image_opts("driver=raw,file.driver=null-co,bogus=1").is_err());
+        let s = parse_image_opts("driver=raw,file.filename=x,cache.direct=on").unwrap();
+        assert!(s.cache_direct() && s.null.is_none());
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub mod image_spec;
 pub mod info;
 pub mod interrupt;
 pub mod lock;
+pub mod null;
 pub mod offsets;
 pub mod open;
 pub mod ops;

@@ -712,6 +712,10 @@ struct Named {
     format: Option<ImageFormat>,
     /// `-U`, or a spec saying `force-share=on` or `locking=off` (for read-only opens).
     force_share: bool,
+    /// The spec names qemu's null driver rather than a file (a read-only source).
+    null: Option<vimg::null::NullSpec>,
+    /// The spec says `cache.direct=on`.
+    direct: bool,
 }
 
 /// Resolves an image name: a plain file name, `json:{...}`, `file:NAME`, or with
@@ -750,6 +754,8 @@ fn resolve_as(
             path: name.to_path_buf(),
             format,
             force_share,
+            null: None,
+            direct: false,
         });
     }
     let spec = if image_opts {
@@ -762,9 +768,11 @@ fn resolve_as(
         vimg::qcow2::data_file::set_override(&spec.path, data);
     }
     Ok(Named {
+        direct: spec.cache_direct(),
         path: spec.path,
         format: spec.format.or(format),
         force_share: force_share || spec.force_share || spec.locking == Some(false),
+        null: spec.null,
     })
 }
 
@@ -846,6 +854,30 @@ fn open(
     Ok(image)
 }
 
+/// Opens a resolved image name read-only: a file as [`open`] does, or qemu's null driver.
+fn open_named(n: &Named, sharing: Sharing) -> Result<Box<dyn vimg::BlockImage>, Error> {
+    match n.null {
+        Some(spec) => Ok(Box::new(vimg::null::NullImage::new(spec, &n.path))),
+        // A raw image opened with O_DIRECT reports block status in whole sectors, as qemu's.
+        None if n.direct => {
+            let format = match n.format {
+                Some(f) => f,
+                None => vimg::open::probe_format(&n.path)?,
+            };
+            if format != ImageFormat::Raw {
+                return open(&n.path, Some(format), sharing);
+            }
+            let locks = format
+                .locks(sharing, false, true)
+                .map_err(|e| e.with_path(&n.path))?;
+            let raw = vimg::raw::RawImage::open_with(&n.path, false, locks)
+                .map_err(Error::while_opening)?;
+            Ok(Box::new(raw.direct()))
+        }
+        None => open(&n.path, n.format, sharing),
+    }
+}
+
 fn print(text: &str) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
@@ -875,7 +907,7 @@ fn info(a: InfoArgs) -> CmdResult {
 
 fn map(a: MapArgs) -> CmdResult {
     let n = resolve(&a.filename, a.image.format, a.image.force_share)?;
-    let image = open(&n.path, n.format, sharing(n.force_share)).map_err(|e| Failure::new(e, 1))?;
+    let image = open_named(&n, sharing(n.force_share)).map_err(|e| Failure::new(e, 1))?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let r = match OutputFormat::from(a.output) {
         OutputFormat::Json => {
@@ -898,8 +930,8 @@ fn compare(a: CompareArgs) -> CmdResult {
     let _ = a.progress;
     let na = resolve(&a.a, a.format_a, a.force_share).map_err(code2)?;
     let nb = resolve(&a.b, a.format_b, a.force_share).map_err(code2)?;
-    let img_a = open(&na.path, na.format, sharing(na.force_share)).map_err(fail)?;
-    let img_b = open(&nb.path, nb.format, sharing(nb.force_share)).map_err(fail)?;
+    let img_a = open_named(&na, sharing(na.force_share)).map_err(fail)?;
+    let img_b = open_named(&nb, sharing(nb.force_share)).map_err(fail)?;
     let outcome = match ops::compare::compare_detailed(
         img_a.as_ref(),
         img_b.as_ref(),
@@ -1335,7 +1367,7 @@ fn convert(a: ConvertArgs) -> CmdResult {
                     true => Sharing::ForceShare,
                     false => Sharing::NoWriters,
                 };
-                open(&n.path, n.format, sh)
+                open_named(n, sh)
             }
         })
         .collect::<Result<Vec<_>, _>>()
@@ -1404,7 +1436,7 @@ fn dd(a: DdArgs) -> CmdResult {
         a.format,
         a.force_share,
     )?;
-    let src = open(&n.path, n.format, sharing(n.force_share)).map_err(fail)?;
+    let src = open_named(&n, sharing(n.force_share)).map_err(fail)?;
     let outcome = ops::dd::dd(src.as_ref(), &operands, a.output_format).map_err(fail)?;
     if let Some(w) = outcome.warning {
         eprintln!("{}: {w}", prog());
@@ -1435,7 +1467,7 @@ fn measure(a: MeasureArgs) -> CmdResult {
     let source = match file {
         Some(f) => {
             let n = resolve(f, a.format, a.force_share)?;
-            Some(open(&n.path, n.format, sharing(n.force_share)).map_err(fail)?)
+            Some(open_named(&n, sharing(n.force_share)).map_err(fail)?)
         }
         None => None,
     };

@@ -79,6 +79,8 @@ pub struct RawImage {
     size: u64,
     /// Flushes do not wait for the disk (qemu's `cache=unsafe`).
     unsafe_cache: std::sync::atomic::AtomicBool,
+    /// Block status in whole sectors (see [`RawImage::direct`]).
+    direct: bool,
 }
 
 impl RawImage {
@@ -104,12 +106,14 @@ impl RawImage {
         )
     }
 
-    /// Creates (or truncates) a raw file at `path` of `size` bytes, all holes.
+    /// Creates (or truncates) a raw file at `path` of `size` bytes, all holes but the first
+    /// block (see [`allocate_first_block`]), as qemu creates one.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
         let storage = FileStorage::create(path)
             .map_err(|e| Error::io("cannot create image", e).with_path(path))?;
         storage
             .set_len(size)
+            .and_then(|_| allocate_first_block(&storage, size))
             .map_err(|e| Error::io("cannot set image size", e).with_path(path))?;
         Self::from_storage(Box::new(storage), path, true)
     }
@@ -125,23 +129,19 @@ impl RawImage {
             writable,
             size: len.div_ceil(512) * 512,
             unsafe_cache: std::sync::atomic::AtomicBool::new(false),
+            direct: false,
         })
     }
 
-    /// Grows the file to `size` bytes (the new part a hole that reads as zeros) and syncs, for
-    /// a commit into a base smaller than the overlay. A size not larger than the current one
-    /// changes nothing.
-    pub fn grow(&mut self, size: u64) -> Result<()> {
-        self.writable_check()?;
-        if size <= self.size {
-            return Ok(());
-        }
-        self.storage
-            .set_len(size)
-            .and_then(|_| self.storage.flush())
-            .map_err(|e| Error::io("cannot grow image", e).with_path(&self.path))?;
-        self.size = size.div_ceil(512) * 512;
-        Ok(())
+    /// The image as qemu sees it opened with `cache.direct=on` (`O_DIRECT`): its block-status
+    /// answers then come in whole requests of the device's alignment (at least a 512-byte
+    /// sector), so a file ending in a partial sector reports that sector as data with the
+    /// data before it, where without `O_DIRECT` the bytes past the end of the file are a zero
+    /// range of their own (qemu's file-posix rounds a data extent up to its request
+    /// alignment). Reads and writes are unchanged.
+    pub fn direct(mut self) -> Self {
+        self.direct = true;
+        self
     }
 
     fn writable_check(&self) -> Result<()> {
@@ -186,11 +186,31 @@ impl crate::capability::Resize for RawImage {
         }
         self.storage
             .set_len(new_size)
-            .and_then(|_| self.storage.flush())
+            .map_err(|e| Error::io("cannot resize image", e).with_path(&self.path))?;
+        // A file grown from empty gets its first block written, as qemu does, whatever the
+        // preallocation.
+        if cur == 0 && new_size > 0 && prealloc == Preallocation::Off {
+            allocate_first_block(self.storage.as_ref(), new_size)
+                .map_err(|e| Error::io("cannot resize image", e).with_path(&self.path))?;
+        }
+        self.storage
+            .flush()
             .map_err(|e| Error::io("cannot resize image", e).with_path(&self.path))?;
         self.size = new_size.div_ceil(512) * 512;
         Ok(())
     }
+}
+
+/// Writes zeros over the first 4 KiB of a file just grown from empty to `len` bytes (all of it
+/// when shorter), as qemu's file-posix driver does whenever it grows an empty file without
+/// preallocation, so that later opens can probe the host's block size. A raw image made by
+/// qemu therefore maps its first block as data; vimg's do the same.
+pub fn allocate_first_block(storage: &dyn Storage, len: u64) -> std::io::Result<()> {
+    let n = len.min(4096) as usize;
+    if n == 0 {
+        return Ok(());
+    }
+    storage.write_at(&vec![0u8; n], 0)
 }
 
 impl BlockImage for RawImage {
@@ -280,7 +300,12 @@ impl BlockImage for RawImage {
             .storage
             .extent_at(offset.0)
             .map_err(|e| Error::io("block status query failed", e).with_path(&self.path))?;
-        let len = n.min(max_len).max(1);
+        let mut len = n.min(max_len).max(1);
+        if is_data && self.direct {
+            // Only the end of the file can end a data extent inside a sector.
+            let end = (offset.0 + len).next_multiple_of(512).min(size);
+            len = (end - offset.0).min(max_len);
+        }
         let host = HostOffset(offset.0);
         Ok(if is_data {
             BlockStatus::data(len, 0, host)
@@ -338,7 +363,9 @@ mod tests {
     fn holes_report_zero_and_zero_writes_punch_holes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.raw");
-        let img = RawImage::create(&p, 4 << 20).unwrap();
+        // A sparse file made elsewhere (vimg's own create writes the first block).
+        std::fs::File::create(&p).unwrap().set_len(4 << 20).unwrap();
+        let img = RawImage::open(&p, true).unwrap();
         let data = vec![0xabu8; 1 << 20];
         img.write_at(&data, GuestOffset(1 << 20)).unwrap();
         img.flush().unwrap();
@@ -355,6 +382,27 @@ mod tests {
         assert!(back.iter().all(|&b| b == 0));
         let s2 = img.block_status(GuestOffset(1 << 20), 3 << 20).unwrap();
         assert!(s2.zero, "zero write left data: {s2:?}");
+    }
+
+    #[test]
+    fn create_writes_the_first_block_as_qemu_does() {
+        let dir = tempfile::tempdir().unwrap();
+        for (size, first) in [(4u64 << 20, 4096u64), (1024, 1024), (0, 0)] {
+            let p = dir.path().join(format!("{size}.raw"));
+            let img = RawImage::create(&p, size).unwrap();
+            if size == 0 {
+                continue;
+            }
+            let s0 = img.block_status(GuestOffset(0), size).unwrap();
+            assert!(s0.data && s0.len == first, "{size}: {s0:?}");
+            if size > first {
+                let s1 = img.block_status(GuestOffset(first), size - first).unwrap();
+                assert!(s1.zero && !s1.data, "{size}: {s1:?}");
+            }
+            let mut buf = vec![1u8; first as usize];
+            img.read_at(&mut buf, GuestOffset(0)).unwrap();
+            assert!(buf.iter().all(|&b| b == 0));
+        }
     }
 
     #[test]

@@ -836,7 +836,12 @@ mod tests {
         let empty = dir.path().join("empty.qcow2");
         qcow2(&empty, 32 * cs, None);
         let raw = dir.path().join("src.raw");
-        let r = RawImage::create(&raw, 32 * cs).unwrap();
+        // All holes (vimg's and qemu's create write the first block).
+        std::fs::File::create(&raw)
+            .unwrap()
+            .set_len(32 * cs)
+            .unwrap();
+        let r = RawImage::open(&raw, true).unwrap();
         r.write_at(&[7u8; 4096], G(20 * cs)).unwrap();
         let counting = Counting {
             inner: &r,

@@ -65,12 +65,19 @@ impl Qcow2Image {
         let mut out = Vec::with_capacity(dir.len());
         for x in dir {
             if x.raw_name != b.raw_name {
-                out.push(Planned::keep(x.clone()));
+                out.push(Planned::restore(x.clone()));
             } else if let Some(p) = change.take().and_then(|c| c(x)) {
                 out.push(p);
             }
         }
         Ok(out)
+    }
+
+    /// Every entry of `dir` stored anew where qemu would ([`Planned::restore`]), as qemu-img
+    /// leaves an image with bitmaps it opened for writing even when nothing changed; `None`
+    /// for no bitmaps.
+    fn restore_all(dir: &[Bitmap]) -> Option<Vec<Planned>> {
+        (!dir.is_empty()).then(|| dir.iter().cloned().map(Planned::restore).collect())
     }
 
     /// qemu's error for a bitmap that cannot be stored in this image.
@@ -208,7 +215,7 @@ impl PersistentBitmaps for Qcow2Image {
                     "Bitmap already exists: {name}"
                 )));
             }
-            let mut plans: Vec<Planned> = dir.iter().cloned().map(Planned::keep).collect();
+            let mut plans: Vec<Planned> = dir.iter().cloned().map(Planned::restore).collect();
             plans.push(Planned {
                 entry,
                 contents: Contents::Empty,
@@ -219,7 +226,14 @@ impl PersistentBitmaps for Qcow2Image {
     }
 
     fn remove_bitmap(&self, name: &str) -> Result<()> {
-        self.edit_bitmaps(|dir| Self::plans_changing(dir, name, true, |_| None).map(Some))
+        // As qemu: the directory loses the entry at once, the others unchanged; then every
+        // bitmap left is stored anew, as qemu does when it closes the image.
+        self.edit_bitmaps(|dir| {
+            let b = find(dir, name)?;
+            let others = dir.iter().filter(|x| x.raw_name != b.raw_name);
+            Ok(Some(others.cloned().map(Planned::keep).collect()))
+        })?;
+        self.edit_bitmaps(|dir| Ok(Self::restore_all(dir)))
     }
 
     fn clear_bitmap(&self, name: &str) -> Result<()> {
@@ -239,12 +253,12 @@ impl PersistentBitmaps for Qcow2Image {
         self.edit_bitmaps(|dir| {
             if find(dir, name)?.enabled() == enabled {
                 usable(find(dir, name)?)?;
-                return Ok(None);
+                return Ok(Self::restore_all(dir));
             }
             Self::plans_changing(dir, name, false, |b| {
                 let mut e = b.clone();
                 e.flags ^= FLAG_AUTO;
-                Some(Planned::keep(e))
+                Some(Planned::restore(e))
             })
             .map(Some)
         })
@@ -270,7 +284,7 @@ impl PersistentBitmaps for Qcow2Image {
             Self::plans_changing(dir, name, false, |b| {
                 Some(Planned {
                     entry: b.clone(),
-                    contents: Contents::Or(bits),
+                    contents: Contents::Rewrite(bits),
                     clip_tail: false,
                 })
             })

@@ -44,6 +44,10 @@ pub(crate) enum Contents {
     /// A new table holding the old contents and these bits (bit numbers at the bitmap's
     /// granularity); data clusters whose bits do not change are shared with the old table.
     Or(SparseBits),
+    /// As `Or`, with every data cluster written anew, none shared (as qemu stores each bitmap
+    /// it loaded when it closes an image it wrote: `qemu-img bitmap` leaves this layout, and so
+    /// the same file length, which `measure` of the file as raw depends on).
+    Rewrite(SparseBits),
 }
 
 /// One entry of a new directory: the entry (flags, name, granularity; for `Keep` and `Or`, the
@@ -65,6 +69,20 @@ impl Planned {
         Planned {
             entry,
             contents: Contents::Keep,
+            clip_tail: false,
+        }
+    }
+
+    /// `entry` with its contents stored anew ([`Contents::Rewrite`]) if it is a bitmap qemu
+    /// would have loaded for writing (consistent, understood), else unchanged.
+    pub fn restore(entry: Bitmap) -> Self {
+        let contents = match !entry.in_use() && entry.understood() {
+            true => Contents::Rewrite(SparseBits::new()),
+            false => Contents::Keep,
+        };
+        Planned {
+            entry,
+            contents,
             clip_tail: false,
         }
     }
@@ -92,9 +110,12 @@ impl Qcow2Image {
                 Contents::Keep => {
                     kept_tables.insert(e.table_offset);
                 }
-                Contents::Empty => self.store_table(st, &mut e, None, false, &mut shared)?,
+                Contents::Empty => self.store_table(st, &mut e, None, false, false, &mut shared)?,
                 Contents::Or(bits) => {
-                    self.store_table(st, &mut e, Some(&bits), p.clip_tail, &mut shared)?
+                    self.store_table(st, &mut e, Some(&bits), p.clip_tail, false, &mut shared)?
+                }
+                Contents::Rewrite(bits) => {
+                    self.store_table(st, &mut e, Some(&bits), p.clip_tail, true, &mut shared)?
                 }
             }
             entries.push(e);
@@ -158,13 +179,15 @@ impl Qcow2Image {
     /// Writes a new bitmap table for `e` (a disk of the current size) and the data clusters
     /// that change: with `bits`, the old contents of `e`'s table (if it has one) with `bits`
     /// added; without, all clear. Records in `shared` the old data clusters the new table
-    /// still uses, and points `e` at the new table.
+    /// still uses (with `fresh`, none: every data cluster is written anew), and points `e` at
+    /// the new table.
     fn store_table(
         &self,
         st: &mut WriteState,
         e: &mut Bitmap,
         bits: Option<&SparseBits>,
         clip_tail: bool,
+        fresh: bool,
         shared: &mut HashSet<u64>,
     ) -> Result<()> {
         let cs = self.header.cluster_size();
@@ -190,7 +213,10 @@ impl Qcow2Image {
             let (start, end) = (i * per, ((i + 1) * per).min(total_bits));
             let Some(bits) = bits else { continue };
             let last_clip = clip_tail && i == n - 1 && old != 0;
-            if !bits.any_in(start, end) && !last_clip {
+            if fresh && old == 0 && !bits.any_in(start, end) {
+                continue;
+            }
+            if !fresh && !bits.any_in(start, end) && !last_clip {
                 *slot = old;
                 if old & BME_OFFSET_MASK != 0 {
                     shared.insert(old & BME_OFFSET_MASK);
@@ -232,13 +258,12 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Writes `data` at `off` (newly allocated clusters), zero-padded to whole clusters.
+    /// Writes `data` at `off` (newly allocated clusters). The rest of the last cluster is
+    /// left as it is, as qemu leaves it: tables and directories have their sizes recorded and
+    /// nothing reads past them (and the file ends where qemu's would).
     fn write_padded(&self, data: &[u8], off: u64, what: &str) -> Result<()> {
-        let cs = self.header.cluster_size() as usize;
-        let mut buf = data.to_vec();
-        buf.resize(data.len().div_ceil(cs).max(1) * cs, 0);
         self.storage()
-            .write_at(&buf, off)
+            .write_at(data, off)
             .map_err(|e| Error::io(format!("cannot write {what}"), e).at(off))
     }
 

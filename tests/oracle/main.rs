@@ -18,6 +18,7 @@ mod convert_snapshot;
 mod create_oracle;
 mod iotests_061_080;
 mod iotests_080_112;
+mod iotests_150_253_190;
 mod iotests_checks;
 mod lazy_refcounts;
 mod measure_oracle;
