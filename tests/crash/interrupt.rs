@@ -5,7 +5,7 @@
 use crate::common;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,10 +37,49 @@ fn leftovers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A vimg command whose SIGINT, SIGTERM and SIGHUP start at their default action, as in a
+/// terminal: a test run started in the background (`cmd &` without job control) or under
+/// `nohup` ignores SIGINT or SIGHUP, children inherit that, and vimg, like qemu-img, leaves an
+/// ignored signal ignored, so the signal this test sends would never arrive.
+fn vimg_command() -> Command {
+    let mut cmd = Command::new(vimg());
+    // SAFETY: runs in the forked child before exec and only calls `signal`, which is
+    // async-signal-safe, touching no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                if libc::signal(sig, libc::SIG_DFL) == libc::SIG_ERR {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Waits for `child`, which was sent a signal, for at most 60 seconds (killing it then, so
+/// that a signal that is not acted on fails the test instead of hanging it); returns the
+/// signal that ended it.
+fn wait_signalled(child: &mut std::process::Child, what: &str) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.signal();
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running 60 s after the signal");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Runs vimg with `args` in `dir`, waits until `ready` says its output has started, sends
 /// `sig`, and returns the signal that ended it (None if it exited).
 fn interrupt(dir: &Path, args: &[&str], sig: i32, ready: &dyn Fn() -> bool) -> Option<i32> {
-    let mut child = Command::new(vimg())
+    let mut child = vimg_command()
         .args(args)
         .current_dir(dir)
         .stdout(Stdio::null())
@@ -62,7 +101,7 @@ fn interrupt(dir: &Path, args: &[&str], sig: i32, ready: &dyn Fn() -> bool) -> O
     std::thread::sleep(Duration::from_millis(20));
     // SAFETY: kill with the pid of a child this test spawned and has not reaped.
     unsafe { libc::kill(child.id() as i32, sig) };
-    child.wait().unwrap().signal()
+    wait_signalled(&mut child, &format!("vimg {args:?}"))
 }
 
 #[test]
@@ -103,7 +142,7 @@ fn signals_remove_the_partial_output_of_backup_extract() {
     let archive = std::fs::read(d.join("a.vma")).unwrap();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let target = d.join("restored");
-        let mut child = Command::new(vimg())
+        let mut child = vimg_command()
             .args(["backup", "extract", "-", "restored"])
             .current_dir(d)
             .stdin(Stdio::piped())
@@ -133,7 +172,7 @@ fn signals_remove_the_partial_output_of_backup_extract() {
         std::thread::sleep(Duration::from_millis(50));
         // SAFETY: kill with the pid of a child this test spawned and has not reaped.
         unsafe { libc::kill(child.id() as i32, sig) };
-        let got = child.wait().unwrap().signal();
+        let got = wait_signalled(&mut child, "backup extract");
         drop(feeder.join());
         assert_eq!(got, Some(sig), "extract was not ended by signal {sig}");
         assert!(
