@@ -242,3 +242,36 @@ with open(arch, "rb") as fh:
     std::fs::remove_dir_all(&out).ok();
     view
 }
+
+/// Writes `bytes` at `offset` of `img` (qemu's `poke_file`).
+pub fn poke(img: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+/// A scratch directory with a link `bin/qemu-img` to vimg, so that vimg runs under qemu-img's
+/// name and starts its messages as qemu-img does.
+pub struct Scratch {
+    /// The directory (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The link to vimg named qemu-img.
+    pub vimg: std::path::PathBuf,
+}
+
+impl Scratch {
+    /// A new scratch directory with the link.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let vimg = bin.join("qemu-img");
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vimg"), &vimg).unwrap();
+        Scratch { dir, vimg }
+    }
+
+    /// A file in the directory.
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}

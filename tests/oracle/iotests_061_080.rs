@@ -5,33 +5,12 @@
 //! qemu-img's messages see it, so that both programs' standard error can be compared whole.
 
 use crate::common;
+use common::poke;
+use common::Scratch;
 
 use common::{qemu_available, qemu_create, qemu_io};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
-
-/// A scratch directory with a link `bin/qemu-img` to vimg.
-struct Scratch {
-    dir: tempfile::TempDir,
-    vimg: PathBuf,
-}
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let vimg = bin.join("qemu-img");
-        std::os::unix::fs::symlink(VIMG, &vimg).unwrap();
-        Scratch { dir, vimg }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
 
 /// Runs `prog` with `args` in `dir`: (exit code, standard error).
 fn stderr_of(dir: &Path, prog: &Path, args: &[&str]) -> (i32, String) {
@@ -187,13 +166,6 @@ fn downgrade_refused_after_resize_as_qemu_img() {
     let (code, out) =
         common::run_status("qemu-img", &["check", s.path("a.qcow2").to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
-}
-
-/// Writes `bytes` at `offset` of `img` (qemu's poke_file).
-fn poke(img: &Path, offset: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
 }
 
 /// A 64 MiB image with data at 0 and one snapshot `test` whose table entry gets `field`

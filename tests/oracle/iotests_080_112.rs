@@ -7,33 +7,12 @@
 //! programs' output can be compared whole.
 
 use crate::common;
+use common::poke;
+use common::Scratch;
 
 use common::{qemu_available, qemu_create, qemu_io};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
-
-/// A scratch directory with a link `bin/qemu-img` to vimg.
-struct Scratch {
-    dir: tempfile::TempDir,
-    vimg: PathBuf,
-}
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let vimg = bin.join("qemu-img");
-        std::os::unix::fs::symlink(VIMG, &vimg).unwrap();
-        Scratch { dir, vimg }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
 
 /// Runs `prog` with `args` in `dir` (dates in UTC): (exit code, standard output, standard
 /// error).
@@ -85,13 +64,6 @@ fn same_as_qemu(
         "{args:?}"
     );
     (before, std::fs::read(&v).unwrap())
-}
-
-/// Writes `bytes` at `offset` of `img` (qemu's poke_file).
-fn poke(img: &Path, offset: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
 }
 
 /// 080 "Hitting snapshot table size limit": a full snapshot table (65536 entries) past the

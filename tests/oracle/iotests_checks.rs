@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::common;
+use common::poke;
 
 use common::{qemu_available, qemu_io, run, run_in};
 
@@ -24,11 +25,6 @@ fn rd(p: &Path, off: u64, len: usize) -> Vec<u8> {
 
 fn rd64(p: &Path, off: u64) -> u64 {
     u64::from_be_bytes(rd(p, off, 8).try_into().unwrap())
-}
-
-fn poke(p: &Path, off: u64, bytes: &[u8]) {
-    let f = FsOpen::new().write(true).open(p).unwrap();
-    f.write_all_at(bytes, off).unwrap();
 }
 
 /// Runs `args` (with `{}` standing for the image name) on `q.qcow2` with qemu-img and on

@@ -4,11 +4,11 @@
 //! what qemu-img's prints, end with the same exit code, and leave an image that `qemu-img
 //! check` finds as clean as qemu-img's and that qemu reads the same.
 
-use std::fs::OpenOptions as FsOpen;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::common;
+use common::poke;
 
 use common::{qemu_available, qemu_contents, qemu_create, qemu_io, run, run_status};
 
@@ -29,11 +29,6 @@ fn rd(p: &Path, off: u64, len: usize) -> Vec<u8> {
 
 fn rd64(p: &Path, off: u64) -> u64 {
     u64::from_be_bytes(rd(p, off, 8).try_into().unwrap())
-}
-
-fn poke(p: &Path, off: u64, bytes: &[u8]) {
-    let f = FsOpen::new().write(true).open(p).unwrap();
-    f.write_all_at(bytes, off).unwrap();
 }
 
 /// The offset of the first L2 table of `p`.
