@@ -530,7 +530,7 @@ impl Qcow2Image {
     /// ([`Qcow2Image::plan_amend`]), then upgrades, changes the refcount width, resizes,
     /// rewrites the header fields and downgrades, in that order. `progress` is called with
     /// (done, total) as the work advances, as qemu's driver reports it (the version change
-    /// and the refcount width change report; see [`Operation`]). The image is left clean, with lazy refcounts
+    /// and the refcount width change report; see `Operation`). The image is left clean, with lazy refcounts
     /// deferred no more until it is closed.
     pub fn amend(&mut self, opts: &AmendOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         let plan = self.plan_amend(opts)?;
