@@ -1,8 +1,10 @@
 //! The format registry: every image format vimg reads and writes is one driver
 //! ([`FormatDriver`], declared with the image model in [`crate::block`]) listed once, in
-//! [`DRIVERS`]; an [`ImageFormat`] is a handle on one of them. Commands ask the driver (or the opened image's capabilities, [`crate::capability`])
-//! rather than matching on a format's name, so that a new format is its own module plus one
-//! line in [`DRIVERS`].
+//! [`DRIVERS`]; an [`ImageFormat`] is a handle on one of them. Probing, opening, image locks
+//! and `create -o help` ask the driver, and commands reach what only some formats can do
+//! through the opened image's capabilities ([`crate::capability`]), so that a new format is
+//! its own module plus one line in [`DRIVERS`]. Not yet so: `create`, `measure`, `convert`'s
+//! new targets and backup extract's still compare [`ImageFormat`] values (the consts below).
 //!
 //! A driver says what qemu's block drivers say about themselves: its name, how sure it is that
 //! a file is its format (`bdrv_probe`), which image locks a layer of it takes, how to open
