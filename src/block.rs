@@ -55,6 +55,12 @@ pub trait FormatDriver: Send + Sync + 'static {
 
     /// The options `create -o` takes, as (`name=<type>`, description) rows for `-o help`.
     fn create_option_help(&self) -> Vec<(&'static str, &'static str)>;
+
+    /// The options `amend -o` takes, as (`name=<type>`, description) rows for `-o help`, if
+    /// the format can amend its options (qemu's `amend_opts`). The default: it cannot.
+    fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        None
+    }
 }
 
 /// An image format: a handle on its driver in [`crate::format::DRIVERS`]. Two handles are equal when they

@@ -10,7 +10,6 @@
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};
 use crate::open::{open_image, probe_format, OpenOptions};
-use crate::qcow2::amend::AMEND_OPTION_HELP;
 use std::path::Path;
 
 /// qemu-img's message when no `-o` is given.
@@ -55,24 +54,16 @@ pub fn help(format: Option<ImageFormat>, path: Option<&Path>) -> Result<String> 
         (None, Some(p)) => probe_format(p)?,
         (None, None) => return Err(Error::invalid_input(NO_IMAGE)),
     };
-    refuse_non_qcow2(format)?;
-    let width = AMEND_OPTION_HELP
-        .iter()
-        .map(|(k, _)| k.len())
-        .max()
-        .unwrap_or(0);
-    let mut s = String::from("Amend options for 'qcow2':\n");
-    for (k, d) in AMEND_OPTION_HELP {
+    let rows = format
+        .driver()
+        .amend_option_help()
+        .ok_or_else(|| not_amendable(format))?;
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut s = format!("Amend options for '{}':\n", format.as_str());
+    for (k, d) in rows {
         s.push_str(&format!("  {k:<width$} - {d}\n"));
     }
     Ok(s)
-}
-
-fn refuse_non_qcow2(format: ImageFormat) -> Result<()> {
-    if format != ImageFormat::Qcow2 {
-        return Err(not_amendable(format));
-    }
-    Ok(())
 }
 
 /// qemu-img's refusal for a format that cannot amend its options.

@@ -52,4 +52,8 @@ impl FormatDriver for Qcow2Driver {
     fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
         super::create::OPTION_HELP.to_vec()
     }
+
+    fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(super::amend::AMEND_OPTION_HELP)
+    }
 }
