@@ -719,8 +719,29 @@ struct Named {
 }
 
 /// Resolves an image name: a plain file name, `json:{...}`, `file:NAME`, or with
-/// `--image-opts` an option list (see [`vimg::image_spec`]).
+/// `--image-opts` an option list (see [`vimg::image_spec`]). qemu's null driver is refused:
+/// only the commands that read a source take it ([`resolve_source`]).
 fn resolve(
+    name: &std::path::Path,
+    format: Option<ImageFormat>,
+    force_share: bool,
+) -> Result<Named, Failure> {
+    let n = resolve_source(name, format, force_share)?;
+    if n.null.is_some() {
+        return Err(Failure {
+            message: format!(
+                "{}: qemu's null driver is only read as a source here (by map, convert, \
+                 compare, dd and measure)",
+                name.display()
+            ),
+            code: 1,
+        });
+    }
+    Ok(n)
+}
+
+/// As [`resolve`], for a source that is only read: qemu's null driver is accepted.
+fn resolve_source(
     name: &std::path::Path,
     format: Option<ImageFormat>,
     force_share: bool,
@@ -906,7 +927,7 @@ fn info(a: InfoArgs) -> CmdResult {
 }
 
 fn map(a: MapArgs) -> CmdResult {
-    let n = resolve(&a.filename, a.image.format, a.image.force_share)?;
+    let n = resolve_source(&a.filename, a.image.format, a.image.force_share)?;
     let image = open_named(&n, sharing(n.force_share)).map_err(|e| Failure::new(e, 1))?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let r = match OutputFormat::from(a.output) {
@@ -928,8 +949,8 @@ fn compare(a: CompareArgs) -> CmdResult {
     let code2 = |f: Failure| Failure { code: 2, ..f };
     check_src_cache(&a.src_cache).map_err(code2)?;
     let _ = a.progress;
-    let na = resolve(&a.a, a.format_a, a.force_share).map_err(code2)?;
-    let nb = resolve(&a.b, a.format_b, a.force_share).map_err(code2)?;
+    let na = resolve_source(&a.a, a.format_a, a.force_share).map_err(code2)?;
+    let nb = resolve_source(&a.b, a.format_b, a.force_share).map_err(code2)?;
     let img_a = open_named(&na, sharing(na.force_share)).map_err(fail)?;
     let img_b = open_named(&nb, sharing(nb.force_share)).map_err(fail)?;
     let outcome = match ops::compare::compare_detailed(
@@ -1331,7 +1352,7 @@ fn convert(a: ConvertArgs) -> CmdResult {
     }
     let named = sources
         .iter()
-        .map(|s| resolve(s, a.format, a.force_share))
+        .map(|s| resolve_source(s, a.format, a.force_share))
         .collect::<Result<Vec<_>, _>>()?;
     let target_named;
     let target = if a.target_image_opts {
@@ -1431,7 +1452,7 @@ fn convert(a: ConvertArgs) -> CmdResult {
 fn dd(a: DdArgs) -> CmdResult {
     let fail = |e| Failure::new(e, 1);
     let operands = ops::dd::parse_operands(&a.operands).map_err(fail)?;
-    let n = resolve(
+    let n = resolve_source(
         std::path::Path::new(&operands.input),
         a.format,
         a.force_share,
@@ -1466,7 +1487,7 @@ fn measure(a: MeasureArgs) -> CmdResult {
     }
     let source = match file {
         Some(f) => {
-            let n = resolve(f, a.format, a.force_share)?;
+            let n = resolve_source(f, a.format, a.force_share)?;
             Some(open_named(&n, sharing(n.force_share)).map_err(fail)?)
         }
         None => None,

@@ -91,17 +91,20 @@ pub fn run(
     };
     let format = img.format();
     let Some(snapshots) = img.as_snapshots_mut() else {
-        return Err(Error::unsupported(format!(
-            "Could not {} snapshot: the {} format has no internal snapshots",
-            match op {
-                SnapshotOp::List => "list",
-                SnapshotOp::Create(_) => "create",
-                SnapshotOp::Apply(_) => "apply",
-                SnapshotOp::Delete(_) => "delete",
-            },
-            format.as_str()
-        ))
-        .with_path(path));
+        // qemu-img's words: a list is empty, the rest fail as its block layer says.
+        let why = |what: &str, name: &str, qemu: &str| {
+            Error::unsupported(format!(
+                "Could not {what} snapshot '{name}': {qemu} (the {format} format has no \
+                 internal snapshots)"
+            ))
+            .with_path(path)
+        };
+        return match op {
+            SnapshotOp::List => Ok(String::new()),
+            SnapshotOp::Create(n) => Err(why("create", n, "Operation not supported")),
+            SnapshotOp::Apply(n) => Err(why("apply", n, "Block driver does not support snapshots")),
+            SnapshotOp::Delete(n) => Err(why("delete", n, "snapshot not found")),
+        };
     };
     if *op == SnapshotOp::List {
         let infos = snapshots.list_snapshots().map_err(|e| e.with_path(path))?;

@@ -282,7 +282,8 @@ impl Qcow2Image {
 
     /// Repairs a dirty image being opened read-write, as qemu's open does: every refcount is
     /// brought to the number of references and the COPIED flags follow; the repair clears the
-    /// dirty bit. The repair's lines go to standard error, as qemu prints them. Fails, leaving the image dirty, if the repair cannot make it consistent.
+    /// dirty bit. The repair's lines go to standard error, as qemu prints them. Fails, leaving
+    /// the image dirty, if the repair cannot make it consistent.
     fn repair_dirty(&mut self) -> Result<()> {
         self.write = Some(Mutex::new(write::WriteState::new(self)?));
         let report = repair::repair(self, repair::RepairMode::All);

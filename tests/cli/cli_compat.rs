@@ -549,3 +549,51 @@ fn salvage_survives_unreadable_block_status() {
     assert_eq!(kinds(&o1), kinds(&o2));
     assert_eq!(kinds(&o1).len(), 2, "{o1}");
 }
+
+/// Snapshots of a format without them: qemu-img lists nothing and succeeds, and refuses the
+/// other operations with its block layer's words, which vimg's message starts with.
+#[test]
+fn snapshots_of_a_raw_image_as_qemu_img() {
+    if !qemu_available("snapshots_of_a_raw_image_as_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path().join("r.raw");
+    std::fs::write(&r, vec![0u8; 1 << 20]).unwrap();
+    let out = |prog: &str, args: &[&str]| {
+        let o = std::process::Command::new(prog)
+            .args(args)
+            .output()
+            .unwrap();
+        let text =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.code(), text)
+    };
+    let (qc, qt) = out("qemu-img", &["snapshot", "-l", "-f", "raw", p(&r)]);
+    let (vc, vt) = out(VIMG, &["snapshot", "-l", "-f", "raw", p(&r)]);
+    assert_eq!((vc, vt.as_str()), (qc, qt.as_str()), "list");
+    for (op, words) in [
+        (
+            "-c",
+            "Could not create snapshot 's': Operation not supported",
+        ),
+        (
+            "-a",
+            "Could not apply snapshot 's': Block driver does not support snapshots",
+        ),
+    ] {
+        let (qc, qt) = out("qemu-img", &["snapshot", op, "s", "-f", "raw", p(&r)]);
+        let (vc, vt) = out(VIMG, &["snapshot", op, "s", "-f", "raw", p(&r)]);
+        assert_eq!(vc, qc, "{op}: {vt}");
+        assert!(qt.contains(words), "qemu-img {op}: {qt}");
+        assert!(vt.contains(words), "vimg {op}: {vt}");
+    }
+    // A file name for qemu's null driver is refused by a command that does not read it as a
+    // source, naming the driver, not taken for a missing file.
+    let (vc, vt) = out(VIMG, &["info", "null-co://"]);
+    assert_eq!(vc, Some(1));
+    assert!(
+        vt.contains("null driver") && !vt.contains("No such file"),
+        "{vt}"
+    );
+}
