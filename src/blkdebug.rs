@@ -12,9 +12,9 @@
 //! `json:{"driver":"blkdebug","inject-error":[...],"image":{...}}` (also as the `file` of a
 //! format driver, and as a backing file name recorded in an image), and with `--image-opts`
 //! `driver=blkdebug,image.driver=qcow2,image.file.filename=...,inject-error.0.event=...`.
-//! The rules of a parsed name are registered for the file it names; every later open of that
-//! file in the process ([`wrap`]) gets a fresh instance of them, as each open of a blkdebug
-//! node in qemu does.
+//! The rules of a parsed name are given to the command's [`crate::opener::Opener`] for the file
+//! it names; every later open of that file through the opener ([`wrap_with`]) gets a fresh
+//! instance of them, as each open of a blkdebug node in qemu does.
 //!
 //! # The subset of qemu's blkdebug supported
 //!
@@ -49,7 +49,7 @@ use crate::error::{Error, Result};
 use crate::storage::Storage;
 use std::collections::BTreeMap;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 pub use crate::storage::DebugEvent as Event;
@@ -361,42 +361,10 @@ fn parse_number(v: &str) -> Option<u64> {
         .and_then(|n| n.checked_mul(1u64 << shift))
 }
 
-/// The rules registered by file, see the module documentation.
-static REGISTRY: Mutex<Vec<(PathBuf, Arc<Config>)>> = Mutex::new(Vec::new());
-
-/// The key a file is registered under: its canonical path when it exists.
-fn key(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
-/// Registers `config` for the file at `path`: later opens of it through [`wrap`] inject
-/// errors by its rules. A configuration without rules is not registered (it would change
-/// nothing).
-pub fn register(path: &Path, config: Config) {
-    if config.is_empty() {
-        return;
-    }
-    let k = key(path);
-    let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    reg.retain(|(p, _)| *p != k);
-    reg.push((k, Arc::new(config)));
-}
-
-/// `storage`, opened on the file at `path`, wrapped in a [`BlkdebugStorage`] with fresh state
-/// if rules are registered for that file, else as it is.
-pub fn wrap(path: &Path, storage: Box<dyn Storage>) -> Box<dyn Storage> {
-    let config = {
-        let reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-        if reg.is_empty() {
-            return storage;
-        }
-        let k = key(path);
-        reg.iter().find(|(p, _)| *p == k).map(|(_, c)| c.clone())
-    };
-    match config {
-        Some(config) => Box::new(BlkdebugStorage::new(storage, config)),
-        None => storage,
-    }
+/// `storage` wrapped in a [`BlkdebugStorage`] with fresh state, injecting errors by `config`'s
+/// rules (the [`crate::opener::Opener`] calls this for the files rules were given for).
+pub fn wrap_with(config: Arc<Config>, storage: Box<dyn Storage>) -> Box<dyn Storage> {
+    Box::new(BlkdebugStorage::new(storage, config))
 }
 
 /// The changing part of a blkdebug node: its state number and active rules.
@@ -550,6 +518,11 @@ impl Storage for BlkdebugStorage {
     }
     fn path(&self) -> Option<&Path> {
         self.inner.path()
+    }
+    /// The file, for what only a file can do (preallocation), which qemu's blkdebug passes on
+    /// too.
+    fn host_file(&self) -> Option<&std::fs::File> {
+        self.inner.host_file()
     }
     fn duplicate(&self) -> Option<Box<dyn Storage>> {
         Some(Box::new(BlkdebugStorage {

@@ -8,6 +8,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock::LockRequest;
+use crate::opener::{Opener, StorageId};
 use std::path::{Path, PathBuf};
 
 /// The deepest backing chain vimg opens (the image itself counts as one layer).
@@ -39,21 +40,34 @@ pub fn refuse_forced_write(sharing: Sharing, writable: bool) -> Result<()> {
     Ok(())
 }
 
-/// The layers opened so far while walking a chain, to refuse loops and bound the depth, and
-/// how the chain's files are shared ([`Sharing`]).
+/// The layers opened so far while walking a chain, to refuse loops and bound the depth, how
+/// the chain's files are shared ([`Sharing`]), and the [`Opener`] every layer's storage is
+/// opened through.
 #[derive(Debug, Default)]
 pub struct ChainGuard {
-    seen: Vec<PathBuf>,
+    seen: Vec<StorageId>,
     sharing: Sharing,
+    opener: Opener,
 }
 
 impl ChainGuard {
-    /// An empty guard for a chain opened with `sharing`.
+    /// An empty guard for a chain opened with `sharing`, through an opener without settings.
     pub fn new(sharing: Sharing) -> Self {
+        Self::with_opener(sharing, Opener::default())
+    }
+
+    /// An empty guard for a chain opened with `sharing` through `opener`.
+    pub fn with_opener(sharing: Sharing, opener: Opener) -> Self {
         ChainGuard {
             seen: Vec::new(),
             sharing,
+            opener,
         }
+    }
+
+    /// The opener the chain's storage is opened through.
+    pub fn opener(&self) -> &Opener {
+        &self.opener
     }
 
     /// How the chain's files are shared.
@@ -70,12 +84,14 @@ impl ChainGuard {
         })
     }
 
-    /// Registers `path` as the next layer; fails if it is already in the chain or the chain is
-    /// too deep.
+    /// Registers `path` as the next layer; fails if its storage is already in the chain
+    /// (under whatever name) or the chain is too deep.
     pub fn enter(&mut self, path: &Path) -> Result<()> {
-        let canon = std::fs::canonicalize(path)
+        let id = self
+            .opener
+            .identity(path)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        if self.seen.contains(&canon) {
+        if self.seen.contains(&id) {
             // qemu-img's words, which scripts match.
             return Err(Error::new(
                 ErrorKind::BackingChain,
@@ -94,7 +110,7 @@ impl ChainGuard {
             )
             .with_path(path));
         }
-        self.seen.push(canon);
+        self.seen.push(id);
         Ok(())
     }
 
@@ -106,33 +122,12 @@ impl ChainGuard {
 
 /// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
 pub fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
+    Opener::default().same(a, b)
 }
 
 /// Resolves a file name recorded in the image at `image` (a backing or data file name) against
-/// that image's directory, as qemu does. Protocol names (`nbd://`, `json:{...}`) are refused.
+/// that image's directory, as qemu does, through an opener without settings (see
+/// [`Opener::resolve`]). Protocol names (`nbd://`, `json:{...}`) are refused.
 pub fn resolve_relative(image: &Path, name: &str) -> Result<PathBuf> {
-    // A json: name with a blkdebug node (qemu's iotests record such backing files) names its
-    // file as given, relative to the working directory as in qemu.
-    if let Some(r) = crate::image_spec::resolve_json_name(name) {
-        return r.map_err(|e| e.with_path(image));
-    }
-    if name.starts_with("json:") || name.contains("://") {
-        return Err(Error::unsupported(format!(
-            "file name '{name}' uses a protocol or JSON syntax vimg does not support"
-        ))
-        .with_path(image));
-    }
-    let p = Path::new(name);
-    if p.is_absolute() {
-        return Ok(p.to_path_buf());
-    }
-    Ok(match image.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
-        _ => p.to_path_buf(),
-    })
+    Opener::default().resolve(image, name)
 }

@@ -24,7 +24,13 @@ impl FileId {
     /// The identity of the file `path` names (through symbolic links); `None` if it does not
     /// exist or cannot be looked at.
     pub fn of(path: &Path) -> Option<FileId> {
-        std::fs::metadata(path).ok().map(|m| FileId {
+        Self::of_file(path).ok()
+    }
+
+    /// The identity of the file `path` names (through symbolic links), or why it cannot be
+    /// looked at.
+    pub fn of_file(path: &Path) -> std::io::Result<FileId> {
+        std::fs::metadata(path).map(|m| FileId {
             dev: m.dev(),
             ino: m.ino(),
         })

@@ -39,6 +39,9 @@ pub struct ImageSpec {
     pub data_file: Option<PathBuf>,
     /// Every option of the spec, with dotted keys (`file.filename`), as given.
     pub options: BTreeMap<String, String>,
+    /// The rules of a blkdebug node over the image's file ([`crate::blkdebug`]), to be given
+    /// to the command's [`crate::opener::Opener`] with [`crate::opener::Opener::add_spec`].
+    pub blkdebug: Option<BlkdebugConfig>,
     /// The spec names qemu's null driver (`null-co://`, `driver=null-co`): a read-only disk
     /// of zeros rather than a file ([`crate::null`]); `path` then holds its name.
     pub null: Option<NullSpec>,
@@ -155,10 +158,8 @@ pub fn parse_filename(name: &str) -> Result<ImageSpec> {
         let blkdebug = unwrap_json(&mut map)?;
         let mut flat = BTreeMap::new();
         flatten("", &map, &mut flat)?;
-        let spec = interpret(flat)?;
-        if let Some(c) = blkdebug {
-            crate::blkdebug::register(&spec.path, c);
-        }
+        let mut spec = interpret(flat)?;
+        spec.blkdebug = blkdebug.filter(|c| !c.is_empty());
         return Ok(spec);
     }
     if let Some(rest) = name.strip_prefix("blkdebug:") {
@@ -273,10 +274,8 @@ pub fn parse_image_opts(text: &str) -> Result<ImageSpec> {
         flat.insert(k.to_string(), v.to_string());
     }
     let blkdebug = unwrap_opts(&mut flat)?;
-    let spec = interpret(flat)?;
-    if let Some(c) = blkdebug {
-        crate::blkdebug::register(&spec.path, c);
-    }
+    let mut spec = interpret(flat)?;
+    spec.blkdebug = blkdebug.filter(|c| !c.is_empty());
     Ok(spec)
 }
 
@@ -511,10 +510,10 @@ pub fn exercise(data: &[u8]) {
 }
 
 // qemu's blkdebug nodes in image names ([`crate::blkdebug`]): unwrapped here, their rules
-// registered for the file they sit over.
+// kept in the spec for the file they sit over.
 
 /// Parses what follows `blkdebug:` in an image name: `CONFIG:IMAGE`, `CONFIG` possibly empty.
-/// The image is itself an image name; the rules are registered for its file.
+/// The image is itself an image name; the rules are kept for its file.
 pub fn parse_prefixed(rest: &str) -> Result<ImageSpec> {
     parse_prefixed_inner(rest).map_err(|e| {
         // As qemu frames it: `Could not open 'blkdebug:...': WHY`, the OS cause kept.
@@ -547,14 +546,16 @@ fn parse_prefixed_inner(rest: &str) -> Result<ImageSpec> {
     } else {
         BlkdebugConfig::from_file(Path::new(config))?
     };
-    let spec = parse_filename(image)?;
-    crate::blkdebug::register(&spec.path, config);
+    let mut spec = parse_filename(image)?;
+    if !config.is_empty() {
+        spec.blkdebug = Some(config);
+    }
     Ok(spec)
 }
 
 /// If the json: options `map` have a blkdebug node at the top or as `file`, takes it out (its
-/// `image` takes its place) and returns its rules, to be registered for the file once the
-/// rest is resolved.
+/// `image` takes its place) and returns its rules, to be kept for the file once the rest is
+/// resolved.
 pub fn unwrap_json(
     map: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<Option<BlkdebugConfig>> {
@@ -690,13 +691,13 @@ pub fn unwrap_opts(flat: &mut BTreeMap<String, String>) -> Result<Option<Blkdebu
 }
 
 /// Whether an image name (a backing file name recorded in an image) is a `json:` name with a
-/// blkdebug node, which vimg opens; the file it names is returned (its rules registered).
-pub fn resolve_json_name(name: &str) -> Option<Result<PathBuf>> {
+/// blkdebug node, which vimg opens; its spec is returned (the file it names, and its rules).
+pub fn parse_json_name(name: &str) -> Option<Result<ImageSpec>> {
     let json = name.strip_prefix("json:")?;
     if !json.contains("blkdebug") {
         return None;
     }
-    Some(parse_filename(name).map(|s| s.path))
+    Some(parse_filename(name))
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ pub mod lock;
 pub mod null;
 pub mod offsets;
 pub mod open;
+pub mod opener;
 pub mod ops;
 pub mod prealloc;
 pub mod probe;

@@ -785,9 +785,7 @@ fn resolve_as(
         vimg::image_spec::parse_filename(&text)
     }
     .map_err(|e| say(e.to_string()))?;
-    if let Some(data) = &spec.data_file {
-        vimg::qcow2::data_file::set_override(&spec.path, data);
-    }
+    opener().add_spec(&spec);
     Ok(Named {
         direct: spec.cache_direct(),
         path: spec.path,
@@ -846,6 +844,14 @@ fn sharing(force_share: bool) -> Sharing {
     }
 }
 
+/// The opener of this process's one command: what its image names ask for particular files
+/// (blkdebug rules, a `data-file`) applies to every open the command makes, as qemu's
+/// options do.
+fn opener() -> &'static vimg::opener::Opener {
+    static OPENER: std::sync::OnceLock<vimg::opener::Opener> = std::sync::OnceLock::new();
+    OPENER.get_or_init(Default::default)
+}
+
 fn open(
     path: &std::path::Path,
     format: Option<ImageFormat>,
@@ -858,6 +864,7 @@ fn open(
             writable: false,
             no_backing: false,
             sharing,
+            opener: opener().clone(),
         },
     )?;
     // A backing format the image does not record had to be guessed: say so, as info does.
@@ -891,7 +898,7 @@ fn open_named(n: &Named, sharing: Sharing) -> Result<Box<dyn vimg::BlockImage>, 
             let locks = format
                 .locks(sharing, false, true)
                 .map_err(|e| e.with_path(&n.path))?;
-            let raw = vimg::raw::RawImage::open_with(&n.path, false, locks)
+            let raw = vimg::raw::RawImage::open_with(opener(), &n.path, false, locks)
                 .map_err(Error::while_opening)?;
             Ok(Box::new(raw.direct()))
         }
@@ -908,12 +915,13 @@ fn print(text: &str) -> Result<(), Failure> {
 
 fn info(a: InfoArgs) -> CmdResult {
     // qemu-img's info does no guest I/O: an external data file is not needed.
-    vimg::qcow2::data_file::open_metadata_only(true);
+    opener().set_metadata_only(true);
     let n = resolve(&a.filename, a.image.format, a.image.force_share)?;
     let opts = ops::info::InfoOptions {
         format: n.format,
         backing_chain: a.backing_chain,
         sharing: sharing(n.force_share),
+        opener: opener().clone(),
     };
     let layers = ops::info::collect(&n.path, &opts).map_err(|e| Failure::new(e, 1))?;
     for w in layers.iter().flat_map(|l| &l.warnings) {
@@ -1041,7 +1049,7 @@ fn check(mut a: CheckArgs) -> CmdResult {
                 vimg::qcow2::repair::RepairMode::Leaks
             };
             (
-                vimg::qcow2::repair::repair_file(&a.filename, mode).map_err(fail)?,
+                vimg::qcow2::repair::repair_file(&a.filename, mode, opener()).map_err(fail)?,
                 format,
             )
         }
@@ -1106,9 +1114,15 @@ fn parse_prealloc(s: &str) -> Result<Preallocation, String> {
 fn resize(mut a: ResizeArgs) -> CmdResult {
     let n = resolve(&a.filename, a.format, false)?;
     (a.filename, a.format) = (n.path, n.format);
-    let msg =
-        ops::resize::resize_prealloc(&a.filename, a.format, &a.size, a.shrink, a.preallocation)
-            .map_err(|e| Failure::new(e, 1))?;
+    let msg = ops::resize::resize_prealloc(
+        &a.filename,
+        a.format,
+        &a.size,
+        a.shrink,
+        a.preallocation,
+        opener(),
+    )
+    .map_err(|e| Failure::new(e, 1))?;
     if !a.quiet {
         print(&format!("{msg}\n"))?;
     }
@@ -1136,6 +1150,7 @@ fn snapshot(mut a: SnapshotArgs) -> CmdResult {
         a.image.format,
         &op,
         sharing(a.image.force_share),
+        opener(),
     )
     .map_err(|e| Failure::new(e, 1))?;
     if !a.quiet {
@@ -1200,6 +1215,7 @@ fn bitmap(a: BitmapCmdArgs) -> CmdResult {
         granularity,
         source_file: a.source_file.clone(),
         source_format: a.source_format,
+        opener: opener().clone(),
         ..Default::default()
     };
     ops::bitmap::validate(&args).map_err(fail)?;
@@ -1229,6 +1245,7 @@ fn amend(a: AmendCmdArgs) -> CmdResult {
         format,
         options: &a.options,
         cache: a.cache.as_deref(),
+        opener: opener().clone(),
     };
     let show = a.progress && !a.quiet;
     let mut text = ops::amend::AmendProgressText::new();
@@ -1382,7 +1399,9 @@ fn convert(a: ConvertArgs) -> CmdResult {
         .iter()
         // qemu-img convert keeps writers out of its sources (raw ones too) unless -U.
         .map(|n| match &snapshot {
-            Some(sel) => vimg::qcow2::snapshot_view::open_image_snapshot(&n.path, n.format, sel),
+            Some(sel) => {
+                vimg::qcow2::snapshot_view::open_image_snapshot(&n.path, n.format, sel, opener())
+            }
             None => {
                 let sh = match n.force_share {
                     true => Sharing::ForceShare,
@@ -1458,7 +1477,7 @@ fn dd(a: DdArgs) -> CmdResult {
         a.force_share,
     )?;
     let src = open_named(&n, sharing(n.force_share)).map_err(fail)?;
-    let outcome = ops::dd::dd(src.as_ref(), &operands, a.output_format).map_err(fail)?;
+    let outcome = ops::dd::dd(src.as_ref(), &operands, a.output_format, opener()).map_err(fail)?;
     if let Some(w) = outcome.warning {
         eprintln!("{}: {w}", prog());
     }
@@ -1547,6 +1566,7 @@ fn commit(mut a: CommitArgs) -> CmdResult {
         drop: a.drop,
         rate_limit,
         cache,
+        opener: opener().clone(),
     };
     let msg = with_text_progress(a.progress && !a.quiet, |p| {
         ops::commit::commit(&a.filename, &opts, p)
@@ -1574,6 +1594,7 @@ fn rebase(mut a: RebaseArgs) -> CmdResult {
         unsafe_mode: a.unsafe_mode,
         compress: a.compress,
         cache,
+        opener: opener().clone(),
     };
     with_text_progress(a.progress && !a.quiet, |p| {
         ops::rebase::rebase(&a.filename, &opts, p)

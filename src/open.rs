@@ -14,8 +14,8 @@ pub use crate::chain::{
     refuse_forced_write, resolve_relative, same_file, ChainGuard, Sharing, MAX_CHAIN_DEPTH,
 };
 use crate::error::{Error, Result};
+use crate::opener::Opener;
 use crate::probe::Probed;
-use crate::storage::Storage;
 use std::path::Path;
 
 /// How to open an image.
@@ -30,11 +30,14 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// How the files are shared with other programs (`-U` is [`Sharing::ForceShare`]).
     pub sharing: Sharing,
+    /// What opens the storage of every layer (the image, its backing files, data files),
+    /// with the command's settings for particular files.
+    pub opener: Opener,
 }
 
 /// Opens the image at `path` with its whole backing chain.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockImage>> {
-    let mut guard = ChainGuard::new(opts.sharing);
+    let mut guard = ChainGuard::with_opener(opts.sharing, opts.opener.clone());
     open_layer(
         path,
         opts.format,
@@ -65,7 +68,7 @@ fn open_layer_inner(
     guard.enter(path)?;
     let format = match format {
         Some(f) => f,
-        None => probe_format(path)?,
+        None => probe_format_with(guard.opener(), path)?,
     };
     format.driver().open(path, writable, no_backing, guard)
 }
@@ -75,7 +78,12 @@ fn open_layer_inner(
 /// read (vmdk, vhdx, ...) is refused by name. Takes no image locks (the file is only looked
 /// at).
 pub fn probe_format(path: &Path) -> Result<ImageFormat> {
-    match probe_file(path)? {
+    probe_format_with(&Opener::default(), path)
+}
+
+/// [`probe_format`], opening the file through `opener`.
+pub fn probe_format_with(opener: &Opener, path: &Path) -> Result<ImageFormat> {
+    match probe_file_with(opener, path)? {
         Probed::Supported(f) => Ok(f),
         Probed::Foreign(f) => Err(f.not_supported().with_path(path)),
     }
@@ -83,46 +91,24 @@ pub fn probe_format(path: &Path) -> Result<ImageFormat> {
 
 /// What the file at `path` is, as [`crate::probe::probe`] finds it.
 pub fn probe_file(path: &Path) -> Result<Probed> {
-    let storage =
-        crate::storage::FileStorage::open_with(path, false, crate::lock::LockRequest::NONE)
-            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+    probe_file_with(&Opener::default(), path)
+}
+
+/// [`probe_file`], opening the file through `opener`.
+pub fn probe_file_with(opener: &Opener, path: &Path) -> Result<Probed> {
+    let storage = opener
+        .open_to_look(path)
+        .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
     let read_failed = |e| Error::io("Could not read image for determining its format", e);
     let len = storage.len().map_err(|e| read_failed(e).with_path(path))?;
-    crate::probe::probe_storage(&storage, len, path).map_err(|e| read_failed(e).with_path(path))
+    crate::probe::probe_storage(storage.as_ref(), len, path)
+        .map_err(|e| read_failed(e).with_path(path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
-    use std::path::PathBuf;
-
-    #[test]
-    fn relative_names_resolve_against_the_image_directory() {
-        let img = Path::new("/images/vm/top.qcow2");
-        assert_eq!(
-            resolve_relative(img, "base.qcow2").unwrap(),
-            PathBuf::from("/images/vm/base.qcow2")
-        );
-        assert_eq!(
-            resolve_relative(img, "../b/base.raw").unwrap(),
-            PathBuf::from("/images/vm/../b/base.raw")
-        );
-        assert_eq!(
-            resolve_relative(img, "/abs/x.raw").unwrap(),
-            PathBuf::from("/abs/x.raw")
-        );
-        assert_eq!(
-            resolve_relative(Path::new("top.qcow2"), "b.raw").unwrap(),
-            PathBuf::from("b.raw")
-        );
-        for bad in ["json:{\"driver\":\"raw\"}", "nbd://host/x", "http://x/y"] {
-            assert_eq!(
-                resolve_relative(img, bad).unwrap_err().kind(),
-                ErrorKind::Unsupported
-            );
-        }
-    }
 
     #[test]
     fn chain_guard_refuses_loops_through_other_spellings_of_a_path() {

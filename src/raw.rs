@@ -10,8 +10,9 @@ use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::info::LayerInfo;
 use crate::lock::LockRequest;
 use crate::offsets::{GuestOffset, HostOffset};
+use crate::opener::Opener;
 use crate::prealloc::Preallocation;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
 /// The raw format's driver ([`crate::block::FormatDriver`]).
@@ -50,7 +51,12 @@ impl FormatDriver for RawDriver {
         let locks = RAW
             .locks(guard.sharing(), writable, guard.depth() == 1)
             .map_err(|e| e.with_path(path))?;
-        Ok(Box::new(RawImage::open_with(path, writable, locks)?))
+        Ok(Box::new(RawImage::open_with(
+            guard.opener(),
+            path,
+            writable,
+            locks,
+        )?))
     }
 
     fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
@@ -92,30 +98,33 @@ impl RawImage {
         } else {
             LockRequest::shared_read()
         };
-        Self::open_with(path, writable, locks)
+        Self::open_with(&Opener::default(), path, writable, locks)
     }
 
-    /// Opens the raw file at `path` taking the image locks `locks`.
-    pub fn open_with(path: &Path, writable: bool, locks: LockRequest) -> Result<Self> {
-        let storage = FileStorage::open_with(path, writable, locks)
+    /// Opens the raw file at `path` through `opener`, taking the image locks `locks`.
+    pub fn open_with(
+        opener: &Opener,
+        path: &Path,
+        writable: bool,
+        locks: LockRequest,
+    ) -> Result<Self> {
+        let storage = opener
+            .open(path, writable, locks)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        Self::from_storage(
-            crate::blkdebug::wrap(path, Box::new(storage)),
-            path,
-            writable,
-        )
+        Self::from_storage(storage, path, writable)
     }
 
     /// Creates (or truncates) a raw file at `path` of `size` bytes, all holes but the first
     /// block (see [`allocate_first_block`]), as qemu creates one.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        let storage = FileStorage::create(path)
+        let storage = Opener::default()
+            .create(path)
             .map_err(|e| Error::io("cannot create image", e).with_path(path))?;
         storage
             .set_len(size)
-            .and_then(|_| allocate_first_block(&storage, size))
+            .and_then(|_| allocate_first_block(storage.as_ref(), size))
             .map_err(|e| Error::io("cannot set image size", e).with_path(path))?;
-        Self::from_storage(Box::new(storage), path, true)
+        Self::from_storage(storage, path, true)
     }
 
     /// A raw image over existing storage; `path` is used in messages.

@@ -10,6 +10,7 @@
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};
 use crate::open::{open_image, probe_format, OpenOptions};
+use crate::opener::Opener;
 use std::path::Path;
 
 /// qemu-img's message when no `-o` is given.
@@ -26,6 +27,8 @@ pub struct AmendArgs<'a> {
     pub options: &'a [String],
     /// `-t`: the cache mode (`None`: writeback).
     pub cache: Option<&'a str>,
+    /// What opens the image's storage.
+    pub opener: Opener,
 }
 
 /// Whether a cache mode (`-t`) skips syncs: `unsafe` does; `writeback` (the default),
@@ -87,6 +90,7 @@ pub fn amend(path: &Path, args: &AmendArgs<'_>, progress: &mut dyn FnMut(u64, u6
         &OpenOptions {
             format: args.format,
             no_backing: true,
+            opener: args.opener.clone(),
             ..OpenOptions::default()
         },
     )?;
@@ -107,6 +111,7 @@ pub fn amend(path: &Path, args: &AmendArgs<'_>, progress: &mut dyn FnMut(u64, u6
             format,
             writable: true,
             no_backing: !plan.grows,
+            opener: args.opener.clone(),
             ..OpenOptions::default()
         },
     )?;

@@ -10,6 +10,7 @@ use crate::bitmap::{inconsistent, not_found, DirtyBitmap, PersistentBitmaps};
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result};
 use crate::open::{open_image, OpenOptions};
+use crate::opener::Opener;
 use std::path::PathBuf;
 
 /// One operation, as given on the command line.
@@ -60,6 +61,8 @@ pub struct BitmapArgs {
     pub source_file: Option<PathBuf>,
     /// Format of `source_file` (`-F`); probed when `None`.
     pub source_format: Option<ImageFormat>,
+    /// What opens the images' storage.
+    pub opener: Opener,
 }
 
 impl BitmapArgs {
@@ -102,6 +105,7 @@ pub fn run(a: &BitmapArgs) -> Result<()> {
                 format,
                 writable,
                 no_backing: true,
+                opener: a.opener.clone(),
                 ..OpenOptions::default()
             },
         )

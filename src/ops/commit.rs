@@ -28,6 +28,7 @@ use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::offsets::GuestOffset;
 use crate::open::same_file;
 use crate::open::{open_image, probe_format, resolve_relative, OpenOptions};
+use crate::opener::Opener;
 use crate::ops::convert::copy::status;
 use crate::ops::convert::{Progress, CHUNK};
 use crate::prealloc::Preallocation;
@@ -124,6 +125,8 @@ pub struct CommitOptions {
     pub rate_limit: u64,
     /// Cache mode of the images written (`-t`).
     pub cache: CacheMode,
+    /// What opens the storage of the chain's layers.
+    pub opener: Opener,
 }
 
 /// The layer of `top`'s chain that `name` designates, and its depth (1 for the backing file):
@@ -159,12 +162,17 @@ pub fn find_base<'a>(
 /// Opens the file of chain layer `layer` for writing, in the format it was opened with and
 /// with its own backing chain (so that zero writes know what lies below it), as a commit's
 /// target.
-pub fn open_target(layer: &dyn BlockImage, cache: CacheMode) -> Result<Box<dyn BlockImage>> {
+pub fn open_target(
+    layer: &dyn BlockImage,
+    cache: CacheMode,
+    opener: &Opener,
+) -> Result<Box<dyn BlockImage>> {
     let img = open_image(
         layer.filename(),
         &OpenOptions {
             format: Some(layer.format()),
             writable: true,
+            opener: opener.clone(),
             ..OpenOptions::default()
         },
     )?;
@@ -339,13 +347,14 @@ pub fn commit(path: &Path, opts: &CommitOptions, progress: Option<Progress<'_>>)
             &OpenOptions {
                 format: Some(format),
                 writable,
+                opener: opts.opener.clone(),
                 ..OpenOptions::default()
             },
         )
     };
     let top = open(false)?;
     let (depth, base_layer) = find_base(top.as_ref(), opts.base.as_deref())?;
-    let base = open_target(base_layer, opts.cache)?;
+    let base = open_target(base_layer, opts.cache, &opts.opener)?;
     let empty = opts.base.is_none() && !opts.drop;
     let top = if empty {
         drop(top);

@@ -10,6 +10,7 @@ use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result};
 use crate::offsets::GuestOffset;
 use crate::open::{open_image, OpenOptions};
+use crate::opener::Opener;
 use crate::ops::create::{create, CreateArgs};
 use crate::ops::size::parse_size;
 use std::path::{Path, PathBuf};
@@ -88,7 +89,12 @@ pub struct DdOutcome {
 
 /// Copies from `src` (named `input_name` in messages) into a new `format` image at
 /// `ops.output`, as `qemu-img dd` does.
-pub fn dd(src: &dyn BlockImage, ops: &DdOperands, format: ImageFormat) -> Result<DdOutcome> {
+pub fn dd(
+    src: &dyn BlockImage,
+    ops: &DdOperands,
+    format: ImageFormat,
+    opener: &Opener,
+) -> Result<DdOutcome> {
     let bs = ops.block_size;
     let mut size = src.virtual_size();
     if let Some(c) = ops.count {
@@ -125,6 +131,7 @@ pub fn dd(src: &dyn BlockImage, ops: &DdOperands, format: ImageFormat) -> Result
         &OpenOptions {
             format: Some(format),
             writable: true,
+            opener: opener.clone(),
             ..Default::default()
         },
     )?;

@@ -9,6 +9,7 @@ use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result};
 use crate::info::LayerInfo;
 use crate::open::{open_image, probe_format, OpenOptions, Sharing};
+use crate::opener::Opener;
 use crate::ops::json::{ordered, to_qemu_json};
 use crate::ops::size::human_size;
 use serde_json::{json, Value};
@@ -24,6 +25,8 @@ pub struct InfoOptions {
     pub backing_chain: bool,
     /// How the image's files are shared with other programs (`-U`: [`Sharing::ForceShare`]).
     pub sharing: Sharing,
+    /// What opens the image's storage.
+    pub opener: Opener,
 }
 
 /// Everything reported about one layer.
@@ -54,6 +57,7 @@ pub fn collect(path: &Path, opts: &InfoOptions) -> Result<Vec<LayerReport>> {
             writable: false,
             no_backing: !opts.backing_chain,
             sharing: opts.sharing,
+            opener: opts.opener.clone(),
         },
     )?;
     let mut layers = Vec::new();

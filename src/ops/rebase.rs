@@ -31,7 +31,8 @@ use crate::block::{BlockImage, BlockStatus, ImageFormat};
 use crate::error::{Error, Result};
 use crate::offsets::GuestOffset;
 use crate::open::same_file;
-use crate::open::{open_image, open_layer, resolve_relative, ChainGuard, OpenOptions};
+use crate::open::{open_image, open_layer, ChainGuard, OpenOptions};
+use crate::opener::Opener;
 use crate::ops::commit::CacheMode;
 use crate::ops::convert::copy::{read_clamped, Cursor};
 use crate::ops::convert::{is_zero, Progress, CHUNK};
@@ -57,6 +58,8 @@ pub struct RebaseOptions {
     pub compress: bool,
     /// Cache mode of the image (`-t`).
     pub cache: CacheMode,
+    /// What opens the storage of the image and of its old and new backing files.
+    pub opener: Opener,
 }
 
 /// Rebases the image at `path` as `opts` say (see the module documentation). `progress` is
@@ -88,6 +91,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
                 format: opts.format,
                 writable,
                 no_backing,
+                opener: opts.opener.clone(),
                 ..OpenOptions::default()
             },
         )
@@ -114,8 +118,8 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
         (Some(name), None) => {
             if !opts.unsafe_mode {
                 // As qemu-img: a new backing file that cannot be opened is the first complaint.
-                let p = resolve_relative(path, name)?;
-                std::fs::metadata(&p).map_err(|e| {
+                let p = opts.opener.resolve(path, name)?;
+                opts.opener.identity(&p).map_err(|e| {
                     Error::io(format!("Could not open new backing file '{name}'"), e)
                 })?;
             }
@@ -139,7 +143,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     let mut before = open(false, false)?;
     capable(before.as_mut())?;
     let new_backing = match (new_name, new_format) {
-        (Some(name), Some(fmt)) => Some(open_new_backing(path, name, fmt)?),
+        (Some(name), Some(fmt)) => Some(open_new_backing(path, name, fmt, &opts.opener)?),
         _ => None,
     };
     if let (Some(b), Some(name)) = (&new_backing, new_name) {
@@ -204,7 +208,12 @@ fn set_backing(img: &mut dyn BlockImage, name: Option<&str>, format: Option<&str
 
 /// Opens the new backing file `name` (relative to the image at `path`) read-only with its
 /// chain, refusing a chain that leads back to the image.
-fn open_new_backing(path: &Path, name: &str, format: &str) -> Result<Box<dyn BlockImage>> {
+fn open_new_backing(
+    path: &Path,
+    name: &str,
+    format: &str,
+    opener: &Opener,
+) -> Result<Box<dyn BlockImage>> {
     let fail = |e: Error| {
         Error::new(
             e.kind(),
@@ -212,8 +221,8 @@ fn open_new_backing(path: &Path, name: &str, format: &str) -> Result<Box<dyn Blo
         )
     };
     let format = ImageFormat::from_name(format).map_err(fail)?;
-    let bpath = resolve_relative(path, name)?;
-    let mut guard = ChainGuard::default();
+    let bpath = opener.resolve(path, name)?;
+    let mut guard = ChainGuard::with_opener(Default::default(), opener.clone());
     guard.enter(path)?;
     open_layer(&bpath, Some(format), false, false, &mut guard).map_err(fail)
 }

@@ -12,6 +12,7 @@
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};
 use crate::open::{open_image, OpenOptions};
+use crate::opener::Opener;
 use crate::ops::size::parse_size;
 use crate::prealloc::{Preallocation, PREALLOC_SHRINK};
 use std::path::Path;
@@ -66,20 +67,22 @@ pub fn resize(
     format: Option<ImageFormat>,
     size_arg: &str,
     shrink: bool,
+    opener: &Opener,
 ) -> Result<String> {
-    resize_prealloc(path, format, size_arg, shrink, Preallocation::Off)
+    resize_prealloc(path, format, size_arg, shrink, Preallocation::Off, opener)
 }
 
 /// Resizes the image at `path` (format probed when `format` is `None`) as `size_arg` says
 /// (`SIZE`, `+SIZE`, `-SIZE`), preallocating a grown area as `prealloc` says. Shrinking needs
 /// `shrink` and no preallocation; otherwise the image is left untouched and an error explains
-/// why. Returns the line to print on success.
+/// why. The image's storage is opened through `opener`. Returns the line to print on success.
 pub fn resize_prealloc(
     path: &Path,
     format: Option<ImageFormat>,
     size_arg: &str,
     shrink: bool,
     prealloc: Preallocation,
+    opener: &Opener,
 ) -> Result<String> {
     let arg = SizeArg::parse(size_arg)?;
     // Looked at read-only first: a refused resize must not change the image at all.
@@ -88,6 +91,7 @@ pub fn resize_prealloc(
         &OpenOptions {
             format,
             no_backing: true,
+            opener: opener.clone(),
             ..OpenOptions::default()
         },
     )?;
@@ -123,6 +127,7 @@ pub fn resize_prealloc(
             format,
             writable: true,
             no_backing: new <= cur,
+            opener: opener.clone(),
             ..OpenOptions::default()
         },
     )?;

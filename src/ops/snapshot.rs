@@ -8,6 +8,7 @@ use crate::capability::SnapshotTime;
 use crate::error::{Error, Result};
 use crate::info::SnapshotInfo;
 use crate::open::{open_image, refuse_forced_write, OpenOptions, Sharing};
+use crate::opener::Opener;
 use crate::ops::size::human_size;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -71,6 +72,7 @@ pub fn run(
     format: Option<ImageFormat>,
     op: &SnapshotOp,
     sharing: Sharing,
+    opener: &Opener,
 ) -> Result<String> {
     refuse_forced_write(sharing, *op != SnapshotOp::List).map_err(|e| e.with_path(path))?;
     // As qemu-img: a list opens the image read-only, every other operation read-write (so a
@@ -83,11 +85,12 @@ pub fn run(
             writable,
             no_backing: true,
             sharing,
+            opener: opener.clone(),
         },
     );
     let mut img = match opened {
         Ok(img) => img,
-        Err(e) => return Err(refused_open(path, format, op, e)),
+        Err(e) => return Err(refused_open(path, format, op, e, opener)),
     };
     let format = img.format();
     let Some(snapshots) = img.as_snapshots_mut() else {
@@ -125,11 +128,18 @@ pub fn run(
 /// images vimg refuses to write (damaged refcounts, such as a snapshot table past the end of
 /// the file) and then refuses to create a snapshot in a full table: that refusal, in qemu's
 /// words, is given when it applies ([`crate::capability::Snapshots::refuse_create`]).
-fn refused_open(path: &Path, format: Option<ImageFormat>, op: &SnapshotOp, e: Error) -> Error {
+fn refused_open(
+    path: &Path,
+    format: Option<ImageFormat>,
+    op: &SnapshotOp,
+    e: Error,
+    opener: &Opener,
+) -> Error {
     if let SnapshotOp::Create(name) = op {
         let ro = OpenOptions {
             format,
             no_backing: true,
+            opener: opener.clone(),
             ..OpenOptions::default()
         };
         if let Ok(img) = open_image(path, &ro) {

@@ -3,49 +3,18 @@
 //!
 //! - the file the header names, resolved against the image's directory;
 //! - or the file given with qemu's `data-file` open option (`--image-opts
-//!   data-file.filename=NAME,file.filename=IMG`, or in `json:`), registered for the image
-//!   with [`set_override`]; an image whose header names no data file needs one (qemu:
-//!   `'data-file' is required for this image`);
-//! - or none at all when the command does no guest I/O ([`open_metadata_only`], qemu-img's
-//!   `info`): the image's metadata is read, and any access to guest data fails with the reason
-//!   the data file is not there.
+//!   data-file.filename=NAME,file.filename=IMG`, or in `json:`), given for the image to the
+//!   command's opener ([`crate::opener::Opener::set_data_file`]); an image whose header names
+//!   no data file needs one (qemu: `'data-file' is required for this image`);
+//! - or none at all when the command does no guest I/O
+//!   ([`crate::opener::Opener::set_metadata_only`], qemu-img's `info`): the image's metadata
+//!   is read, and any access to guest data fails with the reason the data file is not there.
 //!
-//! These are settings of the whole command, as qemu's command-line options are.
+//! These are settings of the whole command, as qemu's command-line options are, kept by the
+//! command's [`crate::opener::Opener`].
 
 use crate::storage::Storage;
 use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-
-static OVERRIDES: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
-static METADATA_ONLY: AtomicBool = AtomicBool::new(false);
-
-/// Makes every later open of the image at `image` (the path as it will be opened) use `data`
-/// as its external data file instead of the one its header names (qemu's `data-file` option).
-pub fn set_override(image: &Path, data: &Path) {
-    let mut o = OVERRIDES.lock().unwrap_or_else(|e| e.into_inner());
-    o.retain(|(i, _)| i != image);
-    o.push((image.to_path_buf(), data.to_path_buf()));
-}
-
-/// The data file registered for the image at `image`, if any.
-pub(super) fn override_for(image: &Path) -> Option<PathBuf> {
-    let o = OVERRIDES.lock().unwrap_or_else(|e| e.into_inner());
-    o.iter().find(|(i, _)| i == image).map(|(_, d)| d.clone())
-}
-
-/// With `true`, later read-only opens do not need the external data file: one that is
-/// missing or not named is left out, and guest I/O on such an image fails (qemu-img `info`,
-/// which opens images without I/O).
-pub fn open_metadata_only(on: bool) {
-    METADATA_ONLY.store(on, Ordering::Relaxed);
-}
-
-/// Whether [`open_metadata_only`] is on.
-pub(super) fn metadata_only() -> bool {
-    METADATA_ONLY.load(Ordering::Relaxed)
-}
 
 /// qemu's message for an image that needs a data file when none is named or given.
 pub const REQUIRED: &str = "'data-file' is required for this image";
@@ -90,14 +59,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn overrides_are_per_image_and_absent_storage_fails() {
-        set_override(Path::new("/x/a.qcow2"), Path::new("a.data"));
-        set_override(Path::new("/x/a.qcow2"), Path::new("b.data"));
-        assert_eq!(
-            override_for(Path::new("/x/a.qcow2")),
-            Some(PathBuf::from("b.data"))
-        );
-        assert_eq!(override_for(Path::new("/x/c.qcow2")), None);
+    fn absent_storage_fails() {
         let a = Absent {
             why: REQUIRED.into(),
         };

@@ -113,7 +113,12 @@ pub fn repair(bytes: &[u8]) {
         return;
     };
     let data = super::DataFile::Given(Some(Box::new(copy(bytes))));
-    let Ok(img) = Qcow2Image::open_storage_for_repair(Box::new(storage), name(), &data) else {
+    let Ok(img) = Qcow2Image::open_storage_for_repair(
+        Box::new(storage),
+        name(),
+        &data,
+        &crate::opener::Opener::new(),
+    ) else {
         return;
     };
     if repair(&img, mode).is_err() {

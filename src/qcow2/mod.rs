@@ -56,8 +56,8 @@ use crate::block::{check_request, BlockImage, BlockStatus, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::info::{FormatSpecific, LayerInfo, Qcow2Info};
 use crate::offsets::{GuestOffset, HostOffset};
-use crate::open::{open_layer, probe_format, resolve_relative, ChainGuard};
-use crate::storage::{FileStorage, Storage};
+use crate::open::{open_layer, probe_format_with, ChainGuard};
+use crate::storage::Storage;
 use byteorder::{BigEndian, ByteOrder};
 use compress::CompressedDesc;
 pub use driver::Qcow2Driver;
@@ -119,12 +119,11 @@ impl Qcow2Image {
         let locks = QCOW2
             .locks(guard.sharing(), writable, guard.depth() <= 1)
             .map_err(|e| e.with_path(path))?;
-        let storage = FileStorage::open_with(path, writable, locks).map_err(|e| {
+        let storage = guard.opener().open(path, writable, locks).map_err(|e| {
             Error::io("cannot open image", e)
                 .with_path(path)
                 .while_opening()
         })?;
-        let storage = crate::blkdebug::wrap(path, Box::new(storage));
         Self::open_storage(storage, path, writable, no_backing, guard)
     }
 
@@ -205,7 +204,7 @@ impl Qcow2Image {
             img.prepare_for_writing()?;
         }
         if let Some(name) = img.header.backing_file.clone() {
-            let bpath = resolve_relative(path, &name)?;
+            let bpath = guard.opener().resolve(path, &name)?;
             img.backing_path = Some(bpath.clone());
             if !no_backing {
                 let format = match &img.header.backing_format {
@@ -214,7 +213,7 @@ impl Qcow2Image {
                     ),
                     None => {
                         img.backing_probed = true;
-                        Some(probe_format(&bpath).map_err(|e| {
+                        Some(probe_format_with(guard.opener(), &bpath).map_err(|e| {
                             let what = format!("cannot open backing file '{name}': {}", e.what());
                             e.reworded(what)
                         })?)
@@ -672,35 +671,38 @@ impl Qcow2Image {
     }
 }
 
-/// Opens the external data file of the image at `path` ([`data_file`]): the one given for
-/// it with qemu's `data-file` option, else the one its header names; for a read-only open
-/// with [`data_file::open_metadata_only`], a missing one is left out (guest I/O then fails).
+/// Opens the external data file of the image at `path` ([`data_file`]) through the chain's
+/// opener: the one given for it with qemu's `data-file` option, else the one its header names;
+/// for a read-only open when the opener does not need data files
+/// ([`crate::opener::Opener::set_metadata_only`]), a missing one is left out (guest I/O then
+/// fails).
 fn open_data_file(
     header: &Header,
     path: &Path,
     writable: bool,
     guard: &ChainGuard,
 ) -> Result<(Box<dyn Storage>, PathBuf)> {
+    let opener = guard.opener();
     let absent = |why: String| -> Result<(Box<dyn Storage>, PathBuf)> {
-        if writable || !data_file::metadata_only() {
+        if writable || !opener.metadata_only() {
             return Err(Error::invalid_input(why));
         }
         let p = PathBuf::from(header.data_file.clone().unwrap_or_default());
         Ok((Box::new(data_file::Absent { why }) as Box<dyn Storage>, p))
     };
-    let (p, name) = match (data_file::override_for(path), &header.data_file) {
+    let (p, name) = match (opener.data_file_for(path), &header.data_file) {
         (Some(p), _) => (p.clone(), p.display().to_string()),
-        (None, Some(name)) => (resolve_relative(path, name)?, name.clone()),
+        (None, Some(name)) => (opener.resolve(path, name)?, name.clone()),
         (None, None) => return absent(data_file::REQUIRED.to_string()),
     };
-    if crate::open::same_file(&p, path) {
+    if opener.same(&p, path) {
         return Err(Error::corrupt(format!(
             "the external data file '{name}' is the image file itself"
         )));
     }
-    match FileStorage::open_with(&p, writable, guard.data_file_locks(writable)?) {
-        Ok(s) => Ok((Box::new(s), p)),
-        Err(e) if !writable && data_file::metadata_only() => absent(format!(
+    match opener.open(&p, writable, guard.data_file_locks(writable)?) {
+        Ok(s) => Ok((s, p)),
+        Err(e) if !writable && opener.metadata_only() => absent(format!(
             "Could not open '{name}': {}",
             crate::error::os_reason(&e)
         )),

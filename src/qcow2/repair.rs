@@ -39,8 +39,10 @@ use super::write::WriteState;
 use super::{DataFile, Qcow2Image};
 use crate::check::{Check, CheckReport};
 use crate::error::{Error, Result, ResultExt};
-use crate::open::ChainGuard;
-use crate::storage::{FileStorage, Storage};
+use crate::lock::LockRequest;
+use crate::open::{ChainGuard, Sharing};
+use crate::opener::Opener;
+use crate::storage::Storage;
 use byteorder::{BigEndian, ByteOrder};
 use std::path::Path;
 use std::sync::Mutex;
@@ -67,10 +69,11 @@ impl Qcow2Image {
     /// A refcount table that lies (partly) past the end of the file is read as zeros, as qemu
     /// reads it, so that the repair can rebuild it: such an image is opened through a view of
     /// the file that pretends it is long enough (writes still go to the file).
-    pub fn open_for_repair(path: &Path) -> Result<Self> {
-        let storage = FileStorage::open(path, true)
+    pub fn open_for_repair(path: &Path, opener: &Opener) -> Result<Self> {
+        let storage = opener
+            .open(path, true, LockRequest::exclusive(true))
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        Self::open_storage_for_repair(Box::new(storage), path, &DataFile::Named)
+        Self::open_storage_for_repair(storage, path, &DataFile::Named, opener)
     }
 
     /// [`Qcow2Image::open_for_repair`] on an image held in `storage` (`path` names it in
@@ -81,10 +84,11 @@ impl Qcow2Image {
         storage: Box<dyn Storage>,
         path: &Path,
         data: &DataFile,
+        opener: &Opener,
     ) -> Result<Self> {
         let open = |storage: Box<dyn Storage>| {
-            Self::open_inner(storage, path, false, true, &mut ChainGuard::default(), data)
-                .in_file(path)
+            let mut guard = ChainGuard::with_opener(Sharing::Normal, opener.clone());
+            Self::open_inner(storage, path, false, true, &mut guard, data).in_file(path)
         };
         // A second handle, in case the first open fails and a padded view is needed.
         let spare = storage.duplicate();
@@ -122,7 +126,8 @@ impl Qcow2Image {
             Some((d, _)) => DataFile::Given(d.duplicate()),
             None => DataFile::Named,
         };
-        let mut img = Self::open_storage_for_repair(storage, &self.path, &data)?;
+        // Nothing is opened by name: the data file, if any, is the one this image holds.
+        let mut img = Self::open_storage_for_repair(storage, &self.path, &data, &Opener::new())?;
         if self.snapshot_override.is_some() {
             // The write state is made again with the table the repair holds.
             img.snapshot_override = self.snapshot_override.clone();
@@ -404,16 +409,16 @@ fn realign_preallocated(img: &Qcow2Image) -> Result<Vec<String>> {
 /// snapshots than qemu's limit (65536) is first brought down to the limit in place, as qemu's
 /// check does before it reads the table; the snapshots past the limit are discarded and what
 /// only they referenced becomes leaks.
-pub fn repair_file(path: &Path, mode: RepairMode) -> Result<CheckReport> {
+pub fn repair_file(path: &Path, mode: RepairMode, opener: &Opener) -> Result<CheckReport> {
     let mut messages = Vec::new();
     let mut fixed = 0;
     if mode == RepairMode::All {
-        if let Some(n) = discard_excess_snapshots(path).in_file(path)? {
+        if let Some(n) = discard_excess_snapshots(path, opener).in_file(path)? {
             messages.push(format!("Discarding {n} overhanging snapshots"));
             fixed += n;
         }
     }
-    let img = Qcow2Image::open_for_repair(path)?;
+    let img = Qcow2Image::open_for_repair(path, opener)?;
     let mut report = repair(&img, mode)?;
     report.corruptions_fixed += fixed;
     messages.append(&mut report.messages);
@@ -423,8 +428,9 @@ pub fn repair_file(path: &Path, mode: RepairMode) -> Result<CheckReport> {
 
 /// Sets the snapshot count in the header of the qcow2 image at `path` to qemu's limit when it
 /// is above it (one synced 4-byte write); returns how many snapshots that discards.
-fn discard_excess_snapshots(path: &Path) -> Result<Option<u64>> {
-    let storage = FileStorage::open(path, true)
+fn discard_excess_snapshots(path: &Path, opener: &Opener) -> Result<Option<u64>> {
+    let storage = opener
+        .open(path, true, LockRequest::exclusive(true))
         .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
     let mut h = [0u8; 72];
     if storage.read_at(&mut h, 0).is_err() || &h[0..4] != b"QFI\xfb" {

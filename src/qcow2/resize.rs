@@ -466,11 +466,10 @@ impl Qcow2Image {
         match prealloc {
             Preallocation::Off | Preallocation::Metadata => {}
             Preallocation::Falloc => {
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&self.path)
-                    .map_err(|e| Error::io("cannot open the image file", e))?;
-                rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), start, len)
+                let file = self.storage.host_file().ok_or_else(|| {
+                    Error::unsupported("preallocation=falloc needs the image in a host file")
+                })?;
+                rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), start, len)
                     .map_err(|e| Error::io("cannot preallocate", e.into()).at(start))?;
             }
             Preallocation::Full => {

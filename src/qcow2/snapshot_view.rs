@@ -16,8 +16,10 @@ use super::snapshot::{read_table, Snapshot};
 use super::Qcow2Image;
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
-use crate::open::{probe_format, ChainGuard};
-use crate::storage::{FileStorage, Storage};
+use crate::lock::LockRequest;
+use crate::open::{probe_format_with, ChainGuard, Sharing};
+use crate::opener::Opener;
+use crate::storage::Storage;
 use byteorder::{BigEndian, ByteOrder};
 use std::path::Path;
 
@@ -82,15 +84,17 @@ impl SnapshotSelector {
 }
 
 /// Opens the image at `path` (format probed when `format` is `None`) read-only, as the disk
-/// was when the snapshot `selector` names was taken; only qcow2 images have snapshots.
+/// was when the snapshot `selector` names was taken, its storage opened through `opener`; only
+/// qcow2 images have snapshots.
 pub fn open_image_snapshot(
     path: &Path,
     format: Option<ImageFormat>,
     selector: &SnapshotSelector,
+    opener: &Opener,
 ) -> Result<Box<dyn BlockImage>> {
     let format = match format {
         Some(f) => f,
-        None => probe_format(path)?,
+        None => probe_format_with(opener, path)?,
     };
     if format != ImageFormat::of(&super::Qcow2Driver) {
         return Err(Error::unsupported(format!(
@@ -101,7 +105,7 @@ pub fn open_image_snapshot(
     Ok(Box::new(Qcow2Image::open_snapshot(
         path,
         selector,
-        &mut ChainGuard::default(),
+        &mut ChainGuard::with_opener(Sharing::Normal, opener.clone()),
     )?))
 }
 
@@ -113,9 +117,11 @@ impl Qcow2Image {
         selector: &SnapshotSelector,
         guard: &mut ChainGuard,
     ) -> Result<Self> {
-        let storage = FileStorage::open(path, false)
+        let storage = guard
+            .opener()
+            .open(path, false, LockRequest::exclusive(false))
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        Self::open_snapshot_storage(Box::new(storage), path, selector, guard)
+        Self::open_snapshot_storage(storage, path, selector, guard)
     }
 
     /// [`Qcow2Image::open_snapshot`] over `storage`; `path` names it in messages and anchors

@@ -266,7 +266,7 @@ fn repair_matches_qemu() {
                 RepairMode::Leaks
             };
             let report = {
-                let img = match Qcow2Image::open_for_repair(&v) {
+                let img = match Qcow2Image::open_for_repair(&v, &Default::default()) {
                     Ok(i) => i,
                     Err(e) => {
                         failures.push(format!("{tag}: vimg cannot open: {e}"));
@@ -410,7 +410,9 @@ fn random_damage_matches_qemu() {
             } else {
                 RepairMode::Leaks
             };
-            let report = match Qcow2Image::open_for_repair(&v).and_then(|i| repair(&i, rmode)) {
+            let report = match Qcow2Image::open_for_repair(&v, &Default::default())
+                .and_then(|i| repair(&i, rmode))
+            {
                 Ok(r) => r,
                 Err(e) => {
                     failures.push(format!("{tag}: vimg repair failed: {e}"));
@@ -510,7 +512,7 @@ fn rebuild_matches_qemu() {
             damage(&q);
             std::fs::copy(&q, &v).unwrap();
             let (_, qj) = qemu_check(&q, Some("all"));
-            let report = Qcow2Image::open_for_repair(&v)
+            let report = Qcow2Image::open_for_repair(&v, &Default::default())
                 .and_then(|img| repair(&img, RepairMode::All))
                 .unwrap_or_else(|e| panic!("{tag}: vimg repair failed: {e}"));
             assert_eq!(qemu_check(&q, None).0, 0, "{tag}: qemu's own repair");

@@ -59,8 +59,14 @@ fn case(dir: &Path, base: &Path, fmt: &str, arg: &str, shrink: bool, want: u64) 
     } else {
         ImageFormat::Qcow2
     };
-    let msg = resize(&ours, Some(format), arg, shrink)
-        .unwrap_or_else(|e| panic!("vimg resize {} {arg}: {e}", base.display()));
+    let msg = resize(
+        &ours,
+        Some(format),
+        arg,
+        shrink,
+        &vimg::opener::Opener::default(),
+    )
+    .unwrap_or_else(|e| panic!("vimg resize {} {arg}: {e}", base.display()));
     assert_eq!(msg, RESIZED);
     qemu_resize(&theirs, fmt, arg, shrink);
     let o = ours.to_str().unwrap();
@@ -96,7 +102,14 @@ fn refused(dir: &Path, base: &Path, fmt: &str, arg: &str) {
     } else {
         ImageFormat::Qcow2
     };
-    let e = resize(&copy, Some(format), arg, false).unwrap_err();
+    let e = resize(
+        &copy,
+        Some(format),
+        arg,
+        false,
+        &vimg::opener::Opener::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("--shrink"), "{e}");
     assert_eq!(
         std::fs::read(&copy).unwrap(),
@@ -162,9 +175,16 @@ fn qcow2_unaligned_size_is_refused_untouched() {
     }
     qemu_create(&base, "qcow2", "", None, 1 << 20);
     let before = std::fs::read(&base).unwrap();
-    assert!(resize(&base, None, "2000001", false).is_err());
-    assert!(resize(&base, None, "-0", true).is_ok()); // no change is fine
-    assert!(resize(&base, None, "-1M", true).is_err()); // zero size
+    assert!(resize(
+        &base,
+        None,
+        "2000001",
+        false,
+        &vimg::opener::Opener::default()
+    )
+    .is_err());
+    assert!(resize(&base, None, "-0", true, &vimg::opener::Opener::default()).is_ok()); // no change is fine
+    assert!(resize(&base, None, "-1M", true, &vimg::opener::Opener::default()).is_err()); // zero size
     assert_eq!(std::fs::read(&base).unwrap(), before);
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -188,7 +208,8 @@ fn snapshots_v2_refused_v3_resized() {
             // qemu refuses any resize of a v2 image with snapshots, with this message.
             let before = std::fs::read(&base).unwrap();
             for (arg, shrink) in [("512K", true), ("3G", false)] {
-                let e = resize(&base, None, arg, shrink).unwrap_err();
+                let e =
+                    resize(&base, None, arg, shrink, &vimg::opener::Opener::default()).unwrap_err();
                 assert!(e.to_string().contains(V2_SNAPSHOTS), "{e}");
             }
             assert_eq!(std::fs::read(&base).unwrap(), before);
@@ -240,8 +261,15 @@ fn prealloc_case(dir: &Path, base: &Path, fmt: &str, mode: &str, arg: &str, exac
         ImageFormat::Qcow2
     };
     let pm = Preallocation::from_name(mode).unwrap();
-    resize_prealloc(&ours, Some(format), arg, false, pm)
-        .unwrap_or_else(|e| panic!("{tag}: vimg resize: {e}"));
+    resize_prealloc(
+        &ours,
+        Some(format),
+        arg,
+        false,
+        pm,
+        &vimg::opener::Opener::default(),
+    )
+    .unwrap_or_else(|e| panic!("{tag}: vimg resize: {e}"));
     let p = format!("--preallocation={mode}");
     run(
         "qemu-img",
@@ -296,7 +324,15 @@ fn preallocation_matches_qemu() {
         }
         // Shrinking with preallocation is refused, untouched.
         let before = std::fs::read(&base).unwrap();
-        let e = resize_prealloc(&base, None, "512K", true, Preallocation::Full).unwrap_err();
+        let e = resize_prealloc(
+            &base,
+            None,
+            "512K",
+            true,
+            Preallocation::Full,
+            &vimg::opener::Opener::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains(PREALLOC_SHRINK), "{e}");
         assert_eq!(std::fs::read(&base).unwrap(), before);
     }
@@ -307,9 +343,25 @@ fn preallocation_matches_qemu() {
         prealloc_case(&dir, &raw, "raw", mode, "+3M", true);
     }
     let before = std::fs::read(&raw).unwrap();
-    let e = resize_prealloc(&raw, None, "+1M", false, Preallocation::Metadata).unwrap_err();
+    let e = resize_prealloc(
+        &raw,
+        None,
+        "+1M",
+        false,
+        Preallocation::Metadata,
+        &vimg::opener::Opener::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("metadata"), "{e}");
-    let e = resize_prealloc(&raw, None, "512K", true, Preallocation::Falloc).unwrap_err();
+    let e = resize_prealloc(
+        &raw,
+        None,
+        "512K",
+        true,
+        Preallocation::Falloc,
+        &vimg::opener::Opener::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains(PREALLOC_SHRINK), "{e}");
     assert_eq!(std::fs::read(&raw).unwrap(), before);
     // Shrinking without preallocation still works after a preallocated grow.
@@ -344,7 +396,7 @@ fn qcow2_grow_under_longer_backing_reads_zeros() {
         } else {
             // Version 2 cannot express zeros over a backing file; qemu refuses too.
             let before = std::fs::read(&base).unwrap();
-            assert!(resize(&base, None, "3M", false).is_err());
+            assert!(resize(&base, None, "3M", false, &vimg::opener::Opener::default()).is_err());
             assert_eq!(std::fs::read(&base).unwrap(), before);
             // Resizing to the current size changes nothing there.
             case(&dir, &base, "qcow2", "+0", false, (1 << 20) + 512);
@@ -372,7 +424,14 @@ fn raw_resize_matches_qemu() {
     // Exact, unaligned sizes are kept as they are.
     let ours = dir.join("odd.raw");
     std::fs::copy(&base, &ours).unwrap();
-    resize(&ours, None, "2000001", false).unwrap();
+    resize(
+        &ours,
+        None,
+        "2000001",
+        false,
+        &vimg::opener::Opener::default(),
+    )
+    .unwrap();
     assert_eq!(std::fs::metadata(&ours).unwrap().len(), 2000001);
     std::fs::remove_dir_all(&dir).ok();
 }
