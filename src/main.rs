@@ -1044,12 +1044,13 @@ fn check(mut a: CheckArgs) -> CmdResult {
                 return Err(not_supported());
             }
             let mode = if mode == "all" {
-                vimg::qcow2::repair::RepairMode::All
+                vimg::qcow2::check::repair::RepairMode::All
             } else {
-                vimg::qcow2::repair::RepairMode::Leaks
+                vimg::qcow2::check::repair::RepairMode::Leaks
             };
             (
-                vimg::qcow2::repair::repair_file(&a.filename, mode, opener()).map_err(fail)?,
+                vimg::qcow2::check::repair::repair_file(&a.filename, mode, opener())
+                    .map_err(fail)?,
                 format,
             )
         }
@@ -1386,7 +1387,7 @@ fn convert(a: ConvertArgs) -> CmdResult {
     let snapshot = a
         .snapshot
         .as_deref()
-        .map(vimg::qcow2::snapshot_view::SnapshotSelector::parse)
+        .map(vimg::qcow2::snapshot::view::SnapshotSelector::parse)
         .transpose()
         .map_err(fail)?;
     if snapshot.is_some() && sources.len() > 1 {
@@ -1400,7 +1401,7 @@ fn convert(a: ConvertArgs) -> CmdResult {
         // qemu-img convert keeps writers out of its sources (raw ones too) unless -U.
         .map(|n| match &snapshot {
             Some(sel) => {
-                vimg::qcow2::snapshot_view::open_image_snapshot(&n.path, n.format, sel, opener())
+                vimg::qcow2::snapshot::view::open_image_snapshot(&n.path, n.format, sel, opener())
             }
             None => {
                 let sh = match n.force_share {

@@ -17,7 +17,7 @@ use crate::ops::size::parse_size;
 use crate::qcow2::create::{
     create_file, grow_file, parse_options, round_size, CreateOptions, OptionUpdates, Preallocation,
 };
-use crate::qcow2::header::CompressionType;
+use crate::qcow2::format::header::CompressionType;
 use std::path::{Path, PathBuf};
 
 /// The pieces of a `vimg create` command line.

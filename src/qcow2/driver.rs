@@ -54,6 +54,6 @@ impl FormatDriver for Qcow2Driver {
     }
 
     fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
-        Some(super::amend::AMEND_OPTION_HELP)
+        Some(super::edit::amend::AMEND_OPTION_HELP)
     }
 }

@@ -1,55 +1,42 @@
-//! The qcow2 format (qemu docs/interop/qcow2.rst), split by concern:
+//! The qcow2 format (qemu docs/interop/qcow2.rst), in folders by concern:
 //!
-//! - [`header`]: the header and its extensions, validated on open;
-//! - [`l2`]: decoding L1/L2 entries and subcluster bitmaps;
-//! - [`layout`]: which clusters hold metadata, refusing overlaps;
-//! - [`cache`]: the bounded metadata table cache;
-//! - [`compress`]: compressed cluster descriptors, deflate and zstd;
-//! - [`refcount`]: reading refcount tables and blocks;
-//! - [`snapshot`]: the internal snapshot table;
-//! - [`bitmaps`]: the persistent dirty bitmap directory and tables; [`bitmap_write`] writes
-//!   them, [`bitmap_track`] marks guest writes in them, [`bitmap_edit`] adds, removes, clears,
-//!   enables, disables and merges them;
-//! - [`check`]: the consistency check;
-//! - [`mod@write`]: the write path, its crash-safe flush and lazy refcounts;
-//! - [`discard`]: guest discard requests;
-//! - [`amend`]: changing format options in place ([`refcount_rewrite`], [`downgrade`]);
-//! - [`empty`]: emptying the active state (commit);
-//! - [`backing`]: changing the recorded backing file (rebase);
-//! - [`snapshot_view`]: reading an internal snapshot (convert -l);
+//! - [`mod@format`]: the on-disk structures: the header and its extensions ([`format::header`],
+//!   written back by [`format::header_write`]), L1/L2 entries ([`format::l2`]), compressed
+//!   clusters ([`format::compress`]), which clusters hold metadata ([`format::layout`]);
+//! - [`refcount`]: the refcount table and blocks ([`refcount::table`]), rewritten at another
+//!   width by [`refcount::rewrite`];
+//! - [`mod@write`]: the write path, its crash-safe flush and lazy refcounts
+//!   ([`write::path`]), guest discard requests ([`write::discard`]), resizing
+//!   ([`write::resize`]);
+//! - [`snapshot`]: the internal snapshot table ([`snapshot::table`]), its changes
+//!   ([`snapshot::write`]), reading an internal snapshot ([`snapshot::view`], convert -l);
+//! - [`bitmap`]: the persistent dirty bitmap directory and tables ([`bitmap::directory`]);
+//!   [`bitmap::write`] writes them, [`bitmap::track`] marks guest writes in them,
+//!   [`bitmap::edit`] adds, removes, clears, enables, disables and merges them;
+//! - [`check`]: the consistency check ([`check::consistency`]) and its repairs
+//!   ([`check::repair`]);
+//! - [`create`]: creating images;
+//! - [`edit`]: changing an image in place: format options ([`edit::amend`], with
+//!   [`edit::downgrade`]), the recorded backing file ([`edit::backing`], rebase), emptying the
+//!   active state ([`edit::empty`], commit);
+//! - [`cache`]: the bounded metadata table cache; [`data_file`]: which file holds the guest
+//!   data of an image with an external data file;
 //! - [`hostile`]: untrusted bytes through all of the above, for fuzzing.
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
 
-pub mod amend;
-pub mod backing;
-pub mod bitmap_edit;
-pub mod bitmap_track;
-mod bitmap_tracker;
-pub mod bitmap_write;
-pub mod bitmaps;
+pub mod bitmap;
 pub mod cache;
 mod capabilities;
 pub mod check;
-pub mod compress;
 pub mod create;
 pub mod data_file;
-pub mod discard;
-pub mod downgrade;
 mod driver;
-pub mod empty;
-pub mod header;
-pub mod header_write;
+pub mod edit;
+pub mod format;
 pub mod hostile;
-pub mod l2;
-pub mod layout;
 pub mod refcount;
-pub mod refcount_rewrite;
-pub mod repair;
-pub mod resize;
 pub mod snapshot;
-pub mod snapshot_view;
-pub mod snapshot_write;
 pub mod write;
 
 use crate::block::{check_request, BlockImage, BlockStatus, ImageFormat};
@@ -58,9 +45,12 @@ use crate::info::{FormatSpecific, LayerInfo, Qcow2Info};
 use crate::offsets::{GuestOffset, HostOffset};
 use crate::open::{open_layer, probe_format_with, ChainGuard};
 use crate::storage::Storage;
+use bitmap::directory as bitmaps;
 use byteorder::{BigEndian, ByteOrder};
+use check::repair;
 use compress::CompressedDesc;
 pub use driver::Qcow2Driver;
+use format::{compress, header, l2, layout};
 use header::Header;
 use l2::Slot;
 use std::path::{Path, PathBuf};
@@ -97,14 +87,14 @@ pub struct Qcow2Image {
     /// Whether the image looks metadata-preallocated (computed on first use).
     metadata_prealloc: OnceLock<bool>,
     /// Allocation and flush state, for images opened read-write.
-    write: Option<Mutex<write::WriteState>>,
+    write: Option<Mutex<write::path::WriteState>>,
     /// Flushes order their writes but skip the syncs (qemu's `cache=unsafe`).
     unsafe_cache: std::sync::atomic::AtomicBool,
     /// The bitmaps extension as it is on disk now (the header's, until bitmaps are stored).
     live_bitmaps: Mutex<Option<header::BitmapsExt>>,
     /// The snapshot table as a repair read it (entries and size in bytes), used instead of
-    /// the one on disk until the repair writes it ([`snapshot::read_table_with_size`]).
-    snapshot_override: Option<(Vec<snapshot::Snapshot>, u64)>,
+    /// the one on disk until the repair writes it ([`snapshot::table::read_table_with_size`]).
+    snapshot_override: Option<(Vec<snapshot::table::Snapshot>, u64)>,
 }
 
 impl Qcow2Image {
@@ -243,7 +233,7 @@ impl Qcow2Image {
             self.repair_dirty()?;
         }
         // Damaged metadata is refused before anything is written.
-        let mut st = write::WriteState::new(self)?;
+        let mut st = write::path::WriteState::new(self)?;
         layout::check_metadata_refcounts(self)?;
         self.clear_unknown_autoclear()?;
         st.lazy = self.header.version >= 3 && self.header.lazy_refcounts();
@@ -284,7 +274,7 @@ impl Qcow2Image {
     /// dirty bit. The repair's lines go to standard error, as qemu prints them. Fails, leaving
     /// the image dirty, if the repair cannot make it consistent.
     fn repair_dirty(&mut self) -> Result<()> {
-        self.write = Some(Mutex::new(write::WriteState::new(self)?));
+        self.write = Some(Mutex::new(write::path::WriteState::new(self)?));
         let report = repair::repair(self, repair::RepairMode::All);
         self.write = None;
         let report = report.map_err(|e| {
@@ -431,7 +421,7 @@ impl Qcow2Image {
         };
         let real_clusters = real >> self.header.cluster_bits;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
-        let table = refcount::RefcountTable::read(self)?;
+        let table = refcount::table::RefcountTable::read(self)?;
         let cs = self.header.cluster_size();
         let file_clusters = self.file_len().div_ceil(cs);
         let per_block = table.entries_per_block();
@@ -446,7 +436,8 @@ impl Qcow2Image {
             if first >= file_clusters || counted >= threshold {
                 break;
             }
-            let Ok(Some(off)) = table.block_offset(idx, refcount::Strictness::Lenient) else {
+            let Ok(Some(off)) = table.block_offset(idx, refcount::table::Strictness::Lenient)
+            else {
                 continue;
             };
             let n = match per_offset.get(&off) {
@@ -455,11 +446,11 @@ impl Qcow2Image {
                     if per_offset.len() as u64 * cs >= PREALLOC_SCAN_BYTES {
                         break;
                     }
-                    refcount::read_padded(self, &mut block, off)?;
+                    refcount::table::read_padded(self, &mut block, off)?;
                     let in_file = per_block.min(file_clusters - first);
                     let n = (0..in_file)
                         .filter(|&i| {
-                            refcount::get_refcount(&block, i, self.header.refcount_order) > 0
+                            refcount::table::get_refcount(&block, i, self.header.refcount_order) > 0
                         })
                         .count() as u64;
                     per_offset.insert(off, n);
@@ -768,9 +759,9 @@ impl BlockImage for Qcow2Image {
             .in_file(&self.path)
     }
 
-    /// See [`discard`]: whole clusters inside the range are freed and read as zeros (version 2
-    /// images without a backing file: as unallocated, which reads as zeros; version 2 with a
-    /// backing file: nothing is discarded, as in qemu).
+    /// See [`write::discard`]: whole clusters inside the range are freed and read as zeros
+    /// (version 2 images without a backing file: as unallocated, which reads as zeros; version 2
+    /// with a backing file: nothing is discarded, as in qemu).
     fn discard(&self, offset: GuestOffset, len: u64) -> Result<()> {
         check_request(self.header.size, offset, len).in_file(&self.path)?;
         self.discard_inner(offset.0, len).in_file(&self.path)
@@ -811,7 +802,7 @@ impl BlockImage for Qcow2Image {
     fn layer_info(&self) -> Result<LayerInfo> {
         let h = &self.header;
         let v3 = h.version >= 3;
-        let snapshots = snapshot::read_table(self)
+        let snapshots = snapshot::table::read_table(self)
             .in_file(&self.path)?
             .iter()
             .map(|s| s.info())

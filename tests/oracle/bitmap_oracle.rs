@@ -577,7 +577,7 @@ proptest::proptest! {
                 Step::Compressed(off) => {
                     let gc = off / cs * cs;
                     let data = vec![0x5a; cs as usize];
-                    let z = vimg::qcow2::compress::compress_cluster(
+                    let z = vimg::qcow2::format::compress::compress_cluster(
                         img.header().compression_type, &data).unwrap();
                     if let Some(z) = z {
                         img.write_compressed(gc, &z).unwrap();

@@ -9,7 +9,7 @@ use std::fs::OpenOptions as FsOpen;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vimg::qcow2::repair::{repair, RepairMode};
+use vimg::qcow2::check::repair::{repair, RepairMode};
 use vimg::qcow2::Qcow2Image;
 
 use crate::common;

@@ -18,8 +18,8 @@
 //! Everything read from the file is validated before it is used; see [`Strictness`] for the
 //! two ways a malformed table entry can be treated.
 
-use super::Qcow2Image;
 use crate::error::{Error, Result};
+use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 
 /// Refcount table entry bits 9-63: the host offset of a refcount block
@@ -60,7 +60,7 @@ impl RefcountTable {
         let h = img.header();
         let bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
         let off = h.refcount_table_offset;
-        if bytes > super::header::MAX_REFTABLE_BYTES {
+        if bytes > crate::qcow2::format::header::MAX_REFTABLE_BYTES {
             return Err(Error::corrupt(format!(
                 "refcount table of {bytes} bytes exceeds the 8 MiB limit"
             ))

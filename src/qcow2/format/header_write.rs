@@ -7,8 +7,8 @@
 //! header vimg writes is one vimg (and qemu) accepts.
 
 use super::header::{ext, Header, QCOW2_MAGIC};
-use super::Qcow2Image;
 use crate::error::{Error, Result, ResultExt};
+use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 
 /// Bytes of the version 2 header (qcow2.rst "Header", bytes 0-71).
@@ -216,7 +216,7 @@ impl Qcow2Image {
 mod tests {
     use super::*;
     use crate::qcow2::create::{Compat, CreateOptions};
-    use crate::qcow2::header::{BitmapsExt, CompressionType, UnknownExt};
+    use crate::qcow2::format::header::{BitmapsExt, CompressionType, UnknownExt};
 
     fn parsed_image(f: impl FnOnce(&mut CreateOptions)) -> (tempfile::TempDir, Header, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
@@ -273,7 +273,7 @@ mod tests {
         });
         h.compatible_features = 1;
         // The bitmaps extension counts only while its autoclear bit says it is consistent.
-        h.autoclear_features |= crate::qcow2::header::autoclear::BITMAPS;
+        h.autoclear_features |= crate::qcow2::format::header::autoclear::BITMAPS;
         let bytes = h.encode().unwrap();
         let back = Header::parse(&bytes, 1 << 30).unwrap();
         assert_eq!(back.backing_file.as_deref(), Some("base image.qcow2"));

@@ -14,21 +14,21 @@
 //! - Each write then only sets bits in memory: one per granularity chunk it touches.
 //! - [`BlockImage::flush`](crate::BlockImage::flush) and closing the image store the tracked
 //!   bitmaps (stored contents with the new bits added) and clear their in-use flag, through a
-//!   crash-safe directory commit ([`super::bitmap_write`]). Bitmaps kept in use stay flagged.
+//!   crash-safe directory commit ([`super::write`]). Bitmaps kept in use stay flagged.
 //!   If a store fails, the tracker gives up: the bitmaps stay flagged in use on disk.
 
-use super::bitmap_tracker::Tracker;
-use super::bitmap_write::{Contents, Planned};
-use super::bitmaps::{self, read_directory_at, FLAG_IN_USE};
-use super::write::WriteState;
-use super::Qcow2Image;
+use super::directory::{self as bitmaps, read_directory_at, FLAG_IN_USE};
+use super::tracker::Tracker;
+use super::write::{Contents, Planned};
 use crate::bitmap::SparseBits;
 use crate::error::{Error, Result};
+use crate::qcow2::write::path::WriteState;
+use crate::qcow2::Qcow2Image;
 
 impl Qcow2Image {
     /// Builds the tracker of an image just opened read-write (see the module documentation).
     /// Fails if the bitmap directory is damaged.
-    pub(super) fn start_tracking(&self, st: &mut WriteState) -> Result<()> {
+    pub(in crate::qcow2) fn start_tracking(&self, st: &mut WriteState) -> Result<()> {
         let dir = read_directory_at(self, self.bitmaps_ext())?;
         bitmaps::validate(self, &dir)?;
         st.bitmaps = Tracker::for_directory(&dir);
@@ -37,7 +37,12 @@ impl Qcow2Image {
 
     /// Marks guest bytes `[guest, guest + len)` dirty in every tracked bitmap, flagging the
     /// bitmaps in use on disk first if this is the first write since they were stored.
-    pub(super) fn track_write(&self, st: &mut WriteState, guest: u64, len: u64) -> Result<()> {
+    pub(in crate::qcow2) fn track_write(
+        &self,
+        st: &mut WriteState,
+        guest: u64,
+        len: u64,
+    ) -> Result<()> {
         let t = &mut st.bitmaps;
         if len == 0 || t.idle() {
             return Ok(());
@@ -62,7 +67,7 @@ impl Qcow2Image {
 
     /// Stores the tracked bitmaps that writes changed since their last store, clearing their
     /// in-use flags (nothing to do if nothing was written).
-    pub(super) fn store_tracked(&self, st: &mut WriteState) -> Result<()> {
+    pub(in crate::qcow2) fn store_tracked(&self, st: &mut WriteState) -> Result<()> {
         if !st.bitmaps.armed || st.bitmaps.failed {
             return Ok(());
         }
@@ -108,7 +113,7 @@ impl Qcow2Image {
     /// stores what is pending and flags every bitmap in use until
     /// [`Qcow2Image::finish_bitmaps_resize`] stores them at the new size. Returns whether the
     /// image has bitmaps.
-    pub(super) fn begin_bitmaps_resize(&self, new_size: u64) -> Result<bool> {
+    pub(in crate::qcow2) fn begin_bitmaps_resize(&self, new_size: u64) -> Result<bool> {
         if self.bitmaps_ext().is_none() {
             return Ok(false);
         }
@@ -137,7 +142,7 @@ impl Qcow2Image {
     /// Stores every bitmap at the new disk size (grown: the new area clear; shrunk: the bits
     /// past the end dropped), clearing the in-use flags [`Qcow2Image::begin_bitmaps_resize`]
     /// set.
-    pub(super) fn finish_bitmaps_resize(&self) -> Result<()> {
+    pub(in crate::qcow2) fn finish_bitmaps_resize(&self) -> Result<()> {
         let mut st = self.write_state()?;
         let dir = read_directory_at(self, self.bitmaps_ext())?;
         let plans = dir

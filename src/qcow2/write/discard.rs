@@ -24,10 +24,10 @@
 //! The image's backing file counts as present when the header names one, even if this open
 //! did not attach it: unallocating a version 2 cluster must never expose a backing file.
 
-use super::l2::{self, Descriptor, OFLAG_ZERO};
-use super::write::{WriteState, ALL_ZERO};
-use super::Qcow2Image;
+use super::path::{WriteState, ALL_ZERO};
 use crate::error::{Error, Result};
+use crate::qcow2::format::l2::{self, Descriptor, OFLAG_ZERO};
+use crate::qcow2::Qcow2Image;
 
 /// The guest clusters `[first, end)` a discard of `[guest, guest + len)` on a disk of `size`
 /// bytes affects, if any.
@@ -116,7 +116,11 @@ impl Qcow2Image {
 
     /// Drops this image's reference to the host storage `desc` names: refcounted clusters are
     /// released at the next flush (and punched once free); a data file range is punched now.
-    pub(super) fn release_discarded(&self, st: &mut WriteState, desc: Descriptor) -> Result<()> {
+    pub(in crate::qcow2) fn release_discarded(
+        &self,
+        st: &mut WriteState,
+        desc: Descriptor,
+    ) -> Result<()> {
         let cs = self.header.cluster_size();
         let bits = self.header.cluster_bits;
         match desc {

@@ -25,7 +25,7 @@ use super::header::MIN_CLUSTER_BITS;
 use super::header::{autoclear, compat, incompat, CompressionType, Header};
 use super::header::{MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use super::l2::OFLAG_COPIED;
-use super::refcount::set_refcount;
+use super::refcount::table::set_refcount;
 use crate::error::{Error, Result};
 use crate::open::resolve_relative;
 use crate::size::parse_size;
@@ -1275,7 +1275,7 @@ fn write_l2_tables(out: &Out<'_>, p: &Plan) -> Result<()> {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
-    use crate::qcow2::header::ext;
+    use crate::qcow2::format::header::ext;
 
     fn opts(f: impl FnOnce(&mut CreateOptions)) -> CreateOptions {
         let mut o = CreateOptions::default();

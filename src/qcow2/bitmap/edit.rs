@@ -1,18 +1,18 @@
 //! The bitmap operations `qemu-img bitmap` offers, on qcow2 images: [`PersistentBitmaps`] for
 //! [`Qcow2Image`]. Each operation first stores what dirty tracking holds
-//! ([`super::bitmap_track`]), then commits a new directory ([`super::bitmap_write`]); its
+//! ([`super::track`]), then commits a new directory ([`super::write`]); its
 //! checks and messages are qemu's (`block-dirty-bitmap-add` and friends).
 
-use super::bitmap_tracker::Tracker;
-use super::bitmap_write::{Contents, Planned};
-use super::bitmaps::{
-    self, inconsistent, not_found, read_contents, read_directory, read_directory_at, Bitmap,
-    FLAG_AUTO, MAX_BITMAPS, MAX_DATA_BYTES, MAX_DIRECTORY_BYTES, MAX_GRANULARITY_BITS,
+use super::directory::{
+    self as bitmaps, inconsistent, not_found, read_contents, read_directory, read_directory_at,
+    Bitmap, FLAG_AUTO, MAX_BITMAPS, MAX_DATA_BYTES, MAX_DIRECTORY_BYTES, MAX_GRANULARITY_BITS,
     MAX_NAME_BYTES, MAX_TABLE_ENTRIES, MIN_GRANULARITY_BITS,
 };
-use super::Qcow2Image;
+use super::tracker::Tracker;
+use super::write::{Contents, Planned};
 use crate::bitmap::{BitmapDesc, DirtyBitmap, PersistentBitmaps, SparseBits};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::qcow2::Qcow2Image;
 
 /// qemu's smallest and largest default granularity.
 const DEFAULT_GRANULARITY_RANGE: (u64, u64) = (4096, 65536);

@@ -1,9 +1,9 @@
 //! The internal snapshot table (qcow2.rst "Snapshots"): read and validated.
 
-use super::header::{check_table, MAX_L1_BYTES, QEMU_MAX_OFFSET};
-use super::Qcow2Image;
 use crate::error::{Error, Result};
 use crate::info::SnapshotInfo;
+use crate::qcow2::format::header::{check_table, MAX_L1_BYTES, QEMU_MAX_OFFSET};
+use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 
 /// Largest snapshot table qemu accepts, in bytes.

@@ -8,8 +8,8 @@
 //! # Crash safety
 //!
 //! Every change goes through the write path's refcount cache and its flush order (see
-//! [`super::write`]): refcount increments reach the disk before anything that needs them, the
-//! new snapshot table and L1 tables are written and synced before the header's
+//! [`crate::qcow2::write::path`]): refcount increments reach the disk before anything that
+//! needs them, the new snapshot table and L1 tables are written and synced before the header's
 //! `nb_snapshots`/`snapshots_offset` (one 12-byte write) switch to them, and clusters lose
 //! references only after no table on disk points at them any more. COPIED flags are cleared
 //! before a new snapshot is recorded (so no writer ever changes a shared cluster in place), and
@@ -17,12 +17,12 @@
 //! leaked clusters, or COPIED flags clear where they could be set, which `qemu-img check -r all`
 //! repairs.
 
-use super::l2::{self, Descriptor, OFLAG_COPIED};
-use super::refcount;
-use super::snapshot::{read_table, Snapshot, MAX_TABLE_BYTES};
-use super::write::WriteState;
-use super::Qcow2Image;
+use super::table::{read_table, Snapshot, MAX_TABLE_BYTES};
 use crate::error::{Error, Result};
+use crate::qcow2::format::l2::{self, Descriptor, OFLAG_COPIED};
+use crate::qcow2::refcount::table as refcount;
+use crate::qcow2::write::path::WriteState;
+use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 
 /// Most snapshots an image may have (qemu's `QCOW_MAX_SNAPSHOTS`).
@@ -168,7 +168,7 @@ impl Qcow2Image {
     fn zero_refcount_refusal(&self, st: &WriteState, c: u64) -> Error {
         let idx = c >> self.refblock_bits();
         let qemu = |what: &str| Error::new(crate::error::ErrorKind::InvalidInput, what);
-        if idx >= super::header::MAX_REFTABLE_BYTES / 8 {
+        if idx >= crate::qcow2::format::header::MAX_REFTABLE_BYTES / 8 {
             return qemu("File too large");
         }
         let covered = usize::try_from(idx)
@@ -194,7 +194,7 @@ impl Qcow2Image {
 
     /// Allocates `bytes` rounded up to whole new clusters (refcount 1, in memory) and returns
     /// the offset of the first.
-    pub(super) fn alloc_run(&self, st: &mut WriteState, bytes: u64) -> Result<u64> {
+    pub(in crate::qcow2) fn alloc_run(&self, st: &mut WriteState, bytes: u64) -> Result<u64> {
         let cs = self.header.cluster_size();
         let n = bytes.div_ceil(cs).max(1);
         let first = self.find_free(st, n, true)?;
@@ -294,7 +294,7 @@ impl Qcow2Image {
 
     /// Writes `entries` as the new snapshot table to new clusters, switches the header to it
     /// and releases the old table (at the flush this ends with).
-    pub(super) fn replace_snapshot_table(
+    pub(in crate::qcow2) fn replace_snapshot_table(
         &mut self,
         st: &mut WriteState,
         entries: &[Vec<u8>],
@@ -334,7 +334,7 @@ impl Qcow2Image {
         if self.header.nb_snapshots == 0 {
             return Ok(0);
         }
-        Ok(super::snapshot::read_table_with_size(self)?.1)
+        Ok(super::table::read_table_with_size(self)?.1)
     }
 
     /// The id qemu gives a new snapshot: one more than the largest numeric id.
@@ -466,7 +466,7 @@ impl Qcow2Image {
     }
 
     /// Runs `f` with the write state taken out of its lock, so that `f` may change the image.
-    pub(super) fn with_write_state<T>(
+    pub(in crate::qcow2) fn with_write_state<T>(
         &mut self,
         f: impl FnOnce(&mut Self, &mut WriteState) -> Result<T>,
     ) -> Result<T> {
@@ -636,7 +636,7 @@ impl Qcow2Image {
         if self.snapshot_override.is_some() {
             return Ok(Vec::new());
         }
-        let mut snaps = super::snapshot::read_table(self)?;
+        let mut snaps = super::table::read_table(self)?;
         let incomplete = |s: &Snapshot| s.extra.len() < 16;
         if self.header.version < 3 || !snaps.iter().any(incomplete) {
             return Ok(Vec::new());
@@ -662,7 +662,7 @@ impl Qcow2Image {
 /// instruction count); an entry with less gets the missing fields, as qemu fills them in when
 /// it reads such an entry: the VM state size from the 32-bit field, the disk size of the image
 /// (`image_size`) and no instruction count (all ones). Longer extra data is kept verbatim.
-pub(super) fn encode_entry(s: &Snapshot, image_size: u64) -> Vec<u8> {
+pub(in crate::qcow2) fn encode_entry(s: &Snapshot, image_size: u64) -> Vec<u8> {
     if s.extra.len() >= EXTRA_BYTES {
         return encode_verbatim(s);
     }
@@ -680,7 +680,7 @@ pub(super) fn encode_entry(s: &Snapshot, image_size: u64) -> Vec<u8> {
 
 /// The bytes of snapshot table entry `s` (qcow2.rst "Snapshots") with its extra data as it
 /// is, padded to a multiple of 8.
-pub(super) fn encode_verbatim(s: &Snapshot) -> Vec<u8> {
+pub(in crate::qcow2) fn encode_verbatim(s: &Snapshot) -> Vec<u8> {
     let mut e = vec![0u8; 40];
     BigEndian::write_u64(&mut e[0..8], s.l1_table_offset);
     BigEndian::write_u32(&mut e[8..12], s.l1_size);

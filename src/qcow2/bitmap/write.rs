@@ -22,15 +22,15 @@
 //! entries changes (4 aligned bytes each, which a torn write cannot split), and a bitmap
 //! flagged in use is never trusted, so every state an interruption can leave is safe.
 
-use super::bitmaps::{
-    self, encode_directory, read_data_cluster, read_table, table_entries_for, Bitmap,
+use super::directory::{
+    self as bitmaps, encode_directory, read_data_cluster, read_table, table_entries_for, Bitmap,
     BME_OFFSET_MASK,
 };
-use super::header::{autoclear, BitmapsExt, Header};
-use super::write::WriteState;
-use super::Qcow2Image;
 use crate::bitmap::SparseBits;
 use crate::error::{Error, Result};
+use crate::qcow2::format::header::{autoclear, BitmapsExt, Header};
+use crate::qcow2::write::path::WriteState;
+use crate::qcow2::Qcow2Image;
 use byteorder::{ByteOrder, LittleEndian};
 use std::collections::HashSet;
 
@@ -299,7 +299,7 @@ impl Qcow2Image {
     /// The header as it is on disk (other code updates single fields in place).
     fn header_on_disk(&self) -> Result<Header> {
         let mut c0 = vec![0u8; self.header.cluster_size() as usize];
-        super::refcount::read_padded(self, &mut c0, 0)?;
+        crate::qcow2::refcount::table::read_padded(self, &mut c0, 0)?;
         Header::parse(&c0, self.file_len())
     }
 

@@ -23,12 +23,12 @@
 //!
 //! The order keeps the image consistent whenever it is interrupted: new clusters get their
 //! refcounts on disk before anything points at them, and clusters are released only after no
-//! table on disk points at them any more (see [`super::write`]).
+//! table on disk points at them any more (see [`super::path`]).
 
-use super::create::Preallocation;
-use super::l2::{self, Descriptor, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
-use super::Qcow2Image;
 use crate::error::{Error, Result};
+use crate::qcow2::create::Preallocation;
+use crate::qcow2::format::l2::{self, Descriptor, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 use std::sync::atomic::Ordering;
 
@@ -133,7 +133,7 @@ impl Qcow2Image {
     fn grow_l1(&mut self, new_size: u64, entries: u64) -> Result<()> {
         let cs = self.header.cluster_size();
         let bytes = entries * 8;
-        if bytes > super::header::MAX_L1_BYTES {
+        if bytes > crate::qcow2::format::header::MAX_L1_BYTES {
             return Err(Error::unsupported(format!(
                 "the L1 table for {new_size} bytes would exceed qemu's 32 MiB limit"
             )));
@@ -279,7 +279,7 @@ impl Qcow2Image {
 
     /// Truncates the image file after the last cluster whose refcount is not zero, as qemu
     /// does after shrinking.
-    pub(super) fn truncate_after_last_cluster(&mut self) -> Result<()> {
+    pub(in crate::qcow2) fn truncate_after_last_cluster(&mut self) -> Result<()> {
         let cs = self.header.cluster_size();
         let len = self
             .storage
@@ -367,7 +367,7 @@ impl Qcow2Image {
 
         // 1. Allocate the data clusters and the missing tables; their refcounts reach the disk.
         let mut st = self.write_state()?;
-        let alloc = |img: &Self, st: &mut super::write::WriteState, n: u64| -> Result<u64> {
+        let alloc = |img: &Self, st: &mut super::path::WriteState, n: u64| -> Result<u64> {
             let c = img.find_free(st, n, true)?;
             for k in c..c + n {
                 img.set_refcount_of(st, k, 1)?;
@@ -414,7 +414,7 @@ impl Qcow2Image {
             if let Some(p) = p {
                 let pos = p.wanted.iter().position(|&x| x == g).unwrap_or(0) as u64;
                 let mut buf = vec![0u8; cs as usize];
-                super::refcount::read_padded(self, &mut buf, old_host)?;
+                crate::qcow2::refcount::table::read_padded(self, &mut buf, old_host)?;
                 let to = (p.data_at + pos) * cs;
                 self.storage
                     .write_at(&buf, to)

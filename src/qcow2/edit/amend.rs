@@ -6,10 +6,10 @@
 //!   downgrades a version 3 one ([`super::downgrade`]: zero clusters are expanded in the active
 //!   tree and in every snapshot's, then the header shrinks to version 2's);
 //! - `refcount_bits` rewrites the refcount table and blocks at the new width
-//!   ([`super::refcount_rewrite`]);
+//!   ([`crate::qcow2::refcount::rewrite`]);
 //! - `lazy_refcounts` sets or clears compatible feature bit 0 (the image is made clean first,
 //!   so a dirty image gets its refcounts written before the bit goes);
-//! - `size` grows or shrinks the disk through [`super::resize`];
+//! - `size` grows or shrinks the disk through [`crate::qcow2::write::resize`];
 //! - `backing_file`/`backing_fmt` are refused unless they name the current backing file and
 //!   format, as qemu-img 10 refuses them (pointing to `rebase`);
 //! - `data_file` renames the external data file, `data_file_raw=off` clears autoclear bit 1.
@@ -25,12 +25,12 @@
 //! switches to them, and old ones are freed afterwards, so the worst a crash leaves is leaked
 //! clusters.
 
-use super::create::{parse_options, split_option_list, Compat, OptionUpdates};
-use super::header::{autoclear, compat, incompat, CompressionType, Header};
-use super::resize::V2_SNAPSHOTS;
-use super::snapshot::read_table;
-use super::Qcow2Image;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::qcow2::create::{parse_options, split_option_list, Compat, OptionUpdates};
+use crate::qcow2::format::header::{autoclear, compat, incompat, CompressionType, Header};
+use crate::qcow2::snapshot::table::read_table;
+use crate::qcow2::write::resize::V2_SNAPSHOTS;
+use crate::qcow2::Qcow2Image;
 
 /// The options `vimg amend -o help` lists, with a one-line description each.
 pub const AMEND_OPTION_HELP: &[(&str, &str)] = &[
@@ -247,7 +247,7 @@ impl AmendPlan {
 /// version (an upgrade or a downgrade) and changing the refcount width. The other changes
 /// (size, header fields) report nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Operation {
+pub(in crate::qcow2) enum Operation {
     /// Upgrading or downgrading the image.
     Version,
     /// Rewriting the refcount structures at another width.
@@ -257,7 +257,7 @@ pub(super) enum Operation {
 /// Reports the progress of an amend as qemu's qcow2 driver does: each operation reports
 /// (done, work) in its own units; the work of the operations finished so far is added up,
 /// and the operations not started yet are projected to be as big on average as those seen.
-pub(super) struct Progress<'a> {
+pub(in crate::qcow2) struct Progress<'a> {
     report: &'a mut dyn FnMut(u64, u64),
     /// Operations that report progress in this amend.
     operations: u64,
@@ -292,7 +292,7 @@ impl<'a> Progress<'a> {
     }
 
     /// Reports `done` of `work` of the current operation.
-    pub(super) fn within(&mut self, done: u64, work: u64) {
+    pub(in crate::qcow2) fn within(&mut self, done: u64, work: u64) {
         let Some(op) = self.current else {
             return;
         };
@@ -580,7 +580,7 @@ impl Qcow2Image {
     /// session: every pending metadata change is written with every refcount, the dirty bit
     /// this session set is cleared, lazy refcounts stop deferring, and the in-memory header is
     /// reloaded from the disk (the write path may have moved the refcount table).
-    pub(super) fn settle(&mut self) -> Result<()> {
+    pub(in crate::qcow2) fn settle(&mut self) -> Result<()> {
         self.close_inner()?;
         self.write_state()?.lazy = false;
         self.header = self.disk_header()?;
@@ -588,12 +588,13 @@ impl Qcow2Image {
     }
 
     /// The header as it is on disk now.
-    pub(super) fn disk_header(&self) -> Result<Header> {
+    pub(in crate::qcow2) fn disk_header(&self) -> Result<Header> {
         let len = self
             .storage
             .len()
             .map_err(|e| Error::io("cannot get file size", e))?;
-        let mut cluster0 = vec![0u8; len.min(1 << super::header::MAX_CLUSTER_BITS) as usize];
+        let mut cluster0 =
+            vec![0u8; len.min(1 << crate::qcow2::format::header::MAX_CLUSTER_BITS) as usize];
         self.storage
             .read_at(&mut cluster0, 0)
             .map_err(|e| Error::io("cannot read header", e))?;
@@ -615,7 +616,7 @@ impl Qcow2Image {
         let size = self.header.size;
         let entries: Vec<Vec<u8>> = snaps
             .iter()
-            .map(|s| super::snapshot_write::encode_entry(s, size))
+            .map(|s| crate::qcow2::snapshot::write::encode_entry(s, size))
             .collect();
         self.with_write_state(|img, st| img.replace_snapshot_table(st, &entries))?;
         self.settle()
@@ -637,10 +638,10 @@ fn set_version_3(h: &mut Header) {
 
 /// Sets `h` to version 2: the 72-byte header, with the version 3 fields (at their fresh values,
 /// as [`set_version_3`] leaves them) and the bitmaps extension gone.
-pub(super) fn set_version_2(h: &mut Header) {
+pub(in crate::qcow2) fn set_version_2(h: &mut Header) {
     set_version_3(h);
     h.version = 2;
-    h.header_length = super::header_write::V2_HEADER_LEN;
+    h.header_length = crate::qcow2::format::header_write::V2_HEADER_LEN;
     h.bitmaps = None;
     h.feature_names.clear();
 }
@@ -736,7 +737,7 @@ mod tests {
             .into_iter()
             .map(|mut s| {
                 s.extra.clear();
-                super::super::snapshot_write::encode_verbatim(&s)
+                crate::qcow2::snapshot::write::encode_verbatim(&s)
             })
             .collect();
         img.with_write_state(|i, st| i.replace_snapshot_table(st, &bare))
@@ -775,7 +776,7 @@ mod tests {
         use crate::storage::Storage;
         let dir = tempfile::tempdir().unwrap();
         let (p, mut h) = new_image(dir.path(), CreateOptions::default());
-        let ext = super::super::header::UnknownExt {
+        let ext = crate::qcow2::format::header::UnknownExt {
             kind: 0x7777_0001,
             data: b"future".to_vec(),
         };
@@ -819,10 +820,11 @@ mod tests {
             },
         );
         h.compatible_features = compat::LAZY_REFCOUNTS;
-        h.unknown_extensions.push(super::super::header::UnknownExt {
-            kind: 0x1234_5678,
-            data: vec![7; 5],
-        });
+        h.unknown_extensions
+            .push(crate::qcow2::format::header::UnknownExt {
+                kind: 0x1234_5678,
+                data: vec![7; 5],
+            });
         set_version_2(&mut h);
         let v2 = Header::parse(&h.encode().unwrap(), 1 << 20).unwrap();
         assert_eq!(v2.version, 2);

@@ -21,14 +21,14 @@
 //! Memory stays bounded: one refcount block is built at a time, and the new table is at most
 //! the 8 MiB qemu allows.
 
-use super::amend::Progress;
-use super::header::MAX_REFTABLE_BYTES;
-use super::refcount::{
+use super::table::{
     get_refcount, max_refcount, read_padded, set_refcount, RefcountTable, Strictness,
 };
-use super::write::WriteState;
-use super::Qcow2Image;
 use crate::error::{Error, Result};
+use crate::qcow2::edit::amend::Progress;
+use crate::qcow2::format::header::MAX_REFTABLE_BYTES;
+use crate::qcow2::write::path::WriteState;
+use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -59,7 +59,7 @@ impl Qcow2Image {
     /// Rewrites the refcount structures with `1 << new_order`-bit refcounts (see the module
     /// documentation for the order of writes). The image must be settled (clean, lazy
     /// refcounts not deferring); it is again afterwards.
-    pub(super) fn change_refcount_order(
+    pub(in crate::qcow2) fn change_refcount_order(
         &mut self,
         new_order: u32,
         progress: &mut Progress<'_>,
@@ -170,7 +170,7 @@ impl Qcow2Image {
         let old_blocks: Vec<u64> = old_table
             .entries()
             .iter()
-            .map(|e| e & super::refcount::REFT_OFFSET_MASK)
+            .map(|e| e & super::table::REFT_OFFSET_MASK)
             .filter(|&o| o != 0)
             .collect();
         let old_run = (
@@ -292,7 +292,7 @@ fn table_too_large(order: u32) -> Error {
 mod tests {
     use super::*;
     use crate::open::ChainGuard;
-    use crate::qcow2::amend::AmendOptions;
+    use crate::qcow2::edit::amend::AmendOptions;
 
     fn image(dir: &std::path::Path, cluster_size: u64) -> std::path::PathBuf {
         let p = dir.join("t.qcow2");
@@ -337,7 +337,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = image(dir.path(), 65536);
         let mut bytes = std::fs::read(&p).unwrap();
-        let h = super::super::header::Header::parse(&bytes, bytes.len() as u64).unwrap();
+        let h = crate::qcow2::format::header::Header::parse(&bytes, bytes.len() as u64).unwrap();
         let rt = h.refcount_table_offset as usize;
         let first: [u8; 8] = bytes[rt..rt + 8].try_into().unwrap();
         bytes[rt + 8..rt + 16].copy_from_slice(&first);

@@ -6,14 +6,14 @@
 //! # Crash safety
 //!
 //! The cleared L1 table is written and synced before any refcount drops (the write path's
-//! flush order, see [`super::write`]): an interruption leaves either the old tree, a partly
-//! cleared L1 table (each entry either still pointing at its old L2 table or cleared), or
+//! flush order, see [`crate::qcow2::write::path`]): an interruption leaves either the old tree,
+//! a partly cleared L1 table (each entry either still pointing at its old L2 table or cleared), or
 //! leaked clusters. Since emptying only follows a commit whose data is durable in the backing
 //! file, every one of these states reads the same.
 
-use super::l2::{self, Descriptor};
-use super::Qcow2Image;
 use crate::error::{Error, Result, ResultExt};
+use crate::qcow2::format::l2::{self, Descriptor};
+use crate::qcow2::Qcow2Image;
 
 impl Qcow2Image {
     /// Drops every cluster of the active L1 tree (the image must be open for writing): the

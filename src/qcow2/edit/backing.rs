@@ -1,9 +1,9 @@
 //! Changing what an image records about its backing file (qcow2.rst "Header" bytes 8-19 and
 //! the "Backing file format name" extension), as `qemu-img rebase` does at its end.
 
-use super::header::MAX_BACKING_NAME;
-use super::Qcow2Image;
 use crate::error::{Error, Result, ResultExt};
+use crate::qcow2::format::header::MAX_BACKING_NAME;
+use crate::qcow2::Qcow2Image;
 
 impl Qcow2Image {
     /// Records `file` (as given: relative names are relative to this image) with `format` as

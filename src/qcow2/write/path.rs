@@ -36,12 +36,14 @@
 //! that reads correctly and that a read-write open (by vimg or qemu) repairs. COPIED flags are
 //! always set from the refcounts in memory, which are exact.
 
-use super::cache::TableCache;
-use super::header::{incompat, Header};
-use super::l2::{self, Descriptor, Slot, L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
-use super::refcount::{self, get_refcount, set_refcount, REFT_OFFSET_MASK};
-use super::Qcow2Image;
 use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::cache::TableCache;
+use crate::qcow2::format::header::{incompat, Header};
+use crate::qcow2::format::l2::{self, Descriptor, Slot, L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use crate::qcow2::refcount::table::{
+    self as refcount, get_refcount, set_refcount, REFT_OFFSET_MASK,
+};
+use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -57,7 +59,7 @@ const LAZY_MAX_DIRTY_REFBLOCK_BYTES: u64 = 16 << 20;
 /// Subcluster bitmap with every subcluster allocated (extended L2).
 const ALL_ALLOCATED: u64 = 0x0000_0000_ffff_ffff;
 /// Subcluster bitmap with every subcluster reading as zero (extended L2).
-pub(super) const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
+pub(in crate::qcow2) const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 
 /// An L2 entry about to change: where it is and what it says now.
 #[derive(Debug, Clone, Copy)]
@@ -103,19 +105,19 @@ struct Remap {
 #[derive(Debug)]
 pub(crate) struct WriteState {
     /// The refcount table as it will be written (entries: refcount block offsets).
-    pub(super) reftable: Vec<u64>,
+    pub(in crate::qcow2) reftable: Vec<u64>,
     /// Where the refcount table lives (moves when it grows).
     reftable_offset: u64,
     reftable_dirty: bool,
     /// The table moved: the header must point at it, and the old one is freed afterwards.
     old_reftable: Option<(u64, u64)>,
     /// Host clusters whose refcount drops once the tables no longer pointing at them are on disk.
-    pub(super) pending_free: Vec<u64>,
+    pub(in crate::qcow2) pending_free: Vec<u64>,
     /// Where the search for a free cluster starts.
     free_hint: u64,
-    pub(super) l1_dirty: bool,
+    pub(in crate::qcow2) l1_dirty: bool,
     /// Host clusters holding metadata, which data writes must never touch.
-    pub(super) metadata: HashSet<u64>,
+    pub(in crate::qcow2) metadata: HashSet<u64>,
     /// Refcount blocks, cached; the dirty ones are written at flush.
     refblocks: TableCache<u8>,
     /// Where the next compressed cluster goes: the first free byte after the last one, so that
@@ -123,14 +125,14 @@ pub(crate) struct WriteState {
     compressed_tail: Option<u64>,
     /// Lazy refcounts (qcow2.rst, compatible feature bit 0) are in use: refcount blocks are
     /// written only when the refcount structure changes, when too many are dirty, and at close.
-    pub(super) lazy: bool,
+    pub(in crate::qcow2) lazy: bool,
     /// This session set the dirty bit (incompatible feature bit 0) on disk.
     marked_dirty: bool,
     /// Host clusters released by a discard, whose space is handed back to the host file
     /// system (a hole is punched) once their refcount reaches 0.
-    pub(super) punch: HashSet<u64>,
+    pub(in crate::qcow2) punch: HashSet<u64>,
     /// Dirty tracking of the persistent bitmaps (inactive until the open starts it).
-    pub(super) bitmaps: super::bitmap_tracker::Tracker,
+    pub(in crate::qcow2) bitmaps: crate::qcow2::bitmap::tracker::Tracker,
 }
 
 impl WriteState {
@@ -140,8 +142,10 @@ impl WriteState {
         let h = img.header();
         let table = refcount::RefcountTable::read(img)?;
         // Every metadata cluster, refusing images whose structures overlap (see
-        // [`super::layout`]).
-        let metadata = super::layout::MetadataMap::build(img, Some(table.entries()))?.clusters();
+        // [`crate::qcow2::format::layout`]).
+        let metadata =
+            crate::qcow2::format::layout::MetadataMap::build(img, Some(table.entries()))?
+                .clusters();
         Ok(WriteState {
             reftable: table.entries().to_vec(),
             reftable_offset: h.refcount_table_offset,
@@ -167,7 +171,7 @@ impl Qcow2Image {
     }
 
     /// log2 of the refcounts per refcount block.
-    pub(super) fn refblock_bits(&self) -> u32 {
+    pub(in crate::qcow2) fn refblock_bits(&self) -> u32 {
         self.header.cluster_bits + 3 - self.header.refcount_order
     }
 
@@ -184,7 +188,7 @@ impl Qcow2Image {
     }
 
     /// The refcount of host cluster `cluster`, as it will be after the next flush.
-    pub(super) fn refcount_of(&self, st: &WriteState, cluster: u64) -> Result<u64> {
+    pub(in crate::qcow2) fn refcount_of(&self, st: &WriteState, cluster: u64) -> Result<u64> {
         let bits = self.refblock_bits();
         let idx = (cluster >> bits) as usize;
         let off = st.reftable.get(idx).map_or(0, |e| e & REFT_OFFSET_MASK);
@@ -200,7 +204,7 @@ impl Qcow2Image {
     }
 
     /// Sets the refcount of host cluster `cluster`, creating its refcount block if needed.
-    pub(super) fn set_refcount_of(
+    pub(in crate::qcow2) fn set_refcount_of(
         &self,
         st: &mut WriteState,
         cluster: u64,
@@ -267,7 +271,7 @@ impl Qcow2Image {
             .max(old_entries + cs / 8)
             + 2;
         let clusters = (want * 8).div_ceil(cs);
-        if clusters * cs > super::header::MAX_REFTABLE_BYTES {
+        if clusters * cs > crate::qcow2::format::header::MAX_REFTABLE_BYTES {
             return Err(Error::unsupported(
                 "the refcount table would exceed qemu's 8 MiB limit",
             ));
@@ -298,7 +302,12 @@ impl Qcow2Image {
     /// the refcount blocks covering the run exist when it returns (creating one may take a
     /// cluster of the candidate run, in which case the search goes on), so that setting the
     /// run's refcounts allocates nothing more. Placing a refcount block itself passes `false`.
-    pub(super) fn find_free(&self, st: &mut WriteState, n: u64, with_blocks: bool) -> Result<u64> {
+    pub(in crate::qcow2) fn find_free(
+        &self,
+        st: &mut WriteState,
+        n: u64,
+        with_blocks: bool,
+    ) -> Result<u64> {
         let mut start = st.free_hint;
         let limit = (1u64 << 56) >> self.header.cluster_bits;
         let bits = self.refblock_bits();
@@ -357,13 +366,13 @@ impl Qcow2Image {
     }
 
     /// Records that the file now extends to at least cluster `end`.
-    pub(super) fn note_end(&self, end: u64) {
+    pub(in crate::qcow2) fn note_end(&self, end: u64) {
         self.file_len
             .fetch_max(end << self.header.cluster_bits, Ordering::AcqRel);
     }
 
     /// Queues the host clusters `desc` refers to for release at the next flush.
-    pub(super) fn release(&self, st: &mut WriteState, desc: Descriptor) {
+    pub(in crate::qcow2) fn release(&self, st: &mut WriteState, desc: Descriptor) {
         if self.data_file.is_some() {
             return; // data file clusters are not refcounted
         }
@@ -380,7 +389,7 @@ impl Qcow2Image {
 
     /// The L2 table for L1 index `l1_idx`, made private to the active L1 (allocated if missing,
     /// copied if shared with a snapshot). Returns its host offset.
-    pub(super) fn writable_l2(&self, st: &mut WriteState, l1_idx: usize) -> Result<u64> {
+    pub(in crate::qcow2) fn writable_l2(&self, st: &mut WriteState, l1_idx: usize) -> Result<u64> {
         let cs = self.header.cluster_size();
         let entry = self.l1()[l1_idx];
         let off = l2::l1_entry_target(entry, cs)?;
@@ -743,8 +752,8 @@ impl Qcow2Image {
     }
 
     /// Stores `z`, the compressed contents of the whole guest cluster at guest offset `gc`
-    /// (see [`super::compress::compress_cluster`]), packed right after the previous compressed
-    /// cluster (qcow2.rst "Compressed Clusters Descriptor").
+    /// (see [`crate::qcow2::format::compress::compress_cluster`]), packed right after the
+    /// previous compressed cluster (qcow2.rst "Compressed Clusters Descriptor").
     pub fn write_compressed(&self, gc: u64, z: &[u8]) -> Result<()> {
         let h: &Header = &self.header;
         let cs = h.cluster_size();
@@ -882,7 +891,7 @@ impl Qcow2Image {
         Ok(true)
     }
 
-    pub(super) fn write_state(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
+    pub(in crate::qcow2) fn write_state(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
         match &self.write {
             Some(m) => Ok(m.lock().unwrap_or_else(|e| e.into_inner())),
             None => Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only")),
@@ -956,7 +965,12 @@ impl Qcow2Image {
 
     /// [`Self::write_zeroes_inner`] without marking the range in the persistent bitmaps: the
     /// area a resize adds is not a guest write (qemu does not mark it either).
-    pub(super) fn write_zeroes_untracked(&self, guest: u64, len: u64, unmap: bool) -> Result<()> {
+    pub(in crate::qcow2) fn write_zeroes_untracked(
+        &self,
+        guest: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<()> {
         let mut st = self.write_state()?;
         self.zeroes_locked(&mut st, guest, len, unmap)
     }
@@ -1052,7 +1066,7 @@ impl Qcow2Image {
         Ok(true)
     }
 
-    pub(super) fn flush_if_full(&self, st: &mut WriteState) -> Result<()> {
+    pub(in crate::qcow2) fn flush_if_full(&self, st: &mut WriteState) -> Result<()> {
         if self.flush_needed(st) {
             self.flush_locked(st)?;
         }
@@ -1065,14 +1079,15 @@ impl Qcow2Image {
     }
 
     /// Flushes everything written so far (see the module documentation for the order).
-    /// Then the persistent bitmaps that writes changed are stored ([`super::bitmap_track`]).
+    /// Then the persistent bitmaps that writes changed are stored
+    /// ([`crate::qcow2::bitmap::track`]).
     pub(crate) fn flush_inner(&self) -> Result<()> {
         let mut st = self.write_state()?;
         self.flush_locked(&mut st)?;
         self.store_tracked(&mut st)
     }
 
-    pub(super) fn sync(&self) -> Result<()> {
+    pub(in crate::qcow2) fn sync(&self) -> Result<()> {
         if self.unsafe_cache.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -1100,7 +1115,7 @@ impl Qcow2Image {
     /// refcount blocks stay in memory unless the refcount structure changed (a new block or a
     /// moved table: written at once, so that a repair after a crash finds every block it needs)
     /// or too many are dirty; the dirty bit is set before the first metadata write.
-    pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
+    pub(in crate::qcow2) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
         self.flush_with(st, false)
     }
 

@@ -31,17 +31,19 @@
 //! The report is that of the check after the repair, with `corruptions_fixed` and `leaks_fixed`
 //! counting what was repaired: one per refcount set and one per COPIED flag changed.
 
-use super::check::References;
-use super::header::incompat;
-use super::l2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
-use super::refcount::{RefcountTable, Strictness};
-use super::write::WriteState;
-use super::{DataFile, Qcow2Image};
+use super::consistency::References;
 use crate::check::{Check, CheckReport};
 use crate::error::{Error, Result, ResultExt};
 use crate::lock::LockRequest;
 use crate::open::{ChainGuard, Sharing};
 use crate::opener::Opener;
+use crate::qcow2::format::header::incompat;
+use crate::qcow2::format::l2::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
+use crate::qcow2::refcount::table::{RefcountTable, Strictness};
+use crate::qcow2::write::path::WriteState;
+use crate::qcow2::{DataFile, Qcow2Image};
 use crate::storage::Storage;
 use byteorder::{BigEndian, ByteOrder};
 use std::path::Path;
@@ -158,7 +160,7 @@ fn reftable_end_past_eof(storage: &dyn Storage) -> Option<u64> {
     let len = storage.len().ok()?;
     (off.is_multiple_of(1 << bits)
         && bytes > 0
-        && bytes <= super::header::MAX_REFTABLE_BYTES
+        && bytes <= crate::qcow2::format::header::MAX_REFTABLE_BYTES
         && end > len
         && off <= len.saturating_add(MAX_REFTABLE_GAP))
     .then_some(end)
@@ -246,7 +248,7 @@ pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
     // A snapshot table qemu's check repairs as it reads it (too much extra data, too big):
     // the refcounts are repaired with the table as read, then the table is written anew.
     if mode == RepairMode::All && img.snapshot_override.is_none() && img.header.nb_snapshots > 0 {
-        if let Ok(t) = super::snapshot::read_table_repairing(img) {
+        if let Ok(t) = crate::qcow2::snapshot::table::read_table_repairing(img) {
             if !t.messages.is_empty() {
                 return repair_snapshot_table(img, mode, t);
             }
@@ -255,14 +257,14 @@ pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
     // Damage outside the refcount structures (overlapping tables, an unreadable snapshot
     // table) is beyond what a refcount repair or rebuild can fix: refuse before changing
     // anything.
-    super::layout::MetadataMap::build(img, None)
+    crate::qcow2::format::layout::MetadataMap::build(img, None)
         .map_err(|e| {
             let what = format!("cannot repair this image: {}", e.what());
             e.reworded(what)
         })
         .map(drop)
         .in_file(&img.path)?;
-    if super::check::too_large_to_check(img) {
+    if super::consistency::too_large_to_check(img) {
         return Err(Error::unsupported(
             "cannot repair this image: its file has more clusters than the check handles",
         )
@@ -292,7 +294,7 @@ pub fn repair(img: &Qcow2Image, mode: RepairMode) -> Result<CheckReport> {
             return Ok(report);
         }
         drop(fresh);
-        let (before, refs) = super::check::check_with_references(img);
+        let (before, refs) = super::consistency::check_with_references(img);
         if img.write.is_none() || needs_rebuild(&before) {
             let Some(refs) = refs else {
                 // Rebuilding from references nobody counted would free everything.
@@ -354,7 +356,7 @@ fn realign_preallocated(img: &Qcow2Image) -> Result<Vec<String>> {
     let file_len = img.file_len();
     let mut l1s = vec![img.l1().clone()];
     // Snapshots whose tables cannot be read are the check's to report.
-    for s in super::snapshot::read_table(img).unwrap_or_default() {
+    for s in crate::qcow2::snapshot::table::read_table(img).unwrap_or_default() {
         if let Ok(l1) = img.snapshot_l1(&s) {
             l1s.push(l1);
         }
@@ -437,7 +439,7 @@ fn discard_excess_snapshots(path: &Path, opener: &Opener) -> Result<Option<u64>>
         return Ok(None); // the open that follows says what is wrong
     }
     let nb = BigEndian::read_u32(&h[60..64]);
-    let max = super::snapshot_write::MAX_SNAPSHOTS;
+    let max = crate::qcow2::snapshot::write::MAX_SNAPSHOTS;
     let table_end = BigEndian::read_u64(&h[64..72]).saturating_add(u64::from(max) * 40);
     // A table that could not hold the snapshots kept is left to the open to refuse.
     let fits = storage.len().is_ok_and(|len| table_end <= len);
@@ -453,16 +455,17 @@ fn discard_excess_snapshots(path: &Path, opener: &Opener) -> Result<Option<u64>>
     Ok(Some(u64::from(nb - max)))
 }
 
-/// Repairs `img` whose snapshot table [`super::snapshot::read_table_repairing`] read as `t`,
-/// as qemu does: the refcounts are repaired with the table as read (the discarded snapshots'
-/// clusters are leaks), then the kept entries are written as a new table and the old one
-/// freed when extra data was cut, or else the header's snapshot count lowered in place; then
-/// the image is checked again. Before the table or count is written, the old table stays
-/// allocated, so a crash leaves it readable by a repair.
+/// Repairs `img` whose snapshot table
+/// [`crate::qcow2::snapshot::table::read_table_repairing`] read as `t`, as qemu does: the
+/// refcounts are repaired with the table as read (the discarded snapshots' clusters are leaks),
+/// then the kept entries are written as a new table and the old one freed when extra data was
+/// cut, or else the header's snapshot count lowered in place; then the image is checked again.
+/// Before the table or count is written, the old table stays allocated, so a crash leaves it
+/// readable by a repair.
 fn repair_snapshot_table(
     img: &Qcow2Image,
     mode: RepairMode,
-    t: super::snapshot::RepairedTable,
+    t: crate::qcow2::snapshot::table::RepairedTable,
 ) -> Result<CheckReport> {
     let mut fresh = img.reopen_for_repair()?;
     fresh.snapshot_override = Some((t.entries.clone(), t.bytes));
@@ -478,7 +481,7 @@ fn repair_snapshot_table(
         let entries: Vec<Vec<u8>> = t
             .entries
             .iter()
-            .map(|s| super::snapshot_write::encode_entry(s, size))
+            .map(|s| crate::qcow2::snapshot::write::encode_entry(s, size))
             .collect();
         fresh
             .with_write_state(|i, st| i.replace_snapshot_table(st, &entries))
@@ -564,8 +567,8 @@ pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<Ve
     if table_ok {
         if let Ok(table) = RefcountTable::read(img) {
             for &e in table.entries() {
-                let off = e & super::refcount::REFT_OFFSET_MASK;
-                if e & super::refcount::REFT_RESERVED_MASK == 0
+                let off = e & crate::qcow2::refcount::table::REFT_OFFSET_MASK;
+                if e & crate::qcow2::refcount::table::REFT_RESERVED_MASK == 0
                     && off != 0
                     && off.is_multiple_of(cs)
                     && off < file_len
@@ -579,7 +582,7 @@ pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<Ve
             drop_ref(&mut counts, c);
         }
     }
-    let max = super::refcount::max_refcount(h.refcount_order);
+    let max = crate::qcow2::refcount::table::max_refcount(h.refcount_order);
     if let Some((i, n)) = counts.iter().filter(|&(_, n)| n > max).min() {
         return Err(Error::unsupported(format!(
             "cluster {i} has {n} references, more than {}-bit refcounts can hold",
@@ -605,7 +608,7 @@ pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<Ve
         }
         (n_blocks, n_table) = (nb, nt);
     }
-    if n_table * cs > super::header::MAX_REFTABLE_BYTES {
+    if n_table * cs > crate::qcow2::format::header::MAX_REFTABLE_BYTES {
         return Err(Error::unsupported(
             "the rebuilt refcount table would exceed qemu's 8 MiB limit",
         )
@@ -624,7 +627,7 @@ pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<Ve
         block.fill(0);
         let first = b * per_block;
         while let Some(&&(c, v)) = next.peek().filter(|(c, _)| *c < first + per_block) {
-            super::refcount::set_refcount(&mut block, c - first, h.refcount_order, v);
+            crate::qcow2::refcount::table::set_refcount(&mut block, c - first, h.refcount_order, v);
             next.next();
         }
         let off = (start + b) * cs;

@@ -11,14 +11,14 @@
 //! instead: after a resize its copy of a snapshot is cut or padded with zeros, where vimg's is
 //! the disk as it was when the snapshot was taken.
 
-use super::header::MAX_L1_BYTES;
-use super::snapshot::{read_table, Snapshot};
-use super::Qcow2Image;
+use super::table::{read_table, Snapshot};
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::lock::LockRequest;
 use crate::open::{probe_format_with, ChainGuard, Sharing};
 use crate::opener::Opener;
+use crate::qcow2::format::header::MAX_L1_BYTES;
+use crate::qcow2::Qcow2Image;
 use crate::storage::Storage;
 use byteorder::{BigEndian, ByteOrder};
 use std::path::Path;
@@ -96,7 +96,7 @@ pub fn open_image_snapshot(
         Some(f) => f,
         None => probe_format_with(opener, path)?,
     };
-    if format != ImageFormat::of(&super::Qcow2Driver) {
+    if format != ImageFormat::of(&crate::qcow2::Qcow2Driver) {
         return Err(Error::unsupported(format!(
             "Failed to load snapshot: the {format} format has no internal snapshots"
         ))
@@ -181,7 +181,7 @@ impl Qcow2Image {
         self.header.size = size;
         self.header.l1_table_offset = snap.l1_table_offset;
         self.header.l1_size = snap.l1_size;
-        self.l2_cache = super::cache::TableCache::new(self.l2_cache.capacity());
+        self.l2_cache = crate::qcow2::cache::TableCache::new(self.l2_cache.capacity());
         Ok(())
     }
 }

@@ -48,20 +48,20 @@
 //! partially referenced cluster after it) are compared, so memory stays proportional to the
 //! file. The message list is capped at [`MAX_MESSAGES`].
 
-use super::bitmaps::{
-    self, BME_ALL_ONES, BME_OFFSET_MASK as BME_OFFSET, BME_RESERVED_MASK as BME_RESERVED,
+use crate::check::{Check, CheckReport};
+use crate::error::{Error, Result};
+use crate::qcow2::bitmap::directory::{
+    self as bitmaps, BME_ALL_ONES, BME_OFFSET_MASK as BME_OFFSET, BME_RESERVED_MASK as BME_RESERVED,
 };
-use super::compress::CompressedDesc;
-use super::header::{Header, MAX_L1_BYTES};
-use super::l2::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
-use super::refcount::{
+use crate::qcow2::format::compress::CompressedDesc;
+use crate::qcow2::format::header::{Header, MAX_L1_BYTES};
+use crate::qcow2::format::l2::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use crate::qcow2::refcount::table::{
     max_refcount, read_padded, RefcountReader, RefcountTable, Strictness, REFT_OFFSET_MASK,
     REFT_RESERVED_MASK,
 };
-use super::snapshot;
-use super::Qcow2Image;
-use crate::check::{Check, CheckReport};
-use crate::error::{Error, Result};
+use crate::qcow2::snapshot::table as snapshot;
+use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 use std::collections::HashMap;
 

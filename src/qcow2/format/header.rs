@@ -410,7 +410,7 @@ impl Header {
             ));
         }
         // An image that needs a data file and names none is valid: the data file must then be
-        // given when the image is opened ([`super::data_file`]).
+        // given when the image is opened ([`crate::qcow2::data_file`]).
         if !h.has_data_file() {
             // A data file name without the feature bit is meaningless; qemu ignores it too.
             h.data_file = None;
@@ -470,7 +470,8 @@ impl Header {
         if self.nb_snapshots > 0 {
             // Each entry is at least 40 bytes; the table's full size is checked when it is read.
             // Like qemu, the table may lie past the end of the file (it reads as zeros there,
-            // [`super::snapshot::read_table`]): only its alignment and range are checked here.
+            // [`crate::qcow2::snapshot::table::read_table`]): only its alignment and range are
+            // checked here.
             let bytes = u64::from(self.nb_snapshots) * 40;
             check_table(
                 "snapshot table",

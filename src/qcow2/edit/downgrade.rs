@@ -24,11 +24,11 @@
 //! an interruption leaves at worst leaked clusters.
 
 use super::amend::{set_version_2, Progress};
-use super::l2::{self, Descriptor, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
-use super::snapshot::read_table;
-use super::write::WriteState;
-use super::Qcow2Image;
 use crate::error::{Error, Result};
+use crate::qcow2::format::l2::{self, Descriptor, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::qcow2::snapshot::table::read_table;
+use crate::qcow2::write::path::WriteState;
+use crate::qcow2::Qcow2Image;
 use std::collections::HashSet;
 
 impl Qcow2Image {
@@ -57,7 +57,7 @@ impl Qcow2Image {
     }
 
     /// Whether any L2 table, of the active tree or a snapshot's, has a compressed cluster.
-    pub(super) fn has_compressed_clusters(&self) -> Result<bool> {
+    pub(in crate::qcow2) fn has_compressed_clusters(&self) -> Result<bool> {
         let words = if self.header.extended_l2() { 2 } else { 1 };
         let mut found = false;
         self.for_each_l2_table(|off, _| {
@@ -71,7 +71,7 @@ impl Qcow2Image {
     /// Expands every zero cluster (see the module documentation), then rewrites the header as
     /// version 2. The image must be settled and its downgrade checked
     /// ([`Qcow2Image::plan_amend`]).
-    pub(super) fn downgrade_to_v2(&mut self, progress: &mut Progress<'_>) -> Result<()> {
+    pub(in crate::qcow2) fn downgrade_to_v2(&mut self, progress: &mut Progress<'_>) -> Result<()> {
         if self.header.extended_l2() {
             return Err(Error::unsupported(
                 "extended L2 entries cannot be expanded for version 2",

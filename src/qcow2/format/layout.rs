@@ -16,9 +16,10 @@
 
 use super::header::Header;
 use super::l2::L1E_OFFSET_MASK;
-use super::refcount::{REFT_OFFSET_MASK, REFT_RESERVED_MASK};
-use super::{snapshot, Qcow2Image};
 use crate::error::{Error, Result};
+use crate::qcow2::refcount::table::{REFT_OFFSET_MASK, REFT_RESERVED_MASK};
+use crate::qcow2::snapshot::table as snapshot;
+use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 use std::collections::{HashMap, HashSet};
 
@@ -221,7 +222,7 @@ impl MetadataMap {
 /// clusters in use, and a write could overwrite guest data (qemu writes such images anyway).
 /// `check -r all` repairs them. Cheap: only the metadata clusters' refcounts are read.
 pub fn check_metadata_refcounts(img: &Qcow2Image) -> Result<()> {
-    use super::refcount::{RefcountReader, RefcountTable, Strictness};
+    use crate::qcow2::refcount::table::{RefcountReader, RefcountTable, Strictness};
     let table = RefcountTable::read(img)?;
     let map = MetadataMap::build(img, Some(table.entries()))?;
     let mut clusters: Vec<(u64, Owner)> = map.iter().collect();

@@ -1,8 +1,8 @@
-//! The state of dirty tracking ([`super::bitmap_track`]): which persistent bitmaps an image
+//! The state of dirty tracking ([`super::track`]): which persistent bitmaps an image
 //! open for writing keeps up to date, and the bits set in each since it was last stored. Part
 //! of the write state; the tracking itself (arming, marking, storing) is in `bitmap_track`.
 
-use super::bitmaps::Bitmap;
+use super::directory::Bitmap;
 use crate::bitmap::SparseBits;
 
 /// One bitmap vimg keeps up to date.

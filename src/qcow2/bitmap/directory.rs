@@ -1,14 +1,14 @@
 //! The persistent dirty bitmap directory and bitmap tables (qcow2.rst "Bitmaps extension",
 //! "Bitmap directory", "Bitmap table", "Bitmap data"): read, validated and encoded. Writing
-//! them back is [`super::bitmap_write`]'s job; tracking guest writes is
-//! [`super::bitmap_track`]'s.
+//! them back is [`super::write`]'s job; tracking guest writes is
+//! [`super::track`]'s.
 
-use super::header::BitmapsExt;
-use super::Qcow2Image;
 pub use crate::bitmap::{inconsistent, not_found};
 use crate::bitmap::{BitmapDesc, DirtyBitmap, SparseBits};
 use crate::error::{Error, Result};
 use crate::info::BitmapInfo;
+use crate::qcow2::format::header::BitmapsExt;
+use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
 /// Largest bitmap directory qemu accepts, in bytes.
@@ -321,7 +321,7 @@ pub fn read_data_cluster(img: &Qcow2Image, entry: u64, out: &mut [u64]) -> Resul
         return Ok(());
     }
     let mut raw = vec![0u8; out.len() * 8];
-    super::refcount::read_padded(img, &mut raw, off)?;
+    crate::qcow2::refcount::table::read_padded(img, &mut raw, off)?;
     for (w, chunk) in out.iter_mut().zip(raw.chunks_exact(8)) {
         *w |= LittleEndian::read_u64(chunk);
     }
