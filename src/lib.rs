@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | host | [`storage`], [`lock`], [`identity`], [`interrupt`], [`error`], [`offsets`] | positioned I/O on files and block devices (and memory, in tests), qemu's image locks, file identity (device and inode), cleanup on signals, the one error type, guest/host offset newtypes |
 //! | image model | [`block`], [`capability`], [`check`], [`bitmap`], [`info`], [`prealloc`] | the [`BlockImage`] trait and its block status; the optional capabilities (snapshots, resize, amend, backing change, compressed writes, emptying, checks, persistent bitmaps); what `info` reports; preallocation modes |
-//! | formats | [`format`](mod@format), [`foreign`], [`raw`], [`qcow2`], [`probe`] | the formats by name; one folder (or file) per format; `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
+//! | formats | [`format`](mod@format), [`foreign`], [`raw`], [`qcow2`], [`probe`] | the formats by name; one folder (or file) per format (`qcow2` in private folders by concern: `format`, `refcount`, `write`, `snapshot`, `bitmap`, `check`, `create`, `edit`, with its public API re-exported at [`qcow2`]'s root); `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
 //! | opening | [`chain`], [`open`], [`image_spec`], [`secret`] | a chain being opened (loops, depth, sharing, names resolved against the image); choosing a format and opening a layer with its backing chain; qemu's image names (`json:`, `--image-opts`); `--object secret` |
 //! | commands | [`ops`] | one module per `vimg` command, each a library call that returns what the binary prints |
 //! | archives | [`vma`] | Proxmox's VMA backup format, read and written, used by `ops::backup` |
@@ -25,7 +25,7 @@
 //!
 //! ```
 //! use vimg::open::{open_image, OpenOptions};
-//! use vimg::qcow2::create::{create, CreateOptions};
+//! use vimg::qcow2::{create, CreateOptions};
 //! use vimg::{BlockImage, GuestOffset};
 //!
 //! # fn main() -> vimg::Result<()> {

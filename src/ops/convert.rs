@@ -166,7 +166,7 @@ fn target_backing(opts: &ConvertOptions) -> (Option<String>, Option<String>) {
     let mut format = None;
     for o in &opts.target_options {
         // Malformed options are reported by create; here only the backing matters.
-        if let Ok(u) = crate::qcow2::create::parse_options(o) {
+        if let Ok(u) = crate::qcow2::parse_options(o) {
             file = u.backing_file.or(file);
             format = u.backing_fmt.or(format);
         }
@@ -200,9 +200,8 @@ pub fn validate(sources: usize, dst: &Path, opts: &ConvertOptions) -> Result<()>
         return bad("Backing file not supported for file format 'raw'");
     }
     // Raw targets take the options that change nothing for vimg (extent_size_hint).
-    let raw_ok = |o: &String| {
-        crate::qcow2::create::parse_options(o).is_ok_and(|u| u.given_keys().is_empty())
-    };
+    let raw_ok =
+        |o: &String| crate::qcow2::parse_options(o).is_ok_and(|u| u.given_keys().is_empty());
     if !qcow2 && !opts.target_options.iter().all(raw_ok) {
         return Err(
             Error::unsupported("-o options are not supported for raw targets yet").with_path(dst),
@@ -427,7 +426,7 @@ pub(crate) fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
 fn target_data_files(opts: &ConvertOptions) -> Vec<String> {
     opts.target_options
         .iter()
-        .filter_map(|o| crate::qcow2::create::parse_options(o).ok())
+        .filter_map(|o| crate::qcow2::parse_options(o).ok())
         .filter_map(|u| u.data_file)
         .collect()
 }

@@ -14,10 +14,10 @@ use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result};
 use crate::open::{open_image, resolve_relative, OpenOptions};
 use crate::ops::size::parse_size;
-use crate::qcow2::create::{
-    create_file, grow_file, parse_options, round_size, CreateOptions, OptionUpdates, Preallocation,
+use crate::prealloc::{grow_file, Preallocation};
+use crate::qcow2::{
+    create_file, parse_options, round_size, CompressionType, CreateOptions, OptionUpdates,
 };
-use crate::qcow2::format::header::CompressionType;
 use std::path::{Path, PathBuf};
 
 /// The pieces of a `vimg create` command line.
@@ -90,7 +90,7 @@ pub const KNOWN_FORMATS: &[&str] = &[
 /// Whether any `-o` argument asks for the option list (`help` or `?`).
 pub fn wants_help(options: &[String]) -> bool {
     options.iter().any(|o| {
-        crate::qcow2::create::split_option_list(o)
+        crate::qcow2::split_option_list(o)
             .map(|items| items.iter().any(|i| i == "help" || i == "?"))
             .unwrap_or(false)
     })
@@ -380,7 +380,7 @@ impl CreatePlan {
                 create_raw(path, *size, *preallocation)
             }
             CreatePlan::Qcow2 { path, options, .. } => {
-                crate::qcow2::create::create(path, options).map_err(|e| e.with_path(path))
+                crate::qcow2::create(path, options).map_err(|e| e.with_path(path))
             }
         }
     }

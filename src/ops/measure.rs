@@ -15,9 +15,8 @@ use crate::info::FormatSpecific;
 use crate::offsets::GuestOffset;
 use crate::ops::size::parse_size;
 use crate::ops::OutputFormat;
-use crate::qcow2::create::{
-    parse_options, split_option_list, Compat, OptionUpdates, Preallocation,
-};
+use crate::prealloc::Preallocation;
+use crate::qcow2::{parse_options, split_option_list, Compat, OptionUpdates};
 
 /// The largest L1 table qemu accepts, in bytes (qemu's `QCOW_MAX_L1_SIZE`).
 const MAX_L1_BYTES: u64 = 32 << 20;

@@ -1,43 +1,78 @@
-//! The qcow2 format (qemu docs/interop/qcow2.rst), in folders by concern:
+//! The qcow2 format (qemu docs/interop/qcow2.rst), in private modules by concern:
 //!
-//! - [`mod@format`]: the on-disk structures: the header and its extensions ([`format::header`],
-//!   written back by [`format::header_write`]), L1/L2 entries ([`format::l2`]), compressed
-//!   clusters ([`format::compress`]), which clusters hold metadata ([`format::layout`]);
-//! - [`refcount`]: the refcount table and blocks ([`refcount::table`]), rewritten at another
-//!   width by [`refcount::rewrite`];
-//! - [`mod@write`]: the write path, its crash-safe flush and lazy refcounts
-//!   ([`write::path`]), guest discard requests ([`write::discard`]), resizing
-//!   ([`write::resize`]);
-//! - [`snapshot`]: the internal snapshot table ([`snapshot::table`]), its changes
-//!   ([`snapshot::write`]), reading an internal snapshot ([`snapshot::view`], convert -l);
-//! - [`bitmap`]: the persistent dirty bitmap directory and tables ([`bitmap::directory`]);
-//!   [`bitmap::write`] writes them, [`bitmap::track`] marks guest writes in them,
-//!   [`bitmap::edit`] adds, removes, clears, enables, disables and merges them;
-//! - [`check`]: the consistency check ([`check::consistency`]) and its repairs
-//!   ([`check::repair`]);
-//! - [`create`]: creating images;
-//! - [`edit`]: changing an image in place: format options ([`edit::amend`], with
-//!   [`edit::downgrade`]), the recorded backing file ([`edit::backing`], rebase), emptying the
-//!   active state ([`edit::empty`], commit);
-//! - [`cache`]: the bounded metadata table cache; [`data_file`]: which file holds the guest
-//!   data of an image with an external data file;
-//! - [`hostile`]: untrusted bytes through all of the above, for fuzzing.
+//! - `format/`: the on-disk structures: the header and its extensions (`header`, written back
+//!   by `header_write`), L1/L2 entries (`l2`), compressed clusters (`compress`), which clusters
+//!   hold metadata (`layout`);
+//! - `refcount/`: the refcount table and blocks (`table`), rewritten at another width
+//!   (`rewrite`);
+//! - `write/`: the write path, its crash-safe flush and lazy refcounts (`path`), guest discard
+//!   requests (`discard`), resizing (`resize`);
+//! - `snapshot/`: the internal snapshot table (`table`), its changes (`write`), reading an
+//!   internal snapshot (`view`, convert -l);
+//! - `bitmap/`: the persistent dirty bitmap directory and tables (`directory`); `write` writes
+//!   them, `track` marks guest writes in them (`tracker` holds the state), `edit` adds,
+//!   removes, clears, enables, disables and merges them;
+//! - `check/`: the consistency check (`consistency`) and its repairs (`repair`);
+//! - `create/`: creating images;
+//! - `edit/`: changing an image in place: format options (`amend`, with `downgrade`), the
+//!   recorded backing file (`backing`, rebase), emptying the active state (`empty`, commit);
+//! - `cache.rs`: the bounded metadata table cache; `data_file.rs`: which file holds the guest
+//!   data of an image with an external data file; `driver.rs`, `capabilities.rs`: the format
+//!   driver and the optional capabilities behind [`crate::block::FormatDriver`];
+//! - [`hostile`]: untrusted bytes through all of the above, for fuzzing (public).
+//!
+//! # Public API
+//!
+//! What the library offers of qcow2 is re-exported here, and only this:
+//!
+//! - [`Qcow2Image`] (open, read, write, and the methods of the optional capabilities) and
+//!   [`Qcow2Driver`] (the format driver);
+//! - the header as read ([`Header`], [`CompressionType`], [`BitmapsExt`], [`FeatureName`],
+//!   [`UnknownExt`]) and the L1/L2 entry masks and flags for reading the tables
+//!   [`Qcow2Image::l1`] and [`Qcow2Image::l2_table`] return ([`L1E_OFFSET_MASK`],
+//!   [`L2E_OFFSET_MASK`], [`OFLAG_COMPRESSED`], [`OFLAG_COPIED`], [`OFLAG_ZERO`]);
+//! - creation: [`create()`] with [`CreateOptions`] and [`Compat`], and qemu's `-o` option
+//!   lists: [`split_option_list`], [`parse_options`] into [`OptionUpdates`];
+//! - [`compress_cluster`], the cluster compression writes use;
+//! - amending: [`AmendOptions`], [`AmendPlan`], [`BackingChange`]; resizing: [`V2_SNAPSHOTS`]
+//!   (qemu's refusal);
+//! - snapshots: [`NewSnapshot`]; [`SnapshotSelector`] and [`open_image_snapshot`] (convert -l);
+//! - repairs: [`repair`], [`repair_file`], [`RepairMode`];
+//! - [`hostile`], for the fuzz targets and the hostile-input tests.
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
 
-pub mod bitmap;
-pub mod cache;
+#![warn(unreachable_pub)]
+
+mod bitmap;
+mod cache;
 mod capabilities;
-pub mod check;
-pub mod create;
-pub mod data_file;
+mod check;
+mod create;
+mod data_file;
 mod driver;
-pub mod edit;
-pub mod format;
+mod edit;
+mod format;
 pub mod hostile;
-pub mod refcount;
-pub mod snapshot;
-pub mod write;
+mod refcount;
+mod snapshot;
+mod write;
+
+pub use check::repair::{repair, repair_file, RepairMode};
+pub use create::{create, parse_options, split_option_list, Compat, CreateOptions, OptionUpdates};
+pub use edit::amend::{AmendOptions, AmendPlan, BackingChange};
+pub use format::compress::compress_cluster;
+pub use format::header::{BitmapsExt, CompressionType, FeatureName, Header, UnknownExt};
+pub use format::l2::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
+pub use snapshot::view::{open_image_snapshot, SnapshotSelector};
+pub use snapshot::write::NewSnapshot;
+pub use write::resize::V2_SNAPSHOTS;
+
+pub(crate) use check::consistency::SNAPSHOT_READ_FAILED;
+pub(crate) use create::{create_file, round_size};
+pub(crate) use format::header::{MAX_SNAPSHOTS, SNAPSHOTS_TOO_MANY};
 
 use crate::block::{check_request, BlockImage, BlockStatus, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
@@ -51,7 +86,6 @@ use check::repair;
 use compress::CompressedDesc;
 pub use driver::Qcow2Driver;
 use format::{compress, header, l2, layout};
-use header::Header;
 use l2::Slot;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -703,7 +737,7 @@ fn open_data_file(
 }
 
 /// Where an opened image's external data file comes from.
-pub enum DataFile {
+pub(crate) enum DataFile {
     /// The file the image names, resolved against the image's directory.
     Named,
     /// This storage, through a [`Storage::duplicate`] handle on it for each open (none: an image
@@ -759,7 +793,7 @@ impl BlockImage for Qcow2Image {
             .in_file(&self.path)
     }
 
-    /// See [`write::discard`]: whole clusters inside the range are freed and read as zeros
+    /// See `write/discard.rs`: whole clusters inside the range are freed and read as zeros
     /// (version 2 images without a backing file: as unallocated, which reads as zeros; version 2
     /// with a backing file: nothing is discarded, as in qemu).
     fn discard(&self, offset: GuestOffset, len: u64) -> Result<()> {
@@ -901,13 +935,6 @@ impl BlockImage for Qcow2Image {
     fn set_unsafe_cache(&self, on: bool) {
         Qcow2Image::set_unsafe_cache(self, on)
     }
-}
-
-/// Opens `bytes` as an in-memory qcow2 image and exercises every read-only path on it (see
-/// [`hostile::open_and_read`]). Errors are expected on hostile input; this returns normally
-/// unless the code panics.
-pub fn exercise(bytes: &[u8]) {
-    hostile::open_and_read(bytes);
 }
 
 impl Drop for Qcow2Image {

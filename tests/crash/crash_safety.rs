@@ -18,7 +18,7 @@ use common::{qemu_available, qemu_create, qemu_io, run};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vimg::open::ChainGuard;
-use vimg::qcow2::format::compress::compress_cluster;
+use vimg::qcow2::compress_cluster;
 use vimg::qcow2::Qcow2Image;
 use vimg::storage::FileStorage;
 use vimg::{BlockImage, GuestOffset};

@@ -17,7 +17,7 @@ use proptest::prelude::*;
 use std::path::Path;
 use std::process::Command;
 use vimg::open::ChainGuard;
-use vimg::qcow2::format::compress::compress_cluster;
+use vimg::qcow2::compress_cluster;
 use vimg::qcow2::Qcow2Image;
 use vimg::{BlockImage, GuestOffset};
 

@@ -29,7 +29,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use vimg::open::ChainGuard;
-use vimg::qcow2::edit::amend::AmendOptions;
+use vimg::qcow2::AmendOptions;
 use vimg::qcow2::Qcow2Image;
 use vimg::storage::FileStorage;
 use vimg::GuestOffset;

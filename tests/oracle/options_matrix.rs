@@ -46,9 +46,9 @@ use std::time::Instant;
 use vimg::block::ImageFormat;
 use vimg::open::{open_image, ChainGuard, OpenOptions};
 use vimg::ops::create::{create, prepare, CreateArgs};
-use vimg::qcow2::format::compress::compress_cluster;
-use vimg::qcow2::format::l2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
+use vimg::qcow2::compress_cluster;
 use vimg::qcow2::Qcow2Image;
+use vimg::qcow2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use vimg::{BlockImage, GuestOffset};
 
 /// Virtual size of every image: 4 MiB and 37 sectors, so the disk ends inside a 64k or 2M

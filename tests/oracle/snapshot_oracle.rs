@@ -456,7 +456,7 @@ fn interrupted_operations_leave_a_consistent_image() {
     if !qemu_available("interrupted_operations_leave_a_consistent_image") {
         return;
     }
-    use vimg::qcow2::snapshot::write::NewSnapshot;
+    use vimg::qcow2::NewSnapshot;
     let dir = tmpdir("crash");
     let base = dir.join("base.qcow2");
     let bp = base.to_str().unwrap();

@@ -3,7 +3,7 @@
 //! them back is [`super::write`]'s job; tracking guest writes is
 //! [`super::track`]'s.
 
-pub use crate::bitmap::{inconsistent, not_found};
+pub(crate) use crate::bitmap::{inconsistent, not_found};
 use crate::bitmap::{BitmapDesc, DirtyBitmap, SparseBits};
 use crate::error::{Error, Result};
 use crate::info::BitmapInfo;
@@ -12,41 +12,41 @@ use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
 /// Largest bitmap directory qemu accepts, in bytes.
-pub const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
 /// Most bitmaps qemu accepts in one image.
-pub const MAX_BITMAPS: u32 = 65535;
+pub(crate) const MAX_BITMAPS: u32 = 65535;
 /// Longest bitmap name qemu accepts, in bytes.
-pub const MAX_NAME_BYTES: usize = 1023;
+pub(crate) const MAX_NAME_BYTES: usize = 1023;
 /// Most entries qemu accepts in one bitmap table.
-pub const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+pub(crate) const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
 /// Most bytes of bitmap data qemu keeps for one bitmap (it holds them all in memory).
-pub const MAX_DATA_BYTES: u64 = 512 << 20;
+pub(crate) const MAX_DATA_BYTES: u64 = 512 << 20;
 /// Smallest granularity qemu supports, as a power of two (512 bytes).
-pub const MIN_GRANULARITY_BITS: u8 = 9;
+pub(crate) const MIN_GRANULARITY_BITS: u8 = 9;
 /// Largest granularity qemu supports, as a power of two (2 GiB).
-pub const MAX_GRANULARITY_BITS: u8 = 31;
+pub(crate) const MAX_GRANULARITY_BITS: u8 = 31;
 /// Directory entry flag: the bitmap is in use (possibly inconsistent).
-pub const FLAG_IN_USE: u32 = 1 << 0;
+pub(crate) const FLAG_IN_USE: u32 = 1 << 0;
 /// Directory entry flag: the bitmap tracks writes automatically (it is enabled).
-pub const FLAG_AUTO: u32 = 1 << 1;
+pub(crate) const FLAG_AUTO: u32 = 1 << 1;
 /// Directory entry flag: the bitmap may be used even though its extra data is not understood.
-pub const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
+pub(crate) const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
 /// The directory entry flags qcow2 defines.
-pub const KNOWN_FLAGS: u32 = FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE;
+pub(crate) const KNOWN_FLAGS: u32 = FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE;
 /// Directory entry type of a dirty tracking bitmap, the only one defined.
-pub const TYPE_DIRTY_TRACKING: u8 = 1;
+pub(crate) const TYPE_DIRTY_TRACKING: u8 = 1;
 /// Bitmap table entry bits 9-55: the data cluster offset.
-pub const BME_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const BME_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bitmap table entry bits that must be zero: 1-8 and 56-63.
-pub const BME_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
+pub(crate) const BME_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
 /// Bitmap table entry bit 0: with offset 0, the cluster reads as all ones.
-pub const BME_ALL_ONES: u64 = 1;
+pub(crate) const BME_ALL_ONES: u64 = 1;
 /// Bytes of a directory entry before its extra data and name.
 const ENTRY_FIXED_BYTES: usize = 24;
 
 /// One bitmap directory entry (qcow2.rst "Bitmap directory").
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bitmap {
+pub(crate) struct Bitmap {
     /// Host offset of the bitmap table (bytes 0-7).
     pub table_offset: u64,
     /// Entries in the bitmap table (bytes 8-11).
@@ -65,7 +65,7 @@ pub struct Bitmap {
 
 impl Bitmap {
     /// A new entry named `name` (its table is set when it is stored).
-    pub fn new(name: &str, granularity_bits: u8, flags: u32) -> Self {
+    pub(crate) fn new(name: &str, granularity_bits: u8, flags: u32) -> Self {
         Bitmap {
             table_offset: 0,
             table_size: 0,
@@ -78,7 +78,7 @@ impl Bitmap {
     }
 
     /// The entry as `info` shows it.
-    pub fn info(&self) -> BitmapInfo {
+    pub(crate) fn info(&self) -> BitmapInfo {
         let mut flags = Vec::new();
         if self.flags & FLAG_IN_USE != 0 {
             flags.push("in-use".to_string());
@@ -94,7 +94,7 @@ impl Bitmap {
     }
 
     /// The entry as [`crate::bitmap::PersistentBitmaps`] describes it.
-    pub fn desc(&self) -> BitmapDesc {
+    pub(crate) fn desc(&self) -> BitmapDesc {
         BitmapDesc {
             name: self.name.clone(),
             granularity: 1u64 << self.granularity_bits,
@@ -104,37 +104,37 @@ impl Bitmap {
     }
 
     /// Whether the bitmap is flagged in use (possibly inconsistent).
-    pub fn in_use(&self) -> bool {
+    pub(crate) fn in_use(&self) -> bool {
         self.flags & FLAG_IN_USE != 0
     }
 
     /// Whether the bitmap is enabled (its `auto` flag).
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.flags & FLAG_AUTO != 0
     }
 
     /// Whether the entry is one vimg may interpret and change: no unknown flags, and extra data
     /// only if it is marked compatible. Other entries are kept as they are.
-    pub fn understood(&self) -> bool {
+    pub(crate) fn understood(&self) -> bool {
         self.flags & !KNOWN_FLAGS == 0
             && (self.extra.is_empty() || self.flags & FLAG_EXTRA_DATA_COMPATIBLE != 0)
     }
 
     /// Bytes the entry takes in the directory, padding included.
-    pub fn entry_len(&self) -> usize {
+    pub(crate) fn entry_len(&self) -> usize {
         (ENTRY_FIXED_BYTES + self.extra.len() + self.raw_name.len()).div_ceil(8) * 8
     }
 }
 
 /// Entries of a bitmap table for a disk of `disk_size` bytes with `2^granularity_bits` bytes
 /// per bit and clusters of `cluster_size` bytes: one per cluster of bitmap data.
-pub fn table_entries_for(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+pub(crate) fn table_entries_for(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
     let bits = disk_size.div_ceil(1u64 << granularity_bits);
     bits.div_ceil(8).div_ceil(cluster_size)
 }
 
 /// The directory holding `entries`, as bytes (qcow2.rst "Bitmap directory").
-pub fn encode_directory(entries: &[Bitmap]) -> Vec<u8> {
+pub(crate) fn encode_directory(entries: &[Bitmap]) -> Vec<u8> {
     let mut out = Vec::new();
     for b in entries {
         let start = out.len();
@@ -156,12 +156,12 @@ pub fn encode_directory(entries: &[Bitmap]) -> Vec<u8> {
 
 /// Reads the bitmap directory of `img` as it is now (empty when the image has no consistent
 /// bitmaps extension).
-pub fn read_directory(img: &Qcow2Image) -> Result<Vec<Bitmap>> {
+pub(crate) fn read_directory(img: &Qcow2Image) -> Result<Vec<Bitmap>> {
     read_directory_at(img, img.bitmaps_ext())
 }
 
 /// Reads the bitmap directory `ext` describes.
-pub fn read_directory_at(img: &Qcow2Image, ext: Option<BitmapsExt>) -> Result<Vec<Bitmap>> {
+pub(crate) fn read_directory_at(img: &Qcow2Image, ext: Option<BitmapsExt>) -> Result<Vec<Bitmap>> {
     let Some(ext) = ext else {
         return Ok(Vec::new());
     };
@@ -241,7 +241,7 @@ pub fn read_directory_at(img: &Qcow2Image, ext: Option<BitmapsExt>) -> Result<Ve
 /// unique non-empty names of at most [`MAX_NAME_BYTES`] bytes, and for each bitmap a table that
 /// is cluster-aligned, inside the file and within qemu's limits, covering the whole disk when
 /// the bitmap is not in use (qemu's rules; an in-use bitmap may have a stale size).
-pub fn validate(img: &Qcow2Image, dir: &[Bitmap]) -> Result<()> {
+pub(crate) fn validate(img: &Qcow2Image, dir: &[Bitmap]) -> Result<()> {
     let cs = img.header().cluster_size();
     let mut names = std::collections::HashSet::new();
     for b in dir {
@@ -280,7 +280,7 @@ pub fn validate(img: &Qcow2Image, dir: &[Bitmap]) -> Result<()> {
 
 /// Reads the bitmap table of `b` (validated with [`validate`]), checking every entry:
 /// reserved bits clear, data clusters aligned and inside the file.
-pub fn read_table(img: &Qcow2Image, b: &Bitmap) -> Result<Vec<u64>> {
+pub(crate) fn read_table(img: &Qcow2Image, b: &Bitmap) -> Result<Vec<u64>> {
     let cs = img.header().cluster_size();
     let mut raw = vec![0u8; b.table_size as usize * 8];
     img.storage()
@@ -306,13 +306,13 @@ pub fn read_table(img: &Qcow2Image, b: &Bitmap) -> Result<Vec<u64>> {
 }
 
 /// Bits of bitmap data one cluster holds.
-pub fn bits_per_cluster(img: &Qcow2Image) -> u64 {
+pub(crate) fn bits_per_cluster(img: &Qcow2Image) -> u64 {
     img.header().cluster_size() * 8
 }
 
 /// ORs the bitmap data cluster that table entry `entry` describes into `out` (one cluster of
 /// bits, as words: see [`SparseBits`]).
-pub fn read_data_cluster(img: &Qcow2Image, entry: u64, out: &mut [u64]) -> Result<()> {
+pub(crate) fn read_data_cluster(img: &Qcow2Image, entry: u64, out: &mut [u64]) -> Result<()> {
     let off = entry & BME_OFFSET_MASK;
     if off == 0 {
         if entry & BME_ALL_ONES != 0 {
@@ -330,7 +330,7 @@ pub fn read_data_cluster(img: &Qcow2Image, entry: u64, out: &mut [u64]) -> Resul
 
 /// The contents of bitmap `b` (validated with [`validate`], not in use), for a disk of
 /// `disk_size` bytes: only bits inside the disk are kept.
-pub fn read_contents(img: &Qcow2Image, b: &Bitmap, disk_size: u64) -> Result<DirtyBitmap> {
+pub(crate) fn read_contents(img: &Qcow2Image, b: &Bitmap, disk_size: u64) -> Result<DirtyBitmap> {
     let table = read_table(img, b)?;
     let per = bits_per_cluster(img);
     let mut bits = SparseBits::new();

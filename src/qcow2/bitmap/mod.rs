@@ -6,8 +6,8 @@
 //! - [`track`]: marking guest writes in the bitmaps being tracked (the tracker's state);
 //! - [`edit`]: adding, removing, clearing, enabling, disabling and merging bitmaps.
 
-pub mod directory;
-pub mod edit;
-pub mod track;
+pub(super) mod directory;
+pub(super) mod edit;
+pub(super) mod track;
 pub(in crate::qcow2) mod tracker;
-pub mod write;
+pub(super) mod write;

@@ -65,7 +65,7 @@ pub(crate) struct Planned {
 
 impl Planned {
     /// `entry` unchanged.
-    pub fn keep(entry: Bitmap) -> Self {
+    pub(crate) fn keep(entry: Bitmap) -> Self {
         Planned {
             entry,
             contents: Contents::Keep,
@@ -75,7 +75,7 @@ impl Planned {
 
     /// `entry` with its contents stored anew ([`Contents::Rewrite`]) if it is a bitmap qemu
     /// would have loaded for writing (consistent, understood), else unchanged.
-    pub fn restore(entry: Bitmap) -> Self {
+    pub(crate) fn restore(entry: Bitmap) -> Self {
         let contents = match !entry.in_use() && entry.understood() {
             true => Contents::Rewrite(SparseBits::new()),
             false => Contents::Keep,

@@ -67,7 +67,7 @@ use std::collections::HashMap;
 
 /// Most messages a report keeps; further problems are still counted, and one final line says
 /// how many messages were left out.
-pub const MAX_MESSAGES: usize = 10_000;
+pub(crate) const MAX_MESSAGES: usize = 10_000;
 
 /// L1 entry bits that must be zero: 0-8 and 56-62 (qcow2.rst "Cluster mapping", L1 table
 /// entry). Bit 0 is included, as qemu's check does.
@@ -107,7 +107,7 @@ const OVERFLOW_ADVICE: &str = "Use qemu-img amend to increase the refcount entry
      qemu-img convert to create a clean copy if the image cannot be opened for writing";
 
 /// How the message of a check that gave up on the snapshot table starts (qemu's words).
-pub const SNAPSHOT_READ_FAILED: &str = "ERROR failed to read the snapshot table: ";
+pub(crate) const SNAPSHOT_READ_FAILED: &str = "ERROR failed to read the snapshot table: ";
 
 /// Whether `img`'s file has more clusters than the check handles (it then reports that it
 /// could not check, and nothing may be repaired from its findings).

@@ -5,5 +5,5 @@
 //! - [`consistency`]: the read-only consistency check, with qemu-img check's counts;
 //! - [`repair`]: fixing leaks and errors, rebuilding the refcount structures.
 
-pub mod consistency;
-pub mod repair;
+pub(super) mod consistency;
+pub(super) mod repair;

@@ -82,7 +82,7 @@ impl Qcow2Image {
     /// messages and, with [`DataFile::Named`], anchors the data file's name). In-memory images
     /// are repaired this way by the fuzz targets, with [`DataFile::Given`] so that no host file
     /// is opened.
-    pub fn open_storage_for_repair(
+    pub(crate) fn open_storage_for_repair(
         storage: Box<dyn Storage>,
         path: &Path,
         data: &DataFile,
@@ -238,7 +238,7 @@ fn parse_mismatch(line: &str) -> Option<Mismatch> {
 /// Repairs `img` (opened with [`Qcow2Image::open_for_repair`]) as `qemu-img check -r` does
 /// with `mode`; returns the check of the repaired image with the fixed counts filled in.
 ///
-/// With `All`, damage that per-cluster fixes cannot repair (see [`needs_rebuild`]) makes the
+/// With `All`, damage that per-cluster fixes cannot repair (see `needs_rebuild`) makes the
 /// refcount structures be rebuilt from scratch (`rebuild_refcounts`); the image is then
 /// reopened and repaired as usual (the old structures' clusters are leaks by then, fixed
 /// quietly). As with qemu, the fixed counts are then the corruptions and leaks the first check
@@ -520,7 +520,7 @@ fn repair_snapshot_table(
 /// a refcount block that is referenced more than once (it overlaps other metadata), not
 /// cluster-aligned, outside the file or has reserved bits set, a refcount that cannot be
 /// read, or a refcount table that cannot be read.
-pub fn needs_rebuild(report: &CheckReport) -> bool {
+pub(crate) fn needs_rebuild(report: &CheckReport) -> bool {
     report.messages.iter().any(|m| {
         parse_mismatch(m).is_some_and(|x| x.stored == 0 && x.computed > 0)
             || (m.starts_with("ERROR refcount block ")

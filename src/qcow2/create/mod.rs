@@ -61,9 +61,8 @@ impl Compat {
     }
 }
 
-pub(crate) use crate::prealloc::grow_file;
 use crate::prealloc::FileWriter as Out;
-pub use crate::prealloc::Preallocation;
+pub(super) use crate::prealloc::Preallocation;
 
 /// Everything that defines a new qcow2 image. [`Default`] gives qemu-img's defaults: version
 /// 3, 64 KiB clusters, 16-bit refcounts, zlib compression, no preallocation.
@@ -200,7 +199,7 @@ impl OptionUpdates {
 }
 
 /// The options [`parse_options`] knows, with a one-line description each (for `-o help`).
-pub const OPTION_HELP: &[(&str, &str)] = &[
+pub(super) const OPTION_HELP: &[(&str, &str)] = &[
     (
         "backing_file=<str>",
         "name of the backing file (needs backing_fmt)",
@@ -555,7 +554,7 @@ impl CreateOptions {
 }
 
 /// The virtual size as qemu records it: rounded up to whole 512-byte sectors.
-pub fn round_size(size: u64) -> u64 {
+pub(crate) fn round_size(size: u64) -> u64 {
     size.div_ceil(512) * 512
 }
 

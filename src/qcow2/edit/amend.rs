@@ -33,7 +33,7 @@ use crate::qcow2::write::resize::V2_SNAPSHOTS;
 use crate::qcow2::Qcow2Image;
 
 /// The options `vimg amend -o help` lists, with a one-line description each.
-pub const AMEND_OPTION_HELP: &[(&str, &str)] = &[
+pub(crate) const AMEND_OPTION_HELP: &[(&str, &str)] = &[
     (
         "backing_file=<str>",
         "the current backing file name only (use rebase to change it)",
@@ -100,7 +100,7 @@ const AMENDABLE: &[&str] = &[
 ];
 
 /// qemu's message for a refcount width that is not a power of two up to 64.
-pub const BAD_REFCOUNT_WIDTH: &str =
+pub(crate) const BAD_REFCOUNT_WIDTH: &str =
     "Refcount width must be a power of two and may not exceed 64 bits";
 
 /// What one or more `-o` arguments of `amend` ask for (later arguments win). Values are read
@@ -322,7 +322,7 @@ fn refuse(what: impl Into<String>) -> Error {
 }
 
 /// qemu-img's message for a `backing_file`/`backing_fmt` that is not the current one.
-pub const NO_BACKING_AMEND: &str =
+pub(crate) const NO_BACKING_AMEND: &str =
     "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.";
 
 impl Qcow2Image {

@@ -6,7 +6,7 @@
 //! - [`backing`]: changing the recorded backing file (rebase);
 //! - [`empty`]: emptying the active state (commit).
 
-pub mod amend;
-pub mod backing;
-pub mod downgrade;
-pub mod empty;
+pub(super) mod amend;
+pub(super) mod backing;
+pub(super) mod downgrade;
+pub(super) mod empty;

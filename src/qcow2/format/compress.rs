@@ -7,7 +7,7 @@ use std::io::Read;
 
 /// Where a compressed cluster's bytes live, decoded from its L2 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CompressedDesc {
+pub(crate) struct CompressedDesc {
     /// Host byte offset of the compressed data (not aligned).
     pub host: u64,
     /// Bytes to read: whole 512-byte sectors from the start of the sector holding `host`,
@@ -17,7 +17,7 @@ pub struct CompressedDesc {
 
 impl CompressedDesc {
     /// Decodes an L2 entry with the compressed bit set (bit 62), for `cluster_bits`.
-    pub fn decode(entry: u64, cluster_bits: u32) -> CompressedDesc {
+    pub(crate) fn decode(entry: u64, cluster_bits: u32) -> CompressedDesc {
         let x = 62 - (cluster_bits - 8);
         let host = entry & ((1u64 << x) - 1);
         let sectors = ((entry >> x) & ((1u64 << (cluster_bits - 8)) - 1)) + 1;
@@ -28,7 +28,7 @@ impl CompressedDesc {
     }
 
     /// The host clusters (of `cluster_bits`) the descriptor's sectors touch, first and last.
-    pub fn host_clusters(&self, cluster_bits: u32) -> (u64, u64) {
+    pub(crate) fn host_clusters(&self, cluster_bits: u32) -> (u64, u64) {
         let start_sector = self.host & !511;
         let end = self.host + self.len; // sector-aligned end
         (start_sector >> cluster_bits, (end - 1) >> cluster_bits)
@@ -89,7 +89,7 @@ thread_local! {
 
 /// Decompresses `input` into `out`, which must be filled exactly (one whole cluster); trailing
 /// input is ignored, as qemu ignores it.
-pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<()> {
+pub(crate) fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<()> {
     match kind {
         CompressionType::Zlib => {
             let mut d = flate2::Decompress::new(false);

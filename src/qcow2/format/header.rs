@@ -8,71 +8,71 @@ use crate::error::{Error, Result};
 use byteorder::{BigEndian, ByteOrder};
 
 /// The four bytes every qcow2 image starts with: `QFI\xfb`.
-pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+pub(crate) const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// Smallest cluster size qcow2 allows, as a power of two (512 bytes).
-pub const MIN_CLUSTER_BITS: u32 = 9;
+pub(crate) const MIN_CLUSTER_BITS: u32 = 9;
 /// Largest cluster size qcow2 allows, as a power of two (2 MiB).
-pub const MAX_CLUSTER_BITS: u32 = 21;
+pub(crate) const MAX_CLUSTER_BITS: u32 = 21;
 /// Largest L1 table qemu opens, in bytes.
-pub const MAX_L1_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
 /// Largest refcount table qemu opens, in bytes.
-pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub(crate) const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Largest offset qemu's block layer reads (`BDRV_MAX_LENGTH`: `INT64_MAX` aligned down to
 /// 1 GiB); a read that reaches past it fails with EIO.
-pub const QEMU_MAX_OFFSET: u64 = 0x7fff_ffff_c000_0000;
+pub(crate) const QEMU_MAX_OFFSET: u64 = 0x7fff_ffff_c000_0000;
 /// Longest backing file name qemu accepts.
-pub const MAX_BACKING_NAME: u32 = 1023;
+pub(crate) const MAX_BACKING_NAME: u32 = 1023;
 /// Most snapshots qemu accepts.
-pub const MAX_SNAPSHOTS: u32 = 65536;
+pub(crate) const MAX_SNAPSHOTS: u32 = 65536;
 
 /// qemu's refusal of a header counting more than [`MAX_SNAPSHOTS`] snapshots.
-pub const SNAPSHOTS_TOO_MANY: &str = "Snapshot table too large";
+pub(crate) const SNAPSHOTS_TOO_MANY: &str = "Snapshot table too large";
 
 /// Header extension types (qcow2.rst "Header extensions").
-pub mod ext {
+pub(crate) mod ext {
     /// End of the extension area.
-    pub const END: u32 = 0;
+    pub(crate) const END: u32 = 0;
     /// Backing file format name.
-    pub const BACKING_FORMAT: u32 = 0xe279_2aca;
+    pub(crate) const BACKING_FORMAT: u32 = 0xe279_2aca;
     /// Feature name table.
-    pub const FEATURE_TABLE: u32 = 0x6803_f857;
+    pub(crate) const FEATURE_TABLE: u32 = 0x6803_f857;
     /// Bitmaps extension.
-    pub const BITMAPS: u32 = 0x2385_2875;
+    pub(crate) const BITMAPS: u32 = 0x2385_2875;
     /// Full disk encryption header pointer (LUKS).
-    pub const CRYPTO: u32 = 0x0537_be77;
+    pub(crate) const CRYPTO: u32 = 0x0537_be77;
     /// External data file name.
-    pub const DATA_FILE: u32 = 0x4441_5441;
+    pub(crate) const DATA_FILE: u32 = 0x4441_5441;
 }
 
 /// Incompatible feature bits (header bytes 72-79).
-pub mod incompat {
+pub(crate) mod incompat {
     /// Dirty bit: refcounts may be inconsistent (lazy refcounts).
-    pub const DIRTY: u64 = 1 << 0;
+    pub(crate) const DIRTY: u64 = 1 << 0;
     /// Corrupt bit: the image must only be opened read-only.
-    pub const CORRUPT: u64 = 1 << 1;
+    pub(crate) const CORRUPT: u64 = 1 << 1;
     /// An external data file holds the guest data.
-    pub const DATA_FILE: u64 = 1 << 2;
+    pub(crate) const DATA_FILE: u64 = 1 << 2;
     /// The compression type field (byte 104) is not zlib.
-    pub const COMPRESSION: u64 = 1 << 3;
+    pub(crate) const COMPRESSION: u64 = 1 << 3;
     /// L2 entries are 16 bytes with subcluster bitmaps.
-    pub const EXTENDED_L2: u64 = 1 << 4;
+    pub(crate) const EXTENDED_L2: u64 = 1 << 4;
     /// All incompatible bits vimg understands.
-    pub const KNOWN: u64 = DIRTY | CORRUPT | DATA_FILE | COMPRESSION | EXTENDED_L2;
+    pub(crate) const KNOWN: u64 = DIRTY | CORRUPT | DATA_FILE | COMPRESSION | EXTENDED_L2;
 }
 
 /// Compatible feature bits (header bytes 80-87).
-pub mod compat {
+pub(crate) mod compat {
     /// Lazy refcounts: refcount updates may be deferred; the dirty bit records it.
-    pub const LAZY_REFCOUNTS: u64 = 1 << 0;
+    pub(crate) const LAZY_REFCOUNTS: u64 = 1 << 0;
 }
 
 /// Autoclear feature bits (header bytes 88-95).
-pub mod autoclear {
+pub(crate) mod autoclear {
     /// The bitmaps extension is consistent with the image.
-    pub const BITMAPS: u64 = 1 << 0;
+    pub(crate) const BITMAPS: u64 = 1 << 0;
     /// The external data file is a valid raw image by itself.
-    pub const DATA_FILE_RAW: u64 = 1 << 1;
+    pub(crate) const DATA_FILE_RAW: u64 = 1 << 1;
 }
 
 /// How compressed clusters are compressed (header byte 104).
@@ -649,7 +649,7 @@ impl Header {
 
 /// Checks that a table at `offset` of `bytes` bytes is cluster-aligned and inside the file.
 /// `field` is the header offset of the field naming it, for the message.
-pub fn check_table(
+pub(crate) fn check_table(
     what: &str,
     offset: u64,
     bytes: u64,

@@ -12,11 +12,11 @@ use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 
 /// Bytes of the version 2 header (qcow2.rst "Header", bytes 0-71).
-pub const V2_HEADER_LEN: u32 = 72;
+pub(crate) const V2_HEADER_LEN: u32 = 72;
 
 /// The feature name table qemu writes into version 3 images (qcow2.rst "Feature name table"):
 /// every feature bit qcow2 defines, whether or not the image uses it.
-pub fn standard_feature_table() -> Vec<u8> {
+pub(crate) fn standard_feature_table() -> Vec<u8> {
     const FEATURES: &[(u8, u8, &str)] = &[
         (0, 0, "dirty bit"),
         (0, 1, "corrupt bit"),
@@ -39,7 +39,7 @@ pub fn standard_feature_table() -> Vec<u8> {
 
 /// Whether qemu puts the feature name table into a version 3 image with this cluster size:
 /// it does so only where cluster 0 has room to spare.
-pub fn writes_feature_table(version: u32, cluster_size: u64) -> bool {
+pub(crate) fn writes_feature_table(version: u32, cluster_size: u64) -> bool {
     version >= 3 && cluster_size >= 8192
 }
 

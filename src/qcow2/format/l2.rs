@@ -9,23 +9,21 @@ use crate::error::{Error, Result};
 /// L1 entry bits 9-55: host offset of the L2 table.
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// L1 entry bits that must be zero (0-8, 56-62).
-pub const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+pub(crate) const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
 /// L2 entry bits 9-55: host cluster offset of a standard cluster.
 pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Standard L2 entry bits that must be zero (1-8, 56-61).
-pub const L2E_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
+pub(crate) const L2E_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Bit 63 of L1 and L2 entries: the refcount is exactly one.
 pub const OFLAG_COPIED: u64 = 1 << 63;
 /// Bit 62 of L2 entries: the cluster is compressed.
 pub const OFLAG_COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of standard L2 entries (v3, not extended): reads as zero.
 pub const OFLAG_ZERO: u64 = 1;
-/// Subclusters per cluster with extended L2 entries.
-pub const SUBCLUSTERS: u32 = 32;
 
 /// The L2 table offset an L1 entry points to (`None`: unallocated), checked for reserved bits
 /// and alignment.
-pub fn l1_entry_target(entry: u64, cluster_size: u64) -> Result<Option<u64>> {
+pub(crate) fn l1_entry_target(entry: u64, cluster_size: u64) -> Result<Option<u64>> {
     if entry & L1E_RESERVED_MASK != 0 {
         return Err(Error::corrupt(format!(
             "L1 entry {entry:#x} has reserved bits set"
@@ -45,7 +43,7 @@ pub fn l1_entry_target(entry: u64, cluster_size: u64) -> Result<Option<u64>> {
 
 /// What a (sub)cluster of the guest disk is, according to one L2 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
+pub(crate) enum Slot {
     /// Not allocated in this layer: read from the backing file (or zeros). With extended L2, an
     /// unallocated subcluster of an allocated cluster still has a `host` offset reserved.
     Unallocated {
@@ -68,7 +66,7 @@ pub enum Slot {
 
 /// The decoded standard cluster descriptor of an L2 entry (before subclusters are applied).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Descriptor {
+pub(crate) enum Descriptor {
     /// No host cluster.
     Unallocated,
     /// Zero flag set (non-extended v3), with an optional preallocated offset.
@@ -80,7 +78,7 @@ pub enum Descriptor {
 }
 
 /// Decodes the first (standard) word of an L2 entry, checking reserved bits and alignment.
-pub fn decode_descriptor(entry: u64, h: &Header) -> Result<Descriptor> {
+pub(crate) fn decode_descriptor(entry: u64, h: &Header) -> Result<Descriptor> {
     if entry & OFLAG_COMPRESSED != 0 {
         if h.has_data_file() {
             return Err(Error::corrupt(
@@ -124,7 +122,7 @@ pub fn decode_descriptor(entry: u64, h: &Header) -> Result<Descriptor> {
 
 /// What subcluster `sc` (0 for non-extended entries) of a cluster is, given its descriptor
 /// and (extended L2 only) the subcluster bitmap.
-pub fn slot(desc: Descriptor, bitmap: Option<u64>, sc: u32, sc_bits: u32) -> Result<Slot> {
+pub(crate) fn slot(desc: Descriptor, bitmap: Option<u64>, sc: u32, sc_bits: u32) -> Result<Slot> {
     let Some(bitmap) = bitmap else {
         return Ok(match desc {
             Descriptor::Unallocated => Slot::Unallocated { host: None },

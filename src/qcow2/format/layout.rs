@@ -25,7 +25,7 @@ use std::collections::{HashMap, HashSet};
 
 /// What a metadata cluster holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Owner {
+pub(crate) enum Owner {
     /// Cluster 0: the header, its extensions and the backing file name.
     Header,
     /// The active L1 table.
@@ -50,7 +50,7 @@ pub enum Owner {
 
 impl Owner {
     /// The structure's name, for messages.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Owner::Header => "header",
             Owner::ActiveL1 => "active L1 table",
@@ -64,16 +64,11 @@ impl Owner {
             Owner::CryptoHeader => "encryption header",
         }
     }
-
-    /// Whether the refcount structures own the cluster (a refcount rebuild replaces them).
-    pub fn is_refcount(self) -> bool {
-        matches!(self, Owner::RefcountTable | Owner::RefcountBlock)
-    }
 }
 
 /// The metadata clusters of an image and their owners.
 #[derive(Debug, Default)]
-pub struct MetadataMap {
+pub(crate) struct MetadataMap {
     owners: HashMap<u64, Owner>,
     /// How many L1 entries (active and snapshots') name each L2 table.
     l2_refs: HashMap<u64, u64>,
@@ -84,7 +79,7 @@ impl MetadataMap {
     /// (not the L2 tables: their offsets are in the L1 tables). `reftable` is the refcount
     /// table's entries, or `None` to leave the refcount structures out. Fails, naming them,
     /// when two structures share a cluster, or when a snapshot's L1 table is out of bounds.
-    pub fn build(img: &Qcow2Image, reftable: Option<&[u64]>) -> Result<Self> {
+    pub(crate) fn build(img: &Qcow2Image, reftable: Option<&[u64]>) -> Result<Self> {
         let h = img.header();
         let cs = h.cluster_size();
         let mut m = MetadataMap::default();
@@ -202,17 +197,18 @@ impl MetadataMap {
     }
 
     /// The owner of host cluster `cluster`, if it holds metadata.
-    pub fn owner(&self, cluster: u64) -> Option<Owner> {
+    #[cfg(test)]
+    pub(crate) fn owner(&self, cluster: u64) -> Option<Owner> {
         self.owners.get(&cluster).copied()
     }
 
     /// Every metadata cluster.
-    pub fn clusters(&self) -> HashSet<u64> {
+    pub(crate) fn clusters(&self) -> HashSet<u64> {
         self.owners.keys().copied().collect()
     }
 
     /// Metadata clusters and their owners, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, Owner)> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, Owner)> + '_ {
         self.owners.iter().map(|(&c, &o)| (c, o))
     }
 }
@@ -221,7 +217,7 @@ impl MetadataMap {
 /// (refcount 0): the refcounts are then damaged in a way that lets the allocator hand out
 /// clusters in use, and a write could overwrite guest data (qemu writes such images anyway).
 /// `check -r all` repairs them. Cheap: only the metadata clusters' refcounts are read.
-pub fn check_metadata_refcounts(img: &Qcow2Image) -> Result<()> {
+pub(crate) fn check_metadata_refcounts(img: &Qcow2Image) -> Result<()> {
     use crate::qcow2::refcount::table::{RefcountReader, RefcountTable, Strictness};
     let table = RefcountTable::read(img)?;
     let map = MetadataMap::build(img, Some(table.entries()))?;

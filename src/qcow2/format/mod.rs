@@ -9,8 +9,8 @@
 //! - [`compress`]: compressed cluster descriptors, deflate and zstd;
 //! - [`layout`]: which clusters hold metadata, refusing overlaps.
 
-pub mod compress;
-pub mod header;
-pub mod header_write;
-pub mod l2;
-pub mod layout;
+pub(super) mod compress;
+pub(super) mod header;
+pub(super) mod header_write;
+pub(super) mod l2;
+pub(super) mod layout;

@@ -4,5 +4,5 @@
 //! - [`table`]: reading the refcount table and blocks, and a host cluster's refcount;
 //! - [`rewrite`]: rewriting them at another width (`amend -o refcount_bits`).
 
-pub mod rewrite;
-pub mod table;
+pub(super) mod rewrite;
+pub(super) mod table;

@@ -24,15 +24,15 @@ use byteorder::{BigEndian, ByteOrder};
 
 /// Refcount table entry bits 9-63: the host offset of a refcount block
 /// (qcow2.rst "Cluster refcounts", refcount table entry).
-pub const REFT_OFFSET_MASK: u64 = !0x1ff;
+pub(crate) const REFT_OFFSET_MASK: u64 = !0x1ff;
 /// Refcount table entry bits 0-8, reserved (must be zero).
-pub const REFT_RESERVED_MASK: u64 = 0x1ff;
+pub(crate) const REFT_RESERVED_MASK: u64 = 0x1ff;
 /// Largest `refcount_order` qcow2 allows: 64-bit refcounts (qcow2.rst "Header", byte 96).
-pub const MAX_REFCOUNT_ORDER: u32 = 6;
+pub(crate) const MAX_REFCOUNT_ORDER: u32 = 6;
 
 /// How a refcount lookup treats refcount table entries that break the format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strictness {
+pub(crate) enum Strictness {
     /// Every defect is an error: reserved bits set, a block offset that is not
     /// cluster-aligned, or a block that does not lie entirely inside the image file.
     Strict,
@@ -45,7 +45,7 @@ pub enum Strictness {
 /// The refcount table of an image (qcow2.rst "Cluster refcounts"): the raw 64-bit entries,
 /// plus the geometry needed to find a cluster's refcount.
 #[derive(Debug, Clone)]
-pub struct RefcountTable {
+pub(crate) struct RefcountTable {
     entries: Vec<u64>,
     cluster_bits: u32,
     refcount_order: u32,
@@ -56,7 +56,7 @@ impl RefcountTable {
     /// Reads the refcount table of `img` (`refcount_table_clusters` clusters at
     /// `refcount_table_offset`, qcow2.rst "Header" bytes 48-59), checking that it lies inside
     /// the image file. The header parser already bounds its size (8 MiB, as qemu).
-    pub fn read(img: &Qcow2Image) -> Result<Self> {
+    pub(crate) fn read(img: &Qcow2Image) -> Result<Self> {
         let h = img.header();
         let bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
         let off = h.refcount_table_offset;
@@ -93,7 +93,7 @@ impl RefcountTable {
 
     /// A table made of `entries` for an image with clusters of `1 << cluster_bits` bytes,
     /// refcounts of `1 << refcount_order` bits (clamped to 64) and a file of `file_len` bytes.
-    pub fn from_entries(
+    pub(crate) fn from_entries(
         entries: Vec<u64>,
         cluster_bits: u32,
         refcount_order: u32,
@@ -108,55 +108,41 @@ impl RefcountTable {
     }
 
     /// The raw table entries, reserved bits included.
-    pub fn entries(&self) -> &[u64] {
+    pub(crate) fn entries(&self) -> &[u64] {
         &self.entries
     }
 
     /// Number of entries in the table.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Whether the table has no entries.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Cluster size in bytes.
-    pub fn cluster_size(&self) -> u64 {
+    pub(crate) fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
-    }
-
-    /// Width of one refcount in bits (`refcount_bits`, 1 to 64).
-    pub fn refcount_bits(&self) -> u32 {
-        1 << self.refcount_order
     }
 
     /// log2 of the number of refcounts in one refcount block
     /// (`cluster_bits + 3 - refcount_order`).
-    pub fn block_bits(&self) -> u32 {
+    pub(crate) fn block_bits(&self) -> u32 {
         self.cluster_bits + 3 - self.refcount_order
     }
 
     /// Number of refcounts one refcount block holds (`cluster_size * 8 / refcount_bits`).
-    pub fn entries_per_block(&self) -> u64 {
+    pub(crate) fn entries_per_block(&self) -> u64 {
         1 << self.block_bits()
-    }
-
-    /// Largest refcount the entry width can store (`2^refcount_bits - 1`).
-    pub fn max_refcount(&self) -> u64 {
-        max_refcount(self.refcount_order)
     }
 
     /// Number of host clusters the table can describe (entries × refcounts per block),
     /// saturating.
-    pub fn covered_clusters(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn covered_clusters(&self) -> u64 {
         (self.entries.len() as u64).saturating_mul(self.entries_per_block())
     }
 
     /// Where host cluster `cluster`'s refcount lives: (refcount table index, index inside
     /// the refcount block).
-    pub fn locate(&self, cluster: u64) -> (u64, u64) {
+    pub(crate) fn locate(&self, cluster: u64) -> (u64, u64) {
         (
             cluster >> self.block_bits(),
             cluster & (self.entries_per_block() - 1),
@@ -165,7 +151,7 @@ impl RefcountTable {
 
     /// The host offset of refcount block `index` (`None`: not allocated, or `index` past the
     /// end of the table, so every refcount it covers is 0), validated as `strictness` says.
-    pub fn block_offset(&self, index: u64, strictness: Strictness) -> Result<Option<u64>> {
+    pub(crate) fn block_offset(&self, index: u64, strictness: Strictness) -> Result<Option<u64>> {
         let Some(&entry) = usize::try_from(index)
             .ok()
             .and_then(|i| self.entries.get(i))
@@ -203,7 +189,7 @@ impl RefcountTable {
 }
 
 /// Largest refcount an entry of `1 << refcount_order` bits can hold.
-pub fn max_refcount(refcount_order: u32) -> u64 {
+pub(crate) fn max_refcount(refcount_order: u32) -> u64 {
     let bits = 1u32 << refcount_order.min(MAX_REFCOUNT_ORDER);
     if bits >= 64 {
         u64::MAX
@@ -217,7 +203,7 @@ pub fn max_refcount(refcount_order: u32) -> u64 {
 /// `1 << refcount_order` bits. Every refcount increase goes through here, so that a refcount
 /// at the width's maximum (2^64-1 included) never wraps: qemu refuses such an update with
 /// EINVAL ("Invalid argument"), and callers refuse before they change anything.
-pub fn increased(cluster: u64, current: u64, more: u64, refcount_order: u32) -> Result<u64> {
+pub(crate) fn increased(cluster: u64, current: u64, more: u64, refcount_order: u32) -> Result<u64> {
     let max = max_refcount(refcount_order);
     match current.checked_add(more) {
         Some(r) if r <= max => Ok(r),
@@ -239,7 +225,7 @@ pub fn increased(cluster: u64, current: u64, more: u64, refcount_order: u32) -> 
 ///
 /// Returns 0 for an index outside the block (callers pass whole blocks, so this only guards
 /// against misuse).
-pub fn get_refcount(block: &[u8], index: u64, refcount_order: u32) -> u64 {
+pub(crate) fn get_refcount(block: &[u8], index: u64, refcount_order: u32) -> u64 {
     let order = refcount_order.min(MAX_REFCOUNT_ORDER);
     let bits = 1u64 << order;
     let Some(bit) = index.checked_mul(bits) else {
@@ -263,7 +249,7 @@ pub fn get_refcount(block: &[u8], index: u64, refcount_order: u32) -> u64 {
 /// Stores `value` (truncated to the entry width) as entry `index` of refcount block `block`
 /// with entries `1 << refcount_order` bits wide, packed as [`get_refcount`] reads them. An
 /// index outside the block is ignored.
-pub fn set_refcount(block: &mut [u8], index: u64, refcount_order: u32, value: u64) {
+pub(crate) fn set_refcount(block: &mut [u8], index: u64, refcount_order: u32, value: u64) {
     let order = refcount_order.min(MAX_REFCOUNT_ORDER);
     let bits = 1u64 << order;
     let Some(bit) = index.checked_mul(bits) else {
@@ -302,7 +288,7 @@ pub(crate) fn read_padded(img: &Qcow2Image, buf: &mut [u8], offset: u64) -> Resu
 
 /// Looks up stored refcounts of host clusters, keeping the last refcount block read so that
 /// walking clusters in order reads each block once.
-pub struct RefcountReader<'a> {
+pub(crate) struct RefcountReader<'a> {
     img: &'a Qcow2Image,
     table: &'a RefcountTable,
     strictness: Strictness,
@@ -311,7 +297,11 @@ pub struct RefcountReader<'a> {
 
 impl<'a> RefcountReader<'a> {
     /// A reader of `img`'s refcounts through `table`, treating defects as `strictness` says.
-    pub fn new(img: &'a Qcow2Image, table: &'a RefcountTable, strictness: Strictness) -> Self {
+    pub(crate) fn new(
+        img: &'a Qcow2Image,
+        table: &'a RefcountTable,
+        strictness: Strictness,
+    ) -> Self {
         RefcountReader {
             img,
             table,
@@ -320,14 +310,9 @@ impl<'a> RefcountReader<'a> {
         }
     }
 
-    /// The refcount table this reader uses.
-    pub fn table(&self) -> &RefcountTable {
-        self.table
-    }
-
     /// The stored refcount of host cluster `cluster` (the cluster at byte offset
     /// `cluster * cluster_size` of the image file).
-    pub fn refcount(&mut self, cluster: u64) -> Result<u64> {
+    pub(crate) fn refcount(&mut self, cluster: u64) -> Result<u64> {
         let (index, entry) = self.table.locate(cluster);
         let Some(off) = self.table.block_offset(index, self.strictness)? else {
             return Ok(0);

@@ -5,6 +5,6 @@
 //! - [`mod@write`]: creating, applying and deleting snapshots;
 //! - [`view`]: opening an image at one of its snapshots (convert -l).
 
-pub mod table;
-pub mod view;
-pub mod write;
+pub(super) mod table;
+pub(super) mod view;
+pub(super) mod write;

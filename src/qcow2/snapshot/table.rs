@@ -7,9 +7,9 @@ use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 
 /// Largest snapshot table qemu accepts, in bytes.
-pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_TABLE_BYTES: u64 = 64 << 20;
 /// Largest per-entry extra data qemu accepts, in bytes.
-pub const MAX_EXTRA: u32 = 1024;
+pub(crate) const MAX_EXTRA: u32 = 1024;
 
 /// One snapshot table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,19 +121,19 @@ const TABLE_TOO_BIG: &str = "Snapshot table is too big";
 /// Whether `e` (from reading a snapshot table) says the table exceeds one of qemu's limits,
 /// which qemu's open refuses with EFBIG and its `check` reports as `File too large`; only
 /// `check -r all` can read such a table, by dropping what is over the limit.
-pub fn exceeds_qemu_limits(e: &Error) -> bool {
+pub(crate) fn exceeds_qemu_limits(e: &Error) -> bool {
     e.what().starts_with(TOO_MUCH_EXTRA) || e.what().starts_with(TABLE_TOO_BIG)
 }
 
 /// Reads the snapshot table of `img`, checking every entry's bounds.
-pub fn read_table(img: &Qcow2Image) -> Result<Vec<Snapshot>> {
+pub(crate) fn read_table(img: &Qcow2Image) -> Result<Vec<Snapshot>> {
     read_table_with_size(img).map(|(entries, _)| entries)
 }
 
 /// Reads the snapshot table of `img` like [`read_table`], also returning the table's length
 /// in bytes (up to the end of the last entry, without its padding). While a repair holds a
 /// table it read with [`read_table_repairing`], that table is returned.
-pub fn read_table_with_size(img: &Qcow2Image) -> Result<(Vec<Snapshot>, u64)> {
+pub(crate) fn read_table_with_size(img: &Qcow2Image) -> Result<(Vec<Snapshot>, u64)> {
     if let Some((entries, bytes)) = &img.snapshot_override {
         return Ok((entries.clone(), *bytes));
     }
@@ -142,7 +142,7 @@ pub fn read_table_with_size(img: &Qcow2Image) -> Result<(Vec<Snapshot>, u64)> {
 
 /// A snapshot table as `check -r all` reads it ([`read_table_repairing`]).
 #[derive(Debug, Default)]
-pub struct RepairedTable {
+pub(crate) struct RepairedTable {
     /// The entries kept.
     pub entries: Vec<Snapshot>,
     /// The table's size in bytes as read (up to the end of the last entry kept, with the
@@ -162,7 +162,7 @@ pub struct RepairedTable {
 /// the whole extra data), entries that end past qemu's 64 MiB table limit (measured as qemu
 /// would write the table: extra data cut, entries padded) are discarded with every entry
 /// after them, and what lies past the end of the file reads as zeros.
-pub fn read_table_repairing(img: &Qcow2Image) -> Result<RepairedTable> {
+pub(crate) fn read_table_repairing(img: &Qcow2Image) -> Result<RepairedTable> {
     let mut t = RepairedTable::default();
     let (entries, bytes) = read_entries(img, Some(&mut t))?;
     t.entries = entries;

@@ -38,7 +38,7 @@ pub enum SnapshotSelector {
 }
 
 /// qemu-img's message when no snapshot matches.
-pub const NOT_FOUND: &str = "Failed to load snapshot: Can't find snapshot";
+pub(crate) const NOT_FOUND: &str = "Failed to load snapshot: Can't find snapshot";
 
 impl SnapshotSelector {
     /// Parses a `-l` argument: `snapshot.id=ID[,snapshot.name=NAME]` (either key alone, in

@@ -26,9 +26,9 @@ use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
 
 /// Most snapshots an image may have (qemu's `QCOW_MAX_SNAPSHOTS`).
-pub const MAX_SNAPSHOTS: u32 = 65536;
+pub(crate) const MAX_SNAPSHOTS: u32 = 65536;
 /// Longest name qemu-img records, in bytes (longer ones are cut).
-pub const MAX_NAME_BYTES: usize = 255;
+pub(crate) const MAX_NAME_BYTES: usize = 255;
 /// Extra data qemu writes per entry: VM state size (64 bits), disk size, instruction count.
 const EXTRA_BYTES: usize = 24;
 
@@ -347,7 +347,7 @@ impl Qcow2Image {
         (max + 1).to_string()
     }
 
-    /// Whether the image has as many snapshots as qemu allows ([`MAX_SNAPSHOTS`]): qemu
+    /// Whether the image has as many snapshots as qemu allows (`MAX_SNAPSHOTS`): qemu
     /// refuses to create another before it looks at anything else.
     pub fn snapshot_table_full(&self) -> bool {
         self.header.nb_snapshots >= MAX_SNAPSHOTS
@@ -594,7 +594,7 @@ impl Qcow2Image {
 
 /// qemu-img's refusal to add snapshot `name` to an image that has [`MAX_SNAPSHOTS`] already
 /// ("File too large"), printed without the file name, as qemu-img prints it.
-pub fn too_many_snapshots(name: &str) -> Error {
+pub(crate) fn too_many_snapshots(name: &str) -> Error {
     Error::new(
         crate::error::ErrorKind::InvalidInput,
         format!("Could not create snapshot '{name}': File too large"),

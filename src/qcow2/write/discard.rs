@@ -31,7 +31,12 @@ use crate::qcow2::Qcow2Image;
 
 /// The guest clusters `[first, end)` a discard of `[guest, guest + len)` on a disk of `size`
 /// bytes affects, if any.
-pub fn discard_clusters(guest: u64, len: u64, size: u64, cluster_bits: u32) -> Option<(u64, u64)> {
+pub(crate) fn discard_clusters(
+    guest: u64,
+    len: u64,
+    size: u64,
+    cluster_bits: u32,
+) -> Option<(u64, u64)> {
     let cs = 1u64 << cluster_bits;
     let first = guest.div_ceil(cs);
     let end_byte = guest.checked_add(len)?;

@@ -5,6 +5,6 @@
 //! - [`discard`]: guest discard requests;
 //! - [`resize`]: growing and shrinking the virtual disk.
 
-pub mod discard;
-pub mod path;
-pub mod resize;
+pub(super) mod discard;
+pub(super) mod path;
+pub(super) mod resize;

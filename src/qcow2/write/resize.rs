@@ -34,7 +34,7 @@ use std::sync::atomic::Ordering;
 
 /// qemu's message for resizing a version 2 image that has internal snapshots.
 pub const V2_SNAPSHOTS: &str = "Can't resize a v2 image which has snapshots";
-pub use crate::prealloc::PREALLOC_SHRINK;
+pub(crate) use crate::prealloc::PREALLOC_SHRINK;
 
 /// Bytes of zeros written at a time by `preallocation=full`.
 const ZERO_CHUNK: u64 = 1 << 20;
