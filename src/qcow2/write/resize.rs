@@ -26,7 +26,7 @@
 //! table on disk points at them any more (see [`super::path`]).
 
 use crate::error::{Error, Result};
-use crate::qcow2::create::Preallocation;
+use crate::prealloc::Preallocation;
 use crate::qcow2::format::l2::{self, Descriptor, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
