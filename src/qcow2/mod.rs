@@ -284,9 +284,11 @@ impl Qcow2Image {
         if h.version >= 3 && h.autoclear_features & !keep != 0 {
             let v = h.autoclear_features & keep;
             self.storage
-                .write_at(&v.to_be_bytes(), 88)
+                .write_at(&v.to_be_bytes(), header::fields::AUTOCLEAR_FEATURES)
                 .and_then(|_| self.storage.flush())
-                .map_err(|e| Error::io("cannot update the header", e).at(88))?;
+                .map_err(|e| {
+                    Error::io("cannot update the header", e).at(header::fields::AUTOCLEAR_FEATURES)
+                })?;
             self.header.autoclear_features = v;
         }
         Ok(())

@@ -37,7 +37,7 @@ use crate::error::{Error, Result, ResultExt};
 use crate::lock::LockRequest;
 use crate::open::{ChainGuard, Sharing};
 use crate::opener::Opener;
-use crate::qcow2::format::header::incompat;
+use crate::qcow2::format::header::{fields, incompat, QCOW2_MAGIC};
 use crate::qcow2::format::l2::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
@@ -148,14 +148,14 @@ const MAX_REFTABLE_GAP: u64 = 64 << 20;
 /// end of the file but is otherwise plausible (aligned, at most 8 MiB, starting at most
 /// [`MAX_REFTABLE_GAP`] past the end).
 fn reftable_end_past_eof(storage: &dyn Storage) -> Option<u64> {
-    let mut h = [0u8; 60];
+    let mut h = [0u8; (fields::REFCOUNT_TABLE_CLUSTERS + 4) as usize];
     storage.read_at(&mut h, 0).ok()?;
-    let bits = BigEndian::read_u32(&h[20..24]);
+    let bits = fields::be32(&h, fields::CLUSTER_BITS);
     if !(9..=21).contains(&bits) {
         return None;
     }
-    let off = BigEndian::read_u64(&h[48..56]);
-    let bytes = u64::from(BigEndian::read_u32(&h[56..60])) << bits;
+    let off = fields::be64(&h, fields::REFCOUNT_TABLE_OFFSET);
+    let bytes = u64::from(fields::be32(&h, fields::REFCOUNT_TABLE_CLUSTERS)) << bits;
     let end = off.checked_add(bytes)?;
     let len = storage.len().ok()?;
     (off.is_multiple_of(1 << bits)
@@ -434,21 +434,21 @@ fn discard_excess_snapshots(path: &Path, opener: &Opener) -> Result<Option<u64>>
     let storage = opener
         .open(path, true, LockRequest::exclusive(true))
         .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-    let mut h = [0u8; 72];
-    if storage.read_at(&mut h, 0).is_err() || &h[0..4] != b"QFI\xfb" {
+    let mut h = [0u8; (fields::SNAPSHOTS_OFFSET + 8) as usize];
+    if storage.read_at(&mut h, 0).is_err() || h[fields::MAGIC as usize..][..4] != QCOW2_MAGIC {
         return Ok(None); // the open that follows says what is wrong
     }
-    let nb = BigEndian::read_u32(&h[60..64]);
+    let nb = fields::be32(&h, fields::NB_SNAPSHOTS);
     let max = crate::qcow2::snapshot::write::MAX_SNAPSHOTS;
-    let table_end = BigEndian::read_u64(&h[64..72]).saturating_add(u64::from(max) * 40);
+    let table_end = fields::be64(&h, fields::SNAPSHOTS_OFFSET).saturating_add(u64::from(max) * 40);
     // A table that could not hold the snapshots kept is left to the open to refuse.
     let fits = storage.len().is_ok_and(|len| table_end <= len);
     if nb <= max || !fits {
         return Ok(None);
     }
     storage
-        .write_at(&max.to_be_bytes(), 60)
-        .map_err(|e| Error::io("cannot write the header", e).at(60))?;
+        .write_at(&max.to_be_bytes(), fields::NB_SNAPSHOTS)
+        .map_err(|e| Error::io("cannot write the header", e).at(fields::NB_SNAPSHOTS))?;
     storage
         .flush()
         .map_err(|e| Error::io("cannot sync the image", e))?;
@@ -491,8 +491,8 @@ fn repair_snapshot_table(
         let n = t.entries.len() as u32;
         fresh
             .storage
-            .write_at(&n.to_be_bytes(), 60)
-            .map_err(|e| Error::io("cannot write the header", e).at(60))
+            .write_at(&n.to_be_bytes(), fields::NB_SNAPSHOTS)
+            .map_err(|e| Error::io("cannot write the header", e).at(fields::NB_SNAPSHOTS))
             .in_file(&img.path)?;
         fresh.sync()?;
     }
@@ -641,13 +641,11 @@ pub(crate) fn rebuild_refcounts(img: &Qcow2Image, refs: References) -> Result<Ve
         .write_at(&table, table_off)
         .map_err(|e| Error::io("cannot write the refcount table", e).at(table_off))?;
     img.sync()?;
-    // The switch: refcount table offset (48..56) and clusters (56..60) in one write.
-    let mut f = [0u8; 12];
-    BigEndian::write_u64(&mut f[0..8], table_off);
-    BigEndian::write_u32(&mut f[8..12], n_table as u32);
+    // The switch: refcount table offset and clusters in one write.
+    let (f, at) = fields::reftable(table_off, n_table as u32);
     img.storage
-        .write_at(&f, 48)
-        .map_err(|e| Error::io("cannot write the header", e).at(48))?;
+        .write_at(&f, at)
+        .map_err(|e| Error::io("cannot write the header", e).at(at))?;
     img.sync()?;
     Ok(dropped
         .into_iter()
@@ -773,8 +771,8 @@ fn repair_in_place(
         let mut b = [0u8; 8];
         BigEndian::write_u64(&mut b, v);
         img.storage
-            .write_at(&b, 72)
-            .map_err(|e| Error::io("cannot write header", e).at(72))?;
+            .write_at(&b, fields::INCOMPATIBLE_FEATURES)
+            .map_err(|e| Error::io("cannot write header", e).at(fields::INCOMPATIBLE_FEATURES))?;
         img.sync()?;
     }
     // What the repair pass says, in qemu's order, then the check of the repaired image.

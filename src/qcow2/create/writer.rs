@@ -280,6 +280,7 @@ mod tests {
     use super::*;
     use crate::qcow2::create::opts;
     use crate::qcow2::format::header::ext;
+    use crate::qcow2::format::header::fields;
 
     #[test]
     fn a_failed_create_removes_what_it_made() {
@@ -306,7 +307,10 @@ mod tests {
         });
         let p = plan(&o);
         let h = header_cluster(&o, &p).unwrap();
-        assert_eq!(BigEndian::read_u64(&h[8..]), 0x210);
+        assert_eq!(
+            BigEndian::read_u64(&h[fields::BACKING_FILE_OFFSET as usize..]),
+            0x210
+        );
         assert_eq!(&h[0x210..0x218], b"base.raw");
         assert_eq!(BigEndian::read_u32(&h[112..]), ext::BACKING_FORMAT);
         assert_eq!(BigEndian::read_u32(&h[128..]), ext::FEATURE_TABLE);

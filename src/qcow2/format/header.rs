@@ -75,6 +75,74 @@ pub(crate) mod autoclear {
     pub(crate) const DATA_FILE_RAW: u64 = 1 << 1;
 }
 
+/// Byte offsets of the header's fields in cluster 0 (qcow2.rst "Header"), written down once:
+/// [`Header::parse`], [`Header::encode`], error positions and every in-place header update use
+/// these. Fields up to [`SNAPSHOTS_OFFSET`](fields::SNAPSHOTS_OFFSET) are in every version;
+/// the rest only in version 3.
+pub(crate) mod fields {
+    use byteorder::{BigEndian, ByteOrder};
+
+    /// `magic` (4 bytes): `QFI\xfb`.
+    pub(crate) const MAGIC: u64 = 0;
+    /// `version` (4 bytes): 2 or 3.
+    pub(crate) const VERSION: u64 = 4;
+    /// `backing_file_offset` (8 bytes): where the backing file name is, 0 for none.
+    pub(crate) const BACKING_FILE_OFFSET: u64 = 8;
+    /// `backing_file_size` (4 bytes): length of the backing file name.
+    pub(crate) const BACKING_FILE_SIZE: u64 = 16;
+    /// `cluster_bits` (4 bytes).
+    pub(crate) const CLUSTER_BITS: u64 = 20;
+    /// `size` (8 bytes): the virtual disk size in bytes.
+    pub(crate) const SIZE: u64 = 24;
+    /// `crypt_method` (4 bytes).
+    pub(crate) const CRYPT_METHOD: u64 = 32;
+    /// `l1_size` (4 bytes): entries in the active L1 table.
+    pub(crate) const L1_SIZE: u64 = 36;
+    /// `l1_table_offset` (8 bytes).
+    pub(crate) const L1_TABLE_OFFSET: u64 = 40;
+    /// `refcount_table_offset` (8 bytes).
+    pub(crate) const REFCOUNT_TABLE_OFFSET: u64 = 48;
+    /// `refcount_table_clusters` (4 bytes).
+    pub(crate) const REFCOUNT_TABLE_CLUSTERS: u64 = 56;
+    /// `nb_snapshots` (4 bytes).
+    pub(crate) const NB_SNAPSHOTS: u64 = 60;
+    /// `snapshots_offset` (8 bytes).
+    pub(crate) const SNAPSHOTS_OFFSET: u64 = 64;
+    /// `incompatible_features` (8 bytes, version 3).
+    pub(crate) const INCOMPATIBLE_FEATURES: u64 = 72;
+    /// `compatible_features` (8 bytes, version 3).
+    pub(crate) const COMPATIBLE_FEATURES: u64 = 80;
+    /// `autoclear_features` (8 bytes, version 3).
+    pub(crate) const AUTOCLEAR_FEATURES: u64 = 88;
+    /// `refcount_order` (4 bytes, version 3).
+    pub(crate) const REFCOUNT_ORDER: u64 = 96;
+    /// `header_length` (4 bytes, version 3).
+    pub(crate) const HEADER_LENGTH: u64 = 100;
+    /// `compression_type` (1 byte, version 3 with `header_length` above 104), followed by
+    /// padding up to `header_length`.
+    pub(crate) const COMPRESSION_TYPE: u64 = 104;
+
+    /// `refcount_table_offset` and `refcount_table_clusters`, adjacent so that one write
+    /// switches the image to another refcount table: their bytes and where they go.
+    pub(crate) fn reftable(offset: u64, clusters: u32) -> ([u8; 12], u64) {
+        let mut f = [0u8; 12];
+        let at = |field: u64| (field - REFCOUNT_TABLE_OFFSET) as usize;
+        BigEndian::write_u64(&mut f[at(REFCOUNT_TABLE_OFFSET)..], offset);
+        BigEndian::write_u32(&mut f[at(REFCOUNT_TABLE_CLUSTERS)..], clusters);
+        (f, REFCOUNT_TABLE_OFFSET)
+    }
+
+    /// The 4-byte field at `field` of `header` (the first bytes of the file).
+    pub(crate) fn be32(header: &[u8], field: u64) -> u32 {
+        BigEndian::read_u32(&header[field as usize..][..4])
+    }
+
+    /// The 8-byte field at `field` of `header` (the first bytes of the file).
+    pub(crate) fn be64(header: &[u8], field: u64) -> u64 {
+        BigEndian::read_u64(&header[field as usize..][..8])
+    }
+}
+
 /// How compressed clusters are compressed (header byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompressionType {
@@ -262,38 +330,38 @@ impl Header {
         if cluster0.len() < 72 {
             return Err(Error::corrupt("file is too short to be a qcow2 image"));
         }
-        if cluster0[0..4] != QCOW2_MAGIC {
+        if cluster0[fields::MAGIC as usize..][..4] != QCOW2_MAGIC {
             return Err(Error::corrupt("not a qcow2 image (bad magic)"));
         }
-        let be32 = |o: usize| BigEndian::read_u32(&cluster0[o..o + 4]);
-        let be64 = |o: usize| BigEndian::read_u64(&cluster0[o..o + 8]);
-        let version = be32(4);
+        let be32 = |field: u64| fields::be32(cluster0, field);
+        let be64 = |field: u64| fields::be64(cluster0, field);
+        let version = be32(fields::VERSION);
         if version != 2 && version != 3 {
             return Err(Error::unsupported(format!(
                 "qcow2 version {version} is not supported (only 2 and 3)"
             )));
         }
-        let cluster_bits = be32(20);
+        let cluster_bits = be32(fields::CLUSTER_BITS);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(Error::corrupt(format!(
                 "cluster size 2^{cluster_bits} is outside qcow2's range (512 B to 2 MiB)"
             ))
-            .at(20));
+            .at(fields::CLUSTER_BITS));
         }
         let cluster_size = 1u64 << cluster_bits;
         let mut h = Header {
             version,
-            backing_file_offset: be64(8),
-            backing_file_size: be32(16),
+            backing_file_offset: be64(fields::BACKING_FILE_OFFSET),
+            backing_file_size: be32(fields::BACKING_FILE_SIZE),
             cluster_bits,
-            size: be64(24),
-            crypt_method: be32(32),
-            l1_size: be32(36),
-            l1_table_offset: be64(40),
-            refcount_table_offset: be64(48),
-            refcount_table_clusters: be32(56),
-            nb_snapshots: be32(60),
-            snapshots_offset: be64(64),
+            size: be64(fields::SIZE),
+            crypt_method: be32(fields::CRYPT_METHOD),
+            l1_size: be32(fields::L1_SIZE),
+            l1_table_offset: be64(fields::L1_TABLE_OFFSET),
+            refcount_table_offset: be64(fields::REFCOUNT_TABLE_OFFSET),
+            refcount_table_clusters: be32(fields::REFCOUNT_TABLE_CLUSTERS),
+            nb_snapshots: be32(fields::NB_SNAPSHOTS),
+            snapshots_offset: be64(fields::SNAPSHOTS_OFFSET),
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -315,53 +383,53 @@ impl Header {
                     "file is too short for a qcow2 version 3 header",
                 ));
             }
-            h.incompatible_features = be64(72);
-            h.compatible_features = be64(80);
-            h.autoclear_features = be64(88);
-            h.refcount_order = be32(96);
-            h.header_length = be32(100);
+            h.incompatible_features = be64(fields::INCOMPATIBLE_FEATURES);
+            h.compatible_features = be64(fields::COMPATIBLE_FEATURES);
+            h.autoclear_features = be64(fields::AUTOCLEAR_FEATURES);
+            h.refcount_order = be32(fields::REFCOUNT_ORDER);
+            h.header_length = be32(fields::HEADER_LENGTH);
             if h.header_length < 104 {
                 return Err(Error::corrupt(format!(
                     "header_length {} is below 104",
                     h.header_length
                 ))
-                .at(100));
+                .at(fields::HEADER_LENGTH));
             }
             if u64::from(h.header_length) > cluster_size {
                 return Err(Error::corrupt(format!(
                     "header_length {} is larger than the cluster size {cluster_size}",
                     h.header_length
                 ))
-                .at(100));
+                .at(fields::HEADER_LENGTH));
             }
             if !h.header_length.is_multiple_of(8) {
                 return Err(Error::corrupt(format!(
                     "header_length {} is not a multiple of 8",
                     h.header_length
                 ))
-                .at(100));
+                .at(fields::HEADER_LENGTH));
             }
             if cluster0.len() < h.header_length as usize {
                 return Err(Error::corrupt("file ends inside the qcow2 header"));
             }
             if h.header_length > 104 {
-                h.compression_type = match cluster0[104] {
+                h.compression_type = match cluster0[fields::COMPRESSION_TYPE as usize] {
                     0 => CompressionType::Zlib,
                     1 => CompressionType::Zstd,
                     t => {
-                        return Err(
-                            Error::unsupported(format!("unknown compression type {t}")).at(104)
-                        )
+                        return Err(Error::unsupported(format!("unknown compression type {t}"))
+                            .at(fields::COMPRESSION_TYPE))
                     }
                 };
-                h.extra_header_bytes = cluster0[105..h.header_length as usize].to_vec();
+                let extra = fields::COMPRESSION_TYPE as usize + 1;
+                h.extra_header_bytes = cluster0[extra..h.header_length as usize].to_vec();
             }
             let has_type_bit = h.incompatible_features & incompat::COMPRESSION != 0;
             if has_type_bit != (h.compression_type != CompressionType::Zlib) {
                 return Err(Error::corrupt(
                     "compression type and the compression-type incompatible bit disagree",
                 )
-                .at(72));
+                .at(fields::INCOMPATIBLE_FEATURES));
             }
         }
         if h.refcount_order > 6 {
@@ -369,7 +437,7 @@ impl Header {
                 "refcount_order {} is above 6 (64-bit refcounts)",
                 h.refcount_order
             ))
-            .at(96));
+            .at(fields::REFCOUNT_ORDER));
         }
 
         h.parse_extensions(cluster0)?;
@@ -402,7 +470,7 @@ impl Header {
             return Err(Error::unsupported(format!(
                 "image uses {what}; encrypted qcow2 images are not supported yet"
             ))
-            .at(32));
+            .at(fields::CRYPT_METHOD));
         }
         if h.extended_l2() && cluster_bits < 14 {
             return Err(Error::corrupt(
@@ -426,7 +494,8 @@ impl Header {
         // The L1 table must cover the disk and stay within qemu's limit.
         if self.size > (1u64 << 62) {
             return Err(
-                Error::corrupt(format!("virtual size {} is absurdly large", self.size)).at(24),
+                Error::corrupt(format!("virtual size {} is absurdly large", self.size))
+                    .at(fields::SIZE),
             );
         }
         // qemu-img's words (qcow2_do_open), which scripts match.
@@ -442,18 +511,27 @@ impl Header {
             return Err(Error::corrupt(format!(
                 "L1 table of {l1_bytes} bytes exceeds the 32 MiB limit"
             ))
-            .at(36));
+            .at(fields::L1_SIZE));
         }
-        check_table("L1 table", self.l1_table_offset, l1_bytes, cs, file_len, 40)?;
+        check_table(
+            "L1 table",
+            self.l1_table_offset,
+            l1_bytes,
+            cs,
+            file_len,
+            fields::L1_TABLE_OFFSET,
+        )?;
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes > MAX_REFTABLE_BYTES {
             return Err(Error::corrupt(format!(
                 "refcount table of {rt_bytes} bytes exceeds the 8 MiB limit"
             ))
-            .at(56));
+            .at(fields::REFCOUNT_TABLE_CLUSTERS));
         }
         if self.refcount_table_clusters == 0 {
-            return Err(Error::corrupt("refcount table is empty").at(56));
+            return Err(
+                Error::corrupt("refcount table is empty").at(fields::REFCOUNT_TABLE_CLUSTERS)
+            );
         }
         check_table(
             "refcount table",
@@ -461,7 +539,7 @@ impl Header {
             rt_bytes,
             cs,
             file_len,
-            48,
+            fields::REFCOUNT_TABLE_OFFSET,
         )?;
         if self.nb_snapshots > MAX_SNAPSHOTS {
             // qemu's words, alone: `check` recognizes them ([`SNAPSHOTS_TOO_MANY`]).
@@ -479,7 +557,7 @@ impl Header {
                 bytes,
                 cs,
                 i64::MAX as u64,
-                64,
+                fields::SNAPSHOTS_OFFSET,
             )?;
             if self.snapshots_offset + bytes > QEMU_MAX_OFFSET {
                 // qemu's read of it fails (EIO), and so does its open.
@@ -488,7 +566,7 @@ impl Header {
                      that can be read ({QEMU_MAX_OFFSET:#x})",
                     self.snapshots_offset
                 ))
-                .at(64));
+                .at(fields::SNAPSHOTS_OFFSET));
             }
         }
         if let Some(b) = &self.bitmaps {
@@ -507,7 +585,8 @@ impl Header {
     fn read_backing_name(&mut self, cluster0: &[u8]) -> Result<()> {
         if self.backing_file_offset == 0 {
             if self.backing_file_size != 0 {
-                return Err(Error::corrupt("backing file name has a size but no offset").at(16));
+                return Err(Error::corrupt("backing file name has a size but no offset")
+                    .at(fields::BACKING_FILE_SIZE));
             }
             return Ok(());
         }
@@ -516,7 +595,7 @@ impl Header {
                 "backing file name of {} bytes is longer than {MAX_BACKING_NAME}",
                 self.backing_file_size
             ))
-            .at(16));
+            .at(fields::BACKING_FILE_SIZE));
         }
         let end = self
             .backing_file_offset
@@ -537,7 +616,10 @@ impl Header {
                 self.backing_file = (!name.is_empty()).then_some(name);
                 Ok(())
             }
-            _ => Err(Error::corrupt("backing file name lies outside the first cluster").at(8)),
+            _ => Err(
+                Error::corrupt("backing file name lies outside the first cluster")
+                    .at(fields::BACKING_FILE_OFFSET),
+            ),
         }
     }
 
@@ -683,16 +765,16 @@ mod tests {
     /// refcount table at 0x10000 (1 cluster), in a 0x40000-byte file.
     fn base() -> Vec<u8> {
         let mut h = vec![0u8; 65536];
-        h[0..4].copy_from_slice(&QCOW2_MAGIC);
-        BigEndian::write_u32(&mut h[4..], 3);
-        BigEndian::write_u32(&mut h[20..], 16);
-        BigEndian::write_u64(&mut h[24..], 1 << 30);
-        BigEndian::write_u32(&mut h[36..], 2);
-        BigEndian::write_u64(&mut h[40..], 0x30000);
-        BigEndian::write_u64(&mut h[48..], 0x10000);
-        BigEndian::write_u32(&mut h[56..], 1);
-        BigEndian::write_u32(&mut h[96..], 4);
-        BigEndian::write_u32(&mut h[100..], 112);
+        h[fields::MAGIC as usize..][..4].copy_from_slice(&QCOW2_MAGIC);
+        BigEndian::write_u32(&mut h[fields::VERSION as usize..], 3);
+        BigEndian::write_u32(&mut h[fields::CLUSTER_BITS as usize..], 16);
+        BigEndian::write_u64(&mut h[fields::SIZE as usize..], 1 << 30);
+        BigEndian::write_u32(&mut h[fields::L1_SIZE as usize..], 2);
+        BigEndian::write_u64(&mut h[fields::L1_TABLE_OFFSET as usize..], 0x30000);
+        BigEndian::write_u64(&mut h[fields::REFCOUNT_TABLE_OFFSET as usize..], 0x10000);
+        BigEndian::write_u32(&mut h[fields::REFCOUNT_TABLE_CLUSTERS as usize..], 1);
+        BigEndian::write_u32(&mut h[fields::REFCOUNT_ORDER as usize..], 4);
+        BigEndian::write_u32(&mut h[fields::HEADER_LENGTH as usize..], 112);
         h
     }
     const LEN: u64 = 0x40000;
@@ -713,7 +795,10 @@ mod tests {
     #[test]
     fn unknown_incompatible_features_are_refused_by_name() {
         let mut h = base();
-        BigEndian::write_u64(&mut h[72..], 1 << 10 | 1 << 11);
+        BigEndian::write_u64(
+            &mut h[fields::INCOMPATIBLE_FEATURES as usize..],
+            1 << 10 | 1 << 11,
+        );
         // Feature name table naming bit 11.
         BigEndian::write_u32(&mut h[112..], ext::FEATURE_TABLE);
         BigEndian::write_u32(&mut h[116..], 48);
@@ -742,8 +827,14 @@ mod tests {
     #[test]
     fn a_repeated_extension_is_read_as_qemu_does_the_last_one_wins() {
         let mut h = base();
-        BigEndian::write_u64(&mut h[72..], 1 << 10 | incompat::DATA_FILE);
-        BigEndian::write_u64(&mut h[88..], autoclear::BITMAPS);
+        BigEndian::write_u64(
+            &mut h[fields::INCOMPATIBLE_FEATURES as usize..],
+            1 << 10 | incompat::DATA_FILE,
+        );
+        BigEndian::write_u64(
+            &mut h[fields::AUTOCLEAR_FEATURES as usize..],
+            autoclear::BITMAPS,
+        );
         let mut off = 112;
         off = put_ext(&mut h, off, ext::BACKING_FORMAT, b"raw");
         off = put_ext(&mut h, off, ext::DATA_FILE, b"first.img");
@@ -767,7 +858,10 @@ mod tests {
         // Unknown incompatible bit 10 is named by the last feature table only.
         let m = err(&h).to_string();
         assert!(m.contains("new-x") && !m.contains("old-x"), "{m}");
-        BigEndian::write_u64(&mut h[72..], incompat::DATA_FILE);
+        BigEndian::write_u64(
+            &mut h[fields::INCOMPATIBLE_FEATURES as usize..],
+            incompat::DATA_FILE,
+        );
         let p = Header::parse(&h, LEN).unwrap();
         assert_eq!(p.backing_format.as_deref(), Some("qcow2"));
         assert_eq!(p.data_file.as_deref(), Some("second.img"));
@@ -782,7 +876,7 @@ mod tests {
     fn encryption_is_refused_not_read() {
         for (method, word) in [(1, "AES"), (2, "LUKS")] {
             let mut h = base();
-            BigEndian::write_u32(&mut h[32..], method);
+            BigEndian::write_u32(&mut h[fields::CRYPT_METHOD as usize..], method);
             let e = err(&h);
             assert_eq!(e.kind(), ErrorKind::Unsupported);
             assert!(e.to_string().contains(word), "{e}");
@@ -794,46 +888,54 @@ mod tests {
         type Poke = Box<dyn Fn(&mut Vec<u8>)>;
         let cases: Vec<(Poke, &str)> = vec![
             (
-                Box::new(|h| BigEndian::write_u32(&mut h[36..], 1)),
+                Box::new(|h| BigEndian::write_u32(&mut h[fields::L1_SIZE as usize..], 1)),
                 "L1 table is too small",
             ),
             (
-                Box::new(|h| BigEndian::write_u32(&mut h[36..], 0x0800_0000)),
+                Box::new(|h| BigEndian::write_u32(&mut h[fields::L1_SIZE as usize..], 0x0800_0000)),
                 "32 MiB",
             ),
             (
-                Box::new(|h| BigEndian::write_u64(&mut h[40..], 0x30200)),
+                Box::new(|h| {
+                    BigEndian::write_u64(&mut h[fields::L1_TABLE_OFFSET as usize..], 0x30200)
+                }),
                 "not cluster-aligned",
             ),
             (
-                Box::new(|h| BigEndian::write_u64(&mut h[40..], 0x50000)),
+                Box::new(|h| {
+                    BigEndian::write_u64(&mut h[fields::L1_TABLE_OFFSET as usize..], 0x50000)
+                }),
                 "beyond the end",
             ),
             (
-                Box::new(|h| BigEndian::write_u32(&mut h[56..], 200)),
+                Box::new(|h| {
+                    BigEndian::write_u32(&mut h[fields::REFCOUNT_TABLE_CLUSTERS as usize..], 200)
+                }),
                 "8 MiB",
             ),
             (
-                Box::new(|h| BigEndian::write_u32(&mut h[20..], 30)),
+                Box::new(|h| BigEndian::write_u32(&mut h[fields::CLUSTER_BITS as usize..], 30)),
                 "outside qcow2's range",
             ),
             (
-                Box::new(|h| BigEndian::write_u32(&mut h[100..], 0x20000)),
+                Box::new(|h| {
+                    BigEndian::write_u32(&mut h[fields::HEADER_LENGTH as usize..], 0x20000)
+                }),
                 "larger than the cluster size",
             ),
             (
-                Box::new(|h| BigEndian::write_u32(&mut h[96..], 7)),
+                Box::new(|h| BigEndian::write_u32(&mut h[fields::REFCOUNT_ORDER as usize..], 7)),
                 "refcount_order",
             ),
             (
-                Box::new(|h| BigEndian::write_u32(&mut h[4..], 4)),
+                Box::new(|h| BigEndian::write_u32(&mut h[fields::VERSION as usize..], 4)),
                 "version 4",
             ),
             (Box::new(|h| h[104] = 1), "disagree"),
             (
                 Box::new(|h| {
-                    BigEndian::write_u64(&mut h[8..], 65530);
-                    BigEndian::write_u32(&mut h[16..], 10)
+                    BigEndian::write_u64(&mut h[fields::BACKING_FILE_OFFSET as usize..], 65530);
+                    BigEndian::write_u32(&mut h[fields::BACKING_FILE_SIZE as usize..], 10)
                 }),
                 "outside the first cluster",
             ),
@@ -858,7 +960,10 @@ mod tests {
         // qemu-img amend -o data_file= leaves such an image; the data file is then given at
         // each open.
         let mut h = base();
-        BigEndian::write_u64(&mut h[72..], incompat::DATA_FILE);
+        BigEndian::write_u64(
+            &mut h[fields::INCOMPATIBLE_FEATURES as usize..],
+            incompat::DATA_FILE,
+        );
         let p = Header::parse(&h, LEN).unwrap();
         assert!(p.has_data_file() && p.data_file.is_none());
     }

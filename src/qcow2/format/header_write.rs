@@ -6,7 +6,7 @@
 //! the parsed [`Header`] and hand it here; the bytes are parsed back before they are written, so a
 //! header vimg writes is one vimg (and qemu) accepts.
 
-use super::header::{ext, Header, QCOW2_MAGIC};
+use super::header::{ext, fields, Header, QCOW2_MAGIC};
 use crate::error::{Error, Result, ResultExt};
 use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
@@ -54,17 +54,23 @@ impl Header {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let cs = self.cluster_size() as usize;
         let mut h = vec![0u8; cs];
-        h[0..4].copy_from_slice(&QCOW2_MAGIC);
-        BigEndian::write_u32(&mut h[4..], self.version);
-        BigEndian::write_u32(&mut h[20..], self.cluster_bits);
-        BigEndian::write_u64(&mut h[24..], self.size);
-        BigEndian::write_u32(&mut h[32..], self.crypt_method);
-        BigEndian::write_u32(&mut h[36..], self.l1_size);
-        BigEndian::write_u64(&mut h[40..], self.l1_table_offset);
-        BigEndian::write_u64(&mut h[48..], self.refcount_table_offset);
-        BigEndian::write_u32(&mut h[56..], self.refcount_table_clusters);
-        BigEndian::write_u32(&mut h[60..], self.nb_snapshots);
-        BigEndian::write_u64(&mut h[64..], self.snapshots_offset);
+        let at = |field: u64| field as usize;
+        h[at(fields::MAGIC)..][..4].copy_from_slice(&QCOW2_MAGIC);
+        BigEndian::write_u32(&mut h[at(fields::VERSION)..], self.version);
+        BigEndian::write_u32(&mut h[at(fields::CLUSTER_BITS)..], self.cluster_bits);
+        BigEndian::write_u64(&mut h[at(fields::SIZE)..], self.size);
+        BigEndian::write_u32(&mut h[at(fields::CRYPT_METHOD)..], self.crypt_method);
+        BigEndian::write_u32(&mut h[at(fields::L1_SIZE)..], self.l1_size);
+        BigEndian::write_u64(&mut h[at(fields::L1_TABLE_OFFSET)..], self.l1_table_offset);
+        let rt_offset = at(fields::REFCOUNT_TABLE_OFFSET);
+        BigEndian::write_u64(&mut h[rt_offset..], self.refcount_table_offset);
+        let rt_clusters = at(fields::REFCOUNT_TABLE_CLUSTERS);
+        BigEndian::write_u32(&mut h[rt_clusters..], self.refcount_table_clusters);
+        BigEndian::write_u32(&mut h[at(fields::NB_SNAPSHOTS)..], self.nb_snapshots);
+        BigEndian::write_u64(
+            &mut h[at(fields::SNAPSHOTS_OFFSET)..],
+            self.snapshots_offset,
+        );
         let mut off = V2_HEADER_LEN as usize;
         if self.version >= 3 {
             let len =
@@ -73,17 +79,21 @@ impl Header {
             if len > cs {
                 return Err(too_long());
             }
-            BigEndian::write_u64(&mut h[72..], self.incompatible_features);
-            BigEndian::write_u64(&mut h[80..], self.compatible_features);
-            BigEndian::write_u64(&mut h[88..], self.autoclear_features);
-            BigEndian::write_u32(&mut h[96..], self.refcount_order);
-            BigEndian::write_u32(&mut h[100..], len as u32);
+            let features = at(fields::INCOMPATIBLE_FEATURES);
+            BigEndian::write_u64(&mut h[features..], self.incompatible_features);
+            let features = at(fields::COMPATIBLE_FEATURES);
+            BigEndian::write_u64(&mut h[features..], self.compatible_features);
+            let features = at(fields::AUTOCLEAR_FEATURES);
+            BigEndian::write_u64(&mut h[features..], self.autoclear_features);
+            BigEndian::write_u32(&mut h[at(fields::REFCOUNT_ORDER)..], self.refcount_order);
+            BigEndian::write_u32(&mut h[at(fields::HEADER_LENGTH)..], len as u32);
             if len > 104 {
-                h[104] = match self.compression_type {
+                h[at(fields::COMPRESSION_TYPE)] = match self.compression_type {
                     super::header::CompressionType::Zlib => 0,
                     super::header::CompressionType::Zstd => 1,
                 };
-                h[105..105 + self.extra_header_bytes.len()]
+                let extra = at(fields::COMPRESSION_TYPE) + 1;
+                h[extra..extra + self.extra_header_bytes.len()]
                     .copy_from_slice(&self.extra_header_bytes);
             }
             off = len;
@@ -131,8 +141,8 @@ impl Header {
                 return Err(too_long());
             }
             h[off..off + b.len()].copy_from_slice(b.as_bytes());
-            BigEndian::write_u64(&mut h[8..], off as u64);
-            BigEndian::write_u32(&mut h[16..], b.len() as u32);
+            BigEndian::write_u64(&mut h[at(fields::BACKING_FILE_OFFSET)..], off as u64);
+            BigEndian::write_u32(&mut h[at(fields::BACKING_FILE_SIZE)..], b.len() as u32);
         }
         Ok(h)
     }

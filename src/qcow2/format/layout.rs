@@ -265,20 +265,21 @@ pub(crate) fn check_metadata_refcounts(img: &Qcow2Image) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::format::header::fields;
 
     #[test]
     fn overlaps_name_both_structures_and_shared_l2_tables_pass() {
         let mut raw = vec![0u8; 4096];
-        raw[0..4].copy_from_slice(b"QFI\xfb");
-        BigEndian::write_u32(&mut raw[4..], 3);
-        BigEndian::write_u32(&mut raw[20..], 9);
-        BigEndian::write_u64(&mut raw[24..], 1 << 20);
-        BigEndian::write_u32(&mut raw[36..], 32);
-        BigEndian::write_u64(&mut raw[40..], 1536);
-        BigEndian::write_u64(&mut raw[48..], 512);
-        BigEndian::write_u32(&mut raw[56..], 1);
-        BigEndian::write_u32(&mut raw[96..], 4);
-        BigEndian::write_u32(&mut raw[100..], 104);
+        raw[fields::MAGIC as usize..][..4].copy_from_slice(b"QFI\xfb");
+        BigEndian::write_u32(&mut raw[fields::VERSION as usize..], 3);
+        BigEndian::write_u32(&mut raw[fields::CLUSTER_BITS as usize..], 9);
+        BigEndian::write_u64(&mut raw[fields::SIZE as usize..], 1 << 20);
+        BigEndian::write_u32(&mut raw[fields::L1_SIZE as usize..], 32);
+        BigEndian::write_u64(&mut raw[fields::L1_TABLE_OFFSET as usize..], 1536);
+        BigEndian::write_u64(&mut raw[fields::REFCOUNT_TABLE_OFFSET as usize..], 512);
+        BigEndian::write_u32(&mut raw[fields::REFCOUNT_TABLE_CLUSTERS as usize..], 1);
+        BigEndian::write_u32(&mut raw[fields::REFCOUNT_ORDER as usize..], 4);
+        BigEndian::write_u32(&mut raw[fields::HEADER_LENGTH as usize..], 104);
         let h = Header::parse(&raw, 1 << 20).unwrap();
         let mut m = MetadataMap::default();
         m.add(&h, 0, 512, Owner::Header).unwrap();

@@ -19,6 +19,7 @@
 
 use super::table::{read_table, Snapshot, MAX_TABLE_BYTES};
 use crate::error::{Error, Result};
+use crate::qcow2::format::header::fields;
 use crate::qcow2::format::l2::{self, Descriptor, OFLAG_COPIED};
 use crate::qcow2::refcount::table as refcount;
 use crate::qcow2::write::path::WriteState;
@@ -318,9 +319,12 @@ impl Qcow2Image {
         };
         self.flush_locked(st)?;
         let mut f = [0u8; 12];
-        BigEndian::write_u32(&mut f[0..4], entries.len() as u32);
-        BigEndian::write_u64(&mut f[4..12], off);
-        self.write_synced(&f, 60, "the header")?;
+        BigEndian::write_u32(&mut f[..4], entries.len() as u32);
+        BigEndian::write_u64(
+            &mut f[(fields::SNAPSHOTS_OFFSET - fields::NB_SNAPSHOTS) as usize..],
+            off,
+        );
+        self.write_synced(&f, fields::NB_SNAPSHOTS, "the header")?;
         self.header.nb_snapshots = entries.len() as u32;
         self.header.snapshots_offset = off;
         if old.1 > 0 && old.0 != 0 {
@@ -578,9 +582,12 @@ impl Qcow2Image {
             }
             img.write_synced(&raw, off, "the L1 table")?;
             let mut f = [0u8; 12];
-            BigEndian::write_u32(&mut f[0..4], entries);
-            BigEndian::write_u64(&mut f[4..12], off);
-            img.write_synced(&f, 36, "the header")?;
+            BigEndian::write_u32(&mut f[..4], entries);
+            BigEndian::write_u64(
+                &mut f[(fields::L1_TABLE_OFFSET - fields::L1_SIZE) as usize..],
+                off,
+            );
+            img.write_synced(&f, fields::L1_SIZE, "the header")?;
             img.header.l1_size = entries;
             img.header.l1_table_offset = off;
             *img.l1.write().unwrap_or_else(|e| e.into_inner()) = table;

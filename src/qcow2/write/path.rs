@@ -38,7 +38,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::cache::TableCache;
-use crate::qcow2::format::header::{incompat, Header};
+use crate::qcow2::format::header::{fields, incompat, Header};
 use crate::qcow2::format::l2::{self, Descriptor, Slot, L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use crate::qcow2::refcount::table::{
     self as refcount, get_refcount, set_refcount, REFT_OFFSET_MASK,
@@ -456,17 +456,18 @@ impl Qcow2Image {
             return Ok(());
         }
         let mut b = [0u8; 8];
+        let at = fields::INCOMPATIBLE_FEATURES;
         self.storage
-            .read_at(&mut b, 72)
-            .map_err(Self::io_err("cannot read header", 72))?;
+            .read_at(&mut b, at)
+            .map_err(Self::io_err("cannot read header", at))?;
         let v = (BigEndian::read_u64(&b) | set) & !clear;
         BigEndian::write_u64(&mut b, v);
         self.storage
-            .write_at(&b, 72)
-            .map_err(Self::io_err("cannot write header", 72))?;
+            .write_at(&b, at)
+            .map_err(Self::io_err("cannot write header", at))?;
         self.storage
             .flush()
-            .map_err(Self::io_err("cannot sync header", 72))
+            .map_err(Self::io_err("cannot sync header", at))
     }
 
     /// The guest contents of the cluster starting at guest offset `gc`, zero past the disk end.
@@ -1169,12 +1170,11 @@ impl Qcow2Image {
         }
         // 2. The header points at a moved refcount table.
         if let Some((old_off, old_bytes)) = st.old_reftable.take() {
-            let mut f = [0u8; 12];
-            BigEndian::write_u64(&mut f[0..8], st.reftable_offset);
-            BigEndian::write_u32(&mut f[8..12], (st.reftable.len() as u64 * 8 / cs) as u32);
+            let clusters = (st.reftable.len() as u64 * 8 / cs) as u32;
+            let (f, at) = fields::reftable(st.reftable_offset, clusters);
             self.storage
-                .write_at(&f, 48)
-                .map_err(Self::io_err("cannot write header", 48))?;
+                .write_at(&f, at)
+                .map_err(Self::io_err("cannot write header", at))?;
             self.sync()?;
             st.pending_free
                 .extend((old_off / cs)..(old_off + old_bytes).div_ceil(cs));

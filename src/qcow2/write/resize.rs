@@ -27,6 +27,7 @@
 
 use crate::error::{Error, Result};
 use crate::prealloc::Preallocation;
+use crate::qcow2::format::header::fields;
 use crate::qcow2::format::l2::{self, Descriptor, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::qcow2::Qcow2Image;
 use byteorder::{BigEndian, ByteOrder};
@@ -121,8 +122,8 @@ impl Qcow2Image {
     /// Writes the size field of the header, syncs, and records it in memory.
     fn write_size(&mut self, new_size: u64) -> Result<()> {
         self.storage
-            .write_at(&new_size.to_be_bytes(), 24)
-            .map_err(|e| Error::io("cannot write the header", e).at(24))?;
+            .write_at(&new_size.to_be_bytes(), fields::SIZE)
+            .map_err(|e| Error::io("cannot write the header", e).at(fields::SIZE))?;
         self.sync()?;
         self.header.size = new_size;
         Ok(())
@@ -164,17 +165,19 @@ impl Qcow2Image {
             self.sync()?;
             off
         };
-        // 3. Switch the header over: size (24..32), L1 size (36..40), L1 offset (40..48).
-        let mut f = [0u8; 24];
+        // 3. Switch the header over: size, L1 size, L1 offset (and crypt_method between them,
+        // rewritten as it is).
+        let mut f = [0u8; (fields::L1_TABLE_OFFSET + 8 - fields::SIZE) as usize];
+        let at = |field: u64| (field - fields::SIZE) as usize;
         self.storage
-            .read_at(&mut f, 24)
-            .map_err(|e| Error::io("cannot read the header", e).at(24))?;
-        BigEndian::write_u64(&mut f[0..8], new_size);
-        BigEndian::write_u32(&mut f[12..16], entries as u32);
-        BigEndian::write_u64(&mut f[16..24], new_off);
+            .read_at(&mut f, fields::SIZE)
+            .map_err(|e| Error::io("cannot read the header", e).at(fields::SIZE))?;
+        BigEndian::write_u64(&mut f[at(fields::SIZE)..], new_size);
+        BigEndian::write_u32(&mut f[at(fields::L1_SIZE)..], entries as u32);
+        BigEndian::write_u64(&mut f[at(fields::L1_TABLE_OFFSET)..], new_off);
         self.storage
-            .write_at(&f, 24)
-            .map_err(|e| Error::io("cannot write the header", e).at(24))?;
+            .write_at(&f, fields::SIZE)
+            .map_err(|e| Error::io("cannot write the header", e).at(fields::SIZE))?;
         self.sync()?;
         self.header.size = new_size;
         self.header.l1_size = entries as u32;
