@@ -7,6 +7,7 @@
 //! must read as the model says, and so must every snapshot (`qemu-img convert -l NAME`).
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, qemu_create, qemu_io, run, Rng};
 use std::path::{Path, PathBuf};
@@ -370,7 +371,8 @@ fn refusals_match_qemu() {
     assert_eq!(code, 1);
     // A corrupt image is not changed.
     let mut raw = before.clone();
-    raw[79] |= 2; // incompatible feature bit 1: corrupt
+    // Incompatible feature bit 1, corrupt: in the last byte of the big-endian field.
+    raw[(header_fields::INCOMPATIBLE_FEATURES + 7) as usize] |= 2;
     std::fs::write(&img, &raw).unwrap();
     let (code, _, err) = vimg(&["snapshot", "-c", "two", p]);
     assert_eq!(code, 1);
