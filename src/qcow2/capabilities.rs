@@ -1,7 +1,7 @@
 //! qcow2's optional capabilities ([`crate::capability`]): internal snapshots, resizing,
 //! amending options, changing the backing file, compressed writes and emptying, each a thin
-//! adapter over the module that does the work (snapshot_write, resize, amend, backing,
-//! write and compress, empty).
+//! adapter over the module that does the work (`snapshot/write`, `write/resize`, `edit/amend`,
+//! `edit/backing`, `write/path` and `format/compress`, `edit/empty`).
 
 use super::edit::amend::AmendOptions;
 use super::snapshot::write::NewSnapshot;

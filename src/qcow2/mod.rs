@@ -37,7 +37,7 @@
 //! - amending: [`AmendOptions`], [`AmendPlan`], [`BackingChange`]; resizing: [`V2_SNAPSHOTS`]
 //!   (qemu's refusal);
 //! - snapshots: [`NewSnapshot`]; [`SnapshotSelector`] and [`open_image_snapshot`] (convert -l);
-//! - repairs: [`repair`], [`repair_file`], [`RepairMode`];
+//! - repairs: [`repair()`], [`repair_file`], [`RepairMode`];
 //! - [`hostile`], for the fuzz targets and the hostile-input tests.
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
@@ -256,7 +256,7 @@ impl Qcow2Image {
     /// and marks the image clean), clears the autoclear feature bits vimg does not know (their
     /// structures would not be kept up to date), builds the allocation state, with lazy
     /// refcounts if the image enables them, and starts the dirty tracking of the enabled
-    /// persistent bitmaps ([`bitmap_track`]).
+    /// persistent bitmaps ([`bitmap::track`]).
     fn prepare_for_writing(&mut self) -> Result<()> {
         if self.header.is_corrupt() {
             return Err(Error::new(

@@ -1,6 +1,6 @@
 //! The state of dirty tracking ([`super::track`]): which persistent bitmaps an image
 //! open for writing keeps up to date, and the bits set in each since it was last stored. Part
-//! of the write state; the tracking itself (arming, marking, storing) is in `bitmap_track`.
+//! of the write state; the tracking itself (arming, marking, storing) is in [`super::track`].
 
 use super::directory::Bitmap;
 use crate::bitmap::SparseBits;
