@@ -48,6 +48,8 @@ pub struct ChainGuard {
     seen: Vec<StorageId>,
     sharing: Sharing,
     opener: Opener,
+    /// The top layer is opened with qemu's `cache.direct=on`.
+    cache_direct: bool,
 }
 
 impl ChainGuard {
@@ -62,7 +64,19 @@ impl ChainGuard {
             seen: Vec::new(),
             sharing,
             opener,
+            cache_direct: false,
         }
+    }
+
+    /// Opens the top layer as qemu does with `cache.direct=on` (see
+    /// [`crate::open::OpenOptions::cache_direct`]).
+    pub fn set_cache_direct(&mut self, on: bool) {
+        self.cache_direct = on;
+    }
+
+    /// Whether the layer being opened is the top one and opened with `cache.direct=on`.
+    pub fn cache_direct(&self) -> bool {
+        self.cache_direct && self.depth() <= 1
     }
 
     /// The opener the chain's storage is opened through.

@@ -857,6 +857,16 @@ fn open(
     format: Option<ImageFormat>,
     sharing: Sharing,
 ) -> Result<Box<dyn vimg::BlockImage>, Error> {
+    open_with(path, format, sharing, false)
+}
+
+/// [`open`], with qemu's `cache.direct` for the top layer.
+fn open_with(
+    path: &std::path::Path,
+    format: Option<ImageFormat>,
+    sharing: Sharing,
+    cache_direct: bool,
+) -> Result<Box<dyn vimg::BlockImage>, Error> {
     let image = vimg::open::open_image(
         path,
         &OpenOptions {
@@ -865,6 +875,7 @@ fn open(
             no_backing: false,
             sharing,
             opener: opener().clone(),
+            cache_direct,
         },
     )?;
     // A backing format the image does not record had to be guessed: say so, as info does.
@@ -886,23 +897,7 @@ fn open(
 fn open_named(n: &Named, sharing: Sharing) -> Result<Box<dyn vimg::BlockImage>, Error> {
     match n.null {
         Some(spec) => Ok(Box::new(vimg::null::NullImage::new(spec, &n.path))),
-        // A raw image opened with O_DIRECT reports block status in whole sectors, as qemu's.
-        None if n.direct => {
-            let format = match n.format {
-                Some(f) => f,
-                None => vimg::open::probe_format(&n.path)?,
-            };
-            if format != ImageFormat::Raw {
-                return open(&n.path, Some(format), sharing);
-            }
-            let locks = format
-                .locks(sharing, false, true)
-                .map_err(|e| e.with_path(&n.path))?;
-            let raw = vimg::raw::RawImage::open_with(opener(), &n.path, false, locks)
-                .map_err(Error::while_opening)?;
-            Ok(Box::new(raw.direct()))
-        }
-        None => open(&n.path, n.format, sharing),
+        None => open_with(&n.path, n.format, sharing, n.direct),
     }
 }
 

@@ -51,12 +51,11 @@ impl FormatDriver for RawDriver {
         let locks = RAW
             .locks(guard.sharing(), writable, guard.depth() == 1)
             .map_err(|e| e.with_path(path))?;
-        Ok(Box::new(RawImage::open_with(
-            guard.opener(),
-            path,
-            writable,
-            locks,
-        )?))
+        let image = RawImage::open_with(guard.opener(), path, writable, locks)?;
+        Ok(Box::new(match guard.cache_direct() {
+            true => image.direct(),
+            false => image,
+        }))
     }
 
     fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
