@@ -849,7 +849,12 @@ fn sharing(force_share: bool) -> Sharing {
 /// options do.
 fn opener() -> &'static vimg::opener::Opener {
     static OPENER: std::sync::OnceLock<vimg::opener::Opener> = std::sync::OnceLock::new();
-    OPENER.get_or_init(Default::default)
+    OPENER.get_or_init(|| {
+        let opener = vimg::opener::Opener::default();
+        // What qemu prints on standard error while it opens images, as it prints it.
+        opener.set_notices(std::sync::Arc::new(|line: &str| eprintln!("{line}")));
+        opener
+    })
 }
 
 fn open(

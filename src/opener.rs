@@ -173,7 +173,13 @@ struct Settings {
     data_files: Mutex<Vec<(LocatorBuf, LocatorBuf)>>,
     /// External data files are not needed (see [`Opener::set_metadata_only`]).
     metadata_only: AtomicBool,
+    /// Where notices go (see [`Opener::set_notices`]).
+    notices: Mutex<Option<NoticeSink>>,
 }
+
+/// Receives the lines qemu prints on standard error while an image is opened (see
+/// [`Opener::set_notices`]).
+pub type NoticeSink = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl Opener {
     /// An opener with no settings: storage opened as it is.
@@ -232,6 +238,21 @@ impl Opener {
     /// Whether [`Opener::set_metadata_only`] is on.
     pub fn metadata_only(&self) -> bool {
         self.0.metadata_only.load(Ordering::Relaxed)
+    }
+
+    /// Sends the lines qemu prints on standard error while it opens an image (the repair of a
+    /// dirty qcow2 image opened for writing: `Repairing cluster ...`, `Rebuilding refcount
+    /// structure`) to `sink`. Without a sink they are dropped: the library prints nothing.
+    pub fn set_notices(&self, sink: NoticeSink) {
+        *lock(&self.0.notices) = Some(sink);
+    }
+
+    /// Passes `line` to the notice sink, if there is one.
+    pub fn notice(&self, line: &str) {
+        let sink = lock(&self.0.notices).clone();
+        if let Some(sink) = sink {
+            sink(line);
+        }
     }
 
     /// Opens the storage `loc` names, for writing if `writable`, holding the image locks

@@ -57,6 +57,7 @@ use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::info::{FormatSpecific, LayerInfo, Qcow2Info};
 use crate::offsets::{GuestOffset, HostOffset};
 use crate::open::{open_layer, probe_format_with, ChainGuard};
+use crate::opener::Opener;
 use crate::storage::Storage;
 use byteorder::{BigEndian, ByteOrder};
 use compress::CompressedDesc;
@@ -201,7 +202,7 @@ impl Qcow2Image {
             header,
         };
         if writable {
-            img.prepare_for_writing()?;
+            img.prepare_for_writing(guard.opener())?;
         }
         if let Some(name) = img.header.backing_file.clone() {
             let bpath = guard.opener().resolve(path, &name)?;
@@ -232,7 +233,7 @@ impl Qcow2Image {
     /// structures would not be kept up to date), builds the allocation state, with lazy
     /// refcounts if the image enables them, and starts the dirty tracking of the enabled
     /// persistent bitmaps ([`bitmap_track`]).
-    fn prepare_for_writing(&mut self) -> Result<()> {
+    fn prepare_for_writing(&mut self, opener: &Opener) -> Result<()> {
         if self.header.is_corrupt() {
             return Err(Error::new(
                 ErrorKind::ReadOnly,
@@ -240,7 +241,7 @@ impl Qcow2Image {
             ));
         }
         if self.header.is_dirty() {
-            self.repair_dirty()?;
+            self.repair_dirty(opener)?;
         }
         // Damaged metadata is refused before anything is written.
         let mut st = write::WriteState::new(self)?;
@@ -281,9 +282,10 @@ impl Qcow2Image {
 
     /// Repairs a dirty image being opened read-write, as qemu's open does: every refcount is
     /// brought to the number of references and the COPIED flags follow; the repair clears the
-    /// dirty bit. The repair's lines go to standard error, as qemu prints them. Fails, leaving
-    /// the image dirty, if the repair cannot make it consistent.
-    fn repair_dirty(&mut self) -> Result<()> {
+    /// dirty bit. The repair's lines go to the opener's notices, which the binary prints on
+    /// standard error, as qemu prints them. Fails, leaving the image dirty, if the repair
+    /// cannot make it consistent.
+    fn repair_dirty(&mut self, opener: &Opener) -> Result<()> {
         self.write = Some(Mutex::new(write::WriteState::new(self)?));
         let report = repair::repair(self, repair::RepairMode::All);
         self.write = None;
@@ -294,7 +296,7 @@ impl Qcow2Image {
         // qemu's open prints what its check finds and repairs on standard error as it goes
         // (`ERROR cluster ...`, `Rebuilding refcount structure`, `Repairing ...`).
         for m in &report.messages {
-            eprintln!("{m}");
+            opener.notice(m);
         }
         if report.corruptions > 0 || report.check_errors > 0 {
             return Err(Error::corrupt(format!(
