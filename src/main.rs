@@ -1335,6 +1335,7 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
         quiet: a.quiet,
         rate_limit: 0,
         copy_offload: a.copy_offload,
+        opener: opener().clone(),
     }
 }
 

@@ -31,6 +31,7 @@ pub use bitmaps::source_bitmaps;
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
 use crate::open::{open_image, resolve_relative, same_file, OpenOptions};
+use crate::opener::Opener;
 use crate::raw::RawImage;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -109,6 +110,8 @@ pub struct ConvertOptions {
     /// Copy offloading (`-C`): data ranges are copied whole, zero blocks in them included, as
     /// qemu-img's offloaded copy does (vimg copies them with its own reads and writes).
     pub copy_offload: bool,
+    /// What opens the target's storage.
+    pub opener: Opener,
 }
 
 impl Default for ConvertOptions {
@@ -131,6 +134,7 @@ impl Default for ConvertOptions {
             quiet: false,
             rate_limit: 0,
             copy_offload: false,
+            opener: Opener::default(),
         }
     }
 }
@@ -294,7 +298,7 @@ pub fn convert(
         // The existing target may hold old data: everything is written, zeros included
         // (unless it is known to read as zeros). Its backing file is relied on only with -B,
         // as qemu-img does, and then only where the target holds nothing of its own.
-        let target = open_target(dst, opts.output_format)?;
+        let target = open_target(dst, opts.output_format, &opts.opener)?;
         if opts.backing_file.is_some() {
             if let Some(b) = target.backing() {
                 plan.backing = Some(b);
@@ -465,12 +469,13 @@ fn inherited_layer(src: &dyn BlockImage, backing: &dyn BlockImage) -> Option<u32
 
 /// Opens an existing target for writing in place (`-n`), with its backing chain so that zero
 /// writes know what lies below.
-fn open_target(dst: &Path, format: ImageFormat) -> Result<Box<dyn BlockImage>> {
+fn open_target(dst: &Path, format: ImageFormat, opener: &Opener) -> Result<Box<dyn BlockImage>> {
     open_image(
         dst,
         &OpenOptions {
             format: Some(format),
             writable: true,
+            opener: opener.clone(),
             ..OpenOptions::default()
         },
     )
