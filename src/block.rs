@@ -277,6 +277,12 @@ pub trait BlockImage: Send + Sync {
         None
     }
 
+    /// The locator of the external data file this layer keeps its guest data in, if it has
+    /// one (qcow2's `data_file`): as opened, or as the image records it when it was not opened.
+    fn data_file_path(&self) -> Option<&Path> {
+        None
+    }
+
     /// Whether the image was opened for writing.
     fn is_writable(&self) -> bool;
 

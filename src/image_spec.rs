@@ -465,7 +465,7 @@ fn null_device(flat: &BTreeMap<String, String>) -> Result<Option<(&'static str, 
         match bare {
             "driver" | "latency-ns" | "read-only" | "force-share" => {}
             "size" => {
-                let size = crate::ops::size::parse_size(v).map_err(|_| {
+                let size = crate::size::parse_size(v).map_err(|_| {
                     Error::invalid_input(
                         "Parameter 'size' expects a non-negative number below 2^64",
                     )

@@ -105,7 +105,7 @@ impl BlockImage for NullImage {
     fn layer_info(&self) -> Result<LayerInfo> {
         Ok(LayerInfo {
             filename: self.name.display().to_string(),
-            format: ImageFormat::Raw,
+            format: ImageFormat::Raw.as_str(),
             virtual_size: self.spec.size,
             actual_size: Some(0),
             cluster_size: None,

@@ -27,9 +27,8 @@
 
 use crate::blkdebug;
 use crate::error::{Error, Result};
-use crate::identity::FileId;
 use crate::lock::LockRequest;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileId, FileStorage, Storage};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -347,7 +347,7 @@ impl BlockImage for RawImage {
     fn layer_info(&self) -> Result<LayerInfo> {
         Ok(LayerInfo {
             filename: self.path.display().to_string(),
-            format: RAW,
+            format: RAW.as_str(),
             virtual_size: self.size,
             actual_size: self.actual_size(),
             cluster_size: None,

@@ -750,6 +750,10 @@ impl BlockImage for Qcow2Image {
         &self.path
     }
 
+    fn data_file_path(&self) -> Option<&Path> {
+        self.data_file.as_ref().map(|(_, p)| p.as_path())
+    }
+
     fn virtual_size(&self) -> u64 {
         self.header.size
     }
@@ -831,7 +835,7 @@ impl BlockImage for Qcow2Image {
         };
         Ok(LayerInfo {
             filename: self.path.display().to_string(),
-            format: QCOW2,
+            format: QCOW2.as_str(),
             virtual_size: h.size,
             actual_size: self.actual_size(),
             cluster_size: Some(h.cluster_size()),
