@@ -8,7 +8,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock::LockRequest;
-use crate::opener::{Opener, StorageId};
+use crate::opener::{LocatorBuf, Opener};
 use std::path::{Path, PathBuf};
 
 /// The deepest backing chain vimg opens (the image itself counts as one layer).
@@ -45,7 +45,7 @@ pub fn refuse_forced_write(sharing: Sharing, writable: bool) -> Result<()> {
 /// opened through.
 #[derive(Debug, Default)]
 pub struct ChainGuard {
-    seen: Vec<StorageId>,
+    seen: Vec<LocatorBuf>,
     sharing: Sharing,
     opener: Opener,
     /// The top layer is opened with qemu's `cache.direct=on`.
@@ -98,12 +98,12 @@ impl ChainGuard {
         })
     }
 
-    /// Registers `path` as the next layer; fails if its storage is already in the chain
-    /// (under whatever name) or the chain is too deep.
+    /// Registers `path` as the next layer; fails if it is already in the chain (spelt
+    /// otherwise, [`Opener::canonical`]) or the chain is too deep.
     pub fn enter(&mut self, path: &Path) -> Result<()> {
         let id = self
             .opener
-            .identity(path)
+            .canonical(path)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
         if self.seen.contains(&id) {
             // qemu-img's words, which scripts match.

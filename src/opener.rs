@@ -18,8 +18,9 @@
 //! UTF-8 and every other kind's names are text a `Path` holds as well.
 //!
 //! Backing-file names recorded in an image are resolved against the image's locator
-//! ([`Opener::resolve`]), and a chain's loops are found by the storage's identity
-//! ([`Opener::identity`]), not by comparing names.
+//! ([`Opener::resolve`]), and a chain's loops are found by the locator's one spelling
+//! ([`Opener::canonical`]); what a command writes is told apart from what it reads by the
+//! storage's identity ([`Opener::identity`]).
 //!
 //! # Adding a storage kind
 //!
@@ -72,8 +73,14 @@ pub trait StorageKind: Send + Sync + 'static {
     /// locks taken before anything is emptied.
     fn create(&self, loc: &Locator) -> io::Result<Box<dyn Storage>>;
 
-    /// What identifies the storage, for loop detection and for refusing to write what is read.
+    /// What identifies the storage, for refusing to write what is read.
     fn identity(&self, loc: &Locator) -> io::Result<StorageId>;
+
+    /// The one spelling of `loc` (for a file: the path with links and `.` resolved), by which a
+    /// backing chain's loops are found, as qemu finds them by name: a file reached again
+    /// under another name (a hard link) is not a loop by this (qemu's lock conflict or the
+    /// depth bound stops it).
+    fn canonical(&self, loc: &Locator) -> io::Result<LocatorBuf>;
 
     /// Resolves `name`, recorded in the image at `base` (a backing or data file name), as
     /// qemu does for this kind.
@@ -114,6 +121,10 @@ impl StorageKind for FileKind {
 
     fn identity(&self, loc: &Locator) -> io::Result<StorageId> {
         FileId::of_file(loc).map(StorageId::File)
+    }
+
+    fn canonical(&self, loc: &Locator) -> io::Result<LocatorBuf> {
+        std::fs::canonicalize(loc)
     }
 
     /// Relative names against the directory of the image that records them; protocol and
@@ -285,6 +296,12 @@ impl Opener {
     /// What identifies the storage `loc` names.
     pub fn identity(&self, loc: &Locator) -> io::Result<StorageId> {
         kind_of(loc).identity(loc)
+    }
+
+    /// The one spelling of `loc`, by which a chain's loops are found (see
+    /// [`StorageKind::canonical`]).
+    pub fn canonical(&self, loc: &Locator) -> io::Result<LocatorBuf> {
+        kind_of(loc).canonical(loc)
     }
 
     /// Whether `a` and `b` name the same storage; `false` if either cannot be looked at.
