@@ -358,6 +358,28 @@ pub trait BlockImage: Send + Sync {
     fn set_unsafe_cache(&self, on: bool) {
         let _ = on;
     }
+
+    /// The host storage this layer's uncompressed guest data lives in (qcow2's external data
+    /// file when it has one), for the default [`BlockImage::read_stored`]. The default: none.
+    fn stored_data(&self) -> Option<&dyn crate::storage::Storage> {
+        None
+    }
+
+    /// Fills `buf` with the guest data at `guest` of this layer's range whose block status is
+    /// `status` (as [`crate::chain_read::read_through`] got it from the top of the chain, with
+    /// this layer at `status.depth`; `buf` lies within the range). The default reads
+    /// [`BlockImage::stored_data`] at `status.offset` ([`crate::chain_read::read_host`]); a
+    /// format overrides it for data it must transform (qcow2's compressed clusters).
+    fn read_stored(&self, buf: &mut [u8], guest: GuestOffset, status: &BlockStatus) -> Result<()> {
+        let host = crate::chain_read::stored_offset(status, guest)?;
+        let storage = self.stored_data().ok_or_else(|| {
+            Error::unsupported(format!(
+                "the {} format does not say where its data at guest offset {guest} is stored",
+                self.format()
+            ))
+        })?;
+        crate::chain_read::read_host(storage, buf, host)
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.

@@ -12,7 +12,7 @@
 //! | layer | modules | what they hold |
 //! |---|---|---|
 //! | host | [`storage`], [`lock`], [`identity`], [`interrupt`], [`error`], [`offsets`] | positioned I/O on files and block devices (and memory, in tests), qemu's image locks, file identity (device and inode), cleanup on signals, the one error type, guest/host offset newtypes |
-//! | image model | [`block`], [`capability`], [`check`], [`bitmap`], [`info`], [`prealloc`] | the [`BlockImage`] trait and its block status; the optional capabilities (snapshots, resize, amend, backing change, compressed writes, emptying, checks, persistent bitmaps); what `info` reports; preallocation modes |
+//! | image model | [`block`], [`chain_read`], [`capability`], [`check`], [`bitmap`], [`info`], [`prealloc`] | the [`BlockImage`] trait and its block status; reading through a backing chain; the optional capabilities (snapshots, resize, amend, backing change, compressed writes, emptying, checks, persistent bitmaps); what `info` reports; preallocation modes |
 //! | formats | [`format`](mod@format), [`foreign`], [`raw`], [`qcow2`], [`probe`] | the formats by name; one folder (or file) per format; `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
 //! | opening | [`chain`], [`open`], [`image_spec`], [`secret`] | a chain being opened (loops, depth, sharing, names resolved against the image); choosing a format and opening a layer with its backing chain; qemu's image names (`json:`, `--image-opts`); `--object secret` |
 //! | commands | [`ops`] | one module per `vimg` command, each a library call that returns what the binary prints |
@@ -57,6 +57,7 @@ pub mod blkdebug;
 pub mod block;
 pub mod capability;
 pub mod chain;
+pub mod chain_read;
 pub mod check;
 pub mod error;
 pub mod foreign;
