@@ -13,7 +13,10 @@
 //!
 //! A stored range whose status also says it reads as zeros (a hole under a preallocated qcow2
 //! cluster) is still read from the host file, as it was before this path existed, so that
-//! qemu's blkdebug `read_aio` event fires for it as in qemu.
+//! qemu's blkdebug `read_aio` event fires for it as in qemu. A hole in a raw backing file, on
+//! the other hand, is zero-filled without a read (qemu's raw driver reads it), so a blkdebug
+//! rule on that file's `read_aio` does not fire for it: the same as when `convert` skips the
+//! holes of a raw image by its block status.
 //!
 //! Raw images have no backing file: their own [`BlockImage::read_at`] reads the file directly
 //! (a block-status query per request would only cost a `SEEK_DATA` system call), and they
