@@ -215,6 +215,26 @@ mod tests {
     }
 
     #[test]
+    fn a_null_layer_below_reads_as_zeros() {
+        let spec = crate::null::NullSpec {
+            size: 4096,
+            read_zeroes: false,
+        };
+        let null = crate::null::NullImage::new(spec, Path::new("null-co://"));
+        // The null device's own status: not known to be zero, stored nowhere.
+        let top = scripted(
+            |_, max| BlockStatus {
+                zero: false,
+                ..BlockStatus::unallocated(max, 1)
+            },
+            Some(Box::new(null)),
+        );
+        let mut buf = [0xeeu8; 100];
+        top.read_at(&mut buf, GuestOffset(0)).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
     fn a_stored_range_without_a_host_offset_is_an_error() {
         let top = scripted(
             |_, max| BlockStatus::compressed(max, 1),
