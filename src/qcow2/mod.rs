@@ -19,7 +19,9 @@
 //! - [`snapshot_view`]: reading an internal snapshot (convert -l);
 //! - [`hostile`]: untrusted bytes through all of the above, for fuzzing.
 //!
-//! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
+//! This module holds [`Qcow2Image`], which maps guest ranges to where they live (its block
+//! status) and reads what it stores, decompressing compressed clusters; reading through the
+//! backing chain is [`crate::chain_read`]'s.
 
 pub mod amend;
 pub mod backing;
