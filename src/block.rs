@@ -12,6 +12,7 @@ use crate::check::Check;
 use crate::error::{Error, Result};
 use crate::lock::LockRequest;
 use crate::offsets::{GuestOffset, HostOffset};
+use crate::storage::{DebugEvent, Storage};
 use std::path::Path;
 
 /// What the probe is given of a file.
@@ -364,6 +365,28 @@ pub trait BlockImage: Send + Sync {
     fn set_unsafe_cache(&self, on: bool) {
         let _ = on;
     }
+
+    /// The host storage this layer's uncompressed guest data lives in (qcow2's external data
+    /// file when it has one), for the default [`BlockImage::read_stored`]. The default: none.
+    fn stored_data(&self) -> Option<&dyn Storage> {
+        None
+    }
+
+    /// Fills `buf` with the guest data at `guest` of this layer's range whose block status is
+    /// `status` (as [`crate::chain_read::read_through`] got it from the top of the chain, with
+    /// this layer at `status.depth`; `buf` lies within the range). The default reads
+    /// [`BlockImage::stored_data`] at `status.offset` ([`read_host`]); a
+    /// format overrides it for data it must transform (qcow2's compressed clusters).
+    fn read_stored(&self, buf: &mut [u8], guest: GuestOffset, status: &BlockStatus) -> Result<()> {
+        let host = stored_offset(status, guest)?;
+        let storage = self.stored_data().ok_or_else(|| {
+            Error::unsupported(format!(
+                "the {} format does not say where its data at guest offset {guest} is stored",
+                self.format()
+            ))
+        })?;
+        read_host(storage, buf, host)
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.
@@ -374,4 +397,25 @@ pub fn check_request(size: u64, offset: GuestOffset, len: u64) -> Result<()> {
             "request of {len} bytes at guest offset {offset} is beyond the end of the {size}-byte disk"
         ))),
     }
+}
+
+/// Reads `buf.len()` bytes of guest data stored uncompressed at host offset `host` of
+/// `storage`, telling the storage first (qemu's blkdebug `read_aio` event). The default of
+/// [`BlockImage::read_stored`], and what a format's own one calls for plain data.
+pub fn read_host(storage: &dyn Storage, buf: &mut [u8], host: u64) -> Result<()> {
+    storage.debug_event(DebugEvent::ReadAio);
+    storage
+        .read_at(buf, host)
+        .map_err(|e| Error::io("read failed", e).at(host))
+}
+
+/// The host offset a stored range starts at, or an error for a status that names none (a
+/// format whose status reports ranges without one must read them in its own
+/// [`BlockImage::read_stored`]).
+pub fn stored_offset(status: &BlockStatus, guest: GuestOffset) -> Result<u64> {
+    status.offset.map(|o| o.0).ok_or_else(|| {
+        Error::unsupported(format!(
+            "guest range at {guest} is stored without a host offset, and the format does not say how to read it"
+        ))
+    })
 }

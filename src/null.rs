@@ -81,6 +81,18 @@ impl BlockImage for NullImage {
         Ok(())
     }
 
+    /// It stores nothing and reads as zeros (its status, without `read-zeroes`, says only
+    /// "unallocated, contents unknown"): as a layer below another image, zeros too.
+    fn read_stored(
+        &self,
+        buf: &mut [u8],
+        _guest: GuestOffset,
+        _status: &BlockStatus,
+    ) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+
     fn block_status(&self, offset: GuestOffset, max_len: u64) -> Result<BlockStatus> {
         let max_len = max_len.max(1);
         check_request(self.spec.size, offset, max_len).in_file(&self.name)?;

@@ -332,6 +332,12 @@ impl BlockImage for RawImage {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The file itself: a layer below another image is read through
+    /// [`crate::chain_read::read_through`], whose default read of a stored range reads here.
+    fn stored_data(&self) -> Option<&dyn Storage> {
+        Some(self.storage.as_ref())
+    }
+
     fn as_resize(&self) -> Option<&dyn crate::capability::Resize> {
         Some(self)
     }

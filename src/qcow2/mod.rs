@@ -19,7 +19,9 @@
 //! - [`snapshot_view`]: reading an internal snapshot (convert -l);
 //! - [`hostile`]: untrusted bytes through all of the above, for fuzzing.
 //!
-//! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
+//! This module holds [`Qcow2Image`], which maps guest ranges to where they live (its block
+//! status) and reads what it stores, decompressing compressed clusters; reading through the
+//! backing chain is [`crate::chain_read`]'s.
 
 pub mod amend;
 pub mod backing;
@@ -591,51 +593,43 @@ impl Qcow2Image {
         Ok(out)
     }
 
-    fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
-        let Some(b) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let bsize = b.virtual_size();
-        let inside = bsize.saturating_sub(guest).min(buf.len() as u64) as usize;
-        if inside > 0 {
-            b.read_at(&mut buf[..inside], GuestOffset(guest))?;
-        }
-        buf[inside..].fill(0);
-        Ok(())
+    /// Fills `buf` with the guest data at `guest`, through the backing chain
+    /// ([`crate::chain_read::read_through`]); errors name the layer that failed.
+    fn read_inner(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        crate::chain_read::read_through(self, buf, GuestOffset(guest))
     }
 
-    fn read_inner(&self, buf: &mut [u8], guest: u64) -> Result<()> {
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let g = guest + pos as u64;
-            let (slot, len) = self.map_slot(g, (buf.len() - pos) as u64)?;
-            let chunk = &mut buf[pos..pos + len as usize];
-            match slot {
-                Slot::Unallocated { .. } => self.read_backing(chunk, g)?,
-                Slot::Zero { .. } => chunk.fill(0),
-                Slot::Data { host } => {
-                    if self.data_file.is_none() && host >= self.file_len() {
-                        return Err(Error::corrupt(format!(
-                            "data cluster at {host:#x} (guest offset {g:#x}) lies beyond the end of the file"
-                        ))
-                        .at(host));
-                    }
-                    self.data_storage()
-                        .debug_event(crate::blkdebug::Event::ReadAio);
-                    self.data_storage()
-                        .read_at(chunk, host)
-                        .map_err(|e| Error::io("read failed", e).at(host))?;
-                }
-                Slot::Compressed(desc) => {
-                    let data = self.decompressed(desc)?;
-                    let start = (g & (self.header.cluster_size() - 1)) as usize;
-                    chunk.copy_from_slice(&data[start..start + chunk.len()]);
-                }
-            }
-            pos += len as usize;
+    /// Reads this layer's stored guest data at `guest` whose status is `status` (see
+    /// [`BlockImage::read_stored`]): compressed clusters are decompressed (through the
+    /// one-cluster cache), other data is read from the data storage after checking that it
+    /// lies inside the image file.
+    fn read_stored_inner(&self, buf: &mut [u8], guest: u64, status: &BlockStatus) -> Result<()> {
+        if status.compressed {
+            let (slot, _) = self.map_slot(guest, buf.len() as u64)?;
+            let Slot::Compressed(desc) = slot else {
+                return Err(Error::corrupt(format!(
+                    "the compressed cluster at guest offset {guest:#x} changed while it was read"
+                )));
+            };
+            let data = self.decompressed(desc)?;
+            let start = (guest & (self.header.cluster_size() - 1)) as usize;
+            let Some(src) = data.get(start..start + buf.len()) else {
+                return Err(Error::corrupt(format!(
+                    "read of {} bytes at guest offset {guest:#x} crosses a compressed cluster",
+                    buf.len()
+                )));
+            };
+            buf.copy_from_slice(src);
+            return Ok(());
         }
-        Ok(())
+        let host = crate::block::stored_offset(status, GuestOffset(guest))?;
+        if self.data_file.is_none() && host >= self.file_len() {
+            return Err(Error::corrupt(format!(
+                "data cluster at {host:#x} (guest offset {guest:#x}) lies beyond the end of the file"
+            ))
+            .at(host));
+        }
+        crate::block::read_host(self.data_storage(), buf, host)
     }
 
     fn status_inner(&self, guest: u64, max_len: u64) -> Result<BlockStatus> {
@@ -915,6 +909,15 @@ impl BlockImage for Qcow2Image {
 
     fn set_unsafe_cache(&self, on: bool) {
         Qcow2Image::set_unsafe_cache(self, on)
+    }
+
+    fn stored_data(&self) -> Option<&dyn Storage> {
+        Some(self.data_storage())
+    }
+
+    fn read_stored(&self, buf: &mut [u8], guest: GuestOffset, status: &BlockStatus) -> Result<()> {
+        self.read_stored_inner(buf, guest.0, status)
+            .in_file(&self.path)
     }
 }
 
