@@ -19,9 +19,7 @@
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
-use crate::open::{open_image, OpenOptions};
 use crate::ops::convert::{rename_tmp, TempFile};
-use crate::raw::RawImage;
 use crate::vma::format::{ArchiveHeader, ConfigFile, MAX_BLOB_LEN};
 use crate::vma::job::{BackupJob, BackupStats, Progress};
 use crate::vma::reader::VmaReader;
@@ -350,10 +348,8 @@ pub fn prepare_extract(
     opts: &ExtractOptions,
 ) -> Result<ExtractPlan> {
     let shown = archive.display_path(true).to_path_buf();
-    if opts.format != ImageFormat::Raw && opts.format != ImageFormat::Qcow2 {
-        return Err(Error::unsupported("extract writes raw or qcow2 images"));
-    }
-    if opts.format == ImageFormat::Raw && !opts.options.is_empty() {
+    let driver = opts.format.driver();
+    if !opts.options.is_empty() && driver.check_target_options(&opts.options).is_err() {
         return Err(Error::invalid_input(
             "-o options are for qcow2 images (-O qcow2)",
         ));
@@ -434,20 +430,23 @@ pub fn prepare_extract(
         });
         tmp_names.push(dir.join(tmp));
     }
-    // qcow2 options are checked before the directory is made.
-    let qcow2_args = |path: &Path, size: u64| crate::ops::create::CreateArgs {
-        format: ImageFormat::Qcow2,
-        filename: path.to_path_buf(),
-        options: opts.options.clone(),
-        backing_file: None,
-        backing_format: None,
-        unsafe_backing: false,
-        size: Some(size.to_string()),
+    // The disks' options are checked before the directory is made (the vmstate is a plain
+    // file of bytes, made without options).
+    let options_of = |d: &PlannedDevice| match d.format == opts.format {
+        true => opts.options.clone(),
+        false => Vec::new(),
     };
     for (d, tmp) in devices.iter().zip(&tmp_names) {
-        if d.format == ImageFormat::Qcow2 {
-            crate::ops::create::prepare(&qcow2_args(tmp, d.size)).in_file(&d.path)?;
-        }
+        crate::ops::create::prepare(&crate::ops::create::CreateArgs {
+            format: d.format,
+            filename: tmp.to_path_buf(),
+            options: options_of(d),
+            backing_file: None,
+            backing_format: None,
+            unsafe_backing: false,
+            size: Some(d.size.to_string()),
+        })
+        .in_file(&d.path)?;
     }
 
     let mut made = Made::default();
@@ -463,22 +462,11 @@ pub fn prepare_extract(
     let mut images: Vec<(Box<dyn BlockImage>, PathBuf)> = Vec::new();
     for (d, tmp) in devices.iter().zip(tmp_names) {
         made.file(&tmp);
-        let image: Box<dyn BlockImage> = if d.format == ImageFormat::Raw {
-            Box::new(RawImage::create(&tmp, d.size).in_file(&d.path)?)
-        } else {
-            crate::ops::create::create(&qcow2_args(&tmp, d.size))
-                .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
-            open_image(
-                &tmp,
-                &OpenOptions {
-                    format: Some(d.format),
-                    writable: true,
-                    no_backing: true,
-                    ..OpenOptions::default()
-                },
-            )
-            .map_err(|e| rename_tmp(e, &tmp, &d.path))?
-        };
+        let image = d
+            .format
+            .driver()
+            .create_target(&tmp, d.size, &options_of(d), (None, None), true)
+            .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
         // Metadata is written once, at the end, and nothing waits for the disk (raw files are
         // not synced, as `convert` does not sync by default); a failed restore removes the
         // image.
