@@ -121,6 +121,14 @@ pub trait FormatDriver: Send + Sync + 'static {
         Ok(())
     }
 
+    /// `check -r`: repairs the image at `path` in place, leaked clusters only or with `all`
+    /// every error the format can fix, and returns the check that follows; `None` if the
+    /// format cannot repair (qemu's `bdrv_check` with a fix mode). The default: it cannot.
+    fn repair(&self, path: &Path, all: bool) -> Option<Result<crate::check::CheckReport>> {
+        let _ = (path, all);
+        None
+    }
+
     /// Whether a new image of this format can record a backing file (qemu: the format's
     /// creation options include `backing_file`).
     fn supports_backing_file(&self) -> bool {

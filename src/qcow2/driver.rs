@@ -103,6 +103,18 @@ impl FormatDriver for Qcow2Driver {
         )
     }
 
+    fn repair(&self, path: &Path, all: bool) -> Option<Result<crate::check::CheckReport>> {
+        use super::repair::{repair_file, RepairMode};
+        Some(repair_file(
+            path,
+            if all {
+                RepairMode::All
+            } else {
+                RepairMode::Leaks
+            },
+        ))
+    }
+
     fn supports_backing_file(&self) -> bool {
         true
     }
