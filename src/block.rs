@@ -121,6 +121,13 @@ pub trait FormatDriver: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether [`FormatDriver::create_target`] makes use of `-o` options (a format whose new
+    /// copy targets take none may still accept, in [`FormatDriver::check_target_options`],
+    /// options that change nothing). The default: it does not.
+    fn target_takes_options(&self) -> bool {
+        false
+    }
+
     /// `check -r`: repairs the image at `path` in place, leaked clusters only or with `all`
     /// every error the format can fix, and returns the check that follows; `None` if the
     /// format cannot repair (qemu's `bdrv_check` with a fix mode). The default: it cannot.

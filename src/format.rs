@@ -14,7 +14,8 @@
 //! - `create_option_help` and `prepare_create` for `create -f` (`create_opts`, and
 //!   `bdrv_img_create` up to the "Formatting" line: its options, size and backing file checks,
 //!   the line, then the write; see [`crate::ops::create`]); `create_target` for the new image
-//!   `convert` and backup extract write into; `check_target_options` for what that image takes;
+//!   `convert` and backup extract write into; `target_takes_options` and
+//!   `check_target_options` for the `-o` options that image takes;
 //! - `measure` (`bdrv_measure`) and, if it has any, `amend_option_help` and `repair`;
 //! - its answers to the capability questions commands ask before anything is opened:
 //!   `supports_backing_file`, `supports_compressed_writes`, `supports_persistent_bitmaps`,
@@ -190,6 +191,7 @@ mod tests {
         assert!(RO.repair(&path, true).is_none());
         assert!(RO.amend_option_help().is_none());
         assert!(RO.check_target_options(&["x=1".into()]).is_ok());
+        assert!(!RO.target_takes_options());
         assert!(
             !RO.supports_backing_file()
                 && !RO.supports_compressed_writes()

@@ -348,8 +348,7 @@ pub fn prepare_extract(
     opts: &ExtractOptions,
 ) -> Result<ExtractPlan> {
     let shown = archive.display_path(true).to_path_buf();
-    let driver = opts.format.driver();
-    if !opts.options.is_empty() && driver.check_target_options(&opts.options).is_err() {
+    if !opts.format.driver().target_takes_options() && !opts.options.is_empty() {
         return Err(Error::invalid_input(
             "-o options are for qcow2 images (-O qcow2)",
         ));
@@ -524,5 +523,42 @@ impl ExtractPlan {
         }
         self.made.keep = true;
         Ok(tally)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extract_options_are_checked_before_the_archive_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = ArchivePath::File(dir.path().join("none.vma"));
+        let out = dir.path().join("out");
+        let refusal = |format, options: &[&str]| {
+            let opts = ExtractOptions {
+                format,
+                options: options.iter().map(|o| o.to_string()).collect(),
+                ..ExtractOptions::default()
+            };
+            match prepare_extract(&missing, &out, &opts) {
+                Ok(_) => panic!("extracted a missing archive"),
+                Err(e) => e.to_string(),
+            }
+        };
+        // Raw images take no -o, not even one that convert accepts as changing nothing.
+        for o in ["extent_size_hint=1M", "cluster_size=4k"] {
+            let e = refusal(ImageFormat::Raw, &[o]);
+            assert!(
+                e.contains("-o options are for qcow2 images (-O qcow2)"),
+                "{e}"
+            );
+        }
+        let e = refusal(ImageFormat::Qcow2, &["backing_file=x"]);
+        assert!(e.contains("cannot have a backing file"), "{e}");
+        // qcow2 takes its options: what fails then is the missing archive.
+        let e = refusal(ImageFormat::Qcow2, &["cluster_size=4k"]);
+        assert!(!e.contains("-o") && e.contains("none.vma"), "{e}");
+        assert!(!out.exists());
     }
 }

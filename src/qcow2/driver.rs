@@ -115,6 +115,10 @@ impl FormatDriver for Qcow2Driver {
         ))
     }
 
+    fn target_takes_options(&self) -> bool {
+        true
+    }
+
     fn supports_backing_file(&self) -> bool {
         true
     }
