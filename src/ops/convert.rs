@@ -340,8 +340,10 @@ pub fn convert(
     let _replaced = lock_replaced(&dst)?;
     let tmp = TempFile::create_near(&dst)?;
     {
-        // Opened with its backing chain, so that zero writes know what lies below; a failure
-        // to open that chain is reported on one line as qemu-img reports it.
+        // The new image, made by its format's driver and closed at the end of this block,
+        // before it is renamed over the destination. Opened with its backing chain, so that
+        // zero writes know what lies below; a failure to open that chain is reported on one
+        // line as qemu-img reports it.
         let target = driver
             .create_target(
                 &tmp.path,
