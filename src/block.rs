@@ -62,6 +62,111 @@ pub trait FormatDriver: Send + Sync + 'static {
     fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
         None
     }
+
+    /// Checks a `create` request for this format (its `-o` options, size and backing file, in
+    /// qemu-img's order and words) and returns the image to write: qemu's `bdrv_img_create`
+    /// up to its "Formatting" line. The default: the format cannot be created.
+    fn prepare_create(
+        &self,
+        request: &crate::ops::create::CreateRequest<'_>,
+    ) -> Result<Box<dyn crate::ops::create::FormatCreation>> {
+        Err(Error::unsupported(format!(
+            "Format driver '{}' does not support image creation",
+            self.name()
+        ))
+        .with_path(request.path))
+    }
+
+    /// `measure`: the host space a new image of this format takes, created with the `-o`
+    /// arguments `options`, for a disk of `size` bytes or holding the data of `source` (qemu's
+    /// `bdrv_measure`). The default: the format cannot say.
+    fn measure(
+        &self,
+        options: &[String],
+        size: Option<u64>,
+        source: Option<&dyn BlockImage>,
+    ) -> Result<crate::ops::measure::Measurement> {
+        let _ = (options, size, source);
+        Err(Error::unsupported(format!(
+            "Block driver '{}' does not support size measurement",
+            self.name()
+        )))
+    }
+
+    /// Opens a new image of this format, created at `path` for a copy of `size` bytes (the
+    /// target of `convert`, an extracted disk): `options` are the `-o` arguments, `backing`
+    /// the backing file and format to record (only for a format that
+    /// [`FormatDriver::supports_backing_file`]). With `no_backing` the backing chain is not
+    /// opened. The default: the format cannot be created.
+    fn create_target(
+        &self,
+        path: &Path,
+        size: u64,
+        options: &[String],
+        backing: (Option<String>, Option<String>),
+        no_backing: bool,
+    ) -> Result<Box<dyn BlockImage>> {
+        let _ = (size, options, backing, no_backing);
+        Err(Error::unsupported(format!(
+            "Format driver '{}' does not support image creation",
+            self.name()
+        ))
+        .with_path(path))
+    }
+
+    /// Checks the `-o` arguments for a new image of this format made by
+    /// [`FormatDriver::create_target`], before anything is read or written. The default:
+    /// they are checked when the image is created.
+    fn check_target_options(&self, options: &[String]) -> Result<()> {
+        let _ = options;
+        Ok(())
+    }
+
+    /// Whether [`FormatDriver::create_target`] makes use of `-o` options (a format whose new
+    /// copy targets take none may still accept, in [`FormatDriver::check_target_options`],
+    /// options that change nothing). The default: it does not.
+    fn target_takes_options(&self) -> bool {
+        false
+    }
+
+    /// `check -r`: repairs the image at `path` in place, leaked clusters only or with `all`
+    /// every error the format can fix, and returns the check that follows; `None` if the
+    /// format cannot repair (qemu's `bdrv_check` with a fix mode). The default: it cannot.
+    fn repair(
+        &self,
+        path: &Path,
+        all: bool,
+        opener: &crate::opener::Opener,
+    ) -> Option<Result<crate::check::CheckReport>> {
+        let _ = (path, all, opener);
+        None
+    }
+
+    /// Whether a new image of this format can record a backing file (qemu: the format's
+    /// creation options include `backing_file`).
+    fn supports_backing_file(&self) -> bool {
+        false
+    }
+
+    /// Whether images of this format store compressed clusters (qemu's
+    /// `bdrv_supports_compressed_writes`; an opened image offers them through
+    /// [`BlockImage::as_compressed_writes`]).
+    fn supports_compressed_writes(&self) -> bool {
+        false
+    }
+
+    /// Whether images of this format can hold persistent dirty bitmaps (qemu's
+    /// `bdrv_supports_persistent_dirty_bitmap`).
+    fn supports_persistent_bitmaps(&self) -> bool {
+        false
+    }
+
+    /// Whether `convert` writes a new image of this format in guest order unless `-W` is given
+    /// (a format that allocates on write lays its clusters out in that order, as qemu-img
+    /// does).
+    fn writes_in_order(&self) -> bool {
+        false
+    }
 }
 
 /// An image format: a handle on its driver in [`crate::format::DRIVERS`]. Two handles are equal when they

@@ -1040,18 +1040,8 @@ fn check(mut a: CheckArgs) -> CmdResult {
                 Some(f) => f,
                 None => vimg::open::probe_format(&a.filename).map_err(fail)?,
             };
-            if format != ImageFormat::Qcow2 {
-                return Err(not_supported());
-            }
-            let mode = if mode == "all" {
-                vimg::qcow2::repair::RepairMode::All
-            } else {
-                vimg::qcow2::repair::RepairMode::Leaks
-            };
-            (
-                vimg::qcow2::repair::repair_file(&a.filename, mode, opener()).map_err(fail)?,
-                format,
-            )
+            let repaired = format.driver().repair(&a.filename, mode == "all", opener());
+            (repaired.ok_or_else(not_supported)?.map_err(fail)?, format)
         }
         None => {
             let image =

@@ -15,6 +15,9 @@ use crate::prealloc::Preallocation;
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
+pub mod create;
+pub mod measure;
+
 /// The raw format's driver ([`crate::block::FormatDriver`]).
 pub struct RawDriver;
 
@@ -70,6 +73,47 @@ impl FormatDriver for RawDriver {
             ),
             ("size=<size>", "virtual disk size"),
         ]
+    }
+
+    fn prepare_create(
+        &self,
+        request: &crate::ops::create::CreateRequest<'_>,
+    ) -> Result<Box<dyn crate::ops::create::FormatCreation>> {
+        Ok(Box::new(create::RawCreation::prepare(request)?))
+    }
+
+    fn measure(
+        &self,
+        options: &[String],
+        size: Option<u64>,
+        source: Option<&dyn BlockImage>,
+    ) -> Result<crate::ops::measure::Measurement> {
+        measure::measure(options, size, source)
+    }
+
+    /// Only the options that change nothing for vimg (`extent_size_hint`).
+    fn check_target_options(&self, options: &[String]) -> Result<()> {
+        let ok = |o: &String| {
+            crate::qcow2::create::parse_options(o).is_ok_and(|u| u.given_keys().is_empty())
+        };
+        match options.iter().all(ok) {
+            true => Ok(()),
+            false => Err(Error::unsupported(
+                "-o options are not supported for raw targets yet",
+            )),
+        }
+    }
+
+    /// A new raw file of `size` bytes (no options; raw records no backing file).
+    fn create_target(
+        &self,
+        path: &Path,
+        size: u64,
+        _options: &[String],
+        _backing: (Option<String>, Option<String>),
+        _no_backing: bool,
+    ) -> Result<Box<dyn BlockImage>> {
+        Ok(Box::new(RawImage::create(path, size)?))
     }
 }
 
