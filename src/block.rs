@@ -12,6 +12,7 @@ use crate::check::Check;
 use crate::error::{Error, Result};
 use crate::lock::LockRequest;
 use crate::offsets::{GuestOffset, HostOffset};
+use crate::storage::{DebugEvent, Storage};
 use std::path::Path;
 
 /// What the probe is given of a file.
@@ -60,6 +61,111 @@ pub trait FormatDriver: Send + Sync + 'static {
     /// the format can amend its options (qemu's `amend_opts`). The default: it cannot.
     fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
         None
+    }
+
+    /// Checks a `create` request for this format (its `-o` options, size and backing file, in
+    /// qemu-img's order and words) and returns the image to write: qemu's `bdrv_img_create`
+    /// up to its "Formatting" line. The default: the format cannot be created.
+    fn prepare_create(
+        &self,
+        request: &crate::ops::create::CreateRequest<'_>,
+    ) -> Result<Box<dyn crate::ops::create::FormatCreation>> {
+        Err(Error::unsupported(format!(
+            "Format driver '{}' does not support image creation",
+            self.name()
+        ))
+        .with_path(request.path))
+    }
+
+    /// `measure`: the host space a new image of this format takes, created with the `-o`
+    /// arguments `options`, for a disk of `size` bytes or holding the data of `source` (qemu's
+    /// `bdrv_measure`). The default: the format cannot say.
+    fn measure(
+        &self,
+        options: &[String],
+        size: Option<u64>,
+        source: Option<&dyn BlockImage>,
+    ) -> Result<crate::ops::measure::Measurement> {
+        let _ = (options, size, source);
+        Err(Error::unsupported(format!(
+            "Block driver '{}' does not support size measurement",
+            self.name()
+        )))
+    }
+
+    /// Opens a new image of this format, created at `path` for a copy of `size` bytes (the
+    /// target of `convert`, an extracted disk): `options` are the `-o` arguments, `backing`
+    /// the backing file and format to record (only for a format that
+    /// [`FormatDriver::supports_backing_file`]). With `no_backing` the backing chain is not
+    /// opened. The default: the format cannot be created.
+    fn create_target(
+        &self,
+        path: &Path,
+        size: u64,
+        options: &[String],
+        backing: (Option<String>, Option<String>),
+        no_backing: bool,
+    ) -> Result<Box<dyn BlockImage>> {
+        let _ = (size, options, backing, no_backing);
+        Err(Error::unsupported(format!(
+            "Format driver '{}' does not support image creation",
+            self.name()
+        ))
+        .with_path(path))
+    }
+
+    /// Checks the `-o` arguments for a new image of this format made by
+    /// [`FormatDriver::create_target`], before anything is read or written. The default:
+    /// they are checked when the image is created.
+    fn check_target_options(&self, options: &[String]) -> Result<()> {
+        let _ = options;
+        Ok(())
+    }
+
+    /// Whether [`FormatDriver::create_target`] makes use of `-o` options (a format whose new
+    /// copy targets take none may still accept, in [`FormatDriver::check_target_options`],
+    /// options that change nothing). The default: it does not.
+    fn target_takes_options(&self) -> bool {
+        false
+    }
+
+    /// `check -r`: repairs the image at `path` in place, leaked clusters only or with `all`
+    /// every error the format can fix, and returns the check that follows; `None` if the
+    /// format cannot repair (qemu's `bdrv_check` with a fix mode). The default: it cannot.
+    fn repair(
+        &self,
+        path: &Path,
+        all: bool,
+        opener: &crate::opener::Opener,
+    ) -> Option<Result<crate::check::CheckReport>> {
+        let _ = (path, all, opener);
+        None
+    }
+
+    /// Whether a new image of this format can record a backing file (qemu: the format's
+    /// creation options include `backing_file`).
+    fn supports_backing_file(&self) -> bool {
+        false
+    }
+
+    /// Whether images of this format store compressed clusters (qemu's
+    /// `bdrv_supports_compressed_writes`; an opened image offers them through
+    /// [`BlockImage::as_compressed_writes`]).
+    fn supports_compressed_writes(&self) -> bool {
+        false
+    }
+
+    /// Whether images of this format can hold persistent dirty bitmaps (qemu's
+    /// `bdrv_supports_persistent_dirty_bitmap`).
+    fn supports_persistent_bitmaps(&self) -> bool {
+        false
+    }
+
+    /// Whether `convert` writes a new image of this format in guest order unless `-W` is given
+    /// (a format that allocates on write lays its clusters out in that order, as qemu-img
+    /// does).
+    fn writes_in_order(&self) -> bool {
+        false
     }
 }
 
@@ -277,6 +383,12 @@ pub trait BlockImage: Send + Sync {
         None
     }
 
+    /// The locator of the external data file this layer keeps its guest data in, if it has
+    /// one (qcow2's `data_file`): as opened, or as the image records it when it was not opened.
+    fn data_file_path(&self) -> Option<&Path> {
+        None
+    }
+
     /// Whether the image was opened for writing.
     fn is_writable(&self) -> bool;
 
@@ -358,6 +470,28 @@ pub trait BlockImage: Send + Sync {
     fn set_unsafe_cache(&self, on: bool) {
         let _ = on;
     }
+
+    /// The host storage this layer's uncompressed guest data lives in (qcow2's external data
+    /// file when it has one), for the default [`BlockImage::read_stored`]. The default: none.
+    fn stored_data(&self) -> Option<&dyn Storage> {
+        None
+    }
+
+    /// Fills `buf` with the guest data at `guest` of this layer's range whose block status is
+    /// `status` (as [`crate::chain_read::read_through`] got it from the top of the chain, with
+    /// this layer at `status.depth`; `buf` lies within the range). The default reads
+    /// [`BlockImage::stored_data`] at `status.offset` ([`read_host`]); a
+    /// format overrides it for data it must transform (qcow2's compressed clusters).
+    fn read_stored(&self, buf: &mut [u8], guest: GuestOffset, status: &BlockStatus) -> Result<()> {
+        let host = stored_offset(status, guest)?;
+        let storage = self.stored_data().ok_or_else(|| {
+            Error::unsupported(format!(
+                "the {} format does not say where its data at guest offset {guest} is stored",
+                self.format()
+            ))
+        })?;
+        read_host(storage, buf, host)
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.
@@ -368,4 +502,25 @@ pub fn check_request(size: u64, offset: GuestOffset, len: u64) -> Result<()> {
             "request of {len} bytes at guest offset {offset} is beyond the end of the {size}-byte disk"
         ))),
     }
+}
+
+/// Reads `buf.len()` bytes of guest data stored uncompressed at host offset `host` of
+/// `storage`, telling the storage first (qemu's blkdebug `read_aio` event). The default of
+/// [`BlockImage::read_stored`], and what a format's own one calls for plain data.
+pub fn read_host(storage: &dyn Storage, buf: &mut [u8], host: u64) -> Result<()> {
+    storage.debug_event(DebugEvent::ReadAio);
+    storage
+        .read_at(buf, host)
+        .map_err(|e| Error::io("read failed", e).at(host))
+}
+
+/// The host offset a stored range starts at, or an error for a status that names none (a
+/// format whose status reports ranges without one must read them in its own
+/// [`BlockImage::read_stored`]).
+pub fn stored_offset(status: &BlockStatus, guest: GuestOffset) -> Result<u64> {
+    status.offset.map(|o| o.0).ok_or_else(|| {
+        Error::unsupported(format!(
+            "guest range at {guest} is stored without a host offset, and the format does not say how to read it"
+        ))
+    })
 }

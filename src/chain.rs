@@ -8,7 +8,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock::LockRequest;
-use crate::opener::{Opener, StorageId};
+use crate::opener::{LocatorBuf, Opener};
 use std::path::{Path, PathBuf};
 
 /// The deepest backing chain vimg opens (the image itself counts as one layer).
@@ -45,9 +45,11 @@ pub fn refuse_forced_write(sharing: Sharing, writable: bool) -> Result<()> {
 /// opened through.
 #[derive(Debug, Default)]
 pub struct ChainGuard {
-    seen: Vec<StorageId>,
+    seen: Vec<LocatorBuf>,
     sharing: Sharing,
     opener: Opener,
+    /// The top layer is opened with qemu's `cache.direct=on`.
+    cache_direct: bool,
 }
 
 impl ChainGuard {
@@ -62,7 +64,19 @@ impl ChainGuard {
             seen: Vec::new(),
             sharing,
             opener,
+            cache_direct: false,
         }
+    }
+
+    /// Opens the top layer as qemu does with `cache.direct=on` (see
+    /// [`crate::open::OpenOptions::cache_direct`]).
+    pub fn set_cache_direct(&mut self, on: bool) {
+        self.cache_direct = on;
+    }
+
+    /// Whether the layer being opened is the top one and opened with `cache.direct=on`.
+    pub fn cache_direct(&self) -> bool {
+        self.cache_direct && self.depth() <= 1
     }
 
     /// The opener the chain's storage is opened through.
@@ -84,12 +98,12 @@ impl ChainGuard {
         })
     }
 
-    /// Registers `path` as the next layer; fails if its storage is already in the chain
-    /// (under whatever name) or the chain is too deep.
+    /// Registers `path` as the next layer; fails if it is already in the chain (spelt
+    /// otherwise, [`Opener::canonical`]) or the chain is too deep.
     pub fn enter(&mut self, path: &Path) -> Result<()> {
         let id = self
             .opener
-            .identity(path)
+            .canonical(path)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
         if self.seen.contains(&id) {
             // qemu-img's words, which scripts match.

@@ -9,33 +9,9 @@
 
 use crate::block::BlockImage;
 use crate::error::{Error, ErrorKind, Result};
-use crate::open::resolve_relative;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// A file's identity: the device it is on and its inode number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FileId {
-    dev: u64,
-    ino: u64,
-}
-
-impl FileId {
-    /// The identity of the file `path` names (through symbolic links); `None` if it does not
-    /// exist or cannot be looked at.
-    pub fn of(path: &Path) -> Option<FileId> {
-        Self::of_file(path).ok()
-    }
-
-    /// The identity of the file `path` names (through symbolic links), or why it cannot be
-    /// looked at.
-    pub fn of_file(path: &Path) -> std::io::Result<FileId> {
-        std::fs::metadata(path).map(|m| FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-        })
-    }
-}
+pub use crate::storage::FileId;
 
 /// What a file is to the image that reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,28 +59,19 @@ pub fn chain_files(img: &dyn BlockImage) -> Vec<ChainFile> {
                 role,
             });
         }
-        if let Some(name) = data_file_name(l) {
-            if let Ok(p) = resolve_relative(l.filename(), &name) {
-                if let Some(id) = FileId::of(&p) {
-                    out.push(ChainFile {
-                        id,
-                        path: p,
-                        role: Role::DataFile,
-                    });
-                }
+        if let Some(p) = l.data_file_path() {
+            if let Some(id) = FileId::of(p) {
+                out.push(ChainFile {
+                    id,
+                    path: p.to_path_buf(),
+                    role: Role::DataFile,
+                });
             }
         }
         role = Role::Backing;
         layer = l.backing();
     }
     out
-}
-
-/// The external data file name recorded in the layer `l`, if any.
-fn data_file_name(l: &dyn BlockImage) -> Option<String> {
-    match l.layer_info().ok()?.format_specific? {
-        crate::info::FormatSpecific::Qcow2(q) => q.data_file,
-    }
 }
 
 /// The file of `sources` (their chains and data files) that `target` is, if any.

@@ -361,9 +361,10 @@ fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
     }
     // The protocol layer's options live under `file.` when a format driver is named, at the
     // top level when the driver is the protocol itself (or not named at all).
+    let registered = driver.and_then(|d| ImageFormat::all().find(|f| f.as_str() == d));
     let (protocol_prefix, format) = match driver {
-        Some("raw") => ("file.", Some(ImageFormat::Raw)),
-        Some("qcow2") => ("file.", Some(ImageFormat::Qcow2)),
+        // A format driver of the registry.
+        Some(_) if registered.is_some() => ("file.", registered),
         // Without a format driver the file's bytes are the disk, as in qemu.
         Some("file") | Some("host_device") => ("", Some(ImageFormat::Raw)),
         None => ("file.", None),
@@ -465,7 +466,7 @@ fn null_device(flat: &BTreeMap<String, String>) -> Result<Option<(&'static str, 
         match bare {
             "driver" | "latency-ns" | "read-only" | "force-share" => {}
             "size" => {
-                let size = crate::ops::size::parse_size(v).map_err(|_| {
+                let size = crate::size::parse_size(v).map_err(|_| {
                     Error::invalid_input(
                         "Parameter 'size' expects a non-negative number below 2^64",
                     )

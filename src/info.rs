@@ -3,7 +3,6 @@
 //! Drivers fill a [`LayerInfo`]; the command-line layer renders it as qemu-img's JSON (the
 //! field names below follow qemu's `ImageInfo` keys) or as human-readable text.
 
-use crate::format::ImageFormat;
 use serde::Serialize;
 
 /// Everything `info` shows about one layer.
@@ -12,9 +11,8 @@ use serde::Serialize;
 pub struct LayerInfo {
     /// The file name as given (or as recorded in the overlay for backing layers).
     pub filename: String,
-    /// The layer's format.
-    #[serde(serialize_with = "ser_format")]
-    pub format: ImageFormat,
+    /// The layer's format, by the name qemu-img gives it.
+    pub format: &'static str,
     /// Size of the virtual disk.
     pub virtual_size: u64,
     /// Bytes allocated on the host.
@@ -46,10 +44,6 @@ pub struct LayerInfo {
     /// Format-specific information.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<FormatSpecific>,
-}
-
-fn ser_format<S: serde::Serializer>(f: &ImageFormat, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(f.as_str())
 }
 
 /// One internal snapshot, as qemu-img lists it (qcow2.rst "Snapshots").

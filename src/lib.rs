@@ -3,20 +3,25 @@
 //!
 //! Every format implements [`block::BlockImage`]; commands ([`ops`]) are built on its
 //! block-status query so that unallocated and zero ranges cost nothing. Images are opened with
-//! [`open::open_image`], which also opens backing chains.
+//! [`open::open_image`], which also opens backing chains; every file under an image is opened
+//! through the [`opener::Opener`] in its [`open::OpenOptions`].
 //!
 //! # Module map
 //!
-//! The layers, lowest first; a module imports only from its own layer or the ones below.
+//! The layers, lowest first. A module imports only from its own layer or the ones below, but
+//! for the recursion of a backing chain: a format driver opens its backing file through
+//! [`open::open_layer`], and the opener reads a `json:` backing file name through
+//! [`image_spec`]. No two modules import each other.
 //!
 //! | layer | modules | what they hold |
 //! |---|---|---|
-//! | host | [`storage`], [`lock`], [`identity`], [`interrupt`], [`error`], [`offsets`] | positioned I/O on files and block devices (and memory, in tests), qemu's image locks, file identity (device and inode), cleanup on signals, the one error type, guest/host offset newtypes |
-//! | image model | [`block`], [`capability`], [`check`], [`bitmap`], [`info`], [`prealloc`] | the [`BlockImage`] trait and its block status; the optional capabilities (snapshots, resize, amend, backing change, compressed writes, emptying, checks, persistent bitmaps); what `info` reports; preallocation modes |
-//! | formats | [`format`](mod@format), [`foreign`], [`raw`], [`qcow2`], [`probe`] | the formats by name; one folder (or file) per format (`qcow2` in private folders by concern: `format`, `refcount`, `write`, `snapshot`, `bitmap`, `check`, `create`, `edit`, with its public API re-exported at [`qcow2`]'s root); `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
-//! | opening | [`chain`], [`open`], [`image_spec`], [`secret`] | a chain being opened (loops, depth, sharing, names resolved against the image); choosing a format and opening a layer with its backing chain; qemu's image names (`json:`, `--image-opts`); `--object secret` |
+//! | host | [`storage`], [`blkdebug`], [`lock`], [`interrupt`], [`error`], [`offsets`], [`size`], [`zeros`] | positioned I/O on files and block devices (and memory, in tests), file identity (device and inode), qemu's blkdebug fault injection over it, qemu's image locks, cleanup on signals, the one error type, guest/host offset newtypes, sizes as qemu writes them, zero detection |
+//! | storage opening | [`opener`], [`chain`] | the storage opener: storage kinds (files and block devices today), locators resolved and identified by their kind, the command's settings for particular files (blkdebug rules, data files, notices); a chain being opened (loops by the canonical locator, depth, sharing) |
+//! | image model | [`block`], [`chain_read`], [`capability`], [`check`], [`bitmap`], [`info`], [`prealloc`], [`identity`] | the [`BlockImage`] trait and its block status; the format driver trait; reading through a backing chain; the optional capabilities (snapshots, resize, amend, backing change, compressed writes, emptying, checks, persistent bitmaps); what `info` reports; preallocation modes; which files an image reads |
+//! | formats | [`format`](mod@format), [`foreign`], [`raw`], [`qcow2`], [`null`], [`probe`] | the registry of formats; one folder (or file) per format (`qcow2` in private folders by concern: `format`, `refcount`, `write`, `snapshot`, `bitmap`, `check`, `create`, `edit`, with its public API re-exported at [`qcow2`]'s root); `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
+//! | opening | [`open`], [`image_spec`], [`secret`] | choosing a format and opening a layer with its backing chain; qemu's image names (`json:`, `--image-opts`); `--object secret` |
+//! | archives | [`vma`] | Proxmox's VMA backup format, read and written |
 //! | commands | [`ops`] | one module per `vimg` command, each a library call that returns what the binary prints |
-//! | archives | [`vma`] | Proxmox's VMA backup format, read and written, used by `ops::backup` |
 //!
 //! The binary (`src/main.rs`, behind the default `cli` feature) parses arguments, calls
 //! [`ops`] and prints.
@@ -57,6 +62,7 @@ pub mod blkdebug;
 pub mod block;
 pub mod capability;
 pub mod chain;
+pub mod chain_read;
 pub mod check;
 pub mod error;
 pub mod foreign;

@@ -849,13 +849,28 @@ fn sharing(force_share: bool) -> Sharing {
 /// options do.
 fn opener() -> &'static vimg::opener::Opener {
     static OPENER: std::sync::OnceLock<vimg::opener::Opener> = std::sync::OnceLock::new();
-    OPENER.get_or_init(Default::default)
+    OPENER.get_or_init(|| {
+        let opener = vimg::opener::Opener::default();
+        // What qemu prints on standard error while it opens images, as it prints it.
+        opener.set_notices(std::sync::Arc::new(|line: &str| eprintln!("{line}")));
+        opener
+    })
 }
 
 fn open(
     path: &std::path::Path,
     format: Option<ImageFormat>,
     sharing: Sharing,
+) -> Result<Box<dyn vimg::BlockImage>, Error> {
+    open_with(path, format, sharing, false)
+}
+
+/// [`open`], with qemu's `cache.direct` for the top layer.
+fn open_with(
+    path: &std::path::Path,
+    format: Option<ImageFormat>,
+    sharing: Sharing,
+    cache_direct: bool,
 ) -> Result<Box<dyn vimg::BlockImage>, Error> {
     let image = vimg::open::open_image(
         path,
@@ -865,6 +880,7 @@ fn open(
             no_backing: false,
             sharing,
             opener: opener().clone(),
+            cache_direct,
         },
     )?;
     // A backing format the image does not record had to be guessed: say so, as info does.
@@ -886,23 +902,7 @@ fn open(
 fn open_named(n: &Named, sharing: Sharing) -> Result<Box<dyn vimg::BlockImage>, Error> {
     match n.null {
         Some(spec) => Ok(Box::new(vimg::null::NullImage::new(spec, &n.path))),
-        // A raw image opened with O_DIRECT reports block status in whole sectors, as qemu's.
-        None if n.direct => {
-            let format = match n.format {
-                Some(f) => f,
-                None => vimg::open::probe_format(&n.path)?,
-            };
-            if format != ImageFormat::Raw {
-                return open(&n.path, Some(format), sharing);
-            }
-            let locks = format
-                .locks(sharing, false, true)
-                .map_err(|e| e.with_path(&n.path))?;
-            let raw = vimg::raw::RawImage::open_with(opener(), &n.path, false, locks)
-                .map_err(Error::while_opening)?;
-            Ok(Box::new(raw.direct()))
-        }
-        None => open(&n.path, n.format, sharing),
+        None => open_with(&n.path, n.format, sharing, n.direct),
     }
 }
 
@@ -1040,18 +1040,8 @@ fn check(mut a: CheckArgs) -> CmdResult {
                 Some(f) => f,
                 None => vimg::open::probe_format(&a.filename).map_err(fail)?,
             };
-            if format != ImageFormat::Qcow2 {
-                return Err(not_supported());
-            }
-            let mode = if mode == "all" {
-                vimg::qcow2::RepairMode::All
-            } else {
-                vimg::qcow2::RepairMode::Leaks
-            };
-            (
-                vimg::qcow2::repair_file(&a.filename, mode, opener()).map_err(fail)?,
-                format,
-            )
+            let repaired = format.driver().repair(&a.filename, mode == "all", opener());
+            (repaired.ok_or_else(not_supported)?.map_err(fail)?, format)
         }
         None => {
             let image =
@@ -1335,6 +1325,7 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
         quiet: a.quiet,
         rate_limit: 0,
         copy_offload: a.copy_offload,
+        opener: opener().clone(),
     }
 }
 

@@ -81,6 +81,18 @@ impl BlockImage for NullImage {
         Ok(())
     }
 
+    /// It stores nothing and reads as zeros (its status, without `read-zeroes`, says only
+    /// "unallocated, contents unknown"): as a layer below another image, zeros too.
+    fn read_stored(
+        &self,
+        buf: &mut [u8],
+        _guest: GuestOffset,
+        _status: &BlockStatus,
+    ) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+
     fn block_status(&self, offset: GuestOffset, max_len: u64) -> Result<BlockStatus> {
         let max_len = max_len.max(1);
         check_request(self.spec.size, offset, max_len).in_file(&self.name)?;
@@ -105,7 +117,7 @@ impl BlockImage for NullImage {
     fn layer_info(&self) -> Result<LayerInfo> {
         Ok(LayerInfo {
             filename: self.name.display().to_string(),
-            format: ImageFormat::Raw,
+            format: ImageFormat::Raw.as_str(),
             virtual_size: self.spec.size,
             actual_size: Some(0),
             cluster_size: None,

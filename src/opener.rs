@@ -18,8 +18,9 @@
 //! UTF-8 and every other kind's names are text a `Path` holds as well.
 //!
 //! Backing-file names recorded in an image are resolved against the image's locator
-//! ([`Opener::resolve`]), and a chain's loops are found by the storage's identity
-//! ([`Opener::identity`]), not by comparing names.
+//! ([`Opener::resolve`]), and a chain's loops are found by the locator's one spelling
+//! ([`Opener::canonical`]); what a command writes is told apart from what it reads by the
+//! storage's identity ([`Opener::identity`]).
 //!
 //! # Adding a storage kind
 //!
@@ -27,9 +28,8 @@
 
 use crate::blkdebug;
 use crate::error::{Error, Result};
-use crate::identity::FileId;
 use crate::lock::LockRequest;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileId, FileStorage, Storage};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,8 +73,14 @@ pub trait StorageKind: Send + Sync + 'static {
     /// locks taken before anything is emptied.
     fn create(&self, loc: &Locator) -> io::Result<Box<dyn Storage>>;
 
-    /// What identifies the storage, for loop detection and for refusing to write what is read.
+    /// What identifies the storage, for refusing to write what is read.
     fn identity(&self, loc: &Locator) -> io::Result<StorageId>;
+
+    /// The one spelling of `loc` (for a file: the path with links and `.` resolved), by which a
+    /// backing chain's loops are found, as qemu finds them by name: a file reached again
+    /// under another name (a hard link) is not a loop by this (qemu's lock conflict or the
+    /// depth bound stops it).
+    fn canonical(&self, loc: &Locator) -> io::Result<LocatorBuf>;
 
     /// Resolves `name`, recorded in the image at `base` (a backing or data file name), as
     /// qemu does for this kind.
@@ -115,6 +121,10 @@ impl StorageKind for FileKind {
 
     fn identity(&self, loc: &Locator) -> io::Result<StorageId> {
         FileId::of_file(loc).map(StorageId::File)
+    }
+
+    fn canonical(&self, loc: &Locator) -> io::Result<LocatorBuf> {
+        std::fs::canonicalize(loc)
     }
 
     /// Relative names against the directory of the image that records them; protocol and
@@ -173,7 +183,13 @@ struct Settings {
     data_files: Mutex<Vec<(LocatorBuf, LocatorBuf)>>,
     /// External data files are not needed (see [`Opener::set_metadata_only`]).
     metadata_only: AtomicBool,
+    /// Where notices go (see [`Opener::set_notices`]).
+    notices: Mutex<Option<NoticeSink>>,
 }
+
+/// Receives the lines qemu prints on standard error while an image is opened (see
+/// [`Opener::set_notices`]).
+pub type NoticeSink = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl Opener {
     /// An opener with no settings: storage opened as it is.
@@ -234,6 +250,21 @@ impl Opener {
         self.0.metadata_only.load(Ordering::Relaxed)
     }
 
+    /// Sends the lines qemu prints on standard error while it opens an image (the repair of a
+    /// dirty qcow2 image opened for writing: `Repairing cluster ...`, `Rebuilding refcount
+    /// structure`) to `sink`. Without a sink they are dropped: the library prints nothing.
+    pub fn set_notices(&self, sink: NoticeSink) {
+        *lock(&self.0.notices) = Some(sink);
+    }
+
+    /// Passes `line` to the notice sink, if there is one.
+    pub fn notice(&self, line: &str) {
+        let sink = lock(&self.0.notices).clone();
+        if let Some(sink) = sink {
+            sink(line);
+        }
+    }
+
     /// Opens the storage `loc` names, for writing if `writable`, holding the image locks
     /// `locks`; with blkdebug rules for it, wrapped so that its I/O fails by them.
     pub fn open(
@@ -265,6 +296,12 @@ impl Opener {
     /// What identifies the storage `loc` names.
     pub fn identity(&self, loc: &Locator) -> io::Result<StorageId> {
         kind_of(loc).identity(loc)
+    }
+
+    /// The one spelling of `loc`, by which a chain's loops are found (see
+    /// [`StorageKind::canonical`]).
+    pub fn canonical(&self, loc: &Locator) -> io::Result<LocatorBuf> {
+        kind_of(loc).canonical(loc)
     }
 
     /// Whether `a` and `b` name the same storage; `false` if either cannot be looked at.

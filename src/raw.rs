@@ -15,6 +15,9 @@ use crate::prealloc::Preallocation;
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
+pub mod create;
+pub mod measure;
+
 /// The raw format's driver ([`crate::block::FormatDriver`]).
 pub struct RawDriver;
 
@@ -51,12 +54,11 @@ impl FormatDriver for RawDriver {
         let locks = RAW
             .locks(guard.sharing(), writable, guard.depth() == 1)
             .map_err(|e| e.with_path(path))?;
-        Ok(Box::new(RawImage::open_with(
-            guard.opener(),
-            path,
-            writable,
-            locks,
-        )?))
+        let image = RawImage::open_with(guard.opener(), path, writable, locks)?;
+        Ok(Box::new(match guard.cache_direct() {
+            true => image.direct(),
+            false => image,
+        }))
     }
 
     fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
@@ -71,6 +73,46 @@ impl FormatDriver for RawDriver {
             ),
             ("size=<size>", "virtual disk size"),
         ]
+    }
+
+    fn prepare_create(
+        &self,
+        request: &crate::ops::create::CreateRequest<'_>,
+    ) -> Result<Box<dyn crate::ops::create::FormatCreation>> {
+        Ok(Box::new(create::RawCreation::prepare(request)?))
+    }
+
+    fn measure(
+        &self,
+        options: &[String],
+        size: Option<u64>,
+        source: Option<&dyn BlockImage>,
+    ) -> Result<crate::ops::measure::Measurement> {
+        measure::measure(options, size, source)
+    }
+
+    /// Only the options that change nothing for vimg (`extent_size_hint`).
+    fn check_target_options(&self, options: &[String]) -> Result<()> {
+        let ok =
+            |o: &String| crate::qcow2::parse_options(o).is_ok_and(|u| u.given_keys().is_empty());
+        match options.iter().all(ok) {
+            true => Ok(()),
+            false => Err(Error::unsupported(
+                "-o options are not supported for raw targets yet",
+            )),
+        }
+    }
+
+    /// A new raw file of `size` bytes (no options; raw records no backing file).
+    fn create_target(
+        &self,
+        path: &Path,
+        size: u64,
+        _options: &[String],
+        _backing: (Option<String>, Option<String>),
+        _no_backing: bool,
+    ) -> Result<Box<dyn BlockImage>> {
+        Ok(Box::new(RawImage::create(path, size)?))
     }
 }
 
@@ -333,6 +375,12 @@ impl BlockImage for RawImage {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The file itself: a layer below another image is read through
+    /// [`crate::chain_read::read_through`], whose default read of a stored range reads here.
+    fn stored_data(&self) -> Option<&dyn Storage> {
+        Some(self.storage.as_ref())
+    }
+
     fn as_resize(&self) -> Option<&dyn crate::capability::Resize> {
         Some(self)
     }
@@ -348,7 +396,7 @@ impl BlockImage for RawImage {
     fn layer_info(&self) -> Result<LayerInfo> {
         Ok(LayerInfo {
             filename: self.path.display().to_string(),
-            format: RAW,
+            format: RAW.as_str(),
             virtual_size: self.size,
             actual_size: self.actual_size(),
             cluster_size: None,

@@ -86,6 +86,31 @@ pub trait Storage: Send + Sync {
     }
 }
 
+/// A file's identity: the device it is on and its inode number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file `path` names (through symbolic links); `None` if it does not
+    /// exist or cannot be looked at.
+    pub fn of(path: &Path) -> Option<FileId> {
+        Self::of_file(path).ok()
+    }
+
+    /// The identity of the file `path` names (through symbolic links), or why it cannot be
+    /// looked at.
+    pub fn of_file(path: &Path) -> std::io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).map(|m| FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
 /// What a format driver is about to do, told to its storage ([`Storage::debug_event`]); a
 /// subset of qemu's `BlkdebugEvent`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,9 +19,7 @@
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
-use crate::open::{open_image, OpenOptions};
 use crate::ops::convert::{rename_tmp, TempFile};
-use crate::raw::RawImage;
 use crate::vma::format::{ArchiveHeader, ConfigFile, MAX_BLOB_LEN};
 use crate::vma::job::{BackupJob, BackupStats, Progress};
 use crate::vma::reader::VmaReader;
@@ -350,10 +348,7 @@ pub fn prepare_extract(
     opts: &ExtractOptions,
 ) -> Result<ExtractPlan> {
     let shown = archive.display_path(true).to_path_buf();
-    if opts.format != ImageFormat::Raw && opts.format != ImageFormat::Qcow2 {
-        return Err(Error::unsupported("extract writes raw or qcow2 images"));
-    }
-    if opts.format == ImageFormat::Raw && !opts.options.is_empty() {
+    if !opts.format.driver().target_takes_options() && !opts.options.is_empty() {
         return Err(Error::invalid_input(
             "-o options are for qcow2 images (-O qcow2)",
         ));
@@ -434,20 +429,23 @@ pub fn prepare_extract(
         });
         tmp_names.push(dir.join(tmp));
     }
-    // qcow2 options are checked before the directory is made.
-    let qcow2_args = |path: &Path, size: u64| crate::ops::create::CreateArgs {
-        format: ImageFormat::Qcow2,
-        filename: path.to_path_buf(),
-        options: opts.options.clone(),
-        backing_file: None,
-        backing_format: None,
-        unsafe_backing: false,
-        size: Some(size.to_string()),
+    // The disks' options are checked before the directory is made (the vmstate is a plain
+    // file of bytes, made without options).
+    let options_of = |d: &PlannedDevice| match d.format == opts.format {
+        true => opts.options.clone(),
+        false => Vec::new(),
     };
     for (d, tmp) in devices.iter().zip(&tmp_names) {
-        if d.format == ImageFormat::Qcow2 {
-            crate::ops::create::prepare(&qcow2_args(tmp, d.size)).in_file(&d.path)?;
-        }
+        crate::ops::create::prepare(&crate::ops::create::CreateArgs {
+            format: d.format,
+            filename: tmp.to_path_buf(),
+            options: options_of(d),
+            backing_file: None,
+            backing_format: None,
+            unsafe_backing: false,
+            size: Some(d.size.to_string()),
+        })
+        .in_file(&d.path)?;
     }
 
     let mut made = Made::default();
@@ -463,22 +461,11 @@ pub fn prepare_extract(
     let mut images: Vec<(Box<dyn BlockImage>, PathBuf)> = Vec::new();
     for (d, tmp) in devices.iter().zip(tmp_names) {
         made.file(&tmp);
-        let image: Box<dyn BlockImage> = if d.format == ImageFormat::Raw {
-            Box::new(RawImage::create(&tmp, d.size).in_file(&d.path)?)
-        } else {
-            crate::ops::create::create(&qcow2_args(&tmp, d.size))
-                .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
-            open_image(
-                &tmp,
-                &OpenOptions {
-                    format: Some(d.format),
-                    writable: true,
-                    no_backing: true,
-                    ..OpenOptions::default()
-                },
-            )
-            .map_err(|e| rename_tmp(e, &tmp, &d.path))?
-        };
+        let image = d
+            .format
+            .driver()
+            .create_target(&tmp, d.size, &options_of(d), (None, None), true)
+            .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
         // Metadata is written once, at the end, and nothing waits for the disk (raw files are
         // not synced, as `convert` does not sync by default); a failed restore removes the
         // image.
@@ -536,5 +523,42 @@ impl ExtractPlan {
         }
         self.made.keep = true;
         Ok(tally)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extract_options_are_checked_before_the_archive_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = ArchivePath::File(dir.path().join("none.vma"));
+        let out = dir.path().join("out");
+        let refusal = |format, options: &[&str]| {
+            let opts = ExtractOptions {
+                format,
+                options: options.iter().map(|o| o.to_string()).collect(),
+                ..ExtractOptions::default()
+            };
+            match prepare_extract(&missing, &out, &opts) {
+                Ok(_) => panic!("extracted a missing archive"),
+                Err(e) => e.to_string(),
+            }
+        };
+        // Raw images take no -o, not even one that convert accepts as changing nothing.
+        for o in ["extent_size_hint=1M", "cluster_size=4k"] {
+            let e = refusal(ImageFormat::Raw, &[o]);
+            assert!(
+                e.contains("-o options are for qcow2 images (-O qcow2)"),
+                "{e}"
+            );
+        }
+        let e = refusal(ImageFormat::Qcow2, &["backing_file=x"]);
+        assert!(e.contains("cannot have a backing file"), "{e}");
+        // qcow2 takes its options: what fails then is the missing archive.
+        let e = refusal(ImageFormat::Qcow2, &["cluster_size=4k"]);
+        assert!(!e.contains("-o") && e.contains("none.vma"), "{e}");
+        assert!(!out.exists());
     }
 }

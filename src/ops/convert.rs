@@ -31,7 +31,7 @@ pub use bitmaps::source_bitmaps;
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
 use crate::open::{open_image, resolve_relative, same_file, OpenOptions};
-use crate::raw::RawImage;
+use crate::opener::Opener;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -109,6 +109,8 @@ pub struct ConvertOptions {
     /// Copy offloading (`-C`): data ranges are copied whole, zero blocks in them included, as
     /// qemu-img's offloaded copy does (vimg copies them with its own reads and writes).
     pub copy_offload: bool,
+    /// What opens the target's storage.
+    pub opener: Opener,
 }
 
 impl Default for ConvertOptions {
@@ -131,6 +133,7 @@ impl Default for ConvertOptions {
             quiet: false,
             rate_limit: 0,
             copy_offload: false,
+            opener: Opener::default(),
         }
     }
 }
@@ -184,29 +187,27 @@ pub fn validate(sources: usize, dst: &Path, opts: &ConvertOptions) -> Result<()>
     if sources == 0 {
         return bad("Must specify image file name");
     }
-    let qcow2 = opts.output_format == ImageFormat::Qcow2;
+    let driver = opts.output_format.driver();
     if opts.target_is_zero && !opts.no_create {
         return bad("--target-is-zero requires use of -n flag");
     }
     if opts.no_create && !opts.target_options.is_empty() {
         return bad("-o has no effect when skipping image creation");
     }
-    if opts.compress && !qcow2 {
+    if opts.compress && !driver.supports_compressed_writes() {
         return Err(
             Error::invalid_input("compression (-c) needs a qcow2 target (-O qcow2)").with_path(dst),
         );
     }
-    if !qcow2 && opts.backing_file.is_some() {
-        return bad("Backing file not supported for file format 'raw'");
+    if !driver.supports_backing_file() && opts.backing_file.is_some() {
+        return bad(&format!(
+            "Backing file not supported for file format '{}'",
+            opts.output_format
+        ));
     }
-    // Raw targets take the options that change nothing for vimg (extent_size_hint).
-    let raw_ok =
-        |o: &String| crate::qcow2::parse_options(o).is_ok_and(|u| u.given_keys().is_empty());
-    if !qcow2 && !opts.target_options.iter().all(raw_ok) {
-        return Err(
-            Error::unsupported("-o options are not supported for raw targets yet").with_path(dst),
-        );
-    }
+    driver
+        .check_target_options(&opts.target_options)
+        .map_err(|e| e.with_path(dst))?;
     let (file, format) = target_backing(opts);
     if file.is_some() && sources > 1 {
         return bad(
@@ -264,7 +265,7 @@ pub fn convert(
             &joined
         }
     };
-    let qcow2 = opts.output_format == ImageFormat::Qcow2;
+    let driver = opts.output_format.driver();
     let size = src.virtual_size();
     let bitmaps = match opts.bitmaps {
         true => Some(source_bitmaps(src, opts)?.0),
@@ -293,7 +294,7 @@ pub fn convert(
         // The existing target may hold old data: everything is written, zeros included
         // (unless it is known to read as zeros). Its backing file is relied on only with -B,
         // as qemu-img does, and then only where the target holds nothing of its own.
-        let target = open_target(dst, opts.output_format)?;
+        let target = open_target(dst, opts.output_format, &opts.opener)?;
         if opts.backing_file.is_some() {
             if let Some(b) = target.backing() {
                 plan.backing = Some(b);
@@ -314,7 +315,7 @@ pub fn convert(
         };
         plan.dst = target.as_ref();
         plan.zero_needed = !opts.target_is_zero;
-        plan.ordered = qcow2 && !opts.out_of_order;
+        plan.ordered = driver.writes_in_order() && !opts.out_of_order;
         copy::run(&plan, progress)?;
         if let Some((to, list)) = bitmap_target {
             bitmaps::copy(src, to, list)?;
@@ -342,29 +343,20 @@ pub fn convert(
     // use elsewhere is refused, and stays untouched until the new one is renamed over it.
     let _replaced = lock_replaced(&dst)?;
     let tmp = TempFile::create_near(&dst)?;
-    if qcow2 {
-        crate::ops::create::create(&crate::ops::create::CreateArgs {
-            format: ImageFormat::Qcow2,
-            filename: tmp.path.clone(),
-            options: opts.target_options.clone(),
-            backing_file: opts.backing_file.clone(),
-            backing_format: opts.backing_format.clone(),
-            // The backing chain is opened right below, with the target, and a failure there
-            // is reported on one line as qemu-img reports it.
-            unsafe_backing: true,
-            size: Some(size.to_string()),
-        })
-        .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
-        // Opened with its backing chain, so that zero writes know what lies below.
-        let target = open_image(
-            &tmp.path,
-            &OpenOptions {
-                format: Some(ImageFormat::Qcow2),
-                writable: true,
-                ..OpenOptions::default()
-            },
-        )
-        .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
+    {
+        // The new image, made by its format's driver and closed at the end of this block,
+        // before it is renamed over the destination. Opened with its backing chain, so that
+        // zero writes know what lies below; a failure to open that chain is reported on one
+        // line as qemu-img reports it.
+        let target = driver
+            .create_target(
+                &tmp.path,
+                size,
+                &opts.target_options,
+                (opts.backing_file.clone(), opts.backing_format.clone()),
+                false,
+            )
+            .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         target.set_unsafe_cache(!opts.sync);
         let bitmap_target = match &bitmaps {
             Some(list) => Some((
@@ -382,7 +374,7 @@ pub fn convert(
             })?),
             false => None,
         };
-        plan.ordered = !opts.out_of_order;
+        plan.ordered = driver.writes_in_order() && !opts.out_of_order;
         plan.backing = target.backing();
         if let Some(b) = plan.backing {
             // The new image replaces a file its own backing chain reads: refused.
@@ -399,14 +391,6 @@ pub fn convert(
         target
             .finish()
             .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
-    } else {
-        let target =
-            RawImage::create(&tmp.path, size).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
-        plan.dst = &target;
-        copy::run(&plan, progress).map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
-        if opts.sync {
-            target.flush()?;
-        }
     }
     if let Some(perm) = keep_permissions {
         std::fs::set_permissions(&tmp.path, perm)
@@ -464,12 +448,13 @@ fn inherited_layer(src: &dyn BlockImage, backing: &dyn BlockImage) -> Option<u32
 
 /// Opens an existing target for writing in place (`-n`), with its backing chain so that zero
 /// writes know what lies below.
-fn open_target(dst: &Path, format: ImageFormat) -> Result<Box<dyn BlockImage>> {
+fn open_target(dst: &Path, format: ImageFormat, opener: &Opener) -> Result<Box<dyn BlockImage>> {
     open_image(
         dst,
         &OpenOptions {
             format: Some(format),
             writable: true,
+            opener: opener.clone(),
             ..OpenOptions::default()
         },
     )
@@ -687,6 +672,7 @@ impl TextProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raw::RawImage;
 
     #[test]
     fn text_progress_only_moves_forward() {

@@ -7,17 +7,18 @@
 //! [`CreatePlan::execute`] writes the image. [`options_help`] is the `-o help` text. Nothing
 //! here prints.
 //!
-//! qcow2 images are written by [`crate::qcow2::create`] (qcow2.rst "Header", "Host cluster
-//! management", "Cluster mapping"); raw images by [`create_raw`].
+//! What is common to every format is here: the `-o` options merged, `-b`/`-F`, the size, and
+//! the checks of a backing file ([`CreateRequest::check_backing`], for a format that records
+//! one). The rest is the format's ([`crate::block::FormatDriver::prepare_create`] returns its
+//! [`FormatCreation`]): qcow2 images are written by [`crate::qcow2::create()`] (qcow2.rst
+//! "Header", "Host cluster management", "Cluster mapping"), raw images by
+//! [`crate::raw::create`].
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result};
 use crate::open::{open_image, resolve_relative, OpenOptions};
 use crate::ops::size::parse_size;
-use crate::prealloc::{grow_file, Preallocation};
-use crate::qcow2::{
-    create_file, parse_options, round_size, CompressionType, CreateOptions, OptionUpdates,
-};
+use crate::qcow2::{parse_options, OptionUpdates};
 use std::path::{Path, PathBuf};
 
 /// The pieces of a `vimg create` command line.
@@ -39,30 +40,129 @@ pub struct CreateArgs {
     pub size: Option<String>,
 }
 
-/// A validated create request, ready to run.
-#[derive(Debug, Clone)]
-pub enum CreatePlan {
-    /// A raw image.
-    Raw {
-        /// The file to create.
-        path: PathBuf,
-        /// Size in bytes as requested (rounded up to 512 bytes when written).
-        size: u64,
-        /// Preallocation mode.
-        preallocation: Preallocation,
-        /// Whether `preallocation` was given explicitly (it is then shown in the
-        /// formatting line).
-        preallocation_given: bool,
-    },
-    /// A qcow2 image.
-    Qcow2 {
-        /// The file to create.
-        path: PathBuf,
-        /// The complete options.
-        options: Box<CreateOptions>,
-        /// The `-o` options as given (the formatting line shows some only when given).
-        given: Box<OptionUpdates>,
-    },
+/// A validated create request, ready to run: the format's part of it
+/// ([`crate::block::FormatDriver::prepare_create`]).
+#[derive(Debug)]
+pub struct CreatePlan {
+    /// The file to create.
+    path: PathBuf,
+    /// What the format writes.
+    creation: Box<dyn FormatCreation>,
+}
+
+/// A format's checked create request, ready to write (returned by
+/// [`crate::block::FormatDriver::prepare_create`]).
+pub trait FormatCreation: std::fmt::Debug + Send + Sync {
+    /// The line qemu-img prints before creating (see [`CreatePlan::formatting_line`]).
+    fn formatting_line(&self) -> String;
+
+    /// Writes the image (truncating an existing file). A failed create removes the files it
+    /// made; its own checks that qemu-img makes after the "Formatting" line come first.
+    fn execute(&self) -> Result<()>;
+}
+
+/// What a format's [`crate::block::FormatDriver::prepare_create`] is given: the command line's pieces that
+/// are common to every format, parsed.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateRequest<'a> {
+    /// The file to create.
+    pub path: &'a Path,
+    /// The `-o` options merged in order, with `-b`/`-F` applied over `backing_file` and
+    /// `backing_fmt`.
+    pub given: &'a OptionUpdates,
+    /// The size given as SIZE or `-o size`, if any.
+    pub size: Option<u64>,
+    /// `-u`: the backing file is not opened.
+    pub unsafe_backing: bool,
+}
+
+impl CreateRequest<'_> {
+    /// An error about the new image, as qemu-img words it (the file named first).
+    pub fn file_error(&self, what: impl Into<String>) -> Error {
+        Error::invalid_input(what.into()).with_path(self.path)
+    }
+
+    /// The size of the new image: as given, else refused in qemu-img's words.
+    pub fn required_size(&self, size: Option<u64>) -> Result<u64> {
+        size.ok_or_else(|| self.file_error("Image creation needs a size parameter"))
+    }
+
+    /// The checks qemu-img makes on a backing file before it prints its "Formatting" line, in
+    /// its order and words (`bdrv_img_create`), for a format that records one: the name, the
+    /// format, and unless `-u` the backing file itself, opened with its chain (which also
+    /// proves the format right; the new image and its data file may not be part of that
+    /// chain). Returns the size of the new image: as given, else the backing file's.
+    pub fn check_backing(&self) -> Result<u64> {
+        let given = self.given;
+        let mut size = self.size;
+        let file_err = |what: String| self.file_error(what);
+        if let Some(name) = &given.backing_file {
+            if name.is_empty() {
+                return Err(file_err(
+                    "Expected backing file name, got empty string".into(),
+                ));
+            }
+            let bpath = resolve_relative(self.path, name)?;
+            if same_file(&bpath, self.path) || Path::new(name) == self.path {
+                return Err(file_err(
+                    "Error: Trying to create an image with the same filename as the \
+                     backing file"
+                        .into(),
+                ));
+            }
+            if let Some(fmt) = &given.backing_fmt {
+                if !KNOWN_FORMATS.contains(&fmt.as_str()) {
+                    return Err(file_err(if self.unsafe_backing {
+                        format!("Parameter 'backing-fmt' does not accept value '{fmt}'")
+                    } else {
+                        format!("Unknown driver '{fmt}'\nCould not open backing image.")
+                    }));
+                }
+            }
+            if !self.unsafe_backing {
+                let format = given
+                    .backing_fmt
+                    .as_deref()
+                    .map(ImageFormat::from_name)
+                    .transpose()?;
+                let img = open_image(
+                    &bpath,
+                    &OpenOptions {
+                        format,
+                        writable: false,
+                        no_backing: false,
+                        ..OpenOptions::default()
+                    },
+                )
+                .map_err(|e| {
+                    Error::new(
+                        e.kind(),
+                        format!("{}\nCould not open backing image.", e.while_opening()),
+                    )
+                    .with_path(self.path)
+                })?;
+                if given.backing_fmt.is_none() {
+                    return Err(file_err(format!(
+                        "Backing file specified without backing format\nDetected format of \
+                         {}.",
+                        img.format()
+                    )));
+                }
+                let data = match &given.data_file {
+                    Some(d) => Some(resolve_relative(self.path, d)?),
+                    None => None,
+                };
+                if data.as_deref().is_some_and(|d| same_file(&bpath, d)) {
+                    return Err(file_err(
+                        "the external data file cannot be the backing file".into(),
+                    ));
+                }
+                refuse_over_chain(self.path, data.as_deref(), img.as_ref())?;
+                size = size.or(Some(img.virtual_size()));
+            }
+        }
+        self.required_size(size)
+    }
 }
 
 /// Formats qemu-img knows as backing formats; with `-u` any of them may be recorded, since the
@@ -177,111 +277,17 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
             "the image size must be given only once (SIZE or -o size)",
         ));
     }
-    let mut size = positional.or(given.size);
-
-    if args.format == ImageFormat::Raw {
-        // qemu-img's checks before its "Formatting" line, in its words.
-        let file_err = |what: String| Error::invalid_input(what).with_path(&args.filename);
-        let extra: Vec<&str> = given
-            .given_keys()
-            .into_iter()
-            .filter(|k| *k != "size" && *k != "preallocation")
-            .collect();
-        if let Some(k) = extra.first() {
-            return Err(file_err(if k.starts_with("backing") {
-                "Backing file not supported for file format 'raw'".to_string()
-            } else {
-                format!("Invalid parameter '{k}'")
-            }));
-        }
-        let preallocation = given.preallocation.unwrap_or_default();
-        let size = size.ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
-        Ok(CreatePlan::Raw {
-            path: args.filename.clone(),
-            size,
-            preallocation,
-            preallocation_given: given.preallocation.is_some(),
-        })
-    } else {
-        let mut opts = CreateOptions::default();
-        opts.apply(&given);
-        // The checks qemu-img makes before it prints its "Formatting" line, in its order
-        // and words (bdrv_img_create); the format's own checks (CreateOptions::validate)
-        // follow when the plan is executed, after that line, as in qemu-img.
-        let file_err = |what: String| Error::invalid_input(what).with_path(&args.filename);
-        if let Some(name) = &opts.backing_file {
-            if name.is_empty() {
-                return Err(file_err(
-                    "Expected backing file name, got empty string".into(),
-                ));
-            }
-            let bpath = resolve_relative(&args.filename, name)?;
-            if same_file(&bpath, &args.filename) || Path::new(name) == args.filename {
-                return Err(file_err(
-                    "Error: Trying to create an image with the same filename as the \
-                     backing file"
-                        .into(),
-                ));
-            }
-            if let Some(fmt) = &opts.backing_fmt {
-                if !KNOWN_FORMATS.contains(&fmt.as_str()) {
-                    return Err(file_err(if args.unsafe_backing {
-                        format!("Parameter 'backing-fmt' does not accept value '{fmt}'")
-                    } else {
-                        format!("Unknown driver '{fmt}'\nCould not open backing image.")
-                    }));
-                }
-            }
-            if !args.unsafe_backing {
-                let format = opts
-                    .backing_fmt
-                    .as_deref()
-                    .map(ImageFormat::from_name)
-                    .transpose()?;
-                let img = open_image(
-                    &bpath,
-                    &OpenOptions {
-                        format,
-                        writable: false,
-                        no_backing: false,
-                        ..OpenOptions::default()
-                    },
-                )
-                .map_err(|e| {
-                    Error::new(
-                        e.kind(),
-                        format!("{}\nCould not open backing image.", e.while_opening()),
-                    )
-                    .with_path(&args.filename)
-                })?;
-                if opts.backing_fmt.is_none() {
-                    return Err(file_err(format!(
-                        "Backing file specified without backing format\nDetected format of \
-                         {}.",
-                        img.format()
-                    )));
-                }
-                let data = match &opts.data_file {
-                    Some(d) => Some(resolve_relative(&args.filename, d)?),
-                    None => None,
-                };
-                if data.as_deref().is_some_and(|d| same_file(&bpath, d)) {
-                    return Err(file_err(
-                        "the external data file cannot be the backing file".into(),
-                    ));
-                }
-                refuse_over_chain(&args.filename, data.as_deref(), img.as_ref())?;
-                size = size.or(Some(img.virtual_size()));
-            }
-        }
-        let size = size.ok_or_else(|| file_err("Image creation needs a size parameter".into()))?;
-        opts.size = size;
-        Ok(CreatePlan::Qcow2 {
-            path: args.filename.clone(),
-            options: Box::new(opts),
-            given: Box::new(given),
-        })
-    }
+    let size = positional.or(given.size);
+    let request = CreateRequest {
+        path: &args.filename,
+        given: &given,
+        size,
+        unsafe_backing: args.unsafe_backing,
+    };
+    Ok(CreatePlan {
+        path: args.filename.clone(),
+        creation: args.format.driver().prepare_create(&request)?,
+    })
 }
 
 impl CreatePlan {
@@ -291,64 +297,7 @@ impl CreatePlan {
     /// with `preallocation`, `compat` and `data_file_raw` only when given. Values are shown
     /// normalised (`compat=1.1` for `v3`, `on`/`off` for booleans).
     pub fn formatting_line(&self) -> String {
-        let onoff = |b: bool| if b { "on" } else { "off" };
-        match self {
-            CreatePlan::Raw {
-                path,
-                size,
-                preallocation,
-                preallocation_given,
-            } => {
-                let mut s = format!("Formatting '{}', fmt=raw size={size}", path.display());
-                if *preallocation_given {
-                    s.push_str(&format!(" preallocation={}", preallocation.as_str()));
-                }
-                s
-            }
-            CreatePlan::Qcow2 {
-                path,
-                options: o,
-                given,
-            } => {
-                let mut s = format!(
-                    "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={}",
-                    path.display(),
-                    o.cluster_size,
-                    onoff(o.extended_l2)
-                );
-                if given.preallocation.is_some() {
-                    s.push_str(&format!(" preallocation={}", o.preallocation.as_str()));
-                }
-                let ct = match o.compression_type {
-                    CompressionType::Zlib => "zlib",
-                    CompressionType::Zstd => "zstd",
-                };
-                s.push_str(&format!(" compression_type={ct} size={}", o.size));
-                if given.compat.is_some() {
-                    s.push_str(&format!(" compat={}", o.compat.as_str()));
-                }
-                if let Some(b) = &o.backing_file {
-                    // qemu prints option values with their commas doubled.
-                    s.push_str(&format!(" backing_file={}", b.replace(',', ",,")));
-                }
-                if let Some(f) = &o.backing_fmt {
-                    s.push_str(&format!(" backing_fmt={f}"));
-                }
-                if let Some(d) = &o.data_file {
-                    s.push_str(&format!(" data_file={d}"));
-                }
-                if given.data_file_raw.is_some() {
-                    s.push_str(&format!(" data_file_raw={}", onoff(o.data_file_raw)));
-                }
-                s.push_str(&format!(
-                    " lazy_refcounts={} refcount_bits={}",
-                    onoff(o.lazy_refcounts),
-                    // Signed, as qemu prints it (a negative width given wrapped around).
-                    o.refcount_bits as i64
-                ));
-                s
-            }
-        }
+        self.creation.formatting_line()
     }
 
     /// Creates the image (truncating an existing file, as qemu-img does). A failed create
@@ -356,33 +305,11 @@ impl CreatePlan {
     pub fn execute(&self) -> Result<()> {
         // A file this makes is removed if a signal stops it half-made; an existing one (already
         // truncated by then) is left.
-        let path = match self {
-            CreatePlan::Raw { path, .. } | CreatePlan::Qcow2 { path, .. } => path,
-        };
-        let _partial = match std::fs::symlink_metadata(path) {
-            Err(_) => crate::interrupt::remove_on_signal(path),
+        let _partial = match std::fs::symlink_metadata(&self.path) {
+            Err(_) => crate::interrupt::remove_on_signal(&self.path),
             Ok(_) => crate::interrupt::Registered::none(),
         };
-        match self {
-            CreatePlan::Raw {
-                path,
-                size,
-                preallocation,
-                ..
-            } => {
-                // After the "Formatting" line, as qemu-img refuses it.
-                if *preallocation == Preallocation::Metadata {
-                    return Err(
-                        Error::invalid_input("Unsupported preallocation mode: metadata")
-                            .with_path(path),
-                    );
-                }
-                create_raw(path, *size, *preallocation)
-            }
-            CreatePlan::Qcow2 { path, options, .. } => {
-                crate::qcow2::create(path, options).map_err(|e| e.with_path(path))
-            }
-        }
+        self.creation.execute()
     }
 }
 
@@ -393,32 +320,12 @@ pub fn create(args: &CreateArgs) -> Result<String> {
     Ok(plan.formatting_line())
 }
 
-/// Creates (or truncates) the raw image at `path` with `size` bytes, rounded up to whole
-/// 512-byte sectors as qemu does, preallocated as `mode` says: `Off` sparse, `Falloc`
-/// fallocated, `Full` written with zeros (`Metadata` has no meaning for raw files and is
-/// refused). Like qemu-img, the first 4 KiB are written so that the file's block size can be
-/// probed. A failed create removes the file.
-pub fn create_raw(path: &Path, size: u64, mode: Preallocation) -> Result<()> {
-    if mode == Preallocation::Metadata {
-        return Err(Error::invalid_input(
-            "preallocation=metadata is not supported for raw images (use falloc or full)",
-        ));
-    }
-    let file = create_file(path)?;
-    let r = grow_file(&file, path, round_size(size), mode).and_then(|()| {
-        file.sync_all()
-            .map_err(|e| Error::io("flush failed", e).with_path(path))
-    });
-    if r.is_err() {
-        drop(file);
-        crate::storage::remove_failed_output(path);
-    }
-    r
-}
+pub use crate::raw::create::create_raw;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prealloc::Preallocation;
 
     fn args(format: ImageFormat, file: &Path, opts: &[&str], size: Option<&str>) -> CreateArgs {
         CreateArgs {

@@ -58,6 +58,7 @@ pub fn collect(path: &Path, opts: &InfoOptions) -> Result<Vec<LayerReport>> {
             no_backing: !opts.backing_chain,
             sharing: opts.sharing,
             opener: opts.opener.clone(),
+            ..OpenOptions::default()
         },
     )?;
     let mut layers = Vec::new();

@@ -86,6 +86,7 @@ pub fn run(
             no_backing: true,
             sharing,
             opener: opener.clone(),
+            ..OpenOptions::default()
         },
     );
     let mut img = match opened {

@@ -56,4 +56,88 @@ impl FormatDriver for Qcow2Driver {
     fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
         Some(super::edit::amend::AMEND_OPTION_HELP)
     }
+
+    fn prepare_create(
+        &self,
+        request: &crate::ops::create::CreateRequest<'_>,
+    ) -> Result<Box<dyn crate::ops::create::FormatCreation>> {
+        Ok(Box::new(super::creation::Qcow2Creation::prepare(request)?))
+    }
+
+    fn measure(
+        &self,
+        options: &[String],
+        size: Option<u64>,
+        source: Option<&dyn BlockImage>,
+    ) -> Result<crate::ops::measure::Measurement> {
+        super::measure::measure(options, size, source)
+    }
+
+    /// Created as `create -f qcow2 -u` makes it, with `options` and `backing` (whose chain a
+    /// failure to open reports on one line, as qemu-img does), then opened writable.
+    fn create_target(
+        &self,
+        path: &Path,
+        size: u64,
+        options: &[String],
+        backing: (Option<String>, Option<String>),
+        no_backing: bool,
+    ) -> Result<Box<dyn BlockImage>> {
+        crate::ops::create::create(&crate::ops::create::CreateArgs {
+            format: super::QCOW2,
+            filename: path.to_path_buf(),
+            options: options.to_vec(),
+            backing_file: backing.0,
+            backing_format: backing.1,
+            unsafe_backing: true,
+            size: Some(size.to_string()),
+        })?;
+        crate::open::open_image(
+            path,
+            &crate::open::OpenOptions {
+                format: Some(super::QCOW2),
+                writable: true,
+                no_backing,
+                ..crate::open::OpenOptions::default()
+            },
+        )
+    }
+
+    fn repair(
+        &self,
+        path: &Path,
+        all: bool,
+        opener: &crate::opener::Opener,
+    ) -> Option<Result<crate::check::CheckReport>> {
+        use super::repair::{repair_file, RepairMode};
+        Some(repair_file(
+            path,
+            if all {
+                RepairMode::All
+            } else {
+                RepairMode::Leaks
+            },
+            opener,
+        ))
+    }
+
+    fn target_takes_options(&self) -> bool {
+        true
+    }
+
+    fn supports_backing_file(&self) -> bool {
+        true
+    }
+
+    fn supports_compressed_writes(&self) -> bool {
+        true
+    }
+
+    fn supports_persistent_bitmaps(&self) -> bool {
+        true
+    }
+
+    fn writes_in_order(&self) -> bool {
+        true
+    }
 }

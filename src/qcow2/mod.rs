@@ -40,7 +40,9 @@
 //! - repairs: [`repair()`], [`repair_file`], [`RepairMode`];
 //! - [`hostile`], for the fuzz targets and the hostile-input tests.
 //!
-//! This module holds [`Qcow2Image`], which maps guest ranges to where they live and reads them.
+//! This module holds [`Qcow2Image`], which maps guest ranges to where they live (its block
+//! status) and reads what it stores, decompressing compressed clusters; reading through the
+//! backing chain is [`crate::chain_read`]'s.
 
 #![warn(unreachable_pub)]
 
@@ -49,11 +51,13 @@ mod cache;
 mod capabilities;
 mod check;
 mod create;
+mod creation;
 mod data_file;
 mod driver;
 mod edit;
 mod format;
 pub mod hostile;
+mod measure;
 mod refcount;
 mod snapshot;
 mod write;
@@ -80,6 +84,7 @@ use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::info::{FormatSpecific, LayerInfo, Qcow2Info};
 use crate::offsets::{GuestOffset, HostOffset};
 use crate::open::{open_layer, probe_format_with, ChainGuard};
+use crate::opener::Opener;
 use crate::storage::Storage;
 use bitmap::directory as bitmaps;
 use byteorder::{BigEndian, ByteOrder};
@@ -226,7 +231,7 @@ impl Qcow2Image {
             header,
         };
         if writable {
-            img.prepare_for_writing()?;
+            img.prepare_for_writing(guard.opener())?;
         }
         if let Some(name) = img.header.backing_file.clone() {
             let bpath = guard.opener().resolve(path, &name)?;
@@ -257,7 +262,7 @@ impl Qcow2Image {
     /// structures would not be kept up to date), builds the allocation state, with lazy
     /// refcounts if the image enables them, and starts the dirty tracking of the enabled
     /// persistent bitmaps ([`bitmap::track`]).
-    fn prepare_for_writing(&mut self) -> Result<()> {
+    fn prepare_for_writing(&mut self, opener: &Opener) -> Result<()> {
         if self.header.is_corrupt() {
             return Err(Error::new(
                 ErrorKind::ReadOnly,
@@ -265,7 +270,7 @@ impl Qcow2Image {
             ));
         }
         if self.header.is_dirty() {
-            self.repair_dirty()?;
+            self.repair_dirty(opener)?;
         }
         // Damaged metadata is refused before anything is written.
         let mut st = write::path::WriteState::new(self)?;
@@ -308,9 +313,10 @@ impl Qcow2Image {
 
     /// Repairs a dirty image being opened read-write, as qemu's open does: every refcount is
     /// brought to the number of references and the COPIED flags follow; the repair clears the
-    /// dirty bit. The repair's lines go to standard error, as qemu prints them. Fails, leaving
-    /// the image dirty, if the repair cannot make it consistent.
-    fn repair_dirty(&mut self) -> Result<()> {
+    /// dirty bit. The repair's lines go to the opener's notices, which the binary prints on
+    /// standard error, as qemu prints them. Fails, leaving the image dirty, if the repair
+    /// cannot make it consistent.
+    fn repair_dirty(&mut self, opener: &Opener) -> Result<()> {
         self.write = Some(Mutex::new(write::path::WriteState::new(self)?));
         let report = repair::repair(self, repair::RepairMode::All);
         self.write = None;
@@ -321,7 +327,7 @@ impl Qcow2Image {
         // qemu's open prints what its check finds and repairs on standard error as it goes
         // (`ERROR cluster ...`, `Rebuilding refcount structure`, `Repairing ...`).
         for m in &report.messages {
-            eprintln!("{m}");
+            opener.notice(m);
         }
         if report.corruptions > 0 || report.check_errors > 0 {
             return Err(Error::corrupt(format!(
@@ -617,51 +623,43 @@ impl Qcow2Image {
         Ok(out)
     }
 
-    fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
-        let Some(b) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let bsize = b.virtual_size();
-        let inside = bsize.saturating_sub(guest).min(buf.len() as u64) as usize;
-        if inside > 0 {
-            b.read_at(&mut buf[..inside], GuestOffset(guest))?;
-        }
-        buf[inside..].fill(0);
-        Ok(())
+    /// Fills `buf` with the guest data at `guest`, through the backing chain
+    /// ([`crate::chain_read::read_through`]); errors name the layer that failed.
+    fn read_inner(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        crate::chain_read::read_through(self, buf, GuestOffset(guest))
     }
 
-    fn read_inner(&self, buf: &mut [u8], guest: u64) -> Result<()> {
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let g = guest + pos as u64;
-            let (slot, len) = self.map_slot(g, (buf.len() - pos) as u64)?;
-            let chunk = &mut buf[pos..pos + len as usize];
-            match slot {
-                Slot::Unallocated { .. } => self.read_backing(chunk, g)?,
-                Slot::Zero { .. } => chunk.fill(0),
-                Slot::Data { host } => {
-                    if self.data_file.is_none() && host >= self.file_len() {
-                        return Err(Error::corrupt(format!(
-                            "data cluster at {host:#x} (guest offset {g:#x}) lies beyond the end of the file"
-                        ))
-                        .at(host));
-                    }
-                    self.data_storage()
-                        .debug_event(crate::blkdebug::Event::ReadAio);
-                    self.data_storage()
-                        .read_at(chunk, host)
-                        .map_err(|e| Error::io("read failed", e).at(host))?;
-                }
-                Slot::Compressed(desc) => {
-                    let data = self.decompressed(desc)?;
-                    let start = (g & (self.header.cluster_size() - 1)) as usize;
-                    chunk.copy_from_slice(&data[start..start + chunk.len()]);
-                }
-            }
-            pos += len as usize;
+    /// Reads this layer's stored guest data at `guest` whose status is `status` (see
+    /// [`BlockImage::read_stored`]): compressed clusters are decompressed (through the
+    /// one-cluster cache), other data is read from the data storage after checking that it
+    /// lies inside the image file.
+    fn read_stored_inner(&self, buf: &mut [u8], guest: u64, status: &BlockStatus) -> Result<()> {
+        if status.compressed {
+            let (slot, _) = self.map_slot(guest, buf.len() as u64)?;
+            let Slot::Compressed(desc) = slot else {
+                return Err(Error::corrupt(format!(
+                    "the compressed cluster at guest offset {guest:#x} changed while it was read"
+                )));
+            };
+            let data = self.decompressed(desc)?;
+            let start = (guest & (self.header.cluster_size() - 1)) as usize;
+            let Some(src) = data.get(start..start + buf.len()) else {
+                return Err(Error::corrupt(format!(
+                    "read of {} bytes at guest offset {guest:#x} crosses a compressed cluster",
+                    buf.len()
+                )));
+            };
+            buf.copy_from_slice(src);
+            return Ok(());
         }
-        Ok(())
+        let host = crate::block::stored_offset(status, GuestOffset(guest))?;
+        if self.data_file.is_none() && host >= self.file_len() {
+            return Err(Error::corrupt(format!(
+                "data cluster at {host:#x} (guest offset {guest:#x}) lies beyond the end of the file"
+            ))
+            .at(host));
+        }
+        crate::block::read_host(self.data_storage(), buf, host)
     }
 
     fn status_inner(&self, guest: u64, max_len: u64) -> Result<BlockStatus> {
@@ -776,6 +774,10 @@ impl BlockImage for Qcow2Image {
         &self.path
     }
 
+    fn data_file_path(&self) -> Option<&Path> {
+        self.data_file.as_ref().map(|(_, p)| p.as_path())
+    }
+
     fn virtual_size(&self) -> u64 {
         self.header.size
     }
@@ -857,7 +859,7 @@ impl BlockImage for Qcow2Image {
         };
         Ok(LayerInfo {
             filename: self.path.display().to_string(),
-            format: QCOW2,
+            format: QCOW2.as_str(),
             virtual_size: h.size,
             actual_size: self.actual_size(),
             cluster_size: Some(h.cluster_size()),
@@ -937,6 +939,15 @@ impl BlockImage for Qcow2Image {
 
     fn set_unsafe_cache(&self, on: bool) {
         Qcow2Image::set_unsafe_cache(self, on)
+    }
+
+    fn stored_data(&self) -> Option<&dyn Storage> {
+        Some(self.data_storage())
+    }
+
+    fn read_stored(&self, buf: &mut [u8], guest: GuestOffset, status: &BlockStatus) -> Result<()> {
+        self.read_stored_inner(buf, guest.0, status)
+            .in_file(&self.path)
     }
 }
 

@@ -11,6 +11,7 @@ mod common;
 mod alloc_oracle;
 mod amend_oracle;
 mod bitmap_oracle;
+mod chain_read;
 mod check_oracle;
 mod commit_oracle;
 mod convert_oracle;

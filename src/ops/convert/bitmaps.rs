@@ -25,7 +25,7 @@ pub(super) fn validate(sources: usize, opts: &ConvertOptions) -> Result<()> {
     if sources > 1 {
         return bad("Copying bitmaps only possible with single source".into());
     }
-    if opts.output_format != crate::block::ImageFormat::Qcow2 {
+    if !opts.output_format.driver().supports_persistent_bitmaps() {
         return bad(format!(
             "Format driver '{}' does not support bitmaps",
             opts.output_format.as_str()
