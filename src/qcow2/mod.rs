@@ -13,7 +13,8 @@
 //!   them, `track` marks guest writes in them (`tracker` holds the state), `edit` adds,
 //!   removes, clears, enables, disables and merges them;
 //! - `check/`: the consistency check (`consistency`) and its repairs (`repair`);
-//! - `create/`: creating images;
+//! - `create/`: creating images (options, qemu's allocation plan, the writer), `create -f qcow2`
+//!   through the format driver, and `measure -O qcow2`;
 //! - `edit/`: changing an image in place: format options (`amend`, with `downgrade`), the
 //!   recorded backing file (`backing`, rebase), emptying the active state (`empty`, commit);
 //! - `cache.rs`: the bounded metadata table cache; `data_file.rs`: which file holds the guest
@@ -28,9 +29,10 @@
 //! - [`Qcow2Image`] (open, read, write, and the methods of the optional capabilities) and
 //!   [`Qcow2Driver`] (the format driver);
 //! - the header as read ([`Header`], [`CompressionType`], [`BitmapsExt`], [`FeatureName`],
-//!   [`UnknownExt`]), the byte offset of each of its fields ([`header_fields`]), and the L1/L2 entry masks and flags for reading the tables
-//!   [`Qcow2Image::l1`] and [`Qcow2Image::l2_table`] return ([`L1E_OFFSET_MASK`],
-//!   [`L2E_OFFSET_MASK`], [`OFLAG_COMPRESSED`], [`OFLAG_COPIED`], [`OFLAG_ZERO`]);
+//!   [`UnknownExt`]), the byte offset of each of its fields ([`header_fields`]), and the L1/L2
+//!   entry masks and flags for reading the tables [`Qcow2Image::l1`] and
+//!   [`Qcow2Image::l2_table`] return ([`L1E_OFFSET_MASK`], [`L2E_OFFSET_MASK`],
+//!   [`OFLAG_COMPRESSED`], [`OFLAG_COPIED`], [`OFLAG_ZERO`]);
 //! - creation: [`create()`] with [`CreateOptions`] and [`Compat`], and qemu's `-o` option
 //!   lists: [`split_option_list`], [`parse_options`] into [`OptionUpdates`];
 //! - [`compress_cluster`], the cluster compression writes use;
@@ -51,13 +53,11 @@ mod cache;
 mod capabilities;
 mod check;
 mod create;
-mod creation;
 mod data_file;
 mod driver;
 mod edit;
 mod format;
 pub mod hostile;
-mod measure;
 mod refcount;
 mod snapshot;
 mod write;

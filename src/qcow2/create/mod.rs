@@ -5,14 +5,21 @@
 //!
 //! - [`options`]: the options, qemu's `-o` lists, and the combinations qemu refuses;
 //! - [`plan`]: where every cluster goes, replaying qemu's allocation order in memory;
-//! - [`writer`]: writing the planned image.
+//! - [`writer`]: writing the planned image;
+//! - [`request`]: `create -f qcow2` through the format driver (the checked request and its
+//!   "Formatting" line);
+//! - [`mod@measure`]: `measure -O qcow2`, qemu-img's arithmetic for a new image.
 
+mod measure;
 mod options;
 mod plan;
+mod request;
 mod writer;
 
+pub(crate) use measure::measure;
 pub use options::{parse_options, split_option_list, Compat, CreateOptions, OptionUpdates};
 pub(crate) use options::{round_size, OPTION_HELP};
+pub(crate) use request::Qcow2Creation;
 pub use writer::create;
 pub(crate) use writer::create_file;
 

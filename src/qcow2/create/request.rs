@@ -1,10 +1,10 @@
 //! `create -f qcow2`: a checked request ([`Qcow2Creation`]), its "Formatting" line, and the
-//! write, by [`crate::qcow2::create::create`].
+//! write, by [`super::create`].
 
-use super::create::{CreateOptions, OptionUpdates};
-use super::header::CompressionType;
+use super::options::{CreateOptions, OptionUpdates};
 use crate::error::Result;
 use crate::ops::create::{CreateRequest, FormatCreation};
+use crate::qcow2::format::header::CompressionType;
 use std::path::PathBuf;
 
 /// A checked `create -f qcow2` request.
@@ -84,6 +84,6 @@ impl FormatCreation for Qcow2Creation {
     }
 
     fn execute(&self) -> Result<()> {
-        super::create::create(&self.path, &self.options).map_err(|e| e.with_path(&self.path))
+        super::create(&self.path, &self.options).map_err(|e| e.with_path(&self.path))
     }
 }

@@ -3,13 +3,13 @@
 //! refcount table and blocks; qcow2.rst "Host cluster management" and "Cluster mapping") plus
 //! the data clusters that hold data, and room for a version 3 source's persistent bitmaps.
 
+use super::options::{Compat, OptionUpdates};
 use crate::block::BlockImage;
 use crate::error::{Error, Result};
 use crate::info::FormatSpecific;
 use crate::offsets::GuestOffset;
 use crate::ops::measure::{parse_target_options, Measurement};
 use crate::prealloc::Preallocation;
-use crate::qcow2::create::{Compat, OptionUpdates};
 
 /// The largest L1 table qemu accepts, in bytes (qemu's `QCOW_MAX_L1_SIZE`).
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -148,7 +148,7 @@ fn data_clusters(src: &dyn BlockImage, cs: u64) -> Result<u64> {
 /// Each bitmap counts as fully allocated (qcow2.rst "Bitmaps extension"), with its bitmap
 /// table; the directory counts once, rounded to whole clusters.
 fn source_bitmaps_size(src: &dyn BlockImage, ssize: u64, cs: u64) -> Result<Option<u64>> {
-    if src.format() != super::QCOW2 {
+    if src.format() != crate::qcow2::QCOW2 {
         return Ok(None);
     }
     let info = src.layer_info()?;
