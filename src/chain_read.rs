@@ -9,7 +9,7 @@
 //! backing file shorter than the image above it (its status answers zeros past its end) are
 //! handled here. Data a format must transform before the guest sees it (qcow2's compressed
 //! clusters now, encrypted ones later) is the format's own `read_stored`; the default,
-//! [`read_host`], reads the layer's host storage at the range's host offset.
+//! [`read_host`](crate::block::read_host), reads the layer's host storage at the range's host offset.
 //!
 //! A stored range whose status also says it reads as zeros (a hole under a preallocated qcow2
 //! cluster) is still read from the host file, as it was before this path existed, so that

@@ -1,6 +1,6 @@
 //! The consistency-check capability (`vimg check`), with qemu-img's report fields and exit
 //! codes. Formats that can check themselves implement [`Check`]; qcow2's lives in
-//! `qcow2::check`.
+//! `qcow2::check::consistency`.
 
 use crate::error::Result;
 use serde::Serialize;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vimg::open::{OpenOptions, Sharing};
 use vimg::ops::{self, OutputFormat};
-use vimg::qcow2::create::Preallocation;
+use vimg::prealloc::Preallocation;
 use vimg::{Error, ImageFormat};
 
 /// Virtual disk image tool for raw and qcow2 images, an alternative to qemu-img.
@@ -1377,7 +1377,7 @@ fn convert(a: ConvertArgs) -> CmdResult {
     let snapshot = a
         .snapshot
         .as_deref()
-        .map(vimg::qcow2::snapshot_view::SnapshotSelector::parse)
+        .map(vimg::qcow2::SnapshotSelector::parse)
         .transpose()
         .map_err(fail)?;
     if snapshot.is_some() && sources.len() > 1 {
@@ -1390,9 +1390,7 @@ fn convert(a: ConvertArgs) -> CmdResult {
         .iter()
         // qemu-img convert keeps writers out of its sources (raw ones too) unless -U.
         .map(|n| match &snapshot {
-            Some(sel) => {
-                vimg::qcow2::snapshot_view::open_image_snapshot(&n.path, n.format, sel, opener())
-            }
+            Some(sel) => vimg::qcow2::open_image_snapshot(&n.path, n.format, sel, opener()),
             None => {
                 let sh = match n.force_share {
                     true => Sharing::ForceShare,

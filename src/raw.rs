@@ -93,9 +93,8 @@ impl FormatDriver for RawDriver {
 
     /// Only the options that change nothing for vimg (`extent_size_hint`).
     fn check_target_options(&self, options: &[String]) -> Result<()> {
-        let ok = |o: &String| {
-            crate::qcow2::create::parse_options(o).is_ok_and(|u| u.given_keys().is_empty())
-        };
+        let ok =
+            |o: &String| crate::qcow2::parse_options(o).is_ok_and(|u| u.given_keys().is_empty());
         match options.iter().all(ok) {
             true => Ok(()),
             false => Err(Error::unsupported(

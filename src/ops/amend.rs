@@ -1,6 +1,6 @@
 //! `vimg amend [-f FMT] [-t CACHE] [-p] [-q] [--force] -o OPTIONS IMAGE`: changes the format
 //! options of an existing qcow2 image in place, as `qemu-img amend` does (`-o help` lists
-//! them). The work is in [`crate::qcow2::amend`].
+//! them). The work is in [`Qcow2Image::amend`](crate::qcow2::Qcow2Image::amend).
 //!
 //! The request is checked on a read-only open first, so that a refused amend (with qemu-img's
 //! message and exit code 1) leaves the image untouched, dirty bit included; only then is the

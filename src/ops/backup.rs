@@ -354,7 +354,7 @@ pub fn prepare_extract(
         ));
     }
     for o in &opts.options {
-        let u = crate::qcow2::create::parse_options(o)?;
+        let u = crate::qcow2::parse_options(o)?;
         if u.backing_file.is_some() {
             return Err(Error::invalid_input(
                 "restored images cannot have a backing file (zero clusters would show its data)",

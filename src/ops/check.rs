@@ -26,7 +26,7 @@ pub fn check(image: &dyn BlockImage) -> Result<Option<CheckReport>> {
 /// qemu-img reports so: a snapshot table over qemu's limits (EFBIG).
 pub fn abort_reason(e: &crate::error::Error) -> Option<&'static str> {
     e.what()
-        .starts_with(crate::qcow2::check::SNAPSHOT_READ_FAILED)
+        .starts_with(crate::qcow2::SNAPSHOT_READ_FAILED)
         .then_some("File too large")
 }
 
@@ -34,7 +34,7 @@ pub fn abort_reason(e: &crate::error::Error) -> Option<&'static str> {
 /// image at `path` because of `e`, but qemu's check would open it and then give up with
 /// `File too large` (see [`abort_reason`]): a header counting more snapshots than qemu allows.
 pub fn open_failure_message(path: &std::path::Path, e: &crate::error::Error) -> Option<String> {
-    use crate::qcow2::header::{MAX_SNAPSHOTS, SNAPSHOTS_TOO_MANY};
+    use crate::qcow2::{MAX_SNAPSHOTS, SNAPSHOTS_TOO_MANY};
     use std::os::unix::fs::FileExt;
     if e.what() != SNAPSHOTS_TOO_MANY {
         return None;

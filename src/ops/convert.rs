@@ -169,7 +169,7 @@ fn target_backing(opts: &ConvertOptions) -> (Option<String>, Option<String>) {
     let mut format = None;
     for o in &opts.target_options {
         // Malformed options are reported by create; here only the backing matters.
-        if let Ok(u) = crate::qcow2::create::parse_options(o) {
+        if let Ok(u) = crate::qcow2::parse_options(o) {
             file = u.backing_file.or(file);
             format = u.backing_fmt.or(format);
         }
@@ -410,7 +410,7 @@ pub(crate) fn rename_tmp(e: Error, tmp: &Path, dst: &Path) -> Error {
 fn target_data_files(opts: &ConvertOptions) -> Vec<String> {
     opts.target_options
         .iter()
-        .filter_map(|o| crate::qcow2::create::parse_options(o).ok())
+        .filter_map(|o| crate::qcow2::parse_options(o).ok())
         .filter_map(|u| u.data_file)
         .collect()
 }

@@ -10,7 +10,7 @@
 //! What is common to every format is here: the `-o` options merged, `-b`/`-F`, the size, and
 //! the checks of a backing file ([`CreateRequest::check_backing`], for a format that records
 //! one). The rest is the format's ([`crate::block::FormatDriver::prepare_create`] returns its
-//! [`FormatCreation`]): qcow2 images are written by [`crate::qcow2::creation`] (qcow2.rst
+//! [`FormatCreation`]): qcow2 images are written by [`crate::qcow2::create()`] (qcow2.rst
 //! "Header", "Host cluster management", "Cluster mapping"), raw images by
 //! [`crate::raw::create`].
 
@@ -18,7 +18,7 @@ use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result};
 use crate::open::{open_image, resolve_relative, OpenOptions};
 use crate::ops::size::parse_size;
-use crate::qcow2::create::{parse_options, OptionUpdates};
+use crate::qcow2::{parse_options, OptionUpdates};
 use std::path::{Path, PathBuf};
 
 /// The pieces of a `vimg create` command line.
@@ -190,7 +190,7 @@ pub const KNOWN_FORMATS: &[&str] = &[
 /// Whether any `-o` argument asks for the option list (`help` or `?`).
 pub fn wants_help(options: &[String]) -> bool {
     options.iter().any(|o| {
-        crate::qcow2::create::split_option_list(o)
+        crate::qcow2::split_option_list(o)
             .map(|items| items.iter().any(|i| i == "help" || i == "?"))
             .unwrap_or(false)
     })
@@ -325,7 +325,7 @@ pub use crate::raw::create::create_raw;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qcow2::create::Preallocation;
+    use crate::prealloc::Preallocation;
 
     fn args(format: ImageFormat, file: &Path, opts: &[&str], size: Option<&str>) -> CreateArgs {
         CreateArgs {

@@ -8,14 +8,14 @@
 //! and L1 tables, refcount table and blocks; qcow2.rst "Host cluster management" and "Cluster
 //! mapping") plus the data clusters that hold data. Compression is not taken into account, as
 //! in qemu. Each format does its own arithmetic ([`crate::block::FormatDriver::measure`]:
-//! [`crate::qcow2::measure`], [`crate::raw::measure`]). Nothing here prints;
+//! [`crate::qcow2::Qcow2Driver`], [`crate::raw::measure`]). Nothing here prints;
 //! [`Measurement::render`] makes the output text.
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result};
 use crate::ops::size::parse_size;
 use crate::ops::OutputFormat;
-use crate::qcow2::create::{parse_options, split_option_list, OptionUpdates};
+use crate::qcow2::{parse_options, split_option_list, OptionUpdates};
 
 /// Options accepted but irrelevant to the figures; they are dropped before parsing.
 const IGNORED_KEYS: &[&str] = &["encryption", "nocow", "extent_size_hint"];

@@ -5,9 +5,9 @@
 //! (`off`), allocated with fallocate (`falloc`) or written with zeros (`full`); `metadata` has
 //! no meaning for raw files and is refused, as by qemu. qcow2 images need a multiple of 512
 //! bytes; growing may move the L1 table and preallocate the new area, shrinking discards the
-//! clusters past the new end (see [`crate::qcow2::resize`]). Shrinking destroys data, so it is
-//! only done when asked for explicitly, and never with a preallocation mode; a refused resize
-//! leaves the image untouched.
+//! clusters past the new end (see [`crate::qcow2::Qcow2Image::resize_with`]). Shrinking
+//! destroys data, so it is only done when asked for explicitly, and never with a preallocation
+//! mode; a refused resize leaves the image untouched.
 
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};

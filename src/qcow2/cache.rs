@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// An LRU cache of decoded tables.
 #[derive(Debug)]
-pub struct TableCache<T = u64> {
+pub(super) struct TableCache<T = u64> {
     capacity: usize,
     inner: Mutex<Inner<T>>,
 }
@@ -29,12 +29,12 @@ struct Inner<T> {
 
 impl<T> TableCache<T> {
     /// How many clean tables the cache holds at most.
-    pub fn capacity(&self) -> usize {
+    pub(super) fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// A cache holding at most `capacity` clean tables (at least 1).
-    pub fn new(capacity: usize) -> Self {
+    pub(super) fn new(capacity: usize) -> Self {
         TableCache {
             capacity: capacity.max(1),
             inner: Mutex::new(Inner {
@@ -50,7 +50,7 @@ impl<T> TableCache<T> {
     }
 
     /// The table at host offset `offset`, loaded with `load` on a miss.
-    pub fn get_or_load(
+    pub(super) fn get_or_load(
         &self,
         offset: u64,
         load: impl FnOnce() -> Result<Vec<T>>,
@@ -79,7 +79,7 @@ impl<T> TableCache<T> {
     }
 
     /// Stores a changed table: it becomes the cached copy and is dirty until written.
-    pub fn put_dirty(&self, offset: u64, table: Arc<[T]>) {
+    pub(super) fn put_dirty(&self, offset: u64, table: Arc<[T]>) {
         let mut g = self.lock();
         g.clock += 1;
         let now = g.clock;
@@ -96,7 +96,7 @@ impl<T> TableCache<T> {
     /// Changes the table at `offset` (loaded with `load` on a miss) with `change` and marks it
     /// dirty, as [`TableCache::put_dirty`] of a changed copy would; the change is made in place
     /// when no reader holds the cached copy (no copy of the whole table per changed entry).
-    pub fn modify(
+    pub(super) fn modify(
         &self,
         offset: u64,
         load: impl FnOnce() -> Result<Vec<T>>,
@@ -129,7 +129,7 @@ impl<T> TableCache<T> {
     }
 
     /// The dirty tables with their offsets, sorted by offset (for sequential writing).
-    pub fn dirty(&self) -> Vec<(u64, Arc<[T]>)> {
+    pub(super) fn dirty(&self) -> Vec<(u64, Arc<[T]>)> {
         let g = self.lock();
         let mut v: Vec<_> = g
             .tables
@@ -142,13 +142,13 @@ impl<T> TableCache<T> {
     }
 
     /// How many tables are dirty.
-    pub fn dirty_count(&self) -> usize {
+    pub(super) fn dirty_count(&self) -> usize {
         self.lock().dirty
     }
 
     /// Marks the table at `offset` written, if `table` is still the cached copy (a table
     /// changed again since then stays dirty).
-    pub fn mark_clean(&self, offset: u64, table: &Arc<[T]>) {
+    pub(super) fn mark_clean(&self, offset: u64, table: &Arc<[T]>) {
         let mut g = self.lock();
         let cleaned = match g.tables.get_mut(&offset) {
             Some(e) if e.2 && Arc::ptr_eq(&e.0, table) => {
@@ -164,7 +164,7 @@ impl<T> TableCache<T> {
     }
 
     /// Drops the table at `offset`, dirty or not (its cluster was freed).
-    pub fn forget(&self, offset: u64) {
+    pub(super) fn forget(&self, offset: u64) {
         let mut g = self.lock();
         if g.tables.remove(&offset).is_some_and(|e| e.2) {
             g.dirty -= 1;

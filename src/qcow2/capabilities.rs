@@ -1,10 +1,10 @@
 //! qcow2's optional capabilities ([`crate::capability`]): internal snapshots, resizing,
 //! amending options, changing the backing file, compressed writes and emptying, each a thin
-//! adapter over the module that does the work (snapshot_write, resize, amend, backing,
-//! write and compress, empty).
+//! adapter over the module that does the work (`snapshot/write`, `write/resize`, `edit/amend`,
+//! `edit/backing`, `write/path` and `format/compress`, `edit/empty`).
 
-use super::amend::AmendOptions;
-use super::snapshot_write::NewSnapshot;
+use super::edit::amend::AmendOptions;
+use super::snapshot::write::NewSnapshot;
 use super::Qcow2Image;
 use crate::capability::{
     Amend, AmendSummary, CompressedWrites, MakeEmpty, Resize, SetBacking, SnapshotTime, Snapshots,
@@ -16,13 +16,13 @@ use crate::prealloc::Preallocation;
 
 impl Snapshots for Qcow2Image {
     fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
-        let table = super::snapshot::read_table(self)?;
+        let table = super::snapshot::table::read_table(self)?;
         Ok(table.iter().map(|s| s.info()).collect())
     }
 
     fn refuse_create(&self, name: &str) -> Result<()> {
         if self.snapshot_table_full() {
-            return Err(super::snapshot_write::too_many_snapshots(name));
+            return Err(super::snapshot::write::too_many_snapshots(name));
         }
         Ok(())
     }
@@ -92,7 +92,7 @@ impl CompressedWrites for Qcow2Image {
     }
 
     fn compress(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
-        super::compress::compress_cluster(self.header().compression_type, data)
+        super::format::compress::compress_cluster(self.header().compression_type, data)
     }
 
     fn write_compressed(&self, offset: GuestOffset, compressed: &[u8]) -> Result<()> {

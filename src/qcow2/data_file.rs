@@ -17,7 +17,7 @@ use crate::storage::Storage;
 use std::io;
 
 /// qemu's message for an image that needs a data file when none is named or given.
-pub const REQUIRED: &str = "'data-file' is required for this image";
+pub(super) const REQUIRED: &str = "'data-file' is required for this image";
 
 /// Stands for a data file that was not opened: every access fails with `why`.
 pub(super) struct Absent {

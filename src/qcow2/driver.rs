@@ -54,14 +54,14 @@ impl FormatDriver for Qcow2Driver {
     }
 
     fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
-        Some(super::amend::AMEND_OPTION_HELP)
+        Some(super::edit::amend::AMEND_OPTION_HELP)
     }
 
     fn prepare_create(
         &self,
         request: &crate::ops::create::CreateRequest<'_>,
     ) -> Result<Box<dyn crate::ops::create::FormatCreation>> {
-        Ok(Box::new(super::creation::Qcow2Creation::prepare(request)?))
+        Ok(Box::new(super::create::Qcow2Creation::prepare(request)?))
     }
 
     fn measure(
@@ -70,7 +70,7 @@ impl FormatDriver for Qcow2Driver {
         size: Option<u64>,
         source: Option<&dyn BlockImage>,
     ) -> Result<crate::ops::measure::Measurement> {
-        super::measure::measure(options, size, source)
+        super::create::measure(options, size, source)
     }
 
     /// Created as `create -f qcow2 -u` makes it, with `options` and `backing` (whose chain a

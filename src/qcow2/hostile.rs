@@ -15,8 +15,10 @@
 //! | [`check`] | `qcow2_check` | open and the read-only consistency check |
 //! | [`repair`] | `qcow2_repair` | `check -r leaks` or `-r all` on the copy, then a check and reads of the result |
 
-use super::header::Header;
-use super::{bitmaps, snapshot, Qcow2Image};
+use super::bitmap::directory as bitmaps;
+use super::format::header::Header;
+use super::snapshot::table as snapshot;
+use super::Qcow2Image;
 use crate::block::BlockImage;
 use crate::check::Check;
 use crate::offsets::GuestOffset;
@@ -103,7 +105,7 @@ pub fn check(bytes: &[u8]) {
 /// Repairs an in-memory copy of `bytes` as `check -r` does (`-r all` unless the first byte
 /// after the magic is odd, then `-r leaks`), then checks the result and reads it back.
 pub fn repair(bytes: &[u8]) {
-    use super::repair::{repair, RepairMode};
+    use super::check::repair::{repair, RepairMode};
     let mode = match bytes.get(4) {
         Some(b) if b & 1 == 1 => RepairMode::Leaks,
         _ => RepairMode::All,

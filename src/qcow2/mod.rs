@@ -1,60 +1,83 @@
-//! The qcow2 format (qemu docs/interop/qcow2.rst), split by concern:
+//! The qcow2 format (qemu docs/interop/qcow2.rst), in private modules by concern:
 //!
-//! - [`header`]: the header and its extensions, validated on open;
-//! - [`l2`]: decoding L1/L2 entries and subcluster bitmaps;
-//! - [`layout`]: which clusters hold metadata, refusing overlaps;
-//! - [`cache`]: the bounded metadata table cache;
-//! - [`compress`]: compressed cluster descriptors, deflate and zstd;
-//! - [`refcount`]: reading refcount tables and blocks;
-//! - [`snapshot`]: the internal snapshot table;
-//! - [`bitmaps`]: the persistent dirty bitmap directory and tables; [`bitmap_write`] writes
-//!   them, [`bitmap_track`] marks guest writes in them, [`bitmap_edit`] adds, removes, clears,
-//!   enables, disables and merges them;
-//! - [`check`]: the consistency check;
-//! - [`mod@write`]: the write path, its crash-safe flush and lazy refcounts;
-//! - [`discard`]: guest discard requests;
-//! - [`amend`]: changing format options in place ([`refcount_rewrite`], [`downgrade`]);
-//! - [`empty`]: emptying the active state (commit);
-//! - [`backing`]: changing the recorded backing file (rebase);
-//! - [`snapshot_view`]: reading an internal snapshot (convert -l);
-//! - [`hostile`]: untrusted bytes through all of the above, for fuzzing.
+//! - `format/`: the on-disk structures: the header and its extensions (`header`, written back
+//!   by `header_write`), L1/L2 entries (`l2`), compressed clusters (`compress`), which clusters
+//!   hold metadata (`layout`);
+//! - `refcount/`: the refcount table and blocks (`table`), rewritten at another width
+//!   (`rewrite`);
+//! - `write/`: the write path, its crash-safe flush and lazy refcounts (`path`), guest discard
+//!   requests (`discard`), resizing (`resize`);
+//! - `snapshot/`: the internal snapshot table (`table`), its changes (`write`), reading an
+//!   internal snapshot (`view`, convert -l);
+//! - `bitmap/`: the persistent dirty bitmap directory and tables (`directory`); `write` writes
+//!   them, `track` marks guest writes in them (`tracker` holds the state), `edit` adds,
+//!   removes, clears, enables, disables and merges them;
+//! - `check/`: the consistency check (`consistency`) and its repairs (`repair`);
+//! - `create/`: creating images (options, qemu's allocation plan, the writer), `create -f qcow2`
+//!   through the format driver, and `measure -O qcow2`;
+//! - `edit/`: changing an image in place: format options (`amend`, with `downgrade`), the
+//!   recorded backing file (`backing`, rebase), emptying the active state (`empty`, commit);
+//! - `cache.rs`: the bounded metadata table cache; `data_file.rs`: which file holds the guest
+//!   data of an image with an external data file; `driver.rs`, `capabilities.rs`: the format
+//!   driver and the optional capabilities behind [`crate::block::FormatDriver`];
+//! - [`hostile`]: untrusted bytes through all of the above, for fuzzing (public).
+//!
+//! # Public API
+//!
+//! What the library offers of qcow2 is re-exported here, and only this:
+//!
+//! - [`Qcow2Image`] (open, read, write, and the methods of the optional capabilities) and
+//!   [`Qcow2Driver`] (the format driver);
+//! - the header as read ([`Header`], [`CompressionType`], [`BitmapsExt`], [`FeatureName`],
+//!   [`UnknownExt`]), the byte offset of each of its fields ([`header_fields`]), and the L1/L2
+//!   entry masks and flags for reading the tables [`Qcow2Image::l1`] and
+//!   [`Qcow2Image::l2_table`] return ([`L1E_OFFSET_MASK`], [`L2E_OFFSET_MASK`],
+//!   [`OFLAG_COMPRESSED`], [`OFLAG_COPIED`], [`OFLAG_ZERO`]);
+//! - creation: [`create()`] with [`CreateOptions`] and [`Compat`], and qemu's `-o` option
+//!   lists: [`split_option_list`], [`parse_options`] into [`OptionUpdates`];
+//! - [`compress_cluster`], the cluster compression writes use;
+//! - amending: [`AmendOptions`], [`AmendPlan`], [`BackingChange`]; resizing: [`V2_SNAPSHOTS`]
+//!   (qemu's refusal);
+//! - snapshots: [`NewSnapshot`]; [`SnapshotSelector`] and [`open_image_snapshot`] (convert -l);
+//! - repairs: [`repair()`], [`repair_file`], [`RepairMode`];
+//! - [`hostile`], for the fuzz targets and the hostile-input tests.
 //!
 //! This module holds [`Qcow2Image`], which maps guest ranges to where they live (its block
 //! status) and reads what it stores, decompressing compressed clusters; reading through the
 //! backing chain is [`crate::chain_read`]'s.
 
-pub mod amend;
-pub mod backing;
-pub mod bitmap_edit;
-pub mod bitmap_track;
-mod bitmap_tracker;
-pub mod bitmap_write;
-pub mod bitmaps;
-pub mod cache;
+#![warn(unreachable_pub)]
+
+mod bitmap;
+mod cache;
 mod capabilities;
-pub mod check;
-pub mod compress;
-pub mod create;
-pub mod creation;
-pub mod data_file;
-pub mod discard;
-pub mod downgrade;
+mod check;
+mod create;
+mod data_file;
 mod driver;
-pub mod empty;
-pub mod header;
-pub mod header_write;
+mod edit;
+mod format;
 pub mod hostile;
-pub mod l2;
-pub mod layout;
-pub mod measure;
-pub mod refcount;
-pub mod refcount_rewrite;
-pub mod repair;
-pub mod resize;
-pub mod snapshot;
-pub mod snapshot_view;
-pub mod snapshot_write;
-pub mod write;
+mod refcount;
+mod snapshot;
+mod write;
+
+pub use check::repair::{repair, repair_file, RepairMode};
+pub use create::{create, parse_options, split_option_list, Compat, CreateOptions, OptionUpdates};
+pub use edit::amend::{AmendOptions, AmendPlan, BackingChange};
+pub use format::compress::compress_cluster;
+pub use format::header::fields as header_fields;
+pub use format::header::{BitmapsExt, CompressionType, FeatureName, Header, UnknownExt};
+pub use format::l2::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
+pub use snapshot::view::{open_image_snapshot, SnapshotSelector};
+pub use snapshot::write::NewSnapshot;
+pub use write::resize::V2_SNAPSHOTS;
+
+pub(crate) use check::consistency::SNAPSHOT_READ_FAILED;
+pub(crate) use create::{create_file, round_size};
+pub(crate) use format::header::{MAX_SNAPSHOTS, SNAPSHOTS_TOO_MANY};
 
 use crate::block::{check_request, BlockImage, BlockStatus, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
@@ -63,10 +86,12 @@ use crate::offsets::{GuestOffset, HostOffset};
 use crate::open::{open_layer, probe_format_with, ChainGuard};
 use crate::opener::Opener;
 use crate::storage::Storage;
+use bitmap::directory as bitmaps;
 use byteorder::{BigEndian, ByteOrder};
+use check::repair;
 use compress::CompressedDesc;
 pub use driver::Qcow2Driver;
-use header::Header;
+use format::{compress, header, l2, layout};
 use l2::Slot;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,14 +127,14 @@ pub struct Qcow2Image {
     /// Whether the image looks metadata-preallocated (computed on first use).
     metadata_prealloc: OnceLock<bool>,
     /// Allocation and flush state, for images opened read-write.
-    write: Option<Mutex<write::WriteState>>,
+    write: Option<Mutex<write::path::WriteState>>,
     /// Flushes order their writes but skip the syncs (qemu's `cache=unsafe`).
     unsafe_cache: std::sync::atomic::AtomicBool,
     /// The bitmaps extension as it is on disk now (the header's, until bitmaps are stored).
     live_bitmaps: Mutex<Option<header::BitmapsExt>>,
     /// The snapshot table as a repair read it (entries and size in bytes), used instead of
-    /// the one on disk until the repair writes it ([`snapshot::read_table_with_size`]).
-    snapshot_override: Option<(Vec<snapshot::Snapshot>, u64)>,
+    /// the one on disk until the repair writes it ([`snapshot::table::read_table_with_size`]).
+    snapshot_override: Option<(Vec<snapshot::table::Snapshot>, u64)>,
 }
 
 impl Qcow2Image {
@@ -236,7 +261,7 @@ impl Qcow2Image {
     /// and marks the image clean), clears the autoclear feature bits vimg does not know (their
     /// structures would not be kept up to date), builds the allocation state, with lazy
     /// refcounts if the image enables them, and starts the dirty tracking of the enabled
-    /// persistent bitmaps ([`bitmap_track`]).
+    /// persistent bitmaps ([`bitmap::track`]).
     fn prepare_for_writing(&mut self, opener: &Opener) -> Result<()> {
         if self.header.is_corrupt() {
             return Err(Error::new(
@@ -248,7 +273,7 @@ impl Qcow2Image {
             self.repair_dirty(opener)?;
         }
         // Damaged metadata is refused before anything is written.
-        let mut st = write::WriteState::new(self)?;
+        let mut st = write::path::WriteState::new(self)?;
         layout::check_metadata_refcounts(self)?;
         self.clear_unknown_autoclear()?;
         st.lazy = self.header.version >= 3 && self.header.lazy_refcounts();
@@ -265,9 +290,11 @@ impl Qcow2Image {
         if h.version >= 3 && h.autoclear_features & !keep != 0 {
             let v = h.autoclear_features & keep;
             self.storage
-                .write_at(&v.to_be_bytes(), 88)
+                .write_at(&v.to_be_bytes(), header::fields::AUTOCLEAR_FEATURES)
                 .and_then(|_| self.storage.flush())
-                .map_err(|e| Error::io("cannot update the header", e).at(88))?;
+                .map_err(|e| {
+                    Error::io("cannot update the header", e).at(header::fields::AUTOCLEAR_FEATURES)
+                })?;
             self.header.autoclear_features = v;
         }
         Ok(())
@@ -290,7 +317,7 @@ impl Qcow2Image {
     /// standard error, as qemu prints them. Fails, leaving the image dirty, if the repair
     /// cannot make it consistent.
     fn repair_dirty(&mut self, opener: &Opener) -> Result<()> {
-        self.write = Some(Mutex::new(write::WriteState::new(self)?));
+        self.write = Some(Mutex::new(write::path::WriteState::new(self)?));
         let report = repair::repair(self, repair::RepairMode::All);
         self.write = None;
         let report = report.map_err(|e| {
@@ -437,7 +464,7 @@ impl Qcow2Image {
         };
         let real_clusters = real >> self.header.cluster_bits;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
-        let table = refcount::RefcountTable::read(self)?;
+        let table = refcount::table::RefcountTable::read(self)?;
         let cs = self.header.cluster_size();
         let file_clusters = self.file_len().div_ceil(cs);
         let per_block = table.entries_per_block();
@@ -452,7 +479,8 @@ impl Qcow2Image {
             if first >= file_clusters || counted >= threshold {
                 break;
             }
-            let Ok(Some(off)) = table.block_offset(idx, refcount::Strictness::Lenient) else {
+            let Ok(Some(off)) = table.block_offset(idx, refcount::table::Strictness::Lenient)
+            else {
                 continue;
             };
             let n = match per_offset.get(&off) {
@@ -461,11 +489,11 @@ impl Qcow2Image {
                     if per_offset.len() as u64 * cs >= PREALLOC_SCAN_BYTES {
                         break;
                     }
-                    refcount::read_padded(self, &mut block, off)?;
+                    refcount::table::read_padded(self, &mut block, off)?;
                     let in_file = per_block.min(file_clusters - first);
                     let n = (0..in_file)
                         .filter(|&i| {
-                            refcount::get_refcount(&block, i, self.header.refcount_order) > 0
+                            refcount::table::get_refcount(&block, i, self.header.refcount_order) > 0
                         })
                         .count() as u64;
                     per_offset.insert(off, n);
@@ -710,7 +738,7 @@ fn open_data_file(
 }
 
 /// Where an opened image's external data file comes from.
-pub enum DataFile {
+pub(crate) enum DataFile {
     /// The file the image names, resolved against the image's directory.
     Named,
     /// This storage, through a [`Storage::duplicate`] handle on it for each open (none: an image
@@ -770,9 +798,9 @@ impl BlockImage for Qcow2Image {
             .in_file(&self.path)
     }
 
-    /// See [`discard`]: whole clusters inside the range are freed and read as zeros (version 2
-    /// images without a backing file: as unallocated, which reads as zeros; version 2 with a
-    /// backing file: nothing is discarded, as in qemu).
+    /// See `write/discard.rs`: whole clusters inside the range are freed and read as zeros
+    /// (version 2 images without a backing file: as unallocated, which reads as zeros; version 2
+    /// with a backing file: nothing is discarded, as in qemu).
     fn discard(&self, offset: GuestOffset, len: u64) -> Result<()> {
         check_request(self.header.size, offset, len).in_file(&self.path)?;
         self.discard_inner(offset.0, len).in_file(&self.path)
@@ -813,7 +841,7 @@ impl BlockImage for Qcow2Image {
     fn layer_info(&self) -> Result<LayerInfo> {
         let h = &self.header;
         let v3 = h.version >= 3;
-        let snapshots = snapshot::read_table(self)
+        let snapshots = snapshot::table::read_table(self)
             .in_file(&self.path)?
             .iter()
             .map(|s| s.info())
@@ -921,13 +949,6 @@ impl BlockImage for Qcow2Image {
         self.read_stored_inner(buf, guest.0, status)
             .in_file(&self.path)
     }
-}
-
-/// Opens `bytes` as an in-memory qcow2 image and exercises every read-only path on it (see
-/// [`hostile::open_and_read`]). Errors are expected on hostile input; this returns normally
-/// unless the code panics.
-pub fn exercise(bytes: &[u8]) {
-    hostile::open_and_read(bytes);
 }
 
 impl Drop for Qcow2Image {

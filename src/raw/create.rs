@@ -3,7 +3,8 @@
 
 use crate::error::{Error, Result};
 use crate::ops::create::{CreateRequest, FormatCreation};
-use crate::qcow2::create::{create_file, grow_file, round_size, Preallocation};
+use crate::prealloc::{grow_file, Preallocation};
+use crate::qcow2::{create_file, round_size};
 use std::path::{Path, PathBuf};
 
 /// A checked `create -f raw` request.

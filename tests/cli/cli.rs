@@ -14,6 +14,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use tempfile::TempDir;
+use vimg::qcow2::header_fields;
 
 /// Seeds for the random layouts.
 const SEEDS: &[u64] = &[1, 2, 3, 0x5eed];
@@ -1278,14 +1279,14 @@ fn errors_are_one_line_naming_the_file() {
     fs::OpenOptions::new()
         .write(true)
         .open(&bad_version)
-        .and_then(|f| f.write_all_at(&[0, 0, 0, 9], 4))
+        .and_then(|f| f.write_all_at(&[0, 0, 0, 9], header_fields::VERSION))
         .expect("write");
     let bad_l1 = d.join("bad-l1.qcow2");
     fs::copy(&good, &bad_l1).expect("copy");
     fs::OpenOptions::new()
         .write(true)
         .open(&bad_l1)
-        .and_then(|f| f.write_all_at(&(1u64 << 40).to_be_bytes(), 40))
+        .and_then(|f| f.write_all_at(&(1u64 << 40).to_be_bytes(), header_fields::L1_TABLE_OFFSET))
         .expect("write");
     let truncated = d.join("truncated.qcow2");
     fs::write(&truncated, &fs::read(&good).expect("read")[..50]).expect("write");

@@ -3,6 +3,7 @@
 //! `-C`, `-T`, `-r`, `-c -S 0`, `-n -o`, `bitmap --granularity` and `-o extent_size_hint`.
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, qemu_create, qemu_io, run, run_status};
 use std::path::Path;
@@ -516,7 +517,7 @@ fn salvage_survives_unreadable_block_status() {
     qemu_create(&img, "qcow2", "", None, 2 << 20);
     qemu_io(&img, "qcow2", &["write -P 7 0 64k".into()]);
     let data = std::fs::read(&img).unwrap();
-    let l1 = u64::from_be_bytes(data[40..48].try_into().unwrap());
+    let l1 = common::header_u64(&data, header_fields::L1_TABLE_OFFSET);
     let at = l1 as usize;
     let e = u64::from_be_bytes(data[at..at + 8].try_into().unwrap());
     use std::os::unix::fs::FileExt;

@@ -243,6 +243,20 @@ with open(arch, "rb") as fh:
     view
 }
 
+/// The 4-byte big-endian qcow2 header field at `field` (a [`vimg::qcow2::header_fields`]
+/// offset) of `header`, the first bytes of an image file.
+pub fn header_u32(header: &[u8], field: u64) -> u32 {
+    let at = field as usize;
+    u32::from_be_bytes(header[at..at + 4].try_into().unwrap())
+}
+
+/// The 8-byte big-endian qcow2 header field at `field` (a [`vimg::qcow2::header_fields`]
+/// offset) of `header`, the first bytes of an image file.
+pub fn header_u64(header: &[u8], field: u64) -> u64 {
+    let at = field as usize;
+    u64::from_be_bytes(header[at..at + 8].try_into().unwrap())
+}
+
 /// Writes `bytes` at `offset` of `img` (qemu's `poke_file`).
 pub fn poke(img: &Path, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;

@@ -13,6 +13,7 @@
 //! vimg's read-write open repaired it.
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::chain::{self, Layer};
 use common::crashing::{Crashing, Mode};
@@ -54,7 +55,8 @@ fn contents(path: &Path) -> Result<Vec<u8>, String> {
 /// Whether the qcow2 header at `path` has the dirty bit set.
 fn dirty(path: &Path) -> bool {
     let h = std::fs::read(path).unwrap();
-    h[4..8] == [0, 0, 0, 3] && h[79] & 1 != 0
+    common::header_u32(&h, header_fields::VERSION) == 3
+        && common::header_u64(&h, header_fields::INCOMPATIBLE_FEATURES) & 1 != 0
 }
 
 /// `qemu-img check` of a qcow2 file vimg changed: no corruption (exit 0 or 3). A dirty image

@@ -12,13 +12,14 @@
 //! repairs them, checked on a sample of the crash points).
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::crashing::{Crashing, Mode};
 use common::{qemu_available, qemu_create, qemu_io, run};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vimg::open::ChainGuard;
-use vimg::qcow2::compress::compress_cluster;
+use vimg::qcow2::compress_cluster;
 use vimg::qcow2::Qcow2Image;
 use vimg::storage::FileStorage;
 use vimg::{BlockImage, GuestOffset};
@@ -163,7 +164,7 @@ fn check_lazy(
     let got = read_all(img_path, size, &format!("{what} (read-only, maybe dirty)"))?;
     compare(&got, durable, touched, &format!("{what} (read-only)"))?;
     let header = std::fs::read(img_path).unwrap();
-    let dirty = header[79] & 1 != 0;
+    let dirty = common::header_u64(&header, header_fields::INCOMPATIBLE_FEATURES) & 1 != 0;
     DIRTY_SEEN.fetch_add(u64::from(dirty), Ordering::SeqCst);
     if dirty && with_qemu {
         let copy = img_path.with_extension("qemu.qcow2");

@@ -22,6 +22,7 @@
 //! line, e.g. `sc("commit -d", setup_chain, &["commit", "-d", "{top}"])`.
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, run, run_status};
 use std::collections::BTreeMap;
@@ -192,7 +193,9 @@ fn setup_dirty(dir: &Path) -> Setup {
 }
 
 fn is_dirty(img: &Path) -> bool {
-    std::fs::read(img).is_ok_and(|b| b.len() > 79 && b[79] & 1 != 0)
+    let field = header_fields::INCOMPATIBLE_FEATURES;
+    std::fs::read(img)
+        .is_ok_and(|b| b.len() >= (field + 8) as usize && common::header_u64(&b, field) & 1 != 0)
 }
 
 /// What one image looks like to qemu: its guest data and that of each internal snapshot.

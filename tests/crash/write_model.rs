@@ -11,13 +11,14 @@
 //! clusters keep their contents; a version 2 image with a backing file is not changed.
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, qemu_contents, qemu_create, qemu_io, run};
 use proptest::prelude::*;
 use std::path::Path;
 use std::process::Command;
 use vimg::open::ChainGuard;
-use vimg::qcow2::compress::compress_cluster;
+use vimg::qcow2::compress_cluster;
 use vimg::qcow2::Qcow2Image;
 use vimg::{BlockImage, GuestOffset};
 
@@ -249,8 +250,8 @@ fn run_case(c: &Case, dir: &Path) -> Result<(), String> {
         image.close().map_err(|e| format!("close: {e}"))?;
     }
     let header = std::fs::read(&img).unwrap();
-    let incompat = u64::from_be_bytes(header[72..80].try_into().unwrap());
-    if header[4..8] == [0, 0, 0, 3] && incompat & 1 != 0 {
+    let incompat = common::header_u64(&header, header_fields::INCOMPATIBLE_FEATURES);
+    if common::header_u32(&header, header_fields::VERSION) == 3 && incompat & 1 != 0 {
         return Err("the dirty bit is still set after close".into());
     }
     let out = Command::new("qemu-img")

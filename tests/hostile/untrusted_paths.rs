@@ -5,6 +5,7 @@
 //! image itself, and an empty backing name is no backing file, as qemu reads it.
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, qemu_create, run, run_status};
 use std::path::{Path, PathBuf};
@@ -243,9 +244,10 @@ fn an_empty_backing_name_is_no_backing_file_as_in_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("e.qcow2");
     create_over(&img, "xx", "raw");
-    // backing_file_size (header bytes 16-19) to 0, the offset left as it is.
+    // backing_file_size to 0, the offset left as it is.
     let mut b = std::fs::read(&img).unwrap();
-    b[16..20].copy_from_slice(&[0, 0, 0, 0]);
+    let at = header_fields::BACKING_FILE_SIZE as usize;
+    b[at..at + 4].copy_from_slice(&[0, 0, 0, 0]);
     std::fs::write(&img, &b).unwrap();
     let qemu = run("qemu-img", &["info", "--output=json", s(&img)]);
     assert!(

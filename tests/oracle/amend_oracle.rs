@@ -22,6 +22,7 @@
 //! with `kill -9` of the real vimg process at spread-out moments.
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::crashing::{Crashing, Mode};
 use common::{qemu_available, qemu_create, qemu_io, run, run_status};
@@ -29,7 +30,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use vimg::open::ChainGuard;
-use vimg::qcow2::amend::AmendOptions;
+use vimg::qcow2::AmendOptions;
 use vimg::qcow2::Qcow2Image;
 use vimg::storage::FileStorage;
 use vimg::GuestOffset;
@@ -549,7 +550,8 @@ fn dirty_images_get_their_refcounts_first() {
             &["-c", "write -P 0x92 2M 1M", "-c", "sigraise 9", s(&path)],
         );
         let b = std::fs::read(&path).unwrap();
-        assert_eq!(b[79] & 1, 1, "not dirty");
+        let incompat = common::header_u64(&b, header_fields::INCOMPATIBLE_FEATURES);
+        assert_eq!(incompat & 1, 1, "not dirty");
         let mut p = Pair::new(&Image {
             path,
             snaps: vec!["s".into()],
@@ -818,9 +820,9 @@ fn crash_every_write(dir: &Path, img: &Image, opts: &str) -> u64 {
         .collect();
     let header = |p: &Path| {
         let b = std::fs::read(p).unwrap();
-        let version = u32::from_be_bytes(b[4..8].try_into().unwrap());
+        let version = common::header_u32(&b, header_fields::VERSION);
         let order = if version >= 3 {
-            u32::from_be_bytes(b[96..100].try_into().unwrap())
+            common::header_u32(&b, header_fields::REFCOUNT_ORDER)
         } else {
             4
         };

@@ -546,7 +546,7 @@ proptest::proptest! {
             (proptest::strategy::Just(setup), proptest::collection::vec(step_strategy(size), 1..40))
         })
     ) {
-        use vimg::qcow2::create::{create, CreateOptions};
+        use vimg::qcow2::{create, CreateOptions};
         let (cbits, mib, ext, lazy, rorder, bitmaps) = setup;
         let size = (mib << 20) + 512 * (mib % 3);
         let cs = 1u64 << cbits;
@@ -577,7 +577,7 @@ proptest::proptest! {
                 Step::Compressed(off) => {
                     let gc = off / cs * cs;
                     let data = vec![0x5a; cs as usize];
-                    let z = vimg::qcow2::compress::compress_cluster(
+                    let z = vimg::qcow2::compress_cluster(
                         img.header().compression_type, &data).unwrap();
                     if let Some(z) = z {
                         img.write_compressed(gc, &z).unwrap();

@@ -7,8 +7,7 @@ use crate::common;
 use proptest::prelude::*;
 use std::path::Path;
 use vimg::open::{open_image, OpenOptions};
-use vimg::qcow2::create::{create, CreateOptions};
-use vimg::qcow2::header::CompressionType;
+use vimg::qcow2::{create, CompressionType, CreateOptions};
 use vimg::raw::RawImage;
 use vimg::{BlockImage, GuestOffset};
 

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use vimg::block::ImageFormat;
 use vimg::open::{open_image, OpenOptions};
 use vimg::ops::create::{create, create_raw, CreateArgs};
-use vimg::qcow2::create::Preallocation;
+use vimg::prealloc::Preallocation;
 use vimg::GuestOffset;
 
 /// 1 MiB + 512: a disk that ends inside a cluster.

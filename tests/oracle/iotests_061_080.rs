@@ -7,6 +7,7 @@
 use crate::common;
 use common::poke;
 use common::Scratch;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, qemu_create, qemu_io};
 use std::path::Path;
@@ -178,7 +179,7 @@ fn corrupt_snapshot(img: &Path, field: u64, bytes: &[u8]) {
         &["snapshot", "-c", "test", img.to_str().unwrap()],
     );
     let header = std::fs::read(img).unwrap();
-    let table = u64::from_be_bytes(header[64..72].try_into().unwrap());
+    let table = common::header_u64(&header, header_fields::SNAPSHOTS_OFFSET);
     poke(img, table + field, bytes);
 }
 

@@ -9,6 +9,7 @@
 use crate::common;
 use common::poke;
 use common::Scratch;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, qemu_create, qemu_io};
 use std::path::Path;
@@ -77,8 +78,12 @@ fn full_snapshot_table_past_the_end_as_qemu_img() {
     let s = Scratch::new();
     let setup = |p: &Path| {
         qemu_create(p, "qcow2", "", None, 64 << 20);
-        poke(p, 64, &0x100_0000u64.to_be_bytes());
-        poke(p, 60, &0x1_0000u32.to_be_bytes());
+        poke(
+            p,
+            header_fields::SNAPSHOTS_OFFSET,
+            &0x100_0000u64.to_be_bytes(),
+        );
+        poke(p, header_fields::NB_SNAPSHOTS, &0x1_0000u32.to_be_bytes());
     };
     let (before, after) = same_as_qemu(&s, "a.qcow2", setup, &["snapshot", "-c", "test", "IMG"]);
     assert!(before == after, "a refused snapshot changed the image");

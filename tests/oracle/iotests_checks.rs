@@ -6,6 +6,7 @@
 use std::fs::OpenOptions as FsOpen;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use vimg::qcow2::header_fields;
 
 use crate::common;
 use common::poke;
@@ -80,7 +81,11 @@ fn repair_clears_unknown_autoclear_bits() {
     }
     let d = tempfile::tempdir().unwrap();
     setup(d.path(), "compat=1.1", "1M", |p| {
-        poke(p, 88, &(1u64 << 63).to_be_bytes())
+        poke(
+            p,
+            header_fields::AUTOCLEAR_FEATURES,
+            &(1u64 << 63).to_be_bytes(),
+        )
     });
     let (q, v) = both(d.path(), &["check", "-r", "all", "{}"]);
     assert_eq!(q, v);
@@ -143,7 +148,7 @@ fn snapshot_tables_over_qemus_limits_refused_as_qemu_does() {
         let f = FsOpen::new().write(true).open(p).unwrap();
         f.set_len(f.metadata().unwrap().len() + 200_000).unwrap();
     };
-    let too_many = |p: &Path| poke(p, 60, &131_072u32.to_be_bytes());
+    let too_many = |p: &Path| poke(p, header_fields::NB_SNAPSHOTS, &131_072u32.to_be_bytes());
     type Damage<'a> = &'a dyn Fn(&Path);
     let damages: [(&str, Damage); 2] = [("extra data", &extra), ("count", &too_many)];
     for (what, damage) in damages {

@@ -6,6 +6,7 @@
 //! vimg and by qemu alike, each accepting the other's dirty images).
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::crashing::{Crashing, Mode};
 use common::{qemu_available, qemu_contents, qemu_create, qemu_io, run};
@@ -16,10 +17,10 @@ use vimg::qcow2::Qcow2Image;
 use vimg::storage::FileStorage;
 use vimg::{BlockImage, GuestOffset};
 
-/// Incompatible feature bits of the header on disk (bytes 72..80).
+/// Incompatible feature bits of the header on disk.
 fn incompat(path: &Path) -> u64 {
     let b = std::fs::read(path).unwrap();
-    u64::from_be_bytes(b[72..80].try_into().unwrap())
+    common::header_u64(&b, header_fields::INCOMPATIBLE_FEATURES)
 }
 
 fn check_code(path: &Path) -> (i32, String) {

@@ -34,6 +34,7 @@
 //! ops (use it with a filter).
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, Rng};
 use serde_json::Value;
@@ -46,9 +47,9 @@ use std::time::Instant;
 use vimg::block::ImageFormat;
 use vimg::open::{open_image, ChainGuard, OpenOptions};
 use vimg::ops::create::{create, prepare, CreateArgs};
-use vimg::qcow2::compress::compress_cluster;
-use vimg::qcow2::l2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
+use vimg::qcow2::compress_cluster;
 use vimg::qcow2::Qcow2Image;
+use vimg::qcow2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use vimg::{BlockImage, GuestOffset};
 
 /// Virtual size of every image: 4 MiB and 37 sectors, so the disk ends inside a 64k or 2M
@@ -514,11 +515,11 @@ fn step_vimg_writes(c: &Combo, img: &Path, rng: &mut Rng, model: &mut [u8]) -> R
 /// The header's dirty and corrupt bits (qcow2.rst "Header", incompatible feature bits 0 and 1)
 /// are clear: a closed image is neither left dirty nor marked corrupt.
 fn header_clean(img: &Path) -> Result<(), String> {
-    let mut h = [0u8; 80];
+    let mut h = [0u8; (header_fields::INCOMPATIBLE_FEATURES + 8) as usize];
     let f = std::fs::File::open(img).map_err(|e| e.to_string())?;
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut h, 0).map_err(|e| e.to_string())?;
-    let version = u32::from_be_bytes(h[4..8].try_into().unwrap());
-    let incompat = u64::from_be_bytes(h[72..80].try_into().unwrap());
+    let version = common::header_u32(&h, header_fields::VERSION);
+    let incompat = common::header_u64(&h, header_fields::INCOMPATIBLE_FEATURES);
     if version >= 3 && incompat & 0b11 != 0 {
         return Err(format!(
             "incompatible feature bits {incompat:#x}: the image is left dirty or marked corrupt"

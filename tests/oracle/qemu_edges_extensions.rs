@@ -11,6 +11,7 @@
 //! `qemu-img check` must find nothing.
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, qemu_create, run, run_status};
 use std::path::{Path, PathBuf};
@@ -34,7 +35,7 @@ fn be32(b: &[u8], at: usize) -> u32 {
 /// The header extensions of the image at `p`, in order: (type, data).
 fn extensions(p: &Path) -> Vec<(u32, Vec<u8>)> {
     let f = std::fs::read(p).unwrap();
-    let mut off = be32(&f, 100) as usize;
+    let mut off = be32(&f, header_fields::HEADER_LENGTH as usize) as usize;
     let mut out = Vec::new();
     loop {
         let (kind, len) = (be32(&f, off), be32(&f, off + 4) as usize);
@@ -49,8 +50,8 @@ fn extensions(p: &Path) -> Vec<(u32, Vec<u8>)> {
 /// Rewrites the extension area of `p` as `exts` (the backing file name moves after them).
 fn write_extensions(p: &Path, exts: &[(u32, Vec<u8>)]) {
     let mut f = std::fs::read(p).unwrap();
-    let name_off = u64::from_be_bytes(f[8..16].try_into().unwrap()) as usize;
-    let name_len = be32(&f, 16) as usize;
+    let name_off = common::header_u64(&f, header_fields::BACKING_FILE_OFFSET) as usize;
+    let name_len = be32(&f, header_fields::BACKING_FILE_SIZE as usize) as usize;
     let name = f[name_off..name_off + name_len].to_vec();
     let mut area = Vec::new();
     for (kind, data) in exts {
@@ -60,14 +61,15 @@ fn write_extensions(p: &Path, exts: &[(u32, Vec<u8>)]) {
         area.resize(area.len().div_ceil(8) * 8, 0);
     }
     area.extend([0u8; 8]);
-    let start = be32(&f, 100) as usize;
+    let start = be32(&f, header_fields::HEADER_LENGTH as usize) as usize;
     let end = start + area.len();
     assert!(end + name.len() <= 4096, "the header no longer fits");
     f[start..4096].fill(0);
     f[start..end].copy_from_slice(&area);
     if name_len > 0 {
         f[end..end + name.len()].copy_from_slice(&name);
-        f[8..16].copy_from_slice(&(end as u64).to_be_bytes());
+        let at = header_fields::BACKING_FILE_OFFSET as usize;
+        f[at..at + 8].copy_from_slice(&(end as u64).to_be_bytes());
     }
     std::fs::write(p, f).unwrap();
 }

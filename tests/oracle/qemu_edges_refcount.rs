@@ -10,6 +10,7 @@
 //! amend) must end as qemu-img's do on an identical copy.
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, qemu_create, qemu_io, run, run_status};
 use std::path::{Path, PathBuf};
@@ -36,11 +37,12 @@ fn be32(b: &[u8], at: usize) -> u32 {
 /// image's refcount width holds, editing the refcount block in the file; returns that value.
 fn set_first_data_refcount_to_max(path: &Path) -> u64 {
     let mut f = std::fs::read(path).unwrap();
-    let cluster_bits = be32(&f, 20);
-    let order = be32(&f, 96);
+    let cluster_bits = be32(&f, header_fields::CLUSTER_BITS as usize);
+    let order = be32(&f, header_fields::REFCOUNT_ORDER as usize);
     let bits = 1u64 << order;
     let mask = 0x00ff_ffff_ffff_fe00u64;
-    let l2 = (be64(&f, be64(&f, 40) as usize) & mask) as usize;
+    let l1 = be64(&f, header_fields::L1_TABLE_OFFSET as usize);
+    let l2 = (be64(&f, l1 as usize) & mask) as usize;
     let data = be64(&f, l2) & mask;
     assert_ne!(
         data,
@@ -50,7 +52,7 @@ fn set_first_data_refcount_to_max(path: &Path) -> u64 {
     );
     let cluster = data >> cluster_bits;
     let block_bits = cluster_bits + 3 - order;
-    let reftable = be64(&f, 48) as usize;
+    let reftable = be64(&f, header_fields::REFCOUNT_TABLE_OFFSET as usize) as usize;
     let block = (be64(&f, reftable + 8 * (cluster >> block_bits) as usize) & !0x1ff) as usize;
     let index = cluster & ((1 << block_bits) - 1);
     let max = if bits == 64 {

@@ -6,6 +6,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use vimg::qcow2::header_fields;
 
 use crate::common;
 use common::poke;
@@ -33,7 +34,7 @@ fn rd64(p: &Path, off: u64) -> u64 {
 
 /// The offset of the first L2 table of `p`.
 fn first_l2(p: &Path) -> u64 {
-    rd64(p, rd64(p, 40)) & 0x00ff_ffff_ffff_fe00
+    rd64(p, rd64(p, header_fields::L1_TABLE_OFFSET)) & 0x00ff_ffff_ffff_fe00
 }
 
 /// Repairs copies of `img` with qemu-img and with vimg (`check -r all`) and compares what
@@ -150,7 +151,7 @@ fn unaligned_data_cluster_is_reported_as_qemu_does() {
 /// 16..24, which no two runs share) zeroed.
 fn snapshot_entries(p: &Path) -> Vec<Vec<u8>> {
     let n = u32::from_be_bytes(rd(p, 60, 4).try_into().unwrap());
-    let mut off = rd64(p, 64);
+    let mut off = rd64(p, header_fields::SNAPSHOTS_OFFSET);
     let mut out = Vec::new();
     for _ in 0..n {
         let h = rd(p, off, 40);
@@ -224,7 +225,7 @@ fn short_snapshot_entries_are_rewritten_as_qemu_does() {
     qemu_create(&img, "qcow2", "compat=0.10", None, 1 << 20);
     run("qemu-img", &["snapshot", "-c", "a", s(&img)]);
     // Cut the entry's extra data to 8 bytes (the 64-bit VM state size).
-    let off = rd64(&img, 64);
+    let off = rd64(&img, header_fields::SNAPSHOTS_OFFSET);
     let h = rd(&img, off, 40);
     let names = usize::from(u16::from_be_bytes([h[12], h[13]]))
         + usize::from(u16::from_be_bytes([h[14], h[15]]));
@@ -257,7 +258,7 @@ fn too_much_snapshot_extra_data_is_repaired() {
     let last: usize = entries[..3].iter().map(|e| e.len().div_ceil(8) * 8).sum();
     poke(
         &img,
-        rd64(&img, 64) + last as u64 + 36,
+        rd64(&img, header_fields::SNAPSHOTS_OFFSET) + last as u64 + 36,
         &65536u32.to_be_bytes(),
     );
     repair_like_qemu(dir.path(), &img);
@@ -283,7 +284,11 @@ fn oversized_snapshot_tables_are_repaired() {
     sn[12..16].copy_from_slice(&[0xff; 4]);
     sn[36..40].copy_from_slice(&1024u32.to_be_bytes());
     let sn_size = 40 + 1024 + 65535 + 65535 + 2u64;
-    poke(&img, 64, &(1u64 << 20).to_be_bytes());
+    poke(
+        &img,
+        header_fields::SNAPSHOTS_OFFSET,
+        &(1u64 << 20).to_be_bytes(),
+    );
     let (mut off, mut count) = (1u64 << 20, 0u32);
     while off - (1 << 20) <= 64 << 20 {
         poke(&img, off, &sn);
@@ -299,11 +304,11 @@ fn oversized_snapshot_tables_are_repaired() {
     poke(&img, off - sn_size, &0xe0000u64.to_be_bytes());
     poke(&img, off - sn_size + 8, &1u32.to_be_bytes());
     poke(&img, 0xe0000, &0x8000_0000_000f_0000u64.to_be_bytes());
-    let refblock = rd64(&img, rd64(&img, 48));
+    let refblock = rd64(&img, rd64(&img, header_fields::REFCOUNT_TABLE_OFFSET));
     for c in 0xe0000 / 65536..off.div_ceil(65536) {
         poke(&img, refblock + 2 * c, &1u16.to_be_bytes());
     }
-    poke(&img, 60, &count.to_be_bytes());
+    poke(&img, header_fields::NB_SNAPSHOTS, &count.to_be_bytes());
     repair_like_qemu(dir.path(), &img);
     let v = dir.path().join("by-vimg.qcow2");
     assert_eq!(
@@ -314,8 +319,12 @@ fn oversized_snapshot_tables_are_repaired() {
     // 131072 snapshots of 40 bytes in a version 2 image.
     let img = dir.path().join("many.qcow2");
     qemu_create(&img, "qcow2", "compat=0.10", None, 64 << 20);
-    poke(&img, 64, &(1u64 << 20).to_be_bytes());
-    poke(&img, 60, &131072u32.to_be_bytes());
+    poke(
+        &img,
+        header_fields::SNAPSHOTS_OFFSET,
+        &(1u64 << 20).to_be_bytes(),
+    );
+    poke(&img, header_fields::NB_SNAPSHOTS, &131072u32.to_be_bytes());
     let end = (1u64 << 20) + 40 * 131072;
     std::fs::File::options()
         .write(true)
@@ -326,7 +335,7 @@ fn oversized_snapshot_tables_are_repaired() {
     poke(&img, (1 << 20) + 40 * 65536, &0xe0000u64.to_be_bytes());
     poke(&img, (1 << 20) + 40 * 65536 + 8, &1u32.to_be_bytes());
     poke(&img, 0xe0000, &0x8000_0000_000f_0000u64.to_be_bytes());
-    let refblock = rd64(&img, rd64(&img, 48));
+    let refblock = rd64(&img, rd64(&img, header_fields::REFCOUNT_TABLE_OFFSET));
     for c in 0xe0000 / 65536..end.div_ceil(65536) {
         poke(&img, refblock + 2 * c, &1u16.to_be_bytes());
     }

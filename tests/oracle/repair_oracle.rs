@@ -9,8 +9,8 @@ use std::fs::OpenOptions as FsOpen;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vimg::qcow2::repair::{repair, RepairMode};
 use vimg::qcow2::Qcow2Image;
+use vimg::qcow2::{repair, RepairMode};
 
 use crate::common;
 

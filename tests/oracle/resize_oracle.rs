@@ -10,8 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use vimg::block::ImageFormat;
 use vimg::ops::resize::{resize, resize_prealloc, RESIZED};
-use vimg::qcow2::create::Preallocation;
-use vimg::qcow2::resize::{PREALLOC_SHRINK, V2_SNAPSHOTS};
+use vimg::prealloc::Preallocation;
+use vimg::prealloc::PREALLOC_SHRINK;
+use vimg::qcow2::V2_SNAPSHOTS;
 
 fn tmpdir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("vimg-resize-{name}-{}", std::process::id()));

@@ -7,6 +7,7 @@
 //! must read as the model says, and so must every snapshot (`qemu-img convert -l NAME`).
 
 use crate::common;
+use vimg::qcow2::header_fields;
 
 use common::{qemu_available, qemu_create, qemu_io, run, Rng};
 use std::path::{Path, PathBuf};
@@ -370,7 +371,8 @@ fn refusals_match_qemu() {
     assert_eq!(code, 1);
     // A corrupt image is not changed.
     let mut raw = before.clone();
-    raw[79] |= 2; // incompatible feature bit 1: corrupt
+    // Incompatible feature bit 1, corrupt: in the last byte of the big-endian field.
+    raw[(header_fields::INCOMPATIBLE_FEATURES + 7) as usize] |= 2;
     std::fs::write(&img, &raw).unwrap();
     let (code, _, err) = vimg(&["snapshot", "-c", "two", p]);
     assert_eq!(code, 1);
@@ -456,7 +458,7 @@ fn interrupted_operations_leave_a_consistent_image() {
     if !qemu_available("interrupted_operations_leave_a_consistent_image") {
         return;
     }
-    use vimg::qcow2::snapshot_write::NewSnapshot;
+    use vimg::qcow2::NewSnapshot;
     let dir = tmpdir("crash");
     let base = dir.join("base.qcow2");
     let bp = base.to_str().unwrap();

@@ -1,0 +1,678 @@
+//! The options of a new qcow2 image: [`CreateOptions`] with qemu-img's defaults, qemu's `-o`
+//! option lists ([`split_option_list`], [`parse_options`] into [`OptionUpdates`], applied with
+//! [`CreateOptions::apply`]) and the combinations qemu refuses ([`CreateOptions::validate`]).
+
+use super::plan::Geometry;
+use crate::error::{Error, Result};
+use crate::prealloc::Preallocation;
+use crate::qcow2::format::header::{
+    CompressionType, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
+};
+use crate::size::parse_size;
+
+/// The qcow2 version to write (`compat=`): qcow2.rst "Header", bytes 4-7.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compat {
+    /// Version 2 (`compat=0.10` or `v2`): a 72-byte header, no feature bits, 16-bit refcounts.
+    V2,
+    /// Version 3 (`compat=1.1` or `v3`), the default.
+    #[default]
+    V3,
+}
+
+impl Compat {
+    /// The name `qemu-img info` reports (`0.10` or `1.1`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compat::V2 => "0.10",
+            Compat::V3 => "1.1",
+        }
+    }
+
+    /// The header's version field.
+    pub fn version(self) -> u32 {
+        match self {
+            Compat::V2 => 2,
+            Compat::V3 => 3,
+        }
+    }
+}
+
+/// Everything that defines a new qcow2 image. [`Default`] gives qemu-img's defaults: version
+/// 3, 64 KiB clusters, 16-bit refcounts, zlib compression, no preallocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Virtual disk size in bytes (qcow2.rst "Header", bytes 24-31). Rounded up to a multiple
+    /// of 512 when the image is written, as qemu does.
+    pub size: u64,
+    /// Cluster size in bytes: a power of two from 512 B to 2 MiB (bytes 20-23 hold its log2).
+    pub cluster_size: u64,
+    /// The qcow2 version.
+    pub compat: Compat,
+    /// Width of a refcount: a power of two from 1 to 64 (version 2 only has 16). Bytes 96-99
+    /// hold its log2 (`refcount_order`).
+    pub refcount_bits: u64,
+    /// Set the lazy refcounts compatible feature (bit 0 of bytes 80-87; version 3 only).
+    pub lazy_refcounts: bool,
+    /// Compression type of compressed clusters (byte 104; zstd needs version 3).
+    pub compression_type: CompressionType,
+    /// Extended L2 entries with subcluster bitmaps (incompatible bit 4; version 3 and clusters
+    /// of at least 16 KiB).
+    pub extended_l2: bool,
+    /// Backing file name, recorded as given (relative names are relative to the image).
+    pub backing_file: Option<String>,
+    /// Backing file format, recorded in the backing format header extension.
+    pub backing_fmt: Option<String>,
+    /// External data file name (incompatible bit 2 and the data file header extension),
+    /// recorded as given; the file is created (or truncated) next to the image.
+    pub data_file: Option<String>,
+    /// The data file stays a valid raw image (autoclear bit 1): every cluster is mapped to the
+    /// same offset in the data file.
+    pub data_file_raw: bool,
+    /// What to allocate up front.
+    pub preallocation: Preallocation,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            cluster_size: 65536,
+            compat: Compat::V3,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            compression_type: CompressionType::Zlib,
+            extended_l2: false,
+            backing_file: None,
+            backing_fmt: None,
+            data_file: None,
+            data_file_raw: false,
+            preallocation: Preallocation::Off,
+        }
+    }
+}
+
+/// The options one or more `-o` arguments set, in qemu-img's syntax: each field is `None`
+/// unless an option named it. Merge several with [`OptionUpdates::merge`] (later wins) and
+/// apply them with [`CreateOptions::apply`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OptionUpdates {
+    /// `size=`
+    pub size: Option<u64>,
+    /// `cluster_size=`
+    pub cluster_size: Option<u64>,
+    /// `compat=`
+    pub compat: Option<Compat>,
+    /// `refcount_bits=`
+    pub refcount_bits: Option<u64>,
+    /// `lazy_refcounts=`
+    pub lazy_refcounts: Option<bool>,
+    /// `compression_type=`
+    pub compression_type: Option<CompressionType>,
+    /// `extended_l2=`
+    pub extended_l2: Option<bool>,
+    /// `backing_file=`
+    pub backing_file: Option<String>,
+    /// `backing_fmt=`
+    pub backing_fmt: Option<String>,
+    /// `data_file=`
+    pub data_file: Option<String>,
+    /// `data_file_raw=`
+    pub data_file_raw: Option<bool>,
+    /// `preallocation=`
+    pub preallocation: Option<Preallocation>,
+    /// `help` or `?` was given: list the options instead of creating anything.
+    pub help: bool,
+}
+
+impl OptionUpdates {
+    /// Adds the options of a later `-o` argument; where both set an option, `later` wins.
+    pub fn merge(&mut self, later: OptionUpdates) {
+        fn take<T>(a: &mut Option<T>, b: Option<T>) {
+            if b.is_some() {
+                *a = b;
+            }
+        }
+        take(&mut self.size, later.size);
+        take(&mut self.cluster_size, later.cluster_size);
+        take(&mut self.compat, later.compat);
+        take(&mut self.refcount_bits, later.refcount_bits);
+        take(&mut self.lazy_refcounts, later.lazy_refcounts);
+        take(&mut self.compression_type, later.compression_type);
+        take(&mut self.extended_l2, later.extended_l2);
+        take(&mut self.backing_file, later.backing_file);
+        take(&mut self.backing_fmt, later.backing_fmt);
+        take(&mut self.data_file, later.data_file);
+        take(&mut self.data_file_raw, later.data_file_raw);
+        take(&mut self.preallocation, later.preallocation);
+        self.help |= later.help;
+    }
+
+    /// The names of the options that are set, in qemu-img's option order.
+    pub fn given_keys(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let mut add = |set: bool, k| {
+            if set {
+                v.push(k)
+            }
+        };
+        add(self.size.is_some(), "size");
+        add(self.cluster_size.is_some(), "cluster_size");
+        add(self.compat.is_some(), "compat");
+        add(self.refcount_bits.is_some(), "refcount_bits");
+        add(self.lazy_refcounts.is_some(), "lazy_refcounts");
+        add(self.compression_type.is_some(), "compression_type");
+        add(self.extended_l2.is_some(), "extended_l2");
+        add(self.backing_file.is_some(), "backing_file");
+        add(self.backing_fmt.is_some(), "backing_fmt");
+        add(self.data_file.is_some(), "data_file");
+        add(self.data_file_raw.is_some(), "data_file_raw");
+        add(self.preallocation.is_some(), "preallocation");
+        v
+    }
+}
+
+/// The options [`parse_options`] knows, with a one-line description each (for `-o help`).
+pub(crate) const OPTION_HELP: &[(&str, &str)] = &[
+    (
+        "backing_file=<str>",
+        "name of the backing file (needs backing_fmt)",
+    ),
+    (
+        "backing_fmt=<str>",
+        "format of the backing file (raw, qcow2, ...)",
+    ),
+    (
+        "cluster_size=<size>",
+        "cluster size, a power of two from 512 to 2M (default 64k)",
+    ),
+    (
+        "compat=<str>",
+        "qcow2 version: 1.1 or v3 (default), 0.10 or v2",
+    ),
+    (
+        "compression_type=<str>",
+        "compression of compressed clusters: zlib (default) or zstd",
+    ),
+    (
+        "data_file=<str>",
+        "keep guest data in this external file (created or truncated)",
+    ),
+    (
+        "data_file_raw=<bool>",
+        "keep the data file a valid raw image by itself (on/off)",
+    ),
+    (
+        "extended_l2=<bool>",
+        "subcluster allocation with 16-byte L2 entries (on/off)",
+    ),
+    (
+        "extent_size_hint=<size>",
+        "accepted for qemu-img compatibility (an xfs extent size hint; not set)",
+    ),
+    (
+        "lazy_refcounts=<bool>",
+        "defer refcount updates, marking the image dirty (on/off)",
+    ),
+    (
+        "preallocation=<str>",
+        "off (default), metadata, falloc or full",
+    ),
+    (
+        "refcount_bits=<num>",
+        "width of a refcount: 1, 2, 4, 8, 16 (default), 32 or 64",
+    ),
+    ("size=<size>", "virtual disk size"),
+];
+
+/// Splits a qemu-style option list into its items: items are separated by commas, and `,,`
+/// stands for a comma inside an item. An empty item (a leading, trailing or doubled separator
+/// where no escaped comma is meant) makes the list invalid, as in qemu.
+pub fn split_option_list(s: &str) -> Result<Vec<String>> {
+    let invalid = || Error::invalid_input(format!("invalid option list: '{s}'"));
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                if cur.is_empty() {
+                    return Err(invalid());
+                }
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    if cur.is_empty() {
+        return Err(invalid());
+    }
+    items.push(cur);
+    Ok(items)
+}
+
+fn parse_bool(key: &str, v: Option<&str>) -> Result<bool> {
+    match v {
+        None | Some("on") | Some("yes") | Some("true") => Ok(true),
+        Some("off") | Some("no") | Some("false") => Ok(false),
+        Some(other) => Err(Error::invalid_input(format!(
+            "option '{key}' expects 'on' or 'off', not '{other}'"
+        ))),
+    }
+}
+
+/// Parses one `-o` argument of `qemu-img create` for qcow2 (and raw, which takes `size` and
+/// `preallocation` only; the caller refuses the rest): comma-separated `key=value` items,
+/// `,,` for a comma inside a value, sizes with `k`/`M`/`G`/`T` suffixes, booleans as
+/// `on`/`off` (a boolean key alone means `on`), `help` or `?` to ask for the option list.
+/// Unknown keys are refused; encryption options are refused as unsupported. Combinations are
+/// checked later, by [`CreateOptions::validate`].
+pub fn parse_options(s: &str) -> Result<OptionUpdates> {
+    let mut u = OptionUpdates::default();
+    for item in split_option_list(s)? {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (item.clone(), None),
+        };
+        let v = value.as_deref();
+        let need = |what: &str| -> Result<&str> {
+            v.ok_or_else(|| Error::invalid_input(format!("option '{key}' needs a value ({what})")))
+        };
+        match key.as_str() {
+            "help" | "?" if v.is_none() => u.help = true,
+            "size" => {
+                let text = need("a size")?;
+                u.size =
+                    Some(parse_size(text).map_err(|e| {
+                        Error::invalid_input(format!("option 'size': {}", e.what()))
+                    })?);
+            }
+            "cluster_size" => {
+                let text = need("a size")?;
+                u.cluster_size = Some(parse_size(text).map_err(|e| {
+                    Error::invalid_input(format!("option 'cluster_size': {}", e.what()))
+                })?);
+            }
+            "compat" => {
+                u.compat = Some(match need("0.10, v2, 1.1 or v3")? {
+                    "0.10" | "v2" => Compat::V2,
+                    "1.1" | "v3" => Compat::V3,
+                    other => {
+                        return Err(Error::invalid_input(format!(
+                            "invalid compat value '{other}' (use 0.10, v2, 1.1 or v3)"
+                        )))
+                    }
+                })
+            }
+            "refcount_bits" => {
+                let text = need("a number")?;
+                // As qemu's option parser (strtoull), a negative number wraps around: it is
+                // then refused as a width, after the "Formatting" line shows it.
+                let (neg, digits) = match text.strip_prefix('-') {
+                    Some(d) => (true, d),
+                    None => (false, text),
+                };
+                let n = digits
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|_| !digits.starts_with('+'))
+                    .ok_or_else(|| {
+                        Error::invalid_input(format!(
+                            "option 'refcount_bits' expects a number, not '{text}'"
+                        ))
+                    })?;
+                u.refcount_bits = Some(if neg { n.wrapping_neg() } else { n });
+            }
+            "lazy_refcounts" => u.lazy_refcounts = Some(parse_bool(&key, v)?),
+            "extended_l2" => u.extended_l2 = Some(parse_bool(&key, v)?),
+            "data_file_raw" => u.data_file_raw = Some(parse_bool(&key, v)?),
+            "compression_type" => {
+                u.compression_type = Some(match need("zlib or zstd")? {
+                    "zlib" => CompressionType::Zlib,
+                    "zstd" => CompressionType::Zstd,
+                    other => {
+                        return Err(Error::invalid_input(format!(
+                            "invalid compression type '{other}' (use zlib or zstd)"
+                        )))
+                    }
+                })
+            }
+            "preallocation" => {
+                u.preallocation = Some(Preallocation::from_name(need("a mode")?)?);
+            }
+            "backing_file" => u.backing_file = Some(need("a file name")?.to_string()),
+            "backing_fmt" => u.backing_fmt = Some(need("a format name")?.to_string()),
+            "data_file" => u.data_file = Some(need("a file name")?.to_string()),
+            k if k == "encryption" || k.starts_with("encrypt.") => {
+                return Err(Error::unsupported(format!(
+                    "option '{k}': creating encrypted images is not supported"
+                )))
+            }
+            // qemu sets it as the xfs extent size hint of the image file (FS_IOC_FSSETXATTR)
+            // and ignores it on other file systems; vimg accepts and checks it, and leaves the
+            // file system's default (it only affects how the host file's space is grouped).
+            "extent_size_hint" => {
+                let text = need("a size")?;
+                let hint = parse_size(text).map_err(|e| {
+                    Error::invalid_input(format!("option 'extent_size_hint': {}", e.what()))
+                })?;
+                if hint > u64::from(u32::MAX) {
+                    return Err(Error::invalid_input("Extent size hint is too large"));
+                }
+            }
+            "nocow" => {
+                return Err(Error::unsupported(format!(
+                    "option '{key}' (a host file system hint) is not supported"
+                )))
+            }
+            _ => {
+                return Err(Error::invalid_input(format!(
+                    "unknown option '{key}' (see -o help)"
+                )))
+            }
+        }
+    }
+    Ok(u)
+}
+
+impl CreateOptions {
+    /// Sets every option `u` names.
+    pub fn apply(&mut self, u: &OptionUpdates) {
+        if let Some(v) = u.size {
+            self.size = v;
+        }
+        if let Some(v) = u.cluster_size {
+            self.cluster_size = v;
+        }
+        if let Some(v) = u.compat {
+            self.compat = v;
+        }
+        if let Some(v) = u.refcount_bits {
+            self.refcount_bits = v;
+        }
+        if let Some(v) = u.lazy_refcounts {
+            self.lazy_refcounts = v;
+        }
+        if let Some(v) = u.compression_type {
+            self.compression_type = v;
+        }
+        if let Some(v) = u.extended_l2 {
+            self.extended_l2 = v;
+        }
+        if let Some(v) = &u.backing_file {
+            self.backing_file = Some(v.clone());
+        }
+        if let Some(v) = &u.backing_fmt {
+            self.backing_fmt = Some(v.clone());
+        }
+        if let Some(v) = &u.data_file {
+            self.data_file = Some(v.clone());
+        }
+        if let Some(v) = u.data_file_raw {
+            self.data_file_raw = v;
+        }
+        if let Some(v) = u.preallocation {
+            self.preallocation = v;
+        }
+    }
+
+    /// Checks the options against qcow2.rst's rules and qemu-img's: cluster and refcount sizes,
+    /// features that need version 3, extended L2 with small clusters, a backing file without a
+    /// format, a data-file flag without a data file, preallocation under a backing file
+    /// (which needs extended L2, whose unallocated subclusters still read from the backing
+    /// file), and a disk too large for the L1 table limit.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::invalid_input(m.to_string()));
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two()
+            || !((1 << MIN_CLUSTER_BITS)..=(1 << MAX_CLUSTER_BITS)).contains(&cs)
+        {
+            return bad("Cluster size must be a power of two between 512 and 2048k");
+        }
+        let rb = self.refcount_bits;
+        if !rb.is_power_of_two() || rb > 64 {
+            return bad("Refcount width must be a power of two and may not exceed 64 bits");
+        }
+        if self.compat == Compat::V2 {
+            // qemu-img's words (qcow2_co_create), which scripts match.
+            let v3_only = |what: &str| {
+                Err(Error::invalid_input(format!(
+                    "{what} (use version=v3 or greater)"
+                )))
+            };
+            if rb != 16 {
+                return v3_only(
+                    "Different refcount widths than 16 bits require compatibility level 1.1 \
+                     or above",
+                );
+            }
+            if self.lazy_refcounts {
+                return v3_only(
+                    "Lazy refcounts only supported with compatibility level 1.1 and above",
+                );
+            }
+            if self.compression_type != CompressionType::Zlib {
+                return v3_only(
+                    "Non-zlib compression type is only supported with compatibility level 1.1 \
+                     and above",
+                );
+            }
+            if self.extended_l2 {
+                return v3_only(
+                    "Extended L2 entries are only supported with compatibility level 1.1 and \
+                     above",
+                );
+            }
+            if self.data_file.is_some() {
+                return v3_only(
+                    "External data files are only supported with compatibility level 1.1 and \
+                     above",
+                );
+            }
+        }
+        if self.extended_l2 && cs < 16384 {
+            return bad(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            );
+        }
+        if self.backing_file.is_some() && self.backing_fmt.is_none() {
+            return bad("Backing file specified without backing format");
+        }
+        if self.backing_fmt.is_some() && self.backing_file.is_none() {
+            return bad("Backing format cannot be used without backing file");
+        }
+        if let Some(b) = &self.backing_file {
+            if b.is_empty() {
+                return bad("Expected backing file name, got empty string");
+            }
+            if b.len() > MAX_BACKING_NAME as usize {
+                return bad("backing file name is longer than 1023 bytes");
+            }
+        }
+        if let Some(d) = &self.data_file {
+            if d.is_empty() {
+                return bad("data file name is empty");
+            }
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return bad("data-file-raw requires data-file");
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return bad("Backing file and data-file-raw cannot be used at the same time");
+        }
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
+            return bad(
+                "Backing file and preallocation can only be used at the same time if \
+                 extended_l2 is on",
+            );
+        }
+        if self.size > i64::MAX as u64 - 511 {
+            return bad("image size is too large");
+        }
+        let g = Geometry::new(self);
+        if g.l1_size(round_size(self.size)) * 8 > MAX_L1_BYTES {
+            return bad(
+                "The image size is too large for file format 'qcow2' (try using a larger \
+                 cluster size)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The virtual size as qemu records it: rounded up to whole 512-byte sectors.
+pub(crate) fn round_size(size: u64) -> u64 {
+    size.div_ceil(512) * 512
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use crate::qcow2::create::opts;
+
+    #[test]
+    fn option_lists_split_like_qemu() {
+        assert_eq!(
+            split_option_list("a=1,b=x,,y").unwrap(),
+            vec!["a=1", "b=x,y"]
+        );
+        assert_eq!(split_option_list("a=,,,,").unwrap(), vec!["a=,,"]);
+        for bad in ["", ",a=1", "a=1,", "a=1,,,"] {
+            assert!(split_option_list(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn options_parse_and_merge() {
+        let mut u =
+            parse_options("cluster_size=4k,compat=v2,lazy_refcounts,data_file=a,,b").unwrap();
+        assert_eq!(u.cluster_size, Some(4096));
+        assert_eq!(u.compat, Some(Compat::V2));
+        assert_eq!(u.lazy_refcounts, Some(true));
+        assert_eq!(u.data_file.as_deref(), Some("a,b"));
+        u.merge(parse_options("cluster_size=8k,preallocation=full").unwrap());
+        assert_eq!(u.cluster_size, Some(8192));
+        assert_eq!(u.preallocation, Some(Preallocation::Full));
+        assert!(parse_options("help").unwrap().help);
+        for bad in [
+            "bogus=1",
+            "cluster_size",
+            "cluster_size=1x",
+            "compat=1.2",
+            "lazy_refcounts=1",
+            "compression_type=lz4",
+            "preallocation=bogus",
+            "refcount_bits=x",
+        ] {
+            assert_eq!(
+                parse_options(bad).unwrap_err().kind(),
+                ErrorKind::InvalidInput,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_options("encrypt.format=luks").unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+    }
+
+    #[test]
+    fn invalid_combinations_are_refused() {
+        let cases: Vec<(CreateOptions, &str)> = vec![
+            (opts(|o| o.cluster_size = 1000), "power of two"),
+            (opts(|o| o.cluster_size = 256), "power of two"),
+            (opts(|o| o.cluster_size = 4 << 20), "power of two"),
+            (opts(|o| o.refcount_bits = 3), "Refcount width"),
+            (opts(|o| o.refcount_bits = 128), "Refcount width"),
+            (opts(|o| o.refcount_bits = 0), "Refcount width"),
+            (
+                opts(|o| {
+                    o.compat = Compat::V2;
+                    o.refcount_bits = 8
+                }),
+                "1.1",
+            ),
+            (
+                opts(|o| {
+                    o.compat = Compat::V2;
+                    o.lazy_refcounts = true
+                }),
+                "1.1",
+            ),
+            (
+                opts(|o| {
+                    o.compat = Compat::V2;
+                    o.compression_type = CompressionType::Zstd
+                }),
+                "1.1",
+            ),
+            (
+                opts(|o| {
+                    o.compat = Compat::V2;
+                    o.extended_l2 = true
+                }),
+                "1.1",
+            ),
+            (
+                opts(|o| {
+                    o.compat = Compat::V2;
+                    o.data_file = Some("d".into())
+                }),
+                "1.1",
+            ),
+            (
+                opts(|o| {
+                    o.cluster_size = 8192;
+                    o.extended_l2 = true
+                }),
+                "16384 bytes",
+            ),
+            (
+                opts(|o| o.backing_file = Some("b".into())),
+                "without backing format",
+            ),
+            (
+                opts(|o| o.backing_fmt = Some("raw".into())),
+                "without backing file",
+            ),
+            (opts(|o| o.data_file_raw = true), "requires data-file"),
+            (
+                opts(|o| {
+                    o.backing_file = Some("b".into());
+                    o.backing_fmt = Some("raw".into());
+                    o.preallocation = Preallocation::Metadata;
+                }),
+                "extended_l2 is on",
+            ),
+            (
+                opts(|o| {
+                    o.backing_file = Some("b".into());
+                    o.backing_fmt = Some("raw".into());
+                    o.data_file = Some("d".into());
+                    o.data_file_raw = true;
+                }),
+                "data-file-raw",
+            ),
+            (
+                opts(|o| {
+                    o.cluster_size = 512;
+                    o.size = 1 << 50
+                }),
+                "too large",
+            ),
+        ];
+        for (o, want) in cases {
+            let e = o.validate().unwrap_err();
+            assert!(e.to_string().contains(want), "{o:?}: {e}");
+        }
+        assert!(opts(|o| o.size = 1 << 50).validate().is_ok());
+    }
+}
