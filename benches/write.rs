@@ -102,6 +102,7 @@ fn bench(c: &mut Criterion) {
                 backing_format: None,
                 unsafe_backing: false,
                 size: Some(SIZE.to_string()),
+                opener: Default::default(),
             })
             .unwrap();
             let img = open_image(

@@ -14,7 +14,7 @@ import sys
 LAYERS = [
     "error offsets storage blkdebug lock interrupt size zeros",
     "opener chain",
-    "block chain_read capability check bitmap info prealloc identity",
+    "block chain_read creation capability check bitmap info prealloc identity",
     "format foreign raw qcow2 null probe",
     "open image_spec secret",
     "vma",

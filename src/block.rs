@@ -68,13 +68,13 @@ pub trait FormatDriver: Send + Sync + 'static {
     /// up to its "Formatting" line. The default: the format cannot be created.
     fn prepare_create(
         &self,
-        request: &crate::ops::create::CreateRequest<'_>,
-    ) -> Result<Box<dyn crate::ops::create::FormatCreation>> {
+        command: &crate::creation::CreateCommand<'_>,
+    ) -> Result<Box<dyn crate::creation::FormatCreation>> {
         Err(Error::unsupported(format!(
             "Format driver '{}' does not support image creation",
             self.name()
         ))
-        .with_path(request.path))
+        .with_path(command.path))
     }
 
     /// `measure`: the host space a new image of this format takes, created with the `-o`
@@ -85,7 +85,7 @@ pub trait FormatDriver: Send + Sync + 'static {
         options: &[String],
         size: Option<u64>,
         source: Option<&dyn BlockImage>,
-    ) -> Result<crate::ops::measure::Measurement> {
+    ) -> Result<crate::creation::Measurement> {
         let _ = (options, size, source);
         Err(Error::unsupported(format!(
             "Block driver '{}' does not support size measurement",
@@ -96,8 +96,9 @@ pub trait FormatDriver: Send + Sync + 'static {
     /// Opens a new image of this format, created at `path` for a copy of `size` bytes (the
     /// target of `convert`, an extracted disk): `options` are the `-o` arguments, `backing`
     /// the backing file and format to record (only for a format that
-    /// [`FormatDriver::supports_backing_file`]). With `no_backing` the backing chain is not
-    /// opened. The default: the format cannot be created.
+    /// [`FormatDriver::supports_backing_file`]; it is recorded, not checked, as with `create
+    /// -u`). With `no_backing` the backing chain is not opened; otherwise it is opened through
+    /// `opener`. The default: the format cannot be created.
     fn create_target(
         &self,
         path: &Path,
@@ -105,8 +106,9 @@ pub trait FormatDriver: Send + Sync + 'static {
         options: &[String],
         backing: (Option<String>, Option<String>),
         no_backing: bool,
+        opener: &crate::opener::Opener,
     ) -> Result<Box<dyn BlockImage>> {
-        let _ = (size, options, backing, no_backing);
+        let _ = (size, options, backing, no_backing, opener);
         Err(Error::unsupported(format!(
             "Format driver '{}' does not support image creation",
             self.name()

@@ -9,6 +9,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock::LockRequest;
 use crate::opener::{LocatorBuf, Opener};
+use crate::storage::FileId;
 use std::path::{Path, PathBuf};
 
 /// The deepest backing chain vimg opens (the image itself counts as one layer).
@@ -137,6 +138,15 @@ impl ChainGuard {
 /// Whether `a` and `b` are the same file (device and inode); `false` if either is missing.
 pub fn same_file(a: &Path, b: &Path) -> bool {
     Opener::default().same(a, b)
+}
+
+/// Whether `a` and `b` are the same file: by device and inode (so that links are caught), or
+/// by name where either does not exist (a file about to be created).
+pub fn same_file_or_name(a: &Path, b: &Path) -> bool {
+    match (FileId::of(a), FileId::of(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
 }
 
 /// Resolves a file name recorded in the image at `image` (a backing or data file name) against

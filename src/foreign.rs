@@ -83,3 +83,25 @@ impl std::fmt::Display for ForeignFormat {
         f.write_str(self.as_str())
     }
 }
+
+/// Formats qemu-img knows as backing formats; with `-u` any of them may be recorded, since the
+/// backing file is not opened. Without `-u` vimg must open it, so only raw and qcow2 work.
+pub const KNOWN_FORMATS: &[&str] = &[
+    "raw",
+    "qcow2",
+    "qcow",
+    "qed",
+    "vmdk",
+    "vdi",
+    "vhdx",
+    "vpc",
+    "parallels",
+    "luks",
+    "dmg",
+    "bochs",
+    "cloop",
+    "vvfat",
+    "file",
+    "host_device",
+    "nbd",
+];

@@ -79,6 +79,7 @@ mod tests {
             backing_format: None,
             unsafe_backing: false,
             size: Some("1M".into()),
+            opener: Default::default(),
         }
     }
 
@@ -101,7 +102,14 @@ mod tests {
             let target = dir.path().join(format!("t.{f}"));
             let t = f
                 .driver()
-                .create_target(&target, 1 << 20, &[], (None, None), true)
+                .create_target(
+                    &target,
+                    1 << 20,
+                    &[],
+                    (None, None),
+                    true,
+                    &Default::default(),
+                )
                 .unwrap();
             assert_eq!((t.format(), t.virtual_size()), (f, 1 << 20));
             assert!(t.is_writable());
@@ -186,7 +194,9 @@ mod tests {
                 .contains("Block driver 'readonly' does not support size measurement"),
             "{e}"
         );
-        assert!(RO.create_target(&path, 1, &[], (None, None), true).is_err());
+        assert!(RO
+            .create_target(&path, 1, &[], (None, None), true, &Default::default())
+            .is_err());
         assert!(!path.exists());
         assert!(RO.repair(&path, true, &Default::default()).is_none());
         assert!(RO.amend_option_help().is_none());

@@ -1287,6 +1287,7 @@ fn create(a: CreateCmdArgs) -> CmdResult {
         backing_format: a.backing_format,
         unsafe_backing: a.unsafe_backing,
         size: a.size,
+        opener: opener().clone(),
     };
     let plan = ops::create::prepare(&args).map_err(|e| Failure::new(e, 1))?;
     if !a.quiet {
@@ -1511,7 +1512,7 @@ fn measure(a: MeasureArgs) -> CmdResult {
         Err(_) => return Err(say(&format!("Unknown file format '{}'", a.output_format))),
     };
     let m = ops::measure::measure(target, &a.options, size, source.as_deref()).map_err(fail)?;
-    print(&m.render(a.output.into()))?;
+    print(&ops::measure::render(&m, a.output.into()))?;
     Ok(0)
 }
 
@@ -1694,6 +1695,7 @@ fn backup(a: BackupArgs) -> CmdResult {
                 }),
                 format: x.output_format,
                 options: x.options,
+                opener: opener().clone(),
             };
             let archive = ArchivePath::from_arg(&x.archive);
             let plan = b::prepare_extract(&archive, &x.target_dir, &opts).map_err(fail)?;

@@ -77,9 +77,11 @@ impl FormatDriver for RawDriver {
 
     fn prepare_create(
         &self,
-        request: &crate::ops::create::CreateRequest<'_>,
-    ) -> Result<Box<dyn crate::ops::create::FormatCreation>> {
-        Ok(Box::new(create::RawCreation::prepare(request)?))
+        command: &crate::creation::CreateCommand<'_>,
+    ) -> Result<Box<dyn crate::creation::FormatCreation>> {
+        let mut given = Default::default();
+        let request = crate::qcow2::CreateRequest::parse(command, &mut given)?;
+        Ok(Box::new(create::RawCreation::prepare(&request)?))
     }
 
     fn measure(
@@ -87,7 +89,7 @@ impl FormatDriver for RawDriver {
         options: &[String],
         size: Option<u64>,
         source: Option<&dyn BlockImage>,
-    ) -> Result<crate::ops::measure::Measurement> {
+    ) -> Result<crate::creation::Measurement> {
         measure::measure(options, size, source)
     }
 
@@ -111,8 +113,9 @@ impl FormatDriver for RawDriver {
         _options: &[String],
         _backing: (Option<String>, Option<String>),
         _no_backing: bool,
+        opener: &Opener,
     ) -> Result<Box<dyn BlockImage>> {
-        Ok(Box::new(RawImage::create(path, size)?))
+        Ok(Box::new(RawImage::create_with(opener, path, size)?))
     }
 }
 
@@ -159,7 +162,12 @@ impl RawImage {
     /// Creates (or truncates) a raw file at `path` of `size` bytes, all holes but the first
     /// block (see [`allocate_first_block`]), as qemu creates one.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        let storage = Opener::default()
+        Self::create_with(&Opener::default(), path, size)
+    }
+
+    /// [`RawImage::create`], the file created through `opener`.
+    pub fn create_with(opener: &Opener, path: &Path, size: u64) -> Result<Self> {
+        let storage = opener
             .create(path)
             .map_err(|e| Error::io("cannot create image", e).with_path(path))?;
         storage

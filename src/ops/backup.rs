@@ -19,6 +19,7 @@
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
+use crate::opener::Opener;
 use crate::ops::convert::{rename_tmp, TempFile};
 use crate::vma::format::{ArchiveHeader, ConfigFile, MAX_BLOB_LEN};
 use crate::vma::job::{BackupJob, BackupStats, Progress};
@@ -254,6 +255,8 @@ pub struct ExtractOptions {
     pub format: ImageFormat,
     /// Options of new qcow2 images (`-o`), as `vimg create -o` takes them.
     pub options: Vec<String>,
+    /// What creates the restored images.
+    pub opener: Opener,
 }
 
 impl Default for ExtractOptions {
@@ -262,6 +265,7 @@ impl Default for ExtractOptions {
             devices: None,
             format: ImageFormat::Raw,
             options: Vec::new(),
+            opener: Opener::default(),
         }
     }
 }
@@ -444,6 +448,7 @@ pub fn prepare_extract(
             backing_format: None,
             unsafe_backing: false,
             size: Some(d.size.to_string()),
+            opener: opts.opener.clone(),
         })
         .in_file(&d.path)?;
     }
@@ -464,7 +469,14 @@ pub fn prepare_extract(
         let image = d
             .format
             .driver()
-            .create_target(&tmp, d.size, &options_of(d), (None, None), true)
+            .create_target(
+                &tmp,
+                d.size,
+                &options_of(d),
+                (None, None),
+                true,
+                &opts.opener,
+            )
             .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
         // Metadata is written once, at the end, and nothing waits for the disk (raw files are
         // not synced, as `convert` does not sync by default); a failed restore removes the

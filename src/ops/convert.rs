@@ -355,6 +355,7 @@ pub fn convert(
                 &opts.target_options,
                 (opts.backing_file.clone(), opts.backing_format.clone()),
                 false,
+                &opts.opener,
             )
             .map_err(|e| rename_tmp(e, &tmp.path, &dst))?;
         target.set_unsafe_cache(!opts.sync);
@@ -754,6 +755,7 @@ mod tests {
             backing_format: backing.map(|_| "qcow2".to_string()),
             unsafe_backing: false,
             size: Some(size.to_string()),
+            opener: Default::default(),
         })
         .unwrap();
     }

@@ -7,18 +7,21 @@
 //! [`CreatePlan::execute`] writes the image. [`options_help`] is the `-o help` text. Nothing
 //! here prints.
 //!
-//! What is common to every format is here: the `-o` options merged, `-b`/`-F`, the size, and
-//! the checks of a backing file ([`CreateRequest::check_backing`], for a format that records
-//! one). The rest is the format's ([`crate::block::FormatDriver::prepare_create`] returns its
-//! [`FormatCreation`]): qcow2 images are written by [`crate::qcow2::create()`] (qcow2.rst
-//! "Header", "Host cluster management", "Cluster mapping"), raw images by
-//! [`crate::raw::create`].
+//! The command hands its pieces to the format's driver as a [`CreateCommand`]
+//! ([`crate::block::FormatDriver::prepare_create`] returns its [`FormatCreation`]): the
+//! format parses the `-o` options it takes ([`crate::qcow2::CreateRequest`], which also makes
+//! qemu-img's checks of a backing file's name), and writes the image: qcow2 images by
+//! [`crate::qcow2::create()`] (qcow2.rst "Header", "Host cluster management", "Cluster
+//! mapping"), raw images by [`crate::raw::create`]. What needs the command, opening the
+//! backing file with its chain through the command's opener, is here ([`prepare`] hands it to
+//! the format as [`CreateCommand::open_backing`]).
 
 use crate::block::{BlockImage, ImageFormat};
+use crate::chain::same_file_or_name;
+use crate::creation::{BackingToOpen, CreateCommand, FormatCreation};
 use crate::error::{Error, Result};
-use crate::open::{open_image, resolve_relative, OpenOptions};
-use crate::ops::size::parse_size;
-use crate::qcow2::{parse_options, OptionUpdates};
+use crate::open::{open_image, OpenOptions};
+use crate::opener::Opener;
 use std::path::{Path, PathBuf};
 
 /// The pieces of a `vimg create` command line.
@@ -38,6 +41,8 @@ pub struct CreateArgs {
     pub unsafe_backing: bool,
     /// SIZE as typed (`64M`, `1.5G`, `65536`); `None` takes the backing file's size.
     pub size: Option<String>,
+    /// What opens the backing file (and its chain) to check it.
+    pub opener: Opener,
 }
 
 /// A validated create request, ready to run: the format's part of it
@@ -50,142 +55,7 @@ pub struct CreatePlan {
     creation: Box<dyn FormatCreation>,
 }
 
-/// A format's checked create request, ready to write (returned by
-/// [`crate::block::FormatDriver::prepare_create`]).
-pub trait FormatCreation: std::fmt::Debug + Send + Sync {
-    /// The line qemu-img prints before creating (see [`CreatePlan::formatting_line`]).
-    fn formatting_line(&self) -> String;
-
-    /// Writes the image (truncating an existing file). A failed create removes the files it
-    /// made; its own checks that qemu-img makes after the "Formatting" line come first.
-    fn execute(&self) -> Result<()>;
-}
-
-/// What a format's [`crate::block::FormatDriver::prepare_create`] is given: the command line's pieces that
-/// are common to every format, parsed.
-#[derive(Debug, Clone, Copy)]
-pub struct CreateRequest<'a> {
-    /// The file to create.
-    pub path: &'a Path,
-    /// The `-o` options merged in order, with `-b`/`-F` applied over `backing_file` and
-    /// `backing_fmt`.
-    pub given: &'a OptionUpdates,
-    /// The size given as SIZE or `-o size`, if any.
-    pub size: Option<u64>,
-    /// `-u`: the backing file is not opened.
-    pub unsafe_backing: bool,
-}
-
-impl CreateRequest<'_> {
-    /// An error about the new image, as qemu-img words it (the file named first).
-    pub fn file_error(&self, what: impl Into<String>) -> Error {
-        Error::invalid_input(what.into()).with_path(self.path)
-    }
-
-    /// The size of the new image: as given, else refused in qemu-img's words.
-    pub fn required_size(&self, size: Option<u64>) -> Result<u64> {
-        size.ok_or_else(|| self.file_error("Image creation needs a size parameter"))
-    }
-
-    /// The checks qemu-img makes on a backing file before it prints its "Formatting" line, in
-    /// its order and words (`bdrv_img_create`), for a format that records one: the name, the
-    /// format, and unless `-u` the backing file itself, opened with its chain (which also
-    /// proves the format right; the new image and its data file may not be part of that
-    /// chain). Returns the size of the new image: as given, else the backing file's.
-    pub fn check_backing(&self) -> Result<u64> {
-        let given = self.given;
-        let mut size = self.size;
-        let file_err = |what: String| self.file_error(what);
-        if let Some(name) = &given.backing_file {
-            if name.is_empty() {
-                return Err(file_err(
-                    "Expected backing file name, got empty string".into(),
-                ));
-            }
-            let bpath = resolve_relative(self.path, name)?;
-            if same_file(&bpath, self.path) || Path::new(name) == self.path {
-                return Err(file_err(
-                    "Error: Trying to create an image with the same filename as the \
-                     backing file"
-                        .into(),
-                ));
-            }
-            if let Some(fmt) = &given.backing_fmt {
-                if !KNOWN_FORMATS.contains(&fmt.as_str()) {
-                    return Err(file_err(if self.unsafe_backing {
-                        format!("Parameter 'backing-fmt' does not accept value '{fmt}'")
-                    } else {
-                        format!("Unknown driver '{fmt}'\nCould not open backing image.")
-                    }));
-                }
-            }
-            if !self.unsafe_backing {
-                let format = given
-                    .backing_fmt
-                    .as_deref()
-                    .map(ImageFormat::from_name)
-                    .transpose()?;
-                let img = open_image(
-                    &bpath,
-                    &OpenOptions {
-                        format,
-                        writable: false,
-                        no_backing: false,
-                        ..OpenOptions::default()
-                    },
-                )
-                .map_err(|e| {
-                    Error::new(
-                        e.kind(),
-                        format!("{}\nCould not open backing image.", e.while_opening()),
-                    )
-                    .with_path(self.path)
-                })?;
-                if given.backing_fmt.is_none() {
-                    return Err(file_err(format!(
-                        "Backing file specified without backing format\nDetected format of \
-                         {}.",
-                        img.format()
-                    )));
-                }
-                let data = match &given.data_file {
-                    Some(d) => Some(resolve_relative(self.path, d)?),
-                    None => None,
-                };
-                if data.as_deref().is_some_and(|d| same_file(&bpath, d)) {
-                    return Err(file_err(
-                        "the external data file cannot be the backing file".into(),
-                    ));
-                }
-                refuse_over_chain(self.path, data.as_deref(), img.as_ref())?;
-                size = size.or(Some(img.virtual_size()));
-            }
-        }
-        self.required_size(size)
-    }
-}
-
-/// Formats qemu-img knows as backing formats; with `-u` any of them may be recorded, since the
-/// backing file is not opened. Without `-u` vimg must open it, so only raw and qcow2 work.
-pub const KNOWN_FORMATS: &[&str] = &[
-    "raw",
-    "qcow2",
-    "qcow",
-    "qed",
-    "vmdk",
-    "vdi",
-    "vhdx",
-    "vpc",
-    "parallels",
-    "luks",
-    "dmg",
-    "bochs",
-    "cloop",
-    "vvfat",
-    "file",
-    "host_device",
-    "nbd",
-];
+pub use crate::foreign::KNOWN_FORMATS;
 
 /// Whether any `-o` argument asks for the option list (`help` or `?`).
 pub fn wants_help(options: &[String]) -> bool {
@@ -206,24 +76,6 @@ pub fn options_help(format: ImageFormat) -> String {
         s.push_str(&format!("  {k:<width$}  {d}\n"));
     }
     s
-}
-
-fn parse_all(options: &[String]) -> Result<OptionUpdates> {
-    let mut u = OptionUpdates::default();
-    for o in options {
-        u.merge(parse_options(o)?);
-    }
-    Ok(u)
-}
-
-/// Whether `a` and `b` are the same file: by device and inode (so that links are caught), or
-/// by name where either does not exist.
-fn same_file(a: &Path, b: &Path) -> bool {
-    use crate::identity::FileId;
-    match (FileId::of(a), FileId::of(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => a == b,
-    }
 }
 
 /// Refuses to create `path` (or its external data file `data`) over a file the new image's
@@ -256,38 +108,67 @@ fn refuse_over_chain(path: &Path, data: Option<&Path>, backing: &dyn BlockImage)
 /// backing file is opened with the given format (relative to the image's directory), which
 /// also proves that the format is right.
 pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
-    let mut given = parse_all(&args.options)?;
-    if given.help {
-        return Err(Error::invalid_input(
-            "-o help asks for the option list, not an image (see options_help)",
-        ));
-    }
-    if let Some(b) = &args.backing_file {
-        given.backing_file = Some(b.clone());
-    }
-    if let Some(f) = &args.backing_format {
-        given.backing_fmt = Some(f.clone());
-    }
-    let positional = match &args.size {
-        Some(t) => Some(parse_size(t)?),
-        None => None,
-    };
-    if positional.is_some() && given.size.is_some() {
-        return Err(Error::invalid_input(
-            "the image size must be given only once (SIZE or -o size)",
-        ));
-    }
-    let size = positional.or(given.size);
-    let request = CreateRequest {
+    let opener = &args.opener;
+    let open = move |b: &BackingToOpen<'_>| open_backing(b, opener);
+    let command = CreateCommand {
         path: &args.filename,
-        given: &given,
-        size,
-        unsafe_backing: args.unsafe_backing,
+        options: &args.options,
+        backing_file: args.backing_file.as_deref(),
+        backing_format: args.backing_format.as_deref(),
+        size: args.size.as_deref(),
+        open_backing: match args.unsafe_backing {
+            true => None,
+            false => Some(&open),
+        },
     };
     Ok(CreatePlan {
         path: args.filename.clone(),
-        creation: args.format.driver().prepare_create(&request)?,
+        creation: args.format.driver().prepare_create(&command)?,
     })
+}
+
+/// Opens the backing file a new image is to record, with its chain, through `opener`: qemu-img's
+/// checks (`bdrv_img_create`) that it opens in the given format (which must be given), that
+/// the new image's data file is not the backing file, and that neither the new image nor its
+/// data file is a file of that chain. Returns the backing file's virtual size.
+fn open_backing(b: &BackingToOpen<'_>, opener: &Opener) -> Result<u64> {
+    let file_err = |what: String| Error::invalid_input(what).with_path(b.image);
+    let format = b.format.map(ImageFormat::from_name).transpose()?;
+    let img = open_image(
+        b.backing,
+        &OpenOptions {
+            format,
+            opener: opener.clone(),
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(|e| {
+        Error::new(
+            e.kind(),
+            format!("{}\nCould not open backing image.", e.while_opening()),
+        )
+        .with_path(b.image)
+    })?;
+    if b.format.is_none() {
+        return Err(file_err(format!(
+            "Backing file specified without backing format\nDetected format of {}.",
+            img.format()
+        )));
+    }
+    let data = match b.data_file {
+        Some(d) => Some(opener.resolve(b.image, d)?),
+        None => None,
+    };
+    if data
+        .as_deref()
+        .is_some_and(|d| same_file_or_name(b.backing, d))
+    {
+        return Err(file_err(
+            "the external data file cannot be the backing file".into(),
+        ));
+    }
+    refuse_over_chain(b.image, data.as_deref(), img.as_ref())?;
+    Ok(img.virtual_size())
 }
 
 impl CreatePlan {
@@ -336,6 +217,7 @@ mod tests {
             backing_format: None,
             unsafe_backing: false,
             size: size.map(str::to_string),
+            opener: Default::default(),
         }
     }
 

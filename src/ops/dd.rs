@@ -118,6 +118,7 @@ pub fn dd(
         backing_format: None,
         unsafe_backing: false,
         size: Some((size - start).to_string()),
+        opener: opener.clone(),
     })
     .map_err(|e| {
         Error::invalid_input(format!(

@@ -9,54 +9,37 @@
 //! mapping") plus the data clusters that hold data. Compression is not taken into account, as
 //! in qemu. Each format does its own arithmetic ([`crate::block::FormatDriver::measure`]:
 //! [`crate::qcow2::Qcow2Driver`], [`crate::raw::measure`]). Nothing here prints;
-//! [`Measurement::render`] makes the output text.
+//! [`render`] makes the output text.
 
 use crate::block::{BlockImage, ImageFormat};
+pub use crate::creation::Measurement;
 use crate::error::{Error, Result};
 use crate::ops::size::parse_size;
 use crate::ops::OutputFormat;
-use crate::qcow2::{parse_options, split_option_list, OptionUpdates};
 
-/// Options accepted but irrelevant to the figures; they are dropped before parsing.
-const IGNORED_KEYS: &[&str] = &["encryption", "nocow", "extent_size_hint"];
-
-/// What `measure` reports (qemu's `BlockMeasureInfo`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Measurement {
-    /// Bytes a new image holding the source's data needs.
-    pub required: u64,
-    /// Bytes the image takes with every cluster allocated.
-    pub fully_allocated: u64,
-    /// Bytes the source's persistent dirty bitmaps would take; `None` when qemu does not
-    /// report bitmaps (a raw target or source, or a version 2 image on either side).
-    pub bitmaps: Option<u64>,
-}
-
-impl Measurement {
-    /// The output text, byte for byte as qemu-img prints it.
-    pub fn render(&self, style: OutputFormat) -> String {
-        match style {
-            OutputFormat::Human => {
-                let mut s = format!(
-                    "required size: {}\nfully allocated size: {}\n",
-                    self.required, self.fully_allocated
-                );
-                if let Some(b) = self.bitmaps {
-                    s.push_str(&format!("bitmaps size: {b}\n"));
-                }
-                s
+/// The output text of `m`, byte for byte as qemu-img prints it.
+pub fn render(m: &Measurement, style: OutputFormat) -> String {
+    match style {
+        OutputFormat::Human => {
+            let mut s = format!(
+                "required size: {}\nfully allocated size: {}\n",
+                m.required, m.fully_allocated
+            );
+            if let Some(b) = m.bitmaps {
+                s.push_str(&format!("bitmaps size: {b}\n"));
             }
-            OutputFormat::Json => {
-                let mut s = String::from("{\n");
-                if let Some(b) = self.bitmaps {
-                    s.push_str(&format!("    \"bitmaps\": {b},\n"));
-                }
-                s.push_str(&format!(
-                    "    \"required\": {},\n    \"fully-allocated\": {}\n}}\n",
-                    self.required, self.fully_allocated
-                ));
-                s
+            s
+        }
+        OutputFormat::Json => {
+            let mut s = String::from("{\n");
+            if let Some(b) = m.bitmaps {
+                s.push_str(&format!("    \"bitmaps\": {b},\n"));
             }
+            s.push_str(&format!(
+                "    \"required\": {},\n    \"fully-allocated\": {}\n}}\n",
+                m.required, m.fully_allocated
+            ));
+            s
         }
     }
 }
@@ -80,44 +63,6 @@ pub fn parse_measure_size(text: &str) -> Result<u64> {
             "Invalid image size specified: '{text}'."
         ))),
     }
-}
-
-/// Checks the `-o` arguments against the target format's option names `keys` (qemu's
-/// "Invalid parameter" message) and parses the relevant ones; `size` (`--size`), if given,
-/// wins over `-o size`. With `refuse_encryption`, `encrypt.*` options (which the format
-/// takes in qemu) are refused as not supported. For a driver's
-/// [`crate::block::FormatDriver::measure`].
-pub fn parse_target_options(
-    options: &[String],
-    size: Option<u64>,
-    keys: &[&str],
-    refuse_encryption: bool,
-) -> Result<OptionUpdates> {
-    let mut u = OptionUpdates::default();
-    for o in options {
-        let mut kept = Vec::new();
-        for item in split_option_list(o)? {
-            let key = item.split_once('=').map_or(item.as_str(), |(k, _)| k);
-            if key.starts_with("encrypt.") && refuse_encryption {
-                return Err(Error::unsupported(format!(
-                    "option '{key}': measuring encrypted images is not supported"
-                )));
-            }
-            if !keys.contains(&key) {
-                return Err(Error::invalid_input(format!("Invalid parameter '{key}'")));
-            }
-            if !IGNORED_KEYS.contains(&key) {
-                kept.push(item.replace(',', ",,"));
-            }
-        }
-        if !kept.is_empty() {
-            u.merge(parse_options(&kept.join(","))?);
-        }
-    }
-    if let Some(s) = size {
-        u.size = Some(s);
-    }
-    Ok(u)
 }
 
 /// Measures a new image of format `target` created with the `-o` arguments `options`, for a

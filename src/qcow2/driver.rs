@@ -4,7 +4,7 @@ use super::Qcow2Image;
 use crate::block::BlockImage;
 use crate::block::{FormatDriver, ProbeInput};
 use crate::chain::{ChainGuard, Sharing};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lock::LockRequest;
 use std::path::Path;
 
@@ -59,9 +59,11 @@ impl FormatDriver for Qcow2Driver {
 
     fn prepare_create(
         &self,
-        request: &crate::ops::create::CreateRequest<'_>,
-    ) -> Result<Box<dyn crate::ops::create::FormatCreation>> {
-        Ok(Box::new(super::create::Qcow2Creation::prepare(request)?))
+        command: &crate::creation::CreateCommand<'_>,
+    ) -> Result<Box<dyn crate::creation::FormatCreation>> {
+        let mut given = Default::default();
+        let request = super::CreateRequest::parse(command, &mut given)?;
+        Ok(Box::new(super::create::Qcow2Creation::prepare(&request)?))
     }
 
     fn measure(
@@ -69,7 +71,7 @@ impl FormatDriver for Qcow2Driver {
         options: &[String],
         size: Option<u64>,
         source: Option<&dyn BlockImage>,
-    ) -> Result<crate::ops::measure::Measurement> {
+    ) -> Result<crate::creation::Measurement> {
         super::create::measure(options, size, source)
     }
 
@@ -82,25 +84,23 @@ impl FormatDriver for Qcow2Driver {
         options: &[String],
         backing: (Option<String>, Option<String>),
         no_backing: bool,
+        opener: &crate::opener::Opener,
     ) -> Result<Box<dyn BlockImage>> {
-        crate::ops::create::create(&crate::ops::create::CreateArgs {
-            format: super::QCOW2,
-            filename: path.to_path_buf(),
-            options: options.to_vec(),
-            backing_file: backing.0,
-            backing_format: backing.1,
-            unsafe_backing: true,
-            size: Some(size.to_string()),
-        })?;
-        crate::open::open_image(
+        let size = size.to_string();
+        let command = crate::creation::CreateCommand {
             path,
-            &crate::open::OpenOptions {
-                format: Some(super::QCOW2),
-                writable: true,
-                no_backing,
-                ..crate::open::OpenOptions::default()
-            },
-        )
+            options,
+            backing_file: backing.0.as_deref(),
+            backing_format: backing.1.as_deref(),
+            size: Some(&size),
+            open_backing: None,
+        };
+        self.prepare_create(&command)?.execute()?;
+        let mut guard = ChainGuard::with_opener(Default::default(), opener.clone());
+        guard
+            .enter(path)
+            .and_then(|()| self.open(path, true, no_backing, &mut guard))
+            .map_err(Error::while_opening)
     }
 
     fn repair(

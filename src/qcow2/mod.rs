@@ -76,7 +76,8 @@ pub use snapshot::write::NewSnapshot;
 pub use write::resize::V2_SNAPSHOTS;
 
 pub(crate) use check::consistency::SNAPSHOT_READ_FAILED;
-pub(crate) use create::{create_file, round_size};
+pub use create::CreateRequest;
+pub(crate) use create::{create_file, parse_target_options, round_size};
 pub(crate) use format::header::{MAX_SNAPSHOTS, SNAPSHOTS_TOO_MANY};
 
 use crate::block::{check_request, BlockImage, BlockStatus, ImageFormat};

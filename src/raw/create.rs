@@ -1,9 +1,10 @@
 //! Creating raw images: `create -f raw` ([`RawCreation`]), and [`create_raw`], which writes
 //! the file.
 
+use crate::creation::FormatCreation;
 use crate::error::{Error, Result};
-use crate::ops::create::{CreateRequest, FormatCreation};
 use crate::prealloc::{grow_file, Preallocation};
+use crate::qcow2::CreateRequest;
 use crate::qcow2::{create_file, round_size};
 use std::path::{Path, PathBuf};
 

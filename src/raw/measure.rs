@@ -2,8 +2,9 @@
 //! whatever the data.
 
 use crate::block::BlockImage;
+use crate::creation::Measurement;
 use crate::error::Result;
-use crate::ops::measure::{parse_target_options, Measurement};
+use crate::qcow2::parse_target_options;
 
 /// Options `qemu-img measure -O raw -o` accepts.
 const RAW_KEYS: &[&str] = &["size", "preallocation", "nocow", "extent_size_hint"];

@@ -278,6 +278,7 @@ fn chain(dir: &Path, n: usize) -> PathBuf {
             backing_format: Some(if i == 1 { "raw" } else { "qcow2" }.to_string()),
             unsafe_backing: true,
             size: Some("4096".into()),
+            opener: Default::default(),
         })
         .unwrap();
         below = p;
@@ -311,6 +312,7 @@ fn chains_are_bounded_and_may_not_loop_even_through_links() {
         backing_format: Some("qcow2".into()),
         unsafe_backing: true,
         size: Some("4096".into()),
+        opener: Default::default(),
     })
     .unwrap();
     std::os::unix::fs::symlink(&a, dir.path().join("link.qcow2")).unwrap();

@@ -212,6 +212,7 @@ fn run_case(c: &Case) -> Vec<String> {
         backing_format: bname.as_ref().map(|_| "raw".to_string()),
         unsafe_backing: false,
         size: size_arg.clone(),
+        opener: Default::default(),
     };
     let vres = create(&args);
     match (qok, &vres) {
@@ -478,6 +479,7 @@ fn raw_create_matches_qemu_img_create() {
                 backing_format: None,
                 unsafe_backing: false,
                 size: Some(size.to_string()),
+                opener: Default::default(),
             };
             let line = create(&args).unwrap();
             let want = format!("Formatting '{}', fmt=raw size={size} {o}", v.display());
@@ -554,6 +556,7 @@ fn invalid_combinations_are_refused_like_qemu() {
             backing_format: None,
             unsafe_backing: false,
             size: size.map(str::to_string),
+            opener: Default::default(),
         };
         let r = create(&args);
         assert!(r.is_err(), "vimg accepted -o '{opts}'");
@@ -582,6 +585,7 @@ fn invalid_combinations_are_refused_like_qemu() {
         backing_format: Some("raw".into()),
         unsafe_backing: false,
         size: Some("1M".into()),
+        opener: Default::default(),
     };
     assert!(create(&args).is_err());
     args.unsafe_backing = true;
@@ -604,6 +608,7 @@ fn create_overwrites_existing_files() {
         backing_format: None,
         unsafe_backing: false,
         size: Some("1M".into()),
+        opener: Default::default(),
     };
     create(&args).unwrap();
     assert_eq!(img.metadata().unwrap().len(), 0x3008);

@@ -421,6 +421,7 @@ fn step_create(c: &Combo, img: &Path, data: &Path, chains: &Chains) -> Result<()
         backing_format: backing.as_ref().map(|(_, f)| f.to_string()),
         unsafe_backing: false,
         size: Some(IMG_SIZE.to_string()),
+        opener: Default::default(),
     };
     create(&args).map(|_| ()).map_err(|e| e.to_string())
 }
@@ -974,6 +975,7 @@ fn invalid_combinations_are_refused_like_qemu() {
         backing_format: Some("raw".into()),
         unsafe_backing: false,
         size: Some(MID_SIZE.to_string()),
+        opener: Default::default(),
     };
     create(&mid_args).unwrap();
     let chains = Chains {
@@ -1004,6 +1006,7 @@ fn invalid_combinations_are_refused_like_qemu() {
             backing_format: backing.as_ref().map(|(_, f)| f.to_string()),
             unsafe_backing: false,
             size: Some(IMG_SIZE.to_string()),
+            opener: Default::default(),
         };
         if c.valid() {
             if let Err(e) = prepare(&args) {
@@ -1128,6 +1131,7 @@ fn data_file_raw_zero_writes_reach_the_data_file() {
         backing_format: None,
         unsafe_backing: false,
         size: Some("1M".into()),
+        opener: Default::default(),
     })
     .unwrap();
     {

@@ -89,6 +89,7 @@ fn images(dir: &Path, rng: &mut Rng) -> Vec<Counting> {
         backing_format: None,
         unsafe_backing: false,
         size: Some((48 * CS).to_string()),
+        opener: Default::default(),
     })
     .unwrap();
     let q = Qcow2Image::open(&q_path, true, false, &mut ChainGuard::default()).unwrap();

@@ -4,11 +4,12 @@
 //! the data clusters that hold data, and room for a version 3 source's persistent bitmaps.
 
 use super::options::{Compat, OptionUpdates};
+use super::request::parse_target_options;
 use crate::block::BlockImage;
+use crate::creation::Measurement;
 use crate::error::{Error, Result};
 use crate::info::FormatSpecific;
 use crate::offsets::GuestOffset;
-use crate::ops::measure::{parse_target_options, Measurement};
 use crate::prealloc::Preallocation;
 
 /// The largest L1 table qemu accepts, in bytes (qemu's `QCOW_MAX_L1_SIZE`).

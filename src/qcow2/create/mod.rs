@@ -19,7 +19,8 @@ mod writer;
 pub(crate) use measure::measure;
 pub use options::{parse_options, split_option_list, Compat, CreateOptions, OptionUpdates};
 pub(crate) use options::{round_size, OPTION_HELP};
-pub(crate) use request::Qcow2Creation;
+pub use request::CreateRequest;
+pub(crate) use request::{parse_target_options, Qcow2Creation};
 pub use writer::create;
 pub(crate) use writer::create_file;
 
