@@ -29,7 +29,7 @@
 //! - [`Qcow2Image`] (open, read, write, and the methods of the optional capabilities) and
 //!   [`Qcow2Driver`] (the format driver);
 //! - the header as read ([`Header`], [`CompressionType`], [`BitmapsExt`], [`FeatureName`],
-//!   [`UnknownExt`]), the byte offset of each of its fields ([`header_fields`]), and the L1/L2
+//!   [`UnknownExt`]), the byte offset of each of its fields (declared once, in `format::header::fields`), and the L1/L2
 //!   entry masks and flags for reading the tables [`Qcow2Image::l1`] and
 //!   [`Qcow2Image::l2_table`] return ([`L1E_OFFSET_MASK`], [`L2E_OFFSET_MASK`],
 //!   [`OFLAG_COMPRESSED`], [`OFLAG_COPIED`], [`OFLAG_ZERO`]);
@@ -66,7 +66,6 @@ pub use check::repair::{repair, repair_file, RepairMode};
 pub use create::{create, parse_options, split_option_list, Compat, CreateOptions, OptionUpdates};
 pub use edit::amend::{AmendOptions, AmendPlan, BackingChange};
 pub use format::compress::compress_cluster;
-pub use format::header::fields as header_fields;
 pub use format::header::{BitmapsExt, CompressionType, FeatureName, Header, UnknownExt};
 pub use format::l2::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,

@@ -8,13 +8,13 @@
 //! Without qemu-img installed the tests print "skipping: qemu-img not found" and pass, unless
 //! `VIMG_REQUIRE_QEMU=1` is set, in which case they fail.
 
+use crate::common::header_fields;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use tempfile::TempDir;
-use vimg::qcow2::header_fields;
 
 /// Seeds for the random layouts.
 const SEEDS: &[u64] = &[1, 2, 3, 0x5eed];

@@ -3,7 +3,7 @@
 //! `-C`, `-T`, `-r`, `-c -S 0`, `-n -o`, `bitmap --granularity` and `-o extent_size_hint`.
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::{qemu_available, qemu_create, qemu_io, run, run_status};
 use std::path::Path;

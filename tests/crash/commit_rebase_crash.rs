@@ -13,7 +13,7 @@
 //! vimg's read-write open repaired it.
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::chain::{self, Layer};
 use common::crashing::{Crashing, Mode};

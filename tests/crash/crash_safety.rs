@@ -12,7 +12,7 @@
 //! repairs them, checked on a sample of the crash points).
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::crashing::{Crashing, Mode};
 use common::{qemu_available, qemu_create, qemu_io, run};

@@ -22,7 +22,7 @@
 //! line, e.g. `sc("commit -d", setup_chain, &["commit", "-d", "{top}"])`.
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::{qemu_available, run, run_status};
 use std::collections::BTreeMap;

@@ -11,7 +11,7 @@
 //! clusters keep their contents; a version 2 image with a backing file is not changed.
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::{qemu_available, qemu_contents, qemu_create, qemu_io, run};
 use proptest::prelude::*;

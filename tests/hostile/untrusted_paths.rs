@@ -5,7 +5,7 @@
 //! image itself, and an empty backing name is no backing file, as qemu reads it.
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::{qemu_available, qemu_create, run, run_status};
 use std::path::{Path, PathBuf};

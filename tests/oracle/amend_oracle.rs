@@ -22,7 +22,7 @@
 //! with `kill -9` of the real vimg process at spread-out moments.
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::crashing::{Crashing, Mode};
 use common::{qemu_available, qemu_create, qemu_io, run, run_status};

@@ -7,9 +7,9 @@
 //! programs' output can be compared whole.
 
 use crate::common;
+use crate::common::header_fields;
 use common::poke;
 use common::Scratch;
-use vimg::qcow2::header_fields;
 
 use common::{qemu_available, qemu_create, qemu_io};
 use std::path::Path;

@@ -3,10 +3,10 @@
 //! image built by qemu-img and damaged by byte edits, and vimg must print what qemu-img prints
 //! (its own name in place of `qemu-img:`), end with the same exit code and leave the same bytes.
 
+use crate::common::header_fields;
 use std::fs::OpenOptions as FsOpen;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use vimg::qcow2::header_fields;
 
 use crate::common;
 use common::poke;

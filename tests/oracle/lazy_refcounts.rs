@@ -6,7 +6,7 @@
 //! vimg and by qemu alike, each accepting the other's dirty images).
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::crashing::{Crashing, Mode};
 use common::{qemu_available, qemu_contents, qemu_create, qemu_io, run};

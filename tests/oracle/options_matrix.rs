@@ -34,7 +34,7 @@
 //! ops (use it with a filter).
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::{qemu_available, Rng};
 use serde_json::Value;

@@ -11,7 +11,7 @@
 //! `qemu-img check` must find nothing.
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::{qemu_available, qemu_create, run, run_status};
 use std::path::{Path, PathBuf};

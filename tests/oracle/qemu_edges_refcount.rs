@@ -10,7 +10,7 @@
 //! amend) must end as qemu-img's do on an identical copy.
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::{qemu_available, qemu_create, qemu_io, run, run_status};
 use std::path::{Path, PathBuf};

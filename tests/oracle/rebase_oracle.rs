@@ -9,7 +9,7 @@
 //! read as before. Refused rebases must exit as qemu-img does and leave every file untouched.
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::chain::{self, Layer};
 use common::{qemu_available, Rng};

@@ -4,9 +4,9 @@
 //! what qemu-img's prints, end with the same exit code, and leave an image that `qemu-img
 //! check` finds as clean as qemu-img's and that qemu reads the same.
 
+use crate::common::header_fields;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use vimg::qcow2::header_fields;
 
 use crate::common;
 use common::poke;

@@ -7,7 +7,7 @@
 //! must read as the model says, and so must every snapshot (`qemu-img convert -l NAME`).
 
 use crate::common;
-use vimg::qcow2::header_fields;
+use crate::common::header_fields;
 
 use common::{qemu_available, qemu_create, qemu_io, run, Rng};
 use std::path::{Path, PathBuf};

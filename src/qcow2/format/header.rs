@@ -80,48 +80,48 @@ pub(crate) mod autoclear {
 /// these (and the tests that read or damage headers byte by byte). Fields up to
 /// [`SNAPSHOTS_OFFSET`](fields::SNAPSHOTS_OFFSET) are in every version; the rest only in
 /// version 3.
-pub mod fields {
+pub(crate) mod fields {
     use byteorder::{BigEndian, ByteOrder};
 
     /// `magic` (4 bytes): `QFI\xfb`.
-    pub const MAGIC: u64 = 0;
+    pub(crate) const MAGIC: u64 = 0;
     /// `version` (4 bytes): 2 or 3.
-    pub const VERSION: u64 = 4;
+    pub(crate) const VERSION: u64 = 4;
     /// `backing_file_offset` (8 bytes): where the backing file name is, 0 for none.
-    pub const BACKING_FILE_OFFSET: u64 = 8;
+    pub(crate) const BACKING_FILE_OFFSET: u64 = 8;
     /// `backing_file_size` (4 bytes): length of the backing file name.
-    pub const BACKING_FILE_SIZE: u64 = 16;
+    pub(crate) const BACKING_FILE_SIZE: u64 = 16;
     /// `cluster_bits` (4 bytes).
-    pub const CLUSTER_BITS: u64 = 20;
+    pub(crate) const CLUSTER_BITS: u64 = 20;
     /// `size` (8 bytes): the virtual disk size in bytes.
-    pub const SIZE: u64 = 24;
+    pub(crate) const SIZE: u64 = 24;
     /// `crypt_method` (4 bytes).
-    pub const CRYPT_METHOD: u64 = 32;
+    pub(crate) const CRYPT_METHOD: u64 = 32;
     /// `l1_size` (4 bytes): entries in the active L1 table.
-    pub const L1_SIZE: u64 = 36;
+    pub(crate) const L1_SIZE: u64 = 36;
     /// `l1_table_offset` (8 bytes).
-    pub const L1_TABLE_OFFSET: u64 = 40;
+    pub(crate) const L1_TABLE_OFFSET: u64 = 40;
     /// `refcount_table_offset` (8 bytes).
-    pub const REFCOUNT_TABLE_OFFSET: u64 = 48;
+    pub(crate) const REFCOUNT_TABLE_OFFSET: u64 = 48;
     /// `refcount_table_clusters` (4 bytes).
-    pub const REFCOUNT_TABLE_CLUSTERS: u64 = 56;
+    pub(crate) const REFCOUNT_TABLE_CLUSTERS: u64 = 56;
     /// `nb_snapshots` (4 bytes).
-    pub const NB_SNAPSHOTS: u64 = 60;
+    pub(crate) const NB_SNAPSHOTS: u64 = 60;
     /// `snapshots_offset` (8 bytes).
-    pub const SNAPSHOTS_OFFSET: u64 = 64;
+    pub(crate) const SNAPSHOTS_OFFSET: u64 = 64;
     /// `incompatible_features` (8 bytes, version 3).
-    pub const INCOMPATIBLE_FEATURES: u64 = 72;
+    pub(crate) const INCOMPATIBLE_FEATURES: u64 = 72;
     /// `compatible_features` (8 bytes, version 3).
-    pub const COMPATIBLE_FEATURES: u64 = 80;
+    pub(crate) const COMPATIBLE_FEATURES: u64 = 80;
     /// `autoclear_features` (8 bytes, version 3).
-    pub const AUTOCLEAR_FEATURES: u64 = 88;
+    pub(crate) const AUTOCLEAR_FEATURES: u64 = 88;
     /// `refcount_order` (4 bytes, version 3).
-    pub const REFCOUNT_ORDER: u64 = 96;
+    pub(crate) const REFCOUNT_ORDER: u64 = 96;
     /// `header_length` (4 bytes, version 3).
-    pub const HEADER_LENGTH: u64 = 100;
+    pub(crate) const HEADER_LENGTH: u64 = 100;
     /// `compression_type` (1 byte, version 3 with `header_length` above 104), followed by
     /// padding up to `header_length`.
-    pub const COMPRESSION_TYPE: u64 = 104;
+    pub(crate) const COMPRESSION_TYPE: u64 = 104;
 
     /// `refcount_table_offset` and `refcount_table_clusters`, adjacent so that one write
     /// switches the image to another refcount table: their bytes and where they go.
