@@ -187,8 +187,9 @@ impl<R: Read> VmaReader<R> {
                     size.div_ceil(CLUSTER_SIZE)
                 ));
             }
-            let last_block = 15 - info.mask.leading_zeros() as u64;
-            if info.mask != 0 && base + last_block * BLOCK_SIZE >= size {
+            // The highest block the mask writes (an empty mask writes none).
+            let last_block = 15u64.checked_sub(u64::from(info.mask.leading_zeros()));
+            if let Some(last_block) = last_block.filter(|&b| base + b * BLOCK_SIZE >= size) {
                 return bad(format!(
                     "data block {last_block} of cluster {} lies past the end of device {} \
                      ({size} bytes)",
