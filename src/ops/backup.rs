@@ -20,7 +20,7 @@
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
 use crate::opener::Opener;
-use crate::ops::convert::{rename_tmp, TempFile};
+use crate::ops::output::{rename_tmp, TempFile};
 use crate::vma::format::{ArchiveHeader, ConfigFile, MAX_BLOB_LEN};
 use crate::vma::job::{BackupJob, BackupStats, Progress};
 use crate::vma::reader::VmaReader;

@@ -17,10 +17,12 @@ pub mod info;
 pub mod json;
 pub mod map;
 pub mod measure;
+pub(crate) mod output;
 pub mod rebase;
 pub mod resize;
 pub use crate::size;
 pub mod snapshot;
+pub mod transfer;
 
 /// The output styles of `info`, `map` and `check` (qemu-img's `--output`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

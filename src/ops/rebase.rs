@@ -34,9 +34,9 @@ use crate::open::same_file;
 use crate::open::{open_image, open_layer, ChainGuard, OpenOptions};
 use crate::opener::Opener;
 use crate::ops::commit::CacheMode;
-use crate::ops::convert::copy::{read_clamped, Cursor};
-use crate::ops::convert::{is_zero, Progress, CHUNK};
 use crate::ops::create::KNOWN_FORMATS;
+use crate::ops::transfer::{read_clamped, Cursor, Progress, CHUNK};
+use crate::zeros::is_zero;
 use std::path::Path;
 
 /// qemu-img's message when neither `-b` nor `-u` is given.

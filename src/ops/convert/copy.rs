@@ -8,11 +8,13 @@
 //! bounded by the thread count times the job size. Free-running mode (`-W`, and raw targets,
 //! whose layout does not depend on write order) carries actions out as soon as they are ready.
 
-use super::{is_zero, Progress, CHUNK, COMPRESS_CHUNK};
+use super::COMPRESS_CHUNK;
 use crate::block::{BlockImage, BlockStatus};
 use crate::capability::CompressedWrites;
 use crate::error::{Error, ErrorKind, Result};
 use crate::offsets::GuestOffset;
+use crate::ops::transfer::{read_clamped, status, Cursor, Progress, CHUNK};
+use crate::zeros::is_zero;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 use std::time::Duration;
@@ -337,22 +339,6 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
     }
 }
 
-/// The source's block status at `off`, checked: at least one byte, inside the disk.
-pub(crate) fn status(img: &dyn BlockImage, off: u64, end: u64) -> Result<BlockStatus> {
-    let st = img.block_status(GuestOffset(off), end - off)?;
-    if st.len == 0 || st.len > end - off {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!(
-                "block status at guest offset {off:#x} returned an invalid length {}",
-                st.len
-            ),
-        )
-        .with_path(img.filename()));
-    }
-    Ok(st)
-}
-
 /// Queues the jobs for a target without a backing file: data ranges in chunks, zero ranges as
 /// zero jobs. Compressed copies work in whole clusters: a data range is widened to cluster
 /// boundaries, and `emitted` remembers how far clusters were already queued so that no
@@ -454,36 +440,6 @@ fn salvaged_status(plan: &Plan<'_>, off: u64, size: u64) -> Result<BlockStatus> 
     }
 }
 
-/// A block-status walker that remembers the last answer, for questions asked at increasing
-/// offsets. Offsets at or past the image's end read as zeros (a backing file smaller than the
-/// target).
-pub(crate) struct Cursor<'a> {
-    img: &'a dyn BlockImage,
-    last: Option<(u64, BlockStatus)>,
-}
-
-impl<'a> Cursor<'a> {
-    pub(crate) fn new(img: &'a dyn BlockImage) -> Self {
-        Cursor { img, last: None }
-    }
-
-    /// The status at `off` and where the range it describes ends.
-    pub(crate) fn at(&mut self, off: u64) -> Result<(BlockStatus, u64)> {
-        if let Some((start, st)) = self.last {
-            if start <= off && off < start + st.len {
-                return Ok((st, start + st.len));
-            }
-        }
-        let size = self.img.virtual_size();
-        if off >= size {
-            return Ok((BlockStatus::unallocated(u64::MAX - off, 0), u64::MAX));
-        }
-        let st = status(self.img, off, size)?;
-        self.last = Some((off, st));
-        Ok((st, off + st.len))
-    }
-}
-
 /// What to do with a run of target clusters when the target has a backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Decision {
@@ -524,7 +480,7 @@ fn classify(
         let mut zero_over_zero = false;
         if !inherit && s.zero {
             let (b, bend) = bk.at(pos)?;
-            zero_over_zero = b.zero && (plan.sparse != 0 || pos >= bk.img.virtual_size());
+            zero_over_zero = b.zero && (plan.sparse != 0 || pos >= bk.image().virtual_size());
             end = end.min(bend);
         }
         first_end.get_or_insert(end);
@@ -653,16 +609,6 @@ fn target_owns(t: &mut Cursor<'_>, c: u64, cs: u64, size: u64) -> Result<(bool, 
         cend
     };
     Ok((owned, run_end.clamp(cend, size)))
-}
-
-/// Reads `buf.len()` bytes at `off` from `img`, zeros past its end.
-pub(crate) fn read_clamped(img: &dyn BlockImage, buf: &mut [u8], off: u64) -> Result<()> {
-    let inside = img.virtual_size().saturating_sub(off).min(buf.len() as u64) as usize;
-    if inside > 0 {
-        img.read_at(&mut buf[..inside], GuestOffset(off))?;
-    }
-    buf[inside..].fill(0);
-    Ok(())
 }
 
 /// Turns `job` into actions in `s.actions` (reading into `s.buf`).
