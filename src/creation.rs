@@ -9,6 +9,7 @@
 //! callback ([`CreateCommand::open_backing`]).
 
 use crate::error::Result;
+use crate::opener::Opener;
 use std::path::Path;
 
 /// Opens the backing file a new image is to record, with its chain, for the checks qemu-img
@@ -32,6 +33,8 @@ pub struct CreateCommand<'a> {
     /// Opens the backing file to check it (and take its size); `None` for qemu-img's `-u`,
     /// where the backing file is only recorded.
     pub open_backing: Option<&'a OpenBacking<'a>>,
+    /// What creates the image's files.
+    pub opener: &'a Opener,
 }
 
 impl std::fmt::Debug for CreateCommand<'_> {

@@ -2,8 +2,7 @@
 //! shared by every format that takes it (qemu's `PreallocMode`, qapi/block-core.json).
 
 use crate::error::{Error, Result};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::storage::Storage;
 use std::path::Path;
 
 /// qemu-img's message for a preallocation mode given with a shrinking resize.
@@ -52,34 +51,37 @@ impl Preallocation {
     }
 }
 
-/// A file being written, with the error context of its path.
+/// Storage being written by a create or a resize, with the error context of its path.
 pub(crate) struct FileWriter<'a> {
-    /// The file.
-    pub(crate) file: &'a File,
+    /// The storage.
+    pub(crate) storage: &'a dyn Storage,
     /// Its path, for messages.
     pub(crate) path: &'a Path,
 }
 
 impl FileWriter<'_> {
     pub(crate) fn write(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, off)
+        self.storage
+            .write_at(buf, off)
             .map_err(|e| Error::io("write failed", e).with_path(self.path).at(off))
     }
 
     pub(crate) fn len(&self) -> Result<u64> {
-        crate::storage::file_len(self.file)
+        self.storage
+            .len()
             .map_err(|e| Error::io("cannot get file size", e).with_path(self.path))
     }
 
     /// Only ever grows the file (see the callers); a block device cannot grow, as qemu says.
     pub(crate) fn set_len(&self, len: u64) -> Result<()> {
-        let kind = crate::storage::HostKind::of(self.file)
-            .map_err(|e| Error::io("cannot get file size", e).with_path(self.path))?;
-        if kind.is_block_device() {
-            return Err(Error::invalid_input("Cannot grow device files").with_path(self.path));
+        if let Some(file) = self.storage.host_file() {
+            let kind = crate::storage::HostKind::of(file)
+                .map_err(|e| Error::io("cannot get file size", e).with_path(self.path))?;
+            if kind.is_block_device() {
+                return Err(Error::invalid_input("Cannot grow device files").with_path(self.path));
+            }
         }
-        self.file
+        self.storage
             .set_len(len)
             .map_err(|e| Error::io("cannot set file size", e).with_path(self.path))
     }
@@ -95,14 +97,18 @@ impl FileWriter<'_> {
         Ok(())
     }
 
+    /// Allocates `[start, end)` in the file system; storage that is no host file, or a file
+    /// system that cannot preallocate, gets zeros written instead.
     pub(crate) fn fallocate(&self, start: u64, end: u64) -> Result<()> {
         use rustix::fs::{fallocate, FallocateFlags};
         if end <= start {
             return Ok(());
         }
-        match fallocate(self.file, FallocateFlags::empty(), start, end - start) {
+        let Some(file) = self.storage.host_file() else {
+            return self.zeros(start, end);
+        };
+        match fallocate(file, FallocateFlags::empty(), start, end - start) {
             Ok(()) => Ok(()),
-            // A file system that cannot preallocate gets zeros written instead.
             Err(rustix::io::Errno::OPNOTSUPP) => self.zeros(start, end),
             Err(e) => Err(Error::io("cannot preallocate", e.into())
                 .with_path(self.path)
@@ -110,6 +116,12 @@ impl FileWriter<'_> {
         }
     }
 
+    /// Makes what was written durable.
+    pub(crate) fn flush(&self) -> Result<()> {
+        self.storage
+            .flush()
+            .map_err(|e| Error::io("flush failed", e).with_path(self.path))
+    }
     /// Grows the file to `len` bytes the way qemu grows a raw file with preallocation `mode`
     /// (`Metadata` counts as `Off`): sparse, fallocated or written with zeros. A file that was
     /// empty gets its first 4 KiB written, as qemu does so that the host block size can be
@@ -134,8 +146,13 @@ impl FileWriter<'_> {
     }
 }
 
-/// Grows `file` (at `path`, for messages) to `len` bytes the way qemu grows a raw file with
+/// Grows `storage` (at `path`, for messages) to `len` bytes the way qemu grows a raw file with
 /// preallocation `mode` (see [`Preallocation`]); used for raw images and external data files.
-pub(crate) fn grow_file(file: &File, path: &Path, len: u64, mode: Preallocation) -> Result<()> {
-    FileWriter { file, path }.grow(len, mode)
+pub(crate) fn grow_file(
+    storage: &dyn Storage,
+    path: &Path,
+    len: u64,
+    mode: Preallocation,
+) -> Result<()> {
+    FileWriter { storage, path }.grow(len, mode)
 }

@@ -238,10 +238,7 @@ impl crate::capability::Resize for RawImage {
         self.writable_check()?;
         let cur = self.resize_base()?;
         if new_size > cur && prealloc != Preallocation::Off {
-            let file = self.storage.host_file().ok_or_else(|| {
-                Error::unsupported("preallocation needs a host file").with_path(&self.path)
-            })?;
-            crate::prealloc::grow_file(file, &self.path, new_size, prealloc)?;
+            crate::prealloc::grow_file(self.storage.as_ref(), &self.path, new_size, prealloc)?;
         }
         self.storage
             .set_len(new_size)

@@ -131,21 +131,7 @@ impl DebugEvent {
     }
 }
 
-/// Creates `path` for reading and writing, or empties the file there, holding a writer's image
-/// locks: the locks are taken before anything is emptied, so a file another process has open is
-/// refused and left as it is. The locks go with the returned file.
-///
-/// An empty file is not truncated again: on ext4 (with its default `auto_da_alloc`), truncating
-/// a file to zero makes its last close start writeback of everything written since, so a
-/// conversion into a freshly made file would wait at the end for the whole output to be
-/// submitted to the disk (half a second per GiB here), which `cache=unsafe` is meant to avoid.
-pub fn create_file(path: &Path) -> io::Result<lock::LockedFile> {
-    let file = lock::LockedFile::new(open_for_create(path)?, LockRequest::exclusive(true))?;
-    empty(&file)?;
-    Ok(file)
-}
-
-/// Empties `file` unless it is empty already (see [`create_file`]). A block device is left as
+/// Empties `file` unless it is empty already (see [`FileStorage::create`]). A block device is left as
 /// it is: it has the length it has (qemu's `host_device` driver does not truncate either).
 fn empty(file: &File) -> io::Result<()> {
     let m = file.metadata()?;
@@ -306,7 +292,14 @@ impl FileStorage {
     }
 
     /// Creates `path`, or empties the file there, for writing, with the image locks of a
-    /// writer: a file another process has open is refused, and left as it is.
+    /// writer: the locks are taken before anything is emptied, so a file another process has
+    /// open is refused and left as it is.
+    ///
+    /// An empty file is not truncated again: on ext4 (with its default `auto_da_alloc`),
+    /// truncating a file to zero makes its last close start writeback of everything written
+    /// since, so a conversion into a freshly made file would wait at the end for the whole
+    /// output to be submitted to the disk (half a second per GiB here), which `cache=unsafe` is
+    /// meant to avoid.
     pub fn create(path: &Path) -> io::Result<Self> {
         let file = open_for_create(path)?;
         let guard = lock::lock(&file, LockRequest::exclusive(true))?;

@@ -120,6 +120,7 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
             true => None,
             false => Some(&open),
         },
+        opener,
     };
     Ok(CreatePlan {
         path: args.filename.clone(),

@@ -94,6 +94,7 @@ impl FormatDriver for Qcow2Driver {
             backing_format: backing.1.as_deref(),
             size: Some(&size),
             open_backing: None,
+            opener,
         };
         self.prepare_create(&command)?.execute()?;
         let mut guard = ChainGuard::with_opener(Default::default(), opener.clone());

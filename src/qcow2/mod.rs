@@ -63,7 +63,9 @@ mod snapshot;
 mod write;
 
 pub use check::repair::{repair, repair_file, RepairMode};
-pub use create::{create, parse_options, split_option_list, Compat, CreateOptions, OptionUpdates};
+pub use create::{
+    create, create_with, parse_options, split_option_list, Compat, CreateOptions, OptionUpdates,
+};
 pub use edit::amend::{AmendOptions, AmendPlan, BackingChange};
 pub use format::compress::compress_cluster;
 pub use format::header::{BitmapsExt, CompressionType, FeatureName, Header, UnknownExt};

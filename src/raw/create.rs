@@ -3,6 +3,7 @@
 
 use crate::creation::FormatCreation;
 use crate::error::{Error, Result};
+use crate::opener::Opener;
 use crate::prealloc::{grow_file, Preallocation};
 use crate::qcow2::CreateRequest;
 use crate::qcow2::{create_file, round_size};
@@ -17,6 +18,8 @@ pub struct RawCreation {
     size: u64,
     /// Preallocation mode.
     preallocation: Preallocation,
+    /// What creates the file.
+    opener: Opener,
     /// Whether `preallocation` was given explicitly (it is then shown in the formatting line).
     preallocation_given: bool,
 }
@@ -42,6 +45,7 @@ impl RawCreation {
         let size = request.required_size(request.size)?;
         Ok(RawCreation {
             path: request.path.to_path_buf(),
+            opener: request.opener.clone(),
             size,
             preallocation,
             preallocation_given: given.preallocation.is_some(),
@@ -71,7 +75,7 @@ impl FormatCreation for RawCreation {
                     .with_path(&self.path),
             );
         }
-        create_raw(&self.path, self.size, self.preallocation)
+        create_raw_with(&self.opener, &self.path, self.size, self.preallocation)
     }
 }
 
@@ -81,19 +85,24 @@ impl FormatCreation for RawCreation {
 /// refused). Like qemu-img, the first 4 KiB are written so that the file's block size can be
 /// probed. A failed create removes the file.
 pub fn create_raw(path: &Path, size: u64, mode: Preallocation) -> Result<()> {
+    create_raw_with(&Opener::default(), path, size, mode)
+}
+
+/// [`create_raw`], the file made through `opener`.
+pub fn create_raw_with(opener: &Opener, path: &Path, size: u64, mode: Preallocation) -> Result<()> {
     if mode == Preallocation::Metadata {
         return Err(Error::invalid_input(
             "preallocation=metadata is not supported for raw images (use falloc or full)",
         ));
     }
-    let file = create_file(path)?;
-    let r = grow_file(&file, path, round_size(size), mode).and_then(|()| {
-        file.sync_all()
+    let file = create_file(opener, path)?;
+    let r = grow_file(file.as_ref(), path, round_size(size), mode).and_then(|()| {
+        file.flush()
             .map_err(|e| Error::io("flush failed", e).with_path(path))
     });
     if r.is_err() {
         drop(file);
-        crate::storage::remove_failed_output(path);
+        opener.remove_failed_output(path);
     }
     r
 }

@@ -21,8 +21,8 @@ pub use options::{parse_options, split_option_list, Compat, CreateOptions, Optio
 pub(crate) use options::{round_size, OPTION_HELP};
 pub use request::CreateRequest;
 pub(crate) use request::{parse_target_options, Qcow2Creation};
-pub use writer::create;
 pub(crate) use writer::create_file;
+pub use writer::{create, create_with};
 
 /// [`CreateOptions::default`] changed by `f`, for the tests of this folder.
 #[cfg(test)]

@@ -6,6 +6,7 @@ use crate::chain::{resolve_relative, same_file_or_name};
 use crate::creation::{BackingToOpen, CreateCommand, FormatCreation, OpenBacking};
 use crate::error::{Error, Result};
 use crate::foreign::KNOWN_FORMATS;
+use crate::opener::Opener;
 use crate::qcow2::format::header::CompressionType;
 use crate::size::parse_size;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ pub struct CreateRequest<'a> {
     pub size: Option<u64>,
     /// Opens the backing file to check it; `None` for `-u`.
     pub open_backing: Option<&'a OpenBacking<'a>>,
+    /// What creates the image's files.
+    pub opener: &'a Opener,
 }
 
 impl<'a> CreateRequest<'a> {
@@ -63,6 +66,7 @@ impl<'a> CreateRequest<'a> {
             given,
             size,
             open_backing: command.open_backing,
+            opener: command.opener,
         })
     }
 
@@ -171,6 +175,8 @@ pub(crate) struct Qcow2Creation {
     path: PathBuf,
     /// The complete options.
     options: Box<CreateOptions>,
+    /// What creates the files.
+    opener: Opener,
     /// The `-o` options as given (the formatting line shows some only when given).
     given: Box<OptionUpdates>,
 }
@@ -187,6 +193,7 @@ impl Qcow2Creation {
         Ok(Qcow2Creation {
             path: request.path.to_path_buf(),
             options: Box::new(options),
+            opener: request.opener.clone(),
             given: Box::new(request.given.clone()),
         })
     }
@@ -241,6 +248,7 @@ impl FormatCreation for Qcow2Creation {
     }
 
     fn execute(&self) -> Result<()> {
-        super::create(&self.path, &self.options).map_err(|e| e.with_path(&self.path))
+        super::create_with(&self.opener, &self.path, &self.options)
+            .map_err(|e| e.with_path(&self.path))
     }
 }

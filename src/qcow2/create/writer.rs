@@ -16,12 +16,14 @@ use super::options::{Compat, CreateOptions};
 use super::plan::{plan, Plan};
 use crate::error::{Error, Result};
 use crate::open::resolve_relative;
+use crate::opener::Opener;
 use crate::prealloc::FileWriter as Out;
 use crate::prealloc::Preallocation;
 use crate::qcow2::format::header::MAX_REFTABLE_BYTES;
 use crate::qcow2::format::header::{autoclear, compat, incompat, CompressionType, Header};
 use crate::qcow2::format::l2::OFLAG_COPIED;
 use crate::qcow2::refcount::table::set_refcount;
+use crate::storage::Storage;
 use byteorder::{BigEndian, ByteOrder};
 use std::path::{Path, PathBuf};
 
@@ -97,8 +99,9 @@ fn table_bytes(entries: &[u64], clusters: u64, cs: u64) -> Vec<u8> {
 
 /// Creates `path`, or truncates the file there, for reading and writing, holding a writer's
 /// image locks (a file another process has open is refused and left as it is).
-pub(crate) fn create_file(path: &Path) -> Result<crate::lock::LockedFile> {
-    crate::storage::create_file(path)
+pub(crate) fn create_file(opener: &Opener, path: &Path) -> Result<Box<dyn Storage>> {
+    opener
+        .create(path)
         .map_err(|e| Error::io("cannot create image", e).with_path(path))
 }
 
@@ -109,6 +112,11 @@ pub(crate) fn create_file(path: &Path) -> Result<crate::lock::LockedFile> {
 /// same offset in it. The backing file is only recorded, never opened. A failed create removes
 /// the files it made.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    create_with(&Opener::default(), path, opts)
+}
+
+/// [`create`], every file made through `opener`.
+pub fn create_with(opener: &Opener, path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
     let p = plan(opts);
     if p.layout.table_clusters * p.geo.cs() > MAX_REFTABLE_BYTES {
@@ -123,16 +131,25 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         None => None,
     };
     let mut made: Vec<PathBuf> = Vec::new();
-    let r = write_all(path, opts, &p, &header, data_path.as_deref(), &mut made);
+    let r = write_all(
+        opener,
+        path,
+        opts,
+        &p,
+        &header,
+        data_path.as_deref(),
+        &mut made,
+    );
     if r.is_err() {
         for f in made {
-            crate::storage::remove_failed_output(&f);
+            opener.remove_failed_output(&f);
         }
     }
     r
 }
 
 fn write_all(
+    opener: &Opener,
     path: &Path,
     o: &CreateOptions,
     p: &Plan,
@@ -141,12 +158,15 @@ fn write_all(
     made: &mut Vec<PathBuf>,
 ) -> Result<()> {
     let cs = p.geo.cs();
-    let file = create_file(path)?;
+    let file = create_file(opener, path)?;
     made.push(path.to_path_buf());
-    let out = Out { file: &file, path };
+    let out = Out {
+        storage: file.as_ref(),
+        path,
+    };
     let data_file = match data_path {
         Some(dp) => {
-            let f = create_file(dp).map_err(|e| {
+            let f = create_file(opener, dp).map_err(|e| {
                 let what = format!("cannot create data file '{}': {}", dp.display(), e.what());
                 e.reworded(what)
             })?;
@@ -188,11 +208,13 @@ fn write_all(
     if out.len()? < p.min_len {
         out.set_len(p.min_len)?;
     }
-    file.sync_all()
-        .map_err(|e| Error::io("flush failed", e).with_path(path))?;
+    out.flush()?;
 
     if let (Some(df), Some(dp)) = (&data_file, data_path) {
-        let dout = Out { file: df, path: dp };
+        let dout = Out {
+            storage: df.as_ref(),
+            path: dp,
+        };
         let mode = if p.identity_map {
             // qemu zeroes the tail of the last (sub)cluster past the disk, then grows the file
             // to the disk size if it is still shorter.
@@ -207,8 +229,7 @@ fn write_all(
             Preallocation::Off
         };
         dout.grow(p.size, mode)?;
-        df.sync_all()
-            .map_err(|e| Error::io("flush failed", e).with_path(dp))?;
+        dout.flush()?;
     }
     Ok(())
 }
