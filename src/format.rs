@@ -13,7 +13,8 @@
 //!   it offers: check, bitmaps, snapshots, resize, amend, ...);
 //! - `create_option_help` and `prepare_create` for `create -f` (`create_opts`, and
 //!   `bdrv_img_create` up to the "Formatting" line: its options, size and backing file checks,
-//!   the line, then the write; see [`crate::ops::create`]); `create_target` for the new image
+//!   the line, then the write; the types are in [`crate::creation`], the command in
+//!   [`crate::ops::create`]); `create_target` for the new image
 //!   `convert` and backup extract write into; `target_takes_options` and
 //!   `check_target_options` for the `-o` options that image takes;
 //! - `measure` (`bdrv_measure`) and, if it has any, `amend_option_help` and `repair`;
