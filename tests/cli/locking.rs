@@ -318,7 +318,19 @@ fn vimg_takes_the_lock_bytes_qemu_takes() {
     );
     let qemu = |read_only: bool| {
         let _h = Holder::start(&img, "qcow2", read_only);
-        (locked_bytes(&img), locked_bytes(&data))
+        // qemu-io locks the image first and its data file after: wait until the data file's
+        // locks are there and have stopped changing (under load, the image's alone were seen).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = (locked_bytes(&img), locked_bytes(&data));
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = (locked_bytes(&img), locked_bytes(&data));
+            if !now.1.is_empty() && now == last {
+                break now;
+            }
+            assert!(Instant::now() < deadline, "qemu-io never locked {data:?}");
+            last = now;
+        }
     };
     let ours = |writable: bool, sharing: Sharing| {
         let _h = Qcow2Image::open(&img, writable, false, &mut ChainGuard::new(sharing)).unwrap();
