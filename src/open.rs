@@ -1,9 +1,11 @@
-//! Opening images by path: format selection (given, recorded, or probed), and backing chains.
+//! Opening images by locator: format selection (given, recorded, or probed), and backing
+//! chains. Every file is opened through the [`Opener`] of the [`OpenOptions`].
 //!
-//! Names read from an image are untrusted: a backing file name is resolved relative to the
-//! directory of the image that names it, the format recorded in the image is used as is
-//! (probing happens only where none is recorded, and the layer reports that it did), chains
-//! that loop are refused, and a chain's depth is bounded by [`MAX_CHAIN_DEPTH`].
+//! Names read from an image are untrusted: a backing file name is resolved by the opener
+//! against the image that names it (for a file, relative to its directory), the format
+//! recorded in the image is used as is (probing happens only where none is recorded, and the
+//! layer reports that it did), chains that loop are refused, and a chain's depth is bounded by
+//! [`MAX_CHAIN_DEPTH`].
 //!
 //! Every file of a chain is opened with qemu's image locks ([`crate::lock`]): what each layer
 //! takes follows from its format, whether it is written, and the [`Sharing`] of the open,
