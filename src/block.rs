@@ -18,8 +18,8 @@ use std::path::Path;
 /// What the probe is given of a file.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeInput<'a> {
-    /// The file's first bytes: up to [`crate::probe::PROBE_LEN`] (shorter for a short file; the rest is
-    /// taken as zeros, as qemu reads it).
+    /// The file's first bytes: up to [`crate::probe::PROBE_LEN`] (shorter for a short file; the
+    /// rest is taken as zeros, as qemu reads it).
     pub head: &'a [u8],
     /// The file's last [`crate::probe::VHD_FOOTER_LEN`] bytes, if it is at least that long.
     pub tail: Option<&'a [u8]>,
@@ -171,8 +171,8 @@ pub trait FormatDriver: Send + Sync + 'static {
     }
 }
 
-/// An image format: a handle on its driver in [`crate::format::DRIVERS`]. Two handles are equal when they
-/// name the same format.
+/// An image format: a handle on its driver in [`crate::format::DRIVERS`]. Two handles are equal
+/// when they name the same format.
 #[derive(Clone, Copy)]
 pub struct ImageFormat(&'static dyn FormatDriver);
 

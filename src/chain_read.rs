@@ -1,15 +1,15 @@
 //! Reading guest data through a backing chain, once for every format.
 //!
-//! [`read_through`] asks the top image's [`BlockImage::block_status`] where each guest range
-//! lives and acts on the answer: a range known to read as zeros, and not stored in a host file,
-//! is filled with zeros without reading anything; every other range is read from the layer
-//! that answered (its `depth` below the top, found by following [`BlockImage::backing`])
-//! through that layer's [`BlockImage::read_stored`]. A format therefore only maps guest ranges
-//! (block status) and says how to read what it stores; walking the chain, zero filling, and a
-//! backing file shorter than the image above it (its status answers zeros past its end) are
-//! handled here. Data a format must transform before the guest sees it (qcow2's compressed
-//! clusters now, encrypted ones later) is the format's own `read_stored`; the default,
-//! [`read_host`](crate::block::read_host), reads the layer's host storage at the range's host offset.
+//! [`read_through`] asks the top image's [`BlockImage::block_status`] where each guest range lives
+//! and acts on the answer: a range known to read as zeros, and not stored in a host file, is filled
+//! with zeros without reading anything; every other range is read from the layer that answered (its
+//! `depth` below the top, found by following [`BlockImage::backing`]) through that layer's
+//! [`BlockImage::read_stored`]. A format therefore only maps guest ranges (block status) and says
+//! how to read what it stores; walking the chain, zero filling, and a backing file shorter than the
+//! image above it (its status answers zeros past its end) are handled here. Data a format must
+//! transform before the guest sees it (qcow2's compressed clusters now, encrypted ones later) is
+//! the format's own `read_stored`; the default, [`read_host`](crate::block::read_host), reads the
+//! layer's host storage at the range's host offset.
 //!
 //! A stored range whose status also says it reads as zeros (a hole under a preallocated qcow2
 //! cluster) is still read from the host file, as it was before this path existed, so that

@@ -131,8 +131,8 @@ impl DebugEvent {
     }
 }
 
-/// Empties `file` unless it is empty already (see [`FileStorage::create`]). A block device is left as
-/// it is: it has the length it has (qemu's `host_device` driver does not truncate either).
+/// Empties `file` unless it is empty already (see [`FileStorage::create`]). A block device is left
+/// as it is: it has the length it has (qemu's `host_device` driver does not truncate either).
 fn empty(file: &File) -> io::Result<()> {
     let m = file.metadata()?;
     if m.file_type().is_file() && m.len() > 0 {

@@ -18,10 +18,10 @@
 //!
 //! # Crash safety
 //!
-//! The base is written completely and flushed (data and metadata durable) before the overlay
-//! is emptied (see the format's [`crate::capability::MakeEmpty`] for the order within that step). Only ranges the
-//! layers above the base allocate are written into the base, so the overlay reads the same
-//! throughout; an interruption at any point leaves at worst leaked clusters.
+//! The base is written completely and flushed (data and metadata durable) before the overlay is
+//! emptied (see the format's [`crate::capability::MakeEmpty`] for the order within that step). Only
+//! ranges the layers above the base allocate are written into the base, so the overlay reads the
+//! same throughout; an interruption at any point leaves at worst leaked clusters.
 
 use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};

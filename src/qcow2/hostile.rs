@@ -1,6 +1,6 @@
 //! Entry points that run untrusted bytes through the qcow2 code, for the fuzz targets
-//! (fuzz/fuzz_targets/) and the hostile-input tests (tests/hostile/hostile.rs), so that both exercise
-//! exactly the same paths.
+//! (fuzz/fuzz_targets/) and the hostile-input tests (tests/hostile/hostile.rs), so that both
+//! exercise exactly the same paths.
 //!
 //! Every function takes the bytes of a would-be image file, works on an in-memory copy
 //! ([`MemStorage`]) and touches no host file: backing files are not opened and an external data

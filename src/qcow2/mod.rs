@@ -29,10 +29,10 @@
 //! - [`Qcow2Image`] (open, read, write, and the methods of the optional capabilities) and
 //!   [`Qcow2Driver`] (the format driver);
 //! - the header as read ([`Header`], [`CompressionType`], [`BitmapsExt`], [`FeatureName`],
-//!   [`UnknownExt`]), the byte offset of each of its fields (declared once, in `format::header::fields`), and the L1/L2
-//!   entry masks and flags for reading the tables [`Qcow2Image::l1`] and
-//!   [`Qcow2Image::l2_table`] return ([`L1E_OFFSET_MASK`], [`L2E_OFFSET_MASK`],
-//!   [`OFLAG_COMPRESSED`], [`OFLAG_COPIED`], [`OFLAG_ZERO`]);
+//!   [`UnknownExt`]), the byte offset of each of its fields (declared once, in
+//!   `format::header::fields`), and the L1/L2 entry masks and flags for reading the tables
+//!   [`Qcow2Image::l1`] and [`Qcow2Image::l2_table`] return ([`L1E_OFFSET_MASK`],
+//!   [`L2E_OFFSET_MASK`], [`OFLAG_COMPRESSED`], [`OFLAG_COPIED`], [`OFLAG_ZERO`]);
 //! - creation: [`create()`] with [`CreateOptions`] and [`Compat`], and qemu's `-o` option
 //!   lists: [`split_option_list`], [`parse_options`] into [`OptionUpdates`];
 //! - [`compress_cluster`], the cluster compression writes use;

@@ -1,6 +1,7 @@
 //! VMA, Proxmox VE's VM backup archive (reference notes: `vma.md`), split by concern:
 //!
-//! - [`format`](mod@format): the on-disk structures (main header, blob buffer, extents), declared once;
+//! - [`format`](mod@format): the on-disk structures (main header, blob buffer, extents), declared
+//!   once;
 //! - [`writer`]: [`VmaWriter`], an archive writer taking 64 KiB clusters of any device in any
 //!   order;
 //! - [`reader`]: [`VmaReader`], a streaming reader that checks everything a reader must;

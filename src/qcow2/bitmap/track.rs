@@ -2,12 +2,12 @@
 //! discard and compressed write marks the chunks it touches in each enabled persistent bitmap
 //! (qcow2.rst "Dirty tracking bitmaps"), as qemu does.
 //!
-//! - When the image is opened read-write, the enabled bitmaps that are not in use become
-//!   *tracked*: an empty [`SparseBits`] each, holding the bits set since their last store (the
-//!   stored contents are not read). Enabled bitmaps vimg cannot keep (unknown flags, or extra
-//!   data not marked compatible) are *kept in use*. A damaged directory (a table outside the
-//!   file or too small for the disk, duplicate names) makes the read-write open fail, as in qemu. Bitmaps already in use (left
-//!   inconsistent by whoever had them open) and disabled bitmaps are not touched.
+//! - When the image is opened read-write, the enabled bitmaps that are not in use become *tracked*:
+//!   an empty [`SparseBits`] each, holding the bits set since their last store (the stored contents
+//!   are not read). Enabled bitmaps vimg cannot keep (unknown flags, or extra data not marked
+//!   compatible) are *kept in use*. A damaged directory (a table outside the file or too small for
+//!   the disk, duplicate names) makes the read-write open fail, as in qemu. Bitmaps already in use
+//!   (left inconsistent by whoever had them open) and disabled bitmaps are not touched.
 //! - Before the first write after the open or after a store, the tracked and kept bitmaps are
 //!   flagged in use in the directory on disk, synced (`Qcow2Image::set_in_use_in_place`):
 //!   from then on a crash leaves them flagged, never a clean bitmap missing the write.

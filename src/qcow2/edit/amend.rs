@@ -2,9 +2,9 @@
 //! `amend`): qcow2.rst "Header" fields that can change after creation.
 //!
 //! - `compat=1.1` upgrades a version 2 image (the header grows to version 3's layout; snapshot
-//!   table entries get the extra data version 3 requires, 24 bytes as qemu writes them), `compat=0.10`
-//!   downgrades a version 3 one ([`super::downgrade`]: zero clusters are expanded in the active
-//!   tree and in every snapshot's, then the header shrinks to version 2's);
+//!   table entries get the extra data version 3 requires, 24 bytes as qemu writes them),
+//!   `compat=0.10` downgrades a version 3 one ([`super::downgrade`]: zero clusters are expanded in
+//!   the active tree and in every snapshot's, then the header shrinks to version 2's);
 //! - `refcount_bits` rewrites the refcount table and blocks at the new width
 //!   ([`crate::qcow2::refcount::rewrite`]);
 //! - `lazy_refcounts` sets or clears compatible feature bit 0 (the image is made clean first,
@@ -527,11 +527,11 @@ impl Qcow2Image {
     }
 
     /// Amends the image (opened read-write) as `opts` asks: checks the request
-    /// ([`Qcow2Image::plan_amend`]), then upgrades, changes the refcount width, resizes,
-    /// rewrites the header fields and downgrades, in that order. `progress` is called with
-    /// (done, total) as the work advances, as qemu's driver reports it (the version change
-    /// and the refcount width change report; see `Operation`). The image is left clean, with lazy refcounts
-    /// deferred no more until it is closed.
+    /// ([`Qcow2Image::plan_amend`]), then upgrades, changes the refcount width, resizes, rewrites
+    /// the header fields and downgrades, in that order. `progress` is called with (done, total) as
+    /// the work advances, as qemu's driver reports it (the version change and the refcount width
+    /// change report; see `Operation`). The image is left clean, with lazy refcounts deferred no
+    /// more until it is closed.
     pub fn amend(&mut self, opts: &AmendOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         let plan = self.plan_amend(opts)?;
         self.run_plan(&plan, progress).in_file(&self.path)

@@ -486,11 +486,10 @@ impl Qcow2Image {
         r
     }
 
-    /// Reverts the active state to snapshot `name_or_id` (`qemu-img snapshot -a`; an id is
-    /// matched first, then a name), refused while the image has persistent dirty bitmaps, as
-    /// by qemu (they would not record the change): the virtual size becomes the one the snapshot recorded,
-    /// the active L1 table gets the snapshot's entries, and the old active tree loses its
-    /// reference.
+    /// Reverts the active state to snapshot `name_or_id` (`qemu-img snapshot -a`; an id is matched
+    /// first, then a name), refused while the image has persistent dirty bitmaps, as by qemu (they
+    /// would not record the change): the virtual size becomes the one the snapshot recorded, the
+    /// active L1 table gets the snapshot's entries, and the old active tree loses its reference.
     pub fn snapshot_apply(&mut self, name_or_id: &str) -> Result<()> {
         self.snapshot_preconditions()?;
         // The disk would change under the bitmaps without a write to mark: qemu refuses too.

@@ -23,18 +23,18 @@
 //!
 //! # Lazy refcounts
 //!
-//! When the image enables lazy refcounts (qcow2.rst, compatible feature bit 0), the first
-//! flush that has metadata to write sets the dirty bit (incompatible feature bit 0) and syncs
-//! before anything else. From then on steps 1 and 4 keep refcount blocks in memory: they are
-//! written only when the refcount structure changes (a new refcount block or a moved table,
-//! written at once so that a repair after a crash finds every block it needs), when too many
-//! are dirty (more than 256, or than 16 MiB of them), and at a clean close ([`Qcow2Image::close`] or the
-//! drop), which writes them all, syncs, clears the dirty bit and syncs. L2 and L1 tables are
-//! still written at every flush, after the data they point at, and the deferred release still
-//! waits for them, so the refcounts on disk of a dirty image are only ever too low for clusters
-//! allocated since they were last written, or too high for freed ones: a crash leaves an image
-//! that reads correctly and that a read-write open (by vimg or qemu) repairs. COPIED flags are
-//! always set from the refcounts in memory, which are exact.
+//! When the image enables lazy refcounts (qcow2.rst, compatible feature bit 0), the first flush
+//! that has metadata to write sets the dirty bit (incompatible feature bit 0) and syncs before
+//! anything else. From then on steps 1 and 4 keep refcount blocks in memory: they are written only
+//! when the refcount structure changes (a new refcount block or a moved table, written at once so
+//! that a repair after a crash finds every block it needs), when too many are dirty (more than 256,
+//! or than 16 MiB of them), and at a clean close ([`Qcow2Image::close`] or the drop), which writes
+//! them all, syncs, clears the dirty bit and syncs. L2 and L1 tables are still written at every
+//! flush, after the data they point at, and the deferred release still waits for them, so the
+//! refcounts on disk of a dirty image are only ever too low for clusters allocated since they were
+//! last written, or too high for freed ones: a crash leaves an image that reads correctly and that
+//! a read-write open (by vimg or qemu) repairs. COPIED flags are always set from the refcounts in
+//! memory, which are exact.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::cache::TableCache;
@@ -1256,8 +1256,8 @@ impl Qcow2Image {
     }
 
     /// Writes everything back for a clean close: the persistent bitmaps writes changed, all
-    /// metadata including every refcount block, then clears the dirty bit this session set (qcow2.rst "lazy refcounts"), syncing before
-    /// and after.
+    /// metadata including every refcount block, then clears the dirty bit this session set
+    /// (qcow2.rst "lazy refcounts"), syncing before and after.
     pub(crate) fn close_inner(&self) -> Result<()> {
         let mut st = self.write_state()?;
         self.store_tracked(&mut st)?;
