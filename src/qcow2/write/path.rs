@@ -99,6 +99,9 @@ struct Remap {
     bitmap: Option<u64>,
     /// What the entry pointed at before, released at the next flush.
     release: Option<Descriptor>,
+    /// The new cluster was allocated for this write (refcount 1, nothing pointing at it yet):
+    /// if its data cannot be written it is handed back (see [`Qcow2Image::abandon`]).
+    fresh: bool,
 }
 
 /// The mutable state of an image opened for writing, behind the image's write lock.
@@ -524,12 +527,17 @@ impl Qcow2Image {
         // Otherwise the whole cluster gets new contents: what the guest sees now (copy-on-write
         // from a shared, compressed, zero or backing cluster), with `data` laid over it.
         let whole = within == 0 && data.len() as u64 == cs;
-        let host = match desc {
-            _ if self.data_file.is_some() => gc,
-            Descriptor::Normal(host) | Descriptor::Zero(Some(host)) if copied => host,
-            _ => self.alloc_cluster(st)? * cs,
+        let (host, fresh) = match desc {
+            _ if self.data_file.is_some() => (gc, false),
+            Descriptor::Normal(host) | Descriptor::Zero(Some(host)) if copied => (host, false),
+            _ => (self.alloc_cluster(st)? * cs, true),
         };
-        self.guard_data_write(st, host, cs)?;
+        if let Err(e) = self.guard_data_write(st, host, cs) {
+            if fresh {
+                let _ = self.unallocate(st, host / cs);
+            }
+            return Err(e);
+        }
         let mapping = Remap {
             l2_off,
             idx,
@@ -538,20 +546,19 @@ impl Qcow2Image {
             release: (!(copied
                 && matches!(desc, Descriptor::Normal(x) | Descriptor::Zero(Some(x)) if x == host)))
             .then_some(desc),
+            fresh,
         };
         if whole {
             // Written straight from the caller's buffer, with its neighbours.
             return Ok(Deferred::Mapped { host, mapping });
         }
-        let mut content = self.cluster_contents(gc)?;
-        content[within as usize..within as usize + data.len()].copy_from_slice(data);
-        self.data_storage()
-            .debug_event(crate::blkdebug::Event::WriteAio);
-        self.data_storage()
-            .write_at(&content, host)
-            .map_err(Self::io_err("write failed", host))?;
         drop(table);
-        self.apply_remaps(st, &[mapping])?;
+        let mut content = match self.cluster_contents(gc) {
+            Ok(c) => c,
+            Err(e) => return self.abandon(st, &mut vec![mapping], e),
+        };
+        content[within as usize..within as usize + data.len()].copy_from_slice(data);
+        self.write_run(st, &content, host, &mut vec![mapping])?;
         Ok(Deferred::Nothing)
     }
 
@@ -913,12 +920,17 @@ impl Qcow2Image {
             let g = guest + pos as u64;
             let within = g & (cs - 1);
             let n = ((cs - within) as usize).min(buf.len() - pos);
-            let (host, mapping) =
-                match self.write_in_cluster(&mut st, g - within, within, &buf[pos..pos + n])? {
-                    Deferred::Nothing => (None, None),
-                    Deferred::Data { host } => (Some(host), None),
-                    Deferred::Mapped { host, mapping } => (Some(host), Some(mapping)),
+            let deferred =
+                match self.write_in_cluster(&mut st, g - within, within, &buf[pos..pos + n]) {
+                    Ok(d) => d,
+                    // The clusters allocated for the run so far will not be written now.
+                    Err(e) => return self.abandon(&mut st, &mut remaps, e),
                 };
+            let (host, mapping) = match deferred {
+                Deferred::Nothing => (None, None),
+                Deferred::Data { host } => (Some(host), None),
+                Deferred::Mapped { host, mapping } => (Some(host), Some(mapping)),
+            };
             let extends = run_start < pos && host == Some(run_host + (pos - run_start) as u64);
             if !extends {
                 self.write_run(&mut st, &buf[run_start..pos], run_host, &mut remaps)?;
@@ -948,13 +960,39 @@ impl Qcow2Image {
         if !data.is_empty() {
             self.data_storage()
                 .debug_event(crate::blkdebug::Event::WriteAio);
-            self.data_storage()
-                .write_at(data, host)
-                .map_err(Self::io_err("write failed", host))?;
+            if let Err(e) = self.data_storage().write_at(data, host) {
+                // Out of space (a full block device, a full file system) or an I/O error:
+                // the new clusters may hold part of the data, but no table points at them.
+                let e = Self::io_err("write failed", host)(e);
+                return self.abandon(st, remaps, e);
+            }
         }
         let r = self.apply_remaps(st, remaps);
         remaps.clear();
         r
+    }
+
+    /// Gives up the L2 changes in `remaps` after `err` stopped the write before their data was
+    /// written: the clusters allocated for them are freed at once (nothing points at them), as
+    /// qemu frees an allocation whose write failed, so that a failed write leaks nothing.
+    /// Returns `err`.
+    fn abandon<T>(&self, st: &mut WriteState, remaps: &mut Vec<Remap>, err: Error) -> Result<T> {
+        for r in remaps.drain(..) {
+            if r.fresh {
+                // Failing to free it only leaks it; the write's own error is what matters.
+                let c = (r.entry & l2::L2E_OFFSET_MASK) >> self.header.cluster_bits;
+                let _ = self.unallocate(st, c);
+            }
+        }
+        Err(err)
+    }
+
+    /// Frees host cluster `c`, allocated by [`Self::alloc_cluster`] for data that was never
+    /// written and that no table points at.
+    fn unallocate(&self, st: &mut WriteState, c: u64) -> Result<()> {
+        self.set_refcount_of(st, c, 0)?;
+        st.free_hint = st.free_hint.min(c);
+        Ok(())
     }
 
     /// Makes `[guest, guest + len)` read as zeros.

@@ -1,0 +1,164 @@
+//! A qcow2 image whose container is a block device that fills up: vimg must fail as qemu-img
+//! does (the same exit code, a one-line message naming the device with the OS cause), leave an
+//! image that `qemu-img check` finds as it finds qemu-img's in the same situation, and keep the
+//! data written before the failure. Each case runs vimg on one loop device and qemu-img on a
+//! second over an identical file.
+//!
+//! Needs root and `losetup`; skipped with a message without them, unless `VIMG_REQUIRE_QEMU=1`
+//! (then the test fails).
+
+use crate::common;
+
+use common::loop_device::Loop;
+use common::{qemu_available, run, run_status};
+use std::path::Path;
+
+const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
+/// The device size: room for the first 2 MiB of guest data, not for the second.
+const DEVICE: u64 = 3 << 20;
+const DISK: u64 = 64 << 20;
+
+/// Two loop devices over zeroed `DEVICE`-byte files (vimg's, qemu-img's), or `None` where they
+/// cannot be made (skipping, or failing under `VIMG_REQUIRE_QEMU=1`).
+fn devices(dir: &Path, sector: u32) -> Option<(Loop, Loop)> {
+    if !qemu_available("block_device_full") {
+        return None;
+    }
+    let mut loops = Vec::new();
+    for name in ["vimg", "qemu"] {
+        let file = dir.join(format!("{name}-{sector}.dev"));
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(DEVICE)
+            .unwrap();
+        match Loop::attach(&file, sector) {
+            Ok(l) => loops.push(l),
+            Err(why) => {
+                if std::env::var("VIMG_REQUIRE_QEMU").as_deref() == Ok("1") {
+                    panic!("block_device_full: no loop device ({why}) but VIMG_REQUIRE_QEMU=1");
+                }
+                eprintln!("block_device_full: skipping: no loop device ({why})");
+                return None;
+            }
+        }
+    }
+    let qemu = loops.pop().unwrap();
+    Some((loops.pop().unwrap(), qemu))
+}
+
+/// A raw source of `DISK` bytes, no two 512-byte sectors alike and none zero.
+fn source(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("src.raw");
+    let data: Vec<u8> = (0..DISK)
+        .map(|i| ((i >> 9) as u8 ^ (i >> 17) as u8 ^ (i as u8).wrapping_mul(7)) | 1)
+        .collect();
+    std::fs::write(&src, &data).unwrap();
+    src
+}
+
+/// `qemu-img check` of `dev` (text, then JSON with the device name taken out) and its status.
+fn qemu_check(dev: &str) -> (i32, String) {
+    let (code, text) = run_status("qemu-img", &["check", dev]);
+    let (_, json) = run_status("qemu-img", &["check", "--output", "json", dev]);
+    (code, format!("{text}{}", json.replace(dev, "DEV")))
+}
+
+fn overflow(sector: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((ours, theirs)) = devices(dir.path(), sector) else {
+        return;
+    };
+    let (a, b) = (ours.path(), theirs.path());
+    let src = source(dir.path());
+    let src = src.to_str().unwrap();
+    run(VIMG, &["create", "-f", "qcow2", a, "64M"]);
+    run("qemu-img", &["create", "-f", "qcow2", b, "64M"]);
+
+    let (code, msg) = run_status(VIMG, &["convert", "-n", "-O", "qcow2", src, a]);
+    let (qcode, qmsg) = run_status("qemu-img", &["convert", "-n", "-O", "qcow2", src, b]);
+    assert_eq!(
+        code, qcode,
+        "exit codes differ: vimg {msg:?}, qemu-img {qmsg:?}"
+    );
+    assert_ne!(code, 0, "{msg}");
+    assert_eq!(msg.trim().lines().count(), 1, "not one line: {msg:?}");
+    // qemu's words ("error while writing at byte N"), the device's name, the OS cause.
+    let words = qmsg
+        .trim()
+        .strip_prefix("qemu-img: ")
+        .and_then(|m| m.strip_suffix(": No space left on device"))
+        .unwrap_or_else(|| panic!("unexpected qemu-img message {qmsg:?}"));
+    assert!(
+        msg.starts_with(&format!("vimg: {a}: {words}")),
+        "{msg:?} vs {qmsg:?}"
+    );
+    assert!(msg.trim().ends_with(": No space left on device"), "{msg:?}");
+
+    // The image afterwards: what qemu-img check says of it is what it says of qemu-img's
+    // (no leaks: qemu frees the clusters of a write that failed), and vimg check agrees.
+    let (ccode, check) = qemu_check(a);
+    let (qccode, qcheck) = qemu_check(b);
+    assert_eq!(
+        (ccode, &check),
+        (qccode, &qcheck),
+        "qemu-img check of vimg's image differs"
+    );
+    assert_eq!(ccode, 0, "{check}");
+    for args in [vec!["check", a], vec!["check", "--output", "json", a]] {
+        let (vc, v) = run_status(VIMG, &args);
+        let (qc, q) = run_status("qemu-img", &args);
+        assert_eq!((vc, v), (qc, q), "vimg {args:?} differs from qemu-img");
+    }
+    // The data written before the failure reads back, the rest reads as zeros; qemu-img's
+    // image holds the same.
+    let (c, out) = run_status("qemu-img", &["compare", "-f", "qcow2", "-F", "qcow2", a, b]);
+    assert_eq!(c, 0, "{out}");
+    let raw = dir.path().join("back.raw");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            a,
+            raw.to_str().unwrap(),
+        ],
+    );
+    let back = std::fs::read(&raw).unwrap();
+    let want = std::fs::read(src).unwrap();
+    assert_eq!(back.len() as u64, DISK);
+    let written = words
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse::<usize>().ok())
+        .expect("a byte offset in qemu's message");
+    assert!(written > 0);
+    assert!(
+        back[..written] == want[..written],
+        "data before the failure lost"
+    );
+    assert!(
+        back[written..].iter().all(|&x| x == 0),
+        "data after the failure"
+    );
+
+    // A snapshot on the device that is now nearly full: vimg does as qemu-img does.
+    let (code, msg) = run_status(VIMG, &["snapshot", "-c", "s1", a]);
+    let (qcode, qmsg) = run_status("qemu-img", &["snapshot", "-c", "s1", b]);
+    assert_eq!(code, qcode, "snapshot: vimg {msg:?}, qemu-img {qmsg:?}");
+    let (ccode, check) = qemu_check(a);
+    let (qccode, qcheck) = qemu_check(b);
+    assert_eq!((ccode, &check), (qccode, &qcheck), "after snapshot -c");
+}
+
+#[test]
+fn overflow_512() {
+    overflow(512);
+}
+
+#[test]
+fn overflow_4096() {
+    overflow(4096);
+}
