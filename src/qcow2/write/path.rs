@@ -633,70 +633,82 @@ impl Qcow2Image {
         let touched = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
         let alloc = at.bitmap & ALL_ALLOCATED;
         let copied = at.entry & OFLAG_COPIED != 0;
-        let host = match at.desc {
-            Descriptor::Normal(x) if copied || self.data_file.is_some() => x,
-            _ if self.data_file.is_some() => gc,
-            _ => self.alloc_cluster(st)? * cs,
+        let (host, fresh) = match at.desc {
+            Descriptor::Normal(x) if copied || self.data_file.is_some() => (x, false),
+            _ if self.data_file.is_some() => (gc, false),
+            _ => (self.alloc_cluster(st)? * cs, true),
         };
-        // Moving to a new host cluster: keep the subclusters allocated in the old one that this
-        // write does not wholly replace.
-        if let Some(old) = match at.desc {
-            Descriptor::Normal(old) if old != host => Some(old),
-            _ => None,
-        } {
-            let whole = |i: u64| i * sc >= within && (i + 1) * sc <= end;
-            let mut i = 0;
-            while i < 32 {
-                if alloc & (1 << i) == 0 || whole(i) {
-                    i += 1;
-                    continue;
+        // The data goes to `host` (and the subclusters kept from the old cluster with it);
+        // if that fails, a cluster allocated for it is freed again, as in `write_run`.
+        let st_ref: &WriteState = st;
+        let written = (|| -> Result<()> {
+            // Moving to a new host cluster: keep the subclusters allocated in the old one that this
+            // write does not wholly replace.
+            if let Some(old) = match at.desc {
+                Descriptor::Normal(old) if old != host => Some(old),
+                _ => None,
+            } {
+                let whole = |i: u64| i * sc >= within && (i + 1) * sc <= end;
+                let mut i = 0;
+                while i < 32 {
+                    if alloc & (1 << i) == 0 || whole(i) {
+                        i += 1;
+                        continue;
+                    }
+                    let mut j = i + 1;
+                    while j < 32 && alloc & (1 << j) != 0 && !whole(j) {
+                        j += 1;
+                    }
+                    let mut buf = vec![0u8; ((j - i) * sc) as usize];
+                    self.data_storage()
+                        .read_at(&mut buf, old + i * sc)
+                        .map_err(Self::io_err("read failed", old + i * sc))?;
+                    self.guard_data_write(st_ref, host + i * sc, buf.len() as u64)?;
+                    self.data_storage()
+                        .write_at(&buf, host + i * sc)
+                        .map_err(Self::io_err("write failed", host + i * sc))?;
+                    i = j;
                 }
-                let mut j = i + 1;
-                while j < 32 && alloc & (1 << j) != 0 && !whole(j) {
-                    j += 1;
-                }
-                let mut buf = vec![0u8; ((j - i) * sc) as usize];
-                self.data_storage()
-                    .read_at(&mut buf, old + i * sc)
-                    .map_err(Self::io_err("read failed", old + i * sc))?;
-                self.guard_data_write(st, host + i * sc, buf.len() as u64)?;
-                self.data_storage()
-                    .write_at(&buf, host + i * sc)
-                    .map_err(Self::io_err("write failed", host + i * sc))?;
-                i = j;
             }
-        }
-        // Fill the unwritten parts of partly written subclusters that hold no data yet.
-        let disk_end = h.size - gc;
-        let head = if alloc & (1 << first) == 0 {
-            within - first * sc
-        } else {
-            0
-        };
-        let tail = if alloc & (1 << last) == 0 {
-            ((last + 1) * sc).min(disk_end).saturating_sub(end)
-        } else {
-            0
-        };
-        let start = within - head;
-        if head == 0 && tail == 0 {
-            self.guard_data_write(st, host + start, data.len() as u64)?;
-            self.data_storage()
-                .debug_event(crate::blkdebug::Event::WriteAio);
-            self.data_storage()
-                .write_at(data, host + start)
-                .map_err(Self::io_err("write failed", host + start))?;
-        } else {
-            let mut buf = vec![0u8; (head + data.len() as u64 + tail) as usize];
-            self.read_inner(&mut buf[..head as usize], gc + start)?;
-            buf[head as usize..head as usize + data.len()].copy_from_slice(data);
-            self.read_inner(&mut buf[head as usize + data.len()..], gc + end)?;
-            self.guard_data_write(st, host + start, buf.len() as u64)?;
-            self.data_storage()
-                .debug_event(crate::blkdebug::Event::WriteAio);
-            self.data_storage()
-                .write_at(&buf, host + start)
-                .map_err(Self::io_err("write failed", host + start))?;
+            // Fill the unwritten parts of partly written subclusters that hold no data yet.
+            let disk_end = h.size - gc;
+            let head = if alloc & (1 << first) == 0 {
+                within - first * sc
+            } else {
+                0
+            };
+            let tail = if alloc & (1 << last) == 0 {
+                ((last + 1) * sc).min(disk_end).saturating_sub(end)
+            } else {
+                0
+            };
+            let start = within - head;
+            if head == 0 && tail == 0 {
+                self.guard_data_write(st_ref, host + start, data.len() as u64)?;
+                self.data_storage()
+                    .debug_event(crate::blkdebug::Event::WriteAio);
+                self.data_storage()
+                    .write_at(data, host + start)
+                    .map_err(Self::io_err("write failed", host + start))?;
+            } else {
+                let mut buf = vec![0u8; (head + data.len() as u64 + tail) as usize];
+                self.read_inner(&mut buf[..head as usize], gc + start)?;
+                buf[head as usize..head as usize + data.len()].copy_from_slice(data);
+                self.read_inner(&mut buf[head as usize + data.len()..], gc + end)?;
+                self.guard_data_write(st_ref, host + start, buf.len() as u64)?;
+                self.data_storage()
+                    .debug_event(crate::blkdebug::Event::WriteAio);
+                self.data_storage()
+                    .write_at(&buf, host + start)
+                    .map_err(Self::io_err("write failed", host + start))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            if fresh {
+                let _ = self.unallocate(st, host / cs);
+            }
+            return Err(e);
         }
         let entry = host | OFLAG_COPIED;
         let bitmap = (at.bitmap | touched) & !(touched << 32);
