@@ -922,6 +922,21 @@ impl Qcow2Image {
     pub(crate) fn write_inner(&self, buf: &[u8], guest: u64) -> Result<()> {
         let mut st = self.write_state()?;
         self.track_write(&mut st, guest, buf.len() as u64)?;
+        match self.write_locked(&mut st, buf, guest) {
+            // Out of space (a full block device) while clusters this session released wait
+            // for the next flush to be reusable: qemu would have reused them, so flush and try
+            // again. The first attempt's new clusters were freed again, and what it mapped is
+            // rewritten in place, so the retry writes the same.
+            Err(e) if is_out_of_space(&e) && !st.pending_free.is_empty() => {
+                self.flush_locked(&mut st)?;
+                self.write_locked(&mut st, buf, guest)
+            }
+            r => r,
+        }
+    }
+
+    /// [`Self::write_inner`] under the write lock.
+    fn write_locked(&self, st: &mut WriteState, buf: &[u8], guest: u64) -> Result<()> {
         let cs = self.header.cluster_size();
         let mut pos = 0usize;
         // Clusters whose data goes to consecutive host offsets are written with one call: the
@@ -932,12 +947,11 @@ impl Qcow2Image {
             let g = guest + pos as u64;
             let within = g & (cs - 1);
             let n = ((cs - within) as usize).min(buf.len() - pos);
-            let deferred =
-                match self.write_in_cluster(&mut st, g - within, within, &buf[pos..pos + n]) {
-                    Ok(d) => d,
-                    // The clusters allocated for the run so far will not be written now.
-                    Err(e) => return self.abandon(&mut st, &mut remaps, e),
-                };
+            let deferred = match self.write_in_cluster(st, g - within, within, &buf[pos..pos + n]) {
+                Ok(d) => d,
+                // The clusters allocated for the run so far will not be written now.
+                Err(e) => return self.abandon(st, &mut remaps, e),
+            };
             let (host, mapping) = match deferred {
                 Deferred::Nothing => (None, None),
                 Deferred::Data { host } => (Some(host), None),
@@ -945,19 +959,19 @@ impl Qcow2Image {
             };
             let extends = run_start < pos && host == Some(run_host + (pos - run_start) as u64);
             if !extends {
-                self.write_run(&mut st, &buf[run_start..pos], run_host, &mut remaps)?;
+                self.write_run(st, &buf[run_start..pos], run_host, &mut remaps)?;
                 run_start = if host.is_some() { pos } else { pos + n };
                 run_host = host.unwrap_or(0);
             }
             remaps.extend(mapping);
             pos += n;
-            if self.flush_needed(&st) {
-                self.write_run(&mut st, &buf[run_start..pos], run_host, &mut remaps)?;
+            if self.flush_needed(st) {
+                self.write_run(st, &buf[run_start..pos], run_host, &mut remaps)?;
                 run_start = pos;
-                self.flush_locked(&mut st)?;
+                self.flush_locked(st)?;
             }
         }
-        self.write_run(&mut st, &buf[run_start..], run_host, &mut remaps)
+        self.write_run(st, &buf[run_start..], run_host, &mut remaps)
     }
 
     /// Writes `data` (a run of [`Self::write_inner`], maybe empty) at host offset `host`, then
@@ -1318,4 +1332,12 @@ impl Qcow2Image {
         }
         Ok(())
     }
+}
+
+/// Whether `e` is the operating system's "No space left on device" (ENOSPC).
+fn is_out_of_space(e: &Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error)
+        == Some(libc::ENOSPC)
 }
