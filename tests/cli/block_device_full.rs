@@ -149,18 +149,30 @@ fn overflow(sector: u32, opts: &str, like_qemu: bool) {
         "data after the failure"
     );
 
-    // A snapshot on the device that is now (nearly) full, after copying vimg's device onto
-    // qemu-img's so that both start the same: vimg does as qemu-img does (exit code, and the
-    // clusters qemu leaks when the snapshot does not fit are the clusters vimg leaks).
+    // Filled to the brim: the source's next 11 clusters after the 2 MiB fit (the last data
+    // cluster ends where the device's last, half cluster begins).
+    let part = dir.path().join("part.raw");
+    let mut data = want;
+    data[written + 11 * (64 << 10)..].fill(0);
+    std::fs::write(&part, &data).unwrap();
+    let (code, msg) = run_status(VIMG, &["convert", "-n", "-O", "qcow2", p(&part), a]);
+    assert_eq!(code, 0, "{msg}");
+
+    // A snapshot on the device that is now full, after copying vimg's device onto qemu-img's
+    // so that both start the same: vimg does as qemu-img does (exit code, and the clusters
+    // qemu leaks when the snapshot does not fit are the clusters vimg leaks; no refcount may
+    // go up without the COPIED flags going down).
     copy_device(a, b);
     let (code, msg) = run_status(VIMG, &["snapshot", "-c", "s1", a]);
     let (qcode, qmsg) = run_status("qemu-img", &["snapshot", "-c", "s1", b]);
     assert_eq!(code, qcode, "snapshot: vimg {msg:?}, qemu-img {qmsg:?}");
-    if code != 0 {
-        assert_eq!(msg.trim().lines().count(), 1, "not one line: {msg:?}");
-        let tail = ": No space left on device";
-        assert!(msg.starts_with(&format!("vimg: {a}: ")) && msg.trim().ends_with(tail));
-    }
+    assert_ne!(
+        code, 0,
+        "the snapshot fits: the test no longer fills the device"
+    );
+    assert_eq!(msg.trim().lines().count(), 1, "not one line: {msg:?}");
+    let tail = ": No space left on device";
+    assert!(msg.starts_with(&format!("vimg: {a}: ")) && msg.trim().ends_with(tail));
     assert_eq!(
         qemu_check(a),
         qemu_check(b),
@@ -219,6 +231,49 @@ fn refill_reuses_freed_clusters() {
 #[test]
 fn refill_reuses_freed_clusters_extended_l2() {
     refill("extended_l2=on", false);
+}
+
+/// `snapshot -c` on a full device, of a 3 TiB disk whose 48 KiB L1 table does not fit in the
+/// half cluster left: the copy of the L1 table cannot be written, and vimg must then leave the
+/// image as qemu-img leaves its own (only the copy's cluster leaked), not with the tree's
+/// refcounts raised for a snapshot that does not exist.
+#[test]
+fn snapshot_on_full_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((ours, theirs)) = devices(dir.path(), 512) else {
+        return;
+    };
+    let (a, b) = (ours.path(), theirs.path());
+    let src = source(dir.path());
+    let mut data = std::fs::read(&src).unwrap();
+    data[(2 << 20) + 11 * (64 << 10)..].fill(0);
+    std::fs::write(&src, &data).unwrap();
+    run(VIMG, &["create", "-f", "qcow2", a, "3T"]);
+    let (code, msg) = run_status(VIMG, &["convert", "-n", "-O", "qcow2", p(&src), a]);
+    assert_eq!(code, 0, "{msg}");
+    copy_device(a, b);
+    let (code, msg) = run_status(VIMG, &["snapshot", "-c", "s1", a]);
+    let (qcode, qmsg) = run_status("qemu-img", &["snapshot", "-c", "s1", b]);
+    assert_eq!(code, qcode, "snapshot: vimg {msg:?}, qemu-img {qmsg:?}");
+    assert_ne!(
+        code, 0,
+        "the snapshot fits: the test no longer fills the device"
+    );
+    assert_eq!(msg.trim().lines().count(), 1, "not one line: {msg:?}");
+    assert!(msg.trim().ends_with(": No space left on device"), "{msg:?}");
+    assert_eq!(
+        qemu_check(a),
+        qemu_check(b),
+        "qemu-img check after snapshot -c"
+    );
+    let (vc, v) = run_status(VIMG, &["check", a]);
+    assert_eq!((vc, v), run_status("qemu-img", &["check", a]), "vimg check");
+    let (c, out) = run_status("qemu-img", &["compare", "-f", "qcow2", "-F", "qcow2", a, b]);
+    assert_eq!(c, 0, "{out}");
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
 }
 
 /// Copies the contents of device `from` onto device `to` (of the same size).
