@@ -272,6 +272,45 @@ fn snapshot_on_full_device() {
     assert_eq!(c, 0, "{out}");
 }
 
+/// `bitmap --add` on a full device: the bitmap's table fits in the half cluster left, its
+/// directory does not. qemu-img fails and leaves the image clean; vimg must too, freeing the
+/// table's cluster rather than leaking it.
+#[test]
+fn bitmap_add_on_full_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((ours, theirs)) = devices(dir.path(), 512) else {
+        return;
+    };
+    let (a, b) = (ours.path(), theirs.path());
+    let src = source(dir.path());
+    let mut data = std::fs::read(&src).unwrap();
+    data[(2 << 20) + 11 * (64 << 10)..].fill(0);
+    std::fs::write(&src, &data).unwrap();
+    run(VIMG, &["create", "-f", "qcow2", a, "64M"]);
+    let (code, msg) = run_status(VIMG, &["convert", "-n", "-O", "qcow2", p(&src), a]);
+    assert_eq!(code, 0, "{msg}");
+    copy_device(a, b);
+    let (code, msg) = run_status(VIMG, &["bitmap", "--add", a, "b1"]);
+    let (qcode, qmsg) = run_status("qemu-img", &["bitmap", "--add", b, "b1"]);
+    assert_eq!(code, qcode, "bitmap --add: vimg {msg:?}, qemu-img {qmsg:?}");
+    assert_ne!(
+        code, 0,
+        "the bitmap fits: the test no longer fills the device"
+    );
+    assert_eq!(msg.trim().lines().count(), 1, "not one line: {msg:?}");
+    assert!(msg.trim().ends_with(": No space left on device"), "{msg:?}");
+    assert_eq!(
+        qemu_check(a),
+        qemu_check(b),
+        "qemu-img check after bitmap --add"
+    );
+    assert_eq!(qemu_check(a).0, 0);
+    let (c, out) = run_status("qemu-img", &["compare", "-f", "qcow2", "-F", "qcow2", a, b]);
+    assert_eq!(c, 0, "{out}");
+    let info = |cmd: &str| run(cmd, &["info", "--output", "json", a]).replace(a, "DEV");
+    assert_eq!(info(VIMG), info("qemu-img"), "info after bitmap --add");
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }

@@ -202,6 +202,9 @@ impl Qcow2Image {
         for c in first..first + n {
             self.set_refcount_of(st, c, 1)?;
             st.metadata.insert(c);
+            if let Some(log) = st.alloc_log.as_mut() {
+                log.push(c);
+            }
         }
         self.note_end(first + n);
         Ok(first * cs)

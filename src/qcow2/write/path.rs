@@ -136,6 +136,9 @@ pub(crate) struct WriteState {
     pub(in crate::qcow2) punch: HashSet<u64>,
     /// Dirty tracking of the persistent bitmaps (inactive until the open starts it).
     pub(in crate::qcow2) bitmaps: crate::qcow2::bitmap::tracker::Tracker,
+    /// When set, the clusters `alloc_run` allocates are noted here, so that an operation
+    /// failing half way (a full block device) can free them again with [`Qcow2Image::unallocate`].
+    pub(in crate::qcow2) alloc_log: Option<Vec<u64>>,
 }
 
 impl WriteState {
@@ -164,6 +167,7 @@ impl WriteState {
             marked_dirty: false,
             punch: HashSet::new(),
             bitmaps: Default::default(),
+            alloc_log: None,
         })
     }
 }
@@ -1013,10 +1017,11 @@ impl Qcow2Image {
         Err(err)
     }
 
-    /// Frees host cluster `c`, allocated by [`Self::alloc_cluster`] for data that was never
-    /// written and that no table points at.
-    fn unallocate(&self, st: &mut WriteState, c: u64) -> Result<()> {
+    /// Frees host cluster `c`, allocated by [`Self::alloc_cluster`] or `alloc_run` for data
+    /// or metadata that was never written in full and that nothing points at.
+    pub(in crate::qcow2) fn unallocate(&self, st: &mut WriteState, c: u64) -> Result<()> {
         self.set_refcount_of(st, c, 0)?;
+        st.metadata.remove(&c);
         st.free_hint = st.free_hint.min(c);
         Ok(())
     }
