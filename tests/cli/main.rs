@@ -8,6 +8,7 @@
 mod common;
 
 mod blkdebug;
+mod block_device_full;
 mod block_devices;
 mod cli;
 mod cli_compat;

@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod crashing;
+pub mod loop_device;
 
 use std::path::Path;
 use std::process::Command;

@@ -100,42 +100,22 @@ impl Qcow2Image {
     ) -> Result<()> {
         let cs = self.header.cluster_size();
         let old_ext = self.bitmaps_ext();
-        // 1. New data, tables and directory.
+        // 1. New data, tables and directory. Should a write fail (a full block device), the
+        // clusters allocated for them are freed again: nothing points at them yet, and qemu
+        // leaves none behind either.
         let mut shared: HashSet<u64> = HashSet::new();
         let mut kept_tables: HashSet<u64> = HashSet::new();
-        let mut entries = Vec::with_capacity(plans.len());
-        for p in plans {
-            let mut e = p.entry;
-            match p.contents {
-                Contents::Keep => {
-                    kept_tables.insert(e.table_offset);
+        st.alloc_log = Some(Vec::new());
+        let written = self.write_new_bitmaps(st, plans, &mut shared, &mut kept_tables);
+        let allocated = st.alloc_log.take().unwrap_or_default();
+        let new_ext = match written {
+            Ok(ext) => ext,
+            Err(e) => {
+                for c in allocated {
+                    let _ = self.unallocate(st, c);
                 }
-                Contents::Empty => self.store_table(st, &mut e, None, false, false, &mut shared)?,
-                Contents::Or(bits) => {
-                    self.store_table(st, &mut e, Some(&bits), p.clip_tail, false, &mut shared)?
-                }
-                Contents::Rewrite(bits) => {
-                    self.store_table(st, &mut e, Some(&bits), p.clip_tail, true, &mut shared)?
-                }
+                return Err(e);
             }
-            entries.push(e);
-        }
-        let new_ext = if entries.is_empty() {
-            None
-        } else {
-            let dir = encode_directory(&entries);
-            if dir.len() as u64 > bitmaps::MAX_DIRECTORY_BYTES {
-                return Err(Error::unsupported(
-                    "the bitmap directory would exceed qemu's 64 MiB limit",
-                ));
-            }
-            let off = self.alloc_run(st, dir.len() as u64)?;
-            self.write_padded(&dir, off, "the bitmap directory")?;
-            Some(BitmapsExt {
-                nb_bitmaps: entries.len() as u32,
-                directory_size: dir.len() as u64,
-                directory_offset: off,
-            })
         };
         // 2. Refcounts on disk, everything synced.
         self.flush_locked(st)?;
@@ -174,6 +154,50 @@ impl Qcow2Image {
             }
         }
         self.flush_locked(st)
+    }
+
+    /// Step 1 of [`Self::commit_bitmaps`]: writes the new data clusters, tables and directory
+    /// of `plans`, and returns the bitmaps extension that is to point at the directory.
+    fn write_new_bitmaps(
+        &self,
+        st: &mut WriteState,
+        plans: Vec<Planned>,
+        shared: &mut HashSet<u64>,
+        kept_tables: &mut HashSet<u64>,
+    ) -> Result<Option<BitmapsExt>> {
+        let mut entries = Vec::with_capacity(plans.len());
+        for p in plans {
+            let mut e = p.entry;
+            match p.contents {
+                Contents::Keep => {
+                    kept_tables.insert(e.table_offset);
+                }
+                Contents::Empty => self.store_table(st, &mut e, None, false, false, shared)?,
+                Contents::Or(bits) => {
+                    self.store_table(st, &mut e, Some(&bits), p.clip_tail, false, shared)?
+                }
+                Contents::Rewrite(bits) => {
+                    self.store_table(st, &mut e, Some(&bits), p.clip_tail, true, shared)?
+                }
+            }
+            entries.push(e);
+        }
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        let dir = encode_directory(&entries);
+        if dir.len() as u64 > bitmaps::MAX_DIRECTORY_BYTES {
+            return Err(Error::unsupported(
+                "the bitmap directory would exceed qemu's 64 MiB limit",
+            ));
+        }
+        let off = self.alloc_run(st, dir.len() as u64)?;
+        self.write_padded(&dir, off, "the bitmap directory")?;
+        Ok(Some(BitmapsExt {
+            nb_bitmaps: entries.len() as u32,
+            directory_size: dir.len() as u64,
+            directory_offset: off,
+        }))
     }
 
     /// Writes a new bitmap table for `e` (a disk of the current size) and the data clusters

@@ -202,6 +202,9 @@ impl Qcow2Image {
         for c in first..first + n {
             self.set_refcount_of(st, c, 1)?;
             st.metadata.insert(c);
+            if let Some(log) = st.alloc_log.as_mut() {
+                log.push(c);
+            }
         }
         self.note_end(first + n);
         Ok(first * cs)
@@ -394,9 +397,11 @@ impl Qcow2Image {
                 return Err(e);
             }
             let l1_off = img.alloc_run(st, l1_bytes)?;
-            img.apply_increments(st, &plan)?;
-            img.flush_locked(st)?;
-            // 2. The copy (COPIED flags mean nothing outside the active table: cleared).
+            // 2. The copy (COPIED flags mean nothing outside the active table: cleared),
+            // written into its new clusters before the tree's refcounts go up, as qemu orders
+            // it: if it cannot be written (a full block device) the image is left as it was
+            // but for those clusters, leaked as qemu leaks them, rather than with a tree
+            // counted twice under COPIED flags.
             let mut raw = vec![0u8; l1_bytes as usize];
             for (i, e) in l1.iter().enumerate() {
                 BigEndian::write_u64(&mut raw[i * 8..], e & !OFLAG_COPIED);
@@ -404,6 +409,8 @@ impl Qcow2Image {
             if !raw.is_empty() {
                 img.write_synced(&raw, l1_off, "a snapshot's L1 table")?;
             }
+            img.apply_increments(st, &plan)?;
+            img.flush_locked(st)?;
             // 3. Nothing of the active tree is private any more.
             img.clear_copied(st)?;
             // 4. The new table, then the header.

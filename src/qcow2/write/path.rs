@@ -99,6 +99,9 @@ struct Remap {
     bitmap: Option<u64>,
     /// What the entry pointed at before, released at the next flush.
     release: Option<Descriptor>,
+    /// The new cluster was allocated for this write (refcount 1, nothing pointing at it yet):
+    /// if its data cannot be written it is handed back (see [`Qcow2Image::abandon`]).
+    fresh: bool,
 }
 
 /// The mutable state of an image opened for writing, behind the image's write lock.
@@ -133,6 +136,9 @@ pub(crate) struct WriteState {
     pub(in crate::qcow2) punch: HashSet<u64>,
     /// Dirty tracking of the persistent bitmaps (inactive until the open starts it).
     pub(in crate::qcow2) bitmaps: crate::qcow2::bitmap::tracker::Tracker,
+    /// When set, the clusters `alloc_run` allocates are noted here, so that an operation
+    /// failing half way (a full block device) can free them again with [`Qcow2Image::unallocate`].
+    pub(in crate::qcow2) alloc_log: Option<Vec<u64>>,
 }
 
 impl WriteState {
@@ -161,6 +167,7 @@ impl WriteState {
             marked_dirty: false,
             punch: HashSet::new(),
             bitmaps: Default::default(),
+            alloc_log: None,
         })
     }
 }
@@ -524,12 +531,17 @@ impl Qcow2Image {
         // Otherwise the whole cluster gets new contents: what the guest sees now (copy-on-write
         // from a shared, compressed, zero or backing cluster), with `data` laid over it.
         let whole = within == 0 && data.len() as u64 == cs;
-        let host = match desc {
-            _ if self.data_file.is_some() => gc,
-            Descriptor::Normal(host) | Descriptor::Zero(Some(host)) if copied => host,
-            _ => self.alloc_cluster(st)? * cs,
+        let (host, fresh) = match desc {
+            _ if self.data_file.is_some() => (gc, false),
+            Descriptor::Normal(host) | Descriptor::Zero(Some(host)) if copied => (host, false),
+            _ => (self.alloc_cluster(st)? * cs, true),
         };
-        self.guard_data_write(st, host, cs)?;
+        if let Err(e) = self.guard_data_write(st, host, cs) {
+            if fresh {
+                let _ = self.unallocate(st, host / cs);
+            }
+            return Err(e);
+        }
         let mapping = Remap {
             l2_off,
             idx,
@@ -538,20 +550,19 @@ impl Qcow2Image {
             release: (!(copied
                 && matches!(desc, Descriptor::Normal(x) | Descriptor::Zero(Some(x)) if x == host)))
             .then_some(desc),
+            fresh,
         };
         if whole {
             // Written straight from the caller's buffer, with its neighbours.
             return Ok(Deferred::Mapped { host, mapping });
         }
-        let mut content = self.cluster_contents(gc)?;
-        content[within as usize..within as usize + data.len()].copy_from_slice(data);
-        self.data_storage()
-            .debug_event(crate::blkdebug::Event::WriteAio);
-        self.data_storage()
-            .write_at(&content, host)
-            .map_err(Self::io_err("write failed", host))?;
         drop(table);
-        self.apply_remaps(st, &[mapping])?;
+        let mut content = match self.cluster_contents(gc) {
+            Ok(c) => c,
+            Err(e) => return self.abandon(st, &mut vec![mapping], e),
+        };
+        content[within as usize..within as usize + data.len()].copy_from_slice(data);
+        self.write_run(st, &content, host, &mut vec![mapping])?;
         Ok(Deferred::Nothing)
     }
 
@@ -626,70 +637,82 @@ impl Qcow2Image {
         let touched = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
         let alloc = at.bitmap & ALL_ALLOCATED;
         let copied = at.entry & OFLAG_COPIED != 0;
-        let host = match at.desc {
-            Descriptor::Normal(x) if copied || self.data_file.is_some() => x,
-            _ if self.data_file.is_some() => gc,
-            _ => self.alloc_cluster(st)? * cs,
+        let (host, fresh) = match at.desc {
+            Descriptor::Normal(x) if copied || self.data_file.is_some() => (x, false),
+            _ if self.data_file.is_some() => (gc, false),
+            _ => (self.alloc_cluster(st)? * cs, true),
         };
-        // Moving to a new host cluster: keep the subclusters allocated in the old one that this
-        // write does not wholly replace.
-        if let Some(old) = match at.desc {
-            Descriptor::Normal(old) if old != host => Some(old),
-            _ => None,
-        } {
-            let whole = |i: u64| i * sc >= within && (i + 1) * sc <= end;
-            let mut i = 0;
-            while i < 32 {
-                if alloc & (1 << i) == 0 || whole(i) {
-                    i += 1;
-                    continue;
+        // The data goes to `host` (and the subclusters kept from the old cluster with it);
+        // if that fails, a cluster allocated for it is freed again, as in `write_run`.
+        let st_ref: &WriteState = st;
+        let written = (|| -> Result<()> {
+            // Moving to a new host cluster: keep the subclusters allocated in the old one that this
+            // write does not wholly replace.
+            if let Some(old) = match at.desc {
+                Descriptor::Normal(old) if old != host => Some(old),
+                _ => None,
+            } {
+                let whole = |i: u64| i * sc >= within && (i + 1) * sc <= end;
+                let mut i = 0;
+                while i < 32 {
+                    if alloc & (1 << i) == 0 || whole(i) {
+                        i += 1;
+                        continue;
+                    }
+                    let mut j = i + 1;
+                    while j < 32 && alloc & (1 << j) != 0 && !whole(j) {
+                        j += 1;
+                    }
+                    let mut buf = vec![0u8; ((j - i) * sc) as usize];
+                    self.data_storage()
+                        .read_at(&mut buf, old + i * sc)
+                        .map_err(Self::io_err("read failed", old + i * sc))?;
+                    self.guard_data_write(st_ref, host + i * sc, buf.len() as u64)?;
+                    self.data_storage()
+                        .write_at(&buf, host + i * sc)
+                        .map_err(Self::io_err("write failed", host + i * sc))?;
+                    i = j;
                 }
-                let mut j = i + 1;
-                while j < 32 && alloc & (1 << j) != 0 && !whole(j) {
-                    j += 1;
-                }
-                let mut buf = vec![0u8; ((j - i) * sc) as usize];
-                self.data_storage()
-                    .read_at(&mut buf, old + i * sc)
-                    .map_err(Self::io_err("read failed", old + i * sc))?;
-                self.guard_data_write(st, host + i * sc, buf.len() as u64)?;
-                self.data_storage()
-                    .write_at(&buf, host + i * sc)
-                    .map_err(Self::io_err("write failed", host + i * sc))?;
-                i = j;
             }
-        }
-        // Fill the unwritten parts of partly written subclusters that hold no data yet.
-        let disk_end = h.size - gc;
-        let head = if alloc & (1 << first) == 0 {
-            within - first * sc
-        } else {
-            0
-        };
-        let tail = if alloc & (1 << last) == 0 {
-            ((last + 1) * sc).min(disk_end).saturating_sub(end)
-        } else {
-            0
-        };
-        let start = within - head;
-        if head == 0 && tail == 0 {
-            self.guard_data_write(st, host + start, data.len() as u64)?;
-            self.data_storage()
-                .debug_event(crate::blkdebug::Event::WriteAio);
-            self.data_storage()
-                .write_at(data, host + start)
-                .map_err(Self::io_err("write failed", host + start))?;
-        } else {
-            let mut buf = vec![0u8; (head + data.len() as u64 + tail) as usize];
-            self.read_inner(&mut buf[..head as usize], gc + start)?;
-            buf[head as usize..head as usize + data.len()].copy_from_slice(data);
-            self.read_inner(&mut buf[head as usize + data.len()..], gc + end)?;
-            self.guard_data_write(st, host + start, buf.len() as u64)?;
-            self.data_storage()
-                .debug_event(crate::blkdebug::Event::WriteAio);
-            self.data_storage()
-                .write_at(&buf, host + start)
-                .map_err(Self::io_err("write failed", host + start))?;
+            // Fill the unwritten parts of partly written subclusters that hold no data yet.
+            let disk_end = h.size - gc;
+            let head = if alloc & (1 << first) == 0 {
+                within - first * sc
+            } else {
+                0
+            };
+            let tail = if alloc & (1 << last) == 0 {
+                ((last + 1) * sc).min(disk_end).saturating_sub(end)
+            } else {
+                0
+            };
+            let start = within - head;
+            if head == 0 && tail == 0 {
+                self.guard_data_write(st_ref, host + start, data.len() as u64)?;
+                self.data_storage()
+                    .debug_event(crate::blkdebug::Event::WriteAio);
+                self.data_storage()
+                    .write_at(data, host + start)
+                    .map_err(Self::io_err("write failed", host + start))?;
+            } else {
+                let mut buf = vec![0u8; (head + data.len() as u64 + tail) as usize];
+                self.read_inner(&mut buf[..head as usize], gc + start)?;
+                buf[head as usize..head as usize + data.len()].copy_from_slice(data);
+                self.read_inner(&mut buf[head as usize + data.len()..], gc + end)?;
+                self.guard_data_write(st_ref, host + start, buf.len() as u64)?;
+                self.data_storage()
+                    .debug_event(crate::blkdebug::Event::WriteAio);
+                self.data_storage()
+                    .write_at(&buf, host + start)
+                    .map_err(Self::io_err("write failed", host + start))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            if fresh {
+                let _ = self.unallocate(st, host / cs);
+            }
+            return Err(e);
         }
         let entry = host | OFLAG_COPIED;
         let bitmap = (at.bitmap | touched) & !(touched << 32);
@@ -903,6 +926,21 @@ impl Qcow2Image {
     pub(crate) fn write_inner(&self, buf: &[u8], guest: u64) -> Result<()> {
         let mut st = self.write_state()?;
         self.track_write(&mut st, guest, buf.len() as u64)?;
+        match self.write_locked(&mut st, buf, guest) {
+            // Out of space (a full block device) while clusters this session released wait
+            // for the next flush to be reusable: qemu would have reused them, so flush and try
+            // again. The first attempt's new clusters were freed again, and what it mapped is
+            // rewritten in place, so the retry writes the same.
+            Err(e) if is_out_of_space(&e) && !st.pending_free.is_empty() => {
+                self.flush_locked(&mut st)?;
+                self.write_locked(&mut st, buf, guest)
+            }
+            r => r,
+        }
+    }
+
+    /// [`Self::write_inner`] under the write lock.
+    fn write_locked(&self, st: &mut WriteState, buf: &[u8], guest: u64) -> Result<()> {
         let cs = self.header.cluster_size();
         let mut pos = 0usize;
         // Clusters whose data goes to consecutive host offsets are written with one call: the
@@ -913,27 +951,31 @@ impl Qcow2Image {
             let g = guest + pos as u64;
             let within = g & (cs - 1);
             let n = ((cs - within) as usize).min(buf.len() - pos);
-            let (host, mapping) =
-                match self.write_in_cluster(&mut st, g - within, within, &buf[pos..pos + n])? {
-                    Deferred::Nothing => (None, None),
-                    Deferred::Data { host } => (Some(host), None),
-                    Deferred::Mapped { host, mapping } => (Some(host), Some(mapping)),
-                };
+            let deferred = match self.write_in_cluster(st, g - within, within, &buf[pos..pos + n]) {
+                Ok(d) => d,
+                // The clusters allocated for the run so far will not be written now.
+                Err(e) => return self.abandon(st, &mut remaps, e),
+            };
+            let (host, mapping) = match deferred {
+                Deferred::Nothing => (None, None),
+                Deferred::Data { host } => (Some(host), None),
+                Deferred::Mapped { host, mapping } => (Some(host), Some(mapping)),
+            };
             let extends = run_start < pos && host == Some(run_host + (pos - run_start) as u64);
             if !extends {
-                self.write_run(&mut st, &buf[run_start..pos], run_host, &mut remaps)?;
+                self.write_run(st, &buf[run_start..pos], run_host, &mut remaps)?;
                 run_start = if host.is_some() { pos } else { pos + n };
                 run_host = host.unwrap_or(0);
             }
             remaps.extend(mapping);
             pos += n;
-            if self.flush_needed(&st) {
-                self.write_run(&mut st, &buf[run_start..pos], run_host, &mut remaps)?;
+            if self.flush_needed(st) {
+                self.write_run(st, &buf[run_start..pos], run_host, &mut remaps)?;
                 run_start = pos;
-                self.flush_locked(&mut st)?;
+                self.flush_locked(st)?;
             }
         }
-        self.write_run(&mut st, &buf[run_start..], run_host, &mut remaps)
+        self.write_run(st, &buf[run_start..], run_host, &mut remaps)
     }
 
     /// Writes `data` (a run of [`Self::write_inner`], maybe empty) at host offset `host`, then
@@ -948,13 +990,40 @@ impl Qcow2Image {
         if !data.is_empty() {
             self.data_storage()
                 .debug_event(crate::blkdebug::Event::WriteAio);
-            self.data_storage()
-                .write_at(data, host)
-                .map_err(Self::io_err("write failed", host))?;
+            if let Err(e) = self.data_storage().write_at(data, host) {
+                // Out of space (a full block device, a full file system) or an I/O error:
+                // the new clusters may hold part of the data, but no table points at them.
+                let e = Self::io_err("write failed", host)(e);
+                return self.abandon(st, remaps, e);
+            }
         }
         let r = self.apply_remaps(st, remaps);
         remaps.clear();
         r
+    }
+
+    /// Gives up the L2 changes in `remaps` after `err` stopped the write before their data was
+    /// written: the clusters allocated for them are freed at once (nothing points at them), as
+    /// qemu frees an allocation whose write failed, so that a failed write leaks nothing.
+    /// Returns `err`.
+    fn abandon<T>(&self, st: &mut WriteState, remaps: &mut Vec<Remap>, err: Error) -> Result<T> {
+        for r in remaps.drain(..) {
+            if r.fresh {
+                // Failing to free it only leaks it; the write's own error is what matters.
+                let c = (r.entry & l2::L2E_OFFSET_MASK) >> self.header.cluster_bits;
+                let _ = self.unallocate(st, c);
+            }
+        }
+        Err(err)
+    }
+
+    /// Frees host cluster `c`, allocated by [`Self::alloc_cluster`] or `alloc_run` for data
+    /// or metadata that was never written in full and that nothing points at.
+    pub(in crate::qcow2) fn unallocate(&self, st: &mut WriteState, c: u64) -> Result<()> {
+        self.set_refcount_of(st, c, 0)?;
+        st.metadata.remove(&c);
+        st.free_hint = st.free_hint.min(c);
+        Ok(())
     }
 
     /// Makes `[guest, guest + len)` read as zeros.
@@ -1268,4 +1337,12 @@ impl Qcow2Image {
         }
         Ok(())
     }
+}
+
+/// Whether `e` is the operating system's "No space left on device" (ENOSPC).
+fn is_out_of_space(e: &Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error)
+        == Some(libc::ENOSPC)
 }
