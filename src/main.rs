@@ -548,10 +548,15 @@ struct ConvertArgs {
     /// Print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Do not create the target: write into the existing one.
+    /// Do not create the target: write into the existing one (a file, or a block device such
+    /// as an LVM volume or a zvol, which is never truncated, renamed or removed). Every range
+    /// the source reads as zero is zeroed in the target: on a device by a write-zeroes request
+    /// that may unmap (fallocate punch; thin volumes and SSDs then free the space), else by
+    /// BLKZEROOUT, else by writing zero buffers.
     #[arg(short = 'n')]
     no_create: bool,
-    /// With -n: the target reads as zeros already, so zero ranges are not written.
+    /// With -n: the target reads as zeros already (a new thin volume, a zeroed device), so
+    /// ranges the source reads as zero are not written at all.
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
     /// Worker threads copying data (1 to 16; default 4, and for -c one per CPU up to 4).

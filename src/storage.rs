@@ -12,6 +12,8 @@
 //! (write, length change, zeroing, hole punch), counted from 1 across the process. The variable
 //! is read once; without it a write costs one relaxed atomic load more.
 
+mod device;
+
 use crate::lock::{self, LockRequest};
 use std::fs::File;
 use std::io;
@@ -46,10 +48,11 @@ pub trait Storage: Send + Sync {
     /// Makes `[offset, offset+len)` read as zero, freeing the space where the storage can
     /// (punching a hole), without changing the length.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// Frees the space behind `[offset, offset+len)` if the storage can (punching a hole that
-    /// reads as zero), without changing the length. Best effort, as a discard is: returns
-    /// `Ok(false)`, with the contents unchanged, where the storage cannot free space. The
-    /// default does nothing.
+    /// Frees the space behind `[offset, offset+len)` if the storage can, without changing the
+    /// length. Best effort, as a discard is: returns `Ok(true)` if the range now reads as zero
+    /// (a hole punched in a file), `Ok(false)` if it may not: where the storage cannot free
+    /// space the contents are unchanged, and after a block device's discard (`BLKDISCARD`)
+    /// they are whatever the device makes of it. The default does nothing.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
         let _ = (offset, len);
         Ok(false)
@@ -234,6 +237,8 @@ pub struct FileStorage {
     write_gate: std::sync::Arc<std::sync::Mutex<()>>,
     /// What the file is: a block device has a size `stat` does not report, and no holes.
     kind: HostKind,
+    /// For a block device: how it zeroes and discards, and what it has refused.
+    device: Option<std::sync::Arc<device::DeviceOps>>,
 }
 
 /// The `VIMG_TEST_KILL_AFTER_WRITES` hook (see the module documentation).
@@ -310,6 +315,12 @@ impl FileStorage {
 
     fn from_file(file: File, path: &Path, locks: Option<lock::LockGuard>) -> io::Result<Self> {
         let kind = HostKind::of(&file)?;
+        let device = match kind {
+            HostKind::BlockDevice { logical_sector, .. } => {
+                Some(std::sync::Arc::new(device::DeviceOps::new(logical_sector)))
+            }
+            HostKind::File => None,
+        };
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
@@ -317,6 +328,7 @@ impl FileStorage {
             _locks: locks,
             write_gate: Default::default(),
             kind,
+            device,
         })
     }
 
@@ -401,12 +413,18 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
 
+    /// On a block device, by the cheapest means it offers (see [`device`]'s docs).
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         use rustix::fs::{fallocate, FallocateFlags};
         if len == 0 {
             return Ok(());
         }
         self.before_change();
+        if let Some(dev) = &self.device {
+            // Zero buffers go through `write_at`, which knows how the device is open.
+            let write = |buf: &[u8], off: u64| self.write_at(buf, off);
+            return dev.zero(&self.file, &write, offset, len);
+        }
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         match fallocate(&self.file, punch, offset, len) {
             Ok(()) => Ok(()),
@@ -430,9 +448,10 @@ impl Storage for FileStorage {
         if len == 0 {
             return Ok(true);
         }
-        if self.kind.is_block_device() {
-            // A discard on a device is not guaranteed to leave zeros: keep the contents, as a
-            // best-effort discard may.
+        if let Some(dev) = &self.device {
+            // A discard on a device is not guaranteed to leave zeros.
+            self.before_change();
+            dev.discard(&self.file, offset, len)?;
             return Ok(false);
         }
         self.before_change();
@@ -491,6 +510,7 @@ impl Storage for FileStorage {
             _locks: None,
             write_gate: self.write_gate.clone(),
             kind: self.kind,
+            device: self.device.clone(),
         }))
     }
 }
