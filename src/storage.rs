@@ -213,6 +213,40 @@ pub fn is_block_device(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
+/// Fails, as qemu's `host_device` driver does, if `file` is a block device that is read-only
+/// (`BLKROGET`; `blockdev --setro`, `losetup -r`, a write-protected disk): Linux lets such a
+/// device be opened for writing and fails only the writes, each with `EPERM`.
+fn refuse_read_only_device(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::io::AsRawFd;
+    /// `_IO(0x12, 94)`, linux/fs.h: whether the device is read-only, as an `int`.
+    const BLKROGET: u32 = 0x125e;
+    if !file.metadata()?.file_type().is_block_device() {
+        return Ok(());
+    }
+    let mut read_only: libc::c_int = 0;
+    // SAFETY: BLKROGET writes one `int` through the pointer (block/ioctl.c `put_int`), which
+    // points to `read_only`, alive and not otherwise borrowed during the call; the descriptor
+    // stays open while `file` is borrowed.
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            BLKROGET as libc::Ioctl,
+            &mut read_only as *mut libc::c_int,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if read_only != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "The device is not writable: Permission denied",
+        ));
+    }
+    Ok(())
+}
+
 /// Opens `path` for reading and writing, creating it if needed but not truncating it yet.
 fn open_for_create(path: &Path) -> io::Result<File> {
     std::fs::OpenOptions::new()
@@ -292,6 +326,9 @@ impl FileStorage {
             .read(true)
             .write(writable)
             .open(path)?;
+        if writable {
+            refuse_read_only_device(&file)?;
+        }
         let guard = lock::lock(&file, locks)?;
         Self::from_file(file, path, guard)
     }
@@ -307,6 +344,7 @@ impl FileStorage {
     /// meant to avoid.
     pub fn create(path: &Path) -> io::Result<Self> {
         let file = open_for_create(path)?;
+        refuse_read_only_device(&file)?;
         let guard = lock::lock(&file, LockRequest::exclusive(true))?;
         let storage = Self::from_file(file, path, guard)?;
         empty(&storage.file)?;

@@ -253,3 +253,62 @@ fn loop_device_512_byte_sectors() {
 fn loop_device_4096_byte_sectors() {
     both(4096);
 }
+
+/// A read-only device (`losetup -r`; Linux lets it be opened for writing and fails each write
+/// with EPERM) is refused for every write up front, in qemu-img's words, and left unchanged;
+/// it is still read as qemu-img reads it.
+#[test]
+fn read_only_device_is_refused_for_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    if !qemu_available("block_devices") {
+        return;
+    }
+    let file = dir.path().join("ro.raw");
+    std::fs::write(&file, vec![0x77u8; 4 << 20]).unwrap();
+    let dev = match Loop::attach_with(&file, 512, &["-r"]) {
+        Ok(l) => l,
+        Err(why) => {
+            assert!(
+                std::env::var("VIMG_REQUIRE_QEMU").as_deref() != Ok("1"),
+                "no loop device ({why}) but VIMG_REQUIRE_QEMU=1"
+            );
+            eprintln!("block_devices: skipping: no loop device ({why})");
+            return;
+        }
+    };
+    let d = dev.path();
+    let src = dir.path().join("src.qcow2");
+    qemu_create(&src, "qcow2", "", None, 1 << 20);
+    let s = p(&src);
+    let refused = "Could not open '{}': The device is not writable: Permission denied";
+    let refused = refused.replace("{}", d);
+    for args in [
+        vec!["convert", "-n", "-O", "raw", s, d],
+        vec!["resize", "-f", "raw", d, "4M"],
+        vec!["snapshot", "-c", "x", d],
+        vec!["dd", "-O", "raw", "if=/dev/null", &format!("of={d}")],
+    ] {
+        let (code, out) = run_status(VIMG, &args);
+        let (qcode, qout) = run_status("qemu-img", &args);
+        assert_eq!(
+            (code, qcode),
+            (1, 1),
+            "{args:?}: vimg {out} / qemu-img {qout}"
+        );
+        if args[0] != "dd" {
+            assert!(out.contains(&refused), "{args:?}: {out}");
+            assert!(qout.contains(&refused), "{args:?}: qemu-img {qout}");
+        }
+    }
+    for fmt in ["raw", "qcow2"] {
+        let (code, out) = run_status(VIMG, &["create", "-f", fmt, d, "1M"]);
+        assert_eq!(code, 1, "create -f {fmt}: {out}");
+        assert!(out.contains("The device is not writable"), "{out}");
+    }
+    info_matches_qemu(d);
+    let data = std::fs::read(d).unwrap();
+    assert!(
+        data.iter().all(|&b| b == 0x77),
+        "the read-only device changed"
+    );
+}

@@ -16,6 +16,11 @@ impl Loop {
     /// Attaches `file` with `sector` bytes per logical sector; `None` (with the reason) where
     /// loop devices cannot be made.
     pub fn attach(file: &Path, sector: u32) -> Result<Loop, String> {
+        Self::attach_with(file, sector, &[])
+    }
+
+    /// [`Loop::attach`] with more `losetup` options (`-r` for a read-only device).
+    pub fn attach_with(file: &Path, sector: u32, options: &[&str]) -> Result<Loop, String> {
         // `losetup -f` picks a free device and then attaches it: two at once (this file's tests
         // run in parallel, other test files may make loop devices too) can pick the same one,
         // and the loser fails. So attaches here take turns, and a failed one is retried.
@@ -25,6 +30,7 @@ impl Loop {
         for _ in 0..5 {
             let out = Command::new("losetup")
                 .args(["-f", "--show", "--sector-size", &sector.to_string()])
+                .args(options)
                 .arg(file)
                 .output()
                 .map_err(|e| format!("cannot run losetup: {e}"))?;
