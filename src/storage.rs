@@ -468,15 +468,8 @@ impl Storage for FileStorage {
             Ok(()) => Ok(()),
             Err(_) => {
                 // The file system cannot punch holes: write zeros instead.
-                let end = offset.saturating_add(len);
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
-                let mut off = offset;
-                while off < end {
-                    let n = (end - off).min(zeros.len() as u64) as usize;
-                    self.file.write_all_at(&zeros[..n], off)?;
-                    off += n as u64;
-                }
-                Ok(())
+                let write = |buf: &[u8], off: u64| self.write_at(buf, off);
+                device::write_zero_buffers(&write, offset, len)
             }
         }
     }

@@ -96,7 +96,7 @@ fn range_ioctl(file: &File, request: u32, offset: u64, len: u64) -> io::Result<(
 pub(super) type Write<'a> = &'a dyn Fn(&[u8], u64) -> io::Result<()>;
 
 /// Writes zero buffers over `[offset, offset + len)` with `write`.
-fn write_zero_buffers(write: Write<'_>, offset: u64, len: u64) -> io::Result<()> {
+pub(super) fn write_zero_buffers(write: Write<'_>, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
