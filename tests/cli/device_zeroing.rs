@@ -44,8 +44,8 @@ fn devices(dir: &Path, sector: u32, names: &[&str]) -> Option<Vec<(Loop, PathBuf
 
 /// A qcow2 source smaller than the device: data in places (some of it off 4096-byte
 /// boundaries, with zero sectors inside data clusters), clusters written as zeros, and
-/// unallocated ranges.
-fn source(dir: &Path) -> PathBuf {
+/// unallocated ranges. Returned with the sha256 of its contents (as qemu-img reads them).
+fn source(dir: &Path) -> (PathBuf, String) {
     let src = dir.join("src.qcow2");
     qemu_create(&src, "qcow2", "", None, 6 << 20);
     qemu_io(
@@ -61,7 +61,13 @@ fn source(dir: &Path) -> PathBuf {
             "write -z 5500k 1536".into(),
         ],
     );
-    src
+    let expect = dir.join("expect.raw");
+    let e = expect.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", src.to_str().unwrap(), e],
+    );
+    (src, sha(e))
 }
 
 /// Fills the device with the old data (0xaa), through the device, so that its page cache and
@@ -102,14 +108,8 @@ fn zeroing(sector: u32) {
     let Some(devs) = devices(dir.path(), sector, &["vimg", "qemu"]) else {
         return;
     };
-    let src = source(dir.path());
+    let (src, expect_sha) = source(dir.path());
     let s = src.to_str().unwrap();
-    let expect = dir.path().join("expect.raw");
-    run(
-        "qemu-img",
-        &["convert", "-O", "raw", s, expect.to_str().unwrap()],
-    );
-    let expect_sha = sha(expect.to_str().unwrap());
     let (vd, vfile) = (&devs[0].0, &devs[0].1);
     let (qd, qfile) = (&devs[1].0, &devs[1].1);
     for sparse in [None, Some("512")] {
@@ -174,14 +174,8 @@ fn convert_onto_a_device_killed_and_run_again() {
     let Some(devs) = devices(dir.path(), 4096, &["kill"]) else {
         return;
     };
-    let src = source(dir.path());
+    let (src, expect_sha) = source(dir.path());
     let s = src.to_str().unwrap();
-    let expect = dir.path().join("expect.raw");
-    run(
-        "qemu-img",
-        &["convert", "-O", "raw", s, expect.to_str().unwrap()],
-    );
-    let expect_sha = sha(expect.to_str().unwrap());
     let dev = &devs[0].0;
     let args = ["convert", "-n", "-O", "raw", "-S", "512", s, dev.path()];
     let mut killed = 0;
