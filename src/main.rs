@@ -162,7 +162,8 @@ struct BackupArgs {
 enum BackupCommand {
     /// Back up images (raw, qcow2, chains) into a VMA archive, or - for standard output.
     Create(BackupCreateArgs),
-    /// Restore an archive (or - for standard input; zstd/gzip detected) into a new directory.
+    /// Restore an archive (or - for standard input; zstd/gzip detected) into a new directory,
+    /// or devices into existing images or block devices (--target, -r).
     Extract(BackupExtractArgs),
     /// Check a whole archive: headers, digests, uuids, structure, device bounds, duplicates
     /// and completeness.
@@ -210,9 +211,9 @@ struct BackupExtractArgs {
     progress: bool,
     /// Restore device DEVNAME into PATH, an existing raw image or block device (or qcow2
     /// image, with format=qcow2:), written in place: never created, truncated or removed. It
-    /// must be at least the device's size (the rest is left as it is). Zero clusters are
-    /// zeroed there (BLKZEROOUT or a hole where the device or file can), unless
-    /// --target-is-zero. Repeatable; devices without one go to TARGET_DIR, which may be left
+    /// must be at least the device's size (the rest is left as it is). What the archive holds
+    /// as zeros is zeroed there (a hole or the device's own zeroing where it can, written
+    /// zeros otherwise), unless --target-is-zero. Repeatable; devices without one go to TARGET_DIR, which may be left
     /// out when every device has one (then no config file is written).
     #[arg(long = "target", value_name = "[format=FMT:]DEVNAME=PATH")]
     targets: Vec<String>,
