@@ -412,4 +412,86 @@ mod tests {
             prop_assert_eq!(tally.devices[1].clusters, (model[0].len() as u64).div_ceil(CLUSTER_SIZE));
         }
     }
+
+    /// A raw image in memory that counts its zero writes.
+    struct CountingZeroes {
+        inner: RawImage,
+        zero_writes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlockImage for CountingZeroes {
+        fn format(&self) -> crate::block::ImageFormat {
+            self.inner.format()
+        }
+        fn filename(&self) -> &Path {
+            self.inner.filename()
+        }
+        fn virtual_size(&self) -> u64 {
+            self.inner.virtual_size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: GuestOffset) -> Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: GuestOffset, len: u64, unmap: bool) -> Result<()> {
+            self.zero_writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn block_status(
+            &self,
+            offset: GuestOffset,
+            max_len: u64,
+        ) -> Result<crate::block::BlockStatus> {
+            self.inner.block_status(offset, max_len)
+        }
+        fn is_writable(&self) -> bool {
+            true
+        }
+        fn actual_size(&self) -> Option<u64> {
+            None
+        }
+        fn layer_info(&self) -> Result<crate::info::LayerInfo> {
+            self.inner.layer_info()
+        }
+    }
+
+    /// A long stretch of zeros over several extents is zeroed with one write, not one per
+    /// extent (the run is carried from extent to extent).
+    #[test]
+    fn zero_runs_continue_across_extents() {
+        let size = 10usize << 20; // 160 clusters: three extents.
+        let mut header = ArchiveHeader::new([9; 16], 0);
+        let id = header.add_device("d", size as u64).unwrap();
+        let mut model = vec![0u8; size];
+        model[..4096].fill(0x5a);
+        model[size - 4096..].fill(0x6b);
+        let mut w = VmaWriter::new(Vec::new(), header, false).unwrap();
+        for (c, chunk) in model.chunks(CLUSTER_SIZE as usize).enumerate() {
+            w.write_cluster(id, c as u32, chunk).unwrap();
+        }
+        let (archive, _) = w.finish().unwrap();
+        let storage = MemStorage::new(vec![0xee; size]);
+        let img = CountingZeroes {
+            inner: RawImage::from_storage(Box::new(storage), Path::new("mem"), true).unwrap(),
+            zero_writes: Default::default(),
+        };
+        let mut targets: Vec<Option<&dyn BlockImage>> = vec![None; DEV_SLOTS];
+        targets[id as usize] = Some(&img);
+        let opts = RestoreOptions {
+            zero_devices: vec![id],
+            ..Default::default()
+        };
+        let tally = restore(VmaReader::new(&archive[..]).unwrap(), &targets, opts, None).unwrap();
+        assert!(tally.extents >= 3, "{} extents", tally.extents);
+        let mut got = vec![0u8; size];
+        img.read_at(&mut got, GuestOffset(0)).unwrap();
+        assert!(got == model);
+        assert_eq!(img.zero_writes.into_inner(), 1);
+    }
 }
