@@ -677,7 +677,8 @@ fn killed_extract_onto_a_device_is_restartable() {
 
 /// A real SIGKILL from outside while the extract waits for the rest of its archive on
 /// standard input (so the kill lands mid-restore, after part of the device was written); the
-/// same command, given the whole archive, then restores the device exactly.
+/// same command, given the whole archive, then restores the device exactly. A SIGTERM at the
+/// same point removes the extract's directory and leaves the device.
 #[test]
 fn extract_onto_a_device_killed_from_outside_is_restartable() {
     let dir = tempfile::tempdir().unwrap();
@@ -722,6 +723,34 @@ fn extract_onto_a_device_killed_from_outside_is_restartable() {
         "the first cluster was not written before the kill"
     );
     assert_ne!(left, want, "the whole disk was written before the kill");
+    // SIGTERM instead: vimg removes what it made (the directory), never the device.
+    let out = d.join("out");
+    let mut child = Command::new(VIMG)
+        .args(["backup", "extract", "--target", &target, "-", p(&out)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&data[..data.len() - 1000]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        out.join("qemu-server.conf").exists(),
+        "the extract has not started"
+    );
+    // SAFETY: kill(2) on the pid of our own child, which has not been waited for.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    drop(stdin);
+    assert!(
+        status.signal() == Some(15) || status.code() == Some(143),
+        "{status:?}"
+    );
+    assert!(!out.exists(), "SIGTERM left the extract's directory");
+    assert!(is_device(dev), "SIGTERM removed the device");
+    assert_eq!(bytes(dev).len() as u64, DISK);
+
     let mut again = Command::new(VIMG)
         .args(args)
         .stdin(Stdio::piped())
