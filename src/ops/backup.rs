@@ -10,6 +10,12 @@
 //!   (`disk-NAME.raw`) or straight into a qcow2 image (`disk-NAME.qcow2`, zero clusters left
 //!   unallocated), the config files beside them. Images are written under temporary names and
 //!   renamed at the end; on failure everything made is removed, the directory too.
+//!   Devices can instead go into existing images or block devices ([`DeviceTarget`]: from
+//!   `--target`, or from the map of `-r` read by [`read_restore_map`], as Proxmox's
+//!   `vma extract -r` reads it), opened and written in place, never created or removed; what
+//!   the archive holds as zeros is zeroed there unless the target reads as zeros already.
+//!   [`begin_extract`] and [`ExtractStart::plan`] split the preparation so that `-r` can print
+//!   the archive's contents before it reads the map.
 //! - [`verify`] reads a whole archive, checking every structure and its completeness.
 //! - [`open_archive`] reads the header for `list` ([`crate::vma::listing::render_list`]) and
 //!   `config` ([`find_config`]).
