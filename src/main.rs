@@ -162,7 +162,8 @@ struct BackupArgs {
 enum BackupCommand {
     /// Back up images (raw, qcow2, chains) into a VMA archive, or - for standard output.
     Create(BackupCreateArgs),
-    /// Restore an archive (or - for standard input; zstd/gzip detected) into a new directory.
+    /// Restore an archive (or - for standard input; zstd/gzip detected) into a new directory,
+    /// or devices into existing images or block devices (--target, -r).
     Extract(BackupExtractArgs),
     /// Check a whole archive: headers, digests, uuids, structure, device bounds, duplicates
     /// and completeness.
@@ -208,10 +209,31 @@ struct BackupExtractArgs {
     /// Show progress (on standard error).
     #[arg(short = 'p')]
     progress: bool,
+    /// Restore device DEVNAME into PATH, an existing raw image or block device (or qcow2
+    /// image, with format=qcow2:), written in place: never created, truncated or removed. It
+    /// must be at least the device's size (the rest is left as it is). What the archive holds
+    /// as zeros is zeroed there (a hole or the device's own zeroing where it can, written
+    /// zeros otherwise), unless --target-is-zero. Repeatable; devices without one go to TARGET_DIR, which may be left
+    /// out when every device has one (then no config file is written).
+    #[arg(long = "target", value_name = "[format=FMT:]DEVNAME=PATH")]
+    targets: Vec<String>,
+    /// The --target images read as zeros already, so zero clusters are not written to them.
+    #[arg(long = "target-is-zero", requires = "targets")]
+    target_is_zero: bool,
+    /// Read which device goes where from MAP (a file or fifo, read after the archive's
+    /// contents are printed), as Proxmox's `vma extract -r`: lines
+    /// [format=FMT:]0|1:DEVNAME=PATH (1: zero clusters are zeroed, 0: the target reads as
+    /// zeros) or skip=DEVNAME, up to `done` or an empty line. Every device needs a line.
+    #[arg(short = 'r', value_name = "MAP", conflicts_with = "targets")]
+    map: Option<PathBuf>,
+    /// Print progress lines on standard output, as Proxmox's `vma extract -v`.
+    #[arg(short = 'v')]
+    verbose: bool,
     /// The archive, or - for standard input.
     archive: PathBuf,
-    /// The directory to restore into (must not exist).
-    target_dir: PathBuf,
+    /// The directory to restore into (must not exist): configs, the VM state, and the devices
+    /// without a target.
+    target_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -1691,6 +1713,12 @@ fn backup(a: BackupArgs) -> CmdResult {
             Ok(0)
         }
         BackupCommand::Extract(x) => {
+            let targets = x
+                .targets
+                .iter()
+                .map(|t| b::parse_target_spec(t, x.target_is_zero))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail)?;
             let opts = b::ExtractOptions {
                 devices: x.devices.map(|l| {
                     l.split(',')
@@ -1701,15 +1729,61 @@ fn backup(a: BackupArgs) -> CmdResult {
                 format: x.output_format,
                 options: x.options,
                 opener: opener().clone(),
+                targets: b::DeviceTargets {
+                    list: targets,
+                    complete: false,
+                },
             };
-            let archive = ArchivePath::from_arg(&x.archive);
-            let plan = b::prepare_extract(&archive, &x.target_dir, &opts).map_err(fail)?;
-            let mut lines = String::new();
-            for d in plan.devices() {
-                lines.push_str(&format!("DEVINFO {} {}\n", d.path.display(), d.size));
+            if x.target_dir.is_none() && (x.map.is_some() || opts.targets.list.is_empty()) {
+                return Err(fail(Error::invalid_input(
+                    "a target directory must be given (it may be left out only when --target \
+                     gives every device its target)",
+                )));
             }
-            print(&lines)?;
-            with_stderr_progress(x.progress, |p| plan.run(p)).map_err(fail)?;
+            let archive = ArchivePath::from_arg(&x.archive);
+            let start = b::begin_extract(&archive, x.target_dir.as_deref(), &opts).map_err(fail)?;
+            let plan = match &x.map {
+                Some(map) => {
+                    // As vma: the contents first (the map's writer may read them to decide),
+                    // then the map.
+                    print(&vimg::vma::listing::render_list(start.header()))?;
+                    let file = std::fs::File::open(map)
+                        .map_err(|e| fail(Error::io("unable to open the map", e).with_path(map)))?;
+                    let targets =
+                        b::read_restore_map(std::io::BufReader::new(file), map).map_err(fail)?;
+                    start.plan(&targets).map_err(fail)?
+                }
+                None => {
+                    let plan = start.plan(&opts.targets).map_err(fail)?;
+                    let mut lines = String::new();
+                    for d in plan.devices() {
+                        lines.push_str(&format!("DEVINFO {} {}\n", d.path.display(), d.size));
+                    }
+                    print(&lines)?;
+                    plan
+                }
+            };
+            if x.verbose {
+                let started = std::time::Instant::now();
+                let last = std::sync::Mutex::new(None::<u64>);
+                let report = move |done: u64, total: u64| {
+                    let percent = (done * 100).checked_div(total).unwrap_or(100);
+                    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+                    if *last != Some(percent) {
+                        *last = Some(percent);
+                        let mut out = std::io::stdout().lock();
+                        let _ = writeln!(
+                            out,
+                            "progress {percent}% (read {done} bytes, duration {} sec)",
+                            started.elapsed().as_secs()
+                        );
+                        let _ = out.flush();
+                    }
+                };
+                plan.run(Some(&report)).map_err(fail)?;
+            } else {
+                with_stderr_progress(x.progress, |p| plan.run(p)).map_err(fail)?;
+            }
             Ok(0)
         }
         BackupCommand::Verify(v) => {

@@ -10,6 +10,12 @@
 //!   (`disk-NAME.raw`) or straight into a qcow2 image (`disk-NAME.qcow2`, zero clusters left
 //!   unallocated), the config files beside them. Images are written under temporary names and
 //!   renamed at the end; on failure everything made is removed, the directory too.
+//!   Devices can instead go into existing images or block devices ([`DeviceTarget`]: from
+//!   `--target`, or from the map of `-r` read by [`read_restore_map`], as Proxmox's
+//!   `vma extract -r` reads it), opened and written in place, never created or removed; what
+//!   the archive holds as zeros is zeroed there unless the target reads as zeros already.
+//!   [`begin_extract`] and [`ExtractStart::plan`] split the preparation so that `-r` can print
+//!   the archive's contents before it reads the map.
 //! - [`verify`] reads a whole archive, checking every structure and its completeness.
 //! - [`open_archive`] reads the header for `list` ([`crate::vma::listing::render_list`]) and
 //!   `config` ([`find_config`]).
@@ -27,7 +33,7 @@ use crate::vma::reader::VmaReader;
 use crate::vma::restore::{self, ArchiveTally, RestoreOptions};
 use crate::vma::stream::{open_input, ArchiveOutput, Compression};
 use std::fs::File;
-use std::io::{IsTerminal, Read};
+use std::io::{BufRead, IsTerminal, Read};
 use std::path::{Path, PathBuf};
 
 /// Where an archive is read from or written to.
@@ -255,8 +261,11 @@ pub struct ExtractOptions {
     pub format: ImageFormat,
     /// Options of new qcow2 images (`-o`), as `vimg create -o` takes them.
     pub options: Vec<String>,
-    /// What creates the restored images.
+    /// What creates the restored images and opens the targets.
     pub opener: Opener,
+    /// Existing images or devices to restore devices into, in place ([`prepare_extract`] uses
+    /// these; [`ExtractStart::plan`] is given its own).
+    pub targets: DeviceTargets,
 }
 
 impl Default for ExtractOptions {
@@ -266,8 +275,176 @@ impl Default for ExtractOptions {
             format: ImageFormat::Raw,
             options: Vec::new(),
             opener: Opener::default(),
+            targets: DeviceTargets::default(),
         }
     }
+}
+
+/// Where an extract writes one archived device instead of a new image in the target
+/// directory: an existing image or block device, written in place (`--target`, or a line of
+/// the map of `-r`, as Proxmox's `vma extract -r` reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceTarget {
+    /// The archived device's name.
+    pub name: String,
+    /// The existing image written in place; `None` skips the device (a map's `skip=DEV`).
+    pub path: Option<PathBuf>,
+    /// The target's format: raw unless `format=FMT:` says otherwise.
+    pub format: ImageFormat,
+    /// Whether the target reads as zeros already, so that only data is written (a map's
+    /// `0:`, `--target-is-zero`); otherwise what the archive stores as zeros is zeroed.
+    pub reads_zeros: bool,
+}
+
+/// The targets of an extract.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceTargets {
+    /// One per device at most.
+    pub list: Vec<DeviceTarget>,
+    /// Every restored device must have a target (a map: `vma extract -r` fails on a device
+    /// it has no line for, with `no device name mapping for NAME`); otherwise devices
+    /// without one are restored into the target directory as new images.
+    pub complete: bool,
+}
+
+/// Parses `--target [format=FMT:]DEVNAME=PATH`; the format is raw unless given.
+pub fn parse_target_spec(spec: &str, reads_zeros: bool) -> Result<DeviceTarget> {
+    let d = parse_device_spec(spec)?;
+    Ok(DeviceTarget {
+        name: d.name,
+        path: Some(d.path),
+        format: d.format.unwrap_or(ImageFormat::Raw),
+        reads_zeros,
+    })
+}
+
+/// Longest line of a restore map (Proxmox's `vma` reads lines of up to 8 KiB).
+const MAX_MAP_LINE: u64 = 64 * 1024;
+
+/// Reads the map of `backup extract -r MAP`, as Proxmox's `vma extract -r` does: lines until
+/// the end, an empty line or `done`, each `skip=DEVNAME` or
+/// `[format=FMT:][throttling.bps=N:][throttling.group=G:][cache=MODE:]0|1:DEVNAME=PATH`, in
+/// which `1:` says the target may hold old data (zeros are written) and `0:` that it reads as
+/// zeros. Throttling and cache are checked but have no effect. Errors name `shown`.
+pub fn read_restore_map<R: BufRead>(mut input: R, shown: &Path) -> Result<DeviceTargets> {
+    let mut list: Vec<DeviceTarget> = Vec::new();
+    loop {
+        let mut raw = Vec::new();
+        let n = (&mut input)
+            .take(MAX_MAP_LINE + 1)
+            .read_until(b'\n', &mut raw)
+            .map_err(|e| Error::io("read map failed", e).with_path(shown))?;
+        if n == 0 {
+            break;
+        }
+        if raw.len() as u64 > MAX_MAP_LINE {
+            return Err(Error::invalid_input(format!(
+                "read map failed - line longer than {MAX_MAP_LINE} bytes"
+            ))
+            .with_path(shown));
+        }
+        if raw.last() == Some(&b'\n') {
+            raw.pop();
+        }
+        let line = String::from_utf8(raw).map_err(|_| {
+            Error::invalid_input("read map failed - a line is not valid UTF-8").with_path(shown)
+        })?;
+        if line.is_empty() || line == "done" {
+            break;
+        }
+        let t = parse_map_line(&line).map_err(|m| Error::invalid_input(m).with_path(shown))?;
+        if list.iter().any(|o| o.name == t.name) {
+            return Err(Error::invalid_input(format!(
+                "read map failed - device '{}' is mapped twice",
+                t.name.escape_debug()
+            ))
+            .with_path(shown));
+        }
+        list.push(t);
+    }
+    Ok(DeviceTargets {
+        list,
+        complete: true,
+    })
+}
+
+/// One line of a restore map (see [`read_restore_map`]); the error is the message.
+fn parse_map_line(line: &str) -> std::result::Result<DeviceTarget, String> {
+    let quoted = line.escape_debug();
+    if let Some(rest) = line.strip_prefix("skip") {
+        return match rest.strip_prefix('=') {
+            Some(name) if !name.is_empty() => Ok(DeviceTarget {
+                name: name.to_string(),
+                path: None,
+                format: ImageFormat::Raw,
+                reads_zeros: false,
+            }),
+            _ => Err(format!(
+                "read map failed - option 'skip' has no value ('{quoted}')"
+            )),
+        };
+    }
+    const OPTIONS: [&str; 4] = ["format", "throttling.bps", "throttling.group", "cache"];
+    let mut values: [Option<&str>; 4] = [None; 4];
+    let mut rest = line;
+    'options: loop {
+        for (i, name) in OPTIONS.iter().enumerate() {
+            let Some(after) = rest.strip_prefix(name).and_then(|r| r.strip_prefix('=')) else {
+                continue;
+            };
+            if values[i].is_some() {
+                return Err(format!(
+                    "read map failed - duplicate value for option '{name}'"
+                ));
+            }
+            let (value, tail) = after.split_once(':').ok_or_else(|| {
+                format!("read map failed - option '{name}' not terminated ('{quoted}')")
+            })?;
+            values[i] = Some(value);
+            rest = tail;
+            continue 'options;
+        }
+        break;
+    }
+    let [format, bps, _group, cache] = values;
+    let reads_zeros = match rest.get(..2) {
+        Some("0:") => true,
+        Some("1:") => false,
+        _ => return Err(format!("read map failed - parse error ('{quoted}')")),
+    };
+    let (name, path) = rest[2..]
+        .split_once('=')
+        .ok_or_else(|| format!("read map failed - no dev name specified ('{quoted}')"))?;
+    if name.is_empty() || path.is_empty() {
+        return Err(format!("read map failed - parse error ('{quoted}')"));
+    }
+    if let Some(b) = bps {
+        let number = match b.strip_prefix("0x").or_else(|| b.strip_prefix("0X")) {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => b.parse::<u64>().ok(),
+        };
+        if number.is_none() {
+            return Err(format!(
+                "read map failed - not a number: {}",
+                b.escape_debug()
+            ));
+        }
+    }
+    if let Some(c) = cache {
+        if !["none", "writeback", "writethrough", "directsync", "unsafe"].contains(&c) {
+            return Err(format!("invalid cache option: {}", c.escape_debug()));
+        }
+    }
+    let format = match format {
+        Some(f) => ImageFormat::from_name(f).map_err(|e| format!("read map failed - {e}"))?,
+        None => ImageFormat::Raw,
+    };
+    Ok(DeviceTarget {
+        name: name.to_string(),
+        path: Some(PathBuf::from(path)),
+        format,
+        reads_zeros,
+    })
 }
 
 /// A device an extract restores.
@@ -283,6 +460,9 @@ pub struct PlannedDevice {
     pub path: PathBuf,
     /// The format of that image.
     pub format: ImageFormat,
+    /// Whether that image is an existing target written in place (not a new image in the
+    /// target directory).
+    pub in_place: bool,
 }
 
 /// Files and the directory an extract made, removed on drop unless kept.
@@ -326,15 +506,31 @@ impl Drop for Made {
     }
 }
 
+/// Where one device goes.
+enum Output {
+    /// A new image in the target directory, under its temporary name until the end.
+    New(Box<dyn BlockImage>, PathBuf),
+    /// An existing target, written in place; `zeroed`: zero clusters are written as zeros.
+    InPlace(Box<dyn BlockImage>, bool),
+}
+
+impl Output {
+    fn image(&self) -> &dyn BlockImage {
+        match self {
+            Output::New(i, _) | Output::InPlace(i, _) => i.as_ref(),
+        }
+    }
+}
+
 /// A prepared extract: the archive's header read and checked, the target directory and config
-/// files made, the devices' temporary images created. Dropping it without running removes all
-/// of that.
+/// files made, the devices' temporary images created and the targets opened. Dropping it
+/// without running removes what it made (never a target).
 pub struct ExtractPlan {
     reader: VmaReader<Box<dyn Read + Send>>,
     shown: PathBuf,
     devices: Vec<PlannedDevice>,
-    /// Per planned device: the image under its temporary name.
-    images: Vec<(Box<dyn BlockImage>, PathBuf)>,
+    /// Per planned device: where it goes.
+    outputs: Vec<Output>,
     made: Made,
 }
 
@@ -343,14 +539,50 @@ fn plain_file_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/')
 }
 
+/// What a file is, to tell two names of one target apart: a block device by its device
+/// number (two nodes of one device are one target), anything else by device and inode.
+fn target_identity(path: &Path) -> Option<(bool, u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(path).ok()?;
+    Some(match m.file_type().is_block_device() {
+        true => (true, m.rdev(), 0),
+        false => (false, m.dev(), m.ino()),
+    })
+}
+
+/// An extract begun: the archive's header read and checked, the target directory (if any)
+/// made with the config files in it. [`ExtractStart::plan`] then takes the targets (for
+/// `-r`, read from the map only now, after the caller has printed the archive's contents, as
+/// Proxmox's `vma extract -r` does). Dropping it removes what it made.
+pub struct ExtractStart {
+    reader: VmaReader<Box<dyn Read + Send>>,
+    shown: PathBuf,
+    /// The archive's identity, to refuse it as a target.
+    archive_id: Option<(bool, u64, u64)>,
+    dir: Option<PathBuf>,
+    opts: ExtractOptions,
+    made: Made,
+}
+
 /// Reads the header of `archive` and prepares restoring it into `dir`, which must not exist
-/// (it is created). Nothing is written before the header has been checked, and nothing is
-/// left behind if preparing fails.
+/// (it is created), with the targets of `opts`. Nothing is written before the header has been
+/// checked, and nothing is left behind if preparing fails.
 pub fn prepare_extract(
     archive: &ArchivePath,
     dir: &Path,
     opts: &ExtractOptions,
 ) -> Result<ExtractPlan> {
+    begin_extract(archive, Some(dir), opts)?.plan(&opts.targets)
+}
+
+/// The first half of [`prepare_extract`]: checks the options, reads and checks the header,
+/// makes `dir` (which must not exist) and writes the config files into it. Without `dir`,
+/// nothing is made and every device must be given a target in [`ExtractStart::plan`].
+pub fn begin_extract(
+    archive: &ArchivePath,
+    dir: Option<&Path>,
+    opts: &ExtractOptions,
+) -> Result<ExtractStart> {
     let shown = archive.display_path(true).to_path_buf();
     if !opts.format.driver().target_takes_options() && !opts.options.is_empty() {
         return Err(Error::invalid_input(
@@ -365,11 +597,17 @@ pub fn prepare_extract(
             ));
         }
     }
-    if std::fs::symlink_metadata(dir).is_ok() {
-        return Err(Error::invalid_input("target directory already exists").with_path(dir));
+    if let Some(dir) = dir {
+        if std::fs::symlink_metadata(dir).is_ok() {
+            return Err(Error::invalid_input("target directory already exists").with_path(dir));
+        }
     }
+    let archive_id = match archive {
+        ArchivePath::File(p) => target_identity(p),
+        ArchivePath::Stdio => target_identity(Path::new("/dev/stdin")),
+    };
     let reader = open_archive(archive)?;
-    let header = reader.header().clone();
+    let header = reader.header();
     if let Some(wanted) = &opts.devices {
         for w in wanted {
             if !header.devices.iter().any(|d| &d.name == w) {
@@ -380,117 +618,293 @@ pub fn prepare_extract(
             }
         }
     }
-    // Every output name, checked before anything is written.
-    let mut names: Vec<String> = Vec::new();
-    let mut claim = |file: String, what: &str, name: &str| -> Result<String> {
-        if !plain_file_name(name) || !plain_file_name(&file) || names.contains(&file) {
-            return Err(Error::corrupt(format!(
-                "{what} '{}' cannot be restored as a file name in the target directory{}",
-                name.escape_debug(),
-                if names.contains(&file) {
-                    format!(" ('{}' is taken)", file.escape_debug())
-                } else {
-                    String::new()
-                }
-            ))
-            .with_path(&shown));
-        }
-        names.push(file.clone());
-        Ok(file)
-    };
-    for c in &header.configs {
-        claim(c.name.clone(), "config name", &c.name)?;
-    }
-    let mut devices = Vec::new();
-    let mut tmp_names = Vec::new();
-    for d in &header.devices {
-        let selected = opts.devices.as_ref().is_none_or(|w| w.contains(&d.name));
-        if !selected {
-            continue;
-        }
-        let (file, tmp, format) = if d.is_vmstate() {
-            (
-                "vmstate.bin".to_string(),
-                "tmp-vmstate.bin".to_string(),
-                ImageFormat::Raw,
-            )
-        } else {
-            let ext = opts.format.as_str();
-            (
-                format!("disk-{}.{ext}", d.name),
-                format!("tmp-disk-{}.{ext}", d.name),
-                opts.format,
-            )
-        };
-        let file = claim(file, "device name", &d.name)?;
-        let tmp = claim(tmp, "device name", &d.name)?;
-        devices.push(PlannedDevice {
-            id: d.id,
-            name: d.name.clone(),
-            size: d.size,
-            path: dir.join(file),
-            format,
-        });
-        tmp_names.push(dir.join(tmp));
-    }
-    // The disks' options are checked before the directory is made (the vmstate is a plain
-    // file of bytes, made without options).
-    let options_of = |d: &PlannedDevice| match d.format == opts.format {
-        true => opts.options.clone(),
-        false => Vec::new(),
-    };
-    for (d, tmp) in devices.iter().zip(&tmp_names) {
-        crate::ops::create::prepare(&crate::ops::create::CreateArgs {
-            format: d.format,
-            filename: tmp.to_path_buf(),
-            options: options_of(d),
-            backing_file: None,
-            backing_format: None,
-            unsafe_backing: false,
-            size: Some(d.size.to_string()),
-            opener: opts.opener.clone(),
-        })
-        .in_file(&d.path)?;
-    }
-
     let mut made = Made::default();
-    std::fs::create_dir(dir)
-        .map_err(|e| Error::io("cannot create target directory", e).with_path(dir))?;
-    made.dir(dir);
-    for c in &header.configs {
-        let p = dir.join(&c.name);
-        made.file(&p);
-        std::fs::write(&p, &c.data)
-            .map_err(|e| Error::io("cannot write config file", e).with_path(&p))?;
+    if let Some(dir) = dir {
+        let mut names: Vec<&str> = Vec::new();
+        for c in &header.configs {
+            if !plain_file_name(&c.name) || names.contains(&c.name.as_str()) {
+                return Err(Error::corrupt(format!(
+                    "config name '{}' cannot be restored as a file name in the target \
+                     directory{}",
+                    c.name.escape_debug(),
+                    if names.contains(&c.name.as_str()) {
+                        format!(" ('{}' is taken)", c.name.escape_debug())
+                    } else {
+                        String::new()
+                    }
+                ))
+                .with_path(&shown));
+            }
+            names.push(&c.name);
+        }
+        std::fs::create_dir(dir)
+            .map_err(|e| Error::io("cannot create target directory", e).with_path(dir))?;
+        made.dir(dir);
+        for c in &header.configs {
+            let p = dir.join(&c.name);
+            made.file(&p);
+            std::fs::write(&p, &c.data)
+                .map_err(|e| Error::io("cannot write config file", e).with_path(&p))?;
+        }
     }
-    let mut images: Vec<(Box<dyn BlockImage>, PathBuf)> = Vec::new();
-    for (d, tmp) in devices.iter().zip(tmp_names) {
-        made.file(&tmp);
-        let image = d
-            .format
-            .driver()
-            .create_target(
-                &tmp,
-                d.size,
-                &options_of(d),
-                (None, None),
-                true,
-                &opts.opener,
-            )
-            .map_err(|e| rename_tmp(e, &tmp, &d.path))?;
-        // Metadata is written once, at the end, and nothing waits for the disk (raw files are
-        // not synced, as `convert` does not sync by default); a failed restore removes the
-        // image.
-        image.set_unsafe_cache(true);
-        images.push((image, tmp));
-    }
-    Ok(ExtractPlan {
+    Ok(ExtractStart {
         reader,
         shown,
-        devices,
-        images,
+        archive_id,
+        dir: dir.map(Path::to_path_buf),
+        opts: opts.clone(),
         made,
     })
+}
+
+impl ExtractStart {
+    /// The archive's header.
+    pub fn header(&self) -> &ArchiveHeader {
+        self.reader.header()
+    }
+
+    /// Decides where each device goes (its target, or a new image in the directory), opens
+    /// and checks the targets and creates the new images.
+    ///
+    /// A target is opened for writing, never created, truncated, renamed or removed, and
+    /// must be at least the device's size; it cannot be the archive, have a backing file, or
+    /// be given for two devices.
+    pub fn plan(mut self, targets: &DeviceTargets) -> Result<ExtractPlan> {
+        let header = self.reader.header().clone();
+        let shown = self.shown.clone();
+        let opts = &self.opts;
+        for t in &targets.list {
+            if !header.devices.iter().any(|d| d.name == t.name) {
+                return Err(Error::invalid_input(format!(
+                    "the archive has no device named '{}'",
+                    t.name.escape_debug()
+                ))
+                .with_path(&shown));
+            }
+            if targets.list.iter().filter(|o| o.name == t.name).count() > 1 {
+                return Err(Error::invalid_input(format!(
+                    "device '{}' is given more than one target",
+                    t.name.escape_debug()
+                )));
+            }
+            let selected = opts.devices.as_ref().is_none_or(|w| w.contains(&t.name));
+            if !selected && !targets.complete {
+                return Err(Error::invalid_input(format!(
+                    "device '{}' has a target but is not among the devices to restore (-d)",
+                    t.name.escape_debug()
+                )));
+            }
+        }
+        // Every output name in the directory, checked before anything is written.
+        let mut names: Vec<String> = header.configs.iter().map(|c| c.name.clone()).collect();
+        let mut claim = |file: String, name: &str| -> Result<String> {
+            if !plain_file_name(name) || !plain_file_name(&file) || names.contains(&file) {
+                return Err(Error::corrupt(format!(
+                    "device name '{}' cannot be restored as a file name in the target \
+                     directory{}",
+                    name.escape_debug(),
+                    if names.contains(&file) {
+                        format!(" ('{}' is taken)", file.escape_debug())
+                    } else {
+                        String::new()
+                    }
+                ))
+                .with_path(&shown));
+            }
+            names.push(file.clone());
+            Ok(file)
+        };
+        // Per restored device: where it goes (a target, or the temporary name of a new image).
+        enum Place<'t> {
+            Target(&'t DeviceTarget, &'t Path),
+            New(PathBuf),
+        }
+        let mut devices = Vec::new();
+        let mut places = Vec::new();
+        for d in &header.devices {
+            let selected = opts.devices.as_ref().is_none_or(|w| w.contains(&d.name));
+            if !selected {
+                continue;
+            }
+            let target = targets.list.iter().find(|t| t.name == d.name);
+            if d.is_vmstate() {
+                if target.is_some() {
+                    return Err(Error::invalid_input(
+                        "the VM state (vmstate) is always restored into the target directory",
+                    ));
+                }
+            } else if let Some(t) = target {
+                let Some(path) = &t.path else {
+                    continue; // skip=NAME
+                };
+                devices.push(PlannedDevice {
+                    id: d.id,
+                    name: d.name.clone(),
+                    size: d.size,
+                    path: path.clone(),
+                    format: t.format,
+                    in_place: true,
+                });
+                places.push(Place::Target(t, path));
+                continue;
+            } else if targets.complete {
+                return Err(Error::invalid_input(format!(
+                    "no device name mapping for {}",
+                    d.name.escape_debug()
+                )));
+            }
+            let Some(dir) = &self.dir else {
+                return Err(Error::invalid_input(format!(
+                    "device '{}' has no target, and no target directory is given",
+                    d.name.escape_debug()
+                )));
+            };
+            let (file, tmp, format) = if d.is_vmstate() {
+                (
+                    "vmstate.bin".to_string(),
+                    "tmp-vmstate.bin".to_string(),
+                    ImageFormat::Raw,
+                )
+            } else {
+                let ext = opts.format.as_str();
+                (
+                    format!("disk-{}.{ext}", d.name),
+                    format!("tmp-disk-{}.{ext}", d.name),
+                    opts.format,
+                )
+            };
+            let file = claim(file, &d.name)?;
+            let tmp = claim(tmp, &d.name)?;
+            devices.push(PlannedDevice {
+                id: d.id,
+                name: d.name.clone(),
+                size: d.size,
+                path: dir.join(file),
+                format,
+                in_place: false,
+            });
+            places.push(Place::New(dir.join(tmp)));
+        }
+        // The targets: each once, none the archive.
+        let mut seen: Vec<((bool, u64, u64), &str)> = Vec::new();
+        for (d, place) in devices.iter().zip(&places) {
+            let Place::Target(_, path) = place else {
+                continue;
+            };
+            let Some(id) = target_identity(path) else {
+                continue; // Opening it says why not.
+            };
+            if Some(id) == self.archive_id {
+                return Err(Error::invalid_input(format!(
+                    "the target of device '{}' is the archive being read",
+                    d.name.escape_debug()
+                ))
+                .with_path(path));
+            }
+            if let Some((_, other)) = seen.iter().find(|(i, _)| *i == id) {
+                return Err(Error::invalid_input(format!(
+                    "the target of device '{}' is also the target of device '{}'",
+                    d.name.escape_debug(),
+                    other.escape_debug()
+                ))
+                .with_path(path));
+            }
+            seen.push((id, &d.name));
+        }
+        // The new images' options are checked before any is made (the vmstate is a plain
+        // file of bytes, made without options).
+        let options_of = |d: &PlannedDevice| match d.format == opts.format {
+            true => opts.options.clone(),
+            false => Vec::new(),
+        };
+        for (d, place) in devices.iter().zip(&places) {
+            let Place::New(tmp) = place else { continue };
+            crate::ops::create::prepare(&crate::ops::create::CreateArgs {
+                format: d.format,
+                filename: tmp.to_path_buf(),
+                options: options_of(d),
+                backing_file: None,
+                backing_format: None,
+                unsafe_backing: false,
+                size: Some(d.size.to_string()),
+                opener: opts.opener.clone(),
+            })
+            .in_file(&d.path)?;
+        }
+        let mut outputs: Vec<Output> = Vec::new();
+        for (d, place) in devices.iter().zip(&places) {
+            match place {
+                Place::Target(t, path) => {
+                    let image = open_target(path, t.format, &opts.opener)?;
+                    if image.virtual_size() < d.size {
+                        return Err(Error::invalid_input(format!(
+                            "target is smaller than device '{}' of the archive ({} < {} bytes)",
+                            d.name.escape_debug(),
+                            image.virtual_size(),
+                            d.size
+                        ))
+                        .with_path(path));
+                    }
+                    outputs.push(Output::InPlace(image, !t.reads_zeros));
+                }
+                Place::New(tmp) => {
+                    self.made.file(tmp);
+                    let image = d
+                        .format
+                        .driver()
+                        .create_target(
+                            tmp,
+                            d.size,
+                            &options_of(d),
+                            (None, None),
+                            true,
+                            &opts.opener,
+                        )
+                        .map_err(|e| rename_tmp(e, tmp, &d.path))?;
+                    // Metadata is written once, at the end, and nothing waits for the disk
+                    // (raw files are not synced, as `convert` does not sync by default); a
+                    // failed restore removes the image.
+                    image.set_unsafe_cache(true);
+                    outputs.push(Output::New(image, tmp.clone()));
+                }
+            }
+        }
+        Ok(ExtractPlan {
+            reader: self.reader,
+            shown,
+            devices,
+            outputs,
+            made: std::mem::take(&mut self.made),
+        })
+    }
+}
+
+/// Opens an existing target for writing in place: never created, and refused if it has a
+/// backing file (zero clusters left unwritten would show the backing file's data).
+fn open_target(path: &Path, format: ImageFormat, opener: &Opener) -> Result<Box<dyn BlockImage>> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Err(Error::invalid_input(
+            "target does not exist (targets are written in place, never created)",
+        )
+        .with_path(path));
+    }
+    let image = crate::open::open_image(
+        path,
+        &crate::open::OpenOptions {
+            format: Some(format),
+            writable: true,
+            no_backing: true,
+            opener: opener.clone(),
+            ..Default::default()
+        },
+    )?;
+    if image.layer_info()?.backing_filename.is_some() {
+        return Err(Error::invalid_input(
+            "a restore target cannot have a backing file (zero clusters would show its data)",
+        )
+        .with_path(path));
+    }
+    Ok(image)
 }
 
 impl ExtractPlan {
@@ -505,33 +919,44 @@ impl ExtractPlan {
     }
 
     /// Restores the archive. Only when every cluster of every device was read, checked and
-    /// written are the images flushed and renamed to their final names; otherwise everything
-    /// the extract made is removed.
+    /// written are the new images flushed and renamed to their final names; otherwise
+    /// everything the extract made is removed. Targets are written in place and flushed at
+    /// the end; a failed restore leaves them holding part of the archive.
     pub fn run(mut self, progress: Option<Progress<'_>>) -> Result<ArchiveTally> {
         let mut targets: Vec<Option<&dyn BlockImage>> = vec![None; 256];
-        for (d, (img, _)) in self.devices.iter().zip(&self.images) {
-            targets[d.id as usize] = Some(img.as_ref());
+        let mut opts = RestoreOptions::default();
+        for (d, out) in self.devices.iter().zip(&self.outputs) {
+            targets[d.id as usize] = Some(out.image());
+            if let Output::InPlace(_, true) = out {
+                opts.zero_devices.push(d.id);
+            }
         }
         let shown = self.shown.clone();
-        let tally = restore::restore(self.reader, &targets, RestoreOptions::default(), progress)
-            .map_err(|e| {
-                // A write error names the temporary image; the user knows the final name.
-                let mut e = e;
-                for (d, (_, tmp)) in self.devices.iter().zip(&self.images) {
+        let tally = restore::restore(self.reader, &targets, opts, progress).map_err(|e| {
+            // A write error names the temporary image; the user knows the final name.
+            let mut e = e;
+            for (d, out) in self.devices.iter().zip(&self.outputs) {
+                if let Output::New(_, tmp) = out {
                     e = rename_tmp(e, tmp, &d.path);
                 }
-                e.with_path(&shown)
-            })?;
+            }
+            e.with_path(&shown)
+        })?;
         drop(targets);
-        for (d, (img, tmp)) in self.devices.iter().zip(self.images.drain(..)) {
-            // An image with metadata writes it here (its cache is unsafe: no waiting for the
-            // disk).
-            img.finish().map_err(|e| rename_tmp(e, &tmp, &d.path))?;
-            drop(img);
-            std::fs::rename(&tmp, &d.path)
-                .map_err(|e| Error::io("cannot rename the restored image into place", e))
-                .in_file(&d.path)?;
-            self.made.file(&d.path);
+        for (d, out) in self.devices.iter().zip(self.outputs.drain(..)) {
+            match out {
+                Output::InPlace(img, _) => img.finish()?,
+                Output::New(img, tmp) => {
+                    // An image with metadata writes it here (its cache is unsafe: no waiting
+                    // for the disk).
+                    img.finish().map_err(|e| rename_tmp(e, &tmp, &d.path))?;
+                    drop(img);
+                    std::fs::rename(&tmp, &d.path)
+                        .map_err(|e| Error::io("cannot rename the restored image into place", e))
+                        .in_file(&d.path)?;
+                    self.made.file(&d.path);
+                }
+            }
         }
         self.made.keep = true;
         Ok(tally)
@@ -572,5 +997,46 @@ mod tests {
         let e = refusal(ImageFormat::Qcow2, &["cluster_size=4k"]);
         assert!(!e.contains("-o") && e.contains("none.vma"), "{e}");
         assert!(!out.exists());
+    }
+
+    #[test]
+    fn restore_maps_read_as_vma_reads_them() {
+        let shown = Path::new("map");
+        let read = |text: &str| read_restore_map(text.as_bytes(), shown);
+        let m = read(
+            "format=qcow2:throttling.bps=0x100:cache=none:0:drive-scsi0=/dev/vg/a=b\n\
+             1:drive-scsi1=/dev/loop7\nskip=drive-virtio0\ndone\n1:ignored=after-done\n",
+        )
+        .unwrap();
+        assert!(m.complete);
+        assert_eq!(m.list.len(), 3);
+        assert_eq!(m.list[0].name, "drive-scsi0");
+        // The name ends at the first '='; the path keeps the rest.
+        assert_eq!(m.list[0].path.as_deref(), Some(Path::new("/dev/vg/a=b")));
+        assert_eq!(m.list[0].format, ImageFormat::Qcow2);
+        assert!(m.list[0].reads_zeros);
+        assert_eq!(m.list[1].format, ImageFormat::Raw);
+        assert!(!m.list[1].reads_zeros);
+        assert_eq!(m.list[2].path, None);
+        // An empty line ends the map too, and so does the end of the input.
+        assert_eq!(read("1:a=b\n\n1:c=d\n").unwrap().list.len(), 1);
+        assert_eq!(read("1:a=b").unwrap().list.len(), 1);
+        for (text, want) in [
+            ("2:a=b\n", "read map failed - parse error ('2:a=b')"),
+            ("1:ab\n", "read map failed - no dev name specified ('1:ab')"),
+            ("skip\n", "option 'skip' has no value"),
+            ("format=raw\n", "option 'format' not terminated"),
+            (
+                "format=raw:format=raw:1:a=b\n",
+                "duplicate value for option 'format'",
+            ),
+            ("throttling.bps=12x:1:a=b\n", "not a number: 12x"),
+            ("cache=fast:1:a=b\n", "invalid cache option: fast"),
+            ("format=vmdk:1:a=b\n", "read map failed"),
+            ("1:a=b\n0:a=c\n", "device 'a' is mapped twice"),
+        ] {
+            let e = read(text).unwrap_err().to_string();
+            assert!(e.contains(want) && e.starts_with("map: "), "{text:?}: {e}");
+        }
     }
 }

@@ -5,8 +5,10 @@
 //! does), the other writes their clusters to the target images, so reading and writing overlap.
 //! Writes are coalesced: the data blocks of consecutive clusters of one device that follow each
 //! other in an extent go out as one write. Zero blocks are not written (the targets are fresh
-//! and read as zeros), unless [`RestoreOptions::write_zeroes`] says the targets may hold old
-//! data. A device without a target is read and checked but not written.
+//! and read as zeros), unless [`RestoreOptions::write_zeroes`] or
+//! [`RestoreOptions::zero_devices`] says a target may hold old data: then they are zeroed, a
+//! run of zero blocks carried from one extent into the next so that a long zero stretch is one
+//! [`BlockImage::write_zeroes`]. A device without a target is read and checked but not written.
 
 use super::format::{ArchiveHeader, BLOCKS_PER_CLUSTER, BLOCK_SIZE, CLUSTER_SIZE, DEV_SLOTS};
 use super::reader::{Extent, VmaReader};
@@ -23,10 +25,14 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 const PIPELINE_BUFFERS: usize = 3;
 
 /// How to restore.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
-    /// Write zero blocks as zeros (targets that may hold old data). Otherwise they are skipped.
+    /// Write zero blocks as zeros on every target (targets that may hold old data). Otherwise
+    /// they are skipped, except on [`RestoreOptions::zero_devices`].
     pub write_zeroes: bool,
+    /// Devices (by id) whose zero blocks are written as zeros whatever `write_zeroes` says
+    /// (targets that may hold old data among fresh ones).
+    pub zero_devices: Vec<u8>,
 }
 
 /// What an archive held, per device, as a restore or verify read it.
@@ -76,7 +82,8 @@ pub type Targets<'a> = [Option<&'a dyn BlockImage>];
 struct Applier<'a, 't> {
     targets: &'t Targets<'a>,
     sizes: Vec<u64>,
-    opts: RestoreOptions,
+    /// Per device id: whether its zero blocks are written.
+    zeroes: Vec<bool>,
 }
 
 /// A pending write: `len` bytes at guest offset `off` of device `dev`, from `data[at..]` (or
@@ -94,16 +101,20 @@ impl Applier<'_, '_> {
     fn new<'a, 't>(
         header: &ArchiveHeader,
         targets: &'t Targets<'a>,
-        opts: RestoreOptions,
+        opts: &RestoreOptions,
     ) -> Applier<'a, 't> {
         let mut sizes = vec![0u64; DEV_SLOTS];
         for d in &header.devices {
             sizes[d.id as usize] = d.size;
         }
+        let mut zeroes = vec![opts.write_zeroes; DEV_SLOTS];
+        for &id in &opts.zero_devices {
+            zeroes[id as usize] = true;
+        }
         Applier {
             targets,
             sizes,
-            opts,
+            zeroes,
         }
     }
 
@@ -125,9 +136,11 @@ impl Applier<'_, '_> {
     }
 
     /// Writes the clusters of `ext` (already checked by the reader: every entry names a device,
-    /// lies inside it and has its data present).
-    fn apply(&self, ext: &Extent) -> Result<()> {
-        let mut run: Option<Run> = None;
+    /// lies inside it and has its data present). `carried` is a run of zeros left over from
+    /// the extent before, continued or written here; a run of zeros this extent ends with is
+    /// left in it for the next one (the caller writes the last).
+    fn apply(&self, ext: &Extent, carried: &mut Option<Run>) -> Result<()> {
+        let mut run: Option<Run> = carried.take();
         for e in &ext.entries {
             if self.target(e.dev_id).is_none() {
                 continue;
@@ -141,7 +154,7 @@ impl Applier<'_, '_> {
                 }
                 let len = (size - off).min(BLOCK_SIZE);
                 let zero = e.mask & (1 << j) == 0;
-                if zero && !self.opts.write_zeroes {
+                if zero && !self.zeroes[e.dev_id as usize] {
                     continue;
                 }
                 let next = Run {
@@ -173,7 +186,13 @@ impl Applier<'_, '_> {
                 }
             }
         }
-        self.flush(run, &ext.data)
+        match run {
+            Some(r) if r.zero => {
+                *carried = Some(r);
+                Ok(())
+            }
+            other => self.flush(other, &ext.data),
+        }
     }
 }
 
@@ -193,7 +212,7 @@ pub fn restore<R: Read + Send>(
     opts: RestoreOptions,
     progress: Option<Progress<'_>>,
 ) -> Result<ArchiveTally> {
-    let applier = Applier::new(reader.header(), targets, opts);
+    let applier = Applier::new(reader.header(), targets, &opts);
     let total: u64 = reader.header().devices.iter().map(|d| d.size).sum();
     let (full_tx, full_rx) = mpsc::sync_channel::<Extent>(1);
     let (free_tx, free_rx) = mpsc::channel::<Extent>();
@@ -234,8 +253,9 @@ pub fn restore<R: Read + Send>(
             p(0, total);
         }
         let mut written: Result<()> = Ok(());
+        let mut carried: Option<Run> = None;
         for ext in full_rx.iter() {
-            written = applier.apply(&ext);
+            written = applier.apply(&ext, &mut carried);
             if written.is_err() {
                 break;
             }
@@ -252,7 +272,11 @@ pub fn restore<R: Read + Send>(
             .join()
             .unwrap_or_else(|_| Err(Error::corrupt("the archive reader thread panicked")));
         written?;
-        read
+        let tally = read?;
+        // The zeros the last extent ended with (only once the archive proved complete: a
+        // damaged archive fails as before, with nothing more written).
+        applier.flush(carried, &[])?;
+        Ok(tally)
     })
 }
 
@@ -350,11 +374,15 @@ mod tests {
                 w.write_cluster(id, c, &m[from..to]).unwrap();
             }
             let (archive, _) = w.finish().unwrap();
-            for write_zeroes in [false, true] {
-                let fill = if write_zeroes { 0xee } else { 0 };
+            // Fresh targets; targets full of old data, all zeroed; and a mix, only the
+            // devices with old data zeroed (zero_devices).
+            for mode in 0..3 {
+                let old_data = |i: usize| mode == 1 || (mode == 2 && i % 2 == 1);
                 let imgs: Vec<RawImage> = model
                     .iter()
-                    .map(|m| {
+                    .enumerate()
+                    .map(|(i, m)| {
+                        let fill = if old_data(i) { 0xee } else { 0 };
                         let s = MemStorage::new(vec![fill; m.len()]);
                         RawImage::from_storage(Box::new(s), Path::new("mem"), true).unwrap()
                     })
@@ -363,8 +391,15 @@ mod tests {
                 for (i, img) in imgs.iter().enumerate() {
                     targets[i + 1] = Some(img);
                 }
+                let opts = RestoreOptions {
+                    write_zeroes: mode == 1,
+                    zero_devices: (0..model.len())
+                        .filter(|&i| mode == 2 && old_data(i))
+                        .map(|i| i as u8 + 1)
+                        .collect(),
+                };
                 let reader = VmaReader::new(&archive[..]).unwrap();
-                let tally = restore(reader, &targets, RestoreOptions { write_zeroes }, None).unwrap();
+                let tally = restore(reader, &targets, opts, None).unwrap();
                 prop_assert_eq!(tally.bytes, archive.len() as u64);
                 for (img, m) in imgs.iter().zip(&model) {
                     let mut got = vec![0u8; m.len()];
@@ -376,5 +411,87 @@ mod tests {
             let tally = verify(VmaReader::new(&archive[..]).unwrap(), None).unwrap();
             prop_assert_eq!(tally.devices[1].clusters, (model[0].len() as u64).div_ceil(CLUSTER_SIZE));
         }
+    }
+
+    /// A raw image in memory that counts its zero writes.
+    struct CountingZeroes {
+        inner: RawImage,
+        zero_writes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlockImage for CountingZeroes {
+        fn format(&self) -> crate::block::ImageFormat {
+            self.inner.format()
+        }
+        fn filename(&self) -> &Path {
+            self.inner.filename()
+        }
+        fn virtual_size(&self) -> u64 {
+            self.inner.virtual_size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: GuestOffset) -> Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: GuestOffset, len: u64, unmap: bool) -> Result<()> {
+            self.zero_writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn block_status(
+            &self,
+            offset: GuestOffset,
+            max_len: u64,
+        ) -> Result<crate::block::BlockStatus> {
+            self.inner.block_status(offset, max_len)
+        }
+        fn is_writable(&self) -> bool {
+            true
+        }
+        fn actual_size(&self) -> Option<u64> {
+            None
+        }
+        fn layer_info(&self) -> Result<crate::info::LayerInfo> {
+            self.inner.layer_info()
+        }
+    }
+
+    /// A long stretch of zeros over several extents is zeroed with one write, not one per
+    /// extent (the run is carried from extent to extent).
+    #[test]
+    fn zero_runs_continue_across_extents() {
+        let size = 10usize << 20; // 160 clusters: three extents.
+        let mut header = ArchiveHeader::new([9; 16], 0);
+        let id = header.add_device("d", size as u64).unwrap();
+        let mut model = vec![0u8; size];
+        model[..4096].fill(0x5a);
+        model[size - 4096..].fill(0x6b);
+        let mut w = VmaWriter::new(Vec::new(), header, false).unwrap();
+        for (c, chunk) in model.chunks(CLUSTER_SIZE as usize).enumerate() {
+            w.write_cluster(id, c as u32, chunk).unwrap();
+        }
+        let (archive, _) = w.finish().unwrap();
+        let storage = MemStorage::new(vec![0xee; size]);
+        let img = CountingZeroes {
+            inner: RawImage::from_storage(Box::new(storage), Path::new("mem"), true).unwrap(),
+            zero_writes: Default::default(),
+        };
+        let mut targets: Vec<Option<&dyn BlockImage>> = vec![None; DEV_SLOTS];
+        targets[id as usize] = Some(&img);
+        let opts = RestoreOptions {
+            zero_devices: vec![id],
+            ..Default::default()
+        };
+        let tally = restore(VmaReader::new(&archive[..]).unwrap(), &targets, opts, None).unwrap();
+        assert!(tally.extents >= 3, "{} extents", tally.extents);
+        let mut got = vec![0u8; size];
+        img.read_at(&mut got, GuestOffset(0)).unwrap();
+        assert!(got == model);
+        assert_eq!(img.zero_writes.into_inner(), 1);
     }
 }

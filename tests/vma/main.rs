@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod extract_to_devices;
 mod vma_damage;
 mod vma_fixtures;
 mod vma_live;
