@@ -7,7 +7,9 @@
 #        bench-vs-qemu.sh; needs root for losetup and ~7 GiB free)
 # env:   ROUNDS (default 10) rounds per case, each round one run of each tool;
 #        ONLY='regex' runs only the cases whose label matches;
-#        VIMG (default: this tree's target/release/vimg, built first).
+#        VIMG (default: this tree's target/release/vimg, built first);
+#        BASE=/path/to/an/older/vimg times that build in qemu-img's place (the check that a
+#        change helps, on the same cases; the columns still say qemu).
 #
 # The source is ../shared/bench/make-image.sh's 2 GiB ext4 disk image (WORKDIR/test.raw, built
 # once and kept) and its qcow2 (WORKDIR/test.qcow2). A 2 GiB sparse file WORKDIR/dev.img is
@@ -80,15 +82,16 @@ case_() {
     dd if="$W/test.raw" of="$DEV" bs=1M conv=fsync status=none
     FILLED=1
   fi
+  local A=${BASE:-qemu-img}
   local qts=() vts=() qrs=() vrs=() rr=() t r i line=""
   for i in $(seq "$ROUNDS"); do
     local order
-    if ((i % 2)); then order="qemu-img $VIMG"; else order="$VIMG qemu-img"; fi
+    if ((i % 2)); then order="A V"; else order="V A"; fi
     local tool
     for tool in $order; do
       reset_dev "$state"
-      read -r t r < <(once "$tool" convert "$@")
-      if [ "$tool" = qemu-img ]; then qts+=("$t"); qrs+=("$r"); else vts+=("$t"); vrs+=("$r"); fi
+      if [ "$tool" = A ]; then read -r t r < <(once "$A" convert "$@"); else read -r t r < <(once "$VIMG" convert "$@"); fi
+      if [ "$tool" = A ]; then qts+=("$t"); qrs+=("$r"); else vts+=("$t"); vrs+=("$r"); fi
     done
     rr+=("$(ratio "${qts[-1]}" "${vts[-1]}")")
     line+=" | ${i}:$( ((i % 2)) && echo "q ${qts[-1]} v ${vts[-1]}" || echo "v ${vts[-1]} q ${qts[-1]}") (${rr[-1]})"
@@ -114,7 +117,7 @@ case_() {
   } >>"$W/dev-runs.txt"
 }
 
-echo "device $DEV over $BACK ($SIZE bytes), $ROUNDS rounds per case, vimg $VIMG"
+echo "device $DEV over $BACK ($SIZE bytes), $ROUNDS rounds per case, vimg $VIMG against ${BASE:-qemu-img}"
 printf '%-34s %8s %8s %6s %8s %8s %6s %7s %8s %8s\n' case qemu-best vimg-best ratio qemu-med vimg-med ratio rnd-med qemu-RSS vimg-RSS
 case_ "qcow2 -> device" zero -p -n -f qcow2 -O raw "$W/test.qcow2" "$DEV"
 case_ "qcow2 -> device -t none" zero -p -n -f qcow2 -O raw -t none "$W/test.qcow2" "$DEV"
