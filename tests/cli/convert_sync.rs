@@ -7,7 +7,7 @@ use crate::common;
 use std::process::Command;
 
 /// Whether strace can trace; under `VIMG_REQUIRE_QEMU=1` its absence fails the test.
-fn strace_available(test: &str) -> bool {
+pub(crate) fn strace_available(test: &str) -> bool {
     let ok = Command::new("strace")
         .args(["-qq", "-e", "trace=none", "true"])
         .output()

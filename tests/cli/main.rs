@@ -13,4 +13,5 @@ mod block_devices;
 mod cli;
 mod cli_compat;
 mod convert_sync;
+mod device_read_cache;
 mod locking;
