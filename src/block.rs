@@ -466,6 +466,17 @@ pub trait BlockImage: Send + Sync {
         self.cluster_size()
     }
 
+    /// Tells the image that a one-pass copy has read the guest range `[offset, offset+len)` and
+    /// will not read it again. A raw image on a block device then drops the range from the
+    /// host's page cache: a device read through the cache otherwise fills fresh page-cache
+    /// memory with the whole disk, which on a virtual machine that hands freed memory back to
+    /// its host is slow to get (reading a 2 GiB loop device took 4-9 s, 0.9-1.5 s with each
+    /// piece dropped once read), and evicts what other programs had cached. Files keep their
+    /// cache (the next command often reads them again). The default does nothing.
+    fn done_reading(&self, offset: GuestOffset, len: u64) {
+        let _ = (offset, len);
+    }
+
     /// With `on`, flushes keep their order but do not wait for the disk (qemu's
     /// `cache=unsafe`, the default of `qemu-img convert` for its target). Formats whose
     /// flushes have no order to keep ignore it.

@@ -132,6 +132,8 @@ pub struct RawImage {
     unsafe_cache: std::sync::atomic::AtomicBool,
     /// Block status in whole sectors (see [`RawImage::direct`]).
     direct: bool,
+    /// The storage is a block device (see [`BlockImage::done_reading`]).
+    on_device: bool,
 }
 
 impl RawImage {
@@ -183,12 +185,16 @@ impl RawImage {
             .len()
             .map_err(|e| Error::io("cannot get image size", e).with_path(path))?;
         Ok(RawImage {
-            storage,
             path: path.to_path_buf(),
             writable,
             size: len.div_ceil(512) * 512,
             unsafe_cache: std::sync::atomic::AtomicBool::new(false),
             direct: false,
+            on_device: storage.host_file().is_some_and(|f| {
+                use std::os::unix::fs::FileTypeExt;
+                f.metadata().is_ok_and(|m| m.file_type().is_block_device())
+            }),
+            storage,
         })
     }
 
@@ -290,6 +296,17 @@ impl BlockImage for RawImage {
                 .with_path(&self.path)
                 .at(offset.0)
         })
+    }
+
+    fn done_reading(&self, offset: GuestOffset, len: u64) {
+        if let (true, Some(f), Some(n)) = (
+            self.on_device,
+            self.storage.host_file(),
+            std::num::NonZeroU64::new(len),
+        ) {
+            // Advice only: clean pages are dropped, dirty ones stay; a failure changes nothing.
+            let _ = rustix::fs::fadvise(f, offset.0, Some(n), rustix::fs::Advice::DontNeed);
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: GuestOffset) -> Result<()> {

@@ -288,6 +288,8 @@ pub fn convert(
         // (unless it is known to read as zeros). Its backing file is relied on only with -B,
         // as qemu-img does, and then only where the target holds nothing of its own.
         let target = open_target(dst, opts.output_format, &opts.opener)?;
+        // As for a new target: with qemu-img's default `-t unsafe` nothing waits for the disk.
+        target.set_unsafe_cache(!opts.sync);
         if opts.backing_file.is_some() {
             if let Some(b) = target.backing() {
                 plan.backing = Some(b);

@@ -12,5 +12,7 @@ mod block_device_full;
 mod block_devices;
 mod cli;
 mod cli_compat;
+mod convert_sync;
+mod device_read_cache;
 mod device_zeroing;
 mod locking;

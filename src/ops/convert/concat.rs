@@ -73,6 +73,18 @@ impl BlockImage for Concat<'_> {
         Ok(())
     }
 
+    fn done_reading(&self, offset: GuestOffset, len: u64) {
+        let end = offset.0.saturating_add(len).min(self.size);
+        let mut g = offset.0;
+        while g < end {
+            let (part, start) = self.part_at(g);
+            let within = g - start;
+            let n = (part.virtual_size() - within).min(end - g);
+            part.done_reading(GuestOffset(within), n);
+            g += n;
+        }
+    }
+
     fn write_at(&self, _buf: &[u8], _offset: GuestOffset) -> Result<()> {
         Err(Error::new(
             ErrorKind::ReadOnly,

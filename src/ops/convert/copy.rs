@@ -626,6 +626,8 @@ fn prepare(plan: &Plan<'_>, job: Job, s: &mut Scratch) -> Result<()> {
         Job::Data { off, len } => {
             s.buf.resize(len as usize, 0);
             read_source(plan, &mut s.buf, off)?;
+            // Each range is read once: a device source need not keep it cached.
+            plan.src.done_reading(GuestOffset(off), len);
             match plan.compress {
                 Some(q) => store_clusters(plan, q, off, 0, len as usize, s),
                 None => {
@@ -641,6 +643,7 @@ fn prepare(plan: &Plan<'_>, job: Job, s: &mut Scratch) -> Result<()> {
             s.buf.resize(len as usize, 0);
             s.backing.resize(len as usize, 0);
             read_source(plan, &mut s.buf, off)?;
+            plan.src.done_reading(GuestOffset(off), len);
             read_clamped(backing, &mut s.backing, off)?;
             let cs = plan.cluster as usize;
             // Runs of clusters that differ from the backing file and are not all zeros.
