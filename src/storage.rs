@@ -12,6 +12,7 @@
 //! (write, length change, zeroing, hole punch), counted from 1 across the process. The variable
 //! is read once; without it a write costs one relaxed atomic load more.
 
+use crate::direct_io::DirectIo;
 use crate::lock::{self, LockRequest};
 use std::fs::File;
 use std::io;
@@ -211,13 +212,13 @@ pub fn is_block_device(path: &Path) -> bool {
 }
 
 /// Opens `path` for reading and writing, creating it if needed but not truncating it yet.
-fn open_for_create(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
+fn open_for_create(path: &Path, direct: bool) -> io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    match direct {
+        true => crate::direct_io::open_direct(&mut options, path),
+        false => options.open(path),
+    }
 }
 
 /// A host file, read and written with `pread`/`pwrite`.
@@ -234,6 +235,9 @@ pub struct FileStorage {
     write_gate: std::sync::Arc<std::sync::Mutex<()>>,
     /// What the file is: a block device has a size `stat` does not report, and no holes.
     kind: HostKind,
+    /// Set when the file is open with `O_DIRECT`: every read and write goes through it
+    /// (aligned, see [`crate::direct_io`]); shared with [`Storage::duplicate`]s.
+    direct: Option<Arc<DirectIo>>,
 }
 
 /// The `VIMG_TEST_KILL_AFTER_WRITES` hook (see the module documentation).
@@ -283,12 +287,26 @@ impl FileStorage {
 
     /// Opens `path` read-only, or read-write when `writable`, taking the image locks `locks`.
     pub fn open_with(path: &Path, writable: bool, locks: LockRequest) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)?;
+        Self::open_cached(path, writable, locks, false)
+    }
+
+    /// [`FileStorage::open_with`], with `O_DIRECT` when `direct` (qemu's `cache.direct=on`):
+    /// reads and writes then bypass the page cache, aligned as [`crate::direct_io`] aligns
+    /// them. A file system that refuses `O_DIRECT` fails the open, as in qemu.
+    pub fn open_cached(
+        path: &Path,
+        writable: bool,
+        locks: LockRequest,
+        direct: bool,
+    ) -> io::Result<Self> {
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(writable);
+        let file = match direct {
+            true => crate::direct_io::open_direct(&mut options, path)?,
+            false => options.open(path)?,
+        };
         let guard = lock::lock(&file, locks)?;
-        Self::from_file(file, path, guard)
+        Self::from_file(file, path, guard, direct)
     }
 
     /// Creates `path`, or empties the file there, for writing, with the image locks of a
@@ -301,15 +319,30 @@ impl FileStorage {
     /// output to be submitted to the disk (half a second per GiB here), which `cache=unsafe` is
     /// meant to avoid.
     pub fn create(path: &Path) -> io::Result<Self> {
-        let file = open_for_create(path)?;
+        Self::create_cached(path, false)
+    }
+
+    /// [`FileStorage::create`], with `O_DIRECT` when `direct` (see
+    /// [`FileStorage::open_cached`]).
+    pub fn create_cached(path: &Path, direct: bool) -> io::Result<Self> {
+        let file = open_for_create(path, direct)?;
         let guard = lock::lock(&file, LockRequest::exclusive(true))?;
-        let storage = Self::from_file(file, path, guard)?;
+        let storage = Self::from_file(file, path, guard, direct)?;
         empty(&storage.file)?;
         Ok(storage)
     }
 
-    fn from_file(file: File, path: &Path, locks: Option<lock::LockGuard>) -> io::Result<Self> {
+    fn from_file(
+        file: File,
+        path: &Path,
+        locks: Option<lock::LockGuard>,
+        direct: bool,
+    ) -> io::Result<Self> {
         let kind = HostKind::of(&file)?;
+        let direct = match direct {
+            true => Some(Arc::new(DirectIo::of(&file)?)),
+            false => None,
+        };
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
@@ -317,7 +350,13 @@ impl FileStorage {
             _locks: locks,
             write_gate: Default::default(),
             kind,
+            direct,
         })
+    }
+
+    /// The alignment of direct I/O, when the file is open with `O_DIRECT`.
+    pub fn direct_alignment(&self) -> Option<crate::direct_io::Alignment> {
+        self.direct.as_ref().map(|d| d.alignment())
     }
 
     /// The underlying file.
@@ -347,6 +386,9 @@ impl Storage for FileStorage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            return d.read_at(&self.file, buf, offset);
+        }
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -364,6 +406,11 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.before_change();
+        if let Some(d) = &self.direct {
+            // Direct writes are not serialised by the kernel's inode lock as buffered ones
+            // are; only those over the same blocks wait for each other (in `d`).
+            return d.write_at(&self.file, buf, offset, !self.kind.is_block_device());
+        }
         // Buffered writes to one file are serialised by the kernel (the inode lock), where a
         // waiting thread spins on the CPU the writing one could use; waiting here sleeps instead.
         // A poisoned gate guards no data, so it is taken all the same.
@@ -491,6 +538,7 @@ impl Storage for FileStorage {
             _locks: None,
             write_gate: self.write_gate.clone(),
             kind: self.kind,
+            direct: self.direct.clone(),
         }))
     }
 }

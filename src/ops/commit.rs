@@ -43,19 +43,19 @@ pub const NO_BACKING: &str = "Image does not have a backing file";
 /// Chunks read ahead of the one being written.
 const READ_AHEAD: usize = 4;
 
-/// The cache modes qemu-img's `-t` accepts. vimg honours the difference that matters for
-/// safety: `unsafe` skips waiting for the disk (writes are still ordered); every other mode
-/// waits at each flush.
+/// The cache modes qemu-img's `-t` accepts. `unsafe` skips waiting for the disk (writes are
+/// still ordered); every other mode waits at each flush. `none` and `directsync` open the
+/// files with `O_DIRECT` ([`CacheMode::direct`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheMode {
-    /// `none` (or `off`): like writeback here.
+    /// `none` (or `off`): `O_DIRECT`, waiting for the disk at flushes.
     None,
     /// `writeback`, qemu-img's default for commit and rebase.
     #[default]
     Writeback,
     /// `writethrough`.
     Writethrough,
-    /// `directsync`.
+    /// `directsync`: `O_DIRECT`, waiting for the disk at flushes.
     Directsync,
     /// `unsafe`: flushes order their writes but do not wait for the disk.
     Unsafe,
@@ -81,6 +81,12 @@ impl CacheMode {
     /// Whether flushes wait for the disk.
     pub fn syncs(self) -> bool {
         self != CacheMode::Unsafe
+    }
+
+    /// Whether the files are opened bypassing the host's cache (`O_DIRECT`, qemu's
+    /// `cache.direct=on`): `none` and `directsync`.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Directsync)
     }
 }
 
