@@ -79,16 +79,16 @@ impl AlignedBuf {
             align: align.max(1).next_power_of_two(),
             ..Self::default()
         };
-        b.resize(len);
+        b.resize(len, 0);
         b
     }
 
-    /// Changes the length to `len`, keeping the bytes up to it and zeroing those added (as
-    /// `Vec::resize(len, 0)` does), still aligned.
-    pub fn resize(&mut self, len: usize) {
+    /// Changes the length to `len`, keeping the bytes up to it and setting those added to
+    /// `value` (as `Vec::resize` does), still aligned.
+    pub fn resize(&mut self, len: usize, value: u8) {
         if len <= self.mem.len() - self.start {
             if len > self.len {
-                self.mem[self.start + self.len..self.start + len].fill(0);
+                self.mem[self.start + self.len..self.start + len].fill(value);
             }
             self.len = len;
             return;
@@ -102,6 +102,7 @@ impl AlignedBuf {
             align: self.align,
         };
         new.mem[start..start + self.len].copy_from_slice(self);
+        new.mem[start + self.len..start + len].fill(value);
         *self = new;
     }
 
@@ -181,7 +182,7 @@ fn with_bounce<R>(len: usize, align: usize, f: impl FnOnce(&mut [u8]) -> R) -> R
     if b.alignment() < align {
         b = AlignedBuf::with_alignment(0, align);
     }
-    b.resize(len);
+    b.resize(len, 0);
     let r = f(&mut b);
     if b.len() <= BOUNCE {
         BOUNCE_BUF.with(|c| *c.borrow_mut() = b);
@@ -470,13 +471,13 @@ mod tests {
             assert_eq!(b.as_ptr() as usize % align, 0);
             assert!(b.iter().all(|&x| x == 0));
             b[..3].copy_from_slice(b"abc");
-            b.resize(50_000);
+            b.resize(50_000, 0);
             assert_eq!(b.as_ptr() as usize % align, 0);
             assert_eq!(&b[..3], b"abc");
             assert!(b[3..].iter().all(|&x| x == 0));
             b[40_000] = 9;
-            b.resize(10);
-            b.resize(50_000);
+            b.resize(10, 0);
+            b.resize(50_000, 0);
             // Bytes added back read as zero, as with Vec::resize.
             assert_eq!(b[40_000], 0);
             assert_eq!(b.len(), 50_000);

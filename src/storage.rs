@@ -464,7 +464,7 @@ impl Storage for FileStorage {
                 let mut off = offset;
                 while off < end {
                     let n = (end - off).min(zeros.len() as u64) as usize;
-                    self.file.write_all_at(&zeros[..n], off)?;
+                    self.write_uncounted(&zeros[..n], off)?;
                     off += n as u64;
                 }
                 Ok(())
@@ -544,6 +544,16 @@ impl Storage for FileStorage {
 }
 
 impl FileStorage {
+    /// Writes `buf` at `offset` as it is (not counted as a change: the caller counted it),
+    /// aligned through [`DirectIo`] when the file is open with `O_DIRECT`, where an unaligned
+    /// `pwrite` fails with `EINVAL`.
+    fn write_uncounted(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match &self.direct {
+            Some(d) => d.write_at(&self.file, buf, offset, !self.kind.is_block_device()),
+            None => self.file.write_all_at(buf, offset),
+        }
+    }
+
     fn before_change(&self) {
         if self.counted {
             kill_hook::before_change();
