@@ -1053,7 +1053,8 @@ fn check(mut a: CheckArgs) -> CmdResult {
                 .map_err(|e| Failure::new(e.with_path(&a.filename), 1))?;
             let format = match a.image.format {
                 Some(f) => f,
-                None => vimg::open::probe_format(&a.filename).map_err(fail)?,
+                None => vimg::open::probe_format_with(&opener().with_direct(direct), &a.filename)
+                    .map_err(fail)?,
             };
             let repaired =
                 format

@@ -27,7 +27,7 @@ use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::offsets::GuestOffset;
 use crate::open::same_file;
-use crate::open::{open_image, probe_format, resolve_relative, OpenOptions};
+use crate::open::{open_image, probe_format_with, resolve_relative, OpenOptions};
 use crate::opener::Opener;
 use crate::ops::transfer::{status, Progress, CHUNK};
 use crate::prealloc::Preallocation;
@@ -343,7 +343,7 @@ fn zero_where_needed(dst: &dyn BlockImage, off: u64, end: u64) -> Result<()> {
 pub fn commit(path: &Path, opts: &CommitOptions, progress: Option<Progress<'_>>) -> Result<String> {
     let format = match opts.format {
         Some(f) => f,
-        None => probe_format(path)?,
+        None => probe_format_with(&opts.opener, path)?,
     };
     // Looked at read-only first: a refused commit leaves every image untouched.
     let open = |writable| {

@@ -12,4 +12,5 @@ mod block_device_full;
 mod block_devices;
 mod cli;
 mod cli_compat;
+mod direct_io;
 mod locking;

@@ -16,6 +16,14 @@ impl Loop {
     /// Attaches `file` with `sector` bytes per logical sector; `None` (with the reason) where
     /// loop devices cannot be made.
     pub fn attach(file: &Path, sector: u32) -> Result<Loop, String> {
+        Self::attach_with(file, sector, false)
+    }
+
+    /// [`Loop::attach`], with the loop device reading and writing its file with `O_DIRECT`
+    /// when `direct_io` (`losetup --direct-io=on`; the kernel falls back to buffered I/O
+    /// where the file system or the sector size does not allow it).
+    pub fn attach_with(file: &Path, sector: u32, direct_io: bool) -> Result<Loop, String> {
+        let dio = format!("--direct-io={}", if direct_io { "on" } else { "off" });
         // `losetup -f` picks a free device and then attaches it: two at once (this file's tests
         // run in parallel, other test files may make loop devices too) can pick the same one,
         // and the loser fails. So attaches here take turns, and a failed one is retried.
@@ -24,7 +32,7 @@ impl Loop {
         let mut why = String::new();
         for _ in 0..5 {
             let out = Command::new("losetup")
-                .args(["-f", "--show", "--sector-size", &sector.to_string()])
+                .args(["-f", "--show", &dio, "--sector-size", &sector.to_string()])
                 .arg(file)
                 .output()
                 .map_err(|e| format!("cannot run losetup: {e}"))?;
