@@ -331,6 +331,14 @@ impl DirectIo {
         Ok(())
     }
 
+    /// Sets the length of `file` once no write is in flight, so that a write that moved the
+    /// end of the file cannot cut it back past what this sets (see
+    /// [`DirectIo::write_at`]).
+    pub fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
+        let _all = self.take_span((0, u64::MAX), || Ok(None))?;
+        file.set_len(len)
+    }
+
     /// Waits until no write in flight overlaps `span`, then marks it in flight. `len` gives
     /// the length of the file (for a file that grows): if `span` ends past it, the write may
     /// move the end of the file, and the span taken runs to the end of all offsets. Returns the
@@ -570,6 +578,42 @@ mod tests {
                 (false, 0, big + 60_000, 0, 1),
             ],
         );
+    }
+
+    #[test]
+    fn concurrent_writes_past_the_end_leave_the_length_of_the_furthest() {
+        let d = dir();
+        let path = d.path().join("f");
+        let f = open_rw(&path);
+        let io = DirectIo::new(Alignment {
+            request: 4096,
+            memory: 4096,
+        });
+        // Each piece is 1000 bytes at a stride of 3000: every write ends inside a block and
+        // past the end of the file as it was, in whatever order the threads run.
+        let pieces = 400u64;
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (io, f) = (&io, &f);
+                s.spawn(move || {
+                    for i in (t..pieces).step_by(4) {
+                        let v = vec![(i % 250) as u8 + 1; 1000];
+                        io.write_at(f, &v, i * 3000, true).unwrap();
+                    }
+                });
+            }
+        });
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len() as u64, (pieces - 1) * 3000 + 1000);
+        for i in 0..pieces as usize {
+            let at = i * 3000;
+            assert!(data[at..at + 1000]
+                .iter()
+                .all(|&b| b == (i % 250) as u8 + 1));
+            if i + 1 < pieces as usize {
+                assert!(data[at + 1000..at + 3000].iter().all(|&b| b == 0));
+            }
+        }
     }
 
     #[test]

@@ -441,6 +441,9 @@ impl Storage for FileStorage {
             ));
         }
         self.before_change();
+        if let Some(d) = &self.direct {
+            return d.set_len(&self.file, len);
+        }
         self.file.set_len(len)
     }
 
