@@ -268,7 +268,7 @@ impl DirectIo {
                 continue;
             }
             let start = pos / a * a;
-            let stop = round_up(end, a)?.min(start + BOUNCE as u64);
+            let stop = round_up(end, a)?.min(start.saturating_add(BOUNCE as u64));
             let copy_end = end.min(stop);
             let at_end = with_bounce((stop - start) as usize, self.align.memory, |b| {
                 let got = self.read_blocks(file, b, start)?;
@@ -385,7 +385,7 @@ impl DirectIo {
                 continue;
             }
             let start = pos / a * a;
-            let stop = round_up(end, a)?.min(start + BOUNCE as u64);
+            let stop = round_up(end, a)?.min(start.saturating_add(BOUNCE as u64));
             let copy_end = end.min(stop);
             with_bounce((stop - start) as usize, self.align.memory, |b| {
                 let n = b.len();
@@ -458,8 +458,8 @@ mod tests {
     use proptest::prelude::*;
     use std::path::Path;
 
-    /// A directory on a file system that takes `O_DIRECT` (tmpfs does not): under the target
-    /// directory of the build.
+    /// A directory on a file system that takes `O_DIRECT` (tmpfs before Linux 6.6 does not):
+    /// under the target directory of the build.
     fn dir() -> tempfile::TempDir {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
         std::fs::create_dir_all(&base).unwrap();

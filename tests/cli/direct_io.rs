@@ -7,8 +7,8 @@
 //!
 //! Needs root, `losetup` and `strace`; skipped with a message without them, unless
 //! `VIMG_REQUIRE_QEMU=1` (then the test fails, as the qemu tests do). Files are made under the
-//! build's target directory: tmpfs, where `/tmp` often is, refuses `O_DIRECT` (and vimg, as
-//! qemu, fails the open there).
+//! build's target directory: tmpfs, where `/tmp` often is, refuses `O_DIRECT` before Linux 6.6
+//! (and vimg, as qemu, fails the open there).
 
 use crate::common;
 
@@ -436,7 +436,7 @@ fn cache_modes_open_with_o_direct() {
         .any(|l| l.contains("top.qcow2") && l.contains("O_DIRECT")));
 }
 
-/// Bad cache modes get qemu-img's messages; tmpfs-like refusals of O_DIRECT fail the open.
+/// Bad cache modes get qemu-img's messages, and nothing is made.
 #[test]
 fn bad_cache_modes_are_refused_as_qemu_refuses_them() {
     let d = dir();
