@@ -75,9 +75,10 @@ impl ChainGuard {
         self.cache_direct = on;
     }
 
-    /// Whether the layer being opened is the top one and opened with `cache.direct=on`.
+    /// Whether the layer being opened is the top one and opened with `cache.direct=on` (set
+    /// here, or by an opener that opens with `O_DIRECT`).
     pub fn cache_direct(&self) -> bool {
-        self.cache_direct && self.depth() <= 1
+        (self.cache_direct || self.opener.direct()) && self.depth() <= 1
     }
 
     /// The opener the chain's storage is opened through.

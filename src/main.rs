@@ -91,7 +91,7 @@ struct CommitArgs {
     #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
     format: Option<ImageFormat>,
     /// Cache mode of the images written: writeback (default), writethrough, none, directsync,
-    /// or unsafe (no waiting for the disk).
+    /// or unsafe (no waiting for the disk); none and directsync open them with O_DIRECT.
     #[arg(short = 't', value_name = "CACHE", default_value = "writeback")]
     cache: String,
     /// The layer of the backing chain to commit into, instead of the backing file (implies
@@ -138,10 +138,12 @@ struct RebaseArgs {
     /// Print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Cache mode of IMAGE: writeback (default), writethrough, none, directsync, or unsafe.
+    /// Cache mode of IMAGE: writeback (default), writethrough, none, directsync, or unsafe;
+    /// none and directsync open it with O_DIRECT.
     #[arg(short = 't', value_name = "CACHE", default_value = "writeback")]
     cache: String,
-    /// Cache mode of the backing files (accepted; they are only read).
+    /// Cache mode of the new backing file (only read): none and directsync read it with
+    /// O_DIRECT.
     #[arg(short = 'T', value_name = "CACHE")]
     backing_cache: Option<String>,
     /// Accepted for qemu-img compatibility: as with qemu-img, the image and its backing files
@@ -306,7 +308,7 @@ struct AmendCmdArgs {
     #[arg(short = 'f', long = "format", value_name = "FMT", value_parser = parse_format)]
     format: Option<ImageFormat>,
     /// Cache mode: writeback (default), writethrough, none, directsync, or unsafe (no
-    /// waiting for the disk).
+    /// waiting for the disk); none and directsync open the image with O_DIRECT.
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// Show progress.
@@ -483,7 +485,7 @@ struct CompareArgs {
     /// writers out).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Cache mode of the images (checked and accepted: vimg reads through the page cache).
+    /// Cache mode of the images: none and directsync read them with O_DIRECT.
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     /// Accepted for qemu-img compatibility (compare shows no progress).
@@ -509,7 +511,7 @@ struct CheckArgs {
     /// COPIED flags, and the dirty and corrupt bits (qcow2).
     #[arg(short = 'r', value_name = "leaks|all", value_parser = ["leaks", "all"])]
     repair: Option<String>,
-    /// Cache mode of the image (checked and accepted: vimg reads through the page cache).
+    /// Cache mode of the image: none and directsync read it with O_DIRECT.
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     /// The image.
@@ -538,16 +540,16 @@ struct ConvertArgs {
     #[arg(short = 'F', value_name = "FMT")]
     backing_format: Option<String>,
     /// Cache mode of the target: unsafe (default, as qemu-img convert: no waiting for the
-    /// disk), or writeback, writethrough, none, directsync (wait for the disk at the end).
-    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe",
-          value_parser = ["unsafe", "writeback", "writethrough", "none", "directsync"])]
+    /// disk), or writeback, writethrough, none, directsync (wait for the disk at the end);
+    /// none and directsync write it with O_DIRECT, aligned to the device's logical block.
+    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe")]
     cache: String,
     /// Zero blocks of this size are left as holes (multiple of 512, at most 16M; 0 allocates
     /// everything).
     #[arg(short = 'S', value_name = "SIZE", value_parser = parse_sparse,
           allow_negative_numbers = true)]
     sparse_size: Option<u64>,
-    /// Cache mode of the sources (checked and accepted: vimg reads through the page cache).
+    /// Cache mode of the sources: none and directsync read them with O_DIRECT.
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     /// Copy at most RATE bytes of the disk per second (k, M, G suffixes; 0: no limit).
@@ -822,12 +824,19 @@ fn resolve_as(
     })
 }
 
-/// Checks a `-T` cache mode (vimg reads through the page cache whatever it says).
-fn check_src_cache(mode: &Option<String>) -> Result<(), Failure> {
-    if let Some(t) = mode {
-        ops::commit::CacheMode::parse(t).map_err(|e| Failure::new(e, 1))?;
+/// Checks a `-T` cache mode, with qemu-img's message for a bad one; returns whether the
+/// sources are read bypassing the host's cache (`none`, `directsync`: `O_DIRECT`).
+fn src_cache_direct(mode: &Option<String>) -> Result<bool, Failure> {
+    let Some(t) = mode else {
+        return Ok(false);
+    };
+    match ops::commit::CacheMode::parse(t) {
+        Ok(m) => Ok(m.direct()),
+        Err(_) => Err(Failure {
+            message: format!("Invalid source cache option: {t}"),
+            code: 1,
+        }),
     }
-    Ok(())
 }
 
 /// The name messages start with: `qemu-img` when vimg was installed under that name (a link
@@ -892,7 +901,7 @@ fn open(
     open_with(path, format, sharing, false)
 }
 
-/// [`open`], with qemu's `cache.direct` for the top layer.
+/// [`open`], with qemu's `cache.direct` (`O_DIRECT`) when `cache_direct`.
 fn open_with(
     path: &std::path::Path,
     format: Option<ImageFormat>,
@@ -925,11 +934,16 @@ fn open_with(
     Ok(image)
 }
 
-/// Opens a resolved image name read-only: a file as [`open`] does, or qemu's null driver.
-fn open_named(n: &Named, sharing: Sharing) -> Result<Box<dyn vimg::BlockImage>, Error> {
+/// Opens a resolved image name read-only: a file as [`open`] does, or qemu's null driver;
+/// with `O_DIRECT` if `direct` (`-T none`) or the name says `cache.direct=on`.
+fn open_named(
+    n: &Named,
+    sharing: Sharing,
+    direct: bool,
+) -> Result<Box<dyn vimg::BlockImage>, Error> {
     match n.null {
         Some(spec) => Ok(Box::new(vimg::null::NullImage::new(spec, &n.path))),
-        None => open_with(&n.path, n.format, sharing, n.direct),
+        None => open_with(&n.path, n.format, sharing, n.direct || direct),
     }
 }
 
@@ -963,7 +977,7 @@ fn info(a: InfoArgs) -> CmdResult {
 
 fn map(a: MapArgs) -> CmdResult {
     let n = resolve_source(&a.filename, a.image.format, a.image.force_share)?;
-    let image = open_named(&n, sharing(n.force_share)).map_err(|e| Failure::new(e, 1))?;
+    let image = open_named(&n, sharing(n.force_share), false).map_err(|e| Failure::new(e, 1))?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let r = match OutputFormat::from(a.output) {
         OutputFormat::Json => {
@@ -982,12 +996,12 @@ fn map(a: MapArgs) -> CmdResult {
 fn compare(a: CompareArgs) -> CmdResult {
     let fail = |e| Failure::new(e, 2);
     let code2 = |f: Failure| Failure { code: 2, ..f };
-    check_src_cache(&a.src_cache).map_err(code2)?;
+    let direct = src_cache_direct(&a.src_cache).map_err(code2)?;
     let _ = a.progress;
     let na = resolve_source(&a.a, a.format_a, a.force_share).map_err(code2)?;
     let nb = resolve_source(&a.b, a.format_b, a.force_share).map_err(code2)?;
-    let img_a = open_named(&na, sharing(na.force_share)).map_err(fail)?;
-    let img_b = open_named(&nb, sharing(nb.force_share)).map_err(fail)?;
+    let img_a = open_named(&na, sharing(na.force_share), direct).map_err(fail)?;
+    let img_b = open_named(&nb, sharing(nb.force_share), direct).map_err(fail)?;
     let outcome = match ops::compare::compare_detailed(
         img_a.as_ref(),
         img_b.as_ref(),
@@ -1048,8 +1062,9 @@ fn compare_read_failure(
 
 fn check(mut a: CheckArgs) -> CmdResult {
     let fail = |e| Failure::new(e, 1);
-    check_src_cache(&a.src_cache)?;
+    let direct = src_cache_direct(&a.src_cache)?;
     let n = resolve(&a.filename, a.image.format, a.image.force_share)?;
+    let direct = direct || n.direct;
     (a.filename, a.image.format) = (n.path, n.format);
     a.image.force_share = n.force_share && a.repair.is_none() || a.image.force_share;
     // qemu-img's exact words, which scripts (and qemu's iotests) match; the file is the one
@@ -1065,25 +1080,29 @@ fn check(mut a: CheckArgs) -> CmdResult {
                 .map_err(|e| Failure::new(e.with_path(&a.filename), 1))?;
             let format = match a.image.format {
                 Some(f) => f,
-                None => vimg::open::probe_format(&a.filename).map_err(fail)?,
+                None => vimg::open::probe_format_with(&opener().with_direct(direct), &a.filename)
+                    .map_err(fail)?,
             };
-            let repaired = format.driver().repair(&a.filename, mode == "all", opener());
+            let repaired =
+                format
+                    .driver()
+                    .repair(&a.filename, mode == "all", &opener().with_direct(direct));
             (repaired.ok_or_else(not_supported)?.map_err(fail)?, format)
         }
         None => {
-            let image =
-                open(&a.filename, a.image.format, sharing(a.image.force_share)).map_err(|e| {
-                    match ops::check::open_failure_message(&a.filename, &e) {
-                        Some(m) => {
-                            eprintln!("{}: {m}", prog());
-                            Failure {
-                                message: "Check failed: File too large".into(),
-                                code: 1,
-                            }
+            let sh = sharing(a.image.force_share);
+            let image = open_with(&a.filename, a.image.format, sh, direct).map_err(|e| {
+                match ops::check::open_failure_message(&a.filename, &e) {
+                    Some(m) => {
+                        eprintln!("{}: {m}", prog());
+                        Failure {
+                            message: "Check failed: File too large".into(),
+                            code: 1,
                         }
-                        None => fail(e),
                     }
-                })?;
+                    None => fail(e),
+                }
+            })?;
             let report = ops::check::check(image.as_ref())
                 .map_err(|e| match ops::check::abort_reason(&e) {
                     // qemu-img's two messages: why, then that the check failed.
@@ -1258,11 +1277,14 @@ fn amend(a: AmendCmdArgs) -> CmdResult {
     };
     let n = resolve(&filename, a.format, false)?;
     let (filename, format) = (n.path, n.format);
+    // `none` and `directsync` open the image with O_DIRECT; a bad mode is refused by amend.
+    let direct = ops::commit::CacheMode::parse(a.cache.as_deref().unwrap_or("writeback"))
+        .is_ok_and(|m| m.direct());
     let args = ops::amend::AmendArgs {
         format,
         options: &a.options,
         cache: a.cache.as_deref(),
-        opener: opener().clone(),
+        opener: opener().with_direct(direct),
     };
     let show = a.progress && !a.quiet;
     let mut text = ops::amend::AmendProgressText::new();
@@ -1353,7 +1375,9 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
         quiet: a.quiet,
         rate_limit: 0,
         copy_offload: a.copy_offload,
-        opener: opener().clone(),
+        // `-t none` and `-t directsync` write the target with O_DIRECT.
+        opener: opener()
+            .with_direct(ops::commit::CacheMode::parse(&a.cache).is_ok_and(|m| m.direct())),
     }
 }
 
@@ -1381,7 +1405,8 @@ fn convert(a: ConvertArgs) -> CmdResult {
     if a.target_image_opts && !a.no_create {
         return Err(say("--target-image-opts requires use of -n flag"));
     }
-    check_src_cache(&a.src_cache)?;
+    let src_direct = src_cache_direct(&a.src_cache)?;
+    ops::commit::CacheMode::parse(&a.cache).map_err(fail)?;
     let mut opts = convert_options(&a);
     if let Some(r) = &a.rate {
         opts.rate_limit = ops::commit::parse_rate_limit(r).map_err(fail)?;
@@ -1418,13 +1443,18 @@ fn convert(a: ConvertArgs) -> CmdResult {
         .iter()
         // qemu-img convert keeps writers out of its sources (raw ones too) unless -U.
         .map(|n| match &snapshot {
-            Some(sel) => vimg::qcow2::open_image_snapshot(&n.path, n.format, sel, opener()),
+            Some(sel) => vimg::qcow2::open_image_snapshot(
+                &n.path,
+                n.format,
+                sel,
+                &opener().with_direct(src_direct || n.direct),
+            ),
             None => {
                 let sh = match n.force_share {
                     true => Sharing::ForceShare,
                     false => Sharing::NoWriters,
                 };
-                open_named(n, sh)
+                open_named(n, sh, src_direct)
             }
         })
         .collect::<Result<Vec<_>, _>>()
@@ -1493,7 +1523,7 @@ fn dd(a: DdArgs) -> CmdResult {
         a.format,
         a.force_share,
     )?;
-    let src = open_named(&n, sharing(n.force_share)).map_err(fail)?;
+    let src = open_named(&n, sharing(n.force_share), false).map_err(fail)?;
     let outcome = ops::dd::dd(src.as_ref(), &operands, a.output_format, opener()).map_err(fail)?;
     if let Some(w) = outcome.warning {
         eprintln!("{}: {w}", prog());
@@ -1524,7 +1554,7 @@ fn measure(a: MeasureArgs) -> CmdResult {
     let source = match file {
         Some(f) => {
             let n = resolve_source(f, a.format, a.force_share)?;
-            Some(open_named(&n, sharing(n.force_share)).map_err(fail)?)
+            Some(open_named(&n, sharing(n.force_share), false).map_err(fail)?)
         }
         None => None,
     };
@@ -1583,7 +1613,7 @@ fn commit(mut a: CommitArgs) -> CmdResult {
         drop: a.drop,
         rate_limit,
         cache,
-        opener: opener().clone(),
+        opener: opener().with_direct(cache.direct()),
     };
     let msg = with_text_progress(a.progress && !a.quiet, |p| {
         ops::commit::commit(&a.filename, &opts, p)
@@ -1601,9 +1631,7 @@ fn rebase(mut a: RebaseArgs) -> CmdResult {
     let n = resolve(&a.filename, a.format, false)?;
     (a.filename, a.format) = (n.path, n.format);
     let cache = ops::commit::CacheMode::parse(&a.cache).map_err(fail)?;
-    if let Some(t) = &a.backing_cache {
-        ops::commit::CacheMode::parse(t).map_err(fail)?;
-    }
+    let backing_direct = src_cache_direct(&a.backing_cache)?;
     let opts = ops::rebase::RebaseOptions {
         format: a.format,
         backing: a.backing.clone(),
@@ -1611,7 +1639,8 @@ fn rebase(mut a: RebaseArgs) -> CmdResult {
         unsafe_mode: a.unsafe_mode,
         compress: a.compress,
         cache,
-        opener: opener().clone(),
+        backing_direct,
+        opener: opener().with_direct(cache.direct()),
     };
     with_text_progress(a.progress && !a.quiet, |p| {
         ops::rebase::rebase(&a.filename, &opts, p)

@@ -35,15 +35,19 @@ pub struct OpenOptions {
     /// What opens the storage of every layer (the image, its backing files, data files),
     /// with the command's settings for particular files.
     pub opener: Opener,
-    /// qemu's `cache.direct=on` for the top layer: its file is read as qemu reads it with
-    /// `O_DIRECT`, which changes how a raw image reports block status (see
-    /// [`crate::raw::RawImage::direct`]).
+    /// qemu's `cache.direct=on`: the files of the image are opened with `O_DIRECT` (as
+    /// through [`Opener::with_direct`]), which also changes how a raw image reports block
+    /// status (see [`crate::raw::RawImage::direct`]).
     pub cache_direct: bool,
 }
 
 /// Opens the image at `path` with its whole backing chain.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockImage>> {
-    let mut guard = ChainGuard::with_opener(opts.sharing, opts.opener.clone());
+    let opener = match opts.cache_direct {
+        true => opts.opener.with_direct(true),
+        false => opts.opener.clone(),
+    };
+    let mut guard = ChainGuard::with_opener(opts.sharing, opener);
     guard.set_cache_direct(opts.cache_direct);
     open_layer(
         path,

@@ -60,18 +60,12 @@ pub trait StorageKind: Send + Sync + 'static {
     /// everything the others do not.
     fn claims(&self, loc: &Locator) -> bool;
 
-    /// Opens the storage `loc` names, for writing if `writable`, holding the image locks
-    /// `locks` where the kind has them.
-    fn open(
-        &self,
-        loc: &Locator,
-        writable: bool,
-        locks: LockRequest,
-    ) -> io::Result<Box<dyn Storage>>;
+    /// Opens the storage `loc` names as `request` asks.
+    fn open(&self, loc: &Locator, request: &OpenRequest) -> io::Result<Box<dyn Storage>>;
 
     /// Creates the storage `loc` names, or empties it, for writing, with a writer's image
-    /// locks taken before anything is emptied.
-    fn create(&self, loc: &Locator) -> io::Result<Box<dyn Storage>>;
+    /// locks taken before anything is emptied; `direct` as in [`OpenRequest::direct`].
+    fn create(&self, loc: &Locator, direct: bool) -> io::Result<Box<dyn Storage>>;
 
     /// What identifies the storage, for refusing to write what is read.
     fn identity(&self, loc: &Locator) -> io::Result<StorageId>;
@@ -91,6 +85,18 @@ pub trait StorageKind: Send + Sync + 'static {
     fn remove_failed_output(&self, loc: &Locator);
 }
 
+/// What one open of storage asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenRequest {
+    /// Open for writing.
+    pub writable: bool,
+    /// The image locks to hold, where the kind has them.
+    pub locks: LockRequest,
+    /// Bypass the host's cache (qemu's `cache.direct=on`: `O_DIRECT` for a file or device),
+    /// where the kind can.
+    pub direct: bool,
+}
+
 /// Every storage kind, asked in this order; the first that claims a locator opens it.
 pub static KINDS: &[&dyn StorageKind] = &[&FileKind];
 
@@ -106,17 +112,14 @@ impl StorageKind for FileKind {
         true
     }
 
-    fn open(
-        &self,
-        loc: &Locator,
-        writable: bool,
-        locks: LockRequest,
-    ) -> io::Result<Box<dyn Storage>> {
-        Ok(Box::new(FileStorage::open_with(loc, writable, locks)?))
+    fn open(&self, loc: &Locator, r: &OpenRequest) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(FileStorage::open_cached(
+            loc, r.writable, r.locks, r.direct,
+        )?))
     }
 
-    fn create(&self, loc: &Locator) -> io::Result<Box<dyn Storage>> {
-        Ok(Box::new(FileStorage::create(loc)?))
+    fn create(&self, loc: &Locator, direct: bool) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(FileStorage::create_cached(loc, direct)?))
     }
 
     fn identity(&self, loc: &Locator) -> io::Result<StorageId> {
@@ -162,13 +165,23 @@ fn kind_of(loc: &Locator) -> &'static dyn StorageKind {
 
 /// Opens the storage under images for one command: the storage kinds of [`KINDS`], with what
 /// the command asked for particular files. Clones share their settings.
+///
+/// An opener also says whether what it opens bypasses the host's cache ([`Opener::direct`]):
+/// a command opens what one cache mode covers (qemu-img's `-t` for the images it writes, `-T`
+/// for those it reads) through an opener made with [`Opener::with_direct`], and every file of
+/// those images (backing files, data files) is opened so, as qemu's children inherit
+/// `cache.direct`.
 #[derive(Clone, Default)]
-pub struct Opener(Arc<Settings>);
+pub struct Opener {
+    settings: Arc<Settings>,
+    direct: bool,
+}
 
 impl std::fmt::Debug for Opener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Opener")
             .field("metadata_only", &self.metadata_only())
+            .field("direct", &self.direct)
             .finish_non_exhaustive()
     }
 }
@@ -197,6 +210,20 @@ impl Opener {
         Self::default()
     }
 
+    /// An opener with the same settings (shared with this one) whose opens bypass the host's
+    /// cache if `on` (`O_DIRECT`, qemu's `cache.direct=on`), or do not.
+    pub fn with_direct(&self, on: bool) -> Opener {
+        Opener {
+            settings: self.settings.clone(),
+            direct: on,
+        }
+    }
+
+    /// Whether this opener's opens bypass the host's cache (see [`Opener::with_direct`]).
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
     /// Takes what an image name asked for its files (`blkdebug` rules, `data-file`).
     pub fn add_spec(&self, spec: &crate::image_spec::ImageSpec) {
         if let Some(c) = &spec.blkdebug {
@@ -216,7 +243,7 @@ impl Opener {
             return;
         }
         let k = blkdebug_key(path);
-        let mut reg = lock(&self.0.blkdebug);
+        let mut reg = lock(&self.settings.blkdebug);
         reg.retain(|(p, _)| *p != k);
         reg.push((k, Arc::new(config)));
     }
@@ -225,14 +252,14 @@ impl Opener {
     /// `data` as its external data file instead of the one its header names (qemu's
     /// `data-file` option).
     pub fn set_data_file(&self, image: &Locator, data: &Locator) {
-        let mut o = lock(&self.0.data_files);
+        let mut o = lock(&self.settings.data_files);
         o.retain(|(i, _)| i != image);
         o.push((image.to_path_buf(), data.to_path_buf()));
     }
 
     /// The data file given for the image at `image`, if any.
     pub fn data_file_for(&self, image: &Locator) -> Option<LocatorBuf> {
-        lock(&self.0.data_files)
+        lock(&self.settings.data_files)
             .iter()
             .find(|(i, _)| i == image)
             .map(|(_, d)| d.clone())
@@ -242,24 +269,24 @@ impl Opener {
     /// is missing or not named is left out, and guest I/O on such an image fails (qemu-img's
     /// `info`, which opens images without I/O).
     pub fn set_metadata_only(&self, on: bool) {
-        self.0.metadata_only.store(on, Ordering::Relaxed);
+        self.settings.metadata_only.store(on, Ordering::Relaxed);
     }
 
     /// Whether [`Opener::set_metadata_only`] is on.
     pub fn metadata_only(&self) -> bool {
-        self.0.metadata_only.load(Ordering::Relaxed)
+        self.settings.metadata_only.load(Ordering::Relaxed)
     }
 
     /// Sends the lines qemu prints on standard error while it opens an image (the repair of a
     /// dirty qcow2 image opened for writing: `Repairing cluster ...`, `Rebuilding refcount
     /// structure`) to `sink`. Without a sink they are dropped: the library prints nothing.
     pub fn set_notices(&self, sink: NoticeSink) {
-        *lock(&self.0.notices) = Some(sink);
+        *lock(&self.settings.notices) = Some(sink);
     }
 
     /// Passes `line` to the notice sink, if there is one.
     pub fn notice(&self, line: &str) {
-        let sink = lock(&self.0.notices).clone();
+        let sink = lock(&self.settings.notices).clone();
         if let Some(sink) = sink {
             sink(line);
         }
@@ -273,19 +300,29 @@ impl Opener {
         writable: bool,
         locks: LockRequest,
     ) -> io::Result<Box<dyn Storage>> {
-        let storage = kind_of(loc).open(loc, writable, locks)?;
+        let request = OpenRequest {
+            writable,
+            locks,
+            direct: self.direct,
+        };
+        let storage = kind_of(loc).open(loc, &request)?;
         Ok(self.with_rules(loc, storage))
     }
 
     /// Opens the storage `loc` names only to look at it (probing its format): read-only,
     /// without image locks or blkdebug rules.
     pub fn open_to_look(&self, loc: &Locator) -> io::Result<Box<dyn Storage>> {
-        kind_of(loc).open(loc, false, LockRequest::NONE)
+        let request = OpenRequest {
+            writable: false,
+            locks: LockRequest::NONE,
+            direct: self.direct,
+        };
+        kind_of(loc).open(loc, &request)
     }
 
     /// Creates the storage `loc` names, or empties it, holding a writer's image locks.
     pub fn create(&self, loc: &Locator) -> io::Result<Box<dyn Storage>> {
-        kind_of(loc).create(loc)
+        kind_of(loc).create(loc, self.direct)
     }
 
     /// Removes what a failed create at `loc` made, where that undoes it (never a device).
@@ -330,7 +367,7 @@ impl Opener {
 
     fn with_rules(&self, loc: &Locator, storage: Box<dyn Storage>) -> Box<dyn Storage> {
         let config = {
-            let reg = lock(&self.0.blkdebug);
+            let reg = lock(&self.settings.blkdebug);
             if reg.is_empty() {
                 return storage;
             }

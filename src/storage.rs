@@ -14,6 +14,7 @@
 
 mod device;
 
+use crate::direct_io::DirectIo;
 use crate::lock::{self, LockRequest};
 use std::fs::File;
 use std::io;
@@ -248,13 +249,13 @@ fn refuse_read_only_device(file: &File) -> io::Result<()> {
 }
 
 /// Opens `path` for reading and writing, creating it if needed but not truncating it yet.
-fn open_for_create(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
+fn open_for_create(path: &Path, direct: bool) -> io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    match direct {
+        true => crate::direct_io::open_direct(&mut options, path),
+        false => options.open(path),
+    }
 }
 
 /// A host file, read and written with `pread`/`pwrite`.
@@ -273,6 +274,9 @@ pub struct FileStorage {
     kind: HostKind,
     /// For a block device: how it zeroes and discards, and what it has refused.
     device: Option<std::sync::Arc<device::DeviceOps>>,
+    /// Set when the file is open with `O_DIRECT`: every read and write goes through it
+    /// (aligned, see [`crate::direct_io`]); shared with [`Storage::duplicate`]s.
+    direct: Option<Arc<DirectIo>>,
 }
 
 /// The `VIMG_TEST_KILL_AFTER_WRITES` hook (see the module documentation).
@@ -322,15 +326,29 @@ impl FileStorage {
 
     /// Opens `path` read-only, or read-write when `writable`, taking the image locks `locks`.
     pub fn open_with(path: &Path, writable: bool, locks: LockRequest) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)?;
+        Self::open_cached(path, writable, locks, false)
+    }
+
+    /// [`FileStorage::open_with`], with `O_DIRECT` when `direct` (qemu's `cache.direct=on`):
+    /// reads and writes then bypass the page cache, aligned as [`crate::direct_io`] aligns
+    /// them. A file system that refuses `O_DIRECT` fails the open, as in qemu.
+    pub fn open_cached(
+        path: &Path,
+        writable: bool,
+        locks: LockRequest,
+        direct: bool,
+    ) -> io::Result<Self> {
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(writable);
+        let file = match direct {
+            true => crate::direct_io::open_direct(&mut options, path)?,
+            false => options.open(path)?,
+        };
         if writable {
             refuse_read_only_device(&file)?;
         }
         let guard = lock::lock(&file, locks)?;
-        Self::from_file(file, path, guard)
+        Self::from_file(file, path, guard, direct)
     }
 
     /// Creates `path`, or empties the file there, for writing, with the image locks of a
@@ -343,21 +361,36 @@ impl FileStorage {
     /// output to be submitted to the disk (half a second per GiB here), which `cache=unsafe` is
     /// meant to avoid.
     pub fn create(path: &Path) -> io::Result<Self> {
-        let file = open_for_create(path)?;
+        Self::create_cached(path, false)
+    }
+
+    /// [`FileStorage::create`], with `O_DIRECT` when `direct` (see
+    /// [`FileStorage::open_cached`]).
+    pub fn create_cached(path: &Path, direct: bool) -> io::Result<Self> {
+        let file = open_for_create(path, direct)?;
         refuse_read_only_device(&file)?;
         let guard = lock::lock(&file, LockRequest::exclusive(true))?;
-        let storage = Self::from_file(file, path, guard)?;
+        let storage = Self::from_file(file, path, guard, direct)?;
         empty(&storage.file)?;
         Ok(storage)
     }
 
-    fn from_file(file: File, path: &Path, locks: Option<lock::LockGuard>) -> io::Result<Self> {
+    fn from_file(
+        file: File,
+        path: &Path,
+        locks: Option<lock::LockGuard>,
+        direct: bool,
+    ) -> io::Result<Self> {
         let kind = HostKind::of(&file)?;
         let device = match kind {
             HostKind::BlockDevice { logical_sector, .. } => {
                 Some(std::sync::Arc::new(device::DeviceOps::new(logical_sector)))
             }
             HostKind::File => None,
+        };
+        let direct = match direct {
+            true => Some(Arc::new(DirectIo::of(&file)?)),
+            false => None,
         };
         Ok(FileStorage {
             file,
@@ -367,7 +400,13 @@ impl FileStorage {
             write_gate: Default::default(),
             kind,
             device,
+            direct,
         })
+    }
+
+    /// The alignment of direct I/O, when the file is open with `O_DIRECT`.
+    pub fn direct_alignment(&self) -> Option<crate::direct_io::Alignment> {
+        self.direct.as_ref().map(|d| d.alignment())
     }
 
     /// The underlying file.
@@ -397,6 +436,9 @@ impl Storage for FileStorage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            return d.read_at(&self.file, buf, offset);
+        }
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -414,6 +456,11 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.before_change();
+        if let Some(d) = &self.direct {
+            // Direct writes are not serialised by the kernel's inode lock as buffered ones
+            // are; only those over the same blocks wait for each other (in `d`).
+            return d.write_at(&self.file, buf, offset, !self.kind.is_block_device());
+        }
         // Buffered writes to one file are serialised by the kernel (the inode lock), where a
         // waiting thread spins on the CPU the writing one could use; waiting here sleeps instead.
         // A poisoned gate guards no data, so it is taken all the same.
@@ -444,6 +491,9 @@ impl Storage for FileStorage {
             ));
         }
         self.before_change();
+        if let Some(d) = &self.direct {
+            return d.set_len(&self.file, len);
+        }
         self.file.set_len(len)
     }
 
@@ -459,8 +509,8 @@ impl Storage for FileStorage {
         }
         self.before_change();
         if let Some(dev) = &self.device {
-            // Zero buffers go through `write_at`, which knows how the device is open.
-            let write = |buf: &[u8], off: u64| self.write_at(buf, off);
+            // Zero buffers go the way writes go (aligned, under O_DIRECT).
+            let write = |buf: &[u8], off: u64| self.write_uncounted(buf, off);
             return dev.zero(&self.file, &write, offset, len);
         }
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
@@ -468,7 +518,7 @@ impl Storage for FileStorage {
             Ok(()) => Ok(()),
             Err(_) => {
                 // The file system cannot punch holes: write zeros instead.
-                let write = |buf: &[u8], off: u64| self.write_at(buf, off);
+                let write = |buf: &[u8], off: u64| self.write_uncounted(buf, off);
                 device::write_zero_buffers(&write, offset, len)
             }
         }
@@ -542,11 +592,22 @@ impl Storage for FileStorage {
             write_gate: self.write_gate.clone(),
             kind: self.kind,
             device: self.device.clone(),
+            direct: self.direct.clone(),
         }))
     }
 }
 
 impl FileStorage {
+    /// Writes `buf` at `offset` as it is (not counted as a change: the caller counted it),
+    /// aligned through [`DirectIo`] when the file is open with `O_DIRECT`, where an unaligned
+    /// `pwrite` fails with `EINVAL`.
+    fn write_uncounted(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match &self.direct {
+            Some(d) => d.write_at(&self.file, buf, offset, !self.kind.is_block_device()),
+            None => self.file.write_all_at(buf, offset),
+        }
+    }
+
     fn before_change(&self) {
         if self.counted {
             kill_hook::before_change();

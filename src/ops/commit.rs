@@ -27,7 +27,7 @@ use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::offsets::GuestOffset;
 use crate::open::same_file;
-use crate::open::{open_image, probe_format, resolve_relative, OpenOptions};
+use crate::open::{open_image, probe_format_with, resolve_relative, OpenOptions};
 use crate::opener::Opener;
 use crate::ops::transfer::{status, Progress, CHUNK};
 use crate::prealloc::Preallocation;
@@ -43,19 +43,19 @@ pub const NO_BACKING: &str = "Image does not have a backing file";
 /// Chunks read ahead of the one being written.
 const READ_AHEAD: usize = 4;
 
-/// The cache modes qemu-img's `-t` accepts. vimg honours the difference that matters for
-/// safety: `unsafe` skips waiting for the disk (writes are still ordered); every other mode
-/// waits at each flush.
+/// The cache modes qemu-img's `-t` accepts. `unsafe` skips waiting for the disk (writes are
+/// still ordered); every other mode waits at each flush. `none` and `directsync` open the
+/// files with `O_DIRECT` ([`CacheMode::direct`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheMode {
-    /// `none` (or `off`): like writeback here.
+    /// `none` (or `off`): `O_DIRECT`, waiting for the disk at flushes.
     None,
     /// `writeback`, qemu-img's default for commit and rebase.
     #[default]
     Writeback,
     /// `writethrough`.
     Writethrough,
-    /// `directsync`.
+    /// `directsync`: `O_DIRECT`, waiting for the disk at flushes.
     Directsync,
     /// `unsafe`: flushes order their writes but do not wait for the disk.
     Unsafe,
@@ -81,6 +81,12 @@ impl CacheMode {
     /// Whether flushes wait for the disk.
     pub fn syncs(self) -> bool {
         self != CacheMode::Unsafe
+    }
+
+    /// Whether the files are opened bypassing the host's cache (`O_DIRECT`, qemu's
+    /// `cache.direct=on`): `none` and `directsync`.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Directsync)
     }
 }
 
@@ -337,7 +343,7 @@ fn zero_where_needed(dst: &dyn BlockImage, off: u64, end: u64) -> Result<()> {
 pub fn commit(path: &Path, opts: &CommitOptions, progress: Option<Progress<'_>>) -> Result<String> {
     let format = match opts.format {
         Some(f) => f,
-        None => probe_format(path)?,
+        None => probe_format_with(&opts.opener, path)?,
     };
     // Looked at read-only first: a refused commit leaves every image untouched.
     let open = |writable| {

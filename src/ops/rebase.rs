@@ -58,6 +58,8 @@ pub struct RebaseOptions {
     pub compress: bool,
     /// Cache mode of the image (`-t`).
     pub cache: CacheMode,
+    /// `-T`: the new backing file is read bypassing the host's cache (`O_DIRECT`).
+    pub backing_direct: bool,
     /// What opens the storage of the image and of its old and new backing files.
     pub opener: Opener,
 }
@@ -143,7 +145,12 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     let mut before = open(false, false)?;
     capable(before.as_mut())?;
     let new_backing = match (new_name, new_format) {
-        (Some(name), Some(fmt)) => Some(open_new_backing(path, name, fmt, &opts.opener)?),
+        (Some(name), Some(fmt)) => Some(open_new_backing(
+            path,
+            name,
+            fmt,
+            &opts.opener.with_direct(opts.backing_direct),
+        )?),
         _ => None,
     };
     if let (Some(b), Some(name)) = (&new_backing, new_name) {

@@ -15,4 +15,5 @@ mod cli_compat;
 mod convert_sync;
 mod device_read_cache;
 mod device_zeroing;
+mod direct_io;
 mod locking;

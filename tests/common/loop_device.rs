@@ -19,7 +19,8 @@ impl Loop {
         Self::attach_with(file, sector, &[])
     }
 
-    /// [`Loop::attach`] with more `losetup` options (`-r` for a read-only device).
+    /// [`Loop::attach`] with more `losetup` options (`-r` for a read-only device,
+    /// `--direct-io=on` for a device that reads and writes its file with `O_DIRECT`).
     pub fn attach_with(file: &Path, sector: u32, options: &[&str]) -> Result<Loop, String> {
         // `losetup -f` picks a free device and then attaches it: two at once (this file's tests
         // run in parallel, other test files may make loop devices too) can pick the same one,

@@ -150,7 +150,8 @@ enum Action {
 /// A worker's reusable memory.
 #[derive(Default)]
 struct Scratch {
-    buf: Vec<u8>,
+    /// Page-aligned, so that whole aligned chunks go to an `O_DIRECT` target unbounced.
+    buf: crate::direct_io::AlignedBuf,
     backing: Vec<u8>,
     zeros: Vec<u8>,
     actions: Vec<Action>,
