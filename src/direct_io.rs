@@ -331,6 +331,28 @@ impl DirectIo {
         Ok(())
     }
 
+    /// Runs `f` while holding the aligned span over `[offset, offset + len)`, so that no write
+    /// (in particular no read-modify-write of a partial block) overlaps it: for zeroing and
+    /// discarding, which the kernel does outside these writes (fallocate, ioctls). `f` is
+    /// given a writer for zero buffers inside the span, which does not take it again. The
+    /// span does not move the end of the file.
+    pub fn with_span<R>(
+        &self,
+        file: &File,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&dyn Fn(&[u8], u64) -> io::Result<()>) -> io::Result<R>,
+    ) -> io::Result<R> {
+        let a = self.block();
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        let span = (offset / a * a, round_up(end, a)?);
+        let (_span, _) = self.take_span(span, || Ok(None))?;
+        let write = |buf: &[u8], off: u64| self.write_span(file, buf, off);
+        f(&write)
+    }
+
     /// Sets the length of `file` once no write is in flight, so that a write that moved the
     /// end of the file cannot cut it back past what this sets (see
     /// [`DirectIo::write_at`]).
@@ -643,6 +665,52 @@ mod tests {
         assert_eq!(data.len(), entries * 8);
         for (e, v) in data.chunks(8).enumerate() {
             assert_eq!(u64::from_be_bytes(v.try_into().unwrap()), e as u64 + 1);
+        }
+    }
+
+    /// Zeroing done outside the write path (here: writing zeros through the file behind the
+    /// span's back, as a fallocate would) while a read-modify-write of the same block runs:
+    /// the span makes the write wait, so the zeros and the entry both survive; without it the
+    /// write's read of the old block could put the old bytes back.
+    #[test]
+    fn zeroing_under_a_span_keeps_out_partial_block_writes() {
+        let d = dir();
+        let path = d.path().join("f");
+        let f = open_rw(&path);
+        let io = DirectIo::new(Alignment {
+            request: 4096,
+            memory: 4096,
+        });
+        for round in 0..20u64 {
+            io.write_at(&f, &[0xffu8; 8192], 0, true).unwrap();
+            let entered = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    io.with_span(&f, 16, 4000, |_| {
+                        entered.wait();
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        // Bytes 16..4016 zeroed in place, as the kernel would.
+                        let mut b = AlignedBuf::zeroed(4096);
+                        io.read_at(&f, &mut b, 0).unwrap();
+                        b[16..4016].fill(0);
+                        write_all(&f, &b, 0)
+                    })
+                    .unwrap();
+                });
+                entered.wait();
+                io.write_at(&f, &round.to_be_bytes(), 4024, true).unwrap();
+            });
+            let data = std::fs::read(&path).unwrap();
+            assert!(
+                data[16..4016].iter().all(|&b| b == 0),
+                "round {round}: zeros lost"
+            );
+            assert_eq!(
+                data[4024..4032],
+                round.to_be_bytes(),
+                "round {round}: entry lost"
+            );
+            assert!(data[..16].iter().all(|&b| b == 0xff));
         }
     }
 }

@@ -508,20 +508,17 @@ impl Storage for FileStorage {
             return Ok(());
         }
         self.before_change();
-        if let Some(dev) = &self.device {
-            // Zero buffers go the way writes go (aligned, under O_DIRECT).
-            let write = |buf: &[u8], off: u64| self.write_uncounted(buf, off);
-            return dev.zero(&self.file, &write, offset, len);
-        }
-        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match fallocate(&self.file, punch, offset, len) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                // The file system cannot punch holes: write zeros instead.
-                let write = |buf: &[u8], off: u64| self.write_uncounted(buf, off);
-                device::write_zero_buffers(&write, offset, len)
+        self.span_writes(offset, len, |write| {
+            if let Some(dev) = &self.device {
+                return dev.zero(&self.file, write, offset, len);
             }
-        }
+            let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+            match fallocate(&self.file, punch, offset, len) {
+                Ok(()) => Ok(()),
+                // The file system cannot punch holes: write zeros instead.
+                Err(_) => device::write_zero_buffers(write, offset, len),
+            }
+        })
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
@@ -529,21 +526,22 @@ impl Storage for FileStorage {
         if len == 0 {
             return Ok(true);
         }
-        if let Some(dev) = &self.device {
-            // A discard on a device is not guaranteed to leave zeros.
-            self.before_change();
-            dev.discard(&self.file, offset, len)?;
-            return Ok(false);
-        }
         self.before_change();
-        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match fallocate(&self.file, punch, offset, len) {
-            Ok(()) => Ok(true),
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
-                Ok(false)
+        self.span_writes(offset, len, |_| {
+            if let Some(dev) = &self.device {
+                // A discard on a device is not guaranteed to leave zeros.
+                dev.discard(&self.file, offset, len)?;
+                return Ok(false);
             }
-            Err(e) => Err(e.into()),
-        }
+            let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+            match fallocate(&self.file, punch, offset, len) {
+                Ok(()) => Ok(true),
+                Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+                    Ok(false)
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
     }
 
     fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)> {
@@ -598,13 +596,19 @@ impl Storage for FileStorage {
 }
 
 impl FileStorage {
-    /// Writes `buf` at `offset` as it is (not counted as a change: the caller counted it),
-    /// aligned through [`DirectIo`] when the file is open with `O_DIRECT`, where an unaligned
-    /// `pwrite` fails with `EINVAL`.
-    fn write_uncounted(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    /// Runs `f`, which zeroes or discards `[offset, offset + len)` outside the write path (a
+    /// fallocate, an ioctl), with a writer for zero buffers in that range. Under `O_DIRECT` no
+    /// write overlapping the range's aligned blocks runs meanwhile: a read-modify-write of a
+    /// partial block would otherwise put back old bytes over what was just zeroed.
+    fn span_writes<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&dyn Fn(&[u8], u64) -> io::Result<()>) -> io::Result<R>,
+    ) -> io::Result<R> {
         match &self.direct {
-            Some(d) => d.write_at(&self.file, buf, offset, !self.kind.is_block_device()),
-            None => self.file.write_all_at(buf, offset),
+            Some(d) => d.with_span(&self.file, offset, len, f),
+            None => f(&|buf: &[u8], off: u64| self.file.write_all_at(buf, off)),
         }
     }
 
