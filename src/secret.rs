@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 /// The secrets of a command line, by id.
 #[derive(Debug, Clone, Default)]
 pub struct Secrets {
-    by_id: BTreeMap<String, Vec<u8>>,
+    /// Zeroed when dropped.
+    by_id: BTreeMap<String, zeroize::Zeroizing<Vec<u8>>>,
 }
 
 impl Secrets {
@@ -32,13 +33,13 @@ impl Secrets {
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             )));
         }
-        self.by_id.insert(id, value);
+        self.by_id.insert(id, zeroize::Zeroizing::new(value));
         Ok(())
     }
 
     /// The secret with this id.
     pub fn get(&self, id: &str) -> Option<&[u8]> {
-        self.by_id.get(id).map(Vec::as_slice)
+        self.by_id.get(id).map(|v| v.as_slice())
     }
 
     /// How many secrets there are.

@@ -133,9 +133,15 @@ mod tests {
     fn only_the_first_16_bytes_of_the_passphrase_count() {
         let plain = vec![0x5au8; 512];
         let (mut a, mut b, mut c) = (plain.clone(), plain.clone(), plain.clone());
-        LegacyAes::new(b"0123456789abcdefXYZ").encrypt(3, &mut a).unwrap();
-        LegacyAes::new(b"0123456789abcdef").encrypt(3, &mut b).unwrap();
-        LegacyAes::new(b"0123456789abcdeX").encrypt(3, &mut c).unwrap();
+        LegacyAes::new(b"0123456789abcdefXYZ")
+            .encrypt(3, &mut a)
+            .unwrap();
+        LegacyAes::new(b"0123456789abcdef")
+            .encrypt(3, &mut b)
+            .unwrap();
+        LegacyAes::new(b"0123456789abcdeX")
+            .encrypt(3, &mut c)
+            .unwrap();
         assert_eq!(a, b);
         assert_ne!(b, c);
         assert_eq!(b, reference(b"0123456789abcdef", 3, &plain));
