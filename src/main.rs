@@ -1317,10 +1317,14 @@ fn create(a: CreateCmdArgs) -> CmdResult {
     Ok(0)
 }
 
-/// Whether `-o` lists ask for legacy AES encryption, of which vimg warns once on creation
-/// (not under the name qemu-img, which creates such images silently).
+/// Whether `-o` lists ask for legacy AES encryption, of which vimg warns once on creation,
+/// to a person: on a terminal, and not under the name qemu-img (which creates such images
+/// silently, and whose output scripts compare line by line).
 fn weak_encryption(options: &[String]) -> bool {
-    prog() == "vimg" && matches!(new_encryption(options).format(), Ok(Some("aes")))
+    use std::io::IsTerminal;
+    prog() == "vimg"
+        && std::io::stderr().is_terminal()
+        && matches!(new_encryption(options).format(), Ok(Some("aes")))
 }
 
 /// The encryption options of `-o` lists for a new image.
