@@ -431,6 +431,18 @@ fn images_vimg_creates_and_converts_read_the_same_in_qemu() {
             assert_eq!(v, q, "{}", img.display());
         }
     }
+    // An encrypted overlay over an encrypted image: info of the chain, without keys.
+    let o = d.join("o.qcow2");
+    qemu_create_aes(&o, "other", 3 << 20, "", Some(&a));
+    for fmt in ["human", "json"] {
+        let f = format!("--output={fmt}");
+        let args = ["info", "--backing-chain", &f, o.to_str().unwrap()];
+        assert_eq!(
+            common::run(VIMG, &args),
+            common::run("qemu-img", &args),
+            "{fmt}"
+        );
+    }
     // vimg reads qemu's conversion of the same data the same.
     let q = d.join("q.qcow2");
     ok(
