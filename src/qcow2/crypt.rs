@@ -128,6 +128,11 @@ pub(crate) fn bind(
     writable: bool,
     opener: &Opener,
 ) -> Result<Option<Encryption>> {
+    if header.crypto_header.is_some() && header.crypt_method != method::LUKS {
+        return Err(Error::corrupt(
+            "CRYPTO header extension only expected with LUKS encryption method",
+        ));
+    }
     if header.crypt_method == method::NONE {
         return Ok(None);
     }

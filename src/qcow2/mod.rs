@@ -17,6 +17,8 @@
 //!   through the format driver, and `measure -O qcow2`;
 //! - `edit/`: changing an image in place: format options (`amend`, with `downgrade`), the
 //!   recorded backing file (`backing`, rebase), emptying the active state (`empty`, commit);
+//! - `crypt.rs`: encrypted images: the cipher of an open image and the offset its IVs follow
+//!   (legacy AES now; LUKS plugs in there);
 //! - `cache.rs`: the bounded metadata table cache; `data_file.rs`: which file holds the guest
 //!   data of an image with an external data file; `driver.rs`, `capabilities.rs`: the format
 //!   driver and the optional capabilities behind [`crate::block::FormatDriver`];

@@ -674,3 +674,43 @@ fn downgrade_expands_zero_clusters_into_encrypted_zeros() {
     ));
     assert_eq!(v, q);
 }
+
+#[test]
+fn luks_images_are_refused_and_a_stray_luks_header_as_in_qemu() {
+    if !common::qemu_available("aes_luks_header") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    ok(
+        with_objects(
+            "qemu-img",
+            &["create"],
+            &[secret("k", "pw")],
+            &[
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10",
+                img.to_str().unwrap(),
+                "1M",
+            ],
+        ),
+        "qemu-img create luks",
+    );
+    let p = img.to_str().unwrap();
+    let (code, out) = common::run_status(VIMG, &["info", p]);
+    assert!(
+        code == 1 && out.contains("LUKS-encrypted qcow2 images"),
+        "{out}"
+    );
+    // A LUKS header extension in an image whose method is not LUKS: refused in qemu's words.
+    let h = common::header_fields::CRYPT_METHOD;
+    for method in [0u32, 1] {
+        common::poke(&img, h, &method.to_be_bytes());
+        let v = message(common::run_status(VIMG, &["info", p]));
+        let q = message(common::run_status("qemu-img", &["info", p]));
+        assert_eq!(v, q, "crypt_method {method}");
+    }
+}
