@@ -21,6 +21,7 @@ use crate::crypto::{legacy::LegacyAes, SectorCipher, SECTOR};
 use crate::error::{Error, Result};
 use crate::opener::Opener;
 use crate::qcow2::format::header::Header;
+use crate::storage::Storage;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -61,6 +62,12 @@ impl Encryption {
     /// `cipher` with the IV rule `rule`.
     pub(crate) fn new(cipher: Arc<dyn SectorCipher>, rule: IvRule) -> Self {
         Encryption { cipher, rule }
+    }
+
+    /// Whether the IVs follow the guest offset (so that data can be encrypted before it has a
+    /// host offset).
+    pub(crate) fn follows_guest(&self) -> bool {
+        self.rule == IvRule::Guest
     }
 
     fn sector(&self, guest: u64, host: u64) -> u64 {
@@ -118,12 +125,18 @@ pub(crate) fn format_name(crypt_method: u32) -> Option<&'static str> {
     }
 }
 
-/// The encryption of the image at `path` with header `header`, opened through `opener`:
-/// `None` for an unencrypted image, or for an encrypted one opened without a key where that is
-/// allowed (a read-only open for metadata only, as qemu-img `info` opens); an error where the
-/// key is missing, the options name another format, or the method cannot be opened.
+/// The encryption of the image at `path` with header `header`, held in `storage`, opened
+/// through `opener`: `None` for an unencrypted image, or for an encrypted one opened without a
+/// key where that is allowed (a read-only open for metadata only, as qemu-img `info` opens); an
+/// error where the key is missing, the options name another format, or the method cannot be
+/// opened.
+///
+/// LUKS plugs in here: its header lies in `storage` at the offset the FDE extension gives
+/// (`header.crypto_header`), its key slots are unlocked with the passphrase into a
+/// [`SectorCipher`], bound with [`IvRule::Host`].
 pub(crate) fn bind(
     header: &Header,
+    storage: &dyn Storage,
     path: &Path,
     writable: bool,
     opener: &Opener,
@@ -151,6 +164,7 @@ pub(crate) fn bind(
     }
     let key = opener.key_for(path)?;
     if header.crypt_method == method::LUKS {
+        let _ = storage;
         return Err(Error::unsupported(
             "LUKS-encrypted qcow2 images (encrypt.format=luks) are not supported yet",
         ));
@@ -165,6 +179,15 @@ pub(crate) fn bind(
         Arc::new(LegacyAes::new(&key)),
         IvRule::Guest,
     )))
+}
+
+/// What `info` shows of the encryption of an image with header `header`, held in `storage`
+/// (qemu's `encrypt` object of the format-specific data): `{"format": "aes"}` for legacy AES;
+/// for LUKS its header's details (read without the key) join the format. `None` when the image
+/// is not encrypted.
+pub(crate) fn info(header: &Header, storage: &dyn Storage) -> Result<Option<serde_json::Value>> {
+    let _ = storage;
+    Ok(format_name(header.crypt_method).map(|f| serde_json::json!({ "format": f })))
 }
 
 #[cfg(test)]

@@ -204,7 +204,7 @@ impl Qcow2Image {
         data: &DataFile,
     ) -> Result<Self> {
         let (header, l1, file_len) = read_header_and_l1(storage.as_ref())?;
-        let crypt = crypt::bind(&header, path, writable, guard.opener())?;
+        let crypt = crypt::bind(&header, storage.as_ref(), path, writable, guard.opener())?;
 
         let data_file = match (header.has_data_file(), data) {
             (false, _) => None,
@@ -952,8 +952,7 @@ impl BlockImage for Qcow2Image {
                 extended_l2: v3.then(|| h.extended_l2()),
                 data_file: h.data_file.clone(),
                 data_file_raw: h.has_data_file().then(|| h.data_file_raw()),
-                encrypt: crypt::format_name(h.crypt_method)
-                    .map(|f| serde_json::json!({ "format": f })),
+                encrypt: crypt::info(h, self.storage.as_ref()).in_file(&self.path)?,
             })),
         })
     }

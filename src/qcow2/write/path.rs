@@ -562,7 +562,7 @@ impl Qcow2Image {
             Err(e) => return self.abandon(st, &mut vec![mapping], e),
         };
         content[within as usize..within as usize + data.len()].copy_from_slice(data);
-        self.write_run(st, &content, gc, host, &mut vec![mapping])?;
+        self.write_run(st, (&content, None), gc, host, &mut vec![mapping])?;
         Ok(Deferred::Nothing)
     }
 
@@ -583,10 +583,10 @@ impl Qcow2Image {
         let guest = gc + within;
         match self.write_in_cluster(st, gc, within, data)? {
             Deferred::Nothing => Ok(()),
-            Deferred::Data { host } => self.write_run(st, data, guest, host, &mut remaps),
+            Deferred::Data { host } => self.write_run(st, (data, None), guest, host, &mut remaps),
             Deferred::Mapped { host, mapping } => {
                 remaps.push(mapping);
-                self.write_run(st, data, guest, host, &mut remaps)
+                self.write_run(st, (data, None), guest, host, &mut remaps)
             }
         }
     }
@@ -940,6 +940,20 @@ impl Qcow2Image {
 
     /// Writes `buf` at guest offset `guest` (inside the disk, checked by the caller).
     pub(crate) fn write_inner(&self, buf: &[u8], guest: u64) -> Result<()> {
+        // Whole sectors whose IVs follow the guest offset (legacy AES) are encrypted before the
+        // write lock is taken, by each writing thread in parallel; the lock only places them.
+        let stored = match &self.crypt {
+            Some(c)
+                if c.follows_guest()
+                    && guest.is_multiple_of(crate::crypto::SECTOR)
+                    && (buf.len() as u64).is_multiple_of(crate::crypto::SECTOR) =>
+            {
+                let mut e = buf.to_vec();
+                c.encrypt(guest, 0, &mut e)?;
+                Some(e)
+            }
+            _ => None,
+        };
         let mut st = self.write_state()?;
         self.track_write(&mut st, guest, buf.len() as u64)?;
         // An encrypted image is written in whole sectors: a partial one is completed with
@@ -949,21 +963,30 @@ impl Qcow2Image {
             Some((a, b)) => (&b[..], *a),
             None => (buf, guest),
         };
-        match self.write_locked(&mut st, buf, guest) {
+        let stored = stored.as_deref().filter(|_| aligned.is_none());
+        match self.write_locked(&mut st, buf, guest, stored) {
             // Out of space (a full block device) while clusters this session released wait
             // for the next flush to be reusable: qemu would have reused them, so flush and try
             // again. The first attempt's new clusters were freed again, and what it mapped is
             // rewritten in place, so the retry writes the same.
             Err(e) if is_out_of_space(&e) && !st.pending_free.is_empty() => {
                 self.flush_locked(&mut st)?;
-                self.write_locked(&mut st, buf, guest)
+                self.write_locked(&mut st, buf, guest, stored)
             }
             r => r,
         }
     }
 
-    /// [`Self::write_inner`] under the write lock.
-    fn write_locked(&self, st: &mut WriteState, buf: &[u8], guest: u64) -> Result<()> {
+    /// [`Self::write_inner`] under the write lock; `stored`, if given, is `buf` as it is to
+    /// be stored (encrypted already).
+    fn write_locked(
+        &self,
+        st: &mut WriteState,
+        buf: &[u8],
+        guest: u64,
+        stored: Option<&[u8]>,
+    ) -> Result<()> {
+        let part = |a: usize, b: usize| stored.map(|s| &s[a..b]);
         let cs = self.header.cluster_size();
         let mut pos = 0usize;
         // Clusters whose data goes to consecutive host offsets are written with one call: the
@@ -987,7 +1010,8 @@ impl Qcow2Image {
             let extends = run_start < pos && host == Some(run_host + (pos - run_start) as u64);
             if !extends {
                 let g = guest + run_start as u64;
-                self.write_run(st, &buf[run_start..pos], g, run_host, &mut remaps)?;
+                let data = (&buf[run_start..pos], part(run_start, pos));
+                self.write_run(st, data, g, run_host, &mut remaps)?;
                 run_start = if host.is_some() { pos } else { pos + n };
                 run_host = host.unwrap_or(0);
             }
@@ -995,30 +1019,35 @@ impl Qcow2Image {
             pos += n;
             if self.flush_needed(st) {
                 let g = guest + run_start as u64;
-                self.write_run(st, &buf[run_start..pos], g, run_host, &mut remaps)?;
+                let data = (&buf[run_start..pos], part(run_start, pos));
+                self.write_run(st, data, g, run_host, &mut remaps)?;
                 run_start = pos;
                 self.flush_locked(st)?;
             }
         }
         let g = guest + run_start as u64;
-        self.write_run(st, &buf[run_start..], g, run_host, &mut remaps)
+        let data = (&buf[run_start..], part(run_start, buf.len()));
+        self.write_run(st, data, g, run_host, &mut remaps)
     }
 
     /// Writes `data` (a run of [`Self::write_inner`] at guest offset `guest`, maybe empty) at
-    /// host offset `host`, encrypted if the image is, then makes the L2 entries in `remaps`
-    /// point at it.
+    /// host offset `host`, encrypted if the image is (`data.1`, when given, is the run as it
+    /// is to be stored, encrypted already), then makes the L2 entries in `remaps` point at it.
     fn write_run(
         &self,
         st: &mut WriteState,
-        data: &[u8],
+        data: (&[u8], Option<&[u8]>),
         guest: u64,
         host: u64,
         remaps: &mut Vec<Remap>,
     ) -> Result<()> {
-        if !data.is_empty() {
-            let data = match self.encrypted(data, guest, host) {
-                Ok(d) => d,
-                Err(e) => return self.abandon(st, remaps, e),
+        if !data.0.is_empty() {
+            let data = match data.1 {
+                Some(stored) => std::borrow::Cow::Borrowed(stored),
+                None => match self.encrypted(data.0, guest, host) {
+                    Ok(d) => d,
+                    Err(e) => return self.abandon(st, remaps, e),
+                },
             };
             self.data_storage()
                 .debug_event(crate::blkdebug::Event::WriteAio);
