@@ -443,6 +443,16 @@ fn images_vimg_creates_and_converts_read_the_same_in_qemu() {
             "{fmt}"
         );
     }
+    // An overlay over an encrypted image, its size taken from it: no key needed (qemu opens
+    // the backing file without I/O).
+    let ov = d.join("ov.qcow2");
+    let args = [
+        "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2",
+    ];
+    let (code, out) = common::run_in(d, VIMG, &[&args[..], &[ov.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{out}");
+    let info = common::run("qemu-img", &["info", ov.to_str().unwrap()]);
+    assert!(info.contains("virtual size: 3 MiB"), "{info}");
     // vimg reads qemu's conversion of the same data the same.
     let q = d.join("q.qcow2");
     ok(
