@@ -8,11 +8,20 @@
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 
-/// The secrets of a command line, by id.
-#[derive(Debug, Clone, Default)]
+/// The secrets of a command line, by id. Their bytes are zeroed when dropped and never shown
+/// (`Debug` lists the ids only).
+#[derive(Clone, Default)]
 pub struct Secrets {
     /// Zeroed when dropped.
     by_id: BTreeMap<String, zeroize::Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field("ids", &self.by_id.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Secrets {
@@ -180,6 +189,10 @@ mod tests {
         assert_eq!(s.get("b"), Some(&b"hello"[..]));
         assert_eq!(s.get("c"), Some(&b"x"[..]));
         assert_eq!(s.len(), 3);
+        // Debug output names the ids, never the secrets.
+        let shown = format!("{s:?}");
+        // (Bytes would show as numbers: 'p' is 112.)
+        assert!(shown.contains("\"a\"") && !shown.contains("112"), "{shown}");
     }
 
     #[test]
