@@ -147,6 +147,11 @@ pub(crate) fn bind(
         ));
     }
     if header.crypt_method == method::NONE {
+        if let Some(given) = opener.encrypt_format_for(path) {
+            return Err(Error::invalid_input(format!(
+                "No encryption in image header, but options specified format '{given}'"
+            )));
+        }
         return Ok(None);
     }
     let Some(name) = format_name(header.crypt_method) else {

@@ -528,6 +528,31 @@ fn missing_keys_and_wrong_passphrases_as_in_qemu() {
             vec!["convert", "--image-opts", &sp_luks, "-O", "raw", o],
         ),
     ];
+    // Encryption options for an image without encryption: a format is refused, a key ignored.
+    let plain = d.join("plain.qcow2");
+    common::qemu_create(&plain, "qcow2", "", None, 1 << 20);
+    let sp_plain_fmt = format!(
+        "driver=qcow2,file.filename={},encrypt.format=aes",
+        plain.display()
+    );
+    let sp_plain_key = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=zz",
+        plain.display()
+    );
+    let cases = [
+        cases,
+        vec![
+            (
+                vec![],
+                vec!["convert", "--image-opts", &sp_plain_fmt, "-O", "raw", o],
+            ),
+            (
+                vec![],
+                vec!["convert", "--image-opts", &sp_plain_key, "-O", "raw", o],
+            ),
+        ],
+    ]
+    .concat();
     for (objects, args) in &cases {
         let v = message(with_objects(VIMG, &args[..1], objects, &args[1..]));
         let q = message(with_objects("qemu-img", &args[..1], objects, &args[1..]));
