@@ -7,7 +7,7 @@
 //! [`BlockImage::read_stored`]. A format therefore only maps guest ranges (block status) and says
 //! how to read what it stores; walking the chain, zero filling, and a backing file shorter than the
 //! image above it (its status answers zeros past its end) are handled here. Data a format must
-//! transform before the guest sees it (qcow2's compressed clusters now, encrypted ones later) is
+//! transform before the guest sees it (qcow2's compressed and encrypted clusters) is
 //! the format's own `read_stored`; the default, [`read_host`](crate::block::read_host), reads the
 //! layer's host storage at the range's host offset.
 //!

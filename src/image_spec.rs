@@ -141,6 +141,8 @@ const IGNORED: &[&str] = &[
     "cache-clean-interval",
     "encrypt.key-secret",
     "encrypt.format",
+    "backing.encrypt.key-secret",
+    "backing.encrypt.format",
     "offset",
     "size",
 ];

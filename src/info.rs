@@ -105,6 +105,9 @@ pub struct Qcow2Info {
     /// The external data file is a valid raw image by itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_file_raw: Option<bool>,
+    /// The encryption (`{"format": "aes"}`; LUKS adds its header's details), when encrypted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<serde_json::Value>,
 }
 
 /// One persistent dirty bitmap (qcow2.rst "Bitmaps extension").

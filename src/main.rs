@@ -403,6 +403,9 @@ struct CreateCmdArgs {
     #[arg(short = 'f', value_name = "FMT", default_value = "raw", value_parser = parse_format)]
     format: ImageFormat,
     /// Format options, comma-separated (repeatable; `-o help` lists them).
+    /// `encrypt.format=aes,encrypt.key-secret=ID` (or `encryption=on`) makes a legacy AES
+    /// encrypted qcow2 image, a weak scheme: the key is the first 16 bytes of the passphrase
+    /// and a wrong one goes unnoticed; qemu's system emulators refuse such images.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Backing file (recorded as given; relative names are relative to IMAGE).
@@ -889,6 +892,9 @@ fn opener() -> &'static vimg::opener::Opener {
         let opener = vimg::opener::Opener::default();
         // What qemu prints on standard error while it opens images, as it prints it.
         opener.set_notices(std::sync::Arc::new(|line: &str| eprintln!("{line}")));
+        if let Some(secrets) = SECRETS.get() {
+            opener.set_secrets(secrets.clone());
+        }
         opener
     })
 }
@@ -1328,6 +1334,7 @@ fn create(a: CreateCmdArgs) -> CmdResult {
         }
         None => given.clone(),
     };
+    let weak = weak_encryption(&a.options);
     let args = ops::create::CreateArgs {
         format: a.format,
         filename: filename.clone(),
@@ -1348,7 +1355,31 @@ fn create(a: CreateCmdArgs) -> CmdResult {
         print(&format!("{line}\n"))?;
     }
     plan.execute().map_err(|e| Failure::new(e, 1))?;
+    if weak {
+        eprintln!("{}: warning: {}", prog(), vimg::qcow2::WEAK_AES);
+    }
     Ok(0)
+}
+
+/// Whether `-o` lists ask for legacy AES encryption, of which vimg warns once on creation,
+/// to a person: on a terminal, and not under the name qemu-img (which creates such images
+/// silently, and whose output scripts compare line by line).
+fn weak_encryption(options: &[String]) -> bool {
+    use std::io::IsTerminal;
+    prog() == "vimg"
+        && std::io::stderr().is_terminal()
+        && matches!(new_encryption(options).format(), Ok(Some("aes")))
+}
+
+/// The encryption options of `-o` lists for a new image.
+fn new_encryption(options: &[String]) -> vimg::qcow2::EncryptOptions {
+    let mut u = vimg::qcow2::OptionUpdates::default();
+    for o in options {
+        if let Ok(x) = vimg::qcow2::parse_options(o) {
+            u.merge(x);
+        }
+    }
+    u.encrypt
 }
 
 /// The library's convert options from the command line.
@@ -1417,7 +1448,12 @@ fn convert(a: ConvertArgs) -> CmdResult {
         .collect::<Result<Vec<_>, _>>()?;
     let target_named;
     let target = if a.target_image_opts {
-        target_named = resolve_as(target, None, false, true)?.path;
+        let t = resolve_as(target, None, false, true)?;
+        // The driver the options name is the target's format, as in qemu-img.
+        if let Some(f) = t.format {
+            opts.output_format = f;
+        }
+        target_named = t.path;
         &target_named
     } else if a.no_create && target.to_string_lossy().starts_with("blkdebug:") {
         // An existing target behind qemu's fault-injection driver (see vimg::blkdebug).
@@ -1427,6 +1463,15 @@ fn convert(a: ConvertArgs) -> CmdResult {
         target
     };
     ops::convert::validate(sources.len(), target, &opts).map_err(fail)?;
+    let encrypt = new_encryption(&a.options);
+    if a.compress && !a.no_create && (encrypt.alias == Some(true) || encrypt.format.is_some()) {
+        return Err(say(
+            "Compression and encryption not supported at the same time",
+        ));
+    }
+    if !a.no_create && weak_encryption(&a.options) {
+        eprintln!("{}: warning: {}", prog(), vimg::qcow2::WEAK_AES);
+    }
     let snapshot = a
         .snapshot
         .as_deref()

@@ -198,6 +198,39 @@ struct Settings {
     metadata_only: AtomicBool,
     /// Where notices go (see [`Opener::set_notices`]).
     notices: Mutex<Option<NoticeSink>>,
+    /// The secrets of the command line (`--object secret,...`), for encrypted images.
+    secrets: Mutex<Option<Arc<crate::secret::Secrets>>>,
+    /// Encryption options given for images (`encrypt.key-secret`, `encrypt.format`), by the
+    /// image's locator as it will be opened.
+    encryption: Mutex<Vec<(LocatorBuf, EncryptOptions)>>,
+    /// Encryption options given for the backing file of an image (`backing.encrypt.*`), by
+    /// the image's locator.
+    backing_encryption: Mutex<Vec<(LocatorBuf, EncryptOptions)>>,
+}
+
+/// The encryption options of one image as qemu takes them (`encrypt.key-secret=ID`,
+/// `encrypt.format=aes|luks`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncryptOptions {
+    /// The id of the `--object secret` holding the passphrase.
+    pub key_secret: Option<String>,
+    /// The encryption format the image must have.
+    pub format: Option<String>,
+}
+
+impl EncryptOptions {
+    /// The options under `prefix` (`encrypt.` or `backing.encrypt.`) of an image spec's
+    /// options; `None` if there are none.
+    fn from_spec(
+        options: &std::collections::BTreeMap<String, String>,
+        prefix: &str,
+    ) -> Option<Self> {
+        let o = EncryptOptions {
+            key_secret: options.get(&format!("{prefix}key-secret")).cloned(),
+            format: options.get(&format!("{prefix}format")).cloned(),
+        };
+        (o != EncryptOptions::default()).then_some(o)
+    }
 }
 
 /// Receives the lines qemu prints on standard error while an image is opened (see
@@ -231,6 +264,71 @@ impl Opener {
         }
         if let Some(d) = &spec.data_file {
             self.set_data_file(&spec.path, d);
+        }
+        if let Some(e) = EncryptOptions::from_spec(&spec.options, "encrypt.") {
+            self.set_encryption(&spec.path, e);
+        }
+        if let Some(e) = EncryptOptions::from_spec(&spec.options, "backing.encrypt.") {
+            let mut o = lock(&self.0.backing_encryption);
+            o.retain(|(i, _)| i != &spec.path);
+            o.push((spec.path.clone(), e));
+        }
+    }
+
+    /// Gives this opener the secrets of the command line, which the encryption options of
+    /// images name by id.
+    pub fn set_secrets(&self, secrets: crate::secret::Secrets) {
+        *lock(&self.0.secrets) = Some(Arc::new(secrets));
+    }
+
+    /// Makes later opens of the image at `image` use the encryption options `options`.
+    pub fn set_encryption(&self, image: &Locator, options: EncryptOptions) {
+        let mut o = lock(&self.0.encryption);
+        o.retain(|(i, _)| i != image);
+        o.push((image.to_path_buf(), options));
+    }
+
+    /// The encryption options given for the image at `image`, if any.
+    pub fn encryption_for(&self, image: &Locator) -> Option<EncryptOptions> {
+        lock(&self.0.encryption)
+            .iter()
+            .find(|(i, _)| i == image)
+            .map(|(_, e)| e.clone())
+    }
+
+    /// The `encrypt.format` given for the image at `image`, if any.
+    pub fn encrypt_format_for(&self, image: &Locator) -> Option<String> {
+        self.encryption_for(image).and_then(|e| e.format)
+    }
+
+    /// The passphrase of the image at `image`: the secret its `encrypt.key-secret` names;
+    /// `None` if it names none, an error (qemu's words) if no such secret was given.
+    pub fn key_for(&self, image: &Locator) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>> {
+        let Some(id) = self.encryption_for(image).and_then(|e| e.key_secret) else {
+            return Ok(None);
+        };
+        self.secret(&id).map(Some)
+    }
+
+    /// The secret with id `id` (`--object secret,id=ID,...`); an error in qemu's words if
+    /// there is none.
+    pub fn secret(&self, id: &str) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        let secrets = lock(&self.0.secrets).clone();
+        match secrets.as_ref().and_then(|s| s.get(id)) {
+            Some(k) => Ok(zeroize::Zeroizing::new(k.to_vec())),
+            None => Err(Error::invalid_input(format!("No secret with id '{id}'"))),
+        }
+    }
+
+    /// Hands the encryption options given for the backing file of `image`
+    /// (`backing.encrypt.*`) to the backing file at `backing`, before it is opened.
+    pub fn pass_to_backing(&self, image: &Locator, backing: &Locator) {
+        let given = lock(&self.0.backing_encryption)
+            .iter()
+            .find(|(i, _)| i == image)
+            .map(|(_, e)| e.clone());
+        if let Some(e) = given {
+            self.set_encryption(backing, e);
         }
     }
 

@@ -8,10 +8,20 @@
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 
-/// The secrets of a command line, by id.
-#[derive(Debug, Clone, Default)]
+/// The secrets of a command line, by id. Their bytes are zeroed when dropped and never shown
+/// (`Debug` lists the ids only).
+#[derive(Clone, Default)]
 pub struct Secrets {
-    by_id: BTreeMap<String, Vec<u8>>,
+    /// Zeroed when dropped.
+    by_id: BTreeMap<String, zeroize::Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field("ids", &self.by_id.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Secrets {
@@ -32,13 +42,13 @@ impl Secrets {
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             )));
         }
-        self.by_id.insert(id, value);
+        self.by_id.insert(id, zeroize::Zeroizing::new(value));
         Ok(())
     }
 
     /// The secret with this id.
     pub fn get(&self, id: &str) -> Option<&[u8]> {
-        self.by_id.get(id).map(Vec::as_slice)
+        self.by_id.get(id).map(|v| v.as_slice())
     }
 
     /// How many secrets there are.
@@ -179,6 +189,10 @@ mod tests {
         assert_eq!(s.get("b"), Some(&b"hello"[..]));
         assert_eq!(s.get("c"), Some(&b"x"[..]));
         assert_eq!(s.len(), 3);
+        // Debug output names the ids, never the secrets.
+        let shown = format!("{s:?}");
+        // (Bytes would show as numbers: 'p' is 112.)
+        assert!(shown.contains("\"a\"") && !shown.contains("112"), "{shown}");
     }
 
     #[test]

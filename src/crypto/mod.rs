@@ -7,6 +7,8 @@
 
 use crate::error::Result;
 
+pub mod legacy;
+
 /// The size of an encryption sector, in bytes.
 pub const SECTOR: u64 = 512;
 

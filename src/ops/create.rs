@@ -135,6 +135,10 @@ pub fn prepare(args: &CreateArgs) -> Result<CreatePlan> {
 fn open_backing(b: &BackingToOpen<'_>, opener: &Opener) -> Result<u64> {
     let file_err = |what: String| Error::invalid_input(what).with_path(b.image);
     let format = b.format.map(ImageFormat::from_name).transpose()?;
+    // As qemu-img, without guest I/O (BDRV_O_NO_IO): an encrypted backing file needs no key,
+    // nor an external data file its data file.
+    let was = opener.metadata_only();
+    opener.set_metadata_only(true);
     let img = open_image(
         b.backing,
         &OpenOptions {
@@ -142,8 +146,9 @@ fn open_backing(b: &BackingToOpen<'_>, opener: &Opener) -> Result<u64> {
             opener: opener.clone(),
             ..OpenOptions::default()
         },
-    )
-    .map_err(|e| {
+    );
+    opener.set_metadata_only(was);
+    let img = img.map_err(|e| {
         Error::new(
             e.kind(),
             format!("{}\nCould not open backing image.", e.while_opening()),

@@ -32,8 +32,8 @@ pub const KEY_ORDER: &[&str] = &[
     "actual-size",
     "format-specific",
     "full-backing-filename",
-    "backing-filename",
     "encrypted",
+    "backing-filename",
     "dirty-flag",
     "fragmented-clusters",
     // Snapshots, bitmaps and child entries (they share "name").

@@ -150,9 +150,15 @@ pub fn write_human(
         let Some(host) = s.offset else {
             return Err(Error::unsupported(format!(
                 "File contains external, encrypted or compressed clusters: guest range \
-                 {:#x}+{:#x} is stored compressed in {file}, which has no host offset to show; \
+                 {:#x}+{:#x} is stored {} in {file}, which has no host offset to show; \
                  use --output json to map it",
-                e.start, s.len
+                e.start,
+                s.len,
+                if s.compressed {
+                    "compressed"
+                } else {
+                    "encrypted"
+                }
             ))
             .with_path(image.filename()));
         };

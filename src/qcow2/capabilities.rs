@@ -91,7 +91,12 @@ impl CompressedWrites for Qcow2Image {
         self.header().cluster_size()
     }
 
+    /// An encrypted image stores no compressed clusters: the data is written encrypted and
+    /// uncompressed instead (a `convert -c -n` into an encrypted image).
     fn compress(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        if self.is_encrypted() {
+            return Ok(None);
+        }
         super::format::compress::compress_cluster(self.header().compression_type, data)
     }
 

@@ -97,6 +97,22 @@ impl FormatDriver for Qcow2Driver {
             opener,
         };
         self.prepare_create(&command)?.execute()?;
+        // An encrypted target is opened with the key it was created with, as qemu opens it.
+        let mut given = super::OptionUpdates::default();
+        for o in options {
+            if let Ok(u) = super::parse_options(o) {
+                given.merge(u);
+            }
+        }
+        if let Some(id) = given.encrypt.key_secret {
+            if opener.encryption_for(path).is_none() {
+                let e = crate::opener::EncryptOptions {
+                    key_secret: Some(id),
+                    format: None,
+                };
+                opener.set_encryption(path, e);
+            }
+        }
         let mut guard = ChainGuard::with_opener(Default::default(), opener.clone());
         guard
             .enter(path)

@@ -43,11 +43,28 @@ fn name() -> &'static Path {
     Path::new("fuzz.qcow2")
 }
 
-/// Opens `bytes` read-only as a detached image (see the module documentation).
+/// An opener with a key for the image [`name`] names, so that an encrypted image opens and
+/// its decryption runs too (any passphrase does: legacy AES checks none).
+fn opener() -> crate::opener::Opener {
+    let o = crate::opener::Opener::new();
+    if let Ok(s) = crate::secret::Secrets::from_objects(&["secret,id=fuzz,data=fuzz"]) {
+        o.set_secrets(s);
+    }
+    let key = crate::opener::EncryptOptions {
+        key_secret: Some("fuzz".into()),
+        format: None,
+    };
+    o.set_encryption(name(), key);
+    o
+}
+
+/// Opens `bytes` read-only as a detached image (see the module documentation), with a key
+/// for it if it is encrypted.
 fn open(bytes: &[u8]) -> Option<Qcow2Image> {
     let storage = Box::new(copy(bytes));
-    let data = Box::new(copy(bytes));
-    Qcow2Image::open_detached(storage, name(), false, Some(data)).ok()
+    let data = super::DataFile::Given(Some(Box::new(copy(bytes))));
+    let mut guard = crate::chain::ChainGuard::with_opener(Default::default(), opener());
+    Qcow2Image::open_inner(storage, name(), false, true, &mut guard, &data).ok()
 }
 
 /// Parses `bytes` as the start of a qcow2 file, once as the whole file and once as the start
@@ -115,12 +132,8 @@ pub fn repair(bytes: &[u8]) {
         return;
     };
     let data = super::DataFile::Given(Some(Box::new(copy(bytes))));
-    let Ok(img) = Qcow2Image::open_storage_for_repair(
-        Box::new(storage),
-        name(),
-        &data,
-        &crate::opener::Opener::new(),
-    ) else {
+    let Ok(img) = Qcow2Image::open_storage_for_repair(Box::new(storage), name(), &data, &opener())
+    else {
         return;
     };
     if repair(&img, mode).is_err() {
@@ -128,7 +141,9 @@ pub fn repair(bytes: &[u8]) {
     }
     drop(img);
     // What the repair left, opened as any read-only command would open it.
-    let Ok(again) = Qcow2Image::open_detached(handle, name(), false, None) else {
+    let mut guard = crate::chain::ChainGuard::with_opener(Default::default(), opener());
+    let data = super::DataFile::Given(None);
+    let Ok(again) = Qcow2Image::open_inner(handle, name(), false, true, &mut guard, &data) else {
         return;
     };
     let _ = again.check();

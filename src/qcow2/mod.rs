@@ -17,6 +17,8 @@
 //!   through the format driver, and `measure -O qcow2`;
 //! - `edit/`: changing an image in place: format options (`amend`, with `downgrade`), the
 //!   recorded backing file (`backing`, rebase), emptying the active state (`empty`, commit);
+//! - `crypt.rs`: encrypted images: the cipher of an open image and the offset its IVs follow
+//!   (legacy AES now; LUKS plugs in there);
 //! - `cache.rs`: the bounded metadata table cache; `data_file.rs`: which file holds the guest
 //!   data of an image with an external data file; `driver.rs`, `capabilities.rs`: the format
 //!   driver and the optional capabilities behind [`crate::block::FormatDriver`];
@@ -53,6 +55,7 @@ mod cache;
 mod capabilities;
 mod check;
 mod create;
+mod crypt;
 mod data_file;
 mod driver;
 mod edit;
@@ -64,7 +67,8 @@ mod write;
 
 pub use check::repair::{repair, repair_file, RepairMode};
 pub use create::{
-    create, create_with, parse_options, split_option_list, Compat, CreateOptions, OptionUpdates,
+    create, create_with, parse_options, split_option_list, Compat, CreateOptions, EncryptOptions,
+    OptionUpdates, WEAK_AES,
 };
 pub use edit::amend::{AmendOptions, AmendPlan, BackingChange};
 pub use format::compress::compress_cluster;
@@ -115,6 +119,9 @@ pub struct Qcow2Image {
     /// The external data file, when the image has one.
     data_file: Option<(Box<dyn Storage>, PathBuf)>,
     header: Header,
+    /// The cipher of an encrypted image ([`crypt`]); `None` for an unencrypted one, or for an
+    /// encrypted one opened without its key (for `info`: guest data cannot be read then).
+    crypt: Option<crypt::Encryption>,
     /// The active L1 table (changed by allocating writes).
     l1: RwLock<Vec<u64>>,
     l2_cache: cache::TableCache,
@@ -197,6 +204,7 @@ impl Qcow2Image {
         data: &DataFile,
     ) -> Result<Self> {
         let (header, l1, file_len) = read_header_and_l1(storage.as_ref())?;
+        let crypt = crypt::bind(&header, storage.as_ref(), path, writable, guard.opener())?;
 
         let data_file = match (header.has_data_file(), data) {
             (false, _) => None,
@@ -227,6 +235,7 @@ impl Qcow2Image {
             last_compressed: Mutex::new(None),
             metadata_prealloc: OnceLock::new(),
             write: None,
+            crypt,
             unsafe_cache: std::sync::atomic::AtomicBool::new(false),
             live_bitmaps: Mutex::new(header.bitmaps),
             snapshot_override: None,
@@ -237,6 +246,7 @@ impl Qcow2Image {
         }
         if let Some(name) = img.header.backing_file.clone() {
             let bpath = guard.opener().resolve(path, &name)?;
+            guard.opener().pass_to_backing(path, &bpath);
             img.backing_path = Some(bpath.clone());
             if !no_backing {
                 let format = match &img.header.backing_format {
@@ -654,6 +664,9 @@ impl Qcow2Image {
             buf.copy_from_slice(src);
             return Ok(());
         }
+        if self.header.crypt_method != crypt::method::NONE {
+            return self.read_encrypted(buf, guest);
+        }
         let host = crate::block::stored_offset(status, GuestOffset(guest))?;
         if self.data_file.is_none() && host >= self.file_len() {
             return Err(Error::corrupt(format!(
@@ -664,7 +677,64 @@ impl Qcow2Image {
         crate::block::read_host(self.data_storage(), buf, host)
     }
 
+    /// Reads the uncompressed data clusters of an encrypted image at `guest` and decrypts them
+    /// (whole sectors are read; the caller's range need not be aligned). Their host offsets
+    /// come from the L2 tables: the block status of an encrypted image names none, as qemu's.
+    fn read_encrypted(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        let Some(c) = &self.crypt else {
+            return Err(Error::invalid_input(crypt::KEY_REQUIRED));
+        };
+        let sector = crate::crypto::SECTOR;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let g = guest + pos as u64;
+            let (slot, n) = self.map_slot(g, (buf.len() - pos) as u64)?;
+            let Slot::Data { host } = slot else {
+                return Err(Error::corrupt(format!(
+                    "the data cluster at guest offset {g:#x} changed while it was read"
+                )));
+            };
+            let n = n as usize;
+            let head = g % sector;
+            let (a, ha) = (g - head, host - head);
+            let len = (head + n as u64).div_ceil(sector) * sector;
+            if self.data_file.is_none() && ha.checked_add(len).is_none_or(|e| e > self.file_len()) {
+                return Err(Error::corrupt(format!(
+                    "data cluster at {host:#x} (guest offset {g:#x}) lies beyond the end of the file"
+                ))
+                .at(host));
+            }
+            let out = &mut buf[pos..pos + n];
+            if head == 0 && len == n as u64 {
+                crate::block::read_host(self.data_storage(), out, ha)?;
+                c.decrypt(a, ha, out).map_err(|e| e.at(ha))?;
+            } else {
+                let mut tmp = vec![0u8; len as usize];
+                crate::block::read_host(self.data_storage(), &mut tmp, ha)?;
+                c.decrypt(a, ha, &mut tmp).map_err(|e| e.at(ha))?;
+                out.copy_from_slice(&tmp[head as usize..head as usize + n]);
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Whether the image is encrypted (with its key or without).
+    pub fn is_encrypted(&self) -> bool {
+        self.header.crypt_method != crypt::method::NONE
+    }
+
     fn status_inner(&self, guest: u64, max_len: u64) -> Result<BlockStatus> {
+        let mut s = self.status_of_slot(guest, max_len)?;
+        // As qemu: the host offset of an encrypted image's data is not reported (it holds
+        // ciphertext), and the host file is not asked about holes under it.
+        if self.is_encrypted() && s.depth == 0 {
+            s.offset = None;
+        }
+        Ok(s)
+    }
+
+    fn status_of_slot(&self, guest: u64, max_len: u64) -> Result<BlockStatus> {
         let (slot, len) = self.map_slot(guest, max_len)?;
         Ok(match slot {
             Slot::Unallocated { host } => match &self.backing {
@@ -681,7 +751,7 @@ impl Qcow2Image {
             },
             Slot::Zero { host } => BlockStatus::zero(len, 0, host.map(HostOffset)),
             Slot::Compressed(_) => BlockStatus::compressed(len, 0),
-            Slot::Data { host } if !self.looks_metadata_preallocated() => {
+            Slot::Data { host } if self.is_encrypted() || !self.looks_metadata_preallocated() => {
                 BlockStatus::data(len, 0, HostOffset(host))
             }
             Slot::Data { host } => {
@@ -865,7 +935,7 @@ impl BlockImage for Qcow2Image {
             virtual_size: h.size,
             actual_size: self.actual_size(),
             cluster_size: Some(h.cluster_size()),
-            encrypted: None,
+            encrypted: self.is_encrypted().then_some(true),
             backing_filename: h.backing_file.clone(),
             full_backing_filename: self.backing_path.as_ref().map(|p| p.display().to_string()),
             backing_filename_format: h.backing_format.clone(),
@@ -882,6 +952,7 @@ impl BlockImage for Qcow2Image {
                 extended_l2: v3.then(|| h.extended_l2()),
                 data_file: h.data_file.clone(),
                 data_file_raw: h.has_data_file().then(|| h.data_file_raw()),
+                encrypt: crypt::info(h, self.storage.as_ref()).in_file(&self.path)?,
             })),
         })
     }

@@ -29,7 +29,7 @@ impl RawCreation {
     /// and a preallocation mode, and needs the size.
     pub fn prepare(request: &CreateRequest<'_>) -> Result<Self> {
         let given = request.given;
-        let extra: Vec<&str> = given
+        let extra: Vec<String> = given
             .given_keys()
             .into_iter()
             .filter(|k| *k != "size" && *k != "preallocation")

@@ -253,6 +253,7 @@ pub mod header_fields {
     pub const BACKING_FILE_SIZE: u64 = 16;
     pub const CLUSTER_BITS: u64 = 20;
     pub const SIZE: u64 = 24;
+    pub const CRYPT_METHOD: u64 = 32;
     pub const L1_SIZE: u64 = 36;
     pub const L1_TABLE_OFFSET: u64 = 40;
     pub const REFCOUNT_TABLE_OFFSET: u64 = 48;

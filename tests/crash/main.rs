@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod aes_kill;
 mod commit_rebase_crash;
 mod crash_safety;
 mod interrupt;

@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod aes_hostile;
 mod fixtures;
 mod hostile;
 mod probe_foreign;

@@ -25,6 +25,7 @@ mod lazy_refcounts;
 mod measure_oracle;
 mod options_matrix;
 mod oracle_read;
+mod qcow2_aes;
 mod qemu_edges_extensions;
 mod qemu_edges_refcount;
 mod qemu_edges_shrink;

@@ -128,8 +128,13 @@ impl Qcow2Image {
             Some((d, _)) => DataFile::Given(d.duplicate()),
             None => DataFile::Named,
         };
-        // Nothing is opened by name: the data file, if any, is the one this image holds.
-        let mut img = Self::open_storage_for_repair(storage, &self.path, &data, &Opener::new())?;
+        // Nothing is opened by name: the data file, if any, is the one this image holds. An
+        // encrypted image keeps its cipher (the fresh opener has no key for it: it opens it as
+        // for metadata only, and the cipher is handed over).
+        let opener = Opener::new();
+        opener.set_metadata_only(self.is_encrypted());
+        let mut img = Self::open_storage_for_repair(storage, &self.path, &data, &opener)?;
+        img.crypt = self.crypt.clone();
         if self.snapshot_override.is_some() {
             // The write state is made again with the table the repair holds.
             img.snapshot_override = self.snapshot_override.clone();

@@ -71,7 +71,90 @@ pub struct CreateOptions {
     pub data_file_raw: bool,
     /// What to allocate up front.
     pub preallocation: Preallocation,
+    /// The encryption options (`encryption=`, `encrypt.*`), as given.
+    pub encrypt: EncryptOptions,
 }
+
+/// The encryption options of a new image as given (`encrypt.format=aes|luks`,
+/// `encrypt.key-secret=ID`, the LUKS options, and the old `encryption=on|off` spelling of
+/// `encrypt.format=aes`). Checked by [`CreateOptions::validate`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncryptOptions {
+    /// `encryption=` (the alias of `encrypt.format=aes`).
+    pub alias: Option<bool>,
+    /// `encrypt.format=`
+    pub format: Option<String>,
+    /// `encrypt.key-secret=`: the id of the `--object secret` holding the passphrase.
+    pub key_secret: Option<String>,
+    /// The other `encrypt.*` options given (the LUKS ones), as `key=value`, in order.
+    pub other: Vec<(String, String)>,
+}
+
+impl EncryptOptions {
+    /// Whether any encryption option was given.
+    pub fn is_given(&self) -> bool {
+        *self != EncryptOptions::default()
+    }
+
+    /// The encryption format the options ask for (`aes` or `luks`), checked as qemu checks
+    /// it; `None` for no encryption.
+    pub fn format(&self) -> Result<Option<&str>> {
+        let bad = |m: String| Err(Error::invalid_input(m));
+        if self.alias == Some(true) && self.format.is_some() {
+            return bad(
+                "'encrypt.format' and its alias 'encryption' can't be used at the same time".into(),
+            );
+        }
+        let format = match (&self.format, self.alias) {
+            (Some(f), _) => f.as_str(),
+            (None, Some(true)) => "aes",
+            (None, _) if self.key_secret.is_some() || !self.other.is_empty() => {
+                return bad("Parameter 'encrypt.format' is missing".into())
+            }
+            (None, _) => return Ok(None),
+        };
+        match format {
+            "aes" => {
+                if let Some((k, _)) = self.other.first() {
+                    return bad(format!("Parameter '{k}' is unexpected"));
+                }
+                if self.key_secret.is_none() {
+                    return bad(crate::qcow2::crypt::KEY_REQUIRED.into());
+                }
+                Ok(Some("aes"))
+            }
+            "luks" => Err(Error::unsupported(
+                "creating LUKS-encrypted qcow2 images (encrypt.format=luks) is not supported yet",
+            )),
+            other => bad(format!(
+                "Parameter 'format' does not accept value '{other}'"
+            )),
+        }
+    }
+
+    /// The options as qemu-img's "Formatting" line shows them (each ` key=value`).
+    pub fn formatting(&self) -> String {
+        let mut s = String::new();
+        if let Some(a) = self.alias {
+            s.push_str(&format!(" encryption={}", if a { "on" } else { "off" }));
+        }
+        if let Some(f) = &self.format {
+            s.push_str(&format!(" encrypt.format={f}"));
+        }
+        if let Some(k) = &self.key_secret {
+            s.push_str(&format!(" encrypt.key-secret={k}"));
+        }
+        for (k, v) in &self.other {
+            s.push_str(&format!(" {k}={v}"));
+        }
+        s
+    }
+}
+
+/// What vimg says of legacy AES encryption when it creates such an image, and in `-o help`.
+pub const WEAK_AES: &str = "legacy qcow2 AES encryption (encrypt.format=aes) is weak: the key is \
+     the first 16 bytes of the passphrase, the IVs are predictable and a wrong passphrase goes \
+     unnoticed; qemu's system emulators refuse such images (use encrypt.format=luks)";
 
 impl Default for CreateOptions {
     fn default() -> Self {
@@ -88,6 +171,7 @@ impl Default for CreateOptions {
             data_file: None,
             data_file_raw: false,
             preallocation: Preallocation::Off,
+            encrypt: EncryptOptions::default(),
         }
     }
 }
@@ -121,6 +205,8 @@ pub struct OptionUpdates {
     pub data_file_raw: Option<bool>,
     /// `preallocation=`
     pub preallocation: Option<Preallocation>,
+    /// `encryption=` and `encrypt.*`: later ones win, each on its own.
+    pub encrypt: EncryptOptions,
     /// `help` or `?` was given: list the options instead of creating anything.
     pub help: bool,
 }
@@ -145,15 +231,22 @@ impl OptionUpdates {
         take(&mut self.data_file, later.data_file);
         take(&mut self.data_file_raw, later.data_file_raw);
         take(&mut self.preallocation, later.preallocation);
+        take(&mut self.encrypt.alias, later.encrypt.alias);
+        take(&mut self.encrypt.format, later.encrypt.format);
+        take(&mut self.encrypt.key_secret, later.encrypt.key_secret);
+        for (k, v) in later.encrypt.other {
+            self.encrypt.other.retain(|(o, _)| *o != k);
+            self.encrypt.other.push((k, v));
+        }
         self.help |= later.help;
     }
 
     /// The names of the options that are set, in qemu-img's option order.
-    pub fn given_keys(&self) -> Vec<&'static str> {
+    pub fn given_keys(&self) -> Vec<String> {
         let mut v = Vec::new();
         let mut add = |set: bool, k| {
             if set {
-                v.push(k)
+                v.push(String::from(k))
             }
         };
         add(self.size.is_some(), "size");
@@ -168,6 +261,10 @@ impl OptionUpdates {
         add(self.data_file.is_some(), "data_file");
         add(self.data_file_raw.is_some(), "data_file_raw");
         add(self.preallocation.is_some(), "preallocation");
+        add(self.encrypt.alias.is_some(), "encryption");
+        add(self.encrypt.format.is_some(), "encrypt.format");
+        add(self.encrypt.key_secret.is_some(), "encrypt.key-secret");
+        v.extend(self.encrypt.other.iter().map(|(k, _)| k.clone()));
         v
     }
 }
@@ -201,6 +298,18 @@ pub(crate) const OPTION_HELP: &[(&str, &str)] = &[
     (
         "data_file_raw=<bool>",
         "keep the data file a valid raw image by itself (on/off)",
+    ),
+    (
+        "encrypt.format=<str>",
+        "aes: legacy AES, weak (the key is the first 16 bytes of the passphrase); luks: not yet",
+    ),
+    (
+        "encrypt.key-secret=<str>",
+        "id of the --object secret holding the passphrase",
+    ),
+    (
+        "encryption=<bool>",
+        "old spelling of encrypt.format=aes (weak)",
     ),
     (
         "extended_l2=<bool>",
@@ -347,10 +456,13 @@ pub fn parse_options(s: &str) -> Result<OptionUpdates> {
             "backing_file" => u.backing_file = Some(need("a file name")?.to_string()),
             "backing_fmt" => u.backing_fmt = Some(need("a format name")?.to_string()),
             "data_file" => u.data_file = Some(need("a file name")?.to_string()),
-            k if k == "encryption" || k.starts_with("encrypt.") => {
-                return Err(Error::unsupported(format!(
-                    "option '{k}': creating encrypted images is not supported"
-                )))
+            "encryption" => u.encrypt.alias = Some(parse_bool(&key, v)?),
+            "encrypt.format" => u.encrypt.format = Some(need("aes or luks")?.to_string()),
+            "encrypt.key-secret" => u.encrypt.key_secret = Some(need("a secret id")?.to_string()),
+            k if k.starts_with("encrypt.") => {
+                let v = need("a value")?.to_string();
+                u.encrypt.other.retain(|(o, _)| o != k);
+                u.encrypt.other.push((k.to_string(), v));
             }
             // qemu sets it as the xfs extent size hint of the image file (FS_IOC_FSSETXATTR)
             // and ignores it on other file systems; vimg accepts and checks it, and leaves the
@@ -417,6 +529,18 @@ impl CreateOptions {
         }
         if let Some(v) = u.preallocation {
             self.preallocation = v;
+        }
+        if u.encrypt.is_given() {
+            let later = OptionUpdates {
+                encrypt: u.encrypt.clone(),
+                ..OptionUpdates::default()
+            };
+            let mut mine = OptionUpdates {
+                encrypt: std::mem::take(&mut self.encrypt),
+                ..OptionUpdates::default()
+            };
+            mine.merge(later);
+            self.encrypt = mine.encrypt;
         }
     }
 
@@ -513,6 +637,7 @@ impl CreateOptions {
                  extended_l2 is on",
             );
         }
+        self.encrypt.format()?;
         if self.size > i64::MAX as u64 - 511 {
             return bad("image size is too large");
         }
@@ -578,10 +703,52 @@ mod tests {
                 "{bad}"
             );
         }
-        assert_eq!(
-            parse_options("encrypt.format=luks").unwrap_err().kind(),
-            ErrorKind::Unsupported
-        );
+        // Encryption options parse; their combinations are checked by validate, as qemu
+        // checks them after its "Formatting" line.
+        let check = |o: &str| {
+            let mut c = CreateOptions::default();
+            c.apply(&parse_options(o).unwrap());
+            c.validate()
+        };
+        check("encrypt.format=aes,encrypt.key-secret=s").unwrap();
+        check("encryption=on,encrypt.key-secret=s").unwrap();
+        check("encryption=off").unwrap();
+        for (o, kind, words) in [
+            (
+                "encrypt.format=luks,encrypt.key-secret=s",
+                ErrorKind::Unsupported,
+                "LUKS",
+            ),
+            (
+                "encrypt.format=aes",
+                ErrorKind::InvalidInput,
+                "'encrypt.key-secret' is required",
+            ),
+            (
+                "encrypt.key-secret=s",
+                ErrorKind::InvalidInput,
+                "'encrypt.format' is missing",
+            ),
+            (
+                "encrypt.format=x,encrypt.key-secret=s",
+                ErrorKind::InvalidInput,
+                "value 'x'",
+            ),
+            (
+                "encryption=on,encrypt.format=aes",
+                ErrorKind::InvalidInput,
+                "alias",
+            ),
+            (
+                "encrypt.format=aes,encrypt.key-secret=s,encrypt.cipher-alg=aes-256",
+                ErrorKind::InvalidInput,
+                "'encrypt.cipher-alg' is unexpected",
+            ),
+        ] {
+            let e = check(o).unwrap_err();
+            assert_eq!(e.kind(), kind, "{o}: {e}");
+            assert!(e.to_string().contains(words), "{o}: {e}");
+        }
     }
 
     #[test]

@@ -47,7 +47,10 @@ fn header_cluster(o: &CreateOptions, p: &Plan) -> Result<Vec<u8>> {
         backing_file_size: 0,
         cluster_bits: p.geo.cluster_bits,
         size: p.size,
-        crypt_method: 0,
+        crypt_method: match o.encrypt.format()? {
+            Some("aes") => crate::qcow2::crypt::method::AES,
+            _ => crate::qcow2::crypt::method::NONE,
+        },
         l1_size: p.l1_size as u32,
         l1_table_offset: p.l1_at << p.geo.cluster_bits,
         refcount_table_offset: p.layout.table_at << p.geo.cluster_bits,
@@ -118,6 +121,15 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
 /// [`create`], every file made through `opener`.
 pub fn create_with(opener: &Opener, path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
+    // The passphrase must exist (legacy AES writes nothing made from it).
+    if let Some(id) = opts
+        .encrypt
+        .key_secret
+        .as_deref()
+        .filter(|_| opts.encrypt.alias == Some(true) || opts.encrypt.format.is_some())
+    {
+        opener.secret(id)?;
+    }
     let p = plan(opts);
     if p.layout.table_clusters * p.geo.cs() > MAX_REFTABLE_BYTES {
         return Err(Error::invalid_input(

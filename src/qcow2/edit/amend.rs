@@ -343,9 +343,12 @@ impl Qcow2Image {
             ));
         }
         if opts.encryption {
-            return Err(refuse(
-                "Can't amend encryption options - encryption not present",
-            ));
+            return Err(refuse(match h.crypt_method {
+                0 => "Can't amend encryption options - encryption not present",
+                // Legacy AES has no key slots.
+                1 => "Only LUKS encryption options can be amended",
+                _ => "amending the key slots of LUKS-encrypted qcow2 images is not supported yet",
+            }));
         }
         let mut plan = AmendPlan::default();
         let old_version = h.version;

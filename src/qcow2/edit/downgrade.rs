@@ -101,11 +101,12 @@ impl Qcow2Image {
                 0 => self.l1().clone(),
                 _ => self.snapshot_l1(&snaps[n - 1])?,
             };
-            for &e in &l1 {
+            for (i, &e) in l1.iter().enumerate() {
                 if let Some(off) = l2::l1_entry_target(e, cs)? {
                     if seen.insert(off) {
                         let mut st = self.write_state()?;
-                        self.expand_zeros_in(&mut st, off, backed)?;
+                        let guest = (i as u64) << self.header.l1_shift();
+                        self.expand_zeros_in(&mut st, off, guest, backed)?;
                         self.flush_if_full(&mut st)?;
                     }
                 }
@@ -119,9 +120,16 @@ impl Qcow2Image {
         self.rewrite_header(h)
     }
 
-    /// Expands the zero clusters of the L2 table at `l2_off` (in memory; written at the next
-    /// flush, after the clusters it now points at were zeroed).
-    fn expand_zeros_in(&self, st: &mut WriteState, l2_off: u64, backed: bool) -> Result<()> {
+    /// Expands the zero clusters of the L2 table at `l2_off`, which maps the guest range from
+    /// `guest` (in memory; written at the next flush, after the clusters it now points at were
+    /// zeroed).
+    fn expand_zeros_in(
+        &self,
+        st: &mut WriteState,
+        l2_off: u64,
+        guest: u64,
+        backed: bool,
+    ) -> Result<()> {
         let cs = self.header.cluster_size();
         let table = self.l2_table(l2_off)?;
         if !table.iter().any(|e| e & l2::OFLAG_ZERO != 0) {
@@ -182,7 +190,7 @@ impl Qcow2Image {
                     (c * cs, table_refs)
                 }
             };
-            self.zero_host_cluster(cluster)?;
+            self.zero_host_cluster(cluster, guest + ((i as u64) << self.header.cluster_bits))?;
             *entry = (cluster & L2E_OFFSET_MASK) | if refs == 1 { OFLAG_COPIED } else { 0 };
         }
         self.l2_cache.put_dirty(l2_off, t.into());
@@ -190,9 +198,19 @@ impl Qcow2Image {
     }
 
     /// Makes the host cluster at `off` read as zeros: a hole punched (or zeros written) inside
-    /// the file, the file extended over it past its end.
-    fn zero_host_cluster(&self, off: u64) -> Result<()> {
+    /// the file, the file extended over it past its end. In an encrypted image, where the data
+    /// cluster now holds the guest cluster at `guest`, zeros encrypted for it are written
+    /// instead (qemu writes plain zeros there, which then decrypt to garbage).
+    fn zero_host_cluster(&self, off: u64, guest: u64) -> Result<()> {
         let cs = self.header.cluster_size();
+        if let Some(c) = &self.crypt {
+            let mut zeros = vec![0u8; cs as usize];
+            c.encrypt(guest, off, &mut zeros)?;
+            return self
+                .storage
+                .write_at(&zeros, off)
+                .map_err(|e| Error::io("cannot zero a cluster", e).at(off));
+        }
         let len = self
             .storage
             .len()

@@ -562,7 +562,7 @@ impl Qcow2Image {
             Err(e) => return self.abandon(st, &mut vec![mapping], e),
         };
         content[within as usize..within as usize + data.len()].copy_from_slice(data);
-        self.write_run(st, &content, host, &mut vec![mapping])?;
+        self.write_run(st, (&content, None), gc, host, &mut vec![mapping])?;
         Ok(Deferred::Nothing)
     }
 
@@ -574,13 +574,19 @@ impl Qcow2Image {
         within: u64,
         data: &[u8],
     ) -> Result<()> {
+        // An encrypted image is written in whole sectors: a partial one is completed with
+        // what the guest sees around it.
+        if let Some((a, buf)) = self.sector_aligned(gc + within, data)? {
+            return self.write_in_cluster_now(st, gc, a - gc, &buf);
+        }
         let mut remaps = Vec::new();
+        let guest = gc + within;
         match self.write_in_cluster(st, gc, within, data)? {
             Deferred::Nothing => Ok(()),
-            Deferred::Data { host } => self.write_run(st, data, host, &mut remaps),
+            Deferred::Data { host } => self.write_run(st, (data, None), guest, host, &mut remaps),
             Deferred::Mapped { host, mapping } => {
                 remaps.push(mapping);
-                self.write_run(st, data, host, &mut remaps)
+                self.write_run(st, (data, None), guest, host, &mut remaps)
             }
         }
     }
@@ -667,6 +673,9 @@ impl Qcow2Image {
                     self.data_storage()
                         .read_at(&mut buf, old + i * sc)
                         .map_err(Self::io_err("read failed", old + i * sc))?;
+                    if let Some(c) = &self.crypt {
+                        c.recrypt(gc + i * sc, old + i * sc, host + i * sc, &mut buf)?;
+                    }
                     self.guard_data_write(st_ref, host + i * sc, buf.len() as u64)?;
                     self.data_storage()
                         .write_at(&buf, host + i * sc)
@@ -689,10 +698,11 @@ impl Qcow2Image {
             let start = within - head;
             if head == 0 && tail == 0 {
                 self.guard_data_write(st_ref, host + start, data.len() as u64)?;
+                let data = self.encrypted(data, gc + start, host + start)?;
                 self.data_storage()
                     .debug_event(crate::blkdebug::Event::WriteAio);
                 self.data_storage()
-                    .write_at(data, host + start)
+                    .write_at(&data, host + start)
                     .map_err(Self::io_err("write failed", host + start))?;
             } else {
                 let mut buf = vec![0u8; (head + data.len() as u64 + tail) as usize];
@@ -700,6 +710,9 @@ impl Qcow2Image {
                 buf[head as usize..head as usize + data.len()].copy_from_slice(data);
                 self.read_inner(&mut buf[head as usize + data.len()..], gc + end)?;
                 self.guard_data_write(st_ref, host + start, buf.len() as u64)?;
+                if let Some(c) = &self.crypt {
+                    c.encrypt(gc + start, host + start, &mut buf)?;
+                }
                 self.data_storage()
                     .debug_event(crate::blkdebug::Event::WriteAio);
                 self.data_storage()
@@ -785,6 +798,9 @@ impl Qcow2Image {
             return Err(Error::unsupported(
                 "compressed clusters cannot be written to an image with an external data file",
             ));
+        }
+        if self.is_encrypted() {
+            return Err(Error::unsupported(crate::qcow2::crypt::NO_COMPRESSION));
         }
         if !gc.is_multiple_of(cs) || gc >= h.size || z.is_empty() || z.len() as u64 >= cs {
             return Err(Error::invalid_input(format!(
@@ -924,23 +940,53 @@ impl Qcow2Image {
 
     /// Writes `buf` at guest offset `guest` (inside the disk, checked by the caller).
     pub(crate) fn write_inner(&self, buf: &[u8], guest: u64) -> Result<()> {
+        // Whole sectors whose IVs follow the guest offset (legacy AES) are encrypted before the
+        // write lock is taken, by each writing thread in parallel; the lock only places them.
+        let stored = match &self.crypt {
+            Some(c)
+                if c.follows_guest()
+                    && guest.is_multiple_of(crate::crypto::SECTOR)
+                    && (buf.len() as u64).is_multiple_of(crate::crypto::SECTOR) =>
+            {
+                let mut e = buf.to_vec();
+                c.encrypt(guest, 0, &mut e)?;
+                Some(e)
+            }
+            _ => None,
+        };
         let mut st = self.write_state()?;
         self.track_write(&mut st, guest, buf.len() as u64)?;
-        match self.write_locked(&mut st, buf, guest) {
+        // An encrypted image is written in whole sectors: a partial one is completed with
+        // what the guest sees around it.
+        let aligned = self.sector_aligned(guest, buf)?;
+        let (buf, guest) = match &aligned {
+            Some((a, b)) => (&b[..], *a),
+            None => (buf, guest),
+        };
+        let stored = stored.as_deref().filter(|_| aligned.is_none());
+        match self.write_locked(&mut st, buf, guest, stored) {
             // Out of space (a full block device) while clusters this session released wait
             // for the next flush to be reusable: qemu would have reused them, so flush and try
             // again. The first attempt's new clusters were freed again, and what it mapped is
             // rewritten in place, so the retry writes the same.
             Err(e) if is_out_of_space(&e) && !st.pending_free.is_empty() => {
                 self.flush_locked(&mut st)?;
-                self.write_locked(&mut st, buf, guest)
+                self.write_locked(&mut st, buf, guest, stored)
             }
             r => r,
         }
     }
 
-    /// [`Self::write_inner`] under the write lock.
-    fn write_locked(&self, st: &mut WriteState, buf: &[u8], guest: u64) -> Result<()> {
+    /// [`Self::write_inner`] under the write lock; `stored`, if given, is `buf` as it is to
+    /// be stored (encrypted already).
+    fn write_locked(
+        &self,
+        st: &mut WriteState,
+        buf: &[u8],
+        guest: u64,
+        stored: Option<&[u8]>,
+    ) -> Result<()> {
+        let part = |a: usize, b: usize| stored.map(|s| &s[a..b]);
         let cs = self.header.cluster_size();
         let mut pos = 0usize;
         // Clusters whose data goes to consecutive host offsets are written with one call: the
@@ -963,34 +1009,49 @@ impl Qcow2Image {
             };
             let extends = run_start < pos && host == Some(run_host + (pos - run_start) as u64);
             if !extends {
-                self.write_run(st, &buf[run_start..pos], run_host, &mut remaps)?;
+                let g = guest + run_start as u64;
+                let data = (&buf[run_start..pos], part(run_start, pos));
+                self.write_run(st, data, g, run_host, &mut remaps)?;
                 run_start = if host.is_some() { pos } else { pos + n };
                 run_host = host.unwrap_or(0);
             }
             remaps.extend(mapping);
             pos += n;
             if self.flush_needed(st) {
-                self.write_run(st, &buf[run_start..pos], run_host, &mut remaps)?;
+                let g = guest + run_start as u64;
+                let data = (&buf[run_start..pos], part(run_start, pos));
+                self.write_run(st, data, g, run_host, &mut remaps)?;
                 run_start = pos;
                 self.flush_locked(st)?;
             }
         }
-        self.write_run(st, &buf[run_start..], run_host, &mut remaps)
+        let g = guest + run_start as u64;
+        let data = (&buf[run_start..], part(run_start, buf.len()));
+        self.write_run(st, data, g, run_host, &mut remaps)
     }
 
-    /// Writes `data` (a run of [`Self::write_inner`], maybe empty) at host offset `host`, then
-    /// makes the L2 entries in `remaps` point at it.
+    /// Writes `data` (a run of [`Self::write_inner`] at guest offset `guest`, maybe empty) at
+    /// host offset `host`, encrypted if the image is (`data.1`, when given, is the run as it
+    /// is to be stored, encrypted already), then makes the L2 entries in `remaps` point at it.
     fn write_run(
         &self,
         st: &mut WriteState,
-        data: &[u8],
+        data: (&[u8], Option<&[u8]>),
+        guest: u64,
         host: u64,
         remaps: &mut Vec<Remap>,
     ) -> Result<()> {
-        if !data.is_empty() {
+        if !data.0.is_empty() {
+            let data = match data.1 {
+                Some(stored) => std::borrow::Cow::Borrowed(stored),
+                None => match self.encrypted(data.0, guest, host) {
+                    Ok(d) => d,
+                    Err(e) => return self.abandon(st, remaps, e),
+                },
+            };
             self.data_storage()
                 .debug_event(crate::blkdebug::Event::WriteAio);
-            if let Err(e) = self.data_storage().write_at(data, host) {
+            if let Err(e) = self.data_storage().write_at(&data, host) {
                 // Out of space (a full block device, a full file system) or an I/O error:
                 // the new clusters may hold part of the data, but no table points at them.
                 let e = Self::io_err("write failed", host)(e);
@@ -1000,6 +1061,49 @@ impl Qcow2Image {
         let r = self.apply_remaps(st, remaps);
         remaps.clear();
         r
+    }
+
+    /// `data`, guest data at guest offset `guest` to be written at host offset `host`, as it
+    /// is stored: encrypted if the image is (a copy), else as it is.
+    fn encrypted<'a>(
+        &self,
+        data: &'a [u8],
+        guest: u64,
+        host: u64,
+    ) -> Result<std::borrow::Cow<'a, [u8]>> {
+        match &self.crypt {
+            None if self.is_encrypted() => {
+                Err(Error::invalid_input(crate::qcow2::crypt::KEY_REQUIRED))
+            }
+            None => Ok(std::borrow::Cow::Borrowed(data)),
+            Some(c) => {
+                let mut buf = data.to_vec();
+                c.encrypt(guest, host, &mut buf).map_err(|e| e.at(host))?;
+                Ok(std::borrow::Cow::Owned(buf))
+            }
+        }
+    }
+
+    /// For an encrypted image, a write of `data` at guest offset `guest` that does not cover
+    /// whole 512-byte sectors, widened to whole sectors: the guest offset of the first and the
+    /// data, completed with what the guest reads around it (zeros past the end of the disk).
+    /// `None` when nothing needs widening.
+    fn sector_aligned(&self, guest: u64, data: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
+        let sector = crate::crypto::SECTOR;
+        let end = guest + data.len() as u64;
+        if !self.is_encrypted()
+            || (guest.is_multiple_of(sector) && end.is_multiple_of(sector))
+            || data.is_empty()
+        {
+            return Ok(None);
+        }
+        let a = guest - guest % sector;
+        let b = end.div_ceil(sector) * sector;
+        let mut buf = vec![0u8; (b - a) as usize];
+        let readable = (b.min(self.header.size) - a) as usize;
+        self.read_inner(&mut buf[..readable], a)?;
+        buf[(guest - a) as usize..(end - a) as usize].copy_from_slice(data);
+        Ok(Some((a, buf)))
     }
 
     /// Gives up the L2 changes in `remaps` after `err` stopped the write before their data was

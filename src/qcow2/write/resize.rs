@@ -419,6 +419,11 @@ impl Qcow2Image {
                 let mut buf = vec![0u8; cs as usize];
                 crate::qcow2::refcount::table::read_padded(self, &mut buf, old_host)?;
                 let to = (p.data_at + pos) * cs;
+                // Ciphertext whose IV follows the host offset is encrypted again for its new
+                // place (LUKS; legacy AES keeps it as it is).
+                if let Some(c) = &self.crypt {
+                    c.recrypt(g * cs, old_host, to, &mut buf)?;
+                }
                 self.storage
                     .write_at(&buf, to)
                     .map_err(|e| Error::io("cannot copy a cluster", e).at(to))?;

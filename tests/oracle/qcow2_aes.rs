@@ -1,0 +1,751 @@
+//! Legacy AES encrypted qcow2 images (`crypt_method` 1, `encrypt.format=aes`) against qemu-img
+//! and qemu-io 10: images qemu makes and writes (random patterns at any byte offset, over
+//! backing files encrypted with another key or not at all, with internal snapshots) read the
+//! same through vimg; vimg's writes into them (partial sectors and clusters, copy-on-write from
+//! backing files and snapshot-shared clusters, zero writes, discards) and the images vimg
+//! creates and converts read the same through qemu (`qemu-img compare` with the secrets) and
+//! pass `qemu-img check`; a missing secret fails as in qemu, and a wrong passphrase decrypts to
+//! the same garbage as in qemu.
+
+use crate::common::{self, Rng};
+use std::path::Path;
+use vimg::open::{open_image, OpenOptions};
+use vimg::opener::{EncryptOptions, Opener};
+use vimg::{BlockImage, GuestOffset};
+
+const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
+
+fn secret(id: &str, pw: &str) -> String {
+    format!("secret,id={id},data={pw}")
+}
+
+/// `--image-opts` for a qcow2 image with its key, and the backing file's if it has one.
+fn spec(path: &Path, id: &str, backing_id: Option<&str>) -> String {
+    let mut s = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret={id}",
+        path.display()
+    );
+    if let Some(b) = backing_id {
+        s.push_str(&format!(",backing.encrypt.key-secret={b}"));
+    }
+    s
+}
+
+/// Runs `prog` with `--object` for each secret in front of `args`.
+fn with_objects(prog: &str, sub: &[&str], objects: &[String], args: &[&str]) -> (i32, String) {
+    let mut a: Vec<String> = sub.iter().map(|s| s.to_string()).collect();
+    for o in objects {
+        a.push("--object".into());
+        a.push(o.clone());
+    }
+    a.extend(args.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    common::run_status(prog, &a)
+}
+
+fn ok(r: (i32, String), what: &str) -> String {
+    assert_eq!(r.0, 0, "{what}: {}", r.1);
+    r.1
+}
+
+/// qemu-img create of an AES image with passphrase `pw` (extra `-o` options, backing file).
+fn qemu_create_aes(path: &Path, pw: &str, size: u64, extra: &str, backing: Option<&Path>) {
+    let mut o = "encrypt.format=aes,encrypt.key-secret=k".to_string();
+    if !extra.is_empty() {
+        o = format!("{o},{extra}");
+    }
+    let size = size.to_string();
+    let b;
+    let mut args = vec!["-q", "-f", "qcow2", "-o", &o];
+    if let Some(bp) = backing {
+        b = bp.to_str().unwrap().to_string();
+        args.extend(["-b", &b, "-F", "qcow2"]);
+    }
+    args.extend([path.to_str().unwrap(), &size]);
+    ok(
+        with_objects("qemu-img", &["create"], &[secret("k", pw)], &args),
+        "qemu-img create",
+    );
+}
+
+/// qemu-io commands on an image given by `--image-opts`.
+fn qemu_io(objects: &[String], spec: &str, cmds: &[String]) {
+    let mut args = vec!["--image-opts".to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(spec.to_string());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok(with_objects("qemu-io", &[], objects, &a), "qemu-io");
+    assert!(!out.contains("error") && !out.contains("failed"), "{out}");
+}
+
+/// The guest contents as qemu reads them.
+fn qemu_read(objects: &[String], spec: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join("qemu-read.raw");
+    ok(
+        with_objects(
+            "qemu-img",
+            &["convert"],
+            objects,
+            &["--image-opts", spec, "-O", "raw", out.to_str().unwrap()],
+        ),
+        "qemu-img convert",
+    );
+    let d = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    d
+}
+
+/// An opener holding the secrets `keys` (id, passphrase) and, for each image, the id of its
+/// key.
+fn opener(keys: &[(&str, &str)], images: &[(&Path, &str)]) -> Opener {
+    let o = Opener::new();
+    let objects: Vec<String> = keys.iter().map(|(i, p)| secret(i, p)).collect();
+    o.set_secrets(vimg::secret::Secrets::from_objects(&objects).unwrap());
+    for (p, id) in images {
+        o.set_encryption(
+            p,
+            EncryptOptions {
+                key_secret: Some(id.to_string()),
+                format: None,
+            },
+        );
+    }
+    o
+}
+
+fn open(path: &Path, opener: &Opener, writable: bool) -> Box<dyn BlockImage> {
+    open_image(
+        path,
+        &OpenOptions {
+            writable,
+            opener: opener.clone(),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn read_all(img: &dyn BlockImage) -> Vec<u8> {
+    let mut buf = vec![0u8; img.virtual_size() as usize];
+    img.read_at(&mut buf, GuestOffset(0)).unwrap();
+    buf
+}
+
+/// Random qemu-io writes (patterns at any byte offset and length) and zero writes.
+fn random_io(rng: &mut Rng, size: u64, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let off = rng.below(size - 1);
+            let len = 1 + rng.below((size - off).min(200_000));
+            match rng.below(5) {
+                0 => format!("write -z {off} {len}"),
+                _ => format!("write -P {} {off} {len}", 1 + rng.below(254)),
+            }
+        })
+        .collect()
+}
+
+/// A chain made by qemu: `base` (AES with passphrase "basepass", or unencrypted), `top` (AES
+/// with "toppass") over it, with random writes in both and an internal snapshot of `top`
+/// taken between two rounds of writes. Returns the objects and the spec of `top`.
+fn qemu_chain(
+    dir: &Path,
+    rng: &mut Rng,
+    cluster: u64,
+    extended_l2: bool,
+    base_encrypted: bool,
+) -> (Vec<String>, String) {
+    let size = 1 << 20;
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let mut extra = format!("cluster_size={cluster}");
+    if extended_l2 {
+        extra.push_str(",extended_l2=on");
+    }
+    let objects = vec![secret("kb", "basepass"), secret("kt", "toppass")];
+    let base_spec = if base_encrypted {
+        qemu_create_aes(&base, "basepass", size, &extra, None);
+        spec(&base, "kb", None)
+    } else {
+        common::qemu_create(&base, "qcow2", &extra, None, size);
+        format!("driver=qcow2,file.filename={}", base.display())
+    };
+    qemu_io(&objects, &base_spec, &random_io(rng, size, 12));
+    qemu_create_aes(&top, "toppass", size, &extra, Some(&base));
+    let top_spec = spec(&top, "kt", base_encrypted.then_some("kb"));
+    qemu_io(&objects, &top_spec, &random_io(rng, size, 10));
+    ok(
+        with_objects(
+            "qemu-img",
+            &["snapshot"],
+            &objects,
+            &["-c", "s1", "--image-opts", &top_spec],
+        ),
+        "qemu-img snapshot",
+    );
+    qemu_io(&objects, &top_spec, &random_io(rng, size, 10));
+    (objects, top_spec)
+}
+
+fn chain_opener(dir: &Path, base_encrypted: bool) -> Opener {
+    let top = dir.join("top.qcow2");
+    let base = dir.join("base.qcow2");
+    let mut images = vec![(top.as_path(), "kt")];
+    if base_encrypted {
+        images.push((base.as_path(), "kb"));
+    }
+    opener(&[("kb", "basepass"), ("kt", "toppass")], &images)
+}
+
+fn qemu_check(objects: &[String], spec: &str) {
+    let (code, out) = with_objects("qemu-img", &["check"], objects, &["--image-opts", spec]);
+    assert_eq!(code, 0, "qemu-img check: {out}");
+}
+
+#[test]
+fn images_qemu_writes_read_the_same() {
+    if !common::qemu_available("aes_read") {
+        return;
+    }
+    let mut rng = Rng::seeded(0xae5);
+    for (cluster, ext, base_enc) in [
+        (65536, false, true),
+        (4096, false, false),
+        (512, false, true),
+        (16384, true, true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (objects, top_spec) = qemu_chain(dir.path(), &mut rng, cluster, ext, base_enc);
+        let want = qemu_read(&objects, &top_spec, dir.path());
+        let img = open(
+            &dir.path().join("top.qcow2"),
+            &chain_opener(dir.path(), base_enc),
+            false,
+        );
+        assert!(
+            read_all(img.as_ref()) == want,
+            "cluster {cluster} ext {ext}"
+        );
+        // Unaligned reads too.
+        let mut buf = vec![0u8; 70001];
+        img.read_at(&mut buf, GuestOffset(12345)).unwrap();
+        assert!(buf[..] == want[12345..12345 + 70001]);
+    }
+}
+
+#[test]
+fn vimg_writes_into_qemu_images_read_the_same_in_qemu() {
+    if !common::qemu_available("aes_write") {
+        return;
+    }
+    let mut rng = Rng::seeded(0x5ec);
+    for (cluster, ext, base_enc) in [
+        (65536, false, true),
+        (4096, false, false),
+        (16384, true, true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (objects, top_spec) = qemu_chain(dir.path(), &mut rng, cluster, ext, base_enc);
+        let mut model = qemu_read(&objects, &top_spec, dir.path());
+        let size = model.len() as u64;
+        {
+            let img = open(
+                &dir.path().join("top.qcow2"),
+                &chain_opener(dir.path(), base_enc),
+                true,
+            );
+            for _ in 0..40 {
+                let off = rng.below(size - 1);
+                let len = 1 + rng.below((size - off).min(150_000));
+                let r = off as usize..(off + len) as usize;
+                match rng.below(6) {
+                    0 => {
+                        img.write_zeroes(GuestOffset(off), len, rng.below(2) == 0)
+                            .unwrap();
+                        model[r].fill(0);
+                    }
+                    1 => {
+                        // What a discarded range reads as is the driver's choice: take
+                        // vimg's, which qemu must then read too.
+                        img.discard(GuestOffset(off), len).unwrap();
+                        img.read_at(&mut model[r], GuestOffset(off)).unwrap();
+                    }
+                    _ => {
+                        let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                        img.write_at(&data, GuestOffset(off)).unwrap();
+                        model[r].copy_from_slice(&data);
+                    }
+                }
+            }
+            assert!(read_all(img.as_ref()) == model);
+            img.finish().unwrap();
+        }
+        assert!(
+            qemu_read(&objects, &top_spec, dir.path()) == model,
+            "cluster {cluster} ext {ext} base encrypted {base_enc}"
+        );
+        qemu_check(&objects, &top_spec);
+        // The snapshot qemu took still reads as before (its clusters were copied, not
+        // changed): vimg's convert -l and qemu's agree.
+        let out = dir.path().join("snap.raw");
+        let qout = dir.path().join("qsnap.raw");
+        for (prog, o) in [(VIMG, &out), ("qemu-img", &qout)] {
+            ok(
+                with_objects(
+                    prog,
+                    &["convert"],
+                    &objects,
+                    &[
+                        "-l",
+                        "s1",
+                        "--image-opts",
+                        &top_spec,
+                        "-O",
+                        "raw",
+                        o.to_str().unwrap(),
+                    ],
+                ),
+                prog,
+            );
+        }
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&qout).unwrap());
+    }
+}
+
+#[test]
+fn images_vimg_creates_and_converts_read_the_same_in_qemu() {
+    if !common::qemu_available("aes_create") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = d.join("src.raw");
+    let mut rng = Rng::seeded(7);
+    let mut data = vec![0u8; 3 << 20];
+    for chunk in data.chunks_mut(65536) {
+        if rng.below(3) != 0 {
+            chunk.iter_mut().for_each(|b| *b = rng.next() as u8);
+        }
+    }
+    std::fs::write(&raw, &data).unwrap();
+    let objects = vec![secret("k", "a passphrase longer than sixteen bytes")];
+    // create + convert -n into it; convert -O qcow2 -o encrypt...; the old spelling.
+    let a = d.join("a.qcow2");
+    let b = d.join("b.qcow2");
+    let c = d.join("c.qcow2");
+    let (code, out) = with_objects(
+        VIMG,
+        &["create"],
+        &objects,
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=aes,encrypt.key-secret=k",
+            a.to_str().unwrap(),
+            "3M",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    // The warning is for a person at a terminal; scripts get qemu-img's output.
+    assert!(!out.contains("warning"), "{out}");
+    let cmd = format!(
+        "{VIMG} create -q -f qcow2 --object secret,id=k,data=x -o encryption=on,encrypt.key-secret=k \
+         {}/tty.qcow2 1M",
+        d.display()
+    );
+    let tty = common::run("script", &["-qec", &cmd, "/dev/null"]);
+    assert!(
+        tty.contains("vimg: warning: legacy qcow2 AES encryption (encrypt.format=aes) is weak"),
+        "{tty}"
+    );
+    ok(
+        with_objects(
+            VIMG,
+            &["convert"],
+            &objects,
+            &[
+                "-n",
+                raw.to_str().unwrap(),
+                "--target-image-opts",
+                &spec(&a, "k", None),
+            ],
+        ),
+        "convert -n",
+    );
+    ok(
+        with_objects(
+            VIMG,
+            &["convert"],
+            &objects,
+            &[
+                "-O",
+                "qcow2",
+                "-o",
+                "encrypt.format=aes,encrypt.key-secret=k,cluster_size=4096",
+                raw.to_str().unwrap(),
+                b.to_str().unwrap(),
+            ],
+        ),
+        "convert -O qcow2",
+    );
+    ok(
+        with_objects(
+            VIMG,
+            &["convert"],
+            &objects,
+            &[
+                "-O",
+                "qcow2",
+                "-o",
+                "encryption=on,encrypt.key-secret=k",
+                "--image-opts",
+                &spec(&b, "k", None),
+                c.to_str().unwrap(),
+            ],
+        ),
+        "convert aes to aes",
+    );
+    for img in [&a, &b, &c] {
+        let s = spec(img, "k", None);
+        let (code, out) = with_objects(
+            "qemu-img",
+            &["compare"],
+            &objects,
+            &[
+                "--image-opts",
+                &s,
+                &format!("driver=raw,file.filename={}", raw.display()),
+            ],
+        );
+        assert_eq!(code, 0, "{}: {out}", img.display());
+        qemu_check(&objects, &s);
+        // info without the key, as qemu prints it.
+        for fmt in ["human", "json"] {
+            let o = format!("--output={fmt}");
+            let v = common::run(VIMG, &["info", &o, img.to_str().unwrap()]);
+            let q = common::run("qemu-img", &["info", &o, img.to_str().unwrap()]);
+            assert_eq!(v, q, "{}", img.display());
+        }
+    }
+    // An encrypted overlay over an encrypted image: info of the chain, without keys.
+    let o = d.join("o.qcow2");
+    qemu_create_aes(&o, "other", 3 << 20, "", Some(&a));
+    for fmt in ["human", "json"] {
+        let f = format!("--output={fmt}");
+        let args = ["info", "--backing-chain", &f, o.to_str().unwrap()];
+        assert_eq!(
+            common::run(VIMG, &args),
+            common::run("qemu-img", &args),
+            "{fmt}"
+        );
+    }
+    // An overlay over an encrypted image, its size taken from it: no key needed (qemu opens
+    // the backing file without I/O).
+    let ov = d.join("ov.qcow2");
+    let args = [
+        "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2",
+    ];
+    let (code, out) = common::run_in(d, VIMG, &[&args[..], &[ov.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{out}");
+    let info = common::run("qemu-img", &["info", ov.to_str().unwrap()]);
+    assert!(info.contains("virtual size: 3 MiB"), "{info}");
+    // vimg reads qemu's conversion of the same data the same.
+    let q = d.join("q.qcow2");
+    ok(
+        with_objects(
+            "qemu-img",
+            &["convert"],
+            &objects,
+            &[
+                "-O",
+                "qcow2",
+                "-o",
+                "encrypt.format=aes,encrypt.key-secret=k",
+                raw.to_str().unwrap(),
+                q.to_str().unwrap(),
+            ],
+        ),
+        "qemu convert",
+    );
+    let img = open(
+        &q,
+        &opener(
+            &[("k", "a passphrase longer than sixteen bytes")],
+            &[(&q, "k")],
+        ),
+        false,
+    );
+    assert!(read_all(img.as_ref()) == data);
+}
+
+/// The first line of stderr of a failed run, with the program's name taken off.
+fn message(r: (i32, String)) -> (i32, String) {
+    let line =
+        r.1.lines()
+            .find(|l| l.contains("qemu-img:") || l.contains("vimg:"))
+            .unwrap_or("")
+            .to_string();
+    let line = line
+        .split_once(": ")
+        .map(|(_, rest)| rest.to_string())
+        .unwrap_or(line);
+    (r.0, line)
+}
+
+#[test]
+fn missing_keys_and_wrong_passphrases_as_in_qemu() {
+    if !common::qemu_available("aes_errors") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("e.qcow2");
+    qemu_create_aes(&img, "right", 1 << 20, "", None);
+    qemu_io(
+        &[secret("k", "right")],
+        &spec(&img, "k", None),
+        &["write -P 0x5a 1000 70000".to_string()],
+    );
+    let out = d.join("out.raw");
+    let (p, o) = (img.to_str().unwrap(), out.to_str().unwrap());
+    let sp = spec(&img, "k", None);
+    let sp_other = spec(&img, "nope", None);
+    let sp_luks = format!("{sp},encrypt.format=luks");
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (vec![], vec!["convert", "-O", "raw", p, o]),
+        (vec![], vec!["check", p]),
+        (vec![], vec!["map", p]),
+        (
+            vec![secret("k", "right")],
+            vec!["convert", "--image-opts", &sp_other, "-O", "raw", o],
+        ),
+        (
+            vec![secret("k", "right")],
+            vec!["convert", "--image-opts", &sp_luks, "-O", "raw", o],
+        ),
+    ];
+    // Encryption options for an image without encryption: a format is refused, a key ignored.
+    let plain = d.join("plain.qcow2");
+    common::qemu_create(&plain, "qcow2", "", None, 1 << 20);
+    let sp_plain_fmt = format!(
+        "driver=qcow2,file.filename={},encrypt.format=aes",
+        plain.display()
+    );
+    let sp_plain_key = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=zz",
+        plain.display()
+    );
+    let cases = [
+        cases,
+        vec![
+            (
+                vec![],
+                vec!["convert", "--image-opts", &sp_plain_fmt, "-O", "raw", o],
+            ),
+            (
+                vec![],
+                vec!["convert", "--image-opts", &sp_plain_key, "-O", "raw", o],
+            ),
+        ],
+    ]
+    .concat();
+    for (objects, args) in &cases {
+        let v = message(with_objects(VIMG, &args[..1], objects, &args[1..]));
+        let q = message(with_objects("qemu-img", &args[..1], objects, &args[1..]));
+        assert_eq!(v.0 != 0, q.0 != 0, "{args:?}: {v:?} {q:?}");
+        // qemu names the image by its option string, vimg by its file.
+        let strip = |s: &str| s.rsplit("': ").next().unwrap_or(s).to_string();
+        assert_eq!(strip(&v.1), strip(&q.1), "{args:?}");
+    }
+    // Compression with encryption, refused before anything is made.
+    let c = d.join("c.qcow2");
+    let args = [
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=k",
+        p,
+        c.to_str().unwrap(),
+    ];
+    let objects = [secret("k", "right")];
+    let v = message(with_objects(VIMG, &["convert"], &objects, &args));
+    assert_eq!(
+        v,
+        (
+            1,
+            "Compression and encryption not supported at the same time".into()
+        )
+    );
+    assert!(!c.exists());
+    // A wrong passphrase goes unnoticed: the same garbage as qemu's.
+    let wrong = [secret("k", "wrong")];
+    let q = qemu_read(&wrong, &sp, d);
+    let img = open(&img, &opener(&[("k", "wrong")], &[(&img, "k")]), false);
+    let v = read_all(img.as_ref());
+    assert!(v == q);
+    assert!(v[1000..71000].iter().any(|&b| b != 0x5a));
+}
+
+#[test]
+fn commit_resize_and_rebase_of_encrypted_chains() {
+    if !common::qemu_available("aes_edit") {
+        return;
+    }
+    let mut rng = Rng::seeded(0xc0);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (objects, top_spec) = qemu_chain(d, &mut rng, 65536, false, true);
+    let want = qemu_read(&objects, &top_spec, d);
+    // commit the AES top into the AES base (another key).
+    ok(
+        with_objects(VIMG, &["commit"], &objects, &["--image-opts", &top_spec]),
+        "commit",
+    );
+    let base_spec = spec(&d.join("base.qcow2"), "kb", None);
+    assert!(qemu_read(&objects, &base_spec, d) == want);
+    qemu_check(&objects, &base_spec);
+    // resize the base: grow, then shrink.
+    for size in ["+1M", "1536K"] {
+        let args: Vec<&str> = if size.starts_with('+') {
+            vec!["--image-opts", &base_spec, size]
+        } else {
+            vec!["--shrink", "--image-opts", &base_spec, size]
+        };
+        ok(with_objects(VIMG, &["resize"], &objects, &args), "resize");
+    }
+    let got = qemu_read(&objects, &base_spec, d);
+    assert_eq!(got.len(), 1536 << 10);
+    assert!(got[..want.len()] == want[..]);
+    assert!(got[want.len()..].iter().all(|&b| b == 0));
+    qemu_check(&objects, &base_spec);
+    // rebase an AES overlay onto nothing: its backing file's data is copied into it.
+    let (objects, top_spec) = qemu_chain(&d.join("x").tap_mkdir(), &mut rng, 4096, false, true);
+    let want = qemu_read(&objects, &top_spec, d);
+    ok(
+        with_objects(
+            VIMG,
+            &["rebase"],
+            &objects,
+            &["-b", "", "--image-opts", &top_spec],
+        ),
+        "rebase",
+    );
+    let alone = spec(&d.join("x").join("top.qcow2"), "kt", None);
+    assert!(qemu_read(&objects, &alone, d) == want);
+    qemu_check(&objects, &alone);
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for std::path::PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+#[test]
+fn downgrade_expands_zero_clusters_into_encrypted_zeros() {
+    if !common::qemu_available("aes_downgrade") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("b.qcow2");
+    let top = d.join("t.qcow2");
+    common::qemu_create(&base, "qcow2", "", None, 1 << 20);
+    qemu_io(
+        &[],
+        &format!("driver=qcow2,file.filename={}", base.display()),
+        &["write -P 7 0 1M".to_string()],
+    );
+    qemu_create_aes(&top, "pw", 1 << 20, "", Some(&base));
+    let objects = [secret("k", "pw")];
+    let sp = spec(&top, "k", None);
+    // Zero clusters over a backing file: version 2 must store them as data clusters of zeros.
+    qemu_io(
+        &objects,
+        &sp,
+        &[
+            "write -P 1 0 64k".to_string(),
+            "write -z 64k 128k".to_string(),
+        ],
+    );
+    let want = qemu_read(&objects, &sp, d);
+    assert!(want[65536..196608].iter().all(|&b| b == 0));
+    ok(
+        with_objects(
+            VIMG,
+            &["amend"],
+            &objects,
+            &["-o", "compat=0.10", "--image-opts", &sp],
+        ),
+        "amend",
+    );
+    // qemu-img 10 writes plain zeros there, which then decrypt to garbage; vimg encrypts them.
+    assert!(qemu_read(&objects, &sp, d) == want);
+    qemu_check(&objects, &sp);
+    let info = common::run("qemu-img", &["info", top.to_str().unwrap()]);
+    assert!(info.contains("compat: 0.10"), "{info}");
+    // Legacy AES has no key slots to amend: qemu's words.
+    let v = message(with_objects(
+        VIMG,
+        &["amend"],
+        &objects,
+        &["-o", "encrypt.new-secret=k", "--image-opts", &sp],
+    ));
+    let q = message(with_objects(
+        "qemu-img",
+        &["amend"],
+        &objects,
+        &["-o", "encrypt.new-secret=k", "--image-opts", &sp],
+    ));
+    assert_eq!(v, q);
+}
+
+#[test]
+fn luks_images_are_refused_and_a_stray_luks_header_as_in_qemu() {
+    if !common::qemu_available("aes_luks_header") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    ok(
+        with_objects(
+            "qemu-img",
+            &["create"],
+            &[secret("k", "pw")],
+            &[
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10",
+                img.to_str().unwrap(),
+                "1M",
+            ],
+        ),
+        "qemu-img create luks",
+    );
+    let p = img.to_str().unwrap();
+    let (code, out) = common::run_status(VIMG, &["info", p]);
+    assert!(
+        code == 1 && out.contains("LUKS-encrypted qcow2 images"),
+        "{out}"
+    );
+    // A LUKS header extension in an image whose method is not LUKS: refused in qemu's words.
+    let h = common::header_fields::CRYPT_METHOD;
+    for method in [0u32, 1] {
+        common::poke(&img, h, &method.to_be_bytes());
+        let v = message(common::run_status(VIMG, &["info", p]));
+        let q = message(common::run_status("qemu-img", &["info", p]));
+        assert_eq!(v, q, "crypt_method {method}");
+    }
+}
