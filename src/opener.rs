@@ -269,7 +269,7 @@ impl Opener {
             self.set_encryption(&spec.path, e);
         }
         if let Some(e) = EncryptOptions::from_spec(&spec.options, "backing.encrypt.") {
-            let mut o = lock(&self.0.backing_encryption);
+            let mut o = lock(&self.settings.backing_encryption);
             o.retain(|(i, _)| i != &spec.path);
             o.push((spec.path.clone(), e));
         }
@@ -278,19 +278,19 @@ impl Opener {
     /// Gives this opener the secrets of the command line, which the encryption options of
     /// images name by id.
     pub fn set_secrets(&self, secrets: crate::secret::Secrets) {
-        *lock(&self.0.secrets) = Some(Arc::new(secrets));
+        *lock(&self.settings.secrets) = Some(Arc::new(secrets));
     }
 
     /// Makes later opens of the image at `image` use the encryption options `options`.
     pub fn set_encryption(&self, image: &Locator, options: EncryptOptions) {
-        let mut o = lock(&self.0.encryption);
+        let mut o = lock(&self.settings.encryption);
         o.retain(|(i, _)| i != image);
         o.push((image.to_path_buf(), options));
     }
 
     /// The encryption options given for the image at `image`, if any.
     pub fn encryption_for(&self, image: &Locator) -> Option<EncryptOptions> {
-        lock(&self.0.encryption)
+        lock(&self.settings.encryption)
             .iter()
             .find(|(i, _)| i == image)
             .map(|(_, e)| e.clone())
@@ -313,7 +313,7 @@ impl Opener {
     /// The secret with id `id` (`--object secret,id=ID,...`); an error in qemu's words if
     /// there is none.
     pub fn secret(&self, id: &str) -> Result<zeroize::Zeroizing<Vec<u8>>> {
-        let secrets = lock(&self.0.secrets).clone();
+        let secrets = lock(&self.settings.secrets).clone();
         match secrets.as_ref().and_then(|s| s.get(id)) {
             Some(k) => Ok(zeroize::Zeroizing::new(k.to_vec())),
             None => Err(Error::invalid_input(format!("No secret with id '{id}'"))),
@@ -323,7 +323,7 @@ impl Opener {
     /// Hands the encryption options given for the backing file of `image`
     /// (`backing.encrypt.*`) to the backing file at `backing`, before it is opened.
     pub fn pass_to_backing(&self, image: &Locator, backing: &Locator) {
-        let given = lock(&self.0.backing_encryption)
+        let given = lock(&self.settings.backing_encryption)
             .iter()
             .find(|(i, _)| i == image)
             .map(|(_, e)| e.clone());

@@ -501,7 +501,8 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
 
-    /// On a block device, by the cheapest means it offers (see [`device`]'s docs).
+    /// On a block device, by the cheapest means it offers: a write-zeroes request that may
+    /// unmap, `BLKZEROOUT`, zero buffers (src/storage/device.rs).
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         use rustix::fs::{fallocate, FallocateFlags};
         if len == 0 {
