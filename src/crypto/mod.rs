@@ -21,6 +21,7 @@ pub trait SectorCipher: Send + Sync + std::fmt::Debug {
 
 pub mod alg;
 mod blocks;
+pub mod luks;
 pub mod sector;
 
 pub use alg::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
