@@ -141,6 +141,7 @@ const IGNORED: &[&str] = &[
     "cache-clean-interval",
     "encrypt.key-secret",
     "encrypt.format",
+    "key-secret",
     "offset",
     "size",
 ];

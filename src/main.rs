@@ -667,6 +667,7 @@ fn main() -> ExitCode {
     IMAGE_OPTS.store(cli.image_opts, std::sync::atomic::Ordering::Relaxed);
     match vimg::secret::Secrets::from_objects(&cli.object) {
         Ok(secrets) => {
+            vimg::secret::install(secrets.clone());
             let _ = SECRETS.set(secrets);
         }
         Err(e) => {
@@ -1370,7 +1371,12 @@ fn convert(a: ConvertArgs) -> CmdResult {
         .collect::<Result<Vec<_>, _>>()?;
     let target_named;
     let target = if a.target_image_opts {
-        target_named = resolve_as(target, None, false, true)?.path;
+        let n = resolve_as(target, None, false, true)?;
+        // The spec's driver is the target's format (qemu ignores -O with the option list).
+        if let Some(f) = n.format {
+            opts.output_format = f;
+        }
+        target_named = n.path;
         &target_named
     } else if a.no_create && target.to_string_lossy().starts_with("blkdebug:") {
         // An existing target behind qemu's fault-injection driver (see vimg::blkdebug).

@@ -181,6 +181,9 @@ struct Settings {
     /// External data files given for images (qemu's `data-file` option), by the image's
     /// locator as it will be opened.
     data_files: Mutex<Vec<(LocatorBuf, LocatorBuf)>>,
+    /// The options image names gave their images (`key-secret=ID` ...), by the image's
+    /// locator as it will be opened.
+    image_options: Mutex<Vec<(LocatorBuf, std::collections::BTreeMap<String, String>)>>,
     /// External data files are not needed (see [`Opener::set_metadata_only`]).
     metadata_only: AtomicBool,
     /// Where notices go (see [`Opener::set_notices`]).
@@ -205,6 +208,20 @@ impl Opener {
         if let Some(d) = &spec.data_file {
             self.set_data_file(&spec.path, d);
         }
+        if !spec.options.is_empty() {
+            let mut o = lock(&self.0.image_options);
+            o.retain(|(i, _)| *i != spec.path);
+            o.push((spec.path.clone(), spec.options.clone()));
+        }
+    }
+
+    /// The option `key` (dotted, as in `--image-opts`: `key-secret`, `encrypt.key-secret`)
+    /// the image name of the image at `image` gave, if any.
+    pub fn image_option(&self, image: &Locator, key: &str) -> Option<String> {
+        lock(&self.0.image_options)
+            .iter()
+            .find(|(i, _)| i == image)
+            .and_then(|(_, o)| o.get(key).cloned())
     }
 
     /// Makes every later open of the file at `path` inject errors by `config`'s rules, each

@@ -9,9 +9,18 @@ use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 
 /// The secrets of a command line, by id.
-#[derive(Debug, Clone, Default)]
+/// The values are zeroed when dropped, and never printed (`Debug` shows the ids only).
+#[derive(Clone, Default)]
 pub struct Secrets {
-    by_id: BTreeMap<String, Vec<u8>>,
+    by_id: BTreeMap<String, zeroize::Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field("ids", &self.by_id.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Secrets {
@@ -32,13 +41,13 @@ impl Secrets {
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             )));
         }
-        self.by_id.insert(id, value);
+        self.by_id.insert(id, zeroize::Zeroizing::new(value));
         Ok(())
     }
 
     /// The secret with this id.
     pub fn get(&self, id: &str) -> Option<&[u8]> {
-        self.by_id.get(id).map(Vec::as_slice)
+        self.by_id.get(id).map(|v| v.as_slice())
     }
 
     /// How many secrets there are.
@@ -50,6 +59,23 @@ impl Secrets {
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }
+}
+
+/// The secrets of this process's command line, once installed ([`install`]); empty before.
+static INSTALLED: std::sync::OnceLock<Secrets> = std::sync::OnceLock::new();
+
+/// Makes `secrets` the ones image drivers look their `key-secret` up in (the command line's
+/// `--object`s; installed once, before any image is opened).
+pub fn install(secrets: Secrets) {
+    let _ = INSTALLED.set(secrets);
+}
+
+/// The installed secrets ([`install`]); none if nothing was installed.
+pub fn installed() -> &'static Secrets {
+    static EMPTY: std::sync::OnceLock<Secrets> = std::sync::OnceLock::new();
+    INSTALLED
+        .get()
+        .unwrap_or_else(|| EMPTY.get_or_init(Secrets::default))
 }
 
 /// Parses `secret,id=...,...` into the id and the secret's bytes.

@@ -15,6 +15,7 @@
 
 mod afsplit;
 pub mod header;
+pub mod image;
 pub mod info;
 
 pub use header::Header;
@@ -129,7 +130,7 @@ pub fn unlock_master_key(
             }
         }
     }
-    Err(Error::invalid_input(WRONG_PASSPHRASE).bare())
+    Err(Error::invalid_input(WRONG_PASSPHRASE))
 }
 
 fn try_slot(
