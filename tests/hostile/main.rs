@@ -9,6 +9,7 @@ mod common;
 
 mod fixtures;
 mod hostile;
+mod luks;
 mod probe_foreign;
 mod target_safety;
 mod untrusted_paths;
