@@ -186,6 +186,8 @@ struct Settings {
     image_options: Mutex<Vec<(LocatorBuf, std::collections::BTreeMap<String, String>)>>,
     /// External data files are not needed (see [`Opener::set_metadata_only`]).
     metadata_only: AtomicBool,
+    /// `amend --force` (see [`Opener::set_force`]).
+    force: AtomicBool,
     /// Where notices go (see [`Opener::set_notices`]).
     notices: Mutex<Option<NoticeSink>>,
 }
@@ -260,6 +262,17 @@ impl Opener {
     /// `info`, which opens images without I/O).
     pub fn set_metadata_only(&self, on: bool) {
         self.0.metadata_only.store(on, Ordering::Relaxed);
+    }
+
+    /// With `true`, images opened later allow what `amend --force` allows (overwriting an
+    /// active LUKS key slot, erasing the last one).
+    pub fn set_force(&self, on: bool) {
+        self.0.force.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether [`Opener::set_force`] is on.
+    pub fn force(&self) -> bool {
+        self.0.force.load(Ordering::Relaxed)
     }
 
     /// Whether [`Opener::set_metadata_only`] is on.

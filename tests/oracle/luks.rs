@@ -620,3 +620,113 @@ fn vimg_opens_cryptsetup_images() {
     }
     assert_no_failures(&failures);
 }
+
+/// The image opens (vimg `convert`, or qemu-io) with the passphrase of secret `id`.
+fn opens_with(tool: &str, img: &Path, id: &str, secrets: &[&str]) -> bool {
+    let o = format!("driver=luks,file.filename={},key-secret={id}", p(img));
+    let mut args: Vec<&str> = Vec::new();
+    for s in secrets {
+        args.extend(["--object", s]);
+    }
+    let out = img.with_extension("check.raw");
+    let (rc, _) = if tool == "vimg" {
+        args.extend(["--image-opts", &o]);
+        let mut a = vec!["convert"];
+        a.extend(args.iter().copied());
+        a.extend(["-O", "raw", p(&out)]);
+        run_status(VIMG, &a)
+    } else {
+        args.extend(["--image-opts", &o, "-c", "read 0 512"]);
+        let (rc, text) = run_status("qemu-io", &args);
+        (if text.contains("read 512/512") { rc } else { 1 }, text)
+    };
+    let _ = std::fs::remove_file(&out);
+    rc == 0
+}
+
+#[test]
+fn amend_key_slots_both_ways() {
+    if !qemu_available("luks::amend_key_slots_both_ways") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = [
+        SECRET,
+        "secret,id=sec1,data=second",
+        "secret,id=sec2,data=third",
+    ];
+    let img = dir.path().join("a.luks");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            SECRET,
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            p(&img),
+            "1M",
+        ],
+    );
+    let amend = |tool: &str, key: &str, o: &str, force: bool| {
+        let spec = format!("driver=luks,file.filename={},key-secret={key}", p(&img));
+        let mut a = vec!["amend"];
+        for s in &secrets {
+            a.extend(["--object", s]);
+        }
+        a.extend(["--image-opts", &spec, "-o", o]);
+        if force {
+            a.push("--force");
+        }
+        run_status(if tool == "vimg" { VIMG } else { "qemu-img" }, &a)
+    };
+    // vimg adds slot 1 to qemu's image: qemu opens it with the new passphrase.
+    let (rc, out) = amend(
+        "vimg",
+        "sec0",
+        "state=active,new-secret=sec1,iter-time=10",
+        false,
+    );
+    assert_eq!(rc, 0, "{out}");
+    assert!(opens_with("qemu", &img, "sec1", &secrets));
+    // qemu adds slot 5: vimg opens with it.
+    let (rc, out) = amend(
+        "qemu",
+        "sec1",
+        "state=active,new-secret=sec2,keyslot=5,iter-time=10",
+        false,
+    );
+    assert_eq!(rc, 0, "{out}");
+    assert!(opens_with("vimg", &img, "sec2", &secrets));
+    // vimg's refusals are qemu's, word for word, and change nothing.
+    let before = std::fs::read(&img).unwrap();
+    for (o, force) in [
+        ("state=active,new-secret=sec2,keyslot=0", false),
+        ("state=inactive,old-secret=sec0,keyslot=1", false),
+        ("state=inactive", false),
+        ("state=inactive,keyslot=3", false),
+        ("state=active,keyslot=9,new-secret=sec2", false),
+        ("state=inactive,new-secret=sec2", false),
+    ] {
+        let v = amend("vimg", "sec0", o, force);
+        let q = amend("qemu", "sec0", o, force);
+        let strip = |t: &str| t.replacen("vimg:", "qemu-img:", 1);
+        assert_eq!((v.0, strip(&v.1)), q, "{o}");
+        assert_eq!(
+            std::fs::read(&img).unwrap(),
+            before,
+            "{o} changed the image"
+        );
+    }
+    // vimg erases slot 0 by its passphrase: neither opens with it, both with the others.
+    let (rc, out) = amend("vimg", "sec1", "state=inactive,old-secret=sec0", false);
+    assert_eq!(rc, 0, "{out}");
+    for tool in ["vimg", "qemu"] {
+        assert!(!opens_with(tool, &img, "sec0", &secrets), "{tool}");
+        assert!(opens_with(tool, &img, "sec1", &secrets), "{tool}");
+        assert!(opens_with(tool, &img, "sec2", &secrets), "{tool}");
+    }
+}

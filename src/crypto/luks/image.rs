@@ -87,12 +87,32 @@ impl FormatDriver for LuksDriver {
             (None, true) => None,
             (None, false) => return Err(required_secret().while_opening().with_path(path)),
         };
-        Ok(Box::new(LuksImage::open(
-            storage,
-            path,
-            writable,
-            key.as_deref().map(|k| &k[..]),
-        )?))
+        let mut image = LuksImage::open(storage, path, writable, key.as_deref().map(|k| &k[..]))?;
+        image.passphrase = key;
+        image.force = opener.force();
+        Ok(Box::new(image))
+    }
+
+    fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[
+            ("iter-time=<num>", "Time to spend in PBKDF in milliseconds"),
+            (
+                "keyslot=<num>",
+                "Select a single keyslot to modify explicitly",
+            ),
+            (
+                "new-secret=<str>",
+                "New secret to set in the matching keyslots. Empty string to erase",
+            ),
+            (
+                "old-secret=<str>",
+                "Select all keyslots that match this password",
+            ),
+            (
+                "state=<str>",
+                "Select new state of affected keyslots (active/inactive)",
+            ),
+        ])
     }
 
     fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
@@ -245,35 +265,47 @@ impl LuksOptions {
         for arg in options {
             for item in crate::qcow2::split_option_list(arg)? {
                 let (k, v) = item.split_once('=').unwrap_or((item.as_str(), ""));
-                let v = v.to_string();
-                match k {
-                    "size" => o.size = Some(crate::size::parse_size(&v)?),
-                    "key-secret" => o.key_secret = Some(v),
-                    "cipher-alg" => o.cipher_alg = Some(v),
-                    "cipher-mode" => o.cipher_mode = Some(v),
-                    "ivgen-alg" => o.ivgen_alg = Some(v),
-                    "ivgen-hash-alg" => o.ivgen_hash_alg = Some(v),
-                    "hash-alg" => o.hash_alg = Some(v),
-                    "iter-time" => {
-                        o.iter_time = Some(v.parse().map_err(|_| {
-                            Error::invalid_input("Parameter 'iter-time' expects a number")
-                        })?)
-                    }
-                    "preallocation" => o.preallocation = Some(Preallocation::from_name(&v)?),
-                    "detached-header" => {
-                        return Err(Error::unsupported(
-                            "detached LUKS headers are not supported by vimg",
-                        ))
-                    }
-                    _ => return Err(Error::invalid_input(format!("Invalid parameter '{k}'"))),
+                if k == "size" {
+                    o.size = Some(crate::size::parse_size(v)?);
+                } else if !o.set(k, v)? {
+                    return Err(Error::invalid_input(format!("Invalid parameter '{k}'")));
                 }
             }
         }
         Ok(o)
     }
 
-    /// The header parameters and the secret's id, or qemu's refusal of a value.
-    pub fn params(&self) -> Result<(CreateParams, Option<&str>)> {
+    /// Takes one LUKS option by its name without prefix (`cipher-alg`, as qcow2's
+    /// `encrypt.cipher-alg` names it after `encrypt.`): `Ok(false)` if `key` is not one, an
+    /// error for a malformed number or a detached header.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<bool> {
+        let v = Some(value.to_string());
+        match key {
+            "key-secret" => self.key_secret = v,
+            "cipher-alg" => self.cipher_alg = v,
+            "cipher-mode" => self.cipher_mode = v,
+            "ivgen-alg" => self.ivgen_alg = v,
+            "ivgen-hash-alg" => self.ivgen_hash_alg = v,
+            "hash-alg" => self.hash_alg = v,
+            "iter-time" => {
+                self.iter_time = Some(value.parse().map_err(|_| {
+                    Error::invalid_input(format!("Parameter '{key}' expects a number"))
+                })?)
+            }
+            "preallocation" => self.preallocation = Some(Preallocation::from_name(value)?),
+            "detached-header" => {
+                return Err(Error::unsupported(
+                    "detached LUKS headers are not supported by vimg",
+                ))
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The header parameters and the secret's id, or qemu's refusal of a value (the
+    /// combination unchecked).
+    pub fn parsed(&self) -> Result<(CreateParams, Option<&str>)> {
         fn pick<T>(
             key: &str,
             v: &Option<String>,
@@ -309,35 +341,46 @@ impl LuksOptions {
         if let Some(t) = self.iter_time {
             p.iter_time_ms = t;
         }
-        p.spec.validate()?;
         Ok((p, self.key_secret.as_deref()))
+    }
+
+    /// [`LuksOptions::parsed`], the combination checked too (qemu's words).
+    pub fn params(&self) -> Result<(CreateParams, Option<&str>)> {
+        let r = self.parsed()?;
+        r.0.spec.validate()?;
+        Ok(r)
     }
 }
 
 /// Creates the LUKS image `opts` describe at `path`: the header with the key of the secret
 /// `key-secret` names, then the (encrypted, unwritten) disk. A failed create removes the file.
 fn create_image(opener: &Opener, path: &Path, opts: &LuksOptions) -> Result<Box<dyn Storage>> {
-    let (params, secret) = opts.params().in_file(path)?;
-    let id = secret.ok_or_else(|| required_secret().with_path(path))?;
-    let key = passphrase(id).in_file(path)?;
+    // A value qemu cannot parse leaves an existing file alone; any later failure removes the
+    // file, which qemu has created (truncated) by then.
+    let (params, secret) = opts.parsed().in_file(path)?;
     let size = opts.size.unwrap_or(0);
     let prealloc = opts.preallocation.unwrap_or_default();
-    if prealloc == Preallocation::Metadata {
-        return Err(
-            Error::invalid_input("Unsupported preallocation mode: metadata").with_path(path),
-        );
-    }
     let storage = opener
         .create(path)
         .map_err(|e| Error::io("cannot create image", e).with_path(path))?;
     let r = (|| {
-        let (len, _) = create(&params, storage.as_ref(), 0, &key).in_file(path)?;
+        // qemu's order: the secret, then the cipher.
+        let id = secret.ok_or_else(required_secret)?;
+        let key = passphrase(id)?;
+        params.spec.validate()?;
+        if prealloc == Preallocation::Metadata {
+            return Err(Error::invalid_input(
+                "Unsupported preallocation mode: metadata",
+            ));
+        }
+        let (len, _) = create(&params, storage.as_ref(), 0, &key)?;
         crate::prealloc::grow_file(storage.as_ref(), path, len + size, prealloc)?;
         storage
             .set_len(len + size)
             .and_then(|_| storage.flush())
-            .map_err(|e| Error::io("cannot set image size", e).with_path(path))
-    })();
+            .map_err(|e| Error::io("cannot set image size", e))
+    })()
+    .in_file(path);
     match r {
         Ok(()) => Ok(storage),
         Err(e) => {
@@ -406,6 +449,10 @@ pub struct LuksImage {
     /// The payload's cipher; `None` when opened without a key (info only).
     cipher: Option<Box<dyn SectorCipher>>,
     unsafe_cache: AtomicBool,
+    /// The passphrase it was opened with (a new key slot's master key comes from it).
+    passphrase: Option<Zeroizing<Vec<u8>>>,
+    /// `amend --force`.
+    force: bool,
 }
 
 impl LuksImage {
@@ -441,6 +488,8 @@ impl LuksImage {
             size: len - payload,
             cipher,
             unsafe_cache: AtomicBool::new(false),
+            passphrase: passphrase.map(|p| Zeroizing::new(p.to_vec())),
+            force: false,
         })
     }
 
@@ -596,6 +645,14 @@ impl BlockImage for LuksImage {
         Some(self)
     }
 
+    fn as_amend(&self) -> Option<&dyn crate::capability::Amend> {
+        Some(self)
+    }
+
+    fn as_amend_mut(&mut self) -> Option<&mut dyn crate::capability::Amend> {
+        Some(self)
+    }
+
     fn as_resize_mut(&mut self) -> Option<&mut dyn crate::capability::Resize> {
         Some(self)
     }
@@ -620,6 +677,52 @@ impl BlockImage for LuksImage {
             dirty_flag: false,
             format_specific: Some(FormatSpecific::Luks(self.header.info())),
         })
+    }
+}
+
+/// The key slot options of `amend -o` (qemu's raw LUKS amend options).
+fn amend_request(options: &[String]) -> Result<super::AmendRequest> {
+    let mut req = super::AmendRequest::default();
+    for arg in options {
+        for item in crate::qcow2::split_option_list(arg)? {
+            let (k, v) = item.split_once('=').unwrap_or((item.as_str(), ""));
+            if k == "secret" || !req.set(k, v)? {
+                return Err(Error::invalid_input(format!("Invalid parameter '{k}'")));
+            }
+        }
+    }
+    Ok(req)
+}
+
+impl crate::capability::Amend for LuksImage {
+    fn check_amend(&self, options: &[String]) -> Result<crate::capability::AmendSummary> {
+        let req = amend_request(options).in_file(&self.path)?;
+        Ok(crate::capability::AmendSummary {
+            is_empty: req.is_empty(),
+            grows: false,
+        })
+    }
+
+    fn amend(&mut self, options: &[String], progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        self.writable_check()?;
+        let req = amend_request(options).in_file(&self.path)?;
+        super::amend(
+            &mut self.header,
+            self.storage.as_ref(),
+            0,
+            self.passphrase.as_deref().map(|p| &p[..]),
+            &req,
+            self.force,
+        )
+        // qemu-img prints the key slot refusals as they stand, without the file.
+        .map_err(|e| match e.kind() {
+            ErrorKind::InvalidInput => e.bare(),
+            _ => e.with_path(&self.path),
+        })?;
+        progress(1, 1);
+        self.storage
+            .flush()
+            .map_err(|e| Error::io("flush failed", e).with_path(&self.path))
     }
 }
 

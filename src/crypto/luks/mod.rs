@@ -279,7 +279,7 @@ pub fn create(
     hash.pbkdf2(&master, &mk_salt, mk_iterations, &mut mk_digest);
 
     let area = key_material_sectors(key_bytes as u32, header::STRIPES);
-    let mut slots: [Slot; NUM_SLOTS] = std::array::from_fn(|i| Slot {
+    let slots: [Slot; NUM_SLOTS] = std::array::from_fn(|i| Slot {
         active: header::SLOT_DISABLED,
         iterations: 0,
         salt: [0u8; SALT_LEN],
@@ -288,30 +288,11 @@ pub fn create(
     });
     let payload_offset = (KEY_SLOT_SECTORS as u64 + area * NUM_SLOTS as u64) as u32;
 
-    let mut salt = [0u8; SALT_LEN];
-    random(&mut salt)?;
-    let rate = count_iters(hash, passphrase, &salt, key_bytes);
-    let iterations = scale(rate, params.iter_time_ms, 1)?.max(1000);
-    let mut slot_key = Zeroizing::new(vec![0u8; key_bytes]);
-    hash.pbkdf2(passphrase, &salt, iterations, &mut slot_key);
-
-    let stripes = header::STRIPES as usize;
-    let mut noise = Zeroizing::new(vec![0u8; (stripes - 1) * key_bytes]);
-    random(&mut noise)?;
-    let split = afsplit::split(hash, &master, stripes, &noise);
-    let (_, padded) = material_len(key_bytes, header::STRIPES);
-    let mut material = Zeroizing::new(vec![0u8; padded]);
-    material[..split.len()].copy_from_slice(&split);
-    SectorCrypt::new(spec, &slot_key)?.encrypt(0, &mut material)?;
-
-    slots[0].active = header::SLOT_ENABLED;
-    slots[0].iterations = iterations;
-    slots[0].salt = salt;
-    let cipher_mode = match (spec.ivgen, spec.ivgen_hash) {
-        (_, Some(h)) => format!("{}-{}:{}", spec.mode.name(), spec.ivgen.name(), h.name()),
-        (_, None) => format!("{}-{}", spec.mode.name(), spec.ivgen.name()),
+    let cipher_mode = match spec.ivgen_hash {
+        Some(h) => format!("{}-{}:{}", spec.mode.name(), spec.ivgen.name(), h.name()),
+        None => format!("{}-{}", spec.mode.name(), spec.ivgen.name()),
     };
-    let h = Header {
+    let mut h = Header {
         cipher_name: spec.alg.family().to_string(),
         cipher_mode,
         hash_spec: hash.name().to_string(),
@@ -325,11 +306,263 @@ pub fn create(
         spec,
         hash,
     };
-    h.write(storage, base)?;
-    storage
-        .write_at(&material, base + h.slots[0].key_offset as u64 * SECTOR)
-        .map_err(|e| Error::io("Failed to write LUKS key material", e))?;
+    store_key(
+        &mut h,
+        0,
+        passphrase,
+        &master,
+        params.iter_time_ms,
+        storage,
+        base,
+    )?;
     Ok((h.payload_offset_bytes(), data_cipher))
+}
+
+/// Puts `master` into slot `idx` under `passphrase` (qemu's `qcrypto_block_luks_store_key`):
+/// a new salt, iterations timed for `iter_time_ms`, the key split into the slot's stripes and
+/// encrypted with the passphrase's key; the key material is written, then the header.
+pub fn store_key(
+    header: &mut Header,
+    idx: usize,
+    passphrase: &[u8],
+    master: &[u8],
+    iter_time_ms: u64,
+    storage: &dyn Storage,
+    base: u64,
+) -> Result<()> {
+    let hash = header.hash;
+    let key_bytes = header.key_bytes as usize;
+    let stripes = header.slots[idx].stripes as usize;
+    let mut salt = [0u8; SALT_LEN];
+    random(&mut salt)?;
+    let rate = count_iters(hash, passphrase, &salt, key_bytes);
+    let iterations = scale(rate, iter_time_ms, 1)?.max(1000);
+    let mut slot_key = Zeroizing::new(vec![0u8; key_bytes]);
+    hash.pbkdf2(passphrase, &salt, iterations, &mut slot_key);
+    let mut noise = Zeroizing::new(vec![0u8; (stripes - 1) * key_bytes]);
+    random(&mut noise)?;
+    let split = afsplit::split(hash, master, stripes, &noise);
+    let (_, padded) = material_len(key_bytes, stripes as u32);
+    let mut material = Zeroizing::new(vec![0u8; padded]);
+    material[..split.len()].copy_from_slice(&split);
+    SectorCrypt::new(header.spec, &slot_key)?.encrypt(0, &mut material)?;
+    storage
+        .write_at(
+            &material,
+            base + header.slots[idx].key_offset as u64 * SECTOR,
+        )
+        .map_err(|e| Error::io("Failed to write LUKS key material", e))?;
+    let s = &mut header.slots[idx];
+    s.active = header::SLOT_ENABLED;
+    s.iterations = iterations;
+    s.salt = salt;
+    header.write(storage, base)
+}
+
+/// Empties slot `idx` (qemu's `qcrypto_block_luks_erase_key`): the header first (inactive, no
+/// salt, no iterations), then random bytes over its key material.
+pub fn erase_key(header: &mut Header, idx: usize, storage: &dyn Storage, base: u64) -> Result<()> {
+    let s = &mut header.slots[idx];
+    s.active = header::SLOT_DISABLED;
+    s.iterations = 0;
+    s.salt = [0u8; SALT_LEN];
+    header.write(storage, base)?;
+    let (len, _) = material_len(header.key_bytes as usize, header.slots[idx].stripes);
+    let mut garbage = vec![0u8; len];
+    random(&mut garbage)?;
+    storage
+        .write_at(
+            &garbage,
+            base + header.slots[idx].key_offset as u64 * SECTOR,
+        )
+        .map_err(|e| Error::io("Failed to erase LUKS key material", e))
+}
+
+/// A key slot change (`amend -o state=...,keyslot=...,new-secret=...,old-secret=...,
+/// iter-time=...`; qemu's `QCryptoBlockAmendOptionsLUKS`). Secrets are named by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AmendRequest {
+    /// `state`: `Some(true)` active (add a key), `Some(false)` inactive (erase keys).
+    pub state: Option<bool>,
+    /// `keyslot`.
+    pub keyslot: Option<i64>,
+    /// `old-secret`: erase the slots this passphrase opens.
+    pub old_secret: Option<String>,
+    /// `new-secret`: the passphrase of the new key slot.
+    pub new_secret: Option<String>,
+    /// `iter-time` for the new slot.
+    pub iter_time: Option<u64>,
+    /// `secret`: the passphrase that unlocks the master key for a new slot (default: the one
+    /// the image was opened with).
+    pub secret: Option<String>,
+}
+
+impl AmendRequest {
+    /// Takes one option by its name without prefix: `Ok(false)` if `key` is not one of these.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<bool> {
+        let number =
+            |what: &str| Error::invalid_input(format!("Parameter '{what}' expects a number"));
+        match key {
+            "state" => {
+                self.state = Some(match value {
+                    "active" => true,
+                    "inactive" => false,
+                    _ => {
+                        return Err(Error::invalid_input(format!(
+                            "Parameter 'state' does not accept value '{value}'"
+                        )))
+                    }
+                })
+            }
+            "keyslot" => self.keyslot = Some(value.parse().map_err(|_| number(key))?),
+            "old-secret" => self.old_secret = Some(value.to_string()),
+            "new-secret" => self.new_secret = Some(value.to_string()),
+            "iter-time" => self.iter_time = Some(value.parse().map_err(|_| number(key))?),
+            "secret" => self.secret = Some(value.to_string()),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Whether nothing was asked.
+    pub fn is_empty(&self) -> bool {
+        *self == AmendRequest::default()
+    }
+}
+
+/// The passphrase of the secret `id`, as qemu looks it up.
+fn secret_passphrase(id: &str) -> Result<Zeroizing<Vec<u8>>> {
+    let data = crate::secret::installed()
+        .get(id)
+        .ok_or_else(|| Error::invalid_input(format!("No secret with id '{id}'")))?;
+    Ok(Zeroizing::new(check_passphrase(id, data)?.to_vec()))
+}
+
+/// Applies `req` to the header at `base` in `storage` (qemu's `qcrypto_block_luks_amend_*`,
+/// with its checks and words). `current` is the passphrase the image was opened with; `force`
+/// allows overwriting an active slot and erasing the last one. Every check comes before the
+/// first write.
+pub fn amend(
+    header: &mut Header,
+    storage: &dyn Storage,
+    base: u64,
+    current: Option<&[u8]>,
+    req: &AmendRequest,
+    force: bool,
+) -> Result<()> {
+    let bad = |m: String| Err(Error::invalid_input(m));
+    let max = NUM_SLOTS as i64 - 1;
+    let active_count = header.slots.iter().filter(|s| s.is_active()).count();
+    match req.state {
+        None => bad("Parameter 'state' is missing".into()),
+        Some(true) => {
+            let Some(new_id) = &req.new_secret else {
+                return bad("'new-secret' is required to activate a keyslot".into());
+            };
+            if req.old_secret.is_some() {
+                return bad("'old-secret' must not be given when activating keyslots".into());
+            }
+            let idx = match req.keyslot {
+                Some(k) if !(0..=max).contains(&k) => {
+                    return bad(format!(
+                        "Invalid keyslot {} specified, must be between 0 and {max}",
+                        k as u32
+                    ))
+                }
+                Some(k) => k as usize,
+                None => match header.slots.iter().position(|s| !s.is_active()) {
+                    Some(i) => i,
+                    None => return bad("Can't add a keyslot - all keyslots are in use".into()),
+                },
+            };
+            if !force && header.slots[idx].is_active() {
+                return bad(format!(
+                    "Refusing to overwrite active keyslot {idx} - please erase it first"
+                ));
+            }
+            let old = match &req.secret {
+                Some(id) => secret_passphrase(id)?,
+                None => Zeroizing::new(current.unwrap_or_default().to_vec()),
+            };
+            let (_, master) = unlock_master_key(header, storage, base, &old)?;
+            let new = secret_passphrase(new_id)?;
+            let iter_time = req
+                .iter_time
+                .unwrap_or(CreateParams::default().iter_time_ms);
+            store_key(header, idx, &new, &master, iter_time, storage, base)
+        }
+        Some(false) => {
+            if req.new_secret.is_some() {
+                return bad("'new-secret' must not be given when erasing keyslots".into());
+            }
+            if req.iter_time.is_some() {
+                return bad("'iter-time' must not be given when erasing keyslots".into());
+            }
+            if req.secret.is_some() {
+                return bad("'secret' must not be given when erasing keyslots".into());
+            }
+            let old = req
+                .old_secret
+                .as_deref()
+                .map(secret_passphrase)
+                .transpose()?;
+            if let Some(k) = req.keyslot {
+                if !(0..=max).contains(&k) {
+                    return bad(format!(
+                        "Invalid keyslot {k} specified, must be between 0 and {max}"
+                    ));
+                }
+                let idx = k as usize;
+                if let Some(old) = &old {
+                    let opens = header.slots[idx].is_active()
+                        && try_slot(header, &header.slots[idx], storage, base, old)?.is_some();
+                    if !opens {
+                        return bad(format!(
+                            "Given keyslot {idx} doesn't contain the given old password for \
+                             erase operation"
+                        ));
+                    }
+                }
+                if !force && !header.slots[idx].is_active() {
+                    return bad(format!("Given keyslot {idx} is already erased (inactive) "));
+                }
+                if !force && active_count == 1 {
+                    return bad(format!(
+                        "Attempt to erase the only active keyslot {idx} which will erase all \
+                         the data in the image irreversibly - refusing operation"
+                    ));
+                }
+                erase_key(header, idx, storage, base)
+            } else if let Some(old) = &old {
+                let mut matching = Vec::new();
+                for i in 0..NUM_SLOTS {
+                    let s = header.slots[i].clone();
+                    if s.is_active() && try_slot(header, &s, storage, base, old)?.is_some() {
+                        matching.push(i);
+                    }
+                }
+                if matching.is_empty() {
+                    return bad("No keyslots match given (old) password for erase operation".into());
+                }
+                if !force && matching.len() == active_count {
+                    return bad("All the active keyslots match the (old) password that was \
+                                given and erasing them will erase all the data in the image \
+                                irreversibly - refusing operation"
+                        .into());
+                }
+                for i in matching {
+                    erase_key(header, i, storage, base)?;
+                }
+                Ok(())
+            } else {
+                bad(
+                    "To erase keyslot(s), either explicit keyslot index or the password \
+                     currently contained in them must be given"
+                        .into(),
+                )
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -462,6 +695,81 @@ mod tests {
             let e = Header::parse(&b).unwrap_err();
             assert_eq!(e.what(), *want);
         }
+    }
+
+    #[test]
+    fn amend_adds_and_erases_slots_with_qemus_checks() {
+        crate::secret::install(
+            crate::secret::Secrets::from_objects(&[
+                "secret,id=amend-a,data=aaa",
+                "secret,id=amend-b,data=bbb",
+            ])
+            .unwrap(),
+        );
+        let s = MemStorage::default();
+        create(
+            &fast(CreateParams::default().spec, HashAlg::Sha1),
+            &s,
+            0,
+            b"aaa",
+        )
+        .unwrap();
+        let mut h = Header::read(&s, 0).unwrap();
+        let req = |o: &str| {
+            let mut r = AmendRequest::default();
+            for item in o.split(',') {
+                let (k, v) = item.split_once('=').unwrap();
+                assert!(r.set(k, v).unwrap());
+            }
+            r
+        };
+        let err = |h: &mut Header, o: &str, force: bool| {
+            amend(h, &s, 0, Some(b"aaa"), &req(o), force)
+                .unwrap_err()
+                .what()
+                .to_string()
+        };
+        assert_eq!(
+            err(&mut h, "state=active,new-secret=amend-b,keyslot=0", false),
+            "Refusing to overwrite active keyslot 0 - please erase it first"
+        );
+        assert_eq!(
+            err(&mut h, "state=active", false),
+            "'new-secret' is required to activate a keyslot"
+        );
+        assert_eq!(
+            err(&mut h, "state=inactive,keyslot=0", false),
+            "Attempt to erase the only active keyslot 0 which will erase all the data in the \
+             image irreversibly - refusing operation"
+        );
+        assert_eq!(Header::read(&s, 0).unwrap(), h, "a refused amend wrote");
+        amend(
+            &mut h,
+            &s,
+            0,
+            Some(b"aaa"),
+            &req("state=active,new-secret=amend-b,iter-time=1"),
+            false,
+        )
+        .unwrap();
+        assert!(h.slots[1].is_active());
+        assert_eq!(unlock_master_key(&h, &s, 0, b"bbb").unwrap().0, 1);
+        amend(
+            &mut h,
+            &s,
+            0,
+            None,
+            &req("state=inactive,old-secret=amend-a"),
+            false,
+        )
+        .unwrap();
+        let h2 = Header::read(&s, 0).unwrap();
+        assert!(!h2.slots[0].is_active() && h2.slots[1].is_active());
+        assert!(unlock_master_key(&h2, &s, 0, b"aaa").is_err());
+        assert_eq!(
+            err(&mut h, "state=inactive,old-secret=amend-a", false),
+            "No keyslots match given (old) password for erase operation"
+        );
     }
 
     #[test]
