@@ -385,6 +385,13 @@ fn wrong_passphrase_is_one_line_and_writes_nothing() {
     );
     let (rc, _) = run_status(VIMG, &["info", p(&img)]);
     assert_eq!(rc, 0);
+    // Nor with a wrong one, as qemu-img's info, which opens without I/O, does not check it.
+    let (rc, out) = run_status(VIMG, &["info", "--object", wrong, "--image-opts", &o]);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(
+        run_status("qemu-img", &["info", "--object", wrong, "--image-opts", &o]).0,
+        0
+    );
     // The right one opens it.
     let (rc, out) = run_status(
         VIMG,

@@ -81,10 +81,12 @@ impl FormatDriver for LuksDriver {
             .open(path, writable, locks)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
         let secret = opener.image_option(path, KEY_SECRET);
-        // qemu-img info opens without I/O and needs no key.
+        // qemu-img info opens without I/O: it neither needs nor checks the key.
         let key = match (secret, opener.metadata_only() && !writable) {
-            (Some(id), _) => Some(passphrase(&id).map_err(|e| e.while_opening().with_path(path))?),
-            (None, true) => None,
+            (_, true) => None,
+            (Some(id), false) => {
+                Some(passphrase(&id).map_err(|e| e.while_opening().with_path(path))?)
+            }
             (None, false) => return Err(required_secret().while_opening().with_path(path)),
         };
         let mut image = LuksImage::open(storage, path, writable, key.as_deref().map(|k| &k[..]))?;
