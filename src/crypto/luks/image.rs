@@ -7,7 +7,7 @@
 //! qemu-img does (the header's details need no key); everything that reads or writes the disk
 //! needs it.
 
-use super::{check_passphrase, create, unlock, CreateParams, Header};
+use super::{create, unlock, CreateParams, Header};
 use crate::block::{check_request, BlockImage, BlockStatus, FormatDriver, ImageFormat, ProbeInput};
 use crate::chain::{ChainGuard, Sharing};
 use crate::crypto::alg::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
@@ -37,10 +37,7 @@ pub const KEY_SECRET: &str = "key-secret";
 
 /// The passphrase of the secret `id`, checked as qemu checks it (`No secret with id 'ID'`).
 pub fn passphrase(id: &str) -> Result<Zeroizing<Vec<u8>>> {
-    let data = crate::secret::installed()
-        .get(id)
-        .ok_or_else(|| Error::invalid_input(format!("No secret with id '{id}'")))?;
-    Ok(Zeroizing::new(check_passphrase(id, data)?.to_vec()))
+    super::secret_passphrase(id)
 }
 
 fn required_secret() -> Error {

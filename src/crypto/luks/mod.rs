@@ -12,6 +12,19 @@
 //!
 //! Secrets: passphrases are borrowed, master and slot keys live in [`Zeroizing`] buffers and
 //! the ciphers' key schedules are zeroized on drop; no error message carries any of them.
+//!
+//! The API, for raw LUKS ([`image`], header at 0) and qcow2 (header at the FDE extension's
+//! offset) alike:
+//!
+//! - [`Header::read`]`(storage, base)` reads and checks a header; [`Header::info`] is what
+//!   `info` shows of it, without the key ([`LuksInfo`], serializable as qemu's JSON);
+//! - [`unlock`]`(&header, storage, base, passphrase)` gives the payload's [`SectorCipher`]
+//!   (or qemu's `Invalid password, cannot unlock any keyslot`);
+//! - [`create`]`(&params, storage, base, passphrase)` writes a new header and key slot 0 and
+//!   returns the header's length with the cipher; [`CreateParams`] from `-o` options through
+//!   [`image::LuksOptions::set`] (names without the `encrypt.` prefix);
+//! - [`amend`] adds and erases key slots ([`AmendRequest::set`] takes the options);
+//! - [`secret_passphrase`] looks a `key-secret` id up among the command line's secrets.
 
 mod afsplit;
 pub mod header;
@@ -430,8 +443,9 @@ impl AmendRequest {
     }
 }
 
-/// The passphrase of the secret `id`, as qemu looks it up.
-fn secret_passphrase(id: &str) -> Result<Zeroizing<Vec<u8>>> {
+/// The passphrase of the secret `id` among the installed ones ([`crate::secret::install`]), as
+/// qemu looks it up (`No secret with id 'ID'`, then [`check_passphrase`]).
+pub fn secret_passphrase(id: &str) -> Result<Zeroizing<Vec<u8>>> {
     let data = crate::secret::installed()
         .get(id)
         .ok_or_else(|| Error::invalid_input(format!("No secret with id '{id}'")))?;
