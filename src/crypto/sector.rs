@@ -2,8 +2,9 @@
 //! sector on its own, the cipher mode restarted with the IV the IV generator makes from the
 //! sector number.
 //!
-//! The modes are written here over one block-cipher trait (`Blocks`) rather than taken from the `cbc`/`ctr`/`xts-mode`
-//! crates so that one code path serves every cipher and block size (CAST5's blocks are 8 bytes)
+//! The modes are written here over one block-cipher trait (`Blocks`) rather than taken from the
+//! `cbc`/`ctr`/`xts-mode` crates so that one code path serves every cipher and block size
+//! (CAST5's blocks are 8 bytes)
 //! and so that each sector goes to the cipher as one run of blocks where the mode allows it
 //! (ECB, CBC decryption, CTR's key stream, XTS after the tweaks are applied): that is where
 //! AES-NI's parallel rounds pay. The unit tests check every mode against those crates.
