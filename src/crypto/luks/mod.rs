@@ -579,6 +579,23 @@ pub fn amend(
     }
 }
 
+/// What the `luks_header` fuzz target runs on one input (and tests/hostile replays): `data`'s
+/// first 592 bytes (zero-padded) parsed as a header; one that parses must write back to itself
+/// and give its info, and, when its iteration counts are small, be unlocked against `data` as
+/// storage, ending in a cipher or one error (never a panic or an unbounded allocation).
+pub fn exercise(data: &[u8]) {
+    let mut b = [0u8; header::HEADER_LEN];
+    let n = data.len().min(header::HEADER_LEN);
+    b[..n].copy_from_slice(&data[..n]);
+    let Ok(h) = Header::parse(&b) else { return };
+    assert_eq!(Header::parse(&h.to_bytes()).ok().as_ref(), Some(&h));
+    let _ = h.info();
+    if h.mk_iterations <= 16 && h.slots.iter().all(|s| s.iterations <= 16) {
+        let storage = crate::storage::MemStorage::new(data.to_vec());
+        let _ = unlock(&h, &storage, 0, b"x");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
