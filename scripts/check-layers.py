@@ -15,7 +15,7 @@ LAYERS = [
     "error offsets storage direct_io blkdebug lock interrupt size zeros crypto secret",
     "opener chain",
     "block chain_read creation capability check bitmap info prealloc identity",
-    "format foreign raw qcow2 null probe",
+    "format foreign raw qcow2 luks null probe",
     "open image_spec",
     "vma",
     "ops",

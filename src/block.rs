@@ -363,6 +363,13 @@ pub trait BlockImage: Send + Sync {
         Ok(())
     }
 
+    /// Whether a newly created image of this kind reads as zeros where nothing was written
+    /// (qemu's `bdrv_has_zero_init`), so that a copy into it may skip zeros. The default: it
+    /// does; an encrypted image, whose unwritten sectors decrypt to noise, does not.
+    fn zero_initialized(&self) -> bool {
+        true
+    }
+
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
 

@@ -143,6 +143,7 @@ const IGNORED: &[&str] = &[
     "encrypt.format",
     "backing.encrypt.key-secret",
     "backing.encrypt.format",
+    "key-secret",
     "offset",
     "size",
 ];

@@ -75,6 +75,8 @@ pub struct SnapshotInfo {
 pub enum FormatSpecific {
     /// qcow2 details.
     Qcow2(Qcow2Info),
+    /// A raw LUKS image's header ([`crate::crypto::luks`]).
+    Luks(crate::crypto::luks::LuksInfo),
 }
 
 /// qcow2 header details shown by `info`.

@@ -1272,7 +1272,7 @@ fn bitmap(a: BitmapCmdArgs) -> CmdResult {
 }
 
 fn amend(a: AmendCmdArgs) -> CmdResult {
-    let _ = a.force;
+    opener().set_force(a.force);
     let fail = |e| Failure::new(e, 1);
     if ops::amend::wants_help(&a.options) {
         print(&ops::amend::help(a.format, a.filename.as_deref()).map_err(fail)?)?;

@@ -194,8 +194,13 @@ struct Settings {
     /// External data files given for images (qemu's `data-file` option), by the image's
     /// locator as it will be opened.
     data_files: Mutex<Vec<(LocatorBuf, LocatorBuf)>>,
+    /// The options image names gave their images (`key-secret=ID` ...), by the image's
+    /// locator as it will be opened.
+    image_options: Mutex<Vec<(LocatorBuf, std::collections::BTreeMap<String, String>)>>,
     /// External data files are not needed (see [`Opener::set_metadata_only`]).
     metadata_only: AtomicBool,
+    /// `amend --force` (see [`Opener::set_force`]).
+    force: AtomicBool,
     /// Where notices go (see [`Opener::set_notices`]).
     notices: Mutex<Option<NoticeSink>>,
     /// The secrets of the command line (`--object secret,...`), for encrypted images.
@@ -265,6 +270,11 @@ impl Opener {
         if let Some(d) = &spec.data_file {
             self.set_data_file(&spec.path, d);
         }
+        if !spec.options.is_empty() {
+            let mut o = lock(&self.settings.image_options);
+            o.retain(|(i, _)| *i != spec.path);
+            o.push((spec.path.clone(), spec.options.clone()));
+        }
         if let Some(e) = EncryptOptions::from_spec(&spec.options, "encrypt.") {
             self.set_encryption(&spec.path, e);
         }
@@ -310,6 +320,11 @@ impl Opener {
         self.secret(&id).map(Some)
     }
 
+    /// The secrets of the command line ([`Opener::set_secrets`]); none if none were given.
+    pub fn secrets(&self) -> Arc<crate::secret::Secrets> {
+        lock(&self.settings.secrets).clone().unwrap_or_default()
+    }
+
     /// The secret with id `id` (`--object secret,id=ID,...`); an error in qemu's words if
     /// there is none.
     pub fn secret(&self, id: &str) -> Result<zeroize::Zeroizing<Vec<u8>>> {
@@ -330,6 +345,15 @@ impl Opener {
         if let Some(e) = given {
             self.set_encryption(backing, e);
         }
+    }
+
+    /// The option `key` (dotted, as in `--image-opts`: `key-secret`, `encrypt.key-secret`)
+    /// the image name of the image at `image` gave, if any.
+    pub fn image_option(&self, image: &Locator, key: &str) -> Option<String> {
+        lock(&self.settings.image_options)
+            .iter()
+            .find(|(i, _)| i == image)
+            .and_then(|(_, o)| o.get(key).cloned())
     }
 
     /// Makes every later open of the file at `path` inject errors by `config`'s rules, each
@@ -368,6 +392,17 @@ impl Opener {
     /// `info`, which opens images without I/O).
     pub fn set_metadata_only(&self, on: bool) {
         self.settings.metadata_only.store(on, Ordering::Relaxed);
+    }
+
+    /// With `true`, images opened later allow what `amend --force` allows (overwriting an
+    /// active LUKS key slot, erasing the last one).
+    pub fn set_force(&self, on: bool) {
+        self.settings.force.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether [`Opener::set_force`] is on.
+    pub fn force(&self) -> bool {
+        self.settings.force.load(Ordering::Relaxed)
     }
 
     /// Whether [`Opener::set_metadata_only`] is on.

@@ -287,7 +287,10 @@ mod tests {
         let par2 = at(b"WithouFreSpacExt".to_vec(), 16, &2u32.to_le_bytes());
         assert_eq!(head(&par2), foreign(Parallels));
         assert_eq!(head(&at(par, 16, &3u32.to_le_bytes())), RAW);
-        assert_eq!(head(b"LUKS\xba\xbe\0\x01"), foreign(Luks));
+        assert_eq!(
+            head(b"LUKS\xba\xbe\0\x01"),
+            Probed::Supported(ImageFormat::Luks)
+        );
         assert_eq!(head(b"LUKS\xba\xbe\0\x02"), RAW);
         assert_eq!(head(CLOOP_V2_HEADER), foreign(Cloop));
         assert_eq!(head(&CLOOP_V2_HEADER[..20]), RAW);

@@ -20,3 +20,11 @@ pub trait SectorCipher: Send + Sync + std::fmt::Debug {
     /// Decrypts `buf` (a whole number of sectors) in place; its first sector is `sector`.
     fn decrypt(&self, sector: u64, buf: &mut [u8]) -> Result<()>;
 }
+
+pub mod alg;
+mod blocks;
+pub mod luks;
+pub mod sector;
+
+pub use alg::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
+pub use sector::{CipherSpec, SectorCrypt};

@@ -363,6 +363,8 @@ pub fn convert(
             None => None,
         };
         plan.dst = target.as_ref();
+        // A new image that does not read as zeros (LUKS) gets its zeros written.
+        plan.zero_needed = !target.zero_initialized();
         plan.cluster = target.cluster_size().unwrap_or(512);
         plan.compress = match opts.compress {
             true => Some(target.as_compressed_writes().ok_or_else(|| {

@@ -62,6 +62,21 @@ pub const KEY_ORDER: &[&str] = &[
     "encrypt",
     "corrupt",
     "extended-l2",
+    // LUKS header data (raw LUKS format-specific data, qcow2's `encrypt`) and its key slots.
+    "ivgen-alg",
+    "detached-header",
+    "hash-alg",
+    "cipher-alg",
+    "uuid",
+    "ivgen-hash-alg",
+    "cipher-mode",
+    "slots",
+    "payload-offset",
+    "master-key-iters",
+    "active",
+    "iters",
+    "key-offset",
+    "stripes",
 ];
 
 /// The members of `map` in qemu-img's order (see [`KEY_ORDER`]).

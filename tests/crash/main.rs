@@ -12,4 +12,5 @@ mod commit_rebase_crash;
 mod crash_safety;
 mod interrupt;
 mod kill;
+mod luks_kill;
 mod write_model;

@@ -27,6 +27,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("vma_read", vimg::vma::exercise),
     ("probe", vimg::probe::exercise),
     ("image_spec", vimg::image_spec::exercise),
+    ("luks_header", vimg::crypto::luks::exercise),
 ];
 
 /// Longest one input may take (they take milliseconds; a hang shows up as this).

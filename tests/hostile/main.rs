@@ -10,6 +10,7 @@ mod common;
 mod aes_hostile;
 mod fixtures;
 mod hostile;
+mod luks;
 mod probe_foreign;
 mod target_safety;
 mod untrusted_paths;

@@ -1,8 +1,9 @@
-//! Images of formats vimg does not read (vmdk, vhdx, vpc, vdi, qed, qcow, parallels, luks made
-//! by qemu-img; dmg, bochs and cloop headers made here, as qemu cannot create them) are refused
-//! by name, by `info` and `convert`, probed or given with `-f`; with `-f raw` their bytes are
+//! Images of formats vimg does not read (vmdk, vhdx, vpc, vdi, qed, qcow, parallels made by
+//! qemu-img; dmg, bochs and cloop headers made here, as qemu cannot create them) are refused by
+//! name, by `info` and `convert`, probed or given with `-f`; with `-f raw` their bytes are
 //! copied as qemu-img copies them (issue 13, item 3). Before, they were probed as raw and their
-//! container bytes copied as the disk, with exit status 0.
+//! container bytes copied as the disk, with exit status 0. (Raw LUKS is read since issue 16:
+//! tests/oracle/luks.rs.)
 
 use crate::common;
 
@@ -36,23 +37,6 @@ fn foreign_images(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     qemu("disk.qed", "qed", "");
     qemu("disk.qcow", "qcow", "");
     qemu("disk.hds", "parallels", "");
-    let luks = dir.join("disk.luks");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "--object",
-            "secret,id=s0,data=x",
-            "-f",
-            "luks",
-            "-o",
-            "key-secret=s0",
-            p(&luks),
-            "4M",
-        ],
-    );
-    v.push((luks, "luks"));
 
     // Hand-made: the headers qemu's probes look for, on otherwise empty files.
     let mut bochs = vec![0u8; 1024];

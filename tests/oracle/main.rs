@@ -22,6 +22,7 @@ mod iotests_080_112;
 mod iotests_150_253_190;
 mod iotests_checks;
 mod lazy_refcounts;
+mod luks;
 mod measure_oracle;
 mod options_matrix;
 mod oracle_read;
