@@ -34,6 +34,7 @@ pub const KEY_ORDER: &[&str] = &[
     "hash-alg",
     "cipher-alg",
     "uuid",
+    "ivgen-hash-alg",
     "format",
     "actual-size",
     "format-specific",
@@ -69,7 +70,6 @@ pub const KEY_ORDER: &[&str] = &[
     "corrupt",
     "extended-l2",
     // LUKS header data (raw LUKS format-specific data, qcow2's `encrypt`) and its key slots.
-    "ivgen-hash-alg",
     "cipher-mode",
     "slots",
     "payload-offset",
