@@ -7,8 +7,8 @@
 //!   place in the file): the IV comes from the **host** offset / 512 (qemu's
 //!   `crypt_physical_offset`), so a cluster that moves (copy-on-write from a shared cluster,
 //!   repair, preallocation moving a cluster) is decrypted at its old place and encrypted again at
-//!   its new one ([`Encryption::recrypt`]). Not opened yet: [`bind`] refuses it until the LUKS
-//!   key slots can be unlocked.
+//!   its new one ([`Encryption::recrypt`]). Its key slots are unlocked with
+//!   [`crate::crypto::luks::unlock`].
 //!
 //! Only uncompressed data clusters hold ciphertext: metadata is plain, zero and unallocated
 //! clusters read as plaintext zeros, and compression with encryption is refused, as by qemu.
@@ -17,7 +17,7 @@
 //! ([`crate::opener::Opener::key_for`]). Without it an image opens only for `info` (qemu
 //! opens it without I/O then); every other open fails with qemu's message.
 
-use crate::crypto::{legacy::LegacyAes, SectorCipher, SECTOR};
+use crate::crypto::{legacy::LegacyAes, luks, SectorCipher, SECTOR};
 use crate::error::{Error, Result};
 use crate::opener::Opener;
 use crate::qcow2::format::header::Header;
@@ -46,8 +46,7 @@ pub(crate) const NO_COMPRESSION: &str = "Compression and encryption not supporte
 pub(crate) enum IvRule {
     /// The guest offset / 512 (legacy AES).
     Guest,
-    /// The host offset / 512 in the file holding the data (LUKS, whose binding is to come).
-    #[allow(dead_code)]
+    /// The host offset / 512 in the file holding the data (LUKS).
     Host,
 }
 
@@ -169,10 +168,22 @@ pub(crate) fn bind(
     }
     let key = opener.key_for(path)?;
     if header.crypt_method == method::LUKS {
-        let _ = storage;
-        return Err(Error::unsupported(
-            "LUKS-encrypted qcow2 images (encrypt.format=luks) are not supported yet",
-        ));
+        let luks = luks_header(header, storage)?;
+        // A metadata-only open (`info`) reads the header but unlocks nothing, as qemu's.
+        if !writable && opener.metadata_only() {
+            return Ok(None);
+        }
+        let Some(key) = key else {
+            return Err(Error::invalid_input(KEY_REQUIRED));
+        };
+        let id = opener
+            .encryption_for(path)
+            .and_then(|e| e.key_secret)
+            .unwrap_or_default();
+        let passphrase = luks::check_passphrase(&id, &key)?;
+        let base = header.crypto_header.map_or(0, |(off, _)| off);
+        let cipher = luks::unlock(&luks, storage, base, passphrase)?;
+        return Ok(Some(Encryption::new(Arc::from(cipher), IvRule::Host)));
     }
     let Some(key) = key else {
         if !writable && opener.metadata_only() {
@@ -191,8 +202,32 @@ pub(crate) fn bind(
 /// for LUKS its header's details (read without the key) join the format. `None` when the image
 /// is not encrypted.
 pub(crate) fn info(header: &Header, storage: &dyn Storage) -> Result<Option<serde_json::Value>> {
-    let _ = storage;
-    Ok(format_name(header.crypt_method).map(|f| serde_json::json!({ "format": f })))
+    let Some(name) = format_name(header.crypt_method) else {
+        return Ok(None);
+    };
+    let mut object = serde_json::json!({ "format": name });
+    if header.crypt_method == method::LUKS {
+        let details = serde_json::to_value(luks_header(header, storage)?.info())
+            .map_err(|e| Error::invalid_input(format!("LUKS header details: {e}")))?;
+        if let (Some(o), serde_json::Value::Object(d)) = (object.as_object_mut(), details) {
+            o.extend(d);
+        }
+    }
+    Ok(Some(object))
+}
+
+/// The LUKS header of a `crypt_method` 2 image, where its FDE header extension says; qemu's
+/// words when the extension is missing or too short for the header.
+fn luks_header(header: &Header, storage: &dyn Storage) -> Result<luks::Header> {
+    let Some((offset, length)) = header.crypto_header else {
+        return Err(Error::corrupt("Missing CRYPTO header for crypt method 2"));
+    };
+    if length < luks::header::HEADER_LEN as u64 {
+        return Err(Error::corrupt(
+            "Request for data outside of extension header",
+        ));
+    }
+    luks::Header::read(storage, offset)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod crashing;
+pub mod encrypted;
 pub mod loop_device;
 
 use std::path::Path;

@@ -27,6 +27,7 @@ mod measure_oracle;
 mod options_matrix;
 mod oracle_read;
 mod qcow2_aes;
+mod qcow2_luks;
 mod qemu_edges_extensions;
 mod qemu_edges_refcount;
 mod qemu_edges_shrink;

@@ -1,0 +1,332 @@
+//! LUKS-encrypted qcow2 images (`crypt_method` 2, `encrypt.format=luks`) made by qemu-img and
+//! written by qemu-io 10 (over backing files encrypted with another passphrase or not at all,
+//! with internal snapshots whose shared clusters later writes copy to new host offsets, where
+//! their sectors' IVs change): vimg reads them as qemu does; vimg's writes into them read the
+//! same through qemu and pass `qemu-img check`; `info` prints what qemu-img prints, with the
+//! key and without; a wrong passphrase is refused in qemu's words and changes nothing.
+
+use crate::common::encrypted::{
+    message, ok, open, opener, qemu_check, qemu_io, qemu_read, random_io, read_all, secret, spec,
+    with_objects,
+};
+use crate::common::{self, Rng};
+use std::path::Path;
+use vimg::opener::Opener;
+use vimg::GuestOffset;
+
+const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
+
+/// qemu-img create of a LUKS image with passphrase `pw` (extra `-o` options, backing file).
+fn qemu_create_luks(path: &Path, pw: &str, size: u64, extra: &str, backing: Option<&Path>) {
+    let mut o = "encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10".to_string();
+    if !extra.is_empty() {
+        o = format!("{o},{extra}");
+    }
+    let size = size.to_string();
+    let b;
+    let mut args = vec!["-q", "-f", "qcow2", "-o", &o];
+    if let Some(bp) = backing {
+        b = bp.to_str().unwrap().to_string();
+        args.extend(["-b", &b, "-F", "qcow2"]);
+    }
+    args.extend([path.to_str().unwrap(), &size]);
+    ok(
+        with_objects("qemu-img", &["create"], &[secret("k", pw)], &args),
+        "qemu-img create",
+    );
+}
+
+/// A chain made by qemu: `base` (LUKS with "basepass", or unencrypted) and `top` (LUKS with
+/// "toppass") over it, random writes in both, an internal snapshot of `top` taken by qemu-img
+/// between two rounds of writes. Returns the objects and the spec of `top`.
+fn qemu_chain(
+    dir: &Path,
+    rng: &mut Rng,
+    extra: &str,
+    base_encrypted: bool,
+) -> (Vec<String>, String) {
+    let size = 1 << 20;
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let objects = vec![secret("kb", "basepass"), secret("kt", "toppass")];
+    let base_spec = if base_encrypted {
+        qemu_create_luks(&base, "basepass", size, extra, None);
+        spec(&base, "kb", None)
+    } else {
+        common::qemu_create(&base, "qcow2", extra, None, size);
+        format!("driver=qcow2,file.filename={}", base.display())
+    };
+    qemu_io(&objects, &base_spec, &random_io(rng, size, 12));
+    qemu_create_luks(&top, "toppass", size, extra, Some(&base));
+    let top_spec = spec(&top, "kt", base_encrypted.then_some("kb"));
+    qemu_io(&objects, &top_spec, &random_io(rng, size, 10));
+    ok(
+        with_objects(
+            "qemu-img",
+            &["snapshot"],
+            &objects,
+            &["-c", "s1", "--image-opts", &top_spec],
+        ),
+        "qemu-img snapshot",
+    );
+    qemu_io(&objects, &top_spec, &random_io(rng, size, 10));
+    (objects, top_spec)
+}
+
+fn chain_opener(dir: &Path, base_encrypted: bool) -> Opener {
+    let top = dir.join("top.qcow2");
+    let base = dir.join("base.qcow2");
+    let mut images = vec![(top.as_path(), "kt")];
+    if base_encrypted {
+        images.push((base.as_path(), "kb"));
+    }
+    opener(&[("kb", "basepass"), ("kt", "toppass")], &images)
+}
+
+const CASES: [(&str, bool); 3] = [
+    ("cluster_size=65536", true),
+    ("cluster_size=4096", false),
+    ("cluster_size=16384,extended_l2=on", true),
+];
+
+#[test]
+fn images_qemu_writes_read_the_same() {
+    if !common::qemu_available("luks_read") {
+        return;
+    }
+    let mut rng = Rng::seeded(0x1ce);
+    for (extra, base_enc) in CASES {
+        let dir = tempfile::tempdir().unwrap();
+        let (objects, top_spec) = qemu_chain(dir.path(), &mut rng, extra, base_enc);
+        let want = qemu_read(&objects, &top_spec, dir.path());
+        let img = open(
+            &dir.path().join("top.qcow2"),
+            &chain_opener(dir.path(), base_enc),
+            false,
+        );
+        assert!(read_all(img.as_ref()) == want, "{extra}");
+        let mut buf = vec![0u8; 70001];
+        img.read_at(&mut buf, GuestOffset(12345)).unwrap();
+        assert!(buf[..] == want[12345..12345 + 70001], "{extra}");
+        // The CLI too, with the secrets on the command line.
+        let out = dir.path().join("v.raw");
+        ok(
+            with_objects(
+                VIMG,
+                &["convert"],
+                &objects,
+                &[
+                    "--image-opts",
+                    &top_spec,
+                    "-O",
+                    "raw",
+                    out.to_str().unwrap(),
+                ],
+            ),
+            "vimg convert",
+        );
+        assert!(std::fs::read(&out).unwrap() == want, "{extra}");
+    }
+}
+
+#[test]
+fn vimg_writes_into_qemu_images_read_the_same_in_qemu() {
+    if !common::qemu_available("luks_write") {
+        return;
+    }
+    let mut rng = Rng::seeded(0x1ce5);
+    for (extra, base_enc) in CASES {
+        let dir = tempfile::tempdir().unwrap();
+        let (objects, top_spec) = qemu_chain(dir.path(), &mut rng, extra, base_enc);
+        let mut model = qemu_read(&objects, &top_spec, dir.path());
+        let size = model.len() as u64;
+        {
+            let img = open(
+                &dir.path().join("top.qcow2"),
+                &chain_opener(dir.path(), base_enc),
+                true,
+            );
+            for _ in 0..40 {
+                let off = rng.below(size - 1);
+                let len = 1 + rng.below((size - off).min(150_000));
+                let r = off as usize..(off + len) as usize;
+                match rng.below(6) {
+                    0 => {
+                        img.write_zeroes(GuestOffset(off), len, rng.below(2) == 0)
+                            .unwrap();
+                        model[r].fill(0);
+                    }
+                    1 => {
+                        img.discard(GuestOffset(off), len).unwrap();
+                        img.read_at(&mut model[r], GuestOffset(off)).unwrap();
+                    }
+                    _ => {
+                        let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                        img.write_at(&data, GuestOffset(off)).unwrap();
+                        model[r].copy_from_slice(&data);
+                    }
+                }
+            }
+            assert!(read_all(img.as_ref()) == model);
+            img.finish().unwrap();
+        }
+        assert!(
+            qemu_read(&objects, &top_spec, dir.path()) == model,
+            "{extra} base encrypted {base_enc}"
+        );
+        qemu_check(&objects, &top_spec);
+        // The snapshot still reads as qemu reads it.
+        let out = dir.path().join("snap.raw");
+        let qout = dir.path().join("qsnap.raw");
+        for (prog, o) in [(VIMG, &out), ("qemu-img", &qout)] {
+            ok(
+                with_objects(
+                    prog,
+                    &["convert"],
+                    &objects,
+                    &[
+                        "-l",
+                        "s1",
+                        "--image-opts",
+                        &top_spec,
+                        "-O",
+                        "raw",
+                        o.to_str().unwrap(),
+                    ],
+                ),
+                prog,
+            );
+        }
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&qout).unwrap());
+        // convert -n into it through the CLI, then qemu-img compare with the source.
+        let raw = dir.path().join("src.raw");
+        let data: Vec<u8> = (0..size).map(|_| rng.next() as u8).collect();
+        std::fs::write(&raw, &data).unwrap();
+        ok(
+            with_objects(
+                VIMG,
+                &["convert"],
+                &objects,
+                &[
+                    "-n",
+                    raw.to_str().unwrap(),
+                    "--target-image-opts",
+                    &top_spec,
+                ],
+            ),
+            "vimg convert -n",
+        );
+        let src = format!("driver=raw,file.filename={}", raw.display());
+        ok(
+            with_objects(
+                "qemu-img",
+                &["compare"],
+                &objects,
+                &["--image-opts", &src, &top_spec],
+            ),
+            "qemu-img compare",
+        );
+        qemu_check(&objects, &top_spec);
+    }
+}
+
+#[test]
+fn info_as_in_qemu_with_and_without_the_key() {
+    if !common::qemu_available("luks_info") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("i.qcow2");
+    for (extra, pw) in [
+        ("", "pw"),
+        (
+            "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,\
+             encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha1",
+            "another passphrase",
+        ),
+    ] {
+        qemu_create_luks(&img, pw, 8 << 20, extra, None);
+        let objects = vec![secret("k", pw)];
+        let sp = spec(&img, "k", None);
+        qemu_io(&objects, &sp, &["write -P 0x5a 0 64k".to_string()]);
+        let p = img.to_str().unwrap();
+        for output in ["human", "json"] {
+            let o = format!("--output={output}");
+            let q = common::run("qemu-img", &["info", &o, p]);
+            let v = common::run(VIMG, &["info", &o, p]);
+            assert_eq!(v, q, "{extra} {output}");
+            assert!(q.contains("cipher") && q.contains("slots"), "{q}");
+            let q = ok(
+                with_objects("qemu-img", &["info"], &objects, &[&o, "--image-opts", &sp]),
+                "qemu-img info",
+            );
+            let v = ok(
+                with_objects(VIMG, &["info"], &objects, &[&o, "--image-opts", &sp]),
+                "vimg info",
+            );
+            // The image's name aside (qemu names it by its json: options).
+            let named = |s: &str| {
+                s.lines()
+                    .filter(|l| !l.starts_with("image: ") && !l.contains("\"filename\": "))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            assert_eq!(named(&v), named(&q), "{extra} {output} with the key");
+        }
+    }
+}
+
+#[test]
+fn a_wrong_passphrase_or_no_key_is_refused_and_changes_nothing() {
+    if !common::qemu_available("luks_wrong") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("w.qcow2");
+    qemu_create_luks(&img, "right", 1 << 20, "", None);
+    let sp = spec(&img, "k", None);
+    qemu_io(
+        &[secret("k", "right")],
+        &sp,
+        &["write -P 7 0 8k".to_string()],
+    );
+    let before = std::fs::read(&img).unwrap();
+    let out = dir.path().join("o.raw");
+    let o = out.to_str().unwrap();
+    let tail = |r: (i32, String)| {
+        let (code, line) = message(r);
+        let tail = line.rsplit_once("': ").map(|(_, t)| t.to_string());
+        (code, tail.unwrap_or(line))
+    };
+    for (objects, spec) in [
+        (vec![secret("k", "wrong")], sp.clone()),
+        (
+            vec![],
+            format!("driver=qcow2,file.filename={}", img.display()),
+        ),
+    ] {
+        for args in [
+            vec!["convert", "--image-opts", &spec, "-O", "raw", o],
+            vec!["convert", "-n", o, "--target-image-opts", &spec],
+        ] {
+            if !out.exists() {
+                std::fs::write(&out, vec![1u8; 1 << 20]).unwrap();
+            }
+            let v = tail(with_objects(VIMG, &args[..1], &objects, &args[1..]));
+            let q = tail(with_objects("qemu-img", &args[..1], &objects, &args[1..]));
+            assert_eq!(v, q, "{args:?}");
+            assert_eq!(v.0, 1);
+            assert!(std::fs::read(&img).unwrap() == before, "{args:?}");
+        }
+    }
+    let (code, out) = with_objects(
+        VIMG,
+        &["convert"],
+        &[secret("k", "wrong")],
+        &["--image-opts", &sp, "-O", "raw", o],
+    );
+    assert!(
+        code == 1 && out.contains("Invalid password, cannot unlock any keyslot"),
+        "{out}"
+    );
+}
