@@ -139,3 +139,51 @@ pub fn message(r: (i32, String)) -> (i32, String) {
         .unwrap_or(line);
     (r.0, line)
 }
+
+/// `n` random writes, zero writes and discards through `img`, applied to `model` too (a
+/// discarded range reads as the driver chooses: vimg's reading is taken, which qemu must then
+/// read too).
+pub fn random_writes(img: &dyn BlockImage, model: &mut [u8], rng: &mut Rng, n: usize) {
+    let size = model.len() as u64;
+    for _ in 0..n {
+        let off = rng.below(size - 1);
+        let len = 1 + rng.below((size - off).min(150_000));
+        let r = off as usize..(off + len) as usize;
+        match rng.below(6) {
+            0 => {
+                img.write_zeroes(GuestOffset(off), len, rng.below(2) == 0)
+                    .unwrap();
+                model[r].fill(0);
+            }
+            1 => {
+                img.discard(GuestOffset(off), len).unwrap();
+                img.read_at(&mut model[r], GuestOffset(off)).unwrap();
+            }
+            _ => {
+                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                img.write_at(&data, GuestOffset(off)).unwrap();
+                model[r].copy_from_slice(&data);
+            }
+        }
+    }
+}
+
+/// vimg's and qemu-img's `convert -l SNAPSHOT` of the image `spec` give the same bytes.
+pub fn snapshot_reads_agree(objects: &[String], spec: &str, snapshot: &str, dir: &Path) {
+    let out = dir.join("snap.raw");
+    let qout = dir.join("qsnap.raw");
+    let vimg = env!("CARGO_BIN_EXE_vimg");
+    for (prog, o) in [(vimg, &out), ("qemu-img", &qout)] {
+        let args = [
+            "-l",
+            snapshot,
+            "--image-opts",
+            spec,
+            "-O",
+            "raw",
+            o.to_str().unwrap(),
+        ];
+        ok(with_objects(prog, &["convert"], objects, &args), prog);
+    }
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&qout).unwrap());
+}

@@ -8,8 +8,8 @@
 //! the same garbage as in qemu.
 
 use crate::common::encrypted::{
-    message, ok, open, opener, qemu_check, qemu_io, qemu_read, random_io, read_all, secret, spec,
-    with_objects,
+    message, ok, open, opener, qemu_check, qemu_io, qemu_read, random_io, random_writes, read_all,
+    secret, snapshot_reads_agree, spec, with_objects,
 };
 use crate::common::{self, Rng};
 use std::path::Path;
@@ -135,36 +135,13 @@ fn vimg_writes_into_qemu_images_read_the_same_in_qemu() {
         let dir = tempfile::tempdir().unwrap();
         let (objects, top_spec) = qemu_chain(dir.path(), &mut rng, cluster, ext, base_enc);
         let mut model = qemu_read(&objects, &top_spec, dir.path());
-        let size = model.len() as u64;
         {
             let img = open(
                 &dir.path().join("top.qcow2"),
                 &chain_opener(dir.path(), base_enc),
                 true,
             );
-            for _ in 0..40 {
-                let off = rng.below(size - 1);
-                let len = 1 + rng.below((size - off).min(150_000));
-                let r = off as usize..(off + len) as usize;
-                match rng.below(6) {
-                    0 => {
-                        img.write_zeroes(GuestOffset(off), len, rng.below(2) == 0)
-                            .unwrap();
-                        model[r].fill(0);
-                    }
-                    1 => {
-                        // What a discarded range reads as is the driver's choice: take
-                        // vimg's, which qemu must then read too.
-                        img.discard(GuestOffset(off), len).unwrap();
-                        img.read_at(&mut model[r], GuestOffset(off)).unwrap();
-                    }
-                    _ => {
-                        let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-                        img.write_at(&data, GuestOffset(off)).unwrap();
-                        model[r].copy_from_slice(&data);
-                    }
-                }
-            }
+            random_writes(img.as_ref(), &mut model, &mut rng, 40);
             assert!(read_all(img.as_ref()) == model);
             img.finish().unwrap();
         }
@@ -175,28 +152,7 @@ fn vimg_writes_into_qemu_images_read_the_same_in_qemu() {
         qemu_check(&objects, &top_spec);
         // The snapshot qemu took still reads as before (its clusters were copied, not
         // changed): vimg's convert -l and qemu's agree.
-        let out = dir.path().join("snap.raw");
-        let qout = dir.path().join("qsnap.raw");
-        for (prog, o) in [(VIMG, &out), ("qemu-img", &qout)] {
-            ok(
-                with_objects(
-                    prog,
-                    &["convert"],
-                    &objects,
-                    &[
-                        "-l",
-                        "s1",
-                        "--image-opts",
-                        &top_spec,
-                        "-O",
-                        "raw",
-                        o.to_str().unwrap(),
-                    ],
-                ),
-                prog,
-            );
-        }
-        assert!(std::fs::read(&out).unwrap() == std::fs::read(&qout).unwrap());
+        snapshot_reads_agree(&objects, &top_spec, "s1", dir.path());
     }
 }
 
