@@ -212,13 +212,23 @@ impl Reorder {
         } else {
             st.committing = true;
             let mut result = Ok(());
+            // Nothing more is written once a write failed (here or in an earlier committer):
+            // a job parked after the failure would otherwise be written by the next committer,
+            // and its error could be the one reported instead of the first.
             while let Some((len, mut job)) = {
                 let next = st.next;
-                st.parked.remove(&next)
+                match stop.load(Ordering::SeqCst) {
+                    true => None,
+                    false => st.parked.remove(&next),
+                }
             } {
                 drop(st);
                 result = write(&mut job, len);
                 st = self.lock();
+                if result.is_err() {
+                    // Set under the lock, before another worker can become the committer.
+                    stop.store(true, Ordering::SeqCst);
+                }
                 st.next += 1;
                 st.free.push(job);
                 self.changed.notify_all();
