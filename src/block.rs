@@ -79,14 +79,16 @@ pub trait FormatDriver: Send + Sync + 'static {
 
     /// `measure`: the host space a new image of this format takes, created with the `-o`
     /// arguments `options`, for a disk of `size` bytes or holding the data of `source` (qemu's
-    /// `bdrv_measure`). The default: the format cannot say.
+    /// `bdrv_measure`). `secrets` are the command line's, which encryption options name (qemu
+    /// checks the passphrase exists). The default: the format cannot say.
     fn measure(
         &self,
         options: &[String],
         size: Option<u64>,
         source: Option<&dyn BlockImage>,
+        secrets: &crate::secret::Secrets,
     ) -> Result<crate::creation::Measurement> {
-        let _ = (options, size, source);
+        let _ = (options, size, source, secrets);
         Err(Error::unsupported(format!(
             "Block driver '{}' does not support size measurement",
             self.name()

@@ -102,9 +102,12 @@ mod tests {
             let img = open_image(&path, &OpenOptions::default()).unwrap();
             assert_eq!((img.format(), img.virtual_size()), (f, 1 << 20));
 
-            let m = crate::ops::measure::measure(f, &[], Some(1 << 20), None).unwrap();
+            let m = crate::ops::measure::measure(f, &[], Some(1 << 20), None, &Default::default())
+                .unwrap();
             assert!(m.fully_allocated >= 1 << 20, "{f}: {m:?}");
-            let m2 = crate::ops::measure::measure(f, &[], None, Some(img.as_ref())).unwrap();
+            let m2 =
+                crate::ops::measure::measure(f, &[], None, Some(img.as_ref()), &Default::default())
+                    .unwrap();
             assert_eq!(m2.fully_allocated, m.fully_allocated, "{f}");
 
             let target = dir.path().join(format!("t.{f}"));
@@ -196,7 +199,8 @@ mod tests {
             "{e}"
         );
         assert!(!path.exists());
-        let e = crate::ops::measure::measure(f, &[], Some(1), None).unwrap_err();
+        let e =
+            crate::ops::measure::measure(f, &[], Some(1), None, &Default::default()).unwrap_err();
         assert!(
             e.to_string()
                 .contains("Block driver 'readonly' does not support size measurement"),

@@ -432,6 +432,11 @@ fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
                 spec.data_file = Some(PathBuf::from(v))
             }
             "data-file.driver" if k == bare && (v == "file" || v == "host_device") => {}
+            // The backing file named by options (read by the format driver when it opens
+            // the backing file): a format, over a file or a device.
+            "backing.driver" if k == bare && ImageFormat::from_name(v).is_ok() => {}
+            "backing.file.filename" if k == bare => {}
+            "backing.file.driver" if k == bare && (v == "file" || v == "host_device") => {}
             b if IGNORED.contains(&b) || b.starts_with("overlap-check.") => {}
             _ => {
                 let fmt = driver.unwrap_or("file");

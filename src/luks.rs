@@ -181,9 +181,13 @@ impl FormatDriver for LuksDriver {
         options: &[String],
         size: Option<u64>,
         source: Option<&dyn BlockImage>,
+        secrets: &crate::secret::Secrets,
     ) -> Result<crate::creation::Measurement> {
         let opts = LuksOptions::parse(options)?;
-        let (params, _) = opts.params()?;
+        let (params, id) = opts.params()?;
+        // qemu makes a header in memory to measure it, which needs the passphrase.
+        let id = id.ok_or_else(required_secret)?;
+        crate::crypto::luks::secret_passphrase(secrets, id)?;
         let size = match (source, size.or(opts.size)) {
             (Some(s), _) => s.virtual_size(),
             (None, Some(n)) => n,
@@ -230,9 +234,7 @@ impl FormatDriver for LuksDriver {
 
 /// The bytes the header of a new image with `params` takes (the payload offset).
 fn header_len(params: &CreateParams) -> u64 {
-    let area =
-        crate::crypto::luks::header::key_material_sectors(params.spec.key_len() as u32, 4000);
-    (crate::crypto::luks::header::KEY_SLOT_SECTORS as u64 + 8 * area) * SECTOR
+    crate::crypto::luks::header_len(&params.spec)
 }
 
 /// The `-o` options of a new LUKS image, as given (checked when the image is made, as qemu

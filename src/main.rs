@@ -1613,7 +1613,9 @@ fn measure(a: MeasureArgs) -> CmdResult {
         }
         Err(_) => return Err(say(&format!("Unknown file format '{}'", a.output_format))),
     };
-    let m = ops::measure::measure(target, &a.options, size, source.as_deref()).map_err(fail)?;
+    let secrets = opener().secrets();
+    let m = ops::measure::measure(target, &a.options, size, source.as_deref(), &secrets)
+        .map_err(fail)?;
     print(&ops::measure::render(&m, a.output.into()))?;
     Ok(0)
 }

@@ -89,6 +89,7 @@ impl FormatDriver for RawDriver {
         options: &[String],
         size: Option<u64>,
         source: Option<&dyn BlockImage>,
+        _secrets: &crate::secret::Secrets,
     ) -> Result<crate::creation::Measurement> {
         measure::measure(options, size, source)
     }

@@ -74,8 +74,9 @@ pub fn measure(
     options: &[String],
     size: Option<u64>,
     source: Option<&dyn BlockImage>,
+    secrets: &crate::secret::Secrets,
 ) -> Result<Measurement> {
-    target.driver().measure(options, size, source)
+    target.driver().measure(options, size, source, secrets)
 }
 
 #[cfg(test)]
@@ -85,7 +86,14 @@ mod tests {
     #[test]
     fn one_gigabyte_default_options() {
         // Figures from qemu-img 10.0.2: `measure -O qcow2 --size 1G`.
-        let m = measure(ImageFormat::Qcow2, &[], Some(1 << 30), None).unwrap();
+        let m = measure(
+            ImageFormat::Qcow2,
+            &[],
+            Some(1 << 30),
+            None,
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!(m.required, 393216);
         assert_eq!(m.fully_allocated, 1074135040);
         assert_eq!(m.bitmaps, None);
@@ -94,15 +102,23 @@ mod tests {
     #[test]
     fn small_clusters_and_raw() {
         let o = vec!["cluster_size=512".to_string()];
-        let m = measure(ImageFormat::Qcow2, &o, Some(1), None).unwrap();
+        let m = measure(ImageFormat::Qcow2, &o, Some(1), None, &Default::default()).unwrap();
         assert_eq!((m.required, m.fully_allocated), (2560, 3072));
-        let r = measure(ImageFormat::Raw, &[], Some(513), None).unwrap();
+        let r = measure(ImageFormat::Raw, &[], Some(513), None, &Default::default()).unwrap();
         assert_eq!((r.required, r.fully_allocated), (1024, 1024));
     }
 
     #[test]
     fn bad_options_are_refused() {
-        let bad = |o: &str| measure(ImageFormat::Qcow2, &[o.to_string()], Some(1), None);
+        let bad = |o: &str| {
+            measure(
+                ImageFormat::Qcow2,
+                &[o.to_string()],
+                Some(1),
+                None,
+                &Default::default(),
+            )
+        };
         assert!(bad("foo=1")
             .unwrap_err()
             .to_string()
@@ -110,7 +126,13 @@ mod tests {
         assert!(bad("refcount_bits=3").is_err());
         assert!(bad("compat=0.10,refcount_bits=1").is_err());
         assert!(bad("extended_l2=on,cluster_size=4k").is_err());
-        let raw = measure(ImageFormat::Raw, &["cluster_size=1k".into()], Some(1), None);
+        let raw = measure(
+            ImageFormat::Raw,
+            &["cluster_size=1k".into()],
+            Some(1),
+            None,
+            &Default::default(),
+        );
         assert!(raw.is_err());
     }
 

@@ -55,12 +55,38 @@ pub(crate) enum IvRule {
 pub(crate) struct Encryption {
     cipher: Arc<dyn SectorCipher>,
     rule: IvRule,
+    /// For LUKS, what `amend` of the key slots needs.
+    keys: Option<Arc<LuksKeys>>,
+}
+
+/// What amending the key slots of an open LUKS image needs: the passphrase it was opened
+/// with (zeroed when dropped), `amend --force`, and the command line's secrets, which
+/// `encrypt.new-secret` and `encrypt.old-secret` name.
+pub(crate) struct LuksKeys {
+    pub(crate) passphrase: zeroize::Zeroizing<Vec<u8>>,
+    pub(crate) force: bool,
+    pub(crate) secrets: Arc<crate::secret::Secrets>,
+}
+
+impl std::fmt::Debug for LuksKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LuksKeys { .. }")
+    }
 }
 
 impl Encryption {
     /// `cipher` with the IV rule `rule`.
     pub(crate) fn new(cipher: Arc<dyn SectorCipher>, rule: IvRule) -> Self {
-        Encryption { cipher, rule }
+        Encryption {
+            cipher,
+            rule,
+            keys: None,
+        }
+    }
+
+    /// The keys of a LUKS image, for amending its key slots.
+    pub(crate) fn keys(&self) -> Option<&LuksKeys> {
+        self.keys.as_deref()
     }
 
     /// Whether the IVs follow the guest offset (so that data can be encrypted before it has a
@@ -166,13 +192,17 @@ pub(crate) fn bind(
             )));
         }
     }
+    // A metadata-only open (`info`) looks no secret up and unlocks nothing, as qemu's opens
+    // without I/O; a LUKS header is still read (info shows it).
+    if !writable && opener.metadata_only() {
+        if header.crypt_method == method::LUKS {
+            luks_header(header, storage)?;
+        }
+        return Ok(None);
+    }
     let key = opener.key_for(path)?;
     if header.crypt_method == method::LUKS {
         let luks = luks_header(header, storage)?;
-        // A metadata-only open (`info`) reads the header but unlocks nothing, as qemu's.
-        if !writable && opener.metadata_only() {
-            return Ok(None);
-        }
         let Some(key) = key else {
             return Err(Error::invalid_input(KEY_REQUIRED));
         };
@@ -183,12 +213,15 @@ pub(crate) fn bind(
         let passphrase = luks::check_passphrase(&id, &key)?;
         let base = header.crypto_header.map_or(0, |(off, _)| off);
         let cipher = luks::unlock(&luks, storage, base, passphrase)?;
-        return Ok(Some(Encryption::new(Arc::from(cipher), IvRule::Host)));
+        let mut e = Encryption::new(Arc::from(cipher), IvRule::Host);
+        e.keys = Some(Arc::new(LuksKeys {
+            passphrase: zeroize::Zeroizing::new(passphrase.to_vec()),
+            force: opener.force(),
+            secrets: opener.secrets(),
+        }));
+        return Ok(Some(e));
     }
     let Some(key) = key else {
-        if !writable && opener.metadata_only() {
-            return Ok(None);
-        }
         return Err(Error::invalid_input(KEY_REQUIRED));
     };
     Ok(Some(Encryption::new(
@@ -214,6 +247,15 @@ pub(crate) fn info(header: &Header, storage: &dyn Storage) -> Result<Option<serd
         }
     }
     Ok(Some(object))
+}
+
+/// The offset and the LUKS header of a `crypt_method` 2 image (see [`luks_header`]).
+pub(crate) fn luks_header_at(
+    header: &Header,
+    storage: &dyn Storage,
+) -> Result<(u64, luks::Header)> {
+    let h = luks_header(header, storage)?;
+    Ok((header.crypto_header.map_or(0, |(off, _)| off), h))
 }
 
 /// The LUKS header of a `crypt_method` 2 image, where its FDE header extension says; qemu's

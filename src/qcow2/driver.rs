@@ -71,8 +71,9 @@ impl FormatDriver for Qcow2Driver {
         options: &[String],
         size: Option<u64>,
         source: Option<&dyn BlockImage>,
+        secrets: &crate::secret::Secrets,
     ) -> Result<crate::creation::Measurement> {
-        super::create::measure(options, size, source)
+        super::create::measure(options, size, source, secrets)
     }
 
     /// Created as `create -f qcow2 -u` makes it, with `options` and `backing` (whose chain a

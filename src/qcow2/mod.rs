@@ -245,13 +245,20 @@ impl Qcow2Image {
             img.prepare_for_writing(guard.opener())?;
         }
         if let Some(name) = img.header.backing_file.clone() {
-            let bpath = guard.opener().resolve(path, &name)?;
+            // `--image-opts ...,backing.file.filename=F,backing.driver=FMT` open F with FMT
+            // in place of the backing file the header names, as qemu's options do.
+            let given = |k: &str| guard.opener().image_option(path, k);
+            let bpath = match given("backing.file.filename") {
+                Some(f) => PathBuf::from(f),
+                None => guard.opener().resolve(path, &name)?,
+            };
             guard.opener().pass_to_backing(path, &bpath);
             img.backing_path = Some(bpath.clone());
             if !no_backing {
-                let format = match &img.header.backing_format {
+                let format = match given("backing.driver").or(img.header.backing_format.clone()) {
                     Some(f) => Some(
-                        crate::block::ImageFormat::from_name(f).map_err(|e| e.with_path(&bpath))?,
+                        crate::block::ImageFormat::from_name(&f)
+                            .map_err(|e| e.with_path(&bpath))?,
                     ),
                     None => {
                         img.backing_probed = true;
@@ -857,6 +864,12 @@ impl BlockImage for Qcow2Image {
     fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
         check_request(self.header.size, offset, buf.len() as u64).in_file(&self.path)?;
         self.read_inner(buf, offset.0).in_file(&self.path)
+    }
+
+    /// As qemu's `qcow2_has_zero_init`: an encrypted image whose first L2 table exists was
+    /// preallocated, and its preallocated clusters decrypt to noise.
+    fn zero_initialized(&self) -> bool {
+        !(self.is_encrypted() && self.l1().first().is_some_and(|&e| e & L1E_OFFSET_MASK != 0))
     }
 
     fn write_at(&self, buf: &[u8], offset: GuestOffset) -> Result<()> {

@@ -48,13 +48,18 @@ pub(crate) fn measure(
     options: &[String],
     size: Option<u64>,
     source: Option<&dyn BlockImage>,
+    secrets: &crate::secret::Secrets,
 ) -> Result<Measurement> {
     let u = parse_target_options(options, size, QCOW2_KEYS, true)?;
-    measure_qcow2(&u, source)
+    measure_qcow2(&u, source, secrets)
 }
 
 /// The figures for the options `u`.
-fn measure_qcow2(u: &OptionUpdates, source: Option<&dyn BlockImage>) -> Result<Measurement> {
+fn measure_qcow2(
+    u: &OptionUpdates,
+    source: Option<&dyn BlockImage>,
+    secrets: &crate::secret::Secrets,
+) -> Result<Measurement> {
     let extended_l2 = u.extended_l2.unwrap_or(false);
     let cs = u.cluster_size.unwrap_or(65536);
     if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
@@ -80,6 +85,19 @@ fn measure_qcow2(u: &OptionUpdates, source: Option<&dyn BlockImage>) -> Result<M
         ));
     }
     let prealloc = u.preallocation.unwrap_or_default();
+    // The LUKS header's clusters (only LUKS adds to the figures); qemu makes the header in
+    // memory to measure it, so the passphrase must exist.
+    let luks = match u.encrypt.format.as_deref() {
+        Some("luks") => u.encrypt.luks()?,
+        _ => None,
+    };
+    let luks_payload = match luks {
+        Some((params, id)) => {
+            crate::crypto::luks::secret_passphrase(secrets, id)?;
+            round_up(crate::crypto::luks::header_len(&params.spec), cs)
+        }
+        None => 0,
+    };
     let has_backing = u.backing_file.is_some();
     let l2e: u64 = if extended_l2 { 16 } else { 8 };
 
@@ -109,7 +127,7 @@ fn measure_qcow2(u: &OptionUpdates, source: Option<&dyn BlockImage>) -> Result<M
     if matches!(prealloc, Preallocation::Full | Preallocation::Falloc) {
         required = virtual_size;
     }
-    let fully_allocated = prealloc_size(virtual_size, cs, refcount_bits, l2e);
+    let fully_allocated = luks_payload + prealloc_size(virtual_size, cs, refcount_bits, l2e);
     Ok(Measurement {
         required: fully_allocated - virtual_size + required,
         fully_allocated,

@@ -3,7 +3,9 @@
 //! [`CreateOptions::apply`]) and the combinations qemu refuses ([`CreateOptions::validate`]).
 
 use super::plan::Geometry;
+use crate::crypto::luks::CreateParams;
 use crate::error::{Error, Result};
+use crate::luks::LuksOptions;
 use crate::prealloc::Preallocation;
 use crate::qcow2::format::header::{
     CompressionType, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
@@ -123,16 +125,42 @@ impl EncryptOptions {
                 }
                 Ok(Some("aes"))
             }
-            "luks" => Err(Error::unsupported(
-                "creating LUKS-encrypted qcow2 images (encrypt.format=luks) is not supported yet",
-            )),
+            "luks" => {
+                if self.key_secret.is_none() {
+                    return bad(crate::qcow2::crypt::KEY_REQUIRED.into());
+                }
+                Ok(Some("luks"))
+            }
             other => bad(format!(
                 "Parameter 'format' does not accept value '{other}'"
             )),
         }
     }
 
-    /// The options as qemu-img's "Formatting" line shows them (each ` key=value`).
+    /// For `encrypt.format=luks`, the LUKS header to write ([`crate::crypto::luks::create`])
+    /// and the id of the secret holding the passphrase; `None` for another or no format. The
+    /// values are checked as qemu checks them (`Parameter 'cipher-alg' does not accept value
+    /// ...`, `Unsupported cipher mode xts` for cast5-128).
+    pub fn luks(&self) -> Result<Option<(CreateParams, &str)>> {
+        if self.format()? != Some("luks") {
+            return Ok(None);
+        }
+        let mut o = LuksOptions::default();
+        for (k, v) in &self.other {
+            let key = k.strip_prefix("encrypt.").unwrap_or(k);
+            if !LUKS_KEYS.contains(&key) || !o.set(key, v)? {
+                return Err(Error::invalid_input(format!("Invalid parameter '{k}'")));
+            }
+        }
+        let (params, _) = o.params()?;
+        Ok(Some((
+            params,
+            self.key_secret.as_deref().unwrap_or_default(),
+        )))
+    }
+
+    /// The options as qemu-img's "Formatting" line shows them (each ` key=value`, the LUKS
+    /// ones in qemu's order).
     pub fn formatting(&self) -> String {
         let mut s = String::new();
         if let Some(a) = self.alias {
@@ -144,12 +172,28 @@ impl EncryptOptions {
         if let Some(k) = &self.key_secret {
             s.push_str(&format!(" encrypt.key-secret={k}"));
         }
-        for (k, v) in &self.other {
+        let mut other: Vec<&(String, String)> = self.other.iter().collect();
+        other.sort_by_key(|(k, _)| {
+            let key = k.strip_prefix("encrypt.").unwrap_or(k);
+            LUKS_KEYS.iter().position(|&x| x == key)
+        });
+        for (k, v) in other {
             s.push_str(&format!(" {k}={v}"));
         }
         s
     }
 }
+
+/// The LUKS options qcow2 takes after `encrypt.` when creating an image, in qemu's order
+/// (qcow2's creation option list).
+const LUKS_KEYS: &[&str] = &[
+    "cipher-alg",
+    "cipher-mode",
+    "ivgen-alg",
+    "ivgen-hash-alg",
+    "hash-alg",
+    "iter-time",
+];
 
 /// What vimg says of legacy AES encryption when it creates such an image, and in `-o help`.
 pub const WEAK_AES: &str = "legacy qcow2 AES encryption (encrypt.format=aes) is weak: the key is \
@@ -301,7 +345,34 @@ pub(crate) const OPTION_HELP: &[(&str, &str)] = &[
     ),
     (
         "encrypt.format=<str>",
-        "aes: legacy AES, weak (the key is the first 16 bytes of the passphrase); luks: not yet",
+        "luks: LUKS1 (see the encrypt.* options below); aes: legacy AES, weak (the key is the \
+         first 16 bytes of the passphrase)",
+    ),
+    (
+        "encrypt.cipher-alg=<str>",
+        "LUKS cipher: aes-128, aes-192, aes-256 (default), cast5-128, serpent-128/192/256, \
+         twofish-128/192/256",
+    ),
+    (
+        "encrypt.cipher-mode=<str>",
+        "LUKS cipher mode: xts (default), cbc, ecb, ctr",
+    ),
+    (
+        "encrypt.hash-alg=<str>",
+        "LUKS PBKDF2 and anti-forensic hash: sha256 (default), sha1, sha224, sha384, sha512, \
+         md5, ripemd160",
+    ),
+    (
+        "encrypt.iter-time=<num>",
+        "milliseconds of PBKDF2 work to unlock a LUKS key slot (default 2000)",
+    ),
+    (
+        "encrypt.ivgen-alg=<str>",
+        "LUKS IV generator: plain64 (default), plain, essiv",
+    ),
+    (
+        "encrypt.ivgen-hash-alg=<str>",
+        "hash of the essiv IV generator (default sha256)",
     ),
     (
         "encrypt.key-secret=<str>",
@@ -460,7 +531,15 @@ pub fn parse_options(s: &str) -> Result<OptionUpdates> {
             "encrypt.format" => u.encrypt.format = Some(need("aes or luks")?.to_string()),
             "encrypt.key-secret" => u.encrypt.key_secret = Some(need("a secret id")?.to_string()),
             k if k.starts_with("encrypt.") => {
+                if !LUKS_KEYS.contains(&&k["encrypt.".len()..]) {
+                    return Err(Error::invalid_input(format!("Invalid parameter '{k}'")));
+                }
                 let v = need("a value")?.to_string();
+                if k == "encrypt.iter-time" && v.parse::<u64>().is_err() {
+                    return Err(Error::invalid_input(format!(
+                        "Parameter '{k}' expects a number"
+                    )));
+                }
                 u.encrypt.other.retain(|(o, _)| o != k);
                 u.encrypt.other.push((k.to_string(), v));
             }
@@ -637,7 +716,7 @@ impl CreateOptions {
                  extended_l2 is on",
             );
         }
-        self.encrypt.format()?;
+        self.encrypt.luks()?;
         if self.size > i64::MAX as u64 - 511 {
             return bad("image size is too large");
         }
@@ -713,11 +792,30 @@ mod tests {
         check("encrypt.format=aes,encrypt.key-secret=s").unwrap();
         check("encryption=on,encrypt.key-secret=s").unwrap();
         check("encryption=off").unwrap();
+        check("encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-alg=twofish-128").unwrap();
+        for bad in [
+            "encrypt.detached-header=on",
+            "encrypt.iter-time=x",
+            "encrypt.foo=1",
+        ] {
+            let e = parse_options(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}: {e}");
+        }
         for (o, kind, words) in [
             (
-                "encrypt.format=luks,encrypt.key-secret=s",
+                "encrypt.format=luks",
+                ErrorKind::InvalidInput,
+                "'encrypt.key-secret' is required",
+            ),
+            (
+                "encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-alg=foo",
+                ErrorKind::InvalidInput,
+                "Parameter 'cipher-alg' does not accept value 'foo'",
+            ),
+            (
+                "encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-alg=cast5-128",
                 ErrorKind::Unsupported,
-                "LUKS",
+                "Unsupported cipher mode xts",
             ),
             (
                 "encrypt.format=aes",

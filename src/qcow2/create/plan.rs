@@ -373,6 +373,9 @@ pub(super) struct Plan {
     pub(super) tail: Option<(u64, u64)>,
     /// The file's minimum final length in bytes.
     pub(super) min_len: u64,
+    /// Where the LUKS header goes (`encrypt.format=luks`): its first cluster and its length in
+    /// bytes (the full disk encryption header extension's fields).
+    pub(super) crypto: Option<(u64, u64)>,
 }
 
 pub(super) fn plan(o: &CreateOptions) -> Plan {
@@ -397,6 +400,7 @@ pub(super) fn plan(o: &CreateOptions) -> Plan {
         data_area: None,
         tail: None,
         min_len: 0,
+        crypto: None,
         layout,
     };
     let mode = match o.preallocation {
@@ -474,7 +478,23 @@ pub(super) fn plan(o: &CreateOptions) -> Plan {
             }
         }
     }
+    // qemu sets up the encryption last, on the image made so far: the LUKS header's clusters
+    // are the next ones its allocator hands out (qcow2_crypto_hdr_init_func).
+    if let Some(len) = luks_header_len(o) {
+        let n = len.div_ceil(cs);
+        let at = p.layout.alloc(n);
+        p.layout.wrote((at + n) * cs);
+        p.crypto = Some((at, len));
+        p.min_len = p.min_len.max((at + n) * cs);
+    }
     p
+}
+
+/// The length of the LUKS header a new image with the options `o` holds, if it is encrypted
+/// with LUKS (options already checked by [`CreateOptions::validate`]).
+fn luks_header_len(o: &CreateOptions) -> Option<u64> {
+    let (params, _) = o.encrypt.luks().ok().flatten()?;
+    Some(crate::crypto::luks::header_len(&params.spec))
 }
 
 #[cfg(test)]

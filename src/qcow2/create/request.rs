@@ -132,29 +132,23 @@ const IGNORED_KEYS: &[&str] = &["encryption", "nocow", "extent_size_hint"];
 
 /// Checks the `-o` arguments against the target format's option names `keys` (qemu's
 /// "Invalid parameter" message) and parses the relevant ones; `size` (`--size`), if given,
-/// wins over `-o size`. With `refuse_encryption`, `encrypt.*` options (which the format
-/// takes in qemu) are refused as not supported, but for legacy AES's (which change nothing). For a driver's
+/// wins over `-o size`. With `encryption`, `encrypt.*` options are taken (the format's
+/// creation options include them). For a driver's
 /// [`crate::block::FormatDriver::measure`].
 pub(crate) fn parse_target_options(
     options: &[String],
     size: Option<u64>,
     keys: &[&str],
-    refuse_encryption: bool,
+    encryption: bool,
 ) -> Result<OptionUpdates> {
     let mut u = OptionUpdates::default();
     for o in options {
         let mut kept = Vec::new();
         for item in split_option_list(o)? {
             let key = item.split_once('=').map_or(item.as_str(), |(k, _)| k);
-            if key.starts_with("encrypt.") && refuse_encryption {
-                // Legacy AES adds nothing to the figures; the LUKS header does.
-                let aes = matches!(key, "encrypt.format" | "encrypt.key-secret")
-                    && item != "encrypt.format=luks";
-                if !aes {
-                    return Err(Error::unsupported(format!(
-                        "option '{key}': measuring LUKS-encrypted images is not supported yet"
-                    )));
-                }
+            if key.starts_with("encrypt.") && encryption {
+                // The LUKS header adds to the figures; legacy AES adds nothing.
+                kept.push(item.replace(',', ",,"));
                 continue;
             }
             if !keys.contains(&key) {

@@ -14,6 +14,7 @@
 
 use super::options::{Compat, CreateOptions};
 use super::plan::{plan, Plan};
+use crate::crypto::luks::CreateParams;
 use crate::error::{Error, Result};
 use crate::open::resolve_relative;
 use crate::opener::Opener;
@@ -49,6 +50,7 @@ fn header_cluster(o: &CreateOptions, p: &Plan) -> Result<Vec<u8>> {
         size: p.size,
         crypt_method: match o.encrypt.format()? {
             Some("aes") => crate::qcow2::crypt::method::AES,
+            Some("luks") => crate::qcow2::crypt::method::LUKS,
             _ => crate::qcow2::crypt::method::NONE,
         },
         l1_size: p.l1_size as u32,
@@ -77,7 +79,7 @@ fn header_cluster(o: &CreateOptions, p: &Plan) -> Result<Vec<u8>> {
         data_file: o.data_file.clone(),
         feature_names: Vec::new(),
         bitmaps: None,
-        crypto_header: None,
+        crypto_header: p.crypto.map(|(at, len)| (at << p.geo.cluster_bits, len)),
         unknown_extensions: Vec::new(),
     };
     h.encode().map_err(|_| {
@@ -121,7 +123,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
 /// [`create`], every file made through `opener`.
 pub fn create_with(opener: &Opener, path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
-    // The passphrase must exist (legacy AES writes nothing made from it).
+    // The passphrase must exist (legacy AES writes nothing made from it); LUKS's must be
+    // UTF-8 without NUL bytes, as qemu requires.
+    let luks = match opts.encrypt.luks()? {
+        Some((params, id)) => Some((params, crate::luks::passphrase(opener, id)?)),
+        None => None,
+    };
     if let Some(id) = opts
         .encrypt
         .key_secret
@@ -143,15 +150,14 @@ pub fn create_with(opener: &Opener, path: &Path, opts: &CreateOptions) -> Result
         None => None,
     };
     let mut made: Vec<PathBuf> = Vec::new();
-    let r = write_all(
-        opener,
-        path,
-        opts,
-        &p,
-        &header,
-        data_path.as_deref(),
-        &mut made,
-    );
+    let image = NewImage {
+        o: opts,
+        p: &p,
+        header: &header,
+        data_path: data_path.as_deref(),
+        luks: luks.as_ref().map(|(params, key)| (params, &key[..])),
+    };
+    let r = write_all(opener, path, &image, &mut made);
     if r.is_err() {
         for f in made {
             opener.remove_failed_output(&f);
@@ -160,15 +166,31 @@ pub fn create_with(opener: &Opener, path: &Path, opts: &CreateOptions) -> Result
     r
 }
 
+/// What a new image's files are made of.
+struct NewImage<'a> {
+    o: &'a CreateOptions,
+    p: &'a Plan,
+    /// Cluster 0.
+    header: &'a [u8],
+    /// The external data file, resolved.
+    data_path: Option<&'a Path>,
+    /// The LUKS header's parameters and passphrase.
+    luks: Option<(&'a CreateParams, &'a [u8])>,
+}
+
 fn write_all(
     opener: &Opener,
     path: &Path,
-    o: &CreateOptions,
-    p: &Plan,
-    header: &[u8],
-    data_path: Option<&Path>,
+    image: &NewImage<'_>,
     made: &mut Vec<PathBuf>,
 ) -> Result<()> {
+    let NewImage {
+        o,
+        p,
+        header,
+        data_path,
+        luks,
+    } = *image;
     let cs = p.geo.cs();
     let file = create_file(opener, path)?;
     made.push(path.to_path_buf());
@@ -220,6 +242,9 @@ fn write_all(
     if out.len()? < p.min_len {
         out.set_len(p.min_len)?;
     }
+    if let (Some((at, len)), Some((params, passphrase))) = (p.crypto, luks) {
+        write_luks_header(&out, p, at, len, params, passphrase)?;
+    }
     out.flush()?;
 
     if let (Some(df), Some(dp)) = (&data_file, data_path) {
@@ -243,6 +268,38 @@ fn write_all(
         dout.grow(p.size, mode)?;
         dout.flush()?;
     }
+    Ok(())
+}
+
+/// Writes the LUKS header into its clusters (from cluster `at`, `len` bytes): the clusters
+/// are zeroed first, as qemu zeroes them, so that the key slots left empty read as zeros;
+/// then the header with the passphrase in slot 0 ([`crate::crypto::luks::create`]).
+fn write_luks_header(
+    out: &Out<'_>,
+    p: &Plan,
+    at: u64,
+    len: u64,
+    params: &CreateParams,
+    passphrase: &[u8],
+) -> Result<()> {
+    let cs = p.geo.cs();
+    let start = at * cs;
+    let end = (at * cs + len).next_multiple_of(cs);
+    // Clusters past the end of what was written are holes of the file already; a cluster
+    // the allocator handed out again (a refcount table given up) may hold old bytes.
+    if let Some(stale_end) = p
+        .layout
+        .stale_tables
+        .iter()
+        .map(|(t, n, _)| (t + n) * cs)
+        .filter(|&e| e > start)
+        .max()
+    {
+        out.zeros(start, stale_end.min(end))?;
+    }
+    let (payload, _) = crate::crypto::luks::create(params, out.storage, start, passphrase)
+        .map_err(|e| e.with_path(out.path))?;
+    debug_assert_eq!(payload, len, "the planned LUKS header length");
     Ok(())
 }
 

@@ -25,6 +25,7 @@
 //! switches to them, and old ones are freed afterwards, so the worst a crash leaves is leaked
 //! clusters.
 
+use crate::crypto::luks::AmendRequest;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::qcow2::create::{parse_options, split_option_list, Compat, OptionUpdates};
 use crate::qcow2::format::header::{autoclear, compat, incompat, CompressionType, Header};
@@ -111,6 +112,8 @@ pub struct AmendOptions {
     pub updates: OptionUpdates,
     /// An encryption key slot option (`encrypt.new-secret`, ...) was given.
     pub encryption: bool,
+    /// The key slot options given (without their `encrypt.` prefix).
+    pub luks: AmendRequest,
 }
 
 impl AmendOptions {
@@ -130,6 +133,8 @@ impl AmendOptions {
                 o.updates.merge(parse_options(&item.replace(',', ",,"))?);
             } else if ENCRYPTION_AMEND.contains(&key) {
                 o.encryption = true;
+                let value = item.split_once('=').map_or("", |(_, v)| v);
+                o.luks.set(&key["encrypt.".len()..], value)?;
             } else if CREATION_ONLY.contains(&key) {
                 return Err(Error::invalid_input(format!(
                     "Invalid parameter '{key}'\nThis option is only supported for image creation"
@@ -149,6 +154,7 @@ impl AmendOptions {
             let later = Self::parse(a)?;
             o.updates.merge(later.updates);
             o.encryption |= later.encryption;
+            merge_luks(&mut o.luks, later.luks);
         }
         Ok(o)
     }
@@ -157,6 +163,15 @@ impl AmendOptions {
     pub fn wants_help(&self) -> bool {
         self.updates.help
     }
+}
+
+/// Takes the key slot options of `later` into `into` (later wins).
+fn merge_luks(into: &mut AmendRequest, later: AmendRequest) {
+    into.state = later.state.or(into.state);
+    into.keyslot = later.keyslot.or(into.keyslot);
+    into.old_secret = later.old_secret.or(into.old_secret.take());
+    into.new_secret = later.new_secret.or(into.new_secret.take());
+    into.iter_time = later.iter_time.or(into.iter_time);
 }
 
 /// A change of the backing file pointer.
@@ -195,6 +210,8 @@ pub struct AmendPlan {
     /// Why the downgrade is refused, when it is refused only after the other steps have run
     /// (qemu-img checks a downgrade last, after resizing: the image keeps its new size).
     pub downgrade_refused: Option<String>,
+    /// A change of the LUKS key slots (after an upgrade, before anything else, as in qemu).
+    pub luks: Option<AmendRequest>,
 }
 
 impl AmendPlan {
@@ -213,7 +230,10 @@ impl AmendPlan {
 
     /// How many operations of [`Qcow2Image::amend`] report progress ([`Operation`]).
     fn operations(&self) -> u64 {
-        u64::from(self.upgrade || self.downgrade) + u64::from(self.refcount_order.is_some())
+        // qemu counts the key slot change too, though it reports no progress of its own.
+        u64::from(self.upgrade || self.downgrade)
+            + u64::from(self.refcount_order.is_some())
+            + u64::from(self.luks.is_some())
     }
 
     /// Applies the header-field changes (backing pointer, lazy refcounts, data file) to `h`.
@@ -342,15 +362,21 @@ impl Qcow2Image {
                 "image is marked corrupt: it can only be opened read-only (repair it with check -r)",
             ));
         }
-        if opts.encryption {
-            return Err(refuse(match h.crypt_method {
-                0 => "Can't amend encryption options - encryption not present",
-                // Legacy AES has no key slots.
-                1 => "Only LUKS encryption options can be amended",
-                _ => "amending the key slots of LUKS-encrypted qcow2 images is not supported yet",
-            }));
-        }
         let mut plan = AmendPlan::default();
+        if opts.encryption {
+            match h.crypt_method {
+                crate::qcow2::crypt::method::NONE => {
+                    return Err(refuse(
+                        "Can't amend encryption options - encryption not present",
+                    ))
+                }
+                // Legacy AES has no key slots.
+                crate::qcow2::crypt::method::AES => {
+                    return Err(refuse("Only LUKS encryption options can be amended"))
+                }
+                _ => plan.luks = Some(opts.luks.clone()),
+            }
+        }
         let old_version = h.version;
         let new_version = u.compat.map_or(old_version, Compat::version);
         if new_version < 3 && self.bitmaps_ext().is_some_and(|b| b.nb_bitmaps > 0) {
@@ -556,6 +582,9 @@ impl Qcow2Image {
             self.rewrite_header(h)?;
             progress.within(2, 2);
         }
+        if let Some(req) = &plan.luks {
+            self.amend_key_slots(req)?;
+        }
         if let Some(order) = plan.refcount_order {
             progress.start(Operation::RefcountWidth);
             self.change_refcount_order(order, &mut progress)?;
@@ -623,6 +652,37 @@ impl Qcow2Image {
             .collect();
         self.with_write_state(|img, st| img.replace_snapshot_table(st, &entries))?;
         self.settle()
+    }
+}
+
+impl Qcow2Image {
+    /// Changes the key slots of the LUKS header (qemu's `qcrypto_block_amend_options` through
+    /// qcow2's header read and write functions): the header where the FDE header extension
+    /// says, amended with the passphrase the image was opened with. qemu-img prints the key
+    /// slot refusals without the file name.
+    fn amend_key_slots(&mut self, req: &AmendRequest) -> Result<()> {
+        let keys = self
+            .crypt
+            .as_ref()
+            .and_then(|c| c.keys())
+            .ok_or_else(|| Error::invalid_input(crate::qcow2::crypt::KEY_REQUIRED))?;
+        let (base, mut header) = crate::qcow2::crypt::luks_header_at(&self.header, &*self.storage)?;
+        crate::crypto::luks::amend(
+            &mut header,
+            &*self.storage,
+            base,
+            Some(&keys.passphrase),
+            req,
+            keys.force,
+            &keys.secrets,
+        )
+        .map_err(|e| match e.kind() {
+            ErrorKind::InvalidInput => e.bare(),
+            _ => e,
+        })?;
+        self.storage
+            .flush()
+            .map_err(|e| Error::io("flush failed", e))
     }
 }
 
