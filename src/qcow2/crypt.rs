@@ -264,6 +264,12 @@ fn luks_header(header: &Header, storage: &dyn Storage) -> Result<luks::Header> {
     let Some((offset, length)) = header.crypto_header else {
         return Err(Error::corrupt("Missing CRYPTO header for crypt method 2"));
     };
+    if !offset.is_multiple_of(header.cluster_size()) {
+        return Err(Error::corrupt(format!(
+            "Encryption header offset '{offset}' is not a multiple of cluster size '{}'",
+            header.cluster_size()
+        )));
+    }
     if length < luks::header::HEADER_LEN as u64 {
         return Err(Error::corrupt(
             "Request for data outside of extension header",

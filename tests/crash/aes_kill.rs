@@ -1,5 +1,5 @@
-//! Crash tests of encrypted writes (legacy AES qcow2), as tests/crash/kill.rs does for plain
-//! images: vimg kills itself with SIGKILL just before its N-th change to a file
+//! Crash tests of encrypted writes (qcow2 with legacy AES, and with LUKS, whose IVs follow the
+//! host offset), as tests/crash/kill.rs does for plain images: vimg kills itself with SIGKILL just before its N-th change to a file
 //! (`VIMG_TEST_KILL_AFTER_WRITES=N`, see `vimg::storage`), for N from 1 until the command
 //! finishes, in `convert -n` into an encrypted image, `commit` of an encrypted overlay into an
 //! encrypted base (another key) and `rebase -b ""` of an encrypted overlay (its backing data
@@ -93,11 +93,21 @@ fn qemu_img(sub: &str, args: &[&str]) -> (i32, String) {
     (code, out)
 }
 
-/// base.img (AES, key kb) with data, zeros and a hole; top.img (AES, key kt) over it with
+/// The `-o` options of an image encrypted with `format` (`aes` or `luks`) under the secret `id`.
+fn encrypt_options(format: &str, id: &str) -> String {
+    let fast = if format == "luks" {
+        ",encrypt.iter-time=10"
+    } else {
+        ""
+    };
+    format!("encrypt.format={format},encrypt.key-secret={id}{fast}")
+}
+
+/// base.img (encrypted with `format`, key kb) with data, zeros and a hole; top.img (key kt) over it with
 /// other data; raw.img, plain data without a zero 4 KiB piece (convert would write such a
 /// piece as zeros apart from the data around it, so that a 64 KiB block could be torn between
 /// the two requests, encrypted or not).
-fn setup(dir: &Path) {
+fn setup(dir: &Path, format: &str) {
     let size = (4 << 20).to_string();
     let b = dir.join("base.img");
     let t = dir.join("top.img");
@@ -108,7 +118,7 @@ fn setup(dir: &Path) {
             "-f",
             "qcow2",
             "-o",
-            "encrypt.format=aes,encrypt.key-secret=kb",
+            &encrypt_options(format, "kb"),
             b.to_str().unwrap(),
             &size,
         ],
@@ -131,7 +141,7 @@ fn setup(dir: &Path) {
             "-f",
             "qcow2",
             "-o",
-            "encrypt.format=aes,encrypt.key-secret=kt",
+            &encrypt_options(format, "kt"),
             "-b",
             "base.img",
             "-F",
@@ -233,10 +243,21 @@ fn verify(
 }
 
 #[test]
-fn killed_at_every_encrypted_write_images_stay_consistent() {
-    if !qemu_available("aes_kill") {
-        return;
+fn killed_at_every_aes_write_images_stay_consistent() {
+    if qemu_available("aes_kill") {
+        killed_at_every_write("aes");
     }
+}
+
+#[test]
+fn killed_at_every_luks_write_images_stay_consistent() {
+    if qemu_available("luks_qcow2_kill") {
+        killed_at_every_write("luks");
+    }
+}
+
+/// Kills each scenario at each of its writes into images encrypted with `format`.
+fn killed_at_every_write(format: &str) {
     let vimg = env!("CARGO_BIN_EXE_vimg");
     type Args = fn(&Path) -> (&'static str, Vec<String>);
     let scenarios: [(&str, Args); 3] = [
@@ -270,7 +291,7 @@ fn killed_at_every_encrypted_write_images_stay_consistent() {
     let tmp = tempfile::tempdir().unwrap();
     let origin = tmp.path().join("origin");
     std::fs::create_dir_all(&origin).unwrap();
-    setup(&origin);
+    setup(&origin, format);
     let before = views(&origin);
     let mut failures = Vec::new();
     for (name, args) in scenarios {

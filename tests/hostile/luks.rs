@@ -136,3 +136,98 @@ fn hostile_luks_headers_are_refused_quickly_in_one_line() {
     }
     common::assert_no_failures(&failures);
 }
+
+/// The full disk encryption header extension of a LUKS qcow2 image pointing elsewhere: past
+/// the end of the file, at the qcow2 header, off a cluster boundary, too short for the LUKS
+/// header, or with a length field of another size. Each is refused in one line, in qemu-img's
+/// words, by vimg's `convert` and by qemu-img's.
+#[test]
+fn hostile_encryption_header_extensions_are_refused_as_by_qemu() {
+    if !qemu_available("luks_qcow2_fde_ext") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    let (rc, out) = run_status(
+        VIMG,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            SECRET,
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            p(&img),
+            "1M",
+        ],
+    );
+    assert_eq!(rc, 0, "{out}");
+    let good = std::fs::read(&img).unwrap();
+    // Find the extension (type 0x0537be77) after the 112-byte version 3 header.
+    let mut at = 112;
+    while good[at..at + 4] != [0x05, 0x37, 0xbe, 0x77] {
+        at += 8
+            + (u32::from_be_bytes(good[at + 4..at + 8].try_into().unwrap()) as usize)
+                .next_multiple_of(8);
+    }
+    let field = |offset: u64, len: u64| [offset.to_be_bytes(), len.to_be_bytes()].concat();
+    let cases: [(&str, usize, Vec<u8>); 5] = [
+        ("past the end", at + 8, field(1 << 40, 2068480)),
+        ("at the qcow2 header", at + 8, field(0, 2068480)),
+        ("unaligned", at + 8, field(262145, 2068480)),
+        ("too short", at + 8, field(262144, 100)),
+        ("24-byte extension", at + 4, 24u32.to_be_bytes().to_vec()),
+    ];
+    for (what, offset, bytes) in cases {
+        std::fs::write(&img, &good).unwrap();
+        poke(&img, offset as u64, &bytes);
+        let out = dir.path().join("out.raw");
+        let (vrc, vtext, took) = vimg_convert_qcow2(&img, &out);
+        let opts = format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+            p(&img)
+        );
+        let (qrc, qtext) = run_status(
+            "qemu-img",
+            &[
+                "convert",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &opts,
+                "-O",
+                "raw",
+                p(&out),
+            ],
+        );
+        assert_eq!((vrc, qrc), (1, 1), "{what}: {vtext} / {qtext}");
+        assert_eq!(vtext.trim().lines().count(), 1, "{what}: {vtext}");
+        assert_eq!(reason(&vtext), reason(&qtext), "{what}");
+        assert!(took < Duration::from_secs(10), "{what}: {took:?}");
+    }
+}
+
+/// vimg `convert` of the LUKS qcow2 image with its key: status, output and time taken.
+fn vimg_convert_qcow2(img: &Path, out: &Path) -> (i32, String, Duration) {
+    let o = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        p(img)
+    );
+    let t = Instant::now();
+    let (rc, text) = run_status(
+        VIMG,
+        &[
+            "convert",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &o,
+            "-O",
+            "raw",
+            p(out),
+        ],
+    );
+    (rc, text, t.elapsed())
+}

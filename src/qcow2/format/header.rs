@@ -705,11 +705,11 @@ impl Header {
                     }
                 }
                 ext::CRYPTO => {
-                    if data.len() < 16 {
-                        return Err(Error::corrupt(
-                            "encryption header extension is shorter than 16 bytes",
-                        )
-                        .at(off as u64));
+                    if data.len() != 16 {
+                        return Err(Error::corrupt(format!(
+                            "CRYPTO header extension size {}, but expected size 16",
+                            data.len()
+                        )));
                     }
                     self.crypto_header = Some((
                         BigEndian::read_u64(&data[0..8]),
