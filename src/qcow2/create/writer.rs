@@ -10,7 +10,10 @@
 //!   file name;
 //! - cluster 1: the refcount table; cluster 2: the first refcount block (qcow2.rst "Host cluster
 //!   management");
-//! - then the L1 table (qcow2.rst "Cluster mapping"), only as long as its entries.
+//! - then the L1 table (qcow2.rst "Cluster mapping"), only as long as its entries;
+//! - last, for `encrypt.format=luks`, the LUKS header and its key slots in the next free
+//!   clusters (qcow2.rst "Full disk encryption header pointer"), which qemu sets up after
+//!   everything else (its `qcow2_set_up_encryption`).
 
 use super::options::{Compat, CreateOptions};
 use super::plan::{plan, Plan};
