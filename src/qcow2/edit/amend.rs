@@ -53,6 +53,26 @@ pub(crate) const AMEND_OPTION_HELP: &[(&str, &str)] = &[
         "off: the data file no longer has to stay a raw image",
     ),
     (
+        "encrypt.iter-time=<num>",
+        "milliseconds of PBKDF2 work to unlock the new LUKS key slot",
+    ),
+    (
+        "encrypt.keyslot=<num>",
+        "the LUKS key slot to change (0-7; default: the first free one)",
+    ),
+    (
+        "encrypt.new-secret=<str>",
+        "id of the secret to put in the key slot (with state=active)",
+    ),
+    (
+        "encrypt.old-secret=<str>",
+        "id of the secret whose key slots to erase (with state=inactive)",
+    ),
+    (
+        "encrypt.state=<str>",
+        "active: add a key slot; inactive: erase key slots (LUKS images only)",
+    ),
+    (
         "lazy_refcounts=<bool>",
         "defer refcount updates, marking the image dirty (on/off, compat 1.1)",
     ),
