@@ -16,7 +16,7 @@
 
 use crate::common;
 
-use common::{assert_no_failures, qemu_available, run, run_status};
+use common::{assert_no_failures, encrypted, qemu_available, run, run_status};
 use std::path::{Path, PathBuf};
 
 const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
@@ -30,68 +30,6 @@ fn p(path: &Path) -> &str {
 /// `driver=luks,file.filename=PATH,key-secret=sec0`.
 fn opts(path: &Path) -> String {
     format!("driver=luks,file.filename={},key-secret=sec0", p(path))
-}
-
-/// One combination of create options, as `-o` takes them (without key-secret/iter-time).
-fn combos_qemu_accepts() -> Vec<String> {
-    let mut v = Vec::new();
-    // Every cipher with every mode qemu makes images with (plain64, sha256). qemu 10.0.2
-    // aborts on 192-bit ciphers but with XTS (their key material is not whole sectors), and
-    // CAST5's 8-byte blocks rule XTS out.
-    for alg in [
-        "aes-128",
-        "aes-192",
-        "aes-256",
-        "cast5-128",
-        "serpent-128",
-        "serpent-192",
-        "serpent-256",
-        "twofish-128",
-        "twofish-192",
-        "twofish-256",
-    ] {
-        for mode in ["xts", "cbc", "ecb", "ctr"] {
-            let q192 = alg.ends_with("-192") && mode != "xts";
-            let cast_xts = alg == "cast5-128" && mode == "xts";
-            if !q192 && !cast_xts {
-                v.push(format!("cipher-alg={alg},cipher-mode={mode}"));
-            }
-        }
-    }
-    // The IV generators: plain, and ESSIV with each hash whose digest is a key size of the
-    // cipher's family (its cipher then sized by the digest: aes-128 data, aes-256 ESSIV).
-    for o in [
-        "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256",
-        "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=md5",
-        "cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=essiv,ivgen-hash-alg=sha256",
-        "cipher-alg=serpent-256,cipher-mode=ctr,ivgen-alg=essiv,ivgen-hash-alg=md5",
-        "cipher-alg=twofish-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256",
-        "cipher-alg=cast5-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=md5",
-        "cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=plain",
-        "cipher-alg=twofish-256,cipher-mode=xts,ivgen-alg=plain",
-        "cipher-alg=cast5-128,cipher-mode=ctr,ivgen-alg=plain",
-    ] {
-        v.push(o.to_string());
-    }
-    // Every PBKDF2 / anti-forensic hash.
-    for h in ["md5", "sha1", "sha224", "sha384", "sha512", "ripemd160"] {
-        v.push(format!("hash-alg={h}"));
-    }
-    v
-}
-
-/// Runs `f` on every item, on two threads.
-fn parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Vec<String> + Sync) -> Vec<String> {
-    let mid = items.len() / 2;
-    std::thread::scope(|s| {
-        let (a, b) = items.split_at(mid);
-        let f = &f;
-        let ha = s.spawn(move || a.iter().flat_map(f).collect::<Vec<_>>());
-        let hb = s.spawn(move || b.iter().flat_map(f).collect::<Vec<_>>());
-        let mut v = ha.join().unwrap();
-        v.extend(hb.join().unwrap());
-        v
-    })
 }
 
 /// qemu-io commands on a LUKS image, with the secret.
@@ -303,8 +241,8 @@ fn every_combination_qemu_accepts_both_ways() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let combos: Vec<(usize, String)> = combos_qemu_accepts().into_iter().enumerate().collect();
-    let failures = parallel(&combos, |(n, o)| check_combo(dir.path(), *n, o));
+    let combos: Vec<(usize, String)> = encrypted::luks_combos().into_iter().enumerate().collect();
+    let failures = encrypted::parallel(&combos, |(n, o)| check_combo(dir.path(), *n, o));
     assert_no_failures(&failures);
 }
 
