@@ -475,6 +475,13 @@ pub trait BlockImage: Send + Sync {
         self.cluster_size()
     }
 
+    /// Whether writes are bound by work this image does under a lock of its own, one write at
+    /// a time (a LUKS qcow2 encrypts once it has chosen the host clusters): a copy into it then
+    /// keeps fewer prepared writes waiting, as they would only hold memory. The default: no.
+    fn serializes_writes(&self) -> bool {
+        false
+    }
+
     /// Tells the image that a one-pass copy has read the guest range `[offset, offset+len)` and
     /// will not read it again. A raw image on a block device then drops the range from the
     /// host's page cache: a device read through the cache otherwise fills fresh page-cache

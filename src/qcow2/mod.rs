@@ -877,6 +877,10 @@ impl BlockImage for Qcow2Image {
         self.write_inner(buf, offset.0).in_file(&self.path)
     }
 
+    fn serializes_writes(&self) -> bool {
+        self.crypt.as_ref().is_some_and(|c| !c.follows_guest())
+    }
+
     fn write_zeroes(&self, offset: GuestOffset, len: u64, unmap: bool) -> Result<()> {
         check_request(self.header.size, offset, len).in_file(&self.path)?;
         self.write_zeroes_inner(offset.0, len, unmap)

@@ -262,8 +262,15 @@ pub(super) fn run(plan: &Plan<'_>, progress: Option<Progress<'_>>) -> Result<()>
         state: Mutex::new(ReorderState::default()),
         changed: Condvar::new(),
         // One parked job per worker: enough to keep the workers busy while one writes (a
-        // window of 2x the workers was no faster and raised peak memory by a third).
-        limit: threads,
+        // window of 2x the workers was no faster and raised peak memory by a third). A target
+        // whose writes are the bottleneck (LUKS qcow2: encrypted under its write lock) needs
+        // fewer: the next job is always ready, and more would only hold memory.
+        // (Raw to LUKS qcow2, 2 GiB: peak RSS 28 MB with 4, 20 MB with 1, as fast.)
+        limit: if plan.dst.serializes_writes() {
+            1
+        } else {
+            threads
+        },
     };
     let pace = Pace {
         rate: plan.rate,
