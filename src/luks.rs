@@ -9,8 +9,7 @@
 
 use crate::block::{check_request, BlockImage, BlockStatus, FormatDriver, ImageFormat, ProbeInput};
 use crate::chain::{ChainGuard, Sharing};
-use crate::crypto::alg::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
-use crate::crypto::luks::{create, unlock, CreateParams, Header};
+use crate::crypto::luks::{create, unlock, CreateOptionValues, CreateParams, Header};
 use crate::crypto::{SectorCipher, SECTOR};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::info::{FormatSpecific, LayerInfo};
@@ -245,18 +244,8 @@ pub struct LuksOptions {
     pub size: Option<u64>,
     /// `key-secret`.
     pub key_secret: Option<String>,
-    /// `cipher-alg`.
-    pub cipher_alg: Option<String>,
-    /// `cipher-mode`.
-    pub cipher_mode: Option<String>,
-    /// `ivgen-alg`.
-    pub ivgen_alg: Option<String>,
-    /// `ivgen-hash-alg`.
-    pub ivgen_hash_alg: Option<String>,
-    /// `hash-alg`.
-    pub hash_alg: Option<String>,
-    /// `iter-time`.
-    pub iter_time: Option<u64>,
+    /// The header's options (`cipher-alg`, ..., `iter-time`).
+    pub values: CreateOptionValues,
     /// `preallocation`.
     pub preallocation: Option<Preallocation>,
 }
@@ -283,26 +272,15 @@ impl LuksOptions {
     /// `encrypt.cipher-alg` names it after `encrypt.`): `Ok(false)` if `key` is not one, an
     /// error for a malformed number or a detached header.
     pub fn set(&mut self, key: &str, value: &str) -> Result<bool> {
-        let v = Some(value.to_string());
         match key {
-            "key-secret" => self.key_secret = v,
-            "cipher-alg" => self.cipher_alg = v,
-            "cipher-mode" => self.cipher_mode = v,
-            "ivgen-alg" => self.ivgen_alg = v,
-            "ivgen-hash-alg" => self.ivgen_hash_alg = v,
-            "hash-alg" => self.hash_alg = v,
-            "iter-time" => {
-                self.iter_time = Some(value.parse().map_err(|_| {
-                    Error::invalid_input(format!("Parameter '{key}' expects a number"))
-                })?)
-            }
+            "key-secret" => self.key_secret = Some(value.to_string()),
             "preallocation" => self.preallocation = Some(Preallocation::from_name(value)?),
             "detached-header" => {
                 return Err(Error::unsupported(
                     "detached LUKS headers are not supported by vimg",
                 ))
             }
-            _ => return Ok(false),
+            _ => return self.values.set(key, value, key),
         }
         Ok(true)
     }
@@ -310,42 +288,7 @@ impl LuksOptions {
     /// The header parameters and the secret's id, or qemu's refusal of a value (the
     /// combination unchecked).
     pub fn parsed(&self) -> Result<(CreateParams, Option<&str>)> {
-        fn pick<T>(
-            key: &str,
-            v: &Option<String>,
-            f: impl Fn(&str) -> Option<T>,
-        ) -> Result<Option<T>> {
-            v.as_deref()
-                .map(|s| {
-                    f(s).ok_or_else(|| {
-                        Error::invalid_input(format!(
-                            "Parameter '{key}' does not accept value '{s}'"
-                        ))
-                    })
-                })
-                .transpose()
-        }
-        let mut p = CreateParams::default();
-        if let Some(a) = pick("cipher-alg", &self.cipher_alg, CipherAlg::from_name)? {
-            p.spec.alg = a;
-        }
-        if let Some(m) = pick("cipher-mode", &self.cipher_mode, CipherMode::from_name)? {
-            p.spec.mode = m;
-        }
-        if let Some(g) = pick("ivgen-alg", &self.ivgen_alg, IvGenAlg::from_name)? {
-            p.spec.ivgen = g;
-        }
-        p.spec.ivgen_hash = pick("ivgen-hash-alg", &self.ivgen_hash_alg, HashAlg::from_name)?;
-        if p.spec.ivgen == IvGenAlg::Essiv && p.spec.ivgen_hash.is_none() {
-            p.spec.ivgen_hash = Some(HashAlg::Sha256);
-        }
-        if let Some(h) = pick("hash-alg", &self.hash_alg, HashAlg::from_name)? {
-            p.hash = h;
-        }
-        if let Some(t) = self.iter_time {
-            p.iter_time_ms = t;
-        }
-        Ok((p, self.key_secret.as_deref()))
+        Ok((self.values.params()?, self.key_secret.as_deref()))
     }
 
     /// [`LuksOptions::parsed`], the combination checked too (qemu's words).
@@ -415,18 +358,18 @@ impl crate::creation::FormatCreation for LuksCreation {
         );
         let text = [
             ("key-secret", &o.key_secret),
-            ("cipher-alg", &o.cipher_alg),
-            ("cipher-mode", &o.cipher_mode),
-            ("ivgen-alg", &o.ivgen_alg),
-            ("ivgen-hash-alg", &o.ivgen_hash_alg),
-            ("hash-alg", &o.hash_alg),
+            ("cipher-alg", &o.values.cipher_alg),
+            ("cipher-mode", &o.values.cipher_mode),
+            ("ivgen-alg", &o.values.ivgen_alg),
+            ("ivgen-hash-alg", &o.values.ivgen_hash_alg),
+            ("hash-alg", &o.values.hash_alg),
         ];
         for (k, v) in text {
             if let Some(v) = v {
                 s.push_str(&format!(" {k}={v}"));
             }
         }
-        if let Some(t) = o.iter_time {
+        if let Some(t) = o.values.iter_time {
             s.push_str(&format!(" iter-time={t}"));
         }
         if let Some(p) = o.preallocation {

@@ -79,6 +79,90 @@ impl Default for CreateParams {
     }
 }
 
+/// The values of the LUKS create options as given (qemu's `QCryptoBlockCreateOptionsLUKS`;
+/// raw LUKS names them `cipher-alg`, ..., qcow2 `encrypt.cipher-alg`, ...): `None` for an
+/// option not given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateOptionValues {
+    /// `cipher-alg`.
+    pub cipher_alg: Option<String>,
+    /// `cipher-mode`.
+    pub cipher_mode: Option<String>,
+    /// `ivgen-alg`.
+    pub ivgen_alg: Option<String>,
+    /// `ivgen-hash-alg`.
+    pub ivgen_hash_alg: Option<String>,
+    /// `hash-alg`.
+    pub hash_alg: Option<String>,
+    /// `iter-time`.
+    pub iter_time: Option<u64>,
+}
+
+impl CreateOptionValues {
+    /// Takes one option by its name without prefix: `Ok(false)` if `key` is not one of these,
+    /// qemu's refusal of an `iter-time` that is not a number (named `shown`, the key as the
+    /// user wrote it).
+    pub fn set(&mut self, key: &str, value: &str, shown: &str) -> Result<bool> {
+        let v = Some(value.to_string());
+        match key {
+            "cipher-alg" => self.cipher_alg = v,
+            "cipher-mode" => self.cipher_mode = v,
+            "ivgen-alg" => self.ivgen_alg = v,
+            "ivgen-hash-alg" => self.ivgen_hash_alg = v,
+            "hash-alg" => self.hash_alg = v,
+            "iter-time" => {
+                self.iter_time = Some(value.parse().map_err(|_| {
+                    Error::invalid_input(format!("Parameter '{shown}' expects a number"))
+                })?)
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The header parameters, qemu's defaults for what is not given, or qemu's refusal of a
+    /// value (`Parameter 'cipher-alg' does not accept value 'x'`); the combination is not
+    /// checked ([`CipherSpec::validate`] does).
+    pub fn params(&self) -> Result<CreateParams> {
+        fn pick<T>(
+            key: &str,
+            v: &Option<String>,
+            f: impl Fn(&str) -> Option<T>,
+        ) -> Result<Option<T>> {
+            v.as_deref()
+                .map(|s| {
+                    f(s).ok_or_else(|| {
+                        Error::invalid_input(format!(
+                            "Parameter '{key}' does not accept value '{s}'"
+                        ))
+                    })
+                })
+                .transpose()
+        }
+        let mut p = CreateParams::default();
+        if let Some(a) = pick("cipher-alg", &self.cipher_alg, CipherAlg::from_name)? {
+            p.spec.alg = a;
+        }
+        if let Some(m) = pick("cipher-mode", &self.cipher_mode, CipherMode::from_name)? {
+            p.spec.mode = m;
+        }
+        if let Some(g) = pick("ivgen-alg", &self.ivgen_alg, IvGenAlg::from_name)? {
+            p.spec.ivgen = g;
+        }
+        p.spec.ivgen_hash = pick("ivgen-hash-alg", &self.ivgen_hash_alg, HashAlg::from_name)?;
+        if p.spec.ivgen == IvGenAlg::Essiv && p.spec.ivgen_hash.is_none() {
+            p.spec.ivgen_hash = Some(HashAlg::Sha256);
+        }
+        if let Some(h) = pick("hash-alg", &self.hash_alg, HashAlg::from_name)? {
+            p.hash = h;
+        }
+        if let Some(t) = self.iter_time {
+            p.iter_time_ms = t;
+        }
+        Ok(p)
+    }
+}
+
 /// Checks a passphrase as qemu's `qcrypto_secret_lookup_as_utf8` does (valid UTF-8 without NUL
 /// bytes); `id` names the secret in the message, which never shows its data.
 pub fn check_passphrase<'a>(id: &str, data: &'a [u8]) -> Result<&'a [u8]> {

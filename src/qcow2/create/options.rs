@@ -3,9 +3,8 @@
 //! [`CreateOptions::apply`]) and the combinations qemu refuses ([`CreateOptions::validate`]).
 
 use super::plan::Geometry;
-use crate::crypto::luks::CreateParams;
+use crate::crypto::luks::{CreateOptionValues, CreateParams};
 use crate::error::{Error, Result};
-use crate::luks::LuksOptions;
 use crate::prealloc::Preallocation;
 use crate::qcow2::format::header::{
     CompressionType, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
@@ -145,14 +144,15 @@ impl EncryptOptions {
         if self.format()? != Some("luks") {
             return Ok(None);
         }
-        let mut o = LuksOptions::default();
+        let mut o = CreateOptionValues::default();
         for (k, v) in &self.other {
             let key = k.strip_prefix("encrypt.").unwrap_or(k);
-            if !LUKS_KEYS.contains(&key) || !o.set(key, v)? {
+            if !o.set(key, v, k)? {
                 return Err(Error::invalid_input(format!("Invalid parameter '{k}'")));
             }
         }
-        let (params, _) = o.params()?;
+        let params = o.params()?;
+        params.spec.validate()?;
         Ok(Some((
             params,
             self.key_secret.as_deref().unwrap_or_default(),

@@ -129,7 +129,10 @@ pub fn create_with(opener: &Opener, path: &Path, opts: &CreateOptions) -> Result
     // The passphrase must exist (legacy AES writes nothing made from it); LUKS's must be
     // UTF-8 without NUL bytes, as qemu requires.
     let luks = match opts.encrypt.luks()? {
-        Some((params, id)) => Some((params, crate::luks::passphrase(opener, id)?)),
+        Some((params, id)) => Some((
+            params,
+            crate::crypto::luks::secret_passphrase(&opener.secrets(), id)?,
+        )),
         None => None,
     };
     if let Some(id) = opts
