@@ -356,6 +356,30 @@ impl Opener {
             .and_then(|(_, o)| o.get(key).cloned())
     }
 
+    /// The first option under `backing.` (`backing.encrypt.key-secret`...) the image name of
+    /// the image at `image` gave, if any (`backing` alone, the null backing, is not one).
+    pub fn backing_option(&self, image: &Locator) -> Option<String> {
+        lock(&self.settings.image_options)
+            .iter()
+            .find(|(i, _)| i == image)
+            .and_then(|(_, o)| o.keys().find(|k| k.starts_with("backing.")).cloned())
+    }
+
+    /// Refuses the `backing.*` options given for the image `image` (of format `format`) when
+    /// it is opened without its backing file (`info`, `rebase -u`):
+    /// qemu's open without the backing file leaves them unused, and it refuses unused
+    /// options, in these words.
+    pub fn refuse_backing_options(&self, image: &Locator, format: &str) -> Result<()> {
+        match self.backing_option(image) {
+            Some(key) => Err(Error::invalid_input(format!(
+                "Block format '{format}' does not support the option '{key}'"
+            ))
+            .with_path(image)
+            .while_opening()),
+            None => Ok(()),
+        }
+    }
+
     /// Makes every later open of the file at `path` inject errors by `config`'s rules, each
     /// open with its own state, as each open of a blkdebug node in qemu has. Rules belong to
     /// the file, whatever name it is opened under. A configuration without rules changes

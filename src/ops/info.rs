@@ -61,6 +61,9 @@ pub fn collect(path: &Path, opts: &InfoOptions) -> Result<Vec<LayerReport>> {
             ..OpenOptions::default()
         },
     )?;
+    // Each layer is opened on its own (also with --backing-chain), as qemu-img does.
+    opts.opener
+        .refuse_backing_options(path, image.format().as_str())?;
     let mut layers = Vec::new();
     let mut layer: Option<&dyn BlockImage> = Some(image.as_ref());
     while let Some(l) = layer {

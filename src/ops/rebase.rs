@@ -135,6 +135,8 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
         // makes the chain loop (the image itself) is refused by every later open ("creates an
         // infinite loop"), and `rebase -u` again puts it right (iotest 043).
         let mut img = open(true, true)?;
+        opts.opener
+            .refuse_backing_options(path, img.format().as_str())?;
         capable(img.as_mut())?;
         img.set_unsafe_cache(!opts.cache.syncs());
         set_backing(img.as_mut(), new_name, new_format)?;
