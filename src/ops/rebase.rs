@@ -223,14 +223,26 @@ fn open_new_backing(
     format: &str,
     opener: &Opener,
 ) -> Result<Box<dyn BlockImage>> {
-    let fail = |e: Error| {
+    let format = ImageFormat::from_name(format).map_err(|e| {
         Error::new(
             e.kind(),
             format!("Could not open new backing file '{name}': {e}"),
         )
-    };
-    let format = ImageFormat::from_name(format).map_err(fail)?;
+    })?;
     let bpath = opener.resolve(path, name)?;
+    // qemu-img names the new backing file once: what its format driver refuses (a wrong or
+    // missing key, a bad header) follows directly, while a failure to open a file (the new
+    // backing file's own, or one deeper in its chain) keeps the file's name.
+    let fail = |e: Error| {
+        let text = match (e.path(), std::error::Error::source(&e)) {
+            (Some(p), None) if p == bpath.as_path() && e.offset().is_none() => e.what().to_string(),
+            _ => e.to_string(),
+        };
+        Error::new(
+            e.kind(),
+            format!("Could not open new backing file '{name}': {text}"),
+        )
+    };
     let mut guard = ChainGuard::with_opener(Default::default(), opener.clone());
     guard.enter(path)?;
     open_layer(&bpath, Some(format), false, false, &mut guard).map_err(fail)
