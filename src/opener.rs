@@ -356,6 +356,38 @@ impl Opener {
             .and_then(|(_, o)| o.get(key).cloned())
     }
 
+    /// Every option the image name of the image at `image` gave (dotted keys), if it gave any.
+    pub fn image_options(
+        &self,
+        image: &Locator,
+    ) -> Option<std::collections::BTreeMap<String, String>> {
+        lock(&self.settings.image_options)
+            .iter()
+            .find(|(i, _)| i == image)
+            .map(|(_, o)| o.clone())
+    }
+
+    /// The name qemu gives the image at `image` of format `format`, which `filename` names
+    /// ([`crate::node_name`]): `json:{...}` when its image name gave strong options. With
+    /// `backing` (the backing file's name, when the backing file is opened), a backing file
+    /// given strong options is part of it.
+    pub fn node_name(
+        &self,
+        image: &Locator,
+        format: &str,
+        filename: &str,
+        backing: Option<&str>,
+    ) -> String {
+        let Some(o) = self.image_options(image) else {
+            return filename.to_string();
+        };
+        let mut n = crate::node_name::Node::from_options(format, filename, &o, backing.is_some());
+        if let Some(b) = backing {
+            n.set_backing_filename(b);
+        }
+        n.name()
+    }
+
     /// The first option under `backing.` (`backing.encrypt.key-secret`...) the image name of
     /// the image at `image` gave, if any (`backing` alone, the null backing, is not one).
     pub fn backing_option(&self, image: &Locator) -> Option<String> {

@@ -513,3 +513,36 @@ fn map_compare_convert_as_qemu() {
         }
     }
 }
+
+#[test]
+fn info_names_an_image_opened_with_strong_options_as_qemu() {
+    if !common::qemu_available("luks_ops_info_name") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_create_luks(d, "i.qcow2", "kt", "", None);
+    common::qemu_create(&d.join("p.qcow2"), "qcow2", "", None, SIZE);
+    let abs = format!(
+        "driver=qcow2,file.filename={}/i.qcow2,encrypt.key-secret=kt",
+        d.display()
+    );
+    for spec in [
+        "driver=qcow2,file.filename=p.qcow2",
+        "driver=qcow2,file.filename=p.qcow2,file.locking=off,cache.no-flush=on,l2-cache-size=1M",
+        "driver=qcow2,file.filename=i.qcow2,encrypt.key-secret=kt",
+        "file.filename=i.qcow2,encrypt.key-secret=kt",
+        "driver=qcow2,file.driver=file,file.filename=i.qcow2,encrypt.key-secret=kt,encrypt.format=luks",
+        "driver=qcow2,file.filename=i.qcow2,encrypt.key-secret=kt,cache.direct=on,file.aio=threads",
+        "driver=qcow2,file.filename=i.qcow2,encrypt.key-secret=kt,lazy-refcounts=on,discard=unmap",
+        &abs,
+    ] {
+        for args in [vec![], vec!["--output=json"], vec!["--backing-chain"]] {
+            let mut a = args.clone();
+            a.extend(["--image-opts", spec]);
+            let q = ok(run_in(d, "qemu-img", "info", &a), "qemu-img info");
+            let v = ok(run_in(d, VIMG, "info", &a), "vimg info");
+            assert_eq!(v, q, "info {args:?} {spec}");
+        }
+    }
+}
