@@ -388,6 +388,28 @@ impl Opener {
         n.name()
     }
 
+    /// The name qemu gives the backing file (of format `format`, file `filename`) of the image
+    /// at `image` when the image's name gave it strong options of its own
+    /// (`backing.encrypt.key-secret`): `json:{...}` ([`crate::node_name`]); `None` when it
+    /// gave none, and the backing file is named by its file.
+    pub fn overridden_backing_name(
+        &self,
+        image: &Locator,
+        format: &str,
+        filename: &str,
+    ) -> Option<String> {
+        let o = self.image_options(image)?;
+        let backing: std::collections::BTreeMap<String, String> = o
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("backing.")
+                    .map(|k| (k.to_string(), v.clone()))
+            })
+            .collect();
+        let n = crate::node_name::Node::from_options(format, filename, &backing, false);
+        n.is_json().then(|| n.name())
+    }
+
     /// The first option under `backing.` (`backing.encrypt.key-secret`...) the image name of
     /// the image at `image` gave, if any (`backing` alone, the null backing, is not one).
     pub fn backing_option(&self, image: &Locator) -> Option<String> {

@@ -152,9 +152,13 @@ impl Twins {
 
 /// A message without the name of the image it is about, which vimg puts first
 /// (`top.qcow2: ...`) and qemu-img does not, and which with `--image-opts` qemu-img gives as
-/// the options (`Could not open 'driver=qcow2,...': ...`) and vimg as the file name.
+/// the options (`Could not open 'driver=qcow2,...': ...`, `Did not find 'x' in the backing
+/// chain of 'driver=qcow2,...'`) and vimg as the file name.
 fn unnamed(m: &str) -> String {
     let m = m.split_once(".qcow2: ").map_or(m, |(_, m)| m);
+    let m = m
+        .split_once(" in the backing chain of '")
+        .map_or(m, |(m, _)| m);
     match m.strip_prefix("Could not open '") {
         Some(rest) if rest.contains("': ") => {
             format!("Could not open '…': {}", rest.split_once("': ").unwrap().1)
@@ -292,7 +296,15 @@ fn commit_as_qemu() {
     }
     for (fx, layout) in fixtures(0xc0) {
         for (spec, under) in [(top(), base()), (ptop(), opts("plain.qcow2", ""))] {
-            for args in [vec![], vec!["-d"], vec!["-b", "base.qcow2"], vec!["-p"]] {
+            let json_base = r#"json:{"encrypt.key-secret": "kb", "driver": "qcow2", "file": {"driver": "file", "filename": "base.qcow2"}}"#;
+            for args in [
+                vec![],
+                vec!["-d"],
+                vec!["-b", "base.qcow2"],
+                vec!["-b", json_base],
+                vec!["-b", "plain.qcow2"],
+                vec!["-p"],
+            ] {
                 let t = twins(fx.path());
                 let mut a = args.clone();
                 a.extend(["--image-opts", &spec]);
@@ -328,11 +340,8 @@ fn rebase_as_qemu() {
             (b("{D}/new.qcow2"), top()),
             (b("{D}/plain.qcow2"), top()),
             (b("plain.qcow2"), top()),
+            (b("plain.qcow2"), ptop()),
             (b("{D}/base.qcow2"), ptop()),
-            (
-                b("{D}/plain.qcow2"),
-                opts("top.qcow2", "encrypt.key-secret=kt"),
-            ),
             (vec!["-b".into(), "".into()], top()),
             (vec!["-b".into(), "".into()], ptop()),
             // Unsafe mode: only the name changes.
