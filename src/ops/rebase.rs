@@ -147,12 +147,15 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     let mut before = open(false, false)?;
     capable(before.as_mut())?;
     let new_backing = match (new_name, new_format) {
-        (Some(name), Some(fmt)) => Some(open_new_backing(
-            path,
-            name,
-            fmt,
-            &opts.opener.with_direct(opts.backing_direct),
-        )?),
+        (Some(name), Some(fmt)) => Some({
+            refuse_relative_to_json_name(path, name, before.as_ref(), &opts.opener)?;
+            open_new_backing(
+                path,
+                name,
+                fmt,
+                &opts.opener.with_direct(opts.backing_direct),
+            )?
+        }),
         _ => None,
     };
     if let (Some(b), Some(name)) = (&new_backing, new_name) {
@@ -213,6 +216,32 @@ fn set_backing(img: &mut dyn BlockImage, name: Option<&str>, format: Option<&str
     img.as_set_backing_mut()
         .ok_or_else(|| Error::unsupported("the image records no backing file").with_path(&path))?
         .set_backing_file(name, format)
+}
+
+/// Refuses a relative new backing file name `name` when qemu names the image `img` (at
+/// `path`) by its options (`json:{...}`, [`crate::node_name`]: it was given strong options such
+/// as `encrypt.key-secret`): qemu-img resolves the new name against the image's name and
+/// cannot resolve it against options, so it fails, in these words.
+fn refuse_relative_to_json_name(
+    path: &Path,
+    name: &str,
+    img: &dyn BlockImage,
+    opener: &Opener,
+) -> Result<()> {
+    let protocol = name.split('/').next().is_some_and(|p| p.contains(':'));
+    if Path::new(name).is_absolute() || protocol {
+        return Ok(());
+    }
+    let backing = img.backing().map(|b| b.filename().display().to_string());
+    let own = path.display().to_string();
+    let node = opener.node_name(path, img.format().as_str(), &own, backing.as_deref());
+    if node.starts_with("json:") {
+        return Err(Error::invalid_input(format!(
+            "Could not resolve backing filename: Cannot use relative backing file names for \
+             '{node}'"
+        )));
+    }
+    Ok(())
 }
 
 /// Opens the new backing file `name` (relative to the image at `path`) read-only with its
