@@ -437,6 +437,16 @@ fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
             "backing.driver" if k == bare && ImageFormat::from_name(v).is_ok() => {}
             "backing.file.filename" if k == bare => {}
             "backing.file.driver" if k == bare && (v == "file" || v == "host_device") => {}
+            // raw's window on its file: vimg reads the whole file, so taking them would give
+            // other data than qemu's without a word. qcow2 has no such options (qemu's words).
+            "offset" | "size" if k == bare => {
+                return Err(Error::unsupported(match driver {
+                    Some("raw") | None => {
+                        format!("Block format 'raw': option '{k}' is not supported by vimg")
+                    }
+                    Some(fmt) => format!("Block format '{fmt}' does not support the option '{k}'"),
+                }));
+            }
             b if IGNORED.contains(&b) || b.starts_with("overlap-check.") => {}
             _ => {
                 let fmt = driver.unwrap_or("file");
@@ -712,6 +722,25 @@ pub fn parse_json_name(name: &str) -> Option<Result<ImageSpec>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_offset_and_size_are_refused_not_ignored() {
+        for text in [
+            "driver=raw,file.filename=r.raw,offset=512",
+            "driver=raw,file.filename=r.raw,size=1024",
+            "file.filename=r.raw,offset=0",
+        ] {
+            let e = parse_image_opts(text).unwrap_err().to_string();
+            assert!(e.contains("is not supported by vimg"), "{text}: {e}");
+        }
+        let e = parse_image_opts("driver=qcow2,file.filename=q,offset=0").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Block format 'qcow2' does not support the option 'offset'"
+        );
+        // A null device's size is its own option.
+        assert!(parse_image_opts("driver=null-co,size=4k").is_ok());
+    }
 
     #[test]
     fn json_with_nested_file() {

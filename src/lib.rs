@@ -76,6 +76,7 @@ pub mod info;
 pub mod interrupt;
 pub mod lock;
 pub mod luks;
+pub mod node_name;
 pub mod null;
 pub mod offsets;
 pub mod open;

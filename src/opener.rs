@@ -356,6 +356,84 @@ impl Opener {
             .and_then(|(_, o)| o.get(key).cloned())
     }
 
+    /// Every option the image name of the image at `image` gave (dotted keys), if it gave any.
+    pub fn image_options(
+        &self,
+        image: &Locator,
+    ) -> Option<std::collections::BTreeMap<String, String>> {
+        lock(&self.settings.image_options)
+            .iter()
+            .find(|(i, _)| i == image)
+            .map(|(_, o)| o.clone())
+    }
+
+    /// The name qemu gives the image at `image` of format `format`, which `filename` names
+    /// ([`crate::node_name`]): `json:{...}` when its image name gave strong options. With
+    /// `backing` (the backing file's name, when the backing file is opened), a backing file
+    /// given strong options is part of it.
+    pub fn node_name(
+        &self,
+        image: &Locator,
+        format: &str,
+        filename: &str,
+        backing: Option<&str>,
+    ) -> String {
+        let Some(o) = self.image_options(image) else {
+            return filename.to_string();
+        };
+        let mut n = crate::node_name::Node::from_options(format, filename, &o, backing.is_some());
+        if let Some(b) = backing {
+            n.set_backing_filename(b);
+        }
+        n.name()
+    }
+
+    /// The name qemu gives the backing file (of format `format`, file `filename`) of the image
+    /// at `image` when the image's name gave it strong options of its own
+    /// (`backing.encrypt.key-secret`): `json:{...}` ([`crate::node_name`]); `None` when it
+    /// gave none, and the backing file is named by its file.
+    pub fn overridden_backing_name(
+        &self,
+        image: &Locator,
+        format: &str,
+        filename: &str,
+    ) -> Option<String> {
+        let o = self.image_options(image)?;
+        let backing: std::collections::BTreeMap<String, String> = o
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("backing.")
+                    .map(|k| (k.to_string(), v.clone()))
+            })
+            .collect();
+        let n = crate::node_name::Node::from_options(format, filename, &backing, false);
+        n.is_json().then(|| n.name())
+    }
+
+    /// The first option under `backing.` (`backing.encrypt.key-secret`...) the image name of
+    /// the image at `image` gave, if any (`backing` alone, the null backing, is not one).
+    pub fn backing_option(&self, image: &Locator) -> Option<String> {
+        lock(&self.settings.image_options)
+            .iter()
+            .find(|(i, _)| i == image)
+            .and_then(|(_, o)| o.keys().find(|k| k.starts_with("backing.")).cloned())
+    }
+
+    /// Refuses the `backing.*` options given for the image `image` (of format `format`) when
+    /// it is opened without its backing file (`info`, `rebase -u`):
+    /// qemu's open without the backing file leaves them unused, and it refuses unused
+    /// options, in these words.
+    pub fn refuse_backing_options(&self, image: &Locator, format: &str) -> Result<()> {
+        match self.backing_option(image) {
+            Some(key) => Err(Error::invalid_input(format!(
+                "Block format '{format}' does not support the option '{key}'"
+            ))
+            .with_path(image)
+            .while_opening()),
+            None => Ok(()),
+        }
+    }
+
     /// Makes every later open of the file at `path` inject errors by `config`'s rules, each
     /// open with its own state, as each open of a blkdebug node in qemu has. Rules belong to
     /// the file, whatever name it is opened under. A configuration without rules changes

@@ -164,6 +164,35 @@ pub fn find_base<'a>(
     )))
 }
 
+/// [`find_base`] for the image at `path` opened by `opener`: when its image name gave its
+/// backing file strong options of its own (`backing.encrypt.key-secret`), qemu names that
+/// backing file by them (`json:{...}`, [`crate::node_name`]) and compares `name` with that
+/// name only, as the backing file of an overridden layer has no file name to resolve against.
+fn find_base_of<'a>(
+    path: &Path,
+    top: &'a dyn BlockImage,
+    name: Option<&str>,
+    opener: &Opener,
+) -> Result<(u32, &'a dyn BlockImage)> {
+    let (Some(wanted), Some(first)) = (name, top.backing()) else {
+        return find_base(top, name);
+    };
+    let file = first.filename().display().to_string();
+    let Some(json) = opener.overridden_backing_name(path, first.format().as_str(), &file) else {
+        return find_base(top, name);
+    };
+    if wanted == json {
+        return Ok((1, first));
+    }
+    match find_base(first, name) {
+        Ok((depth, layer)) => Ok((depth + 1, layer)),
+        Err(_) => Err(Error::invalid_input(format!(
+            "Did not find '{wanted}' in the backing chain of '{}'",
+            top.filename().display()
+        ))),
+    }
+}
+
 /// Opens the file of chain layer `layer` for writing, in the format it was opened with and
 /// with its own backing chain (so that zero writes know what lies below it), as a commit's
 /// target.
@@ -358,7 +387,7 @@ pub fn commit(path: &Path, opts: &CommitOptions, progress: Option<Progress<'_>>)
         )
     };
     let top = open(false)?;
-    let (depth, base_layer) = find_base(top.as_ref(), opts.base.as_deref())?;
+    let (depth, base_layer) = find_base_of(path, top.as_ref(), opts.base.as_deref(), &opts.opener)?;
     let base = open_target(base_layer, opts.cache, &opts.opener)?;
     let empty = opts.base.is_none() && !opts.drop;
     let top = if empty {

@@ -34,6 +34,9 @@ pub struct InfoOptions {
 pub struct LayerReport {
     /// The layer's own description.
     pub info: LayerInfo,
+    /// The name of the host file holding the layer (its `file` child's), which qemu prints
+    /// as it is even where it names the image by its options (`json:{...}`).
+    pub file_name: String,
     /// Length of the host file holding the layer (the `file` child's virtual size), rounded up
     /// to a multiple of 512 bytes as qemu-img reports it. For a block device, its size.
     pub file_length: u64,
@@ -61,10 +64,21 @@ pub fn collect(path: &Path, opts: &InfoOptions) -> Result<Vec<LayerReport>> {
             ..OpenOptions::default()
         },
     )?;
+    // Each layer is opened on its own (also with --backing-chain), as qemu-img does.
+    opts.opener
+        .refuse_backing_options(path, image.format().as_str())?;
     let mut layers = Vec::new();
     let mut layer: Option<&dyn BlockImage> = Some(image.as_ref());
     while let Some(l) = layer {
-        layers.push(describe(l)?);
+        let mut report = describe(l)?;
+        if layers.is_empty() {
+            // qemu names an image opened with strong options by them (`json:{...}`).
+            let info = &mut report.info;
+            info.filename = opts
+                .opener
+                .node_name(path, l.format().as_str(), &info.filename, None);
+        }
+        layers.push(report);
         if !opts.backing_chain {
             break;
         }
@@ -113,6 +127,7 @@ pub fn describe(layer: &dyn BlockImage) -> Result<LayerReport> {
     };
     let warnings = backing_format_warning(layer, &info).into_iter().collect();
     Ok(LayerReport {
+        file_name: info.filename.clone(),
         info,
         file_length,
         protocol,
@@ -126,7 +141,7 @@ pub fn layer_json(layer: &LayerReport) -> Value {
     let mut file = json!({
         "children": [],
         "virtual-size": layer.file_length,
-        "filename": layer.info.filename,
+        "filename": layer.file_name,
         "format": layer.protocol,
         "format-specific": {"type": "file", "data": {}},
         "dirty-flag": false,
@@ -209,7 +224,7 @@ fn human_layer(layer: &LayerReport) -> String {
         dump_human(&mut o, data, 1);
     }
     let _ = writeln!(o, "Child node '/file':");
-    let _ = writeln!(o, "    filename: {}", i.filename);
+    let _ = writeln!(o, "    filename: {}", layer.file_name);
     let _ = writeln!(o, "    protocol type: {}", layer.protocol);
     let _ = writeln!(
         o,

@@ -135,6 +135,8 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
         // makes the chain loop (the image itself) is refused by every later open ("creates an
         // infinite loop"), and `rebase -u` again puts it right (iotest 043).
         let mut img = open(true, true)?;
+        opts.opener
+            .refuse_backing_options(path, img.format().as_str())?;
         capable(img.as_mut())?;
         img.set_unsafe_cache(!opts.cache.syncs());
         set_backing(img.as_mut(), new_name, new_format)?;
@@ -145,12 +147,15 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: Option<Progress<'_>>)
     let mut before = open(false, false)?;
     capable(before.as_mut())?;
     let new_backing = match (new_name, new_format) {
-        (Some(name), Some(fmt)) => Some(open_new_backing(
-            path,
-            name,
-            fmt,
-            &opts.opener.with_direct(opts.backing_direct),
-        )?),
+        (Some(name), Some(fmt)) => Some({
+            refuse_relative_to_json_name(path, name, before.as_ref(), &opts.opener)?;
+            open_new_backing(
+                path,
+                name,
+                fmt,
+                &opts.opener.with_direct(opts.backing_direct),
+            )?
+        }),
         _ => None,
     };
     if let (Some(b), Some(name)) = (&new_backing, new_name) {
@@ -213,6 +218,32 @@ fn set_backing(img: &mut dyn BlockImage, name: Option<&str>, format: Option<&str
         .set_backing_file(name, format)
 }
 
+/// Refuses a relative new backing file name `name` when qemu names the image `img` (at
+/// `path`) by its options (`json:{...}`, [`crate::node_name`]: it was given strong options such
+/// as `encrypt.key-secret`): qemu-img resolves the new name against the image's name and
+/// cannot resolve it against options, so it fails, in these words.
+fn refuse_relative_to_json_name(
+    path: &Path,
+    name: &str,
+    img: &dyn BlockImage,
+    opener: &Opener,
+) -> Result<()> {
+    let protocol = name.split('/').next().is_some_and(|p| p.contains(':'));
+    if Path::new(name).is_absolute() || protocol {
+        return Ok(());
+    }
+    let backing = img.backing().map(|b| b.filename().display().to_string());
+    let own = path.display().to_string();
+    let node = opener.node_name(path, img.format().as_str(), &own, backing.as_deref());
+    if node.starts_with("json:") {
+        return Err(Error::invalid_input(format!(
+            "Could not resolve backing filename: Cannot use relative backing file names for \
+             '{node}'"
+        )));
+    }
+    Ok(())
+}
+
 /// Opens the new backing file `name` (relative to the image at `path`) read-only with its
 /// chain, refusing a chain that leads back to the image.
 fn open_new_backing(
@@ -221,14 +252,26 @@ fn open_new_backing(
     format: &str,
     opener: &Opener,
 ) -> Result<Box<dyn BlockImage>> {
-    let fail = |e: Error| {
+    let format = ImageFormat::from_name(format).map_err(|e| {
         Error::new(
             e.kind(),
             format!("Could not open new backing file '{name}': {e}"),
         )
-    };
-    let format = ImageFormat::from_name(format).map_err(fail)?;
+    })?;
     let bpath = opener.resolve(path, name)?;
+    // qemu-img names the new backing file once: what its format driver refuses (a wrong or
+    // missing key, a bad header) follows directly, while a failure to open a file (the new
+    // backing file's own, or one deeper in its chain) keeps the file's name.
+    let fail = |e: Error| {
+        let text = match (e.path(), std::error::Error::source(&e)) {
+            (Some(p), None) if p == bpath.as_path() && e.offset().is_none() => e.what().to_string(),
+            _ => e.to_string(),
+        };
+        Error::new(
+            e.kind(),
+            format!("Could not open new backing file '{name}': {text}"),
+        )
+    };
     let mut guard = ChainGuard::with_opener(Default::default(), opener.clone());
     guard.enter(path)?;
     open_layer(&bpath, Some(format), false, false, &mut guard).map_err(fail)

@@ -29,6 +29,7 @@ mod oracle_read;
 mod qcow2_aes;
 mod qcow2_luks;
 mod qcow2_luks_create;
+mod qcow2_luks_ops;
 mod qemu_edges_extensions;
 mod qemu_edges_refcount;
 mod qemu_edges_shrink;
