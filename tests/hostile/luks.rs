@@ -22,6 +22,11 @@ fn p(path: &Path) -> &str {
 /// vimg `convert` of the LUKS image with its key: status, output and how long it took.
 fn vimg_convert(img: &Path, out: &Path) -> (i32, String, Duration) {
     let o = format!("driver=luks,file.filename={},key-secret=sec0", p(img));
+    convert_with_key(&o, out)
+}
+
+/// vimg `convert` of the image `--image-opts` names, with the secret, to a raw `out`.
+fn convert_with_key(opts: &str, out: &Path) -> (i32, String, Duration) {
     let t = Instant::now();
     let (rc, text) = run_status(
         VIMG,
@@ -30,7 +35,7 @@ fn vimg_convert(img: &Path, out: &Path) -> (i32, String, Duration) {
             "--object",
             SECRET,
             "--image-opts",
-            &o,
+            opts,
             "-O",
             "raw",
             p(out),
@@ -184,11 +189,11 @@ fn hostile_encryption_header_extensions_are_refused_as_by_qemu() {
         std::fs::write(&img, &good).unwrap();
         poke(&img, offset as u64, &bytes);
         let out = dir.path().join("out.raw");
-        let (vrc, vtext, took) = vimg_convert_qcow2(&img, &out);
         let opts = format!(
             "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
             p(&img)
         );
+        let (vrc, vtext, took) = convert_with_key(&opts, &out);
         let (qrc, qtext) = run_status(
             "qemu-img",
             &[
@@ -207,27 +212,4 @@ fn hostile_encryption_header_extensions_are_refused_as_by_qemu() {
         assert_eq!(reason(&vtext), reason(&qtext), "{what}");
         assert!(took < Duration::from_secs(10), "{what}: {took:?}");
     }
-}
-
-/// vimg `convert` of the LUKS qcow2 image with its key: status, output and time taken.
-fn vimg_convert_qcow2(img: &Path, out: &Path) -> (i32, String, Duration) {
-    let o = format!(
-        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
-        p(img)
-    );
-    let t = Instant::now();
-    let (rc, text) = run_status(
-        VIMG,
-        &[
-            "convert",
-            "--object",
-            SECRET,
-            "--image-opts",
-            &o,
-            "-O",
-            "raw",
-            p(out),
-        ],
-    );
-    (rc, text, t.elapsed())
 }
