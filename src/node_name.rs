@@ -6,8 +6,8 @@
 //! and commands that resolve names relative to the image, or look for a file in its backing
 //! chain, compare against it.
 //!
-//! Strong options of the drivers vimg has: qcow2's `encrypt.key-secret` and raw's `offset`
-//! and `size`. Cache, locking, aio, discard and qcow2 cache options are not strong: they leave
+//! Strong options of the drivers vimg has: qcow2's `encrypt.key-secret`, raw LUKS's
+//! `key-secret`, and raw's `offset` and `size`. Cache, locking, aio, discard and qcow2 cache options are not strong: they leave
 //! the plain file name. A backing file opened with strong options of its own (given as
 //! `backing.encrypt.key-secret`) is "overridden": the overlay's name then includes it under
 //! `backing`, when the backing file is opened (not for `info`, which opens none).
@@ -24,6 +24,7 @@ pub fn strong_options(format: &str, options: &BTreeMap<String, String>) -> Vec<(
     let strong: &[&str] = match format {
         "qcow2" => &["encrypt.key-secret"],
         "raw" => &["offset", "size"],
+        "luks" => &["key-secret"],
         _ => &[],
     };
     strong
@@ -194,6 +195,11 @@ mod tests {
         assert_eq!(
             Node::from_options("raw", "t", &o, false).name(),
             r#"json:{"offset": "0", "driver": "raw", "size": "1048576", "file": {"driver": "file", "filename": "t"}}"#
+        );
+        let o = opts(&[("key-secret", "s")]);
+        assert_eq!(
+            Node::from_options("luks", "r.luks", &o, false).name(),
+            r#"json:{"driver": "luks", "file": {"driver": "file", "filename": "r.luks"}, "key-secret": "s"}"#
         );
         let o = opts(&[
             ("encrypt.key-secret", "kt"),
