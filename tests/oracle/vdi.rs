@@ -93,6 +93,42 @@ fn qemu_made_images_read_map_and_info_as_qemu() {
     assert_no_failures(&failures);
 }
 
+/// `check` finds what qemu-img's finds, in its words and exit codes: clean images, a data block
+/// used by two guest blocks, a wrong allocated count, and `-r`, which qemu cannot do for vdi.
+#[test]
+fn check_as_qemu() {
+    if !qemu_available("vdi") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for (name, opts, pokes) in [
+        ("clean", "", vec![]),
+        ("static", "static=on", vec![]),
+        ("twice", "", vec![(512u64, 0u32), (520, 0)]),
+        ("count", "", vec![(388, 7)]),
+    ] {
+        let img = dir.path().join(format!("{name}.vdi"));
+        qemu_create(&img, "vdi", opts, None, 3 << 20);
+        qemu_io(&img, "vdi", &["write -P 1 1M 4k".to_string()]);
+        for (at, v) in pokes {
+            common::poke(&img, at, &v.to_le_bytes());
+        }
+        for args in [
+            vec!["check", p(&img)],
+            vec!["check", "--output=json", p(&img)],
+            vec!["check", "-r", "all", p(&img)],
+        ] {
+            let (q, v) = (run_status("qemu-img", &args), run_status(VIMG, &args));
+            let v = (v.0, v.1.replace("vimg:", "qemu-img:"));
+            if q != v {
+                failures.push(format!("{name}: {args:?}: qemu-img: {q:?}\nvimg: {v:?}"));
+            }
+        }
+    }
+    assert_no_failures(&failures);
+}
+
 #[test]
 fn writes_are_refused_and_change_nothing() {
     if !qemu_available("vdi") {
