@@ -89,6 +89,7 @@ pub mod raw;
 pub mod secret;
 pub mod size;
 pub mod storage;
+pub mod vdi;
 pub mod vma;
 pub mod zeros;
 

@@ -16,7 +16,6 @@
 //! | vmdk      | `KDMV` or `COWD` at 0, or a text descriptor: comment lines (`#`) and blank lines (spaces only) before a `version=1`, `2` or `3` line |
 //! | vhdx      | `vhdxfile` at 0 |
 //! | vpc (VHD) | `conectix` at 0 (dynamic and differencing disks, whose footer copy starts the file); a fixed disk only has the footer, in its last 512 bytes: recognised there when the footer's disk type is "fixed" and its checksum is right |
-//! | vdi       | signature `0xbeda107f` (little-endian at 64) |
 //! | qed       | `QED\0` at 0 |
 //! | parallels | `WithoutFreeSpace` or `WithouFreSpacExt` at 0, version 2 (little-endian at 16) |
 //! | bochs     | NUL-terminated `Bochs Virtual HD Image` at 0, `Redolog` at 32, `Growing` at 48, version 1.0 or 2.0 (little-endian at 64) |
@@ -77,7 +76,6 @@ pub fn probe(input: &ProbeInput<'_>) -> Probed {
         (is_vmdk(b), ForeignFormat::Vmdk),
         (b.starts_with(b"vhdxfile"), ForeignFormat::Vhdx),
         (b.starts_with(b"conectix"), ForeignFormat::Vpc),
-        (le32(b, 64) == 0xbeda_107f, ForeignFormat::Vdi),
         (b.starts_with(b"QED\0"), ForeignFormat::Qed),
         (is_parallels(b), ForeignFormat::Parallels),
         (is_bochs(b), ForeignFormat::Bochs),
@@ -277,7 +275,7 @@ mod tests {
         assert_eq!(head(b"conectix"), foreign(Vpc));
         assert_eq!(
             head(&at(vec![], 64, &0xbeda107fu32.to_le_bytes())),
-            foreign(Vdi)
+            Probed::Supported(ImageFormat::Vdi)
         );
         assert_eq!(head(&at(vec![], 64, &0xbeda107fu32.to_be_bytes())), RAW);
         assert_eq!(head(b"QED\0"), foreign(Qed));
