@@ -90,6 +90,7 @@ pub mod secret;
 pub mod size;
 pub mod storage;
 pub mod vma;
+pub mod vpc;
 pub mod zeros;
 
 pub use block::{BlockImage, BlockStatus, ImageFormat};

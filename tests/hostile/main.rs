@@ -14,3 +14,4 @@ mod luks;
 mod probe_foreign;
 mod target_safety;
 mod untrusted_paths;
+mod vpc;

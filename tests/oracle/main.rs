@@ -38,3 +38,4 @@ mod repair_edges;
 mod repair_oracle;
 mod resize_oracle;
 mod snapshot_oracle;
+mod vpc;
