@@ -39,6 +39,7 @@ pub static DRIVERS: &[&dyn FormatDriver] = &[
     &crate::qcow2::Qcow2Driver,
     &crate::luks::LuksDriver,
     &crate::vdi::VdiDriver,
+    &crate::vpc::VpcDriver,
 ];
 
 #[allow(non_upper_case_globals)]
@@ -51,6 +52,8 @@ impl ImageFormat {
     pub const Luks: ImageFormat = ImageFormat::of(&crate::luks::LuksDriver);
     /// VirtualBox's VDI, read-only ([`crate::vdi`]).
     pub const Vdi: ImageFormat = ImageFormat::of(&crate::vdi::VdiDriver);
+    /// Virtual PC's VHD ([`crate::vpc`]).
+    pub const Vpc: ImageFormat = ImageFormat::of(&crate::vpc::VpcDriver);
 
     /// Every registered format, in [`DRIVERS`] order.
     pub fn all() -> impl Iterator<Item = ImageFormat> {
@@ -96,9 +99,11 @@ mod tests {
     #[test]
     fn every_registered_format_creates_measures_and_makes_targets() {
         let dir = tempfile::tempdir().unwrap();
-        // LUKS needs a key to create and open: its own tests cover it (crate::luks); vdi is
-        // read-only.
-        for f in ImageFormat::all().filter(|f| ![ImageFormat::Luks, ImageFormat::Vdi].contains(f)) {
+        // LUKS needs a key to create and open: its own tests cover it (crate::luks); vdi and
+        // vpc are read-only for now.
+        for f in ImageFormat::all()
+            .filter(|f| ![ImageFormat::Luks, ImageFormat::Vdi, ImageFormat::Vpc].contains(f))
+        {
             let path = dir.path().join(format!("c.{f}"));
             let line = create(&create_args(f, &path, &[])).unwrap();
             let want = format!("Formatting '{}', fmt={f} ", path.display());
@@ -134,7 +139,9 @@ mod tests {
     #[test]
     fn capability_answers_agree_with_the_images() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ImageFormat::all().filter(|f| ![ImageFormat::Luks, ImageFormat::Vdi].contains(f)) {
+        for f in ImageFormat::all()
+            .filter(|f| ![ImageFormat::Luks, ImageFormat::Vdi, ImageFormat::Vpc].contains(f))
+        {
             let d = f.driver();
             let path = dir.path().join(format!("c.{f}"));
             create(&create_args(f, &path, &[])).unwrap();
@@ -232,7 +239,7 @@ mod tests {
             assert_eq!(ImageFormat::from_name(f.as_str()).unwrap(), f);
         }
         let names: Vec<_> = ImageFormat::all().map(|f| f.as_str()).collect();
-        assert_eq!(names, ["raw", "qcow2", "luks", "vdi"]);
+        assert_eq!(names, ["raw", "qcow2", "luks", "vdi", "vpc"]);
         let e = ImageFormat::from_name("vmdk").unwrap_err();
         assert!(
             e.what().contains("vmdk images are not supported yet"),

@@ -91,6 +91,7 @@ pub mod size;
 pub mod storage;
 pub mod vdi;
 pub mod vma;
+pub mod vpc;
 pub mod zeros;
 
 pub use block::{BlockImage, BlockStatus, ImageFormat};

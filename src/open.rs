@@ -97,6 +97,10 @@ pub fn probe_format_with(opener: &Opener, path: &Path) -> Result<ImageFormat> {
     match probe_file_with(opener, path)? {
         Probed::Supported(f) => Ok(f),
         Probed::Foreign(f) => Err(f.not_supported().with_path(path)),
+        Probed::FixedVhd => Err(Error::unsupported(
+            "the file ends with a fixed VHD footer, which qemu-img probes as raw: give -f vpc to read the VHD's disk or -f raw to copy the file's bytes",
+        )
+        .with_path(path)),
     }
 }
 

@@ -44,6 +44,9 @@ pub enum Probed {
     Supported(ImageFormat),
     /// A format qemu reads and vimg does not.
     Foreign(ForeignFormat),
+    /// A file ending with a fixed VHD's footer: qemu probes it as raw, vimg makes the user say
+    /// which (`-f vpc` for the disk, `-f raw` for the file's bytes).
+    FixedVhd,
 }
 
 /// Finds the format of a file from `input`. Never fails: what nothing claims is raw.
@@ -75,7 +78,6 @@ pub fn probe(input: &ProbeInput<'_>) -> Probed {
         ),
         (is_vmdk(b), ForeignFormat::Vmdk),
         (b.starts_with(b"vhdxfile"), ForeignFormat::Vhdx),
-        (b.starts_with(b"conectix"), ForeignFormat::Vpc),
         (b.starts_with(b"QED\0"), ForeignFormat::Qed),
         (is_parallels(b), ForeignFormat::Parallels),
         (is_bochs(b), ForeignFormat::Bochs),
@@ -98,7 +100,7 @@ pub fn probe(input: &ProbeInput<'_>) -> Probed {
         return Probed::Foreign(ForeignFormat::Dmg);
     }
     if input.tail.is_some_and(is_fixed_vhd_footer) {
-        return Probed::Foreign(ForeignFormat::Vpc);
+        return Probed::FixedVhd;
     }
     Probed::Supported(best)
 }
@@ -272,7 +274,7 @@ mod tests {
         assert_eq!(head(b"COWD"), foreign(Vmdk));
         assert_eq!(head(b"vhdxfile"), foreign(Vhdx));
         assert_eq!(head(b"vhdxfil"), RAW);
-        assert_eq!(head(b"conectix"), foreign(Vpc));
+        assert_eq!(head(b"conectix"), Probed::Supported(ImageFormat::Vpc));
         assert_eq!(
             head(&at(vec![], 64, &0xbeda107fu32.to_le_bytes())),
             Probed::Supported(ImageFormat::Vdi)
@@ -353,7 +355,7 @@ mod tests {
                 name: None,
             })
         };
-        assert_eq!(probe_tail(&footer(2, true)), foreign(ForeignFormat::Vpc));
+        assert_eq!(probe_tail(&footer(2, true)), Probed::FixedVhd);
         assert_eq!(probe_tail(&footer(2, false)), RAW);
         assert_eq!(probe_tail(&footer(3, true)), RAW, "dynamic: header at 0");
         assert_eq!(probe_tail(&[0u8; 512]), RAW);

@@ -28,6 +28,8 @@ const TARGETS: &[(&str, Entry)] = &[
     ("probe", vimg::probe::exercise),
     ("image_spec", vimg::image_spec::exercise),
     ("luks_header", vimg::crypto::luks::exercise),
+    ("vdi_open_read", vimg::vdi::exercise),
+    ("vpc_open_read", vimg::vpc::exercise),
 ];
 
 /// Longest one input may take (they take milliseconds; a hang shows up as this).

@@ -15,3 +15,4 @@ mod probe_foreign;
 mod target_safety;
 mod untrusted_paths;
 mod vdi;
+mod vpc;

@@ -39,3 +39,4 @@ mod repair_oracle;
 mod resize_oracle;
 mod snapshot_oracle;
 mod vdi;
+mod vpc;

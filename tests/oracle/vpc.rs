@@ -1,0 +1,176 @@
+//! VHD images (`-f vpc`, issue 17) against qemu-img/qemu-io: images qemu-img makes (dynamic and
+//! fixed, sizes that are not multiples of the 2 MiB block, `force_size`), filled by qemu-io with
+//! seeded random writes and zero runs, read by vimg exactly as qemu reads them (`convert -O raw`
+//! byte for byte against `qemu-img convert -f vpc -O raw`, and `vimg compare` against that raw
+//! copy); `info --output=json` and `map --output=json` equal to qemu-img's; the disk size taken
+//! from the CHS geometry or from `current_size` depending on the creator application, as qemu
+//! decides.
+
+use crate::common;
+
+use common::{assert_no_failures, qemu_available, qemu_create, qemu_io, run, run_status, Rng};
+use std::path::Path;
+
+const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// The guest disk as qemu reads it, with `-f vpc` (qemu probes a fixed VHD as raw).
+fn qemu_raw(img: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join("qemu.raw");
+    run(
+        "qemu-img",
+        &["convert", "-f", "vpc", "-O", "raw", p(img), p(&out)],
+    );
+    std::fs::read(&out).unwrap()
+}
+
+/// Every comparison of vimg with qemu on `img`; differences are pushed to `failures`.
+fn compare_with_qemu(img: &Path, dir: &Path, failures: &mut Vec<String>) {
+    let name = img.file_name().unwrap().to_str().unwrap().to_string();
+    let theirs = qemu_raw(img, dir);
+    let ours_path = dir.join("vimg.raw");
+    let _ = std::fs::remove_file(&ours_path);
+    let (rc, o) = run_status(
+        VIMG,
+        &["convert", "-f", "vpc", "-O", "raw", p(img), p(&ours_path)],
+    );
+    if rc != 0 {
+        failures.push(format!("{name}: vimg convert: {o}"));
+    } else if std::fs::read(&ours_path).unwrap() != theirs {
+        failures.push(format!(
+            "{name}: vimg convert -O raw differs from qemu-img's"
+        ));
+    }
+    let (rc, o) = run_status(
+        VIMG,
+        &[
+            "compare",
+            "-f",
+            "vpc",
+            "-F",
+            "raw",
+            p(img),
+            p(&dir.join("qemu.raw")),
+        ],
+    );
+    if rc != 0 {
+        failures.push(format!(
+            "{name}: vimg compare with qemu's raw copy: {rc} {o}"
+        ));
+    }
+    for cmd in [
+        vec!["info", "--output=json", "-f", "vpc"],
+        vec!["info", "-f", "vpc"],
+        vec!["map", "--output=json", "-f", "vpc"],
+    ] {
+        let mut args = cmd.clone();
+        args.push(p(img));
+        let q = run("qemu-img", &args);
+        let (rc, v) = run_status(VIMG, &args);
+        if rc != 0 || v != q {
+            failures.push(format!("{name}: {cmd:?}:\nqemu-img:\n{q}\nvimg:\n{v}"));
+        }
+    }
+}
+
+/// Seeded random writes (data and zero runs, any sector alignment) covering `size` bytes.
+fn random_writes(rng: &mut Rng, size: u64, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let off = rng.below(size / 512) * 512;
+            let len = (1 + rng.below(3 << 11)) * 512;
+            let len = len.min(size - off);
+            if i % 4 == 3 {
+                format!("write -z {off} {len}")
+            } else {
+                format!("write -P {} {off} {len}", 1 + rng.below(255))
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn qemu_made_images_read_as_qemu_reads_them() {
+    if !qemu_available("vpc") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let mut rng = Rng::seeded(17);
+    for opts in [
+        "subformat=dynamic",
+        "subformat=fixed",
+        "subformat=dynamic,force_size=on",
+        "subformat=fixed,force_size=on",
+    ] {
+        for size in [
+            1u64 << 20,
+            (9 << 20) + 7 * 512,
+            (64 << 20) - 4096,
+            123_456_789,
+        ] {
+            let img = dir
+                .path()
+                .join(format!("{}-{size}.vhd", opts.replace([',', '='], "_")));
+            qemu_create(&img, "vpc", opts, None, size);
+            // The empty image, then filled.
+            compare_with_qemu(&img, dir.path(), &mut failures);
+            let vsize: u64 = {
+                let v: serde_json::Value = serde_json::from_str(&run(
+                    "qemu-img",
+                    &["info", "--output=json", "-f", "vpc", p(&img)],
+                ))
+                .unwrap();
+                v["virtual-size"].as_u64().unwrap()
+            };
+            qemu_io(&img, "vpc", &random_writes(&mut rng, vsize, 12));
+            compare_with_qemu(&img, dir.path(), &mut failures);
+        }
+    }
+    assert_no_failures(&failures);
+}
+
+/// Rewrites the footer's creator application (and its checksum) at `at`.
+fn set_creator(img: &Path, at: u64, app: &[u8; 4]) {
+    let mut b = std::fs::read(img).unwrap();
+    let f = &mut b[at as usize..at as usize + 512];
+    f[28..32].copy_from_slice(app);
+    f[64..68].fill(0);
+    let sum: u32 = f.iter().map(|&c| u32::from(c)).sum();
+    f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    std::fs::write(img, b).unwrap();
+}
+
+#[test]
+fn the_disk_size_follows_the_creator_app_as_in_qemu() {
+    if !qemu_available("vpc") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    // A size the CHS geometry cannot express exactly, recorded exactly with force_size.
+    for app in [
+        b"vpc ", b"qemu", b"qem2", b"win ", b"d2v ", b"CTXS", b"tap\0", b"xyz ",
+    ] {
+        for sub in ["fixed", "dynamic"] {
+            let img = dir.path().join(format!("{sub}-{}.vhd", app[0]));
+            qemu_create(
+                &img,
+                "vpc",
+                &format!("subformat={sub},force_size=on"),
+                None,
+                123_456_789 / 512 * 512,
+            );
+            let len = std::fs::metadata(&img).unwrap().len();
+            set_creator(&img, len - 512, app);
+            if sub == "dynamic" {
+                set_creator(&img, 0, app);
+            }
+            compare_with_qemu(&img, dir.path(), &mut failures);
+        }
+    }
+    assert_no_failures(&failures);
+}
