@@ -96,8 +96,8 @@ mod tests {
     #[test]
     fn every_registered_format_creates_measures_and_makes_targets() {
         let dir = tempfile::tempdir().unwrap();
-        // LUKS needs a key to create and open: its own tests cover it (crate::luks).
-        // vpc is read-only for now (crate::vpc).
+        // LUKS needs a key to create and open: its own tests cover it (crate::luks). vpc
+        // rounds sizes to its geometry and, as qemu's, cannot measure (tests/oracle/vpc.rs).
         for f in ImageFormat::all().filter(|f| ![ImageFormat::Luks, ImageFormat::Vpc].contains(f)) {
             let path = dir.path().join(format!("c.{f}"));
             let line = create(&create_args(f, &path, &[])).unwrap();
@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn capability_answers_agree_with_the_images() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ImageFormat::all().filter(|f| ![ImageFormat::Luks, ImageFormat::Vpc].contains(f)) {
+        for f in ImageFormat::all().filter(|f| *f != ImageFormat::Luks) {
             let d = f.driver();
             let path = dir.path().join(format!("c.{f}"));
             create(&create_args(f, &path, &[])).unwrap();
