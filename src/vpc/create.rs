@@ -49,6 +49,11 @@ impl VpcOptions {
                         })
                     }
                     "preallocation" if v == "off" => {}
+                    "preallocation" => {
+                        return Err(Error::unsupported(format!(
+                            "preallocation={v} is not supported by vimg for vpc images"
+                        )))
+                    }
                     "nocow" | "extent_size_hint" => {}
                     _ => return Err(Error::invalid_input(format!("Invalid parameter '{k}'"))),
                 }
@@ -259,5 +264,15 @@ mod tests {
         assert_eq!(s, 0x0640_2000);
         assert!(new_disk_size(2041 << 30, true).is_err());
         assert_eq!(new_disk_size(2040 << 30, false).unwrap().1, 2040 << 30);
+    }
+
+    #[test]
+    fn options_vimg_cannot_honour_are_refused() {
+        let parse = |o: &str| VpcOptions::parse(&[o.to_string()]);
+        assert!(parse("preallocation=full").is_err());
+        assert!(parse("preallocation=off").is_ok());
+        assert!(parse("force_size=maybe").is_err());
+        assert!(parse("cluster_size=4k").is_err());
+        assert!(parse("subformat=foo").unwrap().fixed().is_err());
     }
 }

@@ -77,12 +77,11 @@ impl FormatDriver for VpcDriver {
         Ok(Box::new(VpcImage::open(storage, path, writable)?))
     }
 
+    /// The format's own options, as qemu lists them (the file's, such as `preallocation`, are
+    /// the protocol's).
     fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
         vec![
-            ("extent_size_hint=<size>", "Extent size hint for the image file, 0 to disable"),
             ("force_size=<bool (on/off)>", "Force disk size calculation to use the actual size specified, rather than using the nearest CHS-based calculation"),
-            ("nocow=<bool (on/off)>", "Turn off copy-on-write (valid only on btrfs)"),
-            ("preallocation=<str>", "Preallocation mode (allowed values: off, falloc, full)"),
             ("size=<size>", "Virtual disk size"),
             ("subformat=<str>", "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} "),
         ]
