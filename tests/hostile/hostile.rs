@@ -26,6 +26,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("qcow2_repair", vimg::qcow2::hostile::repair),
     ("vma_read", vimg::vma::exercise),
     ("probe", vimg::probe::exercise),
+    ("vpc_open_read", vimg::vpc::exercise),
     ("image_spec", vimg::image_spec::exercise),
     ("luks_header", vimg::crypto::luks::exercise),
 ];
