@@ -99,8 +99,9 @@ mod tests {
     #[test]
     fn every_registered_format_creates_measures_and_makes_targets() {
         let dir = tempfile::tempdir().unwrap();
-        // LUKS needs a key to create and open: its own tests cover it (crate::luks); vdi and
-        // vpc are read-only for now.
+        // LUKS needs a key to create and open: its own tests cover it (crate::luks). vpc
+        // rounds sizes to its geometry and, as qemu's, cannot measure (tests/oracle/vpc.rs);
+        // vdi is read-only for now.
         for f in ImageFormat::all()
             .filter(|f| ![ImageFormat::Luks, ImageFormat::Vdi, ImageFormat::Vpc].contains(f))
         {
@@ -139,9 +140,8 @@ mod tests {
     #[test]
     fn capability_answers_agree_with_the_images() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ImageFormat::all()
-            .filter(|f| ![ImageFormat::Luks, ImageFormat::Vdi, ImageFormat::Vpc].contains(f))
-        {
+        // vdi is read-only for now.
+        for f in ImageFormat::all().filter(|f| ![ImageFormat::Luks, ImageFormat::Vdi].contains(f)) {
             let d = f.driver();
             let path = dir.path().join(format!("c.{f}"));
             create(&create_args(f, &path, &[])).unwrap();

@@ -6,6 +6,7 @@
 use super::footer::{be32, DynHeader};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
+use std::sync::{Mutex, RwLock};
 
 /// A BAT entry for a block that is not allocated.
 pub const UNALLOCATED: u32 = 0xffff_ffff;
@@ -14,7 +15,11 @@ pub const UNALLOCATED: u32 = 0xffff_ffff;
 #[derive(Debug)]
 pub struct Bat {
     /// The entries.
-    pub entries: Vec<u32>,
+    pub entries: RwLock<Vec<u32>>,
+    /// Where the table is in the file.
+    pub table_offset: u64,
+    /// Where the next block goes (where the footer is): past the table and every block.
+    pub next_free: Mutex<u64>,
     /// Block size in bytes.
     pub block_size: u64,
     /// Bytes of sector bitmap before each block's data.
@@ -57,6 +62,7 @@ impl Bat {
             .map_err(|e| Error::io("cannot read the block allocation table", e))?;
         let entries: Vec<u32> = (0..n as usize).map(|i| be32(&raw, i * 4)).collect();
         let bitmap_size = header.bitmap_size();
+        let mut next_free = (header.table_offset + n * 4).next_multiple_of(512);
         for (i, &e) in entries.iter().enumerate() {
             if e == UNALLOCATED {
                 continue;
@@ -68,9 +74,12 @@ impl Bat {
                     512 * u64::from(e)
                 )));
             }
+            next_free = next_free.max(end);
         }
         Ok(Bat {
-            entries,
+            entries: RwLock::new(entries),
+            table_offset: header.table_offset,
+            next_free: Mutex::new(next_free),
             block_size,
             bitmap_size,
         })
@@ -78,7 +87,8 @@ impl Bat {
 
     /// Where the data of guest offset `offset` is in the file, if its block is allocated.
     pub fn host_offset(&self, offset: u64) -> Option<u64> {
-        let e = *self.entries.get((offset / self.block_size) as usize)?;
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let e = *entries.get((offset / self.block_size) as usize)?;
         (e != UNALLOCATED).then(|| 512 * u64::from(e) + self.bitmap_size + offset % self.block_size)
     }
 }

@@ -14,9 +14,13 @@
 //! application is one that records the exact size ([`footer::Footer::disk_size`]); reads of
 //! an allocated block return its data whatever its sector bitmap says (qemu sets every bit
 //! of a block it allocates and ignores the bitmap on reads); unallocated blocks read as zeros.
-//! Differencing disks are refused. Images are opened read-only for now.
+//! Differencing disks are refused. A write into an unallocated block of a dynamic disk
+//! allocates it where the footer was: its bitmap (all ones, as qemu writes it), the data, the
+//! footer moved past the block, then the BAT entry, so that a crash before the entry leaves
+//! the block unreferenced. Zeros written into an unallocated block allocate nothing.
 
 pub mod bat;
+pub mod create;
 pub mod footer;
 
 use crate::block::{check_request, BlockImage, BlockStatus, FormatDriver, ImageFormat, ProbeInput};
@@ -63,12 +67,6 @@ impl FormatDriver for VpcDriver {
         _no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Box<dyn BlockImage>> {
-        if writable {
-            return Err(Error::unsupported(
-                "vpc images can only be read by vimg for now (writing them is not supported yet)",
-            )
-            .with_path(path));
-        }
         let locks = VPC
             .locks(guard.sharing(), writable, guard.depth() == 1)
             .map_err(|e| e.with_path(path))?;
@@ -76,11 +74,74 @@ impl FormatDriver for VpcDriver {
             .opener()
             .open(path, writable, locks)
             .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        Ok(Box::new(VpcImage::open(storage, path)?))
+        Ok(Box::new(VpcImage::open(storage, path, writable)?))
     }
 
+    /// The format's own options, as qemu lists them (the file's, such as `preallocation`, are
+    /// the protocol's).
     fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
-        vec![("size=<size>", "Virtual disk size")]
+        vec![
+            ("force_size=<bool (on/off)>", "Force disk size calculation to use the actual size specified, rather than using the nearest CHS-based calculation"),
+            ("size=<size>", "Virtual disk size"),
+            ("subformat=<str>", "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} "),
+        ]
+    }
+
+    fn prepare_create(
+        &self,
+        command: &crate::creation::CreateCommand<'_>,
+    ) -> Result<Box<dyn crate::creation::FormatCreation>> {
+        let path = command.path;
+        let mut opts = create::VpcOptions::parse(command.options).in_file(path)?;
+        if command.backing_file.is_some() || command.backing_format.is_some() {
+            return Err(
+                Error::invalid_input("Backing file not supported for file format 'vpc'")
+                    .with_path(path),
+            );
+        }
+        let positional = command
+            .size
+            .map(crate::size::parse_size)
+            .transpose()
+            .in_file(path)?;
+        opts.size = positional.or(opts.size);
+        if opts.size.is_none() {
+            return Err(
+                Error::invalid_input("Image creation needs a size parameter").with_path(path),
+            );
+        }
+        Ok(Box::new(create::VpcCreation {
+            path: path.to_path_buf(),
+            opts,
+            opener: command.opener.clone(),
+        }))
+    }
+
+    fn check_target_options(&self, options: &[String]) -> Result<()> {
+        create::VpcOptions::parse(options)?.fixed().map(|_| ())
+    }
+
+    fn target_takes_options(&self) -> bool {
+        true
+    }
+
+    fn writes_in_order(&self) -> bool {
+        true
+    }
+
+    fn create_target(
+        &self,
+        path: &Path,
+        size: u64,
+        options: &[String],
+        _backing: (Option<String>, Option<String>),
+        _no_backing: bool,
+        opener: &crate::opener::Opener,
+    ) -> Result<Box<dyn BlockImage>> {
+        let mut opts = create::VpcOptions::parse(options).in_file(path)?;
+        opts.size = Some(size);
+        let storage = create::create_image(opener, path, &opts)?;
+        Ok(Box::new(VpcImage::open(storage, path, true)?))
     }
 }
 
@@ -91,12 +152,15 @@ pub struct VpcImage {
     size: u64,
     /// The BAT of a dynamic disk; `None` for a fixed one.
     bat: Option<Bat>,
+    /// The footer, as rewritten past a newly allocated block.
+    footer: [u8; FOOTER_LEN],
+    writable: bool,
 }
 
 impl VpcImage {
     /// Opens the VHD in `storage` (`path` for messages), checking its footer, dynamic header and
     /// BAT as qemu does before anything is read through them.
-    pub fn open(storage: Box<dyn Storage>, path: &Path) -> Result<Self> {
+    pub fn open(storage: Box<dyn Storage>, path: &Path, writable: bool) -> Result<Self> {
         let opening = |e: Error| e.while_opening().with_path(path);
         let len = storage
             .len()
@@ -119,6 +183,11 @@ impl VpcImage {
         let footer = Footer::parse(&fb).map_err(opening)?;
         let size = footer.disk_size().map_err(opening)?;
         let bat = match footer.disk_type {
+            DiskType::Fixed if writable && size + FOOTER_LEN as u64 > len => {
+                return Err(opening(Error::corrupt(format!(
+                    "the {size}-byte fixed disk does not fit before its footer in the {len}-byte file"
+                ))))
+            }
             DiskType::Fixed => None,
             DiskType::Dynamic => {
                 let at = footer.data_offset;
@@ -141,7 +210,82 @@ impl VpcImage {
             path: path.to_path_buf(),
             size,
             bat,
+            footer: fb,
+            writable,
         })
+    }
+
+    fn write_failed(&self, e: std::io::Error, at: u64) -> Error {
+        Error::io("write failed", e).at(at).with_path(&self.path)
+    }
+
+    /// Allocates the block of guest offset `pos` of a dynamic disk (if no other write has):
+    /// its bitmap at the end of the data, the footer past it, then its BAT entry.
+    fn allocate(&self, bat: &Bat, pos: u64) -> Result<()> {
+        let mut next = bat.next_free.lock().unwrap_or_else(|e| e.into_inner());
+        if bat.host_offset(pos).is_some() {
+            return Ok(());
+        }
+        let idx = pos / bat.block_size;
+        let base = *next;
+        let end = base + bat.bitmap_size + bat.block_size;
+        let sector = u32::try_from(base / 512)
+            .ok()
+            .filter(|&s| s != bat::UNALLOCATED)
+            .ok_or_else(|| {
+                Error::unsupported(format!("no room for another block at offset {base}"))
+                    .with_path(&self.path)
+            })?;
+        let st = self.storage.as_ref();
+        st.write_at(&vec![0xff; bat.bitmap_size as usize], base)
+            .map_err(|e| self.write_failed(e, base))?;
+        st.write_at(&self.footer, end)
+            .map_err(|e| self.write_failed(e, end))?;
+        let at = bat.table_offset + idx * 4;
+        st.write_at(&sector.to_be_bytes(), at)
+            .map_err(|e| self.write_failed(e, at))?;
+        bat.entries.write().unwrap_or_else(|e| e.into_inner())[idx as usize] = sector;
+        *next = end;
+        Ok(())
+    }
+
+    /// Writes `data` (zeros when `None`) at guest offset `offset`, `len` bytes.
+    fn write_range(&self, data: Option<&[u8]>, offset: u64, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::unsupported("the image is opened read-only").with_path(&self.path));
+        }
+        check_request(self.size, GuestOffset(offset), len).in_file(&self.path)?;
+        let Some(bat) = &self.bat else {
+            return match data {
+                Some(d) => self.storage.write_at(d, offset),
+                None => self.storage.zero_range(offset, len),
+            }
+            .map_err(|e| self.write_failed(e, offset));
+        };
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let n = (bat.block_size - pos % bat.block_size).min(len - done);
+            let chunk = data.map(|d| &d[done as usize..(done + n) as usize]);
+            if bat.host_offset(pos).is_none() {
+                if chunk.is_none_or(|c| c.iter().all(|&b| b == 0)) {
+                    done += n;
+                    continue;
+                }
+                self.allocate(bat, pos)?;
+            }
+            let host = bat.host_offset(pos).ok_or_else(|| {
+                Error::corrupt(format!("block of guest offset {pos} was not allocated"))
+                    .with_path(&self.path)
+            })?;
+            match chunk {
+                Some(c) => self.storage.write_at(c, host),
+                None => self.storage.write_at(&vec![0; n as usize], host),
+            }
+            .map_err(|e| self.write_failed(e, host))?;
+            done += n;
+        }
+        Ok(())
     }
 
     fn read_failed(&self, e: std::io::Error, at: u64) -> Error {
@@ -187,16 +331,21 @@ impl BlockImage for VpcImage {
         Ok(())
     }
 
-    fn write_at(&self, _buf: &[u8], _offset: GuestOffset) -> Result<()> {
-        Err(read_only().with_path(&self.path))
+    fn write_at(&self, buf: &[u8], offset: GuestOffset) -> Result<()> {
+        self.write_range(Some(buf), offset.0, buf.len() as u64)
     }
 
-    fn write_zeroes(&self, _offset: GuestOffset, _len: u64, _unmap: bool) -> Result<()> {
-        Err(read_only().with_path(&self.path))
+    fn write_zeroes(&self, offset: GuestOffset, len: u64, _unmap: bool) -> Result<()> {
+        self.write_range(None, offset.0, len)
     }
 
     fn flush(&self) -> Result<()> {
-        Ok(())
+        if !self.writable {
+            return Ok(());
+        }
+        self.storage
+            .flush()
+            .map_err(|e| Error::io("flush failed", e).with_path(&self.path))
     }
 
     /// As qemu: a fixed disk is data at its own offset (zeros where the file has a hole); in
@@ -228,7 +377,7 @@ impl BlockImage for VpcImage {
     }
 
     fn is_writable(&self) -> bool {
-        false
+        self.writable
     }
 
     fn actual_size(&self) -> Option<u64> {
@@ -262,16 +411,12 @@ impl BlockImage for VpcImage {
     }
 }
 
-fn read_only() -> Error {
-    Error::unsupported("vpc images can only be read by vimg for now")
-}
-
 /// Opens arbitrary bytes as a VHD and reads every block status and (a bounded part of) the
 /// disk: what the fuzz target `vpc_open_read` and its hostile-input tests run. Never panics and
 /// allocates at most about the input's size.
 pub fn exercise(data: &[u8]) {
     let storage = Box::new(crate::storage::MemStorage::new(data.to_vec()));
-    let Ok(img) = VpcImage::open(storage, Path::new("fuzz.vhd")) else {
+    let Ok(img) = VpcImage::open(storage, Path::new("fuzz.vhd"), false) else {
         return;
     };
     let _ = img.layer_info();

@@ -26,10 +26,10 @@ const TARGETS: &[(&str, Entry)] = &[
     ("qcow2_repair", vimg::qcow2::hostile::repair),
     ("vma_read", vimg::vma::exercise),
     ("probe", vimg::probe::exercise),
+    ("vpc_open_read", vimg::vpc::exercise),
     ("image_spec", vimg::image_spec::exercise),
     ("luks_header", vimg::crypto::luks::exercise),
     ("vdi_open_read", vimg::vdi::exercise),
-    ("vpc_open_read", vimg::vpc::exercise),
 ];
 
 /// Longest one input may take (they take milliseconds; a hang shows up as this).

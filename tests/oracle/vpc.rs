@@ -174,3 +174,197 @@ fn the_disk_size_follows_the_creator_app_as_in_qemu() {
     }
     assert_no_failures(&failures);
 }
+
+/// The bytes of a VHD with what differs between two creations masked: each footer's time
+/// stamp, checksum and UUID.
+fn masked(img: &Path) -> Vec<u8> {
+    let mut b = std::fs::read(img).unwrap();
+    let len = b.len();
+    for at in [0, len.saturating_sub(512)] {
+        if b.len() >= at + 512 && b[at..].starts_with(b"conectix") {
+            b[at + 24..at + 28].fill(0);
+            b[at + 64..at + 84].fill(0);
+        }
+    }
+    b
+}
+
+#[test]
+fn vimg_creates_what_qemu_img_creates() {
+    if !qemu_available("vpc") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let ours = dir.path().join("ours.vhd");
+    let theirs = dir.path().join("theirs.vhd");
+    for opts in [
+        "",
+        "subformat=dynamic",
+        "subformat=fixed",
+        "force_size=on",
+        "subformat=fixed,force_size=on",
+        "subformat=dynamic,force_size=off",
+    ] {
+        for size in [
+            "0",
+            "1000",
+            "1M",
+            "9437703",
+            "123456789",
+            "100M",
+            "200G",
+            "2040G",
+        ] {
+            if opts.contains("fixed") && size.ends_with('G') {
+                continue;
+            }
+            let mut args = vec!["create", "-f", "vpc"];
+            if !opts.is_empty() {
+                args.extend(["-o", opts]);
+            }
+            let mut a = args.clone();
+            a.extend([p(&ours), size]);
+            let (rc, v) = run_status(VIMG, &a);
+            let mut a = args.clone();
+            a.extend([p(&theirs), size]);
+            let (qrc, q) = run_status("qemu-img", &a);
+            let q = q.replace(p(&theirs), p(&ours));
+            if (rc, &v) != (qrc, &q) {
+                failures.push(format!(
+                    "create {opts} {size}: vimg {rc} {v}; qemu-img {qrc} {q}"
+                ));
+            } else if qrc == 0 && masked(&ours) != masked(&theirs) {
+                failures.push(format!("create {opts} {size}: the files differ"));
+            }
+        }
+    }
+    // Refused as qemu-img refuses.
+    for (opts, size) in [
+        ("subformat=foo", "1M"),
+        ("force_size=on", "2041G"),
+        ("subformat=dynamic", "2100G"),
+    ] {
+        let (rc, v) = run_status(VIMG, &["create", "-f", "vpc", "-o", opts, p(&ours), size]);
+        let (qrc, q) = run_status(
+            "qemu-img",
+            &["create", "-f", "vpc", "-o", opts, p(&theirs), size],
+        );
+        let q = q.replace(p(&theirs), p(&ours));
+        let last = |s: &str| s.lines().last().unwrap_or("").replace("qemu-img:", "vimg:");
+        if rc == 0 || qrc == 0 || last(&v) != last(&q) {
+            failures.push(format!(
+                "create {opts} {size}: vimg {rc} {v}; qemu-img {qrc} {q}"
+            ));
+        }
+    }
+    assert_no_failures(&failures);
+}
+
+#[test]
+fn vimg_written_images_read_back_in_qemu() {
+    if !qemu_available("vpc") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let mut rng = Rng::seeded(1717);
+    for size in [(5u64 << 20) + 3 * 512, 64 << 20, 123_456_000] {
+        let src = dir.path().join("src.qcow2");
+        qemu_create(&src, "qcow2", "", None, size);
+        qemu_io(&src, "qcow2", &random_writes(&mut rng, size, 16));
+        let src_raw = dir.path().join("src.raw");
+        run("qemu-img", &["convert", "-O", "raw", p(&src), p(&src_raw)]);
+        let src_bytes = std::fs::read(&src_raw).unwrap();
+        for opts in [
+            "subformat=dynamic",
+            "subformat=fixed",
+            "subformat=fixed,force_size=on",
+            "force_size=on",
+        ] {
+            let out = dir.path().join("out.vhd");
+            let _ = std::fs::remove_file(&out);
+            let (rc, o) = run_status(
+                VIMG,
+                &["convert", "-O", "vpc", "-o", opts, p(&src), p(&out)],
+            );
+            if rc != 0 {
+                failures.push(format!("convert -o {opts} ({size}): {o}"));
+                continue;
+            }
+            let back = qemu_raw(&out, dir.path());
+            // The disk may be larger (rounded up to its geometry), the rest reads as zeros;
+            // with force_size it is exactly the source's size.
+            if back.len() < src_bytes.len()
+                || back[..src_bytes.len()] != src_bytes[..]
+                || back[src_bytes.len()..].iter().any(|&b| b != 0)
+            {
+                failures.push(format!("convert -o {opts} ({size}): qemu reads other data"));
+            }
+            if opts.contains("force_size=on") && back.len() as u64 != size.next_multiple_of(512) {
+                failures.push(format!(
+                    "convert -o {opts} ({size}): size {} not exact",
+                    back.len()
+                ));
+            }
+            let (rc, o) = run_status(
+                "qemu-img",
+                &["compare", "-f", "vpc", "-F", "raw", p(&out), p(&src_raw)],
+            );
+            if rc != 0 {
+                failures.push(format!(
+                    "qemu-img compare after convert -o {opts} ({size}): {o}"
+                ));
+            }
+            compare_with_qemu(&out, dir.path(), &mut failures);
+            // Writes into the image vimg made, then read back by qemu.
+            let again = dir.path().join("again.raw");
+            qemu_create(&again, "raw", "", None, back.len() as u64);
+            qemu_io(
+                &again,
+                "raw",
+                &random_writes(&mut rng, back.len() as u64, 8),
+            );
+            let (rc, o) = run_status(
+                VIMG,
+                &[
+                    "convert",
+                    "-n",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "vpc",
+                    p(&again),
+                    p(&out),
+                ],
+            );
+            let (qrc, qo) = run_status(
+                "qemu-img",
+                &["compare", "-f", "vpc", "-F", "raw", p(&out), p(&again)],
+            );
+            if rc != 0 || qrc != 0 {
+                failures.push(format!("convert -n into -o {opts} ({size}): {o} / {qo}"));
+            }
+        }
+    }
+    // Writes into an image qemu made.
+    let img = dir.path().join("qemu.vhd");
+    qemu_create(&img, "vpc", "", None, 20 << 20);
+    qemu_io(&img, "vpc", &random_writes(&mut rng, 20 << 20, 6));
+    let data = dir.path().join("data.raw");
+    let vsize = qemu_raw(&img, dir.path()).len() as u64;
+    qemu_create(&data, "raw", "", None, vsize);
+    qemu_io(&data, "raw", &random_writes(&mut rng, vsize, 10));
+    let (rc, o) = run_status(
+        VIMG,
+        &["convert", "-n", "-f", "raw", "-O", "vpc", p(&data), p(&img)],
+    );
+    let (qrc, qo) = run_status(
+        "qemu-img",
+        &["compare", "-f", "vpc", "-F", "raw", p(&img), p(&data)],
+    );
+    if rc != 0 || qrc != 0 {
+        failures.push(format!("convert -n into qemu's image: {o} / {qo}"));
+    }
+    assert_no_failures(&failures);
+}
