@@ -254,3 +254,86 @@ pub fn parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Vec<String> + Sync) -> V
         v
     })
 }
+
+/// The `-o` options qemu-img creates a qcow2 image encrypted with `encrypt.format=aes` with.
+pub const AES: &str = "encrypt.format=aes,encrypt.key-secret=k";
+/// The `-o` options qemu-img creates a LUKS qcow2 image with (a short PBKDF2 time).
+pub const LUKS: &str = "encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10";
+
+/// qemu-img create of a qcow2 image encrypted as `encryption` says ([`AES`] or [`LUKS`]) with
+/// passphrase `pw` (extra `-o` options, a qcow2 backing file).
+pub fn qemu_create_encrypted(
+    encryption: &str,
+    path: &Path,
+    pw: &str,
+    size: u64,
+    extra: &str,
+    backing: Option<&Path>,
+) {
+    let mut o = encryption.to_string();
+    if !extra.is_empty() {
+        o = format!("{o},{extra}");
+    }
+    let size = size.to_string();
+    let b;
+    let mut args = vec!["-q", "-f", "qcow2", "-o", &o];
+    if let Some(bp) = backing {
+        b = bp.to_str().unwrap().to_string();
+        args.extend(["-b", &b, "-F", "qcow2"]);
+    }
+    args.extend([path.to_str().unwrap(), &size]);
+    ok(
+        with_objects("qemu-img", &["create"], &[secret("k", pw)], &args),
+        "qemu-img create",
+    );
+}
+
+/// A chain made by qemu: `base` (encrypted as `encryption` says with "basepass", or not at
+/// all) and `top` (with "toppass") over it, random writes in both, an internal snapshot of
+/// `top` taken by qemu-img between two rounds of writes. Returns the objects and the spec of
+/// `top`; [`chain_opener`] opens it in vimg.
+pub fn qemu_chain(
+    encryption: &str,
+    dir: &Path,
+    rng: &mut Rng,
+    extra: &str,
+    base_encrypted: bool,
+) -> (Vec<String>, String) {
+    let size = 1 << 20;
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let objects = vec![secret("kb", "basepass"), secret("kt", "toppass")];
+    let base_spec = if base_encrypted {
+        qemu_create_encrypted(encryption, &base, "basepass", size, extra, None);
+        spec(&base, "kb", None)
+    } else {
+        common::qemu_create(&base, "qcow2", extra, None, size);
+        format!("driver=qcow2,file.filename={}", base.display())
+    };
+    qemu_io(&objects, &base_spec, &random_io(rng, size, 12));
+    qemu_create_encrypted(encryption, &top, "toppass", size, extra, Some(&base));
+    let top_spec = spec(&top, "kt", base_encrypted.then_some("kb"));
+    qemu_io(&objects, &top_spec, &random_io(rng, size, 10));
+    ok(
+        with_objects(
+            "qemu-img",
+            &["snapshot"],
+            &objects,
+            &["-c", "s1", "--image-opts", &top_spec],
+        ),
+        "qemu-img snapshot",
+    );
+    qemu_io(&objects, &top_spec, &random_io(rng, size, 10));
+    (objects, top_spec)
+}
+
+/// The opener with the keys of a [`qemu_chain`] in `dir`.
+pub fn chain_opener(dir: &Path, base_encrypted: bool) -> Opener {
+    let top = dir.join("top.qcow2");
+    let base = dir.join("base.qcow2");
+    let mut images = vec![(top.as_path(), "kt")];
+    if base_encrypted {
+        images.push((base.as_path(), "kb"));
+    }
+    opener(&[("kb", "basepass"), ("kt", "toppass")], &images)
+}

@@ -8,86 +8,22 @@
 //! the same garbage as in qemu.
 
 use crate::common::encrypted::{
-    message, ok, open, opener, qemu_check, qemu_io, qemu_read, random_io, random_writes, read_all,
-    secret, snapshot_reads_agree, spec, with_objects,
+    chain_opener, message, ok, open, opener, qemu_chain, qemu_check, qemu_create_encrypted,
+    qemu_io, qemu_read, random_writes, read_all, secret, snapshot_reads_agree, spec, with_objects,
+    AES,
 };
 use crate::common::{self, Rng};
-use std::path::Path;
-use vimg::opener::Opener;
 use vimg::GuestOffset;
 
 const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
 
-/// qemu-img create of an AES image with passphrase `pw` (extra `-o` options, backing file).
-fn qemu_create_aes(path: &Path, pw: &str, size: u64, extra: &str, backing: Option<&Path>) {
-    let mut o = "encrypt.format=aes,encrypt.key-secret=k".to_string();
-    if !extra.is_empty() {
-        o = format!("{o},{extra}");
-    }
-    let size = size.to_string();
-    let b;
-    let mut args = vec!["-q", "-f", "qcow2", "-o", &o];
-    if let Some(bp) = backing {
-        b = bp.to_str().unwrap().to_string();
-        args.extend(["-b", &b, "-F", "qcow2"]);
-    }
-    args.extend([path.to_str().unwrap(), &size]);
-    ok(
-        with_objects("qemu-img", &["create"], &[secret("k", pw)], &args),
-        "qemu-img create",
-    );
-}
-
-/// A chain made by qemu: `base` (AES with passphrase "basepass", or unencrypted), `top` (AES
-/// with "toppass") over it, with random writes in both and an internal snapshot of `top`
-/// taken between two rounds of writes. Returns the objects and the spec of `top`.
-fn qemu_chain(
-    dir: &Path,
-    rng: &mut Rng,
-    cluster: u64,
-    extended_l2: bool,
-    base_encrypted: bool,
-) -> (Vec<String>, String) {
-    let size = 1 << 20;
-    let base = dir.join("base.qcow2");
-    let top = dir.join("top.qcow2");
+/// The `-o` options of a chain's images: cluster size, extended L2 entries.
+fn layout(cluster: u64, extended_l2: bool) -> String {
     let mut extra = format!("cluster_size={cluster}");
     if extended_l2 {
         extra.push_str(",extended_l2=on");
     }
-    let objects = vec![secret("kb", "basepass"), secret("kt", "toppass")];
-    let base_spec = if base_encrypted {
-        qemu_create_aes(&base, "basepass", size, &extra, None);
-        spec(&base, "kb", None)
-    } else {
-        common::qemu_create(&base, "qcow2", &extra, None, size);
-        format!("driver=qcow2,file.filename={}", base.display())
-    };
-    qemu_io(&objects, &base_spec, &random_io(rng, size, 12));
-    qemu_create_aes(&top, "toppass", size, &extra, Some(&base));
-    let top_spec = spec(&top, "kt", base_encrypted.then_some("kb"));
-    qemu_io(&objects, &top_spec, &random_io(rng, size, 10));
-    ok(
-        with_objects(
-            "qemu-img",
-            &["snapshot"],
-            &objects,
-            &["-c", "s1", "--image-opts", &top_spec],
-        ),
-        "qemu-img snapshot",
-    );
-    qemu_io(&objects, &top_spec, &random_io(rng, size, 10));
-    (objects, top_spec)
-}
-
-fn chain_opener(dir: &Path, base_encrypted: bool) -> Opener {
-    let top = dir.join("top.qcow2");
-    let base = dir.join("base.qcow2");
-    let mut images = vec![(top.as_path(), "kt")];
-    if base_encrypted {
-        images.push((base.as_path(), "kb"));
-    }
-    opener(&[("kb", "basepass"), ("kt", "toppass")], &images)
+    extra
 }
 
 #[test]
@@ -103,7 +39,8 @@ fn images_qemu_writes_read_the_same() {
         (16384, true, true),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let (objects, top_spec) = qemu_chain(dir.path(), &mut rng, cluster, ext, base_enc);
+        let (objects, top_spec) =
+            qemu_chain(AES, dir.path(), &mut rng, &layout(cluster, ext), base_enc);
         let want = qemu_read(&objects, &top_spec, dir.path());
         let img = open(
             &dir.path().join("top.qcow2"),
@@ -133,7 +70,8 @@ fn vimg_writes_into_qemu_images_read_the_same_in_qemu() {
         (16384, true, true),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let (objects, top_spec) = qemu_chain(dir.path(), &mut rng, cluster, ext, base_enc);
+        let (objects, top_spec) =
+            qemu_chain(AES, dir.path(), &mut rng, &layout(cluster, ext), base_enc);
         let mut model = qemu_read(&objects, &top_spec, dir.path());
         {
             let img = open(
@@ -274,7 +212,7 @@ fn images_vimg_creates_and_converts_read_the_same_in_qemu() {
     }
     // An encrypted overlay over an encrypted image: info of the chain, without keys.
     let o = d.join("o.qcow2");
-    qemu_create_aes(&o, "other", 3 << 20, "", Some(&a));
+    qemu_create_encrypted(AES, &o, "other", 3 << 20, "", Some(&a));
     for fmt in ["human", "json"] {
         let f = format!("--output={fmt}");
         let args = ["info", "--backing-chain", &f, o.to_str().unwrap()];
@@ -331,7 +269,7 @@ fn missing_keys_and_wrong_passphrases_as_in_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let img = d.join("e.qcow2");
-    qemu_create_aes(&img, "right", 1 << 20, "", None);
+    qemu_create_encrypted(AES, &img, "right", 1 << 20, "", None);
     qemu_io(
         &[secret("k", "right")],
         &spec(&img, "k", None),
@@ -426,7 +364,7 @@ fn commit_resize_and_rebase_of_encrypted_chains() {
     let mut rng = Rng::seeded(0xc0);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (objects, top_spec) = qemu_chain(d, &mut rng, 65536, false, true);
+    let (objects, top_spec) = qemu_chain(AES, d, &mut rng, &layout(65536, false), true);
     let want = qemu_read(&objects, &top_spec, d);
     // commit the AES top into the AES base (another key).
     ok(
@@ -451,7 +389,13 @@ fn commit_resize_and_rebase_of_encrypted_chains() {
     assert!(got[want.len()..].iter().all(|&b| b == 0));
     qemu_check(&objects, &base_spec);
     // rebase an AES overlay onto nothing: its backing file's data is copied into it.
-    let (objects, top_spec) = qemu_chain(&d.join("x").tap_mkdir(), &mut rng, 4096, false, true);
+    let (objects, top_spec) = qemu_chain(
+        AES,
+        &d.join("x").tap_mkdir(),
+        &mut rng,
+        &layout(4096, false),
+        true,
+    );
     let want = qemu_read(&objects, &top_spec, d);
     ok(
         with_objects(
@@ -493,7 +437,7 @@ fn downgrade_expands_zero_clusters_into_encrypted_zeros() {
         &format!("driver=qcow2,file.filename={}", base.display()),
         &["write -P 7 0 1M".to_string()],
     );
-    qemu_create_aes(&top, "pw", 1 << 20, "", Some(&base));
+    qemu_create_encrypted(AES, &top, "pw", 1 << 20, "", Some(&base));
     let objects = [secret("k", "pw")];
     let sp = spec(&top, "k", None);
     // Zero clusters over a backing file: version 2 must store them as data clusters of zeros.

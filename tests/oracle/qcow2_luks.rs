@@ -6,82 +6,14 @@
 //! key and without; a wrong passphrase is refused in qemu's words and changes nothing.
 
 use crate::common::encrypted::{
-    message, ok, open, opener, qemu_check, qemu_io, qemu_read, random_io, random_writes, read_all,
-    secret, snapshot_reads_agree, spec, with_objects,
+    chain_opener, message, ok, open, opener, qemu_chain, qemu_check, qemu_create_encrypted,
+    qemu_io, qemu_read, random_writes, read_all, secret, snapshot_reads_agree, spec, with_objects,
+    LUKS,
 };
 use crate::common::{self, Rng};
-use std::path::Path;
-use vimg::opener::Opener;
 use vimg::GuestOffset;
 
 const VIMG: &str = env!("CARGO_BIN_EXE_vimg");
-
-/// qemu-img create of a LUKS image with passphrase `pw` (extra `-o` options, backing file).
-fn qemu_create_luks(path: &Path, pw: &str, size: u64, extra: &str, backing: Option<&Path>) {
-    let mut o = "encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10".to_string();
-    if !extra.is_empty() {
-        o = format!("{o},{extra}");
-    }
-    let size = size.to_string();
-    let b;
-    let mut args = vec!["-q", "-f", "qcow2", "-o", &o];
-    if let Some(bp) = backing {
-        b = bp.to_str().unwrap().to_string();
-        args.extend(["-b", &b, "-F", "qcow2"]);
-    }
-    args.extend([path.to_str().unwrap(), &size]);
-    ok(
-        with_objects("qemu-img", &["create"], &[secret("k", pw)], &args),
-        "qemu-img create",
-    );
-}
-
-/// A chain made by qemu: `base` (LUKS with "basepass", or unencrypted) and `top` (LUKS with
-/// "toppass") over it, random writes in both, an internal snapshot of `top` taken by qemu-img
-/// between two rounds of writes. Returns the objects and the spec of `top`.
-fn qemu_chain(
-    dir: &Path,
-    rng: &mut Rng,
-    extra: &str,
-    base_encrypted: bool,
-) -> (Vec<String>, String) {
-    let size = 1 << 20;
-    let base = dir.join("base.qcow2");
-    let top = dir.join("top.qcow2");
-    let objects = vec![secret("kb", "basepass"), secret("kt", "toppass")];
-    let base_spec = if base_encrypted {
-        qemu_create_luks(&base, "basepass", size, extra, None);
-        spec(&base, "kb", None)
-    } else {
-        common::qemu_create(&base, "qcow2", extra, None, size);
-        format!("driver=qcow2,file.filename={}", base.display())
-    };
-    qemu_io(&objects, &base_spec, &random_io(rng, size, 12));
-    qemu_create_luks(&top, "toppass", size, extra, Some(&base));
-    let top_spec = spec(&top, "kt", base_encrypted.then_some("kb"));
-    qemu_io(&objects, &top_spec, &random_io(rng, size, 10));
-    ok(
-        with_objects(
-            "qemu-img",
-            &["snapshot"],
-            &objects,
-            &["-c", "s1", "--image-opts", &top_spec],
-        ),
-        "qemu-img snapshot",
-    );
-    qemu_io(&objects, &top_spec, &random_io(rng, size, 10));
-    (objects, top_spec)
-}
-
-fn chain_opener(dir: &Path, base_encrypted: bool) -> Opener {
-    let top = dir.join("top.qcow2");
-    let base = dir.join("base.qcow2");
-    let mut images = vec![(top.as_path(), "kt")];
-    if base_encrypted {
-        images.push((base.as_path(), "kb"));
-    }
-    opener(&[("kb", "basepass"), ("kt", "toppass")], &images)
-}
 
 const CASES: [(&str, bool); 3] = [
     ("cluster_size=65536", true),
@@ -97,7 +29,7 @@ fn images_qemu_writes_read_the_same() {
     let mut rng = Rng::seeded(0x1ce);
     for (extra, base_enc) in CASES {
         let dir = tempfile::tempdir().unwrap();
-        let (objects, top_spec) = qemu_chain(dir.path(), &mut rng, extra, base_enc);
+        let (objects, top_spec) = qemu_chain(LUKS, dir.path(), &mut rng, extra, base_enc);
         let want = qemu_read(&objects, &top_spec, dir.path());
         let img = open(
             &dir.path().join("top.qcow2"),
@@ -137,7 +69,7 @@ fn vimg_writes_into_qemu_images_read_the_same_in_qemu() {
     let mut rng = Rng::seeded(0x1ce5);
     for (extra, base_enc) in CASES {
         let dir = tempfile::tempdir().unwrap();
-        let (objects, top_spec) = qemu_chain(dir.path(), &mut rng, extra, base_enc);
+        let (objects, top_spec) = qemu_chain(LUKS, dir.path(), &mut rng, extra, base_enc);
         let mut model = qemu_read(&objects, &top_spec, dir.path());
         let size = model.len() as u64;
         {
@@ -204,7 +136,7 @@ fn info_as_in_qemu_with_and_without_the_key() {
             "another passphrase",
         ),
     ] {
-        qemu_create_luks(&img, pw, 8 << 20, extra, None);
+        qemu_create_encrypted(LUKS, &img, pw, 8 << 20, extra, None);
         let objects = vec![secret("k", pw)];
         let sp = spec(&img, "k", None);
         qemu_io(&objects, &sp, &["write -P 0x5a 0 64k".to_string()]);
@@ -242,7 +174,7 @@ fn a_wrong_passphrase_or_no_key_is_refused_and_changes_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("w.qcow2");
-    qemu_create_luks(&img, "right", 1 << 20, "", None);
+    qemu_create_encrypted(LUKS, &img, "right", 1 << 20, "", None);
     let sp = spec(&img, "k", None);
     qemu_io(
         &[secret("k", "right")],
@@ -311,7 +243,7 @@ fn concurrent_writes_read_the_same_in_qemu() {
     for extra in ["", "cluster_size=4096", "cluster_size=16384,extended_l2=on"] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.qcow2");
-        qemu_create_luks(&path, "pw", SIZE, extra, None);
+        qemu_create_encrypted(LUKS, &path, "pw", SIZE, extra, None);
         let img = open(
             &path,
             &opener(&[("k", "pw")], &[(path.as_path(), "k")]),
