@@ -42,7 +42,15 @@ pub trait FormatDriver: Send + Sync + 'static {
     /// The image locks a layer of this format takes when opened `writable` or not, with
     /// `sharing`; `top` says whether it is the image named by the user rather than one of its
     /// backing files (qemu's `bdrv_child_perm` rules for the format).
-    fn lock_request(&self, sharing: Sharing, writable: bool, top: bool) -> LockRequest;
+    ///
+    /// By default, qemu's rule for a format whose file holds metadata (`bdrv_default_perms`
+    /// for an image child: qcow2, vpc, vdi, vmdk, vhdx): nobody else may write (or resize)
+    /// the file while it is open, and a file opened for writing may not be used by anybody
+    /// else, whatever `sharing` says (`-U` shares reads of a read-only open only, which the
+    /// opener handles). Raw and LUKS, which qemu lets others write under them, override it.
+    fn lock_request(&self, _sharing: Sharing, writable: bool, _top: bool) -> LockRequest {
+        LockRequest::exclusive(writable)
+    }
 
     /// Opens the image at `path` (registered in `guard` by the caller), and unless
     /// `no_backing` the layers below it.

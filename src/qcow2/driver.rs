@@ -3,9 +3,8 @@
 use super::Qcow2Image;
 use crate::block::BlockImage;
 use crate::block::{FormatDriver, ProbeInput};
-use crate::chain::{ChainGuard, Sharing};
+use crate::chain::ChainGuard;
 use crate::error::{Error, Result};
-use crate::lock::LockRequest;
 use std::path::Path;
 
 /// The qcow2 format's driver.
@@ -29,12 +28,6 @@ impl FormatDriver for Qcow2Driver {
         } else {
             0
         }
-    }
-
-    /// Nobody else may write (or resize) a qcow2 file of a chain while it is open, and a file
-    /// opened for writing may not be used by anybody else (qemu's rules for format nodes).
-    fn lock_request(&self, _sharing: Sharing, writable: bool, _top: bool) -> LockRequest {
-        LockRequest::exclusive(writable)
     }
 
     fn open(

@@ -25,10 +25,9 @@
 pub mod header;
 
 use crate::block::{check_request, BlockImage, BlockStatus, FormatDriver, ImageFormat, ProbeInput};
-use crate::chain::{ChainGuard, Sharing};
+use crate::chain::ChainGuard;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::info::LayerInfo;
-use crate::lock::LockRequest;
 use crate::offsets::{GuestOffset, HostOffset};
 use crate::storage::Storage;
 use header::{Header, BLOCK_SIZE, DISCARDED, SECTOR};
@@ -52,11 +51,6 @@ impl FormatDriver for VdiDriver {
         } else {
             0
         }
-    }
-
-    /// As for raw images.
-    fn lock_request(&self, sharing: Sharing, writable: bool, top: bool) -> LockRequest {
-        crate::raw::RawDriver.lock_request(sharing, writable, top)
     }
 
     fn open(

@@ -24,10 +24,9 @@ pub mod create;
 pub mod footer;
 
 use crate::block::{check_request, BlockImage, BlockStatus, FormatDriver, ImageFormat, ProbeInput};
-use crate::chain::{ChainGuard, Sharing};
+use crate::chain::ChainGuard;
 use crate::error::{Error, Result, ResultExt};
 use crate::info::LayerInfo;
-use crate::lock::LockRequest;
 use crate::offsets::{GuestOffset, HostOffset};
 use crate::storage::Storage;
 use bat::Bat;
@@ -53,11 +52,6 @@ impl FormatDriver for VpcDriver {
         } else {
             0
         }
-    }
-
-    /// As for raw images.
-    fn lock_request(&self, sharing: Sharing, writable: bool, top: bool) -> LockRequest {
-        crate::raw::RawDriver.lock_request(sharing, writable, top)
     }
 
     fn open(

@@ -369,3 +369,60 @@ fn vimg_takes_the_lock_bytes_qemu_takes() {
     assert_eq!(ours(false, Sharing::ForceShare), forced);
     assert!(locked_bytes(&img).is_empty(), "locks outlived the image");
 }
+
+/// Every format vimg registers takes the lock bytes qemu-io takes on the same image, opened
+/// read-write and read-only: qemu's format drivers that keep metadata in the file (qcow2, vpc,
+/// vdi) forbid other writers even to a reader, raw lets qemu-io's writers in. vimg locked vpc and vdi images
+/// as raw ones before, so `vimg info` read a VHD that a running VM was writing.
+#[test]
+fn every_format_takes_qemus_lock_bytes() {
+    if !qemu_available("every_format_takes_qemus_lock_bytes") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for format in vimg::ImageFormat::all() {
+        let name = format.as_str();
+        if name == "luks" {
+            continue; // needs a secret; qemu treats it as raw, tested with raw LUKS images
+        }
+        let img = dir.path().join(format!("a.{name}"));
+        qemu_create(&img, name, "", None, 1 << 20);
+        // Raw's locks depend on who opens it (qemu-io shares writes, qemu-img's commands do
+        // not): `vimg_takes_the_lock_bytes_qemu_takes` and the tests above cover it.
+        for read_only in [false, true].into_iter().filter(|_| name != "raw") {
+            if name == "vdi" && !read_only {
+                continue; // vimg opens vdi images read-only until it writes them
+            }
+            let theirs = {
+                let _h = Holder::start(&img, name, read_only);
+                locked_bytes(&img)
+            };
+            let ours = {
+                let _h = format
+                    .driver()
+                    .open(
+                        &img,
+                        !read_only,
+                        false,
+                        &mut ChainGuard::new(Sharing::Normal),
+                    )
+                    .unwrap();
+                locked_bytes(&img)
+            };
+            assert_eq!(ours, theirs, "{name}, read-only {read_only}");
+        }
+        // And the consequence users see: `vimg info` fails while qemu-io writes a format
+        // image, as `qemu-img info` does, and succeeds on a raw one.
+        let _h = Holder::start(&img, name, false);
+        let (code, out) = run_status(vimg(), &["info", "-f", name, s(&img)]);
+        let (qcode, qout) = run_status("qemu-img", &["info", "-f", name, s(&img)]);
+        assert_eq!(
+            code == 0,
+            qcode == 0,
+            "{name}: vimg {out} / qemu-img {qout}"
+        );
+        if qcode != 0 {
+            assert!(out.contains("Failed to get shared \"write\" lock"), "{out}");
+        }
+    }
+}
