@@ -247,11 +247,9 @@ impl Config {
             }
         };
         let flag = |k: &str| -> std::result::Result<bool, String> {
-            match opts.get(k).map(String::as_str) {
+            match opts.get(k) {
                 None => Ok(false),
-                Some("on" | "yes" | "true" | "y") => Ok(true),
-                Some("off" | "no" | "false" | "n") => Ok(false),
-                Some(_) => Err(format!("Parameter '{k}' expects 'on' or 'off'")),
+                Some(v) => crate::option_list::boolean(k, v).map_err(|e| e.what().to_string()),
             }
         };
         let state = number("state", 0)?;

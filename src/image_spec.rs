@@ -13,6 +13,7 @@ use crate::blkdebug::Config as BlkdebugConfig;
 use crate::block::ImageFormat;
 use crate::error::{Error, Result};
 use crate::null::NullSpec;
+use crate::option_list::boolean;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
@@ -338,17 +339,6 @@ fn unsupported_protocol(p: &str) -> Error {
     Error::unsupported(format!(
         "Unknown protocol '{p}' (vimg opens local files and block devices only)"
     ))
-}
-
-/// A boolean option as qemu spells it.
-fn boolean(key: &str, v: &str) -> Result<bool> {
-    match v {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(Error::invalid_input(format!(
-            "Parameter '{key}' expects 'on' or 'off'"
-        ))),
-    }
 }
 
 /// Works out the file, format and interpreted options from flattened options.

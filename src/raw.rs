@@ -94,16 +94,32 @@ impl FormatDriver for RawDriver {
         measure::measure(options, size, source)
     }
 
-    /// Only the options that change nothing for vimg (`extent_size_hint`).
+    /// qemu's raw creation options, read as qemu reads them (a bad value or an unknown key in
+    /// its words); only the one that changes nothing for vimg (`extent_size_hint`) is taken.
     fn check_target_options(&self, options: &[String]) -> Result<()> {
-        let ok =
-            |o: &String| crate::qcow2::parse_options(o).is_ok_and(|u| u.given_keys().is_empty());
-        match options.iter().all(ok) {
-            true => Ok(()),
-            false => Err(Error::unsupported(
-                "-o options are not supported for raw targets yet",
-            )),
+        use crate::option_list::{boolean, invalid_parameter, key_value, size, split};
+        for o in options {
+            for item in split(o)? {
+                let (k, v) = key_value(&item);
+                match k {
+                    "extent_size_hint" => {
+                        size(k, v)?;
+                    }
+                    "size" | "preallocation" | "nocow" => {
+                        if k == "size" {
+                            size(k, v)?;
+                        } else if k == "nocow" {
+                            boolean(k, v)?;
+                        }
+                        return Err(Error::unsupported(
+                            "-o options are not supported for raw targets yet",
+                        ));
+                    }
+                    _ => return Err(invalid_parameter(k)),
+                }
+            }
         }
+        Ok(())
     }
 
     /// A new raw file of `size` bytes (no options; raw records no backing file).

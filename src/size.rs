@@ -16,17 +16,43 @@ const SUFFIXES: &[u8] = b"bkmgtpe";
 /// bytes (`1.5k` is 1536, `0.1k` is refused). Negative values and values beyond `i64::MAX`
 /// (qemu's limit for sizes and offsets) are refused.
 pub fn parse_size(text: &str) -> Result<u64> {
-    let bad = |why: &str| Error::invalid_input(format!("invalid size '{text}': {why}"));
+    parse(text).map_err(|why| Error::invalid_input(format!("invalid size '{text}': {why}")))
+}
+
+/// Why a text is not a size, as qemu's option parser tells the two apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeFault {
+    /// A number, but negative or beyond `i64::MAX`.
+    OutOfRange,
+    /// Not a size at all.
+    Invalid,
+}
+
+/// [`parse_size`], saying only whether the text was out of range or not a size.
+pub fn parse_size_checked(text: &str) -> std::result::Result<u64, SizeFault> {
+    parse(text).map_err(|why| match why {
+        NEGATIVE | TOO_LARGE => SizeFault::OutOfRange,
+        _ => SizeFault::Invalid,
+    })
+}
+
+/// The reason [`parse`] gives for a negative size.
+const NEGATIVE: &str = "must not be negative";
+/// The reason [`parse`] gives for a size beyond `i64::MAX`.
+const TOO_LARGE: &str = "too large";
+
+/// Parses a size, or says why the text is not one.
+fn parse(text: &str) -> std::result::Result<u64, &'static str> {
     let s = text.trim();
     if s.is_empty() {
-        return Err(bad("empty"));
+        return Err("empty");
     }
     if s.starts_with('-') {
-        return Err(bad("must not be negative"));
+        return Err(NEGATIVE);
     }
     if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        let v = u64::from_str_radix(hex, 16).map_err(|_| bad("not a hexadecimal number"))?;
-        return limit(v).ok_or_else(|| bad("too large"));
+        let v = u64::from_str_radix(hex, 16).map_err(|_| "not a hexadecimal number")?;
+        return limit(v).ok_or(TOO_LARGE);
     }
     let num_end = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -36,45 +62,42 @@ pub fn parse_size(text: &str) -> Result<u64> {
         [] => 0,
         [c] => match SUFFIXES.iter().position(|u| *u == c.to_ascii_lowercase()) {
             Some(i) => 10 * i as u32,
-            None => return Err(bad("unknown unit (use k, M, G, T, P or E)")),
+            None => return Err("unknown unit (use k, M, G, T, P or E)"),
         },
-        _ => return Err(bad("unknown unit (use k, M, G, T, P or E)")),
+        _ => return Err("unknown unit (use k, M, G, T, P or E)"),
     };
     let (int_part, frac_part) = match num.split_once('.') {
         Some((i, f)) => (i, Some(f)),
         None => (num, None),
     };
     if int_part.is_empty() || !int_part.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad("not a number"));
+        return Err("not a number");
     }
-    let int: u64 = int_part.parse().map_err(|_| bad("too large"))?;
+    let int: u64 = int_part.parse().map_err(|_| TOO_LARGE)?;
     let mut bytes = int
         .checked_mul(1u64 << shift)
         .and_then(limit)
-        .ok_or_else(|| bad("too large"))?;
+        .ok_or(TOO_LARGE)?;
     if let Some(frac) = frac_part {
         if frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad("not a number"));
+            return Err("not a number");
         }
         if shift == 0 {
-            return Err(bad("a fraction needs a unit"));
+            return Err("a fraction needs a unit");
         }
         // frac / 10^len * 2^shift must be a whole number of bytes.
         let digits = &frac[..frac.len().min(18)];
         if frac[digits.len()..].bytes().any(|b| b != b'0') {
-            return Err(bad("not a whole number of bytes"));
+            return Err("not a whole number of bytes");
         }
-        let num: u128 = digits.parse().map_err(|_| bad("not a number"))?;
+        let num: u128 = digits.parse().map_err(|_| "not a number")?;
         let den = 10u128.pow(digits.len() as u32);
         let scaled = num << shift;
         if !scaled.is_multiple_of(den) {
-            return Err(bad("not a whole number of bytes"));
+            return Err("not a whole number of bytes");
         }
-        let add = u64::try_from(scaled / den).map_err(|_| bad("too large"))?;
-        bytes = bytes
-            .checked_add(add)
-            .and_then(limit)
-            .ok_or_else(|| bad("too large"))?;
+        let add = u64::try_from(scaled / den).map_err(|_| TOO_LARGE)?;
+        bytes = bytes.checked_add(add).and_then(limit).ok_or(TOO_LARGE)?;
     }
     Ok(bytes)
 }

@@ -198,9 +198,8 @@ pub fn validate(sources: usize, dst: &Path, opts: &ConvertOptions) -> Result<()>
             opts.output_format
         ));
     }
-    driver
-        .check_target_options(&opts.target_options)
-        .map_err(|e| e.with_path(dst))?;
+    // qemu-img reads the option list before it names any file.
+    driver.check_target_options(&opts.target_options)?;
     let (file, format) = target_backing(opts);
     if file.is_some() && sources > 1 {
         return bad(

@@ -60,7 +60,7 @@ pub use crate::foreign::KNOWN_FORMATS;
 /// Whether any `-o` argument asks for the option list (`help` or `?`).
 pub fn wants_help(options: &[String]) -> bool {
     options.iter().any(|o| {
-        crate::qcow2::split_option_list(o)
+        crate::option_list::split(o)
             .map(|items| items.iter().any(|i| i == "help" || i == "?"))
             .unwrap_or(false)
     })

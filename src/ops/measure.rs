@@ -14,7 +14,6 @@
 use crate::block::{BlockImage, ImageFormat};
 pub use crate::creation::Measurement;
 use crate::error::{Error, Result};
-use crate::ops::size::parse_size;
 use crate::ops::OutputFormat;
 
 /// The output text of `m`, byte for byte as qemu-img prints it.
@@ -55,11 +54,10 @@ pub fn parse_measure_size(text: &str) -> Result<u64> {
     if text.trim_start().starts_with('-') {
         return Err(range());
     }
-    match parse_size(text) {
+    match crate::size::parse_size_checked(text) {
         Ok(v) if v <= i64::MAX as u64 => Ok(v),
-        Ok(_) => Err(range()),
-        Err(e) if e.what().contains("too large") => Err(range()),
-        Err(_) => Err(Error::invalid_input(format!(
+        Ok(_) | Err(crate::size::SizeFault::OutOfRange) => Err(range()),
+        Err(crate::size::SizeFault::Invalid) => Err(Error::invalid_input(format!(
             "Invalid image size specified: '{text}'."
         ))),
     }
@@ -76,6 +74,18 @@ pub fn measure(
     source: Option<&dyn BlockImage>,
     secrets: &crate::secret::Secrets,
 ) -> Result<Measurement> {
+    // qemu-img reads the option list first and adds a line naming the format. (What a
+    // format cannot write as a copy target yet, it may still measure.)
+    match target.driver().check_target_options(options) {
+        Err(e) if e.kind() != crate::error::ErrorKind::Unsupported => {
+            return Err(Error::invalid_input(format!(
+                "{}\nInvalid options for file format '{}'",
+                e.what(),
+                target.as_str()
+            )))
+        }
+        _ => {}
+    }
     target.driver().measure(options, size, source, secrets)
 }
 

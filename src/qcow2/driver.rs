@@ -59,6 +59,21 @@ impl FormatDriver for Qcow2Driver {
         Ok(Box::new(super::create::Qcow2Creation::prepare(&request)?))
     }
 
+    /// The option values qemu-img reads before it opens anything (booleans, sizes, numbers,
+    /// unknown keys); values from a fixed set are checked when the image is made, as there.
+    fn check_target_options(&self, options: &[String]) -> Result<()> {
+        const CHECKED_LATER: &[&str] = &["compat", "compression_type", "preallocation"];
+        for o in options {
+            for item in crate::option_list::split(o)? {
+                let (k, _) = crate::option_list::key_value(&item);
+                if !CHECKED_LATER.contains(&k) && !k.starts_with("encrypt.") {
+                    super::parse_options(&item.replace(',', ",,"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn measure(
         &self,
         options: &[String],

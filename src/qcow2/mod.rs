@@ -36,7 +36,7 @@
 //!   [`Qcow2Image::l1`] and [`Qcow2Image::l2_table`] return ([`L1E_OFFSET_MASK`],
 //!   [`L2E_OFFSET_MASK`], [`OFLAG_COMPRESSED`], [`OFLAG_COPIED`], [`OFLAG_ZERO`]);
 //! - creation: [`create()`] with [`CreateOptions`] and [`Compat`], and qemu's `-o` option
-//!   lists: [`split_option_list`], [`parse_options`] into [`OptionUpdates`];
+//!   lists: [`parse_options`] (through [`crate::option_list`]) into [`OptionUpdates`];
 //! - [`compress_cluster`], the cluster compression writes use;
 //! - amending: [`AmendOptions`], [`AmendPlan`], [`BackingChange`]; resizing: [`V2_SNAPSHOTS`]
 //!   (qemu's refusal);
@@ -67,8 +67,8 @@ mod write;
 
 pub use check::repair::{repair, repair_file, RepairMode};
 pub use create::{
-    create, create_with, parse_options, split_option_list, Compat, CreateOptions, EncryptOptions,
-    OptionUpdates, WEAK_AES,
+    create, create_with, parse_options, Compat, CreateOptions, EncryptOptions, OptionUpdates,
+    WEAK_AES,
 };
 pub use edit::amend::{AmendOptions, AmendPlan, BackingChange};
 pub use format::compress::compress_cluster;

@@ -32,22 +32,12 @@ impl VpcOptions {
     pub fn parse(options: &[String]) -> Result<Self> {
         let mut o = VpcOptions::default();
         for arg in options {
-            for item in crate::qcow2::split_option_list(arg)? {
-                let (k, v) = item.split_once('=').unwrap_or((item.as_str(), ""));
+            for item in crate::option_list::split(arg)? {
+                let (k, v) = crate::option_list::key_value(&item);
                 match k {
-                    "size" => o.size = Some(crate::size::parse_size(v)?),
+                    "size" => o.size = Some(crate::option_list::size(k, v)?),
                     "subformat" => o.subformat = Some(v.to_string()),
-                    "force_size" => {
-                        o.force_size = Some(match v {
-                            "on" | "true" | "yes" => true,
-                            "off" | "false" | "no" => false,
-                            _ => {
-                                return Err(Error::invalid_input(
-                                    "Parameter 'force_size' expects 'on' or 'off'",
-                                ))
-                            }
-                        })
-                    }
+                    "force_size" => o.force_size = Some(crate::option_list::boolean(k, v)?),
                     "preallocation" if v == "off" => {}
                     "preallocation" => {
                         return Err(Error::unsupported(format!(
@@ -55,7 +45,7 @@ impl VpcOptions {
                         )))
                     }
                     "nocow" | "extent_size_hint" => {}
-                    _ => return Err(Error::invalid_input(format!("Invalid parameter '{k}'"))),
+                    _ => return Err(crate::option_list::invalid_parameter(k)),
                 }
             }
         }

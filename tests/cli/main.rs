@@ -17,3 +17,4 @@ mod device_read_cache;
 mod device_zeroing;
 mod direct_io;
 mod locking;
+mod option_words;

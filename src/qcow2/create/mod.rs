@@ -17,10 +17,7 @@ mod request;
 mod writer;
 
 pub(crate) use measure::measure;
-pub use options::{
-    parse_options, split_option_list, Compat, CreateOptions, EncryptOptions, OptionUpdates,
-    WEAK_AES,
-};
+pub use options::{parse_options, Compat, CreateOptions, EncryptOptions, OptionUpdates, WEAK_AES};
 pub(crate) use options::{round_size, OPTION_HELP};
 pub use request::CreateRequest;
 pub(crate) use request::{parse_target_options, Qcow2Creation};

@@ -1,5 +1,5 @@
 //! The options of a new qcow2 image: [`CreateOptions`] with qemu-img's defaults, qemu's `-o`
-//! option lists ([`split_option_list`], [`parse_options`] into [`OptionUpdates`], applied with
+//! option lists ([`parse_options`], through [`crate::option_list`], into [`OptionUpdates`], applied with
 //! [`CreateOptions::apply`]) and the combinations qemu refuses ([`CreateOptions::validate`]).
 
 use super::plan::Geometry;
@@ -9,7 +9,6 @@ use crate::prealloc::Preallocation;
 use crate::qcow2::format::header::{
     CompressionType, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
-use crate::size::parse_size;
 
 /// The qcow2 version to write (`compat=`): qcow2.rst "Header", bytes 4-7.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -405,46 +404,6 @@ pub(crate) const OPTION_HELP: &[(&str, &str)] = &[
     ("size=<size>", "virtual disk size"),
 ];
 
-/// Splits a qemu-style option list into its items: items are separated by commas, and `,,`
-/// stands for a comma inside an item. An empty item (a leading, trailing or doubled separator
-/// where no escaped comma is meant) makes the list invalid, as in qemu.
-pub fn split_option_list(s: &str) -> Result<Vec<String>> {
-    let invalid = || Error::invalid_input(format!("invalid option list: '{s}'"));
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                if cur.is_empty() {
-                    return Err(invalid());
-                }
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    if cur.is_empty() {
-        return Err(invalid());
-    }
-    items.push(cur);
-    Ok(items)
-}
-
-fn parse_bool(key: &str, v: Option<&str>) -> Result<bool> {
-    match v {
-        None | Some("on") | Some("yes") | Some("true") => Ok(true),
-        Some("off") | Some("no") | Some("false") => Ok(false),
-        Some(other) => Err(Error::invalid_input(format!(
-            "option '{key}' expects 'on' or 'off', not '{other}'"
-        ))),
-    }
-}
-
 /// Parses one `-o` argument of `qemu-img create` for qcow2 (and raw, which takes `size` and
 /// `preallocation` only; the caller refuses the rest): comma-separated `key=value` items,
 /// `,,` for a comma inside a value, sizes with `k`/`M`/`G`/`T` suffixes, booleans as
@@ -452,106 +411,61 @@ fn parse_bool(key: &str, v: Option<&str>) -> Result<bool> {
 /// Unknown keys are refused; encryption options are refused as unsupported. Combinations are
 /// checked later, by [`CreateOptions::validate`].
 pub fn parse_options(s: &str) -> Result<OptionUpdates> {
+    use crate::option_list::{boolean, invalid_parameter, key_value, not_accepted, number, size};
     let mut u = OptionUpdates::default();
-    for item in split_option_list(s)? {
-        let (key, value) = match item.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None => (item.clone(), None),
-        };
-        let v = value.as_deref();
-        let need = |what: &str| -> Result<&str> {
-            v.ok_or_else(|| Error::invalid_input(format!("option '{key}' needs a value ({what})")))
-        };
-        match key.as_str() {
-            "help" | "?" if v.is_none() => u.help = true,
-            "size" => {
-                let text = need("a size")?;
-                u.size =
-                    Some(parse_size(text).map_err(|e| {
-                        Error::invalid_input(format!("option 'size': {}", e.what()))
-                    })?);
-            }
-            "cluster_size" => {
-                let text = need("a size")?;
-                u.cluster_size = Some(parse_size(text).map_err(|e| {
-                    Error::invalid_input(format!("option 'cluster_size': {}", e.what()))
-                })?);
-            }
+    for item in crate::option_list::split(s)? {
+        let (key, v) = key_value(&item);
+        match key {
+            "help" | "?" if !item.contains('=') => u.help = true,
+            "size" => u.size = Some(size(key, v)?),
+            "cluster_size" => u.cluster_size = Some(size(key, v)?),
             "compat" => {
-                u.compat = Some(match need("0.10, v2, 1.1 or v3")? {
+                u.compat = Some(match v {
                     "0.10" | "v2" => Compat::V2,
                     "1.1" | "v3" => Compat::V3,
-                    other => {
-                        return Err(Error::invalid_input(format!(
-                            "invalid compat value '{other}' (use 0.10, v2, 1.1 or v3)"
-                        )))
-                    }
+                    // qemu's words name the QAPI field behind the option.
+                    other => return Err(not_accepted("version", other)),
                 })
             }
-            "refcount_bits" => {
-                let text = need("a number")?;
-                // As qemu's option parser (strtoull), a negative number wraps around: it is
-                // then refused as a width, after the "Formatting" line shows it.
-                let (neg, digits) = match text.strip_prefix('-') {
-                    Some(d) => (true, d),
-                    None => (false, text),
-                };
-                let n = digits
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|_| !digits.starts_with('+'))
-                    .ok_or_else(|| {
-                        Error::invalid_input(format!(
-                            "option 'refcount_bits' expects a number, not '{text}'"
-                        ))
-                    })?;
-                u.refcount_bits = Some(if neg { n.wrapping_neg() } else { n });
-            }
-            "lazy_refcounts" => u.lazy_refcounts = Some(parse_bool(&key, v)?),
-            "extended_l2" => u.extended_l2 = Some(parse_bool(&key, v)?),
-            "data_file_raw" => u.data_file_raw = Some(parse_bool(&key, v)?),
+            // As qemu's option parser (strtoull), a negative number wraps around: it is then
+            // refused as a width, after the "Formatting" line shows it.
+            "refcount_bits" => u.refcount_bits = Some(number(key, v)?),
+            "lazy_refcounts" => u.lazy_refcounts = Some(boolean(key, v)?),
+            "extended_l2" => u.extended_l2 = Some(boolean(key, v)?),
+            "data_file_raw" => u.data_file_raw = Some(boolean(key, v)?),
             "compression_type" => {
-                u.compression_type = Some(match need("zlib or zstd")? {
+                u.compression_type = Some(match v {
                     "zlib" => CompressionType::Zlib,
                     "zstd" => CompressionType::Zstd,
-                    other => {
-                        return Err(Error::invalid_input(format!(
-                            "invalid compression type '{other}' (use zlib or zstd)"
-                        )))
-                    }
+                    other => return Err(not_accepted("compression-type", other)),
                 })
             }
             "preallocation" => {
-                u.preallocation = Some(Preallocation::from_name(need("a mode")?)?);
+                u.preallocation = Some(
+                    Preallocation::from_name(v).map_err(|_| not_accepted("preallocation", v))?,
+                )
             }
-            "backing_file" => u.backing_file = Some(need("a file name")?.to_string()),
-            "backing_fmt" => u.backing_fmt = Some(need("a format name")?.to_string()),
-            "data_file" => u.data_file = Some(need("a file name")?.to_string()),
-            "encryption" => u.encrypt.alias = Some(parse_bool(&key, v)?),
-            "encrypt.format" => u.encrypt.format = Some(need("aes or luks")?.to_string()),
-            "encrypt.key-secret" => u.encrypt.key_secret = Some(need("a secret id")?.to_string()),
+            "backing_file" => u.backing_file = Some(v.to_string()),
+            "backing_fmt" => u.backing_fmt = Some(v.to_string()),
+            "data_file" => u.data_file = Some(v.to_string()),
+            "encryption" => u.encrypt.alias = Some(boolean(key, v)?),
+            "encrypt.format" => u.encrypt.format = Some(v.to_string()),
+            "encrypt.key-secret" => u.encrypt.key_secret = Some(v.to_string()),
             k if k.starts_with("encrypt.") => {
                 if !LUKS_KEYS.contains(&&k["encrypt.".len()..]) {
-                    return Err(Error::invalid_input(format!("Invalid parameter '{k}'")));
+                    return Err(invalid_parameter(k));
                 }
-                let v = need("a value")?.to_string();
-                if k == "encrypt.iter-time" && v.parse::<u64>().is_err() {
-                    return Err(Error::invalid_input(format!(
-                        "Parameter '{k}' expects a number"
-                    )));
+                if k == "encrypt.iter-time" {
+                    number(k, v)?;
                 }
                 u.encrypt.other.retain(|(o, _)| o != k);
-                u.encrypt.other.push((k.to_string(), v));
+                u.encrypt.other.push((k.to_string(), v.to_string()));
             }
             // qemu sets it as the xfs extent size hint of the image file (FS_IOC_FSSETXATTR)
             // and ignores it on other file systems; vimg accepts and checks it, and leaves the
             // file system's default (it only affects how the host file's space is grouped).
             "extent_size_hint" => {
-                let text = need("a size")?;
-                let hint = parse_size(text).map_err(|e| {
-                    Error::invalid_input(format!("option 'extent_size_hint': {}", e.what()))
-                })?;
-                if hint > u64::from(u32::MAX) {
+                if size(key, v)? > u64::from(u32::MAX) {
                     return Err(Error::invalid_input("Extent size hint is too large"));
                 }
             }
@@ -560,11 +474,7 @@ pub fn parse_options(s: &str) -> Result<OptionUpdates> {
                     "option '{key}' (a host file system hint) is not supported"
                 )))
             }
-            _ => {
-                return Err(Error::invalid_input(format!(
-                    "unknown option '{key}' (see -o help)"
-                )))
-            }
+            _ => return Err(invalid_parameter(key)),
         }
     }
     Ok(u)
@@ -741,18 +651,6 @@ mod tests {
     use super::*;
     use crate::error::ErrorKind;
     use crate::qcow2::create::opts;
-
-    #[test]
-    fn option_lists_split_like_qemu() {
-        assert_eq!(
-            split_option_list("a=1,b=x,,y").unwrap(),
-            vec!["a=1", "b=x,y"]
-        );
-        assert_eq!(split_option_list("a=,,,,").unwrap(), vec!["a=,,"]);
-        for bad in ["", ",a=1", "a=1,", "a=1,,,"] {
-            assert!(split_option_list(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn options_parse_and_merge() {

@@ -1,10 +1,10 @@
 //! `create -f qcow2`: a checked request ([`Qcow2Creation`]), its "Formatting" line, and the
 //! write, by [`super::create`].
 
-use super::options::{parse_options, split_option_list, CreateOptions, OptionUpdates};
+use super::options::{parse_options, CreateOptions, OptionUpdates};
 use crate::chain::{resolve_relative, same_file_or_name};
 use crate::creation::{BackingToOpen, CreateCommand, FormatCreation, OpenBacking};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ResultExt};
 use crate::foreign::KNOWN_FORMATS;
 use crate::opener::Opener;
 use crate::qcow2::format::header::CompressionType;
@@ -38,7 +38,8 @@ impl<'a> CreateRequest<'a> {
     pub fn parse(command: &CreateCommand<'a>, given: &'a mut OptionUpdates) -> Result<Self> {
         *given = OptionUpdates::default();
         for o in command.options {
-            given.merge(parse_options(o)?);
+            // qemu-img create names the file in every error of bdrv_img_create.
+            given.merge(parse_options(o).in_file(command.path)?);
         }
         if given.help {
             return Err(Error::invalid_input(
@@ -144,7 +145,7 @@ pub(crate) fn parse_target_options(
     let mut u = OptionUpdates::default();
     for o in options {
         let mut kept = Vec::new();
-        for item in split_option_list(o)? {
+        for item in crate::option_list::split(o)? {
             let key = item.split_once('=').map_or(item.as_str(), |(k, _)| k);
             if key.starts_with("encrypt.") && encryption {
                 // The LUKS header adds to the figures; legacy AES adds nothing.

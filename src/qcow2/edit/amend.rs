@@ -27,7 +27,7 @@
 
 use crate::crypto::luks::AmendRequest;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
-use crate::qcow2::create::{parse_options, split_option_list, Compat, OptionUpdates};
+use crate::qcow2::create::{parse_options, Compat, OptionUpdates};
 use crate::qcow2::format::header::{autoclear, compat, incompat, CompressionType, Header};
 use crate::qcow2::snapshot::table::read_table;
 use crate::qcow2::write::resize::V2_SNAPSHOTS;
@@ -142,7 +142,7 @@ impl AmendOptions {
     /// qemu-img's messages.
     pub fn parse(s: &str) -> Result<Self> {
         let mut o = AmendOptions::default();
-        for item in split_option_list(s)? {
+        for item in crate::option_list::split(s)? {
             let key = item.split_once('=').map_or(item.as_str(), |(k, _)| k);
             if let Some(("compat", level)) = item.split_once('=') {
                 if !["0.10", "v2", "1.1", "v3"].contains(&level) {
