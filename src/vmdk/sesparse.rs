@@ -195,7 +195,17 @@ impl SeSparseExtent {
                     )))
                 })
         };
-        let volatile_at = in_file(le64(&h, field::VOLATILE_OFFSET), 512, "volatile header")?;
+        // Past the end of the file the volatile header reads as zeros (as in qemu) and fails
+        // its magic check.
+        let volatile_sector = le64(&h, field::VOLATILE_OFFSET);
+        let volatile_at = volatile_sector
+            .checked_mul(SECTOR)
+            .filter(|at| at.checked_add(512).is_some())
+            .ok_or_else(|| {
+                fail(Error::corrupt(format!(
+                    "Bad volatile header offset: sector {volatile_sector}"
+                )))
+            })?;
         let mut v = [0u8; 512];
         read(&mut v, volatile_at, "volatile header")?;
         check_volatile_header(&v).map_err(fail)?;
