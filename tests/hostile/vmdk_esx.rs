@@ -418,3 +418,60 @@ fn fuzz_seeds_are_the_built_deltas() {
         );
     }
 }
+
+/// The built deltas with their metadata (headers, grain directory, grain tables) randomly
+/// damaged: the fuzz entries neither panic nor take long.
+mod mutated {
+    use super::build::{self, Grain};
+    use proptest::prelude::*;
+    use std::time::{Duration, Instant};
+
+    fn deltas() -> Vec<(&'static str, Vec<u8>, usize, fn(&[u8]))> {
+        let (se, l) = build::sesparse(
+            40 << 11,
+            &[
+                (0, Grain::Data(vec![1; 4096])),
+                (1, Grain::Zero),
+                (2, Grain::Unmapped),
+                (4096 * 2 + 7, Grain::Data(vec![2; 4096])),
+            ],
+            4094,
+        );
+        let se_meta = (l.grains * 512) as usize;
+        let (cowd, l) = build::cowd(
+            8 << 11,
+            1,
+            &[
+                (0, vec![1; 512]),
+                (1, vec![2; 512]),
+                (4096 * 3 + 5, vec![3; 512]),
+            ],
+        );
+        let cowd_meta = (l.grains * 512) as usize;
+        vec![
+            ("seSparse", se, se_meta, vimg::vmdk::sesparse::exercise),
+            ("vmfsSparse", cowd, cowd_meta, vimg::vmdk::cowd::exercise),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn damaged_metadata_never_panics(
+            which in any::<bool>(),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..16),
+        ) {
+            let mut all = deltas();
+            let (name, mut bytes, meta, exercise) = all.swap_remove(usize::from(which));
+            for (at, val) in edits {
+                let i = at.index(meta);
+                bytes[i] = val;
+            }
+            let start = Instant::now();
+            let r = std::panic::catch_unwind(|| exercise(&bytes));
+            prop_assert!(r.is_ok(), "panic on a damaged {}", name);
+            prop_assert!(start.elapsed() < Duration::from_secs(10), "slow on a damaged {}", name);
+        }
+    }
+}

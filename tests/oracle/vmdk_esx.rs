@@ -115,6 +115,26 @@ fn check_against_qemu(
         panic!("the extent's view differs from qemu-img's at byte {i}");
     }
 
+    // Unaligned requests of any length map to the same bytes.
+    let mut rng = Rng::seeded(base.len() as u64);
+    for _ in 0..2000 {
+        let off = rng.below(base.len() as u64);
+        let max = 1 + rng.below(3 * 4096);
+        let m = extent.map(off, max).unwrap();
+        assert!(m.len >= 1 && m.len <= max, "{m:?} for {max} bytes at {off}");
+        let (a, n) = (off as usize, m.len as usize);
+        let bytes = match m.mapping {
+            Mapping::Unallocated => base[a..a + n].to_vec(),
+            Mapping::Zero => vec![0; n],
+            Mapping::Data(h) => file[h.get() as usize..h.get() as usize + n].to_vec(),
+            Mapping::Compressed(_) => panic!("compressed grain in a delta"),
+        };
+        assert!(
+            bytes == expected[a..a + n],
+            "{m:?} for {max} bytes at {off}"
+        );
+    }
+
     let map: serde_json::Value = serde_json::from_str(&run(
         "qemu-img",
         &["map", "--output", "json", p(&chain.delta)],
