@@ -426,7 +426,10 @@ mod mutated {
     use proptest::prelude::*;
     use std::time::{Duration, Instant};
 
-    fn deltas() -> Vec<(&'static str, Vec<u8>, usize, fn(&[u8]))> {
+    /// A built delta: its kind, its bytes, where its metadata ends, its fuzz entry.
+    type Delta = (&'static str, Vec<u8>, usize, fn(&[u8]));
+
+    fn deltas() -> Vec<Delta> {
         let (se, l) = build::sesparse(
             40 << 11,
             &[
