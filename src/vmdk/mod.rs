@@ -4,4 +4,6 @@
 //! snapshot delta in the ESXi formats), each covering a run of the guest disk. This module is
 //! being written: [`mapping`] is the contract every extent kind answers reads through.
 
+pub mod cowd;
 pub mod mapping;
+pub mod sesparse;
