@@ -162,7 +162,7 @@ struct BackupArgs {
 
 #[derive(Subcommand, Debug)]
 enum BackupCommand {
-    /// Back up images (raw, qcow2, chains) into a VMA archive, or - for standard output.
+    /// Back up images (any format vimg reads, with their backing chains) into a VMA archive, or - for standard output.
     Create(BackupCreateArgs),
     /// Restore an archive (or - for standard input; zstd/gzip detected) into a new directory,
     /// or devices into existing images or block devices (--target, -r).

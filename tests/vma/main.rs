@@ -7,6 +7,7 @@
 mod common;
 
 mod extract_to_devices;
+mod foreign_sources;
 mod vma_damage;
 mod vma_fixtures;
 mod vma_live;
