@@ -15,7 +15,7 @@ LAYERS = [
     "error offsets storage direct_io blkdebug lock interrupt size zeros crypto secret node_name",
     "opener chain",
     "block chain_read creation capability check bitmap info prealloc identity",
-    "format foreign raw qcow2 luks vdi vpc null probe",
+    "format foreign raw qcow2 luks vdi vpc vhdx null probe",
     "open image_spec",
     "vma",
     "ops",
