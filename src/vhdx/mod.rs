@@ -244,7 +244,7 @@ impl VhdxImage {
                 let name = path.display();
                 return Err(opening(Error::new(
                     crate::error::ErrorKind::Unsupported,
-                    format!("VHDX image file '{name}' opened read-only, but contains a log that needs to be replayed.  To replay the log, execute:\n vimg check -r all '{name}'"),
+                    format!("VHDX image file '{name}' opened read-only, but contains a log that needs to be replayed\nTo replay the log, run:\nvimg check -r all '{name}'"),
                 )));
             }
             log.replay(&seq).map_err(opening)?;
