@@ -13,7 +13,8 @@ use crate::storage::Storage;
 
 /// A log sector.
 pub const SECTOR: u64 = 4096;
-/// Where no log write may land past the end of the file: qemu's largest disk plus its metadata.
+/// Where no log write may land: far past qemu's largest disk (an entry may also grow the file
+/// by at most 1 GiB past its length).
 const MAX_FILE_END: u64 = 1 << 50;
 
 /// Reads `buf.len()` bytes at `at`, zeros past the end of a `len`-byte file (as qemu reads).
@@ -273,7 +274,7 @@ impl<'a> Log<'a> {
                     e.sequence, e.flushed_file_offset
                 )));
             }
-            if e.last_file_offset > MAX_FILE_END {
+            if e.last_file_offset > MAX_FILE_END.min(len.saturating_add(1 << 30)) {
                 return Err(Error::corrupt(format!(
                     "log entry {} has an impossible file length {}",
                     e.sequence, e.last_file_offset

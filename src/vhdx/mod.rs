@@ -244,7 +244,7 @@ impl VhdxImage {
                 let name = path.display();
                 return Err(opening(Error::new(
                     crate::error::ErrorKind::Unsupported,
-                    format!("VHDX image file '{name}' opened read-only, but contains a log that needs to be replayed\nTo replay the log, run:\nvimg check -r all '{name}'"),
+                    format!("VHDX image file '{name}' opened read-only, but contains a log that needs to be replayed. To replay the log, run: vimg check -r all '{name}'"),
                 )));
             }
             log.replay(&seq).map_err(opening)?;
@@ -702,6 +702,12 @@ impl BlockImage for VhdxImage {
 /// `vhdx_open_read` and its hostile-input tests run. Never panics and allocates at most about
 /// the input's size.
 pub fn exercise(data: &[u8]) {
+    // A read-write open of a copy (bounded in growth) replays a log the input may hold.
+    let limit = data.len() as u64 + (16 << 20);
+    let copy = Box::new(crate::storage::MemStorage::with_limit(data.to_vec(), limit));
+    if let Ok(img) = VhdxImage::open(copy, Path::new("fuzz.vhdx"), true, true) {
+        let _ = img.check_report();
+    }
     let storage = Box::new(crate::storage::MemStorage::new(data.to_vec()));
     let Ok(img) = VhdxImage::open(storage, Path::new("fuzz.vhdx"), false, false) else {
         return;
