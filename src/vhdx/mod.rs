@@ -33,7 +33,7 @@ use crate::error::{Error, Result, ResultExt};
 use crate::info::LayerInfo;
 use crate::lock::LockRequest;
 use crate::offsets::GuestOffset;
-use crate::storage::Storage;
+use crate::storage::{DebugEvent, Storage};
 use bat::{Bat, FULLY_PRESENT, OFFSET_MASK, STATE_MASK};
 use layout::{Header, Metadata, HEADER_OFFSETS, HEADER_SECTION_END, HEADER_SIZE};
 use std::collections::BTreeSet;
@@ -538,6 +538,7 @@ impl VhdxImage {
                 let mut s = self.lock();
                 self.start_session(&mut s)?;
             }
+            self.storage.debug_event(DebugEvent::WriteAio);
             match chunk {
                 Some(c) => self.storage.write_at(c, host),
                 None => self.storage.zero_range(host, n),
@@ -610,6 +611,7 @@ impl BlockImage for VhdxImage {
             match e & STATE_MASK {
                 FULLY_PRESENT => {
                     let host = (e & OFFSET_MASK) + pos % bs;
+                    self.storage.debug_event(DebugEvent::ReadAio);
                     self.storage.read_at(chunk, host).map_err(|err| {
                         Error::io("read failed", err).at(host).with_path(&self.path)
                     })?
