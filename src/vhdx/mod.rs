@@ -122,6 +122,20 @@ impl FormatDriver for VhdxDriver {
         Ok(Box::new(VhdxImage::open(storage, path, true, false)?))
     }
 
+    /// `check` of an image whose BAT points outside the file: opened as for a check (qemu's
+    /// `BDRV_O_CHECK`), it is checked rather than refused.
+    fn check_unopenable(
+        &self,
+        path: &Path,
+        sharing: Sharing,
+        opener: &crate::opener::Opener,
+    ) -> Option<CheckReport> {
+        let locks = VHDX.locks(sharing, false, true).ok()?;
+        let storage = opener.open(path, false, locks).ok()?;
+        let img = VhdxImage::open(storage, path, false, true).ok()?;
+        Some(img.check_report())
+    }
+
     /// `check -r`: a read-write open replays the log; the check that follows counts the
     /// replay as a corruption fixed, as qemu's.
     fn repair(
@@ -364,7 +378,12 @@ impl VhdxImage {
     /// The check qemu's `vhdx_co_check` makes: the replay of a log counts as a corruption
     /// fixed, every BAT entry outside the file or over the metadata as a corruption.
     fn check_report(&self) -> CheckReport {
-        let messages = self.bat_problems();
+        // qemu reports them through error_report: with the program's name.
+        let messages: Vec<String> = self
+            .bat_problems()
+            .into_iter()
+            .map(|m| format!("vimg: {m}"))
+            .collect();
         CheckReport {
             corruptions: messages.len() as u64,
             corruptions_fixed: u64::from(self.log_replayed),

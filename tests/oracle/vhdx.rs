@@ -582,3 +582,49 @@ fn a_log_vimg_leaves_is_replayed_by_qemu() {
     }
     assert_no_failures(&failures);
 }
+
+/// `check` of a truncated image (a BAT entry past the end of the file), which qemu opens for a
+/// check and reports: the same lines (but the program's name), JSON and exit code as qemu-img,
+/// with `-r all` too; `info` refuses it as qemu-img does.
+#[test]
+fn a_truncated_image_is_checked_as_qemu_checks_it() {
+    if !qemu_available("vhdx check truncated") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.vhdx");
+    qemu_create(&img, "vhdx", "block_size=1M", None, 10 << 20);
+    qemu_io(
+        &img,
+        "vhdx",
+        &["write -P 1 0 64k".into(), "write -P 2 2M 64k".into()],
+    );
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(9 << 20).unwrap();
+    drop(f);
+    let mut failures = Vec::new();
+    let same = |o: &str| o.replace("qemu-img: ", "").replace("vimg: ", "");
+    for args in [
+        vec!["check"],
+        vec!["check", "--output=json"],
+        vec!["check", "-r", "all"],
+        vec!["info"],
+    ] {
+        let mut args = args.clone();
+        args.push(p(&img));
+        let (qrc, q) = run_status("qemu-img", &args);
+        let (rc, v) = run_status(VIMG, &args);
+        let first = |o: &str| same(o).lines().next().unwrap_or("").to_string();
+        let agree = if args[0] == "info" {
+            first(&v).starts_with(&format!("Could not open '{}': VHDX BAT entry", p(&img)))
+        } else {
+            same(&v) == same(&q)
+        };
+        if rc != qrc || !agree {
+            failures.push(format!(
+                "{args:?}:\nqemu-img ({qrc}):\n{q}\nvimg ({rc}):\n{v}"
+            ));
+        }
+    }
+    assert_no_failures(&failures);
+}
