@@ -126,8 +126,9 @@ impl<'a> Log<'a> {
     }
 
     /// The entry starting at sector `idx` if it is valid (header, descriptors, data sectors and
-    /// checksum) and, with `prev`, numbered `prev + 1`.
-    fn entry_at(&self, idx: u64, prev: Option<u64>) -> Result<Option<Entry>> {
+    /// checksum) and, with `prev`, numbered `prev + 1`; otherwise the sectors to skip, as qemu's
+    /// search skips them: one past a bad header, the whole entry past a bad checksum.
+    fn entry_at(&self, idx: u64, prev: Option<u64>) -> Result<std::result::Result<Entry, u64>> {
         let total = self.length / SECTOR;
         let h = self.read_sector(idx)?;
         let entry_length = u64::from(le32(&h, 8));
@@ -141,12 +142,13 @@ impl<'a> Log<'a> {
             || count * 32 > entry_length
             || prev.is_some_and(|p| sequence != p.wrapping_add(1))
         {
-            return Ok(None);
+            return Ok(Err(1));
         }
         let nd = desc_sectors(count);
         let sectors = (entry_length / SECTOR).max(nd);
-        if sectors > total {
-            return Ok(None);
+        // An entry lies in the log and in the file (what is read is bounded by the file).
+        if sectors > total || sectors * SECTOR > self.file_len {
+            return Ok(Err(1));
         }
         let mut crc = Crc32c::default();
         let mut descs = Vec::with_capacity(count as usize);
@@ -167,7 +169,7 @@ impl<'a> Log<'a> {
             let d = &raw_descs[64 + i * 32..96 + i * 32];
             let offset = le64(d, 16);
             if le64(d, 24) != sequence || !offset.is_multiple_of(SECTOR) {
-                return Ok(None);
+                return Ok(Err(sectors));
             }
             descs.push(match &d[..4] {
                 b"desc" => Desc::Data {
@@ -179,7 +181,7 @@ impl<'a> Log<'a> {
                     len: le64(d, 8),
                     offset,
                 },
-                _ => return Ok(None),
+                _ => return Ok(Err(sectors)),
             });
         }
         let mut data = Vec::new();
@@ -189,24 +191,24 @@ impl<'a> Log<'a> {
             data.push(s);
         }
         if crc.finish() != le32(&h, 4) {
-            return Ok(None);
+            return Ok(Err(sectors));
         }
         let ndata = descs
             .iter()
             .filter(|d| matches!(d, Desc::Data { .. }))
             .count();
         if ndata > data.len() {
-            return Ok(None);
+            return Ok(Err(sectors));
         }
         let mut payloads = Vec::with_capacity(ndata);
         for s in data.into_iter().take(ndata) {
             let seq = u64::from(le32(&s, 4)) << 32 | u64::from(le32(&s, 4092));
             if &s[..4] != b"data" || seq != sequence {
-                return Ok(None);
+                return Ok(Err(sectors));
             }
             payloads.push(s[8..4092].to_vec());
         }
-        Ok(Some(Entry {
+        Ok(Ok(Entry {
             sequence,
             flushed_file_offset: le64(&h, 48),
             last_file_offset: le64(&h, 56),
@@ -228,10 +230,14 @@ impl<'a> Log<'a> {
         let mut idx = 0u64;
         // Each step moves past at least one sector; a run may wrap once past the end.
         let mut budget = 4 * total + 16;
-        while idx < total {
-            let Some(first) = self.entry_at(idx, None)? else {
-                idx += 1;
-                continue;
+        // Sectors past the end of the file read as zeros: no entry starts there.
+        while idx < total && self.offset + idx * SECTOR < self.file_len {
+            let first = match self.entry_at(idx, None)? {
+                Ok(e) => e,
+                Err(skip) => {
+                    idx += skip.max(1);
+                    continue;
+                }
             };
             let mut pos = idx + first.sectors;
             let mut run = vec![first];
@@ -239,11 +245,11 @@ impl<'a> Log<'a> {
                 budget -= 1;
                 let prev = run.last().map(|e| e.sequence);
                 match self.entry_at(pos % total, prev)? {
-                    Some(e) => {
+                    Ok(e) => {
                         pos += e.sectors;
                         run.push(e);
                     }
-                    None => break,
+                    Err(_) => break,
                 }
             }
             if budget == 0 {
@@ -437,6 +443,26 @@ mod tests {
         st.write_at(&[b[0] ^ 1], (1 << 20) + 5000).unwrap();
         let l = Log::new(&st, 4 << 20, &header(guid)).unwrap();
         assert!(l.find_active().unwrap().is_none());
+    }
+
+    #[test]
+    fn entries_larger_than_the_file_are_not_read() {
+        // A 4095 MiB log in a 2 MiB file, whose one header claims the whole log.
+        let guid = [3u8; 16];
+        let mut file = vec![0u8; 2 << 20];
+        let h = &mut file[1 << 20..];
+        h[..4].copy_from_slice(b"loge");
+        h[8..12].copy_from_slice(&0xfff0_0000u32.to_le_bytes());
+        h[16..24].copy_from_slice(&1u64.to_le_bytes());
+        h[24..28].copy_from_slice(&(0xfff0_0000u32 / 32).to_le_bytes());
+        h[32..48].copy_from_slice(&guid);
+        let st = MemStorage::new(file);
+        let mut hd = header(guid);
+        hd.log_length = 0xfff0_0000;
+        let l = Log::new(&st, 2 << 20, &hd).unwrap();
+        let t = std::time::Instant::now();
+        assert!(l.find_active().unwrap().is_none());
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]

@@ -333,7 +333,7 @@ impl VhdxImage {
         if log_replayed {
             // qemu marks the session's first write, then clears the log.
             let mut s = img.lock();
-            img.update_headers(&mut s, true, None).map_err(opening)?;
+            img.start_session(&mut s).map_err(opening)?;
             img.update_headers(&mut s, false, Some([0; 16]))
                 .map_err(opening)?;
         }
