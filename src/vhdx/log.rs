@@ -2,7 +2,7 @@
 //! (`loge` header, `desc`/`zero` descriptors, `data` sectors) that describe metadata writes.
 //! A header with a non-zero log GUID says the log may hold writes not yet applied: they must be
 //! replayed before the file is read. qemu replays on a read-write open and refuses a read-only
-//! one; vimg does the same ([`find_active`], [`replay`]).
+//! one; vimg does the same ([`Log::find_active`], [`Log::replay`]).
 //!
 //! vimg also writes through the log, as qemu does, when it changes the BAT ([`entry`]):
 //! an entry per batch of BAT sectors, flushed, applied, flushed, then the log GUID cleared.
