@@ -15,7 +15,7 @@ LAYERS = [
     "error offsets storage direct_io blkdebug lock interrupt size option_list zeros crypto secret node_name",
     "opener chain",
     "block chain_read creation capability check bitmap info prealloc identity",
-    "format foreign raw qcow2 luks vdi vmdk vpc null probe",
+    "format foreign raw qcow2 luks vdi vhdx vmdk vpc null probe",
     "open image_spec",
     "vma",
     "ops",

@@ -154,6 +154,21 @@ pub trait FormatDriver: Send + Sync + 'static {
         None
     }
 
+    /// `check` without `-r` of an image at `path` that a normal open refused: the check of a
+    /// format that opens images for a check more leniently than otherwise (qemu's
+    /// `BDRV_O_CHECK`: vhdx then reports BAT entries outside the file as corruptions instead of
+    /// refusing the image); `None` when the format has no such open or it fails too (the
+    /// first refusal stands). The default: none.
+    fn check_unopenable(
+        &self,
+        path: &Path,
+        sharing: Sharing,
+        opener: &crate::opener::Opener,
+    ) -> Option<crate::check::CheckReport> {
+        let _ = (path, sharing, opener);
+        None
+    }
+
     /// Whether a new image of this format can record a backing file (qemu: the format's
     /// creation options include `backing_file`).
     fn supports_backing_file(&self) -> bool {

@@ -40,6 +40,7 @@ pub static DRIVERS: &[&dyn FormatDriver] = &[
     &crate::luks::LuksDriver,
     &crate::vdi::VdiDriver,
     &crate::vpc::VpcDriver,
+    &crate::vhdx::VhdxDriver,
 ];
 
 #[allow(non_upper_case_globals)]
@@ -54,6 +55,8 @@ impl ImageFormat {
     pub const Vdi: ImageFormat = ImageFormat::of(&crate::vdi::VdiDriver);
     /// Virtual PC's VHD ([`crate::vpc`]).
     pub const Vpc: ImageFormat = ImageFormat::of(&crate::vpc::VpcDriver);
+    /// Hyper-V's VHDX ([`crate::vhdx`]).
+    pub const Vhdx: ImageFormat = ImageFormat::of(&crate::vhdx::VhdxDriver);
 
     /// Every registered format, in [`DRIVERS`] order.
     pub fn all() -> impl Iterator<Item = ImageFormat> {
@@ -101,10 +104,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // LUKS needs a key to create and open: its own tests cover it (crate::luks). vpc
         // rounds sizes to its geometry and, as qemu's, cannot measure (tests/oracle/vpc.rs);
-        // vdi is read-only for now.
-        for f in ImageFormat::all()
-            .filter(|f| ![ImageFormat::Luks, ImageFormat::Vdi, ImageFormat::Vpc].contains(f))
-        {
+        // vdi is read-only for now; vhdx, as qemu's, cannot measure (tests/oracle/vhdx.rs).
+        for f in ImageFormat::all().filter(|f| {
+            ![
+                ImageFormat::Luks,
+                ImageFormat::Vdi,
+                ImageFormat::Vpc,
+                ImageFormat::Vhdx,
+            ]
+            .contains(f)
+        }) {
             let path = dir.path().join(format!("c.{f}"));
             let line = create(&create_args(f, &path, &[])).unwrap();
             let want = format!("Formatting '{}', fmt={f} ", path.display());
@@ -239,7 +248,7 @@ mod tests {
             assert_eq!(ImageFormat::from_name(f.as_str()).unwrap(), f);
         }
         let names: Vec<_> = ImageFormat::all().map(|f| f.as_str()).collect();
-        assert_eq!(names, ["raw", "qcow2", "luks", "vdi", "vpc"]);
+        assert_eq!(names, ["raw", "qcow2", "luks", "vdi", "vpc", "vhdx"]);
         let e = ImageFormat::from_name("vmdk").unwrap_err();
         assert!(
             e.what().contains("vmdk images are not supported yet"),

@@ -18,7 +18,7 @@
 //! | host | [`storage`], [`direct_io`], [`blkdebug`], [`lock`], [`interrupt`], [`error`], [`offsets`], [`size`], [`option_list`], [`zeros`], [`crypto`], [`secret`] | positioned I/O on files and block devices (and memory, in tests), aligned `O_DIRECT` I/O under it, file identity (device and inode), qemu's blkdebug fault injection over it, qemu's image locks, cleanup on signals, the one error type, guest/host offset newtypes, sizes as qemu writes them, qemu's `-o` option lists, zero detection, sector encryption, the secrets of `--object secret` |
 //! | storage opening | [`opener`], [`chain`] | the storage opener: storage kinds (files and block devices today), locators resolved and identified by their kind, the command's settings for particular files (blkdebug rules, data files, notices); a chain being opened (loops by the canonical locator, depth, sharing) |
 //! | image model | [`block`], [`chain_read`], [`creation`], [`capability`], [`check`], [`bitmap`], [`info`], [`prealloc`], [`identity`] | the [`BlockImage`] trait and its block status; the format driver trait; reading through a backing chain; what creating and measuring ask of a format; the optional capabilities (snapshots, resize, amend, backing change, compressed writes, emptying, checks, persistent bitmaps); what `info` reports; preallocation modes; which files an image reads |
-//! | formats | [`format`](mod@format), [`foreign`], [`raw`], [`qcow2`], [`luks`], [`vdi`], [`vmdk`], [`vpc`], [`null`], [`probe`] | the registry of formats; one folder (or file) per format (`qcow2` in private folders by concern: `format`, `refcount`, `write`, `snapshot`, `bitmap`, `check`, `create`, `edit`, with its public API re-exported at [`qcow2`]'s root); `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
+//! | formats | [`format`](mod@format), [`foreign`], [`raw`], [`qcow2`], [`luks`], [`vdi`], [`vhdx`], [`vmdk`], [`vpc`], [`null`], [`probe`] | the registry of formats; one folder (or file) per format (`qcow2` in private folders by concern: `format`, `refcount`, `write`, `snapshot`, `bitmap`, `check`, `create`, `edit`, with its public API re-exported at [`qcow2`]'s root); `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
 //! | opening | [`open`], [`image_spec`] | choosing a format and opening a layer with its backing chain; qemu's image names (`json:`, `--image-opts`) |
 //! | archives | [`vma`] | Proxmox's VMA backup format, read and written |
 //! | commands | [`ops`] | one module per `vimg` command, each a library call that returns what the binary prints |
@@ -91,6 +91,7 @@ pub mod secret;
 pub mod size;
 pub mod storage;
 pub mod vdi;
+pub mod vhdx;
 pub mod vma;
 pub mod vmdk;
 pub mod vpc;

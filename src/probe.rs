@@ -77,7 +77,6 @@ pub fn probe(input: &ProbeInput<'_>) -> Probed {
             ForeignFormat::Qcow,
         ),
         (is_vmdk(b), ForeignFormat::Vmdk),
-        (b.starts_with(b"vhdxfile"), ForeignFormat::Vhdx),
         (b.starts_with(b"QED\0"), ForeignFormat::Qed),
         (is_parallels(b), ForeignFormat::Parallels),
         (is_bochs(b), ForeignFormat::Bochs),
@@ -272,7 +271,7 @@ mod tests {
         assert_eq!(head(b"QFI\xfb\0\0\0\x01"), foreign(Qcow));
         assert_eq!(head(b"KDMV\x01\0\0\0"), foreign(Vmdk));
         assert_eq!(head(b"COWD"), foreign(Vmdk));
-        assert_eq!(head(b"vhdxfile"), foreign(Vhdx));
+        assert_eq!(head(b"vhdxfile"), Probed::Supported(ImageFormat::Vhdx));
         assert_eq!(head(b"vhdxfil"), RAW);
         assert_eq!(head(b"conectix"), Probed::Supported(ImageFormat::Vpc));
         assert_eq!(

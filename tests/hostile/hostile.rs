@@ -32,6 +32,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("vdi_open_read", vimg::vdi::exercise),
     ("vmdk_cowd", vimg::vmdk::cowd::exercise),
     ("vmdk_sesparse", vimg::vmdk::sesparse::exercise),
+    ("vhdx_open_read", vimg::vhdx::exercise),
 ];
 
 /// Longest one input may take (they take milliseconds; a hang shows up as this).

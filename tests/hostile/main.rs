@@ -15,5 +15,6 @@ mod probe_foreign;
 mod target_safety;
 mod untrusted_paths;
 mod vdi;
+mod vhdx;
 mod vmdk_esx;
 mod vpc;

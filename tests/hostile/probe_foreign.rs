@@ -1,9 +1,10 @@
-//! Images of formats vimg does not read (vmdk, vhdx, qed, qcow, parallels made by
+//! Images of formats vimg does not read (vmdk, qed, qcow, parallels made by
 //! qemu-img; dmg, bochs and cloop headers made here, as qemu cannot create them) are refused by
 //! name, by `info` and `convert`, probed or given with `-f`; with `-f raw` their bytes are
 //! copied as qemu-img copies them (issue 13, item 3). Before, they were probed as raw and their
 //! container bytes copied as the disk, with exit status 0. (Raw LUKS is read since issue 16:
-//! tests/oracle/luks.rs; vdi and VHD since issue 17: tests/oracle/vdi.rs, tests/oracle/vpc.rs.)
+//! tests/oracle/luks.rs; vdi, VHD and VHDX since issue 17: tests/oracle/vdi.rs, tests/oracle/vpc.rs,
+//! tests/oracle/vhdx.rs.)
 
 use crate::common;
 
@@ -29,7 +30,6 @@ fn foreign_images(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     // The descriptor of a flat vmdk is text; its extent (flat-flat.vmdk) is a plain raw file.
     qemu("flat.vmdk", "vmdk", "subformat=monolithicFlat");
     qemu("split.vmdk", "vmdk", "subformat=twoGbMaxExtentSparse");
-    qemu("disk.vhdx", "vhdx", "");
     qemu("disk.qed", "qed", "");
     qemu("disk.qcow", "qcow", "");
     qemu("disk.hds", "parallels", "");

@@ -39,5 +39,6 @@ mod repair_oracle;
 mod resize_oracle;
 mod snapshot_oracle;
 mod vdi;
+mod vhdx;
 mod vmdk_esx;
 mod vpc;
