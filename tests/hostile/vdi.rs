@@ -77,9 +77,16 @@ fn bad_headers_and_block_maps_are_one_line_errors() {
         (
             "blocks",
             384,
-            le32(0x3fff_ffff),
+            le32(0x1fff_ff00),
             "lies past the end of the file",
             false,
+        ),
+        (
+            "too-many",
+            384,
+            le32(0x3fff_ffff),
+            "(too many blocks 1073741823, max is 536870784)",
+            true,
         ),
         (
             "bmap-far",
