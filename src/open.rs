@@ -97,11 +97,30 @@ pub fn probe_format_with(opener: &Opener, path: &Path) -> Result<ImageFormat> {
     match probe_file_with(opener, path)? {
         Probed::Supported(f) => Ok(f),
         Probed::Foreign(f) => Err(f.not_supported().with_path(path)),
-        Probed::FixedVhd => Err(Error::unsupported(
+        Probed::FixedVhd { size_matches: true } => {
+            note_fixed_vhd(path);
+            Ok(ImageFormat::Vpc)
+        }
+        Probed::FixedVhd { size_matches: false } => Err(Error::unsupported(
             "the file ends with a fixed VHD footer, which qemu-img probes as raw: give -f vpc to read the VHD's disk or -f raw to copy the file's bytes",
         )
         .with_path(path)),
     }
+}
+
+/// Says on stderr, once per file and process, that a file probed as a fixed VHD is read as
+/// vpc where qemu-img would read it as raw.
+fn note_fixed_vhd(path: &Path) {
+    static NOTED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+    if noted.iter().any(|p| p == path) {
+        return;
+    }
+    noted.push(path.to_path_buf());
+    eprintln!(
+        "vimg: note: '{}' ends with a fixed VHD footer; reading it as vpc (qemu-img would probe it as raw; give -f raw for the file's bytes)",
+        path.display()
+    );
 }
 
 /// What the file at `path` is, as [`crate::probe::probe`] finds it.
