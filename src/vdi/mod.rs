@@ -30,8 +30,9 @@
 //! blocks of a qemu-made image), so that a killed process leaves either no trace or the whole
 //! allocation; further out, as qemu, the header goes first (a crash between the two leaves a
 //! leaked block that `check` counts in its allocated-count mismatch, never a block used twice).
-//! A new block goes after every block the map uses even if the header's count is lower (a
-//! damaged count), so an allocation never overwrites data. Zeros written into an unallocated
+//! A new block goes right after the last block the map uses, whatever the header's count says
+//! (a crash between header and map leaves it one too high: the next allocation takes that block
+//! again and writes the count of blocks in use), so an allocation never overwrites data. Zeros written into an unallocated
 //! block allocate nothing; a static image has every block allocated at creation.
 
 pub mod create;
@@ -164,9 +165,10 @@ struct State {
     raw_header: [u8; SECTOR as usize],
     /// The header's count of allocated blocks.
     blocks_allocated: u32,
-    /// The data block the next allocation takes: after the count and after every block the
-    /// map uses.
+    /// The data block the next allocation takes: after every block the map uses.
     next_block: u32,
+    /// Entries of the map that name a block (the count the next allocation writes, plus one).
+    in_use: u32,
     /// The file's length: data past it reads as zeros.
     file_len: u64,
 }
@@ -230,6 +232,7 @@ impl VdiImage {
         }
         let mut raw_header = [0u8; SECTOR as usize];
         raw_header.copy_from_slice(&head);
+        let in_use = bmap.iter().filter(|&&e| e < DISCARDED).count() as u32;
         let used_end = bmap
             .iter()
             .filter(|&&e| e < DISCARDED)
@@ -243,7 +246,8 @@ impl VdiImage {
                 bmap,
                 raw_header,
                 blocks_allocated: header.blocks_allocated,
-                next_block: used_end.max(header.blocks_allocated),
+                next_block: used_end,
+                in_use,
                 file_len,
             }),
             header,
@@ -353,7 +357,7 @@ impl VdiImage {
             .map_err(|e| self.write_failed(e, at))?;
 
         let mut header = state.raw_header;
-        let count = state.blocks_allocated.saturating_add(1);
+        let count = state.in_use.saturating_add(1);
         header[388..392].copy_from_slice(&count.to_le_bytes());
         let bmap_start = u64::from(self.header.offset_bmap);
         let sector = index as u64 * 4 / SECTOR;
@@ -388,6 +392,7 @@ impl VdiImage {
         state.bmap[index] = slot;
         state.raw_header = header;
         state.blocks_allocated = count;
+        state.in_use = count;
         state.next_block = slot + 1;
         state.file_len = state.file_len.max(at + BLOCK_SIZE);
         Ok(())
@@ -564,6 +569,7 @@ pub fn exercise(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::Check;
 
     fn image(entries: &[u32], data: &[(u32, u8)]) -> Vec<u8> {
         let mut b = vec![0u8; 1024];
@@ -621,6 +627,32 @@ mod tests {
         );
         let s = img.block_status(GuestOffset(2 * BLOCK_SIZE), 10).unwrap();
         assert_eq!((s.len, s.zero, s.data), (10, true, false));
+    }
+
+    #[test]
+    fn allocation_after_a_crash_reuses_the_leaked_block_and_sets_the_count_right() {
+        // Block 0 in use; the header counts 2 (a crash after the header, before the map).
+        let mut b = image(&[0, u32::MAX, u32::MAX], &[(0, 3)]);
+        b[388..392].copy_from_slice(&2u32.to_le_bytes());
+        let img = VdiImage::open_with(
+            Box::new(crate::storage::MemStorage::new(b)),
+            Path::new("t.vdi"),
+            true,
+        )
+        .unwrap();
+        assert_eq!(img.check().unwrap().corruptions, 1);
+        img.write_at(&[7u8; 512], GuestOffset(2 * BLOCK_SIZE + 512))
+            .unwrap();
+        img.write_zeroes(GuestOffset(BLOCK_SIZE), 4096, false)
+            .unwrap();
+        let r = img.check().unwrap();
+        assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+        let s = img.block_status(GuestOffset(2 * BLOCK_SIZE), 1).unwrap();
+        assert_eq!(s.offset, Some(HostOffset(1024 + BLOCK_SIZE)));
+        assert!(img.block_status(GuestOffset(BLOCK_SIZE), 1).unwrap().zero);
+        let mut buf = vec![0u8; 1024];
+        img.read_at(&mut buf, GuestOffset(2 * BLOCK_SIZE)).unwrap();
+        assert!(buf[..512].iter().all(|&x| x == 0) && buf[512..].iter().all(|&x| x == 7));
     }
 
     #[test]
