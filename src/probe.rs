@@ -22,6 +22,7 @@
 //! | luks      | `LUKS\xba\xbe` at 0, version 1 (big-endian at 6) |
 //! | cloop     | the V2.0 shell-script header at 0 (qemu gives it a low score) |
 //! | dmg       | a file name ending in `.dmg` (qemu looks at nothing else; low score) |
+//! | OVA       | a ustar header (`ustar` at 257, checksum right) whose member name ends in `.ovf` (after a pax or long-name header): vimg's own, qemu reads the tar as raw; its disk is read ([`crate::ova`]) |
 //!
 //! The fixed-VHD check is vimg's own: qemu probes a fixed VHD as raw (its reads then include
 //! the 512-byte footer as the disk's last sector, a disk 512 bytes too large). vimg reads such a
@@ -47,6 +48,9 @@ pub enum Probed {
     Supported(ImageFormat),
     /// A format qemu reads and vimg does not.
     Foreign(ForeignFormat),
+    /// An OVA appliance: a tar archive whose first member is an OVF descriptor; its disk is
+    /// opened through the `ova:` locator ([`crate::ova`]).
+    Ova,
     /// A file ending with a fixed VHD's footer: qemu probes it as raw. When the footer's
     /// current size is the file's length less the footer (`size_matches`), vimg reads it as
     /// vpc (and says so); otherwise it makes the user say which (`-f vpc` for the disk, `-f raw`
@@ -76,6 +80,9 @@ pub fn probe(input: &ProbeInput<'_>) -> Probed {
     let best = best.unwrap_or(ImageFormat::Raw);
     if input.len == 0 || score >= 100 {
         return Probed::Supported(best);
+    }
+    if crate::ova::is_appliance(input.head) {
+        return Probed::Ova;
     }
     // The foreign formats qemu is sure of (score 100); their magics exclude each other and the
     // registered formats'.
