@@ -353,3 +353,28 @@ fn resize_and_measure_are_refused_as_qemu() {
         assert_eq!(std::fs::read(&img).unwrap(), before, "{args:?}");
     }
 }
+
+/// Blocks whose block map entries lie past the first 64 KiB of the map (a 20 GiB disk written
+/// at 19 GiB): the header and the entry's sector are written apart, and the image is still
+/// qemu's: clean, read as the source, mapped alike.
+#[test]
+fn far_block_map_entries() {
+    if !qemu_available("vdi") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.vdi");
+    run(VIMG, &["create", "-f", "vdi", p(&img), "20G"]);
+    let src = dir.path().join("src.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(20 << 30).unwrap();
+        f.write_all_at(&[7u8; 3_000_000], 19 << 30).unwrap();
+        f.write_all_at(&[9u8; 100], 5 << 20).unwrap();
+    }
+    run(VIMG, &["convert", "-n", "-O", "vdi", p(&src), p(&img)]);
+    let mut failures = Vec::new();
+    check_like_qemu(&img, &src, "20G", &mut failures);
+    assert_no_failures(&failures);
+}
