@@ -183,6 +183,8 @@ pub struct VdiImage {
     header: Header,
     state: Mutex<State>,
     writable: bool,
+    /// qemu's `cache=unsafe` (convert's default for its target): flushes do not wait.
+    unsafe_cache: std::sync::atomic::AtomicBool,
 }
 
 impl VdiImage {
@@ -252,6 +254,7 @@ impl VdiImage {
             }),
             header,
             writable,
+            unsafe_cache: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -437,7 +440,7 @@ impl BlockImage for VdiImage {
     }
 
     fn flush(&self) -> Result<()> {
-        if !self.writable {
+        if !self.writable || self.unsafe_cache.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         self.storage
@@ -471,6 +474,12 @@ impl BlockImage for VdiImage {
 
     fn is_writable(&self) -> bool {
         self.writable
+    }
+
+    /// Every write goes straight to the file, in order; with `on` nothing waits for the disk.
+    fn set_unsafe_cache(&self, on: bool) {
+        self.unsafe_cache
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn actual_size(&self) -> Option<u64> {
