@@ -52,7 +52,14 @@ impl VdiOptions {
         let mut o = VdiOptions::default();
         for arg in options {
             for item in crate::qcow2::split_option_list(arg)? {
-                let (k, v) = item.split_once('=').unwrap_or((item.as_str(), ""));
+                // A bare name is a boolean set on, `no` before it off (qemu's option syntax).
+                let (k, v) = match item.split_once('=') {
+                    Some(kv) => kv,
+                    None => match item.strip_prefix("no") {
+                        Some(rest) => (rest, "off"),
+                        None => (item.as_str(), "on"),
+                    },
+                };
                 match k {
                     "size" => o.size = Some(crate::size::parse_size(v)?),
                     "static" => {
@@ -259,6 +266,9 @@ mod tests {
     fn options_as_qemu_parses_them() {
         let parse = |o: &str| VdiOptions::parse(&[o.to_string()]);
         assert!(parse("static=yes").unwrap().is_static);
+        assert!(parse("static").unwrap().is_static);
+        assert!(!parse("static,nostatic").unwrap().is_static);
+        assert!(parse("nocow").is_err());
         assert!(parse("static=maybe").is_err());
         assert!(parse("cluster_size=4k").is_err());
         assert!(parse("preallocation=bogus").unwrap().disk_size().is_err());

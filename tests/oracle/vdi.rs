@@ -171,6 +171,8 @@ fn vimg_creates_what_qemu_img_creates() {
         "static=off",
         "static=on",
         "static=yes",
+        "static",
+        "static,nostatic",
         "preallocation=off",
         "preallocation=full",
         "static=on,preallocation=falloc,nocow=on,extent_size_hint=1M",
@@ -191,6 +193,7 @@ fn vimg_creates_what_qemu_img_creates() {
         vec!["create", "-f", "vdi", "-o", "preallocation=bogus", "1M"],
         vec!["create", "-f", "vdi", "-o", "static=maybe", "1M"],
         vec!["create", "-f", "vdi", "-o", "cluster_size=4k", "1M"],
+        vec!["create", "-f", "vdi", "-o", "nocow", "1M"],
         vec!["create", "-f", "vdi", too_large.as_str()],
         vec!["create", "-f", "vdi", "1000P"],
     ] {
