@@ -31,7 +31,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show what an image is: format, sizes, backing file, snapshots, format details.
+    /// Show what an image is: format, sizes, backing file, snapshots, format details. An OVA
+    /// appliance shows its disk: `vm.ova` (one disk) or `ova:vm.ova,disk=NAME`.
     Info(InfoArgs),
     /// Show where each range of the virtual disk is stored.
     Map(MapArgs),

@@ -79,9 +79,30 @@ fn open_layer_inner(
     guard.enter(path)?;
     let format = match format {
         Some(f) => f,
-        None => probe_format_with(guard.opener(), path)?,
+        None => match probe_file_with(guard.opener(), path)? {
+            Probed::Ova => {
+                let disk = appliance_disk(guard.opener(), path)?;
+                let format = probe_format_with(guard.opener(), &disk)?;
+                return format.driver().open(&disk, writable, no_backing, guard);
+            }
+            p => format_of(p, path)?,
+        },
     };
     format.driver().open(path, writable, no_backing, guard)
+}
+
+/// The locator of the disk an OVA appliance at `path` holds (its only one; several are
+/// refused with their list): `ova:PATH,disk=MEMBER`.
+fn appliance_disk(opener: &Opener, path: &Path) -> Result<std::path::PathBuf> {
+    let storage = opener
+        .open_to_look(path)
+        .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+    let len = storage
+        .len()
+        .map_err(|e| Error::io("cannot get image size", e).with_path(path))?;
+    let app = crate::ova::Appliance::read(storage.as_ref(), len).map_err(|e| e.with_path(path))?;
+    let (_, m) = app.pick(path, None).map_err(|e| e.with_path(path))?;
+    Ok(crate::ova::DiskLocator::name(path, &m.name))
 }
 
 /// Guesses the format of the file at `path` from its bytes, as qemu does ([`crate::probe`]):
@@ -94,14 +115,43 @@ pub fn probe_format(path: &Path) -> Result<ImageFormat> {
 
 /// [`probe_format`], opening the file through `opener`.
 pub fn probe_format_with(opener: &Opener, path: &Path) -> Result<ImageFormat> {
-    match probe_file_with(opener, path)? {
+    format_of(probe_file_with(opener, path)?, path)
+}
+
+/// The format a probe found, or why vimg does not open the file as it is.
+fn format_of(probed: Probed, path: &Path) -> Result<ImageFormat> {
+    match probed {
+        Probed::Ova => Err(Error::unsupported(format!(
+            "the file is an OVA appliance: name its disk as '{}'",
+            crate::ova::DiskLocator::name(path, "NAME").display()
+        ))
+        .with_path(path)),
         Probed::Supported(f) => Ok(f),
         Probed::Foreign(f) => Err(f.not_supported().with_path(path)),
-        Probed::FixedVhd => Err(Error::unsupported(
+        Probed::FixedVhd { size_matches: true } => {
+            note_fixed_vhd(path);
+            Ok(ImageFormat::Vpc)
+        }
+        Probed::FixedVhd { size_matches: false } => Err(Error::unsupported(
             "the file ends with a fixed VHD footer, which qemu-img probes as raw: give -f vpc to read the VHD's disk or -f raw to copy the file's bytes",
         )
         .with_path(path)),
     }
+}
+
+/// Says on stderr, once per file and process, that a file probed as a fixed VHD is read as
+/// vpc where qemu-img would read it as raw.
+fn note_fixed_vhd(path: &Path) {
+    static NOTED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+    if noted.iter().any(|p| p == path) {
+        return;
+    }
+    noted.push(path.to_path_buf());
+    eprintln!(
+        "vimg: note: '{}' ends with a fixed VHD footer; reading it as vpc (qemu-img would probe it as raw; give -f raw for the file's bytes)",
+        path.display()
+    );
 }
 
 /// What the file at `path` is, as [`crate::probe::probe`] finds it.

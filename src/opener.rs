@@ -98,7 +98,68 @@ pub struct OpenRequest {
 }
 
 /// Every storage kind, asked in this order; the first that claims a locator opens it.
-pub static KINDS: &[&dyn StorageKind] = &[&FileKind];
+pub static KINDS: &[&dyn StorageKind] = &[&OvaKind, &FileKind];
+
+/// A disk inside an OVA appliance, `ova:PATH[,disk=NAME]` ([`crate::ova`]): a read-only window
+/// of the archive file.
+pub struct OvaKind;
+
+impl OvaKind {
+    fn parse(loc: &Locator) -> io::Result<crate::ova::DiskLocator> {
+        crate::ova::DiskLocator::parse(loc)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an ova: locator"))
+    }
+}
+
+impl StorageKind for OvaKind {
+    fn name(&self) -> &'static str {
+        "ova"
+    }
+
+    fn claims(&self, loc: &Locator) -> bool {
+        crate::ova::DiskLocator::parse(loc).is_some()
+    }
+
+    fn open(&self, loc: &Locator, r: &OpenRequest) -> io::Result<Box<dyn Storage>> {
+        if r.writable {
+            return Err(crate::ova::read_only());
+        }
+        crate::ova::open_disk(&Self::parse(loc)?, |p| {
+            Ok(
+                Box::new(FileStorage::open_cached(p, false, r.locks, r.direct)?)
+                    as Box<dyn Storage>,
+            )
+        })
+    }
+
+    fn create(&self, _loc: &Locator, _direct: bool) -> io::Result<Box<dyn Storage>> {
+        Err(crate::ova::read_only())
+    }
+
+    fn identity(&self, loc: &Locator) -> io::Result<StorageId> {
+        let c = self.canonical(loc)?;
+        Ok(StorageId::Named("ova", c.display().to_string()))
+    }
+
+    fn canonical(&self, loc: &Locator) -> io::Result<LocatorBuf> {
+        crate::ova::canonical(&Self::parse(loc)?, |p| {
+            Ok(Box::new(FileStorage::open_with(
+                p,
+                false,
+                LockRequest::force_share(),
+            )?) as Box<dyn Storage>)
+        })
+    }
+
+    fn resolve(&self, base: &Locator, name: &str) -> Result<LocatorBuf> {
+        Err(Error::unsupported(format!(
+            "the disk refers to file '{name}': files referred to by a disk inside an OVA appliance are not supported"
+        ))
+        .with_path(base))
+    }
+
+    fn remove_failed_output(&self, _loc: &Locator) {}
+}
 
 /// Local files and block devices, through [`FileStorage`].
 pub struct FileKind;

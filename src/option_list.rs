@@ -38,9 +38,17 @@ pub fn split(s: &str) -> Result<Vec<String>> {
 }
 
 /// An item split into its key and its value. A key given alone has the value `on`, as in
-/// qemu, whatever its type (`-o force_size` turns it on; `-o backing_file` names a file `on`).
+/// qemu, whatever its type (`-o force_size` turns it on; `-o backing_file` names a file
+/// `on`), and one starting with `no` is the rest set `off` (`-o nostatic`; so `-o nocow`
+/// alone sets an unknown `cow`, as qemu-img finds).
 pub fn key_value(item: &str) -> (&str, &str) {
-    item.split_once('=').unwrap_or((item, "on"))
+    match item.split_once('=') {
+        Some(kv) => kv,
+        None => match item.strip_prefix("no") {
+            Some(rest) => (rest, "off"),
+            None => (item, "on"),
+        },
+    }
 }
 
 /// A boolean option's value: `on`, `yes`, `true`, `y`; `off`, `no`, `false`, `n` (qemu's
@@ -124,6 +132,8 @@ mod tests {
         }
         assert_eq!(key_value("a=b=c"), ("a", "b=c"));
         assert_eq!(key_value("flag"), ("flag", "on"));
+        assert_eq!(key_value("noflag"), ("flag", "off"));
+        assert_eq!(key_value("nocow=on"), ("nocow", "on"));
         for (v, want) in [("on", true), ("y", true), ("off", false), ("n", false)] {
             assert_eq!(boolean("k", v).unwrap(), want, "{v:?}");
         }

@@ -15,16 +15,20 @@
 //! | qcow      | `QFI\xfb`, version 1 |
 //! | vmdk      | `KDMV` or `COWD` at 0, or a text descriptor: comment lines (`#`) and blank lines (spaces only) before a `version=1`, `2` or `3` line |
 //! | vhdx      | `vhdxfile` at 0 |
-//! | vpc (VHD) | `conectix` at 0 (dynamic and differencing disks, whose footer copy starts the file); a fixed disk only has the footer, in its last 512 bytes: recognised there when the footer's disk type is "fixed" and its checksum is right |
+//! | vpc (VHD) | `conectix` at 0 (dynamic and differencing disks, whose footer copy starts the file); a fixed disk only has the footer, in its last 512 bytes: recognised there when the footer's disk type is "fixed", its checksum is right and its current size is the file's length less the footer (vimg's own check: qemu probes it as raw) |
 //! | qed       | `QED\0` at 0 |
 //! | parallels | `WithoutFreeSpace` or `WithouFreSpacExt` at 0, version 2 (little-endian at 16) |
 //! | bochs     | NUL-terminated `Bochs Virtual HD Image` at 0, `Redolog` at 32, `Growing` at 48, version 1.0 or 2.0 (little-endian at 64) |
 //! | luks      | `LUKS\xba\xbe` at 0, version 1 (big-endian at 6) |
 //! | cloop     | the V2.0 shell-script header at 0 (qemu gives it a low score) |
 //! | dmg       | a file name ending in `.dmg` (qemu looks at nothing else; low score) |
+//! | OVA       | a ustar header (`ustar` at 257, checksum right) whose member name ends in `.ovf` (after a pax or long-name header): vimg's own, qemu reads the tar as raw; its disk is read ([`crate::ova`]) |
 //!
 //! The fixed-VHD check is vimg's own: qemu probes a fixed VHD as raw (its reads then include
-//! the 512-byte footer as the disk's last sector). An empty file is raw, as in qemu.
+//! the 512-byte footer as the disk's last sector, a disk 512 bytes too large). vimg reads such a
+//! file as vpc, saying so on stderr ([`crate::open::probe_format_with`]); a file whose footer
+//! checks out but whose size does not match is refused, naming `-f vpc` and `-f raw`. An empty
+//! file is raw, as in qemu.
 
 pub use crate::foreign::ForeignFormat;
 use crate::format::ImageFormat;
@@ -44,9 +48,17 @@ pub enum Probed {
     Supported(ImageFormat),
     /// A format qemu reads and vimg does not.
     Foreign(ForeignFormat),
-    /// A file ending with a fixed VHD's footer: qemu probes it as raw, vimg makes the user say
-    /// which (`-f vpc` for the disk, `-f raw` for the file's bytes).
-    FixedVhd,
+    /// An OVA appliance: a tar archive whose first member is an OVF descriptor; its disk is
+    /// opened through the `ova:` locator ([`crate::ova`]).
+    Ova,
+    /// A file ending with a fixed VHD's footer: qemu probes it as raw. When the footer's
+    /// current size is the file's length less the footer (`size_matches`), vimg reads it as
+    /// vpc (and says so); otherwise it makes the user say which (`-f vpc` for the disk, `-f raw`
+    /// for the file's bytes).
+    FixedVhd {
+        /// The footer's current size plus the footer is the file's length.
+        size_matches: bool,
+    },
 }
 
 /// Finds the format of a file from `input`. Never fails: what nothing claims is raw.
@@ -68,6 +80,9 @@ pub fn probe(input: &ProbeInput<'_>) -> Probed {
     let best = best.unwrap_or(ImageFormat::Raw);
     if input.len == 0 || score >= 100 {
         return Probed::Supported(best);
+    }
+    if crate::ova::is_appliance(input.head) {
+        return Probed::Ova;
     }
     // The foreign formats qemu is sure of (score 100); their magics exclude each other and the
     // registered formats'.
@@ -98,8 +113,11 @@ pub fn probe(input: &ProbeInput<'_>) -> Probed {
     {
         return Probed::Foreign(ForeignFormat::Dmg);
     }
-    if input.tail.is_some_and(is_fixed_vhd_footer) {
-        return Probed::FixedVhd;
+    if let Some(tail) = input.tail.filter(|t| is_fixed_vhd_footer(t)) {
+        let current_size = u64::from_be_bytes(tail[48..56].try_into().unwrap_or([0xff; 8]));
+        return Probed::FixedVhd {
+            size_matches: current_size.checked_add(VHD_FOOTER_LEN as u64) == Some(input.len),
+        };
     }
     Probed::Supported(best)
 }
@@ -350,11 +368,26 @@ mod tests {
             probe(&ProbeInput {
                 head: &data,
                 tail: Some(tail),
-                len: 1 << 20,
+                len: (4 << 20) + 512,
                 name: None,
             })
         };
-        assert_eq!(probe_tail(&footer(2, true)), Probed::FixedVhd);
+        assert_eq!(
+            probe_tail(&footer(2, true)),
+            Probed::FixedVhd { size_matches: true }
+        );
+        let other_len = probe(&ProbeInput {
+            head: &data,
+            tail: Some(&footer(2, true)),
+            len: 1 << 20,
+            name: None,
+        });
+        assert_eq!(
+            other_len,
+            Probed::FixedVhd {
+                size_matches: false
+            }
+        );
         assert_eq!(probe_tail(&footer(2, false)), RAW);
         assert_eq!(probe_tail(&footer(3, true)), RAW, "dynamic: header at 0");
         assert_eq!(probe_tail(&[0u8; 512]), RAW);

@@ -116,11 +116,17 @@ pub fn backing_format_warning(layer: &dyn BlockImage, info: &LayerInfo) -> Optio
 /// Describes one opened layer.
 pub fn describe(layer: &dyn BlockImage) -> Result<LayerReport> {
     let info = layer.layer_info()?;
-    let file_length = crate::storage::path_len(layer.filename())
-        .map_err(|e| Error::io("cannot get file size", e).with_path(layer.filename()))?
-        .div_ceil(512)
-        .saturating_mul(512);
-    let protocol = if crate::storage::is_block_device(layer.filename()) {
+    let in_ova = crate::ova::DiskLocator::parse(layer.filename());
+    let file_length = match &in_ova {
+        Some(loc) => crate::ova::disk_len(loc),
+        None => crate::storage::path_len(layer.filename()),
+    }
+    .map_err(|e| Error::io("cannot get file size", e).with_path(layer.filename()))?
+    .div_ceil(512)
+    .saturating_mul(512);
+    let protocol = if in_ova.is_some() {
+        "ova"
+    } else if crate::storage::is_block_device(layer.filename()) {
         "host_device"
     } else {
         "file"

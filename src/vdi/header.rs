@@ -16,8 +16,9 @@ pub const BLOCK_SIZE: u64 = 1 << 20;
 pub const UNALLOCATED: u32 = 0xffff_ffff;
 /// A block map entry for a discarded block: reads as zeros.
 pub const DISCARDED: u32 = 0xffff_fffe;
-/// The most blocks qemu accepts (a block map must fit in 4 GiB of 32-bit entries).
-pub const BLOCKS_IN_IMAGE_MAX: u32 = u32::MAX / 4;
+/// The most blocks qemu accepts: its block map, rounded up to whole sectors, must fit in
+/// `INT_MAX` bytes (0x1fffff80 entries).
+pub const BLOCKS_IN_IMAGE_MAX: u32 = ((1u32 << 31) - SECTOR as u32) / 4;
 /// The largest disk qemu accepts.
 pub const DISK_SIZE_MAX: u64 = BLOCKS_IN_IMAGE_MAX as u64 * BLOCK_SIZE;
 /// Image type of a dynamic (growing) image.

@@ -149,6 +149,8 @@ pub struct VpcImage {
     /// The footer, as rewritten past a newly allocated block.
     footer: [u8; FOOTER_LEN],
     writable: bool,
+    /// qemu's `cache=unsafe` (convert's default for its target): flushes do not wait.
+    unsafe_cache: std::sync::atomic::AtomicBool,
 }
 
 impl VpcImage {
@@ -206,6 +208,7 @@ impl VpcImage {
             bat,
             footer: fb,
             writable,
+            unsafe_cache: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -334,7 +337,7 @@ impl BlockImage for VpcImage {
     }
 
     fn flush(&self) -> Result<()> {
-        if !self.writable {
+        if !self.writable || self.unsafe_cache.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         self.storage
@@ -372,6 +375,12 @@ impl BlockImage for VpcImage {
 
     fn is_writable(&self) -> bool {
         self.writable
+    }
+
+    /// Every write goes straight to the file, in order; with `on` nothing waits for the disk.
+    fn set_unsafe_cache(&self, on: bool) {
+        self.unsafe_cache
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn actual_size(&self) -> Option<u64> {

@@ -390,9 +390,6 @@ fn every_format_takes_qemus_lock_bytes() {
         // Raw's locks depend on who opens it (qemu-io shares writes, qemu-img's commands do
         // not): `vimg_takes_the_lock_bytes_qemu_takes` and the tests above cover it.
         for read_only in [false, true].into_iter().filter(|_| name != "raw") {
-            if name == "vdi" && !read_only {
-                continue; // vimg opens vdi images read-only until it writes them
-            }
             let theirs = {
                 let _h = Holder::start(&img, name, read_only);
                 locked_bytes(&img)

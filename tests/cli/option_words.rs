@@ -50,6 +50,10 @@ fn bad_option_values_are_refused_as_qemu_img_refuses_them() {
         ("vhdx", "block_size=abc"),
         ("vhdx", "log_size=-1"),
         ("vhdx", "bogus=1"),
+        ("vdi", "static=x"),
+        ("vdi", "nostatic"),
+        ("vdi", "nocow"),
+        ("qcow2", "nolazy_refcounts"),
     ];
     let mut failures = Vec::new();
     for (format, option) in cases {
@@ -68,7 +72,7 @@ fn bad_option_values_are_refused_as_qemu_img_refuses_them() {
             ),
         ];
         for (what, args) in runs {
-            if what == "measure" && ["vpc", "vhdx"].contains(format) {
+            if what == "measure" && ["vpc", "vhdx", "vdi"].contains(format) {
                 continue; // qemu cannot measure vpc at all; tested with the format
             }
             // A value outside a fixed set is refused when the image is made, where qemu-img's

@@ -13,4 +13,5 @@ mod crash_safety;
 mod interrupt;
 mod kill;
 mod luks_kill;
+mod vpc_vdi_kill;
 mod write_model;

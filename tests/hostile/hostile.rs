@@ -33,6 +33,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("vmdk_cowd", vimg::vmdk::cowd::exercise),
     ("vmdk_sesparse", vimg::vmdk::sesparse::exercise),
     ("vhdx_open_read", vimg::vhdx::exercise),
+    ("ova_open", vimg::ova::exercise),
 ];
 
 /// Longest one input may take (they take milliseconds; a hang shows up as this).

@@ -77,9 +77,16 @@ fn bad_headers_and_block_maps_are_one_line_errors() {
         (
             "blocks",
             384,
-            le32(0x3fff_ffff),
+            le32(0x1fff_ff00),
             "lies past the end of the file",
             false,
+        ),
+        (
+            "too-many",
+            384,
+            le32(0x3fff_ffff),
+            "(too many blocks 1073741823, max is 536870784)",
+            true,
         ),
         (
             "bmap-far",
@@ -148,4 +155,57 @@ fn data_past_the_end_of_the_file_reads_as_zeros_as_in_qemu() {
     let (rc, o) = run_status("qemu-img", &["convert", "-O", "raw", p(&img), p(&q)]);
     assert_eq!(rc, 0, "{o}");
     assert_eq!(std::fs::read(&v).unwrap(), std::fs::read(&q).unwrap());
+}
+
+/// Writing into a vdi image whose header counts more blocks allocated than it has (damaged):
+/// what needs a new block is refused in one line, nothing is overwritten; writes into
+/// allocated blocks still go through.
+#[test]
+fn writes_into_a_damaged_count_never_overwrite() {
+    if !qemu_available("vdi hostile") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("count.vdi");
+    qemu_create(&img, "vdi", "", None, 3 << 20);
+    common::qemu_io(&img, "vdi", &["write -P 4 0 1M".to_string()]);
+    // The block map says blocks 1 and 2 are in use by guest blocks 1 and 2 too, the header
+    // that all 3 are: no block is left.
+    common::poke(&img, 516, &1u32.to_le_bytes());
+    common::poke(&img, 520, &2u32.to_le_bytes());
+    common::poke(&img, 388, &3u32.to_le_bytes());
+    let before = std::fs::read(&img).unwrap();
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, vec![8u8; 3 << 20]).unwrap();
+    let (rc, o) = common::run_status(
+        env!("CARGO_BIN_EXE_vimg"),
+        &["convert", "-n", "-O", "vdi", p(&src), p(&img)],
+    );
+    // Every block is allocated: the write goes through, in place (blocks 1 and 2 past the
+    // end of the file grow it), the header and map untouched.
+    assert_eq!(rc, 0, "{o}");
+    assert_eq!(std::fs::read(&img).unwrap()[..1024], before[..1024]);
+    let (rc, o) = common::run_status("qemu-img", &["compare", "-f", "vdi", p(&img), p(&src)]);
+    assert_eq!(rc, 0, "{o}");
+    // A map whose blocks reach the image's block count leaves no room: refused.
+    let img2 = dir.path().join("full.vdi");
+    qemu_create(&img2, "vdi", "", None, 3 << 20);
+    common::qemu_io(&img2, "vdi", &["write -P 4 0 1M".to_string()]);
+    common::poke(&img2, 516, &2u32.to_le_bytes());
+    let before = std::fs::read(&img2).unwrap();
+    let (rc, o) = common::run_status(
+        env!("CARGO_BIN_EXE_vimg"),
+        &["convert", "-n", "-O", "vdi", p(&src), p(&img2)],
+    );
+    assert!(
+        rc == 1
+            && o.lines().count() == 1
+            && o.contains("no free block left")
+            && o.contains(p(&img2)),
+        "{rc} {o}"
+    );
+    // Nothing but the data of the blocks the map already had was changed: the map and
+    // header are as they were.
+    let after = std::fs::read(&img2).unwrap();
+    assert_eq!(after[..1024], before[..1024]);
 }

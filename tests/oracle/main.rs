@@ -26,6 +26,7 @@ mod luks;
 mod measure_oracle;
 mod options_matrix;
 mod oracle_read;
+mod ova;
 mod qcow2_aes;
 mod qcow2_luks;
 mod qcow2_luks_create;

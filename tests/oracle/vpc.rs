@@ -368,3 +368,91 @@ fn vimg_written_images_read_back_in_qemu() {
     }
     assert_no_failures(&failures);
 }
+
+/// A fixed VHD opened without `-f`: qemu-img probes it as raw (a disk 512 bytes too large,
+/// the footer in it); vimg recognises the footer, reads the VHD's disk, and says so once on
+/// stderr (never in the JSON on stdout). `-f raw` still gives the file's bytes, and a footer
+/// whose size does not match the file is refused, naming both choices.
+#[test]
+fn fixed_vhd_without_f_is_read_as_vpc_with_a_note() {
+    if !qemu_available("vpc") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let mut rng = Rng::seeded(2);
+    for (opts, size) in [
+        ("subformat=fixed", 10u64 << 20),
+        ("subformat=fixed,force_size=on", 3 << 20),
+        ("subformat=fixed", 1000),
+    ] {
+        let img = dir.path().join("f.vhd");
+        let _ = std::fs::remove_file(&img);
+        qemu_create(&img, "vpc", opts, None, size);
+        let vsize = qemu_raw(&img, dir.path()).len() as u64;
+        qemu_io(&img, "vpc", &random_writes(&mut rng, vsize, 5));
+        let want = qemu_raw(&img, dir.path());
+        let name = format!("{opts} {size}");
+        let out = dir.path().join("vimg.raw");
+        let _ = std::fs::remove_file(&out);
+        let o = std::process::Command::new(VIMG)
+            .args(["convert", "-O", "raw", p(&img), p(&out)])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        if !o.status.success() || std::fs::read(&out).unwrap() != want {
+            failures.push(format!("{name}: convert without -f: {err}"));
+        }
+        if err
+            .matches("ends with a fixed VHD footer; reading it as vpc")
+            .count()
+            != 1
+            || err.lines().count() != 1
+        {
+            failures.push(format!("{name}: convert: the note, once: {err:?}"));
+        }
+        for args in [vec!["info", "--output=json"], vec!["map", "--output=json"]] {
+            let mut a = args.clone();
+            a.push(p(&img));
+            let o = std::process::Command::new(VIMG).args(&a).output().unwrap();
+            let mut b = args.clone();
+            b.extend(["-f", "vpc", p(&img)]);
+            let q = run("qemu-img", &b);
+            if String::from_utf8_lossy(&o.stdout) != q {
+                failures.push(format!(
+                    "{name}: {args:?} without -f differs from qemu-img -f vpc"
+                ));
+            }
+            if !String::from_utf8_lossy(&o.stderr).contains("note:") {
+                failures.push(format!("{name}: {args:?}: no note"));
+            }
+        }
+        let (rc, o) = run_status(VIMG, &["compare", p(&img), p(&dir.path().join("qemu.raw"))]);
+        if rc != 0 {
+            failures.push(format!("{name}: compare: {o}"));
+        }
+        let (rc, o) = run_status(
+            VIMG,
+            &["convert", "-f", "raw", "-O", "raw", p(&img), p(&out)],
+        );
+        if rc != 0
+            || std::fs::read(&out).unwrap() != std::fs::read(&img).unwrap()
+            || o.contains("note")
+        {
+            failures.push(format!("{name}: -f raw is not the file's bytes: {o}"));
+        }
+    }
+    // The footer checks out but the file is longer than the disk it describes.
+    let img = dir.path().join("long.vhd");
+    qemu_create(&img, "vpc", "subformat=fixed", None, 1 << 20);
+    let mut b = std::fs::read(&img).unwrap();
+    let footer = b.split_off(b.len() - 512);
+    b.extend(vec![0u8; 4096]);
+    b.extend(footer);
+    std::fs::write(&img, b).unwrap();
+    let (rc, o) = run_status(VIMG, &["info", p(&img)]);
+    if rc == 0 || !o.contains("give -f vpc to read the VHD's disk or -f raw") {
+        failures.push(format!("long: {rc} {o}"));
+    }
+    assert_no_failures(&failures);
+}
