@@ -146,7 +146,7 @@ pub(crate) fn parse_target_options(
     for o in options {
         let mut kept = Vec::new();
         for item in crate::option_list::split(o)? {
-            let key = item.split_once('=').map_or(item.as_str(), |(k, _)| k);
+            let (key, _) = crate::option_list::key_value(&item);
             if key.starts_with("encrypt.") && encryption {
                 // The LUKS header adds to the figures; legacy AES adds nothing.
                 kept.push(item.replace(',', ",,"));

@@ -143,7 +143,7 @@ impl AmendOptions {
     pub fn parse(s: &str) -> Result<Self> {
         let mut o = AmendOptions::default();
         for item in crate::option_list::split(s)? {
-            let key = item.split_once('=').map_or(item.as_str(), |(k, _)| k);
+            let (key, _) = crate::option_list::key_value(&item);
             if let Some(("compat", level)) = item.split_once('=') {
                 if !["0.10", "v2", "1.1", "v3"].contains(&level) {
                     return Err(refuse(format!("Unknown compatibility level {level}")));
