@@ -39,6 +39,10 @@ impl Bat {
     ) -> Result<Self> {
         let block_size = u64::from(header.block_size);
         let n = u64::from(header.max_table_entries);
+        // qemu's own bound first, in its words (vpc_open).
+        if n > (i32::MAX / 4) as u64 {
+            return Err(Error::corrupt(format!("Max Table Entries too large ({n})")));
+        }
         if n > super::footer::MAX_SECTORS * 512 / block_size {
             return Err(Error::corrupt(format!(
                 "block allocation table has too many entries ({n})"

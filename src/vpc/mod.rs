@@ -186,11 +186,10 @@ impl VpcImage {
             }
             DiskType::Fixed => None,
             DiskType::Dynamic => {
+                // A header that starts in the file and runs past its end reads zeros there,
+                // as in qemu, so that its fields are refused in qemu's words.
                 let at = footer.data_offset;
-                if at
-                    .checked_add(DYN_HEADER_LEN as u64)
-                    .is_none_or(|e| e > len)
-                {
+                if at >= len {
                     return Err(opening(Error::corrupt(format!(
                         "dynamic disk header offset {at} lies past the end of the file ({len} bytes)"
                     ))));
