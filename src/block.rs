@@ -146,6 +146,14 @@ pub trait FormatDriver: Send + Sync + 'static {
         None
     }
 
+    /// Whether the new image [`FormatDriver::create_target`] makes with `options` is one
+    /// file (a vmdk of several extents names them after its own file, so `convert` makes it
+    /// under its final name). The default: it is.
+    fn target_is_one_file(&self, options: &[String]) -> bool {
+        let _ = options;
+        true
+    }
+
     /// Whether a new image of this format can record a backing file (qemu: the format's
     /// creation options include `backing_file`).
     fn supports_backing_file(&self) -> bool {
@@ -457,6 +465,18 @@ pub trait BlockImage: Send + Sync {
     /// Compressed cluster writes, if the format stores compressed data.
     fn as_compressed_writes(&self) -> Option<&dyn CompressedWrites> {
         None
+    }
+
+    /// Whether every write must be a compressed one (a stream-optimized vmdk: qemu's
+    /// `needs_compressed_writes`), so that `convert` compresses without `-c`. The default: no.
+    fn needs_compressed_writes(&self) -> bool {
+        false
+    }
+
+    /// The files besides its own that hold this layer's data (a vmdk descriptor's extent
+    /// files), as (child name, file name) in qemu's order, for `info`. The default: none.
+    fn extra_files(&self) -> Vec<(String, String)> {
+        Vec::new()
     }
 
     /// Emptying the image down to its backing file, if the format can.

@@ -77,6 +77,8 @@ pub enum FormatSpecific {
     Qcow2(Qcow2Info),
     /// A raw LUKS image's header ([`crate::crypto::luks`]).
     Luks(crate::crypto::luks::LuksInfo),
+    /// A VMDK disk's descriptor and extents ([`crate::vmdk`]).
+    Vmdk(crate::vmdk::VmdkInfo),
 }
 
 /// qcow2 header details shown by `info`.

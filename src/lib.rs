@@ -90,8 +90,8 @@ pub mod secret;
 pub mod size;
 pub mod storage;
 pub mod vdi;
-pub mod vmdk;
 pub mod vma;
+pub mod vmdk;
 pub mod vpc;
 pub mod zeros;
 
