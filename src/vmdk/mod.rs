@@ -19,6 +19,7 @@
 //! Names of extent files are resolved against the descriptor's folder, as qemu does (absolute
 //! names are taken as they are); names of other kinds (`json:`, URLs) are refused.
 
+mod check;
 pub mod create;
 pub mod descriptor;
 pub mod header;
@@ -614,7 +615,8 @@ impl VmdkImage {
                         Some(d) => ext
                             .storage
                             .write_at(&d[done as usize..(done + left) as usize], at),
-                        None => ext.storage.zero_range(at, left),
+                        // qemu's vmdk writes zeros into a flat extent as data.
+                        None => write_zeros(ext.storage.as_ref(), at, left),
                     };
                     res.map_err(|e| Error::io("write failed", e).at(at).with_path(&ext.path))?;
                     left
@@ -724,6 +726,18 @@ fn read_plain(ext: &Extent, buf: &mut [u8], host: u64) -> Result<()> {
     }
     crate::block::read_host(ext.storage.as_ref(), &mut buf[..n], host).in_file(&ext.path)?;
     buf[n..].fill(0);
+    Ok(())
+}
+
+/// Writes `len` zero bytes at `at`, a chunk at a time.
+fn write_zeros(storage: &dyn Storage, at: u64, len: u64) -> std::io::Result<()> {
+    let chunk = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(chunk.len() as u64) as usize;
+        storage.write_at(&chunk[..n], at + done)?;
+        done += n as u64;
+    }
     Ok(())
 }
 
@@ -844,6 +858,10 @@ impl BlockImage for VmdkImage {
 
     fn set_unsafe_cache(&self, on: bool) {
         self.unsafe_cache.store(on, Ordering::Relaxed);
+    }
+
+    fn as_check(&self) -> Option<&dyn crate::check::Check> {
+        Some(self)
     }
 
     fn as_compressed_writes(&self) -> Option<&dyn crate::capability::CompressedWrites> {

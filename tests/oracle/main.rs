@@ -39,4 +39,5 @@ mod repair_oracle;
 mod resize_oracle;
 mod snapshot_oracle;
 mod vdi;
+mod vmdk;
 mod vpc;
