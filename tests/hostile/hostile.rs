@@ -30,6 +30,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("image_spec", vimg::image_spec::exercise),
     ("luks_header", vimg::crypto::luks::exercise),
     ("vdi_open_read", vimg::vdi::exercise),
+    ("vmdk_open_read", vimg::vmdk::exercise),
 ];
 
 /// Longest one input may take (they take milliseconds; a hang shows up as this).

@@ -15,4 +15,5 @@ mod probe_foreign;
 mod target_safety;
 mod untrusted_paths;
 mod vdi;
+mod vmdk;
 mod vpc;
