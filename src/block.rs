@@ -146,9 +146,10 @@ pub trait FormatDriver: Send + Sync + 'static {
         None
     }
 
-    /// Whether the new image [`FormatDriver::create_target`] makes with `options` is one
-    /// file (a vmdk of several extents names them after its own file, so `convert` makes it
-    /// under its final name). The default: it is.
+    /// Whether the new image [`FormatDriver::create_target`] makes with `options` may be
+    /// made under a temporary name and renamed: `false` for a format whose files record their
+    /// own names (a vmdk descriptor names its extents and the disk file), which `convert` then
+    /// makes under its final name. The default: it may.
     fn target_is_one_file(&self, options: &[String]) -> bool {
         let _ = options;
         true

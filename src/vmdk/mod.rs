@@ -139,11 +139,10 @@ impl FormatDriver for VmdkDriver {
         true
     }
 
-    fn target_is_one_file(&self, options: &[String]) -> bool {
-        create::VmdkOptions::parse(options)
-            .ok()
-            .and_then(|o| o.subformat())
-            .is_none_or(|s| s.one_file())
+    /// Never: a descriptor names the disk's files, its own included (a monolithic disk's
+    /// embedded descriptor names the disk file), so a new disk is made under its final name.
+    fn target_is_one_file(&self, _options: &[String]) -> bool {
+        false
     }
 
     fn supports_backing_file(&self) -> bool {

@@ -556,3 +556,76 @@ fn parent_chains_read_as_qemu_reads_them() {
     let _: PathBuf = raw;
     assert_no_failures(&failures);
 }
+
+/// Whether `cmd args` runs; without it the test is skipped, or fails under
+/// `VIMG_REQUIRE_QEMU=1`.
+fn tool_available(what: &str, cmd: &str, args: &[&str]) -> bool {
+    let ok = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        assert_ne!(
+            std::env::var("VIMG_REQUIRE_QEMU").as_deref(),
+            Ok("1"),
+            "{what} not found but VIMG_REQUIRE_QEMU=1"
+        );
+        eprintln!("skipping: {what} not found");
+    }
+    ok
+}
+
+#[test]
+fn independent_readers_read_vimgs_disks() {
+    if !qemu_available("vmdk readers")
+        || !tool_available("vmdkinfo (libvmdk-utils)", "vmdkinfo", &["-V"])
+        || !tool_available(
+            "pyvmdk (libvmdk-python)",
+            "python3",
+            &["-c", "import pyvmdk"],
+        )
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let mut rng = Rng::seeded(44);
+    let size = (6u64 << 20) + 5 * 512;
+    let raw = dir.path().join("src.raw");
+    random_raw(&raw, &mut rng, size);
+    for (sub, kind) in [
+        ("monolithicSparse", "Monolithic sparse"),
+        ("streamOptimized", "Stream optimized"),
+    ] {
+        let img = dir.path().join(format!("{sub}.vmdk"));
+        let (rc, o) = run_status(
+            VIMG,
+            &[
+                "convert",
+                "-O",
+                "vmdk",
+                "-o",
+                &format!("subformat={sub}"),
+                p(&raw),
+                p(&img),
+            ],
+        );
+        if rc != 0 {
+            failures.push(format!("{sub}: convert: {o}"));
+            continue;
+        }
+        let info = run("vmdkinfo", &[p(&img)]);
+        let media = format!("({size} bytes)");
+        if !info.contains(kind) || !info.contains(&media) || !info.contains(&format!("{sub}.vmdk"))
+        {
+            failures.push(format!("{sub}: vmdkinfo:\n{info}"));
+        }
+        let script = "import pyvmdk,sys\nh=pyvmdk.handle()\nh.open(sys.argv[1])\nh.open_extent_data_files()\nn=h.get_media_size()\nd=h.read_buffer_at_offset(n,0)\nsys.stdout.write('%d %s' % (n, d == open(sys.argv[2],'rb').read()))";
+        let out = run("python3", &["-c", script, p(&img), p(&raw)]);
+        if out.trim() != format!("{size} True") {
+            failures.push(format!("{sub}: pyvmdk read: {out}"));
+        }
+    }
+    assert_no_failures(&failures);
+}
