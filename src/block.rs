@@ -155,6 +155,14 @@ pub trait FormatDriver: Send + Sync + 'static {
         true
     }
 
+    /// Whether every cluster of a new image made with `options` is compressed, `-c` or not
+    /// (a stream-optimized vmdk), so that `convert` sizes its workers for compression. The
+    /// default: no.
+    fn target_compresses(&self, options: &[String]) -> bool {
+        let _ = options;
+        false
+    }
+
     /// Whether a new image of this format can record a backing file (qemu: the format's
     /// creation options include `backing_file`).
     fn supports_backing_file(&self) -> bool {

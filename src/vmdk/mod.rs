@@ -145,6 +145,13 @@ impl FormatDriver for VmdkDriver {
         false
     }
 
+    fn target_compresses(&self, options: &[String]) -> bool {
+        create::VmdkOptions::parse(options)
+            .ok()
+            .and_then(|o| o.subformat())
+            == Some(create::Subformat::StreamOptimized)
+    }
+
     fn supports_backing_file(&self) -> bool {
         true
     }

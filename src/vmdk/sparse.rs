@@ -504,16 +504,29 @@ impl SparseExtent {
     }
 }
 
-/// Deflates one grain as a zlib stream (qemu's `compress()`, default level).
+/// Deflates one grain as a zlib stream (what qemu's `compress()` writes: a zlib header, the
+/// default level), with a compressor kept per thread (setting one up costs more than a grain).
 pub fn compress(data: &[u8]) -> Result<Vec<u8>> {
-    use std::io::Write;
-    let mut e = flate2::write::ZlibEncoder::new(
-        Vec::with_capacity(data.len() / 2 + 64),
-        flate2::Compression::default(),
-    );
-    e.write_all(data)
-        .and_then(|_| e.finish())
-        .map_err(|e| Error::io("compression failed", e))
+    thread_local! {
+        static DEFLATE: std::cell::RefCell<Option<flate2::Compress>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    // zlib's compressBound.
+    let bound = data.len() + (data.len() >> 12) + (data.len() >> 14) + (data.len() >> 25) + 13 + 6;
+    let mut out = vec![0u8; bound];
+    let n = DEFLATE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let c =
+            slot.get_or_insert_with(|| flate2::Compress::new(flate2::Compression::default(), true));
+        c.reset();
+        match c.compress(data, &mut out, flate2::FlushCompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => Ok(c.total_out() as usize),
+            Ok(_) => Err(Error::corrupt("deflate did not finish within its bound")),
+            Err(e) => Err(Error::corrupt(format!("deflate failed: {e}"))),
+        }
+    })?;
+    out.truncate(n);
+    Ok(out)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
