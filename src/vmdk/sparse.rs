@@ -323,27 +323,62 @@ impl SparseExtent {
             )));
         }
         let avail = file_len.saturating_sub(data_at).min(data_len) as usize;
-        let mut z = vec![0u8; avail];
-        storage
-            .read_at(&mut z, data_at)
-            .map_err(|e| Error::io("read failed", e).at(data_at))?;
-        let mut out = vec![0u8; self.grain as usize];
-        let mut d = flate2::Decompress::new(true);
-        let st = d.decompress(&z, &mut out, flate2::FlushDecompress::Finish);
-        let produced = d.total_out();
-        if !matches!(st, Ok(flate2::Status::StreamEnd)) {
-            return Err(corrupt(format!(
-                "compressed grain at offset {host} does not inflate to at most one grain"
-            )));
+        let grain = self.grain as usize;
+        thread_local! {
+            /// An inflater and its input and output buffers, kept per thread: every grain
+            /// read would otherwise allocate them anew.
+            static INFLATE: std::cell::RefCell<(flate2::Decompress, Vec<u8>, Vec<u8>)> =
+                std::cell::RefCell::new((flate2::Decompress::new(true), Vec::new(), Vec::new()));
         }
-        let end = in_grain + buf.len() as u64;
-        if end > produced {
-            return Err(corrupt(format!(
-                "compressed grain at offset {host} holds {produced} bytes, fewer than the {end} read"
-            )));
-        }
-        buf.copy_from_slice(&out[in_grain as usize..end as usize]);
-        Ok(())
+        INFLATE.with(|cell| {
+            let (d, z, out) = &mut *cell.borrow_mut();
+            z.resize(avail, 0);
+            storage
+                .read_at(z, data_at)
+                .map_err(|e| Error::io("read failed", e).at(data_at))?;
+            // Only the bytes asked for are kept (a hostile grain size bounds nothing); the
+            // rest of the stream is inflated into a small scratch buffer, to check that it
+            // ends within the grain, as qemu's inflate into one grain checks.
+            let end = in_grain + buf.len() as u64;
+            out.resize(end as usize, 0);
+            d.reset(true);
+            let bad = || {
+                corrupt(format!(
+                    "compressed grain at offset {host} does not inflate to at most one grain"
+                ))
+            };
+            let mut st = d.decompress(z, out, flate2::FlushDecompress::Finish);
+            let mut scratch = [0u8; 4096];
+            loop {
+                match st {
+                    Ok(flate2::Status::StreamEnd) => break,
+                    Ok(_) => {
+                        let (i, o) = (d.total_in(), d.total_out());
+                        let room = (grain as u64 - o.min(grain as u64)).min(4096) as usize;
+                        let probe = if room == 0 { 1 } else { room };
+                        st = d.decompress(
+                            &z[i as usize..],
+                            &mut scratch[..probe],
+                            flate2::FlushDecompress::Finish,
+                        );
+                        let progressed = d.total_in() != i || d.total_out() != o;
+                        let ended = matches!(st, Ok(flate2::Status::StreamEnd));
+                        if d.total_out() > grain as u64 || (!progressed && !ended) {
+                            return Err(bad());
+                        }
+                    }
+                    Err(_) => return Err(bad()),
+                }
+            }
+            let produced = d.total_out();
+            if end > produced {
+                return Err(corrupt(format!(
+                    "compressed grain at offset {host} holds {produced} bytes, fewer than the {end} read"
+                )));
+            }
+            buf.copy_from_slice(&out[in_grain as usize..end as usize]);
+            Ok(())
+        })
     }
 
     /// Whether the grain directory has a grain table for every grain (writes need one: qemu
