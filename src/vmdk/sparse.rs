@@ -501,19 +501,23 @@ impl SparseExtent {
                 "Could not write to allocated cluster for streamOptimized",
             ));
         }
-        let mut rec = Vec::with_capacity(MARKER_LEN + z.len());
-        rec.extend_from_slice(&(off / 512).to_le_bytes());
-        rec.extend_from_slice(&(z.len() as u32).to_le_bytes());
-        rec.extend_from_slice(z);
+        let mut marker = [0u8; MARKER_LEN];
+        marker[..8].copy_from_slice(&(off / 512).to_le_bytes());
+        marker[8..].copy_from_slice(&(z.len() as u32).to_le_bytes());
         let mut next = lock(&self.next);
         let host = *next;
         if host / 512 >= MAX_EXTENT_SECTORS {
             return Err(Error::unsupported("the extent file is full (2 TiB)"));
         }
+        // The marker, then the data behind it (two writes: no copy of the grain).
+        let data_at = host + MARKER_LEN as u64;
         storage
-            .write_at(&rec, host)
+            .write_at(&marker, host)
             .map_err(|e| Error::io("write failed", e).at(host))?;
-        *next = (host + rec.len() as u64).div_ceil(512) * 512;
+        storage
+            .write_at(z, data_at)
+            .map_err(|e| Error::io("write failed", e).at(data_at))?;
+        *next = (data_at + z.len() as u64).div_ceil(512) * 512;
         drop(next);
         self.set_entry(storage, (l1, gt, l2), (host / 512) as u32)
     }
