@@ -29,13 +29,12 @@ pub mod sparse;
 use crate::block::{check_request, BlockImage, BlockStatus, FormatDriver, ImageFormat, ProbeInput};
 use crate::chain::{ChainGuard, Sharing};
 use crate::error::{Error, Result, ResultExt};
-use crate::info::{FormatSpecific, LayerInfo};
+use crate::info::{FormatSpecific, LayerInfo, VmdkExtentInfo, VmdkInfo};
 use crate::lock::LockRequest;
 use crate::offsets::{GuestOffset, HostOffset};
 use crate::storage::Storage;
 use descriptor::{c_str, DESC_SIZE, MAX_DESC_LEN};
 use mapping::{ExtentMapping, Mapped, Mapping};
-use serde::Serialize;
 use sparse::{Opened, SparseExtent};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -56,38 +55,6 @@ const DESCRIPTOR_TYPES: &[&str] = &[
     "twoGbMaxExtentSparse",
     "twoGbMaxExtentFlat",
 ];
-
-/// The format-specific part of `info` for a vmdk disk (qemu's `ImageInfoSpecificVmdk`).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct VmdkInfo {
-    /// The disk's content ID.
-    pub cid: u32,
-    /// The parent's content ID (`0xffffffff`: none).
-    pub parent_cid: u32,
-    /// The subformat.
-    pub create_type: String,
-    /// One entry per extent.
-    pub extents: Vec<VmdkExtentInfo>,
-}
-
-/// One extent in `info` (qemu's `VmdkExtentInfo`).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct VmdkExtentInfo {
-    /// Set (true) for a compressed extent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compressed: Option<bool>,
-    /// Guest bytes the extent covers.
-    pub virtual_size: u64,
-    /// The extent file's name, as qemu names it.
-    pub filename: String,
-    /// The grain size of a sparse extent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster_size: Option<u64>,
-    /// The extent line's type (empty for the file opened itself).
-    pub format: String,
-}
 
 impl FormatDriver for VmdkDriver {
     fn name(&self) -> &'static str {
@@ -527,7 +494,10 @@ impl VmdkImage {
         let st = self
             .desc_storage()
             .ok_or_else(|| Error::corrupt("no descriptor"))?;
-        st.write_at(&new, self.desc_offset)
+        // The text padded with zeros to whole sectors (a descriptor file grows to 512 bytes,
+        // as under qemu).
+        let len = (c_str(&new).len() as u64).div_ceil(512) * 512;
+        st.write_at(&new[..len as usize], self.desc_offset)
             .and_then(|_| st.flush())
             .map_err(|e| {
                 Error::io("write failed", e)
