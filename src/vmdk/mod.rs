@@ -63,7 +63,8 @@ impl FormatDriver for VmdkDriver {
 
     /// qemu's `vmdk_probe`: certain for `KDMV` or `COWD` at 0, or a text descriptor.
     fn probe(&self, input: &ProbeInput<'_>) -> u32 {
-        if crate::probe::is_vmdk(input.head) {
+        // qemu looks at the bytes the file has: fewer than 4 are nothing.
+        if input.len >= 4 && crate::probe::is_vmdk(input.head) {
             100
         } else {
             0
