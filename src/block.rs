@@ -482,6 +482,13 @@ pub trait BlockImage: Send + Sync {
         false
     }
 
+    /// The name of the host file holding this layer's data at `guest`, when it is not the
+    /// layer's own file (a vmdk extent's file), for `map`'s text output. The default: none.
+    fn file_of(&self, guest: GuestOffset) -> Option<String> {
+        let _ = guest;
+        None
+    }
+
     /// The files besides its own that hold this layer's data (a vmdk descriptor's extent
     /// files), as (child name, file name) in qemu's order, for `info`. The default: none.
     fn extra_files(&self) -> Vec<(String, String)> {

@@ -849,6 +849,11 @@ impl BlockImage for VmdkImage {
         self.extents.first().is_some_and(|e| e.compressed())
     }
 
+    fn file_of(&self, guest: GuestOffset) -> Option<String> {
+        let e = self.extent_at(guest.0).ok()?;
+        e.own_file.then(|| e.name.clone())
+    }
+
     fn extra_files(&self) -> Vec<(String, String)> {
         self.extent_children()
     }
