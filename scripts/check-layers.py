@@ -22,7 +22,7 @@ LAYERS = [
 ]
 # A format driver opens its backing file through open::open_layer; the opener reads a json:
 # backing file name through image_spec.
-ALLOWED_UP = {("qcow2", "open"), ("opener", "image_spec")}
+ALLOWED_UP = {("qcow2", "open"), ("vmdk", "open"), ("opener", "image_spec")}
 
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 layer_of = {m: i for i, l in enumerate(LAYERS) for m in l.split()}

@@ -169,6 +169,23 @@ pub trait FormatDriver: Send + Sync + 'static {
         None
     }
 
+    /// Whether the new image [`FormatDriver::create_target`] makes with `options` may be
+    /// made under a temporary name and renamed: `false` for a format whose files record their
+    /// own names (a vmdk descriptor names its extents and the disk file), which `convert` then
+    /// makes under its final name. The default: it may.
+    fn target_is_one_file(&self, options: &[String]) -> bool {
+        let _ = options;
+        true
+    }
+
+    /// Whether every cluster of a new image made with `options` is compressed, `-c` or not
+    /// (a stream-optimized vmdk), so that `convert` sizes its workers for compression. The
+    /// default: no.
+    fn target_compresses(&self, options: &[String]) -> bool {
+        let _ = options;
+        false
+    }
+
     /// Whether a new image of this format can record a backing file (qemu: the format's
     /// creation options include `backing_file`).
     fn supports_backing_file(&self) -> bool {
@@ -480,6 +497,25 @@ pub trait BlockImage: Send + Sync {
     /// Compressed cluster writes, if the format stores compressed data.
     fn as_compressed_writes(&self) -> Option<&dyn CompressedWrites> {
         None
+    }
+
+    /// Whether every write must be a compressed one (a stream-optimized vmdk: qemu's
+    /// `needs_compressed_writes`), so that `convert` compresses without `-c`. The default: no.
+    fn needs_compressed_writes(&self) -> bool {
+        false
+    }
+
+    /// The name of the host file holding this layer's data at `guest`, when it is not the
+    /// layer's own file (a vmdk extent's file), for `map`'s text output. The default: none.
+    fn file_of(&self, guest: GuestOffset) -> Option<String> {
+        let _ = guest;
+        None
+    }
+
+    /// The files besides its own that hold this layer's data (a vmdk descriptor's extent
+    /// files), as (child name, file name) in qemu's order, for `info`. The default: none.
+    fn extra_files(&self) -> Vec<(String, String)> {
+        Vec::new()
     }
 
     /// Emptying the image down to its backing file, if the format can.

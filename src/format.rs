@@ -41,6 +41,7 @@ pub static DRIVERS: &[&dyn FormatDriver] = &[
     &crate::vdi::VdiDriver,
     &crate::vpc::VpcDriver,
     &crate::vhdx::VhdxDriver,
+    &crate::vmdk::VmdkDriver,
 ];
 
 #[allow(non_upper_case_globals)]
@@ -57,6 +58,8 @@ impl ImageFormat {
     pub const Vpc: ImageFormat = ImageFormat::of(&crate::vpc::VpcDriver);
     /// Hyper-V's VHDX ([`crate::vhdx`]).
     pub const Vhdx: ImageFormat = ImageFormat::of(&crate::vhdx::VhdxDriver);
+    /// VMware's VMDK ([`crate::vmdk`]).
+    pub const Vmdk: ImageFormat = ImageFormat::of(&crate::vmdk::VmdkDriver);
 
     /// Every registered format, in [`DRIVERS`] order.
     pub fn all() -> impl Iterator<Item = ImageFormat> {
@@ -104,13 +107,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // LUKS needs a key to create and open: its own tests cover it (crate::luks). vpc
         // rounds sizes to its geometry and, as qemu's, cannot measure (tests/oracle/vpc.rs);
-        // nor can vdi (tests/oracle/vdi.rs) and vhdx (tests/oracle/vhdx.rs).
+        // nor can vdi (tests/oracle/vdi.rs), vhdx (tests/oracle/vhdx.rs) and vmdk
+        // (tests/oracle/vmdk.rs).
         for f in ImageFormat::all().filter(|f| {
             ![
                 ImageFormat::Luks,
                 ImageFormat::Vdi,
                 ImageFormat::Vpc,
                 ImageFormat::Vhdx,
+                ImageFormat::Vmdk,
             ]
             .contains(f)
         }) {
@@ -247,12 +252,12 @@ mod tests {
             assert_eq!(ImageFormat::from_name(f.as_str()).unwrap(), f);
         }
         let names: Vec<_> = ImageFormat::all().map(|f| f.as_str()).collect();
-        assert_eq!(names, ["raw", "qcow2", "luks", "vdi", "vpc", "vhdx"]);
-        let e = ImageFormat::from_name("vmdk").unwrap_err();
-        assert!(
-            e.what().contains("vmdk images are not supported yet"),
-            "{e}"
+        assert_eq!(
+            names,
+            ["raw", "qcow2", "luks", "vdi", "vpc", "vhdx", "vmdk"]
         );
+        let e = ImageFormat::from_name("qed").unwrap_err();
+        assert!(e.what().contains("qed images are not supported yet"), "{e}");
         assert!(ImageFormat::from_name("nope").is_err());
     }
 }

@@ -816,7 +816,7 @@ mod tests {
     #[test]
     fn refusals() {
         for bad in [
-            r#"json:{"driver":"vmdk","file":{"filename":"x"}}"#,
+            r#"json:{"driver":"qed","file":{"filename":"x"}}"#,
             r#"json:{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#,
             r#"json:{"driver":"qcow2"}"#,
             r#"json:{"driver":"qcow2","file.filename":"x","bogus":1}"#,

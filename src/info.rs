@@ -77,6 +77,8 @@ pub enum FormatSpecific {
     Qcow2(Qcow2Info),
     /// A raw LUKS image's header ([`crate::crypto::luks`]).
     Luks(crate::crypto::luks::LuksInfo),
+    /// A VMDK disk's descriptor and extents.
+    Vmdk(VmdkInfo),
 }
 
 /// qcow2 header details shown by `info`.
@@ -121,4 +123,36 @@ pub struct BitmapInfo {
     pub name: String,
     /// Bytes covered by one bit.
     pub granularity: u64,
+}
+
+/// The format-specific part of `info` for a vmdk disk (qemu's `ImageInfoSpecificVmdk`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VmdkInfo {
+    /// The disk's content ID.
+    pub cid: u32,
+    /// The parent's content ID (`0xffffffff`: none).
+    pub parent_cid: u32,
+    /// The subformat.
+    pub create_type: String,
+    /// One entry per extent.
+    pub extents: Vec<VmdkExtentInfo>,
+}
+
+/// One extent in `info` (qemu's `VmdkExtentInfo`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VmdkExtentInfo {
+    /// Set (true) for a compressed extent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<bool>,
+    /// Guest bytes the extent covers.
+    pub virtual_size: u64,
+    /// The extent file's name, as qemu names it.
+    pub filename: String,
+    /// The grain size of a sparse extent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// The extent line's type (empty for the file opened itself).
+    pub format: String,
 }

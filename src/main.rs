@@ -1411,9 +1411,10 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
             .unwrap_or(ops::convert::ConvertOptions::default().sparse_size),
         no_create: a.no_create,
         target_is_zero: a.target_is_zero,
-        threads: a
-            .threads
-            .unwrap_or_else(|| ops::convert::default_threads(a.compress)),
+        threads: a.threads.unwrap_or_else(|| {
+            let compresses = a.compress || a.output_format.driver().target_compresses(&a.options);
+            ops::convert::default_threads(compresses)
+        }),
         compress: a.compress,
         target_options: a.options.clone(),
         backing_file: a.backing.clone(),

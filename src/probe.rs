@@ -140,7 +140,7 @@ fn le32(b: &[u8], at: usize) -> u32 {
 
 /// A binary VMDK (sparse extent: `KDMV`; ESX's `COWD`) or a text descriptor: lines that are
 /// comments (`#`) or blank (spaces, maybe a `\r`) before a `version=1|2|3` line.
-fn is_vmdk(b: &[u8]) -> bool {
+pub fn is_vmdk(b: &[u8]) -> bool {
     if b.starts_with(b"KDMV") || b.starts_with(b"COWD") {
         return true;
     }
@@ -287,8 +287,11 @@ mod tests {
             Probed::Supported(ImageFormat::Qcow2)
         );
         assert_eq!(head(b"QFI\xfb\0\0\0\x01"), foreign(Qcow));
-        assert_eq!(head(b"KDMV\x01\0\0\0"), foreign(Vmdk));
-        assert_eq!(head(b"COWD"), foreign(Vmdk));
+        assert_eq!(
+            head(b"KDMV\x01\0\0\0"),
+            Probed::Supported(ImageFormat::Vmdk)
+        );
+        assert_eq!(head(b"COWD"), Probed::Supported(ImageFormat::Vmdk));
         assert_eq!(head(b"vhdxfile"), Probed::Supported(ImageFormat::Vhdx));
         assert_eq!(head(b"vhdxfil"), RAW);
         assert_eq!(head(b"conectix"), Probed::Supported(ImageFormat::Vpc));
@@ -338,7 +341,7 @@ mod tests {
 
     #[test]
     fn vmdk_descriptors() {
-        let vmdk = foreign(ForeignFormat::Vmdk);
+        let vmdk = Probed::Supported(ImageFormat::Vmdk);
         assert_eq!(head(b"# Disk DescriptorFile\nversion=1\n"), vmdk);
         assert_eq!(head(b"#a\r\n   \r\n  \nversion=3\r\nCID=1"), vmdk);
         assert_eq!(head(b"version=2\n"), vmdk);

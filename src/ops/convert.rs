@@ -336,7 +336,10 @@ pub fn convert(
     // The file being replaced is locked as qemu-img locks a target it truncates: an image in
     // use elsewhere is refused, and stays untouched until the new one is renamed over it.
     let _replaced = lock_replaced(&dst)?;
-    let tmp = TempFile::create_near(&dst)?;
+    let tmp = match driver.target_is_one_file(&opts.target_options) {
+        true => TempFile::create_near(&dst)?,
+        false => TempFile::in_place(&dst)?,
+    };
     {
         // The new image, made by its format's driver and closed at the end of this block,
         // before it is renamed over the destination. Opened with its backing chain, so that
@@ -365,7 +368,7 @@ pub fn convert(
         // A new image that does not read as zeros (LUKS) gets its zeros written.
         plan.zero_needed = !target.zero_initialized();
         plan.cluster = target.cluster_size().unwrap_or(512);
-        plan.compress = match opts.compress {
+        plan.compress = match opts.compress || target.needs_compressed_writes() {
             true => Some(target.as_compressed_writes().ok_or_else(|| {
                 Error::unsupported("Compression not supported for this file format").with_path(&dst)
             })?),

@@ -45,6 +45,27 @@ pub struct LayerReport {
     pub protocol: &'static str,
     /// Things the user should know that are not errors, one sentence each (printed to stderr).
     pub warnings: Vec<String>,
+    /// The layer's other files (a vmdk descriptor's extents), listed as children before
+    /// `file`; with them, the `file` child's own allocation.
+    pub extra: Vec<ExtraFile>,
+}
+
+/// A file besides its own that holds a layer's data, as `info` lists it.
+#[derive(Debug, Clone)]
+pub struct ExtraFile {
+    /// The child's name (`extents.0`).
+    pub child: String,
+    /// The file's name.
+    pub filename: String,
+    /// Its length, rounded up to a sector.
+    pub length: u64,
+    /// Bytes allocated to it.
+    pub actual: Option<u64>,
+}
+
+fn allocated(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
 }
 
 /// Opens the image at `path` and describes it (with `backing_chain`, every layer of its chain,
@@ -132,13 +153,36 @@ pub fn describe(layer: &dyn BlockImage) -> Result<LayerReport> {
         "file"
     };
     let warnings = backing_format_warning(layer, &info).into_iter().collect();
+    let mut extra = Vec::new();
+    for (child, filename) in layer.extra_files().into_iter().rev() {
+        let p = Path::new(&filename);
+        let length = crate::storage::path_len(p)
+            .map_err(|e| Error::io("cannot get file size", e).with_path(p))?
+            .div_ceil(512)
+            .saturating_mul(512);
+        extra.push(ExtraFile {
+            child,
+            actual: allocated(p),
+            filename,
+            length,
+        });
+    }
     Ok(LayerReport {
         file_name: info.filename.clone(),
         info,
         file_length,
         protocol,
         warnings,
+        extra,
     })
+}
+
+/// The allocation `info` shows for the layer's own file.
+fn file_actual(layer: &LayerReport) -> Option<u64> {
+    match layer.extra.is_empty() {
+        true => layer.info.actual_size,
+        false => allocated(Path::new(&layer.file_name)),
+    }
 }
 
 /// The JSON object qemu-img prints for one layer (with its `children` entry).
@@ -152,11 +196,30 @@ pub fn layer_json(layer: &LayerReport) -> Value {
         "format-specific": {"type": "file", "data": {}},
         "dirty-flag": false,
     });
-    if let (Some(size), Some(obj)) = (layer.info.actual_size, file.as_object_mut()) {
+    if let (Some(size), Some(obj)) = (file_actual(layer), file.as_object_mut()) {
         obj.insert("actual-size".into(), json!(size));
     }
+    let mut children: Vec<Value> = layer
+        .extra
+        .iter()
+        .map(|x| {
+            let mut c = json!({
+                "children": [],
+                "virtual-size": x.length,
+                "filename": x.filename,
+                "format": "file",
+                "format-specific": {"type": "file", "data": {}},
+                "dirty-flag": false,
+            });
+            if let (Some(a), Some(o)) = (x.actual, c.as_object_mut()) {
+                o.insert("actual-size".into(), json!(a));
+            }
+            json!({"name": x.child, "info": c})
+        })
+        .collect();
+    children.push(json!({"name": "file", "info": file}));
     if let Some(obj) = v.as_object_mut() {
-        obj.insert("children".into(), json!([{"name": "file", "info": file}]));
+        obj.insert("children".into(), Value::Array(children));
     }
     v
 }
@@ -229,6 +292,22 @@ fn human_layer(layer: &LayerReport) -> String {
         o.push_str("Format specific information:\n");
         dump_human(&mut o, data, 1);
     }
+    for x in &layer.extra {
+        let _ = writeln!(o, "Child node '/{}':", x.child);
+        let _ = writeln!(o, "    filename: {}", x.filename);
+        let _ = writeln!(o, "    protocol type: file");
+        let _ = writeln!(
+            o,
+            "    file length: {} ({} bytes)",
+            human_size(x.length),
+            x.length
+        );
+        let xd = x
+            .actual
+            .map_or_else(|| "unavailable".to_string(), human_size);
+        let _ = writeln!(o, "    disk size: {xd}");
+    }
+    let disk = file_actual(layer).map_or_else(|| "unavailable".to_string(), human_size);
     let _ = writeln!(o, "Child node '/file':");
     let _ = writeln!(o, "    filename: {}", layer.file_name);
     let _ = writeln!(o, "    protocol type: {}", layer.protocol);

@@ -25,6 +25,7 @@ pub const KEY_ORDER: &[&str] = &[
     "children",
     "backing-filename-format",
     "snapshots",
+    "compressed",
     "virtual-size",
     "filename",
     "cluster-size",
@@ -69,6 +70,11 @@ pub const KEY_ORDER: &[&str] = &[
     "encrypt",
     "corrupt",
     "extended-l2",
+    // vmdk format-specific data.
+    "cid",
+    "parent-cid",
+    "create-type",
+    "extents",
     // LUKS header data (raw LUKS format-specific data, qcow2's `encrypt`) and its key slots.
     "cipher-mode",
     "slots",

@@ -146,7 +146,13 @@ pub fn write_human(
         if !s.data || s.zero {
             return Ok(());
         }
-        let file = files.file(s.depth)?;
+        let file = match s.depth {
+            0 => match image.file_of(crate::offsets::GuestOffset(e.start)) {
+                Some(f) => f,
+                None => files.file(0)?,
+            },
+            d => files.file(d)?,
+        };
         let Some(host) = s.offset else {
             return Err(Error::unsupported(format!(
                 "File contains external, encrypted or compressed clusters: guest range \

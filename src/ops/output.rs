@@ -69,6 +69,22 @@ impl TempFile {
         .with_path(dst))
     }
 
+    /// The output `dst` itself, emptied, for a target that names other files after its own
+    /// name (a vmdk descriptor's extents): removed on failure, kept by [`TempFile::persist`].
+    pub(crate) fn in_place(dst: &Path) -> Result<TempFile> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dst)
+            .map_err(|e| Error::io("cannot create output file", e).with_path(dst))?;
+        Ok(TempFile {
+            path: dst.to_path_buf(),
+            keep: false,
+            signal: crate::interrupt::remove_on_signal(dst),
+        })
+    }
+
     /// Renames the file to `dst`. Unless `synced`, a file already at `dst` is removed first:
     /// ext4 (with its default `auto_da_alloc`) makes a rename over an existing file start
     /// writeback of the new one and wait for the blocks to be allocated, half a second per GiB
@@ -82,6 +98,10 @@ impl TempFile {
     /// under its temporary name, never lost with the file it replaces.
     pub(crate) fn persist(mut self, dst: &Path, synced: bool) -> Result<()> {
         self.signal = crate::interrupt::Registered::none();
+        if self.path == dst {
+            self.keep = true;
+            return Ok(());
+        }
         if std::fs::metadata(dst).is_ok_and(|m| m.file_type().is_file() && m.nlink() > 1) {
             copy_into(&self.path, dst, synced).in_file(dst)?;
             return Ok(());

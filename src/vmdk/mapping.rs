@@ -27,3 +27,20 @@ pub struct Mapped {
     /// Where the run's bytes are.
     pub mapping: Mapping,
 }
+
+/// An extent kind that maps its own runs (the ESXi deltas plug in here): where its bytes at
+/// an offset within it are, read-only.
+pub trait ExtentMapping: Send + Sync {
+    /// Where the run of at most `max_len` bytes at extent offset `off` is, in `storage` (the
+    /// extent's file). `max_len` is at least 1 and the run lies inside the extent.
+    fn map(
+        &self,
+        storage: &dyn crate::storage::Storage,
+        off: u64,
+        max_len: u64,
+    ) -> crate::error::Result<Mapped>;
+    /// The extent's grain size in bytes (`cluster-size` in `info`).
+    fn grain_size(&self) -> u64;
+    /// Guest bytes the extent covers.
+    fn capacity(&self) -> u64;
+}

@@ -105,8 +105,8 @@ fn json_and_image_opts_names_open_the_named_image() {
             "mutually exclusive",
         ),
         (
-            vec!["info", r#"json:{"driver":"vmdk","file":{"filename":"x"}}"#],
-            "vmdk",
+            vec!["info", r#"json:{"driver":"qed","file":{"filename":"x"}}"#],
+            "qed",
         ),
         (
             vec![

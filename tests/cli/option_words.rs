@@ -54,6 +54,10 @@ fn bad_option_values_are_refused_as_qemu_img_refuses_them() {
         ("vdi", "nostatic"),
         ("vdi", "nocow"),
         ("qcow2", "nolazy_refcounts"),
+        ("vmdk", "zeroed_grain=x"),
+        ("vmdk", "compat6=maybe"),
+        ("vmdk", "size=1x"),
+        ("vmdk", "bogus=1"),
     ];
     let mut failures = Vec::new();
     for (format, option) in cases {
@@ -72,7 +76,7 @@ fn bad_option_values_are_refused_as_qemu_img_refuses_them() {
             ),
         ];
         for (what, args) in runs {
-            if what == "measure" && ["vpc", "vhdx", "vdi"].contains(format) {
+            if what == "measure" && ["vpc", "vhdx", "vdi", "vmdk"].contains(format) {
                 continue; // qemu cannot measure vpc at all; tested with the format
             }
             // A value outside a fixed set is refused when the image is made, where qemu-img's

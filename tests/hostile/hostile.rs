@@ -34,6 +34,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("vmdk_sesparse", vimg::vmdk::sesparse::exercise),
     ("vhdx_open_read", vimg::vhdx::exercise),
     ("ova_open", vimg::ova::exercise),
+    ("vmdk_open_read", vimg::vmdk::exercise),
 ];
 
 /// Longest one input may take (they take milliseconds; a hang shows up as this).

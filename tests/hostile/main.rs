@@ -17,5 +17,6 @@ mod target_safety;
 mod untrusted_paths;
 mod vdi;
 mod vhdx;
+mod vmdk;
 mod vmdk_esx;
 mod vpc;

@@ -1,10 +1,10 @@
-//! Images of formats vimg does not read (vmdk, qed, qcow, parallels made by
+//! Images of formats vimg does not read (qed, qcow, parallels made by
 //! qemu-img; dmg, bochs and cloop headers made here, as qemu cannot create them) are refused by
 //! name, by `info` and `convert`, probed or given with `-f`; with `-f raw` their bytes are
 //! copied as qemu-img copies them (issue 13, item 3). Before, they were probed as raw and their
 //! container bytes copied as the disk, with exit status 0. (Raw LUKS is read since issue 16:
-//! tests/oracle/luks.rs; vdi, VHD and VHDX since issue 17: tests/oracle/vdi.rs, tests/oracle/vpc.rs,
-//! tests/oracle/vhdx.rs.)
+//! tests/oracle/luks.rs; vdi, VHD, VHDX and vmdk since issue 17: tests/oracle/vdi.rs,
+//! tests/oracle/vpc.rs, tests/oracle/vhdx.rs, tests/oracle/vmdk.rs.)
 
 use crate::common;
 
@@ -25,11 +25,6 @@ fn foreign_images(dir: &Path) -> Vec<(PathBuf, &'static str)> {
         qemu_create(&path, fmt, opts, None, 4 << 20);
         v.push((path, fmt));
     };
-    qemu("sparse.vmdk", "vmdk", "subformat=monolithicSparse");
-    qemu("stream.vmdk", "vmdk", "subformat=streamOptimized");
-    // The descriptor of a flat vmdk is text; its extent (flat-flat.vmdk) is a plain raw file.
-    qemu("flat.vmdk", "vmdk", "subformat=monolithicFlat");
-    qemu("split.vmdk", "vmdk", "subformat=twoGbMaxExtentSparse");
     qemu("disk.qed", "qed", "");
     qemu("disk.qcow", "qcow", "");
     qemu("disk.hds", "parallels", "");
@@ -158,10 +153,10 @@ fn a_backing_file_of_a_foreign_format_is_refused_by_name() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.vmdk");
-    qemu_create(&base, "vmdk", "", None, 4 << 20);
+    let base = dir.path().join("base.qed");
+    qemu_create(&base, "qed", "", None, 4 << 20);
     let top = dir.path().join("top.qcow2");
-    qemu_create(&top, "qcow2", "", Some((&base, "vmdk")), 4 << 20);
+    qemu_create(&top, "qcow2", "", Some((&base, "qed")), 4 << 20);
     let out = dir.path().join("out.raw");
     for args in [
         vec!["info", "--backing-chain", p(&top)],
@@ -170,13 +165,13 @@ fn a_backing_file_of_a_foreign_format_is_refused_by_name() {
         let (rc, o) = run_status(VIMG, &args);
         assert_ne!(rc, 0, "vimg {args:?}: {o}");
         assert!(
-            o.contains("vmdk images are not supported yet") && o.contains("base.vmdk"),
+            o.contains("qed images are not supported yet") && o.contains("base.qed"),
             "vimg {args:?}: {o}"
         );
     }
     // Without the chain, info describes the overlay and its recorded backing format.
     let o = run(VIMG, &["info", p(&top)]);
-    assert!(o.contains("backing file format: vmdk"), "{o}");
+    assert!(o.contains("backing file format: qed"), "{o}");
 }
 
 #[test]

@@ -41,5 +41,6 @@ mod resize_oracle;
 mod snapshot_oracle;
 mod vdi;
 mod vhdx;
+mod vmdk;
 mod vmdk_esx;
 mod vpc;

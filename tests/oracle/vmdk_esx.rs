@@ -6,7 +6,8 @@
 //! extent's `map` (data from the extent file, zeros, the parent's bytes where unallocated)
 //! against `qemu-img convert -O raw` of the chain, and each run of `map` against
 //! `qemu-img map --output json` (depth 0 data at the same offset, depth 0 zeros, depth >= 1
-//! for unallocated).
+//! for unallocated); and the vmdk driver, opening the chain by its descriptors, against
+//! qemu-img's `convert`, `map` and `compare`.
 
 use crate::common;
 
@@ -171,7 +172,39 @@ fn check_against_qemu(
         }
     }
     assert_eq!(covered, base.len() as u64);
+    driver_agrees(chain, &expected, &map, dir);
     kinds
+}
+
+/// The vmdk driver opens the chain through its descriptors as qemu-img does: `vimg convert -O
+/// raw` gives qemu-img's bytes, `vimg map --output json` qemu-img's map, `vimg compare` finds
+/// the chain equal to qemu's raw copy, and a writable open is refused (ESXi deltas are
+/// read-only in vimg; qemu cannot write seSparse either).
+fn driver_agrees(chain: &build::Chain, expected: &[u8], qemu_map: &serde_json::Value, dir: &Path) {
+    let vimg = env!("CARGO_BIN_EXE_vimg");
+    let out = dir.join("vimg.raw");
+    run(vimg, &["convert", "-O", "raw", p(&chain.delta), p(&out)]);
+    assert!(
+        std::fs::read(&out).unwrap() == expected,
+        "vimg convert differs from qemu-img's"
+    );
+    let map: serde_json::Value =
+        serde_json::from_str(&run(vimg, &["map", "--output", "json", p(&chain.delta)])).unwrap();
+    assert_eq!(&map, qemu_map, "vimg map");
+    let qemu_raw = dir.join("out.raw");
+    run(
+        vimg,
+        &["compare", "-F", "raw", p(&chain.delta), p(&qemu_raw)],
+    );
+    let (code, msg) = common::run_status(
+        vimg,
+        &["convert", "-n", "-O", "vmdk", p(&qemu_raw), p(&chain.delta)],
+    );
+    assert_ne!(code, 0, "a write into an ESXi delta was accepted: {msg}");
+    assert!(
+        msg.contains("No write support for seSparse") || msg.contains("read-only"),
+        "{msg}"
+    );
 }
 
 fn open_mem<T>(path: &Path, open: fn(Arc<dyn Storage>, &Path) -> vimg::error::Result<T>) -> T {

@@ -623,10 +623,10 @@ fn extract_selects_devices_and_refuses_what_it_must() {
             "backup",
             "create",
             "-d",
-            &format!("format=vmdk:a={}", s(&a_img)),
+            &format!("format=qed:a={}", s(&a_img)),
             s(&new),
         ],
-        "vmdk",
+        "qed",
     );
     refused(
         &[

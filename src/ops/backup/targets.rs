@@ -213,7 +213,7 @@ mod tests {
             ),
             ("throttling.bps=12x:1:a=b\n", "not a number: 12x"),
             ("cache=fast:1:a=b\n", "invalid cache option: fast"),
-            ("format=vmdk:1:a=b\n", "read map failed"),
+            ("format=qed:1:a=b\n", "read map failed"),
             ("1:a=b\n0:a=c\n", "device 'a' is mapped twice"),
         ] {
             let e = read(text).unwrap_err().to_string();
