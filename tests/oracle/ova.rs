@@ -181,3 +181,66 @@ fn disks_inside_appliances_read_as_qemu_reads_the_files() {
 fn before_len(f: &Path) -> u64 {
     std::fs::metadata(f).unwrap().len()
 }
+
+/// The case: an appliance as VMware and VirtualBox export them, a streamOptimized vmdk
+/// made by qemu-img (filled by qemu-io: data, zeros, a hole) behind its OVF, converted straight
+/// from the .ova (no unpacking) equals the disk inside (`qemu-img compare` against the vmdk),
+/// and `info` names the disk and its format.
+#[test]
+fn stream_optimized_vmdk_inside_an_ova_converts_to_the_disk() {
+    if !qemu_available("ova vmdk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // qemu-io cannot write a stream-optimized disk in place: fill a raw one and convert it.
+    let raw = d.join("src.img");
+    let size = (7 << 20) + 4096;
+    qemu_create(&raw, "raw", "", None, size);
+    qemu_io(
+        &raw,
+        "raw",
+        &[
+            "write -P 0x11 0 1M".into(),
+            "write -P 0x22 3M 333k".into(),
+            format!("write -P 0x33 {} 4096", size - 4096),
+        ],
+    );
+    let vmdk = d.join("vm-disk1.vmdk");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            p(&raw),
+            p(&vmdk),
+        ],
+    );
+    std::fs::write(d.join("vm.ovf"), ovf(&[("vm-disk1.vmdk", "vmdisk1", size)])).unwrap();
+    let ova = d.join("vm.ova");
+    make_tar(&ova, d, &["vm.ovf", "vm-disk1.vmdk"], "ustar");
+
+    let info: serde_json::Value =
+        serde_json::from_str(&run(VIMG, &["info", "--output", "json", p(&ova)])).unwrap();
+    assert_eq!(info["format"], "vmdk", "{info}");
+    assert_eq!(info["virtual-size"], size, "{info}");
+    let out = d.join("out.qcow2");
+    run(VIMG, &["convert", "-O", "qcow2", p(&ova), p(&out)]);
+    let (code, msg) = run_status(
+        "qemu-img",
+        &["compare", "-f", "vmdk", "-F", "qcow2", p(&vmdk), p(&out)],
+    );
+    assert_eq!(code, 0, "{msg}");
+    let (code, msg) = run_status(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", p(&raw), p(&out)],
+    );
+    assert_eq!(code, 0, "{msg}");
+    let (code, msg) = run_status("qemu-img", &["check", p(&out)]);
+    assert_eq!(code, 0, "{msg}");
+}
