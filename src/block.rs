@@ -243,6 +243,35 @@ impl ImageFormat {
             _ => self.0.lock_request(sharing, writable, top),
         })
     }
+
+    /// The file of a layer of this format at `path`, for a driver's `open`: the locks the
+    /// format takes at `guard`'s sharing and depth ([`ImageFormat::locks`]), then the file
+    /// through `guard`'s opener (`cannot open image` with the OS cause on failure).
+    pub fn open_layer_file(
+        self,
+        path: &Path,
+        writable: bool,
+        guard: &ChainGuard,
+    ) -> Result<Box<dyn Storage>> {
+        let locks = self
+            .locks(guard.sharing(), writable, guard.depth() == 1)
+            .map_err(|e| e.with_path(path))?;
+        guard
+            .opener()
+            .open(path, writable, locks)
+            .map_err(|e| crate::error::Error::io("cannot open image", e).with_path(path))
+    }
+}
+
+impl ProbeInput<'_> {
+    /// A probe's score for a format known by the magic bytes its files start with: certain
+    /// when the file starts with `magic`, else not at all.
+    pub fn magic(&self, magic: &[u8]) -> u32 {
+        match self.head.starts_with(magic) {
+            true => 100,
+            false => 0,
+        }
+    }
 }
 
 impl PartialEq for ImageFormat {

@@ -75,13 +75,7 @@ impl FormatDriver for VdiDriver {
         _no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Box<dyn BlockImage>> {
-        let locks = VDI
-            .locks(guard.sharing(), writable, guard.depth() == 1)
-            .map_err(|e| e.with_path(path))?;
-        let storage = guard
-            .opener()
-            .open(path, writable, locks)
-            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        let storage = VDI.open_layer_file(path, writable, guard)?;
         Ok(Box::new(VdiImage::open_with(storage, path, writable)?))
     }
 

@@ -54,11 +54,7 @@ impl FormatDriver for VhdxDriver {
 
     /// Certain for `vhdxfile` at offset 0, as qemu's probe.
     fn probe(&self, input: &ProbeInput<'_>) -> u32 {
-        if input.head.starts_with(b"vhdxfile") {
-            100
-        } else {
-            0
-        }
+        input.magic(b"vhdxfile")
     }
 
     fn open(
@@ -68,13 +64,7 @@ impl FormatDriver for VhdxDriver {
         _no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Box<dyn BlockImage>> {
-        let locks = VHDX
-            .locks(guard.sharing(), writable, guard.depth() == 1)
-            .map_err(|e| e.with_path(path))?;
-        let storage = guard
-            .opener()
-            .open(path, writable, locks)
-            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        let storage = VHDX.open_layer_file(path, writable, guard)?;
         Ok(Box::new(VhdxImage::open(storage, path, writable, false)?))
     }
 

@@ -295,14 +295,7 @@ impl VmdkImage {
         guard: &mut ChainGuard,
     ) -> Result<Self> {
         let fail = opening(path);
-        let locks = VMDK
-            .locks(guard.sharing(), writable, guard.depth() == 1)
-            .map_err(|e| e.with_path(path))?;
-        let storage: Arc<dyn Storage> = guard
-            .opener()
-            .open(path, writable, locks)
-            .map_err(|e| Error::io("cannot open image", e).with_path(path))?
-            .into();
+        let storage: Arc<dyn Storage> = VMDK.open_layer_file(path, writable, guard)?.into();
         let len = storage
             .len()
             .map_err(|e| fail(Error::io("Could not access file", e)))?;

@@ -47,11 +47,7 @@ impl FormatDriver for VpcDriver {
     /// Certain for `conectix` at offset 0 (a dynamic disk's footer copy), as qemu's probe. A
     /// fixed disk has its footer only at the end, which qemu's probe does not look at.
     fn probe(&self, input: &ProbeInput<'_>) -> u32 {
-        if input.head.starts_with(b"conectix") {
-            100
-        } else {
-            0
-        }
+        input.magic(b"conectix")
     }
 
     fn open(
@@ -61,13 +57,7 @@ impl FormatDriver for VpcDriver {
         _no_backing: bool,
         guard: &mut ChainGuard,
     ) -> Result<Box<dyn BlockImage>> {
-        let locks = VPC
-            .locks(guard.sharing(), writable, guard.depth() == 1)
-            .map_err(|e| e.with_path(path))?;
-        let storage = guard
-            .opener()
-            .open(path, writable, locks)
-            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        let storage = VPC.open_layer_file(path, writable, guard)?;
         Ok(Box::new(VpcImage::open(storage, path, writable)?))
     }
 
