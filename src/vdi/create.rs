@@ -136,7 +136,8 @@ pub fn new_header(bytes: u64, is_static: bool) -> [u8; SECTOR as usize] {
 fn write_image(storage: &dyn Storage, opts: &VdiOptions) -> Result<()> {
     let bytes = opts.disk_size()?;
     let io = |e| Error::io("cannot write the new image", e);
-    storage.set_len(0).map_err(io)?;
+    // `storage` is new and empty (FileStorage::create): truncating it again would make ext4
+    // write the whole output back when it is closed (see there).
     let header = new_header(bytes, opts.is_static);
     storage.write_at(&header, 0).map_err(io)?;
     let blocks = bytes.div_ceil(BLOCK_SIZE);

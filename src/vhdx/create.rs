@@ -155,7 +155,8 @@ fn qemu_bat_entries(geo: &Geometry) -> u64 {
 /// Writes a new VHDX of `plan` into `storage`.
 fn write_image(storage: &dyn Storage, plan: &Plan) -> Result<()> {
     let io = |e| Error::io("cannot write the new image", e);
-    storage.set_len(0).map_err(io)?;
+    // `storage` is new and empty (FileStorage::create): truncating it again would make ext4
+    // write the whole output back when it is closed (see there).
 
     // The file identifier: signature and creator (UTF-16).
     let mut id = b"vhdxfile".to_vec();

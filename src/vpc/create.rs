@@ -160,7 +160,8 @@ fn write_image(storage: &dyn Storage, opts: &VpcOptions) -> Result<()> {
     let (chs, size) = new_disk_size(opts.size.unwrap_or(0), force)?;
     let f = footer(size, chs, fixed, force);
     let io = |e| Error::io("cannot write the new image", e);
-    storage.set_len(0).map_err(io)?;
+    // `storage` is new and empty (FileStorage::create): truncating it again would make ext4
+    // write the whole output back when it is closed (see there).
     if fixed {
         storage.set_len(size).map_err(io)?;
         storage.write_at(&f, size).map_err(io)?;
