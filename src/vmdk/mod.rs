@@ -4,7 +4,7 @@
 //! hosted sparse extents (`KDMV`: a grain directory, grain tables and grains, plainly stored or,
 //! stream-optimized, deflated behind grain markers; [`sparse`]), flat extents (a run of a
 //! plain file), and the ESXi snapshot deltas (vmfsSparse `COWD`, seSparse), which are opened
-//! through [`open_delta_extent`]. A monolithic sparse or stream-optimized disk is one file:
+//! through `open_delta_extent` ([`cowd`], [`sesparse`]). A monolithic sparse or stream-optimized disk is one file:
 //! its header in the first sector, the descriptor embedded at sector 1; the other subformats
 //! keep the descriptor in a text file naming extent files beside it.
 //!
