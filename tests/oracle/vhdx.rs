@@ -456,7 +456,7 @@ fn refusals_are_qemus() {
 
 /// Whether libyal's `vhdiinfo` and the `pyvhdi` module are there (under `VIMG_REQUIRE_QEMU=1`,
 /// as in CI, their absence fails the test).
-fn libvhdi_available() -> bool {
+pub(crate) fn libvhdi_available() -> bool {
     let ok = std::process::Command::new("vhdiinfo")
         .arg("-V")
         .output()
@@ -474,6 +474,12 @@ fn libvhdi_available() -> bool {
         eprintln!("skipping: vhdiinfo or pyvhdi missing");
     }
     ok
+}
+
+/// The disk in `img` (VHD or VHDX) as libyal's `pyvhdi` reads it, written to `out`.
+pub(crate) fn pyvhdi_read(img: &Path, out: &Path) -> (i32, String) {
+    let script = "import sys, pyvhdi\nf = pyvhdi.file()\nf.open(sys.argv[1])\nn = f.get_media_size()\nwith open(sys.argv[2], 'wb') as o:\n    off = 0\n    while off < n:\n        b = f.read_buffer_at_offset(min(1 << 20, n - off), off)\n        o.write(b)\n        off += len(b)\n";
+    run_status("python3", &["-c", script, p(img), p(out)])
 }
 
 /// An independent reader, libyal's libvhdi, on images vimg writes: `vhdiinfo` reports the
@@ -512,8 +518,7 @@ fn libvhdi_reads_what_vimg_writes() {
             failures.push(format!("{opts}: vhdiinfo says:\n{info}"));
         }
         let raw = d.join("pyvhdi.raw");
-        let script = "import sys, pyvhdi\nf = pyvhdi.file()\nf.open(sys.argv[1])\nn = f.get_media_size()\nwith open(sys.argv[2], 'wb') as o:\n    off = 0\n    while off < n:\n        b = f.read_buffer_at_offset(min(1 << 20, n - off), off)\n        o.write(b)\n        off += len(b)\n";
-        let (rc, o) = run_status("python3", &["-c", script, p(&img), p(&raw)]);
+        let (rc, o) = pyvhdi_read(&img, &raw);
         if rc != 0 {
             failures.push(format!("{opts}: pyvhdi: {o}"));
             continue;

@@ -456,3 +456,62 @@ fn fixed_vhd_without_f_is_read_as_vpc_with_a_note() {
     }
     assert_no_failures(&failures);
 }
+
+/// An independent reader, libyal's libvhdi, on the VHDs vimg writes: `vhdiinfo` reports the
+/// disk type and size, and `pyvhdi` reads the same disk as the source (dynamic and fixed, with
+/// and without `force_size`, the fixed disk Azure takes among them).
+#[test]
+fn libvhdi_reads_the_vhds_vimg_writes() {
+    if !qemu_available("vpc libvhdi") || !crate::vhdx::libvhdi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut failures = Vec::new();
+    let mut rng = Rng::seeded(5150);
+    for (opts, size, kind) in [
+        ("subformat=dynamic", 40 << 20, "Dynamic"),
+        ("subformat=fixed", 20 << 20, "Fixed"),
+        ("subformat=fixed,force_size=on", 16 << 20, "Fixed"),
+        ("force_size=on", (9 << 20) + 512, "Dynamic"),
+    ] {
+        let src = d.join("src.qcow2");
+        let _ = std::fs::remove_file(&src);
+        qemu_create(&src, "qcow2", "", None, size);
+        qemu_io(&src, "qcow2", &random_writes(&mut rng, size, 12));
+        let img = d.join("ours.vhd");
+        let _ = std::fs::remove_file(&img);
+        let (rc, o) = run_status(
+            VIMG,
+            &["convert", "-O", "vpc", "-o", opts, p(&src), p(&img)],
+        );
+        if rc != 0 {
+            failures.push(format!("{opts}: vimg convert: {o}"));
+            continue;
+        }
+        let ours = qemu_raw(&img, d);
+        let info = run("vhdiinfo", &[p(&img)]);
+        let want_size = format!("({} bytes)", ours.len());
+        let want_kind = format!("Disk type\t\t: {kind}");
+        if !info.contains(&want_size) || !info.contains(&want_kind) {
+            failures.push(format!("{opts}: vhdiinfo says:\n{info}"));
+        }
+        let raw = d.join("pyvhdi.raw");
+        let (rc, o) = crate::vhdx::pyvhdi_read(&img, &raw);
+        if rc != 0 {
+            failures.push(format!("{opts}: pyvhdi: {o}"));
+            continue;
+        }
+        let theirs = std::fs::read(&raw).unwrap();
+        let src_raw = d.join("src.raw");
+        run(
+            "qemu-img",
+            &["convert", "-f", "qcow2", "-O", "raw", p(&src), p(&src_raw)],
+        );
+        let source = std::fs::read(&src_raw).unwrap();
+        if theirs != ours || theirs[..source.len()] != source[..] {
+            failures.push(format!("{opts}: pyvhdi reads another disk"));
+        }
+    }
+    assert_no_failures(&failures);
+}
