@@ -1,11 +1,13 @@
-//! Crash tests of block allocation in dynamic VHD (`vpc`) and VDI images, as tests/crash/kill.rs
+//! Crash tests of block allocation in dynamic VHD (`vpc`), VDI, monolithicSparse vmdk and
+//! dynamic VHDX images, as tests/crash/kill.rs
 //! does for qcow2: vimg kills itself with SIGKILL just before its N-th change to a file
 //! (`VIMG_TEST_KILL_AFTER_WRITES=N`, see `vimg::storage`), for N from 1 until the command
 //! finishes, in `convert -n` of new data (into allocated and unallocated blocks, and zeros)
 //! into an image qemu made and wrote. After each kill the image opens in qemu-img and in vimg,
 //! both read the same disk, every 4 KiB of it reads as before the command or as after it (never
-//! as garbage, nor as another block's data), `qemu-img check` of a vdi finds no corruption (a
-//! leak is allowed; qemu cannot check VHDs), and the command run again to the end, by vimg and
+//! as garbage, nor as another block's data), `qemu-img check` finds no corruption (a leak is
+//! allowed; qemu cannot check VHDs; a VHDX's log left by the kill is replayed by `qemu-img
+//! check -r all` first, as qemu wants it), and the command run again to the end, by vimg and
 //! by qemu-img, gives the complete new disk: a half-done allocation never makes a later one
 //! overwrite data.
 
@@ -14,7 +16,9 @@ use std::path::Path;
 use std::process::Command;
 
 const UNIT: usize = 4096;
-const MAX_POINTS: usize = 300;
+/// At most this many kill points (a vmdk writes each 64 KiB grain's data, then its grain
+/// table entry and the redundant one: about 700 writes here).
+const MAX_POINTS: usize = 1000;
 const SIZE: u64 = 12 << 20;
 
 fn p(path: &Path) -> &str {
@@ -110,7 +114,14 @@ fn verify(what: &str, dir: &Path, fmt: &str, before: &[u8], after: &[u8]) -> Vec
     let vimg = env!("CARGO_BIN_EXE_vimg");
     let mut bad = Vec::new();
     let img = dir.join(format!("img.{fmt}"));
-    if fmt == "vdi" {
+    if fmt == "vhdx" {
+        // A log the kill left must be replayed before qemu reads the image read-only.
+        let (c, o) = qemu_img(&["check", "-r", "all", "-f", fmt, p(&img)]);
+        if c != 0 && c != 3 {
+            bad.push(format!("{what}: qemu-img check -r all exits {c}: {o}"));
+        }
+    }
+    if fmt != "vpc" {
         let (c, o) = qemu_img(&["check", "-f", fmt, p(&img)]);
         if c != 0 && c != 3 {
             bad.push(format!("{what}: qemu-img check exits {c}: {o}"));
@@ -157,8 +168,8 @@ fn verify(what: &str, dir: &Path, fmt: &str, before: &[u8], after: &[u8]) -> Vec
         if c != 0 {
             bad.push(format!("{what}: after {prog} finished: {o}"));
         }
-        if fmt == "vdi" {
-            let (c, o) = qemu_img(&["check", "-f", fmt, p(&d.join("img.vdi"))]);
+        if fmt != "vpc" {
+            let (c, o) = qemu_img(&["check", "-f", fmt, p(&d.join(format!("img.{fmt}")))]);
             if c != 0 && c != 3 {
                 bad.push(format!(
                     "{what}: after {prog} finished, check exits {c}: {o}"
@@ -222,4 +233,14 @@ fn vpc_allocation_killed_at_every_write() {
 #[test]
 fn vdi_allocation_killed_at_every_write() {
     killed_at_every_write("vdi");
+}
+
+#[test]
+fn vmdk_allocation_killed_at_every_write() {
+    killed_at_every_write("vmdk");
+}
+
+#[test]
+fn vhdx_allocation_killed_at_every_write() {
+    killed_at_every_write("vhdx");
 }
