@@ -442,11 +442,10 @@ pub fn commit_images(
     // The base is durable before the overlay lets go of anything.
     base.finish()?;
     drop(base);
-    if job.empty {
-        let path = top.filename().to_path_buf();
-        top.as_make_empty_mut()
-            .ok_or_else(|| Error::unsupported("the image cannot be emptied").with_path(&path))?
-            .make_empty()?;
+    // A format that cannot empty an image keeps its data, now also in the base: qemu-img
+    // commit ignores ENOTSUP from blk_make_empty (vmdk, vpc, vdi, vhdx overlays).
+    if let (true, Some(e)) = (job.empty, top.as_make_empty_mut()) {
+        e.make_empty()?;
         top.finish()?;
     }
     Ok(())

@@ -282,7 +282,8 @@ impl crate::creation::FormatCreation for VmdkCreation {
         );
         let mut add = |k: &str, v: Option<&str>| {
             if let Some(v) = v {
-                s.push_str(&format!(" {k}={v}"));
+                // qemu prints a comma in a value doubled, as its option syntax escapes it.
+                s.push_str(&format!(" {k}={}", v.replace(',', ",,")));
             }
         };
         add("adapter_type", o.adapter_type.as_deref());

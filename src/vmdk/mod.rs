@@ -626,6 +626,9 @@ impl VmdkImage {
             let ext = self.extent_at(pos)?;
             let off = pos - ext.start;
             let left = (len - done).min(ext.len - off);
+            // qemu's blkdebug counts the guest writes that reach the file.
+            ext.storage
+                .debug_event(crate::storage::DebugEvent::WriteAio);
             let n = match &ext.kind {
                 ExtentKind::Flat(start) => {
                     let at = start + off;

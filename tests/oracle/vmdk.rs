@@ -635,3 +635,68 @@ fn independent_readers_read_vimgs_disks() {
     }
     assert_no_failures(&failures);
 }
+
+/// `commit` of a vmdk overlay into its vmdk parent, as qemu-img 10 does it (its iotest 020):
+/// the data reaches the base, "Image committed." is printed and the exit code is 0, though a
+/// vmdk cannot be emptied (qemu-img ignores ENOTSUP from emptying).
+/// vimg refused the commit at the end before ("the image cannot be emptied"). (As in qemu, the
+/// base's first write gives it a new CID, so the overlay, whose parentCID is the old one, no
+/// longer reads through it afterwards: qemu-img leaves it so too.)
+#[test]
+fn commit_into_a_vmdk_parent_as_qemu_img() {
+    if !common::qemu_available("vmdk commit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.vmdk");
+    let top = d.join("top.vmdk");
+    common::qemu_create(&base, "vmdk", "", None, 4 << 20);
+    common::qemu_io(&base, "vmdk", &["write -P 0x11 0 1M".into()]);
+    let b = base.to_str().unwrap();
+    common::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            b,
+            "-F",
+            "vmdk",
+            top.to_str().unwrap(),
+        ],
+    );
+    common::qemu_io(&top, "vmdk", &["write -P 0x22 512k 1M".into()]);
+    let want = d.join("want.raw");
+    common::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            top.to_str().unwrap(),
+            want.to_str().unwrap(),
+        ],
+    );
+    let (code, out) = common::run_status(
+        env!("CARGO_BIN_EXE_vimg"),
+        &["commit", top.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Image committed."), "{out}");
+    let (code, out) = common::run_status(
+        "qemu-img",
+        &[
+            "compare",
+            "-F",
+            "raw",
+            base.to_str().unwrap(),
+            want.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = common::run_status("qemu-img", &["check", base.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+}
