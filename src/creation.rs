@@ -37,6 +37,30 @@ pub struct CreateCommand<'a> {
     pub opener: &'a Opener,
 }
 
+impl CreateCommand<'_> {
+    /// The size of a new image of `format`, which records no backing file (a `-b`/`-F` is
+    /// refused in qemu's words): SIZE if given, else `option_size` (`-o size`), else qemu's
+    /// "needs a size" refusal. Errors name the file, as qemu-img's `create` does.
+    pub fn size_without_backing(&self, format: &str, option_size: Option<u64>) -> Result<u64> {
+        use crate::error::ResultExt;
+        if self.backing_file.is_some() || self.backing_format.is_some() {
+            return Err(crate::error::Error::invalid_input(format!(
+                "Backing file not supported for file format '{format}'"
+            ))
+            .with_path(self.path));
+        }
+        let positional = self
+            .size
+            .map(crate::size::parse_size)
+            .transpose()
+            .in_file(self.path)?;
+        positional.or(option_size).ok_or_else(|| {
+            crate::error::Error::invalid_input("Image creation needs a size parameter")
+                .with_path(self.path)
+        })
+    }
+}
+
 impl std::fmt::Debug for CreateCommand<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CreateCommand")

@@ -144,29 +144,15 @@ impl FormatDriver for LuksDriver {
     ) -> Result<Box<dyn crate::creation::FormatCreation>> {
         let path = command.path;
         let mut opts = LuksOptions::parse(command.options).in_file(path)?;
-        if command.backing_file.is_some() || command.backing_format.is_some() {
-            return Err(
-                Error::invalid_input("Backing file not supported for file format 'luks'")
-                    .with_path(path),
-            );
-        }
-        let positional = command
-            .size
-            .map(crate::size::parse_size)
-            .transpose()
-            .in_file(path)?;
-        if positional.is_some() && opts.size.is_some() {
+        let twice = command.size.is_some() && opts.size.is_some();
+        let size = command.size_without_backing("luks", opts.size)?;
+        if twice {
             return Err(Error::invalid_input(
                 "the image size must be given only once (SIZE or -o size)",
             )
             .with_path(path));
         }
-        opts.size = positional.or(opts.size);
-        if opts.size.is_none() {
-            return Err(
-                Error::invalid_input("Image creation needs a size parameter").with_path(path),
-            );
-        }
+        opts.size = Some(size);
         Ok(Box::new(LuksCreation {
             path: path.to_path_buf(),
             opts,

@@ -92,23 +92,7 @@ impl FormatDriver for VdiDriver {
     ) -> Result<Box<dyn crate::creation::FormatCreation>> {
         let path = command.path;
         let mut opts = create::VdiOptions::parse(command.options).in_file(path)?;
-        if command.backing_file.is_some() || command.backing_format.is_some() {
-            return Err(
-                Error::invalid_input("Backing file not supported for file format 'vdi'")
-                    .with_path(path),
-            );
-        }
-        let positional = command
-            .size
-            .map(crate::size::parse_size)
-            .transpose()
-            .in_file(path)?;
-        opts.size = positional.or(opts.size);
-        if opts.size.is_none() {
-            return Err(
-                Error::invalid_input("Image creation needs a size parameter").with_path(path),
-            );
-        }
+        opts.size = Some(command.size_without_backing("vdi", opts.size)?);
         Ok(Box::new(create::VdiCreation {
             path: path.to_path_buf(),
             opts,

@@ -295,21 +295,7 @@ pub fn prepare(
 ) -> Result<Box<dyn crate::creation::FormatCreation>> {
     let path = command.path;
     let mut opts = VhdxOptions::parse(command.options).in_file(path)?;
-    if command.backing_file.is_some() || command.backing_format.is_some() {
-        return Err(
-            Error::invalid_input("Backing file not supported for file format 'vhdx'")
-                .with_path(path),
-        );
-    }
-    let positional = command
-        .size
-        .map(crate::size::parse_size)
-        .transpose()
-        .in_file(path)?;
-    opts.size = positional.or(opts.size);
-    if opts.size.is_none() {
-        return Err(Error::invalid_input("Image creation needs a size parameter").with_path(path));
-    }
+    opts.size = Some(command.size_without_backing("vhdx", opts.size)?);
     Ok(Box::new(VhdxCreation {
         path: path.to_path_buf(),
         opts,

@@ -77,23 +77,7 @@ impl FormatDriver for VpcDriver {
     ) -> Result<Box<dyn crate::creation::FormatCreation>> {
         let path = command.path;
         let mut opts = create::VpcOptions::parse(command.options).in_file(path)?;
-        if command.backing_file.is_some() || command.backing_format.is_some() {
-            return Err(
-                Error::invalid_input("Backing file not supported for file format 'vpc'")
-                    .with_path(path),
-            );
-        }
-        let positional = command
-            .size
-            .map(crate::size::parse_size)
-            .transpose()
-            .in_file(path)?;
-        opts.size = positional.or(opts.size);
-        if opts.size.is_none() {
-            return Err(
-                Error::invalid_input("Image creation needs a size parameter").with_path(path),
-            );
-        }
+        opts.size = Some(command.size_without_backing("vpc", opts.size)?);
         Ok(Box::new(create::VpcCreation {
             path: path.to_path_buf(),
             opts,
