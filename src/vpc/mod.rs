@@ -250,7 +250,7 @@ impl VpcImage {
             })?;
             match chunk {
                 Some(c) => self.storage.write_at(c, host),
-                None => self.storage.write_at(&vec![0; n as usize], host),
+                None => self.storage.zero_range(host, n),
             }
             .map_err(|e| self.write_failed(e, host))?;
             done += n;
