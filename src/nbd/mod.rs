@@ -13,5 +13,7 @@
 //!
 //! - [`wire`]: every constant and message of the protocol, encoded and decoded in both
 //!   directions, so that the client and the server share one codec.
+//! - [`server`]: the server (`vimg serve`).
 
+pub mod server;
 pub mod wire;
