@@ -19,6 +19,8 @@ use std::sync::{Condvar, Mutex};
 
 /// Most bytes of payloads and read buffers a connection holds for requests in flight.
 pub const BYTES_IN_FLIGHT: u64 = 64 << 20;
+/// Largest reply buffer a worker keeps between requests.
+const RETAINED: usize = 1 << 20;
 /// Worker threads per connection.
 const WORKERS: usize = 4;
 /// Most extents one block status chunk holds.
@@ -90,20 +92,27 @@ pub fn serve(mut conn: Conn, export: &Export, nego: &Negotiated) -> io::Result<(
     let rx = Mutex::new(rx);
     std::thread::scope(|s| {
         for _ in 0..WORKERS {
-            s.spawn(|| loop {
-                let job = {
-                    let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-                    rx.recv()
-                };
-                let Ok(job) = job else { break };
-                let cost = job.cost;
-                if !shared.dead.load(Ordering::Relaxed) {
-                    if let Err(_e) = run(&shared, job) {
+            s.spawn(|| {
+                // Reply buffers are reused, so that reads neither allocate nor clear memory;
+                // one grown past RETAINED is given back after its reply.
+                let mut buf = Vec::new();
+                loop {
+                    let job = {
+                        let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                        rx.recv()
+                    };
+                    let Ok(job) = job else { break };
+                    let cost = job.cost;
+                    if !shared.dead.load(Ordering::Relaxed) && run(&shared, job, &mut buf).is_err()
+                    {
                         shared.dead.store(true, Ordering::Relaxed);
                         conn_shutdown(&shared);
                     }
+                    if buf.len() > RETAINED {
+                        buf = Vec::new();
+                    }
+                    shared.budget.give(cost);
                 }
-                shared.budget.give(cost);
             });
         }
         let r = read_loop(&mut conn, &shared, &tx);
@@ -175,11 +184,11 @@ fn read_loop(conn: &mut Conn, shared: &Shared, tx: &mpsc::SyncSender<Job>) -> io
 
 /// Runs one request and sends its reply; an error is a failure to send (the connection is
 /// over).
-fn run(shared: &Shared, job: Job) -> io::Result<()> {
+fn run(shared: &Shared, job: Job, buf: &mut Vec<u8>) -> io::Result<()> {
     let req = &job.req;
     if req.kind == CMD_READ {
         return match check(shared, req) {
-            Ok(()) => reply_read(shared, req),
+            Ok(()) => reply_read(shared, req, buf),
             Err(e) => reply_error(shared, req, &e),
         };
     }
@@ -385,19 +394,29 @@ fn reply_status(shared: &Shared, req: &Request, chunks: Vec<BlockStatusChunk>) -
     send(shared, &[&out])
 }
 
+/// Makes `buf` at least `n` bytes long (growing it only: bytes already there are
+/// overwritten, never cleared).
+fn at_least(buf: &mut Vec<u8>, n: usize) {
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+}
+
 /// Reads and sends a READ's data: a simple reply; or structured, zero ranges as holes
-/// (one data chunk with DF).
-fn reply_read(shared: &Shared, req: &Request) -> io::Result<()> {
+/// (one data chunk with DF). The reply is built whole in `buf`, so that an error sends an
+/// error reply alone.
+fn reply_read(shared: &Shared, req: &Request, buf: &mut Vec<u8>) -> io::Result<()> {
     let export = shared.export;
-    let len = req.length;
+    let len = req.length as usize;
     if !shared.nego.structured {
-        let mut buf = vec![0u8; SIMPLE_REPLY_LEN + len as usize];
-        return match export.read(&mut buf[SIMPLE_REPLY_LEN..], req.offset) {
+        let total = SIMPLE_REPLY_LEN + len;
+        at_least(buf, total);
+        return match export.read(&mut buf[SIMPLE_REPLY_LEN..total], req.offset) {
             Ok(()) => {
                 let mut h = Vec::new();
                 ReplyHeader::encode_simple(&mut h, 0, req.cookie);
                 buf[..SIMPLE_REPLY_LEN].copy_from_slice(&h);
-                send(shared, &[&buf])
+                send(shared, &[&buf[..total]])
             }
             Err(e) => reply_error(shared, req, &e),
         };
@@ -406,39 +425,49 @@ fn reply_read(shared: &Shared, req: &Request) -> io::Result<()> {
         return reply_ok(shared, req);
     }
     let segments = if req.flags & CMD_FLAG_DF != 0 {
-        vec![(req.offset, len, false)]
+        vec![(req.offset, req.length, false)]
     } else {
-        match export.zero_map(req.offset, len, MAX_READ_SEGMENTS) {
+        match export.zero_map(req.offset, req.length, MAX_READ_SEGMENTS) {
             Ok(s) => s,
             Err(e) => return reply_error(shared, req, &e),
         }
     };
-    // Every chunk is built first, so that an error sends an error reply alone.
-    let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(segments.len());
+    let hlen = if shared.nego.extended {
+        EXTENDED_REPLY_LEN
+    } else {
+        STRUCTURED_REPLY_LEN
+    };
+    let total: usize = segments
+        .iter()
+        .map(|&(_, l, zero)| hlen + if zero { 12 } else { 8 + l as usize })
+        .sum();
+    at_least(buf, total);
     let n = segments.len();
+    let mut pos = 0;
     for (i, &(off, slen, zero)) in segments.iter().enumerate() {
         let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
-        if zero {
-            let mut p = Vec::new();
+        let head = if zero {
+            let mut c = chunk_header(shared, req, flags, REPLY_TYPE_OFFSET_HOLE, 12);
             OffsetHole {
                 offset: off,
                 length: slen as u32,
             }
-            .encode(&mut p);
-            let mut c = chunk_header(shared, req, flags, REPLY_TYPE_OFFSET_HOLE, 12);
-            c.extend_from_slice(&p);
-            chunks.push(c);
+            .encode(&mut c);
+            c
         } else {
             let mut c = chunk_header(shared, req, flags, REPLY_TYPE_OFFSET_DATA, 8 + slen);
             encode_offset_data_prefix(&mut c, off);
-            let start = c.len();
-            c.resize(start + slen as usize, 0);
-            if let Err(e) = export.read(&mut c[start..], off) {
+            c
+        };
+        buf[pos..pos + head.len()].copy_from_slice(&head);
+        pos += head.len();
+        if !zero {
+            let end = pos + slen as usize;
+            if let Err(e) = export.read(&mut buf[pos..end], off) {
                 return reply_error(shared, req, &e);
             }
-            chunks.push(c);
+            pos = end;
         }
     }
-    let parts: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
-    send(shared, &parts)
+    send(shared, &[&buf[..total]])
 }
