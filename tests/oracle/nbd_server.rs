@@ -378,3 +378,79 @@ fn nbdsh_edge_cases_match_qemu_nbd() {
     assert!(a.contains("unknown-option (99, '0x80000001')"), "{a}");
     assert_eq!(v.stop(), 0);
 }
+
+#[test]
+fn sigterm_during_writes_exits_cleanly_and_leaves_the_qcow2_consistent() {
+    if !nbd_tools_available("nbd_server") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let mut rng = common::Rng::seeded(7);
+    let data: Vec<u8> = (0..(64u64 << 20)).map(|_| rng.next() as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let img = dir.path().join("t.qcow2");
+    common::qemu_create(&img, "qcow2", "", None, 64 << 20);
+    let v = Server::vimg(&img, &dir.path().join("v.sock"), "", &["-e", "4"]);
+    let mut copy = std::process::Command::new("nbdcopy")
+        .args([src.to_str().unwrap(), &v.uri()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    assert_eq!(v.stop(), 0, "vimg serve's exit status after SIGTERM");
+    let _ = copy.wait();
+    let c = common::run("qemu-img", &["check", s(&img)]);
+    assert!(c.contains("No errors"), "{c}");
+    assert!(
+        !dir.path().join("v.sock").exists(),
+        "the socket is removed at exit"
+    );
+}
+
+#[test]
+fn fork_and_pid_file_and_exit_after_the_last_client() {
+    if !nbd_tools_available("nbd_server") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = layered_image(dir.path());
+    let sock = dir.path().join("f.sock");
+    let pid = dir.path().join("pid");
+    // --fork returns once the server listens, which goes on in the background.
+    common::run(
+        env!("CARGO_BIN_EXE_vimg"),
+        &[
+            "serve",
+            "--fork",
+            "--pid-file",
+            s(&pid),
+            "-r",
+            "-k",
+            s(&sock),
+            s(&img),
+        ],
+    );
+    let server_pid: i32 = std::fs::read_to_string(&pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let out = common::run("qemu-img", &["compare", "-F", "raw", s(&img), &uri]);
+    assert!(out.contains("identical"), "{out}");
+    // Without -t the server exits after its (last) client.
+    let start = std::time::Instant::now();
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    while unsafe { libc::kill(server_pid, 0) } == 0 {
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "server still running after its client left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        !sock.exists() && !pid.exists(),
+        "socket and pid file removed"
+    );
+}

@@ -156,6 +156,18 @@ pub fn run(export: Export, cfg: &ListenConfig) -> Result<()> {
         }
         // SAFETY: setsid has no memory effects.
         unsafe { libc::setsid() };
+        // The parent's caller may be waiting for the end of its output: the server keeps no
+        // standard stream of the caller open, as qemu-nbd once it runs.
+        if let Ok(null) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            for fd in 0..3 {
+                // SAFETY: dup2 onto the standard descriptors of a file kept open meanwhile.
+                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+            }
+        }
     }
     if let Some(p) = &cfg.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
