@@ -15,7 +15,7 @@
 //!
 //! | layer | modules | what they hold |
 //! |---|---|---|
-//! | host | [`storage`], [`direct_io`], [`blkdebug`], [`lock`], [`interrupt`], [`error`], [`offsets`], [`size`], [`option_list`], [`zeros`], [`crypto`], [`secret`], [`ova`] | positioned I/O on files and block devices (and memory, in tests), aligned `O_DIRECT` I/O under it, file identity (device and inode), qemu's blkdebug fault injection over it, qemu's image locks, cleanup on signals, the one error type, guest/host offset newtypes, sizes as qemu writes them, qemu's `-o` option lists, zero detection, sector encryption, the secrets of `--object secret`, the disks inside an OVA appliance's tar archive |
+//! | host | [`storage`], [`direct_io`], [`blkdebug`], [`lock`], [`interrupt`], [`error`], [`offsets`], [`size`], [`option_list`], [`zeros`], [`crypto`], [`secret`], [`ova`], [`nbd`] | positioned I/O on files and block devices (and memory, in tests), aligned `O_DIRECT` I/O under it, file identity (device and inode), qemu's blkdebug fault injection over it, qemu's image locks, cleanup on signals, the one error type, guest/host offset newtypes, sizes as qemu writes them, qemu's `-o` option lists, zero detection, sector encryption, the secrets of `--object secret`, the disks inside an OVA appliance's tar archive, NBD exports |
 //! | storage opening | [`opener`], [`chain`] | the storage opener: storage kinds (files and block devices today), locators resolved and identified by their kind, the command's settings for particular files (blkdebug rules, data files, notices); a chain being opened (loops by the canonical locator, depth, sharing) |
 //! | image model | [`block`], [`chain_read`], [`creation`], [`capability`], [`check`], [`bitmap`], [`info`], [`prealloc`], [`identity`] | the [`BlockImage`] trait and its block status; the format driver trait; reading through a backing chain; what creating and measuring ask of a format; the optional capabilities (snapshots, resize, amend, backing change, compressed writes, emptying, checks, persistent bitmaps); what `info` reports; preallocation modes; which files an image reads |
 //! | formats | [`format`](mod@format), [`foreign`], [`raw`], [`qcow2`], [`luks`], [`vdi`], [`vhdx`], [`vmdk`], [`vpc`], [`null`], [`probe`] | the registry of formats; one folder (or file) per format (`qcow2` in private folders by concern: `format`, `refcount`, `write`, `snapshot`, `bitmap`, `check`, `create`, `edit`, with its public API re-exported at [`qcow2`]'s root); `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
@@ -76,6 +76,7 @@ pub mod info;
 pub mod interrupt;
 pub mod lock;
 pub mod luks;
+pub mod nbd;
 pub mod node_name;
 pub mod null;
 pub mod offsets;

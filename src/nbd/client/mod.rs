@@ -1,0 +1,98 @@
+//! vimg's NBD client: exports named `nbd://...` opened as [`crate::storage::Storage`].
+//!
+//! [`locator`] reads the names, [`connect`] negotiates, [`transport`] carries requests and
+//! replies (several in flight from several threads), [`storage`] is the export as storage.
+//! One connection per export is shared by everything open on it in the process ([`open`]):
+//! a server serving one client at a time (qemu-nbd without `-e`) would otherwise never answer
+//! a second connection.
+
+pub mod connect;
+pub mod locator;
+pub mod storage;
+pub mod transport;
+mod wire_io;
+mod wire_tmp;
+
+use locator::NbdLocator;
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use storage::{Connection, NbdStorage};
+
+/// Whether `loc` is an NBD locator (valid or not).
+pub fn claims(loc: &Path) -> bool {
+    loc.to_str().is_some_and(locator::is_nbd_name)
+}
+
+/// The export `loc` names, or why it names none.
+pub fn parse(loc: &Path) -> io::Result<NbdLocator> {
+    let text = loc
+        .to_str()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an NBD name"))?;
+    match NbdLocator::from_locator(text) {
+        Some(Ok(l)) => Ok(l),
+        Some(Err(e)) => Err(io::Error::new(io::ErrorKind::InvalidInput, e)),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not an NBD name",
+        )),
+    }
+}
+
+/// The open connections, by locator.
+static CONNECTIONS: Mutex<Vec<(String, Weak<Connection>)>> = Mutex::new(Vec::new());
+
+/// The size of exports connected to in this process, by locator (for `info`, which asks
+/// after the image is closed or while it is open, without connecting again).
+static SIZES: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+
+/// The connection to the export `loc` names: the one open already, or a new one.
+pub fn connection(loc: &Path) -> io::Result<Arc<Connection>> {
+    let l = parse(loc)?;
+    let key = l.locator();
+    let mut reg = CONNECTIONS.lock().unwrap_or_else(|e| e.into_inner());
+    reg.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(c) = reg
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(c);
+    }
+    let (stream, info) = connect::connect(&l)?;
+    let transport = transport::Transport::new(stream, info.mode, info.context)?;
+    SIZES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(key.clone(), info.size);
+    let c = Arc::new(Connection::new(transport, info, PathBuf::from(l.url())));
+    reg.push((key, Arc::downgrade(&c)));
+    Ok(c)
+}
+
+/// Opens the export `loc` names as storage, for writing if `writable`.
+pub fn open(loc: &Path, writable: bool) -> io::Result<Box<dyn crate::storage::Storage>> {
+    Ok(Box::new(NbdStorage::new(connection(loc)?, writable)?))
+}
+
+/// The size of the export `loc` names: known if it was connected to in this process,
+/// otherwise asked of the server.
+pub fn export_size(loc: &Path) -> io::Result<u64> {
+    let key = parse(loc)?.locator();
+    if let Some(s) = SIZES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(&key).copied())
+    {
+        return Ok(s);
+    }
+    Ok(connection(loc)?.info().size)
+}
+
+/// The name qemu prints for the export `loc` names.
+pub fn display_name(loc: &Path) -> io::Result<String> {
+    Ok(parse(loc)?.url())
+}

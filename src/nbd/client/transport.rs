@@ -1,0 +1,506 @@
+//! Requests and replies on one connection, from several threads at once.
+//!
+//! A request is sent whole under the writer's lock. Replies are read by whichever waiting
+//! thread takes the reader's turn (leader and followers): a chunk for its own request is read
+//! straight into its buffer; a chunk for another request is read into memory and left in that
+//! request's slot, and its owner woken. So one request in flight costs no copy, and replies
+//! may come in any order. A malformed reply, an unknown cookie, an oversized length or a
+//! hang-up ends the connection: every request waiting, and every later one, gets the error.
+
+use super::connect::{ReplyMode, Stream};
+use super::wire_io::{read_exact, read_u16, read_u32, read_u64};
+use super::wire_tmp as w;
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// One extent of a block status reply: its length and its flags in the context asked for.
+pub type Extent = (u64, u32);
+
+/// A request being answered.
+#[derive(Default)]
+struct Slot {
+    cmd: u16,
+    offset: u64,
+    len: u64,
+    /// Data read for the request by another thread: (offset within the request, bytes).
+    pieces: Vec<(u64, Vec<u8>)>,
+    /// Holes the server reported: (offset within the request, length).
+    holes: Vec<(u64, u64)>,
+    /// Bytes of a read covered by data and holes so far.
+    covered: u64,
+    extents: Vec<Extent>,
+    error: Option<io::Error>,
+    done: bool,
+}
+
+struct Shared {
+    pending: HashMap<u64, Slot>,
+    /// A thread is reading replies.
+    reading: bool,
+    /// Why the connection is unusable.
+    dead: Option<(io::ErrorKind, String)>,
+}
+
+/// One NBD connection in its transmission phase.
+pub struct Transport {
+    writer: Mutex<Stream>,
+    reader: Mutex<Stream>,
+    shared: Mutex<Shared>,
+    turn: Condvar,
+    mode: ReplyMode,
+    /// The meta context block status replies are read for.
+    context: Option<u32>,
+    next_cookie: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn protocol(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// The error a server's errno stands for, with the server's message.
+pub fn server_error(errno: u32, msg: &str) -> io::Error {
+    // Only the errnos the protocol allows are taken as such; anything else is EINVAL, as qemu
+    // maps it.
+    let code = match errno {
+        1 | 5 | 12 | 22 | 28 | 75 | 95 | 108 => errno as i32,
+        _ => 22,
+    };
+    let os = io::Error::from_raw_os_error(code);
+    if msg.is_empty() {
+        return os;
+    }
+    let text = os.to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+    io::Error::new(os.kind(), format!("{text} (server reported: {msg})"))
+}
+
+/// Where to put what the reader reads for its own request.
+struct Own<'a> {
+    cookie: u64,
+    buf: Option<&'a mut [u8]>,
+}
+
+/// A reply header, in whichever form the server sent it.
+struct Header {
+    cookie: u64,
+    /// `None` for a simple reply (with its error in `error`).
+    chunk: Option<(u16, u16)>,
+    error: u32,
+    len: u64,
+}
+
+impl Transport {
+    /// Takes over a negotiated connection.
+    pub fn new(stream: Stream, mode: ReplyMode, context: Option<u32>) -> io::Result<Self> {
+        Ok(Transport {
+            reader: Mutex::new(stream.try_clone()?),
+            writer: Mutex::new(stream),
+            shared: Mutex::new(Shared {
+                pending: HashMap::new(),
+                reading: false,
+                dead: None,
+            }),
+            turn: Condvar::new(),
+            mode,
+            context,
+            next_cookie: AtomicU64::new(1),
+        })
+    }
+
+    /// Sends `NBD_CMD_DISC` and closes the socket (best effort).
+    pub fn disconnect(&self) {
+        let _ = self.send(w::NBD_CMD_DISC, 0, 0, 0, 0, &[]);
+        lock(&self.writer).shutdown();
+    }
+
+    fn send(
+        &self,
+        cmd: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let mut h = Vec::with_capacity(32);
+        match self.mode {
+            ReplyMode::Extended => {
+                h.extend_from_slice(&w::EXTENDED_REQUEST_MAGIC.to_be_bytes());
+                h.extend_from_slice(&flags.to_be_bytes());
+                h.extend_from_slice(&cmd.to_be_bytes());
+                h.extend_from_slice(&cookie.to_be_bytes());
+                h.extend_from_slice(&offset.to_be_bytes());
+                h.extend_from_slice(&len.to_be_bytes());
+            }
+            _ => {
+                let len = u32::try_from(len)
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "request too long"))?;
+                h.extend_from_slice(&w::REQUEST_MAGIC.to_be_bytes());
+                h.extend_from_slice(&flags.to_be_bytes());
+                h.extend_from_slice(&cmd.to_be_bytes());
+                h.extend_from_slice(&cookie.to_be_bytes());
+                h.extend_from_slice(&offset.to_be_bytes());
+                h.extend_from_slice(&len.to_be_bytes());
+            }
+        }
+        let mut s = lock(&self.writer);
+        s.write_all(&h)?;
+        if !payload.is_empty() {
+            s.write_all(payload)?;
+        }
+        Ok(())
+    }
+
+    fn fail(&self, e: &io::Error) {
+        let mut g = lock(&self.shared);
+        if g.dead.is_none() {
+            g.dead = Some((e.kind(), e.to_string()));
+        }
+        drop(g);
+        lock(&self.writer).shutdown();
+        self.turn.notify_all();
+    }
+
+    fn dead_error(d: &(io::ErrorKind, String)) -> io::Error {
+        io::Error::new(d.0, d.1.clone())
+    }
+
+    /// Sends one request and waits for its reply: for a READ, `buf` (of `len` bytes) is
+    /// filled; for BLOCK_STATUS, the extents of the negotiated context are returned.
+    pub fn request(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+        buf: Option<&mut [u8]>,
+    ) -> io::Result<Vec<Extent>> {
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut g = lock(&self.shared);
+            if let Some(d) = &g.dead {
+                return Err(Self::dead_error(d));
+            }
+            g.pending.insert(
+                cookie,
+                Slot {
+                    cmd,
+                    offset,
+                    len,
+                    ..Slot::default()
+                },
+            );
+        }
+        if let Err(e) = self.send(cmd, flags, cookie, offset, len, payload) {
+            self.fail(&e);
+            lock(&self.shared).pending.remove(&cookie);
+            return Err(e);
+        }
+        let mut own = Own { cookie, buf };
+        let mut g = lock(&self.shared);
+        loop {
+            if g.pending.get(&cookie).is_some_and(|s| s.done) {
+                let slot = g.pending.remove(&cookie).expect("present");
+                drop(g);
+                return Self::finish(slot, own.buf);
+            }
+            if let Some(d) = &g.dead {
+                let d = Self::dead_error(d);
+                g.pending.remove(&cookie);
+                return Err(d);
+            }
+            if !g.reading {
+                g.reading = true;
+                drop(g);
+                let r = self.read_chunk(&mut own);
+                if let Err(e) = &r {
+                    self.fail(e);
+                }
+                g = lock(&self.shared);
+                g.reading = false;
+                self.turn.notify_all();
+                continue;
+            }
+            g = self.turn.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Puts together what a finished request got.
+    fn finish(slot: Slot, buf: Option<&mut [u8]>) -> io::Result<Vec<Extent>> {
+        if let Some(e) = slot.error {
+            return Err(e);
+        }
+        if slot.cmd == w::NBD_CMD_READ {
+            if slot.covered != slot.len {
+                return Err(protocol(format!(
+                    "the server's reply to a read of {} bytes at {} covered {} bytes",
+                    slot.len, slot.offset, slot.covered
+                )));
+            }
+            if let Some(buf) = buf {
+                for (at, bytes) in slot.pieces {
+                    buf[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
+                }
+                for (at, n) in slot.holes {
+                    buf[at as usize..(at + n) as usize].fill(0);
+                }
+            }
+        }
+        Ok(slot.extents)
+    }
+
+    fn read_header(&self, s: &mut Stream) -> io::Result<Header> {
+        let magic = read_u32(s)?;
+        match magic {
+            w::SIMPLE_REPLY_MAGIC => {
+                let error = read_u32(s)?;
+                let cookie = read_u64(s)?;
+                Ok(Header {
+                    cookie,
+                    chunk: None,
+                    error,
+                    len: 0,
+                })
+            }
+            w::STRUCTURED_REPLY_MAGIC if self.mode == ReplyMode::Structured => {
+                let flags = read_u16(s)?;
+                let kind = read_u16(s)?;
+                let cookie = read_u64(s)?;
+                let len = read_u32(s)? as u64;
+                Ok(Header {
+                    cookie,
+                    chunk: Some((flags, kind)),
+                    error: 0,
+                    len,
+                })
+            }
+            w::EXTENDED_REPLY_MAGIC if self.mode == ReplyMode::Extended => {
+                let flags = read_u16(s)?;
+                let kind = read_u16(s)?;
+                let cookie = read_u64(s)?;
+                let _offset = read_u64(s)?;
+                let len = read_u64(s)?;
+                Ok(Header {
+                    cookie,
+                    chunk: Some((flags, kind)),
+                    error: 0,
+                    len,
+                })
+            }
+            m => Err(protocol(format!(
+                "bad reply magic 0x{m:08x} from the server"
+            ))),
+        }
+    }
+
+    /// Reads one reply (simple) or chunk (structured) and applies it to its request. A
+    /// failure here is the connection's.
+    fn read_chunk(&self, own: &mut Own<'_>) -> io::Result<()> {
+        let mut s = lock(&self.reader);
+        let s = &mut *s;
+        let h = self.read_header(s).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "Connection closed by the server",
+            ),
+            _ => e,
+        })?;
+        let (cmd, offset, len) = {
+            let g = lock(&self.shared);
+            match g.pending.get(&h.cookie) {
+                Some(slot) if !slot.done => (slot.cmd, slot.offset, slot.len),
+                _ => {
+                    return Err(protocol(format!(
+                        "the server replied with unknown cookie {}",
+                        h.cookie
+                    )))
+                }
+            }
+        };
+        let mine = h.cookie == own.cookie;
+        let eof = |e: io::Error| match e.kind() {
+            io::ErrorKind::UnexpectedEof => io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "Connection closed by the server in the middle of a reply",
+            ),
+            _ => e,
+        };
+        let mut update = Slot::default();
+        let mut done = true;
+        let mut data_into_own = None;
+        match h.chunk {
+            None => {
+                if h.error != 0 {
+                    update.error = Some(server_error(h.error, ""));
+                } else if cmd == w::NBD_CMD_READ {
+                    let n = usize::try_from(len).map_err(|_| protocol("read too long"))?;
+                    match (mine, own.buf.as_deref_mut()) {
+                        (true, Some(b)) => {
+                            read_exact(s, &mut b[..n]).map_err(eof)?;
+                            data_into_own = Some(len);
+                        }
+                        _ => {
+                            let mut v = vec![0; n];
+                            read_exact(s, &mut v).map_err(eof)?;
+                            update.pieces.push((0, v));
+                        }
+                    }
+                    update.covered = len;
+                }
+            }
+            Some((flags, kind)) => {
+                done = flags & w::NBD_REPLY_FLAG_DONE != 0;
+                let limit = match kind {
+                    w::NBD_REPLY_TYPE_OFFSET_DATA => len + 8,
+                    _ => 1 << 20,
+                };
+                if h.len > limit {
+                    return Err(protocol(format!(
+                        "reply chunk of {} bytes from the server is too long",
+                        h.len
+                    )));
+                }
+                match kind {
+                    w::NBD_REPLY_TYPE_NONE if h.len == 0 && done => {}
+                    w::NBD_REPLY_TYPE_OFFSET_DATA if cmd == w::NBD_CMD_READ && h.len > 8 => {
+                        let at = read_u64(s).map_err(eof)?;
+                        let n = h.len - 8;
+                        let rel = at
+                            .checked_sub(offset)
+                            .filter(|r| r.checked_add(n).is_some_and(|e| e <= len))
+                            .ok_or_else(|| protocol(format!(
+                                "the server sent data at {at}+{n} for a read of {len} bytes at {offset}"
+                            )))?;
+                        match (mine, own.buf.as_deref_mut()) {
+                            (true, Some(b)) => {
+                                read_exact(s, &mut b[rel as usize..(rel + n) as usize])
+                                    .map_err(eof)?;
+                                data_into_own = Some(n);
+                            }
+                            _ => {
+                                let mut v = vec![0; n as usize];
+                                read_exact(s, &mut v).map_err(eof)?;
+                                update.pieces.push((rel, v));
+                            }
+                        }
+                        update.covered = n;
+                    }
+                    w::NBD_REPLY_TYPE_OFFSET_HOLE
+                        if cmd == w::NBD_CMD_READ && (h.len == 12 || h.len == 16) =>
+                    {
+                        let at = read_u64(s).map_err(eof)?;
+                        let n = match h.len {
+                            12 => read_u32(s).map_err(eof)? as u64,
+                            _ => read_u64(s).map_err(eof)?,
+                        };
+                        let rel = at
+                            .checked_sub(offset)
+                            .filter(|r| n > 0 && r.checked_add(n).is_some_and(|e| e <= len))
+                            .ok_or_else(|| protocol(format!(
+                                "the server sent a hole at {at}+{n} for a read of {len} bytes at {offset}"
+                            )))?;
+                        update.holes.push((rel, n));
+                        update.covered = n;
+                    }
+                    w::NBD_REPLY_TYPE_BLOCK_STATUS | w::NBD_REPLY_TYPE_BLOCK_STATUS_EXT
+                        if cmd == w::NBD_CMD_BLOCK_STATUS =>
+                    {
+                        let mut p = vec![0; h.len as usize];
+                        read_exact(s, &mut p).map_err(eof)?;
+                        update.extents = self.parse_extents(kind, &p)?;
+                    }
+                    w::NBD_REPLY_TYPE_ERROR | w::NBD_REPLY_TYPE_ERROR_OFFSET if h.len >= 6 => {
+                        let mut p = vec![0; h.len as usize];
+                        read_exact(s, &mut p).map_err(eof)?;
+                        let errno = u32::from_be_bytes(p[..4].try_into().expect("4"));
+                        let mlen = u16::from_be_bytes([p[4], p[5]]) as usize;
+                        let msg = p
+                            .get(6..6 + mlen)
+                            .ok_or_else(|| protocol("malformed error chunk from the server"))?;
+                        if errno == 0 {
+                            return Err(protocol("error chunk without an error from the server"));
+                        }
+                        update.error = Some(server_error(errno, &String::from_utf8_lossy(msg)));
+                    }
+                    k => {
+                        return Err(protocol(format!(
+                            "unexpected reply chunk type {k} ({} bytes) for command {cmd}",
+                            h.len
+                        )))
+                    }
+                }
+            }
+        }
+        let _ = data_into_own;
+        let mut g = lock(&self.shared);
+        let slot = g.pending.get_mut(&h.cookie).expect("pending until done");
+        slot.pieces.append(&mut update.pieces);
+        slot.holes.append(&mut update.holes);
+        slot.covered += update.covered;
+        if slot.covered > slot.len && slot.cmd == w::NBD_CMD_READ {
+            return Err(protocol("the server's read reply overlaps itself"));
+        }
+        if !update.extents.is_empty() {
+            if !slot.extents.is_empty() {
+                return Err(protocol(
+                    "the server sent two block status chunks for one context",
+                ));
+            }
+            slot.extents = update.extents;
+        }
+        if slot.error.is_none() {
+            slot.error = update.error;
+        }
+        slot.done = done;
+        if done && !mine {
+            drop(g);
+            self.turn.notify_all();
+        }
+        Ok(())
+    }
+
+    /// The extents of a block status chunk, if it is for the negotiated context.
+    fn parse_extents(&self, kind: u16, p: &[u8]) -> io::Result<Vec<Extent>> {
+        let bad = || protocol("malformed block status reply from the server");
+        if p.len() < 4 {
+            return Err(bad());
+        }
+        let id = u32::from_be_bytes(p[..4].try_into().expect("4"));
+        if Some(id) != self.context {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        if kind == w::NBD_REPLY_TYPE_BLOCK_STATUS {
+            let body = &p[4..];
+            if body.is_empty() || !body.len().is_multiple_of(8) {
+                return Err(bad());
+            }
+            for e in body.chunks_exact(8) {
+                let len = u32::from_be_bytes(e[..4].try_into().expect("4")) as u64;
+                let flags = u32::from_be_bytes(e[4..].try_into().expect("4"));
+                out.push((len, flags));
+            }
+        } else {
+            let body = p.get(8..).ok_or_else(bad)?;
+            if body.is_empty() || !body.len().is_multiple_of(16) {
+                return Err(bad());
+            }
+            for e in body.chunks_exact(16) {
+                let len = u64::from_be_bytes(e[..8].try_into().expect("8"));
+                let flags = u64::from_be_bytes(e[8..].try_into().expect("8"));
+                out.push((len, flags as u32));
+            }
+        }
+        if out.iter().any(|&(l, _)| l == 0) {
+            return Err(protocol("the server sent an empty block status extent"));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,3 @@
+//! NBD, the network block device protocol.
+
+pub mod client;
