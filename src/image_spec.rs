@@ -493,7 +493,10 @@ fn nbd_options(flat: &mut BTreeMap<String, String>) -> Result<()> {
     if prefix.is_empty() {
         kept.insert("driver".into(), "raw".into());
     }
-    kept.insert("file.filename".into(), loc.locator());
+    if let Some(ctx) = &loc.dirty_bitmap {
+        crate::nbd::client::use_context(&loc.url(), ctx);
+    }
+    kept.insert("file.filename".into(), loc.url());
     *flat = kept;
     Ok(())
 }
@@ -882,10 +885,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.format, Some(ImageFormat::Raw));
-        assert_eq!(
-            s.path,
-            PathBuf::from("nbd+unix:///e?socket=/s#x-dirty-bitmap=qemu:dirty-bitmap:b")
-        );
+        assert_eq!(s.path, PathBuf::from("nbd+unix:///e?socket=/s"));
         let s = parse_image_opts("driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=h,file.export=x,read-only=on").unwrap();
         assert_eq!(s.path, PathBuf::from("nbd://h:10809/x"));
         assert!(s.read_only);

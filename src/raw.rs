@@ -399,7 +399,7 @@ impl BlockImage for RawImage {
                 zero: a.zero,
                 data: a.data,
                 compressed: false,
-                offset: Some(HostOffset(offset.0)),
+                offset: (a.data || a.zero).then_some(HostOffset(offset.0)),
             });
         }
         let (is_data, n) = self

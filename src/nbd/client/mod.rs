@@ -47,9 +47,31 @@ static CONNECTIONS: Mutex<Vec<(String, Weak<Connection>)>> = Mutex::new(Vec::new
 /// after the image is closed or while it is open, without connecting again).
 static SIZES: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
 
+/// The meta contexts asked for exports in place of `base:allocation` (qemu's
+/// `x-dirty-bitmap`), by the export's URL.
+static CONTEXTS: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// Makes block status on the export `url` names (opened later in this process) report the
+/// meta context `context` (qemu's `x-dirty-bitmap=qemu:dirty-bitmap:NAME`) in place of
+/// `base:allocation`: dirty extents then read as unallocated, as qemu reports them.
+pub fn use_context(url: &str, context: &str) {
+    let mut c = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
+    c.retain(|(u, _)| u != url);
+    c.push((url.to_string(), context.to_string()));
+}
+
 /// The connection to the export `loc` names: the one open already, or a new one.
 pub fn connection(loc: &Path) -> io::Result<Arc<Connection>> {
-    let l = parse(loc)?;
+    let mut l = parse(loc)?;
+    if l.dirty_bitmap.is_none() {
+        let url = l.url();
+        l.dirty_bitmap = CONTEXTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(u, _)| *u == url)
+            .map(|(_, c)| c.clone());
+    }
     let key = l.locator();
     let mut reg = CONNECTIONS.lock().unwrap_or_else(|e| e.into_inner());
     reg.retain(|(_, w)| w.strong_count() > 0);
