@@ -21,6 +21,7 @@
 //! | formats | [`format`](mod@format), [`foreign`], [`raw`], [`qcow2`], [`luks`], [`vdi`], [`vhdx`], [`vmdk`], [`vpc`], [`null`], [`probe`] | the registry of formats; one folder (or file) per format (`qcow2` in private folders by concern: `format`, `refcount`, `write`, `snapshot`, `bitmap`, `check`, `create`, `edit`, with its public API re-exported at [`qcow2`]'s root); `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
 //! | opening | [`open`], [`image_spec`] | choosing a format and opening a layer with its backing chain; qemu's image names (`json:`, `--image-opts`) |
 //! | archives | [`vma`] | Proxmox's VMA backup format, read and written |
+//! | network | [`nbd`] | the Network Block Device protocol: its messages (shared by both sides), the server and the client |
 //! | commands | [`ops`] | one module per `vimg` command, each a library call that returns what the binary prints |
 //!
 //! The binary (`src/main.rs`, behind the default `cli` feature) parses arguments, calls
