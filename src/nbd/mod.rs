@@ -15,5 +15,5 @@
 //! - [`wire`]: every constant and message of the protocol, encoded and decoded in both
 //!   directions, so that the client and the server share one codec.
 
-pub mod wire;
 pub mod client;
+pub mod wire;

@@ -1042,7 +1042,10 @@ impl BlockStatusPayload {
     pub fn decode(buf: &[u8]) -> WireResult<Self> {
         let mut c = Cursor::new(buf, "block status payload");
         let effect_length = c.u64()?;
-        if c.buf.is_empty() || !c.buf.len().is_multiple_of(4) || c.buf.len() > MAX_OPTION_LEN as usize {
+        if c.buf.is_empty()
+            || !c.buf.len().is_multiple_of(4)
+            || c.buf.len() > MAX_OPTION_LEN as usize
+        {
             return Err(bad(format!(
                 "block status payload: {} bytes of context ids",
                 c.buf.len()

@@ -4,8 +4,8 @@
 //! with `OPT_EXPORT_NAME` for servers that do not know `OPT_GO`.
 
 use super::locator::{NbdLocator, Server};
-use super::wire_io::{read_exact, read_u16, read_u32, read_u64};
-use super::wire_tmp as w;
+use super::wire_io::read_exact;
+use crate::nbd::wire as w;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -14,9 +14,6 @@ use std::time::Duration;
 /// How long the handshake may take before the server is given up on (a server at its limit of
 /// clients, such as qemu-nbd without `-e`, accepts the connection but never greets).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The largest option reply vimg reads (qemu's client takes the same bound on strings).
-const MAX_OPTION_REPLY: u32 = 64 << 10;
 
 /// A connected socket, TCP or unix.
 #[derive(Debug)]
@@ -148,47 +145,42 @@ struct OptReply {
 
 impl OptReply {
     fn is_error(&self) -> bool {
-        self.kind & w::NBD_REP_FLAG_ERROR != 0
+        self.kind & w::REP_FLAG_ERROR != 0
     }
 
     /// The server's message (an error reply's payload), for messages.
     fn message(&self) -> String {
-        String::from_utf8_lossy(&self.data).into_owned()
+        w::decode_error_message(&self.data)
     }
 }
 
-fn send_option(s: &mut Stream, opt: u32, data: &[u8]) -> io::Result<()> {
-    let mut b = Vec::with_capacity(16 + data.len());
-    b.extend_from_slice(&w::IHAVEOPT.to_be_bytes());
-    b.extend_from_slice(&opt.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    s.write_all(&b)
+fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> io::Result<()> {
+    w::write_all(s, |b| {
+        w::OptionHeader {
+            option,
+            len: data.len() as u32,
+        }
+        .encode(b);
+        b.extend_from_slice(data);
+    })
 }
 
 fn read_option_reply(s: &mut Stream, opt: u32) -> io::Result<OptReply> {
-    let magic = read_u64(s)?;
-    if magic != w::REPLY_MAGIC_OPT {
+    let mut h = [0u8; w::OPTION_REPLY_HEADER_LEN];
+    read_exact(s, &mut h)?;
+    let h = w::OptionReplyHeader::decode(&h)?;
+    if h.option != opt {
         return Err(protocol(format!(
-            "bad option reply magic 0x{magic:x} from the server"
+            "the server replied to option {} where option {opt} was sent",
+            h.option
         )));
     }
-    let got = read_u32(s)?;
-    let kind = read_u32(s)?;
-    let len = read_u32(s)?;
-    if got != opt {
-        return Err(protocol(format!(
-            "the server replied to option {got} where option {opt} was sent"
-        )));
-    }
-    if len > MAX_OPTION_REPLY {
-        return Err(protocol(format!(
-            "option reply of {len} bytes from the server is too long"
-        )));
-    }
-    let mut data = vec![0; len as usize];
+    let mut data = vec![0; h.len as usize];
     read_exact(s, &mut data)?;
-    Ok(OptReply { kind, data })
+    Ok(OptReply {
+        kind: h.reply,
+        data,
+    })
 }
 
 /// Sends an option with no payload and reads its one reply: whether the server took it.
@@ -198,7 +190,7 @@ fn simple_option(s: &mut Stream, opt: u32) -> io::Result<bool> {
     if r.is_error() {
         return Ok(false);
     }
-    if r.kind != w::NBD_REP_ACK {
+    if r.kind != w::REP_ACK {
         return Err(protocol(format!(
             "unexpected reply {} to option {opt}",
             r.kind
@@ -207,50 +199,45 @@ fn simple_option(s: &mut Stream, opt: u32) -> io::Result<bool> {
     Ok(true)
 }
 
-fn name_bytes(out: &mut Vec<u8>, name: &str) -> io::Result<()> {
-    if name.len() > w::MAX_STRING as usize {
+fn check_name(name: &str) -> io::Result<()> {
+    if name.len() > w::MAX_STRING {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "export name too long",
         ));
     }
-    out.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    out.extend_from_slice(name.as_bytes());
     Ok(())
 }
 
 fn handshake(s: &mut Stream, loc: &NbdLocator) -> io::Result<Negotiated> {
-    let magic = read_u64(s)?;
-    if magic != w::NBDMAGIC {
-        return Err(protocol(format!(
-            "the server does not speak NBD (greeting 0x{magic:016x})"
-        )));
+    let mut g = [0u8; w::GREETING_LEN];
+    read_exact(s, &mut g)?;
+    if u64::from_be_bytes(g[..8].try_into().expect("8 bytes")) != w::NBDMAGIC {
+        return Err(protocol(
+            "the server does not speak NBD (bad greeting magic)",
+        ));
     }
-    let magic = read_u64(s)?;
-    if magic == w::OLDSTYLE_MAGIC {
+    if u64::from_be_bytes(g[8..16].try_into().expect("8 bytes")) == w::CLISERV_MAGIC {
         return Err(protocol(
             "the server speaks the oldstyle NBD protocol, which qemu no longer supports",
         ));
     }
-    if magic != w::IHAVEOPT {
-        return Err(protocol(format!("bad NBD greeting magic 0x{magic:016x}")));
-    }
-    let server_flags = read_u16(s)?;
-    if server_flags & w::NBD_FLAG_FIXED_NEWSTYLE == 0 {
+    let greeting = w::Greeting::decode(&g)?;
+    if greeting.flags & w::FLAG_FIXED_NEWSTYLE == 0 {
         return Err(protocol(
             "the server does not support the fixed newstyle handshake",
         ));
     }
-    let no_zeroes = server_flags & w::NBD_FLAG_NO_ZEROES != 0;
-    let mut cflags = w::NBD_FLAG_C_FIXED_NEWSTYLE as u32;
+    let no_zeroes = greeting.flags & w::FLAG_NO_ZEROES != 0;
+    let mut cflags = w::FLAG_C_FIXED_NEWSTYLE;
     if no_zeroes {
-        cflags |= w::NBD_FLAG_C_NO_ZEROES as u32;
+        cflags |= w::FLAG_C_NO_ZEROES;
     }
-    s.write_all(&cflags.to_be_bytes())?;
+    w::write_all(s, |b| w::ClientFlags(cflags).encode(b))?;
 
-    let mode = if simple_option(s, w::NBD_OPT_EXTENDED_HEADERS)? {
+    let mode = if simple_option(s, w::OPT_EXTENDED_HEADERS)? {
         ReplyMode::Extended
-    } else if simple_option(s, w::NBD_OPT_STRUCTURED_REPLY)? {
+    } else if simple_option(s, w::OPT_STRUCTURED_REPLY)? {
         ReplyMode::Structured
     } else {
         ReplyMode::Simple
@@ -281,7 +268,7 @@ fn handshake(s: &mut Stream, loc: &NbdLocator) -> io::Result<Negotiated> {
     Ok(Negotiated {
         size,
         flags,
-        block_size: (min, pref, max.min(w::MAX_PAYLOAD)),
+        block_size: (min, pref, max.min(w::MAX_PAYLOAD as u32)),
         mode,
         context,
     })
@@ -292,23 +279,27 @@ type ExportInfo = (u64, u16, (u32, u32, u32));
 
 /// `NBD_OPT_SET_META_CONTEXT` with one query: the id the server gave the context, if it has it.
 fn set_meta_context(s: &mut Stream, export: &str, query: &str) -> io::Result<Option<u32>> {
+    check_name(export)?;
+    check_name(query)?;
     let mut d = Vec::new();
-    name_bytes(&mut d, export)?;
-    d.extend_from_slice(&1u32.to_be_bytes());
-    name_bytes(&mut d, query)?;
-    send_option(s, w::NBD_OPT_SET_META_CONTEXT, &d)?;
+    w::MetaContextRequest {
+        export: export.to_string(),
+        queries: vec![query.to_string()],
+    }
+    .encode(&mut d);
+    send_option(s, w::OPT_SET_META_CONTEXT, &d)?;
     let mut id = None;
     loop {
-        let r = read_option_reply(s, w::NBD_OPT_SET_META_CONTEXT)?;
+        let r = read_option_reply(s, w::OPT_SET_META_CONTEXT)?;
         if r.is_error() {
             return Ok(None);
         }
         match r.kind {
-            w::NBD_REP_ACK => return Ok(id),
-            w::NBD_REP_META_CONTEXT if r.data.len() >= 4 => {
-                let got = u32::from_be_bytes(r.data[..4].try_into().expect("4 bytes"));
-                if &r.data[4..] == query.as_bytes() {
-                    id = Some(got);
+            w::REP_ACK => return Ok(id),
+            w::REP_META_CONTEXT => {
+                let m = w::MetaContextReply::decode(&r.data)?;
+                if m.name == query {
+                    id = Some(m.id);
                 }
             }
             k => {
@@ -322,23 +313,26 @@ fn set_meta_context(s: &mut Stream, export: &str, query: &str) -> io::Result<Opt
 
 /// `NBD_OPT_GO` asking for the block sizes; `None` if the server does not know the option.
 fn go(s: &mut Stream, export: &str) -> io::Result<Option<ExportInfo>> {
+    check_name(export)?;
     let mut d = Vec::new();
-    name_bytes(&mut d, export)?;
-    d.extend_from_slice(&1u16.to_be_bytes());
-    d.extend_from_slice(&w::NBD_INFO_BLOCK_SIZE.to_be_bytes());
-    send_option(s, w::NBD_OPT_GO, &d)?;
+    w::InfoRequest {
+        name: export.to_string(),
+        requests: vec![w::INFO_BLOCK_SIZE],
+    }
+    .encode(&mut d);
+    send_option(s, w::OPT_GO, &d)?;
     let mut export_info = None;
-    let mut sizes = (1, 4096, w::MAX_PAYLOAD);
+    let mut sizes = (1, 4096, w::MAX_PAYLOAD as u32);
     loop {
-        let r = read_option_reply(s, w::NBD_OPT_GO)?;
+        let r = read_option_reply(s, w::OPT_GO)?;
         if r.is_error() {
-            if r.kind == w::NBD_REP_ERR_UNSUP {
+            if r.kind == w::REP_ERR_UNSUP {
                 return Ok(None);
             }
             let what = match r.kind {
-                w::NBD_REP_ERR_UNKNOWN => "Requested export not available",
-                w::NBD_REP_ERR_POLICY => "Requested export not available for the server's policy",
-                w::NBD_REP_ERR_TLS_REQD => "TLS negotiation required before option 7 (go)",
+                w::REP_ERR_UNKNOWN => "Requested export not available",
+                w::REP_ERR_POLICY => "Requested export not available for the server's policy",
+                w::REP_ERR_TLS_REQD => "TLS negotiation required before option 7 (go)",
                 _ => "Option 7 (go) failed",
             };
             let msg = r.message();
@@ -351,29 +345,16 @@ fn go(s: &mut Stream, export: &str) -> io::Result<Option<ExportInfo>> {
             ));
         }
         match r.kind {
-            w::NBD_REP_ACK => break,
-            w::NBD_REP_INFO if r.data.len() >= 2 => {
-                let t = u16::from_be_bytes([r.data[0], r.data[1]]);
-                let b = &r.data[2..];
-                match t {
-                    w::NBD_INFO_EXPORT if b.len() == 10 => {
-                        export_info = Some((
-                            u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
-                            u16::from_be_bytes([b[8], b[9]]),
-                        ))
-                    }
-                    w::NBD_INFO_BLOCK_SIZE if b.len() == 12 => {
-                        let u = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().expect("4"));
-                        sizes = (u(0), u(4), u(8));
-                    }
-                    w::NBD_INFO_EXPORT | w::NBD_INFO_BLOCK_SIZE => {
-                        return Err(protocol(format!(
-                            "malformed information {t} from the server"
-                        )))
-                    }
-                    _ => {}
-                }
-            }
+            w::REP_ACK => break,
+            w::REP_INFO => match w::Info::decode(&r.data)? {
+                w::Info::Export { size, flags } => export_info = Some((size, flags)),
+                w::Info::BlockSize {
+                    min,
+                    preferred,
+                    max,
+                } => sizes = (min, preferred, max),
+                _ => {}
+            },
             k => return Err(protocol(format!("unexpected reply {k} to option GO"))),
         }
     }
@@ -383,17 +364,10 @@ fn go(s: &mut Stream, export: &str) -> io::Result<Option<ExportInfo>> {
 
 /// `NBD_OPT_EXPORT_NAME`, for a server without `OPT_GO`.
 fn export_name(s: &mut Stream, export: &str, no_zeroes: bool) -> io::Result<ExportInfo> {
-    if export.len() > w::MAX_STRING as usize {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "export name too long",
-        ));
-    }
-    send_option(s, w::NBD_OPT_EXPORT_NAME, export.as_bytes())?;
-    let size = read_u64(s)?;
-    let flags = read_u16(s)?;
-    if !no_zeroes {
-        read_exact(s, &mut [0u8; 124])?;
-    }
-    Ok((size, flags, (1, 4096, w::MAX_PAYLOAD)))
+    check_name(export)?;
+    send_option(s, w::OPT_EXPORT_NAME, export.as_bytes())?;
+    let mut b = vec![0u8; w::ExportNameReply::wire_len(no_zeroes)];
+    read_exact(s, &mut b)?;
+    let r = w::ExportNameReply::decode(&b)?;
+    Ok((r.size, r.flags, (1, 4096, w::MAX_PAYLOAD as u32)))
 }

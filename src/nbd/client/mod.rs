@@ -11,7 +11,6 @@ pub mod locator;
 pub mod storage;
 pub mod transport;
 mod wire_io;
-mod wire_tmp;
 
 use locator::NbdLocator;
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 
 use super::connect::Negotiated;
 use super::transport::{Extent, Transport};
-use super::wire_tmp as w;
+use crate::nbd::wire as w;
 use crate::storage::Storage;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -45,13 +45,13 @@ impl Connection {
 
     /// The export is read-only.
     pub fn read_only(&self) -> bool {
-        self.has(w::NBD_FLAG_READ_ONLY)
+        self.has(w::TFLAG_READ_ONLY)
     }
 
     /// The largest request: the server's maximum, at most 32 MiB, a multiple of the minimum.
     fn max_request(&self) -> u64 {
         let (min, _, max) = self.info.block_size;
-        (max.min(w::MAX_PAYLOAD) as u64 / min as u64).max(1) * min as u64
+        (max.min(w::MAX_PAYLOAD as u32) as u64 / min as u64).max(1) * min as u64
     }
 }
 
@@ -129,7 +129,7 @@ impl NbdStorage {
             let n = (buf.len() - done).min(max);
             let piece = &mut buf[done..done + n];
             self.conn.transport.request(
-                w::NBD_CMD_READ,
+                w::CMD_READ,
                 0,
                 offset + done as u64,
                 n as u64,
@@ -145,14 +145,9 @@ impl NbdStorage {
         let max = self.conn.max_request() as usize;
         for (i, piece) in buf.chunks(max).enumerate() {
             let at = offset + (i * max) as u64;
-            self.conn.transport.request(
-                w::NBD_CMD_WRITE,
-                0,
-                at,
-                piece.len() as u64,
-                piece,
-                None,
-            )?;
+            self.conn
+                .transport
+                .request(w::CMD_WRITE, 0, at, piece.len() as u64, piece, None)?;
         }
         Ok(())
     }
@@ -253,12 +248,12 @@ impl Storage for NbdStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
-        if !self.writable || !self.conn.has(w::NBD_FLAG_SEND_FLUSH) {
+        if !self.writable || !self.conn.has(w::TFLAG_SEND_FLUSH) {
             return Ok(());
         }
         self.conn
             .transport
-            .request(w::NBD_CMD_FLUSH, 0, 0, 0, &[], None)
+            .request(w::CMD_FLUSH, 0, 0, 0, &[], None)
             .map(drop)
     }
 
@@ -271,21 +266,21 @@ impl Storage for NbdStorage {
         self.forget_extents();
         let m = self.min_block();
         let (a, b) = (offset.div_ceil(m) * m, (offset + len) / m * m);
-        if !self.conn.has(w::NBD_FLAG_SEND_WRITE_ZEROES) || b <= a {
+        if !self.conn.has(w::TFLAG_SEND_WRITE_ZEROES) || b <= a {
             return self.write_zero_buffers(offset, len);
         }
         // Partial blocks at either end get zeros written (read-modify-write).
         self.write_zero_buffers(offset, a - offset)?;
         {
             let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
-            self.ranged(w::NBD_CMD_WRITE_ZEROES, 0, a, b - a)?;
+            self.ranged(w::CMD_WRITE_ZEROES, 0, a, b - a)?;
         }
         self.write_zero_buffers(b, offset + len - b)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
         self.check_writable()?;
-        if len == 0 || !self.conn.has(w::NBD_FLAG_SEND_TRIM) {
+        if len == 0 || !self.conn.has(w::TFLAG_SEND_TRIM) {
             return Ok(false);
         }
         self.forget_extents();
@@ -294,7 +289,7 @@ impl Storage for NbdStorage {
         let b = ((offset + len) / m * m).min(self.size());
         if b > a {
             let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
-            self.ranged(w::NBD_CMD_TRIM, 0, a, b - a)?;
+            self.ranged(w::CMD_TRIM, 0, a, b - a)?;
         }
         // A trim need not leave zeros.
         Ok(false)
@@ -302,7 +297,7 @@ impl Storage for NbdStorage {
 
     fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)> {
         let (flags, len) = self.status_at(offset)?;
-        Ok((flags & w::NBD_STATE_HOLE == 0, len))
+        Ok((flags & w::STATE_HOLE == 0, len))
     }
 
     fn path(&self) -> Option<&Path> {
@@ -319,8 +314,8 @@ impl Storage for NbdStorage {
         let (flags, len) = self.status_at(offset)?;
         Ok(Some(crate::storage::Allocation {
             len,
-            data: flags & w::NBD_STATE_HOLE == 0,
-            zero: flags & w::NBD_STATE_ZERO != 0,
+            data: flags & w::STATE_HOLE == 0,
+            zero: flags & w::STATE_ZERO != 0,
         }))
     }
 }
@@ -331,7 +326,7 @@ impl NbdStorage {
     fn status_at(&self, offset: u64) -> io::Result<(u32, u64)> {
         let size = self.size();
         if offset >= size {
-            return Ok((w::NBD_STATE_HOLE | w::NBD_STATE_ZERO, u64::MAX - offset));
+            return Ok((w::STATE_HOLE | w::STATE_ZERO, u64::MAX - offset));
         }
         if self.conn.info.context.is_none() {
             return Ok((0, size - offset));
@@ -352,10 +347,10 @@ impl NbdStorage {
         let start = offset / m * m;
         let max = (u32::MAX as u64 / m) * m;
         let len = (size - start).min(max);
-        let list =
-            self.conn
-                .transport
-                .request(w::NBD_CMD_BLOCK_STATUS, 0, start, len, &[], None)?;
+        let list = self
+            .conn
+            .transport
+            .request(w::CMD_BLOCK_STATUS, 0, start, len, &[], None)?;
         if list.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,

@@ -8,8 +8,8 @@
 //! hang-up ends the connection: every request waiting, and every later one, gets the error.
 
 use super::connect::{ReplyMode, Stream};
-use super::wire_io::{read_exact, read_u16, read_u32, read_u64};
-use super::wire_tmp as w;
+use super::wire_io::{read_exact, read_u64};
+use crate::nbd::wire as w;
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,15 +63,10 @@ fn protocol(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// The error a server's errno stands for, with the server's message.
+/// The error a server's errno stands for (anything outside the protocol's list is `EIO`),
+/// with the server's message.
 pub fn server_error(errno: u32, msg: &str) -> io::Error {
-    // Only the errnos the protocol allows are taken as such; anything else is EINVAL, as qemu
-    // maps it.
-    let code = match errno {
-        1 | 5 | 12 | 22 | 28 | 75 | 95 | 108 => errno as i32,
-        _ => 22,
-    };
-    let os = io::Error::from_raw_os_error(code);
+    let os = w::io_from_errno(errno);
     if msg.is_empty() {
         return os;
     }
@@ -115,7 +110,7 @@ impl Transport {
 
     /// Sends `NBD_CMD_DISC` and closes the socket (best effort).
     pub fn disconnect(&self) {
-        let _ = self.send(w::NBD_CMD_DISC, 0, 0, 0, 0, &[]);
+        let _ = self.send(w::CMD_DISC, 0, 0, 0, 0, &[]);
         lock(&self.writer).shutdown();
     }
 
@@ -128,27 +123,15 @@ impl Transport {
         len: u64,
         payload: &[u8],
     ) -> io::Result<()> {
-        let mut h = Vec::with_capacity(32);
-        match self.mode {
-            ReplyMode::Extended => {
-                h.extend_from_slice(&w::EXTENDED_REQUEST_MAGIC.to_be_bytes());
-                h.extend_from_slice(&flags.to_be_bytes());
-                h.extend_from_slice(&cmd.to_be_bytes());
-                h.extend_from_slice(&cookie.to_be_bytes());
-                h.extend_from_slice(&offset.to_be_bytes());
-                h.extend_from_slice(&len.to_be_bytes());
-            }
-            _ => {
-                let len = u32::try_from(len)
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "request too long"))?;
-                h.extend_from_slice(&w::REQUEST_MAGIC.to_be_bytes());
-                h.extend_from_slice(&flags.to_be_bytes());
-                h.extend_from_slice(&cmd.to_be_bytes());
-                h.extend_from_slice(&cookie.to_be_bytes());
-                h.extend_from_slice(&offset.to_be_bytes());
-                h.extend_from_slice(&len.to_be_bytes());
-            }
+        let mut h = Vec::with_capacity(w::EXTENDED_REQUEST_LEN);
+        w::Request {
+            flags,
+            kind: cmd,
+            cookie,
+            offset,
+            length: len,
         }
+        .encode(&mut h, self.mode == ReplyMode::Extended)?;
         let mut s = lock(&self.writer);
         s.write_all(&h)?;
         if !payload.is_empty() {
@@ -237,7 +220,7 @@ impl Transport {
         if let Some(e) = slot.error {
             return Err(e);
         }
-        if slot.cmd == w::NBD_CMD_READ {
+        if slot.cmd == w::CMD_READ {
             if slot.covered != slot.len {
                 return Err(protocol(format!(
                     "the server's reply to a read of {} bytes at {} covered {} bytes",
@@ -257,47 +240,33 @@ impl Transport {
     }
 
     fn read_header(&self, s: &mut Stream) -> io::Result<Header> {
-        let magic = read_u32(s)?;
-        match magic {
-            w::SIMPLE_REPLY_MAGIC => {
-                let error = read_u32(s)?;
-                let cookie = read_u64(s)?;
-                Ok(Header {
-                    cookie,
-                    chunk: None,
-                    error,
-                    len: 0,
-                })
-            }
-            w::STRUCTURED_REPLY_MAGIC if self.mode == ReplyMode::Structured => {
-                let flags = read_u16(s)?;
-                let kind = read_u16(s)?;
-                let cookie = read_u64(s)?;
-                let len = read_u32(s)? as u64;
-                Ok(Header {
-                    cookie,
-                    chunk: Some((flags, kind)),
-                    error: 0,
-                    len,
-                })
-            }
-            w::EXTENDED_REPLY_MAGIC if self.mode == ReplyMode::Extended => {
-                let flags = read_u16(s)?;
-                let kind = read_u16(s)?;
-                let cookie = read_u64(s)?;
-                let _offset = read_u64(s)?;
-                let len = read_u64(s)?;
-                Ok(Header {
-                    cookie,
-                    chunk: Some((flags, kind)),
-                    error: 0,
-                    len,
-                })
-            }
-            m => Err(protocol(format!(
-                "bad reply magic 0x{m:08x} from the server"
-            ))),
-        }
+        let mut b = [0u8; w::EXTENDED_REPLY_LEN];
+        read_exact(s, &mut b[..4])?;
+        let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let expected = match (magic, self.mode) {
+            (w::SIMPLE_REPLY_MAGIC, _) => true,
+            (w::STRUCTURED_REPLY_MAGIC, m) => m == ReplyMode::Structured,
+            (w::EXTENDED_REPLY_MAGIC, m) => m == ReplyMode::Extended,
+            _ => false,
+        };
+        let n = w::ReplyHeader::len_for_magic(magic)
+            .filter(|_| expected)
+            .ok_or_else(|| protocol(format!("bad reply magic 0x{magic:08x} from the server")))?;
+        read_exact(s, &mut b[4..n])?;
+        Ok(match w::ReplyHeader::decode(&b[..n])? {
+            w::ReplyHeader::Simple { error, cookie } => Header {
+                cookie,
+                chunk: None,
+                error,
+                len: 0,
+            },
+            w::ReplyHeader::Chunk(c) => Header {
+                cookie: c.cookie,
+                chunk: Some((c.flags, c.kind)),
+                error: 0,
+                len: c.length,
+            },
+        })
     }
 
     /// Reads one reply (simple) or chunk (structured) and applies it to its request. A
@@ -339,7 +308,7 @@ impl Transport {
             None => {
                 if h.error != 0 {
                     update.error = Some(server_error(h.error, ""));
-                } else if cmd == w::NBD_CMD_READ {
+                } else if cmd == w::CMD_READ {
                     let n = usize::try_from(len).map_err(|_| protocol("read too long"))?;
                     match (mine, own.buf.as_deref_mut()) {
                         (true, Some(b)) => {
@@ -356,9 +325,9 @@ impl Transport {
                 }
             }
             Some((flags, kind)) => {
-                done = flags & w::NBD_REPLY_FLAG_DONE != 0;
+                done = flags & w::REPLY_FLAG_DONE != 0;
                 let limit = match kind {
-                    w::NBD_REPLY_TYPE_OFFSET_DATA => len + 8,
+                    w::REPLY_TYPE_OFFSET_DATA => len + 8,
                     _ => 1 << 20,
                 };
                 if h.len > limit {
@@ -368,8 +337,8 @@ impl Transport {
                     )));
                 }
                 match kind {
-                    w::NBD_REPLY_TYPE_NONE if h.len == 0 && done => {}
-                    w::NBD_REPLY_TYPE_OFFSET_DATA if cmd == w::NBD_CMD_READ && h.len > 8 => {
+                    w::REPLY_TYPE_NONE if h.len == 0 && done => {}
+                    w::REPLY_TYPE_OFFSET_DATA if cmd == w::CMD_READ && h.len > 8 => {
                         let at = read_u64(s).map_err(eof)?;
                         let n = h.len - 8;
                         let rel = at
@@ -392,42 +361,34 @@ impl Transport {
                         }
                         update.covered = n;
                     }
-                    w::NBD_REPLY_TYPE_OFFSET_HOLE
-                        if cmd == w::NBD_CMD_READ && (h.len == 12 || h.len == 16) =>
-                    {
-                        let at = read_u64(s).map_err(eof)?;
-                        let n = match h.len {
-                            12 => read_u32(s).map_err(eof)? as u64,
-                            _ => read_u64(s).map_err(eof)?,
-                        };
+                    w::REPLY_TYPE_OFFSET_HOLE if cmd == w::CMD_READ && h.len == 12 => {
+                        let mut p = [0u8; 12];
+                        read_exact(s, &mut p).map_err(eof)?;
+                        let hole = w::OffsetHole::decode(&p)?;
+                        let (at, n) = (hole.offset, hole.length as u64);
                         let rel = at
                             .checked_sub(offset)
-                            .filter(|r| n > 0 && r.checked_add(n).is_some_and(|e| e <= len))
-                            .ok_or_else(|| protocol(format!(
+                            .filter(|r| r.checked_add(n).is_some_and(|e| e <= len))
+                            .ok_or_else(|| {
+                                protocol(format!(
                                 "the server sent a hole at {at}+{n} for a read of {len} bytes at {offset}"
-                            )))?;
+                            ))
+                            })?;
                         update.holes.push((rel, n));
                         update.covered = n;
                     }
-                    w::NBD_REPLY_TYPE_BLOCK_STATUS | w::NBD_REPLY_TYPE_BLOCK_STATUS_EXT
-                        if cmd == w::NBD_CMD_BLOCK_STATUS =>
+                    w::REPLY_TYPE_BLOCK_STATUS | w::REPLY_TYPE_BLOCK_STATUS_EXT
+                        if cmd == w::CMD_BLOCK_STATUS =>
                     {
                         let mut p = vec![0; h.len as usize];
                         read_exact(s, &mut p).map_err(eof)?;
                         update.extents = self.parse_extents(kind, &p)?;
                     }
-                    w::NBD_REPLY_TYPE_ERROR | w::NBD_REPLY_TYPE_ERROR_OFFSET if h.len >= 6 => {
+                    k if k & w::REPLY_TYPE_FLAG_ERROR != 0 => {
                         let mut p = vec![0; h.len as usize];
                         read_exact(s, &mut p).map_err(eof)?;
-                        let errno = u32::from_be_bytes(p[..4].try_into().expect("4"));
-                        let mlen = u16::from_be_bytes([p[4], p[5]]) as usize;
-                        let msg = p
-                            .get(6..6 + mlen)
-                            .ok_or_else(|| protocol("malformed error chunk from the server"))?;
-                        if errno == 0 {
-                            return Err(protocol("error chunk without an error from the server"));
-                        }
-                        update.error = Some(server_error(errno, &String::from_utf8_lossy(msg)));
+                        let e = w::ErrorChunk::decode(&p, k)?;
+                        update.error = Some(server_error(e.error, &e.message));
                     }
                     k => {
                         return Err(protocol(format!(
@@ -444,7 +405,7 @@ impl Transport {
         slot.pieces.append(&mut update.pieces);
         slot.holes.append(&mut update.holes);
         slot.covered += update.covered;
-        if slot.covered > slot.len && slot.cmd == w::NBD_CMD_READ {
+        if slot.covered > slot.len && slot.cmd == w::CMD_READ {
             return Err(protocol("the server's read reply overlaps itself"));
         }
         if !update.extents.is_empty() {
@@ -468,39 +429,13 @@ impl Transport {
 
     /// The extents of a block status chunk, if it is for the negotiated context.
     fn parse_extents(&self, kind: u16, p: &[u8]) -> io::Result<Vec<Extent>> {
-        let bad = || protocol("malformed block status reply from the server");
-        if p.len() < 4 {
-            return Err(bad());
-        }
-        let id = u32::from_be_bytes(p[..4].try_into().expect("4"));
-        if Some(id) != self.context {
+        let c = w::BlockStatusChunk::decode(p, kind)?;
+        if Some(c.context_id) != self.context {
             return Ok(Vec::new());
         }
-        let mut out = Vec::new();
-        if kind == w::NBD_REPLY_TYPE_BLOCK_STATUS {
-            let body = &p[4..];
-            if body.is_empty() || !body.len().is_multiple_of(8) {
-                return Err(bad());
-            }
-            for e in body.chunks_exact(8) {
-                let len = u32::from_be_bytes(e[..4].try_into().expect("4")) as u64;
-                let flags = u32::from_be_bytes(e[4..].try_into().expect("4"));
-                out.push((len, flags));
-            }
-        } else {
-            let body = p.get(8..).ok_or_else(bad)?;
-            if body.is_empty() || !body.len().is_multiple_of(16) {
-                return Err(bad());
-            }
-            for e in body.chunks_exact(16) {
-                let len = u64::from_be_bytes(e[..8].try_into().expect("8"));
-                let flags = u64::from_be_bytes(e[8..].try_into().expect("8"));
-                out.push((len, flags as u32));
-            }
-        }
-        if out.iter().any(|&(l, _)| l == 0) {
-            return Err(protocol("the server sent an empty block status extent"));
-        }
-        Ok(out)
+        Ok(c.extents
+            .iter()
+            .map(|e| (e.length, e.flags as u32))
+            .collect())
     }
 }
