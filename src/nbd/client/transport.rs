@@ -37,8 +37,11 @@ struct Slot {
 
 struct Shared {
     pending: HashMap<u64, Slot>,
-    /// A thread is reading replies.
+    /// A thread is reading replies (or a header read is waiting in `handoff`).
     reading: bool,
+    /// A data chunk's header read by one thread for another's request: the owner reads the
+    /// data straight into its buffer, and takes over the reading turn.
+    handoff: Option<Header>,
     /// Why the connection is unusable.
     dead: Option<(io::ErrorKind, String)>,
 }
@@ -81,7 +84,16 @@ struct Own<'a> {
     buf: Option<&'a mut [u8]>,
 }
 
+/// What reading one chunk came to.
+enum Step {
+    /// The chunk was applied to its request.
+    Done,
+    /// A data chunk for another request: its header, for that request's thread.
+    HandOff(Header),
+}
+
 /// A reply header, in whichever form the server sent it.
+#[derive(Clone, Copy)]
 struct Header {
     cookie: u64,
     /// `None` for a simple reply (with its error in `error`).
@@ -99,6 +111,7 @@ impl Transport {
             shared: Mutex::new(Shared {
                 pending: HashMap::new(),
                 reading: false,
+                handoff: None,
                 dead: None,
             }),
             turn: Condvar::new(),
@@ -199,19 +212,31 @@ impl Transport {
                 g.pending.remove(&cookie);
                 return Err(d);
             }
-            if !g.reading {
-                g.reading = true;
-                drop(g);
-                let r = self.read_chunk(&mut own);
-                if let Err(e) = &r {
-                    self.fail(e);
+            let given = match g.handoff {
+                Some(h) if h.cookie == cookie => {
+                    g.handoff = None;
+                    Some(h)
                 }
-                g = lock(&self.shared);
-                g.reading = false;
-                self.turn.notify_all();
-                continue;
+                _ if !g.reading => {
+                    g.reading = true;
+                    None
+                }
+                _ => {
+                    g = self.turn.wait(g).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+            };
+            drop(g);
+            let r = self.read_chunk(&mut own, given);
+            if let Err(e) = &r {
+                self.fail(e);
             }
-            g = self.turn.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = lock(&self.shared);
+            match r {
+                Ok(Step::HandOff(h)) => g.handoff = Some(h),
+                _ => g.reading = false,
+            }
+            self.turn.notify_all();
         }
     }
 
@@ -269,18 +294,22 @@ impl Transport {
         })
     }
 
-    /// Reads one reply (simple) or chunk (structured) and applies it to its request. A
-    /// failure here is the connection's.
-    fn read_chunk(&self, own: &mut Own<'_>) -> io::Result<()> {
+    /// Reads one reply (simple) or chunk (structured) and applies it to its request, or, for
+    /// data of another thread's request, hands the header over to that thread. A failure here
+    /// is the connection's.
+    fn read_chunk(&self, own: &mut Own<'_>, given: Option<Header>) -> io::Result<Step> {
         let mut s = lock(&self.reader);
         let s = &mut *s;
-        let h = self.read_header(s).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "Connection closed by the server",
-            ),
-            _ => e,
-        })?;
+        let h = match given {
+            Some(h) => h,
+            None => self.read_header(s).map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "Connection closed by the server",
+                ),
+                _ => e,
+            })?,
+        };
         let (cmd, offset, len) = {
             let g = lock(&self.shared);
             match g.pending.get(&h.cookie) {
@@ -294,6 +323,13 @@ impl Transport {
             }
         };
         let mine = h.cookie == own.cookie;
+        let carries_data = match h.chunk {
+            None => h.error == 0 && cmd == w::CMD_READ,
+            Some((_, kind)) => kind == w::REPLY_TYPE_OFFSET_DATA && cmd == w::CMD_READ,
+        };
+        if carries_data && !mine {
+            return Ok(Step::HandOff(h));
+        }
         let eof = |e: io::Error| match e.kind() {
             io::ErrorKind::UnexpectedEof => io::Error::new(
                 io::ErrorKind::ConnectionAborted,
@@ -424,7 +460,7 @@ impl Transport {
             drop(g);
             self.turn.notify_all();
         }
-        Ok(())
+        Ok(Step::Done)
     }
 
     /// The extents of a block status chunk, if it is for the negotiated context.
