@@ -119,9 +119,25 @@ pub fn dial(loc: &NbdLocator) -> io::Result<Stream> {
     })
 }
 
+/// The OS's words for `e`, without Rust's `(os error N)`.
+fn os_words(e: &io::Error) -> String {
+    let t = e.to_string();
+    t.split(" (os error").next().unwrap_or(&t).to_string()
+}
+
 /// Connects and negotiates: the socket ready for transmission, and what was agreed.
 pub fn connect(loc: &NbdLocator) -> io::Result<(Stream, Negotiated)> {
-    let mut s = dial(loc)?;
+    let mut s = dial(loc).map_err(|e| {
+        // qemu's words: `Failed to connect to 'ADDRESS': CAUSE`.
+        let addr = match &loc.server {
+            Server::Inet { host, port } => format!("{host}:{port}"),
+            Server::Unix { path } => path.display().to_string(),
+        };
+        io::Error::new(
+            e.kind(),
+            format!("Failed to connect to '{addr}': {}", os_words(&e)),
+        )
+    })?;
     s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let n = handshake(&mut s, loc).map_err(|e| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(

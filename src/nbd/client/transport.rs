@@ -339,7 +339,6 @@ impl Transport {
         };
         let mut update = Slot::default();
         let mut done = true;
-        let mut data_into_own = None;
         match h.chunk {
             None => {
                 if h.error != 0 {
@@ -349,7 +348,6 @@ impl Transport {
                     match (mine, own.buf.as_deref_mut()) {
                         (true, Some(b)) => {
                             read_exact(s, &mut b[..n]).map_err(eof)?;
-                            data_into_own = Some(len);
                         }
                         _ => {
                             let mut v = vec![0; n];
@@ -387,7 +385,6 @@ impl Transport {
                             (true, Some(b)) => {
                                 read_exact(s, &mut b[rel as usize..(rel + n) as usize])
                                     .map_err(eof)?;
-                                data_into_own = Some(n);
                             }
                             _ => {
                                 let mut v = vec![0; n as usize];
@@ -435,7 +432,6 @@ impl Transport {
                 }
             }
         }
-        let _ = data_into_own;
         let mut g = lock(&self.shared);
         let slot = g.pending.get_mut(&h.cookie).expect("pending until done");
         slot.pieces.append(&mut update.pieces);
