@@ -657,6 +657,13 @@ fn read_only_export_refuses_writes_in_one_line() {
         out.contains(&s.url) && out.contains("not permitted"),
         "{out}"
     );
+    let mut failures = Vec::new();
+    same_as_qemu(&["info", "nbd://127.0.0.1:1/x"], &mut failures);
+    same_as_qemu(
+        &["info", "nbd+unix:///x?socket=/nonexistent/sock"],
+        &mut failures,
+    );
+    assert_no_failures(&failures);
     let (c, out) = vimg(&["info", "nbd+unix:///x?socket=/nonexistent/sock"]);
     assert_eq!(c, 1);
     assert!(
