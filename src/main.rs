@@ -68,6 +68,96 @@ enum Command {
     /// Copy part of an image into a new image, as dd(1) (operands if=, of=, bs=, count=,
     /// skip=; count counts from the start of the input, as in qemu-img).
     Dd(DdArgs),
+    /// Export an image over NBD, as qemu-nbd does (a TCP port, 10809 by default, or -k SOCKET).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Image format; probed when not given.
+    #[arg(short = 'f', long = "format", value_name = "FORMAT", value_parser = parse_format)]
+    format: Option<ImageFormat>,
+    /// Export read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Send writes to a temporary qcow2 overlay over FILE (removed at exit).
+    #[arg(short = 's', long = "snapshot")]
+    snapshot: bool,
+    /// Export internal snapshot SNAPSHOT_PARAM read-only (snapshot.id=ID,snapshot.name=NAME,
+    /// or an id or name alone).
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM")]
+    load_snapshot: Option<String>,
+    /// Export name (default: the empty string).
+    #[arg(
+        short = 'x',
+        long = "export-name",
+        value_name = "NAME",
+        default_value = ""
+    )]
+    export_name: String,
+    /// A human-readable description of the export.
+    #[arg(short = 'D', long = "description", value_name = "TEXT")]
+    description: Option<String>,
+    /// TCP port to listen on.
+    #[arg(
+        short = 'p',
+        long = "port",
+        value_name = "PORT",
+        default_value_t = 10809
+    )]
+    port: u16,
+    /// Interface to bind to.
+    #[arg(
+        short = 'b',
+        long = "bind",
+        value_name = "IFACE",
+        default_value = "0.0.0.0"
+    )]
+    bind: String,
+    /// Listen on the Unix socket PATH instead of TCP.
+    #[arg(short = 'k', long = "socket", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Serve at most NUM clients at once (0: no limit).
+    #[arg(short = 'e', long = "shared", value_name = "NUM", default_value_t = 1)]
+    shared: usize,
+    /// Keep serving after the last client disconnects.
+    #[arg(short = 't', long = "persistent")]
+    persistent: bool,
+    /// Expose persistent dirty bitmap NAME as the context qemu:dirty-bitmap:NAME.
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmaps: Vec<String>,
+    /// Expose the allocation depth as the context qemu:allocation-depth.
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+    /// Cache mode: writeback (default), writethrough, none, directsync, unsafe.
+    #[arg(long = "cache", value_name = "MODE")]
+    cache: Option<String>,
+    /// Disable the host cache (--cache=none).
+    #[arg(short = 'n', long = "nocache")]
+    nocache: bool,
+    /// AIO mode (native, io_uring, threads): accepted for compatibility.
+    #[arg(long = "aio", value_name = "MODE")]
+    aio: Option<String>,
+    /// Discard mode: ignore (default) or unmap.
+    #[arg(long = "discard", value_name = "MODE")]
+    discard: Option<String>,
+    /// Detect-zeroes mode: off (default), on, unmap.
+    #[arg(long = "detect-zeroes", value_name = "MODE")]
+    detect_zeroes: Option<String>,
+    /// Fork off the server and return once it is listening.
+    #[arg(long = "fork")]
+    fork: bool,
+    /// Write the server's process id to PATH.
+    #[arg(long = "pid-file", value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Seconds a client has to finish the handshake (0: no limit).
+    #[arg(long = "handshake-limit", value_name = "N", default_value_t = 10)]
+    handshake_limit: u64,
+    /// Print more (accepted for compatibility).
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
+    /// The image.
+    filename: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -718,6 +808,7 @@ fn main() -> ExitCode {
         Command::Amend(a) => amend(a),
         Command::Backup(a) => backup(a),
         Command::Dd(a) => dd(a),
+        Command::Serve(a) => serve(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -1578,6 +1669,62 @@ fn convert(a: ConvertArgs) -> CmdResult {
         ops::convert::convert(&sources, target, &opts, None)
     };
     result.map_err(fail)?;
+    Ok(0)
+}
+
+fn serve(a: ServeArgs) -> CmdResult {
+    let fail = |e| Failure::new(e, 1);
+    let _ = a.verbose;
+    let n = resolve(&a.filename, a.format, false)?;
+    let cache = match (&a.cache, a.nocache) {
+        (Some(c), _) => ops::serve::parse_cache(c).map_err(fail)?,
+        (None, true) => vimg::nbd::server::CacheMode::None,
+        (None, false) => Default::default(),
+    };
+    if let Some(aio) = &a.aio {
+        ops::serve::check_aio(aio).map_err(fail)?;
+    }
+    let discard_unmap = match &a.discard {
+        Some(d) => ops::serve::parse_discard(d).map_err(fail)?,
+        None => false,
+    };
+    let detect_zeroes = match &a.detect_zeroes {
+        Some(d) => ops::serve::parse_detect_zeroes(d).map_err(fail)?,
+        None => Default::default(),
+    };
+    let address = match &a.socket {
+        Some(p) => vimg::nbd::server::Address::Unix(p.clone()),
+        None => vimg::nbd::server::Address::Tcp {
+            host: a.bind.clone(),
+            port: a.port,
+        },
+    };
+    let opts = ops::serve::ServeOptions {
+        path: n.path.clone(),
+        format: n.format,
+        opener: opener().clone(),
+        direct: n.direct,
+        readonly: a.read_only,
+        snapshot: a.snapshot,
+        load_snapshot: a.load_snapshot.clone(),
+        bitmaps: a.bitmaps.clone(),
+        allocation_depth: a.allocation_depth,
+        export_name: a.export_name.clone(),
+        description: a.description.clone(),
+        cache,
+        discard_unmap,
+        detect_zeroes,
+        listen: vimg::nbd::server::ListenConfig {
+            address,
+            persistent: a.persistent,
+            shared: a.shared,
+            handshake_limit: (a.handshake_limit > 0)
+                .then(|| std::time::Duration::from_secs(a.handshake_limit)),
+            fork: a.fork,
+            pid_file: a.pid_file.clone(),
+        },
+    };
+    ops::serve::serve(&opts).map_err(fail)?;
     Ok(0)
 }
 

@@ -14,6 +14,8 @@
 //! - [`client`]: `nbd://` exports as storage.
 //! - [`wire`]: every constant and message of the protocol, encoded and decoded in both
 //!   directions, so that the client and the server share one codec.
+//! - [`server`]: the server (`vimg serve`).
 
 pub mod client;
+pub mod server;
 pub mod wire;

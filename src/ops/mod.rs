@@ -21,6 +21,7 @@ pub(crate) mod output;
 pub mod rebase;
 pub mod resize;
 pub use crate::size;
+pub mod serve;
 pub mod snapshot;
 pub mod transfer;
 

@@ -7,6 +7,7 @@ pub mod chain;
 pub mod crashing;
 pub mod encrypted;
 pub mod loop_device;
+pub mod nbd_serve;
 
 use std::path::Path;
 use std::process::Command;

@@ -35,6 +35,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("vhdx_open_read", vimg::vhdx::exercise),
     ("ova_open", vimg::ova::exercise),
     ("vmdk_open_read", vimg::vmdk::exercise),
+    ("nbd_request", vimg::nbd::wire::exercise),
 ];
 
 /// Longest one input may take (they take milliseconds; a hang shows up as this).

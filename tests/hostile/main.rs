@@ -11,6 +11,7 @@ mod aes_hostile;
 mod fixtures;
 mod hostile;
 mod luks;
+mod nbd_server;
 mod ova;
 mod probe_foreign;
 mod target_safety;

@@ -25,6 +25,7 @@ mod lazy_refcounts;
 mod luks;
 mod measure_oracle;
 mod nbd_client;
+mod nbd_server;
 mod options_matrix;
 mod oracle_read;
 mod ova;

@@ -1,0 +1,332 @@
+//! The served image: the NBD commands over a [`BlockImage`], with qemu-nbd's export settings
+//! (read-only, discard and detect-zeroes modes, cache mode).
+
+use super::contexts::Contexts;
+use crate::nbd::wire::*;
+use crate::{BlockImage, Error, GuestOffset, Result};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// qemu's `--detect-zeroes`: whether written buffers of zeros become zero writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Buffers are written as they are.
+    #[default]
+    Off,
+    /// A buffer of zeros is written as zeros (without unmapping).
+    On,
+    /// A buffer of zeros is written as zeros, unmapping when discard is `unmap`.
+    Unmap,
+}
+
+/// qemu's `--cache` modes, as they change the server's behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// `writeback` (the default): flush when asked.
+    #[default]
+    Writeback,
+    /// `writethrough`: every write is flushed before it is acknowledged.
+    Writethrough,
+    /// `none`: `O_DIRECT`, flush when asked.
+    None,
+    /// `directsync`: `O_DIRECT`, every write flushed.
+    Directsync,
+    /// `unsafe`: flushes are ignored.
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Parses qemu's names.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "writeback" => CacheMode::Writeback,
+            "writethrough" => CacheMode::Writethrough,
+            "none" | "off" => CacheMode::None,
+            "directsync" => CacheMode::Directsync,
+            "unsafe" => CacheMode::Unsafe,
+            _ => return None,
+        })
+    }
+
+    /// Whether the mode opens files with `O_DIRECT`.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Directsync)
+    }
+
+    fn write_through(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::Directsync)
+    }
+}
+
+/// The export's settings.
+#[derive(Debug, Clone, Default)]
+pub struct ExportSettings {
+    /// The export's name (`-x`, default empty).
+    pub name: String,
+    /// Its description (`-D`).
+    pub description: Option<String>,
+    /// Refuse writes (`-r`).
+    pub readonly: bool,
+    /// `--discard=unmap`: TRIM and zero writes may unmap.
+    pub discard_unmap: bool,
+    /// `--detect-zeroes`.
+    pub detect_zeroes: DetectZeroes,
+    /// `--cache`.
+    pub cache: CacheMode,
+    /// Advertise `NBD_FLAG_CAN_MULTI_CONN` (a flush on one connection covers the others: true
+    /// for every export of this process, whose connections share one open image; advertised
+    /// when the export is read-only or may have several clients).
+    pub multi_conn: bool,
+}
+
+/// An image being served.
+pub struct Export {
+    settings: ExportSettings,
+    image: Box<dyn BlockImage>,
+    size: u64,
+    contexts: Contexts,
+    /// Counts writes, so that cached bitmap answers know when they are stale.
+    generation: AtomicU64,
+    /// A temporary overlay (`-s`) removed when the export is dropped.
+    temporary: Option<PathBuf>,
+}
+
+/// A failed command: the wire errno and a message for structured error chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError {
+    /// One of [`WIRE_ERRNOS`].
+    pub errno: u32,
+    /// What went wrong (sent in structured error chunks and logged).
+    pub message: String,
+}
+
+impl CommandError {
+    /// An error with `errno` saying `message`.
+    pub fn new(errno: u32, message: impl Into<String>) -> Self {
+        CommandError {
+            errno,
+            message: message.into(),
+        }
+    }
+
+    fn from_error(e: &Error) -> Self {
+        CommandError::new(errno_from_error(e), e.to_string())
+    }
+}
+
+/// The result of a command.
+pub type CmdResult<T> = std::result::Result<T, CommandError>;
+
+/// One extent of a block status answer (a thin alias of the wire's).
+pub type StatusExtent = Extent;
+
+impl Export {
+    /// Serves `image` with `settings`; `contexts` holds its metadata contexts; `temporary` is
+    /// a file to remove when the export is dropped (the `-s` overlay).
+    pub fn new(
+        image: Box<dyn BlockImage>,
+        settings: ExportSettings,
+        contexts: Contexts,
+        temporary: Option<PathBuf>,
+    ) -> Self {
+        let size = image.virtual_size();
+        Export {
+            settings,
+            image,
+            size,
+            contexts,
+            generation: AtomicU64::new(0),
+            temporary,
+        }
+    }
+
+    /// The export's name.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The export's description.
+    pub fn description(&self) -> Option<&str> {
+        self.settings.description.as_deref()
+    }
+
+    /// The export's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether writes are refused.
+    pub fn readonly(&self) -> bool {
+        self.settings.readonly
+    }
+
+    /// The metadata contexts it offers.
+    pub fn contexts(&self) -> &Contexts {
+        &self.contexts
+    }
+
+    /// The transmission flags, with `NBD_FLAG_BLOCK_STAT_PAYLOAD` when extended headers are
+    /// in use.
+    pub fn transmission_flags(&self, extended: bool) -> u16 {
+        let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_CACHE;
+        f |= TFLAG_SEND_DF;
+        if self.settings.readonly {
+            f |= TFLAG_READ_ONLY;
+        } else {
+            f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+        }
+        if self.settings.multi_conn {
+            f |= TFLAG_CAN_MULTI_CONN;
+        }
+        if extended {
+            f |= TFLAG_BLOCK_STAT_PAYLOAD;
+        }
+        f
+    }
+
+    /// Checks that `[offset, offset + len)` is inside the export: past the end is `ENOSPC`
+    /// for writes and `EINVAL` otherwise, as qemu answers.
+    pub fn check_range(&self, offset: u64, len: u64, write: bool) -> CmdResult<()> {
+        if offset > self.size || len > self.size - offset {
+            let errno = if write { NBD_ENOSPC } else { NBD_EINVAL };
+            return Err(CommandError::new(
+                errno,
+                format!(
+                    "request at {offset} for {len} bytes is past the end of the export ({} bytes)",
+                    self.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> CmdResult<()> {
+        if self.settings.readonly {
+            return Err(CommandError::new(NBD_EPERM, "the export is read-only"));
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> CmdResult<()> {
+        self.image
+            .read_at(buf, GuestOffset(offset))
+            .map_err(|e| CommandError::from_error(&e))
+    }
+
+    /// The ranges of `[offset, offset + len)` that read as zeros (`true`) or as data
+    /// (`false`), merged, at most `max` of them (the rest as data).
+    pub fn zero_map(&self, offset: u64, len: u64, max: usize) -> CmdResult<Vec<(u64, u64, bool)>> {
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            if out.len() >= max {
+                out.push((pos, end - pos, false));
+                break;
+            }
+            let st = self
+                .image
+                .block_status(GuestOffset(pos), end - pos)
+                .map_err(|e| CommandError::from_error(&e))?;
+            let n = st.len.clamp(1, end - pos);
+            match out.last_mut() {
+                Some(last) if last.2 == st.zero => last.1 += n,
+                _ => out.push((pos, n, st.zero)),
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    fn after_write(&self, fua: bool) -> CmdResult<()> {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        if fua || self.settings.cache.write_through() {
+            return self.flush();
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`, flushing it first if `fua`.
+    pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> CmdResult<()> {
+        self.check_writable()?;
+        let zeros = self.settings.detect_zeroes != DetectZeroes::Off && crate::zeros::is_zero(data);
+        let r = if zeros {
+            let unmap =
+                self.settings.detect_zeroes == DetectZeroes::Unmap && self.settings.discard_unmap;
+            self.image
+                .write_zeroes(GuestOffset(offset), data.len() as u64, unmap)
+        } else {
+            self.image.write_at(data, GuestOffset(offset))
+        };
+        r.map_err(|e| CommandError::from_error(&e))?;
+        self.after_write(fua)
+    }
+
+    /// Writes zeros over `[offset, offset + len)`, unmapping if allowed (`!no_hole` and
+    /// `--discard=unmap`).
+    pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> CmdResult<()> {
+        self.check_writable()?;
+        let unmap = !no_hole && self.settings.discard_unmap;
+        self.image
+            .write_zeroes(GuestOffset(offset), len, unmap)
+            .map_err(|e| CommandError::from_error(&e))?;
+        self.after_write(fua)
+    }
+
+    /// Discards `[offset, offset + len)` with `--discard=unmap`; otherwise does nothing (a
+    /// trim is advisory).
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> CmdResult<()> {
+        self.check_writable()?;
+        if self.settings.discard_unmap {
+            self.image
+                .discard(GuestOffset(offset), len)
+                .map_err(|e| CommandError::from_error(&e))?;
+        }
+        self.after_write(fua)
+    }
+
+    /// Flushes the image (nothing with `--cache=unsafe`).
+    pub fn flush(&self) -> CmdResult<()> {
+        if self.settings.cache == CacheMode::Unsafe {
+            return Ok(());
+        }
+        self.image.flush().map_err(|e| CommandError::from_error(&e))
+    }
+
+    /// The extents of context `id` over `[offset, offset + len)`, at most `max` (one with
+    /// `REQ_ONE`), each non-empty, none past the request.
+    pub fn block_status(
+        &self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> CmdResult<Vec<StatusExtent>> {
+        self.contexts.extents(
+            self.image.as_ref(),
+            id,
+            offset,
+            len,
+            max,
+            self.generation.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Flushes and closes the image at the end of serving (and removes a `-s` overlay).
+    pub fn finish(&self) -> Result<()> {
+        if self.settings.readonly {
+            return Ok(());
+        }
+        self.image.flush()?;
+        self.image.finish()
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        if let Some(p) = &self.temporary {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Sockets and the life of the server: listening on TCP or a Unix socket, accepting at most
+//! `-e N` clients at once, exiting after the last one unless `-t`, `--fork` and
+//! `--pid-file`, and a clean exit (image flushed and closed) on SIGTERM or SIGINT.
+
+use super::export::Export;
+use super::stream::{Conn, Socket};
+use super::{handshake, transmission};
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// TCP on `host:port` (`-b`, `-p`).
+    Tcp {
+        /// The address to bind (`0.0.0.0` by default, as qemu-nbd).
+        host: String,
+        /// The port (10809 by default).
+        port: u16,
+    },
+    /// A Unix socket (`-k`); a stale socket file there is replaced, and removed at exit.
+    Unix(PathBuf),
+}
+
+/// How the server listens and lives.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    /// Where to listen.
+    pub address: Address,
+    /// `-t`: keep serving after the last client leaves.
+    pub persistent: bool,
+    /// `-e N`: at most N clients at once (0: no limit).
+    pub shared: usize,
+    /// `--handshake-limit`: a client must finish the handshake within this (`None`: no
+    /// limit).
+    pub handshake_limit: Option<Duration>,
+    /// `--fork`: the command returns once the server listens, which runs on in a child.
+    pub fork: bool,
+    /// `--pid-file`: write the server's process id there once it listens.
+    pub pid_file: Option<PathBuf>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_sig: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM ask the server to stop (cleanly: clients are disconnected, the
+/// image flushed and closed), in place of the default handlers.
+fn install_stop_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: sigaction is called with valid pointers to initialised structures; the
+        // handler only stores to an atomic, which is async-signal-safe. No SA_RESTART, so a
+        // blocked poll returns with EINTR and sees the flag.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_stop as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            act.sa_flags = 0;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    fn bind(address: &Address) -> Result<Self> {
+        match address {
+            Address::Tcp { host, port } => {
+                let l = TcpListener::bind((host.as_str(), *port)).map_err(|e| {
+                    Error::io(format!("Failed to bind socket to {host}:{port}"), e).bare()
+                })?;
+                Ok(Listener::Tcp(l))
+            }
+            Address::Unix(path) => {
+                // A socket file left by an earlier server is replaced, as qemu-nbd does.
+                if let Ok(m) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if m.file_type().is_socket() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                let l = UnixListener::bind(path)
+                    .map_err(|e| Error::io("Failed to bind socket", e).with_path(path))?;
+                Ok(Listener::Unix(l, path.clone()))
+            }
+        }
+    }
+
+    fn set_nonblocking(&self) -> std::io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+        }
+    }
+
+    /// Waits up to `timeout` for a client; `None` if none came (or a signal interrupted).
+    fn accept(&self, timeout: Duration) -> Option<Socket> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_fd().as_raw_fd(),
+            Listener::Unix(l, _) => l.as_fd().as_raw_fd(),
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call, and nfds is 1.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+        if n <= 0 {
+            return None;
+        }
+        let socket = match self {
+            Listener::Tcp(l) => l.accept().ok().map(|(s, _)| Socket::Tcp(s)),
+            Listener::Unix(l, _) => l.accept().ok().map(|(s, _)| Socket::Unix(s)),
+        }?;
+        // Accepted sockets must block (the listener does not).
+        let ok = match &socket {
+            Socket::Tcp(s) => s.set_nonblocking(false),
+            Socket::Unix(s) => s.set_nonblocking(false),
+        };
+        ok.ok().map(|()| socket)
+    }
+}
+
+/// Serves `export` as `cfg` says until stopped: by a signal, or after the last client when
+/// not persistent. The image is flushed and closed before it returns.
+pub fn run(export: Export, cfg: &ListenConfig) -> Result<()> {
+    let listener = Listener::bind(&cfg.address)?;
+    listener
+        .set_nonblocking()
+        .map_err(|e| Error::io("cannot set up the listening socket", e))?;
+    if cfg.fork {
+        // SAFETY: the process has one thread here (the server's threads start later), so
+        // the child may go on running Rust code; the parent only calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(Error::io("cannot fork", std::io::Error::last_os_error()));
+        }
+        if pid > 0 {
+            // SAFETY: _exit ends the parent at once, leaving the export (and the overlay of
+            // -s) to the child.
+            unsafe { libc::_exit(0) };
+        }
+        // SAFETY: setsid has no memory effects.
+        unsafe { libc::setsid() };
+    }
+    if let Some(p) = &cfg.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| Error::io("Failed to write pid file", e).with_path(p))?;
+    }
+    install_stop_handler();
+    let result = accept_loop(&listener, &export, cfg);
+    let finished = export.finish();
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(p) = &cfg.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    result.and(finished)
+}
+
+fn accept_loop(listener: &Listener, export: &Export, cfg: &ListenConfig) -> Result<()> {
+    let active: Mutex<HashMap<u64, Socket>> = Mutex::new(HashMap::new());
+    let lock = || active.lock().unwrap_or_else(|p| p.into_inner());
+    let mut next_id = 0u64;
+    let mut served = false;
+    std::thread::scope(|s| {
+        loop {
+            if STOP.load(Ordering::SeqCst) {
+                break;
+            }
+            let count = lock().len();
+            if !cfg.persistent && served && count == 0 {
+                break;
+            }
+            if cfg.shared > 0 && count >= cfg.shared {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            let Some(socket) = listener.accept(Duration::from_millis(200)) else {
+                continue;
+            };
+            served = true;
+            socket.set_nodelay();
+            let id = next_id;
+            next_id += 1;
+            match socket.try_clone() {
+                Ok(c) => {
+                    lock().insert(id, c);
+                }
+                Err(_) => continue,
+            }
+            let active = &active;
+            s.spawn(move || {
+                let deadline = cfg.handshake_limit.map(|d| Instant::now() + d);
+                let mut conn = Conn::new(socket, deadline);
+                if let Ok(Some(nego)) = handshake::negotiate(&mut conn, export) {
+                    if conn.clear_deadline().is_ok() {
+                        let _ = transmission::serve(conn, export, &nego);
+                    }
+                }
+                if let Some(s) = active.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
+                    s.shutdown();
+                }
+            });
+        }
+        // Stopping: every client is disconnected; their threads end with the scope.
+        for s in lock().values() {
+            s.shutdown();
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! The NBD server (`vimg serve`, in qemu-nbd's place): one export, served to several clients
+//! at once, each with several requests in flight.
+//!
+//! - [`listen`]: sockets, client limits, `--fork`, `--pid-file`, signals;
+//! - [`handshake`]: option negotiation;
+//! - [`transmission`]: the request loop, replies out of order, bounded memory;
+//! - [`export`]: the served image and the NBD commands over it;
+//! - [`contexts`]: the metadata contexts (allocation, allocation depth, dirty bitmaps);
+//! - [`stream`]: a TCP or Unix connection.
+
+pub mod contexts;
+pub mod export;
+pub mod handshake;
+pub mod listen;
+pub mod stream;
+pub mod transmission;
+
+pub use contexts::Contexts;
+pub use export::{CacheMode, DetectZeroes, Export, ExportSettings};
+pub use listen::{run, Address, ListenConfig};

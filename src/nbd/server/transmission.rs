@@ -1,0 +1,444 @@
+//! The transmission phase (proto.md "Transmission"): one reader (this connection's thread)
+//! reads requests and their payloads, a few workers run them against the export and write
+//! their replies whole under a lock, so replies may leave out of order. The bytes held in
+//! payloads and read buffers of requests in flight are bounded ([`BYTES_IN_FLIGHT`]), so a
+//! client pipelining many large writes cannot grow the server's memory without bound.
+//!
+//! A malformed request header, or a payload the server cannot read into its bounds, ends the
+//! connection (after an error reply when the request's cookie is known); every other bad
+//! request gets an error reply with one of the protocol's errnos.
+
+use super::export::{CmdResult, CommandError, Export};
+use super::handshake::Negotiated;
+use super::stream::{Conn, Socket};
+use crate::nbd::wire::*;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Condvar, Mutex};
+
+/// Most bytes of payloads and read buffers a connection holds for requests in flight.
+pub const BYTES_IN_FLIGHT: u64 = 64 << 20;
+/// Worker threads per connection.
+const WORKERS: usize = 4;
+/// Most extents one block status chunk holds.
+const MAX_EXTENTS: usize = 16384;
+/// Most chunks a read with holes is split into.
+const MAX_READ_SEGMENTS: usize = 64;
+/// The command flags the server knows.
+const KNOWN_FLAGS: u16 = CMD_FLAG_FUA
+    | CMD_FLAG_NO_HOLE
+    | CMD_FLAG_DF
+    | CMD_FLAG_REQ_ONE
+    | CMD_FLAG_FAST_ZERO
+    | CMD_FLAG_PAYLOAD_LEN;
+
+/// A counting budget of bytes: takers wait until what they need is free.
+struct Budget {
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    /// Takes `n` bytes, waiting while others hold too much (a request larger than the whole
+    /// budget waits until nothing else is held).
+    fn take(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used > 0 && *used + n > BYTES_IN_FLIGHT {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += n;
+    }
+
+    fn give(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+}
+
+/// A request read whole, waiting for a worker.
+struct Job {
+    req: Request,
+    payload: Vec<u8>,
+    cost: u64,
+}
+
+/// What the workers share.
+struct Shared<'a> {
+    export: &'a Export,
+    nego: &'a Negotiated,
+    writer: Mutex<Socket>,
+    budget: Budget,
+    /// A reply could not be sent: the connection is over.
+    dead: AtomicBool,
+}
+
+/// Serves requests on `conn` until the client disconnects (or misbehaves beyond repair).
+pub fn serve(mut conn: Conn, export: &Export, nego: &Negotiated) -> io::Result<()> {
+    let shared = Shared {
+        export,
+        nego,
+        writer: Mutex::new(conn.socket.try_clone()?),
+        budget: Budget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        },
+        dead: AtomicBool::new(false),
+    };
+    let (tx, rx) = mpsc::sync_channel::<Job>(64);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|s| {
+        for _ in 0..WORKERS {
+            s.spawn(|| loop {
+                let job = {
+                    let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                    rx.recv()
+                };
+                let Ok(job) = job else { break };
+                let cost = job.cost;
+                if !shared.dead.load(Ordering::Relaxed) {
+                    if let Err(_e) = run(&shared, job) {
+                        shared.dead.store(true, Ordering::Relaxed);
+                        conn_shutdown(&shared);
+                    }
+                }
+                shared.budget.give(cost);
+            });
+        }
+        let r = read_loop(&mut conn, &shared, &tx);
+        drop(tx);
+        r
+    })
+}
+
+fn conn_shutdown(shared: &Shared) {
+    shared
+        .writer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .shutdown();
+}
+
+fn read_loop(conn: &mut Conn, shared: &Shared, tx: &mpsc::SyncSender<Job>) -> io::Result<()> {
+    let extended = shared.nego.extended;
+    let hlen = Request::header_len(extended);
+    let mut hb = [0u8; EXTENDED_REQUEST_LEN];
+    loop {
+        if shared.dead.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match conn.read_exact(&mut hb[..hlen]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let req = Request::decode(&hb[..hlen], extended)?;
+        let plen = req.payload_len();
+        if plen > MAX_PAYLOAD as u64 {
+            // The payload cannot be held, and skipping it would take unbounded time: answer
+            // and end the connection.
+            let msg = format!("payload of {plen} bytes is larger than the 32 MiB limit");
+            let _ = reply_error(shared, &req, &CommandError::new(NBD_EOVERFLOW, msg));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "payload too large",
+            ));
+        }
+        let read_buf = if req.kind == CMD_READ {
+            req.length.min(MAX_PAYLOAD as u64)
+        } else {
+            0
+        };
+        let cost = plen + read_buf;
+        shared.budget.take(cost);
+        let mut payload = Vec::new();
+        if plen > 0 {
+            payload.resize(plen as usize, 0);
+            if let Err(e) = conn.read_exact(&mut payload) {
+                shared.budget.give(cost);
+                return match e.kind() {
+                    io::ErrorKind::UnexpectedEof => Ok(()),
+                    _ => Err(e),
+                };
+            }
+        }
+        if req.kind == CMD_DISC {
+            shared.budget.give(cost);
+            return Ok(());
+        }
+        if tx.send(Job { req, payload, cost }).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs one request and sends its reply; an error is a failure to send (the connection is
+/// over).
+fn run(shared: &Shared, job: Job) -> io::Result<()> {
+    let req = &job.req;
+    if req.kind == CMD_READ {
+        return match check(shared, req) {
+            Ok(()) => reply_read(shared, req),
+            Err(e) => reply_error(shared, req, &e),
+        };
+    }
+    let result = check(shared, req).and_then(|()| execute(shared, req, &job.payload));
+    match result {
+        Ok(Some(chunks)) => reply_status(shared, req, chunks),
+        Ok(None) => reply_ok(shared, req),
+        Err(e) => reply_error(shared, req, &e),
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> CommandError {
+    CommandError::new(NBD_EINVAL, msg)
+}
+
+/// What every request must satisfy before it runs.
+fn check(shared: &Shared, req: &Request) -> CmdResult<()> {
+    let export = shared.export;
+    if req.flags & !KNOWN_FLAGS != 0 {
+        return Err(invalid(format!("unknown command flags {:#x}", req.flags)));
+    }
+    if req.flags & CMD_FLAG_PAYLOAD_LEN != 0
+        && !(shared.nego.extended && matches!(req.kind, CMD_WRITE | CMD_BLOCK_STATUS))
+    {
+        return Err(invalid("payload length flag not allowed here"));
+    }
+    let write = matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
+    match req.kind {
+        CMD_READ => {
+            if req.length > MAX_PAYLOAD as u64 {
+                return Err(invalid("read larger than the 32 MiB limit"));
+            }
+        }
+        CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM | CMD_FLUSH | CMD_CACHE | CMD_BLOCK_STATUS => {}
+        _ => return Err(invalid(format!("unknown command {}", req.kind))),
+    }
+    if write && export.readonly() {
+        return Err(CommandError::new(NBD_EPERM, "the export is read-only"));
+    }
+    if req.flags & CMD_FLAG_DF != 0 && req.kind != CMD_READ {
+        return Err(invalid("DF flag on a command other than read"));
+    }
+    if req.flags & CMD_FLAG_REQ_ONE != 0 && req.kind != CMD_BLOCK_STATUS {
+        return Err(invalid("REQ_ONE flag on a command other than block status"));
+    }
+    if req.flags & (CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO) != 0 && req.kind != CMD_WRITE_ZEROES {
+        return Err(invalid("zero flags on a command other than write zeroes"));
+    }
+    match req.kind {
+        CMD_FLUSH => {
+            if req.offset != 0 || req.length != 0 {
+                return Err(invalid("flush with an offset or length"));
+            }
+        }
+        CMD_CACHE => {}
+        CMD_BLOCK_STATUS => {
+            if !shared.nego.structured || shared.nego.contexts.is_empty() {
+                return Err(invalid("block status without a negotiated meta context"));
+            }
+        }
+        _ => {
+            if req.flags & CMD_FLAG_PAYLOAD_LEN == 0 {
+                export.check_range(req.offset, req.length, write)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs a command other than READ: `Some(chunks)` for block status.
+fn execute(
+    shared: &Shared,
+    req: &Request,
+    payload: &[u8],
+) -> CmdResult<Option<Vec<BlockStatusChunk>>> {
+    let export = shared.export;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    match req.kind {
+        CMD_WRITE => export.write(payload, req.offset, fua)?,
+        CMD_WRITE_ZEROES => {
+            let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+            export.write_zeroes(req.offset, req.length, no_hole, fua)?
+        }
+        CMD_TRIM => export.trim(req.offset, req.length, fua)?,
+        CMD_FLUSH => export.flush()?,
+        CMD_CACHE => {}
+        CMD_BLOCK_STATUS => {
+            let (len, ids) = if req.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+                let p = BlockStatusPayload::decode(payload).map_err(|e| invalid(e.0))?;
+                for id in &p.ids {
+                    if !shared.nego.contexts.iter().any(|(c, _)| c == id) {
+                        return Err(invalid(format!("meta context {id} was not negotiated")));
+                    }
+                }
+                (p.effect_length, p.ids)
+            } else {
+                let ids = shared.nego.contexts.iter().map(|(id, _)| *id).collect();
+                (req.length, ids)
+            };
+            if len == 0 {
+                return Err(invalid("block status of an empty range"));
+            }
+            export.check_range(req.offset, len, false)?;
+            let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                1
+            } else {
+                MAX_EXTENTS
+            };
+            let mut chunks = Vec::new();
+            for id in ids {
+                let mut extents = export.block_status(id, req.offset, len, max)?;
+                if !shared.nego.extended {
+                    // 32-bit lengths: a long extent ends the (shortened) answer.
+                    if let Some(i) = extents.iter().position(|e| e.length > u32::MAX as u64) {
+                        extents.truncate(i + 1);
+                        extents[i].length = (u32::MAX as u64) & !0xfff;
+                    }
+                }
+                chunks.push(BlockStatusChunk {
+                    context_id: id,
+                    extents,
+                });
+            }
+            return Ok(Some(chunks));
+        }
+        _ => return Err(invalid("unknown command")),
+    }
+    Ok(None)
+}
+
+fn send(shared: &Shared, parts: &[&[u8]]) -> io::Result<()> {
+    let mut w = shared.writer.lock().unwrap_or_else(|p| p.into_inner());
+    for p in parts {
+        w.write_all(p)?;
+    }
+    Ok(())
+}
+
+fn chunk_header(shared: &Shared, req: &Request, flags: u16, kind: u16, len: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(EXTENDED_REPLY_LEN);
+    ChunkHeader {
+        flags,
+        kind,
+        cookie: req.cookie,
+        offset: req.offset,
+        length: len,
+    }
+    .encode(&mut out, shared.nego.extended);
+    out
+}
+
+fn reply_ok(shared: &Shared, req: &Request) -> io::Result<()> {
+    if shared.nego.structured {
+        let h = chunk_header(shared, req, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
+        send(shared, &[&h])
+    } else {
+        let mut h = Vec::new();
+        ReplyHeader::encode_simple(&mut h, 0, req.cookie);
+        send(shared, &[&h])
+    }
+}
+
+fn reply_error(shared: &Shared, req: &Request, e: &CommandError) -> io::Result<()> {
+    let errno = if WIRE_ERRNOS.contains(&e.errno) {
+        e.errno
+    } else {
+        NBD_EIO
+    };
+    if shared.nego.structured {
+        let mut p = Vec::new();
+        ErrorChunk {
+            error: errno,
+            message: e.message.clone(),
+            offset: None,
+        }
+        .encode(&mut p);
+        let h = chunk_header(
+            shared,
+            req,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_ERROR,
+            p.len() as u64,
+        );
+        send(shared, &[&h, &p])
+    } else {
+        let mut h = Vec::new();
+        ReplyHeader::encode_simple(&mut h, errno, req.cookie);
+        send(shared, &[&h])
+    }
+}
+
+fn reply_status(shared: &Shared, req: &Request, chunks: Vec<BlockStatusChunk>) -> io::Result<()> {
+    let n = chunks.len();
+    let kind = BlockStatusChunk::chunk_type(shared.nego.extended);
+    let mut out = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let mut p = Vec::new();
+        c.encode(&mut p, shared.nego.extended);
+        let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+        out.extend_from_slice(&chunk_header(shared, req, flags, kind, p.len() as u64));
+        out.extend_from_slice(&p);
+    }
+    send(shared, &[&out])
+}
+
+/// Reads and sends a READ's data: a simple reply; or structured, zero ranges as holes
+/// (one data chunk with DF).
+fn reply_read(shared: &Shared, req: &Request) -> io::Result<()> {
+    let export = shared.export;
+    let len = req.length;
+    if !shared.nego.structured {
+        let mut buf = vec![0u8; SIMPLE_REPLY_LEN + len as usize];
+        return match export.read(&mut buf[SIMPLE_REPLY_LEN..], req.offset) {
+            Ok(()) => {
+                let mut h = Vec::new();
+                ReplyHeader::encode_simple(&mut h, 0, req.cookie);
+                buf[..SIMPLE_REPLY_LEN].copy_from_slice(&h);
+                send(shared, &[&buf])
+            }
+            Err(e) => reply_error(shared, req, &e),
+        };
+    }
+    if len == 0 {
+        return reply_ok(shared, req);
+    }
+    let segments = if req.flags & CMD_FLAG_DF != 0 {
+        vec![(req.offset, len, false)]
+    } else {
+        match export.zero_map(req.offset, len, MAX_READ_SEGMENTS) {
+            Ok(s) => s,
+            Err(e) => return reply_error(shared, req, &e),
+        }
+    };
+    // Every chunk is built first, so that an error sends an error reply alone.
+    let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(segments.len());
+    let n = segments.len();
+    for (i, &(off, slen, zero)) in segments.iter().enumerate() {
+        let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+        if zero {
+            let mut p = Vec::new();
+            OffsetHole {
+                offset: off,
+                length: slen as u32,
+            }
+            .encode(&mut p);
+            let mut c = chunk_header(shared, req, flags, REPLY_TYPE_OFFSET_HOLE, 12);
+            c.extend_from_slice(&p);
+            chunks.push(c);
+        } else {
+            let mut c = chunk_header(shared, req, flags, REPLY_TYPE_OFFSET_DATA, 8 + slen);
+            encode_offset_data_prefix(&mut c, off);
+            let start = c.len();
+            c.resize(start + slen as usize, 0);
+            if let Err(e) = export.read(&mut c[start..], off) {
+                return reply_error(shared, req, &e);
+            }
+            chunks.push(c);
+        }
+    }
+    let parts: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+    send(shared, &parts)
+}
