@@ -895,3 +895,56 @@ fn hostile_servers_get_a_one_line_error() {
     }
     assert_no_failures(&failures);
 }
+
+/// `vimg serve -t -x TAG -k SOCK ARGS FILE`.
+fn vimg_serve(dir: &Path, tag: &str, args: &[&str], file: &Path) -> Served {
+    let sock = dir.join(format!("{tag}.sock"));
+    let mut child = Command::new(VIMG)
+        .args(["serve", "-t", "-x", tag, "-k", p(&sock)])
+        .args(args)
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vimg serve");
+    wait_for_socket(&sock, &mut child);
+    Served {
+        child,
+        url: format!("nbd+unix:///{tag}?socket={}", sock.display()),
+    }
+}
+
+#[test]
+fn vimg_client_against_vimg_serve() {
+    if !qemu_available("vimg_client_against_vimg_serve") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = sample_qcow2(dir.path(), "a.qcow2");
+    let mut failures = Vec::new();
+    {
+        let s = vimg_serve(dir.path(), "ro", &["-r", "-f", "qcow2"], &img);
+        let u = s.url.as_str();
+        for cmd in [
+            vec!["info", "--output=json", u],
+            vec!["map", "--output=json", u],
+            vec!["measure", "-O", "qcow2", u],
+        ] {
+            same_as_qemu(&cmd, &mut failures);
+        }
+        let out = dir.path().join("out.raw");
+        run(VIMG, &["convert", "-O", "raw", u, p(&out)]);
+        run("qemu-img", &["compare", p(&out), p(&img)]);
+        let (c, msg) = vimg(&["compare", u, p(&img)]);
+        if c != 0 {
+            failures.push(format!("compare: {msg}"));
+        }
+    }
+    {
+        // Writes through vimg's client into a qcow2 vimg serves, several threads at once.
+        let s = vimg_serve(dir.path(), "rw", &["-f", "qcow2", "-e", "4"], &img);
+        random_io(&s.url, 64 << 20, 9, 4);
+    }
+    run("qemu-img", &["check", p(&img)]);
+    assert_no_failures(&failures);
+}
