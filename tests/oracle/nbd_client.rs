@@ -205,6 +205,27 @@ fn qemu_nbd_exports_read_as_their_images() {
             &mut failures,
         );
     }
+    // A server that is not persistent (no -t) serves one client and exits when it goes: the
+    // format probe and the copy share one connection, closed when the command ends.
+    let sock = dir.path().join("once.sock");
+    let mut once = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-x", "once", "-k", p(&sock), p(&img)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut once);
+    let out_once = dir.path().join("once.raw");
+    let url_once = format!("nbd+unix:///once?socket={}", sock.display());
+    run(VIMG, &["convert", "-O", "raw", &url_once, p(&out_once)]);
+    run("qemu-img", &["compare", p(&out_once), p(&img)]);
+    let start = Instant::now();
+    while once.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "qemu-nbd still waits for vimg to go"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Over TCP too.
     let port = 20000 + (std::process::id() % 20000) as u16;
     let mut child = Command::new("qemu-nbd")
@@ -399,6 +420,25 @@ fn a_read_error_at_one_offset_names_the_peer() {
     );
     let (qc, _) = run_status("qemu-img", &["convert", "-O", "raw", &s.url, p(&out)]);
     assert_ne!(qc, 0);
+    // nbdkit's error filter, failing every read: the same one line.
+    let f = nbdkit(
+        dir.path(),
+        "errf",
+        &[
+            "--filter=error",
+            "pattern",
+            "size=8M",
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+        ],
+    );
+    let (c, msg) = vimg(&["convert", "-f", "raw", "-O", "raw", &f.url, p(&out)]);
+    assert_eq!(c, 1, "{msg}");
+    assert_eq!(msg.trim_end().lines().count(), 1, "{msg}");
+    assert!(
+        msg.contains(&f.url) && msg.contains("Input/output error"),
+        "{msg}"
+    );
     // Reads away from the bad sector still work.
     let (c, msg) = vimg(&[
         "dd",
@@ -516,6 +556,38 @@ fn random_writes_over_nbd_match_a_model() {
         ],
     );
     random_io(&s2.url, 4 << 20, 3, 1);
+    // nbdkit's blocksize filter (it aligns on the server's side), and a server without
+    // WRITE_ZEROES (vimg writes zeros itself).
+    let s3 = nbdkit(
+        dir.path(),
+        "blocksize",
+        &[
+            "--filter=blocksize",
+            "memory",
+            "size=4M",
+            "minblock=4096",
+            "maxdata=65536",
+        ],
+    );
+    random_io(&s3.url, 4 << 20, 4, 2);
+    let s4 = nbdkit(
+        dir.path(),
+        "nozero",
+        &["--filter=nozero", "memory", "size=8M", "zeromode=none"],
+    );
+    let src = dir.path().join("src.qcow2");
+    qemu_create(&src, "qcow2", "", None, 8 << 20);
+    qemu_io(
+        &src,
+        "qcow2",
+        &["write -P 0x44 1M 1M".into(), "write -z 2M 1M".into()],
+    );
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x99 0 8M", &s4.url],
+    );
+    run(VIMG, &["convert", "-n", "-O", "raw", p(&src), &s4.url]);
+    run("qemu-img", &["compare", p(&src), &s4.url]);
 }
 
 #[test]
@@ -947,4 +1019,69 @@ fn vimg_client_against_vimg_serve() {
     }
     run("qemu-img", &["check", p(&img)]);
     assert_no_failures(&failures);
+}
+
+/// An old server: no extended headers, no structured replies, no `OPT_GO` (only
+/// `OPT_EXPORT_NAME`), simple replies; its 1 MiB export reads as `offset % 251`.
+fn serve_old(c: &mut std::os::unix::net::UnixStream) -> std::io::Result<()> {
+    const IHAVEOPT: u64 = 0x49484156454F5054;
+    c.write_all(&0x4e42444d41474943u64.to_be_bytes())?;
+    c.write_all(&IHAVEOPT.to_be_bytes())?;
+    c.write_all(&3u16.to_be_bytes())?;
+    let mut b4 = [0u8; 4];
+    c.read_exact(&mut b4)?;
+    loop {
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h)?;
+        let opt = be32(&h[8..12]);
+        let mut data = vec![0u8; be32(&h[12..16]) as usize];
+        c.read_exact(&mut data)?;
+        if opt == 1 {
+            c.write_all(&(1u64 << 20).to_be_bytes())?;
+            c.write_all(&3u16.to_be_bytes())?;
+            break;
+        }
+        let mut v = 0x3e889045565a9u64.to_be_bytes().to_vec();
+        v.extend_from_slice(&opt.to_be_bytes());
+        v.extend_from_slice(&0x8000_0001u32.to_be_bytes());
+        v.extend_from_slice(&0u32.to_be_bytes());
+        c.write_all(&v)?;
+    }
+    loop {
+        let mut r = [0u8; 28];
+        c.read_exact(&mut r)?;
+        let cmd = u16::from_be_bytes([r[6], r[7]]);
+        let cookie = &r[8..16];
+        let offset = u64::from_be_bytes(r[16..24].try_into().unwrap());
+        let len = be32(&r[24..28]) as u64;
+        if cmd == 2 {
+            return Ok(());
+        }
+        let mut v = 0x67446698u32.to_be_bytes().to_vec();
+        v.extend_from_slice(&(if cmd == 0 { 0u32 } else { 22 }).to_be_bytes());
+        v.extend_from_slice(cookie);
+        if cmd == 0 {
+            v.extend((offset..offset + len).map(|o| (o % 251) as u8));
+        }
+        c.write_all(&v)?;
+    }
+}
+
+#[test]
+fn an_old_server_is_read_through_export_name_and_simple_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("old.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        // One connection per vimg run: the probe and the copy share it.
+        let (mut c, _) = listener.accept().unwrap();
+        let _ = serve_old(&mut c);
+    });
+    let url = format!("nbd+unix:///old?socket={}", sock.display());
+    let out = dir.path().join("o.raw");
+    let (c, msg) = vimg(&["convert", "-O", "raw", &url, p(&out)]);
+    assert_eq!(c, 0, "{msg}");
+    let want: Vec<u8> = (0..1u64 << 20).map(|o| (o % 251) as u8).collect();
+    assert!(std::fs::read(&out).unwrap() == want, "the copy differs");
+    server.join().unwrap();
 }

@@ -2,9 +2,11 @@
 //!
 //! [`locator`] reads the names, [`connect`] negotiates, [`transport`] carries requests and
 //! replies (several in flight from several threads), [`storage`] is the export as storage.
-//! One connection per export is shared by everything open on it in the process ([`open`]):
-//! a server serving one client at a time (qemu-nbd without `-e`) would otherwise never answer
-//! a second connection.
+//! One connection per export is shared by everything open on it in the process ([`open`]),
+//! and kept open until [`close_all`] (the binary calls it when a command ends) even when
+//! nothing has the export open: a server serving one client at a time (qemu-nbd without
+//! `-e`) would never answer a second connection, and one without `-t` exits when its client
+//! goes, after the format probe's open.
 
 pub mod connect;
 pub mod locator;
@@ -16,7 +18,7 @@ use locator::NbdLocator;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use storage::{Connection, NbdStorage};
 
 /// Whether `loc` is an NBD locator (valid or not).
@@ -40,7 +42,14 @@ pub fn parse(loc: &Path) -> io::Result<NbdLocator> {
 }
 
 /// The open connections, by locator.
-static CONNECTIONS: Mutex<Vec<(String, Weak<Connection>)>> = Mutex::new(Vec::new());
+static CONNECTIONS: Mutex<Vec<(String, Arc<Connection>)>> = Mutex::new(Vec::new());
+
+/// Closes every connection no storage uses any more (`NBD_CMD_DISC`, then the socket): the
+/// end of a command. A connection still in use closes when its last storage is dropped.
+pub fn close_all() {
+    let all = std::mem::take(&mut *CONNECTIONS.lock().unwrap_or_else(|e| e.into_inner()));
+    drop(all);
+}
 
 /// The size of exports connected to in this process, by locator (for `info`, which asks
 /// after the image is closed or while it is open, without connecting again).
@@ -73,13 +82,10 @@ pub fn connection(loc: &Path) -> io::Result<Arc<Connection>> {
     }
     let key = l.locator();
     let mut reg = CONNECTIONS.lock().unwrap_or_else(|e| e.into_inner());
-    reg.retain(|(_, w)| w.strong_count() > 0);
-    if let Some(c) = reg
-        .iter()
-        .find(|(k, _)| *k == key)
-        .and_then(|(_, w)| w.upgrade())
-    {
-        return Ok(c);
+    // A connection the server has ended is not reused.
+    reg.retain(|(_, c)| !c.is_dead());
+    if let Some((_, c)) = reg.iter().find(|(k, _)| *k == key) {
+        return Ok(c.clone());
     }
     let (stream, info) = connect::connect(&l)?;
     let transport = transport::Transport::new(stream, info.mode, info.context)?;
@@ -89,7 +95,7 @@ pub fn connection(loc: &Path) -> io::Result<Arc<Connection>> {
         .get_or_insert_with(HashMap::new)
         .insert(key.clone(), info.size);
     let c = Arc::new(Connection::new(transport, info, PathBuf::from(l.url())));
-    reg.push((key, Arc::downgrade(&c)));
+    reg.push((key, c.clone()));
     Ok(c)
 }
 

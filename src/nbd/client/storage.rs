@@ -43,6 +43,11 @@ impl Connection {
         self.info.flags & flag != 0
     }
 
+    /// The connection has failed (the server hung up or broke the protocol).
+    pub fn is_dead(&self) -> bool {
+        self.transport.is_dead()
+    }
+
     /// The export is read-only.
     pub fn read_only(&self) -> bool {
         self.has(w::TFLAG_READ_ONLY)

@@ -121,6 +121,11 @@ impl Transport {
         })
     }
 
+    /// Whether the connection has failed.
+    pub fn is_dead(&self) -> bool {
+        lock(&self.shared).dead.is_some()
+    }
+
     /// Sends `NBD_CMD_DISC` and closes the socket (best effort).
     pub fn disconnect(&self) {
         let _ = self.send(w::CMD_DISC, 0, 0, 0, 0, &[]);
