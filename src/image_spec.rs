@@ -3,7 +3,9 @@
 //!
 //! vimg opens raw and qcow2 images on local files and block devices, so a spec may name the
 //! drivers `raw` and `qcow2` as the format and `file` or `host_device` as the protocol, or
-//! qemu's null driver (`null-co://`, `driver=null-co`: a read-only source, [`crate::null`]).
+//! qemu's null driver (`null-co://`, `driver=null-co`: a read-only source, [`crate::null`]),
+//! or an NBD export (`nbd://...`, `nbd+unix://...`, `driver=nbd` or `file.driver=nbd` with
+//! qemu's options; [`crate::nbd::client::locator`]), which becomes the export's URL.
 //! Other drivers and protocols are refused with one line saying so. The block-layer options qemu
 //! takes that change nothing for vimg (cache modes, `aio`, `discard`, `node-name`, qcow2
 //! cache sizes...) are accepted and kept; `locking`, `force-share`, `read-only` and
