@@ -18,11 +18,20 @@ LAYERS = [
     "format foreign raw qcow2 luks vdi vhdx vmdk vpc null probe",
     "open image_spec",
     "vma",
+    "nbd",
     "ops",
 ]
 # A format driver opens its backing file through open::open_layer; the opener reads a json:
-# backing file name through image_spec.
-ALLOWED_UP = {("qcow2", "open"), ("vmdk", "open"), ("opener", "image_spec")}
+# backing file name through image_spec. The opener's NBD storage kind opens exports through
+# nbd::client (which itself uses only the host layer), and image_spec reads nbd driver options
+# into its locators.
+ALLOWED_UP = {
+    ("qcow2", "open"),
+    ("vmdk", "open"),
+    ("opener", "image_spec"),
+    ("opener", "nbd"),
+    ("image_spec", "nbd"),
+}
 
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 layer_of = {m: i for i, l in enumerate(LAYERS) for m in l.split()}

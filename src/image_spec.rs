@@ -3,7 +3,9 @@
 //!
 //! vimg opens raw and qcow2 images on local files and block devices, so a spec may name the
 //! drivers `raw` and `qcow2` as the format and `file` or `host_device` as the protocol, or
-//! qemu's null driver (`null-co://`, `driver=null-co`: a read-only source, [`crate::null`]).
+//! qemu's null driver (`null-co://`, `driver=null-co`: a read-only source, [`crate::null`]),
+//! or an NBD export (`nbd://...`, `nbd+unix://...`, `driver=nbd` or `file.driver=nbd` with
+//! qemu's options; [`crate::nbd::client::locator`]), which becomes the export's URL.
 //! Other drivers and protocols are refused with one line saying so. The block-layer options qemu
 //! takes that change nothing for vimg (cache modes, `aio`, `discard`, `node-name`, qcow2
 //! cache sizes...) are accepted and kept; `locking`, `force-share`, `read-only` and
@@ -199,6 +201,14 @@ pub fn parse_filename(name: &str) -> Result<ImageSpec> {
             ..Default::default()
         });
     }
+    if let Some(nbd) = crate::nbd::client::locator::NbdLocator::parse(name) {
+        let nbd =
+            nbd.map_err(|e| Error::invalid_input(format!("Could not open '{name}': {e}")).bare())?;
+        return Ok(ImageSpec {
+            path: PathBuf::from(nbd.locator()),
+            ..Default::default()
+        });
+    }
     if let Some(rest) = name.strip_prefix("host_device:") {
         return Ok(ImageSpec {
             path: PathBuf::from(rest),
@@ -342,7 +352,8 @@ fn unsupported_protocol(p: &str) -> Error {
 }
 
 /// Works out the file, format and interpreted options from flattened options.
-fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
+fn interpret(mut flat: BTreeMap<String, String>) -> Result<ImageSpec> {
+    nbd_options(&mut flat)?;
     let mut spec = ImageSpec::default();
     let driver = flat.get("driver").map(String::as_str);
     if let Some(null) = null_device(&flat)? {
@@ -448,6 +459,48 @@ fn interpret(flat: BTreeMap<String, String>) -> Result<ImageSpec> {
     }
     spec.options = flat;
     Ok(spec)
+}
+
+/// Brings the options of qemu's `nbd` driver, at the top level (`driver=nbd`) or under
+/// `file.` (`file.driver=nbd`), to the export's locator ([`crate::nbd::client::locator`]):
+/// `driver=raw,file.filename=LOCATOR` with the format's own options kept.
+fn nbd_options(flat: &mut BTreeMap<String, String>) -> Result<()> {
+    let prefix = match (
+        flat.get("driver").map(String::as_str),
+        flat.get("file.driver").map(String::as_str),
+    ) {
+        (Some("nbd"), _) => "",
+        (_, Some("nbd")) => "file.",
+        _ => return Ok(()),
+    };
+    /// Options of the block layer a protocol node takes, kept at the top level.
+    const GENERIC: &[&str] = &["read-only", "force-share", "auto-read-only", "node-name"];
+    let mut own = BTreeMap::new();
+    let mut kept = BTreeMap::new();
+    for (k, v) in std::mem::take(flat) {
+        match k.strip_prefix(prefix) {
+            Some(bare) if prefix.is_empty() && GENERIC.contains(&bare) => {
+                kept.insert(k, v);
+            }
+            Some(bare) => {
+                own.insert(bare.to_string(), v);
+            }
+            None => {
+                kept.insert(k, v);
+            }
+        }
+    }
+    let loc = crate::nbd::client::locator::NbdLocator::from_options(&own)
+        .map_err(Error::invalid_input)?;
+    if prefix.is_empty() {
+        kept.insert("driver".into(), "raw".into());
+    }
+    if let Some(ctx) = &loc.dirty_bitmap {
+        crate::nbd::client::use_context(&loc.url(), ctx);
+    }
+    kept.insert("file.filename".into(), loc.url());
+    *flat = kept;
+    Ok(())
 }
 
 /// The null device a spec names, with its protocol name: `driver=null-co` (options at the top
@@ -814,15 +867,44 @@ mod tests {
     }
 
     #[test]
+    fn nbd_names_and_options_come_to_the_export_url() {
+        let p = |n: &str| parse_filename(n).unwrap().path;
+        assert_eq!(p("nbd://h/e"), PathBuf::from("nbd://h:10809/e"));
+        assert_eq!(
+            p(r#"json:{"driver":"nbd","server":{"type":"unix","path":"/s"},"export":"e"}"#),
+            PathBuf::from("nbd+unix:///e?socket=/s")
+        );
+        let s = parse_filename(
+            r#"json:{"driver":"qcow2","file":{"driver":"nbd","server":{"type":"inet","host":"h","port":"99"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.path, s.format),
+            (PathBuf::from("nbd://h:99"), Some(ImageFormat::Qcow2))
+        );
+        let s = parse_image_opts(
+            "driver=nbd,server.type=unix,server.path=/s,export=e,x-dirty-bitmap=qemu:dirty-bitmap:b",
+        )
+        .unwrap();
+        assert_eq!(s.format, Some(ImageFormat::Raw));
+        assert_eq!(s.path, PathBuf::from("nbd+unix:///e?socket=/s"));
+        let s = parse_image_opts("driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=h,file.export=x,read-only=on").unwrap();
+        assert_eq!(s.path, PathBuf::from("nbd://h:10809/x"));
+        assert!(s.read_only);
+        assert!(parse_image_opts("driver=nbd,server.type=inet").is_err());
+        assert!(parse_image_opts("driver=nbd,server.type=unix,server.path=/s,bogus=1").is_err());
+        assert!(parse_filename("nbd+unix:///e").is_err());
+    }
+
+    #[test]
     fn refusals() {
         for bad in [
             r#"json:{"driver":"qed","file":{"filename":"x"}}"#,
-            r#"json:{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#,
             r#"json:{"driver":"qcow2"}"#,
             r#"json:{"driver":"qcow2","file.filename":"x","bogus":1}"#,
             r#"json:[1]"#,
             "json:{",
-            "nbd://host/x",
+            "nbd://host:port/x",
         ] {
             assert!(parse_filename(bad).is_err(), "{bad}");
         }

@@ -810,6 +810,8 @@ fn main() -> ExitCode {
         Command::Dd(a) => dd(a),
         Command::Serve(a) => serve(a),
     };
+    // NBD connections are kept for the whole command (see vimg::nbd::client): end them.
+    vimg::nbd::client::close_all();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(f) => {

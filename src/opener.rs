@@ -35,6 +35,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod nbd_kind;
+
 /// The name of some storage (see the module documentation).
 pub type Locator = Path;
 
@@ -98,7 +100,7 @@ pub struct OpenRequest {
 }
 
 /// Every storage kind, asked in this order; the first that claims a locator opens it.
-pub static KINDS: &[&dyn StorageKind] = &[&OvaKind, &FileKind];
+pub static KINDS: &[&dyn StorageKind] = &[&OvaKind, &nbd_kind::NbdKind, &FileKind];
 
 /// A disk inside an OVA appliance, `ova:PATH[,disk=NAME]` ([`crate::ova`]): a read-only window
 /// of the archive file.
@@ -679,9 +681,11 @@ mod tests {
             o.resolve(Path::new("top.qcow2"), "b.raw").unwrap(),
             Path::new("b.raw")
         );
-        for bad in ["json:{\"driver\":\"raw\"}", "nbd://host/x", "http://x/y"] {
+        for bad in ["json:{\"driver\":\"raw\"}", "http://x/y"] {
             assert_eq!(r(bad).unwrap_err().kind(), ErrorKind::Unsupported, "{bad}");
         }
+        // A name the NBD kind claims is taken as it is.
+        assert_eq!(r("nbd://host/x").unwrap(), Path::new("nbd://host/x"));
     }
 
     #[test]

@@ -386,6 +386,22 @@ impl BlockImage for RawImage {
     fn block_status(&self, offset: GuestOffset, max_len: u64) -> Result<BlockStatus> {
         let size = self.size;
         check_request(size, offset, max_len.max(1)).in_file(&self.path)?;
+        if let Some(a) = self
+            .storage
+            .allocation_at(offset.0)
+            .map_err(|e| Error::io("block status query failed", e).with_path(&self.path))?
+        {
+            // As qemu reads an NBD export's status: allocated where data or zero.
+            return Ok(BlockStatus {
+                len: a.len.min(max_len).max(1),
+                depth: 0,
+                present: a.data || a.zero,
+                zero: a.zero,
+                data: a.data,
+                compressed: false,
+                offset: (a.data || a.zero).then_some(HostOffset(offset.0)),
+            });
+        }
         let (is_data, n) = self
             .storage
             .extent_at(offset.0)

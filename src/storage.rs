@@ -63,6 +63,13 @@ pub trait Storage: Send + Sync {
     /// Storage that cannot tell reports everything up to its end as data. Offsets at or past the
     /// end report a hole running to `u64::MAX`.
     fn extent_at(&self, offset: u64) -> io::Result<(bool, u64)>;
+    /// What storage that reports allocation itself (an NBD export's `base:allocation`) says
+    /// of the extent at `offset`; `None` (the default) for storage that answers only
+    /// [`Storage::extent_at`].
+    fn allocation_at(&self, offset: u64) -> io::Result<Option<Allocation>> {
+        let _ = offset;
+        Ok(None)
+    }
     /// Bytes actually allocated on the host, if known (qemu's `actual-size`).
     fn allocated_bytes(&self) -> Option<u64> {
         None
@@ -88,6 +95,17 @@ pub trait Storage: Send + Sync {
     fn debug_event(&self, event: DebugEvent) {
         let _ = event;
     }
+}
+
+/// An extent as storage that reports allocation itself describes it ([`Storage::allocation_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// Its length from the offset asked about (at least 1).
+    pub len: u64,
+    /// It is stored (not a hole).
+    pub data: bool,
+    /// It reads as zeros.
+    pub zero: bool,
 }
 
 /// A file's identity: the device it is on and its inode number.

@@ -11,9 +11,11 @@
 //! `NBD_REP_ERR_UNSUP`, and has no block status), and `tokio-nbd` is GPL-licensed. Both sides
 //! are written on std (threads and blocking sockets), with no async runtime.
 //!
+//! - [`client`]: `nbd://` exports as storage.
 //! - [`wire`]: every constant and message of the protocol, encoded and decoded in both
 //!   directions, so that the client and the server share one codec.
 //! - [`server`]: the server (`vimg serve`).
 
+pub mod client;
 pub mod server;
 pub mod wire;

@@ -279,9 +279,19 @@ pub fn convert(
         rate: opts.rate_limit,
         verbatim: opts.copy_offload,
     };
+    // An NBD export is written in place as a device is (qemu "creates" on one by opening it).
     let existing_device = std::fs::metadata(dst)
         .map(|m| !m.file_type().is_file() && !m.file_type().is_dir())
-        .unwrap_or(false);
+        .unwrap_or(false)
+        || crate::nbd::client::claims(dst);
+    let on_nbd = crate::nbd::client::claims(dst);
+    if on_nbd && !opts.no_create && opts.output_format != ImageFormat::Raw {
+        return Err(Error::unsupported(format!(
+            "creating a {} image on an NBD export is not supported (create it with qemu-img, then convert with -n)",
+            opts.output_format.as_str()
+        ))
+        .with_path(dst));
+    }
     if opts.no_create || existing_device {
         // The existing target may hold old data: everything is written, zeros included
         // (unless it is known to read as zeros). Its backing file is relied on only with -B,
@@ -297,6 +307,12 @@ pub fn convert(
             }
         }
         let target_size = target.virtual_size();
+        if target_size < size && on_nbd && !opts.no_create {
+            // qemu's create on an export is a truncate, which an export refuses.
+            return Err(
+                Error::invalid_input(format!("{context}: Cannot grow NBD nodes")).with_path(dst),
+            );
+        }
         if target_size < size {
             return Err(Error::invalid_input(format!(
                 "output file is smaller than input file ({target_size} < {size} bytes)"

@@ -138,8 +138,10 @@ pub fn backing_format_warning(layer: &dyn BlockImage, info: &LayerInfo) -> Optio
 pub fn describe(layer: &dyn BlockImage) -> Result<LayerReport> {
     let info = layer.layer_info()?;
     let in_ova = crate::ova::DiskLocator::parse(layer.filename());
+    let on_nbd = crate::nbd::client::claims(layer.filename());
     let file_length = match &in_ova {
         Some(loc) => crate::ova::disk_len(loc),
+        None if on_nbd => crate::nbd::client::export_size(layer.filename()),
         None => crate::storage::path_len(layer.filename()),
     }
     .map_err(|e| Error::io("cannot get file size", e).with_path(layer.filename()))?
@@ -147,6 +149,8 @@ pub fn describe(layer: &dyn BlockImage) -> Result<LayerReport> {
     .saturating_mul(512);
     let protocol = if in_ova.is_some() {
         "ova"
+    } else if on_nbd {
+        "nbd"
     } else if crate::storage::is_block_device(layer.filename()) {
         "host_device"
     } else {
@@ -198,6 +202,17 @@ pub fn layer_json(layer: &LayerReport) -> Value {
     });
     if let (Some(size), Some(obj)) = (file_actual(layer), file.as_object_mut()) {
         obj.insert("actual-size".into(), json!(size));
+    }
+    if layer.protocol == "nbd" {
+        // qemu's nbd node has no format-specific data and no dirty flag.
+        if let Some(obj) = file.as_object_mut() {
+            obj.remove("format-specific");
+            obj.remove("dirty-flag");
+        }
+        // raw asks its file for the dirty flag, which an nbd node does not have.
+        if let Some(obj) = v.as_object_mut().filter(|_| layer.info.format == "raw") {
+            obj.remove("dirty-flag");
+        }
     }
     let mut children: Vec<Value> = layer
         .extra

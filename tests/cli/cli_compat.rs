@@ -111,9 +111,9 @@ fn json_and_image_opts_names_open_the_named_image() {
         (
             vec![
                 "info",
-                r#"json:{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#,
+                r#"json:{"driver":"qcow2","file":{"driver":"ssh","host":"h"}}"#,
             ],
-            "nbd",
+            "ssh",
         ),
         (vec!["info", "json:{"], "JSON"),
         (

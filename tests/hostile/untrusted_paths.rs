@@ -178,7 +178,7 @@ fn protocol_and_json_names_are_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     for (kind, name) in [
-        ("backing", "nbd://127.0.0.1/export"),
+        ("backing", "http://127.0.0.1/export"),
         ("data", "json:{\"a\":\"b\"}xx"),
     ] {
         let img = dir.path().join(format!("{kind}.qcow2"));

@@ -24,6 +24,7 @@ mod iotests_checks;
 mod lazy_refcounts;
 mod luks;
 mod measure_oracle;
+mod nbd_client;
 mod nbd_server;
 mod options_matrix;
 mod oracle_read;

@@ -718,7 +718,7 @@ impl ExtractStart {
 /// Opens an existing target for writing in place: never created, and refused if it has a
 /// backing file (zero clusters left unwritten would show the backing file's data).
 fn open_target(path: &Path, format: ImageFormat, opener: &Opener) -> Result<Box<dyn BlockImage>> {
-    if std::fs::symlink_metadata(path).is_err() {
+    if std::fs::symlink_metadata(path).is_err() && !crate::nbd::client::claims(path) {
         return Err(Error::invalid_input(
             "target does not exist (targets are written in place, never created)",
         )
