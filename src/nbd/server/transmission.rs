@@ -249,11 +249,9 @@ fn check(shared: &Shared, req: &Request) -> CmdResult<()> {
                 return Err(invalid("block status without a negotiated meta context"));
             }
         }
-        _ => {
-            if req.flags & CMD_FLAG_PAYLOAD_LEN == 0 {
-                export.check_range(req.offset, req.length, write)?;
-            }
-        }
+        // READ, WRITE (whose payload length, with PAYLOAD_LEN too, is its length), TRIM and
+        // WRITE_ZEROES.
+        _ => export.check_range(req.offset, req.length, write)?,
     }
     Ok(())
 }
