@@ -14,6 +14,7 @@ use super::header::{
 };
 use crate::error::{Error, Result, ResultExt};
 use crate::opener::Opener;
+use crate::option_desc::{OptDesc, OptType, SIZE};
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,12 @@ use std::path::{Path, PathBuf};
 const TEXT: &[u8] = b"<<< QEMU VM Virtual Disk Image >>>\n";
 /// The header size qemu records.
 const HEADER_SIZE: u32 = 0x180;
+
+/// The options of `create -o`, as qemu's vdi driver describes them.
+pub const CREATE_OPTIONS: &[OptDesc] = &[
+    SIZE,
+    OptDesc::new("static", OptType::Bool, "VDI static (pre-allocated) image"),
+];
 
 /// The `-o` options of a new VDI image.
 #[derive(Debug, Clone, Default)]

@@ -12,18 +12,32 @@ use super::layout::{
 };
 use crate::error::{Error, Result, ResultExt};
 use crate::opener::Opener;
+use crate::option_desc::{OptDesc, OptType};
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
 
-/// `-o help`, as qemu-img lists the format's options.
-pub const OPTION_HELP: &[(&str, &str)] = &[
-    ("block_size=<size>", "Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size."),
-    ("block_state_zero=<bool (on/off)>", "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to 'off' when using 'qemu-img convert' with subformat=dynamic."),
-    ("log_size=<size>", "Log size; min 1MB."),
-    ("size=<size>", "Virtual disk size; max of 64TB."),
-    ("subformat=<str>", "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'."),
+/// The options of `create -o`, as qemu's vhdx driver describes them.
+pub const CREATE_OPTIONS: &[OptDesc] = &[
+    OptDesc::new(
+        "block_size",
+        OptType::Size,
+        "Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size.",
+    ),
+    OptDesc::new(
+        "block_state_zero",
+        OptType::Bool,
+        "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to \
+         'off' when using 'qemu-img convert' with subformat=dynamic.",
+    ),
+    OptDesc::new("log_size", OptType::Size, "Log size; min 1MB."),
+    OptDesc::new("size", OptType::Size, "Virtual disk size; max of 64TB."),
+    OptDesc::new(
+        "subformat",
+        OptType::Str,
+        "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'.",
+    ),
 ];
 
 /// The `-o` options of a new VHDX.

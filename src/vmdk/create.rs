@@ -16,26 +16,38 @@ use crate::chain::ChainGuard;
 use crate::error::{Error, Result, ResultExt};
 use crate::info::FormatSpecific;
 use crate::opener::Opener;
+use crate::option_desc::{OptDesc, OptType, BACKING_FILE, SIZE};
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
 /// Bytes of one extent of the twoGbMaxExtent subformats.
 const SPLIT_SIZE: u64 = 0x8000_0000;
 
-/// The rows of `create -o help`, as qemu lists them.
-pub fn option_help() -> Vec<(&'static str, &'static str)> {
-    vec![
-        ("adapter_type=<str>", "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX"),
-        ("backing_file=<str>", "File name of a base image"),
-        ("backing_fmt=<str>", "Must be 'vmdk' if present"),
-        ("compat6=<bool (on/off)>", "VMDK version 6 image"),
-        ("hwversion=<str>", "VMDK hardware version"),
-        ("size=<size>", "Virtual disk size"),
-        ("subformat=<str>", "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} "),
-        ("toolsversion=<str>", "VMware guest tools version"),
-        ("zeroed_grain=<bool (on/off)>", "Enable efficient zero writes using the zeroed-grain GTE feature"),
-    ]
-}
+/// The options of `create -o`, as qemu's vmdk driver describes them.
+pub const CREATE_OPTIONS: &[OptDesc] = &[
+    OptDesc::new(
+        "adapter_type",
+        OptType::Str,
+        "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX",
+    ),
+    BACKING_FILE,
+    OptDesc::new("backing_fmt", OptType::Str, "Must be 'vmdk' if present"),
+    OptDesc::new("compat6", OptType::Bool, "VMDK version 6 image"),
+    OptDesc::new("hwversion", OptType::Str, "VMDK hardware version"),
+    SIZE,
+    OptDesc::new(
+        "subformat",
+        OptType::Str,
+        "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | \
+         twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} ",
+    ),
+    OptDesc::new("toolsversion", OptType::Str, "VMware guest tools version"),
+    OptDesc::new(
+        "zeroed_grain",
+        OptType::Bool,
+        "Enable efficient zero writes using the zeroed-grain GTE feature",
+    ),
+];
 
 /// The subformats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

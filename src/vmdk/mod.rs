@@ -84,8 +84,8 @@ impl FormatDriver for VmdkDriver {
         )?))
     }
 
-    fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
-        create::option_help()
+    fn create_option_help(&self) -> &'static [crate::option_desc::OptDesc] {
+        create::CREATE_OPTIONS
     }
 
     fn prepare_create(

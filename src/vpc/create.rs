@@ -6,6 +6,7 @@
 use super::footer::{checksum, DYN_HEADER_LEN, FOOTER_LEN, MAX_GEOMETRY_SECTORS, MAX_SECTORS};
 use crate::error::{Error, Result, ResultExt};
 use crate::opener::Opener;
+use crate::option_desc::{OptDesc, OptType, SIZE};
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,22 @@ pub const BLOCK_SIZE: u64 = 2 << 20;
 pub const BAT_OFFSET: u64 = 3 * 512;
 /// Seconds from the Unix epoch to the VHD epoch (2000-01-01 00:00:00 UTC).
 const VHD_EPOCH: u64 = 946_684_800;
+
+/// The options of `create -o`, as qemu's vpc driver describes them.
+pub const CREATE_OPTIONS: &[OptDesc] = &[
+    OptDesc::new(
+        "force_size",
+        OptType::Bool,
+        "Force disk size calculation to use the actual size specified, rather than using the \
+         nearest CHS-based calculation",
+    ),
+    SIZE,
+    OptDesc::new(
+        "subformat",
+        OptType::Str,
+        "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} ",
+    ),
+];
 
 /// The `-o` options of a new VHD.
 #[derive(Debug, Clone, Default)]
