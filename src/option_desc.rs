@@ -192,6 +192,17 @@ pub fn protocol_options(filename: &str) -> Result<&'static [OptDesc]> {
     }
 }
 
+/// The file protocol's `preallocation` for a format whose new images vimg writes without
+/// preallocating: `off` only, anything else refused naming `format`.
+pub fn preallocation_off(format: &str, given: &str) -> Result<()> {
+    match given {
+        "off" => Ok(()),
+        v => Err(Error::unsupported(format!(
+            "preallocation={v} is not supported by vimg for {format} images"
+        ))),
+    }
+}
+
 /// A value read by [`parse`], of its option's type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OptValue {

@@ -12,7 +12,7 @@ use super::layout::{
 };
 use crate::error::{Error, Result, ResultExt};
 use crate::opener::Opener;
-use crate::option_desc::{OptDesc, OptType};
+use crate::option_desc::{OptDesc, OptType, FILE_PROTOCOL};
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
@@ -74,26 +74,16 @@ impl VhdxOptions {
     /// Parses `-o` arguments (later ones win), in qemu's words for what it refuses.
     pub fn parse(options: &[String]) -> Result<Self> {
         let mut o = VhdxOptions::default();
-        for arg in options {
-            for item in crate::option_list::split(arg)? {
-                let (k, v) = crate::option_list::key_value(&item);
-                match k {
-                    "size" => o.size = Some(crate::option_list::size(k, v)?),
-                    "log_size" => o.log_size = Some(crate::option_list::size(k, v)?),
-                    "block_size" => o.block_size = Some(crate::option_list::size(k, v)?),
-                    "subformat" => o.subformat = Some(v.to_string()),
-                    "block_state_zero" => {
-                        o.block_state_zero = Some(crate::option_list::boolean(k, v)?)
-                    }
-                    "preallocation" if v == "off" => {}
-                    "preallocation" => {
-                        return Err(Error::unsupported(format!(
-                            "preallocation={v} is not supported by vimg for vhdx images"
-                        )))
-                    }
-                    "nocow" | "extent_size_hint" => {}
-                    _ => return Err(crate::option_list::invalid_parameter(k)),
-                }
+        for p in crate::option_desc::parse(options, &[CREATE_OPTIONS, FILE_PROTOCOL])? {
+            match p.name {
+                "size" => o.size = Some(p.number()),
+                "log_size" => o.log_size = Some(p.number()),
+                "block_size" => o.block_size = Some(p.number()),
+                "subformat" => o.subformat = Some(p.given),
+                "block_state_zero" => o.block_state_zero = Some(p.flag()),
+                "preallocation" => crate::option_desc::preallocation_off("vhdx", &p.given)?,
+                // The file's `nocow` and `extent_size_hint` change nothing here.
+                _ => {}
             }
         }
         Ok(o)

@@ -16,7 +16,7 @@ use crate::chain::ChainGuard;
 use crate::error::{Error, Result, ResultExt};
 use crate::info::FormatSpecific;
 use crate::opener::Opener;
-use crate::option_desc::{OptDesc, OptType, BACKING_FILE, SIZE};
+use crate::option_desc::{OptDesc, OptType, BACKING_FILE, FILE_PROTOCOL, SIZE};
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
@@ -149,31 +149,21 @@ impl VmdkOptions {
     /// qemu's words.
     pub fn parse(options: &[String]) -> Result<Self> {
         let mut o = VmdkOptions::default();
-        for arg in options {
-            for item in crate::option_list::split(arg)? {
-                let (k, v) = crate::option_list::key_value(&item);
-                let v = v.to_string();
-                match k {
-                    "size" => o.size = Some(crate::option_list::size(k, &v)?),
-                    "adapter_type" => o.adapter_type = Some(v),
-                    "backing_file" => o.backing_file = Some(v),
-                    "backing_fmt" => o.backing_fmt = Some(v),
-                    "compat6" => o.compat6 = Some((v.clone(), crate::option_list::boolean(k, &v)?)),
-                    "hwversion" => o.hwversion = Some(v),
-                    "toolsversion" => o.toolsversion = Some(v),
-                    "subformat" => o.subformat = Some(v),
-                    "zeroed_grain" => {
-                        o.zeroed_grain = Some((v.clone(), crate::option_list::boolean(k, &v)?))
-                    }
-                    "preallocation" if v == "off" => {}
-                    "preallocation" => {
-                        return Err(Error::unsupported(format!(
-                            "preallocation={v} is not supported by vimg for vmdk images"
-                        )))
-                    }
-                    "nocow" | "extent_size_hint" => {}
-                    _ => return Err(crate::option_list::invalid_parameter(k)),
-                }
+        for p in crate::option_desc::parse(options, &[CREATE_OPTIONS, FILE_PROTOCOL])? {
+            let given = Some(p.given.clone());
+            match p.name {
+                "size" => o.size = Some(p.number()),
+                "adapter_type" => o.adapter_type = given,
+                "backing_file" => o.backing_file = given,
+                "backing_fmt" => o.backing_fmt = given,
+                "compat6" => o.compat6 = Some((p.given.clone(), p.flag())),
+                "hwversion" => o.hwversion = given,
+                "toolsversion" => o.toolsversion = given,
+                "subformat" => o.subformat = given,
+                "zeroed_grain" => o.zeroed_grain = Some((p.given.clone(), p.flag())),
+                "preallocation" => crate::option_desc::preallocation_off("vmdk", &p.given)?,
+                // The file's `nocow` and `extent_size_hint` change nothing here.
+                _ => {}
             }
         }
         Ok(o)
