@@ -62,12 +62,14 @@ pub trait FormatDriver: Send + Sync + 'static {
         guard: &mut ChainGuard,
     ) -> Result<Box<dyn crate::block::BlockImage>>;
 
-    /// The options `create -o` takes, as (`name=<type>`, description) rows for `-o help`.
-    fn create_option_help(&self) -> Vec<(&'static str, &'static str)>;
+    /// The options `create -o` takes at the format's level (qemu's `create_opts`), as `-o
+    /// help` lists them; the options of the protocol the file is written through are not
+    /// among them ([`crate::option_desc::protocol_options`]).
+    fn create_option_help(&self) -> &'static [crate::option_desc::OptDesc];
 
-    /// The options `amend -o` takes, as (`name=<type>`, description) rows for `-o help`, if
-    /// the format can amend its options (qemu's `amend_opts`). The default: it cannot.
-    fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
+    /// The options `amend -o` takes, as `-o help` lists them, if the format can amend its
+    /// options (qemu's `amend_opts`). The default: it cannot.
+    fn amend_option_help(&self) -> Option<&'static [crate::option_desc::OptDesc]> {
         None
     }
 

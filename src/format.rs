@@ -205,8 +205,8 @@ mod tests {
         ) -> Result<Box<dyn BlockImage>> {
             Err(Error::unsupported("no").with_path(path))
         }
-        fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
-            Vec::new()
+        fn create_option_help(&self) -> &'static [crate::option_desc::OptDesc] {
+            &[]
         }
     }
 

@@ -84,6 +84,7 @@ pub mod offsets;
 pub mod open;
 pub mod opener;
 pub mod ops;
+pub mod option_desc;
 pub mod option_list;
 pub mod ova;
 pub mod prealloc;

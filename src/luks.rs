@@ -16,6 +16,7 @@ use crate::info::{FormatSpecific, LayerInfo};
 use crate::lock::LockRequest;
 use crate::offsets::GuestOffset;
 use crate::opener::Opener;
+use crate::option_desc::{OptDesc, OptType};
 use crate::prealloc::Preallocation;
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,77 @@ pub fn passphrase(opener: &Opener, id: &str) -> Result<Zeroizing<Vec<u8>>> {
 fn required_secret() -> Error {
     Error::invalid_input(format!("Parameter '{KEY_SECRET}' is required for cipher"))
 }
+
+/// The options of `create -o`, as qemu's luks driver describes them (`detached-header` is
+/// refused when given: vimg makes no detached headers).
+pub const CREATE_OPTIONS: &[OptDesc] = &[
+    OptDesc::new(
+        "cipher-alg",
+        OptType::Str,
+        "Name of encryption cipher algorithm",
+    ),
+    OptDesc::new(
+        "cipher-mode",
+        OptType::Str,
+        "Name of encryption cipher mode",
+    ),
+    OptDesc::new(
+        "detached-header",
+        OptType::Bool,
+        "Create a detached LUKS header",
+    ),
+    OptDesc::new(
+        "hash-alg",
+        OptType::Str,
+        "Name of encryption hash algorithm",
+    ),
+    OptDesc::new(
+        "iter-time",
+        OptType::Num,
+        "Time to spend in PBKDF in milliseconds",
+    ),
+    OptDesc::new("ivgen-alg", OptType::Str, "Name of IV generator algorithm"),
+    OptDesc::new(
+        "ivgen-hash-alg",
+        OptType::Str,
+        "Name of IV generator hash algorithm",
+    ),
+    OptDesc::new(
+        "key-secret",
+        OptType::Str,
+        "ID of the secret that provides the keyslot passphrase",
+    ),
+    crate::option_desc::SIZE,
+];
+
+/// The options of `amend -o`, as qemu's luks driver describes them.
+pub const AMEND_OPTIONS: &[OptDesc] = &[
+    OptDesc::new(
+        "iter-time",
+        OptType::Num,
+        "Time to spend in PBKDF in milliseconds",
+    ),
+    OptDesc::new(
+        "keyslot",
+        OptType::Num,
+        "Select a single keyslot to modify explicitly",
+    ),
+    OptDesc::new(
+        "new-secret",
+        OptType::Str,
+        "New secret to set in the matching keyslots. Empty string to erase",
+    ),
+    OptDesc::new(
+        "old-secret",
+        OptType::Str,
+        "Select all keyslots that match this password",
+    ),
+    OptDesc::new(
+        "state",
+        OptType::Str,
+        "Select new state of affected keyslots (active/inactive)",
+    ),
+];
 
 impl FormatDriver for LuksDriver {
     fn name(&self) -> &'static str {
@@ -93,49 +165,12 @@ impl FormatDriver for LuksDriver {
         Ok(Box::new(image))
     }
 
-    fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
-        Some(&[
-            ("iter-time=<num>", "Time to spend in PBKDF in milliseconds"),
-            (
-                "keyslot=<num>",
-                "Select a single keyslot to modify explicitly",
-            ),
-            (
-                "new-secret=<str>",
-                "New secret to set in the matching keyslots. Empty string to erase",
-            ),
-            (
-                "old-secret=<str>",
-                "Select all keyslots that match this password",
-            ),
-            (
-                "state=<str>",
-                "Select new state of affected keyslots (active/inactive)",
-            ),
-        ])
+    fn amend_option_help(&self) -> Option<&'static [OptDesc]> {
+        Some(AMEND_OPTIONS)
     }
 
-    fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
-        vec![
-            ("cipher-alg=<str>", "Name of encryption cipher algorithm"),
-            ("cipher-mode=<str>", "Name of encryption cipher mode"),
-            ("hash-alg=<str>", "Name of encryption hash algorithm"),
-            ("iter-time=<num>", "Time to spend in PBKDF in milliseconds"),
-            ("ivgen-alg=<str>", "Name of IV generator algorithm"),
-            (
-                "ivgen-hash-alg=<str>",
-                "Name of IV generator hash algorithm",
-            ),
-            (
-                "key-secret=<str>",
-                "ID of the secret that provides the keyslot passphrase",
-            ),
-            (
-                "preallocation=<str>",
-                "off (default), falloc or full (of the encrypted file)",
-            ),
-            ("size=<size>", "Virtual disk size"),
-        ]
+    fn create_option_help(&self) -> &'static [OptDesc] {
+        CREATE_OPTIONS
     }
 
     fn prepare_create(

@@ -1387,7 +1387,7 @@ fn bitmap(a: BitmapCmdArgs) -> CmdResult {
 fn amend(a: AmendCmdArgs) -> CmdResult {
     opener().set_force(a.force);
     let fail = |e| Failure::new(e, 1);
-    if ops::amend::wants_help(&a.options) {
+    if ops::amend::wants_help(&a.options).map_err(fail)? {
         print(&ops::amend::help(a.format, a.filename.as_deref()).map_err(fail)?)?;
         return Ok(0);
     }
@@ -1427,8 +1427,10 @@ fn create(a: CreateCmdArgs) -> CmdResult {
             code: 1,
         });
     }
-    if ops::create::wants_help(&a.options) {
-        print(&ops::create::options_help(a.format))?;
+    if ops::create::wants_help(&a.options).map_err(|e| Failure::new(e, 1))? {
+        let name = a.filename.as_ref().map(|f| f.to_string_lossy());
+        let help = ops::create::options_help(a.format, name.as_deref());
+        print(&help.map_err(|e| Failure::new(e, 1))?)?;
         return Ok(0);
     }
     let Some(given) = a.filename else {
@@ -1528,12 +1530,7 @@ fn convert_options(a: &ConvertArgs) -> ops::convert::ConvertOptions {
 
 fn convert(a: ConvertArgs) -> CmdResult {
     let fail = |e| Failure::new(e, 1);
-    let Some((target, sources)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
-        return Err(Failure {
-            message: "Must specify image file name".into(),
-            code: 1,
-        });
-    };
+    let help = ops::create::wants_help(&a.options).map_err(fail)?;
     let say = |m: &str| Failure {
         message: m.into(),
         code: 1,
@@ -1550,6 +1547,19 @@ fn convert(a: ConvertArgs) -> CmdResult {
     if a.target_image_opts && !a.no_create {
         return Err(say("--target-image-opts requires use of -n flag"));
     }
+    if help && !a.no_create {
+        // The new image's name counts once a source is named too, as in qemu-img.
+        let name = a.files.last().filter(|_| a.files.len() > 1);
+        let name = name.map(|f| f.to_string_lossy());
+        print(&ops::create::options_help(a.output_format, name.as_deref()).map_err(fail)?)?;
+        return Ok(0);
+    }
+    let Some((target, sources)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
+        return Err(Failure {
+            message: "Must specify image file name".into(),
+            code: 1,
+        });
+    };
     let src_direct = src_cache_direct(&a.src_cache)?;
     ops::commit::CacheMode::parse(&a.cache).map_err(fail)?;
     let mut opts = convert_options(&a);

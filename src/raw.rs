@@ -61,18 +61,10 @@ impl FormatDriver for RawDriver {
         }))
     }
 
-    fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
-        vec![
-            (
-                "extent_size_hint=<size>",
-                "accepted for qemu-img compatibility (an xfs extent size hint; not set)",
-            ),
-            (
-                "preallocation=<str>",
-                "off (default, sparse), falloc or full",
-            ),
-            ("size=<size>", "virtual disk size"),
-        ]
+    /// Only the size: the rest (`preallocation`, `extent_size_hint`, `nocow`) are the file's
+    /// ([`crate::option_desc::FILE_PROTOCOL`]).
+    fn create_option_help(&self) -> &'static [crate::option_desc::OptDesc] {
+        &[crate::option_desc::SIZE]
     }
 
     fn prepare_create(

@@ -44,8 +44,8 @@ pub fn cache_is_unsafe(mode: &str) -> Result<bool> {
     }
 }
 
-/// Whether the `-o` arguments ask for the option list.
-pub fn wants_help(options: &[String]) -> bool {
+/// Whether the `-o` arguments ask for the option list ([`crate::ops::create::wants_help`]).
+pub fn wants_help(options: &[String]) -> Result<bool> {
     crate::ops::create::wants_help(options)
 }
 
@@ -61,12 +61,11 @@ pub fn help(format: Option<ImageFormat>, path: Option<&Path>) -> Result<String> 
         .driver()
         .amend_option_help()
         .ok_or_else(|| not_amendable(format))?;
-    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    let mut s = format!("Amend options for '{}':\n", format.as_str());
-    for (k, d) in rows {
-        s.push_str(&format!("  {k:<width$} - {d}\n"));
-    }
-    Ok(s)
+    Ok(format!(
+        "Amend options for '{}':\n{}",
+        format.as_str(),
+        crate::option_desc::help_lines(&[rows])
+    ))
 }
 
 /// qemu-img's refusal for a format that cannot amend its options.

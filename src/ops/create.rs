@@ -57,25 +57,38 @@ pub struct CreatePlan {
 
 pub use crate::foreign::KNOWN_FORMATS;
 
-/// Whether any `-o` argument asks for the option list (`help` or `?`).
-pub fn wants_help(options: &[String]) -> bool {
-    options.iter().any(|o| {
-        crate::option_list::split(o)
-            .map(|items| items.iter().any(|i| i == "help" || i == "?"))
-            .unwrap_or(false)
-    })
+/// Whether the `-o` arguments ask for the option list (`help` or `?` as an item, as qemu's
+/// `has_help_option` finds it); an argument qemu-img refuses as an option list is refused
+/// ([`crate::option_desc::has_help_option`]).
+pub fn wants_help(options: &[String]) -> Result<bool> {
+    crate::option_desc::has_help_option(options)
 }
 
-/// The `-o help` text for `format`: the options `vimg create` accepts, one per line with a
-/// short description.
-pub fn options_help(format: ImageFormat) -> String {
-    let rows = format.driver().create_option_help();
-    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    let mut s = format!("Options for creating {} images:\n", format.as_str());
-    for (k, d) in rows {
-        s.push_str(&format!("  {k:<width$}  {d}\n"));
+/// The `-o help` text of `create -f FORMAT` and `convert -O FORMAT`, as qemu-img prints it
+/// (`print_block_option_help`): without a file name, the format's options and a note that the
+/// protocol may take more; with the new image's `filename`, the format's options and those of
+/// the protocol that name is written through, under one heading.
+pub fn options_help(format: ImageFormat, filename: Option<&str>) -> Result<String> {
+    use crate::option_desc::{help_lines, protocol_options};
+    let own = format.driver().create_option_help();
+    if own.is_empty() {
+        return Err(Error::unsupported(format!(
+            "Format driver '{}' does not support image creation",
+            format.as_str()
+        )));
     }
-    s
+    Ok(match filename {
+        Some(name) => format!(
+            "Supported options:\n{}",
+            help_lines(&[own, protocol_options(name)?])
+        ),
+        None => format!(
+            "Supported {} options:\n{}\nThe protocol level may support further options.\n\
+             Specify the target filename to include those options.\n",
+            format.as_str(),
+            help_lines(&[own])
+        ),
+    })
 }
 
 /// Refuses to create `path` (or its external data file `data`) over a file the new image's
@@ -307,8 +320,8 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("Parameter 'backing-fmt' does not accept value 'foo'"));
-        assert!(wants_help(&["cluster_size=4k,help".to_string()]));
-        assert!(options_help(q).contains("refcount_bits"));
+        assert!(wants_help(&["cluster_size=4k,help".to_string()]).unwrap());
+        assert!(options_help(q, None).unwrap().contains("refcount_bits"));
     }
 
     #[test]

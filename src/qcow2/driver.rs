@@ -42,12 +42,12 @@ impl FormatDriver for Qcow2Driver {
         )?))
     }
 
-    fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
-        super::create::OPTION_HELP.to_vec()
+    fn create_option_help(&self) -> &'static [crate::option_desc::OptDesc] {
+        super::create::CREATE_OPTIONS
     }
 
-    fn amend_option_help(&self) -> Option<&'static [(&'static str, &'static str)]> {
-        Some(super::edit::amend::AMEND_OPTION_HELP)
+    fn amend_option_help(&self) -> Option<&'static [crate::option_desc::OptDesc]> {
+        Some(super::edit::amend::AMEND_OPTIONS)
     }
 
     fn prepare_create(

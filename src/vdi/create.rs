@@ -14,6 +14,7 @@ use super::header::{
 };
 use crate::error::{Error, Result, ResultExt};
 use crate::opener::Opener;
+use crate::option_desc::{OptDesc, OptType, FILE_PROTOCOL, SIZE};
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,12 @@ use std::path::{Path, PathBuf};
 const TEXT: &[u8] = b"<<< QEMU VM Virtual Disk Image >>>\n";
 /// The header size qemu records.
 const HEADER_SIZE: u32 = 0x180;
+
+/// The options of `create -o`, as qemu's vdi driver describes them.
+pub const CREATE_OPTIONS: &[OptDesc] = &[
+    SIZE,
+    OptDesc::new("static", OptType::Bool, "VDI static (pre-allocated) image"),
+];
 
 /// The `-o` options of a new VDI image.
 #[derive(Debug, Clone, Default)]
@@ -40,25 +47,17 @@ impl VdiOptions {
     /// Parses `-o` arguments (later ones win), in qemu's words for what it refuses.
     pub fn parse(options: &[String]) -> Result<Self> {
         let mut o = VdiOptions::default();
-        for arg in options {
-            for item in crate::option_list::split(arg)? {
-                let (k, v) = crate::option_list::key_value(&item);
-                match k {
-                    "size" => o.size = Some(crate::option_list::size(k, v)?),
-                    "static" => {
-                        o.is_static = crate::option_list::boolean(k, v)?;
-                        o.static_word = Some(v.to_string());
-                    }
-                    "nocow" => {
-                        crate::option_list::boolean(k, v)?;
-                        o.file_opts[0] = Some(v.to_string());
-                    }
-                    "preallocation" => o.file_opts[1] = Some(v.to_string()),
-                    "extent_size_hint" => {
-                        o.file_opts[2] = Some(crate::option_list::size(k, v)?.to_string());
-                    }
-                    _ => return Err(crate::option_list::invalid_parameter(k)),
+        for p in crate::option_desc::parse(options, &[CREATE_OPTIONS, FILE_PROTOCOL])? {
+            match p.name {
+                "size" => o.size = Some(p.number()),
+                "static" => {
+                    o.is_static = p.flag();
+                    o.static_word = Some(p.given);
                 }
+                "nocow" => o.file_opts[0] = Some(p.given),
+                "preallocation" => o.file_opts[1] = Some(p.given),
+                "extent_size_hint" => o.file_opts[2] = Some(p.number().to_string()),
+                _ => {}
             }
         }
         Ok(o)

@@ -79,11 +79,8 @@ impl FormatDriver for VdiDriver {
         Ok(Box::new(VdiImage::open_with(storage, path, writable)?))
     }
 
-    fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
-        vec![
-            ("size=<size>", "Virtual disk size"),
-            ("static=<bool (on/off)>", "VDI static (pre-allocated) image"),
-        ]
+    fn create_option_help(&self) -> &'static [crate::option_desc::OptDesc] {
+        create::CREATE_OPTIONS
     }
 
     fn prepare_create(

@@ -12,18 +12,32 @@ use super::layout::{
 };
 use crate::error::{Error, Result, ResultExt};
 use crate::opener::Opener;
+use crate::option_desc::{OptDesc, OptType, FILE_PROTOCOL};
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
 
-/// `-o help`, as qemu-img lists the format's options.
-pub const OPTION_HELP: &[(&str, &str)] = &[
-    ("block_size=<size>", "Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size."),
-    ("block_state_zero=<bool (on/off)>", "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to 'off' when using 'qemu-img convert' with subformat=dynamic."),
-    ("log_size=<size>", "Log size; min 1MB."),
-    ("size=<size>", "Virtual disk size; max of 64TB."),
-    ("subformat=<str>", "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'."),
+/// The options of `create -o`, as qemu's vhdx driver describes them.
+pub const CREATE_OPTIONS: &[OptDesc] = &[
+    OptDesc::new(
+        "block_size",
+        OptType::Size,
+        "Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size.",
+    ),
+    OptDesc::new(
+        "block_state_zero",
+        OptType::Bool,
+        "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to \
+         'off' when using 'qemu-img convert' with subformat=dynamic.",
+    ),
+    OptDesc::new("log_size", OptType::Size, "Log size; min 1MB."),
+    OptDesc::new("size", OptType::Size, "Virtual disk size; max of 64TB."),
+    OptDesc::new(
+        "subformat",
+        OptType::Str,
+        "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'.",
+    ),
 ];
 
 /// The `-o` options of a new VHDX.
@@ -60,26 +74,16 @@ impl VhdxOptions {
     /// Parses `-o` arguments (later ones win), in qemu's words for what it refuses.
     pub fn parse(options: &[String]) -> Result<Self> {
         let mut o = VhdxOptions::default();
-        for arg in options {
-            for item in crate::option_list::split(arg)? {
-                let (k, v) = crate::option_list::key_value(&item);
-                match k {
-                    "size" => o.size = Some(crate::option_list::size(k, v)?),
-                    "log_size" => o.log_size = Some(crate::option_list::size(k, v)?),
-                    "block_size" => o.block_size = Some(crate::option_list::size(k, v)?),
-                    "subformat" => o.subformat = Some(v.to_string()),
-                    "block_state_zero" => {
-                        o.block_state_zero = Some(crate::option_list::boolean(k, v)?)
-                    }
-                    "preallocation" if v == "off" => {}
-                    "preallocation" => {
-                        return Err(Error::unsupported(format!(
-                            "preallocation={v} is not supported by vimg for vhdx images"
-                        )))
-                    }
-                    "nocow" | "extent_size_hint" => {}
-                    _ => return Err(crate::option_list::invalid_parameter(k)),
-                }
+        for p in crate::option_desc::parse(options, &[CREATE_OPTIONS, FILE_PROTOCOL])? {
+            match p.name {
+                "size" => o.size = Some(p.number()),
+                "log_size" => o.log_size = Some(p.number()),
+                "block_size" => o.block_size = Some(p.number()),
+                "subformat" => o.subformat = Some(p.given),
+                "block_state_zero" => o.block_state_zero = Some(p.flag()),
+                "preallocation" => crate::option_desc::preallocation_off("vhdx", &p.given)?,
+                // The file's `nocow` and `extent_size_hint` change nothing here.
+                _ => {}
             }
         }
         Ok(o)

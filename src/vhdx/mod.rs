@@ -69,8 +69,8 @@ impl FormatDriver for VhdxDriver {
     }
 
     /// The format's own options, as qemu lists them.
-    fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
-        create::OPTION_HELP.to_vec()
+    fn create_option_help(&self) -> &'static [crate::option_desc::OptDesc] {
+        create::CREATE_OPTIONS
     }
 
     fn prepare_create(

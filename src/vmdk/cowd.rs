@@ -20,7 +20,7 @@
 use crate::error::{Error, Result};
 use crate::offsets::HostOffset;
 use crate::storage::Storage;
-use crate::vmdk::mapping::{Mapped, Mapping};
+use crate::vmdk::mapping::{Geometry, GrainLookup, Mapped, Mapping};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -172,36 +172,24 @@ impl CowdExtent {
     /// VMDK3 extent. An offset past what the grain directory covers, or a grain past the end
     /// of the file, is an error.
     pub fn map(&self, offset: u64, max_len: u64) -> Result<Mapped> {
-        let size = self.size();
-        if offset >= size || max_len == 0 {
-            return Err(Error::invalid_input(format!(
-                "cannot map {max_len} bytes at offset {offset} of a {size}-byte extent"
-            ))
-            .with_path(&self.path));
-        }
-        let max_len = max_len.min(size - offset);
-        let gt_cover = GTES_PER_GT * self.grain_bytes;
-        let index = offset / gt_cover;
-        if index >= self.gd_entries {
-            return Err(self.corrupt(
-                format!(
-                    "offset {offset} lies past what the grain directory's {} entries cover",
-                    self.gd_entries
-                ),
-                self.gd_offset,
-            ));
-        }
-        let in_gt = offset % gt_cover;
-        let Some(gt) = self.grain_table(index)? else {
-            return Ok(Mapped {
-                len: (gt_cover - in_gt).min(max_len),
-                mapping: Mapping::Unallocated,
-            });
+        let at = GrainLookup::new(
+            &Geometry {
+                path: &self.path,
+                size: self.size(),
+                grain: self.grain_bytes,
+                gtes: GTES_PER_GT,
+                gd_entries: self.gd_entries,
+                gd_offset: self.gd_offset,
+            },
+            offset,
+            max_len,
+        )?;
+        let Some(gt) = self.grain_table(at.index)? else {
+            return Ok(at.without_table());
         };
-        let mut slot = (in_gt / self.grain_bytes) as usize;
-        let in_grain = in_gt % self.grain_bytes;
+        let (max_len, mut slot, in_grain, mut len) =
+            (at.max_len, at.slot, at.in_grain, at.first_len);
         let first = gt[slot];
-        let mut len = (self.grain_bytes - in_grain).min(max_len);
         if first == 0 {
             slot += 1;
             while len < max_len && slot < gt.len() && gt[slot] == 0 {

@@ -16,26 +16,38 @@ use crate::chain::ChainGuard;
 use crate::error::{Error, Result, ResultExt};
 use crate::info::FormatSpecific;
 use crate::opener::Opener;
+use crate::option_desc::{OptDesc, OptType, BACKING_FILE, FILE_PROTOCOL, SIZE};
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
 /// Bytes of one extent of the twoGbMaxExtent subformats.
 const SPLIT_SIZE: u64 = 0x8000_0000;
 
-/// The rows of `create -o help`, as qemu lists them.
-pub fn option_help() -> Vec<(&'static str, &'static str)> {
-    vec![
-        ("adapter_type=<str>", "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX"),
-        ("backing_file=<str>", "File name of a base image"),
-        ("backing_fmt=<str>", "Must be 'vmdk' if present"),
-        ("compat6=<bool (on/off)>", "VMDK version 6 image"),
-        ("hwversion=<str>", "VMDK hardware version"),
-        ("size=<size>", "Virtual disk size"),
-        ("subformat=<str>", "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} "),
-        ("toolsversion=<str>", "VMware guest tools version"),
-        ("zeroed_grain=<bool (on/off)>", "Enable efficient zero writes using the zeroed-grain GTE feature"),
-    ]
-}
+/// The options of `create -o`, as qemu's vmdk driver describes them.
+pub const CREATE_OPTIONS: &[OptDesc] = &[
+    OptDesc::new(
+        "adapter_type",
+        OptType::Str,
+        "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX",
+    ),
+    BACKING_FILE,
+    OptDesc::new("backing_fmt", OptType::Str, "Must be 'vmdk' if present"),
+    OptDesc::new("compat6", OptType::Bool, "VMDK version 6 image"),
+    OptDesc::new("hwversion", OptType::Str, "VMDK hardware version"),
+    SIZE,
+    OptDesc::new(
+        "subformat",
+        OptType::Str,
+        "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | \
+         twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} ",
+    ),
+    OptDesc::new("toolsversion", OptType::Str, "VMware guest tools version"),
+    OptDesc::new(
+        "zeroed_grain",
+        OptType::Bool,
+        "Enable efficient zero writes using the zeroed-grain GTE feature",
+    ),
+];
 
 /// The subformats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,31 +149,21 @@ impl VmdkOptions {
     /// qemu's words.
     pub fn parse(options: &[String]) -> Result<Self> {
         let mut o = VmdkOptions::default();
-        for arg in options {
-            for item in crate::option_list::split(arg)? {
-                let (k, v) = crate::option_list::key_value(&item);
-                let v = v.to_string();
-                match k {
-                    "size" => o.size = Some(crate::option_list::size(k, &v)?),
-                    "adapter_type" => o.adapter_type = Some(v),
-                    "backing_file" => o.backing_file = Some(v),
-                    "backing_fmt" => o.backing_fmt = Some(v),
-                    "compat6" => o.compat6 = Some((v.clone(), crate::option_list::boolean(k, &v)?)),
-                    "hwversion" => o.hwversion = Some(v),
-                    "toolsversion" => o.toolsversion = Some(v),
-                    "subformat" => o.subformat = Some(v),
-                    "zeroed_grain" => {
-                        o.zeroed_grain = Some((v.clone(), crate::option_list::boolean(k, &v)?))
-                    }
-                    "preallocation" if v == "off" => {}
-                    "preallocation" => {
-                        return Err(Error::unsupported(format!(
-                            "preallocation={v} is not supported by vimg for vmdk images"
-                        )))
-                    }
-                    "nocow" | "extent_size_hint" => {}
-                    _ => return Err(crate::option_list::invalid_parameter(k)),
-                }
+        for p in crate::option_desc::parse(options, &[CREATE_OPTIONS, FILE_PROTOCOL])? {
+            let given = Some(p.given.clone());
+            match p.name {
+                "size" => o.size = Some(p.number()),
+                "adapter_type" => o.adapter_type = given,
+                "backing_file" => o.backing_file = given,
+                "backing_fmt" => o.backing_fmt = given,
+                "compat6" => o.compat6 = Some((p.given.clone(), p.flag())),
+                "hwversion" => o.hwversion = given,
+                "toolsversion" => o.toolsversion = given,
+                "subformat" => o.subformat = given,
+                "zeroed_grain" => o.zeroed_grain = Some((p.given.clone(), p.flag())),
+                "preallocation" => crate::option_desc::preallocation_off("vmdk", &p.given)?,
+                // The file's `nocow` and `extent_size_hint` change nothing here.
+                _ => {}
             }
         }
         Ok(o)

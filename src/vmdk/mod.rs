@@ -84,8 +84,8 @@ impl FormatDriver for VmdkDriver {
         )?))
     }
 
-    fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
-        create::option_help()
+    fn create_option_help(&self) -> &'static [crate::option_desc::OptDesc] {
+        create::CREATE_OPTIONS
     }
 
     fn prepare_create(
@@ -637,7 +637,7 @@ impl VmdkImage {
                             .storage
                             .write_at(&d[done as usize..(done + left) as usize], at),
                         // qemu's vmdk writes zeros into a flat extent as data.
-                        None => write_zeros(ext.storage.as_ref(), at, left),
+                        None => sparse::write_zeros(ext.storage.as_ref(), at, left),
                     };
                     res.map_err(|e| Error::io("write failed", e).at(at).with_path(&ext.path))?;
                     left
@@ -747,18 +747,6 @@ fn read_plain(ext: &Extent, buf: &mut [u8], host: u64) -> Result<()> {
     }
     crate::block::read_host(ext.storage.as_ref(), &mut buf[..n], host).in_file(&ext.path)?;
     buf[n..].fill(0);
-    Ok(())
-}
-
-/// Writes `len` zero bytes at `at`, a chunk at a time.
-fn write_zeros(storage: &dyn Storage, at: u64, len: u64) -> std::io::Result<()> {
-    let chunk = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(chunk.len() as u64) as usize;
-        storage.write_at(&chunk[..n], at + done)?;
-        done += n as u64;
-    }
     Ok(())
 }
 
@@ -891,6 +879,15 @@ impl BlockImage for VmdkImage {
 
     fn needs_compressed_writes(&self) -> bool {
         self.extents.first().is_some_and(|e| e.compressed())
+    }
+
+    /// A stream-optimized disk appends its grains one at a time under its write lock, and a
+    /// copy keeps its compressed grains in memory until they are appended in order: one
+    /// prepared job waiting is enough to keep the compressing workers busy, and more would
+    /// only hold memory (2 GiB qcow2 to streamOptimized on 2 cores: peak RSS 10.1-10.5 MB
+    /// with two waiting, as many as workers, against qemu-img's 9.3 MB).
+    fn serializes_writes(&self) -> bool {
+        self.needs_compressed_writes()
     }
 
     fn file_of(&self, guest: GuestOffset) -> Option<String> {

@@ -28,7 +28,7 @@
 use crate::error::{Error, Result};
 use crate::offsets::HostOffset;
 use crate::storage::Storage;
-use crate::vmdk::mapping::{Mapped, Mapping};
+use crate::vmdk::mapping::{Geometry, GrainLookup, Mapped, Mapping};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -48,8 +48,6 @@ const SECTOR: u64 = 512;
 const GRAIN_BYTES: u64 = GRAIN_SECTORS * SECTOR;
 const GT_BYTES: u64 = GT_SECTORS * SECTOR;
 const GTES_PER_GT: u64 = GT_BYTES / 8;
-/// Bytes one grain table covers (16 MiB).
-const GT_COVER: u64 = GTES_PER_GT * GRAIN_BYTES;
 
 /// An open seSparse extent.
 pub struct SeSparseExtent {
@@ -342,35 +340,24 @@ impl SeSparseExtent {
     /// reports both as zeroed and does not read the parent). An offset past what the grain
     /// directory covers, an invalid entry, or a grain past the end of the file, is an error.
     pub fn map(&self, offset: u64, max_len: u64) -> Result<Mapped> {
-        let size = self.size();
-        if offset >= size || max_len == 0 {
-            return Err(Error::invalid_input(format!(
-                "cannot map {max_len} bytes at offset {offset} of a {size}-byte extent"
-            ))
-            .with_path(&self.path));
-        }
-        let max_len = max_len.min(size - offset);
-        let index = offset / GT_COVER;
-        if index >= self.gd_entries {
-            return Err(self.corrupt(
-                format!(
-                    "offset {offset} lies past what the grain directory's {} entries cover",
-                    self.gd_entries
-                ),
-                self.gd_offset,
-            ));
-        }
-        let in_gt = offset % GT_COVER;
-        let Some(gt) = self.grain_table(index)? else {
-            return Ok(Mapped {
-                len: (GT_COVER - in_gt).min(max_len),
-                mapping: Mapping::Unallocated,
-            });
+        let at = GrainLookup::new(
+            &Geometry {
+                path: &self.path,
+                size: self.size(),
+                grain: GRAIN_BYTES,
+                gtes: GTES_PER_GT,
+                gd_entries: self.gd_entries,
+                gd_offset: self.gd_offset,
+            },
+            offset,
+            max_len,
+        )?;
+        let Some(gt) = self.grain_table(at.index)? else {
+            return Ok(at.without_table());
         };
-        let mut slot = (in_gt / GRAIN_BYTES) as usize;
-        let in_grain = in_gt % GRAIN_BYTES;
+        let (max_len, mut slot, in_grain, mut len) =
+            (at.max_len, at.slot, at.in_grain, at.first_len);
         let first = self.grain(gt[slot], offset)?;
-        let mut len = (GRAIN_BYTES - in_grain).min(max_len);
         let mapping = match first {
             None => Mapping::Unallocated,
             Some(None) => Mapping::Zero,

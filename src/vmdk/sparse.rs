@@ -21,6 +21,21 @@ use std::sync::{Arc, Mutex};
 /// zeroed).
 pub type Fill<'a> = dyn Fn(&mut [u8], u64, bool) -> Result<()> + 'a;
 
+/// Zeros to write from, shared by every write of zeros (no buffer allocated per write): as
+/// large as the grain of every disk qemu and vimg make.
+pub static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Writes `len` zero bytes at `at` from [`ZEROS`], a piece at a time.
+pub fn write_zeros(storage: &dyn Storage, at: u64, len: u64) -> std::io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(ZEROS.len() as u64);
+        storage.write_at(&ZEROS[..n as usize], at + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Grain tables kept in memory per extent.
 const GT_CACHE_LEN: usize = 64;
 /// The largest grain qemu opens (`cluster_sectors > 0x200000` is refused): 1 GiB.
@@ -448,11 +463,11 @@ impl SparseExtent {
                     "a streamOptimized image takes whole grains only, written in order",
                 ));
             }
-            let plain = match data {
-                Some(d) => d.to_vec(),
-                None => vec![0u8; len as usize],
+            let z = match data {
+                Some(d) => compress(d)?,
+                None if len as usize <= ZEROS.len() => compress(&ZEROS[..len as usize])?,
+                None => compress(&vec![0u8; len as usize])?,
             };
-            let z = compress(&plain)?;
             return self.append_compressed(storage, off, &z);
         }
         if data.is_none() && self.zero_grain && in_grain == 0 && len == self.grain {
@@ -463,10 +478,12 @@ impl SparseExtent {
         }
         let zeroed = gte == GTE_ZEROED && self.zero_grain;
         if gte != 0 && !zeroed {
+            // Zeros into an allocated grain: a zero range of the file (the grain stays
+            // allocated, and data, whatever the file system makes of the range).
             let at = gte as u64 * 512 + in_grain;
             let res = match data {
                 Some(d) => storage.write_at(d, at),
-                None => storage.write_at(&vec![0u8; len as usize], at),
+                None => storage.zero_range(at, len),
             };
             return res.map_err(|e| Error::io("write failed", e).at(at));
         }
@@ -476,17 +493,27 @@ impl SparseExtent {
         if host / 512 + self.grain / 512 > MAX_EXTENT_SECTORS {
             return Err(Error::unsupported("the extent file is full (2 TiB)"));
         }
-        let mut whole = vec![0u8; self.grain as usize];
-        let valid = self.grain.min(self.capacity() - grain_start) as usize;
-        fill(&mut whole[..valid], grain_start, zeroed)?;
-        if let Some(d) = data {
-            whole[in_grain as usize..(in_grain + len) as usize].copy_from_slice(d);
-        } else {
-            whole[in_grain as usize..(in_grain + len) as usize].fill(0);
-        }
-        storage
-            .write_at(&whole, host)
+        if in_grain == 0 && len == self.grain {
+            // The whole grain is written: straight from the caller's data (or zeros), without
+            // a copy.
+            match data {
+                Some(d) => storage.write_at(d, host),
+                None => write_zeros(storage, host, len),
+            }
             .map_err(|e| Error::io("write failed", e).at(host))?;
+        } else {
+            let mut whole = vec![0u8; self.grain as usize];
+            let valid = self.grain.min(self.capacity() - grain_start) as usize;
+            fill(&mut whole[..valid], grain_start, zeroed)?;
+            if let Some(d) = data {
+                whole[in_grain as usize..(in_grain + len) as usize].copy_from_slice(d);
+            } else {
+                whole[in_grain as usize..(in_grain + len) as usize].fill(0);
+            }
+            storage
+                .write_at(&whole, host)
+                .map_err(|e| Error::io("write failed", e).at(host))?;
+        }
         *next = host + self.grain;
         drop(next);
         self.set_entry(storage, (l1, gt, l2), (host / 512) as u32)
@@ -544,28 +571,37 @@ impl SparseExtent {
 }
 
 /// Deflates one grain as a zlib stream (what qemu's `compress()` writes: a zlib header, the
-/// default level), with a compressor kept per thread (setting one up costs more than a grain).
+/// default level), with a compressor and an output buffer of zlib's bound kept per thread
+/// (setting one up costs more than a grain). The grain returned takes its compressed size
+/// only: the copy engine holds several jobs' grains until they are written in order, and
+/// buffers of the bound would hold about a grain each.
 pub fn compress(data: &[u8]) -> Result<Vec<u8>> {
+    type Deflater = (flate2::Compress, Vec<u8>);
     thread_local! {
-        static DEFLATE: std::cell::RefCell<Option<flate2::Compress>> =
+        static DEFLATE: std::cell::RefCell<Option<Deflater>> =
             const { std::cell::RefCell::new(None) };
     }
     // zlib's compressBound.
     let bound = data.len() + (data.len() >> 12) + (data.len() >> 14) + (data.len() >> 25) + 13 + 6;
-    let mut out = vec![0u8; bound];
-    let n = DEFLATE.with(|cell| {
+    DEFLATE.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let c =
-            slot.get_or_insert_with(|| flate2::Compress::new(flate2::Compression::default(), true));
+        let (c, out) = slot.get_or_insert_with(|| {
+            let c = flate2::Compress::new(flate2::Compression::default(), true);
+            (c, Vec::new())
+        });
+        out.resize(bound, 0);
         c.reset();
-        match c.compress(data, &mut out, flate2::FlushCompress::Finish) {
-            Ok(flate2::Status::StreamEnd) => Ok(c.total_out() as usize),
+        let r = match c.compress(data, out, flate2::FlushCompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => Ok(out[..c.total_out() as usize].to_vec()),
             Ok(_) => Err(Error::corrupt("deflate did not finish within its bound")),
             Err(e) => Err(Error::corrupt(format!("deflate failed: {e}"))),
+        };
+        // A grain larger than the usual 64 KiB does not keep its buffer.
+        if out.capacity() > 1 << 20 {
+            *out = Vec::new();
         }
-    })?;
-    out.truncate(n);
-    Ok(out)
+        r
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

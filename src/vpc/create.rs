@@ -6,6 +6,7 @@
 use super::footer::{checksum, DYN_HEADER_LEN, FOOTER_LEN, MAX_GEOMETRY_SECTORS, MAX_SECTORS};
 use crate::error::{Error, Result, ResultExt};
 use crate::opener::Opener;
+use crate::option_desc::{OptDesc, OptType, FILE_PROTOCOL, SIZE};
 use crate::storage::Storage;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,22 @@ pub const BLOCK_SIZE: u64 = 2 << 20;
 pub const BAT_OFFSET: u64 = 3 * 512;
 /// Seconds from the Unix epoch to the VHD epoch (2000-01-01 00:00:00 UTC).
 const VHD_EPOCH: u64 = 946_684_800;
+
+/// The options of `create -o`, as qemu's vpc driver describes them.
+pub const CREATE_OPTIONS: &[OptDesc] = &[
+    OptDesc::new(
+        "force_size",
+        OptType::Bool,
+        "Force disk size calculation to use the actual size specified, rather than using the \
+         nearest CHS-based calculation",
+    ),
+    SIZE,
+    OptDesc::new(
+        "subformat",
+        OptType::Str,
+        "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} ",
+    ),
+];
 
 /// The `-o` options of a new VHD.
 #[derive(Debug, Clone, Default)]
@@ -31,22 +48,14 @@ impl VpcOptions {
     /// Parses `-o` arguments (later ones win), in qemu's words for what it refuses.
     pub fn parse(options: &[String]) -> Result<Self> {
         let mut o = VpcOptions::default();
-        for arg in options {
-            for item in crate::option_list::split(arg)? {
-                let (k, v) = crate::option_list::key_value(&item);
-                match k {
-                    "size" => o.size = Some(crate::option_list::size(k, v)?),
-                    "subformat" => o.subformat = Some(v.to_string()),
-                    "force_size" => o.force_size = Some(crate::option_list::boolean(k, v)?),
-                    "preallocation" if v == "off" => {}
-                    "preallocation" => {
-                        return Err(Error::unsupported(format!(
-                            "preallocation={v} is not supported by vimg for vpc images"
-                        )))
-                    }
-                    "nocow" | "extent_size_hint" => {}
-                    _ => return Err(crate::option_list::invalid_parameter(k)),
-                }
+        for p in crate::option_desc::parse(options, &[CREATE_OPTIONS, FILE_PROTOCOL])? {
+            match p.name {
+                "size" => o.size = Some(p.number()),
+                "subformat" => o.subformat = Some(p.given),
+                "force_size" => o.force_size = Some(p.flag()),
+                "preallocation" => crate::option_desc::preallocation_off("vpc", &p.given)?,
+                // The file's `nocow` and `extent_size_hint` change nothing here.
+                _ => {}
             }
         }
         Ok(o)

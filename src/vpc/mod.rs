@@ -63,12 +63,8 @@ impl FormatDriver for VpcDriver {
 
     /// The format's own options, as qemu lists them (the file's, such as `preallocation`, are
     /// the protocol's).
-    fn create_option_help(&self) -> Vec<(&'static str, &'static str)> {
-        vec![
-            ("force_size=<bool (on/off)>", "Force disk size calculation to use the actual size specified, rather than using the nearest CHS-based calculation"),
-            ("size=<size>", "Virtual disk size"),
-            ("subformat=<str>", "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} "),
-        ]
+    fn create_option_help(&self) -> &'static [crate::option_desc::OptDesc] {
+        create::CREATE_OPTIONS
     }
 
     fn prepare_create(

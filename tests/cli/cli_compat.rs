@@ -471,7 +471,8 @@ fn bitmap_granularity_and_extent_size_hint_spellings() {
         ],
     );
     for fmt in ["raw", "qcow2"] {
-        let help = run(VIMG, &["create", "-f", fmt, "-o", "help"]);
+        // An option of the file protocol, listed when the file is named.
+        let help = run(VIMG, &["create", "-f", fmt, "-o", "help", "x.img"]);
         assert!(help.contains("extent_size_hint"), "{help}");
     }
     let (c, _) = run_status(

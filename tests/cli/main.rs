@@ -17,4 +17,5 @@ mod device_read_cache;
 mod device_zeroing;
 mod direct_io;
 mod locking;
+mod option_help;
 mod option_words;

@@ -58,6 +58,10 @@ fn bad_option_values_are_refused_as_qemu_img_refuses_them() {
         ("vmdk", "compat6=maybe"),
         ("vmdk", "size=1x"),
         ("vmdk", "bogus=1"),
+        // The file protocol's options, read by their types in every format.
+        ("vmdk", "nocow=maybe"),
+        ("vpc", "extent_size_hint=abc"),
+        ("vhdx", "nocow=x"),
     ];
     let mut failures = Vec::new();
     for (format, option) in cases {

@@ -700,3 +700,54 @@ fn commit_into_a_vmdk_parent_as_qemu_img() {
     let (code, out) = common::run_status("qemu-img", &["check", base.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// Zeros written into an allocated grain of a monolithicSparse disk go to the file as a zero
+/// range (a hole where the file system punches one), not as a buffer of zeros allocated and
+/// written per write; the disk reads as qemu-io's after the same writes.
+#[test]
+fn zeros_into_allocated_grains_are_a_zero_range() {
+    if !qemu_available("vmdk") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    use vimg::offsets::GuestOffset;
+    let dir = tempfile::tempdir().unwrap();
+    let ours = dir.path().join("ours.vmdk");
+    let theirs = dir.path().join("theirs.vmdk");
+    let fill = ["write -P 7 0 1M".to_string()];
+    for f in [&ours, &theirs] {
+        qemu_create(f, "vmdk", "", None, 4 << 20);
+        qemu_io(f, "vmdk", &fill);
+    }
+    let zeros = [
+        "write -z 64k 128k".to_string(),
+        "write -z 300k 1k".to_string(),
+    ];
+    qemu_io(&theirs, "vmdk", &zeros);
+    let before = std::fs::metadata(&ours).unwrap().blocks();
+    {
+        let img = vimg::open::open_image(
+            &ours,
+            &vimg::open::OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        img.write_zeroes(GuestOffset(64 << 10), 128 << 10, false)
+            .unwrap();
+        img.write_zeroes(GuestOffset(300 << 10), 1 << 10, false)
+            .unwrap();
+        img.finish().unwrap();
+    }
+    let after = std::fs::metadata(&ours).unwrap().blocks();
+    // Two whole grains (256 sectors of 512 bytes) are no longer stored.
+    assert!(
+        after + 256 <= before,
+        "blocks before {before}, after {after}"
+    );
+    let (rc, o) = run_status("qemu-img", &["compare", p(&ours), p(&theirs)]);
+    assert_eq!(rc, 0, "{o}");
+    let (rc, o) = run_status("qemu-img", &["check", p(&ours)]);
+    assert_eq!(rc, 0, "{o}");
+}

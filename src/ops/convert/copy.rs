@@ -376,8 +376,7 @@ fn produce(plan: &Plan<'_>, stop: &AtomicBool, send: &mut dyn FnMut(Job) -> bool
         let st = salvaged_status(plan, off, size)?;
         let end = off + st.len;
         if let Some(cs) = ccs {
-            // Small jobs: compression works cluster by cluster, so big buffers only cost memory.
-            let step = COMPRESS_CHUNK.max(cs);
+            let step = compress_step(plan, cs);
             // With `-S 0` zero ranges are written too, compressed like data (as qemu-img
             // does: they read as zeros and are stored as tiny compressed clusters).
             let (o, stop_at, zero) = if st.zero && sparse != 0 {
@@ -431,6 +430,18 @@ fn produce(plan: &Plan<'_>, stop: &AtomicBool, send: &mut dyn FnMut(Job) -> bool
         off = end;
     }
     Ok(())
+}
+
+/// Guest bytes of one job of a compressed copy into clusters of `cs` bytes: small jobs, as
+/// compression works cluster by cluster and big buffers only cost memory; a single cluster
+/// when the target appends one at a time under its lock (a stream-optimized VMDK), where every
+/// job waiting to be appended holds its buffer (2 GiB qcow2 to streamOptimized on 2 cores:
+/// peak RSS 9.5 MB with 256 KiB jobs, 8.2 MB with a 64 KiB grain each).
+fn compress_step(plan: &Plan<'_>, cs: u64) -> u64 {
+    match plan.dst.serializes_writes() {
+        true => cs,
+        false => COMPRESS_CHUNK.max(cs),
+    }
 }
 
 /// The source's block status at `off`; with `--salvage`, a failure is warned about (as qemu-img
@@ -541,7 +552,7 @@ fn produce_against_backing(
     let size = plan.src.virtual_size();
     let cs = plan.cluster;
     let step = if plan.compress.is_some() {
-        COMPRESS_CHUNK.max(cs)
+        compress_step(plan, cs)
     } else {
         CHUNK.max(cs)
     };

@@ -18,7 +18,10 @@ mod writer;
 
 pub(crate) use measure::measure;
 pub use options::{parse_options, Compat, CreateOptions, EncryptOptions, OptionUpdates, WEAK_AES};
-pub(crate) use options::{round_size, OPTION_HELP};
+pub(crate) use options::{
+    round_size, BACKING_FMT, COMPAT, CREATE_OPTIONS, DATA_FILE, DATA_FILE_RAW, ENCRYPT_ITER_TIME,
+    LAZY_REFCOUNTS, REFCOUNT_BITS,
+};
 pub use request::CreateRequest;
 pub(crate) use request::{parse_target_options, Qcow2Creation};
 pub(crate) use writer::create_file;

@@ -5,6 +5,7 @@
 use super::plan::Geometry;
 use crate::crypto::luks::{CreateOptionValues, CreateParams};
 use crate::error::{Error, Result};
+use crate::option_desc::{OptDesc, OptType, BACKING_FILE, SIZE};
 use crate::prealloc::Preallocation;
 use crate::qcow2::format::header::{
     CompressionType, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
@@ -312,97 +313,110 @@ impl OptionUpdates {
     }
 }
 
-/// The options [`parse_options`] knows, with a one-line description each (for `-o help`).
-pub(crate) const OPTION_HELP: &[(&str, &str)] = &[
-    (
-        "backing_file=<str>",
-        "name of the backing file (needs backing_fmt)",
+/// The options of `create -o` for qcow2, as qemu's qcow2 driver describes them.
+pub(crate) const CREATE_OPTIONS: &[OptDesc] = &[
+    BACKING_FILE,
+    BACKING_FMT,
+    OptDesc::new("cluster_size", OptType::Size, "qcow2 cluster size"),
+    COMPAT,
+    OptDesc::new(
+        "compression_type",
+        OptType::Str,
+        "Compression method used for image cluster compression",
     ),
-    (
-        "backing_fmt=<str>",
-        "format of the backing file (raw, qcow2, ...)",
+    DATA_FILE,
+    DATA_FILE_RAW,
+    OptDesc::new(
+        "encrypt.cipher-alg",
+        OptType::Str,
+        "Name of encryption cipher algorithm",
     ),
-    (
-        "cluster_size=<size>",
-        "cluster size, a power of two from 512 to 2M (default 64k)",
+    OptDesc::new(
+        "encrypt.cipher-mode",
+        OptType::Str,
+        "Name of encryption cipher mode",
     ),
-    (
-        "compat=<str>",
-        "qcow2 version: 1.1 or v3 (default), 0.10 or v2",
+    OptDesc::new(
+        "encrypt.format",
+        OptType::Str,
+        "Encrypt the image, format choices: 'aes', 'luks'",
     ),
-    (
-        "compression_type=<str>",
-        "compression of compressed clusters: zlib (default) or zstd",
+    OptDesc::new(
+        "encrypt.hash-alg",
+        OptType::Str,
+        "Name of encryption hash algorithm",
     ),
-    (
-        "data_file=<str>",
-        "keep guest data in this external file (created or truncated)",
+    ENCRYPT_ITER_TIME,
+    OptDesc::new(
+        "encrypt.ivgen-alg",
+        OptType::Str,
+        "Name of IV generator algorithm",
     ),
-    (
-        "data_file_raw=<bool>",
-        "keep the data file a valid raw image by itself (on/off)",
+    OptDesc::new(
+        "encrypt.ivgen-hash-alg",
+        OptType::Str,
+        "Name of IV generator hash algorithm",
     ),
-    (
-        "encrypt.format=<str>",
-        "luks: LUKS1 (see the encrypt.* options below); aes: legacy AES, weak (the key is the \
-         first 16 bytes of the passphrase)",
+    OptDesc::new(
+        "encrypt.key-secret",
+        OptType::Str,
+        "ID of secret providing qcow AES key or LUKS passphrase",
     ),
-    (
-        "encrypt.cipher-alg=<str>",
-        "LUKS cipher: aes-128, aes-192, aes-256 (default), cast5-128, serpent-128/192/256, \
-         twofish-128/192/256",
+    OptDesc::new(
+        "encryption",
+        OptType::Bool,
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
     ),
-    (
-        "encrypt.cipher-mode=<str>",
-        "LUKS cipher mode: xts (default), cbc, ecb, ctr",
+    OptDesc::new("extended_l2", OptType::Bool, "Extended L2 tables"),
+    LAZY_REFCOUNTS,
+    OptDesc::new(
+        "preallocation",
+        OptType::Str,
+        "Preallocation mode (allowed values: off, metadata, falloc, full)",
     ),
-    (
-        "encrypt.hash-alg=<str>",
-        "LUKS PBKDF2 and anti-forensic hash: sha256 (default), sha1, sha224, sha384, sha512, \
-         md5, ripemd160",
-    ),
-    (
-        "encrypt.iter-time=<num>",
-        "milliseconds of PBKDF2 work to unlock a LUKS key slot (default 2000)",
-    ),
-    (
-        "encrypt.ivgen-alg=<str>",
-        "LUKS IV generator: plain64 (default), plain, essiv",
-    ),
-    (
-        "encrypt.ivgen-hash-alg=<str>",
-        "hash of the essiv IV generator (default sha256)",
-    ),
-    (
-        "encrypt.key-secret=<str>",
-        "id of the --object secret holding the passphrase",
-    ),
-    (
-        "encryption=<bool>",
-        "old spelling of encrypt.format=aes (weak)",
-    ),
-    (
-        "extended_l2=<bool>",
-        "subcluster allocation with 16-byte L2 entries (on/off)",
-    ),
-    (
-        "extent_size_hint=<size>",
-        "accepted for qemu-img compatibility (an xfs extent size hint; not set)",
-    ),
-    (
-        "lazy_refcounts=<bool>",
-        "defer refcount updates, marking the image dirty (on/off)",
-    ),
-    (
-        "preallocation=<str>",
-        "off (default), metadata, falloc or full",
-    ),
-    (
-        "refcount_bits=<num>",
-        "width of a refcount: 1, 2, 4, 8, 16 (default), 32 or 64",
-    ),
-    ("size=<size>", "virtual disk size"),
+    REFCOUNT_BITS,
+    SIZE,
 ];
+
+/// `backing_fmt`, as qemu's qcow2 driver describes it for `create` and `amend`.
+pub(crate) const BACKING_FMT: OptDesc = OptDesc::new(
+    "backing_fmt",
+    OptType::Str,
+    "Image format of the base image",
+);
+/// `compat`, as qemu's qcow2 driver describes it.
+pub(crate) const COMPAT: OptDesc = OptDesc::new(
+    "compat",
+    OptType::Str,
+    "Compatibility level (v2 [0.10] or v3 [1.1])",
+);
+/// `data_file`, as qemu's qcow2 driver describes it.
+pub(crate) const DATA_FILE: OptDesc = OptDesc::new(
+    "data_file",
+    OptType::Str,
+    "File name of an external data file",
+);
+/// `data_file_raw`, as qemu's qcow2 driver describes it.
+pub(crate) const DATA_FILE_RAW: OptDesc = OptDesc::new(
+    "data_file_raw",
+    OptType::Bool,
+    "The external data file must stay valid as a raw image",
+);
+/// `encrypt.iter-time`, as qemu's qcow2 driver describes it.
+pub(crate) const ENCRYPT_ITER_TIME: OptDesc = OptDesc::new(
+    "encrypt.iter-time",
+    OptType::Num,
+    "Time to spend in PBKDF in milliseconds",
+);
+/// `lazy_refcounts`, as qemu's qcow2 driver describes it.
+pub(crate) const LAZY_REFCOUNTS: OptDesc =
+    OptDesc::new("lazy_refcounts", OptType::Bool, "Postpone refcount updates");
+/// `refcount_bits`, as qemu's qcow2 driver describes it.
+pub(crate) const REFCOUNT_BITS: OptDesc = OptDesc::new(
+    "refcount_bits",
+    OptType::Num,
+    "Width of a reference count entry in bits",
+);
 
 /// Parses one `-o` argument of `qemu-img create` for qcow2 (and raw, which takes `size` and
 /// `preallocation` only; the caller refuses the rest): comma-separated `key=value` items,

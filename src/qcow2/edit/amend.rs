@@ -27,60 +27,47 @@
 
 use crate::crypto::luks::AmendRequest;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
-use crate::qcow2::create::{parse_options, Compat, OptionUpdates};
+use crate::option_desc::{OptDesc, OptType, BACKING_FILE, SIZE};
+use crate::qcow2::create::{
+    parse_options, Compat, OptionUpdates, BACKING_FMT, COMPAT, DATA_FILE, DATA_FILE_RAW,
+    ENCRYPT_ITER_TIME, LAZY_REFCOUNTS, REFCOUNT_BITS,
+};
 use crate::qcow2::format::header::{autoclear, compat, incompat, CompressionType, Header};
 use crate::qcow2::snapshot::table::read_table;
 use crate::qcow2::write::resize::V2_SNAPSHOTS;
 use crate::qcow2::Qcow2Image;
 
-/// The options `vimg amend -o help` lists, with a one-line description each.
-pub(crate) const AMEND_OPTION_HELP: &[(&str, &str)] = &[
-    (
-        "backing_file=<str>",
-        "the current backing file name only (use rebase to change it)",
+/// The options of `amend -o` for qcow2, as qemu's qcow2 driver describes them.
+pub(crate) const AMEND_OPTIONS: &[OptDesc] = &[
+    BACKING_FILE,
+    BACKING_FMT,
+    COMPAT,
+    DATA_FILE,
+    DATA_FILE_RAW,
+    ENCRYPT_ITER_TIME,
+    OptDesc::new(
+        "encrypt.keyslot",
+        OptType::Num,
+        "Select a single keyslot to modify explicitly",
     ),
-    (
-        "backing_fmt=<str>",
-        "the current backing file format only (use rebase to change it)",
+    OptDesc::new(
+        "encrypt.new-secret",
+        OptType::Str,
+        "New secret to set in the matching keyslots. Empty string to erase",
     ),
-    ("compat=<str>", "qcow2 version: 1.1 or v3, 0.10 or v2"),
-    (
-        "data_file=<str>",
-        "new name of the external data file (images that have one)",
+    OptDesc::new(
+        "encrypt.old-secret",
+        OptType::Str,
+        "Select all keyslots that match this password",
     ),
-    (
-        "data_file_raw=<bool>",
-        "off: the data file no longer has to stay a raw image",
+    OptDesc::new(
+        "encrypt.state",
+        OptType::Str,
+        "Select new state of affected keyslots (active/inactive)",
     ),
-    (
-        "encrypt.iter-time=<num>",
-        "milliseconds of PBKDF2 work to unlock the new LUKS key slot",
-    ),
-    (
-        "encrypt.keyslot=<num>",
-        "the LUKS key slot to change (0-7; default: the first free one)",
-    ),
-    (
-        "encrypt.new-secret=<str>",
-        "id of the secret to put in the key slot (with state=active)",
-    ),
-    (
-        "encrypt.old-secret=<str>",
-        "id of the secret whose key slots to erase (with state=inactive)",
-    ),
-    (
-        "encrypt.state=<str>",
-        "active: add a key slot; inactive: erase key slots (LUKS images only)",
-    ),
-    (
-        "lazy_refcounts=<bool>",
-        "defer refcount updates, marking the image dirty (on/off, compat 1.1)",
-    ),
-    (
-        "refcount_bits=<num>",
-        "width of a refcount: 1, 2, 4, 8, 16, 32 or 64 (16 for compat 0.10)",
-    ),
-    ("size=<size>", "new virtual size (a multiple of 512)"),
+    LAZY_REFCOUNTS,
+    REFCOUNT_BITS,
+    SIZE,
 ];
 
 /// Options qemu-img accepts for qcow2 only when creating an image.
