@@ -12,7 +12,7 @@ import sys
 
 # The layers, lowest first, as src/lib.rs's module map gives them.
 LAYERS = [
-    "error offsets storage direct_io blkdebug lock interrupt size option_list zeros crypto secret node_name ova",
+    "error offsets storage direct_io blkdebug lock interrupt size option_list option_desc zeros crypto secret node_name ova",
     "opener chain",
     "block chain_read creation capability check bitmap info prealloc identity",
     "format foreign raw qcow2 luks vdi vhdx vmdk vpc null probe",

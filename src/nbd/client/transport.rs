@@ -438,7 +438,14 @@ impl Transport {
             }
         }
         let mut g = lock(&self.shared);
-        let slot = g.pending.get_mut(&h.cookie).expect("pending until done");
+        // The request's own thread removes it only once it is done or its sending failed (the
+        // connection is then dead): a reply to it now is the server's error, not a panic.
+        let Some(slot) = g.pending.get_mut(&h.cookie) else {
+            return Err(protocol(format!(
+                "the server replied with unknown cookie {}",
+                h.cookie
+            )));
+        };
         slot.pieces.append(&mut update.pieces);
         slot.holes.append(&mut update.holes);
         slot.covered += update.covered;
