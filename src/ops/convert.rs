@@ -278,6 +278,7 @@ pub fn convert(
         quiet: opts.quiet,
         rate: opts.rate_limit,
         verbatim: opts.copy_offload,
+        offload_failed: Default::default(),
     };
     let existing_device = std::fs::metadata(dst)
         .map(|m| !m.file_type().is_file() && !m.file_type().is_dir())
