@@ -603,8 +603,9 @@ pub trait BlockImage: Send + Sync {
 
     /// The storage whose bytes at a range's `status.offset` are this layer's guest data, byte
     /// for byte, for every range whose status has data, no compression and an offset (raw,
-    /// uncompressed clusters of an unencrypted qcow2, a VHD): a copy may take them from there
-    /// without reading them (`convert -C`). The default: none.
+    /// uncompressed clusters of an unencrypted qcow2): a copy may take them from there without
+    /// reading them (`convert -C`). Only the formats qemu offloads from: for the others qemu-img
+    /// falls back to reading with zero detection, and so must vimg. The default: none.
     fn copyable_data(&self) -> Option<&dyn Storage> {
         None
     }

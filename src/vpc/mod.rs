@@ -368,10 +368,6 @@ impl BlockImage for VpcImage {
         Some(self.storage.as_ref())
     }
 
-    fn copyable_data(&self) -> Option<&dyn Storage> {
-        Some(self.storage.as_ref())
-    }
-
     fn layer_info(&self) -> Result<LayerInfo> {
         Ok(LayerInfo {
             filename: self.path.display().to_string(),

@@ -3,8 +3,8 @@
 //! its allocation (`qemu-img map`) must be qemu-img's: holes stay holes, zero blocks inside data
 //! are copied as data. Where the kernel refuses (forced here with the
 //! `VIMG_NO_COPY_FILE_RANGE=1` test hook), qemu-img stops offloading and copies with zero
-//! detection as without `-C`: so must vimg, and into a fixed VHD, which qemu cannot offload
-//! into at all.
+//! detection as without `-C`: so must vimg, and from or into a fixed VHD, which qemu cannot
+//! offload at all.
 
 use crate::common::{self, qemu_available, run};
 use std::path::Path;
@@ -117,9 +117,15 @@ fn convert_c_copies_in_kernel_with_qemus_allocation() {
     let qcow = qcow2_source(dir.path(), &raw, false);
     let traced = strace_available();
     let vpc_opts = "subformat=fixed,force_size=on";
-    let cases: [(&Path, &str, &str, &[&str]); 4] = [
+    let vhd = dir.path().join("src.vhd");
+    run(
+        "qemu-img",
+        &["convert", "-O", "vpc", "-o", vpc_opts, p(&raw), p(&vhd)],
+    );
+    let cases: [(&Path, &str, &str, &[&str]); 5] = [
         (&raw, "raw", "raw", &[]),
         (&qcow, "qcow2", "raw", &[]),
+        (&vhd, "vpc", "raw", &[]),
         (&raw, "raw", "vpc", &["-o", vpc_opts]),
         (&qcow, "qcow2", "vpc", &["-o", vpc_opts]),
     ];
@@ -142,8 +148,9 @@ fn convert_c_copies_in_kernel_with_qemus_allocation() {
         q.push(p(&plain));
         run("qemu-img", &q);
         let detected = map(&plain);
-        // qemu offloads into raw files; into a VHD it cannot, and copies with zero detection.
-        let offloads = tfmt == "raw";
+        // qemu offloads from raw and qcow2 into raw files; from or into a VHD it cannot, and
+        // copies with zero detection.
+        let offloads = tfmt == "raw" && sfmt != "vpc";
         assert_eq!(
             offloaded != detected,
             offloads,
@@ -191,7 +198,11 @@ fn convert_c_falls_back_at_a_compressed_cluster() {
     let raw = raw_source(dir.path());
     let qcow = qcow2_source(dir.path(), &raw, true);
     let ours = dir.path().join("v.raw");
-    vimg(&["convert", "-C", "-O", "raw", p(&qcow), p(&ours)], false, None);
+    vimg(
+        &["convert", "-C", "-O", "raw", p(&qcow), p(&ours)],
+        false,
+        None,
+    );
     let (c, m) = common::run_status("qemu-img", &["compare", p(&qcow), p(&ours)]);
     assert_eq!(c, 0, "{m}");
 }
