@@ -279,6 +279,7 @@ pub fn convert(
         rate: opts.rate_limit,
         verbatim: opts.copy_offload,
         offload_failed: Default::default(),
+        joined: sources.len() > 1,
     };
     let existing_device = std::fs::metadata(dst)
         .map(|m| !m.file_type().is_file() && !m.file_type().is_dir())

@@ -206,3 +206,35 @@ fn convert_c_falls_back_at_a_compressed_cluster() {
     let (c, m) = common::run_status("qemu-img", &["compare", p(&qcow), p(&ours)]);
     assert_eq!(c, 0, "{m}");
 }
+
+/// Several sources joined: qemu-img offloads each part, so the zero blocks inside their data
+/// are copied as data; vimg writes the data ranges whole (it does not offload joined images)
+/// and must allocate the same.
+#[test]
+fn convert_c_of_several_sources_allocates_as_qemu() {
+    if !qemu_available("convert_c_of_several_sources_allocates_as_qemu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_source(dir.path());
+    let qcow = qcow2_source(dir.path(), &raw, false);
+    let theirs = dir.path().join("q.raw");
+    let ours = dir.path().join("v.raw");
+    let args = ["convert", "-C", "-O", "raw", p(&raw), p(&qcow)];
+    let mut q = args.to_vec();
+    q.push(p(&theirs));
+    run("qemu-img", &q);
+    let mut v = args.to_vec();
+    v.push(p(&ours));
+    vimg(&v, false, None);
+    let (c, m) = common::run_status(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", p(&theirs), p(&ours)],
+    );
+    assert_eq!(c, 0, "{m}");
+    assert_eq!(
+        map(&ours),
+        map(&theirs),
+        "allocation differs from qemu-img's"
+    );
+}

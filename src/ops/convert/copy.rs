@@ -61,6 +61,10 @@ pub(super) struct Plan<'a> {
     /// With `verbatim`: set once the kernel refused an in-kernel copy (`copy_file_range`),
     /// after which data is read and written (as qemu-img stops offloading after a failure).
     pub offload_failed: AtomicBool,
+    /// The source is several images joined ([`super::concat::Concat`]): with `verbatim`, data
+    /// ranges are written whole (as qemu's offloaded copy of each part leaves them), without
+    /// `copy_file_range` (the joined image does not say which part's file holds a range).
+    pub joined: bool,
 }
 
 /// Reads `buf.len()` source bytes at `off`; with `--salvage`, a failed read is retried sector by
@@ -734,7 +738,11 @@ fn layer(img: &dyn BlockImage, depth: u32) -> Option<&dyn BlockImage> {
 /// its data is, a kernel that refuses), that range and all later ones are then written with
 /// zero detection, as without `-C` (ranges offloaded already stay as they are).
 fn offload(plan: &Plan<'_>, off: u64, len: u64, out: &mut Vec<Action>) -> Result<bool> {
-    if !plan.verbatim || plan.compress.is_some() || plan.offload_failed.load(Ordering::Relaxed) {
+    if !plan.verbatim
+        || plan.compress.is_some()
+        || plan.joined
+        || plan.offload_failed.load(Ordering::Relaxed)
+    {
         return Ok(false);
     }
     // qemu offloads into raw files and qcow2 images only (vimg copies into qcow2 with its own
