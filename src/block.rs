@@ -596,6 +596,22 @@ pub trait BlockImage: Send + Sync {
         None
     }
 
+    /// The storage that holds guest byte `g` at its own offset `g`, for every byte of the disk,
+    /// where writing the bytes there is all a write does (a writable raw file): a copy may put
+    /// data straight into it (`convert -C`). The default: none.
+    fn linear_storage(&self) -> Option<&dyn Storage> {
+        None
+    }
+
+    /// The storage whose bytes at a range's `status.offset` are this layer's guest data, byte
+    /// for byte, for every range whose status has data, no compression and an offset (raw,
+    /// uncompressed clusters of an unencrypted qcow2): a copy may take them from there without
+    /// reading them (`convert -C`). Only the formats qemu offloads from: for the others qemu-img
+    /// falls back to reading with zero detection, and so must vimg. The default: none.
+    fn copyable_data(&self) -> Option<&dyn Storage> {
+        None
+    }
+
     /// Fills `buf` with the guest data at `guest` of this layer's range whose block status is
     /// `status` (as [`crate::chain_read::read_through`] got it from the top of the chain, with
     /// this layer at `status.depth`; `buf` lies within the range). The default reads

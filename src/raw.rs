@@ -428,6 +428,14 @@ impl BlockImage for RawImage {
         Some(self.storage.as_ref())
     }
 
+    fn linear_storage(&self) -> Option<&dyn Storage> {
+        self.writable.then_some(self.storage.as_ref())
+    }
+
+    fn copyable_data(&self) -> Option<&dyn Storage> {
+        Some(self.storage.as_ref())
+    }
+
     fn as_resize(&self) -> Option<&dyn crate::capability::Resize> {
         Some(self)
     }

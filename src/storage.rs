@@ -83,6 +83,22 @@ pub trait Storage: Send + Sync {
     fn host_file(&self) -> Option<&File> {
         None
     }
+    /// Copies `len` bytes at `src_offset` of `src` to `offset` of this storage inside the
+    /// kernel (`copy_file_range`: a clone where the file system shares extents, XFS or btrfs;
+    /// a copy between page caches elsewhere), for `convert -C`. `Ok(false)` when it cannot
+    /// (not two host files, a file open with `O_DIRECT`, or a kernel or file system that
+    /// refuses: EXDEV, EINVAL, ENOSYS, EOPNOTSUPP), and the caller then reads and writes;
+    /// part of the range may have been copied then. The default cannot.
+    fn copy_range_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<bool> {
+        let _ = (src, src_offset, offset, len);
+        Ok(false)
+    }
     /// Another handle on the same storage, if it can give one: for a file, the same open file
     /// description (so the same image locks, no conflict with this handle); for memory, the same
     /// bytes. Used to reopen an image that is still open (a repair reading back what it
@@ -451,6 +467,49 @@ const WRITE_PIECE: usize = 256 << 10;
 impl Storage for FileStorage {
     fn host_file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+
+    /// `VIMG_NO_COPY_FILE_RANGE=1` (a test hook) makes it answer `Ok(false)` at once, as a
+    /// file system without `copy_file_range` would, to test the callers' fallback.
+    fn copy_range_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<bool> {
+        use rustix::io::Errno;
+        let Some(from) = src.host_file() else {
+            return Ok(false);
+        };
+        // Only plain files without O_DIRECT on both sides: a device or an O_DIRECT file has
+        // requests of its own (alignment, zeroing) that a copy behind their back would skip.
+        let plain = |k: HostKind, d: bool| !d && !k.is_block_device();
+        if !plain(self.kind, self.direct.is_some())
+            || std::env::var_os("VIMG_NO_COPY_FILE_RANGE").is_some_and(|v| v == "1")
+        {
+            return Ok(false);
+        }
+        match rustix::fs::fstat(from) {
+            Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() => {}
+            _ => return Ok(false),
+        }
+        self.before_change();
+        let (mut at, mut to, end) = (src_offset, offset, src_offset + len);
+        while at < end {
+            let want = (end - at).min(1 << 30) as usize;
+            match rustix::fs::copy_file_range(from, Some(&mut at), &self.file, Some(&mut to), want)
+            {
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(Errno::INTR) => {}
+                Err(Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+                    return Ok(false)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -278,6 +278,8 @@ pub fn convert(
         quiet: opts.quiet,
         rate: opts.rate_limit,
         verbatim: opts.copy_offload,
+        offload_failed: Default::default(),
+        joined: sources.len() > 1,
     };
     // An NBD export is written in place as a device is (qemu "creates" on one by opening it).
     let existing_device = std::fs::metadata(dst)

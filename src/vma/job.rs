@@ -27,6 +27,7 @@
 use super::format::{ArchiveHeader, CLUSTER_SIZE};
 use super::writer::{VmaWriter, WriterStats};
 use crate::block::{BlockImage, BlockStatus, ImageFormat};
+use crate::direct_io::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::offsets::GuestOffset;
 use std::io::Write;
@@ -47,7 +48,7 @@ struct Run {
     len: u64,
     /// Known zeros, not read.
     zero: bool,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
 }
 
 /// Told how far the job has got: `(device bytes saved, device bytes in total)`.
@@ -244,7 +245,7 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
         start: u64,
         n: u64,
         zero: bool,
-        buf: &mut Vec<u8>,
+        buf: &mut AlignedBuf,
     ) -> Result<()> {
         let d = &self.devices[dev];
         let off = start * CLUSTER_SIZE;
@@ -281,7 +282,7 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
 
     /// Saves the claimed run `[start, start + n)` of `dev`: reads it (unless `zero`), writes
     /// it to the archive, and marks it saved.
-    fn save(&self, dev: usize, start: u64, n: u64, zero: bool, buf: &mut Vec<u8>) -> Result<()> {
+    fn save(&self, dev: usize, start: u64, n: u64, zero: bool, buf: &mut AlignedBuf) -> Result<()> {
         let result = self
             .read_run(dev, start, n, zero, buf)
             .and_then(|()| self.store_run(dev, start, n, buf));
@@ -295,7 +296,7 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
         from: u64,
         to: u64,
         zero: bool,
-        buf: &mut Vec<u8>,
+        buf: &mut AlignedBuf,
         counter: &AtomicU64,
     ) -> Result<()> {
         let mut at = from;
@@ -328,7 +329,7 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
             .saturating_add(len)
             .min(d.image_size)
             .div_ceil(CLUSTER_SIZE);
-        let mut buf = Vec::new();
+        let mut buf = AlignedBuf::default();
         self.save_range(device, from, to, false, &mut buf, &self.by_hook)?;
         // Clusters other threads are saving: wait for them.
         let mut st = self.lock_state();
@@ -362,7 +363,7 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
     fn walk(
         &self,
         send: &dyn Fn(Run) -> std::result::Result<(), Run>,
-        bufs: &mpsc::Receiver<Vec<u8>>,
+        bufs: &mpsc::Receiver<AlignedBuf>,
     ) -> Result<()> {
         let mut made = 0usize;
         for (dev, d) in self.devices.iter().enumerate() {
@@ -392,13 +393,14 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
                     // Zero runs need no buffer; data runs take one of at most
                     // PIPELINE_BUFFERS, which come back once written.
                     let mut buf = if zero {
-                        Vec::new()
+                        AlignedBuf::default()
                     } else {
                         match bufs.try_recv() {
                             Ok(b) => b,
                             Err(_) if made < PIPELINE_BUFFERS => {
                                 made += 1;
-                                Vec::with_capacity((RUN_CLUSTERS * CLUSTER_SIZE) as usize)
+                                // Page-aligned: see crate::direct_io::AlignedBuf.
+                                AlignedBuf::zeroed((RUN_CLUSTERS * CLUSTER_SIZE) as usize)
                             }
                             Err(_) => bufs.recv().unwrap_or_default(),
                         }
@@ -438,7 +440,7 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
         };
         report(all);
         let (tx, rx) = mpsc::sync_channel::<Run>(1);
-        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
         let walked = std::thread::scope(|s| {
             let walker = s.spawn(move || {
                 let send = |r: Run| tx.send(r).map_err(|e| e.0);

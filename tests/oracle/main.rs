@@ -16,6 +16,7 @@ mod check_oracle;
 mod commit_oracle;
 mod convert_oracle;
 mod convert_snapshot;
+mod copy_offload;
 mod create_oracle;
 mod iotests_061_080;
 mod iotests_080_112;
