@@ -142,20 +142,39 @@ pub fn run(export: Export, cfg: &ListenConfig) -> Result<()> {
     listener
         .set_nonblocking()
         .map_err(|e| Error::io("cannot set up the listening socket", e))?;
+    // With --fork the caller returns only once the server runs, as qemu-nbd's does: the child
+    // writes its pid file, then says so through a pipe, and the parent exits 0 only then (1 if
+    // the child failed first, having said why on the caller's standard error).
+    let mut started = None;
     if cfg.fork {
+        let (mut ready_rx, ready_tx) = std::io::pipe().map_err(|e| Error::io("cannot fork", e))?;
         // SAFETY: the process has one thread here (the server's threads start later), so
-        // the child may go on running Rust code; the parent only calls _exit.
+        // the child may go on running Rust code; the parent only reads the pipe and exits.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(Error::io("cannot fork", std::io::Error::last_os_error()));
         }
         if pid > 0 {
+            drop(ready_tx);
+            let mut byte = [0u8; 1];
+            let code = match std::io::Read::read(&mut ready_rx, &mut byte) {
+                Ok(1) => 0,
+                _ => 1,
+            };
             // SAFETY: _exit ends the parent at once, leaving the export (and the overlay of
             // -s) to the child.
-            unsafe { libc::_exit(0) };
+            unsafe { libc::_exit(code) };
         }
+        drop(ready_rx);
         // SAFETY: setsid has no memory effects.
         unsafe { libc::setsid() };
+        started = Some(ready_tx);
+    }
+    if let Some(p) = &cfg.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| Error::io("Failed to write pid file", e).with_path(p))?;
+    }
+    if let Some(mut ready) = started {
         // The parent's caller may be waiting for the end of its output: the server keeps no
         // standard stream of the caller open, as qemu-nbd once it runs.
         if let Ok(null) = std::fs::OpenOptions::new()
@@ -168,10 +187,7 @@ pub fn run(export: Export, cfg: &ListenConfig) -> Result<()> {
                 unsafe { libc::dup2(null.as_raw_fd(), fd) };
             }
         }
-    }
-    if let Some(p) = &cfg.pid_file {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .map_err(|e| Error::io("Failed to write pid file", e).with_path(p))?;
+        let _ = std::io::Write::write_all(&mut ready, b"1");
     }
     install_stop_handler();
     let result = accept_loop(&listener, &export, cfg);
