@@ -454,3 +454,29 @@ fn fork_and_pid_file_and_exit_after_the_last_client() {
         "socket and pid file removed"
     );
 }
+
+#[test]
+fn a_pid_file_that_cannot_be_written_fails_the_start_and_leaves_no_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = layered_image(dir.path());
+    let sock = dir.path().join("p.sock");
+    let pid = dir.path().join("missing-dir").join("pid");
+    for fork in [false, true] {
+        let mut args = vec!["serve", "--pid-file", s(&pid), "-r", "-k", s(&sock)];
+        if fork {
+            args.push("--fork");
+        }
+        args.push(s(&img));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vimg"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "fork={fork}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("Failed to write pid file"),
+            "fork={fork}: {err}"
+        );
+        assert!(!sock.exists(), "fork={fork}: the socket is removed");
+    }
+}

@@ -171,8 +171,12 @@ pub fn run(export: Export, cfg: &ListenConfig) -> Result<()> {
         started = Some(ready_tx);
     }
     if let Some(p) = &cfg.pid_file {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .map_err(|e| Error::io("Failed to write pid file", e).with_path(p))?;
+        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+            if let Listener::Unix(_, path) = &listener {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(Error::io("Failed to write pid file", e).with_path(p));
+        }
     }
     if let Some(mut ready) = started {
         // The parent's caller may be waiting for the end of its output: the server keeps no
