@@ -399,6 +399,19 @@ impl BlockStatus {
     }
 }
 
+/// Something that must see the range of every write before the write reaches an image: a
+/// backup job saving the old data first (copy-before-write), a point-in-time (fleecing) view
+/// keeping the clusters about to be overwritten.
+///
+/// A server calls [`BeforeWrite::before_write`] for every write, zero write and discard of an
+/// image it is attached to, and the write waits for it to return. It cannot fail the write: the
+/// guest comes first, so a hook that cannot do its work (its target full, its reader gone)
+/// records that itself and stops asking for anything, and the write goes on.
+pub trait BeforeWrite: Send + Sync {
+    /// Called before `[offset, offset + len)` is written, zeroed or discarded.
+    fn before_write(&self, offset: GuestOffset, len: u64);
+}
+
 /// A virtual disk image: one layer of a chain, with its backing layers attached.
 ///
 /// All methods take `&self`: an image may be shared between threads (`Send + Sync`), and

@@ -101,6 +101,6 @@ pub mod vmdk;
 pub mod vpc;
 pub mod zeros;
 
-pub use block::{BlockImage, BlockStatus, ImageFormat};
+pub use block::{BeforeWrite, BlockImage, BlockStatus, ImageFormat};
 pub use error::{Error, ErrorKind, Result};
 pub use offsets::{GuestOffset, HostOffset};

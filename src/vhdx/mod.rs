@@ -641,9 +641,9 @@ impl BlockImage for VhdxImage {
             return Ok(());
         }
         self.flush_bat()?;
-        self.storage
-            .flush()
-            .map_err(|e| Error::io("flush failed", e).with_path(&self.path))
+        // `-t unsafe` (convert's default, as qemu-img's): the table is written, nothing waits
+        // for the disk.
+        self.sync()
     }
 
     fn set_unsafe_cache(&self, on: bool) {

@@ -539,8 +539,9 @@ impl VmdkImage {
         // The text padded with zeros to whole sectors (a descriptor file grows to 512 bytes,
         // as under qemu).
         let len = (c_str(&new).len() as u64).div_ceil(512) * 512;
+        let unsafe_cache = self.unsafe_cache.load(Ordering::Relaxed);
         st.write_at(&new[..len as usize], self.desc_offset)
-            .and_then(|_| st.flush())
+            .and_then(|_| if unsafe_cache { Ok(()) } else { st.flush() })
             .map_err(|e| {
                 Error::io("write failed", e)
                     .at(self.desc_offset)
@@ -791,7 +792,8 @@ impl BlockImage for VmdkImage {
     }
 
     fn flush(&self) -> Result<()> {
-        if !self.writable {
+        // `-t unsafe` (convert's default, as qemu-img's): nothing waits for the disk.
+        if !self.writable || self.unsafe_cache.load(Ordering::Relaxed) {
             return Ok(());
         }
         let files = self

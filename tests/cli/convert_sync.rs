@@ -58,7 +58,7 @@ fn convert_syncs_the_target_when_qemu_img_does() {
     let vimg = env!("CARGO_BIN_EXE_vimg");
     let log = dir.path().join("strace.log");
     let mut failures = vec![];
-    for fmt in ["raw", "qcow2", "vpc", "vdi"] {
+    for fmt in ["raw", "qcow2", "vpc", "vdi", "vhdx", "vmdk"] {
         for cache in [None, Some("unsafe"), Some("writeback"), Some("none")] {
             for existing in [true, false] {
                 let mut counts = vec![];

@@ -3,9 +3,10 @@
 
 use super::contexts::Contexts;
 use crate::nbd::wire::*;
-use crate::{BlockImage, Error, GuestOffset, Result};
+use crate::{BeforeWrite, BlockImage, Error, GuestOffset, Result};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 /// qemu's `--detect-zeroes`: whether written buffers of zeros become zero writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,7 +90,17 @@ pub struct Export {
     generation: AtomicU64,
     /// A temporary overlay (`-s`) removed when the export is dropped.
     temporary: Option<PathBuf>,
+    /// The hooks every write, zero write and discard calls first. Each write holds the read
+    /// lock from calling them until it has reached the image, so that attaching (which takes
+    /// the write lock) waits for the writes in flight: see [`Export::attach_hooks`].
+    hooks: RwLock<Vec<(HookId, Arc<dyn BeforeWrite>)>>,
 }
+
+/// Names a hook attached to an export, to detach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HookId(u64);
+
+static NEXT_HOOK: AtomicU64 = AtomicU64::new(1);
 
 /// A failed command: the wire errno and a message for structured error chunks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +148,63 @@ impl Export {
             contexts,
             generation: AtomicU64::new(0),
             temporary,
+            hooks: RwLock::new(Vec::new()),
         }
+    }
+
+    /// The served image (for a hook reading the old data before a write).
+    pub fn image(&self) -> &dyn BlockImage {
+        self.image.as_ref()
+    }
+
+    /// Attaches each hook to its export, all at one point in time: every write that began on
+    /// any of these exports before this call has reached its image when it returns, and every
+    /// write after it calls the hook first. That point is what a backup of several disks is
+    /// consistent at. The exports are locked in address order, so concurrent calls cannot
+    /// deadlock.
+    pub fn attach_hooks(hooks: &[(&Export, Arc<dyn BeforeWrite>)]) -> Vec<HookId> {
+        let mut order: Vec<usize> = (0..hooks.len()).collect();
+        order.sort_by_key(|&i| hooks[i].0 as *const Export as usize);
+        order.dedup_by_key(|i| hooks[*i].0 as *const Export as usize);
+        let mut guards: Vec<_> = order
+            .iter()
+            .map(|&i| {
+                let g = hooks[i].0.hooks.write().unwrap_or_else(|p| p.into_inner());
+                (hooks[i].0 as *const Export as usize, g)
+            })
+            .collect();
+        let mut ids = Vec::with_capacity(hooks.len());
+        for (export, hook) in hooks {
+            let id = HookId(NEXT_HOOK.fetch_add(1, Ordering::Relaxed));
+            let key = *export as *const Export as usize;
+            let (_, g) = guards
+                .iter_mut()
+                .find(|(k, _)| *k == key)
+                .expect("every export was locked above");
+            g.push((id, hook.clone()));
+            ids.push(id);
+        }
+        ids
+    }
+
+    /// Detaches a hook; writes that already called it have finished when this returns.
+    pub fn detach_hook(&self, id: HookId) {
+        let mut g = self.hooks.write().unwrap_or_else(|p| p.into_inner());
+        g.retain(|(h, _)| *h != id);
+    }
+
+    /// Calls the attached hooks for `[offset, offset + len)` and returns the guard the write
+    /// must hold until it has reached the image.
+    fn before_write(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> RwLockReadGuard<'_, Vec<(HookId, Arc<dyn BeforeWrite>)>> {
+        let g = self.hooks.read().unwrap_or_else(|p| p.into_inner());
+        for (_, hook) in g.iter() {
+            hook.before_write(GuestOffset(offset), len);
+        }
+        g
     }
 
     /// The export's name.
@@ -250,6 +317,7 @@ impl Export {
     /// Writes `data` at `offset`, flushing it first if `fua`.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> CmdResult<()> {
         self.check_writable()?;
+        let hooks = self.before_write(offset, data.len() as u64);
         let zeros = self.settings.detect_zeroes != DetectZeroes::Off && crate::zeros::is_zero(data);
         let r = if zeros {
             let unmap =
@@ -260,6 +328,7 @@ impl Export {
             self.image.write_at(data, GuestOffset(offset))
         };
         r.map_err(|e| CommandError::from_error(&e))?;
+        drop(hooks);
         self.after_write(fua)
     }
 
@@ -268,9 +337,11 @@ impl Export {
     pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> CmdResult<()> {
         self.check_writable()?;
         let unmap = !no_hole && self.settings.discard_unmap;
+        let hooks = self.before_write(offset, len);
         self.image
             .write_zeroes(GuestOffset(offset), len, unmap)
             .map_err(|e| CommandError::from_error(&e))?;
+        drop(hooks);
         self.after_write(fua)
     }
 
@@ -279,9 +350,11 @@ impl Export {
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> CmdResult<()> {
         self.check_writable()?;
         if self.settings.discard_unmap {
+            let hooks = self.before_write(offset, len);
             self.image
                 .discard(GuestOffset(offset), len)
                 .map_err(|e| CommandError::from_error(&e))?;
+            drop(hooks);
         }
         self.after_write(fua)
     }
@@ -328,5 +401,103 @@ impl Drop for Export {
         if let Some(p) = &self.temporary {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// Records the ranges it is called for; while `gate` holds a receiver, each call first
+    /// waits for a message on it.
+    struct Recorder {
+        seen: Mutex<Vec<(u64, u64)>>,
+        gate: Mutex<Option<mpsc::Receiver<()>>>,
+    }
+
+    impl BeforeWrite for Recorder {
+        fn before_write(&self, offset: GuestOffset, len: u64) {
+            if let Some(rx) = self.gate.lock().unwrap().as_ref() {
+                rx.recv().unwrap();
+            }
+            self.seen.lock().unwrap().push((offset.0, len));
+        }
+    }
+
+    fn export(dir: &std::path::Path, name: &str) -> Export {
+        let p = dir.join(name);
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let image = crate::raw::RawImage::open(&p, true).unwrap();
+        let settings = ExportSettings {
+            discard_unmap: true,
+            ..Default::default()
+        };
+        Export::new(Box::new(image), settings, Contexts::default(), None)
+    }
+
+    fn recorder() -> Arc<Recorder> {
+        Arc::new(Recorder {
+            seen: Mutex::new(Vec::new()),
+            gate: Mutex::new(None),
+        })
+    }
+
+    #[test]
+    fn hooks_see_every_write_until_detached() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (export(dir.path(), "a"), export(dir.path(), "b"));
+        let (ra, rb) = (recorder(), recorder());
+        let ids = Export::attach_hooks(&[(&a, ra.clone() as _), (&b, rb.clone() as _)]);
+        a.write(&[1; 512], 4096, false).unwrap();
+        a.write_zeroes(8192, 1024, false, false).unwrap();
+        b.trim(0, 65536, false).unwrap();
+        assert_eq!(*ra.seen.lock().unwrap(), vec![(4096, 512), (8192, 1024)]);
+        assert_eq!(*rb.seen.lock().unwrap(), vec![(0, 65536)]);
+        a.detach_hook(ids[0]);
+        a.write(&[2; 512], 0, false).unwrap();
+        assert_eq!(
+            ra.seen.lock().unwrap().len(),
+            2,
+            "a detached hook was called"
+        );
+        let mut back = [0u8; 512];
+        a.read(&mut back, 4096).unwrap();
+        assert_eq!(back, [1; 512]);
+    }
+
+    #[test]
+    fn attaching_waits_for_the_writes_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = export(dir.path(), "a");
+        // A first hook that holds a write inside the hooks until told to go on.
+        let slow = recorder();
+        let (go, gate) = mpsc::channel();
+        *slow.gate.lock().unwrap() = Some(gate);
+        Export::attach_hooks(&[(&a, slow.clone() as _)]);
+        std::thread::scope(|s| {
+            s.spawn(|| a.write(&[7; 512], 0, false).unwrap());
+            while a.hooks.try_write().is_ok() {
+                std::thread::yield_now();
+            }
+            let (tx, rx) = mpsc::channel();
+            let a = &a;
+            s.spawn(move || {
+                let late = recorder();
+                Export::attach_hooks(&[(a, late.clone() as _)]);
+                tx.send(late).unwrap();
+            });
+            // The write is still in flight: the second attach must not have returned.
+            assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+            go.send(()).unwrap();
+            let late = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert!(
+                late.seen.lock().unwrap().is_empty(),
+                "a hook saw a write begun before it"
+            );
+        });
+        assert_eq!(*slow.seen.lock().unwrap(), vec![(0, 512)]);
     }
 }

@@ -16,5 +16,5 @@ pub mod stream;
 pub mod transmission;
 
 pub use contexts::Contexts;
-pub use export::{CacheMode, DetectZeroes, Export, ExportSettings};
+pub use export::{CacheMode, DetectZeroes, Export, ExportSettings, HookId};
 pub use listen::{run, Address, ListenConfig};
