@@ -25,6 +25,12 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// lzop's magic (`.vma.lzo`, which older vzdump wrote).
 const LZO_MAGIC: [u8; 4] = [0x89, b'L', b'Z', b'O'];
 
+/// The input each zstd worker compresses at a time. zstd's default at level 3 is 8 MiB (four
+/// windows), and its buffer pool then holds several jobs' input and output per worker: 132 MB
+/// peak for a 2 GiB backup with two workers, against 80 MB for the `zstd -T2` tool. 2 MiB
+/// jobs bring the peak to about 52 MB for an archive 0.3% larger.
+const ZSTD_JOB_SIZE: u32 = 2 << 20;
+
 /// zstd level for compressed archives (zstd's default, as `zstd` without `-N` uses).
 const ZSTD_LEVEL: i32 = 3;
 
@@ -81,6 +87,8 @@ impl<W: Write> ArchiveOutput<W> {
                 if cpus > 1 {
                     z.multithread(cpus)
                         .map_err(|e| Error::io("cannot start zstd worker threads", e))?;
+                    z.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))
+                        .map_err(|e| Error::io("cannot set zstd's job size", e))?;
                 }
                 ArchiveOutput::Zstd(z)
             }

@@ -12,3 +12,4 @@ mod vma_damage;
 mod vma_fixtures;
 mod vma_live;
 mod vma_roundtrip;
+mod zstd_memory;
