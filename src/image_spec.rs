@@ -498,6 +498,9 @@ fn nbd_options(flat: &mut BTreeMap<String, String>) -> Result<()> {
     if let Some(ctx) = &loc.dirty_bitmap {
         crate::nbd::client::use_context(&loc.url(), ctx);
     }
+    if let Some(creds) = &loc.tls_creds {
+        crate::nbd::client::use_tls(&loc.url(), creds, loc.tls_hostname.as_deref());
+    }
     kept.insert("file.filename".into(), loc.url());
     *flat = kept;
     Ok(())

@@ -153,6 +153,12 @@ struct ServeArgs {
     /// Seconds a client has to finish the handshake (0: no limit).
     #[arg(long = "handshake-limit", value_name = "N", default_value_t = 10)]
     handshake_limit: u64,
+    /// Require clients to use TLS, with the server credentials of --object
+    /// tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off] (DIR holds
+    /// ca-cert.pem, server-cert.pem and server-key.pem; with verify-peer, on by default, each
+    /// client must present a certificate signed by ca-cert.pem).
+    #[arg(long = "tls-creds", value_name = "ID")]
+    tls_creds: Option<String>,
     /// Print more (accepted for compatibility).
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -1711,6 +1717,13 @@ fn serve(a: ServeArgs) -> CmdResult {
             port: a.port,
         },
     };
+    let tls = match &a.tls_creds {
+        Some(id) => Some(vimg::nbd::tls::ServerTls::from_id(id).map_err(|e| {
+            let what = format!("Failed to get TLS creds: {}", e.what());
+            fail(e.reworded(what))
+        })?),
+        None => None,
+    };
     let opts = ops::serve::ServeOptions {
         path: n.path.clone(),
         format: n.format,
@@ -1734,6 +1747,7 @@ fn serve(a: ServeArgs) -> CmdResult {
                 .then(|| std::time::Duration::from_secs(a.handshake_limit)),
             fork: a.fork,
             pid_file: a.pid_file.clone(),
+            tls,
         },
     };
     ops::serve::serve(&opts).map_err(fail)?;

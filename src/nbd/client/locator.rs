@@ -1,7 +1,8 @@
 //! The names of NBD exports as qemu takes them: `nbd://HOST[:PORT][/EXPORT]`,
 //! `nbd+tcp://...`, `nbd+unix:///EXPORT?socket=PATH`, the legacy `nbd:HOST:PORT[:exportname=E]`
 //! and `nbd:unix:PATH[:exportname=E]`, and the options of qemu's `nbd` driver (`server.type`,
-//! `server.host`, `server.port`, `server.path`, `export`, `x-dirty-bitmap`).
+//! `server.host`, `server.port`, `server.path`, `export`, `x-dirty-bitmap`, `tls-creds`,
+//! `tls-hostname`).
 //!
 //! Every spelling is brought to qemu's one ([`NbdLocator::url`]): `nbd://HOST:PORT/EXPORT`
 //! (the port always written) or `nbd+unix:///EXPORT?socket=PATH`, the name qemu-img prints
@@ -41,6 +42,11 @@ pub struct NbdLocator {
     /// qemu's `x-dirty-bitmap` option: a meta context (`qemu:dirty-bitmap:NAME`) whose
     /// extents block status reports instead of `base:allocation`'s (dirty as unallocated).
     pub dirty_bitmap: Option<String>,
+    /// qemu's `tls-creds`: the id of the `tls-creds-x509` object to start TLS with.
+    pub tls_creds: Option<String>,
+    /// qemu's `tls-hostname`: the name the server's certificate must carry (the host by
+    /// default).
+    pub tls_hostname: Option<String>,
 }
 
 impl fmt::Display for NbdLocator {
@@ -150,6 +156,8 @@ impl NbdLocator {
             server,
             export,
             dirty_bitmap: None,
+            tls_creds: None,
+            tls_hostname: None,
         })
     }
 
@@ -173,6 +181,8 @@ impl NbdLocator {
             server,
             export,
             dirty_bitmap: None,
+            tls_creds: None,
+            tls_hostname: None,
         })
     }
 
@@ -222,6 +232,8 @@ impl NbdLocator {
                     server,
                     export: String::new(),
                     dirty_bitmap: None,
+                    tls_creds: None,
+                    tls_hostname: None,
                 }
             }
         };
@@ -229,6 +241,8 @@ impl NbdLocator {
             loc.export = e.to_string();
         }
         loc.dirty_bitmap = get("x-dirty-bitmap").map(str::to_string);
+        loc.tls_creds = get("tls-creds").map(str::to_string);
+        loc.tls_hostname = get("tls-hostname").map(str::to_string);
         for k in opts.keys() {
             let known = matches!(
                 k.as_str(),
@@ -236,6 +250,8 @@ impl NbdLocator {
                     | "filename"
                     | "export"
                     | "x-dirty-bitmap"
+                    | "tls-creds"
+                    | "tls-hostname"
                     | "host"
                     | "port"
                     | "path"

@@ -68,6 +68,24 @@ pub fn use_context(url: &str, context: &str) {
     c.push((url.to_string(), context.to_string()));
 }
 
+/// The TLS settings asked for exports (`tls-creds`, `tls-hostname`), by the export's URL.
+static TLS: Mutex<Vec<(String, TlsSettings)>> = Mutex::new(Vec::new());
+
+/// qemu's `tls-creds` (the id of a `tls-creds-x509` object) and `tls-hostname`.
+type TlsSettings = (String, Option<String>);
+
+/// Makes connections to the export `url` names (opened later in this process) start TLS with
+/// the `tls-creds-x509` object `creds`, checking the server's certificate against `hostname`
+/// (the host by default): qemu's `tls-creds` and `tls-hostname` options.
+pub fn use_tls(url: &str, creds: &str, hostname: Option<&str>) {
+    let mut t = TLS.lock().unwrap_or_else(|e| e.into_inner());
+    t.retain(|(u, _)| u != url);
+    t.push((
+        url.to_string(),
+        (creds.to_string(), hostname.map(str::to_string)),
+    ));
+}
+
 /// The connection to the export `loc` names: the one open already, or a new one.
 pub fn connection(loc: &Path) -> io::Result<Arc<Connection>> {
     let mut l = parse(loc)?;
@@ -79,6 +97,18 @@ pub fn connection(loc: &Path) -> io::Result<Arc<Connection>> {
             .iter()
             .find(|(u, _)| *u == url)
             .map(|(_, c)| c.clone());
+    }
+    if l.tls_creds.is_none() {
+        let url = l.url();
+        if let Some((_, (creds, host))) = TLS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(u, _)| *u == url)
+        {
+            l.tls_creds = Some(creds.clone());
+            l.tls_hostname = host.clone();
+        }
     }
     let key = l.locator();
     let mut reg = CONNECTIONS.lock().unwrap_or_else(|e| e.into_inner());
