@@ -211,7 +211,7 @@ impl TlsCreds {
         match &self.config {
             Config::Server(c) => Ok(ServerTls(c.clone())),
             Config::Client(_) => {
-                Err(Error::invalid_input("Expecting TLS credentials with a server endpoint").bare())
+                Err(Error::invalid_input("Expected TLS credentials for a server endpoint").bare())
             }
         }
     }
@@ -222,7 +222,7 @@ impl TlsCreds {
             Config::Client(c) => Ok(c.clone()),
             Config::Server(_) => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "Expecting TLS credentials with a client endpoint",
+                "Expected TLS credentials for a client endpoint",
             )),
         }
     }
