@@ -315,7 +315,46 @@ fn qemu_and_libnbd_clients_over_tls_to_vimg_serve() {
     std::fs::write(&upload, &up).unwrap();
     ok("nbdcopy", &[p(&upload), &url]);
 
+    // Every client has gone: the relays' threads have ended with their connections (the
+    // server has only its main thread left).
+    let tasks = || {
+        std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+            .unwrap()
+            .count()
+    };
+    let start = std::time::Instant::now();
+    while tasks() > 1 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(tasks(), 1, "threads left after every TLS client left");
+
+    // SIGTERM with a TLS client connected (libnbd, holding its connection): a clean exit.
+    let script = format!(
+        "import nbd, time\nh = nbd.NBD()\nh.set_uri_allow_local_file(True)\n\
+         h.connect_uri({url:?})\nprint(h.get_size(), flush=True)\ntime.sleep(60)\n"
+    );
+    let mut holder = Command::new(common::nbd_serve::PYTHON_LIBNBD)
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 8];
+    holder
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    assert_eq!(&line, b"8388608\n");
+    let stopping = std::time::Instant::now();
     assert_eq!(server.stop(), 0);
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "SIGTERM took {:?} with a TLS client connected",
+        stopping.elapsed()
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
     let (code, check) = run_status("qemu-img", &["check", "-f", "qcow2", p(&img)]);
     assert_eq!(code, 0, "{check}");
     let after = t.path().join("after.raw");
