@@ -18,8 +18,10 @@ use vimg::{Error, ImageFormat};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// A qemu object: only `secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]` (kept by id
-    /// for encrypted images; other object types are refused).
+    /// A qemu object: `secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]` (kept by id
+    /// for encrypted images) or `tls-creds-x509,id=ID,dir=DIR,endpoint=client|server[,verify-peer=on|off]`
+    /// (NBD over TLS: `tls-creds=ID` in an nbd image's options, `serve --tls-creds ID`); other
+    /// object types are refused.
     #[arg(long = "object", global = true, value_name = "OBJECTDEF")]
     object: Vec<String>,
     /// Image names are qemu option lists: `driver=qcow2,file.filename=NAME,file.locking=off`
