@@ -494,6 +494,7 @@ fn nbd_options(flat: &mut BTreeMap<String, String>) -> Result<()> {
         .map_err(Error::invalid_input)?;
     if prefix.is_empty() {
         kept.insert("driver".into(), "raw".into());
+        crate::nbd::client::mark_protocol_node(&loc.url());
     }
     if let Some(ctx) = &loc.dirty_bitmap {
         crate::nbd::client::use_context(&loc.url(), ctx);

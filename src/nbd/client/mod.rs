@@ -68,6 +68,28 @@ pub fn use_context(url: &str, context: &str) {
     c.push((url.to_string(), context.to_string()));
 }
 
+/// The exports named by a protocol node alone (`driver=nbd` at the top level), by URL.
+static PROTOCOL_NODES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Records that the export `url` names was given as a protocol node alone (`driver=nbd` at
+/// the top level of an image's options): `info` then reports it as qemu-img does, as the
+/// `nbd` node itself.
+pub fn mark_protocol_node(url: &str) {
+    let mut n = PROTOCOL_NODES.lock().unwrap_or_else(|e| e.into_inner());
+    if !n.iter().any(|u| u == url) {
+        n.push(url.to_string());
+    }
+}
+
+/// Whether the export `url` names was given as a protocol node alone.
+pub fn is_protocol_node(url: &str) -> bool {
+    PROTOCOL_NODES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|u| u == url)
+}
+
 /// The TLS settings asked for exports (`tls-creds`, `tls-hostname`), by the export's URL.
 static TLS: Mutex<Vec<(String, TlsSettings)>> = Mutex::new(Vec::new());
 
