@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -435,6 +435,9 @@ pub fn connect<C: Read + Write>(
 pub struct Relay {
     thread: Option<JoinHandle<()>>,
     local: UnixStream,
+    /// The network socket (a duplicate), shut down if the relay has not ended within
+    /// [`LINGER`] of the local side's closing (a peer that takes nothing more).
+    net: OwnedFd,
     error: Arc<Mutex<Option<String>>>,
 }
 
@@ -448,9 +451,22 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.local.shutdown(std::net::Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        // The relay sends close_notify and ends; one stuck on a peer that reads nothing more
+        // is cut off.
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_micros(100);
+        while !t.is_finished() && start.elapsed() < LINGER {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
+        if !t.is_finished() {
+            // SAFETY: shutdown on a descriptor this relay owns (a duplicate of the socket).
+            unsafe { libc::shutdown(self.net.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        let _ = t.join();
     }
 }
 
@@ -458,10 +474,11 @@ impl Drop for Relay {
 /// uses in place of `net`, and the relay.
 pub fn relay<S>(tls: rustls::Connection, net: S) -> io::Result<(UnixStream, Relay)>
 where
-    S: Read + Write + AsRawFd + Send + 'static,
+    S: Read + Write + AsFd + AsRawFd + Send + 'static,
 {
     let (mine, theirs) = UnixStream::pair()?;
     let local = theirs.try_clone()?;
+    let net_fd = net.as_fd().try_clone_to_owned()?;
     mine.set_nonblocking(true)?;
     set_nonblocking(net.as_raw_fd())?;
     let error = Arc::new(Mutex::new(None));
@@ -474,6 +491,7 @@ where
         Relay {
             thread: Some(thread),
             local,
+            net: net_fd,
             error,
         },
     ))
@@ -649,6 +667,13 @@ fn pump<S: Read + Write + AsRawFd>(
         }
         if !down.is_empty() {
             fds[1].events |= libc::POLLOUT;
+        }
+        // A socket with nothing asked of it is left out: its hang-up would wake poll at once,
+        // again and again, while the relay waits on the other one.
+        for f in &mut fds {
+            if f.events == 0 {
+                f.fd = -1;
+            }
         }
         let timeout = if local_eof {
             LINGER.as_millis() as libc::c_int

@@ -784,3 +784,117 @@ fn options_before_starttls(port: u16) {
     assert_eq!(kind, (1 << 31) | 3, "ERR_INVALID");
     assert!(dropped(&mut c));
 }
+
+/// A TLS client that floods the server with options and never reads the replies: the server
+/// drops it at the handshake limit, its relay ends (no thread left, no CPU spent spinning),
+/// and the server goes on serving.
+#[test]
+fn a_tls_client_that_never_reads_is_dropped_and_leaves_no_thread() {
+    if !available("a_tls_client_that_never_reads_is_dropped_and_leaves_no_thread") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&t.path().join("pki"));
+    let (img, _) = sample(t.path());
+    let srv_obj = pki.object("server", "server", "");
+    let server = Server::tcp(
+        false,
+        &img,
+        "",
+        &[
+            "-f",
+            "qcow2",
+            "-e",
+            "0",
+            "--handshake-limit",
+            "2",
+            "--object",
+            &srv_obj,
+            "--tls-creds",
+            "tls0",
+        ],
+    );
+    let port = server.port.unwrap();
+    let script = r#"
+import socket, ssl, struct, sys, time
+port, d = int(sys.argv[1]), sys.argv[2]
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+assert s.recv(18, socket.MSG_WAITALL)[:8] == b"NBDMAGIC"
+s.sendall(struct.pack(">I", 3))
+s.sendall(b"IHAVEOPT" + struct.pack(">II", 5, 0))
+r = s.recv(20, socket.MSG_WAITALL)
+assert struct.unpack(">I", r[12:16])[0] == 1, r
+ctx = ssl.create_default_context(cafile=d + "/ca-cert.pem")
+ctx.load_cert_chain(d + "/client-cert.pem", d + "/client-key.pem")
+t = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+t.setblocking(False)
+msg = (b"IHAVEOPT" + struct.pack(">II", 3, 0)) * 1000
+sent, end = 0, time.time() + 4
+while time.time() < end:
+    try:
+        sent += t.send(msg)
+    except (ssl.SSLWantWriteError, BlockingIOError):
+        time.sleep(0.01)
+    except Exception:
+        break
+print(sent, flush=True)
+time.sleep(60)
+"#;
+    let mut flood = Command::new("/usr/bin/python3")
+        .args(["-c", script, &port.to_string(), &pki.dir("client")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(flood.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let sent: u64 = line.trim().parse().unwrap();
+    assert!(sent > 1 << 20, "the client sent only {sent} bytes");
+    // The flood has stopped (the client holds its connection open, reading nothing): within
+    // the limit and the relay's linger, only the server's main thread is left, idle.
+    let pid = server.pid();
+    let tasks = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count()
+    };
+    let start = std::time::Instant::now();
+    while tasks() > 1 && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tasks(), 1, "threads left for a dropped TLS client");
+    let cpu = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        cpu() - before < 20,
+        "the server spins with a dropped TLS client"
+    );
+    let cli_obj = pki.object("client", "client", "");
+    ok(
+        VIMG,
+        &[
+            "info",
+            "--object",
+            &cli_obj,
+            "--image-opts",
+            &spec(port, ""),
+        ],
+    );
+    let _ = flood.kill();
+    let _ = flood.wait();
+    assert_eq!(server.stop(), 0);
+}
