@@ -228,6 +228,19 @@ impl TlsCreds {
     }
 }
 
+/// A client configuration from the certificates in `dir` (libnbd's `tls-certificates=DIR`,
+/// named as in a `tls-creds-x509` directory), loaded once per directory in the process.
+pub fn client_config_in(dir: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    static BY_DIR: Mutex<Vec<(PathBuf, Arc<rustls::ClientConfig>)>> = Mutex::new(Vec::new());
+    let mut all = BY_DIR.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, c)) = all.iter().find(|(d, _)| d == dir) {
+        return Ok(c.clone());
+    }
+    let c = client_config(dir)?;
+    all.push((dir.to_path_buf(), c.clone()));
+    Ok(c)
+}
+
 fn server_config(dir: &Path, verify_peer: bool) -> Result<Arc<rustls::ServerConfig>> {
     let ca = cred_path(dir, "ca-cert.pem", true)?.expect("required");
     let cert = cred_path(dir, "server-cert.pem", true)?.expect("required");

@@ -420,6 +420,26 @@ fn vimg_client_over_tls_to_qemu_nbd() {
     );
     let info = ok(VIMG, &["info", "--object", &cli_obj, &json]);
     assert!(info.contains("virtual size: 8 MiB"), "{info}");
+    // libnbd's nbds:// spelling, with the certificates' directory in the URI.
+    let nbds = format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        pki.dir("client")
+    );
+    let via_uri = t.path().join("via-uri.raw");
+    ok(VIMG, &["convert", "-O", "raw", &nbds, p(&via_uri)]);
+    assert!(
+        std::fs::read(&via_uri).unwrap() == bytes,
+        "convert from nbds://"
+    );
+    let other = format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        pki.dir("other")
+    );
+    let e = one_line_error(VIMG, &["info", &other]);
+    assert!(
+        e.contains("The certificate hasn't got a known issuer"),
+        "{e}"
+    );
 
     // convert and compare give what the local file gives.
     let copy = t.path().join("copy.qcow2");

@@ -135,13 +135,16 @@ fn os_words(e: &io::Error) -> String {
 /// What TLS needs (qemu's `tls-creds`, `tls-hostname`): the client configuration and the
 /// name the server's certificate must carry. Checked before connecting, as qemu does.
 fn tls_settings(loc: &NbdLocator) -> io::Result<Option<(Arc<rustls::ClientConfig>, String)>> {
-    let Some(id) = &loc.tls_creds else {
-        return Ok(None);
-    };
     let refuse = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
-    let creds = crate::nbd::tls::find(id)
-        .ok_or_else(|| refuse(format!("No TLS credentials with id '{id}'")))?;
-    let config = creds.client()?;
+    let config = match (&loc.tls_creds, &loc.tls_certificates) {
+        (Some(id), _) => crate::nbd::tls::find(id)
+            .ok_or_else(|| refuse(format!("No TLS credentials with id '{id}'")))?
+            .client()?,
+        (None, Some(dir)) => {
+            crate::nbd::tls::client_config_in(dir).map_err(|e| refuse(e.to_string()))?
+        }
+        (None, None) => return Ok(None),
+    };
     let hostname = match (&loc.tls_hostname, &loc.server) {
         (Some(h), _) => h.clone(),
         (None, Server::Inet { host, .. }) => host.clone(),
