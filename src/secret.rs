@@ -132,7 +132,7 @@ fn parse_object(text: &str) -> Result<(String, Vec<u8>)> {
 }
 
 /// Splits at single commas; `,,` is a comma.
-fn split(text: &str) -> Vec<String> {
+pub(crate) fn split(text: &str) -> Vec<String> {
     let mut items = vec![String::new()];
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {

@@ -140,7 +140,8 @@ impl TlsCreds {
     /// qemu's words.
     pub fn from_object(text: &str) -> Result<Self> {
         let bad = |m: String| Error::invalid_input(m).bare();
-        let mut items = text.split(',');
+        let items = crate::secret::split(text);
+        let mut items = items.iter().map(String::as_str);
         let ty = items.next().unwrap_or_default();
         let ty = ty.strip_prefix("qom-type=").unwrap_or(ty);
         if ty != "tls-creds-x509" {
@@ -737,6 +738,13 @@ mod tests {
             let e = TlsCreds::from_object(&text).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
+        // `,,` is a comma in a value, as in qemu's option lists.
+        let comma = dir.path().join("a,b");
+        std::fs::create_dir(&comma).unwrap();
+        let e = TlsCreds::from_object(&format!("tls-creds-x509,id=t,dir={d}/a,,b"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a,b/ca-cert.pem"), "{e}");
         std::fs::write(dir.path().join("ca-cert.pem"), "not a certificate\n").unwrap();
         let e = TlsCreds::from_object(&format!("tls-creds-x509,id=t,dir={d}"))
             .unwrap_err()
