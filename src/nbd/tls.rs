@@ -640,19 +640,19 @@ fn pump<S: Read + Write + AsRawFd>(
                 }
             }
         }
+        let mut peer_gone = false;
         while tls.wants_write() {
             match tls.write_tls(&mut net) {
                 Ok(n) => moved |= n > 0,
                 Err(e) if would_block(&e) => break,
                 Err(_) => {
-                    // The peer is gone: nothing more can be sent.
-                    net_eof = true;
-                    local_eof = true;
+                    peer_gone = true;
                     break;
                 }
             }
         }
-        if (net_eof && down.is_empty()) || (local_eof && !tls.wants_write()) {
+        // Nothing more can be sent once the peer is gone (and no reply could reach it).
+        if peer_gone || (net_eof && down.is_empty()) || (local_eof && !tls.wants_write()) {
             break;
         }
         if moved {
