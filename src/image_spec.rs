@@ -494,9 +494,13 @@ fn nbd_options(flat: &mut BTreeMap<String, String>) -> Result<()> {
         .map_err(Error::invalid_input)?;
     if prefix.is_empty() {
         kept.insert("driver".into(), "raw".into());
+        crate::nbd::client::mark_protocol_node(&loc.url());
     }
     if let Some(ctx) = &loc.dirty_bitmap {
         crate::nbd::client::use_context(&loc.url(), ctx);
+    }
+    if let Some(creds) = &loc.tls_creds {
+        crate::nbd::client::use_tls(&loc.url(), creds, loc.tls_hostname.as_deref());
     }
     kept.insert("file.filename".into(), loc.url());
     *flat = kept;

@@ -18,8 +18,10 @@ use vimg::{Error, ImageFormat};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// A qemu object: only `secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]` (kept by id
-    /// for encrypted images; other object types are refused).
+    /// A qemu object: `secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]` (kept by id
+    /// for encrypted images) or `tls-creds-x509,id=ID,dir=DIR,endpoint=client|server[,verify-peer=on|off]`
+    /// (NBD over TLS: `tls-creds=ID` in an nbd image's options, `serve --tls-creds ID`); other
+    /// object types are refused.
     #[arg(long = "object", global = true, value_name = "OBJECTDEF")]
     object: Vec<String>,
     /// Image names are qemu option lists: `driver=qcow2,file.filename=NAME,file.locking=off`
@@ -153,6 +155,12 @@ struct ServeArgs {
     /// Seconds a client has to finish the handshake (0: no limit).
     #[arg(long = "handshake-limit", value_name = "N", default_value_t = 10)]
     handshake_limit: u64,
+    /// Require clients to use TLS, with the server credentials of --object
+    /// tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off] (DIR holds
+    /// ca-cert.pem, server-cert.pem and server-key.pem; with verify-peer, on by default, each
+    /// client must present a certificate signed by ca-cert.pem).
+    #[arg(long = "tls-creds", value_name = "ID")]
+    tls_creds: Option<String>,
     /// Print more (accepted for compatibility).
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -1711,6 +1719,13 @@ fn serve(a: ServeArgs) -> CmdResult {
             port: a.port,
         },
     };
+    let tls = match &a.tls_creds {
+        Some(id) => Some(vimg::nbd::tls::ServerTls::from_id(id).map_err(|e| {
+            let what = format!("Failed to get TLS creds: {}", e.what());
+            fail(e.reworded(what))
+        })?),
+        None => None,
+    };
     let opts = ops::serve::ServeOptions {
         path: n.path.clone(),
         format: n.format,
@@ -1734,6 +1749,7 @@ fn serve(a: ServeArgs) -> CmdResult {
                 .then(|| std::time::Duration::from_secs(a.handshake_limit)),
             fork: a.fork,
             pid_file: a.pid_file.clone(),
+            tls,
         },
     };
     ops::serve::serve(&opts).map_err(fail)?;

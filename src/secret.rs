@@ -2,7 +2,8 @@
 //! command line, kept by id for the commands that need one (encrypted images name theirs with
 //! `encrypt.key-secret=ID`).
 //!
-//! Only `secret` objects are kept; qemu's encrypted secrets (`keyid`, `iv`) and other object
+//! Only `secret` objects are kept here (and `tls-creds-x509` objects, by
+//! [`crate::nbd::tls`]); qemu's encrypted secrets (`keyid`, `iv`) and other object
 //! types are refused with one line.
 
 use crate::error::{Error, Result};
@@ -34,8 +35,13 @@ impl Secrets {
         Ok(s)
     }
 
-    /// Parses one `--object` argument and keeps the secret it defines.
+    /// Parses one `--object` argument and keeps the secret it defines (`tls-creds-x509`
+    /// objects are kept by [`crate::nbd::tls`]).
     pub fn add(&mut self, object: &str) -> Result<()> {
+        let ty = object.split(',').next().unwrap_or_default();
+        if ty.strip_prefix("qom-type=").unwrap_or(ty) == "tls-creds-x509" {
+            return crate::nbd::tls::register(crate::nbd::tls::TlsCreds::from_object(object)?);
+        }
         let (id, value) = parse_object(object)?;
         if self.by_id.contains_key(&id) {
             return Err(Error::invalid_input(format!(
@@ -77,10 +83,9 @@ fn parse_object(text: &str) -> Result<(String, Vec<u8>)> {
     }
     if ty != "secret" {
         return Err(bad(match ty.as_str() {
-            "secret_keyring" | "tls-creds-x509" | "tls-creds-psk" | "tls-creds-anon"
-            | "iothread" | "authz-simple" | "authz-list" | "authz-listfile" | "authz-pam"
-            | "throttle-group" => {
-                format!("object type '{ty}' is not supported by vimg (only 'secret' is)")
+            "secret_keyring" | "tls-creds-psk" | "tls-creds-anon" | "iothread" | "authz-simple"
+            | "authz-list" | "authz-listfile" | "authz-pam" | "throttle-group" => {
+                format!("object type '{ty}' is not supported by vimg (only 'secret' and 'tls-creds-x509' are)")
             }
             _ => format!("invalid object type: {ty}"),
         }));
@@ -127,7 +132,7 @@ fn parse_object(text: &str) -> Result<(String, Vec<u8>)> {
 }
 
 /// Splits at single commas; `,,` is a comma.
-fn split(text: &str) -> Vec<String> {
+pub(crate) fn split(text: &str) -> Vec<String> {
     let mut items = vec![String::new()];
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {

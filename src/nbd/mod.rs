@@ -15,7 +15,9 @@
 //! - [`wire`]: every constant and message of the protocol, encoded and decoded in both
 //!   directions, so that the client and the server share one codec.
 //! - [`server`]: the server (`vimg serve`).
+//! - [`tls`]: TLS (`NBD_OPT_STARTTLS`) for both sides.
 
 pub mod client;
 pub mod server;
+pub mod tls;
 pub mod wire;

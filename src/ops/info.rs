@@ -48,6 +48,9 @@ pub struct LayerReport {
     /// The layer's other files (a vmdk descriptor's extents), listed as children before
     /// `file`; with them, the `file` child's own allocation.
     pub extra: Vec<ExtraFile>,
+    /// The image was named by its protocol node alone (`driver=nbd` at the top level): qemu
+    /// reports that node (`file format: nbd`), with no format layer and no child.
+    pub protocol_node: bool,
 }
 
 /// A file besides its own that holds a layer's data, as `info` lists it.
@@ -92,6 +95,10 @@ pub fn collect(path: &Path, opts: &InfoOptions) -> Result<Vec<LayerReport>> {
     let mut layer: Option<&dyn BlockImage> = Some(image.as_ref());
     while let Some(l) = layer {
         let mut report = describe(l)?;
+        report.protocol_node = layers.is_empty()
+            && report.protocol == "nbd"
+            && report.info.format == "raw"
+            && crate::nbd::client::is_protocol_node(&report.file_name);
         if layers.is_empty() {
             // qemu names an image opened with strong options by them (`json:{...}`).
             let info = &mut report.info;
@@ -178,6 +185,7 @@ pub fn describe(layer: &dyn BlockImage) -> Result<LayerReport> {
         protocol,
         warnings,
         extra,
+        protocol_node: false,
     })
 }
 
@@ -191,6 +199,14 @@ fn file_actual(layer: &LayerReport) -> Option<u64> {
 
 /// The JSON object qemu-img prints for one layer (with its `children` entry).
 pub fn layer_json(layer: &LayerReport) -> Value {
+    if layer.protocol_node {
+        return json!({
+            "children": [],
+            "virtual-size": layer.info.virtual_size,
+            "filename": layer.file_name,
+            "format": layer.protocol,
+        });
+    }
     let mut v = serde_json::to_value(&layer.info).unwrap_or(Value::Null);
     let mut file = json!({
         "children": [],
@@ -264,6 +280,18 @@ pub fn render_human(layers: &[LayerReport]) -> String {
 fn human_layer(layer: &LayerReport) -> String {
     let i = &layer.info;
     let mut o = String::new();
+    if layer.protocol_node {
+        let _ = writeln!(o, "image: {}", layer.file_name);
+        let _ = writeln!(o, "file format: {}", layer.protocol);
+        let _ = writeln!(
+            o,
+            "virtual size: {} ({} bytes)",
+            human_size(i.virtual_size),
+            i.virtual_size
+        );
+        let _ = writeln!(o, "disk size: unavailable");
+        return o;
+    }
     let _ = writeln!(o, "image: {}", i.filename);
     let _ = writeln!(o, "file format: {}", i.format);
     let _ = writeln!(

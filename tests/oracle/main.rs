@@ -27,6 +27,7 @@ mod luks;
 mod measure_oracle;
 mod nbd_client;
 mod nbd_server;
+mod nbd_tls;
 mod options_matrix;
 mod oracle_read;
 mod ova;

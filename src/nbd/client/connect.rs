@@ -9,19 +9,25 @@ use crate::nbd::wire as w;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::nbd::tls::Relay;
 
 /// How long the handshake may take before the server is given up on (a server at its limit of
 /// clients, such as qemu-nbd without `-e`, accepts the connection but never greets).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A connected socket, TCP or unix.
+/// A connected socket, TCP or unix, or the local end of a TLS relay.
 #[derive(Debug)]
 pub enum Stream {
     /// TCP.
     Tcp(TcpStream),
     /// A unix socket.
     Unix(UnixStream),
+    /// Over TLS: the local end of the relay ([`crate::nbd::tls`]), which ends when the last
+    /// handle on it is dropped.
+    Tls(UnixStream, Arc<Relay>),
 }
 
 impl Stream {
@@ -30,13 +36,14 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s, r) => Stream::Tls(s.try_clone()?, r.clone()),
         })
     }
 
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Unix(s) | Stream::Tls(s, _) => s.set_read_timeout(t),
         }
     }
 
@@ -44,7 +51,7 @@ impl Stream {
     pub fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s) | Stream::Tls(s, _) => s.shutdown(std::net::Shutdown::Both),
         };
     }
 }
@@ -53,7 +60,7 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+            Stream::Unix(s) | Stream::Tls(s, _) => s.read(buf),
         }
     }
 }
@@ -62,13 +69,13 @@ impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+            Stream::Unix(s) | Stream::Tls(s, _) => s.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Unix(s) | Stream::Tls(s, _) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -125,8 +132,68 @@ fn os_words(e: &io::Error) -> String {
     t.split(" (os error").next().unwrap_or(&t).to_string()
 }
 
+/// What TLS needs (qemu's `tls-creds`, `tls-hostname`): the client configuration and the
+/// name the server's certificate must carry. Checked before connecting, as qemu does.
+fn tls_settings(loc: &NbdLocator) -> io::Result<Option<(Arc<rustls::ClientConfig>, String)>> {
+    let refuse = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    let config = match (&loc.tls_creds, &loc.tls_certificates) {
+        (Some(id), _) => crate::nbd::tls::find(id)
+            .ok_or_else(|| refuse(format!("No TLS credentials with id '{id}'")))?
+            .client()?,
+        (None, Some(dir)) => {
+            crate::nbd::tls::client_config_in(dir).map_err(|e| refuse(e.to_string()))?
+        }
+        (None, None) => return Ok(None),
+    };
+    let hostname = match (&loc.tls_hostname, &loc.server) {
+        (Some(h), _) => h.clone(),
+        (None, Server::Inet { host, .. }) => host.clone(),
+        (None, Server::Unix { .. }) => {
+            return Err(refuse("No hostname for certificate validation".into()))
+        }
+    };
+    Ok(Some((config, hostname)))
+}
+
+/// `NBD_OPT_STARTTLS`, then the TLS handshake: from then on `s` is the relay's local end.
+fn start_tls(s: &mut Stream, config: Arc<rustls::ClientConfig>, hostname: &str) -> io::Result<()> {
+    send_option(s, w::OPT_STARTTLS, &[])?;
+    let r = read_option_reply(s, w::OPT_STARTTLS)?;
+    if r.is_error() {
+        let what = match r.kind {
+            w::REP_ERR_POLICY => "Denied by server for option 5 (starttls)",
+            w::REP_ERR_UNSUP => "Server does not support option 5 (starttls)",
+            _ => "Option 5 (starttls) failed",
+        };
+        let msg = r.message();
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            match msg.is_empty() {
+                true => what.to_string(),
+                false => format!("{what}: server reported: {msg}"),
+            },
+        ));
+    }
+    if r.kind != w::REP_ACK {
+        return Err(protocol(format!(
+            "Server rejected request to start TLS {}",
+            r.kind
+        )));
+    }
+    let session = crate::nbd::tls::connect(s, config, hostname)?;
+    let (local, relay) = match s.try_clone()? {
+        Stream::Tcp(t) => crate::nbd::tls::relay(session, t)?,
+        Stream::Unix(u) => crate::nbd::tls::relay(session, u)?,
+        Stream::Tls(..) => return Err(protocol("TLS already started")),
+    };
+    local.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    *s = Stream::Tls(local, Arc::new(relay));
+    Ok(())
+}
+
 /// Connects and negotiates: the socket ready for transmission, and what was agreed.
 pub fn connect(loc: &NbdLocator) -> io::Result<(Stream, Negotiated)> {
+    let tls = tls_settings(loc)?;
     let mut s = dial(loc).map_err(|e| {
         // qemu's words: `Failed to connect to 'ADDRESS': CAUSE`.
         let addr = match &loc.server {
@@ -139,7 +206,12 @@ pub fn connect(loc: &NbdLocator) -> io::Result<(Stream, Negotiated)> {
         )
     })?;
     s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let n = handshake(&mut s, loc).map_err(|e| match e.kind() {
+    let n = handshake(&mut s, loc, tls).map_err(|e| match e.kind() {
+        // The TLS session ended: why, if the relay knows (an alert from the server).
+        _ if relay_error(&s).is_some() => io::Error::new(
+            io::ErrorKind::InvalidData,
+            relay_error(&s).unwrap_or_default(),
+        ),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
             io::ErrorKind::TimedOut,
             "the server did not complete the handshake (is it serving another client already?)",
@@ -151,6 +223,14 @@ pub fn connect(loc: &NbdLocator) -> io::Result<(Stream, Negotiated)> {
     })?;
     s.set_read_timeout(None)?;
     Ok((s, n))
+}
+
+/// Why the TLS session of `s` ended, if it is over TLS and a TLS error ended it.
+fn relay_error(s: &Stream) -> Option<String> {
+    match s {
+        Stream::Tls(_, r) => r.error(),
+        _ => None,
+    }
 }
 
 /// One option reply: its type and payload.
@@ -225,7 +305,11 @@ fn check_name(name: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn handshake(s: &mut Stream, loc: &NbdLocator) -> io::Result<Negotiated> {
+fn handshake(
+    s: &mut Stream,
+    loc: &NbdLocator,
+    tls: Option<(Arc<rustls::ClientConfig>, String)>,
+) -> io::Result<Negotiated> {
     let mut g = [0u8; w::GREETING_LEN];
     read_exact(s, &mut g)?;
     if u64::from_be_bytes(g[..8].try_into().expect("8 bytes")) != w::NBDMAGIC {
@@ -250,6 +334,9 @@ fn handshake(s: &mut Stream, loc: &NbdLocator) -> io::Result<Negotiated> {
         cflags |= w::FLAG_C_NO_ZEROES;
     }
     w::write_all(s, |b| w::ClientFlags(cflags).encode(b))?;
+    if let Some((config, hostname)) = tls {
+        start_tls(s, config, &hostname)?;
+    }
 
     let mode = if simple_option(s, w::OPT_EXTENDED_HEADERS)? {
         ReplyMode::Extended
@@ -348,7 +435,9 @@ fn go(s: &mut Stream, export: &str) -> io::Result<Option<ExportInfo>> {
             let what = match r.kind {
                 w::REP_ERR_UNKNOWN => "Requested export not available",
                 w::REP_ERR_POLICY => "Requested export not available for the server's policy",
-                w::REP_ERR_TLS_REQD => "TLS negotiation required before option 7 (go)",
+                w::REP_ERR_TLS_REQD => {
+                    "TLS negotiation required before option 7 (go) (did you forget a valid tls-creds?)"
+                }
                 _ => "Option 7 (go) failed",
             };
             let msg = r.message();

@@ -1,7 +1,10 @@
 //! The names of NBD exports as qemu takes them: `nbd://HOST[:PORT][/EXPORT]`,
 //! `nbd+tcp://...`, `nbd+unix:///EXPORT?socket=PATH`, the legacy `nbd:HOST:PORT[:exportname=E]`
 //! and `nbd:unix:PATH[:exportname=E]`, and the options of qemu's `nbd` driver (`server.type`,
-//! `server.host`, `server.port`, `server.path`, `export`, `x-dirty-bitmap`).
+//! `server.host`, `server.port`, `server.path`, `export`, `x-dirty-bitmap`, `tls-creds`,
+//! `tls-hostname`), and libnbd's TLS URIs `nbds://...?tls-certificates=DIR[&tls-hostname=H]`
+//! and `nbds+unix:///EXPORT?socket=PATH&tls-certificates=DIR` (qemu has no TLS URI; the CA
+//! directory is required, as vimg reads no system CA store).
 //!
 //! Every spelling is brought to qemu's one ([`NbdLocator::url`]): `nbd://HOST:PORT/EXPORT`
 //! (the port always written) or `nbd+unix:///EXPORT?socket=PATH`, the name qemu-img prints
@@ -41,6 +44,14 @@ pub struct NbdLocator {
     /// qemu's `x-dirty-bitmap` option: a meta context (`qemu:dirty-bitmap:NAME`) whose
     /// extents block status reports instead of `base:allocation`'s (dirty as unallocated).
     pub dirty_bitmap: Option<String>,
+    /// qemu's `tls-creds`: the id of the `tls-creds-x509` object to start TLS with.
+    pub tls_creds: Option<String>,
+    /// qemu's `tls-hostname`: the name the server's certificate must carry (the host by
+    /// default).
+    pub tls_hostname: Option<String>,
+    /// libnbd's `nbds://...?tls-certificates=DIR`: TLS with the certificates of DIR (named as
+    /// in a `tls-creds-x509` directory).
+    pub tls_certificates: Option<PathBuf>,
 }
 
 impl fmt::Display for NbdLocator {
@@ -58,6 +69,9 @@ pub fn is_nbd_name(name: &str) -> bool {
         || name.starts_with("nbd+tcp://")
         || name.starts_with("nbd+unix://")
         || name.starts_with("nbd:")
+        || name.starts_with("nbds://")
+        || name.starts_with("nbds+tcp://")
+        || name.starts_with("nbds+unix://")
 }
 
 /// Decodes `%XX` escapes (as qemu's URI parser does for the path and query).
@@ -107,9 +121,11 @@ impl NbdLocator {
 
     fn parse_url(name: &str) -> Option<Self> {
         let (scheme, rest) = name.split_once("://")?;
-        let unix = match scheme {
-            "nbd" | "nbd+tcp" => false,
-            "nbd+unix" => true,
+        let (unix, tls) = match scheme {
+            "nbd" | "nbd+tcp" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" | "nbds+tcp" => (false, true),
+            "nbds+unix" => (true, true),
             _ => return None,
         };
         let (rest, query) = match rest.split_once('?') {
@@ -124,22 +140,31 @@ impl NbdLocator {
             None => (rest, ""),
         };
         let export = percent_decode(path.strip_prefix('/').unwrap_or(path))?;
+        // The query: `socket=` for a unix socket; libnbd's `tls-certificates=` and
+        // `tls-hostname=` for nbds.
+        let (mut socket, mut certs, mut hostname) = (None, None, None);
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=')?;
+            let v = percent_decode(v)?;
+            match k {
+                "socket" if unix => socket = Some(v),
+                "tls-certificates" if tls => certs = Some(PathBuf::from(v)),
+                "tls-hostname" if tls => hostname = Some(v),
+                _ => return None,
+            }
+        }
+        if tls && certs.is_none() {
+            // vimg does not read the system's CA store: the CA must be named.
+            return None;
+        }
         let server = if unix {
             if !authority.is_empty() {
                 return None;
             }
-            let q = query?;
-            let (k, v) = q.split_once('=')?;
-            if k != "socket" || v.contains('&') {
-                return None;
-            }
             Server::Unix {
-                path: PathBuf::from(percent_decode(v)?),
+                path: PathBuf::from(socket?),
             }
         } else {
-            if query.is_some_and(|q| !q.is_empty()) {
-                return None;
-            }
             let (host, port) = split_host_port(authority)?;
             if host.is_empty() {
                 return None;
@@ -150,6 +175,9 @@ impl NbdLocator {
             server,
             export,
             dirty_bitmap: None,
+            tls_creds: None,
+            tls_hostname: hostname,
+            tls_certificates: certs,
         })
     }
 
@@ -173,6 +201,9 @@ impl NbdLocator {
             server,
             export,
             dirty_bitmap: None,
+            tls_creds: None,
+            tls_hostname: None,
+            tls_certificates: None,
         })
     }
 
@@ -222,6 +253,9 @@ impl NbdLocator {
                     server,
                     export: String::new(),
                     dirty_bitmap: None,
+                    tls_creds: None,
+                    tls_hostname: None,
+                    tls_certificates: None,
                 }
             }
         };
@@ -229,6 +263,8 @@ impl NbdLocator {
             loc.export = e.to_string();
         }
         loc.dirty_bitmap = get("x-dirty-bitmap").map(str::to_string);
+        loc.tls_creds = get("tls-creds").map(str::to_string);
+        loc.tls_hostname = get("tls-hostname").map(str::to_string);
         for k in opts.keys() {
             let known = matches!(
                 k.as_str(),
@@ -236,6 +272,8 @@ impl NbdLocator {
                     | "filename"
                     | "export"
                     | "x-dirty-bitmap"
+                    | "tls-creds"
+                    | "tls-hostname"
                     | "host"
                     | "port"
                     | "path"
@@ -263,6 +301,25 @@ impl NbdLocator {
     /// `nbd+unix:///[EXPORT]?socket=PATH` (`nbd+unix://?socket=PATH` for the default export).
     pub fn url(&self) -> String {
         let export = percent_encode(&self.export);
+        if let Some(dir) = &self.tls_certificates {
+            // libnbd's spelling (qemu has none for TLS).
+            let mut q = format!("tls-certificates={}", dir.display());
+            if let Some(h) = &self.tls_hostname {
+                q.push_str(&format!("&tls-hostname={h}"));
+            }
+            return match &self.server {
+                Server::Inet { host, port } => {
+                    let host = match host.contains(':') {
+                        true => format!("[{host}]"),
+                        false => host.clone(),
+                    };
+                    format!("nbds://{host}:{port}/{export}?{q}")
+                }
+                Server::Unix { path } => {
+                    format!("nbds+unix:///{export}?socket={}&{q}", path.display())
+                }
+            };
+        }
         match &self.server {
             Server::Inet { host, port } => {
                 let host = match host.contains(':') {
@@ -353,6 +410,19 @@ mod tests {
             "nbd+unix:///x?socket=/run/s"
         );
         assert_eq!(url("nbd://h/a%20b"), "nbd://h:10809/a%20b");
+        assert_eq!(
+            url("nbds://h/e?tls-certificates=/c"),
+            "nbds://h:10809/e?tls-certificates=/c"
+        );
+        assert_eq!(
+            url("nbds+unix:///e?socket=/s&tls-certificates=/c&tls-hostname=x"),
+            "nbds+unix:///e?socket=/s&tls-certificates=/c&tls-hostname=x"
+        );
+        let l = NbdLocator::parse("nbds+tcp://h:5?tls-certificates=/c")
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.tls_certificates, Some(PathBuf::from("/c")));
+        assert_eq!(NbdLocator::parse(&l.url()).unwrap().unwrap(), l);
     }
 
     #[test]
@@ -364,6 +434,9 @@ mod tests {
             "nbd+unix:///e",
             "nbd+unix://host/e?socket=/s",
             "nbd+unix:///e?sock=/s",
+            "nbd+unix:///e?socket=/s&tls-certificates=/c",
+            "nbds://h/e",
+            "nbds://h/e?tls-certificates=/c&bogus=1",
             "nbd:",
         ] {
             assert!(NbdLocator::parse(bad).unwrap().is_err(), "{bad}");

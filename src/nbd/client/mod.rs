@@ -68,6 +68,46 @@ pub fn use_context(url: &str, context: &str) {
     c.push((url.to_string(), context.to_string()));
 }
 
+/// The exports named by a protocol node alone (`driver=nbd` at the top level), by URL.
+static PROTOCOL_NODES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Records that the export `url` names was given as a protocol node alone (`driver=nbd` at
+/// the top level of an image's options): `info` then reports it as qemu-img does, as the
+/// `nbd` node itself.
+pub fn mark_protocol_node(url: &str) {
+    let mut n = PROTOCOL_NODES.lock().unwrap_or_else(|e| e.into_inner());
+    if !n.iter().any(|u| u == url) {
+        n.push(url.to_string());
+    }
+}
+
+/// Whether the export `url` names was given as a protocol node alone.
+pub fn is_protocol_node(url: &str) -> bool {
+    PROTOCOL_NODES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|u| u == url)
+}
+
+/// The TLS settings asked for exports (`tls-creds`, `tls-hostname`), by the export's URL.
+static TLS: Mutex<Vec<(String, TlsSettings)>> = Mutex::new(Vec::new());
+
+/// qemu's `tls-creds` (the id of a `tls-creds-x509` object) and `tls-hostname`.
+type TlsSettings = (String, Option<String>);
+
+/// Makes connections to the export `url` names (opened later in this process) start TLS with
+/// the `tls-creds-x509` object `creds`, checking the server's certificate against `hostname`
+/// (the host by default): qemu's `tls-creds` and `tls-hostname` options.
+pub fn use_tls(url: &str, creds: &str, hostname: Option<&str>) {
+    let mut t = TLS.lock().unwrap_or_else(|e| e.into_inner());
+    t.retain(|(u, _)| u != url);
+    t.push((
+        url.to_string(),
+        (creds.to_string(), hostname.map(str::to_string)),
+    ));
+}
+
 /// The connection to the export `loc` names: the one open already, or a new one.
 pub fn connection(loc: &Path) -> io::Result<Arc<Connection>> {
     let mut l = parse(loc)?;
@@ -79,6 +119,18 @@ pub fn connection(loc: &Path) -> io::Result<Arc<Connection>> {
             .iter()
             .find(|(u, _)| *u == url)
             .map(|(_, c)| c.clone());
+    }
+    if l.tls_creds.is_none() {
+        let url = l.url();
+        if let Some((_, (creds, host))) = TLS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(u, _)| *u == url)
+        {
+            l.tls_creds = Some(creds.clone());
+            l.tls_hostname = host.clone();
+        }
     }
     let key = l.locator();
     let mut reg = CONNECTIONS.lock().unwrap_or_else(|e| e.into_inner());

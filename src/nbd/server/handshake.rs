@@ -5,6 +5,10 @@
 //! `ERR_INVALID`, `ERR_UNKNOWN`, `ERR_TOO_BIG`), never with a hang-up; only a bad magic, bad
 //! client flags, an option payload too large to drain, a wrong name given to EXPORT_NAME (which
 //! has no error reply) or the handshake time limit end the connection.
+//!
+//! With TLS required (`--tls-creds`), every option before `NBD_OPT_STARTTLS` is refused with
+//! `ERR_TLS_REQD` as qemu-nbd refuses it; STARTTLS is acknowledged, the TLS handshake runs,
+//! and the haggling starts over on the TLS session.
 
 use super::export::Export;
 use super::stream::Conn;
@@ -69,6 +73,12 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
         }
         let mut payload = vec![0u8; h.len as usize];
         conn.read_exact(&mut payload)?;
+        if conn.tls_pending().is_some() {
+            match before_tls(conn, fixed, h.option, &payload)? {
+                true => continue,
+                false => return Ok(None),
+            }
+        }
         match h.option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&payload);
@@ -204,9 +214,10 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
                 }
                 reply(conn, h.option, REP_ACK, &[])?;
             }
-            OPT_STARTTLS => {
-                reply_err(conn, h.option, REP_ERR_POLICY, "TLS not configured")?;
-            }
+            OPT_STARTTLS => match conn.is_tls() {
+                true => reply_err(conn, h.option, REP_ERR_INVALID, "TLS already enabled")?,
+                false => reply_err(conn, h.option, REP_ERR_POLICY, "TLS not configured")?,
+            },
             _ => {
                 if !fixed {
                     return Err(io::Error::new(
@@ -220,6 +231,40 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
                 let msg = format!("option {} not supported", h.option);
                 reply_err(conn, h.option, REP_ERR_UNSUP, &msg)?;
             }
+        }
+    }
+}
+
+/// An option while TLS is required and not yet started, as qemu-nbd answers it: STARTTLS
+/// starts TLS, EXPORT_NAME (which has no error reply) drops the client, any other option is
+/// refused with `ERR_TLS_REQD` (ABORT too, and the client is then let go). `Ok(true)`: go on
+/// haggling; `Ok(false)`: the client left.
+fn before_tls(conn: &mut Conn, fixed: bool, option: u32, payload: &[u8]) -> io::Result<bool> {
+    let refuse = |m: String| Err(io::Error::new(io::ErrorKind::InvalidData, m));
+    if !fixed {
+        return refuse(format!("Unsupported option 0x{option:x}"));
+    }
+    match option {
+        OPT_STARTTLS if !payload.is_empty() => {
+            let msg = "option 'starttls' has unexpected length";
+            let _ = reply_err(conn, option, REP_ERR_INVALID, msg);
+            refuse(msg.to_string())
+        }
+        OPT_STARTTLS => {
+            reply(conn, option, REP_ACK, &[])?;
+            conn.start_tls()?;
+            Ok(true)
+        }
+        OPT_EXPORT_NAME => refuse(format!("Option 0x{option:x} not permitted before TLS")),
+        _ => {
+            let msg = format!("Option 0x{option:x} not permitted before TLS");
+            if option == OPT_ABORT {
+                // The client may be gone already.
+                let _ = reply_err(conn, option, REP_ERR_TLS_REQD, &msg);
+                return Ok(false);
+            }
+            reply_err(conn, option, REP_ERR_TLS_REQD, &msg)?;
+            Ok(true)
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct ListenConfig {
     pub fork: bool,
     /// `--pid-file`: write the server's process id there once it listens.
     pub pid_file: Option<PathBuf>,
+    /// `--tls-creds`: clients must start TLS before anything else.
+    pub tls: Option<crate::nbd::tls::ServerTls>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -239,7 +241,7 @@ fn accept_loop(listener: &Listener, export: &Export, cfg: &ListenConfig) -> Resu
             let active = &active;
             s.spawn(move || {
                 let deadline = cfg.handshake_limit.map(|d| Instant::now() + d);
-                let mut conn = Conn::new(socket, deadline);
+                let mut conn = Conn::new(socket, deadline).with_tls(cfg.tls.clone());
                 if let Ok(Some(nego)) = handshake::negotiate(&mut conn, export) {
                     if conn.clear_deadline().is_ok() {
                         let _ = transmission::serve(conn, export, &nego);

@@ -6,6 +6,8 @@ use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
+use crate::nbd::tls::{Relay, ServerTls};
+
 /// The socket of one connection.
 #[derive(Debug)]
 pub enum Socket {
@@ -85,9 +87,13 @@ impl Write for Socket {
 
 /// A connection being read, with an optional deadline: past it, reads fail with `TimedOut`.
 pub struct Conn {
-    /// The socket.
+    /// The socket (after `NBD_OPT_STARTTLS`, the local end of the TLS relay).
     pub socket: Socket,
     deadline: Option<Instant>,
+    /// The server's TLS credentials, if TLS is required (`--tls-creds`).
+    tls: Option<ServerTls>,
+    /// The relay carrying the connection over TLS, once started (stopped when dropped).
+    relay: Option<Relay>,
 }
 
 impl Conn {
@@ -99,7 +105,56 @@ impl Conn {
             let left = d.saturating_duration_since(Instant::now());
             let _ = socket.set_write_timeout(Some(left.max(std::time::Duration::from_millis(1))));
         }
-        Conn { socket, deadline }
+        Conn {
+            socket,
+            deadline,
+            tls: None,
+            relay: None,
+        }
+    }
+
+    /// The connection with TLS required (`--tls-creds`): options before `NBD_OPT_STARTTLS`
+    /// are refused.
+    pub fn with_tls(mut self, tls: Option<ServerTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS credentials, if TLS is required and not yet started.
+    pub fn tls_pending(&self) -> Option<&ServerTls> {
+        self.tls.as_ref().filter(|_| self.relay.is_none())
+    }
+
+    /// Whether the connection is over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.relay.is_some()
+    }
+
+    /// Runs the TLS handshake (within the handshake's deadline) and carries the connection
+    /// over TLS from now on: the socket becomes the local end of a relay.
+    pub fn start_tls(&mut self) -> io::Result<()> {
+        let tls = self
+            .tls
+            .clone()
+            .ok_or_else(|| io::Error::other("TLS not configured"))?;
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            self.socket
+                .set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))?;
+        }
+        let session = crate::nbd::tls::accept(&mut self.socket, &tls)?;
+        let net = self.socket.try_clone()?;
+        let (local, relay) = match net {
+            Socket::Tcp(s) => crate::nbd::tls::relay(session, s)?,
+            Socket::Unix(s) => crate::nbd::tls::relay(session, s)?,
+        };
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            let _ = local.set_write_timeout(Some(left.max(std::time::Duration::from_millis(1))));
+        }
+        self.socket = Socket::Unix(local);
+        self.relay = Some(relay);
+        Ok(())
     }
 
     /// Lifts the deadline (the handshake is over).
