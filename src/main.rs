@@ -791,7 +791,9 @@ fn main() -> ExitCode {
         }
     };
     IMAGE_OPTS.store(cli.image_opts, std::sync::atomic::Ordering::Relaxed);
-    match vimg::secret::Secrets::from_objects(&cli.object) {
+    match vimg::secret::Secrets::from_objects(&cli.object)
+        .and_then(|s| vimg::nbd::tls::register_objects(s.tls_objects()).map(|()| s))
+    {
         Ok(secrets) => {
             let _ = SECRETS.set(secrets);
         }

@@ -2,9 +2,9 @@
 //! command line, kept by id for the commands that need one (encrypted images name theirs with
 //! `encrypt.key-secret=ID`).
 //!
-//! Only `secret` objects are kept here (and `tls-creds-x509` objects, by
-//! [`crate::nbd::tls`]); qemu's encrypted secrets (`keyid`, `iv`) and other object
-//! types are refused with one line.
+//! Only `secret` objects are kept here, and the text of `tls-creds-x509` objects, which the NBD
+//! layer loads (`nbd::tls::register_objects`, above this module); qemu's encrypted secrets
+//! (`keyid`, `iv`) and other object types are refused with one line.
 
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 pub struct Secrets {
     /// Zeroed when dropped.
     by_id: BTreeMap<String, zeroize::Zeroizing<Vec<u8>>>,
+    /// The `tls-creds-x509` objects, as given.
+    tls: Vec<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -35,12 +37,13 @@ impl Secrets {
         Ok(s)
     }
 
-    /// Parses one `--object` argument and keeps the secret it defines (`tls-creds-x509`
-    /// objects are kept by [`crate::nbd::tls`]).
+    /// Parses one `--object` argument and keeps the secret it defines (a `tls-creds-x509`
+    /// object is kept as text: see [`Secrets::tls_objects`]).
     pub fn add(&mut self, object: &str) -> Result<()> {
         let ty = object.split(',').next().unwrap_or_default();
         if ty.strip_prefix("qom-type=").unwrap_or(ty) == "tls-creds-x509" {
-            return crate::nbd::tls::register(crate::nbd::tls::TlsCreds::from_object(object)?);
+            self.tls.push(object.to_string());
+            return Ok(());
         }
         let (id, value) = parse_object(object)?;
         if self.by_id.contains_key(&id) {
@@ -50,6 +53,11 @@ impl Secrets {
         }
         self.by_id.insert(id, zeroize::Zeroizing::new(value));
         Ok(())
+    }
+
+    /// The `tls-creds-x509` objects of the command line, in order, for the NBD layer to load.
+    pub fn tls_objects(&self) -> &[String] {
+        &self.tls
     }
 
     /// The secret with this id.

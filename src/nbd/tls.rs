@@ -330,6 +330,15 @@ pub fn register(creds: TlsCreds) -> Result<()> {
     Ok(())
 }
 
+/// Loads and keeps every `tls-creds-x509` object of a command line
+/// ([`crate::secret::Secrets::tls_objects`]), in order, stopping at the first refused one.
+pub fn register_objects(objects: &[String]) -> Result<()> {
+    for o in objects {
+        register(TlsCreds::from_object(o)?)?;
+    }
+    Ok(())
+}
+
 /// The credentials registered with this id.
 pub fn find(id: &str) -> Option<Arc<TlsCreds>> {
     CREDS
