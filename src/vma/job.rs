@@ -675,3 +675,143 @@ impl<W: Write + Send + 'static> BlockImage for GuardedImage<'_, '_, W> {
         self.inner().as_bitmaps()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// A raw image whose reads wait while `held` is set (after saying they started).
+    struct Gated {
+        inner: crate::raw::RawImage,
+        held: AtomicBool,
+        reading: AtomicU64,
+    }
+
+    impl BlockImage for Gated {
+        fn format(&self) -> ImageFormat {
+            self.inner.format()
+        }
+        fn filename(&self) -> &Path {
+            self.inner.filename()
+        }
+        fn virtual_size(&self) -> u64 {
+            self.inner.virtual_size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+            self.reading.fetch_add(1, Ordering::SeqCst);
+            while self.held.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: GuestOffset) -> Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: GuestOffset, len: u64, unmap: bool) -> Result<()> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn block_status(&self, offset: GuestOffset, max_len: u64) -> Result<BlockStatus> {
+            self.inner.block_status(offset, max_len)
+        }
+        fn is_writable(&self) -> bool {
+            true
+        }
+        fn actual_size(&self) -> Option<u64> {
+            None
+        }
+        fn layer_info(&self) -> Result<crate::info::LayerInfo> {
+            self.inner.layer_info()
+        }
+    }
+
+    fn gated(dir: &Path) -> Gated {
+        let p = dir.join("disk.raw");
+        std::fs::write(&p, vec![0xaau8; 4 * CLUSTER_SIZE as usize]).unwrap();
+        Gated {
+            inner: crate::raw::RawImage::open(&p, true).unwrap(),
+            held: AtomicBool::new(true),
+            reading: AtomicU64::new(0),
+        }
+    }
+
+    fn header() -> ArchiveHeader {
+        crate::vma::new_header().unwrap()
+    }
+
+    /// Writer A's hook claims cluster 0 and is reading its old data; writer B, writing the same
+    /// cluster, must wait until A's save is done, not write over data A has not read yet.
+    #[test]
+    fn a_second_writer_waits_for_the_save_of_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = gated(dir.path());
+        let job = BackupJob::new(
+            Vec::new(),
+            header(),
+            &[("d", &img as &dyn BlockImage)],
+            false,
+        )
+        .unwrap();
+        let b_done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let a = s.spawn(|| job.before_write(0, 0, 512));
+            while img.reading.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            let b = s.spawn(|| {
+                let r = job.before_write(0, 100, 512);
+                b_done.store(true, Ordering::SeqCst);
+                r
+            });
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(
+                !b_done.load(Ordering::SeqCst),
+                "writer B went ahead while A was still reading the old data"
+            );
+            img.held.store(false, Ordering::SeqCst);
+            a.join().unwrap().unwrap();
+            b.join().unwrap().unwrap();
+        });
+        assert_eq!(
+            img.reading.load(Ordering::SeqCst),
+            1,
+            "cluster 0 read twice"
+        );
+        assert_eq!(job.stats().clusters_by_hook, 1);
+    }
+
+    /// With a wait limit, writer B gives up waiting for a save that does not end: the job is
+    /// aborted (with the reason) and B returns, so the guest write goes on.
+    #[test]
+    fn a_stalled_save_aborts_the_job_instead_of_holding_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = gated(dir.path());
+        let mut job = BackupJob::new(
+            Vec::new(),
+            header(),
+            &[("d", &img as &dyn BlockImage)],
+            false,
+        )
+        .unwrap();
+        job.set_write_wait_limit(Duration::from_millis(200));
+        std::thread::scope(|s| {
+            let a = s.spawn(|| job.before_write(0, 0, 512));
+            while img.reading.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            let start = Instant::now();
+            let e = job.before_write(0, 0, 4096).unwrap_err();
+            assert!(start.elapsed() < Duration::from_secs(5));
+            assert!(e.to_string().contains("waited more than 200 ms"), "{e}");
+            assert!(job.error().is_some());
+            // Later writes return at once: the job has failed.
+            assert!(job.before_write(0, 2 * CLUSTER_SIZE, 512).is_err());
+            img.held.store(false, Ordering::SeqCst);
+            let _ = a.join().unwrap();
+        });
+        assert!(job.run(None).is_err());
+    }
+}
