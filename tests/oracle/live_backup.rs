@@ -712,3 +712,116 @@ fn exports_are_added_and_removed() {
     assert_ne!(c, 0, "a removed export is still served");
     check_clean(&b);
 }
+
+/// Persistent dirty bitmaps through the control socket, a backup to a path the server creates,
+/// and its completion event.
+#[test]
+fn bitmaps_path_targets_and_events() {
+    if !nbd_tools_available("live_backup") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    patterned(&img, 4 * MIB, 0xaa);
+    let (server, ctl) = serve(dir.path(), &img, "d");
+    control(
+        &ctl,
+        "block-dirty-bitmap-add",
+        r#"{"node": "d", "name": "b0"}"#,
+    );
+    control(
+        &ctl,
+        "block-dirty-bitmap-add",
+        r#"{"node": "d", "name": "b1", "granularity": 131072}"#,
+    );
+    control(
+        &ctl,
+        "block-dirty-bitmap-disable",
+        r#"{"node": "d", "name": "b1"}"#,
+    );
+    control(
+        &ctl,
+        "block-dirty-bitmap-add",
+        r#"{"node": "d", "name": "gone"}"#,
+    );
+    control(
+        &ctl,
+        "block-dirty-bitmap-remove",
+        r#"{"node": "d", "name": "gone"}"#,
+    );
+    let (c, o) = common::run_status(
+        VIMG,
+        &[
+            "control",
+            ctl.to_str().unwrap(),
+            "block-dirty-bitmap-enable",
+            r#"{"node": "d", "name": "nosuch"}"#,
+        ],
+    );
+    assert_eq!(c, 1, "{o}");
+    guest_io(dir.path(), "d", &["write -P 0xbb 1M 64k".to_string()]);
+
+    // A raw client: backup-start to a path, then the event.
+    let s = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut next = || {
+        let mut l = String::new();
+        std::io::BufRead::read_line(&mut r, &mut l).unwrap();
+        serde_json::from_str::<Value>(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+    };
+    assert!(next()["QMP"].is_object());
+    writeln!(w, r#"{{"execute": "qmp_capabilities"}}"#).unwrap();
+    assert!(next()["return"].is_object());
+    let archive = dir.path().join("a.vma");
+    writeln!(
+        w,
+        r#"{{"execute": "backup-start", "arguments": {{"job-id": "j", "devices": ["d"], "target": "{}", "configs": [{{"name": "vm.conf", "data": "memory: 512\n"}}]}}, "id": 1}}"#,
+        archive.display()
+    )
+    .unwrap();
+    let mut event = None;
+    while event.is_none() {
+        let v = next();
+        if v["event"] == "BLOCK_JOB_COMPLETED" {
+            event = Some(v);
+        } else if v.get("id").is_some() {
+            assert_eq!(v["return"]["job-id"], "j", "{v}");
+        }
+    }
+    let event = event.unwrap();
+    assert_eq!(event["data"]["device"], "j");
+    assert!(event["data"].get("error").is_none(), "{event}");
+    assert_eq!(event["data"]["len"], 4 * MIB);
+    let listing = common::run(VIMG, &["backup", "list", archive.to_str().unwrap()]);
+    assert!(listing.contains("vm.conf"), "{listing}");
+    common::run(VIMG, &["backup", "verify", archive.to_str().unwrap()]);
+    assert_eq!(server.stop(), 0);
+    check_clean(&img);
+    let info: Value = serde_json::from_str(&common::run(
+        "qemu-img",
+        &["info", "--output=json", img.to_str().unwrap()],
+    ))
+    .unwrap();
+    let bitmaps = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .unwrap();
+    let find = |n: &str| bitmaps.iter().find(|b| b["name"] == n).cloned();
+    assert!(find("gone").is_none());
+    let b0 = find("b0").unwrap();
+    let b1 = find("b1").unwrap();
+    assert!(
+        b0["flags"].as_array().unwrap().iter().any(|f| f == "auto"),
+        "{b0}"
+    );
+    assert!(b1["flags"].as_array().unwrap().is_empty(), "{b1}");
+    assert_eq!(b1["granularity"], 131072);
+    // b0 recorded the guest's write (as qemu-nbd sees it).
+    let q = Server::qemu(&img, &dir.path().join("q.sock"), "q", &["-r", "-B", "b0"]);
+    let map = common::run("nbdinfo", &["--map=qemu:dirty-bitmap:b0", &q.uri()]);
+    let dirty: Vec<&str> = map.lines().filter(|l| l.contains("dirty")).collect();
+    assert_eq!(dirty.len(), 1, "{map}");
+    let f: Vec<&str> = dirty[0].split_whitespace().collect();
+    assert_eq!((f[0], f[1]), ("1048576", "65536"), "{map}");
+}
