@@ -825,3 +825,44 @@ fn bitmaps_path_targets_and_events() {
     let f: Vec<&str> = dirty[0].split_whitespace().collect();
     assert_eq!((f[0], f[1]), ("1048576", "65536"), "{map}");
 }
+
+/// `backup create --server` interrupted (SIGINT): the server cancels the job it started, so
+/// nothing writes to the command's output any more.
+#[test]
+fn an_interrupted_command_cancels_its_job() {
+    if !nbd_tools_available("live_backup") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    patterned(&img, 64 * MIB, 0xaa);
+    let (server, ctl) = serve(dir.path(), &img, "d");
+    let archive = dir.path().join("a.vma");
+    let job = Backup::start(&ctl, &archive, &["d"], &["--stall-timeout", "30000"], MIB);
+    job.wait_running();
+    Command::new("kill")
+        .args(["-INT", &job.child.id().to_string()])
+        .status()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let jobs = control(&ctl, "query-jobs", "{}");
+        let j = &jobs[0];
+        if j["status"] == "concluded" {
+            assert!(
+                j["error"].as_str().unwrap_or("").contains("cancelled"),
+                "{j}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "job not cancelled: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _) = job.finish();
+    assert_ne!(code, 0);
+    assert_eq!(server.stop(), 0);
+    check_clean(&img);
+}

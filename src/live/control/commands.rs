@@ -340,6 +340,7 @@ fn backup_start(state: &Arc<State>, session: &mut Session, args: &Map<String, Va
     };
     let stall = u64_arg(args, "stall-timeout-ms")?.unwrap_or(DEFAULT_STALL_MS);
     let target = str_arg(args, "target")?;
+    let passed = target.starts_with("fd:");
     let (file, created) = match target.strip_prefix("fd:") {
         Some(name) => {
             let fd = session.fds.remove(name).ok_or_else(|| {
@@ -396,6 +397,9 @@ fn backup_start(state: &Arc<State>, session: &mut Session, args: &Map<String, Va
         let i = jobs.iter().position(|j| j.concluded()).expect("counted");
         jobs.remove(i);
     }
-    jobs.push(job);
+    jobs.push(job.clone());
+    if passed {
+        session.owned.push(job);
+    }
     Ok(json!({ "job-id": id }))
 }

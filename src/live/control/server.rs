@@ -98,6 +98,9 @@ pub struct Session {
     pub pending: Vec<OwnedFd>,
     /// Descriptors named by `getfd`.
     pub fds: HashMap<String, OwnedFd>,
+    /// Jobs this client started with a descriptor it passed: cancelled if it leaves before
+    /// they conclude (the command waiting for them is gone, e.g. interrupted).
+    pub owned: Vec<Arc<PushJob>>,
 }
 
 /// The control socket of a server.
@@ -258,7 +261,23 @@ fn serve_client(
         ready,
         pending: Vec::new(),
         fds: HashMap::new(),
+        owned: Vec::new(),
     };
+    serve_lines(state, stream, &send, &mut session);
+    for job in &session.owned {
+        if !job.concluded() {
+            job.cancel();
+        }
+    }
+}
+
+/// The request loop of [`serve_client`].
+fn serve_lines(
+    state: &Arc<State>,
+    stream: &UnixStream,
+    send: &dyn Fn(&str) -> bool,
+    session: &mut Session,
+) {
     let mut line: Vec<u8> = Vec::new();
     // Set while the rest of an overlong line is skipped.
     let mut skipping = false;
@@ -302,7 +321,7 @@ fn serve_client(
             }
             let answer = match proto::parse(&text) {
                 Ok(req) => {
-                    let r = commands::execute(state, &mut session, &req);
+                    let r = commands::execute(state, session, &req);
                     proto::reply(r, req.id)
                 }
                 Err((e, id)) => proto::reply(Err(e), id),

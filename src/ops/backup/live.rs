@@ -85,6 +85,9 @@ pub fn create_on_server(
         }
     };
     let mut guard = RemoveOnFailure(created);
+    // Interrupted, the command removes its archive; the server cancels the job when this
+    // connection goes.
+    let _on_signal = created.map(crate::interrupt::remove_on_signal);
     let fdname = format!("vimg-backup-{}", std::process::id());
     client.execute_with_fd("getfd", json!({ "fdname": fdname }), file.as_raw_fd())?;
     drop(file);
