@@ -44,6 +44,7 @@ bench() {
 }
 
 report() { # name kind secs backup_secs overlap
+  echo "$1|$2|$3|$4" >> "$W/records"
   local per ops
   if [ "$2" = lat ]; then
     per=$(awk "BEGIN{printf \"%.1f us/write\", $3 * 1e6 / $LAT_COUNT}")
@@ -101,8 +102,8 @@ qsd_case() { # KIND BACKUP(0|1)
     t0=$(now)
     "$VIMG" control "$W/qmp.sock" blockdev-backup \
       '{"job-id":"b0","device":"disk0","target":"tgt","sync":"full"}' >/dev/null
-    ( while "$VIMG" control "$W/qmp.sock" query-jobs | grep -q '"b0"'; do
-        "$VIMG" control "$W/qmp.sock" query-jobs | grep -q '"concluded"' && break; sleep 0.05; done
+    ( while out=$("$VIMG" control "$W/qmp.sock" query-jobs) && echo "$out" | grep -q '"b0"' &&
+          ! echo "$out" | grep -q '"concluded"'; do sleep 0.05; done
       echo "$(now)" > "$W/backup.end" ) &
     bpid=$!
   fi
@@ -117,11 +118,25 @@ qsd_case() { # KIND BACKUP(0|1)
   report "qsd$([ "$2" = 1 ] && echo ' + blockdev-backup')" "$1" "$s" "$tb" "$overlap"
 }
 
-echo "disk ${SIZE_MB} MiB qcow2 (all data), $(nproc) CPUs; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-for kind in lat tput; do
-  vimg_case "$kind" 0
-  vimg_case "$kind" 1
-  qsd_case "$kind" 0
-  qsd_case "$kind" 1
+REPS=${REPS:-3}
+rm -f "$W/records"
+echo "disk ${SIZE_MB} MiB qcow2 (all data), $(nproc) CPUs, $REPS rounds; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+for r in $(seq "$REPS"); do
+  for kind in lat tput; do
+    vimg_case "$kind" 0
+    vimg_case "$kind" 1
+    qsd_case "$kind" 0
+    qsd_case "$kind" 1
+  done
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "medians (bench seconds, backup seconds):"
+for kind in lat tput; do
+  for name in "vimg" "vimg + push backup" "qsd" "qsd + blockdev-backup"; do
+    b=$(awk -F'|' -v n="$name" -v k="$kind" '$1==n && $2==k {print $3}' "$W/records" | sort -g |
+      awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')
+    j=$(awk -F'|' -v n="$name" -v k="$kind" '$1==n && $2==k && $4!="-" {print $4}' "$W/records" | sort -g |
+      awk '{a[NR]=$1} END{if (NR) print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2); else print "-"}')
+    report "$name" "$kind" "$b" "$j" "" | sed 's/^/  /'
+  done
+done

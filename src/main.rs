@@ -1786,10 +1786,9 @@ fn control(a: ControlArgs) -> CmdResult {
     let mut client =
         vimg::live::control::client::ControlClient::connect(&a.socket).map_err(fail)?;
     let r = client.execute(&a.command, args).map_err(fail)?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&r).unwrap_or_else(|_| r.to_string())
-    );
+    let text = serde_json::to_string_pretty(&r).unwrap_or_else(|_| r.to_string());
+    // A reader that has seen enough (`| grep -q`) is not an error of the command.
+    let _ = writeln!(std::io::stdout(), "{text}");
     Ok(0)
 }
 

@@ -639,6 +639,16 @@ fn malformed_control_messages_get_errors() {
     let r = line(&mut ra);
     assert_eq!(r["id"], "last");
     assert_eq!(r["return"][0]["name"], "d");
+    // `vimg control ... | grep -q` : a reader gone is no panic.
+    let (rx, tx) = std::io::pipe().unwrap();
+    drop(rx);
+    let out = Command::new(VIMG)
+        .args(["control", ctl.to_str().unwrap(), "query-exports"])
+        .stdout(tx)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
 }
 
 /// Exports added and removed while the server runs: NBD clients see them; removing one with a

@@ -1,5 +1,6 @@
 //! What each control command does.
 
+use super::jobs::{self, ControlJob};
 use super::proto::{
     bool_arg, known_args, opt_str_arg, str_arg, str_list_arg, u64_arg, CommandError, Request,
 };
@@ -94,11 +95,7 @@ pub fn execute(state: &Arc<State>, session: &mut Session, req: &Request) -> CmdR
         }
         "backup-start" => backup_start(state, session, args),
         "query-jobs" => Ok(Value::Array(
-            state
-                .jobs()
-                .iter()
-                .map(|j| serde_json::to_value(j.info()).unwrap_or(Value::Null))
-                .collect(),
+            state.jobs().iter().map(|j| j.info()).collect(),
         )),
         "job-cancel" => {
             known_args(args, &["id"])?;
@@ -129,7 +126,7 @@ pub fn execute(state: &Arc<State>, session: &mut Session, req: &Request) -> CmdR
     }
 }
 
-fn find_job(state: &State, id: &str) -> Result<Arc<PushJob>, CommandError> {
+fn find_job(state: &State, id: &str) -> Result<Arc<dyn ControlJob>, CommandError> {
     state
         .jobs()
         .iter()
@@ -359,21 +356,7 @@ fn backup_start(state: &Arc<State>, session: &mut Session, args: &Map<String, Va
     };
     let weak: Weak<State> = Arc::downgrade(state);
     let on_end = Box::new(move |job: &PushJob| {
-        if let Some(st) = weak.upgrade() {
-            let info = job.info();
-            let mut data = json!({
-                "device": info.id,
-                "id": info.id,
-                "type": "backup",
-                "len": info.total,
-                "offset": info.done,
-                "speed": 0,
-            });
-            if let Some(e) = &info.error {
-                data["error"] = json!(e);
-            }
-            st.broadcast(&super::proto::event("BLOCK_JOB_COMPLETED", data));
-        }
+        jobs::announce_completion(&weak, &ControlJob::info(job));
     });
     let opts = PushOptions {
         id: id.clone(),
@@ -392,12 +375,7 @@ fn backup_start(state: &Arc<State>, session: &mut Session, args: &Map<String, Va
             return Err(e.into());
         }
     };
-    let mut jobs = state.jobs();
-    while jobs.iter().filter(|j| j.concluded()).count() >= KEPT_CONCLUDED {
-        let i = jobs.iter().position(|j| j.concluded()).expect("counted");
-        jobs.remove(i);
-    }
-    jobs.push(job.clone());
+    jobs::register(state, job.clone(), KEPT_CONCLUDED);
     if passed {
         session.owned.push(job);
     }

@@ -9,12 +9,15 @@
 //!
 //! - [`proto`]: messages in and out (parsing, errors, events);
 //! - [`commands`]: what each command does;
+//! - [`jobs`]: what the socket needs of a job ([`jobs::ControlJob`]);
 //! - [`server`]: the socket, its clients, the jobs;
 //! - [`client`]: the other end, for the CLI.
 
 pub mod client;
 pub mod commands;
+pub mod jobs;
 pub mod proto;
 pub mod server;
 
-pub use server::{Control, ExportFactory, ExportRequest};
+pub use jobs::ControlJob;
+pub use server::{Control, ExportFactory, ExportRequest, Session, State};

@@ -2,9 +2,9 @@
 //! and the events sent to every client.
 
 use super::commands;
+use super::jobs::ControlJob;
 use super::proto::{self, CommandError, MAX_LINE};
 use crate::live::fdpass::recv_with_fds;
-use crate::live::push::PushJob;
 use crate::nbd::server::{listen, Export, Registry, Service};
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -58,14 +58,14 @@ pub struct State {
     /// Opens the image of `export-add`.
     pub factory: ExportFactory,
     /// Jobs, running or concluded (until dismissed).
-    pub jobs: Mutex<Vec<Arc<PushJob>>>,
+    pub jobs: Mutex<Vec<Arc<dyn ControlJob>>>,
     peers: Mutex<HashMap<u64, Peer>>,
     stop: AtomicBool,
 }
 
 impl State {
     /// The jobs, locked.
-    pub fn jobs(&self) -> MutexGuard<'_, Vec<Arc<PushJob>>> {
+    pub fn jobs(&self) -> MutexGuard<'_, Vec<Arc<dyn ControlJob>>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -100,7 +100,7 @@ pub struct Session {
     pub fds: HashMap<String, OwnedFd>,
     /// Jobs this client started with a descriptor it passed: cancelled if it leaves before
     /// they conclude (the command waiting for them is gone, e.g. interrupted).
-    pub owned: Vec<Arc<PushJob>>,
+    pub owned: Vec<Arc<dyn ControlJob>>,
 }
 
 /// The control socket of a server.
