@@ -166,14 +166,17 @@ struct Outcome {
     error: Option<String>,
     stats: BackupStats,
     archive_bytes: u64,
+    progress: (u64, u64),
 }
 
 /// A running or finished push backup.
 pub struct PushJob {
     id: String,
     devices: Vec<String>,
-    job: Arc<Job>,
-    exports: Vec<Arc<Export>>,
+    /// The job and the exports it reads, let go of once it has concluded (so that the
+    /// exports can be removed and closed while the job stays listed).
+    job: Mutex<Option<Arc<Job>>>,
+    exports: Mutex<Vec<Arc<Export>>>,
     abort: Arc<AtomicBool>,
     outcome: Mutex<Option<Outcome>>,
     ended: Condvar,
@@ -233,8 +236,8 @@ impl PushJob {
         let push = Arc::new(PushJob {
             id: opts.id,
             devices: exports.iter().map(|e| e.name().to_string()).collect(),
-            job,
-            exports,
+            job: Mutex::new(Some(job)),
+            exports: Mutex::new(exports),
             abort,
             outcome: Mutex::new(None),
             ended: Condvar::new(),
@@ -246,6 +249,8 @@ impl PushJob {
             .spawn(move || {
                 let outcome = me.run(&ids, created.as_deref());
                 *me.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+                *me.job.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                me.exports.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 me.ended.notify_all();
                 on_end(&me);
             })
@@ -255,27 +260,33 @@ impl PushJob {
 
     /// Copies, detaches the hooks, ends the archive.
     fn run(&self, hooks: &[HookId], created: Option<&Path>) -> Outcome {
-        let copied = self.job.run(None);
+        let job = self.job().expect("the job is held until it concludes");
+        let copied = job.run(None);
         if copied.is_err() {
             self.abort.store(true, Ordering::Relaxed);
         }
-        for (e, id) in self.exports.iter().zip(hooks) {
+        let exports = self
+            .exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (e, id) in exports.iter().zip(hooks) {
             e.detach_hook(*id);
         }
-        let stats = self.job.stats();
-        let ended = copied
-            .and_then(|()| self.job.finish())
-            .and_then(|(out, s)| {
-                let w = out
-                    .finish()
-                    .map_err(|e| Error::io("cannot write to the archive", e))?;
-                Ok((w.written(), s))
-            });
+        let stats = job.stats();
+        let progress = job.progress();
+        let ended = copied.and_then(|()| job.finish()).and_then(|(out, s)| {
+            let w = out
+                .finish()
+                .map_err(|e| Error::io("cannot write to the archive", e))?;
+            Ok((w.written(), s))
+        });
         match ended {
             Ok((bytes, stats)) => Outcome {
                 error: None,
                 stats,
                 archive_bytes: bytes,
+                progress,
             },
             Err(e) => {
                 self.abort.store(true, Ordering::Relaxed);
@@ -286,6 +297,7 @@ impl PushJob {
                     error: Some(e.to_string()),
                     stats,
                     archive_bytes: 0,
+                    progress,
                 }
             }
         }
@@ -311,9 +323,14 @@ impl PushJob {
 
     /// Cancels the job: it concludes soon after with an error saying so.
     pub fn cancel(&self) {
-        self.job
-            .abort(Error::invalid_input("the backup job was cancelled").bare());
+        if let Some(job) = self.job() {
+            job.abort(Error::invalid_input("the backup job was cancelled").bare());
+        }
         self.abort.store(true, Ordering::Relaxed);
+    }
+
+    fn job(&self) -> Option<Arc<Job>> {
+        self.job.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Waits until the job has concluded.
@@ -327,15 +344,22 @@ impl PushJob {
     /// Where the job is.
     pub fn info(&self) -> JobInfo {
         let g = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        let (done, total) = self.job.progress();
-        let (status, stats, error, archive_bytes) = match &*g {
-            Some(o) => (
+        let ((done, total), status, stats, error, archive_bytes) = match (&*g, self.job()) {
+            (Some(o), _) => (
+                o.progress,
                 JobStatus::Concluded,
                 o.stats.clone(),
                 o.error.clone(),
                 Some(o.archive_bytes),
             ),
-            None => (JobStatus::Running, self.job.stats(), None, None),
+            (None, Some(job)) => (job.progress(), JobStatus::Running, job.stats(), None, None),
+            (None, None) => (
+                (0, 0),
+                JobStatus::Running,
+                BackupStats::default(),
+                None,
+                None,
+            ),
         };
         JobInfo {
             id: self.id.clone(),

@@ -807,6 +807,16 @@ fn bitmaps_path_targets_and_events() {
     let listing = common::run(VIMG, &["backup", "list", archive.to_str().unwrap()]);
     assert!(listing.contains("vm.conf"), "{listing}");
     common::run(VIMG, &["backup", "verify", archive.to_str().unwrap()]);
+    // The concluded job (still listed) holds the export no more: it is removed and closed
+    // at once.
+    let start = Instant::now();
+    control(&ctl, "export-remove", r#"{"name": "d"}"#);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(control(&ctl, "query-jobs", "{}")[0]["status"], "concluded");
     assert_eq!(server.stop(), 0);
     check_clean(&img);
     let info: Value = serde_json::from_str(&common::run(
