@@ -75,6 +75,7 @@ pub mod identity;
 pub mod image_spec;
 pub mod info;
 pub mod interrupt;
+pub mod live;
 pub mod lock;
 pub mod luks;
 pub mod nbd;

@@ -72,6 +72,19 @@ enum Command {
     Dd(DdArgs),
     /// Export an image over NBD, as qemu-nbd does (a TCP port, 10809 by default, or -k SOCKET).
     Serve(ServeArgs),
+    /// Send one command to the control socket of `vimg serve --control SOCKET` and print its
+    /// return value as JSON (exit 1 with its error).
+    Control(ControlArgs),
+}
+
+#[derive(Args, Debug)]
+struct ControlArgs {
+    /// The control socket.
+    socket: PathBuf,
+    /// The command (query-exports, export-add, backup-start, query-jobs, ...).
+    command: String,
+    /// Its arguments, a JSON object.
+    arguments: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -164,6 +177,10 @@ struct ServeArgs {
     /// Print more (accepted for compatibility).
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
+    /// A control socket (JSON in the spirit of QMP: exports, dirty bitmaps, live backups);
+    /// the server is then persistent.
+    #[arg(long = "control", value_name = "SOCKET")]
+    control: Option<PathBuf>,
     /// The image.
     filename: PathBuf,
 }
@@ -292,8 +309,19 @@ struct BackupCreateArgs {
     /// Print what was stored per device (on standard error).
     #[arg(short = 'v')]
     verbose: bool,
+    /// Back up the EXPORTs of a running `vimg serve --control SOCKET` while they are in use,
+    /// consistent across them at the start (instead of -d images).
+    #[arg(long = "server", value_name = "SOCKET", conflicts_with = "devices")]
+    server: Option<PathBuf>,
+    /// With --server: milliseconds the archive may take nothing (or a guest write wait for
+    /// it) before the job aborts so that the guest goes on (default 5000).
+    #[arg(long = "stall-timeout", value_name = "MS", requires = "server")]
+    stall_timeout: Option<u64>,
     /// The archive to write (must not exist), or - for standard output.
     archive: PathBuf,
+    /// With --server: the exports to back up (archive devices take their names).
+    #[arg(value_name = "EXPORT", requires = "server")]
+    exports: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -819,6 +847,7 @@ fn main() -> ExitCode {
         Command::Backup(a) => backup(a),
         Command::Dd(a) => dd(a),
         Command::Serve(a) => serve(a),
+        Command::Control(a) => control(a),
     };
     // NBD connections are kept for the whole command (see vimg::nbd::client): end them.
     vimg::nbd::client::close_all();
@@ -1753,8 +1782,31 @@ fn serve(a: ServeArgs) -> CmdResult {
             pid_file: a.pid_file.clone(),
             tls,
         },
+        control: a.control.clone(),
     };
     ops::serve::serve(&opts).map_err(fail)?;
+    Ok(0)
+}
+
+fn control(a: ControlArgs) -> CmdResult {
+    let fail = |e| Failure::new(e, 1);
+    let args: serde_json::Value = match &a.arguments {
+        Some(t) => serde_json::from_str(t).map_err(|e| {
+            fail(Error::invalid_input(format!("arguments are not JSON: {e}")).bare())
+        })?,
+        None => serde_json::json!({}),
+    };
+    if !args.is_object() {
+        return Err(fail(
+            Error::invalid_input("arguments must be a JSON object").bare(),
+        ));
+    }
+    let mut client =
+        vimg::live::control::client::ControlClient::connect(&a.socket).map_err(fail)?;
+    let r = client.execute(&a.command, args).map_err(fail)?;
+    let text = serde_json::to_string_pretty(&r).unwrap_or_else(|_| r.to_string());
+    // A reader that has seen enough (`| grep -q`) is not an error of the command.
+    let _ = writeln!(std::io::stdout(), "{text}");
     Ok(0)
 }
 
@@ -1943,6 +1995,34 @@ fn backup(a: BackupArgs) -> CmdResult {
     use vimg::vma::stream::Compression;
     let fail = |e| Failure::new(e, 1);
     match a.command {
+        BackupCommand::Create(c) if c.server.is_some() => {
+            let opts = b::CreateOptions {
+                configs: c.configs,
+                compression: match c.compress.as_deref() {
+                    Some(name) => Compression::from_name(name).map_err(fail)?,
+                    None => Compression::None,
+                },
+            };
+            let archive = ArchivePath::from_arg(&c.archive);
+            let socket = c.server.unwrap_or_default();
+            let info = with_stderr_progress(c.progress, |p| {
+                b::live::create_on_server(&socket, &archive, &c.exports, &opts, c.stall_timeout, p)
+            })
+            .map_err(fail)?;
+            if c.verbose {
+                eprintln!(
+                    "job {}: {} clusters read by the job, {} saved before guest writes, {} not \
+                     read (zero), {} bytes read, {} archive bytes",
+                    info["id"].as_str().unwrap_or(""),
+                    info["clusters-by-job"],
+                    info["clusters-by-hook"],
+                    info["clusters-unread"],
+                    info["bytes-read"],
+                    info["archive-bytes"]
+                );
+            }
+            Ok(0)
+        }
         BackupCommand::Create(c) => {
             let specs = c
                 .devices

@@ -4,13 +4,15 @@
 //! serves a temporary qcow2 overlay over the image (created in `$TMPDIR`, removed at exit),
 //! so that the image itself is never written; `-l` serves an internal snapshot, read-only.
 
+use crate::live::control::{Control, ExportFactory, ExportRequest};
 use crate::nbd::server::{
-    self, CacheMode, Contexts, DetectZeroes, Export, ExportSettings, ListenConfig,
+    self, CacheMode, Contexts, DetectZeroes, Export, ExportSettings, ListenConfig, Registry,
 };
 use crate::open::{open_image, OpenOptions};
 use crate::opener::Opener;
 use crate::{BlockImage, Error, ImageFormat, Result};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// What `vimg serve` was asked.
 #[derive(Debug, Clone)]
@@ -45,6 +47,9 @@ pub struct ServeOptions {
     pub detect_zeroes: DetectZeroes,
     /// Sockets and lifetime.
     pub listen: ListenConfig,
+    /// `--control SOCKET`: a control socket (exports added and removed, backups); the server
+    /// is then persistent, as qemu-storage-daemon.
+    pub control: Option<PathBuf>,
 }
 
 /// Parses `--discard`: `ignore`/`off` or `unmap`/`on`; whether discards unmap.
@@ -104,7 +109,40 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         multi_conn: readonly || opts.listen.shared != 1,
     };
     let export = Export::new(image, settings, contexts, temporary);
-    server::run(export, &opts.listen)
+    let Some(control) = &opts.control else {
+        return server::run(export, &opts.listen);
+    };
+    let exports = Arc::new(Registry::single(export));
+    let control = Control::bind(control.clone(), exports.clone(), export_factory(opts))?;
+    let listen = ListenConfig {
+        persistent: true,
+        ..opts.listen.clone()
+    };
+    server::run_with(exports, &listen, Some(&control))
+}
+
+/// What opens the images of `export-add`: as the command line's image (cache mode, discard,
+/// detect-zeroes, secrets), each export allowing several clients.
+fn export_factory(opts: &ServeOptions) -> ExportFactory {
+    let opts = opts.clone();
+    Box::new(move |req: &ExportRequest| {
+        let format = match &req.format {
+            Some(f) => Some(ImageFormat::from_name(f)?),
+            None => None,
+        };
+        let image = open_image(&req.file, &open_options(&opts, format, !req.readonly))?;
+        let contexts = Contexts::new(image.as_ref(), false, &req.bitmaps)?;
+        let settings = ExportSettings {
+            name: req.name.clone(),
+            description: req.description.clone(),
+            readonly: req.readonly,
+            discard_unmap: opts.discard_unmap,
+            detect_zeroes: opts.detect_zeroes,
+            cache: opts.cache,
+            multi_conn: true,
+        };
+        Ok(Export::new(image, settings, contexts, None))
+    })
 }
 
 fn open_options(opts: &ServeOptions, format: Option<ImageFormat>, writable: bool) -> OpenOptions {

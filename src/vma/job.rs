@@ -33,7 +33,8 @@ use crate::offsets::GuestOffset;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Most clusters the job reads at once (2 MiB).
 pub const RUN_CLUSTERS: u64 = 32;
@@ -58,9 +59,27 @@ const PENDING: u8 = 0;
 const COPYING: u8 = 1;
 const DONE: u8 = 2;
 
+/// A source image of the job: borrowed from the caller, or shared with others (a served
+/// export the job reaches while the server owns it).
+pub enum Source<'a> {
+    /// An image the caller keeps for the job's lifetime.
+    Borrowed(&'a dyn BlockImage),
+    /// An image the job holds a share of.
+    Shared(Arc<dyn BlockImage>),
+}
+
+impl Source<'_> {
+    fn get(&self) -> &dyn BlockImage {
+        match self {
+            Source::Borrowed(i) => *i,
+            Source::Shared(i) => i.as_ref(),
+        }
+    }
+}
+
 /// One device of the job.
 struct Device<'a> {
-    image: &'a dyn BlockImage,
+    image: Source<'a>,
     id: u8,
     /// The image's virtual size (what can be read).
     image_size: u64,
@@ -100,6 +119,9 @@ pub struct BackupJob<'a, W: Write + Send + 'static> {
     by_hook: AtomicU64,
     unread: AtomicU64,
     bytes_read: AtomicU64,
+    /// How long [`BackupJob::before_write`] may wait for clusters other threads are saving
+    /// before it aborts the job (`None`: no limit).
+    write_wait_limit: Option<Duration>,
 }
 
 /// A copy of `e` (errors hold an I/O error and are not `Clone`): same kind, file, offset and
@@ -128,8 +150,22 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
     /// [`GuardedImage`]. With `background`, the archive is written by a thread of its own.
     pub fn new(
         out: W,
-        mut header: ArchiveHeader,
+        header: ArchiveHeader,
         sources: &[(&str, &'a dyn BlockImage)],
+        background: bool,
+    ) -> Result<Self> {
+        let sources = sources
+            .iter()
+            .map(|(name, image)| (name.to_string(), Source::Borrowed(*image)))
+            .collect();
+        Self::with_sources(out, header, sources, background)
+    }
+
+    /// As [`BackupJob::new`], with sources the job may hold shares of (see [`Source`]).
+    pub fn with_sources(
+        out: W,
+        mut header: ArchiveHeader,
+        sources: Vec<(String, Source<'a>)>,
         background: bool,
     ) -> Result<Self> {
         if !header.devices.is_empty() {
@@ -139,12 +175,12 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
         }
         let mut devices = Vec::with_capacity(sources.len());
         for (name, image) in sources {
-            let image_size = image.virtual_size();
+            let image_size = image.get().virtual_size();
             let id = header
-                .add_device(name, image_size.div_ceil(512) * 512)
-                .map_err(|e| e.with_path(image.filename()))?;
+                .add_device(&name, image_size.div_ceil(512) * 512)
+                .map_err(|e| e.with_path(image.get().filename()))?;
             devices.push(Device {
-                image: *image,
+                image,
                 id,
                 image_size,
                 clusters: image_size.div_ceil(CLUSTER_SIZE),
@@ -169,7 +205,47 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
             by_hook: AtomicU64::new(0),
             unread: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
+            write_wait_limit: None,
         })
+    }
+
+    /// Bounds how long [`BackupJob::before_write`] waits for clusters that another thread is
+    /// saving: past `limit` the job is aborted (the archive is lost) and the write goes on,
+    /// so that a stalled archive cannot hold up the writers forever.
+    pub fn set_write_wait_limit(&mut self, limit: Duration) {
+        self.write_wait_limit = Some(limit);
+    }
+
+    /// Fails the job with `reason` (unless it failed already): [`BackupJob::run`] returns
+    /// soon after, and writers stop saving clusters.
+    pub fn abort(&self, reason: Error) {
+        self.lock_state().error.get_or_insert(reason);
+        self.changed.notify_all();
+    }
+
+    /// The job's first error, if it has failed.
+    pub fn error(&self) -> Option<Error> {
+        self.failed()
+    }
+
+    /// What the job has done so far (the archive's counts are filled in by
+    /// [`BackupJob::finish`] only).
+    pub fn stats(&self) -> BackupStats {
+        BackupStats {
+            clusters_by_job: self.by_job.load(Ordering::Relaxed),
+            clusters_by_hook: self.by_hook.load(Ordering::Relaxed),
+            clusters_unread: self.unread.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            archive: WriterStats::default(),
+        }
+    }
+
+    /// Bytes of the devices saved so far, and in total.
+    pub fn progress(&self) -> (u64, u64) {
+        let total: u64 = self.devices.iter().map(|d| d.image_size).sum();
+        let all: u64 = self.devices.iter().map(|d| d.clusters).sum();
+        let remaining = self.lock_state().remaining;
+        (((all - remaining) * CLUSTER_SIZE).min(total), total)
     }
 
     /// The archive's header (its devices in source order, ids from 1).
@@ -257,8 +333,9 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
         buf.resize(len as usize, 0);
         if len > 0 {
             d.image
+                .get()
                 .read_at(buf, GuestOffset(off))
-                .map_err(|e| e.with_path(d.image.filename()))?;
+                .map_err(|e| e.with_path(d.image.get().filename()))?;
             self.bytes_read.fetch_add(len, Ordering::Relaxed);
         }
         Ok(())
@@ -331,10 +408,31 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
             .div_ceil(CLUSTER_SIZE);
         let mut buf = AlignedBuf::default();
         self.save_range(device, from, to, false, &mut buf, &self.by_hook)?;
-        // Clusters other threads are saving: wait for them.
+        // Clusters other threads are saving: wait for them (within the limit, if any).
+        let deadline = self.write_wait_limit.map(|l| (Instant::now() + l, l));
         let mut st = self.lock_state();
-        while (from..to).any(|c| st.clusters[device][c as usize] != DONE) {
-            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        while st.error.is_none() && (from..to).any(|c| st.clusters[device][c as usize] != DONE) {
+            st = match deadline {
+                None => self.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Some((at, limit)) => {
+                    let now = Instant::now();
+                    if now >= at {
+                        st.error.get_or_insert(Error::invalid_input(format!(
+                            "a write waited more than {} ms for the archive: the backup is \
+                             aborted so that writes go on",
+                            limit.as_millis()
+                        )));
+                        drop(st);
+                        self.changed.notify_all();
+                        st = self.lock_state();
+                        break;
+                    }
+                    self.changed
+                        .wait_timeout(st, at - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
         }
         match &st.error {
             Some(e) => Err(replicate(e)),
@@ -345,13 +443,16 @@ impl<'a, W: Write + Send + 'static> BackupJob<'a, W> {
     /// The block status of `dev` at `off`, checked to cover at least one byte.
     fn status(&self, dev: usize, off: u64) -> Result<BlockStatus> {
         let d = &self.devices[dev];
-        let st = d.image.block_status(GuestOffset(off), d.image_size - off)?;
+        let st = d
+            .image
+            .get()
+            .block_status(GuestOffset(off), d.image_size - off)?;
         if st.len == 0 || st.len > d.image_size - off {
             return Err(Error::corrupt(format!(
                 "block status at guest offset {off:#x} returned an invalid length {}",
                 st.len
             ))
-            .with_path(d.image.filename()));
+            .with_path(d.image.get().filename()));
         }
         Ok(st)
     }
@@ -514,7 +615,7 @@ pub struct GuardedImage<'j, 'a, W: Write + Send + 'static> {
 
 impl<W: Write + Send + 'static> GuardedImage<'_, '_, W> {
     fn inner(&self) -> &dyn BlockImage {
-        self.job.devices[self.device].image
+        self.job.devices[self.device].image.get()
     }
 
     /// Lets the job save `[offset, offset + len)`; a failed backup does not stop the write.
@@ -572,5 +673,145 @@ impl<W: Write + Send + 'static> BlockImage for GuardedImage<'_, '_, W> {
     }
     fn as_bitmaps(&self) -> Option<&dyn crate::bitmap::PersistentBitmaps> {
         self.inner().as_bitmaps()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// A raw image whose reads wait while `held` is set (after saying they started).
+    struct Gated {
+        inner: crate::raw::RawImage,
+        held: AtomicBool,
+        reading: AtomicU64,
+    }
+
+    impl BlockImage for Gated {
+        fn format(&self) -> ImageFormat {
+            self.inner.format()
+        }
+        fn filename(&self) -> &Path {
+            self.inner.filename()
+        }
+        fn virtual_size(&self) -> u64 {
+            self.inner.virtual_size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+            self.reading.fetch_add(1, Ordering::SeqCst);
+            while self.held.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: GuestOffset) -> Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: GuestOffset, len: u64, unmap: bool) -> Result<()> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn block_status(&self, offset: GuestOffset, max_len: u64) -> Result<BlockStatus> {
+            self.inner.block_status(offset, max_len)
+        }
+        fn is_writable(&self) -> bool {
+            true
+        }
+        fn actual_size(&self) -> Option<u64> {
+            None
+        }
+        fn layer_info(&self) -> Result<crate::info::LayerInfo> {
+            self.inner.layer_info()
+        }
+    }
+
+    fn gated(dir: &Path) -> Gated {
+        let p = dir.join("disk.raw");
+        std::fs::write(&p, vec![0xaau8; 4 * CLUSTER_SIZE as usize]).unwrap();
+        Gated {
+            inner: crate::raw::RawImage::open(&p, true).unwrap(),
+            held: AtomicBool::new(true),
+            reading: AtomicU64::new(0),
+        }
+    }
+
+    fn header() -> ArchiveHeader {
+        crate::vma::new_header().unwrap()
+    }
+
+    /// Writer A's hook claims cluster 0 and is reading its old data; writer B, writing the same
+    /// cluster, must wait until A's save is done, not write over data A has not read yet.
+    #[test]
+    fn a_second_writer_waits_for_the_save_of_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = gated(dir.path());
+        let job = BackupJob::new(
+            Vec::new(),
+            header(),
+            &[("d", &img as &dyn BlockImage)],
+            false,
+        )
+        .unwrap();
+        let b_done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let a = s.spawn(|| job.before_write(0, 0, 512));
+            while img.reading.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            let b = s.spawn(|| {
+                let r = job.before_write(0, 100, 512);
+                b_done.store(true, Ordering::SeqCst);
+                r
+            });
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(
+                !b_done.load(Ordering::SeqCst),
+                "writer B went ahead while A was still reading the old data"
+            );
+            img.held.store(false, Ordering::SeqCst);
+            a.join().unwrap().unwrap();
+            b.join().unwrap().unwrap();
+        });
+        assert_eq!(
+            img.reading.load(Ordering::SeqCst),
+            1,
+            "cluster 0 read twice"
+        );
+        assert_eq!(job.stats().clusters_by_hook, 1);
+    }
+
+    /// With a wait limit, writer B gives up waiting for a save that does not end: the job is
+    /// aborted (with the reason) and B returns, so the guest write goes on.
+    #[test]
+    fn a_stalled_save_aborts_the_job_instead_of_holding_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = gated(dir.path());
+        let mut job = BackupJob::new(
+            Vec::new(),
+            header(),
+            &[("d", &img as &dyn BlockImage)],
+            false,
+        )
+        .unwrap();
+        job.set_write_wait_limit(Duration::from_millis(200));
+        std::thread::scope(|s| {
+            let a = s.spawn(|| job.before_write(0, 0, 512));
+            while img.reading.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            let start = Instant::now();
+            let e = job.before_write(0, 0, 4096).unwrap_err();
+            assert!(start.elapsed() < Duration::from_secs(5));
+            assert!(e.to_string().contains("waited more than 200 ms"), "{e}");
+            assert!(job.error().is_some());
+            // Later writes return at once: the job has failed.
+            assert!(job.before_write(0, 2 * CLUSTER_SIZE, 512).is_err());
+            img.held.store(false, Ordering::SeqCst);
+            let _ = a.join().unwrap();
+        });
+        assert!(job.run(None).is_err());
     }
 }

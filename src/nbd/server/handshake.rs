@@ -11,9 +11,11 @@
 //! and the haggling starts over on the TLS session.
 
 use super::export::Export;
+use super::registry::Registry;
 use super::stream::Conn;
 use crate::nbd::wire::*;
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 /// What the handshake settled for the transmission phase.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,9 +38,14 @@ const BLOCK_SIZE: Info = Info::BlockSize {
 /// Largest option payload drained (and answered `ERR_TOO_BIG`) rather than hung up on.
 const MAX_DRAIN: u32 = 32 << 20;
 
-/// Runs the handshake on `conn`. `Ok(Some(_))`: enter transmission; `Ok(None)`: the client
-/// left (ABORT or end of stream); `Err`: the connection is to be dropped.
-pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiated>> {
+/// Runs the handshake of client `client_id` on `conn`, looking exports up in `exports`.
+/// `Ok(Some(_))`: enter transmission with the export chosen; `Ok(None)`: the client left
+/// (ABORT or end of stream); `Err`: the connection is to be dropped.
+pub fn negotiate(
+    conn: &mut Conn,
+    exports: &Registry,
+    client_id: u64,
+) -> io::Result<Option<(Negotiated, Arc<Export>)>> {
     let mut out = Vec::new();
     Greeting {
         flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
@@ -52,6 +59,8 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
     let fixed = client.0 & FLAG_C_FIXED_NEWSTYLE != 0;
     let no_zeroes = client.0 & FLAG_C_NO_ZEROES != 0;
     let mut st = Negotiated::default();
+    // The export the selected contexts belong to: going to another drops them.
+    let mut contexts_of = String::new();
     loop {
         let mut hb = [0u8; OPTION_HEADER_LEN];
         match conn.read_exact(&mut hb) {
@@ -82,12 +91,16 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
         match h.option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&payload);
-                if payload.len() > MAX_STRING || name != export.name() {
+                let found = match payload.len() > MAX_STRING {
+                    true => None,
+                    false => exports.choose(client_id, &name),
+                };
+                let Some(export) = found else {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
                         format!("export '{name}' not found"),
                     ));
-                }
+                };
                 let mut out = Vec::new();
                 ExportNameReply {
                     size: export.size(),
@@ -96,7 +109,10 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
                 .encode(&mut out, no_zeroes);
                 conn.write_all(&out)?;
                 conn.flush()?;
-                return Ok(Some(st));
+                if contexts_of != name {
+                    st.contexts.clear();
+                }
+                return Ok(Some((st, export)));
             }
             OPT_ABORT => {
                 // The client may already be gone: the ACK is a courtesy.
@@ -108,13 +124,15 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
                     reply_err(conn, h.option, REP_ERR_INVALID, "LIST takes no payload")?;
                     continue;
                 }
-                let mut p = Vec::new();
-                ServerEntry {
-                    name: export.name().to_string(),
-                    description: export.description().unwrap_or("").to_string(),
+                for export in exports.list() {
+                    let mut p = Vec::new();
+                    ServerEntry {
+                        name: export.name().to_string(),
+                        description: export.description().unwrap_or("").to_string(),
+                    }
+                    .encode(&mut p);
+                    reply(conn, h.option, REP_SERVER, &p)?;
                 }
-                .encode(&mut p);
-                reply(conn, h.option, REP_SERVER, &p)?;
                 reply(conn, h.option, REP_ACK, &[])?;
             }
             OPT_INFO | OPT_GO => {
@@ -125,11 +143,15 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
                         continue;
                     }
                 };
-                if req.name != export.name() {
+                let found = match h.option {
+                    OPT_GO => exports.choose(client_id, &req.name),
+                    _ => exports.get(&req.name),
+                };
+                let Some(export) = found else {
                     let msg = format!("export '{}' not present", req.name);
                     reply_err(conn, h.option, REP_ERR_UNKNOWN, &msg)?;
                     continue;
-                }
+                };
                 let mut infos = vec![Info::Export {
                     size: export.size(),
                     flags: export.transmission_flags(st.extended),
@@ -148,7 +170,10 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
                 }
                 reply(conn, h.option, REP_ACK, &[])?;
                 if h.option == OPT_GO {
-                    return Ok(Some(st));
+                    if contexts_of != req.name {
+                        st.contexts.clear();
+                    }
+                    return Ok(Some((st, export)));
                 }
             }
             OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS => {
@@ -184,11 +209,11 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
                         continue;
                     }
                 };
-                if req.export != export.name() {
+                let Some(export) = exports.get(&req.export) else {
                     let msg = format!("export '{}' not present", req.export);
                     reply_err(conn, h.option, REP_ERR_UNKNOWN, &msg)?;
                     continue;
-                }
+                };
                 let mut found: Vec<(u32, String)> = Vec::new();
                 if list && req.queries.is_empty() {
                     found = export.contexts().all();
@@ -211,6 +236,7 @@ pub fn negotiate(conn: &mut Conn, export: &Export) -> io::Result<Option<Negotiat
                 }
                 if !list {
                     st.contexts = found;
+                    contexts_of = req.export.clone();
                 }
                 reply(conn, h.option, REP_ACK, &[])?;
             }

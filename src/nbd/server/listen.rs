@@ -3,16 +3,16 @@
 //! `--pid-file`, and a clean exit (image flushed and closed) on SIGTERM or SIGINT.
 
 use super::export::Export;
+use super::registry::Registry;
 use super::stream::{Conn, Socket};
 use super::{handshake, transmission};
 use crate::{Error, Result};
-use std::collections::HashMap;
 use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Where the server listens.
@@ -50,6 +50,25 @@ pub struct ListenConfig {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Whether the server has been asked to stop (a signal, or [`request_stop`]).
+pub fn stopping() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Asks the server to stop, as SIGTERM does.
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Something that runs beside the NBD listener (the control socket): started once the server
+/// runs (after `--fork`, in the process that serves), stopped before the exports are closed.
+pub trait Service {
+    /// Starts the service's threads.
+    fn start(&self) -> Result<()>;
+    /// Stops them (jobs cancelled, hooks detached) and waits for them.
+    fn stop(&self);
+}
 
 extern "C" fn on_stop(_sig: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -140,6 +159,17 @@ impl Listener {
 /// Serves `export` as `cfg` says until stopped: by a signal, or after the last client when
 /// not persistent. The image is flushed and closed before it returns.
 pub fn run(export: Export, cfg: &ListenConfig) -> Result<()> {
+    run_with(Arc::new(Registry::single(export)), cfg, None)
+}
+
+/// Serves the exports of `exports` (which may change while it runs) as `cfg` says, with
+/// `service` running beside, until stopped. Every export left is flushed and closed before it
+/// returns.
+pub fn run_with(
+    exports: Arc<Registry>,
+    cfg: &ListenConfig,
+    service: Option<&dyn Service>,
+) -> Result<()> {
     let listener = Listener::bind(&cfg.address)?;
     listener
         .set_nonblocking()
@@ -196,8 +226,20 @@ pub fn run(export: Export, cfg: &ListenConfig) -> Result<()> {
         let _ = std::io::Write::write_all(&mut ready, b"1");
     }
     install_stop_handler();
-    let result = accept_loop(&listener, &export, cfg);
-    let finished = export.finish();
+    let result = match service.map(|s| s.start()).unwrap_or(Ok(())) {
+        Ok(()) => accept_loop(&listener, &exports, cfg),
+        Err(e) => Err(e),
+    };
+    if let Some(s) = service {
+        s.stop();
+    }
+    let mut finished = Ok(());
+    for export in exports.drain() {
+        let r = export.finish();
+        if finished.is_ok() {
+            finished = r;
+        }
+    }
     if let Listener::Unix(_, path) = &listener {
         let _ = std::fs::remove_file(path);
     }
@@ -207,9 +249,7 @@ pub fn run(export: Export, cfg: &ListenConfig) -> Result<()> {
     result.and(finished)
 }
 
-fn accept_loop(listener: &Listener, export: &Export, cfg: &ListenConfig) -> Result<()> {
-    let active: Mutex<HashMap<u64, Socket>> = Mutex::new(HashMap::new());
-    let lock = || active.lock().unwrap_or_else(|p| p.into_inner());
+fn accept_loop(listener: &Listener, exports: &Registry, cfg: &ListenConfig) -> Result<()> {
     let mut next_id = 0u64;
     let mut served = false;
     std::thread::scope(|s| {
@@ -217,7 +257,7 @@ fn accept_loop(listener: &Listener, export: &Export, cfg: &ListenConfig) -> Resu
             if STOP.load(Ordering::SeqCst) {
                 break;
             }
-            let count = lock().len();
+            let count = exports.client_count();
             if !cfg.persistent && served && count == 0 {
                 break;
             }
@@ -233,29 +273,22 @@ fn accept_loop(listener: &Listener, export: &Export, cfg: &ListenConfig) -> Resu
             let id = next_id;
             next_id += 1;
             match socket.try_clone() {
-                Ok(c) => {
-                    lock().insert(id, c);
-                }
+                Ok(c) => exports.connect(id, c),
                 Err(_) => continue,
             }
-            let active = &active;
             s.spawn(move || {
                 let deadline = cfg.handshake_limit.map(|d| Instant::now() + d);
                 let mut conn = Conn::new(socket, deadline).with_tls(cfg.tls.clone());
-                if let Ok(Some(nego)) = handshake::negotiate(&mut conn, export) {
+                if let Ok(Some((nego, export))) = handshake::negotiate(&mut conn, exports, id) {
                     if conn.clear_deadline().is_ok() {
-                        let _ = transmission::serve(conn, export, &nego);
+                        let _ = transmission::serve(conn, &export, &nego);
                     }
                 }
-                if let Some(s) = active.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
-                    s.shutdown();
-                }
+                exports.disconnect(id);
             });
         }
         // Stopping: every client is disconnected; their threads end with the scope.
-        for s in lock().values() {
-            s.shutdown();
-        }
+        exports.disconnect_all();
     });
     Ok(())
 }

@@ -36,6 +36,7 @@ use std::fs::File;
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 
+pub mod live;
 mod targets;
 pub use targets::{parse_target_spec, read_restore_map, DeviceTarget, DeviceTargets};
 
@@ -123,8 +124,8 @@ pub struct CreateOptions {
     pub compression: Compression,
 }
 
-/// Reads a config file to store, by its base name.
-fn read_config(path: &Path) -> Result<ConfigFile> {
+/// Reads config file `path` for an archive (stored by its base name).
+pub fn read_config(path: &Path) -> Result<ConfigFile> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
