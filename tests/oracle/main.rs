@@ -23,6 +23,7 @@ mod iotests_080_112;
 mod iotests_150_253_190;
 mod iotests_checks;
 mod lazy_refcounts;
+mod live_pull;
 mod luks;
 mod measure_oracle;
 mod nbd_client;

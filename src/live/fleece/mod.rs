@@ -156,6 +156,10 @@ impl PointInTimeView {
                 frozen: None,
             })
             .collect();
+        #[cfg(test)]
+        std::thread::sleep(std::time::Duration::from_millis(
+            tests::FREEZE_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed),
+        ));
         let mut failure = None;
         for (v, d) in views.iter_mut().zip(disks) {
             if let Some(name) = d.bitmap {

@@ -328,3 +328,65 @@ fn the_export_offers_the_bitmap_frozen_at_the_start() {
     drop(view);
     live.finish().unwrap();
 }
+
+/// How long [`PointInTimeView::start_group`] waits between attaching its hooks and reading
+/// the bitmaps, so that a test can write in between.
+pub(super) static FREEZE_DELAY_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+#[test]
+fn the_frozen_bitmap_is_exactly_the_bitmap_at_the_start_point() {
+    // A write arriving while the bitmap is being frozen waits until it is: it is in neither
+    // the frozen bitmap nor the view (it is after the start point).
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("live.qcow2");
+    let size: u64 = 1 << 20;
+    crate::qcow2::create(
+        &p,
+        &crate::qcow2::CreateOptions {
+            size,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let opts = crate::open::OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let image = crate::open::open_image(&p, &opts).unwrap();
+    image
+        .write_at(&vec![0x11; size as usize], GuestOffset(0))
+        .unwrap();
+    image
+        .as_bitmaps()
+        .unwrap()
+        .add_bitmap("b", Some(65536), true)
+        .unwrap();
+    let live = Arc::new(Export::new(image, settings(), Contexts::default(), None));
+    live.write(&[0xcc; 4096], 3 * 65536, false).unwrap(); // before the start
+    FREEZE_DELAY_MS.store(300, std::sync::atomic::Ordering::Relaxed);
+    let view = std::thread::scope(|s| {
+        let live2 = &live;
+        s.spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            live2.write(&[0xdd; 4096], 5 * 65536, false).unwrap(); // while freezing
+        });
+        PointInTimeView::start(&live, &ViewOptions::default(), Some("b")).unwrap()
+    });
+    FREEZE_DELAY_MS.store(0, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        view.frozen_bitmap().unwrap().dirty_ranges(),
+        vec![(3 * 65536, 4 * 65536)]
+    );
+    let mut back = [0u8; 4096];
+    view.image()
+        .read_at(&mut back, GuestOffset(5 * 65536))
+        .unwrap();
+    assert_eq!(back, [0x11; 4096], "the view shows a write after the start");
+    view.image()
+        .read_at(&mut back, GuestOffset(3 * 65536))
+        .unwrap();
+    assert_eq!(back, [0xcc; 4096]);
+    live.read(&mut back, 5 * 65536).unwrap();
+    assert_eq!(back, [0xdd; 4096]);
+}
