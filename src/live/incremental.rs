@@ -5,7 +5,7 @@
 //! when that backup started). The first backup of a chain (no previous one) is a full copy.
 //!
 //! [`run`] works at one point in time, its *start*: it starts a
-//! [`PointInTimeView`](super::fleece::PointInTimeView) of the live export, which freezes a copy
+//! [`PointInTimeView`] of the live export, which freezes a copy
 //! of the bitmap at the start and records the chunks written since (the bitmap's next
 //! generation, as libvirt starts a new checkpoint bitmap at the start). It copies what the
 //! frozen bitmap marks from the view, so writes during the backup change nothing in it. Only

@@ -1,6 +1,6 @@
 //! The state of a point-in-time view and its two sides: the hook that keeps the old data of a
-//! chunk aside before a write changes it ([`SaveHook`]), and the reads of the view
-//! ([`Shared::read`], [`Shared::block_status`]).
+//! chunk aside before a write changes it (`SaveHook`), and the reads of the view
+//! (`Shared::read`, `Shared::block_status`).
 //!
 //! Each chunk (a power of two, at least the live image's cluster size) is in one of three
 //! states: *live* (not written since the start: the live image still holds its old data),
