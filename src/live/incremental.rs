@@ -290,3 +290,97 @@ fn new_generation(req: &BackupRequest<'_>, view: &PointInTimeView) -> Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::server::{Contexts, ExportSettings};
+    use crate::BlockImage;
+
+    fn live(dir: &Path, enabled: bool) -> Arc<Export> {
+        let p = dir.join("live.qcow2");
+        let size = 1 << 20;
+        crate::qcow2::create(
+            &p,
+            &crate::qcow2::CreateOptions {
+                size,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let opts = OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let image = open_image(&p, &opts).unwrap();
+        image.write_at(&[5; 4096], GuestOffset(65536)).unwrap();
+        let b = image.as_bitmaps().unwrap();
+        b.add_bitmap("b", Some(65536), enabled).unwrap();
+        image.write_at(&[6; 4096], GuestOffset(3 * 65536)).unwrap();
+        let settings = ExportSettings::default();
+        Arc::new(Export::new(image, settings, Contexts::default(), None))
+    }
+
+    fn dirty(live: &Export) -> Vec<(u64, u64)> {
+        let b = live.image().as_bitmaps().unwrap();
+        b.read_bitmap("b").unwrap().dirty_ranges()
+    }
+
+    #[test]
+    fn refusals_and_a_cancel_leave_the_bitmap_and_other_files_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = live(dir.path(), true);
+        let before = dirty(&live);
+        assert_eq!(before, vec![(3 * 65536, 4 * 65536)]);
+        // An existing target is neither overwritten nor removed.
+        let existing = dir.path().join("existing");
+        std::fs::write(&existing, b"keep").unwrap();
+        let e = run(&BackupRequest::new(&live, "b", &existing, None)).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        assert_eq!(std::fs::read(&existing).unwrap(), b"keep");
+        // No such bitmap; a previous backup of another size.
+        let t = dir.path().join("t.qcow2");
+        assert!(run(&BackupRequest::new(&live, "nope", &t, None)).is_err());
+        let small = dir.path().join("small.raw");
+        std::fs::write(&small, [0u8; 512]).unwrap();
+        let prev = Some(("small.raw", ImageFormat::Raw));
+        let e = run(&BackupRequest::new(&live, "b", &t, prev)).unwrap_err();
+        assert!(e.to_string().contains("previous backup"), "{e}");
+        // Cancelled: the target is removed, the bitmap kept.
+        let cancel = AtomicBool::new(true);
+        let mut req = BackupRequest::new(&live, "b", &t, None);
+        req.cancel = Some(&cancel);
+        let e = run(&req).unwrap_err();
+        assert!(e.to_string().contains("cancelled"), "{e}");
+        assert!(!t.exists());
+        assert_eq!(dirty(&live), before);
+        // A full backup, then an incremental one over a raw previous backup.
+        let full = run(&BackupRequest::new(&live, "b", &t, None)).unwrap();
+        assert!(full.full && full.bytes_written == 2 * 65536, "{full:?}");
+        assert_eq!(dirty(&live), vec![]);
+        let raw = dir.path().join("full.raw");
+        let mut data = vec![0u8; 1 << 20];
+        live.image().read_at(&mut data, GuestOffset(0)).unwrap();
+        std::fs::write(&raw, &data).unwrap();
+        live.write(&[7; 100], 9 * 65536, false).unwrap();
+        let t2 = dir.path().join("t2.qcow2");
+        let prev = Some(("full.raw", ImageFormat::Raw));
+        let inc = run(&BackupRequest::new(&live, "b", &t2, prev)).unwrap();
+        assert!(!inc.full && inc.bytes_to_copy == 65536, "{inc:?}");
+        let chain = open_image(&t2, &OpenOptions::default()).unwrap();
+        let mut back = vec![0u8; 1 << 20];
+        chain.read_at(&mut back, GuestOffset(0)).unwrap();
+        live.image().read_at(&mut data, GuestOffset(0)).unwrap();
+        assert!(back == data, "the chain does not restore the disk");
+    }
+
+    #[test]
+    fn a_disabled_bitmap_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = live(dir.path(), false);
+        let t = dir.path().join("t.qcow2");
+        let e = run(&BackupRequest::new(&live, "b", &t, None)).unwrap_err();
+        assert!(e.to_string().contains("disabled"), "{e}");
+        assert!(!t.exists());
+    }
+}
