@@ -295,7 +295,6 @@ fn new_generation(req: &BackupRequest<'_>, view: &PointInTimeView) -> Result<()>
 mod tests {
     use super::*;
     use crate::nbd::server::{Contexts, ExportSettings};
-    use crate::BlockImage;
 
     fn live(dir: &Path, enabled: bool) -> Arc<Export> {
         let p = dir.join("live.qcow2");
