@@ -19,6 +19,7 @@ LAYERS = [
     "open image_spec",
     "vma",
     "nbd",
+    "live",
     "ops",
 ]
 # A format driver opens its backing file through open::open_layer; the opener reads a json:

@@ -22,6 +22,7 @@
 //! | opening | [`open`], [`image_spec`] | choosing a format and opening a layer with its backing chain; qemu's image names (`json:`, `--image-opts`) |
 //! | archives | [`vma`] | Proxmox's VMA backup format, read and written |
 //! | network | [`nbd`] | the Network Block Device protocol: its messages (shared by both sides), the server and the client |
+//! | live backup | [`live`] | backups of served disks while they are written: point-in-time views (fleecing) and incremental backups from dirty bitmaps |
 //! | commands | [`ops`] | one module per `vimg` command, each a library call that returns what the binary prints |
 //!
 //! The binary (`src/main.rs`, behind the default `cli` feature) parses arguments, calls

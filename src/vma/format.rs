@@ -105,6 +105,36 @@ pub struct ConfigFile {
     pub data: Vec<u8>,
 }
 
+impl ConfigFile {
+    /// Reads config file `path`, to be stored by its base name; a file larger than an
+    /// archive's blob holds is refused.
+    pub fn read(path: &std::path::Path) -> Result<ConfigFile> {
+        use std::io::Read;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                Error::invalid_input("config file has no base name usable in an archive")
+                    .with_path(path)
+            })?
+            .to_string();
+        let file = std::fs::File::open(path)
+            .map_err(|e| Error::io("cannot open config file", e).with_path(path))?;
+        let mut data = Vec::new();
+        // One byte more than a blob holds, to tell a file that is too large.
+        file.take(MAX_BLOB_LEN as u64 + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| Error::io("cannot read config file", e).with_path(path))?;
+        if data.len() > MAX_BLOB_LEN {
+            return Err(Error::invalid_input(format!(
+                "config file is larger than the {MAX_BLOB_LEN} bytes an archive stores"
+            ))
+            .with_path(path));
+        }
+        Ok(ConfigFile { name, data })
+    }
+}
+
 /// The main header of an archive: what it holds, before any cluster (vma.md "Main header").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveHeader {

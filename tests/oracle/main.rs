@@ -24,6 +24,7 @@ mod iotests_150_253_190;
 mod iotests_checks;
 mod lazy_refcounts;
 mod live_backup;
+mod live_pull;
 mod luks;
 mod measure_oracle;
 mod nbd_client;

@@ -327,7 +327,7 @@ fn backup_start(state: &Arc<State>, session: &mut Session, args: &Map<String, Va
     }
     if args.get("config-files").is_some() {
         for p in str_list_arg(args, "config-files")? {
-            let c = crate::ops::backup::read_config(std::path::Path::new(&p))?;
+            let c = crate::vma::format::ConfigFile::read(std::path::Path::new(&p))?;
             configs.push((c.name, c.data));
         }
     }

@@ -27,7 +27,7 @@ use crate::block::{BlockImage, ImageFormat};
 use crate::error::{Error, Result, ResultExt};
 use crate::opener::Opener;
 use crate::ops::output::{rename_tmp, TempFile};
-use crate::vma::format::{ArchiveHeader, ConfigFile, MAX_BLOB_LEN};
+use crate::vma::format::{ArchiveHeader, ConfigFile};
 use crate::vma::job::{BackupJob, BackupStats, Progress};
 use crate::vma::reader::VmaReader;
 use crate::vma::restore::{self, ArchiveTally, RestoreOptions};
@@ -126,28 +126,7 @@ pub struct CreateOptions {
 
 /// Reads config file `path` for an archive (stored by its base name).
 pub fn read_config(path: &Path) -> Result<ConfigFile> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| {
-            Error::invalid_input("config file has no base name usable in an archive")
-                .with_path(path)
-        })?
-        .to_string();
-    let file =
-        File::open(path).map_err(|e| Error::io("cannot open config file", e).with_path(path))?;
-    let mut data = Vec::new();
-    // One byte more than a blob holds, to tell a file that is too large.
-    file.take(MAX_BLOB_LEN as u64 + 1)
-        .read_to_end(&mut data)
-        .map_err(|e| Error::io("cannot read config file", e).with_path(path))?;
-    if data.len() > MAX_BLOB_LEN {
-        return Err(Error::invalid_input(format!(
-            "config file is larger than the {MAX_BLOB_LEN} bytes an archive stores"
-        ))
-        .with_path(path));
-    }
-    Ok(ConfigFile { name, data })
+    ConfigFile::read(path)
 }
 
 /// A duplicate of standard output or input as a file, so that large writes and reads go
