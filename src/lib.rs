@@ -71,6 +71,7 @@ pub mod direct_io;
 pub mod error;
 pub mod foreign;
 pub mod format;
+pub mod host_run;
 pub mod identity;
 pub mod image_spec;
 pub mod info;
