@@ -3,7 +3,8 @@
 //! holes, zero and compressed clusters, backing files, requests straddling cluster
 //! boundaries and the end of the disk, in structured, DF and simple replies; reads stay right
 //! while another connection writes; and where the data cannot be sent from a file
-//! (compressed clusters, a writable qcow2, `VIMG_NO_SENDFILE=1`) the copy still serves it.
+//! (compressed clusters, a writable qcow2, a client on this host, `VIMG_SENDFILE=never`) the
+//! copy still serves it. The tests force sendfile on their Unix sockets (`VIMG_SENDFILE=always`).
 //! The server runs under `strace -e sendfile`, so each test also sees which path ran.
 
 use crate::common;
@@ -35,6 +36,7 @@ impl Traced {
             .arg(image)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        cmd.env("VIMG_SENDFILE", "always");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -242,16 +244,14 @@ fn the_copy_serves_what_cannot_be_sent_from_a_file() {
     check_reads(&v.uri(), &local, dir.path());
     assert_eq!(v.stop(), 0, "sendfile from a writable qcow2");
 
-    // The test hook turns it off for a read-only one.
-    let v = Traced::start(
-        &top,
-        dir.path(),
-        "n",
-        &["-r", "-e", "4"],
-        &[("VIMG_NO_SENDFILE", "1")],
-    );
-    check_reads(&v.uri(), &local, dir.path());
-    assert_eq!(v.stop(), 0, "sendfile under VIMG_NO_SENDFILE=1");
+    // A client on this host (here on a Unix socket) gets the copy; so does every
+    // client under the test hook's "never".
+    for mode in ["auto", "never"] {
+        let env = [("VIMG_SENDFILE", mode)];
+        let v = Traced::start(&top, dir.path(), "n", &["-r", "-e", "4"], &env);
+        check_reads(&v.uri(), &local, dir.path());
+        assert_eq!(v.stop(), 0, "sendfile to a local client ({mode})");
+    }
 }
 
 /// One connection writes, trims and zeroes random 4 KiB blocks (each 8-byte word of block b
