@@ -26,3 +26,39 @@ syscall_counts() {
   echo
   rm -f "$f"
 }
+
+# One timed run of a command after removing the files named in the OUTS array and syncing the
+# page cache (so that no run pays for the previous one's writeback): prints "secs peak_rss_KiB".
+# W must name the work directory.
+once() {
+  rm -f "${OUTS[@]}"
+  sync
+  sleep 1
+  /usr/bin/time -f '%e %M' -o "$W/time.txt" "$@" >/dev/null
+  cat "$W/time.txt"
+}
+
+# rounds NAME...: REPS rounds (default 10) of the contestants NAME..., each run by the caller's
+# function run_NAME, which prints "secs peak_rss_KiB"; round i starts with a different
+# contestant (two of them alternate in both orders). Fills the arrays t_NAME (seconds, in run
+# order) and the numbers rss_NAME (the largest peak RSS). A run that prints nothing (a failed
+# check) ends the script.
+rounds() {
+  local names=("$@") n=$# i k who t r
+  for who in "${names[@]}"; do
+    eval "t_$who=()"
+    eval "rss_$who=0"
+  done
+  for i in $(seq "${REPS:-10}"); do
+    for k in $(seq 0 $((n - 1))); do
+      who=${names[$(((i - 1 + k) % n))]}
+      read -r t r < <("run_$who") || true
+      if [ -z "$t" ] || [ -z "$r" ]; then echo "run_$who failed" >&2; exit 1; fi
+      eval "t_$who+=(\"\$t\")"
+      if [ "$r" -gt "$(eval "echo \$rss_$who")" ]; then eval "rss_$who=\$r"; fi
+    done
+  done
+}
+
+# times NAME: the runs of contestant NAME (after rounds), space-separated.
+times_of() { eval "echo \"\${t_$1[*]}\""; }

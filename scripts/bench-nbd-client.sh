@@ -39,24 +39,10 @@ URL=nbd://127.0.0.1:$PORT/bench
 ARGS=(-f raw -O raw "$URL")
 OUTS=("$W/qemu.raw" "$W/vimg.raw")
 
-once() {
-  rm -f "${OUTS[@]}"
-  sync
-  sleep 1
-  /usr/bin/time -f '%e %M' -o "$W/time.txt" "$@" >/dev/null
-  cat "$W/time.txt"
-}
-
-qts=() vts=() qr=0 vr=0
-for i in $(seq "$REPS"); do
-  if ((i % 2)); then
-    read -r t r < <(once qemu-img convert "${ARGS[@]}" "$W/qemu.raw"); qts+=("$t"); [ "$r" -gt "$qr" ] && qr=$r
-    read -r t r < <(once "$VIMG" convert "${ARGS[@]}" "$W/vimg.raw"); vts+=("$t"); [ "$r" -gt "$vr" ] && vr=$r
-  else
-    read -r t r < <(once "$VIMG" convert "${ARGS[@]}" "$W/vimg.raw"); vts+=("$t"); [ "$r" -gt "$vr" ] && vr=$r
-    read -r t r < <(once qemu-img convert "${ARGS[@]}" "$W/qemu.raw"); qts+=("$t"); [ "$r" -gt "$qr" ] && qr=$r
-  fi
-done
+run_qemu() { once qemu-img convert "${ARGS[@]}" "$W/qemu.raw"; }
+run_vimg() { once "$VIMG" convert "${ARGS[@]}" "$W/vimg.raw"; }
+rounds qemu vimg
+qts=($(times_of qemu)) vts=($(times_of vimg)) qr=$rss_qemu vr=$rss_vimg
 [ -f "$W/qemu.raw" ] || qemu-img convert "${ARGS[@]}" "$W/qemu.raw"
 [ -f "$W/vimg.raw" ] || "$VIMG" convert "${ARGS[@]}" "$W/vimg.raw"
 cmp -s "$W/qemu.raw" "$W/vimg.raw" || { echo "OUTPUT DIFFERS" >&2; exit 1; }

@@ -24,24 +24,10 @@ VIMG=$here/target/release/vimg
 ARGS=(-f raw -O vpc -o subformat=fixed,force_size=on "$W/test.raw")
 OUTS=("$W/qemu.vhd" "$W/vimg.vhd")
 
-once() {
-  rm -f "${OUTS[@]}"
-  sync
-  sleep 1
-  /usr/bin/time -f '%e %M' -o "$W/time.txt" "$@" >/dev/null
-  cat "$W/time.txt"
-}
-
-qts=() vts=() qr=0 vr=0
-for i in $(seq "$REPS"); do
-  if ((i % 2)); then
-    read -r t r < <(once qemu-img convert "${ARGS[@]}" "$W/qemu.vhd"); qts+=("$t"); [ "$r" -gt "$qr" ] && qr=$r
-    read -r t r < <(once "$VIMG" convert "${ARGS[@]}" "$W/vimg.vhd"); vts+=("$t"); [ "$r" -gt "$vr" ] && vr=$r
-  else
-    read -r t r < <(once "$VIMG" convert "${ARGS[@]}" "$W/vimg.vhd"); vts+=("$t"); [ "$r" -gt "$vr" ] && vr=$r
-    read -r t r < <(once qemu-img convert "${ARGS[@]}" "$W/qemu.vhd"); qts+=("$t"); [ "$r" -gt "$qr" ] && qr=$r
-  fi
-done
+run_qemu() { once qemu-img convert "${ARGS[@]}" "$W/qemu.vhd"; }
+run_vimg() { once "$VIMG" convert "${ARGS[@]}" "$W/vimg.vhd"; }
+rounds qemu vimg
+qts=($(times_of qemu)) vts=($(times_of vimg)) qr=$rss_qemu vr=$rss_vimg
 # Both outputs, checked: the same disk, and the same file but for the footer's time stamp,
 # checksum and UUID.
 [ -f "$W/qemu.vhd" ] || qemu-img convert "${ARGS[@]}" "$W/qemu.vhd"

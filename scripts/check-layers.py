@@ -14,7 +14,7 @@ import sys
 LAYERS = [
     "error offsets storage direct_io blkdebug lock interrupt size option_list option_desc zeros crypto secret node_name ova",
     "opener chain",
-    "block chain_read creation capability check bitmap info prealloc identity",
+    "block chain_read creation capability check bitmap info prealloc identity host_run",
     "format foreign raw qcow2 luks vdi vhdx vmdk vpc null probe",
     "open image_spec",
     "vma",

@@ -17,12 +17,12 @@
 //! |---|---|---|
 //! | host | [`storage`], [`direct_io`], [`blkdebug`], [`lock`], [`interrupt`], [`error`], [`offsets`], [`size`], [`option_list`], [`option_desc`], [`zeros`], [`crypto`], [`secret`], [`ova`] | positioned I/O on files and block devices (and memory, in tests), aligned `O_DIRECT` I/O under it, file identity (device and inode), qemu's blkdebug fault injection over it, qemu's image locks, cleanup on signals, the one error type, guest/host offset newtypes, sizes as qemu writes them, qemu's `-o` option lists and their help tables, zero detection, sector encryption, the secrets of `--object secret`, the disks inside an OVA appliance's tar archive |
 //! | storage opening | [`opener`], [`chain`] | the storage opener: storage kinds (files and block devices today), locators resolved and identified by their kind, the command's settings for particular files (blkdebug rules, data files, notices); a chain being opened (loops by the canonical locator, depth, sharing) |
-//! | image model | [`block`], [`chain_read`], [`creation`], [`capability`], [`check`], [`bitmap`], [`info`], [`prealloc`], [`identity`] | the [`BlockImage`] trait and its block status; the format driver trait; reading through a backing chain; what creating and measuring ask of a format; the optional capabilities (snapshots, resize, amend, backing change, compressed writes, emptying, checks, persistent bitmaps); what `info` reports; preallocation modes; which files an image reads |
+//! | image model | [`block`], [`chain_read`], [`creation`], [`capability`], [`check`], [`bitmap`], [`info`], [`prealloc`], [`identity`], [`host_run`] | the [`BlockImage`] trait and its block status; the format driver trait; reading through a backing chain; what creating and measuring ask of a format; the optional capabilities (snapshots, resize, amend, backing change, compressed writes, emptying, checks, persistent bitmaps); what `info` reports; preallocation modes; which files an image reads; where a guest range lies in a host file (for `sendfile`) |
 //! | formats | [`format`](mod@format), [`foreign`], [`raw`], [`qcow2`], [`luks`], [`vdi`], [`vhdx`], [`vmdk`], [`vpc`], [`null`], [`probe`] | the registry of formats; one folder (or file) per format (`qcow2` in private folders by concern: `format`, `refcount`, `write`, `snapshot`, `bitmap`, `check`, `create`, `edit`, with its public API re-exported at [`qcow2`]'s root); `probe` tells formats apart by their bytes, `foreign` names those vimg does not read |
 //! | opening | [`open`], [`image_spec`] | choosing a format and opening a layer with its backing chain; qemu's image names (`json:`, `--image-opts`) |
 //! | archives | [`vma`] | Proxmox's VMA backup format, read and written |
 //! | network | [`nbd`] | the Network Block Device protocol: its messages (shared by both sides), the server and the client |
-//! | live backup | [`live`] | backups of served disks while they are written: point-in-time views (fleecing) and incremental backups from dirty bitmaps |
+//! | live backup | [`live`] | backups of served disks while they are written: the control socket of `vimg serve`, push backups into VMA archives, point-in-time views (fleecing) and incremental backups from dirty bitmaps |
 //! | commands | [`ops`] | one module per `vimg` command, each a library call that returns what the binary prints |
 //!
 //! The binary (`src/main.rs`, behind the default `cli` feature) parses arguments, calls
@@ -72,6 +72,7 @@ pub mod direct_io;
 pub mod error;
 pub mod foreign;
 pub mod format;
+pub mod host_run;
 pub mod identity;
 pub mod image_spec;
 pub mod info;

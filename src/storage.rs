@@ -83,6 +83,15 @@ pub trait Storage: Send + Sync {
     fn host_file(&self) -> Option<&File> {
         None
     }
+    /// The open file whose bytes at each offset are this storage's bytes there, read through
+    /// the page cache, for a reader that passes them on without reading them (`sendfile(2)`
+    /// from the NBD server, see [`crate::host_run`]). Only a host file opened without
+    /// `O_DIRECT` gives one: storage that does anything on a read (blkdebug's rules and
+    /// events, `O_DIRECT` alignment, anything not a file) gives none, and is read. The default
+    /// gives none.
+    fn send_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
     /// Copies `len` bytes at `src_offset` of `src` to `offset` of this storage inside the
     /// kernel (`copy_file_range`: a clone where the file system shares extents, XFS or btrfs;
     /// a copy between page caches elsewhere), for `convert -C`. `Ok(false)` when it cannot
@@ -467,6 +476,11 @@ const WRITE_PIECE: usize = 256 << 10;
 impl Storage for FileStorage {
     fn host_file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+
+    fn send_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.direct.is_none().then(|| self.file.as_fd())
     }
 
     /// `VIMG_NO_COPY_FILE_RANGE=1` (a test hook) makes it answer `Ok(false)` at once, as a

@@ -2,8 +2,10 @@
 //! (read-only, discard and detect-zeroes modes, cache mode).
 
 use super::contexts::Contexts;
+use crate::host_run::HostRun;
 use crate::nbd::wire::*;
 use crate::{BeforeWrite, BlockImage, Error, GuestOffset, Result};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -122,6 +124,27 @@ impl CommandError {
 
     fn from_error(e: &Error) -> Self {
         CommandError::new(errno_from_error(e), e.to_string())
+    }
+}
+
+/// A piece of a read ([`Export::read_plan`]), each starting at its guest offset.
+#[derive(Debug, Clone, Copy)]
+pub enum ReadPiece<'a> {
+    /// This many bytes read as zeros.
+    Zero(u64, u64),
+    /// Stored byte for byte in a host file, to send from there.
+    Send(u64, HostRun<'a>),
+    /// This many bytes to read through the image.
+    Read(u64, u64),
+}
+
+impl ReadPiece<'_> {
+    /// Where the piece starts on the disk and its length.
+    pub fn range(&self) -> (u64, u64) {
+        match *self {
+            ReadPiece::Zero(o, l) | ReadPiece::Read(o, l) => (o, l),
+            ReadPiece::Send(o, r) => (o, r.len),
+        }
     }
 }
 
@@ -251,13 +274,13 @@ impl Export {
         f
     }
 
-    /// Checks that `[offset, offset + len)` is inside the export: past the end is `ENOSPC`
-    /// for writes and `EINVAL` otherwise, as qemu answers.
-    pub fn check_range(&self, offset: u64, len: u64, write: bool) -> CmdResult<()> {
+    /// Checks that `[offset, offset + len)` is inside the export: past the end is `EINVAL`,
+    /// for writes too, as qemu-nbd 10 answers (before it looks at whether the export is
+    /// read-only).
+    pub fn check_range(&self, offset: u64, len: u64) -> CmdResult<()> {
         if offset > self.size || len > self.size - offset {
-            let errno = if write { NBD_ENOSPC } else { NBD_EINVAL };
             return Err(CommandError::new(
-                errno,
+                NBD_EINVAL,
                 format!(
                     "request at {offset} for {len} bytes is past the end of the export ({} bytes)",
                     self.size
@@ -281,15 +304,24 @@ impl Export {
             .map_err(|e| CommandError::from_error(&e))
     }
 
-    /// The ranges of `[offset, offset + len)` that read as zeros (`true`) or as data
-    /// (`false`), merged, at most `max` of them (the rest as data).
-    pub fn zero_map(&self, offset: u64, len: u64, max: usize) -> CmdResult<Vec<(u64, u64, bool)>> {
-        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    /// How to send the guest range `[offset, offset + len)`: in order, the pieces that read as
+    /// zeros, those stored byte for byte in a host file (when `send_from_files`, see
+    /// [`crate::host_run`]: sent from there without being read), and those to read. Neighbours
+    /// of one kind are merged (host runs when they follow each other in one file); past `max`
+    /// pieces the rest is one piece to read.
+    pub fn read_plan(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+        send_from_files: bool,
+    ) -> CmdResult<Vec<ReadPiece<'_>>> {
+        let mut out: Vec<ReadPiece<'_>> = Vec::new();
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             if out.len() >= max {
-                out.push((pos, end - pos, false));
+                out.push(ReadPiece::Read(pos, end - pos));
                 break;
             }
             let st = self
@@ -297,9 +329,24 @@ impl Export {
                 .block_status(GuestOffset(pos), end - pos)
                 .map_err(|e| CommandError::from_error(&e))?;
             let n = st.len.clamp(1, end - pos);
-            match out.last_mut() {
-                Some(last) if last.2 == st.zero => last.1 += n,
-                _ => out.push((pos, n, st.zero)),
+            let run = match send_from_files && n == st.len {
+                true => crate::host_run::host_run(self.image.as_ref(), &st),
+                false => None,
+            };
+            let piece = match (st.zero, run) {
+                (true, _) => ReadPiece::Zero(pos, n),
+                (false, Some(run)) => ReadPiece::Send(pos, run),
+                (false, None) => ReadPiece::Read(pos, n),
+            };
+            match (out.last_mut(), piece) {
+                (Some(ReadPiece::Zero(_, l)), ReadPiece::Zero(_, n)) => *l += n,
+                (Some(ReadPiece::Read(_, l)), ReadPiece::Read(_, n)) => *l += n,
+                (Some(ReadPiece::Send(_, a)), ReadPiece::Send(_, b))
+                    if a.fd.as_raw_fd() == b.fd.as_raw_fd() && a.host.0 + a.len == b.host.0 =>
+                {
+                    a.len += b.len
+                }
+                (_, piece) => out.push(piece),
             }
             pos += n;
         }
