@@ -71,6 +71,7 @@ fn serve(export: Export, socket: &Path) -> String {
         handshake_limit: None,
         fork: false,
         pid_file: None,
+        tls: None,
     };
     std::thread::spawn(move || vimg::nbd::server::run(export, &cfg));
     for _ in 0..500 {
