@@ -218,11 +218,18 @@ mod tests {
             "secret,id=a,data=!!,format=base64",
             "secret,id=a,data=x,bogus=1",
             "bogus,id=a",
-            "tls-creds-x509,id=a",
             "secret,id=a,file=/nonexistent/vimg-secret",
         ] {
             assert!(Secrets::from_objects(&[bad]).is_err(), "{bad}");
         }
         assert!(Secrets::from_objects(&["secret,id=a,data=x", "secret,id=a,data=y"]).is_err());
+    }
+
+    #[test]
+    fn tls_objects_are_kept_for_the_nbd_layer() {
+        let s =
+            Secrets::from_objects(&["secret,id=a,data=x", "tls-creds-x509,id=t,dir=/d"]).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.tls_objects(), ["tls-creds-x509,id=t,dir=/d".to_string()]);
     }
 }
