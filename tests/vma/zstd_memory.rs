@@ -3,28 +3,32 @@
 //! zstd's default 8 MiB jobs at level 3 filling its buffer pool).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-/// Runs `cmd` to completion and returns its exit status and peak resident set in KiB (from
-/// `wait4`'s `ru_maxrss` of that child alone).
-fn peak_kib(cmd: &mut Command) -> (bool, i64) {
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
+/// Runs `prog args` to completion through a small Python parent and returns whether it
+/// succeeded and its peak resident set in KiB. The parent's `RUSAGE_CHILDREN` counts that one
+/// child alone; measured from this test process directly, a child's `ru_maxrss` would start
+/// from this process's own peak (Linux carries it over fork and exec), which the other tests
+/// running in parallel raise.
+fn peak_kib(prog: &str, args: &[&str]) -> (bool, i64) {
+    const RUN: &str = "import resource, subprocess, sys\n\
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n\
+print(r, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
+    let out = Command::new("python3")
+        .args(["-c", RUN, prog])
+        .args(args)
+        .output()
         .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is plain data, zero-initialised; wait4 reaps our own child, whose Child
-    // handle is forgotten below so nothing waits for it twice.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    std::mem::forget(child);
-    assert_eq!(r, pid, "wait4 failed");
-    (
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        usage.ru_maxrss,
-    )
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    let code: i32 = words.next().unwrap().parse().unwrap();
+    let peak: i64 = words.next().unwrap().parse().unwrap();
+    (code == 0, peak)
 }
 
 /// 192 MiB of data zstd must work on: pseudo-random bytes over a small alphabet, so that it
@@ -61,26 +65,32 @@ fn zstd_backup_peaks_below_the_zstd_tool() {
     let disk = dir.path().join("disk.raw");
     write_disk(&disk);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (ok, tool) = peak_kib(Command::new("zstd").args([
-        "-q",
-        "-3",
-        &format!("-T{threads}"),
-        "-f",
-        disk.to_str().unwrap(),
-        "-o",
-        dir.path().join("disk.zst").to_str().unwrap(),
-    ]));
+    let (ok, tool) = peak_kib(
+        "zstd",
+        &[
+            "-q",
+            "-3",
+            &format!("-T{threads}"),
+            "-f",
+            disk.to_str().unwrap(),
+            "-o",
+            dir.path().join("disk.zst").to_str().unwrap(),
+        ],
+    );
     assert!(ok, "zstd failed");
     let archive = dir.path().join("b.vma.zst");
-    let (ok, vimg) = peak_kib(Command::new(env!("CARGO_BIN_EXE_vimg")).args([
-        "backup",
-        "create",
-        "--compress",
-        "zstd",
-        "-d",
-        &format!("drive-scsi0={}", disk.display()),
-        archive.to_str().unwrap(),
-    ]));
+    let (ok, vimg) = peak_kib(
+        env!("CARGO_BIN_EXE_vimg"),
+        &[
+            "backup",
+            "create",
+            "--compress",
+            "zstd",
+            "-d",
+            &format!("drive-scsi0={}", disk.display()),
+            archive.to_str().unwrap(),
+        ],
+    );
     assert!(ok, "vimg backup create failed");
     eprintln!("peak RSS with {threads} threads: zstd {tool} KiB, vimg {vimg} KiB");
     assert!(
