@@ -22,6 +22,10 @@ pub trait ControlJob: Send + Sync {
     /// Its `query-jobs` entry: an object with at least `id`, `type`, `status` (`running` or
     /// `concluded`), `current-progress`, `total-progress`, and `error` once failed.
     fn info(&self) -> Value;
+    /// The job as a fleecing job, if it is one (for `fleece-stop`).
+    fn as_fleece(&self) -> Option<&super::live_jobs::FleeceJob> {
+        None
+    }
 }
 
 impl ControlJob for crate::live::push::PushJob {
