@@ -1115,10 +1115,24 @@ fn incremental_backups_through_the_server_restore_each_round() {
     round(1, &inc1);
 
     writes(0xb2, &[CS, 6 * MIB]);
+    // Round 2 through the CLI (a relative target: the command makes it absolute).
     let inc2 = d.join("inc2.qcow2");
-    let job = backup("j2", "incremental", &inc2, Some("inc1.qcow2"));
-    assert!(job.get("error").is_none(), "{job}");
-    assert_eq!(job["bytes-written"], 2 * CS, "{job}");
+    let out = Command::new(VIMG)
+        .current_dir(d)
+        .args(["backup", "create", "-v", "--server", ctl.to_str().unwrap()])
+        .args([
+            "--incremental",
+            "b0",
+            "--previous",
+            "inc1.qcow2",
+            "inc2.qcow2",
+            "d",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("{} bytes written", 2 * CS)), "{err}");
     round(2, &inc2);
 
     // A backup into a missing directory fails; the bitmap keeps its bits.
@@ -1129,6 +1143,17 @@ fn incremental_backups_through_the_server_restore_each_round() {
         job["error"].as_str().is_some_and(|e| e.contains("missing")),
         "{job}"
     );
+    // Through the CLI, a failure is the job's reason and exit code 1.
+    let out = Command::new(VIMG)
+        .args(["backup", "create", "--server", ctl.to_str().unwrap()])
+        .args(["--incremental", "b0", "--previous", inc2.to_str().unwrap()])
+        .arg(&lost)
+        .arg("d")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("failed") && err.contains("missing"), "{err}");
     writes(0xb4, &[7 * MIB + CS]);
     let inc3 = d.join("inc3.qcow2");
     let job = backup("j3b", "incremental", &inc3, Some("inc2.qcow2"));
