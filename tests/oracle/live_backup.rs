@@ -1026,7 +1026,44 @@ fn fleecing_export_reads_the_disk_as_it_was() {
         "the fleecing export's bitmap is not the one frozen at the start"
     );
 
-    control(&ctl, "fleece-stop", r#"{"name": "f"}"#);
+    // A client connected to the fleecing export: fleece-stop is refused unless forced.
+    let hold = format!(
+        "import nbd, sys\nh = nbd.NBD()\nh.connect_uri('{}')\nsys.stdin.read()\n",
+        nbd_uri(dir.path(), "f")
+    );
+    let mut holder = Command::new(PYTHON_LIBNBD)
+        .args(["-c", &hold])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let clients_of_f = || {
+        control(&ctl, "query-exports", "{}")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "f")
+            .map(|e| e["clients"].as_u64().unwrap())
+    };
+    while clients_of_f() != Some(1) {
+        assert!(start.elapsed() < Duration::from_secs(20), "no client");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (c, o) = common::run_status(
+        VIMG,
+        &[
+            "control",
+            ctl.to_str().unwrap(),
+            "fleece-stop",
+            r#"{"name": "f"}"#,
+        ],
+    );
+    assert_ne!(c, 0, "{o}");
+    assert!(o.contains("client"), "{o}");
+    assert!(spill.exists());
+    control(&ctl, "fleece-stop", r#"{"name": "f", "force": true}"#);
+    drop(holder.stdin.take());
+    let _ = holder.wait();
     let exports = control(&ctl, "query-exports", "{}");
     assert!(
         !exports.as_array().unwrap().iter().any(|e| e["name"] == "f"),
