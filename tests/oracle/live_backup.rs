@@ -1015,7 +1015,16 @@ fn fleecing_export_reads_the_disk_as_it_was() {
         "qcow2",
         &dir.path().join("exp.raw"),
     );
+    // The guest writes to every cluster while the fleecing export is copied.
+    let more: Vec<String> = (0..size / CS)
+        .map(|i| format!("write -P 0xbd {} 4096", i * CS + 8192))
+        .collect();
+    let guest = {
+        let (d, more) = (dir.path().to_path_buf(), more.clone());
+        std::thread::spawn(move || guest_io(&d, "d", &more))
+    };
     let fleeced = raw_copy(&nbd_uri(dir.path(), "f"), "raw", &dir.path().join("f.raw"));
+    guest.join().unwrap();
     assert!(
         fleeced == expect,
         "the fleecing export is not the disk at fleece-start"
@@ -1079,6 +1088,7 @@ fn fleecing_export_reads_the_disk_as_it_was() {
     assert_eq!(c, 0, "{o}");
     assert_eq!(server.stop(), 0);
     common::qemu_io(&before, "qcow2", &writes);
+    common::qemu_io(&before, "qcow2", &more);
     let (c, o) = common::run_status(
         "qemu-img",
         &["compare", img.to_str().unwrap(), before.to_str().unwrap()],
@@ -1132,6 +1142,19 @@ fn incremental_backups_through_the_server_restore_each_round() {
         );
         assert!(restored == now, "backup {n} does not restore the disk");
     };
+    // Malformed requests are refused at once.
+    for bad in [
+        r#"{"sync": "incremental", "format": "qcow2", "devices": ["d"], "bitmap": "b0", "target": "/nonexistent/x"}"#,
+        r#"{"sync": "full", "format": "raw", "devices": ["d"], "bitmap": "b0", "target": "/nonexistent/x"}"#,
+        r#"{"sync": "top", "format": "qcow2", "devices": ["d"], "bitmap": "b0", "target": "/nonexistent/x"}"#,
+        r#"{"sync": "full", "format": "qcow2", "devices": ["d", "d"], "bitmap": "b0", "target": "/nonexistent/x"}"#,
+    ] {
+        let (c, o) = common::run_status(
+            VIMG,
+            &["control", ctl.to_str().unwrap(), "backup-start", bad],
+        );
+        assert_ne!(c, 0, "{bad}: {o}");
+    }
     let full = d.join("full.qcow2");
     let job = backup("j0", "full", &full, None);
     assert!(job.get("error").is_none(), "{job}");
