@@ -1,6 +1,7 @@
 //! The jobs the control socket runs: what `query-jobs`, `job-cancel`, `job-dismiss`,
-//! `export-remove` and the server's exit need of any of them (a push backup today; a fleecing
-//! or incremental backup are to be wired in the same way).
+//! `export-remove` and the server's exit need of any of them (a push backup,
+//! [`crate::live::push`]; a fleecing job or an incremental backup,
+//! [`super::live_jobs`]).
 
 use super::proto;
 use super::server::State;
