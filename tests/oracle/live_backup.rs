@@ -886,3 +886,345 @@ fn an_interrupted_command_cancels_its_job() {
     assert_eq!(server.stop(), 0);
     check_clean(&img);
 }
+
+/// Polls `query-jobs` until job `id` has concluded: its entry.
+fn wait_job(ctl: &Path, id: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let jobs = control(ctl, "query-jobs", "{}");
+        let job = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no job {id}: {jobs}"));
+        if job["status"] == "concluded" {
+            return job;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{job}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `qemu-img convert` of `src` (an image or an NBD URI) to raw file `out`: its bytes.
+fn raw_copy(src: &str, fmt: &str, out: &Path) -> Vec<u8> {
+    common::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            fmt,
+            "-O",
+            "raw",
+            src,
+            out.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(out).unwrap()
+}
+
+/// The dirty extents of `nbdinfo --map=qemu:dirty-bitmap:NAME` of `uri`: (offset, length).
+fn dirty_map(uri: &str, bitmap: &str) -> Vec<(u64, u64)> {
+    let map = common::run(
+        "nbdinfo",
+        &[&format!("--map=qemu:dirty-bitmap:{bitmap}"), uri],
+    );
+    map.lines()
+        .filter(|l| l.contains("dirty"))
+        .map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .take(2)
+                .map(|n| n.parse().unwrap())
+                .collect();
+            (f[0], f[1])
+        })
+        .collect()
+}
+
+/// Fleecing through the server: while the guest overwrites pattern A with B, the fleecing
+/// export reads A everywhere and offers the bitmap as frozen at `fleece-start`; the live disk
+/// has every write; `fleece-stop` removes the export and the temporary file.
+#[test]
+fn fleecing_export_reads_the_disk_as_it_was() {
+    if !nbd_tools_available("live_backup") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let size = 8 * MIB;
+    patterned(&img, size, 0xaa);
+    let before = dir.path().join("before.qcow2");
+    std::fs::copy(&img, &before).unwrap();
+    let (server, ctl) = serve(dir.path(), &img, "d");
+    control(
+        &ctl,
+        "block-dirty-bitmap-add",
+        r#"{"node": "d", "name": "b0"}"#,
+    );
+    let first = vec!["write -P 0xcc 1M 64k".to_string()];
+    guest_io(dir.path(), "d", &first);
+    common::qemu_io(&before, "qcow2", &first);
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let r = control(
+        &ctl,
+        "fleece-start",
+        &format!(
+            r#"{{"device": "d", "name": "f", "bitmap": "b0", "memory-bound": 131072, "temp-dir": "{}"}}"#,
+            tmp.display()
+        ),
+    );
+    let id = r["job-id"].as_str().unwrap().to_string();
+    // The guest overwrites six chunks (two of them dirty in the bitmap already), more than
+    // the memory bound holds.
+    let writes: Vec<String> = [0u64, MIB, MIB + CS, 3 * MIB + 100, 5 * MIB, size - 4096]
+        .iter()
+        .map(|o| format!("write -P 0xbb {o} 4096"))
+        .collect();
+    guest_io(dir.path(), "d", &writes);
+    // The export of the live disk is in use by the fleece.
+    let (c, o) = common::run_status(
+        VIMG,
+        &[
+            "control",
+            ctl.to_str().unwrap(),
+            "export-remove",
+            r#"{"name": "d"}"#,
+        ],
+    );
+    assert_ne!(c, 0, "{o}");
+    let info = control(&ctl, "query-jobs", "{}");
+    let job = info
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(job["status"], "running", "{job}");
+    assert_eq!(job["chunks-kept"], 6, "{job}");
+    assert_eq!(job["broken"], false, "{job}");
+    assert!(job["file-bytes"].as_u64().unwrap() > 0, "{job}");
+    let spill = PathBuf::from(job["file"].as_str().unwrap());
+    assert!(spill.starts_with(&tmp) && spill.exists(), "{job}");
+
+    let expect = raw_copy(
+        before.to_str().unwrap(),
+        "qcow2",
+        &dir.path().join("exp.raw"),
+    );
+    // The guest writes to every cluster while the fleecing export is copied.
+    let more: Vec<String> = (0..size / CS)
+        .map(|i| format!("write -P 0xbd {} 4096", i * CS + 8192))
+        .collect();
+    let guest = {
+        let (d, more) = (dir.path().to_path_buf(), more.clone());
+        std::thread::spawn(move || guest_io(&d, "d", &more))
+    };
+    let fleeced = raw_copy(&nbd_uri(dir.path(), "f"), "raw", &dir.path().join("f.raw"));
+    guest.join().unwrap();
+    assert!(
+        fleeced == expect,
+        "the fleecing export is not the disk at fleece-start"
+    );
+    assert_eq!(
+        dirty_map(&nbd_uri(dir.path(), "f"), "b0"),
+        vec![(MIB, CS)],
+        "the fleecing export's bitmap is not the one frozen at the start"
+    );
+
+    // A client connected to the fleecing export: fleece-stop is refused unless forced.
+    let hold = format!(
+        "import nbd, sys\nh = nbd.NBD()\nh.connect_uri('{}')\nsys.stdin.read()\n",
+        nbd_uri(dir.path(), "f")
+    );
+    let mut holder = Command::new(PYTHON_LIBNBD)
+        .args(["-c", &hold])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let clients_of_f = || {
+        control(&ctl, "query-exports", "{}")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "f")
+            .map(|e| e["clients"].as_u64().unwrap())
+    };
+    while clients_of_f() != Some(1) {
+        assert!(start.elapsed() < Duration::from_secs(20), "no client");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (c, o) = common::run_status(
+        VIMG,
+        &[
+            "control",
+            ctl.to_str().unwrap(),
+            "fleece-stop",
+            r#"{"name": "f"}"#,
+        ],
+    );
+    assert_ne!(c, 0, "{o}");
+    assert!(o.contains("client"), "{o}");
+    assert!(spill.exists());
+    control(&ctl, "fleece-stop", r#"{"name": "f", "force": true}"#);
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    let exports = control(&ctl, "query-exports", "{}");
+    assert!(
+        !exports.as_array().unwrap().iter().any(|e| e["name"] == "f"),
+        "{exports}"
+    );
+    assert!(!spill.exists(), "the temporary file is left");
+    assert_eq!(wait_job(&ctl, &id)["status"], "concluded");
+    // The live export is free again.
+    let (c, o) = common::run_status(
+        VIMG,
+        &["control", ctl.to_str().unwrap(), "query-exports", "{}"],
+    );
+    assert_eq!(c, 0, "{o}");
+    assert_eq!(server.stop(), 0);
+    common::qemu_io(&before, "qcow2", &writes);
+    common::qemu_io(&before, "qcow2", &more);
+    let (c, o) = common::run_status(
+        "qemu-img",
+        &["compare", img.to_str().unwrap(), before.to_str().unwrap()],
+    );
+    assert_eq!(c, 0, "a guest write is missing from the live disk: {o}");
+    check_clean(&img);
+}
+
+/// Incremental backups through the server: a full one, then rounds of guest writes and
+/// incremental backups; each overlay is clean and converts to the disk as it was at its
+/// backup; a backup that fails (its directory missing) leaves the bitmap for the next one.
+#[test]
+fn incremental_backups_through_the_server_restore_each_round() {
+    if !nbd_tools_available("live_backup") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let size = 8 * MIB;
+    patterned(&img, size, 0xaa);
+    let (server, ctl) = serve(dir.path(), &img, "d");
+    control(
+        &ctl,
+        "block-dirty-bitmap-add",
+        r#"{"node": "d", "name": "b0"}"#,
+    );
+    let d = dir.path();
+    let backup = |id: &str, sync: &str, target: &Path, previous: Option<&str>| -> Value {
+        let prev = previous
+            .map(|p| format!(r#", "previous": "{p}""#))
+            .unwrap_or_default();
+        let r = control(
+            &ctl,
+            "backup-start",
+            &format!(
+                r#"{{"job-id": "{id}", "sync": "{sync}", "format": "qcow2", "devices": ["d"], "bitmap": "b0", "target": "{}"{prev}}}"#,
+                target.display()
+            ),
+        );
+        assert_eq!(r["job-id"], id);
+        wait_job(&ctl, id)
+    };
+    // The disk while the guest is idle, and the overlay restored, compared.
+    let round = |n: usize, target: &Path| {
+        let now = raw_copy(&nbd_uri(d, "d"), "raw", &d.join(format!("now{n}.raw")));
+        check_clean(target);
+        let restored = raw_copy(
+            target.to_str().unwrap(),
+            "qcow2",
+            &d.join(format!("restored{n}.raw")),
+        );
+        assert!(restored == now, "backup {n} does not restore the disk");
+    };
+    // Malformed requests are refused at once.
+    for bad in [
+        r#"{"sync": "incremental", "format": "qcow2", "devices": ["d"], "bitmap": "b0", "target": "/nonexistent/x"}"#,
+        r#"{"sync": "full", "format": "raw", "devices": ["d"], "bitmap": "b0", "target": "/nonexistent/x"}"#,
+        r#"{"sync": "top", "format": "qcow2", "devices": ["d"], "bitmap": "b0", "target": "/nonexistent/x"}"#,
+        r#"{"sync": "full", "format": "qcow2", "devices": ["d", "d"], "bitmap": "b0", "target": "/nonexistent/x"}"#,
+    ] {
+        let (c, o) = common::run_status(
+            VIMG,
+            &["control", ctl.to_str().unwrap(), "backup-start", bad],
+        );
+        assert_ne!(c, 0, "{bad}: {o}");
+    }
+    let full = d.join("full.qcow2");
+    let job = backup("j0", "full", &full, None);
+    assert!(job.get("error").is_none(), "{job}");
+    round(0, &full);
+
+    let writes = |pattern: u8, offsets: &[u64]| {
+        let cmds: Vec<String> = offsets
+            .iter()
+            .map(|o| format!("write -P {pattern} {o} 8192"))
+            .collect();
+        guest_io(d, "d", &cmds);
+    };
+    writes(0xb1, &[0, 2 * MIB + 5000]);
+    let inc1 = d.join("inc1.qcow2");
+    let job = backup("j1", "incremental", &inc1, Some("full.qcow2"));
+    assert!(job.get("error").is_none(), "{job}");
+    assert_eq!(job["bytes-written"], 2 * CS, "{job}");
+    round(1, &inc1);
+
+    writes(0xb2, &[CS, 6 * MIB]);
+    // Round 2 through the CLI (a relative target: the command makes it absolute).
+    let inc2 = d.join("inc2.qcow2");
+    let out = Command::new(VIMG)
+        .current_dir(d)
+        .args(["backup", "create", "-v", "--server", ctl.to_str().unwrap()])
+        .args([
+            "--incremental",
+            "b0",
+            "--previous",
+            "inc1.qcow2",
+            "inc2.qcow2",
+            "d",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("{} bytes written", 2 * CS)), "{err}");
+    round(2, &inc2);
+
+    // A backup into a missing directory fails; the bitmap keeps its bits.
+    writes(0xb3, &[4 * MIB, 7 * MIB]);
+    let lost = d.join("missing").join("inc3.qcow2");
+    let job = backup("j3", "incremental", &lost, Some(inc2.to_str().unwrap()));
+    assert!(
+        job["error"].as_str().is_some_and(|e| e.contains("missing")),
+        "{job}"
+    );
+    // Through the CLI, a failure is the job's reason and exit code 1.
+    let out = Command::new(VIMG)
+        .args(["backup", "create", "--server", ctl.to_str().unwrap()])
+        .args(["--incremental", "b0", "--previous", inc2.to_str().unwrap()])
+        .arg(&lost)
+        .arg("d")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("failed") && err.contains("missing"), "{err}");
+    writes(0xb4, &[7 * MIB + CS]);
+    let inc3 = d.join("inc3.qcow2");
+    let job = backup("j3b", "incremental", &inc3, Some("inc2.qcow2"));
+    assert!(job.get("error").is_none(), "{job}");
+    assert_eq!(job["bytes-written"], 3 * CS, "{job}");
+    round(3, &inc3);
+    let chain = common::run(
+        "qemu-img",
+        &["info", "--backing-chain", inc3.to_str().unwrap()],
+    );
+    assert!(chain.contains("full.qcow2"), "{chain}");
+    assert_eq!(server.stop(), 0);
+    check_clean(&img);
+}

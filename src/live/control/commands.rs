@@ -1,6 +1,7 @@
 //! What each control command does.
 
 use super::jobs::{self, ControlJob};
+use super::live_jobs;
 use super::proto::{
     bool_arg, known_args, opt_str_arg, str_arg, str_list_arg, u64_arg, CommandError, Request,
 };
@@ -35,6 +36,8 @@ const COMMANDS: &[&str] = &[
     "getfd",
     "closefd",
     "backup-start",
+    "fleece-start",
+    "fleece-stop",
     "query-jobs",
     "job-cancel",
     "job-dismiss",
@@ -93,7 +96,10 @@ pub fn execute(state: &Arc<State>, session: &mut Session, req: &Request) -> CmdR
                 ))),
             }
         }
+        "backup-start" if args.contains_key("sync") => live_jobs::incremental_start(state, args),
         "backup-start" => backup_start(state, session, args),
+        "fleece-start" => live_jobs::fleece_start(state, args),
+        "fleece-stop" => live_jobs::fleece_stop(state, args),
         "query-jobs" => Ok(Value::Array(
             state.jobs().iter().map(|j| j.info()).collect(),
         )),

@@ -1,6 +1,7 @@
 //! The jobs the control socket runs: what `query-jobs`, `job-cancel`, `job-dismiss`,
-//! `export-remove` and the server's exit need of any of them (a push backup today; a fleecing
-//! or incremental backup are to be wired in the same way).
+//! `export-remove` and the server's exit need of any of them (a push backup,
+//! [`crate::live::push`]; a fleecing job or an incremental backup,
+//! [`super::live_jobs`]).
 
 use super::proto;
 use super::server::State;
@@ -22,6 +23,10 @@ pub trait ControlJob: Send + Sync {
     /// Its `query-jobs` entry: an object with at least `id`, `type`, `status` (`running` or
     /// `concluded`), `current-progress`, `total-progress`, and `error` once failed.
     fn info(&self) -> Value;
+    /// The job as a fleecing job, if it is one (for `fleece-stop`).
+    fn as_fleece(&self) -> Option<&super::live_jobs::FleeceJob> {
+        None
+    }
 }
 
 impl ControlJob for crate::live::push::PushJob {

@@ -10,12 +10,14 @@
 //! - [`proto`]: messages in and out (parsing, errors, events);
 //! - [`commands`]: what each command does;
 //! - [`jobs`]: what the socket needs of a job ([`jobs::ControlJob`]);
+//! - [`live_jobs`]: fleecing and incremental backup jobs;
 //! - [`server`]: the socket, its clients, the jobs;
 //! - [`client`]: the other end, for the CLI.
 
 pub mod client;
 pub mod commands;
 pub mod jobs;
+pub mod live_jobs;
 pub mod proto;
 pub mod server;
 

@@ -106,6 +106,18 @@ pub fn create_on_server(
         args["stall-timeout-ms"] = json!(ms);
     }
     let started = client.execute("backup-start", args)?;
+    let info = follow(&mut client, &started, progress)?;
+    guard.0 = None;
+    Ok(info)
+}
+
+/// Follows the job `backup-start` answered `started` with until it concludes (dismissing it
+/// then): its last `query-jobs` entry, or an error with the job's reason if it failed.
+fn follow(
+    client: &mut ControlClient,
+    started: &Value,
+    progress: Option<Progress<'_>>,
+) -> Result<Value> {
     let id = started["job-id"]
         .as_str()
         .ok_or_else(|| Error::invalid_input("backup-start did not name its job").bare())?
@@ -133,8 +145,50 @@ pub fn create_on_server(
     if let Some(e) = info["error"].as_str() {
         return Err(Error::invalid_input(format!("backup job '{id}' failed: {e}")).bare());
     }
-    guard.0 = None;
     Ok(info)
+}
+
+/// `vimg backup create --server SOCKET --incremental BITMAP [--previous PREV] TARGET EXPORT`:
+/// a qcow2 backup of `export` from its persistent dirty bitmap `bitmap`, written by the server
+/// to `target` (made absolute here): incremental over `previous` (recorded as the target's
+/// backing file as given, so relative to the target's directory), or a full one beginning a
+/// chain without it. Returns the concluded job's `query-jobs` entry; a failed job is an error
+/// with its reason (the server then removes the target and keeps the bitmap).
+pub fn incremental_on_server(
+    socket: &Path,
+    target: &ArchivePath,
+    export: &[String],
+    bitmap: &str,
+    previous: Option<&str>,
+    progress: Option<Progress<'_>>,
+) -> Result<Value> {
+    let ArchivePath::File(target) = target else {
+        return Err(Error::invalid_input(
+            "an incremental backup is a qcow2 file, not standard output",
+        )
+        .bare());
+    };
+    let [export] = export else {
+        return Err(Error::invalid_input(
+            "an incremental backup is of one export (give its name after the target)",
+        )
+        .bare());
+    };
+    let target = std::path::absolute(target)
+        .map_err(|e| Error::io("cannot resolve the target path", e).with_path(target))?;
+    let mut client = ControlClient::connect(socket)?;
+    let mut args = json!({
+        "sync": if previous.is_some() { "incremental" } else { "full" },
+        "format": "qcow2",
+        "devices": [export],
+        "bitmap": bitmap,
+        "target": target.display().to_string(),
+    });
+    if let Some(p) = previous {
+        args["previous"] = json!(p);
+    }
+    let started = client.execute("backup-start", args)?;
+    follow(&mut client, &started, progress)
 }
 
 /// A duplicate of a standard stream's descriptor, as a file.
